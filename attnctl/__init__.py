@@ -1,0 +1,14 @@
+"""attnctl: steer SD3, SD3.5 and FLUX.1 through their attention, as diffusers attention processors."""
+
+from .controller import Controller, attach
+from .controls import AttentionProbe, Control, control_from_json
+from .layout import TokenLayout
+from .processors import AttnCtlFluxProcessor, AttnCtlJointProcessor
+from .sites import HeadSet, Site, list_sites, select_sites
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionProbe", "AttnCtlFluxProcessor", "AttnCtlJointProcessor", "Control", "Controller", "HeadSet",
+    "Site", "TokenLayout", "attach", "control_from_json", "list_sites", "select_sites",
+]

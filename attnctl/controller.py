@@ -1,0 +1,250 @@
+"""The controller: per-run state, processor installation, and the link between controls and processors.
+
+Two ways to use it::
+
+    with attnctl.attach(pipe, [AttentionProbe(words=["circle"])]) as ctl:   # install, run, restore
+        image = pipe("a red circle").images[0]
+    maps = ctl.controls[0].word_maps()
+
+    ctl = attnctl.Controller(pipe, controls)                 # the design card's plain-script usage
+    pipe.transformer.set_attn_processor(ctl.processors())
+    image = pipe("a red circle").images[0]
+    ctl.close()                                              # remove the step-tracking hooks
+
+With a stock diffusers pipeline the controller follows the run by itself: a forward pre-hook on the
+transformer reads the step from the scheduler, the image grid and text length from the inputs, and the
+batch roles from the pipeline's guidance settings; a wrapper around ``encode_prompt`` records the prompt so
+controls can name words. attnctl pipelines set all of this explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .controls.base import Control, RunState
+from .errors import ConfigError, LayoutError
+from .layout import TokenLayout, layout_for_pipeline
+from .processors import AttnCtlProcessor, processor_for
+from .processors.base import SiteCall
+from .sites import Site, family_of, list_sites
+
+
+class Controller:
+    """Holds the controls and the state of the current run for one pipeline or transformer."""
+
+    def __init__(self, target: Any, controls: Sequence[Control] = (), *, roles: Sequence[str] | None = None,
+                 layout: TokenLayout | None = None) -> None:
+        self.pipe = target if hasattr(target, "transformer") else None
+        self.transformer = target.transformer if self.pipe is not None else target
+        self.family = family_of(self.transformer)
+        self.sites: list[Site] = list_sites(self.transformer)
+        if isinstance(controls, Control):
+            controls = [controls]
+        for c in controls:
+            if not isinstance(c, Control):
+                raise ConfigError(f"{c!r} is not an attnctl control; build controls from attnctl.controls")
+        self.controls: list[Control] = list(controls)
+        for c in self.controls:
+            c.bind(self)
+        self.state = RunState(roles=list(roles) if roles is not None else None, layout=layout)
+        self._fixed_roles = roles is not None
+        self._fixed_layout = layout is not None
+        self._saved: dict[str, Any] | None = None
+        self._hooks: list[Any] = []
+        self._prompt: tuple[Any, Any] | None = None
+        self._negative_embeds: torch.Tensor | None = None
+        self._forwards = 0  # transformer forwards since the last encode_prompt
+        self._new_run = True
+
+    # ------------------------------------------------------------------------------ processors
+    def processors(self) -> dict[str, AttnCtlProcessor]:
+        """One attnctl processor per site, keyed for ``transformer.set_attn_processor``.
+
+        Each new processor keeps the attention backend of the processor it replaces, and the controller
+        starts following runs of the pipeline (see the module docstring)."""
+        current = self.transformer.attn_processors
+        procs = {}
+        for site in self.sites:
+            proc = processor_for(site, self)
+            old = current.get(site.processor_key)
+            for attr in ("_attention_backend", "_parallel_config"):
+                if getattr(old, attr, None) is not None:
+                    setattr(proc, attr, getattr(old, attr))
+            procs[site.processor_key] = proc
+        self._track()
+        return procs
+
+    def install(self) -> Controller:
+        """Install the processors, remembering the current ones for :meth:`restore`."""
+        if self._saved is None:
+            self._saved = dict(self.transformer.attn_processors)
+        self.transformer.set_attn_processor(self.processors())
+        return self
+
+    def restore(self) -> None:
+        """Put back the processors that were installed before :meth:`install`, and stop tracking."""
+        if self._saved is not None:
+            self.transformer.set_attn_processor(self._saved)
+            self._saved = None
+        self.close()
+
+    def close(self) -> None:
+        """Remove the tracking hooks (the processors stay; they then act at step 0 of an unknown run)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.pipe is not None and "encode_prompt" in vars(self.pipe):
+            del self.pipe.encode_prompt
+
+    def __enter__(self) -> Controller:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    # ------------------------------------------------------------------------------ run state
+    def begin_run(self, num_steps: int, *, layout: TokenLayout | None = None,
+                  roles: Sequence[str] | None = None) -> None:
+        """Start a run: reset the controls' per-run state. attnctl pipelines call this explicitly."""
+        if layout is not None:
+            self.state.layout = layout
+        if roles is not None:
+            self.state.roles = list(roles)
+        self.state = dataclasses.replace(self.state, step=0, num_steps=max(1, int(num_steps)), reports={})
+        for c in self.controls:
+            c.begin_run(self.state)
+        self._new_run = False
+
+    def set_step(self, step: int, timestep: float | None = None, sigma: float | None = None) -> None:
+        if step != self.state.step:
+            for c in self.controls:
+                c.end_step(self.state)
+        self.state.step, self.state.timestep, self.state.sigma = int(step), timestep, sigma
+
+    def finish(self) -> None:
+        """The run ended: let the controls close their last step."""
+        for c in self.controls:
+            c.end_step(self.state)
+        self._new_run = True
+
+    def contributions(self, call: SiteCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
+        active = [c for c in self.controls if c.applies_to(call.site)]
+        if not active:
+            return []
+        if call.n_text is None:
+            if call.site.kind == "flux_single":
+                if self.state.layout is None:
+                    raise LayoutError(
+                        f"{call.site.name} is a FLUX single block, whose attention does not receive the text "
+                        "length; run through attnctl.attach(pipe, ...) or an attnctl pipeline, or call "
+                        "controller.begin_run(layout=...) before calling the transformer"
+                    )
+                call = dataclasses.replace(call, n_text=self.state.layout.text_len)
+            else:
+                call = dataclasses.replace(call, n_text=0)
+        out = []
+        for c in active:
+            out.extend(c.contribute(call, q, k, v, self.state) or ())
+        return out
+
+    # ------------------------------------------------------------------------------ tracking
+    def _track(self) -> None:
+        if self._hooks:
+            return
+        self._hooks.append(self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        if self.pipe is not None and hasattr(self.pipe, "encode_prompt"):
+            self._wrap_encode_prompt()
+
+    def _wrap_encode_prompt(self) -> None:
+        original = type(self.pipe).encode_prompt.__get__(self.pipe)
+        ctl = self
+
+        def encode_prompt(*args: Any, **kwargs: Any):
+            result = original(*args, **kwargs)
+            prompt = kwargs.get("prompt", args[0] if args else None)
+            t5_name, t5_pos = ("prompt_3", 2) if ctl.family == "sd3" else ("prompt_2", 1)
+            prompt_t5 = kwargs.get(t5_name, args[t5_pos] if len(args) > t5_pos else None)
+            if ctl._forwards > 0 or ctl._prompt is None:  # a new pipeline call
+                ctl._prompt = (prompt, prompt_t5)
+                ctl._negative_embeds = None
+                ctl._forwards = 0
+                ctl._new_run = True
+            else:  # a second call before any forward: FLUX encodes the negative prompt (true CFG)
+                ctl._negative_embeds = result[0]
+            return result
+
+        self.pipe.encode_prompt = encode_prompt
+
+    def _infer_layout(self, kwargs: dict, hidden: torch.Tensor) -> TokenLayout | None:
+        ehs = kwargs.get("encoder_hidden_states")
+        if ehs is None:
+            return self.state.layout
+        text_len = ehs.shape[1]
+        if self.family == "sd3":
+            p = self.transformer.config.patch_size
+            grid = (hidden.shape[-2] // p, hidden.shape[-1] // p)
+        else:
+            ids = kwargs.get("img_ids")
+            if ids is None:
+                return self.state.layout
+            ids = ids[0] if ids.ndim == 3 else ids
+            grid = (int(ids[:, 1].max() - ids[:, 1].min()) + 1, int(ids[:, 2].max() - ids[:, 2].min()) + 1)
+        prompt, prompt_t5 = self._prompt or (None, None)
+        if isinstance(prompt, list):
+            prompt = prompt[0] if len(set(prompt)) == 1 else None
+        if isinstance(prompt_t5, list):
+            prompt_t5 = prompt_t5[0] if len(set(prompt_t5)) == 1 else None
+        old = self.state.layout
+        if old is not None and old.text_len == text_len and old.grid == grid and old.prompt == prompt:
+            return old
+        if self.pipe is None:
+            return TokenLayout(self.family, text_len, grid)
+        return layout_for_pipeline(self.pipe, prompt, text_len, grid, prompt_t5)
+
+    def _infer_roles(self, kwargs: dict, batch: int) -> list[str]:
+        if self.pipe is None:
+            return ["cond"] * batch
+        if self.family == "sd3":
+            cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+            if cfg and batch % 2 == 0:
+                return ["uncond"] * (batch // 2) + ["cond"] * (batch // 2)
+            return ["cond"] * batch
+        ehs = kwargs.get("encoder_hidden_states")
+        if self._negative_embeds is not None and ehs is self._negative_embeds:
+            return ["uncond"] * batch
+        return ["cond"] * batch
+
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is None:
+            return
+        sched = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None
+        timesteps = getattr(sched, "timesteps", None)
+        num_steps = len(timesteps) if timesteps is not None else self.state.num_steps
+        step = getattr(sched, "step_index", None) if sched is not None else None
+        step = int(step) if step is not None else (0 if sched is not None else self.state.step)
+        if not self._fixed_layout:
+            self.state.layout = self._infer_layout(kwargs, hidden)
+        if not self._fixed_roles:
+            self.state.roles = self._infer_roles(kwargs, hidden.shape[0])
+        self._forwards += 1
+        if self._new_run or num_steps != self.state.num_steps or (step == 0 and self.state.step > 0):
+            self.begin_run(num_steps)
+        sigma = None
+        if sched is not None and getattr(sched, "sigmas", None) is not None and step < len(sched.sigmas):
+            sigma = float(sched.sigmas[step])
+        t = kwargs.get("timestep")
+        t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) and t.numel() else t
+        self.set_step(step, t, sigma)
+
+
+def attach(target: Any, controls: Sequence[Control] | Control = (), **kwargs: Any) -> Controller:
+    """Install attnctl processors with ``controls`` on a pipeline (or transformer) for a ``with`` block;
+    the previous processors come back on exit, also when the block raises."""
+    if isinstance(controls, Control):
+        controls = [controls]
+    return Controller(target, controls, **kwargs)

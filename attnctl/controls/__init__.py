@@ -1,0 +1,7 @@
+"""Controls: one small class per method over :class:`Control`."""
+
+from .base import CONTROL_TYPES, Control, ControlConfig, RunState, control_from_json, register
+from .probe import AttentionProbe
+
+__all__ = ["CONTROL_TYPES", "AttentionProbe", "Control", "ControlConfig", "RunState", "control_from_json",
+           "register"]

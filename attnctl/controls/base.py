@@ -1,0 +1,143 @@
+"""The control protocol: one small class per method over this base (as diffusers' guiders are).
+
+A control is configured by a pydantic model (``Config``) that saves and loads as JSON. At the start of a
+run the controller calls :meth:`Control.begin_run`; at every attention call of a site the control selected,
+:meth:`Control.contribute` returns what it adds there and now (see ``attnctl.processors.contributions``):
+logit biases and masks, extra keys/values, probes, output mixes. Returning nothing keeps that call on the
+stock fused kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..layout import TokenLayout
+from ..sites import Site, select_sites
+
+if TYPE_CHECKING:
+    from ..controller import Controller
+    from ..processors.base import SiteCall
+    from ..processors.contributions import Contribution
+
+ROLES = ("uncond", "cond", "perturbed", "source", "target")
+"""Batch roles a controller knows; references are ``reference[i]``."""
+
+
+@dataclass
+class RunState:
+    """Where the run is: step, schedule position, batch roles and token layout."""
+
+    step: int = 0
+    num_steps: int = 1
+    timestep: float | None = None
+    sigma: float | None = None
+    roles: list[str] | None = None
+    layout: TokenLayout | None = None
+    reports: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(self.num_steps - 1, 1)
+
+    def rows_with(self, roles: tuple[str, ...] | list[str], batch: int, device=None) -> torch.Tensor | None:
+        """Batch rows whose role is in ``roles`` (``None`` when every row qualifies)."""
+        if self.roles is None:
+            return None if "cond" in roles else torch.empty(0, dtype=torch.long, device=device)
+        if len(self.roles) != batch:
+            raise ConfigError(
+                f"the run declares {len(self.roles)} batch roles but the attention call has batch {batch}; "
+                "pass roles= matching the transformer's batch (e.g. ['uncond', 'cond'] for CFG)"
+            )
+        rows = [i for i, r in enumerate(self.roles) if r in roles or r.split("[")[0] in roles]
+        if len(rows) == batch:
+            return None
+        return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+class ControlConfig(BaseModel):
+    """Base of control configs: strict field names, JSON round trip."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+
+
+class Control:
+    """Base class of all controls."""
+
+    kind: ClassVar[str] = "control"
+    families: ClassVar[tuple[str, ...]] = ("sd3", "flux")
+    Config: ClassVar[type[ControlConfig]] = ControlConfig
+
+    def __init__(self, **kwargs: Any) -> None:
+        try:
+            self.config = self.Config(**kwargs)
+        except ValidationError as e:
+            raise ConfigError(_explain(self.kind, e)) from None
+        self.sites: list[Site] = []
+        self._site_names: frozenset[str] = frozenset()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def bind(self, controller: Controller) -> None:
+        """Check the model family and resolve the site selection against this model."""
+        if controller.family not in self.families:
+            raise UnsupportedModelError(
+                f"{type(self).__name__} supports {', '.join(self.families)} models, not {controller.family}; "
+                "remove it from the controls of this pipeline"
+            )
+        self.sites = select_sites(controller.sites, getattr(self.config, "sites", "all"))
+        self._site_names = frozenset(s.name for s in self.sites)
+
+    def applies_to(self, site: Site) -> bool:
+        return site.name in self._site_names
+
+    def begin_run(self, state: RunState) -> None:
+        """A new pipeline call starts (reset per-run state, resolve words with ``state.layout``)."""
+
+    def end_step(self, state: RunState) -> None:
+        """The transformer forward of ``state.step`` finished."""
+
+    def contribute(self, call: SiteCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   state: RunState) -> list[Contribution]:
+        raise NotImplementedError
+
+    # -- JSON ---------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"kind": self.kind, **self.config.model_dump(mode="json")}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Control:
+        data = dict(data)
+        data.pop("kind", None)
+        return cls(**data)
+
+
+def _explain(kind: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
+        parts.append(f"{loc}: {e['msg']}")
+    return f"invalid {kind} control config — " + "; ".join(parts)
+
+
+CONTROL_TYPES: dict[str, type[Control]] = {}
+
+
+def register(cls: type[Control]) -> type[Control]:
+    """Make a control loadable from JSON by its ``kind``."""
+    CONTROL_TYPES[cls.kind] = cls
+    return cls
+
+
+def control_from_json(data: dict) -> Control:
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in CONTROL_TYPES:
+        known = ", ".join(sorted(CONTROL_TYPES))
+        raise ConfigError(f"unknown control kind {kind!r}; known kinds: {known}")
+    return CONTROL_TYPES[kind].from_json(data)

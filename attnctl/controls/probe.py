@@ -1,0 +1,148 @@
+"""AttentionProbe: image→word attention maps, reduced on the fly.
+
+At every selected joint site and step, the probe receives the attention probabilities of image queries on
+the chosen text tokens (never the full map) and adds their sum over heads into one running buffer of shape
+``(rows, N_img, tokens)``: memory O(N_img · T) for the whole run, whatever the number of sites and steps.
+The fused kernel still computes the layer's output; the probe only recomputes ``exp(q·k_t/√d − lse)`` for
+its few columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+
+from ..errors import ConfigError, LayoutError
+from ..processors.contributions import Probe, Selection
+from ..schedules import as_schedule
+from .base import Control, ControlConfig, RunState, register
+
+
+class ProbeConfig(ControlConfig):
+    words: list[str] | None = Field(None, description="words to map; None: every text token")
+    tokens: list[int] | None = Field(None, description="text-relative token positions, instead of words")
+    segments: list[str] | None = Field(None, description="tokenizer segments to read words from (clip, t5)")
+    sites: str | list[str] = "all"
+    heads: list[int] | None = None
+    roles: list[str] = ["cond"]
+    weight: Any = Field(1.0, description="schedule: weight of each step in the average (0 skips a step)")
+
+    @field_validator("weight")
+    @classmethod
+    def _schedule(cls, v: Any) -> Any:
+        return as_schedule(v).to_json()
+
+    @field_validator("words")
+    @classmethod
+    def _words(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("words is an empty list; give at least one word, or None for every text token")
+        return v
+
+
+@register
+class AttentionProbe(Control):
+    """Average attention of image tokens on words, over heads, sites and steps."""
+
+    kind = "probe"
+    Config = ProbeConfig
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._weight = as_schedule(self.config.weight)
+        self.reset()
+
+    def reset(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._mass = 0.0
+        self._positions: list[int] | None = None
+        self._columns: list[str] = []
+        self.grid: tuple[int, int] | None = None
+
+    def begin_run(self, state: RunState) -> None:
+        self.reset()
+        cfg = self.config
+        if cfg.words is not None and (state.layout is None or state.layout.prompt is None):
+            raise LayoutError(
+                "AttentionProbe(words=...) needs the run's prompt to find the words; use attnctl.attach or an "
+                "attnctl pipeline with a single prompt per call, or give tokens=[...] instead"
+            )
+
+    def _resolve(self, call, state: RunState) -> list[int]:
+        if self._positions is not None:
+            return self._positions
+        cfg, layout = self.config, state.layout
+        segs = tuple(cfg.segments) if cfg.segments else None
+        if cfg.words is not None:
+            pos, cols = [], []
+            for w in cfg.words:
+                p = layout.word_tokens(w, segs)
+                pos.extend(p)
+                cols.extend([w] * len(p))
+        elif cfg.tokens is not None:
+            pos, cols = list(cfg.tokens), [str(t) for t in cfg.tokens]
+        else:
+            pos = list(range(call.n_text))
+            cols = [str(t) for t in pos]
+        bad = [p for p in pos if not 0 <= p < call.n_text]
+        if bad:
+            raise ConfigError(f"AttentionProbe: token positions {bad} are outside the {call.n_text} text tokens")
+        self._positions, self._columns = pos, cols
+        return pos
+
+    def contribute(self, call, q, k, v, state: RunState):
+        if call.n_text == 0:  # image-only attention (SD3.5 attn2) has no text columns
+            return []
+        w = self._weight(state.step, state.num_steps)
+        if w == 0:
+            return []
+        pos = self._resolve(call, state)
+        start = call.text_slice().start
+        cols = torch.tensor([start + p for p in pos], dtype=torch.long, device=call.device)
+        heads = None
+        if self.config.heads is not None:
+            bad = [h for h in self.config.heads if not 0 <= h < call.site.heads]
+            if bad:
+                raise ConfigError(f"AttentionProbe: heads {bad} do not exist at {call.site.name} "
+                                  f"(heads 0..{call.site.heads - 1})")
+            heads = torch.tensor(self.config.heads, dtype=torch.long, device=call.device)
+        batch = state.rows_with(self.config.roles, call.batch, call.device)
+        if batch is not None and len(batch) == 0:
+            return []
+        if state.layout is not None:
+            self.grid = state.layout.grid
+        return [Probe(cols, lambda p, w=w: self._add(p, w), Selection(batch, call.image_slice(), heads))]
+
+    def _add(self, probs: torch.Tensor, weight: float) -> None:
+        m = probs.sum(dim=2) * weight  # (rows, N_img, tokens), summed over heads
+        self._sum = m if self._sum is None else self._sum + m
+        self._mass += probs.shape[2] * weight
+
+    # ------------------------------------------------------------------------------ results
+    def maps(self) -> torch.Tensor:
+        """Mean attention ``(rows, tokens, h, w)`` over heads, sites and weighted steps of the last run."""
+        if self._sum is None:
+            raise LayoutError("AttentionProbe has no maps yet: run the pipeline with the probe attached first")
+        h, w = self.grid if self.grid is not None else (int(self._sum.shape[1] ** 0.5),) * 2
+        avg = self._sum / self._mass
+        return avg.permute(0, 2, 1).reshape(avg.shape[0], avg.shape[2], h, w)
+
+    def word_maps(self) -> dict[str, torch.Tensor]:
+        """``{word: (rows, h, w)}``, each the sum over the word's tokens (all tokenizer segments)."""
+        maps = self.maps()
+        out: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(self._columns):
+            out[name] = out[name] + maps[:, i] if name in out else maps[:, i].clone()
+        return out
+
+    def heatmap(self, word: str, size: tuple[int, int], row: int = 0) -> torch.Tensor:
+        """One word's map upsampled to ``size`` (h, w) and scaled to [0, 1], for overlays."""
+        maps = self.word_maps()
+        if word not in maps:
+            raise LayoutError(f"AttentionProbe: no map for {word!r}; mapped: {', '.join(maps)}")
+        m = maps[word][row][None, None].float()
+        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0]
+        return (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)

@@ -1,0 +1,41 @@
+"""Errors raised by attnctl.
+
+Every error says what is wrong and how to get out of it. They derive from ``ValueError`` so code that
+already catches bad-argument errors keeps working.
+"""
+
+from __future__ import annotations
+
+
+class AttnCtlError(ValueError):
+    """Base class: ``AttnCtlError(problem, fix=None)``.
+
+    ``problem`` names what is wrong; ``fix`` (optional) names the way out. The message is
+    ``"<problem>. Fix: <fix>"``; a single string argument is used as the whole message.
+    """
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem
+        self.fix = fix
+        message = problem if fix is None else f"{problem.rstrip().rstrip('.')}. Fix: {fix}"
+        super().__init__(message)
+
+
+class ConfigError(AttnCtlError):
+    """A configuration value (control, site, schedule, layout) is invalid."""
+
+
+class ScheduleError(ConfigError):
+    """A strength schedule is malformed or produced a value outside its range."""
+
+
+class SiteError(ConfigError):
+    """An attention site, head or selector does not exist or matches nothing."""
+
+
+class LayoutError(ConfigError):
+    """The token layout (text length, image grid, word positions) is unknown or inconsistent."""
+
+
+class UnsupportedModelError(AttnCtlError):
+    """A control or feature does not support this model family."""

@@ -1,0 +1,32 @@
+"""What the attnctl pipelines add to the diffusers ones: ``controls=`` and processors restored after every
+call, also when the call raises."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..controller import Controller
+from ..controls.base import Control
+
+
+class ControlledPipelineMixin:
+    """Mixin for diffusers pipelines: ``pipe(prompt, controls=[...], ...)``."""
+
+    _t5_tokenizer_attr = "tokenizer_3"
+
+    def _default_max_sequence_length(self, kwargs: dict) -> None:
+        # Small models (the toy world) are trained on short T5 sequences; diffusers' defaults are 256/512.
+        tok = getattr(self, self._t5_tokenizer_attr, None)
+        limit = getattr(tok, "model_max_length", None)
+        if "max_sequence_length" not in kwargs and isinstance(limit, int) and limit < 256:
+            kwargs["max_sequence_length"] = limit
+
+    def controlled_call(self, parent_call, args: tuple, kwargs: dict[str, Any],
+                        controls: Sequence[Control] | Control | None) -> Any:
+        self._default_max_sequence_length(kwargs)
+        if not controls:
+            return parent_call(self, *args, **kwargs)
+        with Controller(self, controls) as ctl:
+            self.attnctl = ctl
+            return parent_call(self, *args, **kwargs)

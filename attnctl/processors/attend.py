@@ -1,0 +1,331 @@
+"""Attention with controls: the fused kernel where the math allows, explicit softmax only where needed.
+
+Everything here works on diffusers' dispatcher layout ``(batch, seq, heads, d)`` and is device- and
+dtype-agnostic: logits, probabilities and log-sum-exps are computed in float32, outputs are returned in
+the dtype of ``q``.
+
+Paths, cheapest first:
+
+- no contribution: ``dispatch_attention_fn`` — exactly the stock call;
+- only key biases, probes and output mixes: one fused call that also returns the log-sum-exp (LSE) of every
+  query row, then O(rows · cols) corrections — for a bias ``b`` on columns ``C``::
+
+      w_c   = p_c · (exp(b_c) − 1),   p_c = exp(s_c − lse)
+      out'  = (out + Σ_c w_c v_c) / (1 + Σ_c w_c)
+      lse'  = lse + log(1 + Σ_c w_c)
+
+- dense biases or extra keys: an explicit softmax for the selected batch rows and heads, in query-row chunks
+  of at most ``max_chunk_elems`` logits; the other heads keep the fused result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from diffusers.models.attention_dispatch import (
+    AttentionBackendName,
+    _AttentionBackendRegistry,
+    dispatch_attention_fn,
+)
+
+from .contributions import Contribution, DenseBias, ExtraKV, KeyBias, OutputMix, Probe, Selection
+
+MAX_CHUNK_ELEMS = 1 << 24
+"""Upper bound on the number of float32 logits the explicit path holds at once (64 MiB)."""
+
+# Backends whose diffusers implementation returns the LSE when asked (layout: batch, heads, seq).
+_LSE_FROM_DISPATCH = {
+    AttentionBackendName.FLASH,
+    AttentionBackendName._FLASH_3,
+    AttentionBackendName.FLASH_HUB,
+    AttentionBackendName._FLASH_3_HUB,
+}
+_NATIVE = {
+    AttentionBackendName.NATIVE,
+    AttentionBackendName._NATIVE_FLASH,
+    AttentionBackendName._NATIVE_EFFICIENT,
+    AttentionBackendName._NATIVE_MATH,
+    AttentionBackendName._NATIVE_CUDNN,
+}
+
+
+def backend_name(backend: str | AttentionBackendName | None) -> AttentionBackendName:
+    """The backend a dispatcher call with ``backend`` would use."""
+    if backend is None:
+        return _AttentionBackendRegistry.get_active_backend()[0]
+    return backend if isinstance(backend, AttentionBackendName) else AttentionBackendName(backend)
+
+
+def fused_attention(q, k, v, *, attn_mask=None, backend=None, parallel_config=None) -> torch.Tensor:
+    """The stock call: ``dispatch_attention_fn`` with the processor's backend."""
+    return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, backend=backend, parallel_config=parallel_config)
+
+
+def chunked_lse(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
+    """Exact log-sum-exp of every query row over all keys, ``(B, S, H)`` float32, in bounded chunks."""
+    B, S, H, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    chunk = max(1, max_chunk_elems // max(1, B * H * k.shape[1]))
+    out = []
+    for r0 in range(0, S, chunk):
+        s = torch.einsum("bqhd,bkhd->bhqk", q[:, r0 : r0 + chunk].float(), k.float()) * scale
+        if attn_mask is not None:
+            s = s + _mask_rows(attn_mask, r0, min(S, r0 + chunk)).float()
+        out.append(torch.logsumexp(s, dim=-1).transpose(1, 2))
+    return torch.cat(out, dim=1)
+
+
+def _mask_rows(attn_mask: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    m = attn_mask
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
+    if m.ndim == 2:  # (B, keys)
+        return m[:, None, None, :]
+    if m.ndim == 4 and m.shape[-2] > 1:
+        return m[..., r0:r1, :]
+    return m
+
+
+def fused_attention_with_lse(q, k, v, *, attn_mask=None, backend=None, parallel_config=None):
+    """Fused attention that also returns the LSE of every query row as ``(B, S, H)`` float32.
+
+    CPU and CUDA with PyTorch's own kernels: the flash / efficient kernel computes the LSE anyway, so it
+    costs nothing extra. Backends whose diffusers wrapper returns it (flash-attn 2/3): asked for.
+    Any other backend: the output comes from that backend, the LSE from a chunked exact computation.
+    """
+    name = backend_name(backend)
+    if name in _NATIVE and attn_mask is None and parallel_config is None:
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False)[:2]
+            return out.transpose(1, 2), lse.transpose(1, 2).float()
+        if q.device.type == "cuda":
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+            return out.transpose(1, 2), lse[..., : q.shape[1]].transpose(1, 2).float()
+    if name in _LSE_FROM_DISPATCH and attn_mask is None:
+        out, lse = dispatch_attention_fn(q, k, v, backend=backend, parallel_config=parallel_config,
+                                         attention_kwargs={"return_lse": True})
+        return out, lse.transpose(1, 2).float()
+    out = fused_attention(q, k, v, attn_mask=attn_mask, backend=backend, parallel_config=parallel_config)
+    return out, chunked_lse(q, k, attn_mask)
+
+
+# --------------------------------------------------------------------------------------- selections
+
+
+def _norm_rows(rows: slice | None, S: int) -> tuple[int, int]:
+    if rows is None:
+        return 0, S
+    r0, r1, step = rows.indices(S)
+    if step != 1:
+        raise ValueError("query row selections must be contiguous slices (step 1)")
+    return r0, r1
+
+
+def _idx(t: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device) if t is None else t.to(device=device, dtype=torch.long)
+
+
+def _positions(sel: torch.Tensor | None, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """For each entry of ``idx``: its position inside the selection ``sel`` (``None`` = all of 0..n-1), or -1."""
+    if sel is None:
+        return idx.clone()
+    pos = torch.full((n,), -1, dtype=torch.long, device=idx.device)
+    pos[sel.to(idx.device)] = torch.arange(len(sel), device=idx.device)
+    return pos[idx]
+
+
+def _select(t: torch.Tensor, where: Selection, S: int) -> torch.Tensor:
+    """``t[batch, rows, heads]`` for a ``(B, S, H, ...)`` tensor."""
+    if where.batch is not None:
+        t = t.index_select(0, where.batch.to(t.device))
+    if where.rows is not None:
+        r0, r1 = _norm_rows(where.rows, S)
+        t = t[:, r0:r1]
+    if where.heads is not None:
+        t = t.index_select(2, where.heads.to(t.device))
+    return t
+
+
+def _put(t: torch.Tensor, where: Selection, value: torch.Tensor) -> torch.Tensor:
+    """Out-of-place ``t[batch, rows, heads] = value`` (keeps autograd intact)."""
+    B, S, H = t.shape[:3]
+    b = _idx(where.batch, B, t.device)
+    r0, r1 = _norm_rows(where.rows, S)
+    r = torch.arange(r0, r1, device=t.device)
+    h = _idx(where.heads, H, t.device)
+    return t.index_put((b[:, None, None], r[None, :, None], h[None, None, :]), value.to(t.dtype))
+
+
+def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tensor,
+           cols: torch.Tensor, B: int, S: int, H: int, n_keys: int) -> torch.Tensor | None:
+    """The additive bias ``c`` puts on logits ``[b, r0:r1, h, cols]`` (float32), or ``None`` if none."""
+    cr0, cr1 = _norm_rows(c.where.rows, S)
+    lo, hi = max(r0, cr0), min(r1, cr1)
+    if lo >= hi:
+        return None
+    bp = _positions(c.where.batch, b, B)
+    hp = _positions(c.where.heads, h, H)
+    if isinstance(c, KeyBias):
+        cp = _positions(c.cols, cols, n_keys)
+        nb = B if c.where.batch is None else len(c.where.batch)
+        nh = H if c.where.heads is None else len(c.where.heads)
+        src = c.bias.float().expand(nb, cr1 - cr0, nh, len(c.cols))[:, lo - cr0 : hi - cr0]
+    else:
+        cp = cols
+        src = c.fn(lo, hi).float()
+        nb = B if c.where.batch is None else len(c.where.batch)
+        nh = H if c.where.heads is None else len(c.where.heads)
+        src = src.expand(nb, hi - lo, nh, src.shape[-1])
+    ok_b, ok_h, ok_c = bp >= 0, hp >= 0, cp >= 0
+    if not (ok_b.any() and ok_h.any() and ok_c.any()):
+        return None
+    vals = src[bp.clamp(min=0)][:, :, hp.clamp(min=0)][..., cp.clamp(min=0)]
+    keep = ok_b[:, None, None, None] & ok_h[None, None, :, None] & ok_c[None, None, None, :]
+    out = torch.zeros((len(b), r1 - r0, len(h), len(cols)), dtype=torch.float32, device=vals.device)
+    out[:, lo - r0 : hi - r0] = torch.where(keep, vals, torch.zeros((), device=vals.device))
+    return out
+
+
+# --------------------------------------------------------------------------------------- the paths
+
+
+def _apply_key_bias(q, k, v, out, lse, kb: KeyBias, scale: float, prior: Sequence[KeyBias] = ()):
+    B, S, H, _ = q.shape
+    qs = _select(q, kb.where, S).float()
+    sel_kv = Selection(kb.where.batch, None, kb.where.heads)
+    cols = kb.cols.to(q.device)
+    ks = _select(k, sel_kv, k.shape[1]).index_select(1, cols).float()
+    vs = _select(v, sel_kv, v.shape[1]).index_select(1, cols).float()
+    lse_s = _select(lse, kb.where, S)
+    s = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
+    r0, r1 = _norm_rows(kb.where.rows, S)
+    b, h = _idx(kb.where.batch, B, q.device), _idx(kb.where.heads, H, q.device)
+    for c in prior:  # biases already applied to these columns are part of their current logits
+        blk = _block(c, b, r0, r1, h, cols, B, S, H, k.shape[1])
+        if blk is not None:
+            s = s + blk
+    w = torch.exp(s - lse_s[..., None]) * torch.expm1(kb.bias.float().to(q.device))
+    delta = w.sum(-1)
+    new_out = (_select(out, kb.where, S).float() + torch.einsum("brhc,bchd->brhd", w, vs)) / (1 + delta)[..., None]
+    return _put(out, kb.where, new_out), _put(lse, kb.where, lse_s + torch.log1p(delta))
+
+
+def _union(items: Sequence[Selection], n: int, attr: str, device) -> torch.Tensor:
+    if any(getattr(s, attr) is None for s in items):
+        return torch.arange(n, device=device)
+    return torch.unique(torch.cat([getattr(s, attr).to(device) for s in items]))
+
+
+def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, scale, max_chunk_elems):
+    """Recompute the union of the biased / extended (batch, head) pairs by explicit softmax, in chunks."""
+    B, S, H, _ = q.shape
+    N = k.shape[1]
+    sels = [c.where for c in biases] + [e.where for e in extras]
+    b = _union(sels, B, "batch", q.device)
+    h = _union(sels, H, "heads", q.device)
+    qs = q.index_select(0, b).index_select(2, h).float()
+    ks = k.index_select(0, b).index_select(2, h).float()
+    vs = v.index_select(0, b).index_select(2, h).float()
+    # Extra keys: appended after the site's keys; a row outside an ExtraKV's selection gets -inf on them.
+    ext_k, ext_v, ext_rows = [], [], []
+    for e in extras:
+        bp = _positions(e.where.batch, b, B)
+        hp = _positions(e.where.heads, h, H)
+        if (bp < 0).any() or (hp < 0).any():
+            raise ValueError("ExtraKV must cover every batch row and head it is combined with; give each "
+                             "contribution with extra keys its own selection of rows and heads")
+        ext_k.append(e.key.float()[bp][:, :, hp])
+        ext_v.append(e.value.float()[bp][:, :, hp])
+        ext_rows.append(_norm_rows(e.where.rows, S))
+    if ext_k:
+        ks = torch.cat([ks, *ext_k], dim=1)
+        vs = torch.cat([vs, *ext_v], dim=1)
+    n_keys = ks.shape[1]
+    all_cols = torch.arange(n_keys, device=q.device)
+    chunk = max(1, max_chunk_elems // max(1, len(b) * len(h) * n_keys))
+    outs, lses = [], []
+    for r0 in range(0, S, chunk):
+        r1 = min(S, r0 + chunk)
+        s = torch.einsum("brhd,bkhd->brhk", qs[:, r0:r1], ks) * scale
+        if attn_mask is not None:
+            m = _mask_rows(attn_mask, r0, r1).float()  # (B, 1|H, r, N) dispatcher convention
+            m = m.index_select(0, b) if m.shape[0] == B else m
+            m = m.index_select(1, h) if m.shape[1] == H else m
+            s[..., :N] = s[..., :N] + m.permute(0, 2, 1, 3)
+        off = N
+        for e, (e0, e1), ek in zip(extras, ext_rows, ext_k, strict=True):
+            m = ek.shape[1]
+            outside = torch.ones(r1 - r0, dtype=torch.bool, device=q.device)
+            outside[max(e0, r0) - r0 : max(min(e1, r1) - r0, 0)] = False
+            s[:, outside, :, off : off + m] = float("-inf")
+            off += m
+        for c in biases:
+            blk = _block(c, b, r0, r1, h, all_cols, B, S, H, n_keys)
+            if blk is not None:
+                s = s + blk
+        lse_c = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse_c[..., None])
+        outs.append(torch.einsum("brhk,bkhd->brhd", p, vs))
+        lses.append(lse_c)
+    where = Selection(b, None, h)
+    return _put(out, where, torch.cat(outs, 1)), _put(lse, where, torch.cat(lses, 1))
+
+
+def _probe(q, k, lse, pr: Probe, biases, scale, B, S, H, n_keys):
+    qs = _select(q, pr.where, S).float()
+    cols = pr.cols.to(q.device)
+    ks = _select(k, Selection(pr.where.batch, None, pr.where.heads), k.shape[1]).index_select(1, cols).float()
+    s = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
+    r0, r1 = _norm_rows(pr.where.rows, S)
+    b = _idx(pr.where.batch, B, q.device)
+    h = _idx(pr.where.heads, H, q.device)
+    for c in biases:
+        blk = _block(c, b, r0, r1, h, cols, B, S, H, n_keys)
+        if blk is not None:
+            s = s + blk
+    pr.sink(torch.exp(s - _select(lse, pr.where, S)[..., None]))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Sequence[Contribution], *,
+           attn_mask: torch.Tensor | None = None, backend=None, parallel_config=None,
+           max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
+    """Attention of ``q`` over ``k, v`` (``(B, S, H, d)``) with every contribution applied; see the module doc."""
+    if not contributions:
+        return fused_attention(q, k, v, attn_mask=attn_mask, backend=backend, parallel_config=parallel_config)
+    B, S, H, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    key_biases = [c for c in contributions if isinstance(c, KeyBias)]
+    dense = [c for c in contributions if isinstance(c, DenseBias)]
+    extras = [c for c in contributions if isinstance(c, ExtraKV)]
+    probes = [c for c in contributions if isinstance(c, Probe)]
+    mixes = [c for c in contributions if isinstance(c, OutputMix)]
+    unknown = [c for c in contributions if not isinstance(c, (KeyBias, DenseBias, ExtraKV, Probe, OutputMix))]
+    if unknown:
+        raise TypeError(f"unknown attention contribution {type(unknown[0]).__name__}; controls must return "
+                        "KeyBias, DenseBias, ExtraKV, Probe or OutputMix objects")
+
+    if key_biases or probes or dense or extras:
+        out, lse = fused_attention_with_lse(q, k, v, attn_mask=attn_mask, backend=backend,
+                                            parallel_config=parallel_config)
+    else:
+        out, lse = fused_attention(q, k, v, attn_mask=attn_mask, backend=backend,
+                                   parallel_config=parallel_config), None
+    biases: list[KeyBias | DenseBias] = [*key_biases, *dense]
+    if dense or extras:
+        out, lse = _explicit(q, k, v, out, lse, biases, extras, attn_mask, scale, max_chunk_elems)
+    else:
+        for i, kb in enumerate(key_biases):
+            out, lse = _apply_key_bias(q, k, v, out, lse, kb, scale, prior=key_biases[:i])
+    n_keys = k.shape[1] + sum(e.key.shape[1] for e in extras)
+    for pr in probes:
+        _probe(q, k, lse, pr, biases, scale, B, S, H, n_keys)
+    for mix in mixes:
+        sel_full = Selection(mix.where.batch, None, mix.where.heads)
+        new = mix.fn(_select(out, mix.where, S), _select(q, sel_full, S), _select(k, sel_full, k.shape[1]),
+                     _select(v, sel_full, v.shape[1]))
+        out = _put(out, mix.where, new)
+    return out.to(q.dtype)

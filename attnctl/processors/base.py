@@ -1,0 +1,67 @@
+"""Shared part of every attnctl processor: ask the controller what is active here, then attend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .attend import attend, fused_attention
+
+if TYPE_CHECKING:
+    from ..controller import Controller
+    from ..sites import Site
+
+
+@dataclass(frozen=True)
+class SiteCall:
+    """Shape facts of one attention call, in the site's own sequence."""
+
+    site: Site
+    batch: int
+    seq_len: int
+    n_text: int | None  # None: not known from the call (FLUX single blocks) — the controller fills it in
+    image_first: bool  # SD3: [image, text]; FLUX: [text, image]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def n_image(self) -> int:
+        return self.seq_len - (self.n_text or 0)
+
+    def image_slice(self) -> slice:
+        n_text = self.n_text or 0
+        return slice(0, self.n_image) if self.image_first else slice(n_text, self.seq_len)
+
+    def text_slice(self) -> slice:
+        n_text = self.n_text or 0
+        return slice(self.n_image, self.seq_len) if self.image_first else slice(0, n_text)
+
+
+class AttnCtlProcessor:
+    """Base of the attnctl processors. Without a controller (or with nothing active) it is the stock
+    processor: same projections, same ``dispatch_attention_fn`` call with ``_attention_backend``."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, site: Site | None = None, controller: Controller | None = None) -> None:
+        self.site = site
+        self.controller = controller
+
+    def __repr__(self) -> str:
+        where = self.site.name if self.site is not None else "unbound"
+        return f"{type(self).__name__}({where})"
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, n_text: int | None,
+                image_first: bool) -> torch.Tensor:
+        contributions = []
+        if self.controller is not None and self.site is not None:
+            call = SiteCall(self.site, q.shape[0], q.shape[1], n_text, image_first, q.device, q.dtype)
+            contributions = self.controller.contributions(call, q, k, v)
+        if not contributions:
+            return fused_attention(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
+                                   parallel_config=self._parallel_config)
+        return attend(q, k, v, contributions, attn_mask=attention_mask, backend=self._attention_backend,
+                      parallel_config=self._parallel_config)

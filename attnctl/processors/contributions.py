@@ -1,0 +1,95 @@
+"""What a control can contribute to one attention call.
+
+Tensors use the layout of diffusers' attention dispatcher: ``(batch, sequence, heads, head_dim)``.
+``batch`` and ``heads`` select batch rows and heads (``None``: all); ``rows`` is a slice of query positions
+in the site's sequence (``None``: all). A control returns any number of these; the processor composes them:
+
+1. the attention distribution is the softmax of ``q·kᵀ/√d`` plus every :class:`KeyBias` and
+   :class:`DenseBias`, over the site's keys plus any :class:`ExtraKV` keys;
+2. :class:`Probe` sinks receive the final probabilities of the entries they asked for;
+3. :class:`OutputMix` functions then transform the attention output of their heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Selection:
+    """Which (batch rows, query rows, heads) a contribution touches."""
+
+    batch: torch.Tensor | None = None  # long indices into the batch
+    rows: slice | None = None  # query positions
+    heads: torch.Tensor | None = None  # long indices into the heads
+
+
+@dataclass
+class KeyBias:
+    """Additive bias on a few key columns: ``logits[b, r, h, cols] += bias``.
+
+    ``bias`` broadcasts to ``(batch, rows, heads, len(cols))`` and may hold ``-inf`` to remove a column.
+    The processor keeps the fused kernel and corrects its output with the log-sum-exp: cost and memory
+    are O(rows · len(cols)). Removing almost all of a row's mass this way loses precision; use a
+    :class:`DenseBias` for masks that keep only a few keys.
+    """
+
+    cols: torch.Tensor
+    bias: torch.Tensor
+    where: Selection
+
+
+@dataclass
+class DenseBias:
+    """A bias over every key for some query rows, produced chunk by chunk.
+
+    ``fn(row_start, row_stop)`` returns a tensor broadcastable to ``(batch, rows, heads, keys)`` for query
+    rows ``row_start:row_stop`` (absolute positions), where ``keys`` are the site's keys followed by any
+    :class:`ExtraKV` keys. These rows are computed by an explicit softmax in chunks with a bounded size,
+    only for the selected batch rows and heads.
+    """
+
+    fn: Callable[[int, int], torch.Tensor]
+    where: Selection
+
+
+@dataclass
+class ExtraKV:
+    """Extra keys and values (e.g. from reference rows of the same batch) that the selected rows also
+    attend to. ``key``/``value`` have shape ``(len(batch), M, len(heads) or H, head_dim)``."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    where: Selection
+
+
+@dataclass
+class Probe:
+    """Ask for the final attention probabilities of ``rows × cols``.
+
+    ``sink`` receives a float32 tensor ``(batch, rows, heads, len(cols))``; it should reduce it at once
+    (sum over heads, add to a running map) rather than keep it.
+    """
+
+    cols: torch.Tensor
+    sink: Callable[[torch.Tensor], None]
+    where: Selection
+
+
+@dataclass
+class OutputMix:
+    """Replace the attention output of the selected entries with ``fn(out, q, k, v)``.
+
+    ``out`` is ``(batch, rows, heads, d)`` for the selection; ``q``, ``k``, ``v`` are the full-sequence
+    tensors of the selected batch rows and heads, so a mix can reach any token (SoftPAG's identity target
+    is ``v`` at the same rows; a uniform target is the mean of ``v``).
+    """
+
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    where: Selection
+
+
+Contribution = KeyBias | DenseBias | ExtraKV | Probe | OutputMix
