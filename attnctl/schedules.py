@@ -99,9 +99,9 @@ def _fmt(x: Any) -> str:
         return str(x)
     if isinstance(x, float):
         return repr(x)
-    if isinstance(x, tuple):
-        return "[" + ", ".join("(" + ", ".join(_fmt(v) for v in p) + ")" if isinstance(p, tuple) else _fmt(p)
-                               for p in x) + "]"
+    if isinstance(x, tuple):  # Piecewise points
+        items = [f"({', '.join(map(_fmt, p))})" if isinstance(p, tuple) else _fmt(p) for p in x]
+        return f"[{', '.join(items)}]"
     if callable(x):
         return getattr(x, "__qualname__", None) or repr(x)
     return repr(x)
@@ -187,13 +187,19 @@ def _point(step: Any, num_steps: Any, sigma: Any = None) -> _Point:
     step = _as_index(step, "step")
     n = _as_index(num_steps, "num_steps")
     if n < 1:
-        raise ScheduleError(f"num_steps={n}: a run has at least one step", fix="pass the number of denoising steps")
+        raise ScheduleError(
+            f"num_steps={n}: a run has at least one step", fix="pass the number of denoising steps"
+        )
     if not 0 <= step < n:
-        raise ScheduleError(f"step {step} is outside a run of {n} steps", fix=f"pass a step index in 0..{n - 1}")
+        raise ScheduleError(
+            f"step {step} is outside a run of {n} steps", fix=f"pass a step index in 0..{n - 1}"
+        )
     if sigma is not None:
         sigma = float(sigma)
         if not math.isfinite(sigma):
-            raise ScheduleError(f"sigma={sigma!r} is not finite", fix="pass the scheduler's finite sigma or None")
+            raise ScheduleError(
+                f"sigma={sigma!r} is not finite", fix="pass the scheduler's finite sigma or None"
+            )
     return _Point(step, n, step / max(n - 1, 1), sigma)
 
 
@@ -222,7 +228,8 @@ class Schedule(BaseModel):
     def __init__(self, *args: Any, **kwargs: Any):
         cls = type(self)
         if cls is Schedule:
-            raise ScheduleError("Schedule is the abstract base", fix=f"build one of {', '.join(c.__name__ for c in KINDS.values())}")
+            kinds = ", ".join(c.__name__ for c in KINDS.values())
+            raise ScheduleError("Schedule is the abstract base", fix=f"build one of {kinds}")
         names = cls._positional
         if len(args) > len(names):
             raise ScheduleError(
@@ -230,7 +237,7 @@ class Schedule(BaseModel):
                 f"got {len(args)}",
                 fix="pass the other fields by name",
             )
-        for name, arg in zip(names, args):
+        for name, arg in zip(names, args, strict=False):
             if name in kwargs:
                 raise ScheduleError(f"{cls.__name__} got {name!r} twice", fix="pass it once")
             kwargs[name] = arg
@@ -261,8 +268,10 @@ class Schedule(BaseModel):
         for name, value in self:
             _require_finite(self, name, value)
         if self.lo is not None and self.hi is not None and self.lo > self.hi:
-            raise ScheduleError(f"{type(self).__name__}: lo={self.lo!r} is above hi={self.hi!r}",
-                                fix="give bounds with lo <= hi")
+            raise ScheduleError(
+                f"{type(self).__name__}: lo={self.lo!r} is above hi={self.hi!r}",
+                fix="give bounds with lo <= hi",
+            )
         self._check_own()
         if self.lo is not None or self.hi is not None:
             known = self._range(0.0, 1.0)
@@ -274,7 +283,9 @@ class Schedule(BaseModel):
     def _check_value(self, v: float, pt: _Point | None) -> float:
         when = "" if pt is None else f" at step {pt.step} of {pt.num_steps}"
         if not math.isfinite(v):
-            raise ScheduleError(f"{self} gave {v!r}{when}", fix="make the schedule (or its rule) return finite values")
+            raise ScheduleError(
+                f"{self} gave {v!r}{when}", fix="make the schedule (or its rule) return finite values"
+            )
         lo, hi = self.lo, self.hi
         if lo is not None and v < lo:
             if v >= lo - _TOL * max(1.0, abs(lo)):
@@ -284,20 +295,30 @@ class Schedule(BaseModel):
                 return hi
         else:
             return v
+        fix = f"keep the schedule's values inside {_fmt_range(lo, hi)}, the range this strength accepts"
+        if isinstance(self, Window) and v == self.off:
+            fix += f" (the window gives off={self.off!r} outside start..stop: set off= inside the range)"
         raise ScheduleError(
-            f"{self} reaches {v!r}{when}, outside the allowed range {_fmt_range(lo, hi)}",
-            fix=f"keep the schedule's values inside {_fmt_range(lo, hi)}, the range this strength accepts",
+            f"{self} reaches {v!r}{when}, outside the allowed range {_fmt_range(lo, hi)}", fix=fix
         )
 
     # ---- public API
 
-    def __call__(self, step: int, num_steps: int, *, sigma: float | None = None,
-                 report: Mapping[str, float] | None = None) -> float:
-        """Value at ``step`` of a run of ``num_steps``; ``report`` records metrics first (see :meth:`report`)."""
+    def __call__(
+        self,
+        step: int,
+        num_steps: int,
+        *,
+        sigma: float | None = None,
+        report: Mapping[str, float] | None = None,
+    ) -> float:
+        """Value at ``step`` of a run of ``num_steps``; ``report`` records metrics first (:meth:`report`)."""
         pt = _point(step, num_steps, sigma)
         if report is not None:
             if not isinstance(report, Mapping):
-                raise ScheduleError(f"report={_short(report)} is not a mapping", fix="pass report={'name': value}")
+                raise ScheduleError(
+                    f"report={_short(report)} is not a mapping", fix="pass report={'name': value}"
+                )
             for name, value in report.items():
                 self.report(name, value)
         return self._evaluate(pt)
@@ -306,7 +327,10 @@ class Schedule(BaseModel):
         return self._check_value(float(self._eval(pt)), pt)
 
     def report(self, name: str, value: float) -> None:
-        """Record a metric for the adaptive parts of this schedule (a no-op for fixed schedules)."""
+        """Record a metric for the adaptive parts of this schedule (nothing to do for fixed ones).
+
+        Report once per step (aggregate over sites first): every call is kept in the history.
+        """
         for child in self._children():
             child.report(name, value)
 
@@ -333,8 +357,10 @@ class Schedule(BaseModel):
         """
         for name, b in (("lo", lo), ("hi", hi)):
             if b is not None and not (_is_real(b) and math.isfinite(b)):
-                raise ScheduleError(f"checked({name}={b!r}): a bound must be a finite number or None",
-                                    fix="pass finite numbers")
+                raise ScheduleError(
+                    f"checked({name}={b!r}): a bound must be a finite number or None",
+                    fix="pass finite numbers",
+                )
         new_lo = lo if self.lo is None else self.lo if lo is None else max(self.lo, lo)
         new_hi = hi if self.hi is None else self.hi if hi is None else min(self.hi, hi)
         if new_lo is not None and new_hi is not None and new_lo > new_hi:
@@ -352,7 +378,7 @@ class Schedule(BaseModel):
                 raise ScheduleError(
                     f"{node} uses the Python callable {_fmt(node.rule)} as its rule; a callable cannot be "
                     "written to JSON",
-                    fix=f"use a named rule ({', '.join(map(repr, RULES))}) or keep this schedule in Python code",
+                    fix=f"use a named rule ({', '.join(map(repr, RULES))}) or keep it in Python code",
                 )
         return _kind_first(self.model_dump(mode="json", exclude_none=True))
 
@@ -365,20 +391,25 @@ class Schedule(BaseModel):
             except json.JSONDecodeError as e:
                 raise ScheduleError(f"schedule JSON does not parse: {e}", fix="pass valid JSON") from None
         if not isinstance(data, Mapping):
-            raise ScheduleError(f"a schedule's JSON form is a dict with a 'kind', got {_short(data)}",
-                                fix=_ACCEPTED)
+            raise ScheduleError(
+                f"a schedule's JSON form is a dict with a 'kind', got {_short(data)}", fix=_ACCEPTED
+            )
         kind = data.get("kind")
         if kind not in KINDS:
             what = "has no 'kind'" if kind is None else f"has unknown kind {kind!r}"
-            raise ScheduleError(f"schedule JSON {_short(dict(data))} {what}",
-                                fix=f"set 'kind' to one of {', '.join(map(repr, KINDS))}")
+            raise ScheduleError(
+                f"schedule JSON {_short(dict(data))} {what}",
+                fix=f"set 'kind' to one of {', '.join(map(repr, KINDS))}",
+            )
         try:
             sched = _SPEC.validate_python(dict(data))
         except ValidationError as err:
             raise _schedule_error(err, f"{kind!r} schedule JSON") from None
         if not isinstance(sched, cls):
-            raise ScheduleError(f"{cls.__name__}.from_json got a {kind!r} schedule",
-                                fix="use Schedule.from_json to accept any kind")
+            raise ScheduleError(
+                f"{cls.__name__}.from_json got a {kind!r} schedule",
+                fix="use Schedule.from_json to accept any kind",
+            )
         return sched
 
     def __mul__(self, factor: Any) -> Schedule:
@@ -424,8 +455,10 @@ def _require_finite(owner: Schedule, name: str, value: Any) -> None:
         for v in value:
             _require_finite(owner, name, v)
     elif _is_real(value) and not math.isfinite(value):
-        raise ScheduleError(f"{type(owner).__name__}: {name} contains {value!r}",
-                            fix="use finite numbers; NaN and inf are not allowed in a schedule")
+        raise ScheduleError(
+            f"{type(owner).__name__}: {name} contains {value!r}",
+            fix="use finite numbers; NaN and inf are not allowed in a schedule",
+        )
 
 
 def _kind_first(x: Any) -> Any:
@@ -539,8 +572,10 @@ class Window(Schedule):
                     "of n steps: stop=k/n), not step indices",
                 )
         if self.start >= self.stop:
-            raise ScheduleError(f"Window start={self.start!r} is not before stop={self.stop!r}, so it is never on",
-                                fix="give start < stop")
+            raise ScheduleError(
+                f"Window start={self.start!r} is not before stop={self.stop!r}, so it is never on",
+                fix="give start < stop",
+            )
 
     def _active(self, p: float) -> bool:
         return self.start <= p < self.stop or (self.stop >= 1.0 and p >= self.start)
@@ -588,12 +623,16 @@ class Piecewise(Schedule):
         xs = [x for x, _ in self.points]
         bad = [x for x in xs if not 0.0 <= x <= 1.0]
         if bad:
-            raise ScheduleError(f"Piecewise point progress {bad[0]!r} is outside [0, 1]",
-                                fix="give each point's progress as a fraction of the run in [0, 1]")
-        for x0, x1 in zip(xs, xs[1:]):
+            raise ScheduleError(
+                f"Piecewise point progress {bad[0]!r} is outside [0, 1]",
+                fix="give each point's progress as a fraction of the run in [0, 1]",
+            )
+        for x0, x1 in zip(xs, xs[1:], strict=False):
             if x1 <= x0:
-                raise ScheduleError(f"Piecewise points are not in increasing progress ({x0!r} then {x1!r})",
-                                    fix="list the points once each, in increasing progress")
+                raise ScheduleError(
+                    f"Piecewise points are not in increasing progress ({x0!r} then {x1!r})",
+                    fix="list the points once each, in increasing progress",
+                )
 
     def _at(self, p: float) -> float:
         pts = self.points
@@ -660,8 +699,9 @@ class Adaptive(Schedule):
     """The ``base`` schedule reshaped, step by step, by metrics a control reports.
 
     The control reports with ``schedule.report(name, value)`` after it acts, or passes
-    ``report={name: value}`` when it evaluates the schedule. Reports shape the value of the next new
-    step; the value is computed once per step, so every attention site sees the same value within a step.
+    ``report={name: value}`` when it evaluates the schedule. The value is computed at the first
+    evaluation of each step, from everything reported before it, and then held for that step, so every
+    attention site sees the same value; reports made later in the step shape the next step.
     Call :meth:`reset` before a new run. ``m`` below is the latest reported value of ``metric``
     (smoothed over steps when ``momentum > 0``: m = momentum * m_prev + (1 - momentum) * m_new).
 
@@ -703,14 +743,18 @@ class Adaptive(Schedule):
     def _known_rule(cls, v: Any) -> Any:
         if callable(v) or v in RULES:
             return v
-        raise ScheduleError(f"Adaptive rule {_short(v)} is unknown",
-                            fix=f"use one of {', '.join(map(repr, RULES))} or a callable f(progress, base, history)")
+        raise ScheduleError(
+            f"Adaptive rule {_short(v)} is unknown",
+            fix=f"use one of {', '.join(map(repr, RULES))} or a callable f(progress, base, history)",
+        )
 
     @field_serializer("rule", when_used="json")
     def _rule_to_json(self, rule: Any) -> str:
         if callable(rule):
-            raise ScheduleError(f"Adaptive rule {_fmt(rule)} is a Python callable and cannot be written to JSON",
-                                fix=f"use a named rule ({', '.join(map(repr, RULES))})")
+            raise ScheduleError(
+                f"Adaptive rule {_fmt(rule)} is a Python callable and cannot be written to JSON",
+                fix=f"use a named rule ({', '.join(map(repr, RULES))})",
+            )
         return rule
 
     @property
@@ -720,23 +764,37 @@ class Adaptive(Schedule):
     def _check_own(self) -> None:
         rule = self._rule_name
         fields = type(self).model_fields
-        unused = sorted(n for n in _ALL_RULE_FIELDS - _RULE_FIELDS[rule] if getattr(self, n) != fields[n].default)
+        unused = sorted(
+            n for n in _ALL_RULE_FIELDS - _RULE_FIELDS[rule] if getattr(self, n) != fields[n].default
+        )
         if unused:
             uses = "; ".join(f"{r}: {', '.join(sorted(f))}" for r, f in _RULE_FIELDS.items() if f)
-            raise ScheduleError(f"Adaptive rule {_fmt(self.rule)} does not use {', '.join(unused)}",
-                                fix=f"remove them or pick the rule that uses them ({uses})")
+            raise ScheduleError(
+                f"Adaptive rule {_fmt(self.rule)} does not use {', '.join(unused)}",
+                fix=f"remove them or pick the rule that uses them ({uses})",
+            )
         if rule == "ratio" and (self.target is None or self.target <= 0):
-            raise ScheduleError(f"Adaptive rule 'ratio' needs target > 0, got {self.target!r}",
-                                fix="give target=<the metric value to aim for>")
+            raise ScheduleError(
+                f"Adaptive rule 'ratio' needs target > 0, got {self.target!r}",
+                fix="give target=<the metric value to aim for>",
+            )
         if rule == "threshold" and self.threshold is None:
-            raise ScheduleError("Adaptive rule 'threshold' needs threshold=", fix="give threshold=<metric value>")
+            raise ScheduleError(
+                "Adaptive rule 'threshold' needs threshold=", fix="give threshold=<metric value>"
+            )
         if rule == "balance" and not self.reference:
-            raise ScheduleError("Adaptive rule 'balance' needs reference=", fix="give reference=<metric name>")
+            raise ScheduleError(
+                "Adaptive rule 'balance' needs reference=", fix="give reference=<metric name>"
+            )
         if not 0.0 <= self.min_factor <= self.max_factor:
-            raise ScheduleError(f"Adaptive factors min_factor={self.min_factor!r}, max_factor={self.max_factor!r}",
-                                fix="give 0 <= min_factor <= max_factor")
+            raise ScheduleError(
+                f"Adaptive factors min_factor={self.min_factor!r}, max_factor={self.max_factor!r}",
+                fix="give 0 <= min_factor <= max_factor",
+            )
         if not 0.0 <= self.momentum < 1.0:
-            raise ScheduleError(f"Adaptive momentum={self.momentum!r} is outside [0, 1)", fix="give 0 <= momentum < 1")
+            raise ScheduleError(
+                f"Adaptive momentum={self.momentum!r} is outside [0, 1)", fix="give 0 <= momentum < 1"
+            )
 
     def _range(self, a: float, b: float) -> tuple[float, float] | None:
         rule = self._rule_name
@@ -750,12 +808,15 @@ class Adaptive(Schedule):
 
     def report(self, name: str, value: float) -> None:
         if not isinstance(name, str):
-            raise ScheduleError(f"report name {name!r} is not a string", fix="report(name: str, value: float)")
+            raise ScheduleError(
+                f"report name {name!r} is not a string", fix="report(name: str, value: float)"
+            )
         try:
             v = float(value)
         except (TypeError, ValueError):
-            raise ScheduleError(f"reported {name}={_short(value)} is not a number",
-                                fix="report a float (e.g. tensor.item())") from None
+            raise ScheduleError(
+                f"reported {name}={_short(value)} is not a number", fix="report a float (e.g. tensor.item())"
+            ) from None
         if not math.isfinite(v):
             raise ScheduleError(f"reported {name}={v!r} to {self}", fix="report finite metric values")
         self._state.history.setdefault(name, []).append(v)
@@ -818,8 +879,9 @@ class Adaptive(Schedule):
             return self.off if st.latched else base
         out = self.rule(pt.progress, base, self.history)
         if not _is_real(out) and not hasattr(out, "__float__"):
-            raise ScheduleError(f"the rule {_fmt(self.rule)} of {self} returned {_short(out)}",
-                                fix="make it return a float")
+            raise ScheduleError(
+                f"the rule {_fmt(self.rule)} of {self} returned {_short(out)}", fix="make it return a float"
+            )
         return float(out)
 
 
@@ -864,7 +926,7 @@ def from_json(data: Mapping[str, Any] | str | bytes) -> Schedule:
 
 
 def as_schedule(x: Any, lo: float | None = None, hi: float | None = None) -> Schedule:
-    """A schedule from a number, a schedule, a JSON dict or a shorthand string; bounded when lo/hi are given."""
+    """A schedule from a number, a schedule, a JSON dict or a shorthand string; bounded if lo/hi given."""
     if isinstance(x, Schedule):
         sched = x
     elif _is_real(x):
@@ -923,12 +985,18 @@ def _build(node: ast.AST, text: str) -> Any:
     elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         cls = KINDS.get(node.func.id.lower())
         if cls is None:
-            raise ScheduleError(f"unknown schedule kind {node.func.id!r} in {text!r}",
-                                fix=f"use one of {', '.join(KINDS)}")
+            raise ScheduleError(
+                f"unknown schedule kind {node.func.id!r} in {text!r}", fix=f"use one of {', '.join(KINDS)}"
+            )
         if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
             raise ScheduleError(f"*args/**kwargs are not allowed in {text!r}", fix="write the arguments out")
         args = [_build(a, text) for a in node.args]
         kwargs = {k.arg: _build(k.value, text) for k in node.keywords}
         return cls(*args, **kwargs)
+    elif isinstance(node, ast.Name) and node.id.lower() in ("nan", "inf", "infinity"):
+        raise ScheduleError(
+            f"{node.id!r} in schedule {text!r} is not a finite number",
+            fix="use finite numbers; NaN and inf are not allowed in a schedule",
+        )
     part = ast.get_source_segment(text, node) or type(node).__name__
     raise ScheduleError(f"cannot read {part!r} in schedule {text!r}", fix=_ACCEPTED)

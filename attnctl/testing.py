@@ -69,7 +69,9 @@ __all__ = [
 ]
 
 TEXT_LENGTH = DEFAULT_MAX_LENGTH
-"""Token length of the tiny tokenizers (``<bos>`` + up to 22 words + ``<eos>``); use it as ``max_sequence_length``."""
+"""Token length of the tiny tokenizers (``<bos>`` + up to 22 words + ``<eos>``).
+
+Pass it as ``max_sequence_length``."""
 
 VAE_FACTOR = 2
 """Pixel-unshuffle factor of the tiny pipelines' autoencoder (their ``vae_scale_factor``)."""

@@ -1,4 +1,4 @@
-"""The offline building blocks: word-level tokenizer, lossless pixel autoencoder, tiny SD3/SD3.5/FLUX pipelines."""
+"""Offline building blocks: word-level tokenizer, lossless pixel autoencoder, tiny SD3/SD3.5/FLUX."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_tokenizer_one_token_per_word():
     assert enc.input_ids == [ids[vocab.BOS], *(ids[w] for w in words), ids[vocab.EOS]]
     assert split_words("a red circle,to the left") == ["a", "red", "circle", ",", "to", "the", "left"]
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == tuple(
-        ids[t] for t in vocab.SPECIAL_TOKENS[1:3] + (vocab.PAD, vocab.UNK)
+        ids[t] for t in (vocab.BOS, vocab.EOS, vocab.PAD, vocab.UNK)
     )
 
 
@@ -93,7 +93,8 @@ def test_tokenizer_save_load(tmp_path):
     tok.save_pretrained(tmp_path)
     prompt = ["a large purple square above a small orange circle", ""]
     want = tok(prompt, padding="max_length", max_length=16, truncation=True).input_ids
-    for loaded in (PreTrainedTokenizerFast.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
+    for cls in (PreTrainedTokenizerFast, AutoTokenizer):
+        loaded = cls.from_pretrained(tmp_path)
         assert loaded.model_max_length == 16
         assert loaded(prompt, padding="max_length", max_length=16, truncation=True).input_ids == want
     with pytest.raises(ValueError, match="at least 3"):
@@ -143,7 +144,8 @@ def test_vae_save_load(tmp_path):
     loaded = PixelShuffleAutoencoder.from_pretrained(tmp_path)
     assert (loaded.config.scaling_factor, loaded.config.shift_factor) == (1.5, 0.25)
     assert not loaded.training
-    assert PixelShuffleAutoencoder.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    bf16 = PixelShuffleAutoencoder.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------------------------- pipelines
@@ -196,16 +198,15 @@ def test_token_counts_and_architecture(pipes):
     t = flux.transformer
     assert len(t.transformer_blocks) == 1 and len(t.single_transformer_blocks) == 2
     assert t.config.in_channels == 4 * flux.vae.config.latent_channels
-    assert not t.config.guidance_embeds and tiny_flux_pipeline(guidance_embeds=True).transformer.config.guidance_embeds
+    assert not t.config.guidance_embeds
+    assert tiny_flux_pipeline(guidance_embeds=True).transformer.config.guidance_embeds
 
 
 def test_clip_pools_at_eos(pipes):
     tok = pipes["sd3"].tokenizer
     ids = tok(["a red circle", "two green triangles"], padding="max_length", max_length=24,
               return_tensors="pt").input_ids
-    if tok.eos_token_id == 2:
-        pytest.xfail("vocab.py gives <eos> id 2, which transformers' CLIP treats as the legacy sentinel "
-                     "(pooled = position of the largest id); move <eos> off id 2 to pool at <eos>")
+    assert tok.eos_token_id != 2  # transformers' CLIP would pool at argmax(input_ids) instead of <eos>
     eos_pos = (ids == tok.eos_token_id).int().argmax(-1)
     for enc in (pipes["sd3"].text_encoder, pipes["flux"].text_encoder):
         out = enc.text_model(ids) if hasattr(enc, "text_projection") else enc(ids)
@@ -227,11 +228,14 @@ def test_dtype_and_image_to_image(pipes):
 
 
 def test_fast(pipes):
+    """A 2-step 32×32 generation takes about 10 ms; the best of 3 must stay under a second on a busy machine."""
     for name in ("sd35", "flux"):
-        _run(pipes[name])
-        start = time.perf_counter()
-        _run(pipes[name])
-        assert time.perf_counter() - start < 1.0, name
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            _run(pipes[name])
+            times.append(time.perf_counter() - start)
+        assert min(times) < 1.0, (name, times)
 
 
 # ------------------------------------------------------------------------------------------- save / load
@@ -254,7 +258,7 @@ def test_save_load_round_trip(pipes, name, tmp_path):
 
 
 def test_load_offline_in_fresh_process(pipes, tmp_path):
-    """A new process with HF_HUB_OFFLINE=1 loads both folders; diffusers needs the autoencoder module imported."""
+    """A new process with HF_HUB_OFFLINE=1 loads both folders once the autoencoder module is imported."""
     for name in ("sd3", "flux"):
         save_pipeline(pipes[name], tmp_path / name)
         np.save(tmp_path / f"{name}.npy", _run(pipes[name]))
@@ -278,5 +282,6 @@ print("ok")
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

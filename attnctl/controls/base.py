@@ -76,7 +76,9 @@ class Control:
         try:
             self.config = self.Config(**kwargs)
         except ValidationError as e:
-            raise ConfigError(_explain(self.kind, e)) from None
+            causes = [err.get("ctx", {}).get("error") for err in e.errors()]
+            kind = next((type(c) for c in causes if isinstance(c, ConfigError)), ConfigError)
+            raise kind(_explain(self.kind, e)) from None
         self.sites: list[Site] = []
         self._site_names: frozenset[str] = frozenset()
 

@@ -148,7 +148,7 @@ class PixelShuffleAutoencoder(ModelMixin, ConfigMixin):
         return AutoencoderKLOutput(latent_dist=dist)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs) -> DecoderOutput | tuple:
-        """Latents ``B×C·f²×h×w`` → images ``B×C×h·f×w·f``. Extra keyword arguments (``generator``) are ignored."""
+        """Latents ``B×C·f²×h×w`` → images ``B×C×h·f×w·f``; extra keywords (``generator``) are ignored."""
         self._check(z, self.config.latent_channels, "latents")
         f = self.config.factor
         x = F.pixel_shuffle(z, f) if f > 1 else z

@@ -30,8 +30,9 @@ FUNCTION_WORDS: tuple[str, ...] = (
     "left", "right", "top", "bottom", "above", "below", "middle", "next", ",",
 )
 
-SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
-PAD, BOS, EOS, UNK = SPECIAL_TOKENS
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<bos>", "<eos>")
+"""``<eos>`` must not get id 2: transformers' CLIP pools at ``argmax(input_ids)`` when ``eos_token_id == 2``."""
+PAD, UNK, BOS, EOS = SPECIAL_TOKENS
 
 
 def words() -> list[str]:

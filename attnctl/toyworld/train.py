@@ -1,0 +1,593 @@
+"""Train the toy-sd3 and toy-flux pipelines on the shapes world with flow matching (rectified flow).
+
+The objective is the one SD3 and FLUX.1 are trained with, in the convention the diffusers
+``FlowMatchEulerDiscreteScheduler`` samples with:
+
+- ``x0`` = the image folded by the pixel-unshuffle autoencoder and normalised as the pipelines do,
+  ``(z - shift_factor) * scaling_factor`` (FLUX: then packed 2×2 into 64 tokens of 48 channels);
+- ``sigma ~ logit-normal(0, 1)`` (SD3's sampling of training times) or uniform;
+- ``x_t = (1 - sigma) * x0 + sigma * noise``;
+- the transformer predicts the velocity ``noise - x0`` (``dx_t / dsigma``), so the scheduler's Euler step
+  ``x += (sigma_next - sigma) * v`` walks from noise (sigma = 1) to the image (sigma = 0);
+- the transformer is called exactly as the pipelines call it: SD3 with ``timestep = 1000 * sigma``,
+  FLUX with ``timestep = sigma`` (FLUX multiplies by 1000 inside), prompts encoded by the pipelines' own
+  ``encode_prompt`` (so training and sampling see the same text features, T5 zeros and all).
+
+Captions are dropped to ``""`` with probability ``caption_dropout`` (10%) so classifier-free guidance
+works. The tiny text encoders are trained jointly with the transformer by default (``train_text``).
+An exponential moving average (EMA) of the weights is what the saved pipeline holds.
+
+Command-style entry point::
+
+    from attnctl.toyworld.train import train
+    folder = train("toy-sd3", "/tmp/toy-sd3", steps=6000, batch=64, minutes=40)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+
+``out_dir`` receives ``checkpoint.pt`` (weights, EMA, optimizer, step, RNG, elapsed time; written every
+``checkpoint_every`` steps, at the end and when the time budget runs out), ``log.jsonl`` (loss, lr per
+``log_every`` steps) and ``pipeline/`` (the diffusers pipeline folder, EMA weights, every component in
+eval mode). ``resume=True`` continues from ``checkpoint.pt`` with the step count, optimizer, EMA and
+learning-rate schedule where they were.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+from attnctl.errors import ConfigError
+from attnctl.testing import save_pipeline, tiny_clip_config, tiny_t5_config
+from attnctl.toyworld.autoencoder import PixelShuffleAutoencoder
+from attnctl.toyworld.tokenizer import DEFAULT_MAX_LENGTH, make_tokenizer
+from attnctl.toyworld.world import make_batch
+
+__all__ = [
+    "ToyArch",
+    "PRESETS",
+    "train",
+    "build_pipeline",
+    "flow_matching_loss",
+    "CHECKPOINT_NAME",
+    "PIPELINE_DIR",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+PIPELINE_DIR = "pipeline"
+LOG_NAME = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class ToyArch:
+    """Architecture of a toy pipeline (both families; fields that do not apply are ignored).
+
+    SD3: ``num_layers`` joint blocks. FLUX: ``num_layers`` double + ``num_single_layers`` single blocks.
+    Heads: ``num_heads`` of ``head_dim`` in every block. Text: CLIP encoders of width ``clip_dim``
+    (SD3: two CLIPTextModelWithProjection, no T5, so the T5 part of the text sequence is zeros; FLUX:
+    one CLIPTextModel for the pooled vector and a T5 encoder of width ``t5_dim``).
+    """
+
+    family: str  # "sd3" | "flux"
+    num_layers: int = 6
+    num_single_layers: int = 0
+    num_heads: int = 4
+    head_dim: int = 32
+    clip_dim: int = 32
+    clip_layers: int = 2
+    clip_heads: int = 2
+    t5_dim: int = 64
+    t5_layers: int = 2
+    t5_heads: int = 4
+    text_length: int = DEFAULT_MAX_LENGTH
+    resolution: int = 32
+    vae_factor: int = 2
+    shift: float = 3.0  # SD3 scheduler shift (FLUX uses dynamic shifting)
+    train_text: bool = True
+    save_dtype: str = "float16"
+
+    @property
+    def total_heads(self) -> int:
+        return (self.num_layers + self.num_single_layers) * self.num_heads
+
+
+PRESETS: dict[str, ToyArch] = {
+    "toy-sd3": ToyArch(family="sd3", num_layers=6, num_heads=4, head_dim=32, clip_dim=32, shift=3.0),
+    "toy-flux": ToyArch(
+        family="flux", num_layers=2, num_single_layers=4, num_heads=4, head_dim=32, clip_dim=32, t5_dim=64
+    ),
+}
+"""The shipped toy models' architectures (24 heads each)."""
+
+
+def _arch(model: str | ToyArch, overrides: dict[str, Any] | None) -> ToyArch:
+    if isinstance(model, ToyArch):
+        arch = model
+    elif model in PRESETS:
+        arch = PRESETS[model]
+    elif model in ("sd3", "flux"):
+        arch = replace(PRESETS[f"toy-{model}"])
+    else:
+        raise ConfigError(
+            f"unknown toy model {model!r}",
+            f"train one of {', '.join(PRESETS)} (or pass a ToyArch)",
+        )
+    if overrides:
+        known = {f.name for f in fields(ToyArch)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ConfigError(f"unknown architecture fields {bad}", f"use fields of ToyArch: {sorted(known)}")
+        arch = replace(arch, **overrides)
+    if arch.family not in ("sd3", "flux"):
+        raise ConfigError(f"family must be 'sd3' or 'flux', got {arch.family!r}")
+    return arch
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def build_pipeline(arch: ToyArch, seed: int = 0) -> DiffusionPipeline:
+    """A stock ``StableDiffusion3Pipeline`` / ``FluxPipeline`` with random weights for ``arch``.
+
+    Components are left in training mode with gradients on; :func:`train` trains them.
+    """
+    torch.manual_seed(seed)
+    tok = make_tokenizer(arch.text_length)
+    vae = PixelShuffleAutoencoder(factor=arch.vae_factor, in_channels=3)
+    ch = vae.config.latent_channels
+    latent_side = arch.resolution // arch.vae_factor
+    inner = arch.num_heads * arch.head_dim
+    if arch.family == "sd3":
+        joint_dim = 2 * arch.clip_dim
+        transformer = SD3Transformer2DModel(
+            sample_size=latent_side,
+            patch_size=2,
+            in_channels=ch,
+            out_channels=ch,
+            num_layers=arch.num_layers,
+            attention_head_dim=arch.head_dim,
+            num_attention_heads=arch.num_heads,
+            joint_attention_dim=joint_dim,
+            caption_projection_dim=inner,
+            pooled_projection_dim=2 * arch.clip_dim,
+            pos_embed_max_size=max(latent_side // 2, 8),
+        )
+        clip_cfg = tiny_clip_config(tok, arch.clip_dim, arch.clip_layers, arch.clip_heads)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=arch.shift),
+            vae=vae,
+            text_encoder=CLIPTextModelWithProjection(clip_cfg),
+            tokenizer=tok,
+            text_encoder_2=CLIPTextModelWithProjection(clip_cfg),
+            tokenizer_2=make_tokenizer(arch.text_length),
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+    else:
+        rope = _rope_axes(arch.head_dim)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * ch,
+            num_layers=arch.num_layers,
+            num_single_layers=arch.num_single_layers,
+            attention_head_dim=arch.head_dim,
+            num_attention_heads=arch.num_heads,
+            joint_attention_dim=arch.t5_dim,
+            pooled_projection_dim=arch.clip_dim,
+            guidance_embeds=False,
+            axes_dims_rope=rope,
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=1.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=64,
+            max_image_seq_len=1024,
+        )
+        pipe = FluxPipeline(
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=CLIPTextModel(tiny_clip_config(tok, arch.clip_dim, arch.clip_layers, arch.clip_heads)),
+            tokenizer=tok,
+            text_encoder_2=T5EncoderModel(tiny_t5_config(tok, arch.t5_dim, arch.t5_layers, arch.t5_heads)),
+            tokenizer_2=make_tokenizer(arch.text_length),
+        )
+        pipe.default_sample_size = latent_side
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """FLUX RoPE axes (text-id axis, y, x) summing to ``head_dim``, each even: 32 → (8, 12, 12)."""
+    xy = (head_dim * 3 // 8) // 2 * 2
+    return (head_dim - 2 * xy, xy, xy)
+
+
+def _trainable(pipe: DiffusionPipeline, arch: ToyArch) -> torch.nn.ModuleDict:
+    names = ["transformer"]
+    if arch.train_text:
+        names += [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, n, None) is not None]
+    return torch.nn.ModuleDict({n: getattr(pipe, n) for n in names})
+
+
+# ------------------------------------------------------------------------------------------ the objective
+
+
+def encode_images(pipe: DiffusionPipeline, images: np.ndarray) -> torch.Tensor:
+    """uint8 ``N×H×W×3`` images → the clean latents ``x0`` the transformer sees (FLUX: packed)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    z = pipe.vae.encode(x).latent_dist.mode()
+    z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    if isinstance(pipe, FluxPipeline):
+        b, c, h, w = z.shape
+        z = pipe._pack_latents(z, b, c, h, w)
+    return z
+
+
+def _text(pipe: DiffusionPipeline, captions: list[str], arch: ToyArch) -> dict[str, torch.Tensor]:
+    if isinstance(pipe, FluxPipeline):
+        emb, pooled, text_ids = pipe.encode_prompt(
+            captions, device=torch.device("cpu"), max_sequence_length=arch.text_length
+        )
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled, "txt_ids": text_ids}
+    emb, _, pooled, _ = pipe.encode_prompt(
+        captions,
+        None,
+        None,
+        device=torch.device("cpu"),
+        do_classifier_free_guidance=False,
+        max_sequence_length=arch.text_length,
+    )
+    return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+
+
+def predict(pipe: DiffusionPipeline, x_t: torch.Tensor, sigma: torch.Tensor, text: dict, arch: ToyArch) -> torch.Tensor:
+    """The transformer's velocity prediction, called exactly as the pipeline calls it."""
+    if isinstance(pipe, FluxPipeline):
+        side = arch.resolution // arch.vae_factor // 2
+        img_ids = pipe._prepare_latent_image_ids(x_t.shape[0], side, side, x_t.device, x_t.dtype)
+        return pipe.transformer(
+            hidden_states=x_t,
+            timestep=sigma,
+            guidance=None,
+            pooled_projections=text["pooled_projections"],
+            encoder_hidden_states=text["encoder_hidden_states"],
+            txt_ids=text["txt_ids"],
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+    return pipe.transformer(
+        hidden_states=x_t,
+        timestep=sigma * 1000.0,
+        encoder_hidden_states=text["encoder_hidden_states"],
+        pooled_projections=text["pooled_projections"],
+        return_dict=False,
+    )[0]
+
+
+def sample_sigmas(n: int, generator: torch.Generator, mode: str = "logit_normal") -> torch.Tensor:
+    """Training noise levels in (0, 1): logit-normal(0, 1) as SD3 (Esser et al. 2024) or uniform."""
+    if mode == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator))
+    if mode == "uniform":
+        return torch.rand(n, generator=generator).clamp(1e-4, 1 - 1e-4)
+    raise ConfigError(f"unknown time sampling {mode!r}", "use 'logit_normal' or 'uniform'")
+
+
+def flow_matching_loss(
+    pipe: DiffusionPipeline,
+    captions: list[str],
+    images: np.ndarray,
+    arch: ToyArch,
+    generator: torch.Generator,
+    time_sampling: str = "logit_normal",
+) -> torch.Tensor:
+    """Rectified-flow loss ``|v(x_t, sigma) - (noise - x0)|²`` for one batch."""
+    x0 = encode_images(pipe, images)
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = sample_sigmas(x0.shape[0], generator, time_sampling)
+    s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    x_t = (1.0 - s) * x0 + s * noise
+    v = predict(pipe, x_t, sigma, _text(pipe, captions, arch), arch)
+    return F.mse_loss(v.float(), noise - x0)
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+def _lr_at(step: int, progress: float, lr: float, warmup: int, final_frac: float = 0.05) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` to ``final_frac * lr`` over progress."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = min(max(progress, 0.0), 1.0)
+    return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class _EMA:
+    """Exponential moving average of floating-point parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().clone() for k, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, p in module.named_parameters():
+            self.shadow[k].lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for k, p in module.named_parameters():
+            p.copy_(self.shadow[k])
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _export(pipe: DiffusionPipeline, trainable: torch.nn.ModuleDict, ema: _EMA | None, arch: ToyArch, folder: Path) -> Path:
+    """Write the pipeline folder with the EMA weights (if any), every component in eval mode."""
+    backup = {k: v.detach().clone() for k, v in trainable.state_dict().items()} if ema is not None else None
+    if ema is not None:
+        ema.copy_to(trainable)
+    dtype = getattr(torch, arch.save_dtype)
+    try:
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+        if dtype != torch.float32:
+            for component in pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    torch.nn.Module.to(component, dtype)
+        save_pipeline(pipe, folder)
+    finally:
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                torch.nn.Module.to(component, torch.float32)
+        if backup is not None:
+            trainable.load_state_dict(backup)
+    return folder
+
+
+def train(
+    model: str = "toy-sd3",
+    out_dir: str | Path = "toy-model",
+    steps: int = 6000,
+    batch: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    minutes: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    *,
+    arch: dict[str, Any] | None = None,
+    threads: int | None = None,
+    caption_dropout: float = 0.1,
+    time_sampling: str = "logit_normal",
+    ema_decay: float | None = 0.999,
+    weight_decay: float = 0.01,
+    grad_clip: float = 1.0,
+    warmup: int = 200,
+    checkpoint_every: int = 250,
+    log_every: int = 25,
+) -> Path:
+    """Train a toy pipeline and return its diffusers folder (``out_dir/pipeline``).
+
+    Args:
+        model: ``"toy-sd3"`` or ``"toy-flux"`` (the architecture presets in :data:`PRESETS`).
+        out_dir: where the checkpoint, the log and the pipeline folder go.
+        steps: total optimizer steps (the cosine learning-rate schedule spans them).
+        batch: images per step.
+        lr: peak AdamW learning rate (linear warm-up, then cosine to 5%).
+        seed: weights and data seed (batches are ``make_batch(seed * 1_000_003 + step, ...)``).
+        minutes: wall-clock budget for this run, counted across resumes: training stops cleanly when
+            it is spent, saves the checkpoint and the pipeline. With a budget, the learning-rate
+            schedule follows whichever runs out first, steps or time, so it always finishes its decay.
+        resume: continue from ``out_dir/checkpoint.pt`` (architecture, step, optimizer, EMA, elapsed time).
+        progress: show a tqdm progress bar.
+        arch: overrides of the preset's :class:`ToyArch` fields (e.g. tiny widths for tests).
+        threads: ``torch.set_num_threads`` for this process (``None`` leaves it).
+        caption_dropout: fraction of captions replaced by ``""`` (for classifier-free guidance).
+        time_sampling: ``"logit_normal"`` or ``"uniform"`` noise levels.
+        ema_decay: EMA decay of the weights the pipeline is saved with; ``None`` saves the raw weights.
+        checkpoint_every, log_every: in steps.
+    """
+    from tqdm.auto import tqdm
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT_NAME
+
+    ckpt = None
+    if resume:
+        if not ckpt_path.exists():
+            raise ConfigError(f"no checkpoint to resume from: {ckpt_path} does not exist", "train with resume=False first")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        a = ToyArch(**ckpt["arch"])
+        hp = ckpt["hparams"]
+        seed, batch = hp["seed"], hp["batch"]
+    else:
+        a = _arch(model, arch)
+
+    pipe = build_pipeline(a, seed)
+    trainable = _trainable(pipe, a)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            is_trained = name in trainable
+            component.train(is_trained)
+            component.requires_grad_(is_trained)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.99),
+    )
+    ema = _EMA(trainable, ema_decay) if ema_decay else None
+    step, elapsed = 0, 0.0
+    if ckpt is not None:
+        trainable.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.shadow = ckpt["ema"]
+        step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+
+    hparams = {
+        "model": model if isinstance(model, str) else "custom",
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "minutes": minutes,
+        "caption_dropout": caption_dropout,
+        "time_sampling": time_sampling,
+        "ema_decay": ema_decay,
+        "weight_decay": weight_decay,
+        "grad_clip": grad_clip,
+        "warmup": warmup,
+    }
+    n_params = sum(p.numel() for p in pipe.transformer.parameters())
+    budget = None if minutes is None else 60.0 * minutes
+
+    def checkpoint() -> None:
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "arch": asdict(a),
+                "hparams": hparams,
+                "step": step,
+                "elapsed": elapsed,
+                "model": trainable.state_dict(),
+                "optimizer": opt.state_dict(),
+                "ema": ema.shadow if ema is not None else None,
+                "rng": {"torch": torch.get_rng_state()},
+                "transformer_params": n_params,
+            },
+        )
+
+    log = open(out / LOG_NAME, "a")
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"train {hparams['model']}", dynamic_ncols=True)
+    smooth = None
+    window: list[float] = []
+    t_last = time.perf_counter()
+    stopped_by_time = False
+    try:
+        while step < steps:
+            if budget is not None and elapsed >= budget:
+                stopped_by_time = True
+                break
+            progress_frac = step / steps
+            if budget is not None:
+                progress_frac = max(progress_frac, elapsed / budget)
+            cur_lr = _lr_at(step, progress_frac, lr, warmup)
+            for g in opt.param_groups:
+                g["lr"] = cur_lr
+            captions, images = make_batch(seed * 1_000_003 + step, batch, a.resolution, caption_dropout)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            loss = flow_matching_loss(pipe, captions, images, a, gen, time_sampling)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else None
+            opt.step()
+            if ema is not None:
+                ema.update(trainable, step)
+            step += 1
+            now = time.perf_counter()
+            elapsed += now - t_last
+            t_last = now
+            lv = float(loss.detach())
+            window.append(lv)
+            smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{cur_lr:.2e}", refresh=False)
+            if step % log_every == 0 or step == steps:
+                rec = {
+                    "step": step,
+                    "loss": float(np.mean(window)),
+                    "lr": cur_lr,
+                    "grad_norm": None if gnorm is None else float(gnorm),
+                    "elapsed": round(elapsed, 1),
+                }
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                window = []
+            if step % checkpoint_every == 0:
+                checkpoint()
+                t_last = time.perf_counter()  # checkpoint I/O does not count against the budget
+        checkpoint()
+        folder = _export(pipe, trainable, ema, a, out / PIPELINE_DIR)
+        log.write(
+            json.dumps({"done": True, "step": step, "elapsed": round(elapsed, 1), "stopped_by_time": stopped_by_time})
+            + "\n"
+        )
+    finally:
+        bar.close()
+        log.close()
+    return folder
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Train a toy-sd3 / toy-flux pipeline on the shapes world.")
+    p.add_argument("model", choices=sorted(PRESETS))
+    p.add_argument("out_dir")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--arch", type=json.loads, default=None, help='JSON overrides, e.g. \'{"num_layers": 4}\'')
+    p.add_argument("--time-sampling", default="logit_normal")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    args = p.parse_args(argv)
+    folder = train(
+        args.model,
+        args.out_dir,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        minutes=args.minutes,
+        resume=args.resume,
+        progress=not args.no_progress,
+        arch=args.arch,
+        threads=args.threads,
+        time_sampling=args.time_sampling,
+        checkpoint_every=args.checkpoint_every,
+    )
+    print(folder)
+
+
+if __name__ == "__main__":
+    _main()

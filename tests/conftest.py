@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny pipelines (built once per session) and transformer inputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run slow tests (long training)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe():
+    from attnctl.testing import tiny_sd3_pipeline
+
+    return tiny_sd3_pipeline("sd3")
+
+
+@pytest.fixture(scope="session")
+def sd35_pipe():
+    from attnctl.testing import tiny_sd3_pipeline
+
+    return tiny_sd3_pipeline("sd35")
+
+
+@pytest.fixture(scope="session")
+def flux_pipe():
+    from attnctl.testing import tiny_flux_pipeline
+
+    return tiny_flux_pipeline()
+
+
+def transformer_inputs(transformer, batch: int = 2, grid: tuple[int, int] = (4, 4), text_len: int = 7,
+                       seed: int = 0, dtype=torch.float32) -> dict:
+    """Random inputs for an SD3 or FLUX transformer with an image grid of ``grid`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    h, w = grid
+    if type(transformer).__name__.startswith("SD3"):
+        p = cfg.patch_size
+        return dict(
+            hidden_states=torch.randn(batch, cfg.in_channels, h * p, w * p, generator=g).to(dtype),
+            encoder_hidden_states=torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g).to(dtype),
+            pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dtype),
+            timestep=torch.rand(batch, generator=g).to(dtype) * 1000,
+            return_dict=False,
+        )
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    kw = dict(
+        hidden_states=torch.randn(batch, h * w, cfg.in_channels, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g).to(dtype),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dtype),
+        timestep=torch.rand(batch, generator=g).to(dtype),
+        img_ids=img_ids.reshape(-1, 3),
+        txt_ids=torch.zeros(text_len, 3),
+        return_dict=False,
+    )
+    if cfg.guidance_embeds:
+        kw["guidance"] = torch.full((batch,), 3.5, dtype=dtype)
+    return kw

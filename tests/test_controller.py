@@ -1,0 +1,155 @@
+"""Controller: run tracking on stock pipelines, AttentionProbe against a materialised reference, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.controls.base import Control, ControlConfig
+from attnctl.errors import ConfigError, LayoutError, ScheduleError, SiteError, UnsupportedModelError
+from attnctl.sites import Site, select_sites
+
+KW = dict(num_inference_steps=3, height=32, width=48, max_sequence_length=24, output_type="np")
+
+
+class Recorder(Control):
+    """Records what the controller tells controls at every call, and materialises reference maps."""
+
+    kind = "test-recorder"
+    Config = ControlConfig
+
+    def __init__(self, word: str | None = None, families=("sd3", "flux")):
+        super().__init__()
+        self.word, self.calls, self.maps = word, [], None
+        self.families = families
+
+    def contribute(self, call, q, k, v, state):
+        self.calls.append((call.site.name, state.step, state.num_steps, tuple(state.roles), state.layout.grid,
+                           call.n_text, call.batch))
+        if self.word is not None and call.n_text:
+            cols = [call.text_slice().start + p for p in state.layout.word_tokens(self.word)]
+            s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+            p = torch.softmax(s, -1)[:, :, call.image_slice()][..., cols]  # full map, then the slice
+            rows = [i for i, r in enumerate(state.roles) if r == "cond"]
+            m = p[rows].sum(1)  # sum over heads -> (rows, N_img, tokens)
+            self.maps = m if self.maps is None else self.maps + m
+        return []
+
+
+@pytest.mark.parametrize("fixture", ["sd3_pipe", "sd35_pipe", "flux_pipe"])
+def test_probe_equals_materialised_reference(request, fixture):
+    pipe = request.getfixturevalue(fixture)
+    probe = attnctl.AttentionProbe(words=["circle", "red"])
+    rec = Recorder("circle")
+    guidance = {"guidance_scale": 4.0} if fixture != "flux_pipe" else {}
+    with attnctl.attach(pipe, [probe, rec]):
+        pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **guidance, **KW)
+    maps = probe.word_maps()
+    assert set(maps) == {"circle", "red"}
+    assert maps["circle"].shape == (1, 8, 12)  # one cond row; 32×48 image -> 8×12 tokens (non-square)
+    ref = rec.maps.sum(-1)  # sum over the word's tokens (CLIP and T5 positions)
+    ref = ref / probe._mass  # the probe averages over heads × sites × steps
+    assert torch.allclose(maps["circle"].reshape(1, -1), ref, atol=1e-6)
+    heat = probe.heatmap("circle", (32, 48))
+    assert heat.shape == (32, 48) and float(heat.max()) == pytest.approx(1.0)
+
+
+def test_run_tracking_on_stock_sd3_with_cfg(sd3_pipe):
+    rec = Recorder()
+    with attnctl.attach(sd3_pipe, [rec]):
+        sd3_pipe("a red circle", guidance_scale=3.0, **KW)
+    steps = sorted({c[1] for c in rec.calls})
+    assert steps == [0, 1, 2] and {c[2] for c in rec.calls} == {3}
+    assert {c[3] for c in rec.calls} == {("uncond", "cond")}
+    assert {c[4] for c in rec.calls} == {(8, 12)}
+    # a second call starts a new run at step 0
+    rec.calls.clear()
+    with attnctl.attach(sd3_pipe, [rec]):
+        sd3_pipe("a red circle", guidance_scale=1.0, **KW)
+    assert {c[3] for c in rec.calls} == {("cond",)}
+
+
+def test_flux_single_blocks_get_text_length_and_true_cfg_roles(flux_pipe):
+    rec = Recorder()
+    with attnctl.attach(flux_pipe, [rec]):
+        flux_pipe("a red circle", negative_prompt="a blue square", true_cfg_scale=2.0, **KW)
+    single = [c for c in rec.calls if c[0].startswith("single_")]
+    assert single and {c[5] for c in single} == {24}
+    roles = {c[3] for c in rec.calls}
+    assert roles == {("cond",), ("uncond",)}
+    assert sorted({c[1] for c in rec.calls}) == [0, 1, 2]
+
+
+def test_flux_single_block_without_text_length_is_an_error(flux_pipe):
+    from conftest import transformer_inputs
+
+    tr = flux_pipe.transformer
+    ctl = attnctl.Controller(tr, [attnctl.AttentionProbe(tokens=[0, 1], sites="kind:flux_single")])
+    saved = dict(tr.attn_processors)
+    tr.set_attn_processor(ctl.processors())
+    ctl.close()  # no tracking: the run's layout is unknown
+    try:
+        with pytest.raises(LayoutError, match="FLUX single block"):
+            tr(**transformer_inputs(tr))
+    finally:
+        tr.set_attn_processor(saved)
+
+
+def _fake_sites(n_blocks=12):
+    return [Site(f"transformer_blocks.{i}.attn", i, "sd3_joint", 4, 8) for i in range(n_blocks)]
+
+
+def test_selectors_are_anchored():
+    sites = _fake_sites()
+    assert [s.name for s in select_sites(sites, "transformer_blocks.1")] == ["transformer_blocks.1.attn"]
+    assert len(select_sites(sites, "transformer_blocks.2:5")) == 3
+    assert len(select_sites(sites, "transformer_blocks.10:")) == 2
+    assert [s.index for s in select_sites(sites, "L3:5")] == [3, 4]
+    assert len(select_sites(sites, r"re:transformer_blocks\.1\d?\.attn")) == 3  # 1, 10, 11
+    with pytest.raises(SiteError, match="matches no attention site"):
+        select_sites(sites, "re:blocks\\.1.*")
+    with pytest.raises(SiteError, match="matches no attention site"):
+        select_sites(sites, "transformer_blocks.12")
+    with pytest.raises(SiteError, match="out of range"):
+        select_sites(sites, "L12")
+
+
+def test_head_sets_parse_resolve_and_refuse_other_models(tmp_path):
+    sites = _fake_sites()
+    hs = attnctl.HeadSet.parse(sites, ["L3H1", "L3H2:4", "transformer_blocks.5.attn/H0,2"])
+    assert hs.heads == {"transformer_blocks.3.attn": (1, 2, 3), "transformer_blocks.5.attn": (0, 2)}
+    hs.save(tmp_path / "p.json")
+    assert attnctl.HeadSet.load(tmp_path / "p.json").heads == hs.heads
+    with pytest.raises(SiteError, match="valid indices are 0..3"):
+        attnctl.HeadSet.parse(sites, "L3H4")
+    with pytest.raises(SiteError, match="does not have"):
+        hs.resolve(_fake_sites(4))
+
+
+def test_bad_input_errors(flux_pipe, sd3_pipe):
+    with pytest.raises(UnsupportedModelError, match="supports sd3"):
+        attnctl.Controller(flux_pipe, [Recorder(families=("sd3",))])
+    with pytest.raises(SiteError, match="matches no attention site"):
+        attnctl.Controller(sd3_pipe, [attnctl.AttentionProbe(sites="transformer_blocks.9")])
+    with pytest.raises(ScheduleError):
+        attnctl.AttentionProbe(weight=float("nan"))
+    with pytest.raises(ConfigError, match="empty"):
+        attnctl.AttentionProbe(words=[])
+    with pytest.raises(ConfigError, match="not an attnctl control"):
+        attnctl.Controller(sd3_pipe, ["probe"])
+    probe = attnctl.AttentionProbe(words=["triangle"])
+    with pytest.raises(LayoutError, match="'triangle' is not in the prompt"), attnctl.attach(sd3_pipe, [probe]):
+        sd3_pipe("a red circle", **KW)
+
+
+def test_controls_round_trip_json():
+    probe = attnctl.AttentionProbe(words=["circle"], sites=["transformer_blocks.0"], weight="linear(1, 0)")
+    again = attnctl.control_from_json(probe.to_json())
+    assert again.to_json() == probe.to_json()
+    with pytest.raises(ConfigError, match="unknown control kind"):
+        attnctl.control_from_json({"kind": "nope"})
+    with pytest.raises(ConfigError, match="probe"):
+        attnctl.control_from_json({"kind": "probe", "bogus": 1})

@@ -1,0 +1,161 @@
+"""attnctl processors with nothing active are the stock processors (SD3, SD3.5, FLUX), in fp32 and bf16."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import transformer_inputs
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+import attnctl
+from attnctl.processors import AttnCtlFluxProcessor, AttnCtlJointProcessor
+from attnctl.processors.attend import backend_name
+
+CASES = [
+    ("sd3_pipe", (4, 4), 2),
+    ("sd3_pipe", (3, 5), 3),  # non-square grid, odd batch
+    ("sd35_pipe", (4, 4), 2),
+    ("sd35_pipe", (5, 2), 1),
+    ("flux_pipe", (4, 4), 2),
+    ("flux_pipe", (2, 6), 3),
+]
+
+
+def _run(transformer, kw):
+    with torch.no_grad():
+        return transformer(**kw)[0]
+
+
+@pytest.mark.parametrize("fixture,grid,batch", CASES)
+def test_no_control_equals_stock_fp32(request, fixture, grid, batch):
+    pipe = request.getfixturevalue(fixture)
+    tr = pipe.transformer
+    kw = transformer_inputs(tr, batch=batch, grid=grid)
+    stock = _run(tr, kw)
+    with attnctl.attach(pipe, []):
+        procs = set(type(p) for p in tr.attn_processors.values())
+        assert procs <= {AttnCtlJointProcessor, AttnCtlFluxProcessor}
+        ours = _run(tr, kw)
+    assert (ours - stock).abs().max().item() <= 1e-6
+    # restored: the stock processors are back
+    assert not any(isinstance(p, (AttnCtlJointProcessor, AttnCtlFluxProcessor)) for p in tr.attn_processors.values())
+
+
+@pytest.mark.parametrize("fixture", ["sd3_pipe", "sd35_pipe", "flux_pipe"])
+def test_no_control_equals_stock_bf16(request, fixture):
+    tr = copy.deepcopy(request.getfixturevalue(fixture).transformer).to(torch.bfloat16)
+    kw = transformer_inputs(tr, batch=2, grid=(3, 4), dtype=torch.bfloat16)
+    stock = _run(tr, kw)
+    ctl = attnctl.Controller(tr)
+    tr.set_attn_processor(ctl.processors())
+    ours = _run(tr, kw)
+    ctl.close()
+    assert ours.dtype == torch.bfloat16
+    # Same kernels in the same dtype: agreement far inside bf16 resolution (8 bits of mantissa).
+    assert (ours.float() - stock.float()).abs().max().item() <= 2e-2 * stock.float().abs().max().item()
+
+
+def test_flux_attention_mask_and_rope_match_stock(flux_pipe):
+    tr = flux_pipe.transformer
+    kw = transformer_inputs(tr, batch=2, grid=(3, 3), text_len=6)
+    n = 6 + 9
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, 4:6] = False  # padding text tokens of the first prompt
+    kw["joint_attention_kwargs"] = {"attention_mask": mask}
+    stock = _run(tr, kw)
+    with attnctl.attach(flux_pipe, []):
+        ours = _run(tr, kw)
+    assert (ours - stock).abs().max().item() <= 1e-6
+    kw.pop("joint_attention_kwargs")
+    assert (_run(tr, kw) - stock).abs().max().item() > 1e-4  # the mask mattered
+
+
+def test_design_card_usage_set_attn_processor(sd3_pipe):
+    tr = sd3_pipe.transformer
+    saved = dict(tr.attn_processors)
+    kw = transformer_inputs(tr)
+    stock = _run(tr, kw)
+    ctl = attnctl.Controller(sd3_pipe)
+    tr.set_attn_processor(ctl.processors())
+    try:
+        assert (_run(tr, kw) - stock).abs().max().item() <= 1e-6
+    finally:
+        ctl.close()
+        tr.set_attn_processor(saved)
+
+
+def test_restored_when_the_call_raises(sd3_pipe):
+    tr = sd3_pipe.transformer
+    before = dict(tr.attn_processors)
+    with pytest.raises(RuntimeError, match="boom"), attnctl.attach(sd3_pipe, []):
+        raise RuntimeError("boom")
+    assert tr.attn_processors == before
+    assert not tr._forward_pre_hooks
+    assert "encode_prompt" not in vars(sd3_pipe)
+
+
+def test_pipeline_restores_processors_after_error(sd3_pipe):
+    from attnctl.pipelines import AttnCtlSD3Pipeline
+
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    before = dict(pipe.transformer.attn_processors)
+    probe = attnctl.AttentionProbe(words=["circle"])
+    with pytest.raises(attnctl.errors.LayoutError, match="not in the prompt"):
+        pipe("a red square", num_inference_steps=1, height=32, width=32, controls=[probe], output_type="np")
+    assert pipe.transformer.attn_processors == before
+
+
+def test_backend_routing_through_the_dispatcher(flux_pipe, monkeypatch):
+    """set_attention_backend reaches attnctl processors, and their attention goes through the dispatcher."""
+    tr = copy.deepcopy(flux_pipe.transformer)
+    ctl = attnctl.Controller(tr)
+    tr.set_attn_processor(ctl.processors())
+    name = AttentionBackendName._NATIVE_MATH
+    calls = []
+    original = _AttentionBackendRegistry._backends[name]
+
+    def spy(**kwargs):
+        calls.append(kwargs["query"].shape)
+        return original(**kwargs)
+
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, name, spy)
+    try:
+        tr.set_attention_backend("_native_math")
+        assert all(p._attention_backend == name for p in tr.attn_processors.values())
+        _run(tr, transformer_inputs(tr))
+        assert len(calls) == len(ctl.sites)
+    finally:
+        tr.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+        ctl.close()
+
+
+def test_new_processors_keep_the_backend_they_replace(sd3_pipe):
+    tr = copy.deepcopy(sd3_pipe.transformer)
+    try:
+        tr.set_attention_backend("_native_math")
+        procs = attnctl.Controller(tr).processors()
+        # SD3's stock processor has no backend slot: the dispatcher's active backend is what applies.
+        effective = {backend_name(p._attention_backend) for p in procs.values()}
+        assert effective == {AttentionBackendName._NATIVE_MATH}
+    finally:
+        tr.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+
+
+def test_unavailable_backend_is_an_error(sd3_pipe):
+    tr = copy.deepcopy(sd3_pipe.transformer)
+    with pytest.raises((RuntimeError, ImportError, ValueError)):
+        tr.set_attention_backend("xformers")  # not installed on CPU machines
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+
+
+def test_pipeline_end_to_end_equals_stock(sd35_pipe, flux_pipe):
+    for pipe in (sd35_pipe, flux_pipe):
+        kw = dict(num_inference_steps=2, height=32, width=48, max_sequence_length=24, output_type="np")
+        a = pipe("a red circle", generator=torch.Generator().manual_seed(1), **kw).images
+        with attnctl.attach(pipe, []):
+            b = pipe("a red circle", generator=torch.Generator().manual_seed(1), **kw).images
+        assert abs(a - b).max() <= 1e-6
