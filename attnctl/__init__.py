@@ -1,11 +1,11 @@
 """attnctl: steer SD3, SD3.5 and FLUX.1 through their attention, as diffusers attention processors."""
 
 from .controller import Controller, attach
-from .toyworld import autoencoder as _autoencoder  # noqa: F401  (model_index.json names this module)
 from .controls import AttentionProbe, Control, control_from_json
 from .layout import TokenLayout
 from .processors import AttnCtlFluxProcessor, AttnCtlJointProcessor
 from .sites import HeadSet, Site, list_sites, select_sites
+from .toyworld import autoencoder as _autoencoder  # noqa: F401  (model_index.json names this module)
 
 __version__ = "0.1.0"
 

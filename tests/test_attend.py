@@ -159,3 +159,22 @@ def test_unknown_contribution_is_an_error():
     q, k, v = qkv()
     with pytest.raises(TypeError, match="unknown attention contribution"):
         attend(q, k, v, [object()])
+
+
+def test_key_bias_as_a_function_of_logits_and_lse():
+    """A bias computed from the plain logits/LSE (as an optimising control does) equals the same fixed bias."""
+    q, k, v = qkv(8)
+    cols = torch.tensor([3, 7])
+    seen = {}
+
+    def f(logits, lse):
+        seen["p"] = torch.exp(logits - lse[..., None])  # plain probabilities of the columns
+        return 0.5 * logits
+
+    where = Selection(rows=slice(0, 10))
+    out = attend(q, k, v, [KeyBias(cols, f, where)])
+    _, p = reference(q, k, v)
+    assert (seen["p"] - p[:, 0:10][..., cols]).abs().max() < 1e-6
+    logits = torch.einsum("bqhd,bkhd->bqhk", q, k[:, cols]) / math.sqrt(D)
+    ref, _ = reference(q, k, v, [KeyBias(cols, 0.5 * logits[:, 0:10], where)])
+    assert (out - ref).abs().max() < 1e-5

@@ -214,6 +214,19 @@ def _apply_key_bias(q, k, v, out, lse, kb: KeyBias, scale: float, prior: Sequenc
     return _put(out, kb.where, new_out), _put(lse, kb.where, lse_s + torch.log1p(delta))
 
 
+def _resolve_bias(q, k, lse, kb: KeyBias, scale: float) -> KeyBias:
+    """Turn a bias given as ``f(logits, lse)`` into a tensor, from the plain logits and LSE of its entries."""
+    if not callable(kb.bias):
+        return kb
+    S = q.shape[1]
+    qs = _select(q, kb.where, S).float()
+    cols = kb.cols.to(q.device)
+    ks = _select(k, Selection(kb.where.batch, None, kb.where.heads), k.shape[1]).index_select(1, cols).float()
+    logits = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
+    bias = kb.bias(logits, _select(lse, kb.where, S))
+    return KeyBias(kb.cols, bias.detach() if not torch.is_grad_enabled() else bias, kb.where)
+
+
 def _union(items: Sequence[Selection], n: int, attr: str, device) -> torch.Tensor:
     if any(getattr(s, attr) is None for s in items):
         return torch.arange(n, device=device)
@@ -257,7 +270,7 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
             m = m.index_select(1, h) if m.shape[1] == H else m
             s[..., :N] = s[..., :N] + m.permute(0, 2, 1, 3)
         off = N
-        for e, (e0, e1), ek in zip(extras, ext_rows, ext_k, strict=True):
+        for (e0, e1), ek in zip(ext_rows, ext_k, strict=True):
             m = ek.shape[1]
             outside = torch.ones(r1 - r0, dtype=torch.bool, device=q.device)
             outside[max(e0, r0) - r0 : max(min(e1, r1) - r0, 0)] = False
@@ -314,6 +327,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
     else:
         out, lse = fused_attention(q, k, v, attn_mask=attn_mask, backend=backend,
                                    parallel_config=parallel_config), None
+    key_biases = [_resolve_bias(q, k, lse, kb, scale) for kb in key_biases]
     biases: list[KeyBias | DenseBias] = [*key_biases, *dense]
     if dense or extras:
         out, lse = _explicit(q, k, v, out, lse, biases, extras, attn_mask, scale, max_chunk_elems)

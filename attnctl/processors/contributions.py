@@ -35,10 +35,16 @@ class KeyBias:
     The processor keeps the fused kernel and corrects its output with the log-sum-exp: cost and memory
     are O(rows · len(cols)). Removing almost all of a row's mass this way loses precision; use a
     :class:`DenseBias` for masks that keep only a few keys.
+
+    ``bias`` may also be a function ``f(logits, lse) -> bias`` of the plain logits of the selected entries
+    ``(batch, rows, heads, len(cols))`` and the plain log-sum-exp of their rows ``(batch, rows, heads)``,
+    both float32: a control that *optimises* its bias (attention regulation) gets exactly what the softmax
+    over the whole row needs — ``softmax(s + b)_c = exp(s_c + b_c − lse − log(1 + Σ_c p_c(e^{b_c} − 1)))`` —
+    without any N×N map or a second attention pass.
     """
 
     cols: torch.Tensor
-    bias: torch.Tensor
+    bias: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     where: Selection
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "train",
     "build_pipeline",
     "flow_matching_loss",
+    "export_checkpoint",
     "CHECKPOINT_NAME",
     "PIPELINE_DIR",
 ]
@@ -79,9 +80,11 @@ class ToyArch:
     """Architecture of a toy pipeline (both families; fields that do not apply are ignored).
 
     SD3: ``num_layers`` joint blocks. FLUX: ``num_layers`` double + ``num_single_layers`` single blocks.
-    Heads: ``num_heads`` of ``head_dim`` in every block. Text: CLIP encoders of width ``clip_dim``
-    (SD3: two CLIPTextModelWithProjection, no T5, so the T5 part of the text sequence is zeros; FLUX:
-    one CLIPTextModel for the pooled vector and a T5 encoder of width ``t5_dim``).
+    Heads: ``num_heads`` of ``head_dim`` in every block. Text: CLIP encoders of width ``clip_dim`` and a
+    T5 encoder of width ``t5_dim`` (SD3: two CLIPTextModelWithProjection + T5 when ``sd3_t5``, the
+    pipeline's ``[CLIP-L ‖ CLIP-G padded to t5_dim ; T5]`` text sequence; without T5 the T5 part is zeros,
+    as SD3 does, but then diffusers 0.42 needs ``text_encoder_3=None, tokenizer_3=None`` passed to
+    ``from_pretrained``. FLUX: one CLIPTextModel for the pooled vector and the T5 encoder).
     """
 
     family: str  # "sd3" | "flux"
@@ -100,6 +103,7 @@ class ToyArch:
     vae_factor: int = 2
     shift: float = 3.0  # SD3 scheduler shift (FLUX uses dynamic shifting)
     train_text: bool = True
+    sd3_t5: bool = True
     save_dtype: str = "float16"
 
     @property
@@ -154,7 +158,12 @@ def build_pipeline(arch: ToyArch, seed: int = 0) -> DiffusionPipeline:
     latent_side = arch.resolution // arch.vae_factor
     inner = arch.num_heads * arch.head_dim
     if arch.family == "sd3":
-        joint_dim = 2 * arch.clip_dim
+        joint_dim = max(arch.t5_dim, 2 * arch.clip_dim) if arch.sd3_t5 else 2 * arch.clip_dim
+        if arch.sd3_t5 and arch.t5_dim < 2 * arch.clip_dim:
+            raise ConfigError(
+                f"t5_dim ({arch.t5_dim}) must be at least 2 * clip_dim ({2 * arch.clip_dim})",
+                "SD3 pads the two CLIP embeddings to the T5 width; raise t5_dim or lower clip_dim",
+            )
         transformer = SD3Transformer2DModel(
             sample_size=latent_side,
             patch_size=2,
@@ -177,8 +186,10 @@ def build_pipeline(arch: ToyArch, seed: int = 0) -> DiffusionPipeline:
             tokenizer=tok,
             text_encoder_2=CLIPTextModelWithProjection(clip_cfg),
             tokenizer_2=make_tokenizer(arch.text_length),
-            text_encoder_3=None,
-            tokenizer_3=None,
+            text_encoder_3=T5EncoderModel(tiny_t5_config(tok, arch.t5_dim, arch.t5_layers, arch.t5_heads))
+            if arch.sd3_t5
+            else None,
+            tokenizer_3=make_tokenizer(arch.text_length) if arch.sd3_t5 else None,
         )
     else:
         rope = _rope_axes(arch.head_dim)
@@ -358,10 +369,11 @@ def _export(pipe: DiffusionPipeline, trainable: torch.nn.ModuleDict, ema: _EMA |
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.eval()
+        # Only the transformer is stored in ``save_dtype``: diffusers loads it back as float32 by default,
+        # while transformers 5 keeps a text encoder's stored dtype (fp16 CLIP/T5 would then feed fp16
+        # embeddings to an fp32 transformer). The text encoders are tiny, so they stay float32.
         if dtype != torch.float32:
-            for component in pipe.components.values():
-                if isinstance(component, torch.nn.Module):
-                    torch.nn.Module.to(component, dtype)
+            torch.nn.Module.to(pipe.transformer, dtype)
         save_pipeline(pipe, folder)
     finally:
         for component in pipe.components.values():
@@ -430,7 +442,7 @@ def train(
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         a = ToyArch(**ckpt["arch"])
         hp = ckpt["hparams"]
-        seed, batch = hp["seed"], hp["batch"]
+        seed, batch, model = hp["seed"], hp["batch"], hp["model"]
     else:
         a = _arch(model, arch)
 
@@ -551,6 +563,28 @@ def train(
         bar.close()
         log.close()
     return folder
+
+
+def export_checkpoint(out_dir: str | Path, folder: str | Path | None = None, *, ema: bool = True) -> Path:
+    """Write the pipeline folder of ``out_dir/checkpoint.pt`` (EMA weights unless ``ema=False``) to ``folder``.
+
+    ``folder`` defaults to ``out_dir/pipeline``. Useful to look at a run while it trains, or to ship a
+    checkpoint whose run was stopped.
+    """
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    if not ckpt_path.exists():
+        raise ConfigError(f"no checkpoint at {ckpt_path}", "point out_dir at a folder written by train()")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    a = ToyArch(**ckpt["arch"])
+    pipe = build_pipeline(a, 0)
+    trainable = _trainable(pipe, a)
+    trainable.load_state_dict(ckpt["model"])
+    shadow = None
+    if ema and ckpt.get("ema") is not None:
+        shadow = _EMA.__new__(_EMA)
+        shadow.shadow = ckpt["ema"]
+    return _export(pipe, trainable, shadow, a, Path(folder) if folder is not None else out / PIPELINE_DIR)
 
 
 def _main(argv: list[str] | None = None) -> None:

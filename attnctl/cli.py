@@ -1,0 +1,818 @@
+"""The ``attnctl`` command: generate, eval, inspect and toy training.
+
+Every command defaults to the embedded toy model (``--model toy-sd3``); any diffusers pipeline folder or
+hub id of an SD3 / SD3.5 / FLUX.1 pipeline works the same way (``--device``, ``--dtype``,
+``--attention-backend``, ``--offload`` for GPUs). Mistakes of the user (a bad control, an unknown model,
+words the toy world does not know, an unavailable backend or device) end with one red line naming the
+problem and the way out, and exit code 2; ``attnctl --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect as pyinspect
+import json
+import logging
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import AttnCtlError
+
+app = typer.Typer(
+    name="attnctl",
+    help="Attention controls for SD3, SD3.5 and FLUX.1 diffusers pipelines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+toy_app = typer.Typer(help="The toy shapes world: train the embedded toy models.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+_STATE = {"debug": False}
+TOY_MODELS = ("toy-sd3", "toy-flux")
+DEFAULT_MODEL = "toy-sd3"
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] [red]{escape(_one_line(message))}[/red]", highlight=False)
+
+
+def _note(message: str) -> None:
+    err_console.print(f"[yellow]{escape(message)}[/yellow]", highlight=False)
+
+
+def _handles_errors(fn: F) -> F:
+    """AttnCtlError → one red line and exit code 2 (the traceback too with ``--debug``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AttnCtlError as e:
+            if _STATE["debug"]:
+                traceback.print_exc()
+            _error(str(e))
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _error("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library warnings."),
+) -> None:
+    """Attention controls for SD3, SD3.5 and FLUX.1 diffusers pipelines."""
+    _STATE["debug"] = debug
+    level = logging.INFO if debug else logging.ERROR
+    for name in ("diffusers", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(level)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        (dlog.set_verbosity_info if debug else dlog.set_verbosity_error)()
+        (tlog.set_verbosity_info if debug else tlog.set_verbosity_error)()
+        if not debug:  # loading bars of the libraries; attnctl shows its own where work is long
+            dlog.disable_progress_bar()
+            tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+    if not debug:
+        warnings.filterwarnings("ignore", module=r"(diffusers|transformers|torch|accelerate|huggingface_hub)(\.|$)")
+
+
+def main() -> None:
+    """Entry point of ``python -m attnctl``."""
+    app(prog_name="attnctl")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def read_json_arg(text: str, what: str) -> Any:
+    """Parse a JSON argument given inline or as ``@file``, naming ``what`` in errors."""
+    source = "inline"
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise AttnCtlError(f"{what}: cannot read {str(path)!r} ({e.strerror or e})",
+                               "pass an existing JSON file as @path or the JSON itself") from None
+        source = str(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        where = "" if source == "inline" else f" in {source}"
+        raise AttnCtlError(
+            f"{what} is not valid JSON{where} ({e.msg} at line {e.lineno} column {e.colno}): {shown!r}",
+            'write a JSON object, e.g. \'{"kind": "probe", "words": ["circle"]}\', or @file.json',
+        ) from None
+
+
+def build_controls(specs: Sequence[Any], what: str = "control") -> list:
+    """Controls from JSON objects (lists of objects are flattened) via ``control_from_json``."""
+    from .controls import control_from_json
+
+    flat: list[Any] = []
+    for spec in specs:
+        flat.extend(spec if isinstance(spec, list) else [spec])
+    controls = []
+    for i, data in enumerate(flat):
+        label = f"{what} #{i + 1}" if len(flat) > 1 else what
+        if not isinstance(data, dict):
+            raise AttnCtlError(f"{label} is {type(data).__name__} {data!r}, not a JSON object",
+                               'write an object with a "kind", e.g. {"kind": "probe", "words": ["circle"]}')
+        try:
+            controls.append(control_from_json(data))
+        except AttnCtlError as e:
+            raise type(e)(f"{label}: {e}") from e
+    return controls
+
+
+def parse_dtype(name: str):
+    import torch
+
+    key = DTYPES.get(name.lower())
+    if key is None:
+        raise AttnCtlError(f"unknown dtype {name!r}", "use fp32, fp16 or bf16")
+    return getattr(torch, key)
+
+
+def check_device(device: str):
+    """A ``torch.device`` that exists on this machine, or a clear error."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AttnCtlError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "without CUDA" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}"
+            raise AttnCtlError(f"device {device!r} is not available: this machine has no usable CUDA GPU "
+                               f"(torch {torch.__version__}, built {built})", "use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise AttnCtlError(f"device {device!r} does not exist: this machine has {count} CUDA device(s)",
+                               f"use cuda:0 .. cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise AttnCtlError(f"device {device!r} is not available on this machine", "use --device cpu")
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise AttnCtlError(f"device {device!r} is not available on this machine", "use --device cpu")
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _models_module():
+    """``attnctl.toyworld.models`` when it is installed (it resolves toy names), else ``None``."""
+    if importlib.util.find_spec("attnctl.toyworld.models") is None:
+        return None
+    return importlib.import_module("attnctl.toyworld.models")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or Path(name).suffix != "" or name.count("/") > 1
+
+
+def resolve_model(name: str) -> str:
+    """A local folder or a hub id for ``name`` (toy names → the shipped folders), or a clear error."""
+    models = _models_module()
+    if models is not None and hasattr(models, "resolve_model"):
+        return str(models.resolve_model(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise AttnCtlError(f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json)",
+                               "pass a folder written by save_pretrained, a hub id, or toy-sd3 / toy-flux")
+        return str(path.resolve())
+    if name in TOY_MODELS:
+        raise AttnCtlError(f"the toy model {name!r} is not installed with this attnctl",
+                           "pass a diffusers pipeline folder with --model PATH")
+    if _looks_like_path(name) or "/" not in name:
+        raise AttnCtlError(
+            f"unknown model {name!r}: not a toy model ({', '.join(TOY_MODELS)}), not an existing folder, "
+            "and not a hub id",
+            "pass toy-sd3, toy-flux, a diffusers pipeline folder, or a hub id such as owner/name",
+        )
+    return name
+
+
+def _pipeline_class(location: str):
+    from diffusers import DiffusionPipeline
+
+    from .pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
+
+    try:
+        index = DiffusionPipeline.load_config(location)
+    except (OSError, ValueError) as e:
+        raise AttnCtlError(f"cannot read the pipeline index of {location!r}: {_one_line(e)[:300]}",
+                           "check the model name or folder (and the network, for a hub id)") from None
+    cls = str(index.get("_class_name", ""))
+    if "Flux" in cls:
+        return AttnCtlFluxPipeline
+    if "StableDiffusion3" in cls:
+        return AttnCtlSD3Pipeline
+    raise AttnCtlError(f"{location!r} is a {cls or 'unknown'} pipeline",
+                       "attnctl works with SD3, SD3.5 (StableDiffusion3Pipeline) and FLUX.1 (FluxPipeline)")
+
+
+def load_pipeline(name: str, device: str = "cpu", dtype=None):
+    """An attnctl pipeline for ``name`` on ``device`` in ``dtype`` (toy names, folders and hub ids)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    models = _models_module()
+    if models is not None and hasattr(models, "load_pipeline"):
+        try:
+            return models.load_pipeline(name, device=device, dtype=dtype, controlled=True)
+        except AttnCtlError:
+            raise
+        except OSError as e:
+            raise AttnCtlError(f"cannot load model {name!r}: {_one_line(e)[:300]}",
+                               "check the model name or folder (and the network, for a hub id)") from e
+    import attnctl.toyworld.autoencoder  # noqa: F401  (diffusers finds the toy vae class in sys.modules)
+
+    location = resolve_model(name)
+    cls = _pipeline_class(location)
+    try:
+        pipe = cls.from_pretrained(location, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise AttnCtlError(f"cannot load model {name!r}: {_one_line(e)[:300]}",
+                           "check that the folder is a complete diffusers pipeline") from e
+    return pipe.to(device)
+
+
+def is_toy_pipeline(pipe) -> bool:
+    """Whether the pipeline reads prompts with the shapes-world tokenizer (toy and tiny test models)."""
+    from .toyworld import vocab
+
+    tok = getattr(pipe, "tokenizer", None)
+    if tok is None or not hasattr(tok, "get_vocab"):
+        return False
+    try:
+        return tok.get_vocab() == vocab.vocabulary()
+    except Exception:  # noqa: BLE001 - an exotic tokenizer is simply not the toy one
+        return False
+
+
+def check_vocabulary(pipe, prompts: Sequence[str], model: str) -> None:
+    """On a toy model, refuse prompts with unknown words (naming them) or too many words."""
+    if not is_toy_pipeline(pipe):
+        return
+    from .toyworld import vocab
+    from .toyworld.tokenizer import split_words, unknown_words
+
+    prompts = [p for p in prompts if p]
+    bad = unknown_words(prompts)
+    if bad:
+        raise AttnCtlError(
+            f"words outside the vocabulary of the toy model {model}: {', '.join(repr(w) for w in bad)}",
+            f"use only the words the shapes world knows: {' '.join(vocab.words())}",
+        )
+    limit = int(getattr(pipe.tokenizer, "model_max_length", 0) or 0) - 2
+    for p in prompts:
+        n = len(split_words(p))
+        if 0 < limit < n:
+            raise AttnCtlError(f"the prompt {p!r} has {n} words; the toy model {model} reads at most {limit}",
+                               "shorten the prompt")
+
+
+def _diffusers_call(pipe) -> Callable:
+    for cls in type(pipe).__mro__:
+        if cls.__module__.startswith("diffusers.") and "__call__" in vars(cls):
+            return vars(cls)["__call__"]
+    return type(pipe).__call__
+
+
+def call_defaults(pipe) -> dict[str, Any]:
+    """Default steps, guidance, size and T5 length of a pipeline (toy models: their trained settings)."""
+    from .sites import family_of
+
+    params = pyinspect.signature(_diffusers_call(pipe)).parameters
+
+    def default(name: str, fallback: Any) -> Any:
+        p = params.get(name)
+        return fallback if p is None or p.default is pyinspect.Parameter.empty else p.default
+
+    side = int(getattr(pipe, "default_sample_size", 64)) * int(getattr(pipe, "vae_scale_factor", 8))
+    family = family_of(pipe.transformer)
+    t5 = getattr(pipe, "tokenizer_3" if family == "sd3" else "tokenizer_2", None)
+    seq = int(default("max_sequence_length", 256))
+    limit = getattr(t5, "model_max_length", None)
+    if isinstance(limit, int) and limit < seq:
+        seq = limit
+    out = {"steps": int(default("num_inference_steps", 28)), "guidance": float(default("guidance_scale", 7.0)),
+           "height": side, "width": side, "max_sequence_length": seq}
+    if is_toy_pipeline(pipe):
+        out.update(height=32, width=32, steps=20)
+    models = _models_module()
+    if models is not None and hasattr(models, "default_call_kwargs"):
+        names = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
+        for k, v in (models.default_call_kwargs(pipe) or {}).items():
+            out[names.get(k, k)] = v
+    return out
+
+
+def set_attention_backend(pipe, backend: str, device, dtype) -> str:
+    """Set a diffusers attention backend and prove it runs here; an unavailable one is a clear error."""
+    import torch
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    names = [b.value for b in AttentionBackendName]
+    name = backend.strip().lower()
+    if name not in names:
+        public = ", ".join(n for n in names if not n.startswith("_"))
+        raise AttnCtlError(f"unknown attention backend {backend!r}", f"use one of diffusers' backends: {public}")
+    try:
+        pipe.transformer.set_attention_backend(name)
+    except Exception as e:  # diffusers raises RuntimeError/ImportError/ValueError for what is missing
+        raise AttnCtlError(f"attention backend {name!r} is not available here: {_one_line(e)[:300]}",
+                           "install the package it names (xformers: pip install 'attnctl[xformers]'), "
+                           "or use --attention-backend native") from e
+    q = torch.randn(1, 8, 2, 16, device=device, dtype=dtype)
+    try:
+        dispatch_attention_fn(q, q, q, backend=AttentionBackendName(name))
+    except Exception as e:  # noqa: BLE001 - any failure of the probe means the backend cannot run here
+        pipe.transformer.set_attention_backend("native")
+        raise AttnCtlError(
+            f"attention backend {name!r} does not run on {device} in {DTYPE_NAMES.get(str(dtype)[6:], dtype)}: "
+            f"{_one_line(e)[:300]}",
+            "use --attention-backend native, or a device and dtype the backend supports",
+        ) from e
+    return name
+
+
+def _model_record(name: str) -> str:
+    """What to store as the model in metadata: toy names and hub ids as given, folders as absolute paths."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+
+@app.command()
+@_handles_errors
+def generate(
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="The prompt (required unless --from)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help=f"toy-sd3, toy-flux, a pipeline folder or a hub id [default: {DEFAULT_MODEL}]"),
+    seed: int | None = typer.Option(None, "--seed", "-s", help="Seed of the initial noise [default: 0]."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps [default: the model's]."),
+    guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale [default: the model's]."),
+    true_cfg: float | None = typer.Option(None, "--true-cfg",
+                                          help="FLUX only: true classifier-free guidance scale (> 1 enables it)."),
+    height: int | None = typer.Option(None, "--height", min=8, help="Image height in pixels."),
+    width: int | None = typer.Option(None, "--width", min=8, help="Image width in pixels."),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt", "-n", help="Negative prompt."),
+    control: list[str] | None = typer.Option(
+        None, "--control", "-c",
+        help='A control as JSON or @file.json, e.g. \'{"kind": "probe", "words": ["circle"]}\'; repeatable.',
+    ),
+    out: Path = typer.Option(Path("out/image.png"), "--out", "-o", help="Output PNG (written atomically)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 [default: fp32]."),
+    attention_backend: str | None = typer.Option(
+        None, "--attention-backend", help="diffusers attention backend: native, xformers, flash, ..."),
+    offload: bool = typer.Option(False, "--offload", help="Model CPU offload for small GPUs (ignored on CPU)."),
+    from_: Path | None = typer.Option(
+        None, "--from", help="Regenerate from a PNG written by attnctl: its settings are the defaults."),
+) -> None:
+    """Generate one image and write it as a PNG that records how it was made."""
+    import torch
+
+    meta_in: dict[str, Any] = {}
+    if from_ is not None:
+        from .imageio import read_metadata
+
+        meta_in = read_metadata(from_)
+    prompt = prompt if prompt is not None else meta_in.get("prompt")
+    if prompt is None:
+        raise AttnCtlError("no prompt given", "pass --prompt TEXT, or --from IMAGE.png to regenerate an image")
+    model = model or meta_in.get("model") or DEFAULT_MODEL
+    seed = seed if seed is not None else int(meta_in.get("seed", 0))
+    if negative_prompt is None:
+        negative_prompt = meta_in.get("negative_prompt")
+    # Controls given on the command line replace the ones recorded in --from.
+    specs = [read_json_arg(c, "--control") for c in control] if control else [meta_in.get("controls") or []]
+    controls = build_controls(specs, what="--control")
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise AttnCtlError(f"--out {str(out)!r} is not a .png file name", "name a .png file, e.g. out/image.png")
+    torch_dtype = parse_dtype(dtype or meta_in.get("dtype") or "fp32")
+    dev = check_device(device)
+    if offload and dev.type == "cpu":
+        _note("--offload is ignored on CPU: model CPU offload only saves GPU memory.")
+        offload = False
+
+    pipe = load_pipeline(model, device="cpu" if offload else str(dev), dtype=torch_dtype)
+    from .sites import family_of
+
+    family = family_of(pipe.transformer)
+    if true_cfg is None:
+        true_cfg = meta_in.get("true_cfg")
+    if true_cfg is not None and family != "flux":
+        raise AttnCtlError("--true-cfg is for FLUX models", "use --guidance for SD3 / SD3.5 models")
+    check_vocabulary(pipe, [prompt, negative_prompt or ""], model)
+    backend = None
+    if attention_backend is not None:
+        backend = set_attention_backend(pipe, attention_backend, dev, torch_dtype)
+    if offload:
+        pipe.enable_model_cpu_offload(device=dev)
+    pipe.set_progress_bar_config(disable=False, leave=False, desc="denoising")
+
+    defaults = call_defaults(pipe)
+    settings = {
+        "steps": int(steps if steps is not None else meta_in.get("steps", defaults["steps"])),
+        "guidance": float(guidance if guidance is not None else meta_in.get("guidance", defaults["guidance"])),
+        "height": int(height if height is not None else meta_in.get("height", defaults["height"])),
+        "width": int(width if width is not None else meta_in.get("width", defaults["width"])),
+        "max_sequence_length": int(meta_in.get("max_sequence_length", defaults["max_sequence_length"])),
+    }
+    kwargs: dict[str, Any] = {
+        "prompt": prompt,
+        "num_inference_steps": settings["steps"],
+        "guidance_scale": settings["guidance"],
+        "height": settings["height"],
+        "width": settings["width"],
+        "max_sequence_length": settings["max_sequence_length"],
+        "generator": torch.Generator("cpu").manual_seed(seed),
+        "output_type": "pil",
+    }
+    if negative_prompt:
+        kwargs["negative_prompt"] = negative_prompt
+    if true_cfg is not None:
+        kwargs["true_cfg_scale"] = float(true_cfg)
+
+    start = time.perf_counter()
+    image = run_pipeline(pipe, kwargs, controls)[0]
+    seconds = time.perf_counter() - start
+
+    import diffusers
+
+    from . import __version__
+    from .imageio import save_png
+
+    meta = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt or None,
+        "seed": seed,
+        "generator": "cpu",
+        "model": _model_record(model),
+        "family": family,
+        "pipeline": type(pipe).__name__,
+        **settings,
+        "true_cfg": true_cfg,
+        "dtype": DTYPE_NAMES[str(torch_dtype)[6:]],
+        "controls": [c.to_json() for c in controls],
+        "scheduler": type(pipe.scheduler).__name__,
+        "device": str(dev),
+        "attention_backend": backend,
+        "attnctl_version": __version__,
+        "diffusers_version": diffusers.__version__,
+        "torch_version": torch.__version__,
+    }
+    if from_ is not None:
+        meta["regenerated_from"] = str(from_)
+    path = save_png(out, image, meta)
+    out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, seed {seed}, {settings['steps']} steps, "
+                      f"{image.size[0]}x{image.size[1]}, {seconds:.1f} s)", highlight=False)
+
+
+def run_pipeline(pipe, kwargs: dict[str, Any], controls: Sequence[Any]) -> list:
+    """Call the pipeline; its refusals of bad arguments (ValueError) become clear attnctl errors."""
+    try:
+        return list(pipe(**kwargs, controls=list(controls) or None).images)
+    except AttnCtlError:
+        raise
+    except ValueError as e:
+        raise AttnCtlError(f"the pipeline refused the call: {_one_line(e)[:400]}",
+                           "check the size, steps, guidance and prompt options") from e
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+def load_prompt_items(spec: str, limit: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Prompt items from a JSON file or a built-in set name, validated; errors name the item and field."""
+    from .toyworld.world import PROMPT_SETS, parse_caption, prompt_set
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        data = read_json_arg(f"@{path}", "--prompts")
+        if isinstance(data, dict) and isinstance(data.get("items"), list):
+            data = data["items"]
+        if not isinstance(data, list) or not data:
+            raise AttnCtlError(f"{path} must hold a non-empty JSON list of prompt items",
+                               'write [{"prompt": "a red circle"}, ...] (objects and boxes optional)')
+        items = []
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                item = {"prompt": item}
+            items.append(_check_item(item, i, parse_caption))
+        label = str(path)
+    elif spec in PROMPT_SETS:
+        items = prompt_set(spec)
+        label = spec
+    else:
+        raise AttnCtlError(f"--prompts {spec!r} is neither a JSON file nor a built-in prompt set",
+                           f"pass a prompts file or one of the sets {', '.join(PROMPT_SETS)}")
+    if limit is not None:
+        items = items[:limit]
+    return items, label
+
+
+def _check_item(item: Any, i: int, parse_caption: Callable) -> dict[str, Any]:
+    where = f"prompt item {i}"
+    if not isinstance(item, dict):
+        raise AttnCtlError(f"{where} is {type(item).__name__}, not an object", 'write {"prompt": "..."}')
+    prompt = item.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise AttnCtlError(f"{where}: field 'prompt' is missing or not a non-empty string",
+                           'every item needs "prompt": "<caption>"')
+    objects = item.get("objects")
+    if objects is None:
+        try:
+            objects = parse_caption(prompt)["objects"]
+        except (ValueError, KeyError) as e:
+            raise AttnCtlError(
+                f"{where}: the evaluator cannot read objects from the prompt {prompt!r} ({_one_line(e)})",
+                'give the item its "objects": [{"shape": "circle", "colour": "red"}, ...]',
+            ) from None
+    elif not isinstance(objects, list) or not all(isinstance(o, dict) and "shape" in o and "colour" in o
+                                                  for o in objects):
+        raise AttnCtlError(f"{where}: field 'objects' must be a list of objects with 'shape' and 'colour'",
+                           'write "objects": [{"shape": "circle", "colour": "red", "count": 1}]')
+    boxes = item.get("boxes")
+    if boxes is not None:
+        ok = isinstance(boxes, list) and all(
+            isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(x, int | float) for x in b) for b in boxes)
+        if not ok:
+            raise AttnCtlError(f"{where}: field 'boxes' must be a list of [x0, y0, x1, y1] boxes (image fractions)",
+                               "one box per object instance, in order")
+        wanted = sum(int(o.get("count", 1)) for o in objects)
+        if len(boxes) != wanted:
+            raise AttnCtlError(f"{where}: field 'boxes' has {len(boxes)} boxes for {wanted} objects",
+                               "give one box per object instance, in order")
+    return dict(item)
+
+
+def _batches(jobs: list[tuple[int, int]], size: int, by_item: bool) -> list[list[tuple[int, int]]]:
+    if not by_item:
+        return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    out: list[list[tuple[int, int]]] = []
+    for job in jobs:
+        if out and out[-1][0][0] == job[0] and len(out[-1]) < size:
+            out[-1].append(job)
+        else:
+            out.append([job])
+    return out
+
+
+@app.command("eval")
+@_handles_errors
+def eval_(
+    prompts: str = typer.Option(..., "--prompts", help="A prompts JSON file, or a built-in set: single, pair, ..."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="toy-sd3, toy-flux, a pipeline folder or hub id."),
+    method: str | None = typer.Option(None, "--method", help="A control kind to apply (see attnctl.controls)."),
+    config: str | None = typer.Option(None, "--config", help="The control's settings as JSON or @file.json."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds 0..N-1 per prompt item."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps [default: the model's]."),
+    guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale [default: the model's]."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N prompt items."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per pipeline call."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
+    attention_backend: str | None = typer.Option(None, "--attention-backend", help="diffusers attention backend."),
+) -> None:
+    """Generate every prompt item with seeds 0..N-1 and score the images with the shapes-world evaluator."""
+    import numpy as np
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .toyworld.evaluate import evaluate_set
+
+    items, label = load_prompt_items(prompts, limit)
+    settings_json = None
+    controls = []
+    if config is not None and method is None:
+        raise AttnCtlError("--config needs --method", "pass --method KIND with --config JSON")
+    if method is not None:
+        settings_json = read_json_arg(config, "--config") if config is not None else {}
+        if not isinstance(settings_json, dict):
+            raise AttnCtlError("--config must be a JSON object", 'e.g. --config \'{"words": ["circle"]}\'')
+        controls = build_controls([{**settings_json, "kind": method}], what=f"--method {method}")
+    torch_dtype = parse_dtype(dtype)
+    dev = check_device(device)
+
+    pipe = load_pipeline(model, device=str(dev), dtype=torch_dtype)
+    check_vocabulary(pipe, [it["prompt"] for it in items], model)
+    if attention_backend is not None:
+        set_attention_backend(pipe, attention_backend, dev, torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    defaults = call_defaults(pipe)
+    call = {
+        "num_inference_steps": int(steps if steps is not None else defaults["steps"]),
+        "guidance_scale": float(guidance if guidance is not None else defaults["guidance"]),
+        "height": int(defaults["height"]),
+        "width": int(defaults["width"]),
+        "max_sequence_length": int(defaults["max_sequence_length"]),
+        "output_type": "pil",
+    }
+    jobs = [(i, s) for i in range(len(items)) for s in range(seeds)]
+    # Controls that name words need one prompt per call (the token layout is per prompt).
+    batches = _batches(jobs, batch_size, by_item=bool(controls))
+    images: list[Any] = []
+    start = time.perf_counter()
+    with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("eval", total=len(jobs))
+        for chunk in batches:
+            kwargs = dict(call, prompt=[items[i]["prompt"] for i, _ in chunk],
+                          generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk])
+            for img in run_pipeline(pipe, kwargs, controls):
+                images.append(np.asarray(img.convert("RGB")))
+            bar.advance(task, len(chunk))
+    seconds = time.perf_counter() - start
+    try:
+        metrics = evaluate_set(images, [items[i] for i, _ in jobs])
+    except ValueError as e:
+        raise AttnCtlError(f"cannot score the images: {_one_line(e)}", "check the prompt items' objects and boxes") \
+            from e
+    result = {
+        "model": _model_record(model),
+        "prompts": label,
+        "items": len(items),
+        "seeds": seeds,
+        "method": method,
+        "config": controls[0].to_json() if controls else None,
+        "steps": call["num_inference_steps"],
+        "guidance": call["guidance_scale"],
+        "height": call["height"],
+        "width": call["width"],
+        "dtype": DTYPE_NAMES[str(torch_dtype)[6:]],
+        "seconds_per_image": seconds / max(len(jobs), 1),
+        "metrics": metrics,
+    }
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{label} · {result['model']} · {len(items)} items × {seeds} seeds"
+                        + (f" · {method}" if method else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("images", justify="right")
+    for key, value in metrics.items():
+        if key.startswith("n_"):
+            continue
+        n = metrics.get(f"n_{key}", value if key == "n_images" else None)
+        table.add_row(key, f"{value:.3f}", "" if n is None else str(int(n)))
+    out_console.print(table)
+    out_console.print(f"{call['num_inference_steps']} steps, guidance {call['guidance_scale']}, "
+                      f"{result['seconds_per_image']:.2f} s per image", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+def _transformer_config_of(model: str) -> dict[str, Any]:
+    from diffusers import SD3Transformer2DModel
+
+    location = resolve_model(model)
+    local = Path(location) / "transformer" / "config.json"
+    if Path(location).is_dir():
+        if not local.is_file():
+            raise AttnCtlError(f"{location} has no transformer/config.json",
+                               "pass a complete diffusers pipeline folder")
+        return json.loads(local.read_text())
+    try:
+        return dict(SD3Transformer2DModel.load_config(location, subfolder="transformer"))
+    except (OSError, ValueError) as e:
+        raise AttnCtlError(f"cannot read the transformer config of {model!r}: {_one_line(e)[:300]}",
+                           "check the model name (and the network, for a hub id)") from None
+
+
+@app.command()
+@_handles_errors
+def inspect(
+    model: str | None = typer.Option(None, "--model", "-m",
+                                     help=f"A model: toy name, pipeline folder or hub id [default: {DEFAULT_MODEL}]."),
+    config: str | None = typer.Option(
+        None, "--config",
+        help="A full-size config built on the meta device (no weights): sd3-medium, sd3.5-medium, sd3.5-large, "
+             "flux.1-dev, flux.1-schnell, or a transformer config.json.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """List a model's attention sites (index L, name, kind, heads, head dim) and totals."""
+    from .configs import build_empty, transformer_config
+    from .sites import family_of, list_sites
+
+    if model is not None and config is not None:
+        raise AttnCtlError("--model and --config are exclusive", "pass one of them")
+    if config is not None:
+        cfg, label = transformer_config(config), config
+    else:
+        label = model or DEFAULT_MODEL
+        cfg = _transformer_config_of(label)
+    transformer = build_empty(cfg)
+    sites = list_sites(transformer)
+    by_kind: dict[str, int] = {}
+    for s in sites:
+        by_kind[s.kind] = by_kind.get(s.kind, 0) + 1
+    result = {
+        "model": label,
+        "class": type(transformer).__name__,
+        "family": family_of(transformer),
+        "sites": [{"index": s.index, "label": s.label, "name": s.name, "kind": s.kind, "heads": s.heads,
+                   "head_dim": s.head_dim} for s in sites],
+        "totals": {"sites": len(sites), "heads": sum(s.heads for s in sites), "by_kind": by_kind},
+    }
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{label} · {result['class']}")
+    for col, justify in (("L", "right"), ("name", "left"), ("kind", "left"), ("heads", "right"),
+                         ("head dim", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for s in sites:
+        table.add_row(str(s.index), s.name, s.kind, str(s.heads), str(s.head_dim))
+    out_console.print(table)
+    kinds = ", ".join(f"{n} {k}" for k, n in by_kind.items())
+    out_console.print(f"{len(sites)} sites ({kinds}), {result['totals']['heads']} heads", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- toy
+
+
+@toy_app.command("train")
+@_handles_errors
+def toy_train(
+    model: str = typer.Option(..., "--model", "-m", help="toy-sd3 or toy-flux."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the checkpoint, log and pipeline."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps."),
+    minutes: float | None = typer.Option(None, "--minutes", min=0.0, help="Wall-clock budget, across resumes."),
+    batch: int | None = typer.Option(None, "--batch", min=1, help="Images per step."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
+    seed: int | None = typer.Option(None, "--seed", help="Weights and data seed."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads for this process."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
+) -> None:
+    """Train a toy model on the shapes world (resumable; a progress bar)."""
+    if model not in TOY_MODELS:
+        raise AttnCtlError(f"unknown toy model {model!r}", f"use one of {', '.join(TOY_MODELS)}")
+    if importlib.util.find_spec("attnctl.toyworld.train") is None:
+        raise AttnCtlError("the toy training code (attnctl.toyworld.train) is not part of this installation",
+                           "install an attnctl version that ships it")
+    from .toyworld import train as training
+
+    checkpoint = out / getattr(training, "CHECKPOINT_NAME", "checkpoint.pt")
+    if resume and not checkpoint.is_file():
+        raise AttnCtlError(f"--resume: no checkpoint in {out}", "drop --resume to start a new training run")
+    options = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "minutes": minutes, "threads": threads}
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    folder = training.train(model, out, resume=resume, progress=True, **kwargs)
+    out_console.print(f"wrote {escape(str(folder))}", highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

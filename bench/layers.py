@@ -1,0 +1,226 @@
+"""Per-layer time and peak memory of attnctl processors vs the stock ones, at real layer shapes.
+
+    python bench/layers.py                 # SD3.5-large and FLUX.1-dev layers, 512² and 1024² token counts
+    python bench/layers.py --quick         # 512² only
+    python bench/layers.py --json out.json
+
+For every layer shape it times, in the same process and interleaved: the stock processor, the attnctl
+processor with no active control, and the attnctl processor with an ``AttentionProbe`` on 4 text tokens
+(each timed on the whole processor call — projections included — and on the attention core alone), and
+measures the extra peak memory of one call of each in a fresh subprocess. Absolute times on a shared CPU
+are noise; the ratios are the figures. Weights are random: time and memory do not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import gc
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Real layer shapes: (heads, head_dim, text tokens). Image tokens = (res / 16)² for both families.
+SHAPES = {
+    "sd3.5-large": dict(family="sd3", heads=38, head_dim=64, text=77 + 256),
+    "flux.1-dev-double": dict(family="flux", kind="double", heads=24, head_dim=128, text=512),
+    "flux.1-dev-single": dict(family="flux", kind="single", heads=24, head_dim=128, text=512),
+}
+VARIANTS = ("stock", "attnctl", "probe4")
+
+
+@dataclass
+class Layer:
+    attn: torch.nn.Module
+    kwargs: dict
+    controller: object
+    stock: object
+    n_img: int
+    n_text: int
+
+
+def build(shape: str, res: int, variant: str) -> Layer:
+    """One attention module of the real width, its inputs, and the processor for ``variant``."""
+    import attnctl
+    from attnctl.layout import TokenLayout
+
+    spec = SHAPES[shape]
+    heads, hd, n_text = spec["heads"], spec["head_dim"], spec["text"]
+    dim = heads * hd
+    side = res // 16
+    n_img = side * side
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if spec["family"] == "sd3":
+            from diffusers import SD3Transformer2DModel
+
+            tr = SD3Transformer2DModel(num_layers=1, num_attention_heads=heads, attention_head_dim=hd,
+                                       joint_attention_dim=64, caption_projection_dim=dim, pooled_projection_dim=64,
+                                       qk_norm="rms_norm", sample_size=side * 2, pos_embed_max_size=side * 2,
+                                       in_channels=4, out_channels=4)
+            attn = tr.transformer_blocks[0].attn
+            kwargs = dict(hidden_states=torch.randn(1, n_img, dim, generator=g),
+                          encoder_hidden_states=torch.randn(1, n_text, dim, generator=g))
+        else:
+            from diffusers import FluxTransformer2DModel
+
+            double = spec["kind"] == "double"
+            tr = FluxTransformer2DModel(num_layers=1 if double else 0, num_single_layers=0 if double else 1,
+                                        num_attention_heads=heads, attention_head_dim=hd, in_channels=4,
+                                        joint_attention_dim=64, pooled_projection_dim=64,
+                                        axes_dims_rope=(16, 56, 56))
+            attn = (tr.transformer_blocks[0] if double else tr.single_transformer_blocks[0]).attn
+            ids = torch.zeros(n_text + n_img, 3)
+            ids[n_text:, 1] = torch.arange(side).repeat_interleave(side).float()
+            ids[n_text:, 2] = torch.arange(side).repeat(side).float()
+            rope = tr.pos_embed(ids)
+            if double:
+                kwargs = dict(hidden_states=torch.randn(1, n_img, dim, generator=g),
+                              encoder_hidden_states=torch.randn(1, n_text, dim, generator=g), image_rotary_emb=rope)
+            else:
+                kwargs = dict(hidden_states=torch.randn(1, n_text + n_img, dim, generator=g), image_rotary_emb=rope)
+    stock = attn.processor
+    controller = None
+    if variant != "stock":
+        controls = [attnctl.AttentionProbe(tokens=[3, 4, 5, 6])] if variant == "probe4" else []
+        controller = attnctl.Controller(tr, controls)
+        controller.close()  # no hooks: we call the module directly and set the run state ourselves
+        layout = TokenLayout(spec["family"], n_text, (side, side))
+        controller.begin_run(1, layout=layout, roles=["cond"])
+        site = next(s for s in controller.sites if s.name.endswith(".attn"))
+        from attnctl.processors import processor_for
+
+        attn.set_processor(processor_for(site, controller))
+    return Layer(attn, kwargs, controller, stock, n_img, n_text)
+
+
+def core_inputs(layer: Layer):
+    """q, k, v of the layer in dispatcher layout (the attention core without projections)."""
+    h = layer.attn.heads
+    n = layer.n_img + layer.n_text
+    d = layer.kwargs["hidden_states"].shape[-1] // h
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(1, n, h, d, generator=g) for _ in range(3)]
+
+
+def run_core(layer: Layer, q, k, v):
+    from attnctl.processors.attend import attend, fused_attention
+
+    if layer.controller is None:
+        return fused_attention(q, k, v)
+    proc = layer.attn.processor
+    from attnctl.processors.base import SiteCall
+
+    call = SiteCall(proc.site, 1, q.shape[1], layer.n_text, proc.site.family == "sd3", q.device, q.dtype)
+    contribs = layer.controller.contributions(call, q, k, v)
+    return attend(q, k, v, contribs) if contribs else fused_attention(q, k, v)
+
+
+def time_variants(shape: str, res: int, repeats: int) -> dict:
+    layers = {v: build(shape, res, v) for v in VARIANTS}
+    core = core_inputs(layers["stock"])
+    times = {v: [] for v in VARIANTS}
+    core_times = {v: [] for v in VARIANTS}
+    with torch.no_grad():
+        for v in VARIANTS:  # warm-up
+            layers[v].attn(**layers[v].kwargs)
+        for _ in range(repeats):
+            for v in VARIANTS:  # interleaved, so load on the machine hits all variants alike
+                t = time.perf_counter()
+                layers[v].attn(**layers[v].kwargs)
+                times[v].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                run_core(layers[v], *core)
+                core_times[v].append(time.perf_counter() - t)
+    med = {v: statistics.median(times[v]) for v in VARIANTS}
+    cmed = {v: statistics.median(core_times[v]) for v in VARIANTS}
+    n = layers["stock"].n_img + layers["stock"].n_text
+    return dict(shape=shape, res=res, tokens=n, heads=layers["stock"].attn.heads,
+                layer_s={v: round(med[v], 4) for v in VARIANTS},
+                layer_ratio={v: round(med[v] / med["stock"], 3) for v in VARIANTS},
+                core_s={v: round(cmed[v], 4) for v in VARIANTS},
+                core_ratio={v: round(cmed[v] / cmed["stock"], 3) for v in VARIANTS},
+                nxn_map_bytes=n * n * layers["stock"].attn.heads * 4)
+
+
+def _peak_child(shape: str, res: int, variant: str) -> int:
+    """In a fresh process: extra peak RSS (bytes) of one layer call beyond its inputs and weights."""
+    torch.set_num_threads(2)
+    layer = build(shape, res, variant)
+    with torch.no_grad():
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (Linux)
+            f.write("5")
+        before = _status_kb("VmRSS")
+        layer.attn(**layer.kwargs)
+        after = _status_kb("VmHWM")
+    return max(0, after - before) * 1024
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status; peak memory needs Linux")
+
+
+def peak_memory(shape: str, res: int) -> dict:
+    out = {}
+    for v in VARIANTS:
+        cmd = [sys.executable, __file__, "--peak-child", shape, str(res), v]
+        out[v] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="512² token counts only")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peak_child:
+        shape, res, variant = args.peak_child
+        print(_peak_child(shape, int(res), variant))
+        return
+    torch.set_num_threads(2)
+    rows = []
+    for res in (512,) if args.quick else (512, 1024):
+        for shape in SHAPES:
+            r = time_variants(shape, res, args.repeats)
+            r["extra_peak_bytes"] = peak_memory(shape, res)
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="attnctl processor vs stock, per layer (ratios: same run; 1.00 = stock)")
+        for col in ("layer", "res", "tokens", "no-control ×", "probe4 ×", "core no-ctl ×", "core probe4 ×",
+                    "stock peak MB", "no-ctl peak MB", "probe4 peak MB", "one N×N map MB"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            mb = {k: f"{v / 2**20:.0f}" for k, v in r["extra_peak_bytes"].items()}
+            t.add_row(r["shape"], str(r["res"]), str(r["tokens"]), f"{r['layer_ratio']['attnctl']:.3f}",
+                      f"{r['layer_ratio']['probe4']:.3f}", f"{r['core_ratio']['attnctl']:.3f}",
+                      f"{r['core_ratio']['probe4']:.3f}", mb["stock"], mb["attnctl"], mb["probe4"],
+                      f"{r['nxn_map_bytes'] / 2**20:.0f}")
+        Console(width=200).print(t)
+    except ImportError:
+        pass
+    result = {"bench": "layers", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        from attnctl.io import atomic_write_text
+        from pathlib import Path
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
