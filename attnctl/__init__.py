@@ -2,6 +2,7 @@
 
 from .controller import Controller, attach
 from .controls import AttentionProbe, Control, control_from_json
+from .controls.softpag import SoftPAG
 from .layout import TokenLayout
 from .processors import AttnCtlFluxProcessor, AttnCtlJointProcessor
 from .sites import HeadSet, Site, list_sites, select_sites
@@ -11,5 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionProbe", "AttnCtlFluxProcessor", "AttnCtlJointProcessor", "Control", "Controller", "HeadSet",
-    "Site", "TokenLayout", "attach", "control_from_json", "list_sites", "select_sites",
+    "Site", "SoftPAG", "TokenLayout", "attach", "control_from_json", "list_sites", "select_sites",
 ]

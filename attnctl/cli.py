@@ -395,10 +395,10 @@ def _model_record(name: str) -> str:
 def generate(
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="The prompt (required unless --from)."),
     model: str | None = typer.Option(
-        None, "--model", "-m", help=f"toy-sd3, toy-flux, a pipeline folder or a hub id [default: {DEFAULT_MODEL}]"),
-    seed: int | None = typer.Option(None, "--seed", "-s", help="Seed of the initial noise [default: 0]."),
-    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps [default: the model's]."),
-    guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale [default: the model's]."),
+        None, "--model", "-m", help=f"toy-sd3, toy-flux, a pipeline folder or a hub id (default: {DEFAULT_MODEL})"),
+    seed: int | None = typer.Option(None, "--seed", "-s", help="Seed of the initial noise (default: 0)."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
+    guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale (default: the model's)."),
     true_cfg: float | None = typer.Option(None, "--true-cfg",
                                           help="FLUX only: true classifier-free guidance scale (> 1 enables it)."),
     height: int | None = typer.Option(None, "--height", min=8, help="Image height in pixels."),
@@ -410,7 +410,7 @@ def generate(
     ),
     out: Path = typer.Option(Path("out/image.png"), "--out", "-o", help="Output PNG (written atomically)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
-    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 [default: fp32]."),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32)."),
     attention_backend: str | None = typer.Option(
         None, "--attention-backend", help="diffusers attention backend: native, xformers, flash, ..."),
     offload: bool = typer.Option(False, "--offload", help="Model CPU offload for small GPUs (ignored on CPU)."),
@@ -457,7 +457,7 @@ def generate(
         backend = set_attention_backend(pipe, attention_backend, dev, torch_dtype)
     if offload:
         pipe.enable_model_cpu_offload(device=dev)
-    pipe.set_progress_bar_config(disable=False, leave=False, desc="denoising")
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False, desc="denoising")
 
     defaults = call_defaults(pipe)
     settings = {
@@ -615,8 +615,8 @@ def eval_(
     method: str | None = typer.Option(None, "--method", help="A control kind to apply (see attnctl.controls)."),
     config: str | None = typer.Option(None, "--config", help="The control's settings as JSON or @file.json."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds 0..N-1 per prompt item."),
-    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps [default: the model's]."),
-    guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale [default: the model's]."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
+    guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale (default: the model's)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N prompt items."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per pipeline call."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -735,7 +735,7 @@ def _transformer_config_of(model: str) -> dict[str, Any]:
 @_handles_errors
 def inspect(
     model: str | None = typer.Option(None, "--model", "-m",
-                                     help=f"A model: toy name, pipeline folder or hub id [default: {DEFAULT_MODEL}]."),
+                                     help=f"A model: toy name, pipeline folder or hub id (default: {DEFAULT_MODEL})."),
     config: str | None = typer.Option(
         None, "--config",
         help="A full-size config built on the meta device (no weights): sd3-medium, sd3.5-medium, sd3.5-large, "

@@ -2,6 +2,7 @@
 
 from .base import CONTROL_TYPES, Control, ControlConfig, RunState, control_from_json, register
 from .probe import AttentionProbe
+from .softpag import SoftPAG
 
 __all__ = ["CONTROL_TYPES", "AttentionProbe", "Control", "ControlConfig", "RunState", "control_from_json",
-           "register"]
+           "register", "SoftPAG"]

@@ -28,7 +28,8 @@ class ProbeConfig(ControlConfig):
     sites: str | list[str] = "all"
     heads: list[int] | None = None
     roles: list[str] = ["cond"]
-    weight: Any = Field(1.0, description="schedule: weight of each step in the average (0 skips a step)")
+    weight: Any = Field(1.0, validate_default=True,
+                        description="schedule: weight of each step in the average (0 skips a step)")
 
     @field_validator("weight")
     @classmethod

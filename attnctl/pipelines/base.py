@@ -1,13 +1,15 @@
-"""What the attnctl pipelines add to the diffusers ones: ``controls=`` and processors restored after every
-call, also when the call raises."""
+"""What the attnctl pipelines add to the diffusers ones: ``controls=``, processors restored after every
+call (also when the call raises), and the perturbed branch of guidance controls (SoftPAG) run in the same
+batched forward as the CFG branches (:mod:`attnctl.guidance`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..controller import Controller
 from ..controls.base import Control
+from ..guidance import PerturbedBranch, perturbed_branch_weight
 
 
 class ControlledPipelineMixin:
@@ -22,6 +24,10 @@ class ControlledPipelineMixin:
         if "max_sequence_length" not in kwargs and isinstance(limit, int) and limit < 256:
             kwargs["max_sequence_length"] = limit
 
+    def _cfg_scale_fn(self, parent_call, args: tuple, kwargs: dict) -> Callable[[list[str]], float]:
+        """``roles -> s``: the CFG scale the diffusers loop applies to a transformer call's cond rows."""
+        raise NotImplementedError
+
     def controlled_call(self, parent_call, args: tuple, kwargs: dict[str, Any],
                         controls: Sequence[Control] | Control | None) -> Any:
         self._default_max_sequence_length(kwargs)
@@ -29,4 +35,9 @@ class ControlledPipelineMixin:
             return parent_call(self, *args, **kwargs)
         with Controller(self, controls) as ctl:
             self.attnctl = ctl
-            return parent_call(self, *args, **kwargs)
+            weight = perturbed_branch_weight(ctl.controls)
+            if weight is None:
+                return parent_call(self, *args, **kwargs)
+            branch = PerturbedBranch(self.transformer, ctl, weight, self._cfg_scale_fn(parent_call, args, kwargs))
+            with branch:
+                return parent_call(self, *args, **kwargs)

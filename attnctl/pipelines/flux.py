@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from diffusers import FluxPipeline
@@ -11,9 +12,27 @@ from .base import ControlledPipelineMixin
 
 class AttnCtlFluxPipeline(ControlledPipelineMixin, FluxPipeline):
     """Every argument of ``FluxPipeline.__call__``, plus ``controls``; ``from_pretrained``, LoRA loading,
-    ``mu`` dynamic shifting and offloading work as in diffusers."""
+    ``mu`` dynamic shifting and offloading work as in diffusers.
+
+    With a guidance control such as ``SoftPAG(heads=..., scale=w)`` the conditional transformer call runs
+    ``[cond, perturbed]`` rows in one forward: ``ε = ε_cond + w·(ε_cond − ε_ptb)``; with true CFG
+    (``true_cfg_scale > 1`` and a negative prompt) ``ε = ε_neg + s·(ε_cond − ε_neg) + w·(ε_cond − ε_ptb)``.
+    """
 
     _t5_tokenizer_attr = "tokenizer_2"
 
     def __call__(self, *args: Any, controls=None, **kwargs: Any):
         return self.controlled_call(FluxPipeline.__call__, args, kwargs, controls)
+
+    def _cfg_scale_fn(self, parent_call, args, kwargs):
+        # The same test as FluxPipeline.__call__: true CFG needs true_cfg_scale > 1 and a negative prompt.
+        call = inspect.signature(parent_call).bind_partial(self, *args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        has_neg = a["negative_prompt"] is not None or (
+            a["negative_prompt_embeds"] is not None and a["negative_pooled_prompt_embeds"] is not None
+        )
+        scale = float(a["true_cfg_scale"])
+        true_cfg = scale > 1 and has_neg
+        # The negative call has role "uncond" and gets no perturbed rows; the cond call's rows are scaled by s.
+        return lambda roles: scale if true_cfg else 1.0

@@ -11,9 +11,18 @@ from .base import ControlledPipelineMixin
 
 class AttnCtlSD3Pipeline(ControlledPipelineMixin, StableDiffusion3Pipeline):
     """Every argument of ``StableDiffusion3Pipeline.__call__``, plus ``controls``; ``from_pretrained``,
-    LoRA loading and offloading work as in diffusers."""
+    LoRA loading and offloading work as in diffusers.
+
+    With a guidance control such as ``SoftPAG(heads=..., scale=w)`` the transformer runs
+    ``[uncond, cond, perturbed]`` rows in one forward (``[cond, perturbed]`` when ``guidance_scale <= 1``)
+    and the step uses ``ε = ε_uncond + s·(ε_cond − ε_uncond) + w·(ε_cond − ε_ptb)``.
+    """
 
     _t5_tokenizer_attr = "tokenizer_3"
 
     def __call__(self, *args: Any, controls=None, **kwargs: Any):
         return self.controlled_call(StableDiffusion3Pipeline.__call__, args, kwargs, controls)
+
+    def _cfg_scale_fn(self, parent_call, args, kwargs):
+        # The loop reads guidance_scale at every step (a callback may change it): so do we.
+        return lambda roles: float(self.guidance_scale) if "uncond" in roles else 1.0

@@ -66,6 +66,8 @@ __all__ = [
     "build_pipeline",
     "flow_matching_loss",
     "export_checkpoint",
+    "write_metadata",
+    "call_defaults",
     "CHECKPOINT_NAME",
     "PIPELINE_DIR",
 ]
@@ -359,7 +361,42 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _export(pipe: DiffusionPipeline, trainable: torch.nn.ModuleDict, ema: _EMA | None, arch: ToyArch, folder: Path) -> Path:
+DEFAULT_GUIDANCE: dict[str, float] = {"sd3": 4.0}
+"""Classifier-free guidance scale written into a new toy-sd3 folder's call defaults (toy-flux: no CFG)."""
+
+
+def call_defaults(arch: ToyArch, guidance_scale: float | None = None) -> dict[str, Any]:
+    """The pipeline-call defaults of a toy model (what :func:`attnctl.toyworld.models.default_call_kwargs` returns)."""
+    call: dict[str, Any] = {
+        "height": arch.resolution,
+        "width": arch.resolution,
+        "num_inference_steps": 20,
+        "max_sequence_length": arch.text_length,
+    }
+    if arch.family == "sd3":
+        call["guidance_scale"] = DEFAULT_GUIDANCE["sd3"] if guidance_scale is None else float(guidance_scale)
+    return call
+
+
+def write_metadata(folder: str | Path, name: str, arch: ToyArch, training: dict[str, Any] | None = None,
+                   call: dict[str, Any] | None = None) -> Path:
+    """Write ``attnctl.json`` (name, family, call defaults, architecture, training record) into a pipeline folder."""
+    from attnctl.toyworld.models import METADATA_NAME
+
+    f = Path(folder) / METADATA_NAME
+    meta = {
+        "name": name,
+        "family": arch.family,
+        "call": call if call is not None else call_defaults(arch),
+        "arch": asdict(arch),
+        "training": training or {},
+    }
+    f.write_text(json.dumps(meta, indent=2) + "\n")
+    return f
+
+
+def _export(pipe: DiffusionPipeline, trainable: torch.nn.ModuleDict, ema: _EMA | None, arch: ToyArch, folder: Path,
+            name: str = "custom", training: dict[str, Any] | None = None) -> Path:
     """Write the pipeline folder with the EMA weights (if any), every component in eval mode."""
     backup = {k: v.detach().clone() for k, v in trainable.state_dict().items()} if ema is not None else None
     if ema is not None:
@@ -375,6 +412,7 @@ def _export(pipe: DiffusionPipeline, trainable: torch.nn.ModuleDict, ema: _EMA |
         if dtype != torch.float32:
             torch.nn.Module.to(pipe.transformer, dtype)
         save_pipeline(pipe, folder)
+        write_metadata(folder, name, arch, training)
     finally:
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
@@ -554,7 +592,9 @@ def train(
                 checkpoint()
                 t_last = time.perf_counter()  # checkpoint I/O does not count against the budget
         checkpoint()
-        folder = _export(pipe, trainable, ema, a, out / PIPELINE_DIR)
+        record = dict(hparams, step=step, elapsed_s=round(elapsed, 1), stopped_by_time=stopped_by_time,
+                      final_loss=None if smooth is None else round(smooth, 5), transformer_params=n_params)
+        folder = _export(pipe, trainable, ema, a, out / PIPELINE_DIR, hparams["model"], record)
         log.write(
             json.dumps({"done": True, "step": step, "elapsed": round(elapsed, 1), "stopped_by_time": stopped_by_time})
             + "\n"
@@ -584,7 +624,10 @@ def export_checkpoint(out_dir: str | Path, folder: str | Path | None = None, *, 
     if ema and ckpt.get("ema") is not None:
         shadow = _EMA.__new__(_EMA)
         shadow.shadow = ckpt["ema"]
-    return _export(pipe, trainable, shadow, a, Path(folder) if folder is not None else out / PIPELINE_DIR)
+    hp = ckpt.get("hparams", {})
+    record = dict(hp, step=int(ckpt["step"]), elapsed_s=round(float(ckpt["elapsed"]), 1))
+    return _export(pipe, trainable, shadow, a, Path(folder) if folder is not None else out / PIPELINE_DIR,
+                   hp.get("model", "custom"), record)
 
 
 def _main(argv: list[str] | None = None) -> None:

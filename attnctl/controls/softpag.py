@@ -1,0 +1,257 @@
+"""SoftPAG: head-level perturbed-attention guidance with a soft strength, on fused kernels.
+
+For every selected (site, head) and every batch row whose role is ``"perturbed"``, the attention map is
+moved toward a target map ``T`` with strength ``u`` (a schedule in [0, 1])::
+
+    A ← (1 − u)·A + u·T          ⇒          out ← (1 − u)·out + u·(T @ V)
+
+because attention output is linear in the map. So the fused kernel computes ``out = A @ V`` as usual and
+only ``T @ V`` has to be added — each target has a closed form that never builds an N×N map:
+
+============  =========================================================================================
+scope         target ``T @ V`` per query row ``i`` (row set: every row for ``joint``, image rows for
+              ``image``; text rows are untouched in ``image`` scope)
+============  =========================================================================================
+joint         identity: ``v_i``  ·  uniform: ``mean_k v_k`` over all keys  ·  mean_query:
+              ``softmax(q̄·Kᵀ/√d) @ V`` with ``q̄`` the mean query of the row set (one extra query/head)
+image         image query ``i`` attends, by one softmax, to the text keys with their own logits and to
+              the image keys through the target's block: identity — only itself (logit ``q_i·k_i/√d``;
+              diffusers' SD3 PAG); uniform — every image key with the row's mean image logit; mean_query —
+              the image keys with the mean image query's logits. The image block collapses to one
+              "virtual key" (logit ``c_i``, value ``w_i``), combined with fused attention over the T text
+              keys by log-sum-exp: O(N_img·T) compute, O(N_img) extra memory.
+============  =========================================================================================
+
+The perturbed rows come from the pipelines (``AttnCtlSD3Pipeline`` / ``AttnCtlFluxPipeline``), which append
+copies of the conditional rows as ``"perturbed"`` rows and apply the guidance
+``ε = ε_cfg + w·(ε_cond − ε_ptb)`` with ``w = scale`` (see :mod:`attnctl.guidance`). Algorithm and credits:
+``docs/softpag.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_serializer, field_validator
+
+from ..errors import ConfigError, SiteError
+from ..processors.attend import fused_attention_with_lse
+from ..processors.contributions import OutputMix, Selection
+from ..schedules import ScheduleField, bounded
+from ..sites import HeadSet, Site
+from .base import Control, ControlConfig, RunState, register
+
+Target = Literal["identity", "uniform", "mean_query"]
+Scope = Literal["joint", "image"]
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+"""Where shipped head-set presets live (``attnctl/presets/<name>.json``)."""
+
+
+def load_heads(spec: Any) -> HeadSet | list[str]:
+    """Normalise a ``heads=`` value: a :class:`HeadSet` (kept), its JSON dict, a plain mapping
+    ``{site name: [head, ...]}``, a path to a preset JSON file (``*.json``; looked up in the working
+    directory, then in ``attnctl/presets/``), or one / several site-and-head selectors (``"L3H1"``,
+    ``"transformer_blocks.3.attn/H0,2"``, ``"transformer_blocks.5"`` for all heads of a block)."""
+    if isinstance(spec, HeadSet):
+        return spec
+    if isinstance(spec, Path) or (isinstance(spec, str) and spec.strip().endswith(".json")):
+        path = Path(spec)
+        if not path.exists() and (PRESETS_DIR / path.name).exists():
+            path = PRESETS_DIR / path.name
+        if not path.exists():
+            raise SiteError(f"head-set preset {str(spec)!r} does not exist",
+                            fix="give the path of a preset JSON file (as written by `attnctl headhunt`)")
+        try:
+            return HeadSet.load(path)
+        except ValueError as e:
+            raise SiteError(f"head-set preset {str(path)!r} is not a valid preset: {e}") from None
+    if isinstance(spec, Mapping):
+        if "heads" in spec and isinstance(spec["heads"], Mapping):
+            return HeadSet.from_json(dict(spec))
+        try:
+            return HeadSet({str(k): tuple(sorted({int(h) for h in v})) for k, v in spec.items()})
+        except (TypeError, ValueError):
+            raise SiteError("heads as a mapping must be {site name: [head, ...]}") from None
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, Sequence) and spec and all(isinstance(s, str) for s in spec):
+        return [s.strip() for s in spec]
+    raise SiteError(
+        f"heads={spec!r} is not a head selection",
+        fix="pass a HeadSet, a preset path (*.json), or selectors such as ['L3H1', 'L5H0:4', "
+        "'transformer_blocks.2.attn/H1,3']",
+    )
+
+
+class SoftPAGConfig(ControlConfig):
+    heads: Any = Field(..., description="HeadSet, preset path (*.json), or selectors ('L3H1', 'L4H0:2', ...)")
+    u: bounded(0, 1) = Field(1.0, description="interpolation strength toward the target map, a schedule in [0, 1]")
+    target: Target = Field("identity", description="identity (PAG), uniform (SoftUG) or mean_query (SoftSEG)")
+    scope: Scope = Field("joint", description="joint: the whole joint map (paper's code); image: image→image "
+                                              "block only (diffusers' SD3 PAG)")
+    scale: ScheduleField = Field(3.0, description="guidance weight w of ε_cfg + w·(ε_cond − ε_ptb), a schedule")
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _heads(cls, v: Any) -> Any:
+        return load_heads(v)
+
+    @field_serializer("heads")
+    def _dump_heads(self, v: Any) -> Any:
+        return v.to_json() if isinstance(v, HeadSet) else list(v)
+
+
+@register
+class SoftPAG(Control):
+    """Interpolate the attention maps of chosen heads toward a target on the perturbed batch rows.
+
+    ``SoftPAG(heads=["L3H1", "L5H0:4"], u=0.5, target="identity", scope="joint", scale=3.0)``.
+    ``u = 1``, ``target="identity"``, ``scope="image"`` on all heads of a layer is diffusers' layer-level
+    PAG for SD3. A search builds one per candidate set cheaply: ``SoftPAG(heads=HeadSet({...}))`` (or
+    :meth:`from_pairs`) does no model work; sites and heads resolve once when a controller binds it.
+    """
+
+    kind = "softpag"
+    Config = SoftPAGConfig
+    perturbed_branch = True
+    """Asks the pipelines for a ``"perturbed"`` copy of the conditional rows (see :mod:`attnctl.guidance`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.head_set: HeadSet | None = self.config.heads if isinstance(self.config.heads, HeadSet) else None
+        self._heads: dict[str, tuple[int, ...]] = {}
+        self._head_index: dict[tuple[str, Any], torch.Tensor] = {}
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[str, int]], **settings: Any) -> SoftPAG:
+        """``SoftPAG`` over ``[(site name, head), ...]`` (e.g. a search's current set plus one candidate)."""
+        heads: dict[str, set[int]] = {}
+        for site, h in pairs:
+            heads.setdefault(site, set()).add(int(h))
+        return cls(heads=HeadSet({k: tuple(sorted(v)) for k, v in heads.items()}), **settings)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def bind(self, controller) -> None:
+        super().bind(controller)  # family check
+        heads = self.config.heads
+        head_set = heads if isinstance(heads, HeadSet) else HeadSet.parse(controller.sites, heads)
+        resolved = head_set.resolve(controller.sites)
+        resolved = {site: hs for site, hs in resolved.items() if hs}
+        if not resolved:
+            raise SiteError("SoftPAG selects no heads", fix="give at least one head, e.g. heads=['L3H1']")
+        self.head_set = head_set
+        self._heads = {site.name: hs for site, hs in resolved.items()}
+        self.sites = sorted(resolved, key=lambda s: s.index)
+        self._site_names = frozenset(self._heads)
+        self._head_index.clear()
+
+    def begin_run(self, state: RunState) -> None:
+        self.config.u.reset()
+        self.config.scale.reset()
+
+    def heads_at(self, site: Site | str) -> tuple[int, ...]:
+        """The selected heads of a site (after :meth:`bind`)."""
+        return self._heads.get(site if isinstance(site, str) else site.name, ())
+
+    # -- the schedules ------------------------------------------------------------------------------
+    def strength(self, step: int, num_steps: int) -> float:
+        """``u`` at this step."""
+        return self.config.u(step, num_steps)
+
+    def guidance_weight(self, step: int, num_steps: int) -> float:
+        """``w`` at this step (0 when ``u`` is 0: the perturbed branch would equal the conditional one)."""
+        if self.strength(step, num_steps) == 0:
+            return 0.0
+        return self.config.scale(step, num_steps)
+
+    # -- the attention contribution ----------------------------------------------------------------
+    def contribute(self, call, q, k, v, state: RunState):
+        u = self.strength(state.step, state.num_steps)
+        if u == 0:
+            return []
+        batch = state.rows_with(("perturbed",), call.batch, call.device)
+        if batch is not None and len(batch) == 0:
+            return []
+        key = (call.site.name, call.device)
+        heads = self._head_index.get(key)
+        if heads is None:
+            hs = self._heads[call.site.name]
+            heads = None if len(hs) == call.site.heads else torch.tensor(hs, dtype=torch.long, device=call.device)
+            self._head_index[key] = heads
+        if self.config.scope == "joint":
+            fn = _JOINT[self.config.target]
+            return [OutputMix(lambda o, q_, k_, v_: fn(o, q_, k_, v_, u), Selection(batch, None, heads))]
+        img, txt = call.image_slice(), call.text_slice()
+        target = self.config.target
+        mix = (lambda o, q_, k_, v_: image_scope_mix(o, q_, k_, v_, u, target, img, txt))
+        return [OutputMix(mix, Selection(batch, img, heads))]
+
+
+# ------------------------------------------------------------------------------------------- closed forms
+# ``out`` is (b, rows, h, d) for the mixed rows; q, k, v are (b, S, h, d) for the whole sequence. Math in
+# float32; the processor casts back to the model dtype.
+
+
+def _mix(out: torch.Tensor, target: torch.Tensor, u: float) -> torch.Tensor:
+    if u == 1:
+        return target.expand_as(out).float()
+    return torch.lerp(out.float(), target.float().expand_as(out), u)
+
+
+def joint_identity(out, q, k, v, u: float):
+    """``A ← (1−u)A + u·I``: each row's own value."""
+    return _mix(out, v, u)
+
+
+def joint_uniform(out, q, k, v, u: float):
+    """``A ← (1−u)A + u·(1/N)``: the mean of all values."""
+    return _mix(out, v.float().mean(1, keepdim=True), u)
+
+
+def _one_query_attention(qbar: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query per (batch, head) ``(b, h, d)`` over ``k, v`` ``(b, N, h, d)``: output
+    ``(b, 1, h, d)`` and log-sum-exp ``(b, h)``, float32, O(N) memory."""
+    s = torch.einsum("bhd,bnhd->bhn", qbar, k.float()) / math.sqrt(qbar.shape[-1])
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.einsum("bhn,bnhd->bhd", torch.exp(s - lse[..., None]), v.float())
+    return o[:, None], lse
+
+
+def joint_mean_query(out, q, k, v, u: float):
+    """``A ← (1−u)A + u·softmax(q̄Kᵀ/√d)`` (every row the mean query's distribution)."""
+    o, _ = _one_query_attention(q.float().mean(1), k, v)
+    return _mix(out, o, u)
+
+
+_JOINT = {"identity": joint_identity, "uniform": joint_uniform, "mean_query": joint_mean_query}
+
+
+def image_scope_mix(out, q, k, v, u: float, target: str, img: slice, txt: slice):
+    """Image rows: ``(1−u)·out + u·target``, the target being attention over the text keys (own logits) and
+    the image block replaced per ``target``, collapsed to one virtual key ``(c_i, w_i)`` and combined with
+    fused attention over the text keys by log-sum-exp."""
+    qi, ki, vi = q[:, img].float(), k[:, img].float(), v[:, img].float()
+    n_img, d = qi.shape[1], qi.shape[-1]
+    if target == "identity":  # only the query's own key
+        c = (qi * ki).sum(-1) / math.sqrt(d)  # (b, N_img, h)
+        w = vi
+    elif target == "uniform":  # every image key with the row's mean image logit
+        c = torch.einsum("bnhd,bhd->bnh", qi, ki.mean(1)) / math.sqrt(d) + math.log(n_img)
+        w = vi.mean(1, keepdim=True)
+    elif target == "mean_query":  # the image keys with the mean image query's logits
+        w, lse_q = _one_query_attention(qi.mean(1), ki, vi)
+        c = lse_q[:, None].expand(-1, n_img, -1)
+    else:
+        raise ConfigError(f"unknown SoftPAG target {target!r}")
+    if txt.stop - txt.start == 0:  # image-only attention (SD3.5 attn2): the virtual key is all there is
+        tgt = w
+    else:
+        o_t, lse_t = fused_attention_with_lse(qi, k[:, txt].float(), v[:, txt].float())
+        lse = torch.logaddexp(c, lse_t)
+        tgt = torch.exp(c - lse)[..., None] * w + torch.exp(lse_t - lse)[..., None] * o_t.float()
+    return _mix(out, tgt, u)

@@ -1,0 +1,247 @@
+"""The ``attnctl`` command line, on tiny pipeline folders (2-step, 32×32 generations)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from attnctl.cli import app
+from attnctl.errors import AttnCtlError
+from attnctl.imageio import read_image, read_metadata, save_png
+from attnctl.testing import save_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    return save_pipeline(tiny_sd3_pipeline("sd3"), tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    return save_pipeline(tiny_flux_pipeline(), tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(result) -> None:
+    assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+
+
+# ------------------------------------------------------------------------------------------- generate
+
+
+def test_generate_writes_png_with_metadata_and_from_regenerates_identical_pixels(sd3_dir, tmp_path):
+    probe = '{"kind": "probe", "words": ["circle"], "sites": "L1"}'
+    first = tmp_path / "out" / "a.png"
+    result = run("generate", "--model", sd3_dir, "--prompt", "a red circle on the left", "--seed", "3",
+                 "--steps", "2", "--guidance", "4.5", "--control", probe, "--out", first)
+    ok(result)
+    assert str(first) in result.stdout
+    assert sorted(p.name for p in first.parent.iterdir()) == ["a.png"]  # no temp file left behind
+
+    meta = read_metadata(first)
+    assert meta["format"] == "attnctl.image/1"
+    assert meta["prompt"] == "a red circle on the left"
+    assert (meta["seed"], meta["steps"], meta["guidance"]) == (3, 2, 4.5)
+    assert (meta["height"], meta["width"]) == (32, 32)
+    assert meta["model"] == str(sd3_dir.resolve())
+    assert meta["dtype"] == "fp32"
+    assert meta["controls"] == [{"kind": "probe", "words": ["circle"], "tokens": None, "segments": None,
+                                 "sites": "L1", "heads": None, "roles": ["cond"], "weight": 1.0}]
+    with Image.open(first) as img:
+        assert img.size == (32, 32)
+        params = img.text["parameters"]
+    assert params.startswith("a red circle on the left\n")
+    assert "Seed: 3" in params and "Steps: 2" in params and '"kind":"probe"' in params
+
+    again = tmp_path / "b.png"
+    ok(run("generate", "--from", first, "--out", again))
+    assert np.array_equal(read_image(first), read_image(again))
+    meta_again = read_metadata(again)
+    assert meta_again.pop("regenerated_from") == str(first)
+    assert _normalised(meta_again) == _normalised(meta)
+
+    # options given with --from override the recorded ones
+    other = tmp_path / "c.png"
+    ok(run("generate", "--from", first, "--seed", "4", "--out", other))
+    assert read_metadata(other)["seed"] == 4
+    assert not np.array_equal(read_image(first), read_image(other))
+
+
+def _normalised(meta: dict) -> dict:
+    """``meta`` with its controls passed through one more JSON round trip (defaults spelled out)."""
+    from attnctl.controls import control_from_json
+
+    return {**meta, "controls": [control_from_json(c).to_json() for c in meta["controls"]]}
+
+
+def test_generate_from_on_flux(flux_dir, tmp_path):
+    first, again = tmp_path / "f1.png", tmp_path / "f2.png"
+    ok(run("generate", "-m", flux_dir, "-p", "two blue squares", "--steps", "2", "-o", first))
+    meta = read_metadata(first)
+    assert (meta["family"], meta["height"], meta["width"], meta["max_sequence_length"]) == ("flux", 32, 32, 24)
+    ok(run("generate", "--from", first, "-o", again))
+    assert np.array_equal(read_image(first), read_image(again))
+
+
+# ------------------------------------------------------------------------------------------- eval
+
+
+def test_eval_prints_metrics_json(sd3_dir, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([
+        {"prompt": "a red circle"},
+        {"prompt": "a blue square on the left",
+         "objects": [{"shape": "square", "colour": "blue", "position": "left"}],
+         "boxes": [[0.05, 0.3, 0.4, 0.65]]},
+    ]))
+    result = run("eval", "--model", sd3_dir, "--prompts", prompts, "--seeds", "1", "--steps", "2", "--json")
+    ok(result)
+    out = json.loads(result.stdout)
+    assert (out["items"], out["seeds"], out["steps"], out["method"]) == (2, 1, 2, None)
+    metrics = out["metrics"]
+    assert metrics["n_images"] == 2
+    for key in ("presence", "object_recall", "count_accuracy", "colour_accuracy", "shape_accuracy",
+                "background_clean", "sharpness", "position_accuracy", "box_iou"):
+        assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["n_position_accuracy"] == 1 and metrics["n_box_iou"] == 1
+
+
+def test_eval_with_method_and_table_output(sd3_dir, tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["a red circle", "a green circle"]))
+    result = run("eval", "--model", sd3_dir, "--prompts", prompts, "--seeds", "2", "--steps", "1",
+                 "--method", "probe", "--config", '{"words": ["circle"]}')
+    ok(result)
+    assert "presence" in result.stdout and "sharpness" in result.stdout and "probe" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_tiny_model(sd3_dir):
+    result = run("inspect", "--model", sd3_dir, "--json")
+    ok(result)
+    out = json.loads(result.stdout)
+    assert out["family"] == "sd3"
+    assert [(s["index"], s["name"], s["kind"], s["heads"], s["head_dim"]) for s in out["sites"]] == [
+        (0, "transformer_blocks.0.attn", "sd3_joint", 4, 8),
+        (1, "transformer_blocks.1.attn", "sd3_joint", 4, 8),
+    ]
+    assert out["totals"] == {"sites": 2, "heads": 8, "by_kind": {"sd3_joint": 2}}
+    table = run("inspect", "--model", sd3_dir)
+    ok(table)
+    assert "transformer_blocks.1.attn" in table.stdout and "2 sites" in table.stdout
+
+
+def test_inspect_full_size_configs_on_meta_device():
+    flux = run("inspect", "--config", "flux.1-dev", "--json")
+    ok(flux)
+    out = json.loads(flux.stdout)
+    assert out["totals"]["sites"] == 57
+    assert out["totals"]["by_kind"] == {"flux_double": 19, "flux_single": 38}
+    assert {(s["heads"], s["head_dim"]) for s in out["sites"]} == {(24, 128)}
+    assert out["sites"][19]["name"] == "single_transformer_blocks.0.attn"
+
+    sd35 = run("inspect", "--config", "sd3.5-large", "--json")
+    ok(sd35)
+    out = json.loads(sd35.stdout)
+    assert out["totals"]["sites"] == 38
+    assert {(s["heads"], s["head_dim"], s["kind"]) for s in out["sites"]} == {(38, 64, "sd3_joint")}
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def _bad_input_cases(sd3: str, tmp: str) -> list[tuple[list[str], str]]:
+    gen = ["generate", "--model", sd3, "--prompt", "a red circle", "--steps", "1", "--out", f"{tmp}/x.png"]
+    cases = [
+        (["generate", "--model", "toy-sd9", "--prompt", "a red circle"], "unknown model 'toy-sd9'"),
+        (["generate", "--model", f"{tmp}/missing-folder", "--prompt", "a red circle"], "missing-folder"),
+        ([*gen, "--attention-backend", "warp-drive"], "unknown attention backend 'warp-drive'"),
+        (["generate", "--model", sd3, "--prompt", "a red dog beside a cat", "--out", f"{tmp}/x.png"],
+         "'dog', 'beside', 'cat'"),
+        ([*gen, "--control", '{"kind": "probe", "words": ['], "--control is not valid JSON"),
+        ([*gen, "--control", '{"kind": "probe", "wrods": ["circle"]}'], "wrods"),
+        ([*gen, "--control", '{"kind": "no-such-control"}'], "unknown control kind 'no-such-control'"),
+        ([*gen, "--control", '{"kind": "probe", "words": ["square"]}'], "'square' is not in the prompt"),
+        ([*gen, "--device", "cuda:7"], "cuda:7"),
+        (["generate", "--from", f"{tmp}/plain.png"], "has no attnctl metadata"),
+        (["eval", "--model", sd3, "--prompts", "no-such-set", "--seeds", "1"], "no-such-set"),
+        (["eval", "--model", sd3, "--prompts", f"{tmp}/bad-items.json", "--seeds", "1"],
+         "prompt item 1: field 'prompt'"),
+        (["eval", "--model", sd3, "--prompts", "single", "--method", "probe", "--config", '{"sites": 5}'], "sites"),
+        (["inspect", "--config", "sd4-huge"], "unknown transformer config 'sd4-huge'"),
+        (["toy", "train", "--model", "toy-unet", "--out", tmp], "unknown toy model 'toy-unet'"),
+    ]
+    if importlib.util.find_spec("xformers") is None:
+        cases.append(([*gen, "--attention-backend", "xformers"], "attention backend 'xformers' is not available"))
+    return cases
+
+
+def test_bad_inputs_exit_2_with_one_clear_line(sd3_dir, tmp_path):
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "plain.png")
+    (tmp_path / "bad-items.json").write_text(json.dumps([{"prompt": "a red circle"}, {"objects": []}]))
+    for args, expected in _bad_input_cases(str(sd3_dir), str(tmp_path)):
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1, (args, result.stderr)
+        assert expected in error_lines[0], (args, error_lines[0])
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_debug_flag_shows_the_traceback():
+    result = run("--debug", "generate", "--model", "toy-sd9", "--prompt", "a red circle")
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "unknown model 'toy-sd9'" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+def test_png_metadata_round_trip_is_atomic_and_unicode_safe(tmp_path):
+    meta = {"prompt": "un cercle rouge — ☀", "seed": 1, "controls": [{"kind": "probe", "weight": 0.5}]}
+    path = save_png(tmp_path / "sub" / "x.png", np.zeros((4, 4, 3), np.uint8), meta)
+    assert [p.name for p in path.parent.iterdir()] == ["x.png"]
+    assert read_metadata(path) == {"format": "attnctl.image/1", **meta}
+    with pytest.raises(AttnCtlError, match="does not end in .png"):
+        save_png(tmp_path / "x.jpg", np.zeros((4, 4, 3), np.uint8), meta)
+
+
+def test_toy_train_passes_options_through(tmp_path, monkeypatch):
+    from attnctl.toyworld import train as training
+
+    seen = {}
+
+    def fake_train(model, out_dir, **kwargs):
+        seen.update(model=model, out_dir=out_dir, **kwargs)
+        return out_dir / "pipeline"
+
+    monkeypatch.setattr(training, "train", fake_train)
+    result = run("toy", "train", "--model", "toy-flux", "--out", tmp_path, "--steps", "5", "--minutes", "0.5")
+    ok(result)
+    assert seen == {"model": "toy-flux", "out_dir": tmp_path, "steps": 5, "minutes": 0.5, "resume": False,
+                    "progress": True}
+    assert str(tmp_path / "pipeline") in result.stdout
+    resumed = run("toy", "train", "--model", "toy-flux", "--out", tmp_path / "empty", "--resume")
+    assert resumed.exit_code == 2 and "no checkpoint" in resumed.stderr
+
+
+def test_python_dash_m_attnctl():
+    result = subprocess.run([sys.executable, "-m", "attnctl", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in ("generate", "eval", "inspect", "toy"):
+        assert command in result.stdout

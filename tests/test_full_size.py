@@ -1,0 +1,52 @@
+"""Full-size SD3-medium, SD3.5-large/medium and FLUX.1-dev transformers on the meta device (no weights):
+attnctl finds every site with the right head counts and its processors install and restore."""
+
+from __future__ import annotations
+
+import pytest
+
+import attnctl
+from attnctl.configs import build_empty, transformer_config
+from attnctl.processors import AttnCtlFluxProcessor, AttnCtlJointProcessor
+
+EXPECTED = {
+    # name: (sites, heads per site, head_dim, kinds)
+    "sd3-medium": (24, 24, 64, {"sd3_joint": 24}),
+    "sd3.5-medium": (24 + 13, 24, 64, {"sd3_joint": 24, "sd3_image": 13}),
+    "sd3.5-large": (38, 38, 64, {"sd3_joint": 38}),
+    "flux.1-dev": (57, 24, 128, {"flux_double": 19, "flux_single": 38}),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_sites_and_processors_on_full_size_configs(name):
+    tr = build_empty(transformer_config(name))
+    n, heads, head_dim, kinds = EXPECTED[name]
+    sites = attnctl.list_sites(tr)
+    assert len(sites) == n
+    assert {s.heads for s in sites} == {heads} and {s.head_dim for s in sites} == {head_dim}
+    counts = {}
+    for s in sites:
+        counts[s.kind] = counts.get(s.kind, 0) + 1
+    assert counts == kinds
+    before = dict(tr.attn_processors)
+    probe = attnctl.AttentionProbe(tokens=[0])
+    with attnctl.attach(tr, [probe]) as ctl:
+        installed = tr.attn_processors
+        assert len(installed) == n
+        assert all(isinstance(p, (AttnCtlJointProcessor, AttnCtlFluxProcessor)) for p in installed.values())
+        assert all(p.site.name + ".processor" == key for key, p in installed.items())
+        assert len(ctl.sites) == n
+    assert tr.attn_processors == before
+
+
+def test_head_notation_on_flux_dev():
+    tr = build_empty(transformer_config("flux.1-dev"))
+    sites = attnctl.list_sites(tr)
+    hs = attnctl.HeadSet.parse(sites, ["L0H3", "L56H23", "single_transformer_blocks.0.attn/H0:2"])
+    assert hs.heads == {
+        "transformer_blocks.0.attn": (3,),
+        "single_transformer_blocks.37.attn": (23,),
+        "single_transformer_blocks.0.attn": (0, 1),
+    }
+    assert len(attnctl.select_sites(sites, "transformer_blocks.1")) == 1  # never blocks 10-18
