@@ -4,10 +4,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.attnctl-installed
+E2E_STAMP := $(VENV)/.attnctl-e2e-installed
 TORCH_CPU := torch==2.13.0
 PROMPT ?= a red circle to the left of a blue square
 
-.PHONY: setup demo test lint bench bench-quick clean
+.PHONY: setup e2e-setup demo test lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,13 +21,29 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# What the UI tests need: the ui and e2e extras (streamlit, playwright) and a Chromium for the browser test.
+# Chromium comes from Debian's package when root with apt; where it cannot be installed the browser test
+# skips with the reason (make does not fail). Playwright's own browser download is never used.
+$(E2E_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[dev,ui,e2e]"
+	touch $(E2E_STAMP)
+
+e2e-setup: $(E2E_STAMP)
+	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  ( DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    ( apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 ) ) || \
+	  echo "chromium could not be installed: the browser test will be skipped"; \
+	else echo "no chromium and no root apt-get: the browser test will be skipped"; fi
+
 demo: setup
 	$(BIN)/attnctl generate --model toy-sd3 --prompt "$(PROMPT)" --seed 0 --out out/demo.png
 
 lint: setup
 	$(BIN)/ruff check attnctl tests bench examples
 
-test: lint
+test: lint e2e-setup
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -2,6 +2,7 @@
 
 from .controller import Controller, attach
 from .controls import AttentionProbe, Control, control_from_json
+from .controls.regulation import AttentionRegulation
 from .controls.softpag import SoftPAG
 from .layout import TokenLayout
 from .processors import AttnCtlFluxProcessor, AttnCtlJointProcessor
@@ -11,6 +12,7 @@ from .toyworld import autoencoder as _autoencoder  # noqa: F401  (model_index.js
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionProbe", "AttnCtlFluxProcessor", "AttnCtlJointProcessor", "Control", "Controller", "HeadSet",
+    "AttentionProbe", "AttentionRegulation", "AttnCtlFluxProcessor", "AttnCtlJointProcessor", "Control", "Controller",
+    "HeadSet",
     "Site", "SoftPAG", "TokenLayout", "attach", "control_from_json", "list_sites", "select_sites",
 ]

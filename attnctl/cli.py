@@ -528,6 +528,34 @@ def run_pipeline(pipe, kwargs: dict[str, Any], controls: Sequence[Any]) -> list:
                            "check the size, steps, guidance and prompt options") from e
 
 
+# ---------------------------------------------------------------------------------------------- batch
+
+
+@app.command()
+@_handles_errors
+def batch(
+    file: Path = typer.Argument(..., help="The batch JSON file (schema: attnctl/schemas/batch.schema.json)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: out/<file name>)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help=f"toy-sd3, toy-flux, a pipeline folder or hub id (default: the file's, "
+                                    f"else {DEFAULT_MODEL})."),
+    processes: int = typer.Option(1, "--processes", "-j", min=1, help="Worker processes (torchrun-style, gloo on "
+                                                                      "CPU); or start with accelerate launch."),
+    device: str = typer.Option("auto", "--device", help="auto (each rank's accelerate device), cpu, cuda, ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
+    attention_backend: str | None = typer.Option(None, "--attention-backend", help="diffusers attention backend."),
+    offload: bool = typer.Option(False, "--offload", help="Model CPU offload for small GPUs (ignored on CPU)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads per process "
+                                                                      "(default: cores / processes)."),
+    check: bool = typer.Option(False, "--check", help="Validate the file and list its images; generate nothing."),
+) -> None:
+    """Generate every image of a JSON batch file: resumable, one PNG per image plus manifest.jsonl."""
+    from . import batch as batch_run
+
+    raise typer.Exit(batch_run.main(file, out, model, processes, device, dtype, attention_backend, offload, threads,
+                                    check, debug=_STATE["debug"]))
+
+
 # ---------------------------------------------------------------------------------------------- eval
 
 
@@ -779,6 +807,42 @@ def inspect(
     out_console.print(table)
     kinds = ", ".join(f"{n} {k}" for k, n in by_kind.items())
     out_console.print(f"{len(sites)} sites ({kinds}), {result['totals']['heads']} heads", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- ui
+
+
+@app.command()
+@_handles_errors
+def ui(
+    port: int = typer.Option(8501, "--port", min=1, max=65535, help="Port to serve the UI on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
+    model: str | None = typer.Option(None, "--model", "-m", help=f"Model to open with (default: {DEFAULT_MODEL})."),
+) -> None:
+    """Open the editing UI (Streamlit): generate, compare, look at attention, export."""
+    import os
+    import signal
+    import subprocess
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise AttnCtlError("the UI needs Streamlit, which is not installed", "pip install 'attnctl[ui]'")
+    from .ui import LOCAL_HOSTS, MODEL_ENV, streamlit_command
+
+    if host not in LOCAL_HOSTS:
+        _note(f"warning: serving on {host}: anyone who can reach this address can use the UI and this machine's "
+              "compute; the UI has no login. Use the default 127.0.0.1 unless you mean it.")
+    env = dict(os.environ)
+    if model:
+        env[MODEL_ENV] = model
+    out_console.print(f"attnctl ui on http://{'[' + host + ']' if ':' in host else host}:{port}  (Ctrl-C stops)",
+                      highlight=False)
+    proc = subprocess.Popen(streamlit_command(sys.executable, host, port), env=env)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())  # stopping attnctl ui stops the server
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reaches the server too (same process group); let it finish
+        code = proc.wait()
+    raise typer.Exit(0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code)
 
 
 # ---------------------------------------------------------------------------------------------- toy

@@ -192,7 +192,11 @@ class Controller:
             if ids is None:
                 return self.state.layout
             ids = ids[0] if ids.ndim == 3 else ids
-            grid = (int(ids[:, 1].max() - ids[:, 1].min()) + 1, int(ids[:, 2].max() - ids[:, 2].min()) + 1)
+            if ids.device.type == "meta":  # shape-only run: the positions are not known, assume a square
+                side = int(round(hidden.shape[1] ** 0.5))
+                grid = (side, side) if side * side == hidden.shape[1] else (1, hidden.shape[1])
+            else:
+                grid = (int(ids[:, 1].max() - ids[:, 1].min()) + 1, int(ids[:, 2].max() - ids[:, 2].min()) + 1)
         prompt, prompt_t5 = self._prompt or (None, None)
         if isinstance(prompt, list):
             prompt = prompt[0] if len(set(prompt)) == 1 else None
@@ -238,7 +242,8 @@ class Controller:
         if sched is not None and getattr(sched, "sigmas", None) is not None and step < len(sched.sigmas):
             sigma = float(sched.sigmas[step])
         t = kwargs.get("timestep")
-        t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) and t.numel() else t
+        if isinstance(t, torch.Tensor):  # meta tensors (shape-only runs) have no values
+            t = float(t.flatten()[0]) if t.numel() and t.device.type != "meta" else None
         self.set_step(step, t, sigma)
 
 

@@ -70,6 +70,13 @@ def perturbed_branch_weight(controls: Sequence[Any]) -> Callable[[int, int], flo
     branch = [c for c in controls if getattr(c, "perturbed_branch", False)]
     if not branch:
         return None
+    indexed = [c for c in branch if getattr(c.config, "branch", None) is not None]
+    if indexed:
+        raise ConfigError(
+            f"{type(indexed[0]).__name__}(branch={indexed[0].config.branch}) acts on rows 'perturbed[i]' of a batch "
+            "its caller builds (e.g. a head search); the pipelines build one perturbed branch",
+            fix="drop branch= when passing the control to a pipeline",
+        )
     scales = {repr(getattr(c.config, "scale", None)) for c in branch}
     if len(scales) > 1:
         raise ConfigError(
@@ -114,18 +121,19 @@ class PerturbedBranch:
         self._saved_forward: Any = None
         self._original: Any = None
         self.calls = 0  # transformer calls that ran perturbed rows (for tests and logs)
+        self._wrapper = self._forward  # one bound-method object, so __exit__ can recognise it
 
     def __enter__(self) -> PerturbedBranch:
         self._had_own_forward = "forward" in vars(self.transformer)
         self._saved_forward = vars(self.transformer).get("forward")
         self._original = self.transformer.forward  # may already be wrapped (offload hooks): keep the chain
-        self.transformer.forward = self._forward
+        self.transformer.forward = self._wrapper
         return self
 
     def __exit__(self, *exc: object) -> None:
         # Only undo our own wrapper: diffusers' offload hooks may have replaced the forward meanwhile
         # (``maybe_free_model_hooks`` re-installs them at the end of a call).
-        if vars(self.transformer).get("forward") is self._forward:
+        if vars(self.transformer).get("forward") is self._wrapper:
             if self._had_own_forward:
                 self.transformer.forward = self._saved_forward
             else:

@@ -159,3 +159,33 @@ def test_pipeline_end_to_end_equals_stock(sd35_pipe, flux_pipe):
         with attnctl.attach(pipe, []):
             b = pipe("a red circle", generator=torch.Generator().manual_seed(1), **kw).images
         assert abs(a - b).max() <= 1e-6
+
+
+class _Everything(attnctl.Control):
+    """A test control that uses every contribution type (on whatever device the call is on)."""
+
+    kind = "test-everything"
+
+    def contribute(self, call, q, k, v, state):
+        from attnctl.processors.contributions import DenseBias, KeyBias, OutputMix, Selection
+
+        cols = torch.arange(2, device=call.device) + call.text_slice().start
+        heads = torch.tensor([0], device=call.device)
+        return [
+            KeyBias(cols, torch.ones(1, 1, 1, 2, device=call.device), Selection(rows=call.image_slice())),
+            DenseBias(lambda r0, r1: torch.zeros(1, r1 - r0, 1, call.seq_len, device=call.device),
+                      Selection(heads=heads)),
+            OutputMix(lambda o, q_, k_, v_: 0.5 * o + 0.5 * v_[:, : o.shape[1]], Selection(heads=heads)),
+        ]
+
+
+@pytest.mark.parametrize("fixture", ["sd35_pipe", "flux_pipe"])
+def test_device_agnostic_on_the_meta_device(request, fixture):
+    """Shape-only run on the meta device with controls active: any tensor made on a fixed device would fail."""
+    pipe = request.getfixturevalue(fixture)
+    tr = copy.deepcopy(pipe.transformer).to("meta")
+    kw = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in transformer_inputs(tr).items()}
+    probe = attnctl.AttentionProbe(tokens=[0, 2])
+    with attnctl.attach(tr, [probe, _Everything()]):
+        out = tr(**kw)[0]
+    assert out.device.type == "meta" and probe._sum.device.type == "meta"

@@ -2,7 +2,9 @@
 
 from .base import CONTROL_TYPES, Control, ControlConfig, RunState, control_from_json, register
 from .probe import AttentionProbe
+from .regulation import AttentionRegulation
 from .softpag import SoftPAG
 
-__all__ = ["CONTROL_TYPES", "AttentionProbe", "Control", "ControlConfig", "RunState", "control_from_json",
+__all__ = ["CONTROL_TYPES", "AttentionProbe", "AttentionRegulation", "Control", "ControlConfig", "RunState",
+           "control_from_json",
            "register", "SoftPAG"]

@@ -37,6 +37,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import ConfigError, LayoutError, SiteError, UnsupportedModelError
+from ..processors.attend import fused_attention_with_lse
 from ..processors.contributions import KeyBias, Selection
 from ..schedules import bounded
 from ..sites import Site, select_sites
@@ -45,8 +46,8 @@ from .base import Control, ControlConfig, RunState, register
 JOINT_KINDS = ("sd3_joint", "flux_double", "flux_single")
 """Site kinds whose attention mixes image and text tokens (SD3.5 ``attn2`` is image-only)."""
 
-TEXT_CHUNK_ELEMS = 1 << 22
-"""Bound on the float32 logits held at once by the text log-sum-exp pass (16 MiB)."""
+TEXT_CHUNK_ELEMS = 1 << 20
+"""Bound on the query elements per chunk of the text log-sum-exp pass (4 MiB in float32)."""
 
 _TINY = 1e-30
 
@@ -188,66 +189,127 @@ def gaussian_basis(h: int, w: int, grid: int = 7, sigma: float = 1 / 16, device=
 
 
 @dataclass
-class RowMass:
-    """Per-row facts of the plain attention the maps need, all ``(batch, rows, heads)`` float32 logs.
+class RowTerms:
+    """What the maps of one regulated call depend on, per ``(batch, image row, head)``; float32 logs.
 
-    ``log_rest``: mass outside the target and special columns; ``log_special``: mass of the special
-    columns (−inf when none); ``log_text_rest``: mass of the other text columns (text normalisation only).
+    Every token of a word gets the word's bias, so only the plain mass of each word matters:
+    ``log_p[..., t] = log Σ_{c ∈ t} p_c``. With ``x_t = P_t · e^{b_t}`` the word's post-softmax map is
+
+        M_t = x_t / (α + γ · Σ_t' x_t')
+
+    where ``α`` and ``γ`` do not depend on the bias (see :func:`row_terms`); ``log Z''`` — the bias of the
+    restored columns — is ``log(rest + Σ x) − log(1 − P_special)``.
     """
 
-    log_rest: torch.Tensor
-    log_special: torch.Tensor
+    log_p: torch.Tensor  # (batch, rows, heads, words)
+    log_alpha: torch.Tensor  # (batch, rows, heads)
+    log_gamma: torch.Tensor
+    log_rest: torch.Tensor  # mass outside the target and special columns
     log_1m_special: torch.Tensor
-    log_text_rest: torch.Tensor | None
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return torch.exp(self.log_gamma)
 
 
-def row_mass(p_targets: torch.Tensor, p_special: torch.Tensor | None,
-             log_text_rest: torch.Tensor | None) -> RowMass:
-    """Build :class:`RowMass` from the plain probabilities of the target and special columns."""
-    pt = p_targets.sum(-1)
-    ps = p_special.sum(-1) if p_special is not None and p_special.shape[-1] else torch.zeros_like(pt)
-    return RowMass(
-        log_rest=torch.log((1.0 - pt - ps).clamp_min(_TINY)),
-        log_special=torch.log(ps),  # log(0) = -inf: no special column
-        log_1m_special=torch.log((1.0 - ps).clamp_min(_TINY)),
-        log_text_rest=log_text_rest,
-    )
+def row_terms(rel_targets: torch.Tensor, word_of: list[int], n_words: int, rel_special: torch.Tensor | None,
+              log_text_rest: torch.Tensor | None, normalize: str = "text", restore: bool = True) -> RowTerms:
+    """:class:`RowTerms` from the plain logits relative to the LSE (``s − lse``) of the target and special
+    columns, ``(batch, rows, heads, cols)``, and (``normalize="text"``) ``log Σ exp(s − lse)`` over the other
+    text columns.
 
+    ``α, γ`` by case (``P_T``: plain target mass, ``P_S``: special mass, ``R``: other text mass)::
 
-def biased_maps(a: torch.Tensor, mass: RowMass, onehot: torch.Tensor, normalize: str = "text",
-                restore: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-softmax maps of the target words under a bias, and the log-normaliser of the row.
-
-    ``a = s_c − lse + b_c`` are the biased logits of the target columns relative to the plain LSE,
-    ``(batch, rows, heads, cols)``; ``onehot`` ``(cols, words)`` sums columns into words. Returns
-    ``maps (batch, rows, heads, words)`` and ``log Z''`` ``(batch, rows, heads)``: with ``restore`` the
-    special columns get the bias ``log Z''`` so that their final probability equals the plain one.
-    All in log space, so large biases do not overflow.
+        joint, restore:   α = (1 − P_T − P_S) / (1 − P_S)        γ = 1 / (1 − P_S)
+        joint:            α = 1 − P_T                           γ = 1
+        text,  restore:   α = R + P_S (1 − P_T − P_S)/(1 − P_S)  γ = 1 / (1 − P_S)
+        text:             α = R + P_S                           γ = 1
     """
-    e = torch.logsumexp(a, dim=-1)  # log Σ_c p_c e^{b_c}
-    if restore:
-        log_z = torch.logaddexp(mass.log_rest, e) - mass.log_1m_special
-        special_term = mass.log_special + log_z
-    else:
-        log_z = torch.logaddexp(torch.logaddexp(mass.log_rest, mass.log_special), e)
-        special_term = mass.log_special
+    cols = torch.tensor(word_of, device=rel_targets.device)
+    log_p = torch.stack([torch.logsumexp(rel_targets[..., cols == t], dim=-1) for t in range(n_words)], dim=-1)
+    p_t = torch.exp(log_p).sum(-1)
+    has_special = rel_special is not None and rel_special.shape[-1] > 0
+    p_s = torch.exp(rel_special).sum(-1) if has_special else torch.zeros_like(p_t)
+    log_s = torch.log(p_s)  # -inf without special columns
+    log_rest = torch.log((1.0 - p_t - p_s).clamp_min(_TINY))
+    log_1ms = torch.log((1.0 - p_s).clamp_min(_TINY))
     if normalize == "joint":
-        log_den = log_z
+        log_alpha = log_rest - log_1ms if restore else torch.log((1.0 - p_t).clamp_min(_TINY))
     else:
-        if mass.log_text_rest is None:
+        if log_text_rest is None:
             raise ValueError("text normalisation needs the log-mass of the other text columns")
-        log_den = torch.logsumexp(torch.stack([mass.log_text_rest, e, special_term]), dim=0)
-    m = torch.exp(a - log_den[..., None])
-    return m @ onehot, log_z
+        log_alpha = torch.logaddexp(log_text_rest, log_s + log_rest - log_1ms if restore else log_s)
+    log_gamma = -log_1ms if restore else torch.zeros_like(log_1ms)
+    return RowTerms(log_p, log_alpha, log_gamma, log_rest, log_1ms)
+
+
+def word_maps(terms: RowTerms, bias: torch.Tensor) -> torch.Tensor:
+    """Post-softmax maps ``M_t`` ``(batch, rows, heads, words)`` of the words under a per-word ``bias``
+    ``(batch, rows, heads or 1, words)``; in log space, so large biases do not overflow."""
+    lx = terms.log_p + bias
+    log_den = torch.logaddexp(terms.log_alpha, terms.log_gamma + torch.logsumexp(lx, dim=-1))
+    return torch.exp(lx - log_den[..., None])
+
+
+def restore_bias(terms: RowTerms, bias: torch.Tensor) -> torch.Tensor:
+    """``log Z''`` ``(batch, rows, heads)``: the bias that gives the special columns their plain probability."""
+    return torch.logaddexp(terms.log_rest, torch.logsumexp(terms.log_p + bias, dim=-1)) - terms.log_1m_special
 
 
 def map_loss(maps: torch.Tensor, cfg: RegulationConfig, n: int) -> torch.Tensor:
     """The quantile and mean terms of the loss per batch row, for maps ``(batch, rows, heads', words)``."""
     tau = cfg.tau if cfg.tau is not None else min(1.0, 0.2 * n)
-    qv = torch.quantile(maps, cfg.q_level, dim=1)  # (batch, heads', words)
+    qv = torch.quantile(maps, cfg.q_level, dim=1)  # (batch, heads', words), linear interpolation
     mean = maps.mean(dim=1)
     return (cfg.w_quantile * ((qv - cfg.q) ** 2).mean(dim=(1, 2))
             + cfg.w_mean * ((mean - tau / n) ** 2).mean(dim=(1, 2)))
+
+
+def loss_and_grad(terms: RowTerms, w: torch.Tensor, basis: torch.Tensor, cfg: RegulationConfig,
+                  grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The regulation loss of ``W`` ``(batch, heads or 1, words, K)`` per batch row, its map part, and
+    ``∂L/∂W`` in closed form (no autograd graph: a few small tensor ops per iteration).
+
+    With ``g_t(r) = ∂L/∂map_t(r)`` and ``∂M_t/∂b_u = M_t (δ_tu − γ M_u)``::
+
+        ∂L/∂b_u(r) = mean_h M_u (g_u − γ Σ_t g_t M_t)        (shared bias; per head: no mean)
+        ∂L/∂W[u, k] = Σ_r ∂L/∂b_u(r) · G_k(r) + 2 w_reg W[u, k] / |W|
+    """
+    nb, hb, n, k = w.shape
+    bias = (w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
+    m = word_maps(terms, bias)  # (batch, N, H, words)
+    maps = m if cfg.per_head else m.mean(dim=2, keepdim=True)  # (batch, N, hm, words)
+    n_img, hm = maps.shape[1], maps.shape[2]
+    tau = cfg.tau if cfg.tau is not None else min(1.0, 0.2 * n)
+    pos = cfg.q_level * (n_img - 1)
+    lo, frac = int(math.floor(pos)), pos - math.floor(pos)
+    v_lo, i_lo = torch.kthvalue(maps, lo + 1, dim=1)  # (batch, hm, words)
+    if frac > 0:
+        v_hi, i_hi = torch.kthvalue(maps, lo + 2, dim=1)
+        qv = v_lo + frac * (v_hi - v_lo)
+    else:
+        qv, i_hi = v_lo, None
+    mean = maps.mean(dim=1)
+    map_part = (cfg.w_quantile * ((qv - cfg.q) ** 2).mean(dim=(1, 2))
+                + cfg.w_mean * ((mean - tau / n) ** 2).mean(dim=(1, 2)))
+    loss = map_part + cfg.w_reg * (w**2).mean(dim=(1, 2, 3))
+    if not grad:
+        return loss, map_part, None
+    norm = hm * n
+    g = (2 * cfg.w_mean / (norm * n_img)) * (mean - tau / n)  # ∂/∂map_t(r), the same for every r
+    g = g[:, None].expand(nb, n_img, hm, n).clone()
+    gq = (2 * cfg.w_quantile / norm) * (qv - cfg.q)
+    g.scatter_add_(1, i_lo[:, None], (gq * (1 - frac))[:, None])
+    if i_hi is not None:
+        g.scatter_add_(1, i_hi[:, None], (gq * frac)[:, None])
+    if not cfg.per_head:
+        g = g / m.shape[2]  # the map is the mean over heads
+    gamma = terms.gamma[..., None]
+    gb = m * (g - gamma * (g * m).sum(-1, keepdim=True))  # (batch, N, H, words)
+    if not cfg.per_head:
+        gb = gb.sum(dim=2, keepdim=True)
+    gw = gb.permute(0, 2, 3, 1) @ basis.T + (2 * cfg.w_reg / (hb * n * k)) * w  # (batch, hb, words, K)
+    return loss, map_part, gw
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -259,9 +321,10 @@ class RegulationRecord:
 
     site: str
     step: int
-    losses: list[float]  # L(W_0), ..., L(W_iterations)
-    best: int  # index of the iterate applied
-    map_loss: float  # quantile + mean terms of the applied iterate (before smoothing)
+    losses: list[float]  # L(W_0), ..., L(W_iterations), mean over the rows
+    best: list[int]  # per regulated batch row: index of the iterate applied
+    best_loss: float  # L of the applied iterates (mean over the rows)
+    map_loss: float  # quantile + mean terms of the applied iterates (before smoothing)
     max_bias: float  # largest |bias| applied (after smoothing and decay)
 
 
@@ -323,8 +386,7 @@ class AttentionRegulation(Control):
 
     def begin_run(self, state: RunState) -> None:
         self.reset()
-        if isinstance(self._steps, object) and hasattr(self._steps, "reset"):
-            self._steps.reset()
+        self._steps.reset()
         layout = state.layout
         if layout is not None and any(seg.words for seg in layout.segments):
             self._resolve(layout, layout.text_len)  # fail early on absent words
@@ -340,10 +402,12 @@ class AttentionRegulation(Control):
                 fix="run through attnctl.attach(pipe, ...) or an attnctl pipeline with one prompt per call, or "
                     "give Controller(..., layout=TokenLayout(...)) with word positions")
         segs = tuple(cfg.segments) if cfg.segments else None
-        positions, word_of, words = [], [], []
+        positions: list[int] = []
+        word_of: list[int] = []
+        words: list[str] = []
         for w in cfg.targets:
             try:
-                pos = layout.word_tokens(w, segs)
+                pos = [p for p in layout.word_tokens(w, segs) if p not in positions]  # a token counts once
             except LayoutError:
                 if cfg.missing == "ignore":
                     continue
@@ -354,6 +418,8 @@ class AttentionRegulation(Control):
                     f"AttentionRegulation: the target word {w!r} is not in {where}{seg_note}",
                     fix=f"name only words of the prompt in targets=[...] (this prompt has: {known}), or pass "
                         "missing='ignore' to regulate the targets that are present") from None
+            if not pos:
+                continue
             positions.extend(pos)
             word_of.extend([len(words)] * len(pos))
             words.append(w)
@@ -361,14 +427,15 @@ class AttentionRegulation(Control):
         if bad:
             raise LayoutError(f"AttentionRegulation: token positions {bad} are outside the {n_text} text tokens",
                               fix="check that the layout matches the transformer's text length")
-        if cfg.special_tokens is not None:
+        if not cfg.restore_special:
+            special = []
+        elif cfg.special_tokens is not None:
             special = [p for p in cfg.special_tokens if p not in positions]
             if any(p >= n_text for p in special):
                 raise ConfigError(f"AttentionRegulation: special_tokens {special} reach past the {n_text} text "
                                   "tokens", fix="give text-relative positions below the text length")
         else:
-            special = special_positions(layout) if cfg.restore_special else []
-            special = [p for p in special if p not in positions and p < n_text]
+            special = [p for p in special_positions(layout) if p not in positions and p < n_text]
         self._layout, self._targets = layout, _Targets(positions, word_of, words, sorted(set(special)))
         return self._targets
 
@@ -390,8 +457,7 @@ class AttentionRegulation(Control):
                 f"AttentionRegulation: {call.site.name} has {call.n_image} image tokens but the run's image grid "
                 f"is {grid}", fix="pass height/width the model supports, or a layout whose grid matches")
         start = call.text_slice().start
-        special = tg.special if self.config.restore_special else []
-        cols = torch.tensor([start + p for p in tg.positions + special], dtype=torch.long, device=call.device)
+        cols = torch.tensor([start + p for p in tg.positions + tg.special], dtype=torch.long, device=call.device)
         img = call.image_slice()
         n_t = len(tg.positions)
 
@@ -404,70 +470,49 @@ class AttentionRegulation(Control):
         cfg = self.config
         nb, n_img, heads, n_cols = logits.shape
         if cfg.iterations == 0:
-            rec = RegulationRecord(call.site.name, state.step, [], -1, float("nan"), 0.0)
+            rec = RegulationRecord(call.site.name, state.step, [], [], float("nan"), float("nan"), 0.0)
             self.records.append(rec)
             return torch.zeros((1, 1, 1, n_cols), dtype=torch.float32, device=logits.device)
-        with torch.inference_mode(False):
-            logits, lse = logits.detach().clone(), lse.detach().clone()
-            rel = logits - lse[..., None]  # log p of the selected columns
-            s_t, s_s = rel[..., :n_t], rel[..., n_t:]
-            log_text_rest = None
-            if cfg.normalize == "text":
-                log_text_rest = _text_rest_lse(q, k, batch, img, call.text_slice(),
-                                               tg.positions + tg.special, lse)
-            mass = row_mass(torch.exp(s_t), torch.exp(s_s) if s_s.shape[-1] else None, log_text_rest)
-            n_words = len(tg.words)
-            onehot = torch.zeros(n_t, n_words, device=logits.device)
-            onehot[torch.arange(n_t), torch.tensor(tg.word_of)] = 1.0
-            word_of = torch.tensor(tg.word_of, device=logits.device)
-            key = (grid, cfg.grid, cfg.sigma, str(logits.device))
-            if key not in self._basis:
-                self._basis[key] = gaussian_basis(grid[0], grid[1], cfg.grid, cfg.sigma, logits.device)
-            basis = self._basis[key]
-            hb = heads if cfg.per_head else 1
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + call.site.index * 1009 + state.step)
-            w = torch.rand((nb, hb, n_words, basis.shape[0]), generator=gen).to(logits.device)
-            restore = bool(tg.special) and cfg.restore_special
-
-            def loss_of(w_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                b = torch.einsum("bhtk,kn->bnht", w_, basis)  # (nb, N, hb, words)
-                maps, _ = biased_maps(s_t + b[..., word_of], mass, onehot, cfg.normalize, restore)
-                if not cfg.per_head:
-                    maps = maps.mean(dim=2, keepdim=True)
-                ml = map_loss(maps, cfg, n_words)
-                return ml + cfg.w_reg * (w_ ** 2).mean(dim=(1, 2, 3)), ml
-
-            losses, best_w = [], w.clone()
-            best_loss = torch.full((nb,), float("inf"), device=logits.device)
-            best_ml = torch.zeros(nb, device=logits.device)
-            best_idx = torch.zeros(nb, dtype=torch.long, device=logits.device)
-            for i in range(cfg.iterations + 1):
-                last = i == cfg.iterations
-                with torch.set_grad_enabled(not last):
-                    w_ = w.requires_grad_(not last)
-                    loss, ml = loss_of(w_)
-                    grad = None if last else torch.autograd.grad(loss.sum(), w_)[0]
-                loss, ml = loss.detach(), ml.detach()
-                losses.append(loss.mean())
-                better = (loss < best_loss) if cfg.keep_best else torch.ones_like(loss, dtype=torch.bool)
-                best_loss = torch.where(better, loss, best_loss)
-                best_ml = torch.where(better, ml, best_ml)
-                best_idx = torch.where(better, torch.full_like(best_idx, i), best_idx)
-                best_w = torch.where(better[:, None, None, None], w.detach(), best_w)
-                if grad is not None:
-                    w = (w.detach() - cfg.lr * grad).detach()
-            new = torch.einsum("bhtk,kn->bnht", best_w, basis)  # (nb, N, hb, words)
-            applied = self._smooth(call.site.name, state.step, new) * cfg.decay ** state.step
-            b_cols = applied[..., word_of].expand(nb, n_img, heads, n_t)
-            if restore:
-                _, log_z = biased_maps(s_t + b_cols, mass, onehot, cfg.normalize, restore)
-                bias = torch.cat([b_cols, log_z[..., None].expand(nb, n_img, heads, n_cols - n_t)], dim=-1)
-            else:
-                bias = torch.cat([b_cols, torch.zeros(nb, n_img, heads, n_cols - n_t, device=logits.device)], -1)
-            best = int(best_idx.float().mean().round().item()) if nb else 0
-            self.records.append(RegulationRecord(call.site.name, state.step, torch.stack(losses).tolist(), best,
-                                                 float(best_ml.mean()), float(applied.abs().max())))
-        return bias.detach()
+        dev = logits.device
+        rel = logits.detach() - lse.detach()[..., None]  # log p of the selected columns
+        log_text_rest = None
+        if cfg.normalize == "text":
+            log_text_rest = _text_rest_lse(q, k, batch, img, call.text_slice(), tg.positions + tg.special, lse)
+        n_words = len(tg.words)
+        restore = bool(tg.special)
+        terms = row_terms(rel[..., :n_t], tg.word_of, n_words, rel[..., n_t:], log_text_rest, cfg.normalize,
+                          restore)
+        key = (grid, cfg.grid, cfg.sigma, str(dev))
+        if key not in self._basis:
+            self._basis[key] = gaussian_basis(grid[0], grid[1], cfg.grid, cfg.sigma, dev)
+        basis = self._basis[key]
+        hb = heads if cfg.per_head else 1
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + call.site.index * 1009 + state.step)
+        w = torch.rand((nb, hb, n_words, basis.shape[0]), generator=gen).to(dev)
+        losses = []
+        best_w, best_loss = w, torch.full((nb,), float("inf"), device=dev)
+        best_ml, best_idx = torch.zeros(nb, device=dev), torch.zeros(nb, dtype=torch.long, device=dev)
+        for i in range(cfg.iterations + 1):  # L(W_0), step, ..., L(W_iterations)
+            last = i == cfg.iterations
+            loss, ml, gw = loss_and_grad(terms, w, basis, cfg, grad=not last)
+            losses.append(loss.mean())
+            better = (loss < best_loss) if cfg.keep_best else torch.ones_like(loss, dtype=torch.bool)
+            best_loss = torch.where(better, loss, best_loss)
+            best_ml = torch.where(better, ml, best_ml)
+            best_idx = torch.where(better, torch.full_like(best_idx, i), best_idx)
+            best_w = torch.where(better[:, None, None, None], w, best_w)
+            if gw is not None:
+                w = w - cfg.lr * gw
+        new = (best_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
+        applied = self._smooth(call.site.name, state.step, new) * cfg.decay**state.step
+        word_of = torch.tensor(tg.word_of, device=dev)
+        parts = [applied[..., word_of].expand(nb, n_img, heads, n_t)]
+        if restore:
+            parts.append(restore_bias(terms, applied)[..., None].expand(nb, n_img, heads, n_cols - n_t))
+        self.records.append(RegulationRecord(
+            call.site.name, state.step, torch.stack(losses).tolist(), best_idx.tolist(),
+            float(best_loss.mean()), float(best_ml.mean()), float(applied.abs().max())))
+        return torch.cat(parts, dim=-1)
 
     def _smooth(self, site: str, step: int, new: torch.Tensor) -> torch.Tensor:
         """``smoothing · previous step's bias + (1 − smoothing) · new`` (the first time: ``new``), per site."""
@@ -506,26 +551,26 @@ def special_positions(layout) -> list[int]:
 
 def _text_rest_lse(q, k, batch, img: slice, text: slice, exclude: list[int], lse: torch.Tensor,
                    max_elems: int = TEXT_CHUNK_ELEMS) -> torch.Tensor:
-    """``log Σ_{text \\ exclude} exp(s − lse)`` for the selected image rows, ``(batch, rows, heads)``, in chunks."""
-    kt = k[:, text]
+    """``log Σ_{text \\ exclude} exp(s − lse)`` for the selected image rows, ``(batch, rows, heads)``.
+
+    The fused kernel over the remaining text keys gives their log-sum-exp (its output is discarded); query
+    rows go in chunks of at most ``max_elems`` elements, so the extra memory stays bounded.
+    """
+    n_text = text.stop - text.start
+    keep = torch.ones(n_text, dtype=torch.bool)
+    keep[torch.tensor(exclude, dtype=torch.long)] = False
+    if not keep.any():
+        return torch.full_like(lse, float("-inf"))
+    kt = k[:, text].index_select(1, keep.nonzero().flatten().to(k.device))
     if batch is not None:
         kt = kt.index_select(0, batch)
-    kt = kt.float()
-    nb, n_text, heads, d = kt.shape
-    mask = torch.zeros(n_text, device=kt.device)
-    if exclude:
-        mask[torch.tensor(exclude, device=kt.device)] = float("-inf")
-    if len(exclude) >= n_text:
-        return torch.full_like(lse, float("-inf"))
-    scale = 1.0 / math.sqrt(d)
+    nb, _, heads, d = kt.shape
     n_img = img.stop - img.start
-    chunk = max(1, max_elems // max(1, nb * heads * n_text))
+    chunk = max(1, max_elems // max(1, nb * heads * d))
     out = []
     for r0 in range(0, n_img, chunk):
-        r1 = min(n_img, r0 + chunk)
-        qc = q[:, img.start + r0 : img.start + r1]
+        qc = q[:, img.start + r0 : img.start + min(n_img, r0 + chunk)]
         if batch is not None:
             qc = qc.index_select(0, batch)
-        s = torch.einsum("brhd,bthd->brht", qc.float(), kt) * scale + mask
-        out.append(torch.logsumexp(s, dim=-1))
+        out.append(fused_attention_with_lse(qc, kt, kt)[1])
     return torch.cat(out, dim=1) - lse

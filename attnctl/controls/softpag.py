@@ -95,6 +95,8 @@ class SoftPAGConfig(ControlConfig):
     scope: Scope = Field("joint", description="joint: the whole joint map (paper's code); image: image→image "
                                               "block only (diffusers' SD3 PAG)")
     scale: ScheduleField = Field(3.0, description="guidance weight w of ε_cfg + w·(ε_cond − ε_ptb), a schedule")
+    branch: int | None = Field(None, ge=0, description="act only on rows with role 'perturbed[<branch>]' (a search "
+                                                       "batching several candidate sets); None: every perturbed row")
 
     @field_validator("heads", mode="before")
     @classmethod
@@ -105,6 +107,10 @@ class SoftPAGConfig(ControlConfig):
     def _dump_heads(self, v: Any) -> Any:
         return v.to_json() if isinstance(v, HeadSet) else list(v)
 
+    @field_serializer("u", "scale")
+    def _dump_schedule(self, v: Any) -> Any:
+        return v.to_json()
+
 
 @register
 class SoftPAG(Control):
@@ -113,7 +119,9 @@ class SoftPAG(Control):
     ``SoftPAG(heads=["L3H1", "L5H0:4"], u=0.5, target="identity", scope="joint", scale=3.0)``.
     ``u = 1``, ``target="identity"``, ``scope="image"`` on all heads of a layer is diffusers' layer-level
     PAG for SD3. A search builds one per candidate set cheaply: ``SoftPAG(heads=HeadSet({...}))`` (or
-    :meth:`from_pairs`) does no model work; sites and heads resolve once when a controller binds it.
+    :meth:`from_pairs`) does no model work; sites and heads resolve once when a controller binds it. To score
+    several candidate sets in one batched forward, give each its own ``branch=i`` and the batch rows the roles
+    ``"perturbed[i]"`` (``Controller(..., roles=["cond", "perturbed[0]", "perturbed[1]", ...])``).
     """
 
     kind = "softpag"
@@ -125,7 +133,7 @@ class SoftPAG(Control):
         super().__init__(**kwargs)
         self.head_set: HeadSet | None = self.config.heads if isinstance(self.config.heads, HeadSet) else None
         self._heads: dict[str, tuple[int, ...]] = {}
-        self._head_index: dict[tuple[str, Any], torch.Tensor] = {}
+        self._head_index: dict[str, None | slice | tuple[int, ...]] = {}
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[str, int]], **settings: Any) -> SoftPAG:
@@ -174,43 +182,83 @@ class SoftPAG(Control):
         u = self.strength(state.step, state.num_steps)
         if u == 0:
             return []
-        batch = state.rows_with(("perturbed",), call.batch, call.device)
+        role = "perturbed" if self.config.branch is None else f"perturbed[{self.config.branch}]"
+        batch = state.rows_with((role,), call.batch, call.device)
         if batch is not None and len(batch) == 0:
             return []
-        key = (call.site.name, call.device)
-        heads = self._head_index.get(key)
-        if heads is None:
-            hs = self._heads[call.site.name]
-            heads = None if len(hs) == call.site.heads else torch.tensor(hs, dtype=torch.long, device=call.device)
-            self._head_index[key] = heads
+        heads = self._head_spec(call.site)
         if self.config.scope == "joint":
-            fn = _JOINT[self.config.target]
-            return [OutputMix(lambda o, q_, k_, v_: fn(o, q_, k_, v_, u), Selection(batch, None, heads))]
-        img, txt = call.image_slice(), call.text_slice()
-        target = self.config.target
-        mix = (lambda o, q_, k_, v_: image_scope_mix(o, q_, k_, v_, u, target, img, txt))
-        return [OutputMix(mix, Selection(batch, img, heads))]
+            fn, rows = _JOINT[self.config.target], None
+        else:
+            img, txt, target = call.image_slice(), call.text_slice(), self.config.target
+
+            def fn(o, q_, k_, v_, u_):
+                return image_scope_mix(o, q_, k_, v_, u_, target, img, txt)
+
+            rows = img
+        # The heads are picked inside the mix (``_on_heads``), not through ``Selection.heads``: the generic
+        # head gather/scatter of ``attend`` costs more than the whole mix at real layer sizes on CPU.
+        return [OutputMix(_on_heads(fn, heads, u), Selection(batch, rows, None))]
+
+    def _head_spec(self, site: Site) -> None | slice | tuple[int, ...]:
+        """The site's heads as ``None`` (all), a slice (evenly spaced: a view, no copy) or a tuple."""
+        spec = self._head_index.get(site.name)
+        if spec is None and site.name not in self._head_index:
+            hs = self._heads[site.name]
+            steps = {b - a for a, b in zip(hs, hs[1:], strict=False)}
+            if len(hs) == site.heads:
+                spec = None
+            elif len(steps) <= 1:
+                spec = slice(hs[0], hs[-1] + 1, steps.pop() if steps else 1)
+            else:
+                spec = hs
+            self._head_index[site.name] = spec
+        return spec
+
+
+def _take_heads(x: torch.Tensor, heads: slice | tuple[int, ...]) -> torch.Tensor:
+    if isinstance(heads, slice):
+        return x[:, :, heads]  # a view
+    return torch.stack([x[:, :, h] for h in heads], dim=2)
+
+
+def _on_heads(fn, heads: None | slice | tuple[int, ...], u: float):
+    """``fn(out, q, k, v, u)`` applied to ``heads`` only; the other heads of ``out`` come back unchanged."""
+    if heads is None:
+        return lambda out, q, k, v: fn(out, q, k, v, u).to(out.dtype)
+
+    def mix(out, q, k, v):
+        new = fn(*(_take_heads(x, heads) for x in (out, q, k, v)), u).to(out.dtype)
+        if isinstance(heads, slice):
+            return torch.slice_scatter(out, new, dim=2, start=heads.start, end=heads.stop, step=heads.step)
+        res = out.clone()
+        for j, h in enumerate(heads):
+            res[:, :, h] = new[:, :, j]
+        return res
+
+    return mix
 
 
 # ------------------------------------------------------------------------------------------- closed forms
-# ``out`` is (b, rows, h, d) for the mixed rows; q, k, v are (b, S, h, d) for the whole sequence. Math in
-# float32; the processor casts back to the model dtype.
+# ``out`` is (b, rows, h, d) for the mixed rows; q, k, v are (b, S, h, d) for the whole sequence. Small
+# per-row factors in float32; few passes over the (rows, h, d) tensors.
 
 
-def _mix(out: torch.Tensor, target: torch.Tensor, u: float) -> torch.Tensor:
+def _lerp(out: torch.Tensor, target: torch.Tensor, u: float) -> torch.Tensor:
+    """``(1 − u)·out + u·target`` (``target`` may broadcast over rows)."""
     if u == 1:
-        return target.expand_as(out).float()
-    return torch.lerp(out.float(), target.float().expand_as(out), u)
+        return target.expand_as(out)
+    return torch.lerp(out.float(), target.float(), u)
 
 
 def joint_identity(out, q, k, v, u: float):
     """``A ← (1−u)A + u·I``: each row's own value."""
-    return _mix(out, v, u)
+    return _lerp(out, v, u)
 
 
 def joint_uniform(out, q, k, v, u: float):
     """``A ← (1−u)A + u·(1/N)``: the mean of all values."""
-    return _mix(out, v.float().mean(1, keepdim=True), u)
+    return _lerp(out, v.float().mean(1, keepdim=True), u)
 
 
 def _one_query_attention(qbar: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +273,7 @@ def _one_query_attention(qbar: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 def joint_mean_query(out, q, k, v, u: float):
     """``A ← (1−u)A + u·softmax(q̄Kᵀ/√d)`` (every row the mean query's distribution)."""
     o, _ = _one_query_attention(q.float().mean(1), k, v)
-    return _mix(out, o, u)
+    return _lerp(out, o, u)
 
 
 _JOINT = {"identity": joint_identity, "uniform": joint_uniform, "mean_query": joint_mean_query}
@@ -233,25 +281,32 @@ _JOINT = {"identity": joint_identity, "uniform": joint_uniform, "mean_query": jo
 
 def image_scope_mix(out, q, k, v, u: float, target: str, img: slice, txt: slice):
     """Image rows: ``(1−u)·out + u·target``, the target being attention over the text keys (own logits) and
-    the image block replaced per ``target``, collapsed to one virtual key ``(c_i, w_i)`` and combined with
-    fused attention over the text keys by log-sum-exp."""
-    qi, ki, vi = q[:, img].float(), k[:, img].float(), v[:, img].float()
+    the image block replaced per ``target``, collapsed to one virtual key (logit ``c``, value ``w``) and
+    combined with fused attention over the text keys by log-sum-exp::
+
+        target = a·w + b·o_text,   a = exp(c − L),  b = exp(lse_text − L),  L = logaddexp(c, lse_text)
+    """
+    qi, ki, vi = q[:, img], k[:, img], v[:, img]
     n_img, d = qi.shape[1], qi.shape[-1]
     if target == "identity":  # only the query's own key
-        c = (qi * ki).sum(-1) / math.sqrt(d)  # (b, N_img, h)
+        c = torch.einsum("bnhd,bnhd->bnh", qi.float(), ki.float()) / math.sqrt(d)  # (b, N_img, h)
         w = vi
     elif target == "uniform":  # every image key with the row's mean image logit
-        c = torch.einsum("bnhd,bhd->bnh", qi, ki.mean(1)) / math.sqrt(d) + math.log(n_img)
-        w = vi.mean(1, keepdim=True)
+        c = torch.einsum("bnhd,bhd->bnh", qi.float(), ki.float().mean(1)) / math.sqrt(d) + math.log(n_img)
+        w = vi.float().mean(1, keepdim=True)
     elif target == "mean_query":  # the image keys with the mean image query's logits
-        w, lse_q = _one_query_attention(qi.mean(1), ki, vi)
+        w, lse_q = _one_query_attention(qi.float().mean(1), ki, vi)
         c = lse_q[:, None].expand(-1, n_img, -1)
     else:
         raise ConfigError(f"unknown SoftPAG target {target!r}")
     if txt.stop - txt.start == 0:  # image-only attention (SD3.5 attn2): the virtual key is all there is
-        tgt = w
-    else:
-        o_t, lse_t = fused_attention_with_lse(qi, k[:, txt].float(), v[:, txt].float())
-        lse = torch.logaddexp(c, lse_t)
-        tgt = torch.exp(c - lse)[..., None] * w + torch.exp(lse_t - lse)[..., None] * o_t.float()
-    return _mix(out, tgt, u)
+        return _lerp(out, w, u)
+    o_t, lse_t = fused_attention_with_lse(qi, k[:, txt], v[:, txt])
+    lse = torch.logaddexp(c, lse_t)
+    a = (torch.exp(c - lse) * u)[..., None]  # small (b, N_img, h, 1) factors, u folded in
+    b = (torch.exp(lse_t - lse) * u)[..., None]
+    res = o_t.float() * b
+    res.addcmul_(w.float(), a)
+    if u != 1:
+        res.add_(out.float(), alpha=1 - u)
+    return res

@@ -160,6 +160,11 @@ def _put(t: torch.Tensor, where: Selection, value: torch.Tensor) -> torch.Tensor
     return t.index_put((b[:, None, None], r[None, :, None], h[None, None, :]), value.to(t.dtype))
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    """False on the meta device (shape-only runs), where data-dependent shortcuts cannot be taken."""
+    return t.device.type != "meta"
+
+
 def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tensor,
            cols: torch.Tensor, B: int, S: int, H: int, n_keys: int) -> torch.Tensor | None:
     """The additive bias ``c`` puts on logits ``[b, r0:r1, h, cols]`` (float32), or ``None`` if none."""
@@ -181,7 +186,7 @@ def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.T
         nh = H if c.where.heads is None else len(c.where.heads)
         src = src.expand(nb, hi - lo, nh, src.shape[-1])
     ok_b, ok_h, ok_c = bp >= 0, hp >= 0, cp >= 0
-    if not (ok_b.any() and ok_h.any() and ok_c.any()):
+    if _has_values(bp) and not (ok_b.any() and ok_h.any() and ok_c.any()):
         return None
     vals = src[bp.clamp(min=0)][:, :, hp.clamp(min=0)][..., cp.clamp(min=0)]
     keep = ok_b[:, None, None, None] & ok_h[None, None, :, None] & ok_c[None, None, None, :]

@@ -476,7 +476,9 @@ def train(
     ckpt = None
     if resume:
         if not ckpt_path.exists():
-            raise ConfigError(f"no checkpoint to resume from: {ckpt_path} does not exist", "train with resume=False first")
+            raise ConfigError(
+                f"no checkpoint to resume from: {ckpt_path} does not exist", "train with resume=False first"
+            )
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         a = ToyArch(**ckpt["arch"])
         hp = ckpt["hparams"]
@@ -542,55 +544,61 @@ def train(
             },
         )
 
-    log = open(out / LOG_NAME, "a")
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"train {hparams['model']}", dynamic_ncols=True)
-    smooth = None
-    window: list[float] = []
-    t_last = time.perf_counter()
-    stopped_by_time = False
-    try:
-        while step < steps:
-            if budget is not None and elapsed >= budget:
-                stopped_by_time = True
-                break
-            progress_frac = step / steps
-            if budget is not None:
-                progress_frac = max(progress_frac, elapsed / budget)
-            cur_lr = _lr_at(step, progress_frac, lr, warmup)
-            for g in opt.param_groups:
-                g["lr"] = cur_lr
-            captions, images = make_batch(seed * 1_000_003 + step, batch, a.resolution, caption_dropout)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            loss = flow_matching_loss(pipe, captions, images, a, gen, time_sampling)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else None
-            opt.step()
-            if ema is not None:
-                ema.update(trainable, step)
-            step += 1
-            now = time.perf_counter()
-            elapsed += now - t_last
-            t_last = now
-            lv = float(loss.detach())
-            window.append(lv)
-            smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
-            bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{cur_lr:.2e}", refresh=False)
-            if step % log_every == 0 or step == steps:
-                rec = {
-                    "step": step,
-                    "loss": float(np.mean(window)),
-                    "lr": cur_lr,
-                    "grad_norm": None if gnorm is None else float(gnorm),
-                    "elapsed": round(elapsed, 1),
-                }
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                window = []
-            if step % checkpoint_every == 0:
-                checkpoint()
-                t_last = time.perf_counter()  # checkpoint I/O does not count against the budget
+    with open(out / LOG_NAME, "a") as log:
+        desc = f"train {hparams['model']}"
+        bar = tqdm(total=steps, initial=step, disable=not progress, desc=desc, dynamic_ncols=True)
+        smooth = None
+        window: list[float] = []
+        t_last = time.perf_counter()
+        stopped_by_time = False
+        try:
+            while step < steps:
+                if budget is not None and elapsed >= budget:
+                    stopped_by_time = True
+                    break
+                progress_frac = step / steps
+                if budget is not None:
+                    progress_frac = max(progress_frac, elapsed / budget)
+                cur_lr = _lr_at(step, progress_frac, lr, warmup)
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr
+                captions, images = make_batch(seed * 1_000_003 + step, batch, a.resolution, caption_dropout)
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                loss = flow_matching_loss(pipe, captions, images, a, gen, time_sampling)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else None
+                opt.step()
+                if ema is not None:
+                    ema.update(trainable, step)
+                step += 1
+                now = time.perf_counter()
+                elapsed += now - t_last
+                t_last = now
+                lv = float(loss.detach())
+                window.append(lv)
+                smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
+                bar.update(1)
+                bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{cur_lr:.2e}", refresh=False)
+                if step % log_every == 0 or step == steps:
+                    rec = {
+                        "step": step,
+                        "loss": float(np.mean(window)),
+                        "lr": cur_lr,
+                        "grad_norm": None if gnorm is None else float(gnorm),
+                        "elapsed": round(elapsed, 1),
+                    }
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    window = []
+                if step % checkpoint_every == 0:
+                    checkpoint()
+                    t_last = time.perf_counter()  # checkpoint I/O does not count against the budget
+        except KeyboardInterrupt:
+            checkpoint()  # Ctrl-C keeps the work done so far: resume=True continues from here
+            raise
+        finally:
+            bar.close()
         checkpoint()
         record = dict(hparams, step=step, elapsed_s=round(elapsed, 1), stopped_by_time=stopped_by_time,
                       final_loss=None if smooth is None else round(smooth, 5), transformer_params=n_params)
@@ -599,9 +607,6 @@ def train(
             json.dumps({"done": True, "step": step, "elapsed": round(elapsed, 1), "stopped_by_time": stopped_by_time})
             + "\n"
         )
-    finally:
-        bar.close()
-        log.close()
     return folder
 
 

@@ -1,0 +1,593 @@
+"""The attnctl editing UI — a Streamlit script (``attnctl ui``, or ``streamlit run attnctl/ui/app.py``).
+
+Only the Streamlit layer lives here: widgets, layout and session state. What a click does is in plain
+functions of :mod:`attnctl.ui.engine` (generation), :mod:`attnctl.ui.setup` (settings, metadata, batch
+item), :mod:`attnctl.ui.safety` (uploads), :mod:`attnctl.ui.heatmap` (overlays) and the control panels
+of :mod:`attnctl.ui.panels`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import time
+from typing import Any
+
+import streamlit as st
+from PIL import Image
+
+from attnctl.errors import AttnCtlError
+from attnctl.imageio import encode_png
+from attnctl.ui import MAX_UPLOAD_MB, MODEL_ENV, engine, heatmap
+from attnctl.ui.panels import GENERIC, PanelContext, available_panels, panel_for
+from attnctl.ui.safety import UploadError, check_control_json, check_png_upload
+from attnctl.ui.setup import (
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    TOY_NAMES,
+    Setup,
+    batch_file,
+    check_batch_file,
+    describe_changes,
+    metadata_for,
+    setup_from_metadata,
+)
+
+OTHER = "other"
+HISTORY_LIMIT = 16
+SETTING_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "height", "width")
+
+st.set_page_config(page_title="attnctl · attention controls", page_icon="🎛️", layout="wide",
+                   initial_sidebar_state="expanded")
+
+CSS = """
+<style>
+.block-container {padding-top: 2.2rem; padding-bottom: 2rem; max-width: 1500px;}
+h1.attnctl-title {font-size: 1.9rem; font-weight: 750; margin: 0 0 .1rem 0; letter-spacing: -.02em;}
+h1.attnctl-title span {color: #ff7a45;}
+.attnctl-sub {opacity: .65; margin-bottom: .8rem; font-size: .95rem;}
+.attnctl-label {font-size: .78rem; text-transform: uppercase; letter-spacing: .08em; opacity: .6;
+                margin: .1rem 0 .25rem 0;}
+.attnctl-empty {border: 1px dashed rgba(255,255,255,.18); border-radius: .8rem; padding: 2.2rem 1.5rem;
+                text-align: center; opacity: .75;}
+.attnctl-word {font-weight: 650; font-size: 1.05rem; margin-top: .4rem;}
+[data-testid="stSidebar"] [data-testid="stImage"] img {border-radius: .4rem;}
+[data-testid="stImage"] img {border-radius: .55rem;}
+</style>
+"""
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def cached_model(name: str) -> engine.LoadedModel:
+    return engine.load_model(name)
+
+
+def init_state() -> None:
+    ss = st.session_state
+    if ss.get("_init"):
+        return
+    start = os.environ.get(MODEL_ENV, "").strip() or "toy-sd3"
+    first = Setup(model=start)
+    ss.model_choice = start if start in TOY_NAMES else OTHER
+    ss.model_path = "" if start in TOY_NAMES else start
+    for k in SETTING_KEYS:
+        ss[k] = getattr(first, k)
+    ss.controls = []
+    ss.next_id = 1
+    ss.history = []
+    ss.current = None
+    ss.defaults_for = None
+    ss.notice = None
+    ss.seeded_controls = False
+    ss._init = True
+
+
+def model_name() -> str:
+    ss = st.session_state
+    return ss.model_choice if ss.model_choice != OTHER else (ss.get("model_path") or "").strip()
+
+
+def current_setup(enabled_only: bool = True) -> Setup:
+    ss = st.session_state
+    controls = [dict(c["config"]) for c in ss.controls if c.get("enabled", True) or not enabled_only]
+    return Setup(model=model_name(), prompt=ss.prompt, negative_prompt=ss.negative_prompt, seed=int(ss.seed),
+                 steps=int(ss.steps), guidance=float(ss.guidance), height=int(ss.height), width=int(ss.width),
+                 controls=controls)
+
+
+def new_control(kind: str, config: dict[str, Any], enabled: bool = True) -> dict[str, Any]:
+    ss = st.session_state
+    entry = {"id": ss.next_id, "kind": kind, "config": config, "enabled": enabled}
+    ss.next_id += 1
+    return entry
+
+
+def apply_setup(s: Setup) -> None:
+    """Put a setup into the widgets (from a PNG or the history); called from callbacks only."""
+    ss = st.session_state
+    panels = available_panels()
+    ss.model_choice = s.model if s.model in TOY_NAMES else OTHER
+    ss.model_path = "" if s.model in TOY_NAMES else s.model
+    for k in SETTING_KEYS:
+        ss[k] = getattr(s, k)
+    ss.controls = [new_control(c["kind"] if c.get("kind") in panels else GENERIC, dict(c)) for c in s.controls]
+    ss.defaults_for = s.model  # keep these settings when the model loads
+    ss.seeded_controls = True
+
+
+# --------------------------------------------------------------------------------------------- callbacks
+
+
+def on_upload() -> None:
+    ss = st.session_state
+    f = ss.get("upload")
+    if f is None:
+        return
+    try:
+        checked = check_png_upload(f.name, f.getvalue())
+        restored, notes = setup_from_metadata(checked.metadata, base=current_setup())
+    except (UploadError, AttnCtlError) as e:
+        ss.notice = {"kind": "error", "text": f"Could not open {f.name!r}: {e}"}
+        return
+    apply_setup(restored)
+    thumb = io.BytesIO()
+    heatmap.upscale(checked.image, 192).save(thumb, format="PNG")
+    n = len(restored.controls)
+    ss.notice = {"kind": "success", "text": f"Restored the settings of {f.name!r}: {restored.model}, seed "
+                 f"{restored.seed}, {restored.steps} steps, {n} control{'s' if n != 1 else ''}.",
+                 "notes": notes, "thumb": thumb.getvalue()}
+
+
+def on_add(ctx: PanelContext) -> None:
+    ss = st.session_state
+    panels = available_panels()
+    kind = ss.get("add_kind")
+    if kind not in panels:
+        return
+    ss.controls.append(new_control(kind, panels[kind].default(ctx)))
+
+
+def on_remove(cid: int) -> None:
+    ss = st.session_state
+    ss.controls = [c for c in ss.controls if c["id"] != cid]
+
+
+def on_restore(run_id: int) -> None:
+    ss = st.session_state
+    for run in ss.history:
+        if run["id"] == run_id:
+            apply_setup(run["setup"])
+            ss.notice = {"kind": "success", "text": f"Restored the settings of run #{run_id}."}
+
+
+def on_show(run_id: int) -> None:
+    st.session_state.current = run_id
+
+
+def on_new_seed() -> None:
+    st.session_state.seed = random.randint(0, 2**31 - 1)
+
+
+def on_surprise() -> None:
+    from attnctl.toyworld.world import prompt_set
+
+    kind = random.choice(["pair", "relation", "triple", "count", "position"])
+    st.session_state.prompt = random.choice(prompt_set(kind))["prompt"]
+
+
+# --------------------------------------------------------------------------------------------- sidebar
+
+
+def sidebar() -> engine.LoadedModel | None:
+    ss = st.session_state
+    with st.sidebar:
+        st.markdown("<h1 class='attnctl-title'>attn<span>ctl</span></h1>"
+                    "<div class='attnctl-sub'>attention controls for SD3 · SD3.5 · FLUX</div>",
+                    unsafe_allow_html=True)
+        model_box = st.container()
+        upload_box = st.container()  # filled first in script order (an upload may set the model)
+    with upload_box:
+        st.divider()
+        st.markdown("<div class='attnctl-label'>Open an image</div>", unsafe_allow_html=True)
+        st.file_uploader("Open a PNG made by attnctl", type=["png"], key="upload", on_change=on_upload,
+                         max_upload_size=MAX_UPLOAD_MB, label_visibility="collapsed",
+                         help="Every setting recorded in the PNG (prompt, seed, model, controls) is restored.")
+        note = ss.get("notice")
+        if note:
+            if note["kind"] == "error":
+                st.error(note["text"], icon="🚫")
+            else:
+                if note.get("thumb"):
+                    st.image(note["thumb"], width=96)
+                st.success(note["text"], icon="✅")
+                for n in note.get("notes") or []:
+                    st.caption(n)
+        st.caption(f"PNG only, up to {MAX_UPLOAD_MB} MB and 4096×4096 pixels. The UI is served on "
+                   "this machine only unless started with --host.")
+    with model_box:
+        st.markdown("<div class='attnctl-label'>Model</div>", unsafe_allow_html=True)
+        st.selectbox("Model", ["toy-sd3", "toy-flux", OTHER], key="model_choice", label_visibility="collapsed",
+                     format_func=lambda m: {"toy-sd3": "toy-sd3 · shapes world", "toy-flux": "toy-flux · shapes world",
+                                            OTHER: "Hub id or local folder…"}[m])
+        if ss.model_choice == OTHER:
+            st.text_input("Hub id or pipeline folder", key="model_path", max_chars=400,
+                          placeholder="stabilityai/stable-diffusion-3.5-medium",
+                          help="A diffusers SD3 / SD3.5 / FLUX.1 pipeline: a hub id, or an existing local folder "
+                               "with model_index.json (read only).")
+        name = model_name()
+        if not name:
+            st.info("Type a hub id or a folder.", icon="ℹ️")
+            return None
+        try:
+            with st.spinner(f"Loading {name}…"):
+                model = cached_model(name)
+        except Exception as e:  # noqa: BLE001 - any load failure is a message, not a traceback
+            st.error(str(e) if isinstance(e, AttnCtlError) else f"cannot load {name!r}: {type(e).__name__}: {e}",
+                     icon="🚫")
+            return None
+        heads = sum(s.heads for s in model.sites)
+        st.markdown(f":orange-badge[{model.family.upper()}] :gray-badge[{len(model.sites)} sites] "
+                    f":gray-badge[{heads} heads] :gray-badge[{model.defaults.get('width')}×"
+                    f"{model.defaults.get('height')}]")
+    return model
+
+
+def apply_model_defaults(model: engine.LoadedModel, ctx: PanelContext) -> None:
+    ss = st.session_state
+    if ss.defaults_for != model.name:
+        d = model.defaults
+        ss.steps = int(d.get("steps", ss.steps))
+        ss.guidance = float(d.get("guidance", ss.guidance))
+        ss.height = int(d.get("height", ss.height))
+        ss.width = int(d.get("width", ss.width))
+        ss.defaults_for = model.name
+    if not ss.seeded_controls:  # a first SoftPAG control, so the first Generate already compares
+        panels = available_panels()
+        if "softpag" in panels and not ss.controls:
+            ss.controls.append(new_control("softpag", panels["softpag"].default(ctx)))
+        ss.seeded_controls = True
+
+
+# --------------------------------------------------------------------------------------------- main area
+
+
+def settings_row(model: engine.LoadedModel | None) -> None:
+    ss = st.session_state
+    st.text_area("Prompt", key="prompt", height=78, max_chars=2000,
+                 placeholder="a red circle to the left of a blue square")
+    if model is not None and model.is_toy:
+        from attnctl.toyworld import vocab
+
+        c1, c2 = st.columns([5, 1], vertical_alignment="center")
+        c1.caption("The toy models know these words: " + " ".join(w for w in vocab.words() if w != ","))
+        c2.button("Surprise me", on_click=on_surprise, icon=":material/casino:", width="stretch")
+    m = model.size_multiple if model is not None else 8
+    cols = st.columns([1.3, 0.35, 1, 1, 1, 1], vertical_alignment="bottom")
+    cols[0].number_input("Seed", key="seed", min_value=0, max_value=MAX_SEED, step=1)
+    cols[1].button("", icon=":material/casino:", on_click=on_new_seed, help="New random seed", key="new_seed")
+    cols[2].number_input("Steps", key="steps", min_value=1, max_value=MAX_STEPS, step=1)
+    cols[3].number_input("Guidance", key="guidance", min_value=0.0, max_value=100.0, step=0.5, format="%g")
+    for col, k in ((cols[4], "width"), (cols[5], "height")):
+        if ss[k] % m or not m <= ss[k] <= MAX_SIDE:
+            ss[k] = max(m, min(MAX_SIDE, round(ss[k] / m) * m))
+        col.number_input(k.capitalize(), key=k, min_value=m, max_value=MAX_SIDE, step=m)
+    with st.expander("Negative prompt"):
+        st.text_area("Negative prompt", key="negative_prompt", height=68, max_chars=2000,
+                     label_visibility="collapsed", placeholder="what the image should not show (CFG models)")
+
+
+def controls_panel(ctx: PanelContext, model: engine.LoadedModel | None) -> list[str]:
+    """The controls column; returns the problems that block Generate."""
+    ss = st.session_state
+    panels = available_panels()
+    problems = []
+    st.markdown("<div class='attnctl-label'>Controls</div>", unsafe_allow_html=True)
+    add_col, btn_col = st.columns([3, 1], vertical_alignment="bottom")
+    add_col.selectbox("Add a control", list(panels), key="add_kind", label_visibility="collapsed",
+                      format_func=lambda k: panels[k].title)
+    btn_col.button("Add", key="add_control", on_click=on_add, args=(ctx,), icon=":material/add:", width="stretch")
+    if not ss.controls:
+        st.markdown("<div class='attnctl-empty'>No controls: Generate makes the plain image.<br>"
+                    "Add one to compare it with the controlled image.</div>", unsafe_allow_html=True)
+    for n, entry in enumerate(ss.controls):
+        panel = panel_for(entry["kind"], panels)
+        cid = entry["id"]
+        with st.container(border=True, key=f"card{cid}"):
+            head, toggle, remove = st.columns([6, 1.4, 1], vertical_alignment="center")
+            head.markdown(f"**{n + 1}. {panel.title}**")
+            entry["enabled"] = toggle.toggle("on", value=entry.get("enabled", True), key=f"c{cid}.on",
+                                             label_visibility="collapsed",
+                                             help="Switch off to leave it out of the next run")
+            remove.button("", icon=":material/delete:", key=f"remove{cid}", on_click=on_remove, args=(cid,),
+                          help="Remove this control", type="tertiary")
+            summary = st.empty()
+            with st.expander("Settings", expanded=True):
+                cfg = panel.render(ctx, f"c{cid}", dict(entry["config"]))
+            error = cfg.pop("_error", None)
+            entry["config"] = cfg
+            if error is None:
+                error = control_error(cfg, model)
+                if error:
+                    st.error(error, icon="⚠️")
+            summary.caption(panel.summary(cfg))
+            if error and entry["enabled"]:
+                problems.append(f"Control {n + 1} ({panel.title}): {error}")
+    return problems
+
+
+def control_error(cfg: dict[str, Any], model: engine.LoadedModel | None) -> str | None:
+    """Why this control cannot run on the model (its config, or its sites and heads), or None."""
+    from attnctl.controls import control_from_json
+
+    try:
+        control = control_from_json(check_control_json(cfg))
+    except ValueError as e:
+        return str(e)
+    if model is not None:
+        problems = engine.bind_problems(model, [cfg], [control])
+        if problems:
+            return problems[0].split(": ", 1)[-1]
+    return None
+
+
+def maps_panel(model: engine.LoadedModel | None) -> engine.MapOptions:
+    with st.expander("Attention maps", icon=":material/gradient:"):
+        st.caption("Every Generate also records where the image attends to each word of the prompt "
+                   "(mean over the heads, sites and steps chosen here).")
+        sites = model.sites if model is not None else []
+        labels = [s.label for s in sites]
+        names = {s.label: f"{s.label} · {s.name}" for s in sites}
+        chosen = st.multiselect("Sites", labels, key="map_sites", format_func=lambda x: names.get(x, x),
+                                placeholder="all sites")
+        picked = [s for s in sites if s.label in chosen] or sites
+        n_heads = min((s.heads for s in picked), default=1)
+        heads = st.multiselect("Heads", list(range(n_heads)), key="map_heads", placeholder="all heads")
+        span = st.slider("Steps (fraction of the run)", 0.0, 1.0, (0.0, 1.0), step=0.05, key="map_steps")
+    return engine.MapOptions(sites=list(chosen) or "all", heads=sorted(heads) or None, start=span[0], stop=span[1])
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def run_generation(model: engine.LoadedModel, maps: engine.MapOptions, box) -> None:
+    ss = st.session_state
+    setup = current_setup()
+    with box:
+        bar = st.progress(0.0, text="Starting…")
+        try:
+            result = engine.generate(model, setup, maps, progress=lambda f, t: bar.progress(f, text=t))
+        except Exception as e:  # noqa: BLE001 - a failed run is a message; the app keeps working
+            bar.empty()
+            st.error(str(e) if isinstance(e, AttnCtlError) else f"the run failed: {type(e).__name__}: {e}",
+                     icon="🚫")
+            return
+        bar.empty()
+    previous = ss.history[-1]["setup"] if ss.history else None
+    run = {
+        "id": (ss.history[-1]["id"] + 1) if ss.history else 1,
+        "setup": setup,
+        "time": time.strftime("%H:%M:%S"),
+        "seconds": result.seconds,
+        "changes": describe_changes(previous, setup),
+        "baseline": encode_png(result.baseline, metadata_for(setup, result.info, controls=[])),
+        "controlled": encode_png(result.controlled, metadata_for(setup, result.info))
+        if result.controlled is not None else None,
+        "maps": result.maps,
+        "words": result.words,
+        "note": result.map_note,
+        "summary": controls_summary(setup),
+        "maps_from": maps_description(maps),
+    }
+    ss.history = (ss.history + [run])[-HISTORY_LIMIT:]
+    ss.current = run["id"]
+    ss.notice = None
+
+
+def maps_description(maps: engine.MapOptions) -> str:
+    sites = "all sites" if maps.sites == "all" else "sites " + ", ".join(maps.sites)
+    heads = "all heads" if maps.heads is None else "heads " + ", ".join(map(str, maps.heads))
+    steps = "all steps" if (maps.start, maps.stop) == (0.0, 1.0) else f"steps {maps.start:g}–{maps.stop:g} of the run"
+    return f"{sites} · {heads} · {steps}"
+
+
+def controls_summary(setup: Setup) -> str:
+    panels = available_panels()
+    if not setup.controls:
+        return "no controls"
+    return " + ".join(panel_for(c.get("kind", ""), panels).title if c.get("kind") in panels else str(c.get("kind"))
+                      for c in setup.controls)
+
+
+def decode(png: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(png)) as img:
+        return img.convert("RGB")
+
+
+def current_run() -> dict[str, Any] | None:
+    ss = st.session_state
+    for run in ss.history:
+        if run["id"] == ss.current:
+            return run
+    return ss.history[-1] if ss.history else None
+
+
+def empty_state() -> None:
+    st.markdown("<div class='attnctl-empty'><b>Press Generate</b><br>The plain image and the controlled "
+                "image appear side by side, from the same seed.</div>", unsafe_allow_html=True)
+
+
+def compare_tab(run: dict[str, Any] | None) -> None:
+    if run is None:
+        empty_state()
+        return
+    s = run["setup"]
+    left, right = st.columns(2)
+    with left:
+        st.markdown("<div class='attnctl-label'>Baseline</div>", unsafe_allow_html=True)
+        st.image(heatmap.upscale(decode(run["baseline"])), width="stretch")
+    with right:
+        st.markdown("<div class='attnctl-label'>Controlled</div>", unsafe_allow_html=True)
+        if run["controlled"] is not None:
+            st.image(heatmap.upscale(decode(run["controlled"])), width="stretch")
+        else:
+            st.markdown("<div class='attnctl-empty'>No controls in this run.</div>", unsafe_allow_html=True)
+    st.caption(f"Run #{run['id']} · {s.model} · seed {s.seed} · {s.steps} steps · guidance {s.guidance:g} · "
+               f"{s.width}×{s.height} · {run['summary']} · {run['seconds']:.1f} s")
+
+
+def attention_tab(run: dict[str, Any] | None) -> None:
+    if run is None:
+        empty_state()
+        return
+    if run.get("note"):
+        st.warning(run["note"], icon="⚠️")
+    words = [w for w in run["words"] if any(w in m for m in run["maps"].values())]
+    if not words:
+        st.info("No attention maps in this run.", icon="ℹ️")
+        return
+    from attnctl.ui.panels.regulation import STOPWORDS
+
+    default = [w for w in words if w not in STOPWORDS][:3] or words[:1]
+    a, b = st.columns([4, 1.4], vertical_alignment="bottom")
+    chosen = a.multiselect("Words", words, default=default, key=f"words{run['id']}", max_selections=6,
+                           help="Where the image attends to each word: the probe's mean over the sites, heads "
+                                "and steps chosen under Attention maps.")
+    strength = b.slider("Overlay", 0.2, 1.0, 0.8, 0.05, key="overlay")
+    images = {"baseline": decode(run["baseline"])}
+    if run["controlled"] is not None:
+        images["controlled"] = decode(run["controlled"])
+    if not chosen:
+        return
+    maps = {w: engine.joint_maps(run["maps"], w) for w in chosen}
+    widths = [1.0] + [1.0] * len(chosen)
+    header = st.columns(widths)
+    header[0].markdown("<div class='attnctl-label'>image</div>", unsafe_allow_html=True)
+    for col, w in zip(header[1:], chosen, strict=True):
+        col.markdown(f"<div class='attnctl-word'>{escape_html(w)}</div>", unsafe_allow_html=True)
+    for label, img in images.items():
+        row = st.columns(widths)
+        row[0].image(heatmap.upscale(img, 256), caption=label, width="stretch")
+        for col, w in zip(row[1:], chosen, strict=True):
+            if label in maps[w]:
+                col.image(heatmap.overlay(img, maps[w][label], strength=strength, side=256), width="stretch")
+    st.image(heatmap.colorbar(), caption="low → high attention (each word scaled over both images)", width=256)
+    st.caption(f"Mean attention of the image on each word over {run.get('maps_from', 'all sites')}; "
+               "change them under Attention maps and generate again.")
+
+
+def escape_html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def strip(pngs: list[bytes], side: int = 96, gap: int = 4) -> Image.Image:
+    """Thumbnails side by side, for the history."""
+    pics = [heatmap.upscale(decode(p), side) for p in pngs]
+    pics = [p.resize((side, round(side * p.height / p.width))) for p in pics]
+    height = max(p.height for p in pics)
+    out = Image.new("RGB", (side * len(pics) + gap * (len(pics) - 1), height), (15, 17, 23))
+    for i, p in enumerate(pics):
+        out.paste(p, (i * (side + gap), 0))
+    return out
+
+
+def history_tab() -> None:
+    ss = st.session_state
+    if not ss.history:
+        empty_state()
+        return
+    st.caption(f"The last {HISTORY_LIMIT} runs of this session, newest first: what changed, and the images "
+               "(baseline | controlled).")
+    shown = (current_run() or {}).get("id")
+    for run in reversed(ss.history):
+        s = run["setup"]
+        with st.container(border=True, key=f"run{run['id']}"):
+            thumbs, text, buttons = st.columns([2, 4, 1.3], vertical_alignment="center")
+            pngs = [run["baseline"]] + ([run["controlled"]] if run["controlled"] is not None else [])
+            thumbs.image(strip(pngs), width="stretch")
+            badge = " :orange-badge[shown]" if run["id"] == shown else ""
+            text.markdown(f"**Run #{run['id']}** · {run['time']}{badge}  \n{run['changes']}")
+            text.caption(f"“{s.prompt}” · seed {s.seed} · {s.steps} steps · {run['summary']}")
+            buttons.button("Show", key=f"show{run['id']}", on_click=on_show, args=(run["id"],), width="stretch")
+            buttons.button("Restore", key=f"restore{run['id']}", on_click=on_restore, args=(run["id"],),
+                           width="stretch", help="Put this run's settings back into the editor")
+
+
+def export_tab(run: dict[str, Any] | None) -> None:
+    st.markdown("<div class='attnctl-label'>Images</div>", unsafe_allow_html=True)
+    if run is None:
+        st.caption("Generate first: the PNGs of the shown run appear here.")
+    else:
+        s = run["setup"]
+        stem = f"attnctl-run{run['id']}-seed{s.seed}"
+        a, b = st.columns(2)
+        if run["controlled"] is not None:
+            a.download_button("Controlled PNG", run["controlled"], file_name=f"{stem}-controlled.png",
+                              mime="image/png", icon=":material/download:", width="stretch", type="primary")
+        b.download_button("Baseline PNG", run["baseline"], file_name=f"{stem}-baseline.png", mime="image/png",
+                          icon=":material/download:", width="stretch")
+        st.caption(f"Run #{run['id']}. Each PNG carries every setting in its metadata: open it here (sidebar), "
+                   "or regenerate it with `attnctl generate --from image.png`.")
+    st.markdown("<div class='attnctl-label'>Current setup as a batch file</div>", unsafe_allow_html=True)
+    data = batch_file(current_setup())
+    problems = check_batch_file(data)
+    text = json.dumps(data, indent=2)
+    st.download_button("Batch file (JSON)", text, file_name="attnctl-batch.json", mime="application/json",
+                       icon=":material/data_object:", key="download_item", disabled=bool(problems))
+    for p in problems:
+        st.error(p, icon="⚠️")
+    st.caption("The editor's settings now, controls and schedules included, as the one item of a batch file: "
+               "`attnctl batch attnctl-batch.json` makes the image; add items or seeds to make more.")
+    st.code(text, language="json")
+
+
+# --------------------------------------------------------------------------------------------- page
+
+
+def main() -> None:
+    init_state()
+    st.markdown(CSS, unsafe_allow_html=True)
+    ss = st.session_state
+    model = sidebar()
+    ctx = PanelContext(steps=int(ss.steps), words=engine.prompt_words(ss.prompt))
+    if model is not None:
+        ctx.sites, ctx.family, ctx.is_toy = model.sites, model.family, model.is_toy
+        apply_model_defaults(model, ctx)
+        ctx.steps = int(ss.steps)
+
+    settings_row(model)
+    gen_col, status_col = st.columns([1, 3], vertical_alignment="center")
+    clicked = gen_col.button("Generate", type="primary", icon=":material/auto_awesome:", key="generate",
+                             width="stretch", disabled=model is None)
+    progress_box = status_col.container()
+
+    left, right = st.columns([5, 7], gap="large")
+    with left, st.container(key="controls_column"):
+        problems = controls_panel(ctx, model)
+        maps = maps_panel(model)
+    if clicked and model is not None:
+        if problems:
+            progress_box.error(" ".join(problems), icon="⚠️")
+        else:
+            run_generation(model, maps, progress_box)
+    elif model is None:
+        progress_box.caption("Pick a model that loads to generate.")
+    with right, st.container(key="results_column"):
+        run = current_run()
+        compare, attention, history, export = st.tabs(["Compare", "Attention", "History", "Export"])
+        with compare:
+            compare_tab(run)
+        with attention:
+            attention_tab(run)
+        with history:
+            history_tab()
+        with export:
+            export_tab(run)
+
+
+main()

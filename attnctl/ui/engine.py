@@ -1,0 +1,288 @@
+"""What a Generate click does, as plain functions: load a model, check a setup, run baseline and
+controlled images from the same seed with an attention probe on each, and keep the word maps.
+
+The Streamlit app caches :func:`load_model` (``st.cache_resource``); everything here also works without
+Streamlit (tests, notebooks). A model is shared by every browser session of the app, so generation holds
+the model's lock: controls install their processors for the length of one pipeline call.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AttnCtlError
+from .safety import check_control_json
+from .setup import MAX_SIDE, MAX_STEPS, TOY_NAMES, Setup
+
+_WORD = re.compile(r"\w+")
+MAX_MAP_WORDS = 24
+"""At most this many distinct prompt words get an attention map per run."""
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pipeline and what the UI needs to know about it."""
+
+    name: str
+    pipe: Any
+    family: str
+    sites: list[Any]
+    defaults: dict[str, Any]
+    is_toy: bool
+    size_multiple: int
+    info: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name in TOY_NAMES else Path(self.name).name or self.name
+
+
+@dataclass
+class MapOptions:
+    """Where the attention probe listens: site selector, heads (None: all), and a window of the run."""
+
+    sites: str | list[str] = "all"
+    heads: list[int] | None = None
+    start: float = 0.0
+    stop: float = 1.0
+
+    def probe_json(self, words: list[str]) -> dict[str, Any]:
+        stop = min(1.0, max(self.stop, self.start))
+        weight: Any = 1.0 if (self.start, stop) == (0.0, 1.0) else \
+            {"kind": "window", "value": 1.0, "start": self.start, "stop": stop}
+        return {"kind": "probe", "words": words, "sites": self.sites, "heads": self.heads, "weight": weight}
+
+
+@dataclass
+class RunResult:
+    """One Generate click: the images, the word maps of each, and how long it took."""
+
+    setup: Setup
+    baseline: Any  # PIL image
+    controlled: Any | None  # PIL image, None without controls
+    maps: dict[str, dict[str, np.ndarray]]  # "baseline" / "controlled" -> word -> (h, w) mean attention
+    words: list[str]
+    seconds: float
+    info: dict[str, Any]
+    map_note: str | None = None
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def check_model_name(name: str) -> str:
+    """The model field, checked: a toy name, an existing local pipeline folder (read only) or a hub id."""
+    from ..toyworld.models import resolve_model
+
+    name = (name or "").strip()
+    if not name:
+        raise AttnCtlError("no model given", "pick toy-sd3 or toy-flux, or type a hub id or a local folder")
+    if len(name) > 400 or any(ord(c) < 32 for c in name):
+        raise AttnCtlError("the model name is not a name, a hub id or a folder",
+                           "type a hub id such as owner/name or the path of a pipeline folder")
+    resolve_model(name)  # raises a clear AttnCtlError for unknown names and folders without model_index.json
+    return name
+
+
+def load_model(name: str) -> LoadedModel:
+    """Load ``name`` (toy name, local pipeline folder or hub id) on the CPU in float32."""
+    import diffusers
+    import torch
+
+    from .. import __version__
+    from ..cli import call_defaults, is_toy_pipeline
+    from ..sites import family_of, list_sites
+    from ..toyworld.models import load_pipeline
+
+    name = check_model_name(name)
+    pipe = load_pipeline(name, device="cpu", dtype=torch.float32, controlled=True)
+    pipe.set_progress_bar_config(disable=True)
+    family = family_of(pipe.transformer)
+    vae = int(getattr(pipe, "vae_scale_factor", 8))
+    patch = int(getattr(pipe.transformer.config, "patch_size", 2) or 2) if family == "sd3" else 2
+    path = Path(name).expanduser()
+    record = name if name in TOY_NAMES or not path.exists() else str(path.resolve())
+    defaults = call_defaults(pipe)
+    info = {
+        "model": record,
+        "family": family,
+        "pipeline": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
+        "max_sequence_length": int(defaults.get("max_sequence_length", 256)),
+        "attnctl_version": __version__,
+        "diffusers_version": diffusers.__version__,
+        "torch_version": torch.__version__,
+    }
+    return LoadedModel(name=name, pipe=pipe, family=family, sites=list_sites(pipe.transformer),
+                       defaults=defaults, is_toy=is_toy_pipeline(pipe), size_multiple=vae * patch, info=info)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def prompt_words(prompt: str, limit: int = MAX_MAP_WORDS) -> list[str]:
+    """Distinct words of the prompt, lowercased, in order (what maps and word pickers offer)."""
+    out: list[str] = []
+    for w in _WORD.findall(prompt.lower()):
+        if w not in out:
+            out.append(w)
+    return out[:limit]
+
+
+def build_controls(configs: list[dict[str, Any]]) -> list[Any]:
+    """Controls from their JSON configs; an error names the control's number and kind."""
+    from ..controls import control_from_json
+
+    controls = []
+    for i, cfg in enumerate(configs):
+        where = f"control #{i + 1} ({cfg.get('kind', '?') if isinstance(cfg, dict) else '?'})"
+        try:
+            check_control_json(cfg, where)
+            controls.append(control_from_json(cfg))
+        except ValueError as e:  # AttnCtlError, UploadError and pydantic's errors are ValueErrors
+            raise AttnCtlError(f"{where}: {e}") from None
+    return controls
+
+
+def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
+    """Everything wrong with ``setup`` for ``model``, as messages (empty: ready to generate)."""
+    from ..cli import check_vocabulary
+
+    problems = []
+    if not setup.prompt.strip():
+        problems.append("Write a prompt.")
+    elif len(setup.prompt) > 2000:
+        problems.append("The prompt is longer than 2000 characters.")
+    else:
+        try:
+            check_vocabulary(model.pipe, [setup.prompt, setup.negative_prompt], model.label)
+        except AttnCtlError as e:
+            problems.append(str(e))
+    m = model.size_multiple
+    for side, v in (("height", setup.height), ("width", setup.width)):
+        if not m <= v <= MAX_SIDE or v % m:
+            problems.append(f"The {side} must be a multiple of {m} between {m} and {MAX_SIDE} (got {v}).")
+    if not 1 <= setup.steps <= MAX_STEPS:
+        problems.append(f"Steps must be 1..{MAX_STEPS}.")
+    try:
+        controls = build_controls(setup.controls)
+    except AttnCtlError as e:
+        problems.append(str(e))
+        controls = []
+    problems.extend(bind_problems(model, setup.controls, controls))
+    return problems
+
+
+def bind_problems(model: LoadedModel, configs: list[dict[str, Any]], controls: list[Any]) -> list[str]:
+    """Resolve each control against the model (sites, heads, family) without installing anything."""
+    from ..controller import Controller
+
+    out = []
+    for i, (cfg, control) in enumerate(zip(configs, controls, strict=False)):
+        try:
+            Controller(model.pipe.transformer, [control])
+        except AttnCtlError as e:
+            out.append(f"control #{i + 1} ({cfg.get('kind', '?')}): {e}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+def _call(model: LoadedModel, setup: Setup, controls: list[Any], progress: Progress | None, done: int,
+          total: int, label: str):
+    import torch
+
+    def on_step(pipe, i, t, kwargs):
+        if progress is not None:
+            progress(min(1.0, (done + i + 1) / total), f"{label}: step {i + 1} of {setup.steps}")
+        return kwargs
+
+    call: dict[str, Any] = {
+        "prompt": setup.prompt,
+        "num_inference_steps": setup.steps,
+        "guidance_scale": setup.guidance,
+        "height": setup.height,
+        "width": setup.width,
+        "max_sequence_length": model.info["max_sequence_length"],
+        "generator": torch.Generator("cpu").manual_seed(setup.seed),
+        "output_type": "pil",
+        "callback_on_step_end": on_step,
+    }
+    if setup.negative_prompt:
+        call["negative_prompt"] = setup.negative_prompt
+    try:
+        out = model.pipe(**call, controls=controls or None)
+    except AttnCtlError:
+        raise
+    except ValueError as e:
+        raise AttnCtlError(f"the pipeline refused the call: {' '.join(str(e).split())[:400]}",
+                           "check the size, steps, guidance and prompt") from e
+    return out.images[0]
+
+
+def _maps_of(probe) -> dict[str, np.ndarray]:
+    return {w: m[0].detach().float().cpu().numpy() for w, m in probe.word_maps().items()}
+
+
+def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
+             progress: Progress | None = None) -> RunResult:
+    """Baseline (no controls) and controlled image from the same seed, each with its word maps."""
+    from ..controls import control_from_json
+
+    problems = check_setup(model, setup)
+    if problems:
+        raise AttnCtlError(" ".join(problems))
+    words = prompt_words(setup.prompt)
+    runs = [("baseline", [])] + ([("controlled", setup.controls)] if setup.controls else [])
+    total = setup.steps * len(runs)
+    images: dict[str, Any] = {}
+    all_maps: dict[str, dict[str, np.ndarray]] = {}
+    note = None
+    start = time.perf_counter()
+    with model.lock:
+        for n, (label, configs) in enumerate(runs):
+            controls = build_controls(configs)
+            probe = None
+            if maps is not None and words and note is None:
+                probe = control_from_json(maps.probe_json(words))
+            try:
+                images[label] = _call(model, setup, controls + ([probe] if probe else []), progress,
+                                      n * setup.steps, total, label)
+            except AttnCtlError as e:
+                if probe is None or "probe" not in str(e).lower() and "word" not in str(e).lower():
+                    raise
+                note = f"attention maps are not available for this run: {e}"
+                probe = None
+                images[label] = _call(model, setup, controls, progress, n * setup.steps, total, label)
+            if probe is not None:
+                try:
+                    all_maps[label] = _maps_of(probe)
+                except AttnCtlError as e:
+                    note = f"no attention maps: {e} (widen the steps or sites of the maps)"
+    return RunResult(setup=setup, baseline=images["baseline"], controlled=images.get("controlled"),
+                     maps=all_maps, words=words, seconds=time.perf_counter() - start, info=dict(model.info),
+                     map_note=note)
+
+
+def joint_maps(maps: dict[str, dict[str, np.ndarray]], word: str) -> dict[str, np.ndarray]:
+    """The word's maps of both images (``RunResult.maps``) scaled together to [0, 1], so their strengths
+    compare."""
+    found = {k: v[word] for k, v in maps.items() if word in v}
+    if not found:
+        return {}
+    hi = max(float(m.max()) for m in found.values())
+    lo = min(float(m.min()) for m in found.values())
+    scale = hi - lo if hi > lo else 1.0
+    return {k: (m - lo) / scale for k, m in found.items()}

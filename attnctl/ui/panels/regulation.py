@@ -1,0 +1,120 @@
+"""Attention regulation panel: the words that must get their share of attention, where (sites) and when
+(a schedule over the steps), and how hard the inner optimisation works."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import Panel, PanelContext, config_default
+
+STOPWORDS = {"a", "an", "and", "the", "of", "on", "at", "in", "to", "two", "three", "next", "with", "is", "are",
+             "left", "right", "top", "bottom", "above", "below", "middle", "small", "large", "by", "for", "from"}
+SITE_MODES = {"mid": "middle third (default)", "all": "all joint sites", "pick": "choose sites"}
+JOINT_KINDS = ("sd3_joint", "flux_double", "flux_single")
+
+
+def default_targets(words: list[str]) -> list[str]:
+    """Shapes of the toy world when the prompt names them, else the first two content words."""
+    from ...toyworld import vocab
+
+    nouns = set(vocab.SHAPES) | set(getattr(vocab, "PLURALS", {}).values())
+    picked = [w for w in words if w in nouns]
+    if picked:
+        return picked[:3]
+    return [w for w in words if w not in STOPWORDS][:2]
+
+
+def default(ctx: PanelContext) -> dict[str, Any]:
+    return {"kind": "regulation", "targets": default_targets(ctx.words) or ["circle"], "sites": "mid",
+            "steps": {"kind": "window", "value": 1.0, "start": 0.0, "stop": 0.5}, "iterations": 10, "lr": 100.0}
+
+
+def _site_mode(sites: Any) -> str:
+    if sites in ("mid", "all"):
+        return str(sites)
+    return "pick"
+
+
+def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any]:
+    import streamlit as st
+
+    from ..schedules_ui import schedule_editor
+    from ..widgets import keyed
+
+    cfg = dict(config)
+
+    def get(name: str, fallback: Any = None) -> Any:
+        return cfg[name] if name in cfg else config_default("regulation", name, fallback)
+
+    targets = [str(t) for t in cfg.get("targets") or []]
+    options = list(dict.fromkeys([w for w in ctx.words if w not in {",", "."}] + targets))
+    chosen = keyed(st.multiselect, f"{key}.targets", targets or default_targets(ctx.words), "Words to balance",
+                   options=options, placeholder="words of the prompt",
+                   help="Each word gets its share of the image's attention (a learned spatial bias on its "
+                        "logits). Words must appear in the prompt.")
+    cfg["targets"] = list(chosen)
+    missing = [t for t in chosen if t.lower() not in ctx.words]
+    if missing:
+        st.warning(f"Not in the prompt: {', '.join(missing)}", icon="⚠️")
+
+    mode = keyed(st.segmented_control, f"{key}.sitemode", _site_mode(get("sites", "mid")), "Sites",
+                 options=list(SITE_MODES), format_func=lambda m: SITE_MODES[m], required=True)
+    mode = mode or "mid"
+    if mode == "pick":
+        joint = [s for s in ctx.sites if s.kind in JOINT_KINDS]
+        labels = [s.label for s in joint]
+        names = {s.label: f"{s.label} · {s.name}" for s in joint}
+        current = cfg.get("sites") if isinstance(cfg.get("sites"), list) else []
+        picked = keyed(st.multiselect, f"{key}.sites", [c for c in current if c in labels], "Sites",
+                       options=labels, format_func=lambda x: names.get(x, x), label_visibility="collapsed",
+                       placeholder="choose joint attention sites")
+        cfg["sites"] = list(picked) or "mid"
+    else:
+        cfg["sites"] = mode
+
+    steps, err = schedule_editor(f"{key}.steps", "When · active where > 0", get("steps", 1.0), ctx.steps,
+                                 lo=0.0, help="The control acts at the steps where this schedule is above 0 "
+                                              "(default: the first half of the run).")
+    if steps is not None:
+        cfg["steps"] = steps
+    a, b = st.columns(2)
+    cfg["iterations"] = int(keyed(a.number_input, f"{key}.iterations", int(get("iterations", 20)),
+                                  "Iterations", min_value=0, max_value=200, step=1,
+                                  help="Inner gradient steps per site and step (0: off)."))
+    cfg["lr"] = float(keyed(b.number_input, f"{key}.lr", float(get("lr", 100.0)), "Step size", min_value=0.001,
+                            max_value=1e5, step=10.0, format="%g"))
+    with st.expander("More settings"):
+        c, d = st.columns(2)
+        cfg["q"] = float(keyed(c.number_input, f"{key}.q", float(get("q", 0.9)), "Quantile target q",
+                               min_value=0.0, max_value=1.0, step=0.05, format="%g"))
+        cfg["w_mean"] = float(keyed(d.number_input, f"{key}.w_mean", float(get("w_mean", 80.0)), "Mean weight",
+                                    min_value=0.0, max_value=1e4, step=10.0, format="%g"))
+        cfg["grid"] = int(keyed(c.number_input, f"{key}.grid", int(get("grid", 7)), "Bumps per side",
+                                min_value=1, max_value=32, step=1))
+        cfg["normalize"] = keyed(d.selectbox, f"{key}.normalize", get("normalize", "text"), "Maps as share of",
+                                 options=["text", "joint"], help="text: of the row's text attention; joint: of all")
+    if err:
+        cfg["_error"] = err
+    return cfg
+
+
+def summary(config: dict[str, Any]) -> str:
+    from ..schedules_ui import describe
+
+    targets = ", ".join(config.get("targets") or []) or "no words"
+    steps = config.get("steps", config_default("regulation", "steps", 1.0))
+    return f"{targets} · sites {config.get('sites', 'mid')} · steps {describe(steps)} · " \
+           f"{config.get('iterations', config_default('regulation', 'iterations', 20))} iterations"
+
+
+PANEL = Panel(
+    kind="regulation",
+    module="attnctl.controls.regulation",
+    title="Attention regulation",
+    description="Every named word gets its share of attention: fixes missing or merged objects.",
+    default=default,
+    render=render,
+    summary=summary,
+    icon=":material/balance:",
+    order=20,
+)

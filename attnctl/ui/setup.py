@@ -1,0 +1,194 @@
+"""The user's setup as plain data, and its three forms: PNG metadata, a JSON batch item, a change list.
+
+A :class:`Setup` is what one Generate click runs: model, prompt, seed, steps, guidance, size and the
+controls (as their JSON configs). It round-trips through the metadata attnctl writes into PNGs
+(:mod:`attnctl.imageio`), so an image opened in the UI restores every setting, and it exports as an item of
+the JSON batch file ``attnctl batch`` reads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .safety import UploadError, check_control_json
+
+TOY_NAMES = ("toy-sd3", "toy-flux")
+
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 200
+MAX_SIDE = 2048
+
+
+@dataclass
+class Setup:
+    model: str = "toy-sd3"
+    prompt: str = "a red circle to the left of a blue square"
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 4.0
+    height: int = 32
+    width: int = 32
+    controls: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- metadata
+
+
+def _int(meta: dict[str, Any], key: str, lo: int, hi: int, default: int, notes: list[str]) -> int:
+    if key not in meta or meta[key] is None:
+        return default
+    v = meta[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(float(v)) or int(v) != v:
+        notes.append(f"{key}={v!r} is not an integer; kept {default}")
+        return default
+    if not lo <= int(v) <= hi:
+        notes.append(f"{key}={v!r} is outside {lo}..{hi}; kept {default}")
+        return default
+    return int(v)
+
+
+def _float(meta: dict[str, Any], key: str, lo: float, hi: float, default: float, notes: list[str]) -> float:
+    if key not in meta or meta[key] is None:
+        return default
+    v = meta[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(float(v)) or not lo <= v <= hi:
+        notes.append(f"{key}={v!r} is not a number in {lo}..{hi}; kept {default}")
+        return default
+    return float(v)
+
+
+def setup_from_metadata(meta: dict[str, Any], base: Setup | None = None) -> tuple[Setup, list[str]]:
+    """The setup recorded in a PNG's attnctl metadata, over ``base`` for what it lacks; plus notes on
+    fields that were missing or refused. Controls that name files are refused (:class:`UploadError`)."""
+    base = base or Setup()
+    notes: list[str] = []
+    model = meta.get("model")
+    if not isinstance(model, str) or not model.strip():
+        notes.append(f"no model recorded; kept {base.model}")
+        model = base.model
+    prompt = meta.get("prompt")
+    if not isinstance(prompt, str):
+        raise UploadError("the attnctl settings in this PNG have no prompt")
+    negative = meta.get("negative_prompt") or ""
+    if not isinstance(negative, str):
+        negative = ""
+    controls = meta.get("controls") or []
+    if not isinstance(controls, list):
+        raise UploadError("the attnctl settings in this PNG list no controls (\"controls\" is not a list)")
+    checked = [check_control_json(c, f"control #{i + 1} of the PNG") for i, c in enumerate(controls)]
+    setup = Setup(
+        model=model.strip(),
+        prompt=prompt[:2000],
+        negative_prompt=negative[:2000],
+        seed=_int(meta, "seed", 0, MAX_SEED, base.seed, notes),
+        steps=_int(meta, "steps", 1, MAX_STEPS, base.steps, notes),
+        guidance=_float(meta, "guidance", 0.0, 100.0, base.guidance, notes),
+        height=_int(meta, "height", 8, MAX_SIDE, base.height, notes),
+        width=_int(meta, "width", 8, MAX_SIDE, base.width, notes),
+        controls=[json.loads(json.dumps(c)) for c in checked],
+    )
+    return setup, notes
+
+
+def metadata_for(setup: Setup, info: dict[str, Any], controls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The PNG metadata of an image made from ``setup`` (``controls`` overrides the setup's, e.g. ``[]``
+    for the baseline). ``info`` adds what the engine knows: model record, family, pipeline, scheduler,
+    max_sequence_length, versions."""
+    meta: dict[str, Any] = {
+        "prompt": setup.prompt,
+        "negative_prompt": setup.negative_prompt or None,
+        "seed": setup.seed,
+        "generator": "cpu",
+        "model": info.get("model", setup.model),
+        "family": info.get("family"),
+        "pipeline": info.get("pipeline"),
+        "steps": setup.steps,
+        "guidance": setup.guidance,
+        "height": setup.height,
+        "width": setup.width,
+        "max_sequence_length": info.get("max_sequence_length"),
+        "true_cfg": None,
+        "dtype": "fp32",
+        "controls": list(setup.controls if controls is None else controls),
+        "scheduler": info.get("scheduler"),
+        "device": "cpu",
+        "attention_backend": None,
+        "made_with": "attnctl ui",
+    }
+    for key in ("attnctl_version", "diffusers_version", "torch_version"):
+        if info.get(key):
+            meta[key] = info[key]
+    return meta
+
+
+# --------------------------------------------------------------------------------------------- batch item
+
+
+def batch_item(setup: Setup) -> dict[str, Any]:
+    """The setup as one item of an ``attnctl batch`` file (``attnctl.batch.GenerateItem``): prompt,
+    negative prompt, seed, steps, guidance, size and controls. The model is a field of the file, not of the
+    item (:func:`batch_file`)."""
+    item: dict[str, Any] = {"prompt": setup.prompt}
+    if setup.negative_prompt:
+        item["negative_prompt"] = setup.negative_prompt
+    item.update(seed=setup.seed, steps=setup.steps, guidance=float(setup.guidance), height=setup.height,
+                width=setup.width, controls=[json.loads(json.dumps(c)) for c in setup.controls])
+    return item
+
+
+def batch_file(setup: Setup) -> dict[str, Any]:
+    """A batch file (schema version 1) holding the setup as its one item: ``attnctl batch FILE`` runs it."""
+    return {"version": 1, "model": setup.model, "items": [batch_item(setup)]}
+
+
+def check_batch_file(data: dict[str, Any]) -> list[str]:
+    """The problems ``attnctl batch`` would report for ``data`` (empty: valid). Uses ``attnctl.batch``'s own
+    validation; when that module is not importable, nothing is checked."""
+    try:
+        batch = importlib.import_module("attnctl.batch")
+    except Exception:  # noqa: BLE001 - the batch module is optional here
+        return []
+    try:
+        batch.plan_batch(data, "the exported batch file")
+    except ValueError as e:  # BatchFileError (a ConfigError) and any other AttnCtlError
+        return list(getattr(e, "problems", None) or [str(e)])
+    return []
+
+
+# --------------------------------------------------------------------------------------------- changes
+
+
+def describe_changes(before: Setup | None, after: Setup) -> str:
+    """A short human summary of what changed from ``before`` to ``after`` (for the run history)."""
+    if before is None:
+        return "first run"
+    out = []
+    for key in ("model", "prompt", "negative_prompt", "seed", "steps", "guidance"):
+        a, b = getattr(before, key), getattr(after, key)
+        if a != b:
+            if key in ("prompt", "negative_prompt"):
+                out.append(f"{key.replace('_', ' ')} edited")
+            else:
+                out.append(f"{key} {a} → {b}")
+    if (before.height, before.width) != (after.height, after.width):
+        out.append(f"size {before.width}×{before.height} → {after.width}×{after.height}")
+    kinds_a = [c.get("kind") for c in before.controls]
+    kinds_b = [c.get("kind") for c in after.controls]
+    for k in kinds_b:
+        if kinds_b.count(k) > kinds_a.count(k):
+            out.append(f"+{k}")
+    for k in kinds_a:
+        if kinds_a.count(k) > kinds_b.count(k):
+            out.append(f"−{k}")
+    if not out and before.controls != after.controls:
+        out.append("control settings edited")
+    out = list(dict.fromkeys(out))
+    return ", ".join(out) if out else "same settings"

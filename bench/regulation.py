@@ -1,0 +1,196 @@
+"""Time and extra peak memory of one regulated attention layer vs the stock one, at real layer shapes.
+
+    python bench/regulation.py                 # SD3.5-large and FLUX.1-dev layers, 512² and 1024² token counts
+    python bench/regulation.py --quick         # 512² only
+    python bench/regulation.py --json out.json
+
+Layers, inputs and the peak-memory method come from ``bench/layers.py`` (a fresh subprocess per measurement;
+``/proc/self/clear_refs`` resets the peak-RSS mark, VmHWM after one call minus VmRSS before). Variants, timed
+interleaved in one process on the whole processor call and on the attention core alone:
+
+- ``stock``: the diffusers processor;
+- ``attnctl``: the attnctl processor with no active control;
+- ``regulation``: ``AttentionRegulation(targets=["circle", "square"])`` with the paper's defaults (20 inner
+  iterations, text-normalised maps, start/end tokens restored) on a prompt whose target words take 2 CLIP +
+  2 T5 tokens (SD3.5) or 2 T5 tokens (FLUX).
+
+``inner_s`` is the time spent in the regulation's own callback (text log-sum-exp pass + 20 iterations);
+``nxn_map_bytes`` is one float32 ``N × N`` attention map over all heads, what a materialising implementation
+would hold. Weights are random: time and memory do not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import layers  # noqa: E402  (bench/layers.py: the layer builders and the peak-memory method)
+
+VARIANTS = ("stock", "attnctl", "regulation")
+WORDS = ["a", "red", "circle", "and", "a", "blue", "square"]
+
+
+def prompt_layout(spec: dict, n_text: int, side: int):
+    """A layout whose prompt is "a red circle and a blue square", tokenised one token per word."""
+    from attnctl.layout import TextSegment, TokenLayout
+
+    def words(offset: int) -> dict[str, tuple[int, ...]]:
+        out: dict[str, list[int]] = {}
+        for i, w in enumerate(WORDS):
+            out.setdefault(w, []).append(offset + i)
+        return {w: tuple(p) for w, p in out.items()}
+
+    if spec["family"] == "sd3":  # CLIP: <bos> words <eos> ...; T5: words </s> ...
+        segs = (TextSegment("clip", 0, 77, words(1)), TextSegment("t5", 77, n_text - 77, words(0)))
+    else:
+        segs = (TextSegment("t5", 0, n_text, words(0)),)
+    return TokenLayout(spec["family"], n_text, (side, side), segs, " ".join(WORDS))
+
+
+def build(shape: str, res: int, variant: str, **config):
+    """``layers.build`` plus, for ``regulation``, the control attached to the layer's controller."""
+    from attnctl import AttentionRegulation
+
+    layer = layers.build(shape, res, "stock" if variant == "stock" else "attnctl")
+    reg = None
+    if variant == "regulation":
+        ctl = layer.controller
+        reg = AttentionRegulation(targets=["circle", "square"], sites="all", steps=1.0, **config)
+        ctl.controls.append(reg)
+        reg.bind(ctl)
+        side = res // 16
+        ctl.begin_run(1, layout=prompt_layout(layers.SHAPES[shape], layer.n_text, side), roles=["cond"])
+        inner = reg._bias
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            out = inner(*args, **kwargs)
+            reg.inner_times.append(time.perf_counter() - t)
+            return out
+
+        reg.inner_times = []
+        reg._bias = timed
+    return layer, reg
+
+
+def time_variants(shape: str, res: int, repeats: int) -> dict:
+    built = {v: build(shape, res, v) for v in VARIANTS}
+    lays = {v: b[0] for v, b in built.items()}
+    reg = built["regulation"][1]
+    core = layers.core_inputs(lays["stock"])
+    times = {v: [] for v in VARIANTS}
+    core_times = {v: [] for v in VARIANTS}
+    with torch.no_grad():
+        for v in VARIANTS:  # warm-up
+            lays[v].attn(**lays[v].kwargs)
+        reg.inner_times.clear()
+        for _ in range(repeats):
+            for v in VARIANTS:  # interleaved: load on the machine hits every variant alike
+                t = time.perf_counter()
+                lays[v].attn(**lays[v].kwargs)
+                times[v].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                layers.run_core(lays[v], *core)
+                core_times[v].append(time.perf_counter() - t)
+    med = {v: statistics.median(times[v]) for v in VARIANTS}
+    cmed = {v: statistics.median(core_times[v]) for v in VARIANTS}
+    stock = lays["stock"]
+    n = stock.n_img + stock.n_text
+    heads = stock.attn.heads
+    n_cols = len(reg._targets.positions) + len(reg._targets.special)
+    rec = reg.records[-1]
+    return dict(
+        shape=shape, res=res, tokens=n, image_tokens=stock.n_img, text_tokens=stock.n_text, heads=heads,
+        regulated_columns=n_cols,
+        layer_s={v: round(med[v], 4) for v in VARIANTS},
+        layer_ratio={v: round(med[v] / med["stock"], 3) for v in VARIANTS},
+        core_s={v: round(cmed[v], 4) for v in VARIANTS},
+        core_ratio={v: round(cmed[v] / cmed["stock"], 3) for v in VARIANTS},
+        inner_s=round(statistics.median(reg.inner_times), 4),
+        inner_loss_first_best=[round(rec.losses[0], 4), round(rec.best_loss, 4)],
+        nxn_map_bytes=n * n * heads * 4,
+        column_logits_bytes=stock.n_img * n_cols * heads * 4,
+    )
+
+
+def _peak_child(shape: str, res: int, variant: str) -> int:
+    """In a fresh process: extra peak RSS (bytes) of one layer call beyond its inputs and weights."""
+    torch.set_num_threads(2)
+    layer, _ = build(shape, res, variant)
+    with torch.no_grad():
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (Linux)
+            f.write("5")
+        before = layers._status_kb("VmRSS")
+        layer.attn(**layer.kwargs)
+        after = layers._status_kb("VmHWM")
+    return max(0, after - before) * 1024
+
+
+def peak_memory(shape: str, res: int) -> dict:
+    out = {}
+    for v in VARIANTS:
+        cmd = [sys.executable, __file__, "--peak-child", shape, str(res), v]
+        out[v] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="512² token counts only")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shapes", nargs="*", default=list(layers.SHAPES), choices=list(layers.SHAPES))
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peak_child:
+        shape, res, variant = args.peak_child
+        print(_peak_child(shape, int(res), variant))
+        return
+    torch.set_num_threads(2)
+    rows = []
+    for res in (512,) if args.quick else (512, 1024):
+        for shape in args.shapes:
+            r = time_variants(shape, res, args.repeats)
+            r["extra_peak_bytes"] = peak_memory(shape, res)
+            r["control_extra_peak_bytes"] = r["extra_peak_bytes"]["regulation"] - r["extra_peak_bytes"]["stock"]
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr)
+    mb = 2**20
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="AttentionRegulation vs stock, one layer (ratios from the same run; 1.00 = stock)")
+        for col in ("layer", "res", "tokens", "cols", "layer ×", "core ×", "inner s", "stock s",
+                    "stock peak MB", "regulation peak MB", "control extra MB", "one N×N map MB"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            p = r["extra_peak_bytes"]
+            t.add_row(r["shape"], str(r["res"]), str(r["tokens"]), str(r["regulated_columns"]),
+                      f"{r['layer_ratio']['regulation']:.3f}", f"{r['core_ratio']['regulation']:.3f}",
+                      f"{r['inner_s']:.3f}", f"{r['layer_s']['stock']:.3f}", f"{p['stock'] / mb:.0f}",
+                      f"{p['regulation'] / mb:.0f}", f"{r['control_extra_peak_bytes'] / mb:.0f}",
+                      f"{r['nxn_map_bytes'] / mb:.0f}")
+        Console(width=200).print(t)
+    except ImportError:
+        pass
+    result = {"bench": "regulation", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        from attnctl.io import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

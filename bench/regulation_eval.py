@@ -1,0 +1,143 @@
+"""Toy-world evaluation of AttentionRegulation: object presence and colour binding vs the same model and seeds.
+
+    python bench/regulation_eval.py                                    # toy-sd3, pair + triple, 8 seeds
+    python bench/regulation_eval.py --model toy-flux --json flux.json
+    python bench/regulation_eval.py --configs '{}' '{"sites": "all"}' '{"steps": "window(1, 0, 0.3)"}'
+    python bench/regulation_eval.py --limit 4 --seeds 2                # a quick look
+
+For every prompt item the targets are the item's shape words (``--targets colours``: its colour words, ``both``:
+both), so each prompt regulates its own nouns, as the paper does. Baseline and every config generate the
+same seeds in the same batches (one pipeline call per item and config, all seeds at once) and are timed
+interleaved, so the wall-time overhead compares like with like. Images are scored by the shapes-world
+evaluator (``attnctl.toyworld.evaluate``); the table shows presence (every prompted object found),
+colour binding, object recall and colour / shape accuracy, and the overhead per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+METRICS = ("presence", "colour_binding", "object_recall", "colour_accuracy", "shape_accuracy", "leakage")
+
+
+def targets_of(item: dict[str, Any], which: str) -> list[str]:
+    words: list[str] = []
+    for obj in item["objects"]:
+        if which in ("shapes", "both"):
+            words.append(obj["shape"])
+        if which in ("colours", "both"):
+            words.append(obj["colour"])
+    return list(dict.fromkeys(words))  # unique, in prompt order
+
+
+def call_kwargs(pipe, steps: int | None) -> dict[str, Any]:
+    from attnctl.toyworld.models import default_call_kwargs
+
+    call = {"height": 32, "width": 32, "num_inference_steps": 20, "max_sequence_length": 24}
+    call.update(default_call_kwargs(pipe))
+    if steps is not None:
+        call["num_inference_steps"] = steps
+    call["output_type"] = "np"
+    return call
+
+
+def generate(pipe, prompt: str, seeds: list[int], call: dict[str, Any], controls) -> tuple[list[np.ndarray], float]:
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    t = time.perf_counter()
+    out = pipe(prompt=[prompt] * len(seeds), generator=gens, controls=controls, **call).images
+    seconds = time.perf_counter() - t
+    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out], seconds
+
+
+def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which: str, limit: int | None,
+             steps: int | None) -> dict[str, Any]:
+    from attnctl import AttentionRegulation
+    from attnctl.toyworld.evaluate import evaluate_set
+    from attnctl.toyworld.models import load_pipeline
+    from attnctl.toyworld.world import prompt_set
+
+    pipe = load_pipeline(model)
+    call = call_kwargs(pipe, steps)
+    names = ["baseline"] + [json.dumps(c, sort_keys=True) for c in configs]
+    result: dict[str, Any] = {"model": model, "seeds": seeds, "targets": which, "call": call, "sets": {}}
+    for set_name in sets:
+        items = prompt_set(set_name)[:limit]
+        images = {n: [] for n in names}
+        seconds = {n: 0.0 for n in names}
+        records = {n: 0 for n in names[1:]}
+        for item in items:
+            for name, cfg in zip(names, [None, *configs], strict=True):
+                controls = None
+                if cfg is not None:
+                    reg = AttentionRegulation(**{"targets": targets_of(item, which), **cfg})
+                    controls = [reg]
+                imgs, sec = generate(pipe, item["prompt"], list(range(seeds)), call, controls)
+                images[name].extend(imgs)
+                seconds[name] += sec
+                if cfg is not None:
+                    records[name] += len(reg.records)
+        scored = [it for it in items for _ in range(seeds)]
+        rows = {}
+        for n in names:
+            m = evaluate_set(images[n], scored)
+            rows[n] = {k: round(m[k], 4) for k in METRICS if k in m}
+            rows[n]["seconds_per_image"] = round(seconds[n] / len(scored), 4)
+            rows[n]["overhead"] = round(seconds[n] / seconds["baseline"] - 1.0, 4)
+            if n in records:
+                rows[n]["regulated_calls_per_image"] = round(records[n] / len(items), 2)
+        result["sets"][set_name] = {"items": len(items), "images": len(scored), "rows": rows}
+        print(json.dumps({set_name: rows}), file=sys.stderr)
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        return
+    for set_name, data in result["sets"].items():
+        t = Table(title=f"{result['model']} · {set_name} · {data['items']} items × {result['seeds']} seeds · "
+                        f"targets: {result['targets']}")
+        t.add_column("config")
+        for k in (*METRICS, "s/image", "overhead"):
+            t.add_column(k, justify="right")
+        for name, row in data["rows"].items():
+            t.add_row(name, *(f"{row.get(k, float('nan')):.3f}" for k in METRICS), f"{row['seconds_per_image']:.3f}",
+                      f"{100 * row['overhead']:+.1f}%")
+        Console(width=220).print(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="toy-sd3", help="toy-sd3, toy-flux or a pipeline folder")
+    ap.add_argument("--sets", nargs="+", default=["pair", "triple"])
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--configs", nargs="+", default=["{}"], help="AttentionRegulation settings (JSON), one per run")
+    ap.add_argument("--targets", choices=("shapes", "colours", "both"), default="shapes")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N items of each set")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps [default: the model's]")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    configs = [json.loads(c) for c in args.configs]
+    result = evaluate(args.model, args.sets, args.seeds, configs, args.targets, args.limit, args.steps)
+    print_table(result)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        from attnctl.io import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

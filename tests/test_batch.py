@@ -1,0 +1,334 @@
+"""``attnctl batch``: schema, outputs, resume after kill / Ctrl-C, multi-process, metadata round trip.
+
+Every run uses a tiny SD3 pipeline folder (random weights, 32×32, 2 steps) so the whole file stays short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from attnctl.batch import (
+    MANIFEST_NAME,
+    SCHEMA_PATH,
+    BatchFileError,
+    ManifestWriter,
+    consolidate_manifest,
+    iter_records,
+    load_batch,
+    read_manifest,
+    safe_stem,
+    schema_text,
+)
+from attnctl.cli import app
+from attnctl.imageio import read_image, read_metadata
+from attnctl.testing import save_pipeline, tiny_sd3_pipeline
+
+runner = CliRunner()
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_pipeline(tiny_sd3_pipeline("sd3"), tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+def write_batch(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def run(*args) -> object:
+    args = [str(a) for a in args]
+    if args[0] == "batch":  # one torch thread: what the subprocesses use, and fast on a busy machine
+        args += ["--threads", "1"]
+    return runner.invoke(app, args)
+
+
+def pngs(folder: Path) -> dict[str, str]:
+    """Visible PNG files → hash of their pixels."""
+    return {p.name: hashlib.sha256(read_image(p).tobytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
+
+
+def raw_records(folder: Path) -> list[dict]:
+    return [r for p in sorted(folder.glob("manifest*.jsonl")) for r in iter_records(p)]
+
+
+def env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def start(batch: Path, out: Path, model: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "attnctl", "batch", str(batch), "--out", str(out), "--model",
+                             str(model), *extra], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_done(out: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    """Poll the manifest until one image is recorded done."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["status"] == "done" for r in raw_records(out)) if out.is_dir() else False:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the batch ended before the first image: {proc.communicate()}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("no image was done in time")
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+
+def test_shipped_json_schema_is_current():
+    assert SCHEMA_PATH.read_text() == schema_text(), "regenerate: python -c 'import attnctl.batch as b; " \
+                                                     "b.write_schema()'"
+    schema = json.loads(SCHEMA_PATH.read_text())
+    assert schema["properties"]["version"]["const"] == 1
+    assert "GenerateItem" in schema["$defs"]
+
+
+def test_schema_errors_one_clear_message_per_problem(tmp_path):
+    data = {
+        "version": 1,
+        "defaults": {"steps": 2, "controls": [{"kind": "softpag", "heads": "L0H1", "scale": "linear(nan, 0)"}]},
+        "items": [
+            {"id": "ok", "prompt": "a red circle"},
+            {"id": "noprompt", "seed": 1},                                                      # 1 missing prompt
+            {"prompt": "a red circle", "seed": "3", "steps": 2.5},                              # 2 wrong types
+            {"prompt": "a red circle", "controls": [{"kind": "nosuch"}]},                       # 3 unknown control
+            {"prompt": "a red circle", "controls": [{"kind": "probe", "weight": float("nan")}]},  # 4 NaN schedule
+            {"prompt": "a red circle", "boxes": {"circle": [0.2, 0.1, 1.5, 0.6], "square": [[0.6, 0.1, 0.2, 0.5]]}},
+            {"prompt": "a red circle", "seeed": 4},                                             # 6 typo
+            {"type": "edit", "prompt": "a red circle"},                                         # 7 reserved type
+            {"prompt": "a red circle", "guidance": float("nan")},                               # 8 NaN guidance
+        ],
+    }
+    with pytest.raises(BatchFileError) as err:
+        load_batch(write_batch(tmp_path / "bad.json", data))
+    problems = err.value.problems
+    expected = [
+        ("defaults: field 'controls[0]'", "nan"),
+        ("item 1 (id 'noprompt'): field 'prompt' is required", ""),
+        ("item 2: field 'seed': Input should be a valid integer", '"3"'),
+        ("item 2: field 'steps': Input should be a valid integer", "2.5"),
+        ("item 3: field 'controls[0]': unknown control kind 'nosuch'", "known kinds"),
+        ("item 4: field 'controls[0]': invalid probe control config", "nan"),
+        ("item 5: field 'boxes.circle[0][2]': Input should be less than or equal to 1", "1.5"),
+        ("item 5: field 'boxes.square[0]': x0 (0.6) must be less than x1 (0.2)", ""),
+        ("item 5: field 'boxes.square'", "does not occur in the prompt"),
+        ("item 6: unknown field 'seeed'", "did you mean 'seed'?"),
+        ("item 7: field 'type': item type 'edit' is not supported yet", ""),
+        ("item 8: field 'guidance': Input should be a finite number", "NaN"),
+    ]
+    for start_text, also in expected:
+        hits = [p for p in problems if p.startswith(start_text) and also in p]
+        assert len(hits) == 1, f"{start_text!r} + {also!r} not reported exactly once in:\n" + "\n".join(problems)
+    assert len(problems) == len(expected), "\n".join(problems)
+    assert not any(p.startswith("item 0") for p in problems)
+
+    # the command prints every problem on its own line, exit code 2, and makes nothing
+    result = run("batch", tmp_path / "bad.json", "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "12 problems" in text and "item 6: unknown field 'seeed' (did you mean 'seed'?)" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_level_errors_and_defaults(tmp_path):
+    with pytest.raises(BatchFileError) as err:
+        load_batch({"version": 2, "itmes": [], "defaults": {"sed": 1}})
+    text = "\n".join(err.value.problems)
+    assert "field 'version': 2 is not supported" in text
+    assert "unknown field 'itmes' (did you mean 'items'?)" in text
+    assert "defaults: unknown field 'sed' (did you mean 'seed'?)" in text
+    assert "field 'items' is required" in text
+
+    plan = load_batch({
+        "version": 1,
+        "defaults": {"prompt": "a red circle", "seeds": [0, 1], "steps": 3,
+                     "controls": [{"kind": "probe", "words": ["circle"]}]},
+        "items": [{}, {"id": 7, "seed": 9, "controls": []}, {"id": "sq", "prompt": "a blue square", "steps": 5}],
+    })
+    assert [(j.id, j.seed, j.file) for j in plan.jobs] == [
+        ("0", 0, "0_s0.png"), ("0", 1, "0_s1.png"), ("7", 9, "7_s9.png"), ("sq", 0, "sq_s0.png"),
+        ("sq", 1, "sq_s1.png")]
+    by_file = {j.file: j for j in plan.jobs}
+    assert by_file["7_s9.png"].settings["controls"] == [] and by_file["0_s0.png"].settings["controls"][0]["kind"] \
+        == "probe"
+    assert by_file["sq_s1.png"].settings["steps"] == 5 and by_file["0_s1.png"].settings["steps"] == 3
+    assert len({j.hash for j in plan.jobs}) == len(plan.jobs)
+
+    with pytest.raises(BatchFileError) as err:
+        load_batch({"version": 1, "items": [{"prompt": "a"}, {"id": "0", "prompt": "b"}, {"id": "A", "prompt": "c"},
+                                            {"id": "a", "prompt": "d"}]})
+    text = "\n".join(err.value.problems)
+    assert "item 1 (id '0'): field 'id': '0' is already the id of item 0" in text
+    assert "item 3 (id 'a'): field 'id': its image 'a_s0.png' would overwrite 'A_s0.png' of item 2" in text
+
+
+def test_hostile_ids_become_safe_distinct_names():
+    names = {i: safe_stem(i) for i in ["../../etc/x", "/abs/path", "a/b", "a_b", "..", ".hidden", "CON", "ok-1.v2"]}
+    assert names["a_b"] == "a_b" and names["ok-1.v2"] == "ok-1.v2"
+    assert len(set(names.values())) == len(names)
+    for stem in names.values():
+        assert "/" not in stem and "\\" not in stem and not stem.startswith(".") and stem not in ("", "..")
+
+
+def test_manifest_tolerates_a_torn_last_line(tmp_path):
+    shard = tmp_path / MANIFEST_NAME
+    w = ManifestWriter(shard)
+    w.append({"file": "a_s0.png", "status": "done", "hash": "h", "time": 1.0})
+    w.close()
+    with open(shard, "ab") as f:
+        f.write(b'{"file": "b_s0.png", "stat')  # a writer killed mid-line
+    assert list(read_manifest(tmp_path)) == ["a_s0.png"]
+    w = ManifestWriter(shard)  # the next writer starts a fresh line
+    w.append({"file": "b_s0.png", "status": "failed", "hash": "h", "time": 2.0})
+    w.close()
+    assert {k: v["status"] for k, v in read_manifest(tmp_path).items()} == {"a_s0.png": "done", "b_s0.png": "failed"}
+
+    # rank shards merge into manifest.jsonl: history kept in time order, a record already merged kept once
+    w = ManifestWriter(tmp_path / "manifest.rank1.jsonl")
+    w.append({"file": "b_s0.png", "status": "done", "hash": "h", "time": 3.0, "rank": 1})
+    w.append({"file": "a_s0.png", "status": "done", "hash": "h", "time": 1.0})  # merged before a crash
+    w.close()
+    assert read_manifest(tmp_path)["b_s0.png"]["status"] == "done"
+    consolidate_manifest(tmp_path)
+    assert [p.name for p in tmp_path.glob("manifest*.jsonl")] == [MANIFEST_NAME]
+    assert [(r["file"], r["status"]) for r in iter_records(tmp_path / MANIFEST_NAME)] == \
+        [("a_s0.png", "done"), ("b_s0.png", "failed"), ("b_s0.png", "done")]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp_path):
+    batch = write_batch(tmp_path / "b.json", {
+        "version": 1,
+        "defaults": {"steps": 2},
+        "items": [
+            {"id": "red", "prompt": "a red circle on the left", "seeds": [0, 1],
+             "controls": [{"kind": "probe", "words": ["circle"], "sites": "L1"}]},
+            {"id": "../../etc/x", "prompt": "a blue square", "seed": 3},
+            {"id": "bad", "prompt": "a green banana"},  # a word outside the toy vocabulary: fails, the rest goes on
+        ],
+    })
+    out = tmp_path / "deep" / "out"
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 1, result.output
+    assert "1 of 4 images failed" in " ".join(result.output.split())
+    files = pngs(out)
+    assert set(files) == {"red_s0.png", "red_s1.png", f"{safe_stem('../../etc/x')}_s3.png"}
+    assert not list(tmp_path.rglob("etc")) and all(p.parent == out for p in tmp_path.rglob("*.png"))
+    records = read_manifest(out)
+    assert records["bad_s0.png"]["status"] == "failed" and "banana" in records["bad_s0.png"]["error"]
+    assert all(records[f]["status"] == "done" and records[f]["seconds"] > 0 for f in files)
+
+    # the PNG carries everything: generate --from regenerates the identical image
+    meta = read_metadata(out / "red_s1.png")
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["model"]) == \
+        ("a red circle on the left", 1, 2, str(model_dir.resolve()))
+    assert meta["controls"][0]["kind"] == "probe" and meta["batch"]["id"] == "red"
+    again = tmp_path / "again.png"
+    result = run("generate", "--from", out / "red_s1.png", "--out", again)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(read_image(again), read_image(out / "red_s1.png"))
+
+    # re-run: done images are skipped, the failed one is retried (and fails again)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 1 and "3 already, 0 new" in result.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
+
+    # fix the bad item and change one: only those two are made; now everything is done
+    data = json.loads(batch.read_text())
+    data["items"][2]["prompt"] = "a green triangle"
+    data["items"][1]["steps"] = 3
+    write_batch(batch, data)
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0, result.output
+    assert "4 done (2 already, 2 new)" in result.output
+    assert {p.name for p in out.glob("*.png") if p.stat().st_mtime_ns != mtimes.get(p.name)} == \
+        {"bad_s0.png", f"{safe_stem('../../etc/x')}_s3.png"}
+    assert read_metadata(out / f"{safe_stem('../../etc/x')}_s3.png")["steps"] == 3
+
+
+def test_interrupt_and_kill_then_rerun_makes_every_image_exactly_once(model_dir, tmp_path):
+    # 128×128 images with 4 steps: slow enough that the signals land mid-run
+    items = [{"id": f"i{i}", "prompt": "a red circle", "seed": i} for i in range(10)]
+    batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 4, "height": 128, "width": 128},
+                                              "items": items})
+    out = tmp_path / "out"
+    expected = {f"i{i}_s{i}.png" for i in range(10)}
+
+    # Ctrl-C: the current image is finished and recorded, then the run stops with exit code 130
+    proc = start(batch, out, model_dir)
+    wait_for_done(out, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    done = {f for f, r in read_manifest(out).items() if r["status"] == "done"}
+    assert done == set(pngs(out)) and 0 < len(done) < 10
+
+    # SIGKILL: whatever the moment, no partial PNG under a final name, whole records only
+    proc = start(batch, out, model_dir)
+    before = len(done)
+    deadline = time.monotonic() + 240
+    while sum(r["status"] == "done" for r in raw_records(out)) <= before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate()
+    for name in pngs(out):  # every visible PNG decodes (read_image raised otherwise) and carries its metadata
+        assert read_metadata(out / name)["batch"]["id"] == name.split("_s")[0]
+    assert len(pngs(out)) < 10, "the kill came too late to test anything"
+    # what a kill in the middle of a write leaves: a hidden temp file and a torn manifest line
+    (out / ".i9_s9.png.k1ll3d.tmp").write_bytes(b"\x89PNG half")
+    with open(out / MANIFEST_NAME, "ab") as f:
+        f.write(b'{"file": "i9_s9.png", "status": "do')
+
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0, result.output
+    assert set(pngs(out)) == expected
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    done_records = [r["file"] for r in raw_records(out) if r["status"] == "done"]
+    assert sorted(done_records) == sorted(expected), "an image was made twice or not recorded"
+
+
+def test_two_processes_make_the_same_files_as_one_none_twice(model_dir, tmp_path, monkeypatch, capfd):
+    items = [{"id": f"p{i}", "prompt": p, "seeds": [i, i + 10]}
+             for i, p in enumerate(["a red circle", "a blue square on the left", "two green triangles"])]
+    items.append({"id": "bad", "prompt": "a purple banana"})
+    batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2}, "items": items})
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = run("batch", batch, "--out", one, "--model", model_dir)
+    assert result.exit_code == 1, result.output
+
+    # the launcher runs here (as `attnctl batch --processes 2` would); its two workers are real processes
+    for key, value in env().items():
+        monkeypatch.setenv(key, value)
+    capfd.readouterr()
+    result = run("batch", batch, "--out", two, "--model", model_dir, "--processes", "2")
+    worker_out, worker_err = capfd.readouterr()
+    assert result.exit_code == 1, result.output + worker_out + worker_err
+    assert "on 2 processes" in worker_out and "1 of 7 images failed" in " ".join(worker_err.split())
+    assert pngs(two) == pngs(one) and len(pngs(one)) == 6  # same names, same pixels
+    records = raw_records(two)
+    assert sorted(r["file"] for r in records) == sorted([*pngs(one), "bad_s0.png"])  # each image exactly once
+    assert {r["rank"] for r in records} == {0, 1}
+    assert [p.name for p in two.glob("manifest*.jsonl")] == [MANIFEST_NAME]  # shards merged
+
+    # the merged manifest of a 2-process run resumes like any other: everything done but the failed image
+    result = run("batch", batch, "--out", two, "--model", model_dir)
+    assert result.exit_code == 1 and "6 already, 0 new" in result.output, result.output

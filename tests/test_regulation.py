@@ -1,0 +1,238 @@
+"""AttentionRegulation: inner loss, plain-attention identity, materialised reference, restored columns, pipelines,
+bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.controls.regulation import (
+    AttentionRegulation,
+    gaussian_basis,
+    loss_and_grad,
+    map_loss,
+    mid_depth_sites,
+    row_terms,
+    special_positions,
+    word_maps,
+)
+from attnctl.errors import ConfigError, LayoutError, SiteError
+from attnctl.layout import TextSegment, TokenLayout
+from attnctl.pipelines import AttnCtlSD3Pipeline
+from attnctl.processors.attend import attend, fused_attention
+from attnctl.processors.base import SiteCall
+from attnctl.sites import Site
+
+KW = dict(num_inference_steps=2, height=32, width=48, max_sequence_length=24, output_type="np")
+PROMPT = "a red circle and a blue square"
+
+# An SD3-style layout of a 4×6 (non-square) image and 10 text tokens: CLIP [<bos> circle square <eos> pad] and
+# T5 [circle square </s> pad pad]. Special columns: CLIP 0 and 3, T5 7.
+GRID, N_TEXT = (4, 6), 10
+LAYOUT = TokenLayout("sd3", N_TEXT, GRID, (TextSegment("clip", 0, 5, {"circle": (1,), "square": (2,)}),
+                                          TextSegment("t5", 5, 5, {"circle": (0,), "square": (1,)})),
+                     "circle square")
+B, H, D = 3, 4, 8
+S = GRID[0] * GRID[1] + N_TEXT
+ROLES = ["uncond", "cond", "cond"]
+COND = [1, 2]
+IMG = slice(0, GRID[0] * GRID[1])
+
+
+def qkv(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, S, H, D, generator=g) * 1.5 for _ in range(3)]
+
+
+def run_direct(sd3_pipe, reg, seed=0, step=0, num_steps=4):
+    """One attention call of the control on random q, k, v; returns (output, q, k, v, contributions, captured bias)."""
+    ctl = attnctl.Controller(sd3_pipe.transformer, [reg], roles=ROLES, layout=LAYOUT)
+    ctl.begin_run(num_steps)
+    ctl.set_step(step)
+    q, k, v = qkv(seed)
+    call = SiteCall(ctl.sites[0], B, S, N_TEXT, True, q.device, q.dtype)
+    contribs = ctl.contributions(call, q, k, v)
+    captured = []
+    for c in contribs:
+        f = c.bias
+        c.bias = lambda logits, lse, f=f: captured.append(f(logits, lse)) or captured[-1]
+    return attend(q, k, v, contribs), q, k, v, contribs, captured
+
+
+def materialised(q, k, v, cols, bias):
+    """Full softmax over all keys with ``bias`` on (cond rows, image rows, all heads, cols): (out, probs)."""
+    s = torch.einsum("bqhd,bkhd->bqhk", q, k) / math.sqrt(D)
+    full = torch.zeros_like(s)
+    sub = full[COND, IMG]
+    sub[..., cols] = bias.expand(len(COND), IMG.stop, H, len(cols))
+    full[COND, IMG] = sub
+    p = torch.softmax(s + full, dim=-1)
+    return torch.einsum("bqhk,bkhd->bqhd", p, v), p
+
+
+def test_inner_loss_decreases(sd3_pipe):
+    # the paper's step size (lr=100) overshoots on some maps; the best iterate is kept
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all")
+    run_direct(sd3_pipe, reg)
+    (rec,) = reg.records
+    assert len(rec.losses) == 21 and len(rec.best) == len(COND)  # L(W_0) ... L(W_20), per cond row
+    assert rec.best_loss <= min(rec.losses) + 1e-6 and rec.best_loss < 0.5 * rec.losses[0]
+    # a smaller step: the loss falls (almost) monotonically
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", lr=10.0)
+    run_direct(sd3_pipe, reg)
+    losses = reg.records[0].losses
+    falls = sum(b < a for a, b in zip(losses, losses[1:], strict=False))
+    assert losses[-1] < 0.5 * losses[0] and falls >= 16
+    print("inner loss (lr=100):", [round(x, 3) for x in rec.losses])
+    print("inner loss (lr=10): ", [round(x, 3) for x in losses])
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("normalize", ["text", "joint"])
+def test_closed_form_gradient_matches_autograd(normalize, per_head):
+    g = torch.Generator().manual_seed(3)
+    nb, n, h, words = 2, 24, 3, 2
+    rel = torch.log_softmax(torch.randn(nb, n, h, 8, generator=g) * 2, -1)  # columns of one softmax row
+    cfg = AttentionRegulation(targets=["circle", "square"], normalize=normalize, per_head=per_head).config
+    terms = row_terms(rel[..., :3], [0, 1, 1], words, rel[..., 3:5], torch.logsumexp(rel[..., 5:], -1), normalize)
+    basis = gaussian_basis(4, 6)
+    w = torch.rand(nb, h if per_head else 1, words, basis.shape[0], generator=g, dtype=torch.float32)
+    loss, ml, gw = loss_and_grad(terms, w, basis, cfg)
+    wr = w.clone().requires_grad_(True)
+    m = word_maps(terms, torch.einsum("bhtk,kn->bnht", wr, basis))
+    ref_ml = map_loss(m if per_head else m.mean(2, keepdim=True), cfg, words)
+    ref = ref_ml + cfg.w_reg * (wr**2).mean(dim=(1, 2, 3))
+    ref.sum().backward()
+    assert torch.allclose(loss, ref.detach(), atol=1e-6) and torch.allclose(ml, ref_ml.detach(), atol=1e-6)
+    assert torch.allclose(gw, wr.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_zero_iterations_is_plain_attention(sd3_pipe):
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", iterations=0)
+    out, q, k, v, contribs, _ = run_direct(sd3_pipe, reg)
+    assert contribs  # the control is active: its path runs, with a zero bias
+    assert (out - fused_attention(q, k, v)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("normalize", ["text", "joint"])
+@pytest.mark.parametrize("restore", [True, False])
+def test_memory_light_form_equals_materialised_reference(sd3_pipe, normalize, restore):
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", normalize=normalize,
+                              restore_special=restore, smoothing=0.0, decay=1.0)
+    out, q, k, v, (kb,), (bias,) = run_direct(sd3_pipe, reg, seed=1)
+    cols = kb.cols.tolist()
+    assert cols == ([24 + p for p in (1, 5, 2, 6)] + ([24 + p for p in (0, 3, 7)] if restore else []))
+    ref_out, p = materialised(q, k, v, cols, bias)
+    assert (out - ref_out).abs().max() <= 1e-5
+    # the loss the optimiser saw at the applied iterate equals the loss of the materialised maps
+    pc = p[COND, IMG]  # (cond rows, image rows, heads, keys)
+    words = torch.stack([pc[..., [24 + 1, 24 + 5]].sum(-1), pc[..., [24 + 2, 24 + 6]].sum(-1)], -1)
+    if normalize == "text":
+        words = words / pc[..., 24:].sum(-1, keepdim=True)
+    maps = words.mean(dim=2, keepdim=True)  # average over heads
+    (rec,) = reg.records
+    assert float(map_loss(maps, reg.config, 2).mean()) == pytest.approx(rec.map_loss, rel=1e-4, abs=1e-6)
+
+
+def test_restored_columns_keep_their_unedited_probability(sd3_pipe):
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", smoothing=0.0, decay=1.0)
+    out, q, k, v, (kb,), (bias,) = run_direct(sd3_pipe, reg, seed=2)
+    cols = kb.cols.tolist()
+    _, p = materialised(q, k, v, cols, bias)
+    _, plain = materialised(q, k, v, cols, torch.zeros(()))
+    special = [24 + 0, 24 + 3, 24 + 7]
+    target = [24 + 1, 24 + 5, 24 + 2, 24 + 6]
+    # 1. start/end-of-text columns: exactly their plain probability on the regulated rows
+    assert (p[COND, IMG][..., special] - plain[COND, IMG][..., special]).abs().max() <= 1e-6
+    # 2. every other key keeps its biased relative weight and they share the remaining 1 − P_special
+    others = [c for c in range(S) if c not in special]
+    w = plain[COND, IMG][..., others].clone()
+    b = torch.zeros(len(COND), IMG.stop, H, S)
+    b[..., target] = bias[..., :4]
+    w = w * torch.exp(b[..., others])
+    w = w / w.sum(-1, keepdim=True) * (1 - plain[COND, IMG][..., special].sum(-1, keepdim=True))
+    assert (p[COND, IMG][..., others] - w).abs().max() <= 1e-6
+    assert bias[..., :4].abs().max() > 0.1  # the targets really were moved
+    # 3. rows outside the regulation (uncond row, text queries) are the plain attention
+    assert (p[0] - plain[0]).abs().max() <= 1e-7 and (p[:, IMG.stop:] - plain[:, IMG.stop:]).abs().max() <= 1e-7
+
+
+def test_special_positions_and_basis():
+    assert special_positions(LAYOUT) == [0, 3, 7]
+    g = gaussian_basis(4, 6, grid=2, sigma=0.25)
+    assert g.shape == (4, 24) and float(g.max()) <= 1.0
+    # bump 1 (top row, right column) is largest in the top-right quadrant of the 4×6 grid
+    assert int(g[1].reshape(4, 6).argmax()) // 6 in (0, 1) and int(g[1].reshape(4, 6).argmax()) % 6 >= 3
+
+
+def test_mid_depth_sites_defaults():
+    sd35_large = [Site(f"transformer_blocks.{i}.attn", i, "sd3_joint", 38, 64) for i in range(38)]
+    picked = [s.index for s in mid_depth_sites(sd35_large)]
+    assert picked == list(range(13, 25))
+    tiny = [Site("transformer_blocks.0.attn", 0, "sd3_joint", 4, 8), Site("transformer_blocks.0.attn2", 1,
+            "sd3_image", 4, 8), Site("transformer_blocks.1.attn", 2, "sd3_joint", 4, 8)]
+    assert [s.name for s in mid_depth_sites(tiny)] == ["transformer_blocks.0.attn"]
+
+
+def test_inside_attnctl_pipeline_with_softpag_and_a_probe(sd35_pipe):
+    pipe = AttnCtlSD3Pipeline(**sd35_pipe.components)
+    before = dict(pipe.transformer.attn_processors)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    pag = lambda: attnctl.SoftPAG(heads=["L0H0"])  # noqa: E731  (adds "perturbed" rows to the batch)
+    base = pipe(PROMPT, generator=gen(), guidance_scale=4.0, controls=[pag()], **KW).images
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", steps="window(1, 0, 0.5)")
+    probe = attnctl.AttentionProbe(words=["circle"])
+    img = pipe(PROMPT, generator=gen(), guidance_scale=4.0, controls=[reg, probe, pag()], **KW).images
+    assert {r.step for r in reg.records} == {0}  # first half of 2 steps
+    assert {r.site for r in reg.records} == {"transformer_blocks.0.attn", "transformer_blocks.1.attn"}  # no attn2
+    assert all(len(r.best) == 1 for r in reg.records)  # the cond row only: not uncond, not perturbed
+    assert abs(img - base).max() > 1e-4
+    assert probe.word_maps()["circle"].shape == (1, 8, 12)  # non-square 32×48 image
+    assert dict(pipe.transformer.attn_processors) == before
+    again = pipe(PROMPT, generator=gen(), guidance_scale=4.0, controls=[reg, pag()], **KW).images
+    assert abs(again - img).max() < 1e-6  # deterministic (seeded W)
+
+
+def test_attach_on_stock_flux_reaches_single_blocks(flux_pipe):
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    base = flux_pipe(PROMPT, generator=gen(), **KW).images
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", steps=1.0)
+    with attnctl.attach(flux_pipe, [reg]):
+        img = flux_pipe(PROMPT, generator=gen(), **KW).images
+    assert {r.site for r in reg.records} == {s.name for s in attnctl.list_sites(flux_pipe.transformer)}
+    assert {r.step for r in reg.records} == {0, 1}
+    assert abs(img - base).max() > 1e-4
+
+
+def test_bad_input(sd3_pipe, sd35_pipe):
+    with pytest.raises(ConfigError, match="targets is an empty list"):
+        AttentionRegulation(targets=[])
+    with pytest.raises(ConfigError, match="iterations=-1 is negative"):
+        AttentionRegulation(targets=["circle"], iterations=-1)
+    with pytest.raises(ConfigError, match="more than once"):
+        AttentionRegulation(targets=["circle", "Circle"])
+    with pytest.raises(SiteError, match="no image-text attention"):
+        attnctl.Controller(sd35_pipe, [
+            AttentionRegulation(targets=["circle"], sites="re:.*attn2")])
+    reg = AttentionRegulation(targets=["circle", "triangle"], sites="all")
+    absent = r"target word 'triangle' is not in the prompt .*Fix: .*missing='ignore'"
+    with pytest.raises(LayoutError, match=absent), attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe(PROMPT, **KW)
+    assert not any(type(p).__name__.startswith("AttnCtl") for p in sd3_pipe.transformer.attn_processors.values())
+    # missing='ignore' regulates the words that are present
+    reg = AttentionRegulation(targets=["circle", "triangle"], sites="all", missing="ignore")
+    run_direct(sd3_pipe, reg)
+    assert reg._targets.words == ["circle"]
+
+
+def test_json_round_trip():
+    reg = AttentionRegulation(targets=["circle", "square"], sites=["transformer_blocks.0"], steps="window(1, 0, 0.3)",
+                              iterations=5, per_head=True, normalize="joint")
+    data = reg.to_json()
+    assert data["kind"] == "regulation"
+    again = attnctl.control_from_json(data)
+    assert isinstance(again, AttentionRegulation) and again.to_json() == data
+    assert AttentionRegulation(targets=["circle"]).to_json()["steps"]["kind"] == "window"

@@ -1,0 +1,406 @@
+"""SoftPAG against materialised references, diffusers' PAG, and the batched guidance of both pipelines."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import transformer_inputs
+
+import attnctl
+from attnctl.controls.base import Control, ControlConfig, RunState
+from attnctl.errors import ConfigError, ScheduleError, SiteError
+from attnctl.guidance import fold_into_cond, guided
+from attnctl.layout import TokenLayout
+from attnctl.processors.attend import attend, fused_attention
+
+KW = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=24)
+TARGETS = ("identity", "uniform", "mean_query")
+SCOPES = ("joint", "image")
+
+
+# ------------------------------------------------------------------------------------ plain references
+
+
+def materialised(q, k, v, u, target, scope, img, txt):
+    """SoftPAG written plainly, in float64: full softmax map A, target map T, (1−u)·A + u·T, then @ V."""
+    q, k, v = (x.double() for x in (q, k, v))
+    S, d = q.shape[1], q.shape[-1]
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    A = torch.softmax(s, -1)
+    if scope == "joint":
+        if target == "identity":
+            T = torch.eye(S, dtype=A.dtype).expand_as(A)
+        elif target == "uniform":
+            T = torch.full_like(A, 1.0 / S)
+        else:
+            qbar = q.mean(1)  # mean query of all rows
+            T = torch.softmax(torch.einsum("bhd,bkhd->bhk", qbar, k) / math.sqrt(d), -1)[:, :, None].expand_as(A)
+    else:  # image rows: softmax over logits whose image→image block is replaced; text rows keep A
+        logits = s[:, :, img].clone()
+        block = logits[..., img]
+        n = block.shape[-1]
+        if target == "identity":
+            eye = torch.eye(n, dtype=torch.bool)
+            block = block.masked_fill(~eye, float("-inf"))
+        elif target == "uniform":
+            block = block.mean(-1, keepdim=True).expand_as(block)
+        else:
+            qbar = q[:, img].mean(1)
+            block = (torch.einsum("bhd,bkhd->bhk", qbar, k[:, img]) / math.sqrt(d))[:, :, None].expand_as(block)
+        logits[..., img] = block
+        T = A.clone()
+        T[:, :, img] = torch.softmax(logits, -1)
+    M = (1 - u) * A + u * T
+    return torch.einsum("bhqk,bkhd->bqhd", M, v)
+
+
+class Capture(Control):
+    """Keeps the q, k, v and call of every attention call (tiny models only)."""
+
+    kind = "test-capture"
+    Config = ControlConfig
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def contribute(self, call, q, k, v, state):
+        self.calls.append((call, q.clone(), k.clone(), v.clone(), list(state.roles)))
+        return []
+
+
+def half_the_heads(sites):
+    """Pairs (site, head) over every site: heads 1 and 3 of 4 (SD3), head 1 of 2 (FLUX)."""
+    return [(s.name, h) for s in sites for h in range(1, s.heads, 2)]
+
+
+def run(transformer, controls, roles, inputs):
+    ctl = attnctl.Controller(transformer, controls, roles=roles)
+    saved = dict(transformer.attn_processors)
+    transformer.set_attn_processor(ctl.processors())
+    ctl.close()
+    try:
+        ctl.begin_run(1, layout=TokenLayout(ctl.family, inputs["encoder_hidden_states"].shape[1], (4, 4)))
+        with torch.no_grad():
+            return transformer(**inputs)[0], ctl
+    finally:
+        transformer.set_attn_processor(saved)
+
+
+# ------------------------------------------------------------------------------------ fused forms
+
+
+@pytest.mark.parametrize("fixture", ["sd3_pipe", "sd35_pipe", "flux_pipe"])
+def test_fused_forms_equal_materialised_reference_at_every_site(request, fixture):
+    tr = request.getfixturevalue(fixture).transformer
+    inputs = transformer_inputs(tr, batch=2)
+    sites = attnctl.list_sites(tr)
+    kinds = {s.kind for s in sites}
+    assert kinds in ({"sd3_joint"}, {"sd3_joint", "sd3_image"}, {"flux_double", "flux_single"})
+    cap = Capture()
+    run(tr, [cap], ["cond", "perturbed"], inputs)
+    pairs = half_the_heads(sites)
+    for target in TARGETS:
+        for scope in SCOPES:
+            for u in (1.0, 0.3):
+                pag = attnctl.SoftPAG.from_pairs(pairs, u=u, target=target, scope=scope)
+                ctl = attnctl.Controller(tr, [pag], roles=["cond", "perturbed"])
+                ctl.close()
+                for call, q, k, v, roles in cap.calls:
+                    got = attend(q, k, v, pag.contribute(call, q, k, v, RunState(roles=roles)))
+                    plain = fused_attention(q, k, v)
+                    heads = list(pag.heads_at(call.site))
+                    others = [h for h in range(call.site.heads) if h not in heads]
+                    ref = materialised(q[1:, :, heads], k[1:, :, heads], v[1:, :, heads], u, target, scope,
+                                       call.image_slice(), call.text_slice())
+                    err = (got[1:, :, heads].double() - ref).abs().max().item()
+                    assert err <= 1e-5, (fixture, call.site.name, target, scope, u, err)
+                    # the cond row and the unselected heads are the plain fused result, bit for bit
+                    assert torch.equal(got[:1], plain[:1])
+                    assert torch.equal(got[:, :, others], plain[:, :, others])
+                    if scope == "image":  # text rows untouched
+                        assert torch.equal(got[:, call.text_slice()], plain[:, call.text_slice()])
+
+
+def test_u0_is_plain_attention_and_u1_joint_identity_is_the_identity_map(sd35_pipe):
+    tr = sd35_pipe.transformer
+    inputs = transformer_inputs(tr, batch=2)
+    plain, _ = run(tr, [], ["cond", "perturbed"], inputs)
+    pag0 = attnctl.SoftPAG(heads=["all"], u=0.0)
+    zero, _ = run(tr, [pag0], ["cond", "perturbed"], inputs)
+    assert torch.equal(zero, plain)
+
+    # u = 1, joint identity on every head: each token's attention output is its own value (A = I)
+    q, k, v = (torch.randn(1, 10, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    from attnctl.processors.base import SiteCall
+
+    site = attnctl.list_sites(tr)[0]
+    call = SiteCall(site, 1, 10, 4, True, q.device, q.dtype)
+    pag = attnctl.SoftPAG(heads=["L0"], u=1.0)
+    attnctl.Controller(tr, [pag]).close()
+    out = attend(q, k, v, pag.contribute(call, q, k, v, RunState(roles=["perturbed"])))
+    ref = materialised(q, k, v, 1.0, "identity", "joint", slice(0, 6), slice(6, 10))
+    assert torch.equal(out, v) and (out.double() - ref).abs().max() <= 1e-6
+
+
+def test_transformer_output_equals_materialised_control(flux_pipe):
+    """End to end through every site of FLUX (double and single blocks): fused SoftPAG = a control that
+    materialises the full map in the processor."""
+
+    class Materialised(attnctl.SoftPAG):
+        kind = "test-materialised"
+
+        def contribute(self, call, q, k, v, state):
+            out = super().contribute(call, q, k, v, state)
+            cfg = self.config
+            u = cfg.u(state.step, state.num_steps)
+            img, txt = call.image_slice(), call.text_slice()
+            rows = slice(None) if cfg.scope == "joint" else img
+            heads = list(self.heads_at(call.site))
+
+            def fn(o, q_, k_, v_):  # the full map of every head, then the selected heads' rows replaced
+                ref = materialised(q_, k_, v_, u, cfg.target, cfg.scope, img, txt)[:, rows].to(o.dtype)
+                res = o.clone()
+                res[:, :, heads] = ref[:, :, heads]
+                return res
+
+            for c in out:  # same selection (perturbed rows, query rows), materialised map instead
+                c.fn = fn
+            return out
+
+    tr = flux_pipe.transformer
+    inputs = transformer_inputs(tr, batch=2)
+    pairs = half_the_heads(attnctl.list_sites(tr))
+    for pag_scope in SCOPES:
+        for target in TARGETS:
+            kw = dict(u=0.6, target=target, scope=pag_scope)
+            fused, _ = run(tr, [attnctl.SoftPAG.from_pairs(pairs, **kw)], ["cond", "perturbed"], inputs)
+            ref, _ = run(tr, [Materialised.from_pairs(pairs, **kw)], ["cond", "perturbed"], inputs)
+            assert (fused - ref).abs().max() <= 1e-5, (pag_scope, target)
+
+
+# ------------------------------------------------------------------------------------ diffusers' PAG
+
+
+def test_reproduces_diffusers_pag_processor_and_pipeline(sd3_pipe):
+    from diffusers import StableDiffusion3PAGPipeline
+    from diffusers.models.attention_processor import PAGJointAttnProcessor2_0
+
+    tr = sd3_pipe.transformer
+    assert tr.config.qk_norm is None
+    # 1) the perturbed branch of one transformer call: [cond, ptb] with identical inputs
+    inputs = transformer_inputs(tr, batch=1)
+    for name in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"):
+        inputs[name] = inputs[name].repeat(2, *[1] * (inputs[name].ndim - 1))
+    saved = dict(tr.attn_processors)
+    tr.transformer_blocks[0].attn.set_processor(PAGJointAttnProcessor2_0())
+    try:
+        with torch.no_grad():
+            theirs = tr(**inputs)[0]
+    finally:
+        tr.set_attn_processor(saved)
+    pag = attnctl.SoftPAG(heads=["transformer_blocks.0"], u=1.0, target="identity", scope="image")
+    ours, _ = run(tr, [pag], ["cond", "perturbed"], inputs)
+    assert (ours - theirs).abs().max() <= 1e-5
+    assert (ours[1] - ours[0]).abs().max() > 1e-3  # the perturbation does something
+
+    # 2) the full guided sample of StableDiffusion3PAGPipeline vs AttnCtlSD3Pipeline, with and without CFG
+    from attnctl.pipelines import AttnCtlSD3Pipeline
+
+    parts = {k: v for k, v in sd3_pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    theirs_pipe = StableDiffusion3PAGPipeline(**parts, pag_applied_layers=["blocks.0"])
+    theirs_pipe.set_progress_bar_config(disable=True)
+    ours_pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    ours_pipe.set_progress_bar_config(disable=True)
+    for cfg in (4.0, 1.0):
+        kw = dict(KW, guidance_scale=cfg, output_type="latent")
+        a = theirs_pipe("a red circle", pag_scale=2.5, generator=torch.Generator().manual_seed(0), **kw).images
+        pag = attnctl.SoftPAG(heads=["transformer_blocks.0"], u=1.0, scope="image", scale=2.5)
+        b = ours_pipe("a red circle", controls=[pag], generator=torch.Generator().manual_seed(0), **kw).images
+        plain = ours_pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+        assert (a - b).abs().max() <= 1e-5, cfg
+        assert (b - plain).abs().max() > 1e-3
+    assert {type(p).__name__ for p in tr.attn_processors.values()} == {"JointAttnProcessor2_0"}
+
+
+# ------------------------------------------------------------------------------------ guidance
+
+
+def test_batched_three_way_forward_equals_three_passes(sd35_pipe):
+    tr = sd35_pipe.transformer
+    pag = attnctl.SoftPAG(heads=["L0H0,2", "L1H1", "L3H0:4"], u=0.7, target="mean_query", scope="image")
+    inputs = transformer_inputs(tr, batch=2)
+    inputs = {k: (torch.cat([v, v[1:]]) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections",
+                                                 "timestep") else v) for k, v in inputs.items()}
+    batched, _ = run(tr, [pag], ["uncond", "cond", "perturbed"], inputs)
+    for i, role in enumerate(["uncond", "cond", "perturbed"]):
+        one = {k: (v[i : i + 1] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 3 else v)
+               for k, v in inputs.items()}
+        alone, _ = run(tr, [pag], [role], one)
+        assert (batched[i : i + 1] - alone).abs().max() <= 1e-5, role
+    assert (batched[2] - batched[1]).abs().max() > 1e-3
+
+
+def test_branches_batch_several_candidate_sets(flux_pipe):
+    """A search scores several head sets in one forward: rows 'perturbed[i]' each get their own SoftPAG."""
+    tr = flux_pipe.transformer
+    sets = [[("transformer_blocks.0.attn", 0)], [("single_transformer_blocks.1.attn", 1)]]
+    inputs = transformer_inputs(tr, batch=1)
+    inputs = {k: (v.repeat(3, *[1] * (v.ndim - 1)) if k in ("hidden_states", "encoder_hidden_states",
+                                                             "pooled_projections", "timestep") else v)
+              for k, v in inputs.items()}
+    controls = [attnctl.SoftPAG.from_pairs(s, branch=i) for i, s in enumerate(sets)]
+    batched, _ = run(tr, controls, ["cond", "perturbed[0]", "perturbed[1]"], inputs)
+    one = {k: (v[:1] if k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep") else v)
+           for k, v in inputs.items()}
+    for i, s in enumerate(sets):
+        alone, _ = run(tr, [attnctl.SoftPAG.from_pairs(s)], ["perturbed"], one)
+        assert (batched[i + 1] - alone[0]).abs().max() <= 1e-5
+    assert (batched[1] - batched[2]).abs().max() > 1e-4
+
+
+def test_guidance_formula_folds_into_the_loop():
+    g = torch.Generator().manual_seed(0)
+    u, c, p = (torch.randn(2, 3, generator=g) for _ in range(3))
+    s, w = 4.5, 2.0
+    folded = fold_into_cond(c, p, s, w)
+    assert torch.allclose(u + s * (folded - u), guided(u, c, p, s, w), atol=1e-6)
+    assert torch.allclose(u + s * (folded - u), u + s * (c - u) + w * (c - p), atol=1e-6)
+    assert torch.allclose(fold_into_cond(c, p, 1.0, w), guided(None, c, p, 1.0, w))
+    assert torch.allclose(guided(None, c, p, 1.0, w), c + w * (c - p))
+
+
+class Rows(Control):
+    """Records the batch roles each attention call sees."""
+
+    kind = "test-rows"
+    Config = ControlConfig
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def contribute(self, call, q, k, v, state):
+        self.seen.append((state.step, tuple(state.roles), call.batch))
+        return []
+
+
+@pytest.mark.parametrize("cfg", [3.0, 1.0])
+def test_sd3_pipeline_runs_one_batched_forward_and_skips_w0_steps(sd3_pipe, cfg):
+    from attnctl.pipelines import AttnCtlSD3Pipeline
+
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    rows = Rows()
+    pag = attnctl.SoftPAG(heads=["L1H0:2"], scale="window(2.0, 0, 0.5)")  # w = 2 at step 0, 0 at step 1
+    before = dict(pipe.transformer.attn_processors)
+    pipe("a red circle", controls=[pag, rows], guidance_scale=cfg, output_type="latent", **KW)
+    base = ("uncond", "cond") if cfg > 1 else ("cond",)
+    assert {r for r in rows.seen if r[0] == 0} == {(0, (*base, "perturbed"), len(base) + 1)}
+    assert {r for r in rows.seen if r[0] == 1} == {(1, base, len(base))}
+    assert pipe.transformer.attn_processors == before and "forward" not in vars(pipe.transformer)
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 2.5])
+def test_flux_pipeline_folds_guidance_into_the_cond_call(flux_pipe, true_cfg):
+    """Every transformer call the loop sees returns ε_cond' = ε_cond + (w/s)(ε_cond − ε_ptb) for the cond call
+    (s = true_cfg_scale with true CFG, else 1) and the plain ε for the negative call."""
+    from attnctl.pipelines import AttnCtlFluxPipeline
+
+    pipe = AttnCtlFluxPipeline(**flux_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    tr = pipe.transformer
+    seen = []
+    hook = tr.register_forward_hook(lambda m, a, kw, out: seen.append((dict(kw), out[0].clone())), with_kwargs=True)
+    w = 1.5
+    pairs = half_the_heads(attnctl.list_sites(tr))
+    pag = attnctl.SoftPAG.from_pairs(pairs, u=0.8, scale=w)
+    neg = {"negative_prompt": "a blue square", "true_cfg_scale": true_cfg} if true_cfg > 1 else {}
+    try:
+        pipe("a red circle", controls=[pag], generator=torch.Generator().manual_seed(0), output_type="latent",
+             **neg, **KW)
+    finally:
+        hook.remove()
+    assert len(seen) == (4 if true_cfg > 1 else 2)
+    for i, (kw, out) in enumerate(seen):
+        negative = true_cfg > 1 and i % 2 == 1
+        kw = {k: v for k, v in kw.items() if k != "joint_attention_kwargs"}
+        cond, _ = run(tr, [], ["cond"], kw)
+        if negative:
+            assert (out - cond).abs().max() <= 1e-5
+            continue
+        ptb, _ = run(tr, [attnctl.SoftPAG.from_pairs(pairs, u=0.8, scale=w)], ["perturbed"], kw)
+        expect = fold_into_cond(cond, ptb, true_cfg if true_cfg > 1 else 1.0, w)
+        assert (out - expect).abs().max() <= 1e-5
+        assert (ptb - cond).abs().max() > 1e-4
+
+
+def test_pipeline_restores_forward_when_the_call_raises(sd3_pipe):
+    from attnctl.pipelines import AttnCtlSD3Pipeline
+
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        pipe("a red circle", controls=[attnctl.SoftPAG(heads=["L0H0"])], callback_on_step_end=boom, **KW)
+    assert "forward" not in vars(pipe.transformer)
+    assert all(type(p).__name__ == "JointAttnProcessor2_0" for p in pipe.transformer.attn_processors.values())
+
+
+# ------------------------------------------------------------------------------------ config and errors
+
+
+def test_json_round_trip_and_head_sets(tmp_path, sd3_pipe, flux_pipe):
+    pag = attnctl.SoftPAG(heads=["L0H1", "transformer_blocks.1.attn/H0,2"], u="linear(1, 0.25)",
+                          target="uniform", scope="image", scale="window(3, 0, 0.6)")
+    again = attnctl.control_from_json(pag.to_json())
+    assert isinstance(again, attnctl.SoftPAG) and again.to_json() == pag.to_json()
+    attnctl.Controller(sd3_pipe, [pag]).close()
+    assert pag.heads_at("transformer_blocks.1.attn") == (0, 2)
+    # a head set (as a search writes it) saved as a preset, loaded by path, round-trips with its heads
+    pag.head_set.save(tmp_path / "preset.json")
+    from_file = attnctl.SoftPAG(heads=str(tmp_path / "preset.json"))
+    assert from_file.head_set.heads == pag.head_set.heads
+    assert attnctl.control_from_json(from_file.to_json()).head_set.heads == pag.head_set.heads
+    # ... and refuses a model it was not made for
+    with pytest.raises(SiteError, match="does not have"):
+        attnctl.Controller(flux_pipe, [from_file])
+
+
+def test_bad_input_errors(sd3_pipe):
+    with pytest.raises(SiteError, match="valid indices are 0..3"):
+        attnctl.Controller(sd3_pipe, [attnctl.SoftPAG(heads=["L0H7"])])
+    with pytest.raises(SiteError, match="index 5 is out of range; valid indices are 0..1"):
+        attnctl.Controller(sd3_pipe, [attnctl.SoftPAG(heads=["L5H0"])])
+    with pytest.raises(SiteError, match="matches no attention site"):
+        attnctl.Controller(sd3_pipe, [attnctl.SoftPAG(heads=["single_transformer_blocks.0.attn/H0"])])
+    with pytest.raises(SiteError, match="has heads 0..3"):
+        attnctl.Controller(sd3_pipe, [attnctl.SoftPAG(heads={"transformer_blocks.0.attn": [4]})])
+    with pytest.raises(SiteError, match="does not exist"):
+        attnctl.SoftPAG(heads="no/such/preset.json")
+    with pytest.raises(SiteError, match="not a head selection"):
+        attnctl.SoftPAG(heads=3)
+    with pytest.raises(ScheduleError, match=r"outside the allowed range \[0.0, 1.0\]"):
+        attnctl.SoftPAG(heads=["L0H0"], u=1.5)
+    with pytest.raises(ScheduleError, match=r"outside the allowed range"):
+        attnctl.SoftPAG(heads=["L0H0"], u="linear(0, 2)")
+    with pytest.raises(ScheduleError, match="nan"):
+        attnctl.SoftPAG(heads=["L0H0"], u=float("nan"))
+    with pytest.raises(ScheduleError, match="scale.*nan"):
+        attnctl.SoftPAG(heads=["L0H0"], scale=float("nan"))
+    with pytest.raises(ConfigError, match="target"):
+        attnctl.SoftPAG(heads=["L0H0"], target="fisher_rao")
+    from attnctl.pipelines import AttnCtlSD3Pipeline
+
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    two = [attnctl.SoftPAG(heads=["L0H0"], scale=2.0), attnctl.SoftPAG(heads=["L1H0"], scale=3.0)]
+    with pytest.raises(ConfigError, match="same scale"):
+        pipe("a red circle", controls=two, **KW)
+    with pytest.raises(ConfigError, match="drop branch="):
+        pipe("a red circle", controls=[attnctl.SoftPAG(heads=["L0H0"], branch=1)], **KW)

@@ -1,0 +1,392 @@
+"""The editing UI (``attnctl ui``): its plain functions, and the Streamlit app driven by ``AppTest``.
+
+The app runs on a tiny SD3 pipeline folder (random weights, 32×32 images, 2 steps), passed the way
+``attnctl ui --model PATH`` passes it (the ``ATTNCTL_UI_MODEL`` environment variable).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("streamlit", reason="the UI tests need the ui extra: pip install -e '.[ui]'")
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from attnctl.imageio import encode_png  # noqa: E402
+from attnctl.testing import save_pipeline, tiny_sd3_pipeline  # noqa: E402
+from attnctl.ui import APP_PATH, MODEL_ENV, heatmap, schedules_ui  # noqa: E402
+from attnctl.ui.panels import GENERIC, Panel, available_panels, panel_for  # noqa: E402
+from attnctl.ui.safety import (  # noqa: E402
+    MAX_PIXELS,
+    UploadError,
+    check_control_json,
+    check_png_upload,
+    png_header_size,
+)
+from attnctl.ui.setup import (  # noqa: E402
+    Setup,
+    batch_file,
+    check_batch_file,
+    describe_changes,
+    metadata_for,
+    setup_from_metadata,
+)
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_pipeline(tiny_sd3_pipeline("sd3"), tmp_path_factory.mktemp("ui") / "tiny-sd3")
+
+
+# --------------------------------------------------------------------------------------------- PNG helpers
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def huge_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid-looking PNG whose header claims width × height (1-bit grey): a few hundred bytes on disk."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    idat = zlib.compress(row * 64, 9)  # only the first rows: the UI must refuse before it decodes anything
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def attnctl_png(setup: Setup, size: tuple[int, int] = (32, 32)) -> bytes:
+    pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    pixels[8:24, 8:24] = (200, 30, 30)
+    return encode_png(pixels, metadata_for(setup, {"model": setup.model, "family": "sd3"}))
+
+
+# --------------------------------------------------------------------------------------------- plain functions
+
+
+def test_upload_checks_refuse_bad_files_with_messages():
+    with pytest.raises(UploadError, match="not a PNG"):
+        check_png_upload("notes.png", b"just some text, renamed to .png\n" * 4)
+    with pytest.raises(UploadError, match="400,000,000 pixels"):
+        check_png_upload("huge.png", huge_png())
+    assert png_header_size(huge_png()) == (20000, 20000)
+    damaged = bytearray(huge_png(64, 64))
+    damaged[20] ^= 0xFF  # the header's checksum no longer matches
+    with pytest.raises(UploadError, match="checksum"):
+        check_png_upload("damaged.png", bytes(damaged))
+    with pytest.raises(UploadError, match="MB"):
+        check_png_upload("big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 100, max_bytes=50)
+    plain = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(plain, format="PNG")
+    with pytest.raises(UploadError, match="no attnctl settings"):
+        check_png_upload("plain.png", plain.getvalue())
+
+
+def test_pils_decompression_bomb_guard_is_tightened_too():
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS <= MAX_PIXELS
+    bomb = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(bomb, format="PNG")  # 36 Mpx in a few kB
+    assert len(bomb.getvalue()) < 100_000
+    # Past the app's own header check (limit raised here), PIL's guard still refuses it.
+    with pytest.raises(UploadError, match="decompression bomb"):
+        check_png_upload("bomb.png", bomb.getvalue(), max_pixels=10**9)
+
+
+def test_control_json_that_names_a_file_is_refused():
+    with pytest.raises(UploadError, match="does not open files"):
+        check_control_json({"kind": "softpag", "heads": "/etc/presets/heads.json"})
+    with pytest.raises(UploadError, match="kind"):
+        check_control_json({"heads": ["L0"]})
+    assert check_control_json({"kind": "softpag", "heads": ["L0H1"]})["heads"] == ["L0H1"]
+
+
+def test_setup_round_trips_through_png_metadata_and_exports_a_valid_batch_file(tmp_path):
+    s = Setup(model="toy-flux", prompt="a blue square", seed=7, steps=3, guidance=2.5, height=48, width=64,
+              controls=[{"kind": "regulation", "targets": ["square"], "iterations": 2}])
+    png = attnctl_png(s)
+    checked = check_png_upload("a.png", png)
+    back, notes = setup_from_metadata(checked.metadata)
+    assert back == s and notes == []
+    data = batch_file(s)
+    assert data["version"] == 1 and data["model"] == "toy-flux"
+    assert data["items"][0] == {"prompt": "a blue square", "seed": 7, "steps": 3, "guidance": 2.5, "height": 48,
+                                "width": 64, "controls": s.controls}
+    assert check_batch_file(data) == []
+    bad = json.loads(json.dumps(data))
+    bad["items"][0]["steps"] = 0
+    assert check_batch_file(bad)
+    # hostile or broken metadata: values out of range are refused with a note, files are never named
+    meta = dict(checked.metadata, seed=-3, steps="many")
+    back, notes = setup_from_metadata(meta)
+    assert (back.seed, back.steps) == (Setup().seed, Setup().steps) and len(notes) == 2
+    with pytest.raises(UploadError):
+        setup_from_metadata(dict(checked.metadata, controls=[{"kind": "softpag", "heads": "x.json"}]))
+
+
+def test_describe_changes():
+    a = Setup(seed=1, controls=[])
+    b = Setup(seed=2, controls=[{"kind": "softpag"}])
+    assert describe_changes(None, a) == "first run"
+    assert describe_changes(a, b) == "seed 1 → 2, +softpag"
+    assert describe_changes(b, b) == "same settings"
+
+
+def test_schedule_editor_forms_round_trip():
+    for data in ({"kind": "constant", "value": 0.5}, {"kind": "linear", "start": 1.0, "end": 0.0},
+                 {"kind": "cosine", "start": 0.2, "end": 0.9},
+                 {"kind": "window", "value": 2.0, "start": 0.0, "stop": 0.5}):
+        kind, fields = schedules_ui.form_from_json(data)
+        assert kind == data["kind"]
+        assert schedules_ui.json_from_form(kind, fields) == data
+    kind, fields = schedules_ui.form_from_json({"kind": "piecewise", "points": [[0, 1], [0.5, 0.2], [1, 0]]})
+    assert (kind, fields["points"]) == ("piecewise", "0:1, 0.5:0.2, 1:0")
+    assert schedules_ui.curve(schedules_ui.json_from_form(kind, fields), 5) == pytest.approx([1, 0.6, 0.2, 0.1, 0])
+    # bounds of a control's strength come off for editing and are checked on the way back
+    kind, fields = schedules_ui.form_from_json({"kind": "constant", "value": 1.0, "lo": 0.0, "hi": 1.0})
+    assert (kind, fields) == ("constant", {"value": 1.0})
+    with pytest.raises(ValueError, match="outside"):
+        schedules_ui.json_from_form("constant", {"value": 1.5}, lo=0.0, hi=1.0)
+    # anything else is edited as the library's shorthand (parsed, never evaluated)
+    assert schedules_ui.form_from_json("2 * cosine(1, 0)") == ("custom", {"text": "scaled(cosine(1.0, 0.0), 2.0)"})
+    with pytest.raises(ValueError):
+        schedules_ui.json_from_form("custom", {"text": "__import__('os').system('true')"})
+    with pytest.raises(ValueError, match="progress:value"):
+        schedules_ui.json_from_form("piecewise", {"points": "0.5"})
+
+
+def test_heatmap_overlay_and_upscale():
+    img = Image.new("RGB", (32, 32), (200, 40, 40))
+    m = np.zeros((8, 8))
+    m[2, 2] = 1.0
+    out = heatmap.overlay(img, m, side=256)
+    assert out.size == (256, 256)
+    arr = np.asarray(out).astype(int)
+    assert arr[2 * 32 + 16, 2 * 32 + 16].sum() > arr[200, 200].sum()  # the hot cell is brighter
+    assert heatmap.upscale(Image.new("RGB", (1024, 1024))).size == (1024, 1024)
+    assert heatmap.colormap(np.array([0.0, 1.0])).shape == (2, 3)
+
+
+def test_panel_registry_offers_importable_controls_and_falls_back_to_json(monkeypatch):
+    panels = available_panels()
+    assert {"softpag", "regulation", GENERIC} <= set(panels)
+    assert list(panels)[-1] == GENERIC
+    assert panel_for("probe", panels).kind == GENERIC
+    from attnctl.ui import panels as registry
+
+    ghost = Panel(kind="ghost", module="attnctl.controls.not_written_yet", title="Ghost", description="",
+                  default=lambda ctx: {}, render=lambda ctx, key, cfg: cfg, summary=lambda cfg: "")
+    monkeypatch.setattr(registry, "_discover", lambda: [ghost, *panels.values()])
+    assert "ghost" not in registry.available_panels()
+
+
+def test_cli_ui_binds_localhost_and_warns_for_other_hosts(monkeypatch):
+    import subprocess
+
+    from attnctl.cli import app
+
+    calls = []
+
+    class FakeServer:
+        def __init__(self, cmd, env):
+            calls.append((cmd, env))
+
+        def terminate(self):
+            pass
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeServer)
+    import signal
+
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    runner = CliRunner()
+    result = runner.invoke(app, ["ui", "--port", "8600", "--model", "toy-flux"])
+    assert result.exit_code == 0, result.output
+    cmd, env = calls[-1]
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8600"
+    assert str(APP_PATH) in cmd and env[MODEL_ENV] == "toy-flux"
+    result = runner.invoke(app, ["ui", "--host", "0.0.0.0"])
+    assert result.exit_code == 0
+    assert "warning" in result.output and "0.0.0.0" in result.output
+    assert calls[-1][0][calls[-1][0].index("--server.address") + 1] == "0.0.0.0"
+
+
+# --------------------------------------------------------------------------------------------- the app
+
+
+def start(monkeypatch, model_dir) -> AppTest:
+    monkeypatch.setenv(MODEL_ENV, str(model_dir))
+    at = AppTest.from_file(str(APP_PATH), default_timeout=TIMEOUT)
+    at.run()
+    ok(at)
+    return at
+
+
+def ok(at: AppTest) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def generate(at: AppTest, steps: int = 2) -> AppTest:
+    at.number_input(key="steps").set_value(steps)
+    at.button(key="generate").click().run()
+    ok(at)
+    return at
+
+
+def compare_images(at: AppTest) -> list:
+    return list(at.tabs[0].image)
+
+
+def test_app_loads_with_the_model_and_a_first_control(monkeypatch, model_dir):
+    at = start(monkeypatch, model_dir)
+    assert errors(at) == []
+    assert at.session_state["model_choice"] == "other"
+    assert at.text_input(key="model_path").value == str(model_dir)
+    assert (at.number_input(key="height").value, at.number_input(key="width").value) == (32, 32)
+    assert [c["kind"] for c in at.session_state["controls"]] == ["softpag"]
+    assert [t.label for t in at.tabs] == ["Compare", "Attention", "History", "Export"]
+    assert not at.button(key="generate").disabled
+
+
+def test_generate_shows_baseline_and_controlled_side_by_side(monkeypatch, model_dir):
+    at = generate(start(monkeypatch, model_dir))
+    assert errors(at) == []
+    assert len(compare_images(at)) == 2
+    run = at.session_state["history"][-1]
+    for key, controls in (("baseline", 0), ("controlled", 1)):
+        with Image.open(io.BytesIO(run[key])) as img:
+            assert img.size == (32, 32)
+            meta = json.loads(img.text["attnctl"])
+        assert meta["seed"] == 0 and meta["steps"] == 2 and len(meta["controls"]) == controls
+    assert run["maps"]["baseline"] and run["maps"]["controlled"]  # word maps for the Attention tab
+    assert len(at.tabs[1].image) >= 4  # image + overlays for both images
+    assert at.tabs[2].image  # the history lists the run
+    # a second run with another seed lands in the history with what changed
+    at.number_input(key="seed").set_value(5)
+    at.button(key="generate").click().run()
+    ok(at)
+    assert [r["changes"] for r in at.session_state["history"]] == ["first run", "seed 0 → 5"]
+
+
+def test_add_configure_and_remove_controls(monkeypatch, model_dir):
+    at = start(monkeypatch, model_dir)
+    at.selectbox(key="add_kind").set_value("regulation")
+    at.button(key="add_control").click().run()
+    ok(at)
+    controls = at.session_state["controls"]
+    assert [c["kind"] for c in controls] == ["softpag", "regulation"]
+    reg = controls[1]["id"]
+    assert at.multiselect(key=f"c{reg}.targets").value == ["circle", "square"]
+    at.multiselect(key=f"c{reg}.targets").set_value(["square"]).run()
+    ok(at)
+    assert at.session_state["controls"][1]["config"]["targets"] == ["square"]
+    soft = controls[0]["id"]
+    at.button(key=f"remove{soft}").click().run()
+    ok(at)
+    assert [c["kind"] for c in at.session_state["controls"]] == ["regulation"]
+    at.number_input(key=f"c{reg}.iterations").set_value(2)
+    generate(at)
+    assert errors(at) == [] and len(compare_images(at)) == 2
+    assert at.session_state["history"][-1]["setup"].controls[0]["iterations"] == 2
+
+
+def test_schedule_editing_updates_the_control_and_blocks_bad_input(monkeypatch, model_dir):
+    at = start(monkeypatch, model_dir)
+    cid = at.session_state["controls"][0]["id"]
+    charts = len(at.get("arrow_vega_lite_chart"))
+    at.selectbox(key=f"c{cid}.u.kind").set_value("linear").run()
+    ok(at)
+    at.number_input(key=f"c{cid}.u.start").set_value(1.0)
+    at.number_input(key=f"c{cid}.u.end").set_value(0.25).run()
+    ok(at)
+    assert at.session_state["controls"][0]["config"]["u"] == {"kind": "linear", "start": 1.0, "end": 0.25}
+    assert len(at.get("arrow_vega_lite_chart")) == charts  # every strength keeps its curve
+    at.selectbox(key=f"c{cid}.scale.kind").set_value("piecewise").run()
+    at.text_input(key=f"c{cid}.scale.points").input("0:4, 0.5").run()
+    ok(at)
+    assert any("progress:value" in e for e in errors(at))
+    at.button(key="generate").click().run()
+    ok(at)
+    assert any("Control 1 (SoftPAG)" in e for e in errors(at))
+    assert at.session_state["history"] == []
+    at.text_input(key=f"c{cid}.scale.points").input("0:4, 0.5:2, 1:0").run()
+    ok(at)
+    assert at.session_state["controls"][0]["config"]["scale"]["points"] == [[0, 4], [0.5, 2], [1, 0]]
+    generate(at)
+    assert errors(at) == [] and len(compare_images(at)) == 2
+
+
+def test_uploaded_png_restores_every_setting(monkeypatch, model_dir):
+    at = start(monkeypatch, model_dir)
+    s = Setup(model=str(model_dir), prompt="a blue square above a green triangle", seed=11, steps=2, guidance=5.5,
+              height=24, width=40,
+              controls=[{"kind": "regulation", "targets": ["triangle"], "iterations": 1, "sites": "all"},
+                        {"kind": "probe", "words": ["square"]}])
+    at.file_uploader(key="upload").set_value(("made-by-attnctl.png", attnctl_png(s), "image/png")).run()
+    ok(at)
+    assert errors(at) == []
+    assert any("Restored the settings" in m.value for m in at.success)
+    for key in ("prompt", "seed", "steps", "guidance", "height", "width"):
+        assert at.session_state[key] == getattr(s, key), key
+    controls = at.session_state["controls"]
+    assert [c["kind"] for c in controls] == ["regulation", GENERIC]  # the probe opens in the JSON panel
+    assert controls[0]["config"]["targets"] == ["triangle"]
+    at.button(key="generate").click().run()
+    ok(at)
+    assert errors(at) == [] and len(compare_images(at)) == 2
+    ran = at.session_state["history"][-1]["setup"]
+    assert ran.to_dict() | {"controls": None} == s.to_dict() | {"controls": None}
+    assert [full(c) for c in ran.controls] == [full(c) for c in s.controls]  # same controls, defaults spelt out
+
+
+def full(config: dict) -> dict:
+    from attnctl.controls import control_from_json
+
+    return control_from_json(config).to_json()
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("notes.png", b"these are my notes\nnot an image\n" * 8, "not a PNG"),
+    ("huge.png", huge_png(), "pixels"),
+])
+def test_bad_upload_shows_an_error_and_the_app_keeps_working(monkeypatch, model_dir, name, data, message):
+    at = start(monkeypatch, model_dir)
+    before = at.session_state["prompt"]
+    at.file_uploader(key="upload").set_value((name, data, "image/png")).run()
+    ok(at)
+    assert any(message in e and name in e for e in errors(at)), errors(at)
+    assert at.session_state["prompt"] == before
+    generate(at)
+    assert len(compare_images(at)) == 2
+
+
+def test_json_panel_takes_any_control_and_checks_it_against_the_model(monkeypatch, model_dir):
+    at = start(monkeypatch, model_dir)
+    at.selectbox(key="add_kind").set_value(GENERIC)
+    at.button(key="add_control").click().run()
+    ok(at)
+    cid = at.session_state["controls"][-1]["id"]
+    at.text_area(key=f"c{cid}.json").input('{"kind": "softpag", "heads": ["L9H0"]}').run()
+    ok(at)
+    assert any("L9" in e for e in errors(at)), errors(at)  # the tiny model has sites L0 and L1 only
+    at.button(key="generate").click().run()
+    assert at.session_state["history"] == []
+    at.text_area(key=f"c{cid}.json").input('{"kind": "softpag", "heads": ["L0H1"], "u": 0.5}').run()
+    ok(at)
+    assert errors(at) == []
+    generate(at)
+    assert at.session_state["history"][-1]["setup"].controls[-1] == {"kind": "softpag", "heads": ["L0H1"], "u": 0.5}
