@@ -14,8 +14,8 @@ are noise; the ratios are the figures. Weights are random: time and memory do no
 from __future__ import annotations
 
 import argparse
-import json
 import gc
+import json
 import statistics
 import subprocess
 import sys
@@ -216,8 +216,9 @@ def main() -> None:
     result = {"bench": "layers", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
     print(json.dumps(result, indent=1))
     if args.json:
-        from attnctl.io import atomic_write_text
         from pathlib import Path
+
+        from attnctl.io import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(result, indent=1))
 

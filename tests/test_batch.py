@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -272,31 +273,39 @@ def test_interrupt_and_kill_then_rerun_makes_every_image_exactly_once(model_dir,
     out = tmp_path / "out"
     expected = {f"i{i}_s{i}.png" for i in range(10)}
 
-    # Ctrl-C: the current image is finished and recorded, then the run stops with exit code 130
-    proc = start(batch, out, model_dir)
-    wait_for_done(out, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
-    done = {f for f, r in read_manifest(out).items() if r["status"] == "done"}
-    assert done == set(pngs(out)) and 0 < len(done) < 10
-
     # SIGKILL: whatever the moment, no partial PNG under a final name, whole records only
     proc = start(batch, out, model_dir)
-    before = len(done)
-    deadline = time.monotonic() + 240
-    while sum(r["status"] == "done" for r in raw_records(out)) <= before and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for_done(out, proc)
     proc.kill()
     proc.communicate()
     for name in pngs(out):  # every visible PNG decodes (read_image raised otherwise) and carries its metadata
         assert read_metadata(out / name)["batch"]["id"] == name.split("_s")[0]
-    assert len(pngs(out)) < 10, "the kill came too late to test anything"
+    done = {f for f, r in read_manifest(out).items() if r["status"] == "done"}
+    assert done <= set(pngs(out)) and 0 < len(pngs(out)) < 10, "the kill came too late to test anything"
     # what a kill in the middle of a write leaves: a hidden temp file and a torn manifest line
     (out / ".i9_s9.png.k1ll3d.tmp").write_bytes(b"\x89PNG half")
     with open(out / MANIFEST_NAME, "ab") as f:
         f.write(b'{"file": "i9_s9.png", "status": "do')
+
+    # Ctrl-C (SIGINT, here to this process): the current image is finished and recorded, then exit code 130
+    before = sum(r["status"] == "done" for r in raw_records(out))
+
+    def interrupt_after_next_image() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if sum(r["status"] == "done" for r in raw_records(out)) > before:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=interrupt_after_next_image, daemon=True)
+    watcher.start()
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    watcher.join()
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output
+    done = {f for f, r in read_manifest(out).items() if r["status"] == "done"}
+    assert done <= set(pngs(out)) and len(done) < 10  # every image recorded done is there
 
     result = run("batch", batch, "--out", out, "--model", model_dir)
     assert result.exit_code == 0, result.output

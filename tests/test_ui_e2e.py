@@ -5,11 +5,13 @@ Needs the ``e2e`` extra (``playwright``, the Python package; its own browser dow
 Chromium binary: Debian's ``chromium`` package (``make e2e-setup`` installs both) or ``$ATTNCTL_CHROMIUM``.
 Skipped, with the reason, only where no browser is installed. Screenshots go to the test's temporary
 folder and, when ``ATTNCTL_SCREENSHOTS`` names a folder (``ATTNCTL_SCREENSHOTS=docs/img``), there too,
-with a short tour of the other screens for the documentation.
+with a short tour of the other screens for the documentation; ``ATTNCTL_E2E_STEPS`` sets the steps of the
+run (default 4; the docs' screenshots use the toy model's 20).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -30,7 +32,8 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-r
 SERVER_START_S = 120
 TEST_BUDGET_S = 90
 """Page load, a 4-step generation and the checks, all together (the server's start has its own bound)."""
-GENERATE_S = 60
+TOUR_S = 300
+"""Bound of each wait of the documentation tour (only with ATTNCTL_SCREENSHOTS)."""
 
 
 def find_chromium() -> str | None:
@@ -126,10 +129,16 @@ def page(tmp_path):
             browser.close()
 
 
+APP_STATE = "document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state')"
+
+
 def settle(page, timeout_ms: float = 30_000) -> None:
-    """Wait until Streamlit has finished the current script run (its status widget is gone)."""
-    page.wait_for_timeout(250)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
+    """Wait until Streamlit has finished the script run an action started (the app's script state)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    with contextlib.suppress(PlaywrightTimeout):  # the run may start a moment after the click, or be over
+        page.wait_for_function(f"() => {APP_STATE} === 'running'", timeout=1500)
+    page.wait_for_function(f"() => {APP_STATE} === 'notRunning'", timeout=timeout_ms)
 
 
 def set_number(page, key: str, value: int, timeout_ms: float = 30_000) -> None:
@@ -165,9 +174,9 @@ def test_generate_in_a_real_browser(server, page, tmp_path):
     page.locator(".st-key-generate button").wait_for(timeout=left_ms())
     settle(page, left_ms())
     assert page.locator('[data-testid="stException"]').count() == 0
-    set_number(page, "steps", 4, left_ms())
+    set_number(page, "steps", int(os.environ.get("ATTNCTL_E2E_STEPS", "4")), left_ms())
     page.locator(".st-key-generate button").click(timeout=left_ms())
-    scope = ".st-key-results_column"
+    scope = ".st-key-compare"  # the Compare tab (the other tabs' images are in the page too)
     page.wait_for_function(
         """(scope) => [...document.querySelectorAll(scope + ' [data-testid="stImage"] img')]
               .filter(i => i.complete && i.naturalWidth > 0).length >= 2""",
@@ -194,7 +203,8 @@ def tour(page, tmp_path: Path) -> None:
     settle(page)
     set_number(page, "seed", 3)
     page.locator(".st-key-generate button").click()
-    settle(page, GENERATE_S * 1000)
+    page.locator(".st-key-compare").get_by_text("Run #2 ·").wait_for(timeout=TOUR_S * 1000)
+    settle(page, TOUR_S * 1000)
     save(page, "ui-overview.png", tmp_path)
     save(page, "ui-controls.png", tmp_path, page.locator(".st-key-controls_column"))
     page.get_by_role("tab", name="Attention").click()

@@ -580,7 +580,7 @@ def main() -> None:
     with right, st.container(key="results_column"):
         run = current_run()
         compare, attention, history, export = st.tabs(["Compare", "Attention", "History", "Export"])
-        with compare:
+        with compare, st.container(key="compare"):
             compare_tab(run)
         with attention:
             attention_tab(run)
