@@ -255,7 +255,7 @@ class HeadSet:
             raise SiteError(
                 f"head set names {len(missing)} site(s) this model does not have (e.g. {missing[0]!r}); it was "
                 f"made for a model with {fp.get('sites', '?')} sites ({fp.get('family', '?')}), this one has "
-                f"{len(sites)}. Use a preset made for this model or run `attnctl headhunt` on it."
+                f"{len(sites)}. Use a preset made for this model (attnctl.HeadSet.parse and .save make one)."
             )
         out = {}
         for name, hs in self.heads.items():

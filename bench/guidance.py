@@ -321,7 +321,7 @@ def _print_tables(layer_rows: list[dict], fwd_rows: list[dict]) -> None:
                   "/".join(f"{m[v]['largest_alloc_bytes'] / mb:.0f}" for v in ("joint", "image", "materialised")),
                   f"{r['nxn_map_bytes_selected_heads'] / mb:.0f}")
     Console(width=240).print(t)
-    t = Table(title="one batched [uncond, cond, perturbed] forward vs three one-row forwards (SoftPAG on ¼ heads)")
+    t = Table(title=r"one batched \[uncond, cond, perturbed] forward vs three one-row forwards (SoftPAG on ¼ heads)")
     for col in ("model", "blocks", "tokens", "heads", "batched s", "3 separate s", "batched / separate", "max |diff|"):
         t.add_column(col, justify="right")
     for r in fwd_rows:

@@ -206,6 +206,8 @@ def tour(page, tmp_path: Path) -> None:
     page.locator(".st-key-compare").get_by_text("Run #2 ·").wait_for(timeout=TOUR_S * 1000)
     settle(page, TOUR_S * 1000)
     save(page, "ui-overview.png", tmp_path)
+    page.set_viewport_size({"width": 1440, "height": 2600})  # tall enough for whole columns
+    settle(page)
     save(page, "ui-controls.png", tmp_path, page.locator(".st-key-controls_column"))
     page.get_by_role("tab", name="Attention").click()
     settle(page)

@@ -65,7 +65,7 @@ def load_heads(spec: Any) -> HeadSet | list[str]:
             path = PRESETS_DIR / path.name
         if not path.exists():
             raise SiteError(f"head-set preset {str(spec)!r} does not exist",
-                            fix="give the path of a preset JSON file (as written by `attnctl headhunt`)")
+                            fix="give the path of a preset JSON file (as written by HeadSet.save)")
         try:
             return HeadSet.load(path)
         except ValueError as e:

@@ -53,7 +53,6 @@ h1.attnctl-title span {color: #ff7a45;}
                 margin: .1rem 0 .25rem 0;}
 .attnctl-empty {border: 1px dashed rgba(255,255,255,.18); border-radius: .8rem; padding: 2.2rem 1.5rem;
                 text-align: center; opacity: .75;}
-.attnctl-word {font-weight: 650; font-size: 1.05rem; margin-top: .4rem;}
 [data-testid="stSidebar"] [data-testid="stImage"] img {border-radius: .4rem;}
 [data-testid="stImage"] img {border-radius: .55rem;}
 </style>
@@ -451,9 +450,10 @@ def attention_tab(run: dict[str, Any] | None) -> None:
     if not words:
         st.info("No attention maps in this run.", icon="ℹ️")
         return
-    from attnctl.ui.panels.regulation import STOPWORDS
+    from attnctl.ui.panels.regulation import STOPWORDS, default_targets
 
-    default = [w for w in words if w not in STOPWORDS][:3] or words[:1]
+    nouns = [w for w in default_targets(words) if w in words]
+    default = list(dict.fromkeys(nouns + [w for w in words if w not in STOPWORDS]))[:4] or words[:1]
     a, b = st.columns([4, 1.4], vertical_alignment="bottom")
     chosen = a.multiselect("Words", words, default=default, key=f"words{run['id']}", max_selections=6,
                            help="Where the image attends to each word: the probe's mean over the sites, heads "
@@ -469,7 +469,7 @@ def attention_tab(run: dict[str, Any] | None) -> None:
     header = st.columns(widths)
     header[0].markdown("<div class='attnctl-label'>image</div>", unsafe_allow_html=True)
     for col, w in zip(header[1:], chosen, strict=True):
-        col.markdown(f"<div class='attnctl-word'>{escape_html(w)}</div>", unsafe_allow_html=True)
+        col.markdown(f"<div class='attnctl-label'>“{escape_html(w)}”</div>", unsafe_allow_html=True)
     for label, img in images.items():
         row = st.columns(widths)
         row[0].image(heatmap.upscale(img, 256), caption=label, width="stretch")
@@ -543,7 +543,7 @@ def export_tab(run: dict[str, Any] | None) -> None:
         st.error(p, icon="⚠️")
     st.caption("The editor's settings now, controls and schedules included, as the one item of a batch file: "
                "`attnctl batch attnctl-batch.json` makes the image; add items or seeds to make more.")
-    st.code(text, language="json")
+    st.code(text, language="json", height=320)
 
 
 # --------------------------------------------------------------------------------------------- page
