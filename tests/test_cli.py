@@ -58,7 +58,8 @@ def test_generate_writes_png_with_metadata_and_from_regenerates_identical_pixels
     assert meta["model"] == str(sd3_dir.resolve())
     assert meta["dtype"] == "fp32"
     assert meta["controls"] == [{"kind": "probe", "words": ["circle"], "tokens": None, "segments": None,
-                                 "sites": "L1", "heads": None, "roles": ["cond"], "weight": {"kind": "constant", "value": 1.0}}]
+                                 "sites": "L1", "heads": None, "roles": ["cond"],
+                                 "weight": {"kind": "constant", "value": 1.0}}]
     with Image.open(first) as img:
         assert img.size == (32, 32)
         params = img.text["parameters"]
