@@ -12,7 +12,7 @@ Model: ``toy-sd3`` when it is installed (``attnctl/toyworld/models/toy-sd3``), e
 folder (``attnctl.testing``), which the report names.
 
     python bench/batch.py                       # 64 items, processes 1 and 2
-    python bench/batch.py --items 16 --processes 1,2,4 --json bench/batch.json
+    python bench/batch.py --items 16 --processes 1:1,1,2 --json /tmp/batch.json   # N:T = N processes, T threads
 """
 
 from __future__ import annotations
@@ -56,10 +56,12 @@ def pick_model(work: Path) -> tuple[str, str]:
     return str(folder), "tiny-sd3 (random tiny SD3 pipeline folder; toy-sd3 not installed yet)"
 
 
-def run_once(batch: Path, out: Path, model: str, processes: int) -> dict:
+def run_once(batch: Path, out: Path, model: str, processes: int, threads: int | None) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "attnctl", "batch", str(batch), "--out", str(out), "--model", model,
            "--processes", str(processes)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -71,7 +73,9 @@ def run_once(batch: Path, out: Path, model: str, processes: int) -> dict:
     first = min(r["time"] - r["seconds"] for r in records)
     last = max(r["time"] for r in records)
     n = len(records)
-    return {"processes": processes, "images": n, "wall_seconds": round(wall, 3),
+    cpus = os.cpu_count() or 1
+    return {"processes": processes, "threads_per_process": threads or max(1, cpus // processes), "images": n,
+            "wall_seconds": round(wall, 3),
             "images_per_second_wall": round(n / wall, 3),
             "generation_seconds": round(last - first, 3),
             "images_per_second_steady": round(n / (last - first), 3) if last > first else None,
@@ -81,7 +85,9 @@ def run_once(batch: Path, out: Path, model: str, processes: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=64)
-    parser.add_argument("--processes", default="1,2", help="comma-separated process counts")
+    parser.add_argument("--processes", default="1,2",
+                        help="comma-separated runs: N processes, or N:T for N processes of T torch threads each "
+                             "(default threads: cores / N)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--model", default=None, help="default: toy-sd3 if installed, else a tiny pipeline")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -92,24 +98,30 @@ def main() -> None:
         model, label = (args.model, args.model) if args.model else pick_model(work)
         batch = work / "bench.json"
         batch.write_text(json.dumps(make_batch(args.items, args.steps)))
-        runs = [run_once(batch, work / f"out-{n}", model, n) for n in (int(x) for x in args.processes.split(","))]
+        runs = []
+        for i, spec in enumerate(args.processes.split(",")):
+            n, _, t = spec.partition(":")
+            runs.append(run_once(batch, work / f"out-{i}", model, int(n), int(t) if t else None))
     result = {
         "benchmark": "attnctl batch",
         "model": label,
         "items": args.items,
         "steps": args.steps or "model default",
         "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
         "machine": platform.platform(),
         "python": platform.python_version(),
         "runs": runs,
     }
     print(f"attnctl batch · {args.items} items · {label} · {os.cpu_count()} CPUs")
-    head = f"{'processes':>9} {'images':>6} {'wall s':>8} {'img/s wall':>10} {'gen s':>8} {'img/s steady':>12}"
+    head = (f"{'processes':>9} {'threads':>7} {'images':>6} {'wall s':>8} {'img/s wall':>10} {'gen s':>8} "
+            f"{'img/s steady':>12}")
     print(head)
     print("-" * len(head))
     for r in runs:
         steady = "-" if r["images_per_second_steady"] is None else f"{r['images_per_second_steady']:.2f}"
-        print(f"{r['processes']:>9} {r['images']:>6} {r['wall_seconds']:>8.1f} {r['images_per_second_wall']:>10.2f} "
+        print(f"{r['processes']:>9} {r['threads_per_process']:>7} {r['images']:>6} {r['wall_seconds']:>8.1f} "
+              f"{r['images_per_second_wall']:>10.2f} "
               f"{r['generation_seconds']:>8.1f} {steady:>12}")
     text = json.dumps(result, indent=2)
     print(text)
