@@ -273,15 +273,7 @@ def tiny_flux_pipeline(
     with _seeded(seed, "text_encoder_2"):
         text_encoder_2 = T5EncoderModel(tiny_t5_config(tok, t5_dim))
 
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=64,
-        max_image_seq_len=1024,
-    )
+    scheduler = flux_scheduler()
     pipe = FluxPipeline(
         transformer=transformer,
         scheduler=scheduler,
@@ -293,6 +285,19 @@ def tiny_flux_pipeline(
     )
     pipe.default_sample_size = sample_size
     return _finish(pipe, dtype)
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's flow-matching scheduler with dynamic shifting, anchored at the small models' 64 image tokens."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=64,
+        max_image_seq_len=1024,
+    )
 
 
 def save_pipeline(pipe: DiffusionPipeline, folder: str | Path) -> Path:

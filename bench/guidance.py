@@ -22,7 +22,6 @@ Absolute times on a shared CPU are noise; the ratios (same run, interleaved) are
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import statistics
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layers import SHAPES, Layer, _status_kb, build, core_inputs, run_core  # noqa: E402
+from layers import SHAPES, Layer, build, core_inputs, extra_peak_bytes, run_core  # noqa: E402
 
 VARIANTS = ("stock", "joint", "image", "joint-meanq", "image-uniform", "materialised")
 SOFTPAG = {
@@ -141,18 +140,13 @@ def _peak_child(shape: str, res: int, variant: str) -> dict:
     torch.set_num_threads(2)
     layer = build_softpag(shape, res, variant)
     with torch.no_grad():
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (Linux)
-            f.write("5")
-        before = _status_kb("VmRSS")
-        layer.attn(**layer.kwargs)
-        after = _status_kb("VmHWM")
+        extra = extra_peak_bytes(lambda: layer.attn(**layer.kwargs))
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             layer.attn(**layer.kwargs)
     largest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)  # net bytes one op allocated
-    return {"extra_peak_bytes": max(0, after - before) * 1024, "largest_alloc_bytes": int(largest)}
+    return {"extra_peak_bytes": extra, "largest_alloc_bytes": int(largest)}
 
 
 MEMORY_VARIANTS = ("stock", "joint", "image", "materialised")  # mean-query / uniform allocate like these

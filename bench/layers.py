@@ -152,13 +152,17 @@ def _peak_child(shape: str, res: int, variant: str) -> int:
     torch.set_num_threads(2)
     layer = build(shape, res, variant)
     with torch.no_grad():
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (Linux)
-            f.write("5")
-        before = _status_kb("VmRSS")
-        layer.attn(**layer.kwargs)
-        after = _status_kb("VmHWM")
-    return max(0, after - before) * 1024
+        return extra_peak_bytes(lambda: layer.attn(**layer.kwargs))
+
+
+def extra_peak_bytes(fn) -> int:
+    """Peak resident memory of ``fn()`` beyond what the process holds before it (Linux: VmHWM after a reset)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark
+        f.write("5")
+    before = _status_kb("VmRSS")
+    fn()
+    return max(0, _status_kb("VmHWM") - before) * 1024
 
 
 def _status_kb(field: str) -> int:

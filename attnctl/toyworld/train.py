@@ -54,7 +54,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from attnctl.errors import ConfigError
-from attnctl.testing import save_pipeline, tiny_clip_config, tiny_t5_config
+from attnctl.testing import flux_scheduler, save_pipeline, tiny_clip_config, tiny_t5_config
 from attnctl.toyworld.autoencoder import PixelShuffleAutoencoder
 from attnctl.toyworld.tokenizer import DEFAULT_MAX_LENGTH, make_tokenizer
 from attnctl.toyworld.world import make_batch
@@ -207,15 +207,7 @@ def build_pipeline(arch: ToyArch, seed: int = 0) -> DiffusionPipeline:
             guidance_embeds=False,
             axes_dims_rope=rope,
         )
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            shift=1.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=64,
-            max_image_seq_len=1024,
-        )
+        scheduler = flux_scheduler()
         pipe = FluxPipeline(
             transformer=transformer,
             scheduler=scheduler,
