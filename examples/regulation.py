@@ -72,6 +72,7 @@ def main() -> None:
         images = pipe([args.prompt] * len(seeds), generator=gens, controls=controls, **call).images
         return list(images), time.perf_counter() - t
 
+    pipe(args.prompt, **{**call, "num_inference_steps": 1})  # warm-up, so the timings compare like with like
     base, t_base = run(None)
     reg = attnctl.AttentionRegulation(targets=args.targets, **json.loads(args.config))
     probe = attnctl.AttentionProbe(words=args.targets)
@@ -94,7 +95,9 @@ def main() -> None:
         first = reg.records[0]
         print(f"  inner loss at {first.site}, step {first.step}: {first.losses[0]:.4f} -> best {first.best_loss:.4f}")
     print(f"  time: baseline {t_base:.2f} s, regulated {t_reg:.2f} s ({100 * (t_reg / t_base - 1):+.0f}%)")
-    if args.model.startswith("toy-"):
+    from attnctl.cli import is_toy_pipeline
+
+    if is_toy_pipeline(pipe):  # shapes-world prompts: score both rows
         from attnctl.toyworld.evaluate import evaluate_set
         from attnctl.toyworld.world import parse_caption
 
