@@ -1020,20 +1020,7 @@ class _Generator:
             "max_sequence_length": int(s["max_sequence_length"] if s.get("max_sequence_length") is not None
                                        else d["max_sequence_length"]),
         }
-        kwargs: dict[str, Any] = {
-            "prompt": prompt,
-            "num_inference_steps": settings["steps"],
-            "guidance_scale": settings["guidance"],
-            "height": settings["height"],
-            "width": settings["width"],
-            "max_sequence_length": settings["max_sequence_length"],
-            "generator": self.torch.Generator("cpu").manual_seed(job.seed),
-            "output_type": "pil",
-        }
-        if negative:
-            kwargs["negative_prompt"] = negative
-        if s.get("true_cfg") is not None:
-            kwargs["true_cfg_scale"] = float(s["true_cfg"])
+        kwargs = cli.call_kwargs(settings, prompt, job.seed, negative, s.get("true_cfg"))
         controls = [control_from_json(c) for c in s.get("controls") or []]  # fresh: controls keep run state
         image = cli.run_pipeline(self.pipe, kwargs, controls)[0]
         meta = {

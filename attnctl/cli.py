@@ -467,20 +467,7 @@ def generate(
         "width": int(width if width is not None else meta_in.get("width", defaults["width"])),
         "max_sequence_length": int(meta_in.get("max_sequence_length", defaults["max_sequence_length"])),
     }
-    kwargs: dict[str, Any] = {
-        "prompt": prompt,
-        "num_inference_steps": settings["steps"],
-        "guidance_scale": settings["guidance"],
-        "height": settings["height"],
-        "width": settings["width"],
-        "max_sequence_length": settings["max_sequence_length"],
-        "generator": torch.Generator("cpu").manual_seed(seed),
-        "output_type": "pil",
-    }
-    if negative_prompt:
-        kwargs["negative_prompt"] = negative_prompt
-    if true_cfg is not None:
-        kwargs["true_cfg_scale"] = float(true_cfg)
+    kwargs = call_kwargs(settings, prompt, seed, negative_prompt, true_cfg)
 
     start = time.perf_counter()
     image = run_pipeline(pipe, kwargs, controls)[0]
@@ -515,6 +502,29 @@ def generate(
     path = save_png(out, image, meta)
     out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, seed {seed}, {settings['steps']} steps, "
                       f"{image.size[0]}x{image.size[1]}, {seconds:.1f} s)", highlight=False)
+
+
+def call_kwargs(settings: dict[str, Any], prompt: str, seed: int, negative_prompt: str | None = None,
+                true_cfg: float | None = None) -> dict[str, Any]:
+    """The pipeline call for one image from resolved settings (steps, guidance, size, text length); the seed
+    drives a CPU generator so an image regenerates identically on any device."""
+    import torch
+
+    kwargs: dict[str, Any] = {
+        "prompt": prompt,
+        "num_inference_steps": settings["steps"],
+        "guidance_scale": settings["guidance"],
+        "height": settings["height"],
+        "width": settings["width"],
+        "max_sequence_length": settings["max_sequence_length"],
+        "generator": torch.Generator("cpu").manual_seed(seed),
+        "output_type": "pil",
+    }
+    if negative_prompt:
+        kwargs["negative_prompt"] = negative_prompt
+    if true_cfg is not None:
+        kwargs["true_cfg_scale"] = float(true_cfg)
+    return kwargs
 
 
 def run_pipeline(pipe, kwargs: dict[str, Any], controls: Sequence[Any]) -> list:

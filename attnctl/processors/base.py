@@ -57,7 +57,7 @@ class AttnCtlProcessor:
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, n_text: int | None,
                 image_first: bool) -> torch.Tensor:
         contributions = []
-        if self.controller is not None and self.site is not None:
+        if self.controller is not None and self.site is not None and self.controller.controls:
             call = SiteCall(self.site, q.shape[0], q.shape[1], n_text, image_first, q.device, q.dtype)
             contributions = self.controller.contributions(call, q, k, v)
         if not contributions:
