@@ -566,6 +566,49 @@ def batch(
                                     check, debug=_STATE["debug"]))
 
 
+# ---------------------------------------------------------------------------------------------- headhunt
+
+
+@app.command()
+@_handles_errors
+def headhunt(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="toy-sd3, toy-flux, a pipeline folder or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for state.json, the score logs and heads.json "
+                                                      "(re-run the same command to resume)."),
+    prompts: str = typer.Option(..., "--prompts", help="Search prompts: a .txt/.json file or a built-in set name."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),
+    seeds: int = typer.Option(2, "--seeds", min=1, help="Seeds 0..N-1 per prompt (M = prompts × seeds)."),
+    candidates: list[str] = typer.Option(["all"], "--candidates", help="Candidate heads: site/head selectors "
+                                                                      "(repeatable; default every head)."),
+    objective: str = typer.Option("toy_combined", "--objective", help="toy_combined, toy_fidelity, toy_quality, "
+                                                                      "or 'module:function' / 'file.py:function'."),
+    rounds: int = typer.Option(1, "--rounds", "-R", min=1, help="Greedy rounds."),
+    top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="Heads added per round."),
+    u: float = typer.Option(1.0, "--u", help="SoftPAG strength during the search, in [0, 1]."),
+    w: float = typer.Option(3.0, "--w", help="Guidance weight during the search."),
+    target: str = typer.Option("identity", "--target", help="identity, uniform or mean_query."),
+    scope: str = typer.Option("joint", "--scope", help="joint or image."),
+    require_gain: bool = typer.Option(False, "--require-gain", help="Add only heads that beat the current set; "
+                                                                    "stop when none does."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
+    guidance: float | None = typer.Option(None, "--guidance", "-g", help="CFG scale (default: the model's)."),
+    batch_images: int = typer.Option(32, "--batch-images", min=1, help="Images per pipeline call."),
+    processes: int = typer.Option(1, "--processes", "-j", min=1, help="Worker processes (or accelerate launch)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads per process."),
+    device: str = typer.Option("auto", "--device", help="auto (each rank's accelerate device), cpu, cuda, ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
+    attention_backend: str | None = typer.Option(None, "--attention-backend", help="diffusers attention backend."),
+) -> None:
+    """HeadHunter: greedily search the heads whose SoftPAG guidance raises an objective; writes a preset."""
+    from . import headhunt as hh
+
+    raise typer.Exit(hh.main(model=model, out=out, prompts=prompts, limit=limit, seeds=seeds, candidates=candidates,
+                             objective=objective, rounds=rounds, top_k=top_k, u=u, w=w, target=target, scope=scope,
+                             require_gain=require_gain, steps=steps, guidance=guidance, batch_images=batch_images,
+                             processes=processes, threads=threads, device=device, dtype=dtype,
+                             attention_backend=attention_backend, debug=_STATE["debug"]))
+
+
 # ---------------------------------------------------------------------------------------------- eval
 
 

@@ -20,13 +20,15 @@ conditional call gets perturbed rows, with ``s = true_cfg_scale``.
 The batch roles come from the controller (its forward pre-hook has just read them off the pipeline); the
 wrapper appends a ``"perturbed"`` copy of every ``"cond"`` row and tells the controller, so controls that
 act on ``"perturbed"`` rows (:class:`~attnctl.controls.softpag.SoftPAG`) perturb only those. When ``w`` is 0
-at a step the perturbed rows are not run at all.
+at a step the perturbed rows are not run at all. A search may instead give every image of a call its own
+branch (controls with ``branch=j``; see :class:`Branches`): image ``j`` is then guided by control ``j``.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,9 +50,11 @@ def guided(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, eps_ptb: tor
     return base + weight * (eps_cond - eps_ptb)
 
 
-def fold_into_cond(eps_cond: torch.Tensor, eps_ptb: torch.Tensor, cfg_scale: float, weight: float) -> torch.Tensor:
+def fold_into_cond(eps_cond: torch.Tensor, eps_ptb: torch.Tensor, cfg_scale: float,
+                   weight: float | torch.Tensor) -> torch.Tensor:
     """``ε_cond' = ε_cond + (w/s)·(ε_cond − ε_ptb)``: the conditional prediction that makes the loop's own
-    CFG formula (scale ``s``; ``s = 1`` without CFG) produce :func:`guided`."""
+    CFG formula (scale ``s``; ``s = 1`` without CFG) produce :func:`guided`. ``weight`` may be a tensor
+    broadcasting over the rows (one ``w`` per image)."""
     if cfg_scale == 0:
         raise ConfigError("perturbed-attention guidance cannot be folded into a CFG scale of 0",
                           fix="use a guidance scale above 1 (CFG) or turn CFG off")
@@ -60,38 +64,76 @@ def fold_into_cond(eps_cond: torch.Tensor, eps_ptb: torch.Tensor, cfg_scale: flo
 # ------------------------------------------------------------------------------------------ the controls
 
 
-def perturbed_branch_weight(controls: Sequence[Any]) -> Callable[[int, int], float] | None:
-    """``w(step, num_steps)`` of the controls that ask for a perturbed branch (``perturbed_branch = True``
-    and a ``guidance_weight(step, num_steps)`` method), or ``None`` when none does.
+@dataclass(frozen=True)
+class Branches:
+    """The perturbed branch(es) a set of controls asks for.
 
-    All of them perturb the same ``"perturbed"`` rows, so there is one ``w``: their ``scale`` schedules
-    must agree. ``w`` at a step is 0 when every one of them is inactive there (e.g. ``u = 0``).
+    ``count is None``: one shared branch — every ``"cond"`` row gets one ``"perturbed"`` copy and all rows
+    share ``w``. ``count = B``: per-image branches for a search — the controls carry ``branch=0..B-1`` and
+    the ``j``-th conditional row of a call gets the role ``"perturbed[j mod B]"`` and that branch's ``w``
+    (with one prompt and ``num_images_per_prompt=B``, image ``j`` is guided by the control with
+    ``branch=j``). ``weights(step, num_steps)`` gives one ``w`` per branch (one entry when shared).
+    """
+
+    count: int | None
+    weights: Callable[[int, int], list[float]]
+
+    def role(self, j: int) -> str:
+        """The role of the perturbed copy of the ``j``-th conditional row."""
+        return "perturbed" if self.count is None else f"perturbed[{j % self.count}]"
+
+    def weight(self, j: int, ws: Sequence[float]) -> float:
+        return ws[0] if self.count is None else ws[j % self.count]
+
+
+def perturbed_branches(controls: Sequence[Any]) -> Branches | None:
+    """The perturbed branch(es) of the controls that ask for one (``perturbed_branch = True`` and a
+    ``guidance_weight(step, num_steps)`` method), or ``None`` when none does.
+
+    Without ``branch=`` they all perturb the same ``"perturbed"`` rows, so there is one ``w``: their
+    ``scale`` schedules must agree; ``w`` at a step is 0 when every one of them is inactive there (e.g.
+    ``u = 0``). With ``branch=`` every such control needs one, and the indices must be ``0..B-1`` (several
+    controls may share an index, and then a scale).
     """
     branch = [c for c in controls if getattr(c, "perturbed_branch", False)]
     if not branch:
         return None
-    indexed = [c for c in branch if getattr(c.config, "branch", None) is not None]
-    if indexed:
-        raise ConfigError(
-            f"{type(indexed[0]).__name__}(branch={indexed[0].config.branch}) acts on rows 'perturbed[i]' of a batch "
-            "its caller builds (e.g. a head search); the pipelines build one perturbed branch",
-            fix="drop branch= when passing the control to a pipeline",
-        )
-    scales = {repr(getattr(c.config, "scale", None)) for c in branch}
+    index = [getattr(c.config, "branch", None) for c in branch]
+    if any(i is not None for i in index):
+        if any(i is None for i in index):
+            raise ConfigError(
+                "some perturbed-branch controls have branch= and some do not",
+                fix="give every one a branch index (one image per branch) or none (one shared branch)",
+            )
+        count = max(index) + 1
+        if set(index) != set(range(count)):
+            missing = sorted(set(range(count)) - set(index))
+            raise ConfigError(f"branch indices must be 0..{count - 1}; missing {missing}",
+                              fix="number the candidate controls 0, 1, 2, ... without gaps")
+        groups = [[c for c, i in zip(branch, index, strict=True) if i == j] for j in range(count)]
+        for group in groups:
+            _same_scale(group)
+        return Branches(count, lambda step, n: [_weight_of(g, step, n) for g in groups])
+    _same_scale(branch)
+    return Branches(None, lambda step, n: [_weight_of(branch, step, n)])
+
+
+def _same_scale(group: Sequence[Any]) -> None:
+    scales = {repr(getattr(c.config, "scale", None)) for c in group}
     if len(scales) > 1:
         raise ConfigError(
-            f"{len(branch)} controls ask for the perturbed branch with different guidance scales ({', '.join(scales)})",
+            f"{len(group)} controls ask for the same perturbed branch with different guidance scales "
+            f"({', '.join(sorted(scales))})",
             fix="they share one perturbed branch and one w: give them the same scale= schedule",
         )
 
-    def weight(step: int, num_steps: int) -> float:
-        for c in branch:
-            w = c.guidance_weight(step, num_steps)
-            if w != 0:
-                return float(w)
-        return 0.0
 
-    return weight
+def _weight_of(group: Sequence[Any], step: int, num_steps: int) -> float:
+    for c in group:
+        w = c.guidance_weight(step, num_steps)
+        if w != 0:
+            return float(w)
+    return 0.0
 
 
 # ------------------------------------------------------------------------------------------ the wrapper
@@ -105,16 +147,16 @@ class PerturbedBranch:
         transformer: the pipeline's transformer (SD3 or FLUX).
         controller: the :class:`~attnctl.controller.Controller` installed on it; its state gives the step
             and the batch roles of each call.
-        weight: ``w(step, num_steps)``, e.g. from :func:`perturbed_branch_weight`.
+        branches: the perturbed branch(es) and their ``w`` per step, from :func:`perturbed_branches`.
         cfg_scale: ``cfg_scale(roles) -> s``: the scale the loop will apply to this call's conditional rows
             (1.0 without CFG).
     """
 
-    def __init__(self, transformer: torch.nn.Module, controller: Any, weight: Callable[[int, int], float],
+    def __init__(self, transformer: torch.nn.Module, controller: Any, branches: Branches,
                  cfg_scale: Callable[[list[str]], float]) -> None:
         self.transformer = transformer
         self.controller = controller
-        self.weight = weight
+        self.branches = branches
         self.cfg_scale = cfg_scale
         self._signature = inspect.signature(type(transformer).forward)
         self._had_own_forward = False
@@ -145,8 +187,8 @@ class PerturbedBranch:
         if kwargs.get("skip_layers") is not None:  # SD3's skip-layer guidance pass: conditional rows only
             return self._with_roles(["cond"] * _batch_of(args, kwargs), args, kwargs)
         cond = [i for i, r in enumerate(roles) if r == "cond"]
-        w = self.weight(state.step, state.num_steps) if cond else 0.0
-        if w == 0:
+        ws = self.branches.weights(state.step, state.num_steps) if cond else [0.0]
+        if not any(ws):
             return self._original(*args, **kwargs)
         bound = self._signature.bind_partial(None, *args, **kwargs).arguments
         bound.pop(next(iter(self._signature.parameters)))  # self
@@ -154,16 +196,28 @@ class PerturbedBranch:
         batch = bound["hidden_states"].shape[0]
         if len(roles) != batch:
             raise ConfigError(f"the controller knows {len(roles)} batch roles but the transformer got {batch} rows")
+        if self.branches.count is not None and len(cond) % self.branches.count:
+            raise ConfigError(
+                f"{self.branches.count} perturbed branches (branch=0..{self.branches.count - 1}) but the call has "
+                f"{len(cond)} conditional rows",
+                fix=f"generate {self.branches.count} images per prompt (num_images_per_prompt="
+                    f"{self.branches.count}): image j is guided by the control with branch=j",
+            )
         idx = torch.tensor(cond, dtype=torch.long, device=bound["hidden_states"].device)
         for name in BATCHED_INPUTS:
             x = bound.get(name)
             if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == batch:
                 bound[name] = torch.cat([x, x.index_select(0, idx.to(x.device))])
-        result = self._with_roles(roles + ["perturbed"] * len(cond), (), bound)
+        extra = [self.branches.role(j) for j in range(len(cond))]
+        result = self._with_roles(roles + extra, (), bound)
         self.calls += 1
         sample = result[0] if isinstance(result, tuple) else result.sample
         eps, eps_ptb = sample[:batch], sample[batch:]
         s = float(self.cfg_scale(roles))
+        w: float | torch.Tensor = ws[0]
+        if self.branches.count is not None:  # one w per image
+            w = torch.tensor([self.branches.weight(j, ws) for j in range(len(cond))], device=eps.device)
+            w = w.view(-1, *[1] * (eps.ndim - 1)).to(eps.dtype)
         eps = eps.index_copy(0, idx.to(eps.device), fold_into_cond(eps.index_select(0, idx), eps_ptb, s, w))
         if isinstance(result, tuple):
             return (eps, *result[1:])

@@ -337,6 +337,33 @@ def test_flux_pipeline_folds_guidance_into_the_cond_call(flux_pipe, true_cfg):
         assert (ptb - cond).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_per_image_branches_equal_separate_calls(sd3_pipe, flux_pipe, family):
+    """A search's batched call: image j of ``num_images_per_prompt=B`` guided by the control with ``branch=j``
+    equals a call of its own with that control (same seed, same settings)."""
+    from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
+
+    cls, base = (AttnCtlSD3Pipeline, sd3_pipe) if family == "sd3" else (AttnCtlFluxPipeline, flux_pipe)
+    pipe = cls(**base.components)
+    pipe.set_progress_bar_config(disable=True)
+    sets = [["L0H1"], ["L1H0"], ["L0H1", "L1H1"]]
+    extra = {"guidance_scale": 3.0} if family == "sd3" else {}
+
+    def gen():
+        return torch.Generator().manual_seed(7)
+
+    batched = pipe("a red circle", controls=[attnctl.SoftPAG(heads=h, u=0.7, scale=2.0, branch=j)
+                                             for j, h in enumerate(sets)],
+                   num_images_per_prompt=len(sets), generator=[gen() for _ in sets], output_type="latent",
+                   **extra, **KW).images
+    plain = pipe("a red circle", generator=gen(), output_type="latent", **extra, **KW).images
+    for j, h in enumerate(sets):
+        alone = pipe("a red circle", controls=[attnctl.SoftPAG(heads=h, u=0.7, scale=2.0)], generator=gen(),
+                     output_type="latent", **extra, **KW).images
+        assert (batched[j] - alone[0]).abs().max() <= 1e-5
+        assert (alone[0] - plain[0]).abs().max() > 1e-4  # the guidance did something
+
+
 def test_pipeline_restores_forward_when_the_call_raises(sd3_pipe):
     from attnctl.pipelines import AttnCtlSD3Pipeline
 
@@ -402,5 +429,10 @@ def test_bad_input_errors(sd3_pipe):
     two = [attnctl.SoftPAG(heads=["L0H0"], scale=2.0), attnctl.SoftPAG(heads=["L1H0"], scale=3.0)]
     with pytest.raises(ConfigError, match="same scale"):
         pipe("a red circle", controls=two, **KW)
-    with pytest.raises(ConfigError, match="drop branch="):
+    with pytest.raises(ConfigError, match=r"0\.\.1; missing \[0\]"):
         pipe("a red circle", controls=[attnctl.SoftPAG(heads=["L0H0"], branch=1)], **KW)
+    with pytest.raises(ConfigError, match="some do not"):
+        pipe("a red circle", controls=[attnctl.SoftPAG(heads=["L0H0"], branch=0), attnctl.SoftPAG(heads=["L1H0"])],
+             **KW)
+    with pytest.raises(ConfigError, match="num_images_per_prompt=2"):
+        pipe("a red circle", controls=[attnctl.SoftPAG(heads=["L0H0"], branch=i) for i in range(2)], **KW)

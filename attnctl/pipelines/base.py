@@ -9,7 +9,7 @@ from typing import Any
 
 from ..controller import Controller
 from ..controls.base import Control
-from ..guidance import PerturbedBranch, perturbed_branch_weight
+from ..guidance import PerturbedBranch, perturbed_branches
 
 
 class ControlledPipelineMixin:
@@ -35,9 +35,9 @@ class ControlledPipelineMixin:
             return parent_call(self, *args, **kwargs)
         with Controller(self, controls) as ctl:
             self.attnctl = ctl
-            weight = perturbed_branch_weight(ctl.controls)
-            if weight is None:
+            branches = perturbed_branches(ctl.controls)
+            if branches is None:
                 return parent_call(self, *args, **kwargs)
-            branch = PerturbedBranch(self.transformer, ctl, weight, self._cfg_scale_fn(parent_call, args, kwargs))
+            branch = PerturbedBranch(self.transformer, ctl, branches, self._cfg_scale_fn(parent_call, args, kwargs))
             with branch:
                 return parent_call(self, *args, **kwargs)

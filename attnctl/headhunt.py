@@ -1,0 +1,524 @@
+"""HeadHunter: a greedy search for the attention heads whose perturbation guides best.
+
+Starting from an empty set ``S``, each round scores every remaining candidate head ``h`` by generating the
+M prompt–seed pairs with SoftPAG on ``S ∪ {h}`` (guidance weight ``w``, strength ``u``) and averaging an
+objective over the images; the ``top_k`` best join ``S``. After ``rounds`` rounds ``S`` is the result, saved
+as a head-set preset that ``SoftPAG(heads="heads.json")`` loads. Paper settings and credits:
+``docs/softpag.md``.
+
+How it runs:
+
+- **Batched.** ``B`` candidates share one pipeline call: one prompt, ``num_images_per_prompt = B·seeds``,
+  image ``r`` guided by candidate ``r mod B`` with seed ``seeds[r // B]`` (SoftPAG ``branch=`` rows, see
+  :mod:`attnctl.guidance`). Each call also scores the round's reference, the current set ``S`` alone (no
+  guidance while ``S`` is empty), once per round.
+- **Resumable.** Every finished candidate is appended to ``scores-r<rank>.jsonl`` in the output folder; the
+  state (``state.json``: settings, rounds, per-candidate scores, the selected heads) is rewritten atomically
+  after every round. Re-running the same command continues where it stopped; changed settings are refused.
+- **Split across processes.** ``--processes N``, ``accelerate launch`` or ``torchrun``: the candidate chunks
+  (fixed by the settings, not by the number of processes) go round-robin to the ranks, which meet at the end
+  of each round and read each other's scores, so N processes choose exactly what one process would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .distributed import Dist
+from .errors import AttnCtlError, ConfigError
+from .io import atomic_write_text
+from .objectives import Objective, load_objective, score_images
+
+STATE_NAME = "state.json"
+PRESET_NAME = "heads.json"
+REFERENCE = "(current set)"
+"""The pseudo-candidate that scores the current set alone (no guidance in the first round)."""
+STATE_VERSION = 1
+
+
+class HeadHuntSettings(BaseModel):
+    """Everything that decides a search's result; recorded in the state and checked on resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="model name or folder (recorded; the pipeline is passed separately)")
+    prompts: list[str] = Field(..., min_length=1, description="the search prompts")
+    seeds: list[int] = Field([0, 1], min_length=1, description="seeds per prompt: M = prompts × seeds pairs")
+    candidates: list[str] = Field(["all"], min_length=1, description="site/head selectors of the candidate pool")
+    objective: str = Field("toy_combined", description="built-in name or 'module:function'")
+    rounds: int = Field(1, ge=1, description="R: greedy rounds")
+    top_k: int = Field(1, ge=1, description="k: heads added per round")
+    u: float = Field(1.0, ge=0.0, le=1.0, description="SoftPAG strength during the search")
+    w: float = Field(3.0, description="guidance weight during the search")
+    target: Literal["identity", "uniform", "mean_query"] = "identity"
+    scope: Literal["joint", "image"] = "joint"
+    require_gain: bool = Field(False, description="add only candidates that beat the current set; stop when none")
+    steps: int = Field(..., ge=1)
+    guidance: float = Field(..., description="the pipeline's guidance_scale (CFG for SD3)")
+    height: int = Field(..., ge=16)
+    width: int = Field(..., ge=16)
+    max_sequence_length: int = Field(..., ge=1)
+    batch_images: int = Field(32, ge=1, description="images per pipeline call (candidates per call × seeds)")
+
+    @field_validator("w")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"w must be a finite number, not {v}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if any(not p.strip() for p in v):
+            raise ValueError("prompts must be non-empty strings")
+        return v
+
+    def digest(self) -> str:
+        """Hash of the settings that decide each round's scores (``rounds`` is left out: a finished search
+        can be extended by more rounds)."""
+        data = self.model_dump(exclude={"rounds"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def candidates_per_call(self) -> int:
+        return max(1, self.batch_images // len(self.seeds))
+
+
+def make_settings(**kwargs: Any) -> HeadHuntSettings:
+    """:class:`HeadHuntSettings` with pydantic's complaints turned into one clear error."""
+    try:
+        return HeadHuntSettings(**kwargs)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"bad head-search settings: {problems}", fix="see `attnctl headhunt --help`") from None
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class Round:
+    index: int
+    selected_before: list[str]
+    reference: float
+    scores: dict[str, float]
+    chosen: list[str]
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        ranked = sorted(self.scores.items(), key=lambda kv: -kv[1])
+        return {"round": self.index, "selected_before": self.selected_before, "reference": self.reference,
+                "chosen": self.chosen, "seconds": round(self.seconds, 2), "scores": dict(ranked)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Round:
+        return cls(int(d["round"]), list(d["selected_before"]), float(d["reference"]),
+                   {str(k): float(v) for k, v in d["scores"].items()}, list(d["chosen"]), float(d.get("seconds", 0)))
+
+
+@dataclass
+class HeadHuntState:
+    settings: HeadHuntSettings
+    rounds: list[Round] = field(default_factory=list)
+    selected: list[str] = field(default_factory=list)
+    finished: bool = False
+    stop_reason: str | None = None
+    pool: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "attnctl.headhunt", "version": STATE_VERSION, "settings_hash": self.settings.digest(),
+                "settings": self.settings.model_dump(), "pool_size": len(self.pool), "selected": self.selected,
+                "finished": self.finished, "stop_reason": self.stop_reason,
+                "rounds": [r.to_json() for r in self.rounds]}
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def load_state(path: Path, settings: HeadHuntSettings) -> HeadHuntState:
+    """The saved state when it was written with these settings; a fresh one when there is none."""
+    if not path.exists():
+        return HeadHuntState(settings)
+    try:
+        data = json.loads(path.read_text())
+        saved = HeadHuntSettings(**data["settings"])
+        rounds = [Round.from_json(r) for r in data["rounds"]]
+    except (OSError, ValueError, KeyError, TypeError, ValidationError) as e:
+        raise AttnCtlError(f"{path} is not a head-search state ({type(e).__name__}: {str(e)[:200]})",
+                           "point --out at a new folder, or delete the broken state.json to start over") from None
+    if saved.digest() != settings.digest():
+        old, new = saved.model_dump(exclude={"rounds"}), settings.model_dump(exclude={"rounds"})
+        changed = [k for k in new if old.get(k) != new[k]]
+        raise AttnCtlError(f"{path} was written by a search with other settings (changed: {', '.join(changed)})",
+                           "re-run with the same settings to resume, or use a new --out folder")
+    state = HeadHuntState(settings, rounds, list(data.get("selected", [])), bool(data.get("finished")),
+                          data.get("stop_reason"))
+    return state
+
+
+class ScoreLog:
+    """Append-only JSON lines of finished candidates, one file per rank (a killed run loses at most the
+    candidates of the call in flight; a half-written last line is ignored)."""
+
+    def __init__(self, folder: Path, rank: int):
+        self.folder = folder
+        self.path = folder / f"scores-r{rank}.jsonl"
+
+    def append(self, records: Sequence[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+        with open(self.path, "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:  # a killed run may have left half a line: never glue a record onto it
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self, key: str) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for path in sorted(self.folder.glob("scores-r*.jsonl")):
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # the half-written last line of a killed run
+                if isinstance(rec, dict) and rec.get("key") == key:
+                    out[str(rec["candidate"])] = [float(x) for x in rec["scores"]]
+        return out
+
+
+def round_key(settings: HeadHuntSettings, index: int, selected: Sequence[str]) -> str:
+    text = json.dumps([settings.digest(), index, sorted(selected)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ candidates
+
+
+def candidate_pool(transformer: Any, selectors: Sequence[str]) -> list[str]:
+    """Candidate heads as ``"<site>/H<h>"`` in the model's site order (each a valid head selector)."""
+    from .sites import HeadSet, list_sites
+
+    sites = list_sites(transformer)
+    heads = HeadSet.parse(sites, list(selectors)).resolve(sites)
+    return [f"{site.name}/H{h}" for site in sorted(heads, key=lambda s: s.index) for h in heads[site]]
+
+
+def _pairs(names: Sequence[str]) -> list[tuple[str, int]]:
+    out = []
+    for n in names:
+        site, h = n.rsplit("/H", 1)
+        out.append((site, int(h)))
+    return out
+
+
+def head_set_of(names: Sequence[str], transformer: Any) -> Any:
+    """The :class:`~attnctl.sites.HeadSet` of candidate names, stamped with the model's fingerprint."""
+    from .sites import HeadSet, list_sites, model_fingerprint
+
+    heads: dict[str, set[int]] = {}
+    for site, h in _pairs(names):
+        heads.setdefault(site, set()).add(h)
+    return HeadSet({k: tuple(sorted(v)) for k, v in heads.items()}, model_fingerprint(list_sites(transformer)))
+
+
+# ------------------------------------------------------------------------------------------------ the search
+
+
+class HeadHunt:
+    """One search: ``HeadHunt(pipe, settings, out).run()``; the pipeline must be an attnctl pipeline
+    (``AttnCtlSD3Pipeline`` / ``AttnCtlFluxPipeline``, e.g. from :func:`attnctl.cli.load_pipeline`)."""
+
+    def __init__(self, pipe: Any, settings: HeadHuntSettings, out: str | Path, *,
+                 objective: Objective | str | None = None, dist: Dist | None = None,
+                 note: Callable[[str], None] | None = None, progress: Callable[[int, int], None] | None = None):
+        if not hasattr(pipe, "controlled_call"):
+            raise ConfigError(f"{type(pipe).__name__} is not an attnctl pipeline",
+                              fix="load it with attnctl.cli.load_pipeline or wrap it: "
+                                  "AttnCtlSD3Pipeline(**pipe.components)")
+        self.pipe = pipe
+        self.settings = settings
+        self.out = Path(out)
+        self.objective, self.objective_name = load_objective(objective if objective is not None
+                                                             else settings.objective)
+        self.dist = dist or Dist("cpu", what="head search")
+        self.note = note or (lambda message: None)
+        self.progress = progress
+        self.pool = candidate_pool(pipe.transformer, settings.candidates)
+        if not self.pool:
+            raise ConfigError("the candidate selection holds no heads", fix="use --candidates all or a site selector")
+        self.log = ScoreLog(self.out, self.dist.rank)
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / STATE_NAME
+
+    @property
+    def preset_path(self) -> Path:
+        return self.out / PRESET_NAME
+
+    # -- generation ---------------------------------------------------------------------------------
+    def _call(self, prompt: str, n_branches: int, controls: list | None) -> list[Any]:
+        import torch
+
+        s = self.settings
+        gens = [torch.Generator("cpu").manual_seed(seed) for seed in s.seeds for _ in range(n_branches)]
+        out = self.pipe(prompt=prompt, num_images_per_prompt=len(gens), generator=gens,
+                        num_inference_steps=s.steps, guidance_scale=s.guidance, height=s.height, width=s.width,
+                        max_sequence_length=s.max_sequence_length, output_type="pil", controls=controls)
+        return list(out.images)
+
+    def _softpag(self, heads: Sequence[str], branch: int | None = None) -> Any:
+        from .controls.softpag import SoftPAG
+
+        s = self.settings
+        return SoftPAG.from_pairs(_pairs(heads), u=s.u, target=s.target, scope=s.scope, scale=s.w, branch=branch)
+
+    def score_sets(self, sets: Sequence[Sequence[str] | None]) -> list[list[float]]:
+        """Per-pair scores (prompt-major, then seed) of each head set, all in shared calls; ``None`` or an
+        empty set means no perturbation guidance."""
+        s = self.settings
+        guided = [i for i, h in enumerate(sets) if h]
+        scores: list[list[float]] = [[] for _ in sets]
+        for prompt in s.prompts:
+            if len(guided) < len(sets):  # the unguided images, once
+                images = self._call(prompt, 1, None)
+                values = score_images(self.objective, self.objective_name, images, [prompt] * len(images))
+                for i, h in enumerate(sets):
+                    if not h:
+                        scores[i].extend(values)
+            if guided:
+                controls = [self._softpag(sets[i], branch=j) for j, i in enumerate(guided)]
+                images = self._call(prompt, len(guided), controls)
+                values = score_images(self.objective, self.objective_name, images, [prompt] * len(images))
+                for j, i in enumerate(guided):  # image r: branch r mod B, seed r // B
+                    scores[i].extend(values[j::len(guided)])
+        return scores
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> HeadHuntState:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = load_state(self.state_path, self.settings)
+        state.pool = self.pool
+        unknown = [h for h in state.selected if h not in self.pool]
+        if unknown:
+            raise AttnCtlError(f"the saved state selects heads this model does not have ({unknown[:3]})",
+                               "resume with the model the search started on, or use a new --out folder")
+        s = self.settings
+        state.finished = False
+        while True:
+            index = len(state.rounds)
+            remaining = [h for h in self.pool if h not in state.selected]
+            if state.rounds and not state.rounds[-1].chosen:
+                state.finished, state.stop_reason = True, f"round {index}: no candidate beats the current set"
+            elif index >= s.rounds:
+                state.finished, state.stop_reason = True, f"{s.rounds} rounds done"
+            elif not remaining:
+                state.finished, state.stop_reason = True, "every candidate is selected"
+            if state.finished:
+                break
+            start = time.perf_counter()
+            key = round_key(s, index, state.selected)
+            done = self.log.read(key)
+            todo = [c for c in [REFERENCE, *remaining] if c not in done]
+            if done:
+                self.note(f"round {index + 1}: {len(done)} candidates already scored, {len(todo)} to go")
+            chunks = self._chunks(todo)
+            mine = [c for i, c in enumerate(chunks) if i % self.dist.world == self.dist.rank]
+            total = sum(len(c) for c in mine)
+            finished = 0
+            for chunk in mine:
+                sets = [state.selected if c == REFERENCE else [*state.selected, c] for c in chunk]
+                per_pair = self.score_sets(sets)
+                self.log.append([{"key": key, "round": index, "candidate": c, "scores": v}
+                                 for c, v in zip(chunk, per_pair, strict=True)])
+                finished += len(chunk)
+                if self.progress is not None:
+                    self.progress(finished, total)
+            self.dist.barrier()
+            done = self.log.read(key)
+            missing = [c for c in [REFERENCE, *remaining] if c not in done]
+            if missing:
+                raise AttnCtlError(f"round {index + 1}: {len(missing)} candidates have no score after every "
+                                   "process finished", "re-run the same command to score them")
+            means = {c: sum(v) / len(v) for c, v in done.items()}
+            reference = means.pop(REFERENCE)
+            ranked = sorted(remaining, key=lambda c: (-means[c], self.pool.index(c)))
+            chosen = ranked[: s.top_k]
+            if s.require_gain:
+                chosen = [c for c in chosen if means[c] > reference]
+            state.rounds.append(Round(index, list(state.selected), reference, {c: means[c] for c in remaining},
+                                      chosen, time.perf_counter() - start))
+            state.selected = [*state.selected, *chosen]
+            self._save(state)
+            gain = (means[chosen[0]] - reference) if chosen else 0.0
+            self.note(f"round {index + 1}/{s.rounds}: reference {reference:.4f}; added "
+                      f"{', '.join(chosen) or 'nothing'}" + (f" (best {means[chosen[0]]:.4f}, {gain:+.4f})"
+                                                               if chosen else ""))
+            self.dist.barrier()
+        self._save(state)
+        return state
+
+    def _save(self, state: HeadHuntState) -> None:
+        """Rank 0 writes the state and the preset of the heads selected so far (both atomically)."""
+        if self.dist.rank != 0:
+            return
+        state.save(self.state_path)
+        if state.selected:
+            head_set_of(state.selected, self.pipe.transformer).save(self.preset_path)
+
+    def _chunks(self, todo: Sequence[str]) -> list[list[str]]:
+        """The reference alone, then the candidates ``candidates_per_call`` at a time (the split depends only
+        on the settings and what is left, never on the number of processes)."""
+        chunks: list[list[str]] = []
+        rest = list(todo)
+        if rest and rest[0] == REFERENCE:
+            chunks.append([REFERENCE])
+            rest = rest[1:]
+        b = self.settings.candidates_per_call
+        chunks += [rest[i:i + b] for i in range(0, len(rest), b)]
+        return chunks
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def read_prompts(spec: str, limit: int | None = None) -> list[str]:
+    """Search prompts from a built-in toy prompt set name, a ``.txt`` file (one per line) or a JSON list of
+    strings or ``{"prompt": ...}`` items."""
+    from .toyworld.world import PROMPT_SETS, prompt_set
+
+    path = Path(spec).expanduser()
+    if spec in PROMPT_SETS and not path.exists():
+        prompts = [item["prompt"] for item in prompt_set(spec)]
+    elif path.is_file():
+        text = path.read_text()
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except ValueError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}", fix="write a JSON list of prompts") from None
+            if isinstance(data, dict):
+                data = data.get("items", data.get("prompts"))
+            if not isinstance(data, list):
+                raise ConfigError(f"{path} must hold a JSON list of prompts", fix='["a red circle", ...]')
+            prompts = [d.get("prompt") if isinstance(d, dict) else d for d in data]
+            if not all(isinstance(p, str) and p.strip() for p in prompts):
+                raise ConfigError(f"{path}: every entry must be a prompt string or an object with 'prompt'",
+                                  fix='["a red circle", {"prompt": "a blue square"}]')
+        else:
+            prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        raise ConfigError(f"--prompts {spec!r} is neither a file nor a built-in prompt set",
+                          fix=f"pass a .txt/.json file of prompts or one of {', '.join(PROMPT_SETS)}")
+    prompts = prompts[:limit] if limit is not None else prompts
+    if not prompts:
+        raise ConfigError(f"--prompts {spec!r} holds no prompts", fix="give at least one prompt")
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------ command
+
+
+def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, candidates: list[str],
+         objective: str, rounds: int, top_k: int, u: float, w: float, target: str, scope: str, require_gain: bool,
+         steps: int | None, guidance: float | None, batch_images: int, processes: int, threads: int | None,
+         device: str, dtype: str, attention_backend: str | None, debug: bool = False) -> int:
+    """``attnctl headhunt``: returns the exit code (0 done, 2 bad input, 130 interrupted)."""
+    import torch
+    from rich.markup import escape
+
+    from .cli import (
+        DTYPE_NAMES,
+        call_defaults,
+        check_device,
+        err_console,
+        load_pipeline,
+        out_console,
+        parse_dtype,
+        resolve_model,
+        set_attention_backend,
+    )
+    from .distributed import launch_workers
+
+    def note(message: str) -> None:
+        err_console.print(f"[yellow]{escape(message)}[/yellow]", highlight=False)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and world > 1:
+        raise AttnCtlError(f"--processes inside a launcher that already started {world} processes",
+                           "drop --processes; the launcher decides")
+    prompt_list = read_prompts(prompts, limit)
+    load_objective(objective)  # a bad objective: one clear error before any model work
+    if processes > 1:
+        resolve_model(model)
+        argv = (["--debug"] if debug else []) + [
+            "headhunt", "--model", model, "--out", str(out), "--prompts", prompts, "--seeds", str(seeds),
+            "--objective", objective, "--rounds", str(rounds), "--top-k", str(top_k), "--u", str(u), "--w", str(w),
+            "--target", target, "--scope", scope, "--batch-images", str(batch_images), "--device", device,
+            "--dtype", dtype]
+        for c in candidates:
+            argv += ["--candidates", c]
+        for flag, value in (("--limit", limit), ("--steps", steps), ("--guidance", guidance),
+                            ("--threads", threads), ("--attention-backend", attention_backend)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if require_gain:
+            argv.append("--require-gain")
+        return launch_workers(argv, processes, threads, note=note)
+
+    dist = Dist(device, what="head search")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch_dtype = parse_dtype(dtype)
+    dev = dist.device or str(check_device("cpu" if device == "auto" else device))
+    pipe = load_pipeline(model, device=dev, dtype=torch_dtype)
+    if attention_backend is not None:
+        set_attention_backend(pipe, attention_backend, torch.device(dev), torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    defaults = call_defaults(pipe)
+    settings = make_settings(
+        model=model, prompts=prompt_list, seeds=list(range(seeds)), candidates=candidates, objective=objective,
+        rounds=rounds, top_k=top_k, u=u, w=w, target=target, scope=scope, require_gain=require_gain,
+        steps=steps if steps is not None else defaults["steps"],
+        guidance=guidance if guidance is not None else defaults["guidance"],
+        height=defaults["height"], width=defaults["width"], max_sequence_length=defaults["max_sequence_length"],
+        batch_images=batch_images)
+    hunt = HeadHunt(pipe, settings, out, dist=dist, note=note if dist.rank == 0 else None)
+    if dist.rank == 0:
+        out_console.print(f"head search on {escape(model)} ({DTYPE_NAMES[str(torch_dtype)[6:]]}): "
+                          f"{len(hunt.pool)} candidates, {len(prompt_list)} prompts × {seeds} seeds, "
+                          f"{rounds} round(s) of top {top_k}, u={u}, w={w}"
+                          + (f", {dist.world} processes" if dist.world > 1 else ""), highlight=False)
+    start = time.perf_counter()
+    try:
+        state = hunt.run()
+    except KeyboardInterrupt:
+        note(f"interrupted; finished candidates are kept in {out} — re-run the same command to continue")
+        return 130
+    if dist.rank == 0:
+        where = hunt.preset_path if state.selected else "(nothing selected)"
+        out_console.print(f"selected {len(state.selected)} heads: {', '.join(state.selected) or '-'}", highlight=False)
+        out_console.print(f"{escape(state.stop_reason or '')}; preset {escape(str(where))}; state "
+                          f"{escape(str(hunt.state_path))} ({time.perf_counter() - start:.1f} s)", highlight=False)
+    return 0

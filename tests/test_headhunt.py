@@ -1,0 +1,195 @@
+"""HeadHunter: batched candidate scoring, greedy rounds, resume, processes, presets and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import attnctl
+from attnctl.errors import AttnCtlError, ConfigError, SiteError
+from attnctl.headhunt import REFERENCE, HeadHunt, candidate_pool, make_settings
+from attnctl.objectives import load_objective, toy_combined
+
+
+def brightness(images, prompts):
+    """A plain objective: mean pixel value (deterministic, sensitive to any change of the image)."""
+    return [float(np.asarray(im, dtype=np.float64).mean()) for im in images]
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
+    from attnctl.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    out = {"sd3": AttnCtlSD3Pipeline(**tiny_sd3_pipeline("sd3").components),
+           "flux": AttnCtlFluxPipeline(**tiny_flux_pipeline().components)}
+    for p in out.values():
+        p.set_progress_bar_config(disable=True)
+    return out
+
+
+def settings(**over):
+    base = dict(model="tiny", prompts=["a red circle", "a blue square"], seeds=[0, 1], candidates=["L0H0:2", "L1H0:2"],
+                objective="brightness", rounds=2, top_k=1, u=1.0, w=2.0, steps=2, guidance=3.0, height=32, width=32,
+                max_sequence_length=24, batch_images=4)
+    base.update(over)
+    return make_settings(**base)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_batched_scores_equal_one_call_per_head_set(pipes, family, tmp_path):
+    """score_sets runs B candidates per call (branch rows); each candidate's scores equal those of separate
+    pipeline calls with SoftPAG on its heads, and the empty set equals the unguided pipeline."""
+    pipe = pipes[family]
+    s = settings()
+    hunt = HeadHunt(pipe, s, tmp_path, objective=brightness)
+    pool = hunt.pool
+    sets = [[], [pool[0]], [pool[1], pool[2]], [pool[3]]]
+    got = hunt.score_sets(sets)
+    for heads, scores in zip(sets, got, strict=True):
+        want = []
+        for prompt in s.prompts:
+            for seed in s.seeds:
+                controls = [attnctl.SoftPAG(heads=heads, u=1.0, scale=2.0)] if heads else None
+                image = pipe(prompt, num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
+                             max_sequence_length=24, generator=torch.Generator().manual_seed(seed),
+                             controls=controls).images[0]
+                want.extend(brightness([image], [prompt]))
+        assert np.allclose(scores, want, atol=0.02), (heads, scores, want)  # uint8 rounding of a few pixels at most
+    assert len({round(sum(v), 6) for v in got}) == len(got)  # the head sets made different images
+
+
+def test_greedy_rounds_pick_the_best_and_write_state_and_preset(pipes, tmp_path):
+    pipe = pipes["sd3"]
+    hunt = HeadHunt(pipe, settings(top_k=2), tmp_path, objective=brightness)
+    state = hunt.run()
+    data = json.loads((tmp_path / "state.json").read_text())
+    assert data["finished"] and len(data["rounds"]) == 2 and data["pool_size"] == len(hunt.pool) == 4
+    first = data["rounds"][0]
+    best = sorted(first["scores"], key=lambda c: (-first["scores"][c], hunt.pool.index(c)))[:2]
+    assert first["chosen"] == best and first["selected_before"] == []
+    assert data["rounds"][1]["selected_before"] == best and len(data["rounds"][1]["scores"]) == 2
+    assert state.selected == data["selected"] == best + data["rounds"][1]["chosen"]
+    # the first round's reference is the unguided pipeline
+    plain = hunt.score_sets([[]])[0]
+    assert first["reference"] == pytest.approx(sum(plain) / len(plain))
+    # the preset loads into SoftPAG and selects exactly those heads
+    pag = attnctl.SoftPAG(heads=str(tmp_path / "heads.json"))
+    attnctl.Controller(pipe, [pag]).restore()
+    got = sorted(f"{site.name}/H{h}" for site in pag.sites for h in pag.heads_at(site))
+    assert got == sorted(state.selected)
+
+
+def test_require_gain_stops_when_nothing_helps(pipes, tmp_path):
+    def flat(images, prompts):  # no head set can beat the reference
+        return [1.0] * len(images)
+
+    state = HeadHunt(pipes["sd3"], settings(require_gain=True, rounds=3), tmp_path, objective=flat).run()
+    assert len(state.rounds) == 1 and state.rounds[0].chosen == [] and state.selected == []
+    assert state.finished and "no candidate beats" in state.stop_reason
+    assert not (tmp_path / "heads.json").exists()
+    # without require_gain the paper's rule adds the top k regardless
+    state = HeadHunt(pipes["sd3"], settings(rounds=1), tmp_path / "paper", objective=flat).run()
+    assert state.selected == [state.pool[0]]
+
+
+def test_resume_after_a_crash_scores_nothing_twice_and_ends_the_same(pipes, tmp_path):
+    pipe = pipes["flux"]
+    full = HeadHunt(pipe, settings(), tmp_path / "full", objective=brightness).run()
+
+    calls = {"n": 0}
+
+    def flaky(images, prompts):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("GPU fell off the bus")
+        return brightness(images, prompts)
+
+    with pytest.raises(AttnCtlError, match="objective .* failed: RuntimeError: GPU fell off"):
+        HeadHunt(pipe, settings(), tmp_path / "r", objective=flaky).run()
+    logged = (tmp_path / "r" / "scores-r0.jsonl").read_text().splitlines()
+    assert len(logged) >= 1 and not (tmp_path / "r" / "state.json").exists()
+    (tmp_path / "r" / "scores-r0.jsonl").write_text("\n".join(logged) + '\n{"key": "trunc')  # a killed write
+    counted = {"n": 0}
+
+    def counting(images, prompts):
+        counted["n"] += len(images)
+        return brightness(images, prompts)
+
+    resumed = HeadHunt(pipe, settings(), tmp_path / "r", objective=counting).run()
+    assert resumed.selected == full.selected
+    assert [r.scores for r in resumed.rounds] == [r.scores for r in full.rounds]
+    # round 1 re-scored only what the log lacked: 1 reference + 4 candidates + round 2's 3, minus the logged
+    pairs = 4
+    assert counted["n"] == (1 + 4 + 1 + 3 - len(logged)) * pairs
+    # more rounds extend a finished search; other settings are refused
+    longer = HeadHunt(pipe, settings(rounds=3), tmp_path / "r", objective=brightness).run()
+    assert longer.selected[:2] == full.selected and len(longer.rounds) == 3
+    with pytest.raises(AttnCtlError, match=r"other settings \(changed: w\)"):
+        HeadHunt(pipe, settings(w=5.0), tmp_path / "r", objective=brightness).run()
+
+
+def test_two_processes_choose_what_one_process_chooses(tmp_path):
+    """``attnctl headhunt --processes 2`` (torchrun-style ranks over gloo) on toy-sd3 equals one process."""
+    args = ["--model", "toy-sd3", "--prompts", "pair", "--limit", "1", "--seeds", "2", "--candidates", "L0:2",
+            "--rounds", "2", "--top-k", "1", "--steps", "6", "--batch-images", "4", "--w", "2"]
+    for name, extra in (("one", []), ("two", ["--processes", "2"])):
+        res = subprocess.run([sys.executable, "-m", "attnctl", "headhunt", *args, "--out", str(tmp_path / name),
+                              *extra], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+    one, two = (json.loads((tmp_path / n / "state.json").read_text()) for n in ("one", "two"))
+    assert one["selected"] == two["selected"] and len(one["selected"]) == 2
+    assert [r["scores"] for r in one["rounds"]] == [r["scores"] for r in two["rounds"]]
+    assert sorted(p.name for p in (tmp_path / "two").glob("scores-r*.jsonl")) == ["scores-r0.jsonl", "scores-r1.jsonl"]
+
+
+def test_toy_objectives_score_the_world():
+    from PIL import Image
+
+    from attnctl.toyworld.world import render, scene_from_item
+
+    item = {"prompt": "a red circle", "objects": [{"shape": "circle", "colour": "red", "count": 1}],
+            "boxes": [[0.2, 0.2, 0.7, 0.7]]}
+    good = Image.fromarray(render(scene_from_item(item)))
+    blank = Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8))
+    g, b = toy_combined([good, blank], ["a red circle"] * 2)
+    assert g == pytest.approx(1.0) and b == 0.0
+    with pytest.raises(ConfigError, match="cannot read the prompt"):
+        toy_combined([good], ["a photo of a cat"])
+
+
+def test_bad_input_is_refused_clearly(pipes, tmp_path):
+    pipe = pipes["sd3"]
+    with pytest.raises(ConfigError, match="unknown objective 'pickscore'"):
+        load_objective("pickscore")
+    with pytest.raises(ConfigError, match="cannot import the objective's module"):
+        load_objective("no_such_module_xyz:f")
+    (tmp_path / "obj.py").write_text("def score(images, prompts):\n    return [1.0]\n")
+    fn, _ = load_objective(f"{tmp_path / 'obj.py'}:score")
+    hunt = HeadHunt(pipe, settings(), tmp_path / "o", objective=fn)
+    with pytest.raises(AttnCtlError, match="returned 1 scores for 2 images"):
+        hunt.run()
+    with pytest.raises(AttnCtlError, match="non-finite"):
+        HeadHunt(pipe, settings(), tmp_path / "n", objective=lambda im, p: [float("nan")] * len(im)).run()
+    for bad, match in ((dict(u=1.5), "u: Input should be less"), (dict(w=float("nan")), "w must be a finite"),
+                       (dict(top_k=0), "top_k"), (dict(seeds=[1, 1]), "distinct"), (dict(prompts=[]), "prompts")):
+        with pytest.raises(ConfigError, match=match):
+            settings(**bad)
+    with pytest.raises(SiteError, match="out of range"):
+        candidate_pool(pipe.transformer, ["L0H9"])
+    with pytest.raises(ConfigError, match="not an attnctl pipeline"):
+        from attnctl.testing import tiny_sd3_pipeline
+
+        HeadHunt(tiny_sd3_pipeline("sd3"), settings(), tmp_path / "s", objective=brightness)
+    # a preset searched on another model names sites this one lacks
+    state = HeadHunt(pipes["flux"], settings(rounds=1, candidates=["kind:flux_single"]), tmp_path / "f",
+                     objective=brightness).run()
+    assert state.selected[0].startswith("single_transformer_blocks")
+    with pytest.raises(SiteError, match="single_transformer_blocks"):
+        attnctl.Controller(pipe, [attnctl.SoftPAG(heads=str(tmp_path / "f" / "heads.json"))])
+    assert REFERENCE not in state.rounds[0].scores
