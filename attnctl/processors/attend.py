@@ -151,13 +151,25 @@ def _select(t: torch.Tensor, where: Selection, S: int) -> torch.Tensor:
 
 
 def _put(t: torch.Tensor, where: Selection, value: torch.Tensor) -> torch.Tensor:
-    """Out-of-place ``t[batch, rows, heads] = value`` (keeps autograd intact)."""
+    """``t[batch, rows, heads] = value``: in place (``t`` is this call's own output, and a copy of the
+    whole of it per contribution would dominate the cost), out of place only when autograd records."""
     B, S, H = t.shape[:3]
-    b = _idx(where.batch, B, t.device)
+    value = value.to(t.dtype)
     r0, r1 = _norm_rows(where.rows, S)
+    if where.heads is None and not (torch.is_grad_enabled() and (t.requires_grad or value.requires_grad)):
+        view = t[:, r0:r1]
+        if where.batch is None:
+            view.copy_(value)
+        else:
+            view.index_copy_(0, where.batch.to(t.device), value)
+        return t
+    b = _idx(where.batch, B, t.device)
     r = torch.arange(r0, r1, device=t.device)
     h = _idx(where.heads, H, t.device)
-    return t.index_put((b[:, None, None], r[None, :, None], h[None, None, :]), value.to(t.dtype))
+    index = (b[:, None, None], r[None, :, None], h[None, None, :])
+    if torch.is_grad_enabled() and (t.requires_grad or value.requires_grad):
+        return t.index_put(index, value)
+    return t.index_put_(index, value)
 
 
 def _has_values(t: torch.Tensor) -> bool:

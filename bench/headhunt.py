@@ -1,0 +1,120 @@
+"""HeadHunter on the toy models: search (or reuse a search), then score on held-out prompts.
+
+For each model: the searched heads against no perturbation guidance and against layer-level PAG (all heads
+of one site, every site in turn) at the same w, u, target and scope, on held-out prompt–seed pairs (the
+built-in ``pair`` set, whose captions the search never saw, and the ``single`` set, all on seeds the search
+never used). The figure is the search objective; differences are paired (same prompt, same seed).
+
+    python bench/headhunt.py                       # both toy models, searches in out/headhunt/<model>
+    python bench/headhunt.py --model toy-flux --search-dir out/headhunt/toy-flux --json out/hh.json
+
+The search runs as ``attnctl headhunt`` with the settings printed (resumable: re-running continues it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH_PROMPTS = ROOT / "examples" / "headhunt_prompts.json"
+SEARCH = {"rounds": 4, "top_k": 1, "u": 1.0, "w": 2.0, "seeds": 2}
+
+
+def search(model: str, folder: Path, cfg: dict) -> dict:
+    cmd = [sys.executable, "-m", "attnctl", "headhunt", "--model", model, "--out", str(folder), "--prompts",
+           str(SEARCH_PROMPTS), "--seeds", str(cfg["seeds"]), "--rounds", str(cfg["rounds"]), "--top-k",
+           str(cfg["top_k"]), "--u", str(cfg["u"]), "--w", str(cfg["w"]), "--require-gain", "--batch-images", "48"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads((folder / "state.json").read_text())
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a − b and its standard error over the pairs."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    m = sum(d) / len(d)
+    var = sum((x - m) ** 2 for x in d) / max(len(d) - 1, 1)
+    return m, math.sqrt(var / len(d))
+
+
+def held_out(model: str, state: dict, seeds: list[int], limit: int | None) -> dict:
+    from attnctl.cli import load_pipeline
+    from attnctl.headhunt import HeadHunt, make_settings
+    from attnctl.sites import list_sites
+    from attnctl.toyworld.world import prompt_set
+
+    s = dict(state["settings"])
+    prompts = [it["prompt"] for name in ("pair", "single") for it in prompt_set(name)][:limit]
+    s.update(prompts=prompts, seeds=seeds, rounds=1)
+    settings = make_settings(**s)
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    hunt = HeadHunt(pipe, settings, Path("/nonexistent-unused"))
+    layers = {f"layer PAG {site.name}": [f"{site.name}/H{h}" for h in range(site.heads)]
+              for site in list_sites(pipe.transformer)}
+    sets = {"no guidance": [], "HeadHunter": list(state["selected"]), **layers}
+    start = time.perf_counter()
+    scores = dict(zip(sets, hunt.score_sets(list(sets.values())), strict=True))
+    seconds = time.perf_counter() - start
+    hh = scores["HeadHunter"]
+    rows = {}
+    for name, v in scores.items():
+        d, se = paired(hh, v) if name != "HeadHunter" else (0.0, 0.0)
+        rows[name] = {"objective": sum(v) / len(v), "headhunter_minus_this": d, "stderr": se,
+                      "heads": len(sets[name])}
+    return {"model": model, "objective": settings.objective, "w": settings.w, "u": settings.u,
+            "target": settings.target, "scope": settings.scope, "pairs": len(prompts) * len(seeds),
+            "prompts": len(prompts), "seeds": seeds, "selected": state["selected"],
+            "search_seconds": sum(r.get("seconds", 0.0) for r in state["rounds"]),
+            "search_rounds": [{"reference": r["reference"], "chosen": r["chosen"]} for r in state["rounds"]],
+            "heldout_seconds": seconds, "results": rows}
+
+
+def print_table(res: dict) -> None:
+    print(f"\n{res['model']}: {res['objective']} on {res['pairs']} held-out pairs ({res['prompts']} prompts × "
+          f"{len(res['seeds'])} seeds), w={res['w']}, u={res['u']}, {res['target']}/{res['scope']}; search "
+          f"{res['search_seconds'] / 60:.1f} min, selected {len(res['selected'])}: {', '.join(res['selected'])}")
+    print(f"{'method':52s} {'heads':>5s} {'objective':>9s} {'HH − this':>10s} {'± s.e.':>7s}")
+    for name, r in res["results"].items():
+        print(f"{name:52s} {r['heads']:5d} {r['objective']:9.4f} {r['headhunter_minus_this']:+10.4f} "
+              f"{r['stderr']:7.4f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", help="toy-sd3 and/or toy-flux (default both)")
+    ap.add_argument("--search-dir", type=Path, help="the search folder (default out/headhunt/<model>)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101], help="held-out seeds")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for model in args.model or ["toy-sd3", "toy-flux"]:
+        folder = args.search_dir or ROOT / "out" / "headhunt" / model
+        state_path = folder / "state.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else None
+        if state is None or not state.get("finished"):
+            state = search(model, folder, SEARCH)
+        res = held_out(model, state, args.seeds, args.limit)
+        print_table(res)
+        results.append(res)
+    print("\n" + json.dumps(results, indent=1))
+    if args.json:
+        from attnctl.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
