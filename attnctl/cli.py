@@ -592,6 +592,8 @@ def headhunt(
                                                                     "stop when none does."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
     guidance: float | None = typer.Option(None, "--guidance", "-g", help="CFG scale (default: the model's)."),
+    height: int | None = typer.Option(None, "--height", min=16, help="Image height (default: the model's)."),
+    width: int | None = typer.Option(None, "--width", min=16, help="Image width (default: the model's)."),
     batch_images: int = typer.Option(32, "--batch-images", min=1, help="Images per pipeline call."),
     processes: int = typer.Option(1, "--processes", "-j", min=1, help="Worker processes (or accelerate launch)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads per process."),
@@ -604,7 +606,8 @@ def headhunt(
 
     raise typer.Exit(hh.main(model=model, out=out, prompts=prompts, limit=limit, seeds=seeds, candidates=candidates,
                              objective=objective, rounds=rounds, top_k=top_k, u=u, w=w, target=target, scope=scope,
-                             require_gain=require_gain, steps=steps, guidance=guidance, batch_images=batch_images,
+                             require_gain=require_gain, steps=steps, guidance=guidance, height=height, width=width,
+                             batch_images=batch_images,
                              processes=processes, threads=threads, device=device, dtype=dtype,
                              attention_backend=attention_backend, debug=_STATE["debug"]))
 

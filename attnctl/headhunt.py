@@ -442,7 +442,8 @@ def read_prompts(spec: str, limit: int | None = None) -> list[str]:
 
 def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, candidates: list[str],
          objective: str, rounds: int, top_k: int, u: float, w: float, target: str, scope: str, require_gain: bool,
-         steps: int | None, guidance: float | None, batch_images: int, processes: int, threads: int | None,
+         steps: int | None, guidance: float | None, height: int | None, width: int | None, batch_images: int,
+         processes: int, threads: int | None,
          device: str, dtype: str, attention_backend: str | None, debug: bool = False) -> int:
     """``attnctl headhunt``: returns the exit code (0 done, 2 bad input, 130 interrupted)."""
     import torch
@@ -479,8 +480,8 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
             "--dtype", dtype]
         for c in candidates:
             argv += ["--candidates", c]
-        for flag, value in (("--limit", limit), ("--steps", steps), ("--guidance", guidance),
-                            ("--threads", threads), ("--attention-backend", attention_backend)):
+        for flag, value in (("--limit", limit), ("--steps", steps), ("--guidance", guidance), ("--height", height),
+                            ("--width", width), ("--threads", threads), ("--attention-backend", attention_backend)):
             if value is not None:
                 argv += [flag, str(value)]
         if require_gain:
@@ -502,7 +503,8 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
         rounds=rounds, top_k=top_k, u=u, w=w, target=target, scope=scope, require_gain=require_gain,
         steps=steps if steps is not None else defaults["steps"],
         guidance=guidance if guidance is not None else defaults["guidance"],
-        height=defaults["height"], width=defaults["width"], max_sequence_length=defaults["max_sequence_length"],
+        height=height or defaults["height"], width=width or defaults["width"],
+        max_sequence_length=defaults["max_sequence_length"],
         batch_images=batch_images)
     hunt = HeadHunt(pipe, settings, out, dist=dist, note=note if dist.rank == 0 else None)
     if dist.rank == 0:

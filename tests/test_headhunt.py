@@ -193,3 +193,23 @@ def test_bad_input_is_refused_clearly(pipes, tmp_path):
     with pytest.raises(SiteError, match="single_transformer_blocks"):
         attnctl.Controller(pipe, [attnctl.SoftPAG(heads=str(tmp_path / "f" / "heads.json"))])
     assert REFERENCE not in state.rounds[0].scores
+
+
+def test_cli_refuses_bad_input_before_loading_a_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnctl.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, ["headhunt", "--out", str(tmp_path / "o"), *args])
+
+    for args, message in (
+        (["--prompts", "no-such-file.txt"], "neither a file nor a built-in prompt set"),
+        (["--prompts", "pair", "--objective", "pickscore"], "unknown objective 'pickscore'"),
+        (["--prompts", "pair", "--u", "1.5", "--limit", "1", "--candidates", "L0H0"], "u: Input should be less"),
+        (["--prompts", "pair", "--w", "nan", "--limit", "1", "--candidates", "L0H0"], "w must be a finite number"),
+        (["--prompts", "pair", "--limit", "1", "--candidates", "L0H7"], "out of range"),
+    ):
+        res = run(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in " ".join(res.output.split()), (args, res.output)
