@@ -385,7 +385,16 @@ class HeadHunt:
             return
         state.save(self.state_path)
         if state.selected:
-            head_set_of(state.selected, self.pipe.transformer).save(self.preset_path)
+            preset = head_set_of(state.selected, self.pipe.transformer).to_json()
+            st = self.settings
+            preset["search"] = {  # provenance; HeadSet.load reads only "heads" and "model"
+                "model": st.model, "objective": st.objective, "u": st.u, "w": st.w, "target": st.target,
+                "scope": st.scope, "prompts": len(st.prompts), "seeds": len(st.seeds), "top_k": st.top_k,
+                "rounds": [{"reference": r.reference, "chosen": r.chosen,
+                            "best": max(r.scores.values()) if r.scores else None} for r in state.rounds],
+                "finished": state.finished,
+            }
+            atomic_write_text(self.preset_path, json.dumps(preset, indent=2) + "\n")
 
     def _chunks(self, todo: Sequence[str]) -> list[list[str]]:
         """The reference alone, then the candidates ``candidates_per_call`` at a time (the split depends only

@@ -6,7 +6,7 @@ built-in ``pair`` set, whose captions the search never saw, and the ``single`` s
 never used). The figure is the search objective; differences are paired (same prompt, same seed).
 
     python bench/headhunt.py                       # both toy models, searches in out/headhunt/<model>
-    python bench/headhunt.py --model toy-flux --search-dir out/headhunt/toy-flux --json out/hh.json
+    python bench/headhunt.py --model toy-flux --search-root out/headhunt --json out/hh.json
 
 The search runs as ``attnctl headhunt`` with the settings printed (resumable: re-running continues it).
 """
@@ -91,7 +91,8 @@ def print_table(res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="toy-sd3 and/or toy-flux (default both)")
-    ap.add_argument("--search-dir", type=Path, help="the search folder (default out/headhunt/<model>)")
+    ap.add_argument("--search-root", type=Path, default=ROOT / "out" / "headhunt",
+                    help="searches live in <root>/<model> (default out/headhunt)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101], help="held-out seeds")
     ap.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
     ap.add_argument("--threads", type=int, default=None)
@@ -101,7 +102,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = []
     for model in args.model or ["toy-sd3", "toy-flux"]:
-        folder = args.search_dir or ROOT / "out" / "headhunt" / model
+        folder = args.search_root / model
         state_path = folder / "state.json"
         state = json.loads(state_path.read_text()) if state_path.exists() else None
         if state is None or not state.get("finished"):
