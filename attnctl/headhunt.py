@@ -347,6 +347,8 @@ class HeadHunt:
             mine = [c for i, c in enumerate(chunks) if i % self.dist.world == self.dist.rank]
             total = sum(len(c) for c in mine)
             finished = 0
+            if self.progress is not None:
+                self.progress(0, total)
             for chunk in mine:
                 sets = [state.selected if c == REFERENCE else [*state.selected, c] for c in chunk]
                 per_pair = self.score_sets(sets)
@@ -515,7 +517,16 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
         height=height or defaults["height"], width=width or defaults["width"],
         max_sequence_length=defaults["max_sequence_length"],
         batch_images=batch_images)
-    hunt = HeadHunt(pipe, settings, out, dist=dist, note=note if dist.rank == 0 else None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("candidates this round"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=err_console, transient=True, disable=dist.rank != 0 or not err_console.is_terminal)
+    task = bar.add_task("round", total=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    hunt = HeadHunt(pipe, settings, out, dist=dist, note=note if dist.rank == 0 else None, progress=progress)
     if dist.rank == 0:
         out_console.print(f"head search on {escape(model)} ({DTYPE_NAMES[str(torch_dtype)[6:]]}): "
                           f"{len(hunt.pool)} candidates, {len(prompt_list)} prompts × {seeds} seeds, "
@@ -523,7 +534,8 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
                           + (f", {dist.world} processes" if dist.world > 1 else ""), highlight=False)
     start = time.perf_counter()
     try:
-        state = hunt.run()
+        with bar:
+            state = hunt.run()
     except KeyboardInterrupt:
         note(f"interrupted; finished candidates are kept in {out} — re-run the same command to continue")
         return 130

@@ -249,6 +249,13 @@ class HeadSet:
     def resolve(self, sites: Sequence[Site]) -> dict[Site, tuple[int, ...]]:
         """Map to the given model's sites, raising a clear error for anything that does not exist."""
         by_name = {s.name: s for s in sites}
+        made_for = (self.model or {}).get("family")
+        here = sites[0].family if sites else None
+        if made_for and here and made_for != here:
+            raise SiteError(
+                f"head set was made for a {made_for} model and this is a {here} model",
+                fix="use a preset searched on this model (attnctl headhunt), or select heads with "
+                    "attnctl.HeadSet.parse on it")
         missing = [n for n in self.heads if n not in by_name]
         if missing:
             fp = self.model or {}

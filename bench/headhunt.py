@@ -1,7 +1,8 @@
 """HeadHunter on the toy models: search (or reuse a search), then score on held-out prompts.
 
 For each model: the searched heads against no perturbation guidance and against layer-level PAG (all heads
-of one site, every site in turn) at the same w, u, target and scope, on held-out prompt–seed pairs (the
+of one site, every site in turn; the fair rival is the layer the search prompts themselves pick, scored on
+them first) at the same w, u, target and scope, on held-out prompt–seed pairs (the
 built-in ``pair`` set, whose captions the search never saw, and the ``single`` set, all on seeds the search
 never used). The figure is the search objective; differences are paired (same prompt, same seed).
 
@@ -52,14 +53,18 @@ def held_out(model: str, state: dict, seeds: list[int], limit: int | None) -> di
     from attnctl.toyworld.world import prompt_set
 
     s = dict(state["settings"])
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    layers = {f"layer PAG {site.name}": [f"{site.name}/H{h}" for h in range(site.heads)]
+              for site in list_sites(pipe.transformer)}
+    # The fair layer-level rival: the layer the same search data picks (the search prompts and seeds).
+    on_search = HeadHunt(pipe, make_settings(**s), Path("/nonexistent-unused")).score_sets(list(layers.values()))
+    layer_scores = {name: sum(v) / len(v) for name, v in zip(layers, on_search, strict=True)}
+    searched_layer = max(layer_scores, key=layer_scores.get)
     prompts = [it["prompt"] for name in ("pair", "single") for it in prompt_set(name)][:limit]
     s.update(prompts=prompts, seeds=seeds, rounds=1)
     settings = make_settings(**s)
-    pipe = load_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
     hunt = HeadHunt(pipe, settings, Path("/nonexistent-unused"))
-    layers = {f"layer PAG {site.name}": [f"{site.name}/H{h}" for h in range(site.heads)]
-              for site in list_sites(pipe.transformer)}
     sets = {"no guidance": [], "HeadHunter": list(state["selected"]), **layers}
     start = time.perf_counter()
     scores = dict(zip(sets, hunt.score_sets(list(sets.values())), strict=True))
@@ -75,6 +80,7 @@ def held_out(model: str, state: dict, seeds: list[int], limit: int | None) -> di
             "prompts": len(prompts), "seeds": seeds, "selected": state["selected"],
             "search_seconds": sum(r.get("seconds", 0.0) for r in state["rounds"]),
             "search_rounds": [{"reference": r["reference"], "chosen": r["chosen"]} for r in state["rounds"]],
+            "layers_on_search_set": layer_scores, "searched_layer": searched_layer,
             "heldout_seconds": seconds, "results": rows}
 
 
@@ -82,10 +88,12 @@ def print_table(res: dict) -> None:
     print(f"\n{res['model']}: {res['objective']} on {res['pairs']} held-out pairs ({res['prompts']} prompts × "
           f"{len(res['seeds'])} seeds), w={res['w']}, u={res['u']}, {res['target']}/{res['scope']}; search "
           f"{res['search_seconds'] / 60:.1f} min, selected {len(res['selected'])}: {', '.join(res['selected'])}")
-    print(f"{'method':52s} {'heads':>5s} {'objective':>9s} {'HH − this':>10s} {'± s.e.':>7s}")
+    print(f"{'method':52s} {'heads':>5s} {'objective':>9s} {'HH − this':>10s} {'± s.e.':>7s}  search set")
     for name, r in res["results"].items():
+        mark = " ← the layer the search set picks" if name == res["searched_layer"] else ""
+        on_search = res["layers_on_search_set"].get(name)
         print(f"{name:52s} {r['heads']:5d} {r['objective']:9.4f} {r['headhunter_minus_this']:+10.4f} "
-              f"{r['stderr']:7.4f}")
+              f"{r['stderr']:7.4f}  {'' if on_search is None else f'{on_search:.4f}'}{mark}")
 
 
 def main() -> None:

@@ -6,7 +6,8 @@
     python bench/regulation_eval.py --limit 4 --seeds 2                # a quick look
 
 For every prompt item the targets are the item's shape words (``--targets colours``: its colour words, ``both``:
-both), so each prompt regulates its own nouns, as the paper does. Baseline and every config generate the
+both, ``phrases``: one target per object, "<colour> <shape>", whose tokens share one bias), so each prompt
+regulates its own nouns, as the paper does. Baseline and every config generate the
 same seeds in the same batches (one pipeline call per item and config, all seeds at once) and are timed
 interleaved, so the wall-time overhead compares like with like. Images are scored by the shapes-world
 evaluator (``attnctl.toyworld.evaluate``); the table shows presence (every prompted object found),
@@ -29,6 +30,8 @@ METRICS = ("presence", "colour_binding", "object_recall", "colour_accuracy", "sh
 
 
 def targets_of(item: dict[str, Any], which: str) -> list[str]:
+    if which == "phrases":  # one target per object: its colour and shape words together
+        return list(dict.fromkeys(f"{o['colour']} {o['shape']}" for o in item["objects"]))
     words: list[str] = []
     for obj in item["objects"]:
         if which in ("shapes", "both"):
@@ -122,7 +125,7 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=["pair", "triple"])
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--configs", nargs="+", default=["{}"], help="AttentionRegulation settings (JSON), one per run")
-    ap.add_argument("--targets", choices=("shapes", "colours", "both"), default="shapes")
+    ap.add_argument("--targets", choices=("shapes", "colours", "both", "phrases"), default="shapes")
     ap.add_argument("--limit", type=int, default=None, help="only the first N items of each set")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps [default: the model's]")
     ap.add_argument("--threads", type=int, default=2)

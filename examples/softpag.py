@@ -24,8 +24,11 @@ import attnctl
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 
 
-def default_heads(sites: list[attnctl.Site]) -> list[str]:
-    """Head 0 of every site in the first half of the model (quality heads sit early to mid, per the paper)."""
+def default_heads(model: str, sites: list[attnctl.Site]) -> str | list[str]:
+    """The shipped HeadHunter preset of a toy model; elsewhere head 0 of every site in the first half of the
+    model (quality heads sit early to mid, per the paper) — run `attnctl headhunt` for better ones."""
+    if model in ("toy-sd3", "toy-flux"):
+        return f"{model}-headhunter.json"  # attnctl/presets/
     return [f"L{s.index}H0" for s in sites[: max(1, len(sites) // 2)]]
 
 
@@ -33,10 +36,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-sd3", help="toy-sd3, toy-flux, a pipeline folder or a hub id")
     ap.add_argument("--prompt", nargs="+", default=["a red circle to the left of a blue square"])
-    ap.add_argument("--heads", nargs="+", help="LxHy selectors or a preset .json (default: head 0 of early sites)")
+    ap.add_argument("--heads", nargs="+", help="LxHy selectors or a preset .json (default: the toy model's shipped "
+                                               "HeadHunter preset; head 0 of early sites on other models)")
     ap.add_argument("--layer", type=int, help="site index for the layer-PAG column (default: a third in)")
     ap.add_argument("--u", type=float, default=1.0, help="strength toward the target map, in [0, 1]")
-    ap.add_argument("--scale", default="3.0", help="guidance weight w, a number or a schedule ('linear(3, 0)')")
+    ap.add_argument("--scale", default="2.0", help="guidance weight w, a number or a schedule ('linear(3, 0)')")
     ap.add_argument("--target", default="identity", choices=["identity", "uniform", "mean_query"])
     ap.add_argument("--scope", default="joint", choices=["joint", "image"])
     ap.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
@@ -50,7 +54,10 @@ def main() -> None:
     if args.steps:
         call["num_inference_steps"] = args.steps
     sites = attnctl.list_sites(pipe.transformer)
-    heads = args.heads[0] if args.heads and args.heads[0].endswith(".json") else (args.heads or default_heads(sites))
+    if args.heads:
+        heads = args.heads[0] if args.heads[0].endswith(".json") else args.heads
+    else:
+        heads = default_heads(args.model, sites)
     joint = [s for s in sites if s.kind != "sd3_image"]  # diffusers' PAG perturbs the joint attention
     layer = sites[args.layer] if args.layer is not None else joint[len(joint) // 3]
 

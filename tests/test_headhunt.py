@@ -186,10 +186,15 @@ def test_bad_input_is_refused_clearly(pipes, tmp_path):
         from attnctl.testing import tiny_sd3_pipeline
 
         HeadHunt(tiny_sd3_pipeline("sd3"), settings(), tmp_path / "s", objective=brightness)
-    # a preset searched on another model names sites this one lacks
+    # a preset searched on another model: refused by its family, and by its site names
     state = HeadHunt(pipes["flux"], settings(rounds=1, candidates=["kind:flux_single"]), tmp_path / "f",
                      objective=brightness).run()
     assert state.selected[0].startswith("single_transformer_blocks")
+    with pytest.raises(SiteError, match="made for a flux model and this is a sd3 model"):
+        attnctl.Controller(pipe, [attnctl.SoftPAG(heads=str(tmp_path / "f" / "heads.json"))])
+    data = json.loads((tmp_path / "f" / "heads.json").read_text())
+    data["model"]["family"] = "sd3"
+    (tmp_path / "f" / "heads.json").write_text(json.dumps(data))
     with pytest.raises(SiteError, match="single_transformer_blocks"):
         attnctl.Controller(pipe, [attnctl.SoftPAG(heads=str(tmp_path / "f" / "heads.json"))])
     assert REFERENCE not in state.rounds[0].scores
@@ -213,3 +218,19 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path):
         res = run(*args)
         assert res.exit_code == 2, (args, res.output)
         assert message in " ".join(res.output.split()), (args, res.output)
+
+
+@pytest.mark.parametrize("model", ["toy-sd3", "toy-flux"])
+def test_shipped_presets_load_on_their_toy_model_only(model):
+    from attnctl.toyworld.models import load_pipeline
+
+    pipe = load_pipeline(model)
+    pag = attnctl.SoftPAG(heads=f"{model}-headhunter.json")  # found in attnctl/presets/
+    attnctl.Controller(pipe, [pag]).restore()
+    data = json.loads((attnctl.controls.softpag.PRESETS_DIR / f"{model}-headhunter.json").read_text())
+    assert data["search"]["model"] == model and data["search"]["finished"]
+    assert sorted(f"{s.name}/H{h}" for s in pag.sites for h in pag.heads_at(s)) == sorted(
+        f"{site}/H{h}" for site, hs in data["heads"].items() for h in hs)
+    other = "toy-flux" if model == "toy-sd3" else "toy-sd3"
+    with pytest.raises(SiteError, match=f"made for a {'flux' if model == 'toy-sd3' else 'sd3'} model"):
+        attnctl.Controller(pipe, [attnctl.SoftPAG(heads=f"{other}-headhunter.json")])

@@ -236,3 +236,15 @@ def test_json_round_trip():
     again = attnctl.control_from_json(data)
     assert isinstance(again, AttentionRegulation) and again.to_json() == data
     assert AttentionRegulation(targets=["circle"]).to_json()["steps"]["kind"] == "window"
+
+
+def test_a_phrase_is_one_target_over_its_words_tokens(sd3_pipe):
+    reg = AttentionRegulation(targets=["circle square"], sites="all")
+    run_direct(sd3_pipe, reg)
+    tg = reg._targets
+    assert tg.words == ["circle square"] and tg.positions == [1, 2, 5, 6] and tg.word_of == [0, 0, 0, 0]
+    reg = AttentionRegulation(targets=["circle square", "square"], sites="all", missing="ignore")
+    run_direct(sd3_pipe, reg)  # a token counts once: 'square' has nothing left of its own
+    assert reg._targets.words == ["circle square"]
+    with pytest.raises(LayoutError, match="'circle triangle' is not in"):
+        run_direct(sd3_pipe, AttentionRegulation(targets=["circle triangle"], sites="all"))

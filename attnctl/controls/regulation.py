@@ -53,7 +53,8 @@ _TINY = 1e-30
 
 
 class RegulationConfig(ControlConfig):
-    targets: list[str] = Field(..., description="words whose attention is regulated, e.g. ['circle', 'square']")
+    targets: list[str] = Field(..., description="words whose attention is regulated, e.g. ['circle', 'square']; a "
+                                                "phrase ('blue square') is one target over all its words' tokens")
     segments: list[str] | None = Field(None, description="tokenizer segments to take the words from (clip, t5); "
                                                          "None: every segment of the model")
     missing: Literal["error", "ignore"] = Field("error", description="a target absent from the prompt: raise, "
@@ -406,8 +407,9 @@ class AttentionRegulation(Control):
         word_of: list[int] = []
         words: list[str] = []
         for w in cfg.targets:
-            try:
-                pos = [p for p in layout.word_tokens(w, segs) if p not in positions]  # a token counts once
+            try:  # a phrase ("blue square") is one target: its words' tokens share one bias and one map
+                found = sorted({p for part in w.split() for p in layout.word_tokens(part, segs)})
+                pos = [p for p in found if p not in positions]  # a token counts once
             except LayoutError:
                 if cfg.missing == "ignore":
                     continue

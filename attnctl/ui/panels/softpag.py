@@ -46,13 +46,16 @@ def head_presets(ctx: PanelContext) -> dict[str, dict[str, Any]]:
     if not PRESETS_DIR.is_dir():
         return out
     names = {s.name for s in ctx.sites}
+    family = ctx.sites[0].family if ctx.sites else None
     for f in sorted(PRESETS_DIR.glob("*.json")):
         try:
             data = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
         heads = data.get("heads") if isinstance(data, dict) else None
-        if isinstance(heads, dict) and heads and set(heads) <= names:
+        model = data.get("model") if isinstance(data, dict) else None
+        made_for = model.get("family") if isinstance(model, dict) else None
+        if isinstance(heads, dict) and heads and set(heads) <= names and made_for in (None, family):
             out[f.stem] = {"heads": heads, "model": data.get("model")}
     return out
 
