@@ -395,7 +395,7 @@ def test_json_round_trip_and_head_sets(tmp_path, sd3_pipe, flux_pipe):
     assert from_file.head_set.heads == pag.head_set.heads
     assert attnctl.control_from_json(from_file.to_json()).head_set.heads == pag.head_set.heads
     # ... and refuses a model it was not made for
-    with pytest.raises(SiteError, match="does not have"):
+    with pytest.raises(SiteError, match="made for a sd3 model and this is a flux model"):
         attnctl.Controller(flux_pipe, [from_file])
 
 
