@@ -249,7 +249,7 @@ class HeadHunt:
     """One search: ``HeadHunt(pipe, settings, out).run()``; the pipeline must be an attnctl pipeline
     (``AttnCtlSD3Pipeline`` / ``AttnCtlFluxPipeline``, e.g. from :func:`attnctl.cli.load_pipeline`)."""
 
-    def __init__(self, pipe: Any, settings: HeadHuntSettings, out: str | Path, *,
+    def __init__(self, pipe: Any, settings: HeadHuntSettings, out: str | Path | None, *,
                  objective: Objective | str | None = None, dist: Dist | None = None,
                  note: Callable[[str], None] | None = None, progress: Callable[[int, int], None] | None = None):
         if not hasattr(pipe, "controlled_call"):
@@ -258,7 +258,7 @@ class HeadHunt:
                                   "AttnCtlSD3Pipeline(**pipe.components)")
         self.pipe = pipe
         self.settings = settings
-        self.out = Path(out)
+        self.out = Path(out) if out is not None else None  # None: only score_sets, no search state
         self.objective, self.objective_name = load_objective(objective if objective is not None
                                                              else settings.objective)
         self.dist = dist or Dist("cpu", what="head search")
@@ -267,7 +267,7 @@ class HeadHunt:
         self.pool = candidate_pool(pipe.transformer, settings.candidates)
         if not self.pool:
             raise ConfigError("the candidate selection holds no heads", fix="use --candidates all or a site selector")
-        self.log = ScoreLog(self.out, self.dist.rank)
+        self.log = ScoreLog(self.out, self.dist.rank) if self.out is not None else None
 
     @property
     def state_path(self) -> Path:
@@ -317,6 +317,8 @@ class HeadHunt:
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> HeadHuntState:
+        if self.out is None or self.log is None:
+            raise ConfigError("HeadHunt.run needs an output folder for its state", fix="pass out='out/headhunt'")
         self.out.mkdir(parents=True, exist_ok=True)
         state = load_state(self.state_path, self.settings)
         state.pool = self.pool

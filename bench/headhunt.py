@@ -58,13 +58,13 @@ def held_out(model: str, state: dict, seeds: list[int], limit: int | None) -> di
     layers = {f"layer PAG {site.name}": [f"{site.name}/H{h}" for h in range(site.heads)]
               for site in list_sites(pipe.transformer)}
     # The fair layer-level rival: the layer the same search data picks (the search prompts and seeds).
-    on_search = HeadHunt(pipe, make_settings(**s), Path("/nonexistent-unused")).score_sets(list(layers.values()))
+    on_search = HeadHunt(pipe, make_settings(**s), None).score_sets(list(layers.values()))
     layer_scores = {name: sum(v) / len(v) for name, v in zip(layers, on_search, strict=True)}
     searched_layer = max(layer_scores, key=layer_scores.get)
     prompts = [it["prompt"] for name in ("pair", "single") for it in prompt_set(name)][:limit]
     s.update(prompts=prompts, seeds=seeds, rounds=1)
     settings = make_settings(**s)
-    hunt = HeadHunt(pipe, settings, Path("/nonexistent-unused"))
+    hunt = HeadHunt(pipe, settings, None)
     sets = {"no guidance": [], "HeadHunter": list(state["selected"]), **layers}
     start = time.perf_counter()
     scores = dict(zip(sets, hunt.score_sets(list(sets.values())), strict=True))

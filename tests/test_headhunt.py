@@ -182,6 +182,10 @@ def test_bad_input_is_refused_clearly(pipes, tmp_path):
             settings(**bad)
     with pytest.raises(SiteError, match="out of range"):
         candidate_pool(pipe.transformer, ["L0H9"])
+    scorer = HeadHunt(pipe, settings(), None, objective=brightness)  # scoring only, no search folder
+    assert len(scorer.score_sets([[]])[0]) == 4
+    with pytest.raises(ConfigError, match="needs an output folder"):
+        scorer.run()
     with pytest.raises(ConfigError, match="not an attnctl pipeline"):
         from attnctl.testing import tiny_sd3_pipeline
 
