@@ -236,10 +236,7 @@ def head_set_of(names: Sequence[str], transformer: Any) -> Any:
     """The :class:`~attnctl.sites.HeadSet` of candidate names, stamped with the model's fingerprint."""
     from .sites import HeadSet, list_sites, model_fingerprint
 
-    heads: dict[str, set[int]] = {}
-    for site, h in _pairs(names):
-        heads.setdefault(site, set()).add(h)
-    return HeadSet({k: tuple(sorted(v)) for k, v in heads.items()}, model_fingerprint(list_sites(transformer)))
+    return HeadSet.from_pairs(_pairs(names), model_fingerprint(list_sites(transformer)))
 
 
 # ------------------------------------------------------------------------------------------------ the search

@@ -222,6 +222,14 @@ class HeadSet:
         return [(site, h) for site, hs in self.heads.items() for h in hs]
 
     @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, int]], model: dict | None = None) -> HeadSet:
+        """The set of ``[(site name, head), ...]`` (duplicates merged, heads sorted per site)."""
+        heads: dict[str, set[int]] = {}
+        for site, h in pairs:
+            heads.setdefault(site, set()).add(int(h))
+        return cls({k: tuple(sorted(v)) for k, v in heads.items()}, model)
+
+    @classmethod
     def parse(cls, sites: Sequence[Site], specs: str | Iterable[str]) -> HeadSet:
         """Parse ``"L13H7"``, ``"L2H0:4"``, ``"transformer_blocks.3.attn/H1,5"`` or a bare site selector
         (meaning all its heads)."""

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import emit
+
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle"]
 PLACES = ["on the left", "on the right", "at the top", "at the bottom", "in the middle"]
@@ -123,11 +125,7 @@ def main() -> None:
         print(f"{r['processes']:>9} {r['threads_per_process']:>7} {r['images']:>6} {r['wall_seconds']:>8.1f} "
               f"{r['images_per_second_wall']:>10.2f} "
               f"{r['generation_seconds']:>8.1f} {steady:>12}")
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(result, args.json, indent=2)
 
 
 if __name__ == "__main__":

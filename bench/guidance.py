@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layers import SHAPES, Layer, build, core_inputs, extra_peak_bytes, run_core  # noqa: E402
+from layers import SHAPES, Layer, build, core_inputs, extra_peak_bytes, run_core, time_interleaved  # noqa: E402
+from report import emit  # noqa: E402
 
 VARIANTS = ("stock", "joint", "image", "joint-meanq", "image-uniform", "materialised")
 SOFTPAG = {
@@ -103,31 +104,13 @@ def build_softpag(shape: str, res: int, variant: str) -> Layer:
 def time_layer(shape: str, res: int, repeats: int) -> dict:
     layers = {v: build_softpag(shape, res, v) for v in VARIANTS}
     core = core_inputs(layers["stock"])
-    times = {v: [] for v in VARIANTS}
-    core_times = {v: [] for v in VARIANTS}
     with torch.no_grad():
         ref = run_core(layers["materialised"], *core)
         errors = {"joint": float((run_core(layers["joint"], *core) - ref).abs().max())}
-        for v in VARIANTS:  # warm-up
-            layers[v].attn(**layers[v].kwargs)
-        for _ in range(repeats):
-            for v in VARIANTS:  # interleaved: load on the machine hits every variant alike
-                t = time.perf_counter()
-                layers[v].attn(**layers[v].kwargs)
-                times[v].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                run_core(layers[v], *core)
-                core_times[v].append(time.perf_counter() - t)
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    cmed = {v: statistics.median(core_times[v]) for v in VARIANTS}
     heads = layers["stock"].attn.heads
     n = layers["stock"].n_img + layers["stock"].n_text
     return dict(shape=shape, res=res, tokens=n, heads=heads, softpag_heads=len(quarter(heads)),
-                layer_s={v: round(med[v], 4) for v in VARIANTS},
-                layer_ratio={v: round(med[v] / med["stock"], 3) for v in VARIANTS},
-                core_s={v: round(cmed[v], 4) for v in VARIANTS},
-                core_ratio={v: round(cmed[v] / cmed["stock"], 3) for v in VARIANTS},
-                max_abs_err_vs_materialised=errors,
+                **time_interleaved(layers, repeats), max_abs_err_vs_materialised=errors,
                 nxn_map_bytes_selected_heads=n * n * len(quarter(heads)) * 4,
                 nxn_map_bytes_one_head=n * n * 4)
 
@@ -287,11 +270,7 @@ def main() -> None:
     _print_tables(layer_rows, fwd_rows)
     result = {"bench": "guidance", "torch": torch.__version__, "threads": torch.get_num_threads(), "u": U,
               "layers": layer_rows, "three_way": fwd_rows}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        from attnctl.io import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+    emit(result, args.json)
 
 
 def _print_tables(layer_rows: list[dict], fwd_rows: list[dict]) -> None:

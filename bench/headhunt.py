@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH_PROMPTS = ROOT / "examples" / "headhunt_prompts.json"
@@ -118,11 +119,8 @@ def main() -> None:
         res = held_out(model, state, args.seeds, args.limit)
         print_table(res)
         results.append(res)
-    print("\n" + json.dumps(results, indent=1))
-    if args.json:
-        from attnctl.io import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
+    print()
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from report import emit
 
 # Real layer shapes: (heads, head_dim, text tokens). Image tokens = (res / 16)² for both families.
 SHAPES = {
@@ -120,31 +121,39 @@ def run_core(layer: Layer, q, k, v):
     return attend(q, k, v, contribs) if contribs else fused_attention(q, k, v)
 
 
-def time_variants(shape: str, res: int, repeats: int) -> dict:
-    layers = {v: build(shape, res, v) for v in VARIANTS}
+def time_interleaved(layers: dict[str, Layer], repeats: int, after_warmup=None) -> dict:
+    """Median seconds of each variant's whole layer call and of its attention core (``run_core`` on the same
+    q, k, v), timed interleaved so load on the machine hits every variant alike, and the ratios to
+    ``layers["stock"]``. ``after_warmup()`` runs between the warm-up and the timed calls."""
     core = core_inputs(layers["stock"])
-    times = {v: [] for v in VARIANTS}
-    core_times = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in layers}
+    core_times: dict[str, list[float]] = {v: [] for v in layers}
     with torch.no_grad():
-        for v in VARIANTS:  # warm-up
-            layers[v].attn(**layers[v].kwargs)
+        for layer in layers.values():  # warm-up
+            layer.attn(**layer.kwargs)
+        if after_warmup is not None:
+            after_warmup()
         for _ in range(repeats):
-            for v in VARIANTS:  # interleaved, so load on the machine hits all variants alike
+            for v, layer in layers.items():
                 t = time.perf_counter()
-                layers[v].attn(**layers[v].kwargs)
+                layer.attn(**layer.kwargs)
                 times[v].append(time.perf_counter() - t)
                 t = time.perf_counter()
-                run_core(layers[v], *core)
+                run_core(layer, *core)
                 core_times[v].append(time.perf_counter() - t)
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    cmed = {v: statistics.median(core_times[v]) for v in VARIANTS}
+    med = {v: statistics.median(t) for v, t in times.items()}
+    cmed = {v: statistics.median(t) for v, t in core_times.items()}
+    return dict(layer_s={v: round(m, 4) for v, m in med.items()},
+                layer_ratio={v: round(m / med["stock"], 3) for v, m in med.items()},
+                core_s={v: round(m, 4) for v, m in cmed.items()},
+                core_ratio={v: round(m / cmed["stock"], 3) for v, m in cmed.items()})
+
+
+def time_variants(shape: str, res: int, repeats: int) -> dict:
+    layers = {v: build(shape, res, v) for v in VARIANTS}
     n = layers["stock"].n_img + layers["stock"].n_text
     return dict(shape=shape, res=res, tokens=n, heads=layers["stock"].attn.heads,
-                layer_s={v: round(med[v], 4) for v in VARIANTS},
-                layer_ratio={v: round(med[v] / med["stock"], 3) for v in VARIANTS},
-                core_s={v: round(cmed[v], 4) for v in VARIANTS},
-                core_ratio={v: round(cmed[v] / cmed["stock"], 3) for v in VARIANTS},
-                nxn_map_bytes=n * n * layers["stock"].attn.heads * 4)
+                **time_interleaved(layers, repeats), nxn_map_bytes=n * n * layers["stock"].attn.heads * 4)
 
 
 def _peak_child(shape: str, res: int, variant: str) -> int:
@@ -218,13 +227,7 @@ def main() -> None:
     except ImportError:
         pass
     result = {"bench": "layers", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        from pathlib import Path
-
-        from attnctl.io import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -86,23 +86,7 @@ def time_variants(shape: str, res: int, repeats: int) -> dict:
     built = {v: build(shape, res, v) for v in VARIANTS}
     lays = {v: b[0] for v, b in built.items()}
     reg = built["regulation"][1]
-    core = layers.core_inputs(lays["stock"])
-    times = {v: [] for v in VARIANTS}
-    core_times = {v: [] for v in VARIANTS}
-    with torch.no_grad():
-        for v in VARIANTS:  # warm-up
-            lays[v].attn(**lays[v].kwargs)
-        reg.inner_times.clear()
-        for _ in range(repeats):
-            for v in VARIANTS:  # interleaved: load on the machine hits every variant alike
-                t = time.perf_counter()
-                lays[v].attn(**lays[v].kwargs)
-                times[v].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                layers.run_core(lays[v], *core)
-                core_times[v].append(time.perf_counter() - t)
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    cmed = {v: statistics.median(core_times[v]) for v in VARIANTS}
+    timed = layers.time_interleaved(lays, repeats, after_warmup=reg.inner_times.clear)
     stock = lays["stock"]
     n = stock.n_img + stock.n_text
     heads = stock.attn.heads
@@ -111,10 +95,7 @@ def time_variants(shape: str, res: int, repeats: int) -> dict:
     return dict(
         shape=shape, res=res, tokens=n, image_tokens=stock.n_img, text_tokens=stock.n_text, heads=heads,
         regulated_columns=n_cols,
-        layer_s={v: round(med[v], 4) for v in VARIANTS},
-        layer_ratio={v: round(med[v] / med["stock"], 3) for v in VARIANTS},
-        core_s={v: round(cmed[v], 4) for v in VARIANTS},
-        core_ratio={v: round(cmed[v] / cmed["stock"], 3) for v in VARIANTS},
+        **timed,
         inner_s=round(statistics.median(reg.inner_times), 4),
         inner_loss_first_best=[round(rec.losses[0], 4), round(rec.best_loss, 4)],
         nxn_map_bytes=n * n * heads * 4,
@@ -185,11 +166,7 @@ def main() -> None:
     except ImportError:
         pass
     result = {"bench": "regulation", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        from attnctl.io import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+    layers.emit(result, args.json)
 
 
 if __name__ == "__main__":

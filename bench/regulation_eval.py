@@ -20,11 +20,11 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from report import emit
 
 METRICS = ("presence", "colour_binding", "object_recall", "colour_accuracy", "shape_accuracy", "leakage")
 
@@ -135,11 +135,7 @@ def main() -> None:
     configs = [json.loads(c) for c in args.configs]
     result = evaluate(args.model, args.sets, args.seeds, configs, args.targets, args.limit, args.steps)
     print_table(result)
-    print(json.dumps(result, indent=1))
-    if args.json:
-        from attnctl.io import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

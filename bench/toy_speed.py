@@ -10,11 +10,11 @@ one closest to the machine's real speed; both are printed.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+from report import emit
 
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 
@@ -46,13 +46,7 @@ def main() -> None:
         rows.append({"model": label, "best_s": round(min(t), 3), "median_s": round(statistics.median(t), 3)})
         print(f"{label:24s} best {min(t):.3f} s   median {statistics.median(t):.3f} s")
     result = {"bench": "toy_speed", "steps": 20, "size": "32x32", "threads": args.threads, "rows": rows}
-    print(json.dumps(result))
-    if args.json:
-        from pathlib import Path
-
-        from attnctl.io import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

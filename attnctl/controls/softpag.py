@@ -138,10 +138,7 @@ class SoftPAG(Control):
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[str, int]], **settings: Any) -> SoftPAG:
         """``SoftPAG`` over ``[(site name, head), ...]`` (e.g. a search's current set plus one candidate)."""
-        heads: dict[str, set[int]] = {}
-        for site, h in pairs:
-            heads.setdefault(site, set()).add(int(h))
-        return cls(heads=HeadSet({k: tuple(sorted(v)) for k, v in heads.items()}), **settings)
+        return cls(heads=HeadSet.from_pairs(pairs), **settings)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def bind(self, controller) -> None:

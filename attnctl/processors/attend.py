@@ -156,7 +156,8 @@ def _put(t: torch.Tensor, where: Selection, value: torch.Tensor) -> torch.Tensor
     B, S, H = t.shape[:3]
     value = value.to(t.dtype)
     r0, r1 = _norm_rows(where.rows, S)
-    if where.heads is None and not (torch.is_grad_enabled() and (t.requires_grad or value.requires_grad)):
+    recorded = torch.is_grad_enabled() and (t.requires_grad or value.requires_grad)
+    if where.heads is None and not recorded:
         view = t[:, r0:r1]
         if where.batch is None:
             view.copy_(value)
@@ -167,9 +168,7 @@ def _put(t: torch.Tensor, where: Selection, value: torch.Tensor) -> torch.Tensor
     r = torch.arange(r0, r1, device=t.device)
     h = _idx(where.heads, H, t.device)
     index = (b[:, None, None], r[None, :, None], h[None, None, :])
-    if torch.is_grad_enabled() and (t.requires_grad or value.requires_grad):
-        return t.index_put(index, value)
-    return t.index_put_(index, value)
+    return t.index_put(index, value) if recorded else t.index_put_(index, value)
 
 
 def _has_values(t: torch.Tensor) -> bool:
