@@ -8,6 +8,10 @@ as a head-set preset that ``SoftPAG(heads="heads.json")`` loads. Paper settings 
 
 How it runs:
 
+- **Finalists.** With noisy objectives the best of many candidates is mostly the luckiest. ``finalists = F``
+  re-scores the round's F best candidates and the current set on ``finalist_seeds`` more seeds and chooses
+  on the mean over all their pairs (a one-step successive halving): the cost of F more candidates on the
+  extra seeds buys a choice made on many more pairs.
 - **Batched.** ``B`` candidates share one pipeline call: one prompt, ``num_images_per_prompt = B·seeds``,
   image ``r`` guided by candidate ``r mod B`` with seed ``seeds[r // B]`` (SoftPAG ``branch=`` rows, see
   :mod:`attnctl.guidance`). Each call also scores the round's reference, the current set ``S`` alone (no
@@ -32,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .distributed import Dist
 from .errors import AttnCtlError, ConfigError
@@ -63,6 +67,9 @@ class HeadHuntSettings(BaseModel):
     target: Literal["identity", "uniform", "mean_query"] = "identity"
     scope: Literal["joint", "image"] = "joint"
     require_gain: bool = Field(False, description="add only candidates that beat the current set; stop when none")
+    finalists: int = Field(0, ge=0, description="F: re-score the round's F best (and the current set) on "
+                                                "finalist_seeds before choosing; 0 = choose on the first scores")
+    finalist_seeds: list[int] = Field([], description="the finalists' extra seeds (distinct from seeds)")
     steps: int = Field(..., ge=1)
     guidance: float = Field(..., description="the pipeline's guidance_scale (CFG for SD3)")
     height: int = Field(..., ge=16)
@@ -91,15 +98,28 @@ class HeadHuntSettings(BaseModel):
             raise ValueError("prompts must be non-empty strings")
         return v
 
+    @model_validator(mode="after")
+    def _finalists(self) -> HeadHuntSettings:
+        if self.finalists and not self.finalist_seeds:
+            raise ValueError("finalists need finalist_seeds (the extra seeds they are re-scored on)")
+        if self.finalist_seeds and not self.finalists:
+            raise ValueError("finalist_seeds are only used with finalists > 0")
+        if self.finalists and self.finalists < self.top_k:
+            raise ValueError(f"finalists ({self.finalists}) must be at least top_k ({self.top_k})")
+        if len(set(self.finalist_seeds)) != len(self.finalist_seeds) or set(self.finalist_seeds) & set(self.seeds):
+            raise ValueError("finalist_seeds must be distinct and not among seeds")
+        return self
+
     def digest(self) -> str:
         """Hash of the settings that decide each round's scores (``rounds`` is left out: a finished search
         can be extended by more rounds)."""
         data = self.model_dump(exclude={"rounds"})
+        if not self.finalists:  # searches saved before finalists existed keep their digest
+            del data["finalists"], data["finalist_seeds"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
-    @property
-    def candidates_per_call(self) -> int:
-        return max(1, self.batch_images // len(self.seeds))
+    def candidates_per_call(self, seeds: Sequence[int] | None = None) -> int:
+        return max(1, self.batch_images // len(seeds or self.seeds))
 
 
 def make_settings(**kwargs: Any) -> HeadHuntSettings:
@@ -122,16 +142,22 @@ class Round:
     scores: dict[str, float]
     chosen: list[str]
     seconds: float = 0.0
+    final: dict[str, float] = field(default_factory=dict)
+    """The finalists' (and the current set's) means over the search and the finalist seeds."""
 
     def to_json(self) -> dict[str, Any]:
         ranked = sorted(self.scores.items(), key=lambda kv: -kv[1])
-        return {"round": self.index, "selected_before": self.selected_before, "reference": self.reference,
-                "chosen": self.chosen, "seconds": round(self.seconds, 2), "scores": dict(ranked)}
+        out = {"round": self.index, "selected_before": self.selected_before, "reference": self.reference,
+               "chosen": self.chosen, "seconds": round(self.seconds, 2), "scores": dict(ranked)}
+        if self.final:
+            out["final"] = dict(sorted(self.final.items(), key=lambda kv: -kv[1]))
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Round:
         return cls(int(d["round"]), list(d["selected_before"]), float(d["reference"]),
-                   {str(k): float(v) for k, v in d["scores"].items()}, list(d["chosen"]), float(d.get("seconds", 0)))
+                   {str(k): float(v) for k, v in d["scores"].items()}, list(d["chosen"]), float(d.get("seconds", 0)),
+                   {str(k): float(v) for k, v in d.get("final", {}).items()})
 
 
 @dataclass
@@ -275,11 +301,11 @@ class HeadHunt:
         return self.out / PRESET_NAME
 
     # -- generation ---------------------------------------------------------------------------------
-    def _call(self, prompt: str, n_branches: int, controls: list | None) -> list[Any]:
+    def _call(self, prompt: str, n_branches: int, controls: list | None, seeds: Sequence[int]) -> list[Any]:
         import torch
 
         s = self.settings
-        gens = [torch.Generator("cpu").manual_seed(seed) for seed in s.seeds for _ in range(n_branches)]
+        gens = [torch.Generator("cpu").manual_seed(seed) for seed in seeds for _ in range(n_branches)]
         out = self.pipe(prompt=prompt, num_images_per_prompt=len(gens), generator=gens,
                         num_inference_steps=s.steps, guidance_scale=s.guidance, height=s.height, width=s.width,
                         max_sequence_length=s.max_sequence_length, output_type="pil", controls=controls)
@@ -291,22 +317,24 @@ class HeadHunt:
         s = self.settings
         return SoftPAG.from_pairs(_pairs(heads), u=s.u, target=s.target, scope=s.scope, scale=s.w, branch=branch)
 
-    def score_sets(self, sets: Sequence[Sequence[str] | None]) -> list[list[float]]:
+    def score_sets(self, sets: Sequence[Sequence[str] | None], seeds: Sequence[int] | None = None
+                   ) -> list[list[float]]:
         """Per-pair scores (prompt-major, then seed) of each head set, all in shared calls; ``None`` or an
-        empty set means no perturbation guidance."""
+        empty set means no perturbation guidance. ``seeds`` defaults to the settings' search seeds."""
         s = self.settings
+        seeds = list(seeds or s.seeds)
         guided = [i for i, h in enumerate(sets) if h]
         scores: list[list[float]] = [[] for _ in sets]
         for prompt in s.prompts:
             if len(guided) < len(sets):  # the unguided images, once
-                images = self._call(prompt, 1, None)
+                images = self._call(prompt, 1, None, seeds)
                 values = score_images(self.objective, self.objective_name, images, [prompt] * len(images))
                 for i, h in enumerate(sets):
                     if not h:
                         scores[i].extend(values)
             if guided:
                 controls = [self._softpag(sets[i], branch=j) for j, i in enumerate(guided)]
-                images = self._call(prompt, len(guided), controls)
+                images = self._call(prompt, len(guided), controls, seeds)
                 values = score_images(self.objective, self.objective_name, images, [prompt] * len(images))
                 for j, i in enumerate(guided):  # image r: branch r mod B, seed r // B
                     scores[i].extend(values[j::len(guided)])
@@ -338,38 +366,23 @@ class HeadHunt:
                 break
             start = time.perf_counter()
             key = round_key(s, index, state.selected)
-            done = self.log.read(key)
-            todo = [c for c in [REFERENCE, *remaining] if c not in done]
-            if done:
-                self.note(f"round {index + 1}: {len(done)} candidates already scored, {len(todo)} to go")
-            chunks = self._chunks(todo)
-            mine = [c for i, c in enumerate(chunks) if i % self.dist.world == self.dist.rank]
-            total = sum(len(c) for c in mine)
-            finished = 0
-            if self.progress is not None:
-                self.progress(0, total)
-            for chunk in mine:
-                sets = [state.selected if c == REFERENCE else [*state.selected, c] for c in chunk]
-                per_pair = self.score_sets(sets)
-                self.log.append([{"key": key, "round": index, "candidate": c, "scores": v}
-                                 for c, v in zip(chunk, per_pair, strict=True)])
-                finished += len(chunk)
-                if self.progress is not None:
-                    self.progress(finished, total)
-            self.dist.barrier()
-            done = self.log.read(key)
-            missing = [c for c in [REFERENCE, *remaining] if c not in done]
-            if missing:
-                raise AttnCtlError(f"round {index + 1}: {len(missing)} candidates have no score after every "
-                                   "process finished", "re-run the same command to score them")
+            done = self._stage(key, index, state.selected, [REFERENCE, *remaining], s.seeds, f"round {index + 1}")
             means = {c: sum(v) / len(v) for c, v in done.items()}
-            reference = means.pop(REFERENCE)
             ranked = sorted(remaining, key=lambda c: (-means[c], self.pool.index(c)))
+            first, final = dict(means), {}
+            if s.finalists:  # re-score the best F and the current set on more seeds; choose on all their pairs
+                finalists = ranked[: s.finalists]
+                more = self._stage(f"{key}/final", index, state.selected, [REFERENCE, *finalists],
+                                   s.finalist_seeds, f"round {index + 1} finalists")
+                final = {c: sum(done[c] + more[c]) / len(done[c] + more[c]) for c in [REFERENCE, *finalists]}
+                means.update(final)
+                ranked = sorted(finalists, key=lambda c: (-means[c], self.pool.index(c)))
+            reference = means[REFERENCE]
             chosen = ranked[: s.top_k]
             if s.require_gain:
                 chosen = [c for c in chosen if means[c] > reference]
-            state.rounds.append(Round(index, list(state.selected), reference, {c: means[c] for c in remaining},
-                                      chosen, time.perf_counter() - start))
+            state.rounds.append(Round(index, list(state.selected), reference, {c: first[c] for c in remaining},
+                                      chosen, time.perf_counter() - start, final))
             state.selected = [*state.selected, *chosen]
             self._save(state)
             gain = (means[chosen[0]] - reference) if chosen else 0.0
@@ -379,6 +392,36 @@ class HeadHunt:
             self.dist.barrier()
         self._save(state)
         return state
+
+    def _stage(self, key: str, index: int, selected: list[str], candidates: list[str], seeds: Sequence[int],
+               label: str) -> dict[str, list[float]]:
+        """Score ``selected + [c]`` for every candidate c (the current set for REFERENCE) on ``seeds``: this
+        rank's share of the chunks not yet in the logs, then wait for the others and read every score."""
+        done = self.log.read(key)
+        todo = [c for c in candidates if c not in done]
+        if done:
+            self.note(f"{label}: {len(candidates) - len(todo)} candidates already scored, {len(todo)} to go")
+        chunks = self._chunks(todo, self.settings.candidates_per_call(seeds))
+        mine = [c for i, c in enumerate(chunks) if i % self.dist.world == self.dist.rank]
+        total = sum(len(c) for c in mine)
+        finished = 0
+        if self.progress is not None:
+            self.progress(0, total)
+        for chunk in mine:
+            sets = [selected if c == REFERENCE else [*selected, c] for c in chunk]
+            per_pair = self.score_sets(sets, seeds)
+            self.log.append([{"key": key, "round": index, "candidate": c, "scores": v}
+                             for c, v in zip(chunk, per_pair, strict=True)])
+            finished += len(chunk)
+            if self.progress is not None:
+                self.progress(finished, total)
+        self.dist.barrier()
+        done = self.log.read(key)
+        missing = [c for c in candidates if c not in done]
+        if missing:
+            raise AttnCtlError(f"{label}: {len(missing)} candidates have no score after every process finished",
+                               "re-run the same command to score them")
+        return {c: done[c] for c in candidates}
 
     def _save(self, state: HeadHuntState) -> None:
         """Rank 0 writes the state and the preset of the heads selected so far (both atomically)."""
@@ -391,13 +434,14 @@ class HeadHunt:
             preset["search"] = {  # provenance; HeadSet.load reads only "heads" and "model"
                 "model": st.model, "objective": st.objective, "u": st.u, "w": st.w, "target": st.target,
                 "scope": st.scope, "prompts": len(st.prompts), "seeds": len(st.seeds), "top_k": st.top_k,
+                "finalists": st.finalists, "finalist_seeds": len(st.finalist_seeds),
                 "rounds": [{"reference": r.reference, "chosen": r.chosen,
                             "best": max(r.scores.values()) if r.scores else None} for r in state.rounds],
                 "finished": state.finished,
             }
             atomic_write_text(self.preset_path, json.dumps(preset, indent=2) + "\n")
 
-    def _chunks(self, todo: Sequence[str]) -> list[list[str]]:
+    def _chunks(self, todo: Sequence[str], b: int) -> list[list[str]]:
         """The reference alone, then the candidates ``candidates_per_call`` at a time (the split depends only
         on the settings and what is left, never on the number of processes)."""
         chunks: list[list[str]] = []
@@ -405,7 +449,6 @@ class HeadHunt:
         if rest and rest[0] == REFERENCE:
             chunks.append([REFERENCE])
             rest = rest[1:]
-        b = self.settings.candidates_per_call
         chunks += [rest[i:i + b] for i in range(0, len(rest), b)]
         return chunks
 
@@ -452,6 +495,7 @@ def read_prompts(spec: str, limit: int | None = None) -> list[str]:
 
 def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, candidates: list[str],
          objective: str, rounds: int, top_k: int, u: float, w: float, target: str, scope: str, require_gain: bool,
+         finalists: int, finalist_seeds: int,
          steps: int | None, guidance: float | None, height: int | None, width: int | None, batch_images: int,
          processes: int, threads: int | None,
          device: str, dtype: str, attention_backend: str | None, debug: bool = False) -> int:
@@ -487,7 +531,7 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
             "headhunt", "--model", model, "--out", str(out), "--prompts", prompts, "--seeds", str(seeds),
             "--objective", objective, "--rounds", str(rounds), "--top-k", str(top_k), "--u", str(u), "--w", str(w),
             "--target", target, "--scope", scope, "--batch-images", str(batch_images), "--device", device,
-            "--dtype", dtype]
+            "--dtype", dtype, "--finalists", str(finalists), "--finalist-seeds", str(finalist_seeds)]
         for c in candidates:
             argv += ["--candidates", c]
         for flag, value in (("--limit", limit), ("--steps", steps), ("--guidance", guidance), ("--height", height),
@@ -511,6 +555,7 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
     settings = make_settings(
         model=model, prompts=prompt_list, seeds=list(range(seeds)), candidates=candidates, objective=objective,
         rounds=rounds, top_k=top_k, u=u, w=w, target=target, scope=scope, require_gain=require_gain,
+        finalists=finalists, finalist_seeds=list(range(seeds, seeds + finalist_seeds)),
         steps=steps if steps is not None else defaults["steps"],
         guidance=guidance if guidance is not None else defaults["guidance"],
         height=height or defaults["height"], width=width or defaults["width"],
@@ -530,6 +575,7 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
         out_console.print(f"head search on {escape(model)} ({DTYPE_NAMES[str(torch_dtype)[6:]]}): "
                           f"{len(hunt.pool)} candidates, {len(prompt_list)} prompts × {seeds} seeds, "
                           f"{rounds} round(s) of top {top_k}, u={u}, w={w}"
+                          + (f", best {finalists} re-scored on {finalist_seeds} more seeds" if finalists else "")
                           + (f", {dist.world} processes" if dist.world > 1 else ""), highlight=False)
     start = time.perf_counter()
     try:

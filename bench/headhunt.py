@@ -27,13 +27,17 @@ from report import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH_PROMPTS = ROOT / "examples" / "headhunt_prompts.json"
-SEARCH = {"rounds": 4, "top_k": 1, "u": 1.0, "w": 2.0, "seeds": 2}
+SEARCH = {"rounds": 4, "top_k": 1, "u": 1.0, "w": 2.0, "seeds": 2, "finalists": 6, "finalist_seeds": 4,
+          "require_gain": True}
 
 
 def search(model: str, folder: Path, cfg: dict) -> dict:
     cmd = [sys.executable, "-m", "attnctl", "headhunt", "--model", model, "--out", str(folder), "--prompts",
            str(SEARCH_PROMPTS), "--seeds", str(cfg["seeds"]), "--rounds", str(cfg["rounds"]), "--top-k",
-           str(cfg["top_k"]), "--u", str(cfg["u"]), "--w", str(cfg["w"]), "--require-gain", "--batch-images", "48"]
+           str(cfg["top_k"]), "--u", str(cfg["u"]), "--w", str(cfg["w"]), "--batch-images", "48",
+           "--finalists", str(cfg["finalists"]), "--finalist-seeds", str(cfg["finalist_seeds"])]
+    if cfg["require_gain"]:
+        cmd.append("--require-gain")
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     return json.loads((folder / "state.json").read_text())
@@ -106,16 +110,20 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    for key, value in SEARCH.items():
+        if key != "require_gain":
+            ap.add_argument(f"--{key.replace('_', '-')}" if key != "seeds" else "--search-seeds", dest=key,
+                            type=type(value), default=value, help=f"search setting (default {value})")
+    ap.add_argument("--no-require-gain", dest="require_gain", action="store_false",
+                    help="keep adding top-k heads each round even when the objective does not rise")
     args = ap.parse_args()
+    cfg = {key: getattr(args, key) for key in SEARCH}
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
     for model in args.model or ["toy-sd3", "toy-flux"]:
         folder = args.search_root / model
-        state_path = folder / "state.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else None
-        if state is None or not state.get("finished"):
-            state = search(model, folder, SEARCH)
+        state = search(model, folder, cfg)  # resumes, or returns at once when that search is finished
         res = held_out(model, state, args.seeds, args.limit)
         print_table(res)
         results.append(res)

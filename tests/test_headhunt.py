@@ -98,6 +98,30 @@ def test_require_gain_stops_when_nothing_helps(pipes, tmp_path):
     assert state.selected == [state.pool[0]]
 
 
+def test_finalists_are_rescored_on_more_seeds_and_chosen_on_all_their_pairs(pipes, tmp_path):
+    pipe = pipes["sd3"]
+    s = settings(rounds=1, finalists=2, finalist_seeds=[2, 3])
+    hunt = HeadHunt(pipe, s, tmp_path, objective=brightness)
+    state = hunt.run()
+    r = state.rounds[0]
+    first = sorted(r.scores, key=lambda c: (-r.scores[c], hunt.pool.index(c)))
+    assert sorted(r.final) == sorted([REFERENCE, *first[:2]])  # the two best of the first pass, and the reference
+    # the final means are over the search seeds and the extra seeds, scored plainly here
+    for c in first[:2]:
+        both = hunt.score_sets([[c]])[0] + hunt.score_sets([[c]], seeds=[2, 3])[0]
+        assert r.final[c] == pytest.approx(sum(both) / len(both))
+    plain = hunt.score_sets([[]])[0] + hunt.score_sets([[]], seeds=[2, 3])[0]
+    assert r.reference == pytest.approx(sum(plain) / len(plain))
+    assert state.selected == [max(first[:2], key=lambda c: (r.final[c], -hunt.pool.index(c)))]
+    saved = json.loads((tmp_path / "state.json").read_text())
+    assert saved["rounds"][0]["final"] == pytest.approx(r.final) and saved["settings"]["finalists"] == 2
+    # the finalists' scores are logged under their own key: a re-run scores nothing again
+    again = HeadHunt(pipe, s, tmp_path, objective=lambda im, p: pytest.fail("re-scored")).run()
+    assert again.selected == state.selected
+    # a search without finalists keeps the digest it had before the setting existed
+    assert settings().digest() == make_settings(**{**settings().model_dump(), "finalists": 0}).digest()
+
+
 def test_resume_after_a_crash_scores_nothing_twice_and_ends_the_same(pipes, tmp_path):
     pipe = pipes["flux"]
     full = HeadHunt(pipe, settings(), tmp_path / "full", objective=brightness).run()
@@ -137,7 +161,8 @@ def test_resume_after_a_crash_scores_nothing_twice_and_ends_the_same(pipes, tmp_
 def test_two_processes_choose_what_one_process_chooses(tmp_path):
     """``attnctl headhunt --processes 2`` (torchrun-style ranks over gloo) on toy-sd3 equals one process."""
     args = ["--model", "toy-sd3", "--prompts", "pair", "--limit", "1", "--seeds", "2", "--candidates", "L0:2",
-            "--rounds", "2", "--top-k", "1", "--steps", "6", "--batch-images", "4", "--w", "2"]
+            "--rounds", "2", "--top-k", "1", "--steps", "6", "--batch-images", "4", "--w", "2", "--finalists", "1",
+            "--finalist-seeds", "1"]
     for name, extra in (("one", []), ("two", ["--processes", "2"])):
         res = subprocess.run([sys.executable, "-m", "attnctl", "headhunt", *args, "--out", str(tmp_path / name),
                               *extra], capture_output=True, text=True, timeout=600)
@@ -145,6 +170,7 @@ def test_two_processes_choose_what_one_process_chooses(tmp_path):
     one, two = (json.loads((tmp_path / n / "state.json").read_text()) for n in ("one", "two"))
     assert one["selected"] == two["selected"] and len(one["selected"]) == 2
     assert [r["scores"] for r in one["rounds"]] == [r["scores"] for r in two["rounds"]]
+    assert [r["final"] for r in one["rounds"]] == [r["final"] for r in two["rounds"]]
     assert sorted(p.name for p in (tmp_path / "two").glob("scores-r*.jsonl")) == ["scores-r0.jsonl", "scores-r1.jsonl"]
 
 
@@ -177,7 +203,10 @@ def test_bad_input_is_refused_clearly(pipes, tmp_path):
     with pytest.raises(AttnCtlError, match="non-finite"):
         HeadHunt(pipe, settings(), tmp_path / "n", objective=lambda im, p: [float("nan")] * len(im)).run()
     for bad, match in ((dict(u=1.5), "u: Input should be less"), (dict(w=float("nan")), "w must be a finite"),
-                       (dict(top_k=0), "top_k"), (dict(seeds=[1, 1]), "distinct"), (dict(prompts=[]), "prompts")):
+                       (dict(top_k=0), "top_k"), (dict(seeds=[1, 1]), "distinct"), (dict(prompts=[]), "prompts"),
+                       (dict(finalists=2), "need finalist_seeds"), (dict(finalist_seeds=[5]), "only used with"),
+                       (dict(finalists=1, top_k=2, finalist_seeds=[5]), "at least top_k"),
+                       (dict(finalists=2, finalist_seeds=[1, 5]), "not among seeds")):
         with pytest.raises(ConfigError, match=match):
             settings(**bad)
     with pytest.raises(SiteError, match="out of range"):
