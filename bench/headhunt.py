@@ -112,12 +112,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     for key, value in SEARCH.items():
         if key != "require_gain":
-            ap.add_argument(f"--{key.replace('_', '-')}" if key != "seeds" else "--search-seeds", dest=key,
+            ap.add_argument(f"--{key.replace('_', '-')}" if key != "seeds" else "--search-seeds", dest=f"search_{key}",
                             type=type(value), default=value, help=f"search setting (default {value})")
-    ap.add_argument("--no-require-gain", dest="require_gain", action="store_false",
+    ap.add_argument("--no-require-gain", dest="search_require_gain", action="store_false",
                     help="keep adding top-k heads each round even when the objective does not rise")
     args = ap.parse_args()
-    cfg = {key: getattr(args, key) for key in SEARCH}
+    cfg = {key: getattr(args, f"search_{key}") for key in SEARCH}
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
