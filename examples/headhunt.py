@@ -20,7 +20,7 @@ from PIL import Image
 
 import attnctl
 from attnctl.cli import call_defaults, load_pipeline
-from attnctl.headhunt import HeadHunt, make_settings, read_prompts
+from attnctl.headhunt import REFERENCE, HeadHunt, make_settings, read_prompts
 
 
 def main() -> None:
@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--u", type=float, default=1.0)
     ap.add_argument("--w", type=float, default=2.0)
+    ap.add_argument("--finalists", type=int, default=0, help="re-score each round's best F on more seeds")
+    ap.add_argument("--finalist-seeds", type=int, default=2, help="how many more seeds the finalists get")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("out/headhunt-example"))
     args = ap.parse_args()
@@ -45,12 +47,16 @@ def main() -> None:
     settings = make_settings(model=args.model, prompts=read_prompts(args.prompts, args.limit),
                              seeds=list(range(args.seeds)), candidates=args.candidates, objective=args.objective,
                              rounds=args.rounds, top_k=args.top_k, u=args.u, w=args.w, require_gain=True,
+                             finalists=args.finalists,
+                             finalist_seeds=list(range(args.seeds, args.seeds + args.finalist_seeds))
+                             if args.finalists else [],
                              steps=d["steps"], guidance=d["guidance"], height=d["height"], width=d["width"],
                              max_sequence_length=d["max_sequence_length"])
     # Any f(images, prompts) -> scores works as the objective, e.g. objective=my_scorer here.
     state = HeadHunt(pipe, settings, args.out, note=print).run()
     for r in state.rounds:
-        best = max(r.scores.values())
+        means = r.final or r.scores  # the finalists' means over all their seeds, when there were finalists
+        best = max(v for c, v in means.items() if c != REFERENCE)
         print(f"round {r.index + 1}: current set {r.reference:.4f}, best candidate {best:.4f}, added {r.chosen}")
     if not state.selected:
         print("no head improved the objective; nothing to compare")
