@@ -590,6 +590,8 @@ def headhunt(
     scope: str = typer.Option("joint", "--scope", help="joint or image."),
     require_gain: bool = typer.Option(False, "--require-gain", help="Add only heads that beat the current set; "
                                                                     "stop when none does."),
+    noise: str = typer.Option("per_prompt", "--noise", help="per_prompt: every prompt–seed pair its own initial "
+                                                           "noise; shared: every prompt reuses seeds 0..N-1."),
     finalists: int = typer.Option(0, "--finalists", "-F", min=0, help="Re-score each round's F best candidates "
                                                                       "(and the current set) on more seeds."),
     finalist_seeds: int = typer.Option(0, "--finalist-seeds", min=0, help="The finalists' extra seeds: "
@@ -611,7 +613,7 @@ def headhunt(
     raise typer.Exit(hh.main(model=model, out=out, prompts=prompts, limit=limit, seeds=seeds, candidates=candidates,
                              objective=objective, rounds=rounds, top_k=top_k, u=u, w=w, target=target, scope=scope,
                              require_gain=require_gain, finalists=finalists, finalist_seeds=finalist_seeds,
-                             steps=steps, guidance=guidance, height=height, width=width,
+                             noise=noise, steps=steps, guidance=guidance, height=height, width=width,
                              batch_images=batch_images,
                              processes=processes, threads=threads, device=device, dtype=dtype,
                              attention_backend=attention_backend, debug=_STATE["debug"]))

@@ -8,6 +8,11 @@ as a head-set preset that ``SoftPAG(heads="heads.json")`` loads. Paper settings 
 
 How it runs:
 
+- **Noise per pair.** By default (``noise="per_prompt"``) pair (prompt ``i``, seed ``s``) starts from generator
+  seed ``s + 1000003·i``, so the M pairs see M different initial noises. With ``noise="shared"`` (how searches
+  ran before this setting existed) every prompt reuses seeds ``0 … S−1``: on small models, where the noise
+  decides much of the layout, the M pairs then behave like about S samples, and a head that suits those few
+  noises wins the search.
 - **Finalists.** With noisy objectives the best of many candidates is mostly the luckiest. ``finalists = F``
   re-scores the round's F best candidates and the current set on ``finalist_seeds`` more seeds and chooses
   on the mean over all their pairs (a one-step successive halving): the cost of F more candidates on the
@@ -45,6 +50,8 @@ from .objectives import Objective, load_objective, score_images
 
 STATE_NAME = "state.json"
 PRESET_NAME = "heads.json"
+PROMPT_SEED_STRIDE = 1_000_003
+"""With ``noise="per_prompt"``, prompt i's seed s becomes generator seed ``s + PROMPT_SEED_STRIDE·i``."""
 REFERENCE = "(current set)"
 """The pseudo-candidate that scores the current set alone (no guidance in the first round)."""
 STATE_VERSION = 1
@@ -58,6 +65,9 @@ class HeadHuntSettings(BaseModel):
     model: str = Field(..., description="model name or folder (recorded; the pipeline is passed separately)")
     prompts: list[str] = Field(..., min_length=1, description="the search prompts")
     seeds: list[int] = Field([0, 1], min_length=1, description="seeds per prompt: M = prompts × seeds pairs")
+    noise: Literal["per_prompt", "shared"] = Field(
+        "per_prompt", description="per_prompt: pair (prompt i, seed s) uses generator seed s + 1000003·i; "
+                                  "shared: every prompt uses the seeds themselves")
     candidates: list[str] = Field(["all"], min_length=1, description="site/head selectors of the candidate pool")
     objective: str = Field("toy_combined", description="built-in name or 'module:function'")
     rounds: int = Field(1, ge=1, description="R: greedy rounds")
@@ -116,6 +126,8 @@ class HeadHuntSettings(BaseModel):
         data = self.model_dump(exclude={"rounds"})
         if not self.finalists:  # searches saved before finalists existed keep their digest
             del data["finalists"], data["finalist_seeds"]
+        if self.noise == "shared":  # ... and so do those saved before the noise setting
+            del data["noise"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def candidates_per_call(self, seeds: Sequence[int] | None = None) -> int:
@@ -185,7 +197,7 @@ def load_state(path: Path, settings: HeadHuntSettings) -> HeadHuntState:
         return HeadHuntState(settings)
     try:
         data = json.loads(path.read_text())
-        saved = HeadHuntSettings(**data["settings"])
+        saved = HeadHuntSettings(**{"noise": "shared", **data["settings"]})  # older states: shared noise
         rounds = [Round.from_json(r) for r in data["rounds"]]
     except (OSError, ValueError, KeyError, TypeError, ValidationError) as e:
         raise AttnCtlError(f"{path} is not a head-search state ({type(e).__name__}: {str(e)[:200]})",
@@ -301,11 +313,17 @@ class HeadHunt:
         return self.out / PRESET_NAME
 
     # -- generation ---------------------------------------------------------------------------------
-    def _call(self, prompt: str, n_branches: int, controls: list | None, seeds: Sequence[int]) -> list[Any]:
+    def pair_seed(self, prompt_index: int, seed: int) -> int:
+        """The generator seed of pair (prompt ``prompt_index``, ``seed``)."""
+        return seed + PROMPT_SEED_STRIDE * prompt_index if self.settings.noise == "per_prompt" else seed
+
+    def _call(self, index: int, n_branches: int, controls: list | None, seeds: Sequence[int]) -> list[Any]:
         import torch
 
         s = self.settings
-        gens = [torch.Generator("cpu").manual_seed(seed) for seed in seeds for _ in range(n_branches)]
+        prompt = s.prompts[index]
+        gens = [torch.Generator("cpu").manual_seed(self.pair_seed(index, seed)) for seed in seeds
+                for _ in range(n_branches)]
         out = self.pipe(prompt=prompt, num_images_per_prompt=len(gens), generator=gens,
                         num_inference_steps=s.steps, guidance_scale=s.guidance, height=s.height, width=s.width,
                         max_sequence_length=s.max_sequence_length, output_type="pil", controls=controls)
@@ -325,16 +343,16 @@ class HeadHunt:
         seeds = list(seeds or s.seeds)
         guided = [i for i, h in enumerate(sets) if h]
         scores: list[list[float]] = [[] for _ in sets]
-        for prompt in s.prompts:
+        for index, prompt in enumerate(s.prompts):
             if len(guided) < len(sets):  # the unguided images, once
-                images = self._call(prompt, 1, None, seeds)
+                images = self._call(index, 1, None, seeds)
                 values = score_images(self.objective, self.objective_name, images, [prompt] * len(images))
                 for i, h in enumerate(sets):
                     if not h:
                         scores[i].extend(values)
             if guided:
                 controls = [self._softpag(sets[i], branch=j) for j, i in enumerate(guided)]
-                images = self._call(prompt, len(guided), controls, seeds)
+                images = self._call(index, len(guided), controls, seeds)
                 values = score_images(self.objective, self.objective_name, images, [prompt] * len(images))
                 for j, i in enumerate(guided):  # image r: branch r mod B, seed r // B
                     scores[i].extend(values[j::len(guided)])
@@ -495,7 +513,7 @@ def read_prompts(spec: str, limit: int | None = None) -> list[str]:
 
 def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, candidates: list[str],
          objective: str, rounds: int, top_k: int, u: float, w: float, target: str, scope: str, require_gain: bool,
-         finalists: int, finalist_seeds: int,
+         finalists: int, finalist_seeds: int, noise: str,
          steps: int | None, guidance: float | None, height: int | None, width: int | None, batch_images: int,
          processes: int, threads: int | None,
          device: str, dtype: str, attention_backend: str | None, debug: bool = False) -> int:
@@ -531,7 +549,8 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
             "headhunt", "--model", model, "--out", str(out), "--prompts", prompts, "--seeds", str(seeds),
             "--objective", objective, "--rounds", str(rounds), "--top-k", str(top_k), "--u", str(u), "--w", str(w),
             "--target", target, "--scope", scope, "--batch-images", str(batch_images), "--device", device,
-            "--dtype", dtype, "--finalists", str(finalists), "--finalist-seeds", str(finalist_seeds)]
+            "--dtype", dtype, "--finalists", str(finalists), "--finalist-seeds", str(finalist_seeds),
+            "--noise", noise]
         for c in candidates:
             argv += ["--candidates", c]
         for flag, value in (("--limit", limit), ("--steps", steps), ("--guidance", guidance), ("--height", height),
@@ -555,7 +574,7 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
     settings = make_settings(
         model=model, prompts=prompt_list, seeds=list(range(seeds)), candidates=candidates, objective=objective,
         rounds=rounds, top_k=top_k, u=u, w=w, target=target, scope=scope, require_gain=require_gain,
-        finalists=finalists, finalist_seeds=list(range(seeds, seeds + finalist_seeds)),
+        finalists=finalists, finalist_seeds=list(range(seeds, seeds + finalist_seeds)), noise=noise,
         steps=steps if steps is not None else defaults["steps"],
         guidance=guidance if guidance is not None else defaults["guidance"],
         height=height or defaults["height"], width=width or defaults["width"],

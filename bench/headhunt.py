@@ -27,7 +27,7 @@ from report import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH_PROMPTS = ROOT / "examples" / "headhunt_prompts.json"
-SEARCH = {"rounds": 4, "top_k": 1, "u": 1.0, "w": 2.0, "seeds": 2, "finalists": 6, "finalist_seeds": 4,
+SEARCH = {"rounds": 4, "top_k": 1, "u": 1.0, "w": 2.0, "seeds": 2, "finalists": 6, "finalist_seeds": 4, "noise": "per_prompt",
           "require_gain": True}
 
 
@@ -35,7 +35,7 @@ def search(model: str, folder: Path, cfg: dict) -> dict:
     cmd = [sys.executable, "-m", "attnctl", "headhunt", "--model", model, "--out", str(folder), "--prompts",
            str(SEARCH_PROMPTS), "--seeds", str(cfg["seeds"]), "--rounds", str(cfg["rounds"]), "--top-k",
            str(cfg["top_k"]), "--u", str(cfg["u"]), "--w", str(cfg["w"]), "--batch-images", "48",
-           "--finalists", str(cfg["finalists"]), "--finalist-seeds", str(cfg["finalist_seeds"])]
+           "--finalists", str(cfg["finalists"]), "--finalist-seeds", str(cfg["finalist_seeds"]), "--noise", cfg["noise"]]
     if cfg["require_gain"]:
         cmd.append("--require-gain")
     print("$", " ".join(cmd[1:]), flush=True)
@@ -57,7 +57,7 @@ def held_out(model: str, state: dict, seeds: list[int], limit: int | None) -> di
     from attnctl.sites import list_sites
     from attnctl.toyworld.world import prompt_set
 
-    s = dict(state["settings"])
+    s = {"noise": "shared", **state["settings"]}  # searches saved before the noise setting shared their seeds
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     layers = {f"layer PAG {site.name}": [f"{site.name}/H{h}" for h in range(site.heads)]
@@ -67,7 +67,8 @@ def held_out(model: str, state: dict, seeds: list[int], limit: int | None) -> di
     layer_scores = {name: sum(v) / len(v) for name, v in zip(layers, on_search, strict=True)}
     searched_layer = max(layer_scores, key=layer_scores.get)
     prompts = [it["prompt"] for name in ("pair", "single") for it in prompt_set(name)][:limit]
-    s.update(prompts=prompts, seeds=seeds, rounds=1)
+    # held out: every pair its own initial noise, so the pairs are independent samples
+    s.update(prompts=prompts, seeds=seeds, rounds=1, noise="per_prompt", finalists=0, finalist_seeds=[])
     settings = make_settings(**s)
     hunt = HeadHunt(pipe, settings, None)
     sets = {"no guidance": [], "HeadHunter": list(state["selected"]), **layers}

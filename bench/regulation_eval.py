@@ -61,7 +61,7 @@ def generate(pipe, prompt: str, seeds: list[int], call: dict[str, Any], controls
 
 
 def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which: str, limit: int | None,
-             steps: int | None) -> dict[str, Any]:
+             steps: int | None, first_seed: int = 0) -> dict[str, Any]:
     from attnctl import AttentionRegulation
     from attnctl.toyworld.evaluate import evaluate_set
     from attnctl.toyworld.models import load_pipeline
@@ -70,7 +70,8 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
     pipe = load_pipeline(model)
     call = call_kwargs(pipe, steps)
     names = ["baseline"] + [json.dumps(c, sort_keys=True) for c in configs]
-    result: dict[str, Any] = {"model": model, "seeds": seeds, "targets": which, "call": call, "sets": {}}
+    result: dict[str, Any] = {"model": model, "seeds": seeds, "first_seed": first_seed, "targets": which,
+                              "call": call, "sets": {}}
     for set_name in sets:
         items = prompt_set(set_name)[:limit]
         images = {n: [] for n in names}
@@ -82,7 +83,8 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
                 if cfg is not None:
                     reg = AttentionRegulation(**{"targets": targets_of(item, which), **cfg})
                     controls = [reg]
-                imgs, sec = generate(pipe, item["prompt"], list(range(seeds)), call, controls)
+                imgs, sec = generate(pipe, item["prompt"], list(range(first_seed, first_seed + seeds)), call,
+                                     controls)
                 images[name].extend(imgs)
                 seconds[name] += sec
                 if cfg is not None:
@@ -124,6 +126,8 @@ def main() -> None:
     ap.add_argument("--model", default="toy-sd3", help="toy-sd3, toy-flux or a pipeline folder")
     ap.add_argument("--sets", nargs="+", default=["pair", "triple"])
     ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds first-seed … first-seed+seeds−1 (screen settings on other seeds than you report)")
     ap.add_argument("--configs", nargs="+", default=["{}"], help="AttentionRegulation settings (JSON), one per run")
     ap.add_argument("--targets", choices=("shapes", "colours", "both", "phrases"), default="shapes")
     ap.add_argument("--limit", type=int, default=None, help="only the first N items of each set")
@@ -133,7 +137,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     configs = [json.loads(c) for c in args.configs]
-    result = evaluate(args.model, args.sets, args.seeds, configs, args.targets, args.limit, args.steps)
+    result = evaluate(args.model, args.sets, args.seeds, configs, args.targets, args.limit, args.steps,
+                      args.first_seed)
     print_table(result)
     emit(result, args.json)
 

@@ -53,11 +53,11 @@ def test_batched_scores_equal_one_call_per_head_set(pipes, family, tmp_path):
     got = hunt.score_sets(sets)
     for heads, scores in zip(sets, got, strict=True):
         want = []
-        for prompt in s.prompts:
+        for i, prompt in enumerate(s.prompts):
             for seed in s.seeds:
                 controls = [attnctl.SoftPAG(heads=heads, u=1.0, scale=2.0)] if heads else None
                 image = pipe(prompt, num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
-                             max_sequence_length=24, generator=torch.Generator().manual_seed(seed),
+                             max_sequence_length=24, generator=torch.Generator().manual_seed(seed + 1_000_003 * i),
                              controls=controls).images[0]
                 want.extend(brightness([image], [prompt]))
         assert np.allclose(scores, want, atol=0.02), (heads, scores, want)  # uint8 rounding of a few pixels at most
@@ -96,6 +96,27 @@ def test_require_gain_stops_when_nothing_helps(pipes, tmp_path):
     # without require_gain the paper's rule adds the top k regardless
     state = HeadHunt(pipes["sd3"], settings(rounds=1), tmp_path / "paper", objective=flat).run()
     assert state.selected == [state.pool[0]]
+
+
+def test_each_pair_gets_its_own_noise_and_old_searches_keep_shared_noise(pipes, tmp_path):
+    pipe = pipes["sd3"]
+    two_same = settings(prompts=["a red circle", "a red circle"], seeds=[0])
+    per_prompt = HeadHunt(pipe, two_same, None, objective=brightness).score_sets([[]])[0]
+    assert per_prompt[0] != per_prompt[1]  # the same prompt twice: two different initial noises
+    shared = HeadHunt(pipe, make_settings(**{**two_same.model_dump(), "noise": "shared"}), None,
+                      objective=brightness).score_sets([[]])[0]
+    assert shared[0] == shared[1] and shared[0] == per_prompt[0]  # prompt 0 keeps its seed either way
+    # a state saved before the setting existed (no "noise" key) ran with shared noise: it resumes as such
+    old = make_settings(**{**settings(rounds=1).model_dump(), "noise": "shared"})
+    HeadHunt(pipe, old, tmp_path, objective=brightness).run()
+    data = json.loads((tmp_path / "state.json").read_text())
+    del data["settings"]["noise"]
+    assert data["settings_hash"] == old.digest()  # the digest of a shared-noise search is the old digest
+    (tmp_path / "state.json").write_text(json.dumps(data))
+    longer = make_settings(**{**old.model_dump(), "rounds": 2})
+    assert len(HeadHunt(pipe, longer, tmp_path, objective=brightness).run().rounds) == 2
+    with pytest.raises(AttnCtlError, match=r"changed: noise"):
+        HeadHunt(pipe, settings(rounds=2), tmp_path, objective=brightness).run()
 
 
 def test_finalists_are_rescored_on_more_seeds_and_chosen_on_all_their_pairs(pipes, tmp_path):
