@@ -27,15 +27,16 @@ from report import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH_PROMPTS = ROOT / "examples" / "headhunt_prompts.json"
-SEARCH = {"rounds": 4, "top_k": 1, "u": 1.0, "w": 2.0, "seeds": 2, "finalists": 6, "finalist_seeds": 4, "noise": "per_prompt",
-          "require_gain": True}
+SEARCH = {"rounds": 4, "top_k": 1, "u": 1.0, "w": 2.0, "seeds": 2, "finalists": 6, "finalist_seeds": 4,
+          "noise": "per_prompt", "require_gain": True}
 
 
 def search(model: str, folder: Path, cfg: dict) -> dict:
     cmd = [sys.executable, "-m", "attnctl", "headhunt", "--model", model, "--out", str(folder), "--prompts",
            str(SEARCH_PROMPTS), "--seeds", str(cfg["seeds"]), "--rounds", str(cfg["rounds"]), "--top-k",
            str(cfg["top_k"]), "--u", str(cfg["u"]), "--w", str(cfg["w"]), "--batch-images", "48",
-           "--finalists", str(cfg["finalists"]), "--finalist-seeds", str(cfg["finalist_seeds"]), "--noise", cfg["noise"]]
+           "--finalists", str(cfg["finalists"]), "--finalist-seeds", str(cfg["finalist_seeds"]),
+           "--noise", cfg["noise"]]
     if cfg["require_gain"]:
         cmd.append("--require-gain")
     print("$", " ".join(cmd[1:]), flush=True)
