@@ -4,7 +4,8 @@ For each model: the searched heads against no perturbation guidance and against 
 of one site, every site in turn; the fair rival is the layer the search prompts themselves pick, scored on
 them first) at the same w, u, target and scope, on held-out prompt–seed pairs (the
 built-in ``pair`` set, whose captions the search never saw, and the ``single`` set, all on seeds the search
-never used). The figure is the search objective; differences are paired (same prompt, same seed).
+never used; every held-out pair has its own initial noise, so the pairs are independent samples). The figure
+is the search objective; differences are paired (same prompt, same noise).
 
     python bench/headhunt.py                       # both toy models, searches in out/headhunt/<model>
     python bench/headhunt.py --model toy-flux --search-root out/headhunt --json out/hh.json
@@ -27,8 +28,10 @@ from report import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH_PROMPTS = ROOT / "examples" / "headhunt_prompts.json"
-SEARCH = {"rounds": 4, "top_k": 1, "u": 1.0, "w": 2.0, "seeds": 2, "finalists": 6, "finalist_seeds": 4,
-          "noise": "per_prompt", "require_gain": True}
+SEARCH = {"rounds": 4, "top_k": 1, "u": 1.0, "w": 2.0, "seeds": 2, "finalists": 0, "finalist_seeds": 0,
+          "noise": "shared", "require_gain": True}
+"""The search behind the shipped toy presets; other searches by flags, e.g. ``--noise per_prompt --finalists 6
+--finalist-seeds 4 --search-root out/headhunt/per-prompt``."""
 
 
 def search(model: str, folder: Path, cfg: dict) -> dict:
