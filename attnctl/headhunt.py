@@ -52,6 +52,14 @@ STATE_NAME = "state.json"
 PRESET_NAME = "heads.json"
 PROMPT_SEED_STRIDE = 1_000_003
 """With ``noise="per_prompt"``, prompt i's seed s becomes generator seed ``s + PROMPT_SEED_STRIDE·i``."""
+
+
+def pair_seed(prompt_index: int, seed: int, noise: str = "per_prompt") -> int:
+    """The generator seed of pair (prompt ``prompt_index``, ``seed``): its own per prompt, or ``seed`` when
+    every prompt shares the seeds (``noise="shared"``)."""
+    return seed + PROMPT_SEED_STRIDE * prompt_index if noise == "per_prompt" else seed
+
+
 REFERENCE = "(current set)"
 """The pseudo-candidate that scores the current set alone (no guidance in the first round)."""
 STATE_VERSION = 1
@@ -191,13 +199,18 @@ class HeadHuntState:
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
 
 
+def saved_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a saved state as a dict; states written before the noise setting shared their seeds."""
+    return {"noise": "shared", **state["settings"]}
+
+
 def load_state(path: Path, settings: HeadHuntSettings) -> HeadHuntState:
     """The saved state when it was written with these settings; a fresh one when there is none."""
     if not path.exists():
         return HeadHuntState(settings)
     try:
         data = json.loads(path.read_text())
-        saved = HeadHuntSettings(**{"noise": "shared", **data["settings"]})  # older states: shared noise
+        saved = HeadHuntSettings(**saved_settings(data))
         rounds = [Round.from_json(r) for r in data["rounds"]]
     except (OSError, ValueError, KeyError, TypeError, ValidationError) as e:
         raise AttnCtlError(f"{path} is not a head-search state ({type(e).__name__}: {str(e)[:200]})",
@@ -313,16 +326,12 @@ class HeadHunt:
         return self.out / PRESET_NAME
 
     # -- generation ---------------------------------------------------------------------------------
-    def pair_seed(self, prompt_index: int, seed: int) -> int:
-        """The generator seed of pair (prompt ``prompt_index``, ``seed``)."""
-        return seed + PROMPT_SEED_STRIDE * prompt_index if self.settings.noise == "per_prompt" else seed
-
     def _call(self, index: int, n_branches: int, controls: list | None, seeds: Sequence[int]) -> list[Any]:
         import torch
 
         s = self.settings
         prompt = s.prompts[index]
-        gens = [torch.Generator("cpu").manual_seed(self.pair_seed(index, seed)) for seed in seeds
+        gens = [torch.Generator("cpu").manual_seed(pair_seed(index, seed, s.noise)) for seed in seeds
                 for _ in range(n_branches)]
         out = self.pipe(prompt=prompt, num_images_per_prompt=len(gens), generator=gens,
                         num_inference_steps=s.steps, guidance_scale=s.guidance, height=s.height, width=s.width,

@@ -57,11 +57,11 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
 
 def held_out(model: str, state: dict, seeds: list[int], limit: int | None) -> dict:
     from attnctl.cli import load_pipeline
-    from attnctl.headhunt import HeadHunt, make_settings
+    from attnctl.headhunt import HeadHunt, make_settings, saved_settings
     from attnctl.sites import list_sites
     from attnctl.toyworld.world import prompt_set
 
-    s = {"noise": "shared", **state["settings"]}  # searches saved before the noise setting shared their seeds
+    s = saved_settings(state)
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     layers = {f"layer PAG {site.name}": [f"{site.name}/H{h}" for h in range(site.heads)]

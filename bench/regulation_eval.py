@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from report import emit
 
-from attnctl.headhunt import PROMPT_SEED_STRIDE
+from attnctl.headhunt import pair_seed
 
 METRICS = ("presence", "colour_binding", "object_recall", "colour_accuracy", "shape_accuracy", "leakage")
 
@@ -63,7 +63,7 @@ def generate(pipe, prompt: str, seeds: list[int], call: dict[str, Any], controls
 
 
 def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which: str, limit: int | None,
-             steps: int | None, first_seed: int = 0, noise: str = "per_item") -> dict[str, Any]:
+             steps: int | None, first_seed: int = 0, noise: str = "per_prompt") -> dict[str, Any]:
     from attnctl import AttentionRegulation
     from attnctl.toyworld.evaluate import evaluate_set
     from attnctl.toyworld.models import load_pipeline
@@ -73,16 +73,15 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
     call = call_kwargs(pipe, steps)
     names = ["baseline"] + [json.dumps(c, sort_keys=True) for c in configs]
     result: dict[str, Any] = {"model": model, "seeds": seeds, "first_seed": first_seed, "noise": noise,
-                              "targets": which,
-                              "call": call, "sets": {}}
+                              "targets": which, "call": call, "sets": {}}
     for set_name in sets:
         items = prompt_set(set_name)[:limit]
         images = {n: [] for n in names}
         seconds = {n: 0.0 for n in names}
         records = {n: 0 for n in names[1:]}
         for index, item in enumerate(items):
-            stride = PROMPT_SEED_STRIDE * index if noise == "per_item" else 0
-            seeds_here = [stride + s for s in range(first_seed, first_seed + seeds)]
+            seeds_here = [pair_seed(index, s, noise)
+                          for s in range(first_seed, first_seed + seeds)]
             for name, cfg in zip(names, [None, *configs], strict=True):
                 controls = None
                 if cfg is not None:
@@ -130,8 +129,8 @@ def main() -> None:
     ap.add_argument("--model", default="toy-sd3", help="toy-sd3, toy-flux or a pipeline folder")
     ap.add_argument("--sets", nargs="+", default=["pair", "triple"])
     ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--noise", choices=("per_item", "shared"), default="per_item",
-                    help="per_item: item i's seed s is generator seed s + 1000003·i, so no two images share their "
+    ap.add_argument("--noise", choices=("per_prompt", "shared"), default="per_prompt",
+                    help="per_prompt: item i's seed s is generator seed s + 1000003·i, so no two images share their "
                          "initial noise; shared: every item uses the same seeds (how the first tables were made)")
     ap.add_argument("--first-seed", type=int, default=0,
                     help="seeds first-seed … first-seed+seeds−1 (screen settings on other seeds than you report)")
