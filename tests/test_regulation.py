@@ -248,3 +248,25 @@ def test_a_phrase_is_one_target_over_its_words_tokens(sd3_pipe):
     assert reg._targets.words == ["circle square"]
     with pytest.raises(LayoutError, match="'circle triangle' is not in"):
         run_direct(sd3_pipe, AttentionRegulation(targets=["circle triangle"], sites="all"))
+
+
+@pytest.mark.parametrize("init", ["random", "previous"])
+def test_warm_start_begins_where_the_previous_step_ended(sd3_pipe, init):
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", init=init)
+    ctl = attnctl.Controller(sd3_pipe.transformer, [reg], roles=ROLES, layout=LAYOUT)
+    ctl.begin_run(4)
+    q, k, v = qkv(0)
+    site = ctl.sites[0]
+    for step in (0, 1):  # the same q, k at both steps: the maps are the same, only W's start differs
+        ctl.set_step(step)
+        attend(q, k, v, ctl.contributions(SiteCall(site, B, S, N_TEXT, True, q.device, q.dtype), q, k, v))
+    first, second = reg.records
+    if init == "previous":  # L(W_0) at step 1 is the loss of the iterate step 0 applied
+        assert second.losses[0] == pytest.approx(first.best_loss, rel=1e-5)
+        assert second.best_loss <= first.best_loss + 1e-6
+    else:  # a fresh U[0, 1) start
+        assert second.losses[0] > 1.5 * first.best_loss
+    ctl.begin_run(4)  # a new run starts from U[0, 1) again
+    ctl.set_step(0)
+    attend(q, k, v, ctl.contributions(SiteCall(site, B, S, N_TEXT, True, q.device, q.dtype), q, k, v))
+    assert reg.records[0].losses[0] == pytest.approx(first.losses[0], rel=1e-6)

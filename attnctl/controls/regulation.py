@@ -84,6 +84,9 @@ class RegulationConfig(ControlConfig):
     per_head: bool = Field(False, description="one bias per head (else one shared by all heads)")
     roles: list[str] = Field(["cond"], description="batch roles the control acts on")
     seed: int = Field(0, description="seed of the U[0,1) initialisation of W")
+    init: Literal["random", "previous"] = Field(
+        "random", description="W's starting point at each step: U[0,1) (the paper), or the iterate this site "
+                              "applied at the previous regulated step (warm start; the first step is random)")
 
     @field_validator("targets")
     @classmethod
@@ -366,6 +369,7 @@ class AttentionRegulation(Control):
     def reset(self) -> None:
         self.records: list[RegulationRecord] = []
         self._prev: dict[str, dict[str, Any]] = {}
+        self._applied_w: dict[str, list[tuple[int, torch.Tensor]]] = {}  # site -> [(step, W applied)], last 2 steps
         self._layout = None
         self._targets: _Targets | None = None
 
@@ -491,6 +495,9 @@ class AttentionRegulation(Control):
         hb = heads if cfg.per_head else 1
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + call.site.index * 1009 + state.step)
         w = torch.rand((nb, hb, n_words, basis.shape[0]), generator=gen).to(dev)
+        warm = self._warm_start(call.site.name, state.step) if cfg.init == "previous" else None
+        if warm is not None and warm.shape == w.shape:
+            w = warm.to(dev)
         losses = []
         best_w, best_loss = w, torch.full((nb,), float("inf"), device=dev)
         best_ml, best_idx = torch.zeros(nb, device=dev), torch.zeros(nb, dtype=torch.long, device=dev)
@@ -505,6 +512,8 @@ class AttentionRegulation(Control):
             best_w = torch.where(better[:, None, None, None], w, best_w)
             if gw is not None:
                 w = w - cfg.lr * gw
+        if cfg.init == "previous":
+            self._keep_w(call.site.name, state.step, best_w)
         new = (best_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
         applied = self._smooth(call.site.name, state.step, new) * cfg.decay**state.step
         word_of = torch.tensor(tg.word_of, device=dev)
@@ -529,6 +538,18 @@ class AttentionRegulation(Control):
         before = entry["bias"] if entry is not None and entry["step"] < step else (entry or {}).get("before")
         self._prev[site] = {"step": step, "bias": out, "before": before}
         return out
+
+    def _warm_start(self, site: str, step: int) -> torch.Tensor | None:
+        """The ``W`` this site applied at the latest earlier step (``init="previous"``), or None."""
+        earlier = [w for s, w in self._applied_w.get(site, []) if s < step]
+        return earlier[-1] if earlier else None
+
+    def _keep_w(self, site: str, step: int, w: torch.Tensor) -> None:
+        """Remember the first ``W`` applied at ``step`` (later calls at the same step start where it did)."""
+        kept = self._applied_w.setdefault(site, [])
+        if not any(s == step for s, _ in kept):
+            kept.append((step, w))
+            del kept[:-2]
 
     # ------------------------------------------------------------------------------ results
     def losses(self) -> list[list[float]]:

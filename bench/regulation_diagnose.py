@@ -1,0 +1,167 @@
+"""Why attention regulation has little to work with on a toy model: two diagnostics.
+
+    python bench/regulation_diagnose.py                      # toy-sd3
+    python bench/regulation_diagnose.py --model toy-flux --json flux_diag.json
+
+1. **Which path carries the prompt.** Each pair prompt is generated with its own per-token embeddings (what the
+   joint attention reads) but the pooled vector (adaLN) of another prompt, and the images are scored against
+   both prompts. Whatever follows the tokens can be steered through attention; whatever follows the pooled
+   vector cannot; whatever follows neither the model has not learnt.
+2. **Does word attention place objects.** A fixed bias +β on the logits of object 1's words ("<colour>
+   <shape>") for image queries in the left half of the image and −β in the right half (object 2 the other way)
+   at the regulated sites and steps. If attention to a word decides where its object is drawn, object 1's
+   colour moves left and object 2's right; the table gives the share of detected objects of each colour on
+   the steered side, with and without the bias.
+
+Same seeds with and without each intervention; independent noise per item (as ``bench/regulation_eval.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from regulation_eval import call_kwargs, generate, targets_of
+from report import emit
+
+from attnctl.headhunt import pair_seed
+
+
+def _uint8(images) -> list[np.ndarray]:
+    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
+
+
+def _embed(pipe, prompt: str, length: int) -> dict[str, torch.Tensor]:
+    if hasattr(pipe, "text_encoder_3"):  # SD3: CFG needs the negative (empty prompt) embeddings too
+        e, ne, pooled, npooled = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None,
+                                                    max_sequence_length=length)
+        return {"prompt_embeds": e, "negative_prompt_embeds": ne, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": npooled}
+    e, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=length)
+    return {"prompt_embeds": e, "pooled_prompt_embeds": pooled}
+
+
+def which_path(pipe, items: list[dict], seeds: int, call: dict[str, Any]) -> dict[str, dict[str, float]]:
+    from attnctl.toyworld.evaluate import evaluate_set
+
+    kw = {k: v for k, v in call.items() if k != "max_sequence_length"}
+    scored: dict[str, tuple[list, list]] = {"own prompt": ([], []), "tokens' prompt": ([], []),
+                                            "pooled vector's prompt": ([], [])}
+    for i, item in enumerate(items):
+        other = items[(i + len(items) // 2) % len(items)]  # a different pair prompt
+        own, theirs = _embed(pipe, item["prompt"], call["max_sequence_length"]), \
+            _embed(pipe, other["prompt"], call["max_sequence_length"])
+        mixed = {k: (theirs if "pooled" in k else own)[k] for k in own}  # tokens of item, pooled of other
+        for name, emb in (("own prompt", own), ("mixed", mixed)):
+            gens = [torch.Generator("cpu").manual_seed(pair_seed(i, s, "per_prompt")) for s in range(seeds)]
+            ims = _uint8(pipe(**{k: v.repeat(seeds, *[1] * (v.dim() - 1)) for k, v in emb.items()},
+                              generator=gens, **kw).images)
+            if name == "own prompt":
+                scored[name][0].extend(ims)
+                scored[name][1].extend([item] * seeds)
+            else:
+                for key, ref in (("tokens' prompt", item), ("pooled vector's prompt", other)):
+                    scored[key][0].extend(ims)
+                    scored[key][1].extend([ref] * seeds)
+    keys = ("presence", "colour_binding", "object_recall", "colour_accuracy", "shape_accuracy")
+    out = {}
+    for name, (ims, refs) in scored.items():
+        m = evaluate_set(ims, refs)
+        out[name] = {k: round(m[k], 4) for k in keys}
+    return out
+
+
+def _side_steer(beta: float, **kwargs):
+    """An AttentionRegulation whose bias is fixed: target 0 gets +β on the left half and −β on the right, target
+    1 the reverse (the control's site, step, role and word handling, none of its optimisation)."""
+    from attnctl.controls.regulation import AttentionRegulation
+
+    class SideSteer(AttentionRegulation):
+        def _bias(self, call, state, q, k, batch, img, tg, n_t, grid, logits, lse):
+            nb, n_img, heads, n_cols = logits.shape
+            h, w = grid
+            left = (torch.arange(w, device=logits.device).repeat(h) < w / 2).float() * 2 - 1  # row-major grid
+            per_word = torch.stack([left, -left], dim=-1) * beta  # (N, 2)
+            bias = torch.zeros((1, n_img, 1, n_cols), device=logits.device)
+            bias[0, :, 0, :n_t] = per_word[:, torch.tensor(tg.word_of, device=logits.device)]
+            return bias.expand(nb, n_img, heads, n_cols)
+
+    return SideSteer(restore_special=False, **kwargs)
+
+
+def steering(pipe, items: list[dict], seeds: int, call: dict[str, Any], betas: list[float],
+             sites: str, steps: str) -> dict[str, dict[str, float]]:
+    from attnctl.toyworld.evaluate import detect_objects, evaluate_set
+
+    out = {}
+    for beta in [0.0, *betas]:
+        images, refs, on_side, found = [], [], 0, 0
+        for i, item in enumerate(items):
+            targets = targets_of(item, "phrases")
+            controls = [_side_steer(beta, targets=targets, sites=sites, steps=steps)] if beta else None
+            seeds_here = [pair_seed(i, s, "per_prompt") for s in range(seeds)]
+            ims, _ = generate(pipe, item["prompt"], seeds_here, call, controls)
+            images.extend(ims)
+            refs.extend([item] * seeds)
+            colours = [o["colour"] for o in item["objects"]]
+            for im in ims:
+                for obj in detect_objects(im):
+                    if obj.colour in colours[:2] and colours[0] != colours[1]:
+                        found += 1
+                        left = obj.centroid[0] < 0.5
+                        on_side += left if obj.colour == colours[0] else not left
+        m = evaluate_set(images, refs)
+        out[f"beta={beta:g}"] = {"on_steered_side": round(on_side / max(found, 1), 4), "objects": found,
+                                 **{k: round(m[k], 4) for k in ("presence", "colour_binding", "object_recall")}}
+    return out
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        return
+    for title, rows in (("which path carries the prompt (scored against …)", result["which_path"]),
+                        ("fixed left/right bias on the objects' words", result["steering"])):
+        t = Table(title=f"{result['model']} · {title}")
+        cols = list(next(iter(rows.values())))
+        t.add_column("")
+        for c in cols:
+            t.add_column(c, justify="right")
+        for name, row in rows.items():
+            t.add_row(name, *(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols))
+        Console(width=160).print(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="toy-sd3")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N pair prompts")
+    ap.add_argument("--betas", type=float, nargs="+", default=[1.0, 3.0])
+    ap.add_argument("--sites", default="mid")
+    ap.add_argument("--steps", default="window(1, 0, 0.5)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from attnctl.toyworld.models import load_pipeline
+    from attnctl.toyworld.world import prompt_set
+
+    pipe = load_pipeline(args.model)
+    call = call_kwargs(pipe, None)
+    items = prompt_set("pair")[: args.limit]
+    result = {"model": args.model, "items": len(items), "seeds": args.seeds, "sites": args.sites,
+              "steps": args.steps, "which_path": which_path(pipe, items, args.seeds, call),
+              "steering": steering(pipe, items, args.seeds, call, args.betas, args.sites, args.steps)}
+    print_tables(result)
+    emit(result, args.json)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
