@@ -914,7 +914,7 @@ def ui(
 @toy_app.command("train")
 @_handles_errors
 def toy_train(
-    model: str = typer.Option(..., "--model", "-m", help="toy-sd3 or toy-flux."),
+    model: str = typer.Option(..., "--model", "-m", help="toy-sd3, toy-flux, toy-sd3-tokens or toy-flux-tokens."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the checkpoint, log and pipeline."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps."),
     minutes: float | None = typer.Option(None, "--minutes", min=0.0, help="Wall-clock budget, across resumes."),
@@ -923,19 +923,23 @@ def toy_train(
     seed: int | None = typer.Option(None, "--seed", help="Weights and data seed."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads for this process."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
+    init_from: str | None = typer.Option(None, "--init-from", help="Fine-tune from this toy pipeline (a name or "
+                                                                   "folder of the same architecture)."),
 ) -> None:
     """Train a toy model on the shapes world (resumable; a progress bar)."""
-    if model not in TOY_MODELS:
-        raise AttnCtlError(f"unknown toy model {model!r}", f"use one of {', '.join(TOY_MODELS)}")
     if importlib.util.find_spec("attnctl.toyworld.train") is None:
         raise AttnCtlError("the toy training code (attnctl.toyworld.train) is not part of this installation",
                            "install an attnctl version that ships it")
     from .toyworld import train as training
 
+    if model not in training.PRESETS:
+        raise AttnCtlError(f"unknown toy model {model!r}", f"use one of {', '.join(training.PRESETS)}")
+
     checkpoint = out / getattr(training, "CHECKPOINT_NAME", "checkpoint.pt")
     if resume and not checkpoint.is_file():
         raise AttnCtlError(f"--resume: no checkpoint in {out}", "drop --resume to start a new training run")
-    options = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "minutes": minutes, "threads": threads}
+    options = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "minutes": minutes, "threads": threads,
+               "init_from": init_from}
     kwargs = {k: v for k, v in options.items() if v is not None}
     folder = training.train(model, out, resume=resume, progress=True, **kwargs)
     out_console.print(f"wrote {escape(str(folder))}", highlight=False)

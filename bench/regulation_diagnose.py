@@ -12,6 +12,9 @@
    at the regulated sites and steps. If attention to a word decides where its object is drawn, object 1's
    colour moves left and object 2's right; the table gives the share of detected objects of each colour on
    the steered side, with and without the bias.
+3. **What a wrong object is.** Every detected object of a prompted colour, by its shape: the shape prompted for
+   that colour, the *other* object's shape (a binding error between the two objects), a shape not in the prompt,
+   or none recognised.
 
 Same seeds with and without each intervention; independent noise per item (as ``bench/regulation_eval.py``).
 """
@@ -119,6 +122,29 @@ def steering(pipe, items: list[dict], seeds: int, call: dict[str, Any], betas: l
     return out
 
 
+def shape_errors(pipe, items: list[dict], seeds: int, call: dict[str, Any]) -> dict[str, dict[str, float]]:
+    from attnctl.toyworld.evaluate import detect_objects
+
+    counts = {"right shape": 0, "the other object's shape": 0, "a shape not in the prompt": 0, "no shape": 0}
+    for i, item in enumerate(items):
+        shape_of = {o["colour"]: o["shape"] for o in item["objects"]}
+        ims, _ = generate(pipe, item["prompt"], [pair_seed(i, s, "per_prompt") for s in range(seeds)], call, None)
+        for im in ims:
+            for obj in detect_objects(im):
+                if obj.colour not in shape_of:
+                    continue
+                if obj.shape == shape_of[obj.colour]:
+                    counts["right shape"] += 1
+                elif obj.shape == "unknown":
+                    counts["no shape"] += 1
+                elif obj.shape in shape_of.values():
+                    counts["the other object's shape"] += 1
+                else:
+                    counts["a shape not in the prompt"] += 1
+    total = max(sum(counts.values()), 1)
+    return {"objects of a prompted colour": {k: round(v / total, 4) for k, v in counts.items()} | {"n": total}}
+
+
 def print_tables(result: dict[str, Any]) -> None:
     try:
         from rich.console import Console
@@ -126,7 +152,8 @@ def print_tables(result: dict[str, Any]) -> None:
     except ImportError:
         return
     for title, rows in (("which path carries the prompt (scored against …)", result["which_path"]),
-                        ("fixed left/right bias on the objects' words", result["steering"])):
+                        ("fixed left/right bias on the objects' words", result["steering"]),
+                        ("the shapes of the objects (no control)", result["shape_errors"])):
         t = Table(title=f"{result['model']} · {title}")
         cols = list(next(iter(rows.values())))
         t.add_column("")
@@ -157,7 +184,8 @@ def main() -> None:
     items = prompt_set("pair")[: args.limit]
     result = {"model": args.model, "items": len(items), "seeds": args.seeds, "sites": args.sites,
               "steps": args.steps, "which_path": which_path(pipe, items, args.seeds, call),
-              "steering": steering(pipe, items, args.seeds, call, args.betas, args.sites, args.steps)}
+              "steering": steering(pipe, items, args.seeds, call, args.betas, args.sites, args.steps),
+              "shape_errors": shape_errors(pipe, items, args.seeds, call)}
     print_tables(result)
     emit(result, args.json)
     sys.stdout.flush()

@@ -209,3 +209,28 @@ def test_shipped_toy_models_load(name):
     assert call["num_inference_steps"] == 20 and call["height"] == 32
     img = _image(pipe)
     assert img.shape == (32, 32, 3)
+
+
+def test_fine_tune_from_a_pipeline_into_a_tokens_only_model(sd3_run, tmp_path):
+    """init_from copies the weights, pooled_text=False zeroes and freezes the pooled projection: the result
+    ignores the pooled vector (a stock pipeline call, any pooled embedding gives the same image)."""
+    source = sd3_run / "pipeline"
+    run = tmp_path / "tokens"
+    folder = train("toy-sd3", run, steps=2, arch={**TINY_SD3, "pooled_text": False}, init_from=source,
+                   **{**SMOKE, "lr": 1e-9})
+    meta = json.loads((folder / models.METADATA_NAME).read_text())
+    assert meta["arch"]["pooled_text"] is False and meta["training"]["init_from"] == str(source)
+    a, b = models.load_pipeline(source), models.load_pipeline(folder)
+    assert float(b.transformer.time_text_embed.text_embedder.linear_2.weight.detach().abs().max()) == 0.0
+    wa = a.transformer.transformer_blocks[0].attn.to_q.weight
+    wb = b.transformer.transformer_blocks[0].attn.to_q.weight
+    assert torch.allclose(wa, wb, atol=1e-3)  # copied (lr≈0; fp16 storage)
+    emb, neg, pooled, neg_pooled = b.encode_prompt("a red circle", None, None, max_sequence_length=24)
+    kw = {**models.default_call_kwargs(b), "num_inference_steps": 2, "output_type": "np"}
+    kw.pop("max_sequence_length")
+    images = [b(prompt_embeds=emb, negative_prompt_embeds=neg, pooled_prompt_embeds=p,
+                negative_pooled_prompt_embeds=neg_pooled, generator=torch.Generator().manual_seed(0), **kw).images[0]
+              for p in (pooled, torch.randn_like(pooled) * 10)]
+    assert np.abs(images[0] - images[1]).max() < 1e-6
+    with pytest.raises(ConfigError, match="another architecture"):
+        train("toy-sd3", tmp_path / "other", steps=1, arch={**TINY_SD3, "num_layers": 2}, init_from=source, **SMOKE)

@@ -107,19 +107,27 @@ class ToyArch:
     train_text: bool = True
     sd3_t5: bool = True
     save_dtype: str = "float16"
+    pooled_text: bool = True
+    """False: the transformer ignores the pooled text vector (its projection's weight is zero and frozen, the
+    constant bias stays), so everything the model knows of the prompt reaches it through the text tokens of the
+    joint attention. The pipeline still computes the pooled vector: stock diffusers runs the model unchanged."""
 
     @property
     def total_heads(self) -> int:
         return (self.num_layers + self.num_single_layers) * self.num_heads
 
 
+_TOY_SD3 = ToyArch(family="sd3", num_layers=6, num_heads=4, head_dim=32, clip_dim=32, shift=3.0)
+_TOY_FLUX = ToyArch(family="flux", num_layers=2, num_single_layers=4, num_heads=4, head_dim=32, clip_dim=32, t5_dim=64)
+
 PRESETS: dict[str, ToyArch] = {
-    "toy-sd3": ToyArch(family="sd3", num_layers=6, num_heads=4, head_dim=32, clip_dim=32, shift=3.0),
-    "toy-flux": ToyArch(
-        family="flux", num_layers=2, num_single_layers=4, num_heads=4, head_dim=32, clip_dim=32, t5_dim=64
-    ),
+    "toy-sd3": _TOY_SD3,
+    "toy-flux": _TOY_FLUX,
+    "toy-sd3-tokens": replace(_TOY_SD3, pooled_text=False),
+    "toy-flux-tokens": replace(_TOY_FLUX, pooled_text=False),
 }
-"""The shipped toy models' architectures (24 heads each)."""
+"""The toy architectures (24 heads each): the shipped toy-sd3 and toy-flux, and their ``-tokens`` variants that
+read the prompt only through the text tokens (fine-tuned from the plain ones with ``init_from``)."""
 
 
 def _arch(model: str | ToyArch, overrides: dict[str, Any] | None) -> ToyArch:
@@ -226,6 +234,46 @@ def _rope_axes(head_dim: int) -> tuple[int, int, int]:
     """FLUX RoPE axes (text-id axis, y, x) summing to ``head_dim``, each even: 32 → (8, 12, 12)."""
     xy = (head_dim * 3 // 8) // 2 * 2
     return (head_dim - 2 * xy, xy, xy)
+
+
+def _ignore_pooled(pipe: DiffusionPipeline, arch: ToyArch) -> None:
+    """``pooled_text=False``: zero and freeze the weight of the pooled-text projection (in place)."""
+    if arch.pooled_text:
+        return
+    weight = pipe.transformer.time_text_embed.text_embedder.linear_2.weight
+    with torch.no_grad():
+        weight.zero_()
+    weight.requires_grad_(False)
+
+
+def _source(source: str | Path) -> tuple[str | Path, dict[str, Any]]:
+    """A fine-tune's source: its folder (or hub id) and its ``attnctl.json`` (empty when it has none)."""
+    from attnctl.toyworld.models import resolve_model, toy_metadata
+
+    folder = resolve_model(source)
+    return folder, (toy_metadata(folder) if isinstance(folder, Path) else None) or {}
+
+
+def _load_weights(pipe: DiffusionPipeline, arch: ToyArch, source: str | Path) -> None:
+    """Copy the transformer and text-encoder weights of a toy pipeline folder (or shipped name) into ``pipe``."""
+    from attnctl.toyworld.models import load_pipeline
+
+    folder, meta = _source(source)
+    theirs = meta.get("arch")
+    if theirs is not None:
+        mine = {k: v for k, v in asdict(arch).items() if k not in ("pooled_text", "save_dtype")}
+        diff = sorted(k for k, v in mine.items() if theirs.get(k, v) != v)
+        if diff:
+            raise ConfigError(f"init_from={str(source)!r} has another architecture ({', '.join(diff)} differ)",
+                              "start from a pipeline of the same toy model, or train from scratch")
+    src = load_pipeline(folder, controlled=False)
+    for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        mine_c, theirs_c = getattr(pipe, name, None), getattr(src, name, None)
+        if (mine_c is None) != (theirs_c is None):
+            raise ConfigError(f"init_from={str(source)!r} has no {name} where this model has one (or the reverse)",
+                              "start from a pipeline of the same toy model")
+        if mine_c is not None:
+            mine_c.load_state_dict({k: v.float() for k, v in theirs_c.state_dict().items()})
 
 
 def _trainable(pipe: DiffusionPipeline, arch: ToyArch) -> torch.nn.ModuleDict:
@@ -387,6 +435,12 @@ def write_metadata(folder: str | Path, name: str, arch: ToyArch, training: dict[
     return f
 
 
+def _source_call(init_from: str | Path | None) -> dict[str, Any] | None:
+    """The call defaults of the pipeline a fine-tune started from (a fine-tune keeps its guidance scale)."""
+    meta = _source(init_from)[1] if init_from is not None else {}
+    return dict(meta["call"]) if "call" in meta else None
+
+
 def _export(pipe: DiffusionPipeline, trainable: torch.nn.ModuleDict, ema: _EMA | None, arch: ToyArch, folder: Path,
             name: str = "custom", training: dict[str, Any] | None = None) -> Path:
     """Write the pipeline folder with the EMA weights (if any), every component in eval mode."""
@@ -404,7 +458,7 @@ def _export(pipe: DiffusionPipeline, trainable: torch.nn.ModuleDict, ema: _EMA |
         if dtype != torch.float32:
             torch.nn.Module.to(pipe.transformer, dtype)
         save_pipeline(pipe, folder)
-        write_metadata(folder, name, arch, training)
+        write_metadata(folder, name, arch, training, _source_call((training or {}).get("init_from")))
     finally:
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
@@ -435,6 +489,7 @@ def train(
     warmup: int = 200,
     checkpoint_every: int = 250,
     log_every: int = 25,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train a toy pipeline and return its diffusers folder (``out_dir/pipeline``).
 
@@ -456,6 +511,8 @@ def train(
         time_sampling: ``"logit_normal"`` or ``"uniform"`` noise levels.
         ema_decay: EMA decay of the weights the pipeline is saved with; ``None`` saves the raw weights.
         checkpoint_every, log_every: in steps.
+        init_from: start from the weights of this toy pipeline (a shipped name or a folder) of the same
+            architecture instead of random ones — a fine-tune, e.g. ``toy-sd3`` → ``toy-sd3-tokens``.
     """
     from tqdm.auto import tqdm
 
@@ -479,12 +536,15 @@ def train(
         a = _arch(model, arch)
 
     pipe = build_pipeline(a, seed)
+    if init_from is not None and ckpt is None:
+        _load_weights(pipe, a, init_from)
     trainable = _trainable(pipe, a)
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
             is_trained = name in trainable
             component.train(is_trained)
             component.requires_grad_(is_trained)
+    _ignore_pooled(pipe, a)
     params = [p for p in trainable.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -516,6 +576,7 @@ def train(
         "weight_decay": weight_decay,
         "grad_clip": grad_clip,
         "warmup": warmup,
+        "init_from": None if init_from is None else str(init_from),
     }
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     budget = None if minutes is None else 60.0 * minutes
@@ -644,6 +705,8 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--arch", type=json.loads, default=None, help='JSON overrides, e.g. \'{"num_layers": 4}\'')
     p.add_argument("--time-sampling", default="logit_normal")
     p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--init-from", default=None, help="fine-tune from this toy pipeline (name or folder)")
+    p.add_argument("--warmup", type=int, default=200)
     args = p.parse_args(argv)
     folder = train(
         args.model,
@@ -659,6 +722,8 @@ def _main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         time_sampling=args.time_sampling,
         checkpoint_every=args.checkpoint_every,
+        init_from=args.init_from,
+        warmup=args.warmup,
     )
     print(folder)
 
