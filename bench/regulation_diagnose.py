@@ -15,6 +15,9 @@
 3. **What a wrong object is.** Every detected object of a prompted colour, by its shape: the shape prompted for
    that colour, the *other* object's shape (a binding error between the two objects), a shape not in the prompt,
    or none recognised.
+4. **Do the text encoders mix the nouns** (SD3 only). Each object's word tokens are replaced by the same words'
+   embeddings from its own single-object prompt ("a red circle"), which never saw the other object, and the
+   shape errors are counted again.
 
 Same seeds with and without each intervention; independent noise per item (as ``bench/regulation_eval.py``).
 """
@@ -122,27 +125,64 @@ def steering(pipe, items: list[dict], seeds: int, call: dict[str, Any], betas: l
     return out
 
 
-def shape_errors(pipe, items: list[dict], seeds: int, call: dict[str, Any]) -> dict[str, dict[str, float]]:
+def _shape_counts(images: list[np.ndarray], item: dict, counts: dict[str, int]) -> None:
     from attnctl.toyworld.evaluate import detect_objects
 
-    counts = {"right shape": 0, "the other object's shape": 0, "a shape not in the prompt": 0, "no shape": 0}
+    shape_of = {o["colour"]: o["shape"] for o in item["objects"]}
+    for im in images:
+        for obj in detect_objects(im):
+            if obj.colour not in shape_of:
+                continue
+            if obj.shape == shape_of[obj.colour]:
+                counts["right shape"] += 1
+            elif obj.shape == "unknown":
+                counts["no shape"] += 1
+            elif obj.shape in shape_of.values():
+                counts["the other object's shape"] += 1
+            else:
+                counts["a shape not in the prompt"] += 1
+
+
+def _unmixed(pipe, item: dict, emb: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """``emb`` with each object's word tokens taken from its own single-object prompt (every segment)."""
+    from attnctl.layout import layout_for_pipeline
+
+    n_text = emb["prompt_embeds"].shape[1]
+    where = layout_for_pipeline(pipe, item["prompt"], n_text, (1, 1))
+    tokens = emb["prompt_embeds"].clone()
+    for obj in item["objects"]:
+        alone = f"a {obj['colour']} {obj['shape']}"
+        theirs = _embed(pipe, alone, length)["prompt_embeds"]
+        there = layout_for_pipeline(pipe, alone, n_text, (1, 1))
+        for seg, seg_alone in zip(where.segments, there.segments, strict=True):
+            for word in (obj["colour"], obj["shape"]):
+                for a, b in zip(seg.words[word], seg_alone.words[word], strict=False):
+                    tokens[:, seg.start + a] = theirs[:, seg_alone.start + b]
+    return {**emb, "prompt_embeds": tokens}
+
+
+def shape_errors(pipe, items: list[dict], seeds: int, call: dict[str, Any]) -> dict[str, dict[str, float]]:
+    kw = {k: v for k, v in call.items() if k != "max_sequence_length"}
+    rows = {"objects of a prompted colour": {}}
+    if hasattr(pipe, "text_encoder_3"):
+        rows["…with unmixed noun tokens"] = {}
+    counts = {name: dict.fromkeys(("right shape", "the other object's shape", "a shape not in the prompt",
+                                   "no shape"), 0) for name in rows}
     for i, item in enumerate(items):
-        shape_of = {o["colour"]: o["shape"] for o in item["objects"]}
-        ims, _ = generate(pipe, item["prompt"], [pair_seed(i, s, "per_prompt") for s in range(seeds)], call, None)
-        for im in ims:
-            for obj in detect_objects(im):
-                if obj.colour not in shape_of:
-                    continue
-                if obj.shape == shape_of[obj.colour]:
-                    counts["right shape"] += 1
-                elif obj.shape == "unknown":
-                    counts["no shape"] += 1
-                elif obj.shape in shape_of.values():
-                    counts["the other object's shape"] += 1
-                else:
-                    counts["a shape not in the prompt"] += 1
-    total = max(sum(counts.values()), 1)
-    return {"objects of a prompted colour": {k: round(v / total, 4) for k, v in counts.items()} | {"n": total}}
+        seeds_here = [pair_seed(i, s, "per_prompt") for s in range(seeds)]
+        ims, _ = generate(pipe, item["prompt"], seeds_here, call, None)
+        _shape_counts(ims, item, counts["objects of a prompted colour"])
+        if len(rows) > 1:
+            emb = _unmixed(pipe, item, _embed(pipe, item["prompt"], call["max_sequence_length"]),
+                           call["max_sequence_length"])
+            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds_here]
+            ims = _uint8(pipe(**{k: v.repeat(seeds, *[1] * (v.dim() - 1)) for k, v in emb.items()},
+                              generator=gens, **kw).images)
+            _shape_counts(ims, item, counts["…with unmixed noun tokens"])
+    for name, c in counts.items():
+        total = max(sum(c.values()), 1)
+        rows[name] = {k: round(v / total, 4) for k, v in c.items()} | {"n": total}
+    return rows
 
 
 def print_tables(result: dict[str, Any]) -> None:
