@@ -25,7 +25,6 @@ Same seeds with and without each intervention; independent noise per item (as ``
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 import numpy as np
@@ -50,28 +49,39 @@ def _embed(pipe, prompt: str, length: int) -> dict[str, torch.Tensor]:
     return {"prompt_embeds": e, "pooled_prompt_embeds": pooled}
 
 
-def which_path(pipe, items: list[dict], seeds: int, call: dict[str, Any]) -> dict[str, dict[str, float]]:
+def _seeds(index: int, seeds: int) -> list[int]:
+    return [pair_seed(index, s, "per_prompt") for s in range(seeds)]
+
+
+def _from_embeddings(pipe, emb: dict[str, torch.Tensor], seeds: list[int], call: dict[str, Any]) -> list[np.ndarray]:
+    """One image per seed from precomputed prompt embeddings (the call defaults without the text length)."""
+    kw = {k: v for k, v in call.items() if k != "max_sequence_length"}
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    batched = {k: v.repeat(len(seeds), *[1] * (v.dim() - 1)) for k, v in emb.items()}
+    return _uint8(pipe(**batched, generator=gens, **kw).images)
+
+
+def plain_images(pipe, items: list[dict], seeds: int, call: dict[str, Any]) -> list[list[np.ndarray]]:
+    """Every item's images without any control — the reference row of all three diagnostics."""
+    return [generate(pipe, item["prompt"], _seeds(i, seeds), call, None)[0] for i, item in enumerate(items)]
+
+
+def which_path(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: int,
+               call: dict[str, Any]) -> dict[str, dict[str, float]]:
     from attnctl.toyworld.evaluate import evaluate_set
 
-    kw = {k: v for k, v in call.items() if k != "max_sequence_length"}
+    length = call["max_sequence_length"]
     scored: dict[str, tuple[list, list]] = {"own prompt": ([], []), "tokens' prompt": ([], []),
                                             "pooled vector's prompt": ([], [])}
     for i, item in enumerate(items):
         other = items[(i + len(items) // 2) % len(items)]  # a different pair prompt
-        own, theirs = _embed(pipe, item["prompt"], call["max_sequence_length"]), \
-            _embed(pipe, other["prompt"], call["max_sequence_length"])
+        own, theirs = _embed(pipe, item["prompt"], length), _embed(pipe, other["prompt"], length)
         mixed = {k: (theirs if "pooled" in k else own)[k] for k in own}  # tokens of item, pooled of other
-        for name, emb in (("own prompt", own), ("mixed", mixed)):
-            gens = [torch.Generator("cpu").manual_seed(pair_seed(i, s, "per_prompt")) for s in range(seeds)]
-            ims = _uint8(pipe(**{k: v.repeat(seeds, *[1] * (v.dim() - 1)) for k, v in emb.items()},
-                              generator=gens, **kw).images)
-            if name == "own prompt":
-                scored[name][0].extend(ims)
-                scored[name][1].extend([item] * seeds)
-            else:
-                for key, ref in (("tokens' prompt", item), ("pooled vector's prompt", other)):
-                    scored[key][0].extend(ims)
-                    scored[key][1].extend([ref] * seeds)
+        ims = _from_embeddings(pipe, mixed, _seeds(i, seeds), call)
+        for key, images, ref in (("own prompt", plain[i], item), ("tokens' prompt", ims, item),
+                                 ("pooled vector's prompt", ims, other)):
+            scored[key][0].extend(images)
+            scored[key][1].extend([ref] * len(images))
     keys = ("presence", "colour_binding", "object_recall", "colour_accuracy", "shape_accuracy")
     out = {}
     for name, (ims, refs) in scored.items():
@@ -98,18 +108,19 @@ def _side_steer(beta: float, **kwargs):
     return SideSteer(restore_special=False, **kwargs)
 
 
-def steering(pipe, items: list[dict], seeds: int, call: dict[str, Any], betas: list[float],
-             sites: str, steps: str) -> dict[str, dict[str, float]]:
+def steering(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: int, call: dict[str, Any],
+             betas: list[float], sites: str, steps: str) -> dict[str, dict[str, float]]:
     from attnctl.toyworld.evaluate import detect_objects, evaluate_set
 
     out = {}
     for beta in [0.0, *betas]:
         images, refs, on_side, found = [], [], 0, 0
         for i, item in enumerate(items):
-            targets = targets_of(item, "phrases")
-            controls = [_side_steer(beta, targets=targets, sites=sites, steps=steps)] if beta else None
-            seeds_here = [pair_seed(i, s, "per_prompt") for s in range(seeds)]
-            ims, _ = generate(pipe, item["prompt"], seeds_here, call, controls)
+            if beta:
+                steer = _side_steer(beta, targets=targets_of(item, "phrases"), sites=sites, steps=steps)
+                ims, _ = generate(pipe, item["prompt"], _seeds(i, seeds), call, [steer])
+            else:
+                ims = plain[i]
             images.extend(ims)
             refs.extend([item] * seeds)
             colours = [o["colour"] for o in item["objects"]]
@@ -161,24 +172,20 @@ def _unmixed(pipe, item: dict, emb: dict[str, torch.Tensor], length: int) -> dic
     return {**emb, "prompt_embeds": tokens}
 
 
-def shape_errors(pipe, items: list[dict], seeds: int, call: dict[str, Any]) -> dict[str, dict[str, float]]:
-    kw = {k: v for k, v in call.items() if k != "max_sequence_length"}
-    rows = {"objects of a prompted colour": {}}
+def shape_errors(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: int,
+                 call: dict[str, Any]) -> dict[str, dict[str, float]]:
+    names = ["objects of a prompted colour"]
     if hasattr(pipe, "text_encoder_3"):
-        rows["…with unmixed noun tokens"] = {}
+        names.append("…with unmixed noun tokens")
     counts = {name: dict.fromkeys(("right shape", "the other object's shape", "a shape not in the prompt",
-                                   "no shape"), 0) for name in rows}
+                                   "no shape"), 0) for name in names}
+    length = call["max_sequence_length"]
     for i, item in enumerate(items):
-        seeds_here = [pair_seed(i, s, "per_prompt") for s in range(seeds)]
-        ims, _ = generate(pipe, item["prompt"], seeds_here, call, None)
-        _shape_counts(ims, item, counts["objects of a prompted colour"])
-        if len(rows) > 1:
-            emb = _unmixed(pipe, item, _embed(pipe, item["prompt"], call["max_sequence_length"]),
-                           call["max_sequence_length"])
-            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds_here]
-            ims = _uint8(pipe(**{k: v.repeat(seeds, *[1] * (v.dim() - 1)) for k, v in emb.items()},
-                              generator=gens, **kw).images)
-            _shape_counts(ims, item, counts["…with unmixed noun tokens"])
+        _shape_counts(plain[i], item, counts[names[0]])
+        if len(names) > 1:
+            emb = _unmixed(pipe, item, _embed(pipe, item["prompt"], length), length)
+            _shape_counts(_from_embeddings(pipe, emb, _seeds(i, seeds), call), item, counts[names[1]])
+    rows = {}
     for name, c in counts.items():
         total = max(sum(c.values()), 1)
         rows[name] = {k: round(v / total, 4) for k, v in c.items()} | {"n": total}
@@ -222,13 +229,13 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     call = call_kwargs(pipe, None)
     items = prompt_set("pair")[: args.limit]
+    plain = plain_images(pipe, items, args.seeds, call)
     result = {"model": args.model, "items": len(items), "seeds": args.seeds, "sites": args.sites,
-              "steps": args.steps, "which_path": which_path(pipe, items, args.seeds, call),
-              "steering": steering(pipe, items, args.seeds, call, args.betas, args.sites, args.steps),
-              "shape_errors": shape_errors(pipe, items, args.seeds, call)}
+              "steps": args.steps, "which_path": which_path(pipe, items, plain, args.seeds, call),
+              "steering": steering(pipe, items, plain, args.seeds, call, args.betas, args.sites, args.steps),
+              "shape_errors": shape_errors(pipe, items, plain, args.seeds, call)}
     print_tables(result)
     emit(result, args.json)
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -232,5 +232,7 @@ def test_fine_tune_from_a_pipeline_into_a_tokens_only_model(sd3_run, tmp_path):
                 negative_pooled_prompt_embeds=neg_pooled, generator=torch.Generator().manual_seed(0), **kw).images[0]
               for p in (pooled, torch.randn_like(pooled) * 10)]
     assert np.abs(images[0] - images[1]).max() < 1e-6
+    resumed = train("toy-sd3", run, steps=3, resume=True, **{**SMOKE, "lr": 1e-9})  # the source stays recorded
+    assert models.toy_metadata(resumed)["training"]["init_from"] == str(source)
     with pytest.raises(ConfigError, match="another architecture"):
         train("toy-sd3", tmp_path / "other", steps=1, arch={**TINY_SD3, "num_layers": 2}, init_from=source, **SMOKE)

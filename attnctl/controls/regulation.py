@@ -319,6 +319,25 @@ def loss_and_grad(terms: RowTerms, w: torch.Tensor, basis: torch.Tensor, cfg: Re
 # --------------------------------------------------------------------------------------------- records
 
 
+class StepMemory:
+    """Per site, the value kept at its latest step and at the step before: ``earlier(site, step)`` is the value
+    of the latest step before ``step``, so several calls at one step all see the same earlier value (the last
+    call at a step is the one kept)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, list[tuple[int, torch.Tensor]]] = {}
+
+    def earlier(self, site: str, step: int) -> torch.Tensor | None:
+        for s, value in reversed(self._kept.get(site, [])):
+            if s < step:
+                return value
+        return None
+
+    def keep(self, site: str, step: int, value: torch.Tensor) -> None:
+        before = [(s, v) for s, v in self._kept.get(site, []) if s < step][-1:]
+        self._kept[site] = [*before, (step, value)]
+
+
 @dataclass
 class RegulationRecord:
     """What the inner optimisation did at one site and step (mean over the regulated batch rows)."""
@@ -368,8 +387,8 @@ class AttentionRegulation(Control):
 
     def reset(self) -> None:
         self.records: list[RegulationRecord] = []
-        self._prev: dict[str, dict[str, Any]] = {}
-        self._applied_w: dict[str, list[tuple[int, torch.Tensor]]] = {}  # site -> [(step, W applied)], last 2 steps
+        self._applied_bias = StepMemory()  # the smoothed bias, before decay
+        self._applied_w = StepMemory()  # the W applied (init="previous")
         self._layout = None
         self._targets: _Targets | None = None
 
@@ -494,10 +513,10 @@ class AttentionRegulation(Control):
         basis = self._basis[key]
         hb = heads if cfg.per_head else 1
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + call.site.index * 1009 + state.step)
-        w = torch.rand((nb, hb, n_words, basis.shape[0]), generator=gen).to(dev)
-        warm = self._warm_start(call.site.name, state.step) if cfg.init == "previous" else None
-        if warm is not None and warm.shape == w.shape:
-            w = warm.to(dev)
+        shape = (nb, hb, n_words, basis.shape[0])
+        w = self._applied_w.earlier(call.site.name, state.step) if cfg.init == "previous" else None
+        if w is None or w.shape != shape:
+            w = torch.rand(shape, generator=gen).to(dev)
         losses = []
         best_w, best_loss = w, torch.full((nb,), float("inf"), device=dev)
         best_ml, best_idx = torch.zeros(nb, device=dev), torch.zeros(nb, dtype=torch.long, device=dev)
@@ -513,7 +532,7 @@ class AttentionRegulation(Control):
             if gw is not None:
                 w = w - cfg.lr * gw
         if cfg.init == "previous":
-            self._keep_w(call.site.name, state.step, best_w)
+            self._applied_w.keep(call.site.name, state.step, best_w)
         new = (best_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
         applied = self._smooth(call.site.name, state.step, new) * cfg.decay**state.step
         word_of = torch.tensor(tg.word_of, device=dev)
@@ -527,29 +546,12 @@ class AttentionRegulation(Control):
 
     def _smooth(self, site: str, step: int, new: torch.Tensor) -> torch.Tensor:
         """``smoothing · previous step's bias + (1 − smoothing) · new`` (the first time: ``new``), per site."""
-        entry = self._prev.get(site)
-        prev = None
-        if entry is not None:
-            prev = entry["bias"] if entry["step"] < step else entry["before"]
+        prev = self._applied_bias.earlier(site, step)
+        out = new
         if prev is not None and prev.shape == new.shape and self.config.smoothing > 0:
             out = self.config.smoothing * prev + (1.0 - self.config.smoothing) * new
-        else:
-            out = new
-        before = entry["bias"] if entry is not None and entry["step"] < step else (entry or {}).get("before")
-        self._prev[site] = {"step": step, "bias": out, "before": before}
+        self._applied_bias.keep(site, step, out)
         return out
-
-    def _warm_start(self, site: str, step: int) -> torch.Tensor | None:
-        """The ``W`` this site applied at the latest earlier step (``init="previous"``), or None."""
-        earlier = [w for s, w in self._applied_w.get(site, []) if s < step]
-        return earlier[-1] if earlier else None
-
-    def _keep_w(self, site: str, step: int, w: torch.Tensor) -> None:
-        """Remember the first ``W`` applied at ``step`` (later calls at the same step start where it did)."""
-        kept = self._applied_w.setdefault(site, [])
-        if not any(s == step for s, _ in kept):
-            kept.append((step, w))
-            del kept[:-2]
 
     # ------------------------------------------------------------------------------ results
     def losses(self) -> list[list[float]]:

@@ -532,6 +532,7 @@ def train(
         a = ToyArch(**ckpt["arch"])
         hp = ckpt["hparams"]
         seed, batch, model = hp["seed"], hp["batch"], hp["model"]
+        init_from = hp.get("init_from")  # recorded, so the export keeps the source's call defaults
     else:
         a = _arch(model, arch)
 
