@@ -90,17 +90,21 @@ def which_path(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: in
     return out
 
 
-def _side_steer(beta: float, **kwargs):
+def _side_steer(beta: float, plus_only: bool = False, **kwargs):
     """An AttentionRegulation whose bias is fixed: target 0 gets +β on the left half and −β on the right, target
-    1 the reverse (the control's site, step, role and word handling, none of its optimisation)."""
+    1 the reverse (``plus_only``: +β on its own side, 0 on the other); the control's site, step, role and word
+    handling, none of its optimisation."""
     from attnctl.controls.regulation import AttentionRegulation
 
     class SideSteer(AttentionRegulation):
         def _bias(self, call, state, q, k, batch, img, tg, n_t, grid, logits, lse):
             nb, n_img, heads, n_cols = logits.shape
             h, w = grid
-            left = (torch.arange(w, device=logits.device).repeat(h) < w / 2).float() * 2 - 1  # row-major grid
-            per_word = torch.stack([left, -left], dim=-1) * beta  # (N, 2)
+            left = (torch.arange(w, device=logits.device).repeat(h) < w / 2).float()  # row-major grid
+            right = 1 - left
+            if not plus_only:
+                left, right = left - right, right - left
+            per_word = torch.stack([left, right], dim=-1) * beta  # (N, 2)
             bias = torch.zeros((1, n_img, 1, n_cols), device=logits.device)
             bias[0, :, 0, :n_t] = per_word[:, torch.tensor(tg.word_of, device=logits.device)]
             return bias.expand(nb, n_img, heads, n_cols)
@@ -109,7 +113,7 @@ def _side_steer(beta: float, **kwargs):
 
 
 def steering(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: int, call: dict[str, Any],
-             betas: list[float], sites: str, steps: str) -> dict[str, dict[str, float]]:
+             betas: list[float], sites: str, steps: str, plus_only: bool = False) -> dict[str, dict[str, float]]:
     from attnctl.toyworld.evaluate import detect_objects, evaluate_set
 
     out = {}
@@ -117,7 +121,7 @@ def steering(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: int,
         images, refs, on_side, found = [], [], 0, 0
         for i, item in enumerate(items):
             if beta:
-                steer = _side_steer(beta, targets=targets_of(item, "phrases"), sites=sites, steps=steps)
+                steer = _side_steer(beta, plus_only, targets=targets_of(item, "phrases"), sites=sites, steps=steps)
                 ims, _ = generate(pipe, item["prompt"], _seeds(i, seeds), call, [steer])
             else:
                 ims = plain[i]
@@ -198,9 +202,12 @@ def print_tables(result: dict[str, Any]) -> None:
         from rich.table import Table
     except ImportError:
         return
-    for title, rows in (("which path carries the prompt (scored against …)", result["which_path"]),
-                        ("fixed left/right bias on the objects' words", result["steering"]),
-                        ("the shapes of the objects (no control)", result["shape_errors"])):
+    for title, key in (("which path carries the prompt (scored against …)", "which_path"),
+                       ("fixed left/right bias on the objects' words", "steering"),
+                       ("the shapes of the objects (no control)", "shape_errors")):
+        if key not in result:
+            continue
+        rows = result[key]
         t = Table(title=f"{result['model']} · {title}")
         cols = list(next(iter(rows.values())))
         t.add_column("")
@@ -220,8 +227,13 @@ def main() -> None:
     ap.add_argument("--sites", default="mid")
     ap.add_argument("--steps", default="window(1, 0, 0.5)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plus-only", action="store_true",
+                    help="steering: +β on each word's own side only (no −β on the other side)")
+    ap.add_argument("--only", nargs="+", choices=["which_path", "steering", "shape_errors"],
+                    help="run only these diagnostics [default: all]")
     ap.add_argument("--json")
     args = ap.parse_args()
+    only = set(args.only or ("which_path", "steering", "shape_errors"))
     torch.set_num_threads(args.threads)
     from attnctl.toyworld.models import load_pipeline
     from attnctl.toyworld.world import prompt_set
@@ -231,9 +243,14 @@ def main() -> None:
     items = prompt_set("pair")[: args.limit]
     plain = plain_images(pipe, items, args.seeds, call)
     result = {"model": args.model, "items": len(items), "seeds": args.seeds, "sites": args.sites,
-              "steps": args.steps, "which_path": which_path(pipe, items, plain, args.seeds, call),
-              "steering": steering(pipe, items, plain, args.seeds, call, args.betas, args.sites, args.steps),
-              "shape_errors": shape_errors(pipe, items, plain, args.seeds, call)}
+              "steps": args.steps}
+    if "which_path" in only:
+        result["which_path"] = which_path(pipe, items, plain, args.seeds, call)
+    if "steering" in only:
+        result["steering"] = steering(pipe, items, plain, args.seeds, call, args.betas, args.sites, args.steps,
+                                      args.plus_only)
+    if "shape_errors" in only:
+        result["shape_errors"] = shape_errors(pipe, items, plain, args.seeds, call)
     print_tables(result)
     emit(result, args.json)
 

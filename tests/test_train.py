@@ -134,6 +134,8 @@ def test_flux_smoke_training_time_budget_and_export(tmp_path):
     # export_checkpoint rebuilds the same folder from the checkpoint.
     again = export_checkpoint(run, tmp_path / "again")
     assert np.array_equal(_image(models.load_pipeline(again)), _image(pipe))
+    # ...with the same training record train() wrote (loss, stop reason, size).
+    assert models.toy_metadata(again)["training"] == models.toy_metadata(folder)["training"]
 
 
 # ------------------------------------------------------------------------------------------ load errors

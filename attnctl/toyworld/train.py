@@ -581,6 +581,8 @@ def train(
     }
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     budget = None if minutes is None else 60.0 * minutes
+    smooth: float | None = None  # smoothed training loss, written into checkpoints and the exported record
+    stopped_by_time = False
 
     def checkpoint() -> None:
         _save_checkpoint(
@@ -595,16 +597,16 @@ def train(
                 "ema": ema.shadow if ema is not None else None,
                 "rng": {"torch": torch.get_rng_state()},
                 "transformer_params": n_params,
+                "smooth_loss": smooth,
+                "stopped_by_time": stopped_by_time,
             },
         )
 
     with open(out / LOG_NAME, "a") as log:
         desc = f"train {hparams['model']}"
         bar = tqdm(total=steps, initial=step, disable=not progress, desc=desc, dynamic_ncols=True)
-        smooth = None
         window: list[float] = []
         t_last = time.perf_counter()
-        stopped_by_time = False
         try:
             while step < steps:
                 if budget is not None and elapsed >= budget:
@@ -684,7 +686,10 @@ def export_checkpoint(out_dir: str | Path, folder: str | Path | None = None, *, 
         shadow = _EMA.__new__(_EMA)
         shadow.shadow = ckpt["ema"]
     hp = ckpt.get("hparams", {})
-    record = dict(hp, step=int(ckpt["step"]), elapsed_s=round(float(ckpt["elapsed"]), 1))
+    smooth = ckpt.get("smooth_loss")  # None in checkpoints written before it was stored
+    record = dict(hp, step=int(ckpt["step"]), elapsed_s=round(float(ckpt["elapsed"]), 1),
+                  stopped_by_time=ckpt.get("stopped_by_time"), final_loss=None if smooth is None else round(smooth, 5),
+                  transformer_params=ckpt.get("transformer_params"))
     return _export(pipe, trainable, shadow, a, Path(folder) if folder is not None else out / PIPELINE_DIR,
                    hp.get("model", "custom"), record)
 
