@@ -226,6 +226,8 @@ def main() -> None:
     ap.add_argument("--betas", type=float, nargs="+", default=[1.0, 3.0])
     ap.add_argument("--sites", default="mid")
     ap.add_argument("--steps", default="window(1, 0, 0.5)")
+    ap.add_argument("--true-cfg", type=float, default=None,
+                    help="FLUX: true CFG at this scale against the empty prompt (steering only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plus-only", action="store_true",
                     help="steering: +β on each word's own side only (no −β on the other side)")
@@ -234,16 +236,18 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     only = set(args.only or ("which_path", "steering", "shape_errors"))
+    if args.true_cfg is not None and only != {"steering"}:
+        ap.error("--true-cfg works with --only steering (the other diagnostics call the model from embeddings)")
     torch.set_num_threads(args.threads)
     from attnctl.toyworld.models import load_pipeline
     from attnctl.toyworld.world import prompt_set
 
     pipe = load_pipeline(args.model)
-    call = call_kwargs(pipe, None)
+    call = call_kwargs(pipe, None, args.true_cfg)
     items = prompt_set("pair")[: args.limit]
     plain = plain_images(pipe, items, args.seeds, call)
     result = {"model": args.model, "items": len(items), "seeds": args.seeds, "sites": args.sites,
-              "steps": args.steps}
+              "steps": args.steps, "true_cfg": args.true_cfg}
     if "which_path" in only:
         result["which_path"] = which_path(pipe, items, plain, args.seeds, call)
     if "steering" in only:

@@ -43,34 +43,43 @@ def targets_of(item: dict[str, Any], which: str) -> list[str]:
     return list(dict.fromkeys(words))  # unique, in prompt order
 
 
-def call_kwargs(pipe, steps: int | None) -> dict[str, Any]:
+def call_kwargs(pipe, steps: int | None, true_cfg: float | None = None) -> dict[str, Any]:
+    """The model's call defaults; ``true_cfg`` (FLUX): true CFG at that scale against the empty prompt."""
     from attnctl.toyworld.models import default_call_kwargs
 
     call = {"height": 32, "width": 32, "num_inference_steps": 20, "max_sequence_length": 24}
     call.update(default_call_kwargs(pipe))
     if steps is not None:
         call["num_inference_steps"] = steps
+    if true_cfg is not None:
+        if hasattr(pipe, "text_encoder_3"):
+            raise SystemExit("--true-cfg is for FLUX models; SD3 models already run CFG (guidance_scale)")
+        call.update(true_cfg_scale=true_cfg, negative_prompt="")
     call["output_type"] = "np"
     return call
 
 
 def generate(pipe, prompt: str, seeds: list[int], call: dict[str, Any], controls) -> tuple[list[np.ndarray], float]:
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    kw = dict(call)
+    if "negative_prompt" in kw:
+        kw["negative_prompt"] = [kw["negative_prompt"]] * len(seeds)
     t = time.perf_counter()
-    out = pipe(prompt=[prompt] * len(seeds), generator=gens, controls=controls, **call).images
+    out = pipe(prompt=[prompt] * len(seeds), generator=gens, controls=controls, **kw).images
     seconds = time.perf_counter() - t
     return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out], seconds
 
 
 def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which: str, limit: int | None,
-             steps: int | None, first_seed: int = 0, noise: str = "per_prompt") -> dict[str, Any]:
+             steps: int | None, first_seed: int = 0, noise: str = "per_prompt",
+             true_cfg: float | None = None) -> dict[str, Any]:
     from attnctl import AttentionRegulation
     from attnctl.toyworld.evaluate import evaluate_set
     from attnctl.toyworld.models import load_pipeline
     from attnctl.toyworld.world import prompt_set
 
     pipe = load_pipeline(model)
-    call = call_kwargs(pipe, steps)
+    call = call_kwargs(pipe, steps, true_cfg)
     names = ["baseline"] + [json.dumps(c, sort_keys=True) for c in configs]
     result: dict[str, Any] = {"model": model, "seeds": seeds, "first_seed": first_seed, "noise": noise,
                               "targets": which, "call": call, "sets": {}}
@@ -138,13 +147,16 @@ def main() -> None:
     ap.add_argument("--targets", choices=("shapes", "colours", "both", "phrases"), default="shapes")
     ap.add_argument("--limit", type=int, default=None, help="only the first N items of each set")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps [default: the model's]")
+    ap.add_argument("--true-cfg", type=float, default=None,
+                    help="FLUX: true CFG at this scale against the empty prompt (the control acts on the "
+                         "conditional call only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     configs = [json.loads(c) for c in args.configs]
     result = evaluate(args.model, args.sets, args.seeds, configs, args.targets, args.limit, args.steps,
-                      args.first_seed, args.noise)
+                      args.first_seed, args.noise, args.true_cfg)
     print_table(result)
     emit(result, args.json)
 
