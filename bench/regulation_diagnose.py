@@ -1,4 +1,4 @@
-"""Why attention regulation has little to work with on a toy model: two diagnostics.
+"""Why attention regulation has little to work with on a toy model: five diagnostics.
 
     python bench/regulation_diagnose.py                      # toy-sd3
     python bench/regulation_diagnose.py --model toy-flux --json flux_diag.json
@@ -18,6 +18,12 @@
 4. **Do the text encoders mix the nouns** (SD3 only). Each object's word tokens are replaced by the same words'
    embeddings from its own single-object prompt ("a red circle"), which never saw the other object, and the
    shape errors are counted again.
+5. **Does regulation restore a neglected word** (the failure it is built for). The toy models do not neglect
+   words on their own, so neglect is injected: in every block the keys of the second object's word tokens
+   ("<colour> <shape>", every text segment) are multiplied by ``s < 1`` on the conditional rows, so image queries
+   attend them less (their values are untouched). The images are scored with and without AttentionRegulation on
+   the phrases (each config of ``--configs``), with the second object found (its colour; its colour and shape) as
+   the figure that neglect moves.
 
 Same seeds with and without each intervention; independent noise per item (as ``bench/regulation_eval.py``).
 """
@@ -25,6 +31,8 @@ Same seeds with and without each intervention; independent noise per item (as ``
 from __future__ import annotations
 
 import argparse
+import json
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -49,8 +57,8 @@ def _embed(pipe, prompt: str, length: int) -> dict[str, torch.Tensor]:
     return {"prompt_embeds": e, "pooled_prompt_embeds": pooled}
 
 
-def _seeds(index: int, seeds: int) -> list[int]:
-    return [pair_seed(index, s, "per_prompt") for s in range(seeds)]
+def _seeds(index: int, seeds: range) -> list[int]:
+    return [pair_seed(index, s, "per_prompt") for s in seeds]
 
 
 def _from_embeddings(pipe, emb: dict[str, torch.Tensor], seeds: list[int], call: dict[str, Any]) -> list[np.ndarray]:
@@ -61,12 +69,12 @@ def _from_embeddings(pipe, emb: dict[str, torch.Tensor], seeds: list[int], call:
     return _uint8(pipe(**batched, generator=gens, **kw).images)
 
 
-def plain_images(pipe, items: list[dict], seeds: int, call: dict[str, Any]) -> list[list[np.ndarray]]:
+def plain_images(pipe, items: list[dict], seeds: range, call: dict[str, Any]) -> list[list[np.ndarray]]:
     """Every item's images without any control — the reference row of all three diagnostics."""
     return [generate(pipe, item["prompt"], _seeds(i, seeds), call, None)[0] for i, item in enumerate(items)]
 
 
-def which_path(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: int,
+def which_path(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: range,
                call: dict[str, Any]) -> dict[str, dict[str, float]]:
     from attnctl.toyworld.evaluate import evaluate_set
 
@@ -112,7 +120,7 @@ def _side_steer(beta: float, plus_only: bool = False, **kwargs):
     return SideSteer(restore_special=False, **kwargs)
 
 
-def steering(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: int, call: dict[str, Any],
+def steering(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: range, call: dict[str, Any],
              betas: list[float], sites: str, steps: str, plus_only: bool = False) -> dict[str, dict[str, float]]:
     from attnctl.toyworld.evaluate import detect_objects, evaluate_set
 
@@ -126,7 +134,7 @@ def steering(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: int,
             else:
                 ims = plain[i]
             images.extend(ims)
-            refs.extend([item] * seeds)
+            refs.extend([item] * len(seeds))
             colours = [o["colour"] for o in item["objects"]]
             for im in ims:
                 for obj in detect_objects(im):
@@ -176,7 +184,7 @@ def _unmixed(pipe, item: dict, emb: dict[str, torch.Tensor], length: int) -> dic
     return {**emb, "prompt_embeds": tokens}
 
 
-def shape_errors(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: int,
+def shape_errors(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: range,
                  call: dict[str, Any]) -> dict[str, dict[str, float]]:
     names = ["objects of a prompted colour"]
     if hasattr(pipe, "text_encoder_3"):
@@ -196,6 +204,73 @@ def shape_errors(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: 
     return rows
 
 
+@contextmanager
+def weakened_keys(pipe, prompt: str, words: list[str], scale: float, sd3_cfg: bool, n_text: int):
+    """While active, every block's keys of ``words``' text tokens are multiplied by ``scale`` on the conditional
+    rows, so each image query's logit on them is ``scale`` times its own: a model that under-attends the words
+    (their values, and so what the words say, are untouched). Hooked after the key's norm where there is one."""
+    from attnctl.layout import layout_for_pipeline
+
+    cols_for: dict[int, list[int]] = {}
+
+    def hook(module, inputs, output):
+        text = output.shape[1] if module_is_text[module] else n_text
+        if text not in cols_for:
+            where = layout_for_pipeline(pipe, prompt, text, (1, 1))
+            cols_for[text] = [seg.start + p for seg in where.segments for w in words for p in seg.words.get(w, ())]
+        cols = cols_for[text]
+        rows = slice(output.shape[0] // 2, None) if sd3_cfg else slice(None)
+        output = output.clone()
+        output[rows, cols] *= scale
+        return output
+
+    module_is_text: dict[torch.nn.Module, bool] = {}
+    for block in [*pipe.transformer.transformer_blocks, *getattr(pipe.transformer, "single_transformer_blocks", [])]:
+        attn = block.attn
+        if getattr(attn, "add_k_proj", None) is not None:  # joint block: the text stream's own key projection
+            module_is_text[attn.norm_added_k if attn.norm_added_k is not None else attn.add_k_proj] = True
+        else:  # FLUX single block: one sequence, text first
+            module_is_text[attn.norm_k] = False
+    handles = [m.register_forward_hook(hook) for m in module_is_text]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def neglect(pipe, items: list[dict], seeds: range, call: dict[str, Any], scales: list[float],
+            configs: list[dict]) -> dict[str, dict[str, float]]:
+    from attnctl import AttentionRegulation
+    from attnctl.toyworld.evaluate import detect_objects, evaluate_set
+
+    sd3_cfg = hasattr(pipe, "text_encoder_3") and call.get("guidance_scale", 1.0) > 1.0
+    out = {}
+    for scale in scales:
+        for cfg in [None, *configs]:
+            images, refs, colour_found, object_found = [], [], 0, 0
+            for i, item in enumerate(items):
+                second = item["objects"][1]
+                controls = None
+                if cfg is not None:
+                    controls = [AttentionRegulation(**{"targets": targets_of(item, "phrases"), **cfg})]
+                with weakened_keys(pipe, item["prompt"], [second["colour"], second["shape"]], scale, sd3_cfg,
+                                    call["max_sequence_length"]):
+                    ims, _ = generate(pipe, item["prompt"], _seeds(i, seeds), call, controls)
+                images.extend(ims)
+                refs.extend([item] * len(seeds))
+                for im in ims:
+                    objs = detect_objects(im)
+                    colour_found += any(o.colour == second["colour"] for o in objs)
+                    object_found += any(o.colour == second["colour"] and o.shape == second["shape"] for o in objs)
+            m = evaluate_set(images, refs)
+            name = f"s={scale:g} · " + ("no control" if cfg is None else json.dumps(cfg, sort_keys=True))
+            out[name] = {"second colour found": round(colour_found / len(images), 4),
+                         "second object found": round(object_found / len(images), 4),
+                         **{k: round(m[k], 4) for k in ("presence", "colour_binding", "object_recall")}}
+    return out
+
+
 def print_tables(result: dict[str, Any]) -> None:
     try:
         from rich.console import Console
@@ -204,7 +279,8 @@ def print_tables(result: dict[str, Any]) -> None:
         return
     for title, key in (("which path carries the prompt (scored against …)", "which_path"),
                        ("fixed left/right bias on the objects' words", "steering"),
-                       ("the shapes of the objects (no control)", "shape_errors")):
+                       ("the shapes of the objects (no control)", "shape_errors"),
+                       ("injected neglect of the second object's words", "neglect")):
         if key not in result:
             continue
         rows = result[key]
@@ -222,6 +298,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-sd3")
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds first-seed … first-seed+seeds−1 (confirm a finding on other seeds)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N pair prompts")
     ap.add_argument("--betas", type=float, nargs="+", default=[1.0, 3.0])
     ap.add_argument("--sites", default="mid")
@@ -231,13 +309,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plus-only", action="store_true",
                     help="steering: +β on each word's own side only (no −β on the other side)")
-    ap.add_argument("--only", nargs="+", choices=["which_path", "steering", "shape_errors"],
+    ap.add_argument("--neglect-scales", type=float, nargs="+", default=[1.0, 0.5, 0.25],
+                    help="scales of the second object's word tokens (neglect diagnostic; 1: none injected)")
+    ap.add_argument("--configs", nargs="+", default=["{}"],
+                    help="AttentionRegulation settings (JSON) of the neglect diagnostic, one per run")
+    ap.add_argument("--only", nargs="+", choices=["which_path", "steering", "shape_errors", "neglect"],
                     help="run only these diagnostics [default: all]")
     ap.add_argument("--json")
     args = ap.parse_args()
-    only = set(args.only or ("which_path", "steering", "shape_errors"))
+    only = set(args.only or ("which_path", "steering", "shape_errors", "neglect"))
     if args.true_cfg is not None and only != {"steering"}:
-        ap.error("--true-cfg works with --only steering (the other diagnostics call the model from embeddings)")
+        ap.error("--true-cfg works with --only steering (the other diagnostics run the model without it)")
     torch.set_num_threads(args.threads)
     from attnctl.toyworld.models import load_pipeline
     from attnctl.toyworld.world import prompt_set
@@ -245,16 +327,20 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     call = call_kwargs(pipe, None, args.true_cfg)
     items = prompt_set("pair")[: args.limit]
-    plain = plain_images(pipe, items, args.seeds, call)
-    result = {"model": args.model, "items": len(items), "seeds": args.seeds, "sites": args.sites,
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    plain = plain_images(pipe, items, seeds, call) if only - {"neglect"} else []
+    result = {"model": args.model, "items": len(items), "seeds": [seeds.start, seeds.stop - 1], "sites": args.sites,
               "steps": args.steps, "true_cfg": args.true_cfg}
     if "which_path" in only:
-        result["which_path"] = which_path(pipe, items, plain, args.seeds, call)
+        result["which_path"] = which_path(pipe, items, plain, seeds, call)
     if "steering" in only:
-        result["steering"] = steering(pipe, items, plain, args.seeds, call, args.betas, args.sites, args.steps,
+        result["steering"] = steering(pipe, items, plain, seeds, call, args.betas, args.sites, args.steps,
                                       args.plus_only)
     if "shape_errors" in only:
-        result["shape_errors"] = shape_errors(pipe, items, plain, args.seeds, call)
+        result["shape_errors"] = shape_errors(pipe, items, plain, seeds, call)
+    if "neglect" in only:
+        configs = [json.loads(c) for c in args.configs]
+        result["neglect"] = neglect(pipe, items, seeds, call, args.neglect_scales, configs)
     print_tables(result)
     emit(result, args.json)
 
