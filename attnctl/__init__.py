@@ -1,18 +1,86 @@
-"""attnctl: steer SD3, SD3.5 and FLUX.1 through their attention, as diffusers attention processors."""
+"""attnctl: steer SD3, SD3.5 and FLUX.1 through their attention, as diffusers attention processors.
 
-from .controller import Controller, attach
-from .controls import AttentionProbe, Control, control_from_json
-from .controls.regulation import AttentionRegulation
-from .controls.softpag import SoftPAG
-from .layout import TokenLayout
-from .processors import AttnCtlFluxProcessor, AttnCtlJointProcessor
-from .sites import HeadSet, Site, list_sites, select_sites
-from .toyworld import autoencoder as _autoencoder  # noqa: F401  (model_index.json names this module)
+The public names below load on first use (PEP 562), so ``import attnctl`` and ``attnctl --help`` do not pay
+for importing diffusers and torch; ``from attnctl import SoftPAG`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttentionProbe", "AttentionRegulation", "AttnCtlFluxProcessor", "AttnCtlJointProcessor", "Control", "Controller",
-    "HeadSet",
-    "Site", "SoftPAG", "TokenLayout", "attach", "control_from_json", "list_sites", "select_sites",
-]
+_EXPORTS = {
+    "Controller": ".controller", "attach": ".controller",
+    "AttentionProbe": ".controls", "Control": ".controls", "control_from_json": ".controls",
+    "AttentionRegulation": ".controls.regulation", "SoftPAG": ".controls.softpag",
+    "TokenLayout": ".layout",
+    "AttnCtlFluxProcessor": ".processors", "AttnCtlJointProcessor": ".processors",
+    "HeadSet": ".sites", "Site": ".sites", "list_sites": ".sites", "select_sites": ".sites",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # what static analysis and IDEs see
+    from .controller import Controller as Controller
+    from .controller import attach as attach
+    from .controls import AttentionProbe as AttentionProbe
+    from .controls import Control as Control
+    from .controls import control_from_json as control_from_json
+    from .controls.regulation import AttentionRegulation as AttentionRegulation
+    from .controls.softpag import SoftPAG as SoftPAG
+    from .layout import TokenLayout as TokenLayout
+    from .processors import AttnCtlFluxProcessor as AttnCtlFluxProcessor
+    from .processors import AttnCtlJointProcessor as AttnCtlJointProcessor
+    from .sites import HeadSet as HeadSet
+    from .sites import Site as Site
+    from .sites import list_sites as list_sites
+    from .sites import select_sites as select_sites
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'attnctl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _ToyAutoencoderStub(types.ModuleType):
+    """Stands in ``sys.modules`` for ``attnctl.toyworld.autoencoder`` until a name is read from it.
+
+    The toy pipelines' ``model_index.json`` names that module for their ``vae``, and diffusers looks a custom
+    library up in ``sys.modules`` only, so after ``import attnctl`` a stock ``StableDiffusion3Pipeline`` /
+    ``FluxPipeline.from_pretrained(toy folder)`` must find it there. The real module imports diffusers, so it
+    is imported when diffusers first reads one of its names. Dunder probes (``inspect`` and friends walk
+    ``sys.modules``) never trigger the import.
+    """
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(attr)
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        real = importlib.import_module(self.__name__)
+        self.__dict__.update({k: v for k, v in vars(real).items() if k not in ("__name__", "__spec__")})
+        return getattr(real, attr)
+
+
+def _register_toy_autoencoder() -> None:
+    name = "attnctl.toyworld.autoencoder"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    stub = _ToyAutoencoderStub(name)
+    stub.__file__ = spec.origin if spec is not None else None
+    sys.modules[name] = stub
+
+
+_register_toy_autoencoder()

@@ -16,8 +16,8 @@ The pipelines read four things from a VAE's config and this one provides them:
 Loading from a pipeline folder: ``save_pretrained`` records the component in ``model_index.json`` as
 ``["attnctl.toyworld.autoencoder", "PixelShuffleAutoencoder"]``. diffusers 0.42 resolves a library
 that is neither diffusers nor transformers from ``sys.modules`` only (it never imports a module named
-by a repository), so this module must have been imported before ``from_pretrained``;
-``import attnctl.toyworld.autoencoder`` (or any attnctl module that imports it) does that.
+by a repository), so this module must be in ``sys.modules`` before ``from_pretrained``: ``import attnctl``
+puts a stand-in there that imports this module when diffusers first reads a name from it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,44 @@
+"""The package's import surface: light to import, every public name there, toy folders loadable by stock diffusers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import attnctl
+
+
+def run_python(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_import_does_not_load_torch_or_diffusers():
+    # `attnctl --help` and `import attnctl` stay fast: the public names load on first use.
+    assert run_python("import sys, attnctl, attnctl.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)") \
+        == "False False"
+
+
+def test_every_public_name_resolves():
+    for name in attnctl.__all__:
+        assert getattr(attnctl, name) is not None
+        assert name in dir(attnctl)
+    from attnctl import SoftPAG
+    from attnctl.controls.softpag import SoftPAG as direct
+
+    assert SoftPAG is direct
+    with pytest.raises(AttributeError, match="no attribute 'SoftPag'"):
+        attnctl.SoftPag  # noqa: B018
+
+
+@pytest.mark.parametrize(("model", "pipeline"), [("toy-sd3", "StableDiffusion3Pipeline"), ("toy-flux", "FluxPipeline")])
+def test_stock_diffusers_loads_a_toy_folder_after_import_attnctl(model, pipeline):
+    # model_index.json names attnctl.toyworld.autoencoder for the vae; `import attnctl` alone must be enough.
+    from attnctl.toyworld.models import resolve_model
+
+    code = (f"import attnctl, diffusers; p = diffusers.{pipeline}.from_pretrained({str(resolve_model(model))!r}); "
+            "print(type(p.vae).__module__, type(p.vae).__name__)")
+    assert run_python(code) == "attnctl.toyworld.autoencoder PixelShuffleAutoencoder"
