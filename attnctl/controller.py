@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .controls.base import Control, RunState
-from .errors import ConfigError, LayoutError
+from .errors import ConfigError, LayoutError, UnsupportedModelError
 from .layout import TokenLayout, layout_for_pipeline
 from .processors import AttnCtlProcessor, processor_for
 from .processors.base import SiteCall
@@ -71,6 +71,11 @@ class Controller:
         for site in self.sites:
             proc = processor_for(site, self)
             old = current.get(site.processor_key)
+            if "IPAdapter" in type(old).__name__:
+                raise UnsupportedModelError(
+                    f"site {site.name} runs {type(old).__name__}: an IP-adapter is loaded, and attnctl's processors "
+                    "do not run IP-adapter attention (its image features would be silently dropped)",
+                    fix="unload it first (pipe.unload_ip_adapter()) or generate this image without attnctl controls")
             for attr in ("_attention_backend", "_parallel_config"):
                 if getattr(old, attr, None) is not None:
                     setattr(proc, attr, getattr(old, attr))

@@ -37,6 +37,9 @@ from .errors import ConfigError
 
 BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 """Transformer inputs with one entry per batch row (SD3 and FLUX); the perturbed rows copy them."""
+BATCHED_LISTS = ("block_controlnet_hidden_states", "controlnet_block_samples", "controlnet_single_block_samples")
+"""ControlNet residuals (SD3; FLUX double and single blocks): one tensor per block, each with one entry per batch
+row; the perturbed rows copy them too, so a perturbed image is its conditional image's, under the same control."""
 
 
 # ------------------------------------------------------------------------------------------ the formula
@@ -204,10 +207,18 @@ class PerturbedBranch:
                     f"{self.branches.count}): image j is guided by the control with branch=j",
             )
         idx = torch.tensor(cond, dtype=torch.long, device=bound["hidden_states"].device)
-        for name in BATCHED_INPUTS:
-            x = bound.get(name)
+
+        def with_copies(x: Any) -> Any:
             if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == batch:
-                bound[name] = torch.cat([x, x.index_select(0, idx.to(x.device))])
+                return torch.cat([x, x.index_select(0, idx.to(x.device))])
+            return x
+
+        for name in BATCHED_INPUTS:
+            if name in bound:
+                bound[name] = with_copies(bound[name])
+        for name in BATCHED_LISTS:
+            if isinstance(bound.get(name), (list, tuple)):
+                bound[name] = [with_copies(x) for x in bound[name]]
         extra = [self.branches.role(j) for j in range(len(cond))]
         result = self._with_roles(roles + extra, (), bound)
         self.calls += 1

@@ -153,3 +153,26 @@ def test_controls_round_trip_json():
         attnctl.control_from_json({"kind": "nope"})
     with pytest.raises(ConfigError, match="probe"):
         attnctl.control_from_json({"kind": "probe", "bogus": 1})
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_loaded_ip_adapter_is_refused_not_dropped(sd3_pipe, flux_pipe, family):
+    """attnctl's processors do not run IP-adapter attention, so installing them over one is an error."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    pipe = sd3_pipe if family == "sd3" else flux_pipe
+    tr = pipe.transformer
+    saved = dict(tr.attn_processors)
+    key = next(iter(saved))
+    dim = tr.inner_dim
+    ip = (SD3IPAdapterJointAttnProcessor2_0(dim, 8, tr.config.attention_head_dim, 8) if family == "sd3"
+          else FluxIPAdapterAttnProcessor(dim, 8))
+    tr.set_attn_processor({**saved, key: ip})
+    try:
+        with pytest.raises(UnsupportedModelError, match="IP-adapter is loaded.*unload_ip_adapter"):
+            attnctl.attach(pipe, [attnctl.AttentionProbe(words=["circle"])]).__enter__()
+        assert tr.attn_processors[key] is ip  # nothing was replaced, nothing left hooked
+        assert "encode_prompt" not in vars(pipe) and not tr._forward_pre_hooks and not tr._forward_hooks
+    finally:
+        tr.set_attn_processor(saved)

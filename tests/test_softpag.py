@@ -338,6 +338,53 @@ def test_flux_pipeline_folds_guidance_into_the_cond_call(flux_pipe, true_cfg):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_perturbed_rows_carry_the_controlnet_residuals(sd3_pipe, flux_pipe, family):
+    """With ControlNet residuals (a ControlNet pipeline under attnctl.attach), the perturbed row gets its
+    conditional row's residuals: the folded ε equals separate calls of that row with the same residuals."""
+    from attnctl.guidance import PerturbedBranch, perturbed_branches
+
+    tr = (sd3_pipe if family == "sd3" else flux_pipe).transformer
+    inputs = transformer_inputs(tr, batch=2)  # rows [uncond, cond]
+    g = torch.Generator().manual_seed(1)
+    names = ["block_controlnet_hidden_states"] if family == "sd3" else ["controlnet_block_samples",
+                                                                          "controlnet_single_block_samples"]
+    for name in names:
+        inputs[name] = [torch.randn(2, 16, tr.inner_dim, generator=g) for _ in range(2)]
+    pairs = half_the_heads(attnctl.list_sites(tr))
+    pag = attnctl.SoftPAG.from_pairs(pairs, u=0.8, scale=1.5)
+    ctl = attnctl.Controller(tr, [pag], roles=["uncond", "cond"])
+    saved = dict(tr.attn_processors)
+    tr.set_attn_processor(ctl.processors())
+    ctl.close()
+    try:
+        ctl.begin_run(1, layout=TokenLayout(ctl.family, inputs["encoder_hidden_states"].shape[1], (4, 4)))
+        with PerturbedBranch(tr, ctl, perturbed_branches(ctl.controls), lambda roles: 3.0) as branch, \
+                torch.no_grad():
+            out = tr(**inputs)[0]
+        assert branch.calls == 1
+    finally:
+        tr.set_attn_processor(saved)
+
+    def row(i: int) -> dict:  # batch row i of every per-row input, residuals included
+        one = {}
+        for k, v in inputs.items():
+            if k in names:
+                one[k] = [x[i : i + 1] for x in v]
+            elif isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 2:
+                one[k] = v[i : i + 1]
+            else:
+                one[k] = v
+        return one
+
+    uncond, _ = run(tr, [], ["uncond"], row(0))
+    cond, _ = run(tr, [], ["cond"], row(1))
+    ptb, _ = run(tr, [attnctl.SoftPAG.from_pairs(pairs, u=0.8, scale=1.5)], ["perturbed"], row(1))
+    assert (out[:1] - uncond).abs().max() <= 1e-5
+    assert (out[1:] - fold_into_cond(cond, ptb, 3.0, 1.5)).abs().max() <= 1e-5
+    assert (ptb - cond).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_per_image_branches_equal_separate_calls(sd3_pipe, flux_pipe, family):
     """A search's batched call: image j of ``num_images_per_prompt=B`` guided by the control with ``branch=j``
     equals a call of its own with that control (same seed, same settings)."""
