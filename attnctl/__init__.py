@@ -63,14 +63,20 @@ class _ToyAutoencoderStub(types.ModuleType):
     ``sys.modules``) never trigger the import.
     """
 
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__") and attr.endswith("__"):
-            raise AttributeError(attr)
+    def _load(self) -> types.ModuleType:
         if sys.modules.get(self.__name__) is self:
             del sys.modules[self.__name__]
         real = importlib.import_module(self.__name__)
         self.__dict__.update({k: v for k, v in vars(real).items() if k not in ("__name__", "__spec__")})
-        return getattr(real, attr)
+        return real
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(attr)
+        return getattr(self._load(), attr)
+
+    def __dir__(self) -> list[str]:
+        return dir(self._load())
 
 
 def _register_toy_autoencoder() -> None:

@@ -20,6 +20,10 @@ def test_import_does_not_load_torch_or_diffusers():
     # `attnctl --help` and `import attnctl` stay fast: the public names load on first use.
     code = "import sys, attnctl, attnctl.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     assert run_python(code)[0] == "False False"
+    # The stand-in for the toy autoencoder module imports it on first use, by name or by dir().
+    code = ("import attnctl.toyworld.autoencoder as a; print('PixelShuffleAutoencoder' in dir(a)); "
+            "from attnctl.toyworld.autoencoder import PixelShuffleAutoencoder as P; print(P.__module__)")
+    assert run_python(code)[0].split() == ["True", "attnctl.toyworld.autoencoder"]
 
 
 def test_every_public_name_resolves():
