@@ -686,6 +686,19 @@ def _check_item(item: Any, i: int, parse_caption: Callable) -> dict[str, Any]:
     return dict(item)
 
 
+def _word_field(kind: str) -> str:
+    """The config field of control ``kind`` that names prompt words (``targets`` or ``words``)."""
+    from .controls.base import CONTROL_TYPES
+
+    cls = CONTROL_TYPES.get(kind)
+    fields = getattr(getattr(cls, "Config", None), "model_fields", {})
+    for name in ("targets", "words"):
+        if name in fields:
+            return name
+    raise AttnCtlError(f"--words-from: control {kind!r} names no prompt words",
+                       "use it with a word control (regulation, probe), or drop --words-from")
+
+
 def _batches(jobs: list[tuple[int, int]], size: int, by_item: bool) -> list[list[tuple[int, int]]]:
     if not by_item:
         return [jobs[i:i + size] for i in range(0, len(jobs), size)]
@@ -708,6 +721,9 @@ def eval_(
     seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds 0..N-1 per prompt item."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
     guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale (default: the model's)."),
+    words_from: str | None = typer.Option(
+        None, "--words-from", help="Fill the control's words (regulation targets, probe words) from each item's "
+                                   "objects: shapes, colours, both or phrases."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N prompt items."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per pipeline call."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -721,6 +737,7 @@ def eval_(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .toyworld.evaluate import evaluate_set
+    from .toyworld.world import WORD_KINDS, object_words
 
     items, label = load_prompt_items(prompts, limit)
     settings_json = None
@@ -731,7 +748,20 @@ def eval_(
         settings_json = read_json_arg(config, "--config") if config is not None else {}
         if not isinstance(settings_json, dict):
             raise AttnCtlError("--config must be a JSON object", 'e.g. --config \'{"words": ["circle"]}\'')
-        controls = build_controls([{**settings_json, "kind": method}], what=f"--method {method}")
+        if words_from is None:
+            controls = build_controls([{**settings_json, "kind": method}], what=f"--method {method}")
+    if words_from is not None:
+        if method is None:
+            raise AttnCtlError("--words-from needs --method", "pass --method regulation (or probe) with --words-from")
+        field = _word_field(method)
+        if words_from not in WORD_KINDS:
+            raise AttnCtlError(f"--words-from {words_from!r} is not a word kind", f"use one of {', '.join(WORD_KINDS)}")
+
+        def controls_for(item: dict[str, Any]) -> list:  # one set per prompt item: its own words
+            spec = {**settings_json, "kind": method, field: object_words(item, words_from)}
+            return build_controls([spec], what=f"--method {method}")
+
+        controls = controls_for(items[0])  # checks the settings before the model loads
     torch_dtype = parse_dtype(dtype)
     dev = check_device(device)
 
@@ -760,7 +790,8 @@ def eval_(
         for chunk in batches:
             kwargs = dict(call, prompt=[items[i]["prompt"] for i, _ in chunk],
                           generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk])
-            for img in run_pipeline(pipe, kwargs, controls):
+            chunk_controls = controls_for(items[chunk[0][0]]) if words_from is not None else controls
+            for img in run_pipeline(pipe, kwargs, chunk_controls):
                 images.append(np.asarray(img.convert("RGB")))
             bar.advance(task, len(chunk))
     seconds = time.perf_counter() - start
@@ -775,7 +806,9 @@ def eval_(
         "items": len(items),
         "seeds": seeds,
         "method": method,
-        "config": controls[0].to_json() if controls else None,
+        "config": (controls[0].to_json() if words_from is None else {**settings_json, "kind": method})
+        if controls else None,
+        "words_from": words_from,
         "steps": call["num_inference_steps"],
         "guidance": call["guidance_scale"],
         "height": call["height"],

@@ -37,10 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from regulation_eval import call_kwargs, generate, targets_of
+from regulation_eval import call_kwargs, generate
 from report import emit
 
 from attnctl.headhunt import pair_seed
+from attnctl.toyworld.world import object_words
 
 
 def _uint8(images) -> list[np.ndarray]:
@@ -129,7 +130,7 @@ def steering(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: rang
         images, refs, on_side, found = [], [], 0, 0
         for i, item in enumerate(items):
             if beta:
-                steer = _side_steer(beta, plus_only, targets=targets_of(item, "phrases"), sites=sites, steps=steps)
+                steer = _side_steer(beta, plus_only, targets=object_words(item, "phrases"), sites=sites, steps=steps)
                 ims, _ = generate(pipe, item["prompt"], _seeds(i, seeds), call, [steer])
             else:
                 ims = plain[i]
@@ -253,7 +254,7 @@ def neglect(pipe, items: list[dict], seeds: range, call: dict[str, Any], scales:
                 second = item["objects"][1]
                 controls = None
                 if cfg is not None:
-                    controls = [AttentionRegulation(**{"targets": targets_of(item, "phrases"), **cfg})]
+                    controls = [AttentionRegulation(**{"targets": object_words(item, "phrases"), **cfg})]
                 with weakened_keys(pipe, item["prompt"], [second["colour"], second["shape"]], scale, sd3_cfg,
                                     call["max_sequence_length"]):
                     ims, _ = generate(pipe, item["prompt"], _seeds(i, seeds), call, controls)

@@ -27,20 +27,9 @@ import torch
 from report import emit
 
 from attnctl.headhunt import pair_seed
+from attnctl.toyworld.world import WORD_KINDS, object_words
 
 METRICS = ("presence", "colour_binding", "object_recall", "colour_accuracy", "shape_accuracy", "leakage")
-
-
-def targets_of(item: dict[str, Any], which: str) -> list[str]:
-    if which == "phrases":  # one target per object: its colour and shape words together
-        return list(dict.fromkeys(f"{o['colour']} {o['shape']}" for o in item["objects"]))
-    words: list[str] = []
-    for obj in item["objects"]:
-        if which in ("shapes", "both"):
-            words.append(obj["shape"])
-        if which in ("colours", "both"):
-            words.append(obj["colour"])
-    return list(dict.fromkeys(words))  # unique, in prompt order
 
 
 def call_kwargs(pipe, steps: int | None, true_cfg: float | None = None) -> dict[str, Any]:
@@ -94,7 +83,7 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
             for name, cfg in zip(names, [None, *configs], strict=True):
                 controls = None
                 if cfg is not None:
-                    reg = AttentionRegulation(**{"targets": targets_of(item, which), **cfg})
+                    reg = AttentionRegulation(**{"targets": object_words(item, which), **cfg})
                     controls = [reg]
                 imgs, sec = generate(pipe, item["prompt"], seeds_here, call, controls)
                 images[name].extend(imgs)
@@ -144,7 +133,7 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0,
                     help="seeds first-seed … first-seed+seeds−1 (screen settings on other seeds than you report)")
     ap.add_argument("--configs", nargs="+", default=["{}"], help="AttentionRegulation settings (JSON), one per run")
-    ap.add_argument("--targets", choices=("shapes", "colours", "both", "phrases"), default="shapes")
+    ap.add_argument("--targets", choices=WORD_KINDS, default="shapes")
     ap.add_argument("--limit", type=int, default=None, help="only the first N items of each set")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps [default: the model's]")
     ap.add_argument("--true-cfg", type=float, default=None,

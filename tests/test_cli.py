@@ -128,6 +128,35 @@ def test_eval_with_method_and_table_output(sd3_dir, tmp_path):
     assert "presence" in result.stdout and "sharpness" in result.stdout and "probe" in result.stdout
 
 
+def test_eval_words_from_gives_each_item_its_own_words(sd3_dir, tmp_path, monkeypatch):
+    import attnctl.cli as cli
+
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["a red circle and a blue square", "a green triangle"]))
+    seen = []
+    real = cli.run_pipeline
+
+    def spy(pipe, kwargs, controls):
+        if controls:
+            seen.append((kwargs["prompt"][0], controls[0].config.targets))
+        return real(pipe, kwargs, controls)
+
+    monkeypatch.setattr(cli, "run_pipeline", spy)
+    common = ("eval", "--model", sd3_dir, "--prompts", prompts, "--seeds", "2", "--steps", "2", "--json")
+    result = run(*common, "--method", "regulation", "--words-from", "phrases", "--config", '{"sites": "all"}')
+    ok(result)
+    out = json.loads(result.stdout)
+    assert out["words_from"] == "phrases" and out["config"]["kind"] == "regulation"
+    assert seen == [("a red circle and a blue square", ["red circle", "blue square"]),
+                    ("a green triangle", ["green triangle"])]
+    seen.clear()
+    # With zero iterations the control is the plain attention: the same images, so the same metrics.
+    off = run(*common, "--method", "regulation", "--words-from", "shapes", "--config", '{"iterations": 0}')
+    plain = run(*common)
+    ok(off), ok(plain)
+    assert json.loads(off.stdout)["metrics"] == json.loads(plain.stdout)["metrics"]
+
+
 # ------------------------------------------------------------------------------------------- inspect
 
 
@@ -183,6 +212,11 @@ def _bad_input_cases(sd3: str, tmp: str) -> list[tuple[list[str], str]]:
         (["eval", "--model", sd3, "--prompts", f"{tmp}/bad-items.json", "--seeds", "1"],
          "prompt item 1: field 'prompt'"),
         (["eval", "--model", sd3, "--prompts", "single", "--method", "probe", "--config", '{"sites": 5}'], "sites"),
+        (["eval", "--model", sd3, "--prompts", "single", "--words-from", "shapes"], "--words-from needs --method"),
+        (["eval", "--model", sd3, "--prompts", "single", "--method", "regulation", "--words-from", "nouns"],
+         "'nouns' is not a word kind"),
+        (["eval", "--model", sd3, "--prompts", "single", "--method", "softpag", "--config", '{"heads": ["L0H0"]}',
+          "--words-from", "shapes"], "names no prompt words"),
         (["inspect", "--config", "sd4-huge"], "unknown transformer config 'sd4-huge'"),
         (["toy", "train", "--model", "toy-unet", "--out", tmp], "unknown toy model 'toy-unet'"),
     ]

@@ -484,6 +484,28 @@ PROMPT_SETS: dict[str, int] = {
 _SET_SEEDS: dict[str, int] = {name: 7919 * (i + 1) for i, name in enumerate(PROMPT_SETS)}
 
 
+WORD_KINDS: tuple[str, ...] = ("shapes", "colours", "both", "phrases")
+"""What :func:`object_words` takes from each object of a prompt item."""
+
+
+def object_words(item: dict[str, Any], which: str = "shapes") -> list[str]:
+    """The words a word control (``AttentionRegulation(targets=...)``, ``AttentionProbe(words=...)``) should name
+    for a prompt item: its objects' shape words, colour words, both, or one ``"<colour> <shape>"`` phrase per
+    object; each once, in prompt order. An item without ``objects`` has them read from its caption."""
+    if which not in WORD_KINDS:
+        raise AttnCtlError(f"unknown word kind {which!r}", f"use one of {', '.join(WORD_KINDS)}")
+    objects = item["objects"] if "objects" in item else parse_caption(item["prompt"])["objects"]
+    if which == "phrases":
+        return list(dict.fromkeys(f"{o['colour']} {o['shape']}" for o in objects))
+    words: list[str] = []
+    for obj in objects:
+        if which in ("shapes", "both"):
+            words.append(obj["shape"])
+        if which in ("colours", "both"):
+            words.append(obj["colour"])
+    return list(dict.fromkeys(words))
+
+
 def item_from_scene(scene: Scene) -> dict[str, Any]:
     """A prompt item for a scene: its caption parsed into objects (and relation) plus its boxes as layout."""
     item: dict[str, Any] = {"prompt": scene.caption, "kind": scene.kind}
