@@ -189,3 +189,22 @@ def test_device_agnostic_on_the_meta_device(request, fixture):
     with attnctl.attach(tr, [probe, _Everything()]):
         out = tr(**kw)[0]
     assert out.device.type == "meta" and probe._sum.device.type == "meta"
+
+
+@pytest.mark.parametrize("fixture", ["sd3_pipe", "flux_pipe"])
+def test_lora_on_the_projections_takes_part(request, fixture):
+    """A LoRA adapter on the attention projections acts through attnctl's processors exactly as through stock."""
+    import peft  # a dev dependency: diffusers' LoRA support is built on it
+    tr = copy.deepcopy(request.getfixturevalue(fixture).transformer)
+    kw = transformer_inputs(tr, batch=2, grid=(4, 4))
+    plain = _run(tr, kw)
+    targets = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"]
+    tr.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False))
+    stock = _run(tr, kw)
+    assert (stock - plain).abs().max().item() > 1e-3  # the adapter changes the output
+    ctl = attnctl.Controller(tr, [attnctl.AttentionProbe(tokens=[0])])
+    tr.set_attn_processor(ctl.processors())
+    ctl.begin_run(1, layout=attnctl.TokenLayout(ctl.family, kw["encoder_hidden_states"].shape[1], (4, 4)))
+    ours = _run(tr, kw)
+    ctl.close()
+    assert (ours - stock).abs().max().item() <= 1e-5
