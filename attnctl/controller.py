@@ -30,6 +30,7 @@ from .errors import ConfigError, LayoutError, UnsupportedModelError
 from .layout import TokenLayout, layout_for_pipeline
 from .processors import AttnCtlProcessor, processor_for
 from .processors.base import SiteCall
+from .processors.ip_adapter import SUPPORTED as IP_ADAPTERS
 from .sites import Site, family_of, list_sites
 
 
@@ -72,10 +73,12 @@ class Controller:
             proc = processor_for(site, self)
             old = current.get(site.processor_key)
             if "IPAdapter" in type(old).__name__:
-                raise UnsupportedModelError(
-                    f"site {site.name} runs {type(old).__name__}: an IP-adapter is loaded, and attnctl's processors "
-                    "do not run IP-adapter attention (its image features would be silently dropped)",
-                    fix="unload it first (pipe.unload_ip_adapter()) or generate this image without attnctl controls")
+                if type(old).__name__ not in IP_ADAPTERS:
+                    raise UnsupportedModelError(
+                        f"site {site.name} runs {type(old).__name__}, an IP-adapter processor attnctl cannot carry "
+                        f"over (it carries {', '.join(IP_ADAPTERS)})",
+                        fix="unload it first (pipe.unload_ip_adapter()) or generate without attnctl controls")
+                proc.ip_adapter = old  # its term is added by the new processor, with the adapter's weights
             for attr in ("_attention_backend", "_parallel_config"):
                 if getattr(old, attr, None) is not None:
                     setattr(proc, attr, getattr(old, attr))

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
 
 BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 """Transformer inputs with one entry per batch row (SD3 and FLUX); the perturbed rows copy them."""
@@ -206,6 +206,12 @@ class PerturbedBranch:
                 fix=f"generate {self.branches.count} images per prompt (num_images_per_prompt="
                     f"{self.branches.count}): image j is guided by the control with branch=j",
             )
+        extras = bound.get("joint_attention_kwargs") or {}
+        if any(k in extras for k in ("ip_adapter_image_embeds", "ip_hidden_states")):
+            raise UnsupportedModelError(
+                "SoftPAG's perturbed rows cannot carry an IP-adapter's image features yet",
+                fix="unload the IP-adapter (pipe.unload_ip_adapter()) for SoftPAG runs; the other controls work "
+                    "with it")
         idx = torch.tensor(cond, dtype=torch.long, device=bound["hidden_states"].device)
 
         def with_copies(x: Any) -> Any:

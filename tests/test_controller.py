@@ -155,24 +155,75 @@ def test_controls_round_trip_json():
         attnctl.control_from_json({"kind": "probe", "bogus": 1})
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_a_loaded_ip_adapter_is_refused_not_dropped(sd3_pipe, flux_pipe, family):
-    """attnctl's processors do not run IP-adapter attention, so installing them over one is an error."""
+def _ip_processor(family: str, tr):
     from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
     from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    torch.manual_seed(0)
+    if family == "sd3":
+        return SD3IPAdapterJointAttnProcessor2_0(tr.inner_dim, 16, tr.config.attention_head_dim, 8, scale=0.7)
+    return FluxIPAdapterAttnProcessor(tr.inner_dim, 16, num_tokens=(4, 4), scale=[0.6, 0.3])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_an_ip_adapter_keeps_working_under_attnctl(sd3_pipe, flux_pipe, family):
+    """attnctl's processor takes over the replaced IP-adapter processor's term: the attention module's output
+    (through diffusers' own keyword filtering) equals the stock IP-adapter processor's, and restore puts it back."""
+    pipe = sd3_pipe if family == "sd3" else flux_pipe
+    tr = pipe.transformer
+    attn = tr.transformer_blocks[0].attn
+    ip = _ip_processor(family, tr)
+    g = torch.Generator().manual_seed(1)
+    hs, ehs = torch.randn(2, 16, tr.inner_dim, generator=g), torch.randn(2, 5, tr.inner_dim, generator=g)
+    if family == "sd3":
+        extra = {"ip_hidden_states": torch.randn(2, 4, 16, generator=g), "temb": torch.randn(2, 8, generator=g)}
+    else:
+        ids = torch.cat([torch.zeros(5, 3), torch.stack([torch.zeros(16), torch.arange(16.0) // 4,
+                                                         torch.arange(16.0) % 4], dim=-1)])
+        extra = {"image_rotary_emb": tr.pos_embed(ids),
+                 "ip_hidden_states": [torch.randn(2, 4, 16, generator=g) for _ in range(2)]}
+    saved = dict(tr.attn_processors)
+    key = "transformer_blocks.0.attn.processor"
+    tr.set_attn_processor({**saved, key: ip})
+    try:
+        with torch.no_grad():
+            stock = attn(hidden_states=hs, encoder_hidden_states=ehs, **extra)
+            if family == "sd3":  # the adapter's term counts: without it the output moves
+                ip.scale = 0.0
+                assert (attn(hidden_states=hs, encoder_hidden_states=ehs, **extra)[0] - stock[0]).abs().max() > 1e-3
+                ip.scale = 0.7
+            else:  # FLUX returns the term as a third output
+                assert len(stock) == 3 and stock[2].abs().max() > 1e-3
+            ctl = attnctl.Controller(tr, [attnctl.AttentionProbe(tokens=[0])]).install()
+            try:
+                assert tr.attn_processors[key].ip_adapter is ip
+                ctl.begin_run(1, layout=attnctl.TokenLayout(ctl.family, 5, (4, 4)))
+                ours = attn(hidden_states=hs, encoder_hidden_states=ehs, **extra)
+            finally:
+                ctl.restore()
+            assert tr.attn_processors[key] is ip  # restored
+    finally:
+        tr.set_attn_processor(saved)
+    assert len(ours) == len(stock)
+    for a, b in zip(ours, stock, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_an_ip_adapter_processor_attnctl_cannot_carry_is_refused_not_dropped(sd3_pipe, flux_pipe, family):
+    class CustomIPAdapterAttnProcessor:  # e.g. a third-party adapter: its term would be silently lost
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            raise AssertionError("never called")
 
     pipe = sd3_pipe if family == "sd3" else flux_pipe
     tr = pipe.transformer
     saved = dict(tr.attn_processors)
     key = next(iter(saved))
-    dim = tr.inner_dim
-    ip = (SD3IPAdapterJointAttnProcessor2_0(dim, 8, tr.config.attention_head_dim, 8) if family == "sd3"
-          else FluxIPAdapterAttnProcessor(dim, 8))
-    tr.set_attn_processor({**saved, key: ip})
+    tr.set_attn_processor({**saved, key: CustomIPAdapterAttnProcessor()})
     try:
-        with pytest.raises(UnsupportedModelError, match="IP-adapter is loaded.*unload_ip_adapter"):
+        with pytest.raises(UnsupportedModelError, match="CustomIPAdapterAttnProcessor.*unload_ip_adapter"):
             attnctl.attach(pipe, [attnctl.AttentionProbe(words=["circle"])]).__enter__()
-        assert tr.attn_processors[key] is ip  # nothing was replaced, nothing left hooked
+        assert type(tr.attn_processors[key]).__name__ == "CustomIPAdapterAttnProcessor"  # nothing replaced
         assert "encode_prompt" not in vars(pipe) and not tr._forward_pre_hooks and not tr._forward_hooks
     finally:
         tr.set_attn_processor(saved)

@@ -384,6 +384,24 @@ def test_perturbed_rows_carry_the_controlnet_residuals(sd3_pipe, flux_pipe, fami
     assert (ptb - cond).abs().max() > 1e-4
 
 
+def test_softpag_refuses_ip_adapter_features_in_its_perturbed_rows(sd3_pipe):
+    from attnctl.errors import UnsupportedModelError
+    from attnctl.guidance import PerturbedBranch, perturbed_branches
+
+    tr = sd3_pipe.transformer
+    inputs = transformer_inputs(tr, batch=2)
+    inputs["joint_attention_kwargs"] = {"ip_hidden_states": torch.zeros(2, 4, 16), "temb": torch.zeros(2, 8)}
+    ctl = attnctl.Controller(tr, [attnctl.SoftPAG(heads=["L0H0"], scale=1.0)], roles=["uncond", "cond"])
+    ctl.install()
+    try:
+        ctl.begin_run(1, layout=TokenLayout(ctl.family, inputs["encoder_hidden_states"].shape[1], (4, 4)))
+        with PerturbedBranch(tr, ctl, perturbed_branches(ctl.controls), lambda roles: 3.0), \
+                pytest.raises(UnsupportedModelError, match="IP-adapter.*unload_ip_adapter"):
+            tr(**inputs)
+    finally:
+        ctl.restore()
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_per_image_branches_equal_separate_calls(sd3_pipe, flux_pipe, family):
     """A search's batched call: image j of ``num_images_per_prompt=B`` guided by the control with ``branch=j``

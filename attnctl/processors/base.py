@@ -49,6 +49,7 @@ class AttnCtlProcessor:
     def __init__(self, site: Site | None = None, controller: Controller | None = None) -> None:
         self.site = site
         self.controller = controller
+        self.ip_adapter = None  # the IP-adapter processor replaced here, whose term this one adds (ip_adapter.py)
 
     def __repr__(self) -> str:
         where = self.site.name if self.site is not None else "unbound"

@@ -11,6 +11,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .base import AttnCtlProcessor
+from .ip_adapter import flux_ip_term
 
 
 def _projections(attn, hidden_states, encoder_hidden_states):
@@ -34,11 +35,13 @@ class AttnCtlFluxProcessor(AttnCtlProcessor):
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
-                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ip_hidden_states: list[torch.Tensor] | None = None, ip_adapter_masks: torch.Tensor | None = None):
         query, key, value, eq, ek, ev = _projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
+        ip_query = query  # QK-normed, before RoPE: what an IP-adapter's term reads
 
         n_text = None  # single block: the controller knows it from the run's layout
         if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
@@ -64,5 +67,8 @@ class AttnCtlFluxProcessor(AttnCtlProcessor):
             hidden_states = attn.to_out[0](hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            if self.ip_adapter is not None and ip_hidden_states is not None:
+                return hidden_states, encoder_hidden_states, flux_ip_term(self.ip_adapter, attn, ip_query,
+                                                                          ip_hidden_states)
             return hidden_states, encoder_hidden_states
         return out

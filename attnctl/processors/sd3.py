@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import AttnCtlProcessor
+from .ip_adapter import sd3_ip_term
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -22,11 +23,14 @@ class AttnCtlJointProcessor(AttnCtlProcessor):
     """Drop-in replacement for ``JointAttnProcessor2_0``."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, *args, **kwargs):
+                 attention_mask: torch.Tensor | None = None, ip_hidden_states: torch.Tensor | None = None,
+                 temb: torch.Tensor | None = None, *args, **kwargs):
+        # ip_hidden_states / temb are named (diffusers passes a processor only the keywords its signature names).
         n_image = hidden_states.shape[1]
         query = _heads(attn.to_q(hidden_states), attn.heads)
         key = _heads(attn.to_k(hidden_states), attn.heads)
         value = _heads(attn.to_v(hidden_states), attn.heads)
+        img_q, img_k, img_v = query, key, value  # before the QK norm: what an IP-adapter's term reads
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -56,6 +60,9 @@ class AttnCtlJointProcessor(AttnCtlProcessor):
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         else:
             hidden_states = out
+        if self.ip_adapter is not None and ip_hidden_states is not None and self.ip_adapter.scale != 0:
+            hidden_states = hidden_states + sd3_ip_term(self.ip_adapter, attn, img_q, img_k, img_v, ip_hidden_states,
+                                                        temb)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if encoder_hidden_states is not None:
