@@ -37,15 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from regulation_eval import call_kwargs, generate
+from regulation_eval import call_kwargs, generate, to_uint8
 from report import emit
 
 from attnctl.headhunt import pair_seed
 from attnctl.toyworld.world import object_words
-
-
-def _uint8(images) -> list[np.ndarray]:
-    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
 
 
 def _embed(pipe, prompt: str, length: int) -> dict[str, torch.Tensor]:
@@ -67,7 +63,7 @@ def _from_embeddings(pipe, emb: dict[str, torch.Tensor], seeds: list[int], call:
     kw = {k: v for k, v in call.items() if k != "max_sequence_length"}
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     batched = {k: v.repeat(len(seeds), *[1] * (v.dim() - 1)) for k, v in emb.items()}
-    return _uint8(pipe(**batched, generator=gens, **kw).images)
+    return to_uint8(pipe(**batched, generator=gens, **kw).images)
 
 
 def plain_images(pipe, items: list[dict], seeds: range, call: dict[str, Any]) -> list[list[np.ndarray]]:

@@ -56,7 +56,12 @@ def generate(pipe, prompt: str, seeds: list[int], call: dict[str, Any], controls
     t = time.perf_counter()
     out = pipe(prompt=[prompt] * len(seeds), generator=gens, controls=controls, **kw).images
     seconds = time.perf_counter() - t
-    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out], seconds
+    return to_uint8(out), seconds
+
+
+def to_uint8(images) -> list[np.ndarray]:
+    """Pipeline ``output_type="np"`` images ([0, 1] floats) as uint8 arrays."""
+    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
 
 
 def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which: str, limit: int | None,
