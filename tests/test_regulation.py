@@ -108,6 +108,19 @@ def test_closed_form_gradient_matches_autograd(normalize, per_head):
     ref.sum().backward()
     assert torch.allclose(loss, ref.detach(), atol=1e-6) and torch.allclose(ml, ref_ml.detach(), atol=1e-6)
     assert torch.allclose(gw, wr.grad, atol=1e-6, rtol=1e-4)
+    # biases of hundreds (W far from its start) neither overflow nor lose the maps
+    big = w * 300 - 100
+    loss, ml, gw = loss_and_grad(terms, big, basis, cfg)
+    m = word_maps(terms, torch.einsum("bhtk,kn->bnht", big, basis))
+    assert torch.isfinite(loss).all() and torch.isfinite(gw).all()
+    assert torch.allclose(ml, map_loss(m if per_head else m.mean(2, keepdim=True), cfg, words), atol=1e-6)
+
+
+def test_keep_best_off_applies_the_last_iterate(sd3_pipe):
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", keep_best=False, iterations=7)
+    run_direct(sd3_pipe, reg)
+    (rec,) = reg.records
+    assert rec.best == [7, 7] and rec.best_loss == pytest.approx(rec.losses[-1], rel=1e-6)
 
 
 def test_zero_iterations_is_plain_attention(sd3_pipe):
@@ -164,6 +177,9 @@ def test_special_positions_and_basis():
     assert special_positions(LAYOUT) == [0, 3, 7]
     g = gaussian_basis(4, 6, grid=2, sigma=0.25)
     assert g.shape == (4, 24) and float(g.max()) <= 1.0
+    # no denormal tails (they make CPU matmuls several times slower): zero or a normal float
+    wide = gaussian_basis(64, 64)
+    assert not ((wide > 0) & (wide < torch.finfo(torch.float32).tiny)).any() and (wide == 0).any()
     # bump 1 (top row, right column) is largest in the top-right quadrant of the 4×6 grid
     assert int(g[1].reshape(4, 6).argmax()) // 6 in (0, 1) and int(g[1].reshape(4, 6).argmax()) % 6 >= 3
 

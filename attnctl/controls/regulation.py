@@ -49,6 +49,9 @@ JOINT_KINDS = ("sd3_joint", "flux_double", "flux_single")
 TEXT_CHUNK_ELEMS = 1 << 20
 """Bound on the query elements per chunk of the text log-sum-exp pass (4 MiB in float32)."""
 
+BASIS_FLOOR = 1e-20
+"""Gaussian-bump values below this are set to zero (far below any bias's resolution; no denormals)."""
+
 _TINY = 1e-30
 
 
@@ -182,6 +185,7 @@ def gaussian_basis(h: int, w: int, grid: int = 7, sigma: float = 1 / 16, device=
 
     Centres sit at the centres of a ``grid × grid`` tiling of the image; the widths are ``sigma·h`` and
     ``sigma·w`` tokens (``σ = width/16`` on square images), so non-square grids get stretched bumps.
+    Tails below ``BASIS_FLOOR`` are zero: they move no bias, and denormal floats slow CPU matmuls several-fold.
     """
     ys = torch.arange(h, dtype=torch.float32, device=device)
     xs = torch.arange(w, dtype=torch.float32, device=device)
@@ -189,7 +193,8 @@ def gaussian_basis(h: int, w: int, grid: int = 7, sigma: float = 1 / 16, device=
     cx = -0.5 + (torch.arange(grid, dtype=torch.float32, device=device) + 0.5) * w / grid
     gy = torch.exp(-((ys[None, :] - cy[:, None]) ** 2) / (2 * (sigma * h) ** 2))  # (grid, h)
     gx = torch.exp(-((xs[None, :] - cx[:, None]) ** 2) / (2 * (sigma * w) ** 2))  # (grid, w)
-    return (gy[:, None, :, None] * gx[None, :, None, :]).reshape(grid * grid, h * w)
+    g = (gy[:, None, :, None] * gx[None, :, None, :]).reshape(grid * grid, h * w)
+    return g.masked_fill(g < BASIS_FLOOR, 0.0)
 
 
 @dataclass
@@ -269,7 +274,25 @@ def map_loss(maps: torch.Tensor, cfg: RegulationConfig, n: int) -> torch.Tensor:
             + cfg.w_mean * ((mean - tau / n) ** 2).mean(dim=(1, 2)))
 
 
-def loss_and_grad(terms: RowTerms, w: torch.Tensor, basis: torch.Tensor, cfg: RegulationConfig,
+@dataclass
+class _WordMajor:
+    """:class:`RowTerms` laid out ``(batch, heads, words, rows)`` once per call, so that every reduction of the
+    inner loop over image rows runs on the last, contiguous dimension and ``W @ G`` needs no permute."""
+
+    log_p: torch.Tensor  # (batch, heads, words, rows)
+    log_alpha: torch.Tensor  # (batch, heads, 1, rows)
+    gamma: torch.Tensor
+
+    @classmethod
+    def of(cls, terms: RowTerms) -> _WordMajor:
+        def rows_last(x: torch.Tensor) -> torch.Tensor:
+            return x.permute(0, 2, 1)[:, :, None, :].contiguous()
+
+        return cls(terms.log_p.permute(0, 2, 3, 1).contiguous(), rows_last(terms.log_alpha),
+                   torch.exp(rows_last(terms.log_gamma)))
+
+
+def loss_and_grad(terms: RowTerms | _WordMajor, w: torch.Tensor, basis: torch.Tensor, cfg: RegulationConfig,
                   grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The regulation loss of ``W`` ``(batch, heads or 1, words, K)`` per batch row, its map part, and
     ``∂L/∂W`` in closed form (no autograd graph: a few small tensor ops per iteration).
@@ -278,42 +301,67 @@ def loss_and_grad(terms: RowTerms, w: torch.Tensor, basis: torch.Tensor, cfg: Re
 
         ∂L/∂b_u(r) = mean_h M_u (g_u − γ Σ_t g_t M_t)        (shared bias; per head: no mean)
         ∂L/∂W[u, k] = Σ_r ∂L/∂b_u(r) · G_k(r) + 2 w_reg W[u, k] / |W|
+
+    ``g_t`` is the mean term's ``2 w_mean (mean_t − τ/n) / (|map| · N)`` at every pixel plus the quantile term's
+    ``2 w_quantile (q_t − q) / |map|`` on the one or two pixels the quantile interpolates between. The inner
+    loop runs this 20 times per site and step on small tensors, so it is written for few tensor operations.
     """
+    t = terms if isinstance(terms, _WordMajor) else _WordMajor.of(terms)
     nb, hb, n, k = w.shape
-    bias = (w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
-    m = word_maps(terms, bias)  # (batch, N, H, words)
-    maps = m if cfg.per_head else m.mean(dim=2, keepdim=True)  # (batch, N, hm, words)
-    n_img, hm = maps.shape[1], maps.shape[2]
+    lx = t.log_p + w @ basis  # (batch, H, words, N): log x_t = log P_t + b_t
+    # M_t = x_t / (α + γ Σ x), every exponent shifted by the largest of log α and log x_t: no overflow, and
+    # the denominator stays ≥ min(1, γ) > 0
+    top_log = torch.maximum(lx.amax(dim=2, keepdim=True), t.log_alpha)
+    e = torch.exp(lx - top_log)
+    m = e / (torch.exp(t.log_alpha - top_log) + t.gamma * e.sum(dim=2, keepdim=True))
+    heads = m.shape[1]
+    maps = m if cfg.per_head else m.mean(dim=1, keepdim=True)  # (batch, H', words, N)
+    n_img = maps.shape[-1]
     tau = cfg.tau if cfg.tau is not None else min(1.0, 0.2 * n)
     pos = cfg.q_level * (n_img - 1)
-    lo, frac = int(math.floor(pos)), pos - math.floor(pos)
-    v_lo, i_lo = torch.kthvalue(maps, lo + 1, dim=1)  # (batch, hm, words)
-    if frac > 0:
-        v_hi, i_hi = torch.kthvalue(maps, lo + 2, dim=1)
-        qv = v_lo + frac * (v_hi - v_lo)
-    else:
-        qv, i_hi = v_lo, None
-    mean = maps.mean(dim=1)
-    map_part = (cfg.w_quantile * ((qv - cfg.q) ** 2).mean(dim=(1, 2))
-                + cfg.w_mean * ((mean - tau / n) ** 2).mean(dim=(1, 2)))
-    loss = map_part + cfg.w_reg * (w**2).mean(dim=(1, 2, 3))
+    lo = int(math.floor(pos))
+    frac = pos - lo
+    # the (lo+1)-th and (lo+2)-th smallest values: the last two of the n_img − lo largest, in descending order
+    top, top_i = maps.topk(n_img - lo, dim=-1)
+    qv = top[..., -1] if frac == 0 else torch.lerp(top[..., -1], top[..., -2], frac)  # (batch, H', words)
+    dq = qv - cfg.q
+    dm = maps.mean(dim=-1) - tau / n
+    map_part = (cfg.w_quantile * dq.square() + cfg.w_mean * dm.square()).mean(dim=(1, 2))
+    loss = torch.add(map_part, w.square().mean(dim=(1, 2, 3)), alpha=cfg.w_reg)
     if not grad:
         return loss, map_part, None
-    norm = hm * n
-    g = (2 * cfg.w_mean / (norm * n_img)) * (mean - tau / n)  # ∂/∂map_t(r), the same for every r
-    g = g[:, None].expand(nb, n_img, hm, n).clone()
-    gq = (2 * cfg.w_quantile / norm) * (qv - cfg.q)
-    g.scatter_add_(1, i_lo[:, None], (gq * (1 - frac))[:, None])
-    if i_hi is not None:
-        g.scatter_add_(1, i_hi[:, None], (gq * frac)[:, None])
+    norm = maps.shape[1] * n * (1 if cfg.per_head else heads)  # |map|, and the mean over heads
+    g = torch.zeros_like(maps)
+    if frac == 0:
+        g.scatter_(-1, top_i[..., -1:], ((2 * cfg.w_quantile / norm) * dq)[..., None])
+    else:
+        share = torch.tensor([frac, 1 - frac], dtype=maps.dtype, device=maps.device)  # for lo+2, lo+1
+        g.scatter_add_(-1, top_i[..., -2:], ((2 * cfg.w_quantile / norm) * dq)[..., None] * share)
+    g += ((2 * cfg.w_mean / (norm * n_img)) * dm)[..., None]
+    gm = g * m  # (batch, H, words, N)
+    gb = gm - m * (t.gamma * gm.sum(dim=2, keepdim=True))
     if not cfg.per_head:
-        g = g / m.shape[2]  # the map is the mean over heads
-    gamma = terms.gamma[..., None]
-    gb = m * (g - gamma * (g * m).sum(-1, keepdim=True))  # (batch, N, H, words)
-    if not cfg.per_head:
-        gb = gb.sum(dim=2, keepdim=True)
-    gw = gb.permute(0, 2, 3, 1) @ basis.T + (2 * cfg.w_reg / (hb * n * k)) * w  # (batch, hb, words, K)
+        gb = gb.sum(dim=1, keepdim=True)
+    gw = torch.add(gb @ basis.T, w, alpha=2 * cfg.w_reg / (hb * n * k))  # (batch, hb, words, K)
     return loss, map_part, gw
+
+
+def descend(terms: RowTerms, w: torch.Tensor, basis: torch.Tensor, cfg: RegulationConfig
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cfg.iterations`` plain gradient steps ``W ← W − lr·∂L/∂W`` from ``w``.
+
+    Returns the iterates ``W_0 … W_iterations`` stacked ``(iterations + 1, batch, heads or 1, words, K)`` and
+    their losses and map parts ``(iterations + 1, batch)``; the caller picks the iterate to apply."""
+    t = _WordMajor.of(terms)
+    ws, losses, parts = [], [], []
+    for i in range(cfg.iterations + 1):
+        loss, part, gw = loss_and_grad(t, w, basis, cfg, grad=i < cfg.iterations)
+        ws.append(w)
+        losses.append(loss)
+        parts.append(part)
+        if gw is not None:
+            w = torch.add(w, gw, alpha=-cfg.lr)
+    return torch.stack(ws), torch.stack(losses), torch.stack(parts)
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -517,20 +565,13 @@ class AttentionRegulation(Control):
         w = self._applied_w.earlier(call.site.name, state.step) if cfg.init == "previous" else None
         if w is None or w.shape != shape:
             w = torch.rand(shape, generator=gen).to(dev)
-        losses = []
-        best_w, best_loss = w, torch.full((nb,), float("inf"), device=dev)
-        best_ml, best_idx = torch.zeros(nb, device=dev), torch.zeros(nb, dtype=torch.long, device=dev)
-        for i in range(cfg.iterations + 1):  # L(W_0), step, ..., L(W_iterations)
-            last = i == cfg.iterations
-            loss, ml, gw = loss_and_grad(terms, w, basis, cfg, grad=not last)
-            losses.append(loss.mean())
-            better = (loss < best_loss) if cfg.keep_best else torch.ones_like(loss, dtype=torch.bool)
-            best_loss = torch.where(better, loss, best_loss)
-            best_ml = torch.where(better, ml, best_ml)
-            best_idx = torch.where(better, torch.full_like(best_idx, i), best_idx)
-            best_w = torch.where(better[:, None, None, None], w, best_w)
-            if gw is not None:
-                w = w - cfg.lr * gw
+        ws, losses, parts = descend(terms, w, basis, cfg)
+        if cfg.keep_best:  # the first iterate of least loss per batch row (a NaN loss is never best)
+            best_idx = torch.nan_to_num(losses, nan=float("inf")).argmin(dim=0)
+        else:
+            best_idx = torch.full((nb,), cfg.iterations, dtype=torch.long, device=dev)
+        rows = torch.arange(nb, device=dev)
+        best_w, best_loss, best_ml = ws[best_idx, rows], losses[best_idx, rows], parts[best_idx, rows]
         if cfg.init == "previous":
             self._applied_w.keep(call.site.name, state.step, best_w)
         new = (best_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
@@ -540,7 +581,7 @@ class AttentionRegulation(Control):
         if restore:
             parts.append(restore_bias(terms, applied)[..., None].expand(nb, n_img, heads, n_cols - n_t))
         self.records.append(RegulationRecord(
-            call.site.name, state.step, torch.stack(losses).tolist(), best_idx.tolist(),
+            call.site.name, state.step, losses.mean(dim=1).tolist(), best_idx.tolist(),
             float(best_loss.mean()), float(best_ml.mean()), float(applied.abs().max())))
         return torch.cat(parts, dim=-1)
 
