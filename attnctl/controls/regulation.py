@@ -254,7 +254,8 @@ def row_terms(rel_targets: torch.Tensor, word_of: list[int], n_words: int, rel_s
 
 def word_maps(terms: RowTerms, bias: torch.Tensor) -> torch.Tensor:
     """Post-softmax maps ``M_t`` ``(batch, rows, heads, words)`` of the words under a per-word ``bias``
-    ``(batch, rows, heads or 1, words)``; in log space, so large biases do not overflow."""
+    ``(batch, rows, heads or 1, words)``; in log space, so large biases do not overflow. The plain reference of
+    the maps (the inner loop computes them in :func:`loss_and_grad`)."""
     lx = terms.log_p + bias
     log_den = torch.logaddexp(terms.log_alpha, terms.log_gamma + torch.logsumexp(lx, dim=-1))
     return torch.exp(lx - log_den[..., None])
@@ -266,7 +267,8 @@ def restore_bias(terms: RowTerms, bias: torch.Tensor) -> torch.Tensor:
 
 
 def map_loss(maps: torch.Tensor, cfg: RegulationConfig, n: int) -> torch.Tensor:
-    """The quantile and mean terms of the loss per batch row, for maps ``(batch, rows, heads', words)``."""
+    """The quantile and mean terms of the loss per batch row, for maps ``(batch, rows, heads', words)``: the
+    plain reference (``torch.quantile``) of what :func:`loss_and_grad` computes for the inner loop."""
     tau = cfg.tau if cfg.tau is not None else min(1.0, 0.2 * n)
     qv = torch.quantile(maps, cfg.q_level, dim=1)  # (batch, heads', words), linear interpolation
     mean = maps.mean(dim=1)
