@@ -90,13 +90,15 @@ def test_inner_loss_decreases(sd3_pipe):
     print("inner loss (lr=10): ", [round(x, 3) for x in losses])
 
 
+@pytest.mark.parametrize("q_level", [0.9, 1.0])  # 24 rows: the quantile between two pixels, or one pixel
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("normalize", ["text", "joint"])
-def test_closed_form_gradient_matches_autograd(normalize, per_head):
+def test_closed_form_gradient_matches_autograd(normalize, per_head, q_level):
     g = torch.Generator().manual_seed(3)
     nb, n, h, words = 2, 24, 3, 2
     rel = torch.log_softmax(torch.randn(nb, n, h, 8, generator=g) * 2, -1)  # columns of one softmax row
-    cfg = AttentionRegulation(targets=["circle", "square"], normalize=normalize, per_head=per_head).config
+    cfg = AttentionRegulation(targets=["circle", "square"], normalize=normalize, per_head=per_head,
+                              q_level=q_level).config
     terms = row_terms(rel[..., :3], [0, 1, 1], words, rel[..., 3:5], torch.logsumexp(rel[..., 5:], -1), normalize)
     basis = gaussian_basis(4, 6)
     w = torch.rand(nb, h if per_head else 1, words, basis.shape[0], generator=g, dtype=torch.float32)

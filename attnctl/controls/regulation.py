@@ -333,12 +333,10 @@ def loss_and_grad(terms: RowTerms | _WordMajor, w: torch.Tensor, basis: torch.Te
     if not grad:
         return loss, map_part, None
     norm = maps.shape[1] * n * (1 if cfg.per_head else heads)  # |map|, and the mean over heads
-    g = torch.zeros_like(maps)
-    if frac == 0:
-        g.scatter_(-1, top_i[..., -1:], ((2 * cfg.w_quantile / norm) * dq)[..., None])
-    else:
-        share = torch.tensor([frac, 1 - frac], dtype=maps.dtype, device=maps.device)  # for lo+2, lo+1
-        g.scatter_add_(-1, top_i[..., -2:], ((2 * cfg.w_quantile / norm) * dq)[..., None] * share)
+    gq = ((2 * cfg.w_quantile / norm) * dq)[..., None]
+    g = torch.zeros_like(maps).scatter_(-1, top_i[..., -1:], gq if frac == 0 else (1 - frac) * gq)  # lo+1
+    if frac > 0:
+        g.scatter_add_(-1, top_i[..., -2:-1], frac * gq)  # lo+2
     g += ((2 * cfg.w_mean / (norm * n_img)) * dm)[..., None]
     gm = g * m  # (batch, H, words, N)
     gb = gm - m * (t.gamma * gm.sum(dim=2, keepdim=True))
