@@ -11,7 +11,8 @@ regulates its own nouns, as the paper does. Baseline and every config generate t
 same seeds in the same batches (one pipeline call per item and config, all seeds at once) and are timed
 interleaved, so the wall-time overhead compares like with like. Images are scored by the shapes-world
 evaluator (``attnctl.toyworld.evaluate``); the table shows presence (every prompted object found),
-colour binding, object recall and colour / shape accuracy, and the overhead per image.
+colour binding, object recall and colour / shape accuracy, the overhead per image, and what the control did at
+the attention level: the loss's map terms of the plain maps and under the bias applied, averaged over its calls.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
         items = prompt_set(set_name)[:limit]
         images = {n: [] for n in names}
         seconds = {n: 0.0 for n in names}
-        records = {n: 0 for n in names[1:]}
+        records = {n: [] for n in names[1:]}
         for index, item in enumerate(items):
             seeds_here = [pair_seed(index, s, noise)
                           for s in range(first_seed, first_seed + seeds)]
@@ -94,7 +95,7 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
                 images[name].extend(imgs)
                 seconds[name] += sec
                 if cfg is not None:
-                    records[name] += len(reg.records)
+                    records[name].extend(reg.records)
         scored = [it for it in items for _ in range(seeds)]
         rows = {}
         for n in names:
@@ -102,8 +103,10 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
             rows[n] = {k: round(m[k], 4) for k in METRICS if k in m}
             rows[n]["seconds_per_image"] = round(seconds[n] / len(scored), 4)
             rows[n]["overhead"] = round(seconds[n] / seconds["baseline"] - 1.0, 4)
-            if n in records:
-                rows[n]["regulated_calls_per_image"] = round(records[n] / len(items), 2)
+            if n in records:  # what the control achieved at the attention level: the loss's map terms
+                rows[n]["regulated_calls_per_image"] = round(len(records[n]) / len(items), 2)
+                for key in ("plain_map_loss", "applied_map_loss"):
+                    rows[n][key] = round(float(np.mean([getattr(r, key) for r in records[n]])), 4)
         result["sets"][set_name] = {"items": len(items), "images": len(scored), "rows": rows}
         print(json.dumps({set_name: rows}), file=sys.stderr)
     return result
@@ -119,11 +122,13 @@ def print_table(result: dict[str, Any]) -> None:
         t = Table(title=f"{result['model']} · {set_name} · {data['items']} items × {result['seeds']} seeds · "
                         f"targets: {result['targets']}")
         t.add_column("config")
-        for k in (*METRICS, "s/image", "overhead"):
+        for k in (*METRICS, "s/image", "overhead", "map loss: plain → applied"):
             t.add_column(k, justify="right")
         for name, row in data["rows"].items():
+            objective = (f"{row['plain_map_loss']:.3f} → {row['applied_map_loss']:.3f}"
+                         if "plain_map_loss" in row else "")
             t.add_row(name, *(f"{row.get(k, float('nan')):.3f}" for k in METRICS), f"{row['seconds_per_image']:.3f}",
-                      f"{100 * row['overhead']:+.1f}%")
+                      f"{100 * row['overhead']:+.1f}%", objective)
         Console(width=220).print(t)
 
 

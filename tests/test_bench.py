@@ -24,7 +24,9 @@ def test_regulation_eval_and_diagnose_run(tmp_path):
                        "--targets", "phrases", "--configs", '{"iterations": 2}', out=tmp_path / "eval.json")
     rows = result["sets"]["pair"]["rows"]
     assert list(rows) == ["baseline", '{"iterations": 2}']
-    assert rows['{"iterations": 2}']["regulated_calls_per_image"] > 0
+    reg = rows['{"iterations": 2}']
+    assert reg["regulated_calls_per_image"] > 0 and reg["applied_map_loss"] < reg["plain_map_loss"]
+    assert "plain_map_loss" not in rows["baseline"]
     assert all(0.0 <= row["presence"] <= 1.0 for row in rows.values())
     diag = run_bench("regulation_diagnose.py", "--limit", "1", "--seeds", "1", "--only", "steering", "neglect",
                      "--betas", "1", "--neglect-scales", "0.5", "--configs", '{"iterations": 2}',

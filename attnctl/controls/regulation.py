@@ -397,6 +397,8 @@ class RegulationRecord:
     best_loss: float  # L of the applied iterates (mean over the rows)
     map_loss: float  # quantile + mean terms of the applied iterates (before smoothing)
     max_bias: float  # largest |bias| applied (after smoothing and decay)
+    plain_map_loss: float = float("nan")  # quantile + mean terms of the plain maps (no bias)
+    applied_map_loss: float = float("nan")  # ... of the maps under the bias applied (after smoothing and decay)
 
 
 @dataclass
@@ -565,13 +567,13 @@ class AttentionRegulation(Control):
         w = self._applied_w.earlier(call.site.name, state.step) if cfg.init == "previous" else None
         if w is None or w.shape != shape:
             w = torch.rand(shape, generator=gen).to(dev)
-        ws, losses, parts = descend(terms, w, basis, cfg)
+        ws, losses, map_parts = descend(terms, w, basis, cfg)
         if cfg.keep_best:  # the first iterate of least loss per batch row (a NaN loss is never best)
             best_idx = torch.nan_to_num(losses, nan=float("inf")).argmin(dim=0)
         else:
             best_idx = torch.full((nb,), cfg.iterations, dtype=torch.long, device=dev)
         rows = torch.arange(nb, device=dev)
-        best_w, best_loss, best_ml = ws[best_idx, rows], losses[best_idx, rows], parts[best_idx, rows]
+        best_w, best_loss, best_ml = ws[best_idx, rows], losses[best_idx, rows], map_parts[best_idx, rows]
         if cfg.init == "previous":
             self._applied_w.keep(call.site.name, state.step, best_w)
         new = (best_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
@@ -582,8 +584,15 @@ class AttentionRegulation(Control):
             parts.append(restore_bias(terms, applied)[..., None].expand(nb, n_img, heads, n_cols - n_t))
         self.records.append(RegulationRecord(
             call.site.name, state.step, losses.mean(dim=1).tolist(), best_idx.tolist(),
-            float(best_loss.mean()), float(best_ml.mean()), float(applied.abs().max())))
+            float(best_loss.mean()), float(best_ml.mean()), float(applied.abs().max()),
+            self._objective(terms, torch.zeros_like(applied), n_words), self._objective(terms, applied, n_words)))
         return torch.cat(parts, dim=-1)
+
+    def _objective(self, terms: RowTerms, bias: torch.Tensor, n_words: int) -> float:
+        """The quantile and mean terms of the loss (mean over the rows) under ``bias`` ``(batch, N, heads', words)``,
+        by the plain reference functions: what the regulation achieved, for the records."""
+        m = word_maps(terms, bias)
+        return float(map_loss(m if self.config.per_head else m.mean(dim=2, keepdim=True), self.config, n_words).mean())
 
     def _smooth(self, site: str, step: int, new: torch.Tensor) -> torch.Tensor:
         """``smoothing · previous step's bias + (1 − smoothing) · new`` (the first time: ``new``), per site."""
