@@ -346,13 +346,13 @@ def loss_and_grad(terms: RowTerms | _WordMajor, w: torch.Tensor, basis: torch.Te
     return loss, map_part, gw
 
 
-def descend(terms: RowTerms, w: torch.Tensor, basis: torch.Tensor, cfg: RegulationConfig
+def descend(terms: RowTerms | _WordMajor, w: torch.Tensor, basis: torch.Tensor, cfg: RegulationConfig
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``cfg.iterations`` plain gradient steps ``W ← W − lr·∂L/∂W`` from ``w``.
 
     Returns the iterates ``W_0 … W_iterations`` stacked ``(iterations + 1, batch, heads or 1, words, K)`` and
     their losses and map parts ``(iterations + 1, batch)``; the caller picks the iterate to apply."""
-    t = _WordMajor.of(terms)
+    t = terms if isinstance(terms, _WordMajor) else _WordMajor.of(terms)
     ws, losses, parts = [], [], []
     for i in range(cfg.iterations + 1):
         loss, part, gw = loss_and_grad(t, w, basis, cfg, grad=i < cfg.iterations)
@@ -437,7 +437,7 @@ class AttentionRegulation(Control):
 
     def reset(self) -> None:
         self.records: list[RegulationRecord] = []
-        self._applied_bias = StepMemory()  # the smoothed bias, before decay
+        self._smoothed_w = StepMemory()  # the smoothed W, before decay
         self._applied_w = StepMemory()  # the W applied (init="previous")
         self._layout = None
         self._targets: _Targets | None = None
@@ -567,7 +567,8 @@ class AttentionRegulation(Control):
         w = self._applied_w.earlier(call.site.name, state.step) if cfg.init == "previous" else None
         if w is None or w.shape != shape:
             w = torch.rand(shape, generator=gen).to(dev)
-        ws, losses, map_parts = descend(terms, w, basis, cfg)
+        lean = _WordMajor.of(terms)
+        ws, losses, map_parts = descend(lean, w, basis, cfg)
         if cfg.keep_best:  # the first iterate of least loss per batch row (a NaN loss is never best)
             best_idx = torch.nan_to_num(losses, nan=float("inf")).argmin(dim=0)
         else:
@@ -576,31 +577,28 @@ class AttentionRegulation(Control):
         best_w, best_loss, best_ml = ws[best_idx, rows], losses[best_idx, rows], map_parts[best_idx, rows]
         if cfg.init == "previous":
             self._applied_w.keep(call.site.name, state.step, best_w)
-        new = (best_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
-        applied = self._smooth(call.site.name, state.step, new) * cfg.decay**state.step
+        # the bias is linear in W, so smoothing and decay act on W (a few numbers per word, not a map)
+        applied_w = self._smooth(call.site.name, state.step, best_w) * cfg.decay**state.step
+        applied = (applied_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
         word_of = torch.tensor(tg.word_of, device=dev)
         parts = [applied[..., word_of].expand(nb, n_img, heads, n_t)]
         if restore:
             parts.append(restore_bias(terms, applied)[..., None].expand(nb, n_img, heads, n_cols - n_t))
+        plain_ml = loss_and_grad(lean, torch.zeros_like(applied_w), basis, cfg, grad=False)[1]
+        applied_ml = loss_and_grad(lean, applied_w, basis, cfg, grad=False)[1]
         self.records.append(RegulationRecord(
             call.site.name, state.step, losses.mean(dim=1).tolist(), best_idx.tolist(),
             float(best_loss.mean()), float(best_ml.mean()), float(applied.abs().max()),
-            self._objective(terms, torch.zeros_like(applied), n_words), self._objective(terms, applied, n_words)))
+            float(plain_ml.mean()), float(applied_ml.mean())))
         return torch.cat(parts, dim=-1)
 
-    def _objective(self, terms: RowTerms, bias: torch.Tensor, n_words: int) -> float:
-        """The quantile and mean terms of the loss (mean over the rows) under ``bias`` ``(batch, N, heads', words)``,
-        by the plain reference functions: what the regulation achieved, for the records."""
-        m = word_maps(terms, bias)
-        return float(map_loss(m if self.config.per_head else m.mean(dim=2, keepdim=True), self.config, n_words).mean())
-
     def _smooth(self, site: str, step: int, new: torch.Tensor) -> torch.Tensor:
-        """``smoothing · previous step's bias + (1 − smoothing) · new`` (the first time: ``new``), per site."""
-        prev = self._applied_bias.earlier(site, step)
+        """``smoothing · previous step's W + (1 − smoothing) · new`` (the first time: ``new``), per site."""
+        prev = self._smoothed_w.earlier(site, step)
         out = new
         if prev is not None and prev.shape == new.shape and self.config.smoothing > 0:
             out = self.config.smoothing * prev + (1.0 - self.config.smoothing) * new
-        self._applied_bias.keep(site, step, out)
+        self._smoothed_w.keep(site, step, out)
         return out
 
     # ------------------------------------------------------------------------------ results
