@@ -59,6 +59,7 @@ class Controller:
         self._prompt: tuple[Any, Any] | None = None
         self._negative_embeds: torch.Tensor | None = None
         self._forwards = 0  # transformer forwards since the last encode_prompt
+        self._row_layout_cache: tuple[tuple, list[TokenLayout]] | None = None
         self._new_run = True
 
     # ------------------------------------------------------------------------------ processors
@@ -217,6 +218,35 @@ class Controller:
             return TokenLayout(self.family, text_len, grid)
         return layout_for_pipeline(self.pipe, prompt, text_len, grid, prompt_t5)
 
+    def _infer_row_layouts(self, batch: int) -> list[TokenLayout | None] | None:
+        """Per batch row, the layout of its prompt, when this call has several different prompts (else None).
+
+        diffusers repeats each prompt ``num_images_per_prompt`` times in order, so the ``k``-th conditional row
+        belongs to prompt ``k // (rows / prompts)``; the ``k``-th perturbed row copies the ``k``-th conditional
+        row. Other rows (``uncond``: the negative prompts) get None."""
+        prompt, prompt_t5 = self._prompt or (None, None)
+        shared = self.state.layout
+        if self.pipe is None or shared is None or not isinstance(prompt, list) or len(set(prompt)) <= 1:
+            return None
+        t5 = prompt_t5 if isinstance(prompt_t5, list) else [prompt_t5] * len(prompt)
+        key = (tuple(prompt), tuple(t5), shared.text_len, shared.grid)
+        if self._row_layout_cache is None or self._row_layout_cache[0] != key:
+            made: dict[tuple, TokenLayout] = {}  # one layout per distinct prompt
+            for p, t in zip(prompt, t5, strict=False):
+                if (p, t) not in made:
+                    made[(p, t)] = layout_for_pipeline(self.pipe, p, shared.text_len, shared.grid, t)
+            self._row_layout_cache = (key, [made[(p, t)] for p, t in zip(prompt, t5, strict=False)])
+        per_prompt = self._row_layout_cache[1]
+        roles = self.state.roles or ["cond"] * batch
+        out: list[TokenLayout | None] = [None] * batch
+        for base in ("cond", "perturbed"):
+            rows = [i for i, r in enumerate(roles) if r.split("[")[0] == base]
+            if rows and len(rows) % len(per_prompt) == 0:
+                each = len(rows) // len(per_prompt)
+                for k, i in enumerate(rows):
+                    out[i] = per_prompt[k // each]
+        return out
+
     def _infer_roles(self, kwargs: dict, batch: int) -> list[str]:
         if self.pipe is None:
             return ["cond"] * batch
@@ -243,6 +273,8 @@ class Controller:
             self.state.layout = self._infer_layout(kwargs, hidden)
         if not self._fixed_roles:
             self.state.roles = self._infer_roles(kwargs, hidden.shape[0])
+        if not self._fixed_layout:
+            self.state.row_layouts = self._infer_row_layouts(hidden.shape[0])
         self._forwards += 1
         if self._new_run or num_steps != self.state.num_steps or (step == 0 and self.state.step > 0):
             self.begin_run(num_steps)

@@ -90,7 +90,7 @@ def time_variants(shape: str, res: int, repeats: int) -> dict:
     stock = lays["stock"]
     n = stock.n_img + stock.n_text
     heads = stock.attn.heads
-    n_cols = len(reg._targets.positions) + len(reg._targets.special)
+    n_cols = len(reg.resolved_targets()[0].positions) + len(reg.resolved_targets()[0].special)
     rec = reg.records[-1]
     return dict(
         shape=shape, res=res, tokens=n, image_tokens=stock.n_img, text_tokens=stock.n_text, heads=heads,

@@ -102,8 +102,9 @@ def _side_steer(beta: float, plus_only: bool = False, **kwargs):
     from attnctl.controls.regulation import AttentionRegulation
 
     class SideSteer(AttentionRegulation):
-        def _bias(self, call, state, q, k, batch, img, tg, n_t, grid, logits, lse):
+        def _bias(self, call, state, q, k, batch, img, tg, grid, logits, lse, memory, prompt):
             nb, n_img, heads, n_cols = logits.shape
+            n_t = len(tg.positions)
             h, w = grid
             left = (torch.arange(w, device=logits.device).repeat(h) < w / 2).float()  # row-major grid
             right = 1 - left

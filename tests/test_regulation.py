@@ -243,7 +243,7 @@ def test_bad_input(sd3_pipe, sd35_pipe):
     # missing='ignore' regulates the words that are present
     reg = AttentionRegulation(targets=["circle", "triangle"], sites="all", missing="ignore")
     run_direct(sd3_pipe, reg)
-    assert reg._targets.words == ["circle"]
+    assert reg.resolved_targets()[0].words == ["circle"]
 
 
 def test_json_round_trip():
@@ -259,11 +259,11 @@ def test_json_round_trip():
 def test_a_phrase_is_one_target_over_its_words_tokens(sd3_pipe):
     reg = AttentionRegulation(targets=["circle square"], sites="all")
     run_direct(sd3_pipe, reg)
-    tg = reg._targets
+    tg = reg.resolved_targets()[0]
     assert tg.words == ["circle square"] and tg.positions == [1, 2, 5, 6] and tg.word_of == [0, 0, 0, 0]
     reg = AttentionRegulation(targets=["circle square", "square"], sites="all", missing="ignore")
     run_direct(sd3_pipe, reg)  # a token counts once: 'square' has nothing left of its own
-    assert reg._targets.words == ["circle square"]
+    assert reg.resolved_targets()[0].words == ["circle square"]
     with pytest.raises(LayoutError, match="'circle triangle' is not in"):
         run_direct(sd3_pipe, AttentionRegulation(targets=["circle triangle"], sites="all"))
 
@@ -305,3 +305,40 @@ def test_on_the_toy_models_the_applied_bias_meets_the_objective_the_plain_maps_m
     for rec in reg.records:
         assert rec.applied_map_loss < 0.5 * rec.plain_map_loss, rec
     print(model, [(round(r.plain_map_loss, 3), round(r.applied_map_loss, 3)) for r in reg.records])
+
+
+def test_several_prompts_in_one_call_each_regulate_their_own_words(sd3_pipe):
+    """A list of different prompts: every prompt's rows get the bias of its own words' columns, as if it were
+    generated alone (words sit at other token positions in the two prompts)."""
+    prompts = [PROMPT, "a blue square beside a red circle"]
+    kw = dict(KW, guidance_scale=4.0)
+    cfg = dict(targets=["circle", "square"], sites="all", lr=10.0, iterations=5)
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    reg = AttentionRegulation(**cfg)
+    with attnctl.attach(sd3_pipe, [reg]):
+        both = sd3_pipe(prompts, generator=[gen(0), gen(1)], **kw).images
+    assert {r.prompt for r in reg.records} == set(prompts)
+    assert len({tuple(t.positions) for t in reg.resolved_targets()}) == 2
+    plain = sd3_pipe(prompts, generator=[gen(0), gen(1)], **kw).images
+    assert abs(both - plain).max() > 1e-3  # the regulation acted
+    for i, prompt in enumerate(prompts):
+        with attnctl.attach(sd3_pipe, [AttentionRegulation(**cfg)]):
+            alone = sd3_pipe(prompt, generator=gen(i), **kw).images
+        assert abs(alone[0] - both[i]).max() < 1e-4
+    # several images per prompt: rows [p0, p0, p1, p1] of the conditional half, two per record
+    reg = AttentionRegulation(**cfg)
+    with attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe(prompts, num_images_per_prompt=2, **kw)
+    assert all(len(r.best) == 2 for r in reg.records) and {r.prompt for r in reg.records} == set(prompts)
+    # a word probe still maps one prompt: a clear error, not a wrong map
+    with pytest.raises(LayoutError, match="single prompt"), attnctl.attach(sd3_pipe, [attnctl.AttentionProbe(
+            words=["circle"])]):
+        sd3_pipe(prompts, **kw)
+
+
+def test_several_prompts_on_flux(flux_pipe):
+    prompts = [PROMPT, "a blue square beside a red circle"]
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", iterations=3)
+    with attnctl.attach(flux_pipe, [reg]):
+        flux_pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **KW)
+    assert {r.prompt for r in reg.records} == set(prompts) and all(len(r.best) == 1 for r in reg.records)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, LayoutError, UnsupportedModelError
 from ..layout import TokenLayout
 from ..sites import Site, select_sites
 
@@ -38,6 +38,7 @@ class RunState:
     sigma: float | None = None
     roles: list[str] | None = None
     layout: TokenLayout | None = None
+    row_layouts: list[TokenLayout | None] | None = None  # per batch row, when a call has several prompts
     reports: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -57,6 +58,26 @@ class RunState:
         if len(rows) == batch:
             return None
         return torch.tensor(rows, dtype=torch.long, device=device)
+
+    def rows_by_prompt(self, rows: torch.Tensor | None, batch: int
+                       ) -> list[tuple[TokenLayout | None, torch.Tensor | None]]:
+        """The selected ``rows`` grouped by the layout of their prompt: ``[(layout, rows)]``; one group (the run's
+        layout, ``rows``) when the call has one prompt. Rows of no prompt (``uncond`` of a multi-prompt call)
+        raise."""
+        if self.row_layouts is None:
+            return [(self.layout, rows)]
+        picked = range(batch) if rows is None else rows.tolist()
+        groups: dict[int, tuple[TokenLayout, list[int]]] = {}
+        for r in picked:
+            lay = self.row_layouts[r]
+            if lay is None:
+                raise LayoutError(
+                    f"batch row {r} ({(self.roles or ['?'] * batch)[r]}) of this call has no prompt of its own to "
+                    "find words in (a call with several prompts maps words on the conditional rows only)",
+                    fix="keep word controls on roles=['cond'], or run one prompt per call")
+            groups.setdefault(id(lay), (lay, []))[1].append(r)
+        device = rows.device if rows is not None else None
+        return [(lay, torch.tensor(rs, dtype=torch.long, device=device)) for lay, rs in groups.values()]
 
 
 class ControlConfig(BaseModel):

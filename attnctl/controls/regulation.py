@@ -399,6 +399,7 @@ class RegulationRecord:
     max_bias: float  # largest |bias| applied (after smoothing and decay)
     plain_map_loss: float = float("nan")  # quantile + mean terms of the plain maps (no bias)
     applied_map_loss: float = float("nan")  # ... of the maps under the bias applied (after smoothing and decay)
+    prompt: str | None = None  # the prompt of the rows regulated (a call with several prompts has one record each)
 
 
 @dataclass
@@ -439,8 +440,7 @@ class AttentionRegulation(Control):
         self.records: list[RegulationRecord] = []
         self._smoothed_w = StepMemory()  # the smoothed W, before decay
         self._applied_w = StepMemory()  # the W applied (init="previous")
-        self._layout = None
-        self._targets: _Targets | None = None
+        self._targets: dict[int, tuple[Any, _Targets]] = {}  # id(layout) -> (layout, its targets)
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, controller) -> None:
@@ -461,20 +461,22 @@ class AttentionRegulation(Control):
     def begin_run(self, state: RunState) -> None:
         self.reset()
         self._steps.reset()
-        layout = state.layout
-        if layout is not None and any(seg.words for seg in layout.segments):
-            self._resolve(layout, layout.text_len)  # fail early on absent words
+        layouts = [state.layout] if state.row_layouts is None else [lay for lay in state.row_layouts if lay]
+        for layout in layouts:
+            if layout is not None and any(seg.words for seg in layout.segments):
+                self._resolve(layout, layout.text_len)  # fail early on absent words
 
     def _resolve(self, layout, n_text: int) -> _Targets:
-        if self._targets is not None and self._layout is layout:
-            return self._targets
+        kept = self._targets.get(id(layout))
+        if kept is not None and kept[0] is layout:
+            return kept[1]
         cfg = self.config
         if layout is None or not any(seg.words for seg in layout.segments):
             raise LayoutError(
                 "AttentionRegulation needs the run's prompt to find its target words, and this run has none "
-                "(no prompt, or several different prompts in one call)",
-                fix="run through attnctl.attach(pipe, ...) or an attnctl pipeline with one prompt per call, or "
-                    "give Controller(..., layout=TokenLayout(...)) with word positions")
+                "(no prompt, or several prompts given to a bare transformer)",
+                fix="run through attnctl.attach(pipe, ...) or an attnctl pipeline, or give "
+                    "Controller(..., layout=TokenLayout(...)) with word positions")
         segs = tuple(cfg.segments) if cfg.segments else None
         positions: list[int] = []
         word_of: list[int] = []
@@ -511,8 +513,9 @@ class AttentionRegulation(Control):
                                   "tokens", fix="give text-relative positions below the text length")
         else:
             special = [p for p in special_positions(layout) if p not in positions and p < n_text]
-        self._layout, self._targets = layout, _Targets(positions, word_of, words, sorted(set(special)))
-        return self._targets
+        targets = _Targets(positions, word_of, words, sorted(set(special)))
+        self._targets[id(layout)] = (layout, targets)
+        return targets
 
     # ------------------------------------------------------------------------------ per call
     def contribute(self, call, q, k, v, state: RunState):
@@ -523,29 +526,38 @@ class AttentionRegulation(Control):
         batch = state.rows_with(self.config.roles, call.batch, call.device)
         if batch is not None and len(batch) == 0:
             return []
-        tg = self._resolve(state.layout, call.n_text)
-        if not tg.positions:  # missing='ignore' and no target in this prompt
-            return []
         grid = state.layout.grid if state.layout is not None else None
         if grid is None or grid[0] * grid[1] != call.n_image:
             raise LayoutError(
                 f"AttentionRegulation: {call.site.name} has {call.n_image} image tokens but the run's image grid "
                 f"is {grid}", fix="pass height/width the model supports, or a layout whose grid matches")
         start = call.text_slice().start
-        cols = torch.tensor([start + p for p in tg.positions + tg.special], dtype=torch.long, device=call.device)
         img = call.image_slice()
+        out = []
+        groups = state.rows_by_prompt(batch, call.batch)
+        for layout, rows in groups:  # one group per prompt of the call: its own columns, bias and memory
+            tg = self._resolve(layout, call.n_text)
+            if not tg.positions:  # missing='ignore' and no target in this prompt
+                continue
+            cols = torch.tensor([start + p for p in tg.positions + tg.special], dtype=torch.long, device=call.device)
+            prompt = layout.prompt if layout is not None else None
+            memory = call.site.name if len(groups) == 1 else f"{call.site.name} | {prompt}"
+
+            def bias_fn(logits: torch.Tensor, lse: torch.Tensor, rows=rows, tg=tg, memory=memory,
+                        prompt=prompt) -> torch.Tensor:
+                return self._bias(call, state, q, k, rows, img, tg, grid, logits, lse, memory, prompt)
+
+            out.append(KeyBias(cols, bias_fn, Selection(rows, img, None)))
+        return out
+
+    def _bias(self, call, state, q, k, batch, img, tg: _Targets, grid, logits, lse, memory: str,
+              prompt: str | None) -> torch.Tensor:
+        """The bias of one call on one prompt's rows; ``memory`` keys the per-site state (smoothing, warm start)."""
         n_t = len(tg.positions)
-
-        def bias_fn(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-            return self._bias(call, state, q, k, batch, img, tg, n_t, grid, logits, lse)
-
-        return [KeyBias(cols, bias_fn, Selection(batch, img, None))]
-
-    def _bias(self, call, state, q, k, batch, img, tg: _Targets, n_t: int, grid, logits, lse) -> torch.Tensor:
         cfg = self.config
         nb, n_img, heads, n_cols = logits.shape
         if cfg.iterations == 0:
-            rec = RegulationRecord(call.site.name, state.step, [], [], float("nan"), float("nan"), 0.0)
+            rec = RegulationRecord(call.site.name, state.step, [], [], float("nan"), float("nan"), 0.0, prompt=prompt)
             self.records.append(rec)
             return torch.zeros((1, 1, 1, n_cols), dtype=torch.float32, device=logits.device)
         dev = logits.device
@@ -564,7 +576,7 @@ class AttentionRegulation(Control):
         hb = heads if cfg.per_head else 1
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + call.site.index * 1009 + state.step)
         shape = (nb, hb, n_words, basis.shape[0])
-        w = self._applied_w.earlier(call.site.name, state.step) if cfg.init == "previous" else None
+        w = self._applied_w.earlier(memory, state.step) if cfg.init == "previous" else None
         if w is None or w.shape != shape:
             w = torch.rand(shape, generator=gen).to(dev)
         lean = _WordMajor.of(terms)
@@ -576,9 +588,9 @@ class AttentionRegulation(Control):
         rows = torch.arange(nb, device=dev)
         best_w, best_loss, best_ml = ws[best_idx, rows], losses[best_idx, rows], map_parts[best_idx, rows]
         if cfg.init == "previous":
-            self._applied_w.keep(call.site.name, state.step, best_w)
+            self._applied_w.keep(memory, state.step, best_w)
         # the bias is linear in W, so smoothing and decay act on W (a few numbers per word, not a map)
-        applied_w = self._smooth(call.site.name, state.step, best_w) * cfg.decay**state.step
+        applied_w = self._smooth(memory, state.step, best_w) * cfg.decay**state.step
         applied = (applied_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
         word_of = torch.tensor(tg.word_of, device=dev)
         parts = [applied[..., word_of].expand(nb, n_img, heads, n_t)]
@@ -589,7 +601,7 @@ class AttentionRegulation(Control):
         self.records.append(RegulationRecord(
             call.site.name, state.step, losses.mean(dim=1).tolist(), best_idx.tolist(),
             float(best_loss.mean()), float(best_ml.mean()), float(applied.abs().max()),
-            float(plain_ml.mean()), float(applied_ml.mean())))
+            float(plain_ml.mean()), float(applied_ml.mean()), prompt))
         return torch.cat(parts, dim=-1)
 
     def _smooth(self, site: str, step: int, new: torch.Tensor) -> torch.Tensor:
@@ -602,6 +614,11 @@ class AttentionRegulation(Control):
         return out
 
     # ------------------------------------------------------------------------------ results
+    def resolved_targets(self) -> list[_Targets]:
+        """The targets as found in the last run's prompt(s), one entry per prompt: text-relative token positions,
+        the word of each, the words present and the restored start/end columns."""
+        return [t for _, t in self._targets.values()]
+
     def losses(self) -> list[list[float]]:
         """The inner loss curve of every regulated call of the last run."""
         return [r.losses for r in self.records]
