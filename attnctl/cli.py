@@ -780,7 +780,7 @@ def eval_(
         "output_type": "pil",
     }
     jobs = [(i, s) for i in range(len(items)) for s in range(seeds)]
-    # Controls that name words need one prompt per call (the token layout is per prompt).
+    # With controls, one item per call: word controls may be built per item, and records stay per item.
     batches = _batches(jobs, batch_size, by_item=bool(controls))
     images: list[Any] = []
     start = time.perf_counter()
