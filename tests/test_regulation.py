@@ -3,10 +3,12 @@ bad input."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from conftest import transformer_inputs
 
 import attnctl
 from attnctl.controls.regulation import (
@@ -342,3 +344,26 @@ def test_several_prompts_on_flux(flux_pipe):
     with attnctl.attach(flux_pipe, [reg]):
         flux_pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **KW)
     assert {r.prompt for r in reg.records} == set(prompts) and all(len(r.best) == 1 for r in reg.records)
+
+
+@pytest.mark.parametrize("fixture", ["sd35_pipe", "flux_pipe"])
+def test_device_and_dtype_agnostic(request, fixture):
+    """Regulation on the meta device (shape-only: any tensor made on a fixed device fails) and in bf16."""
+    pipe = request.getfixturevalue(fixture)
+    for device, dtype in (("meta", torch.float32), ("cpu", torch.bfloat16)):
+        tr = copy.deepcopy(pipe.transformer).to(device=device, dtype=dtype)
+        kw = transformer_inputs(tr, batch=2, grid=(4, 4), dtype=dtype)
+        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        n_text = kw["encoder_hidden_states"].shape[1]
+        family = "flux" if fixture == "flux_pipe" else "sd3"
+        layout = TokenLayout(family, n_text, (4, 4), (TextSegment("t5", 0, n_text, {"circle": (1,), "square": (2,)}),),
+                             "circle square")
+        reg = AttentionRegulation(targets=["circle", "square"], sites="all", iterations=3)
+        with attnctl.attach(tr, [reg], layout=layout):
+            out = tr(**kw)[0]
+        assert out.device.type == device and out.dtype == dtype and reg.records
+        if device == "cpu":
+            assert torch.isfinite(out.float()).all()
+            assert all(r.applied_map_loss < r.plain_map_loss for r in reg.records)
+        else:
+            assert all(math.isnan(r.best_loss) for r in reg.records)  # no values on the meta device

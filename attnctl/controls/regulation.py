@@ -234,8 +234,9 @@ def row_terms(rel_targets: torch.Tensor, word_of: list[int], n_words: int, rel_s
         text,  restore:   α = R + P_S (1 − P_T − P_S)/(1 − P_S)  γ = 1 / (1 − P_S)
         text:             α = R + P_S                           γ = 1
     """
-    cols = torch.tensor(word_of, device=rel_targets.device)
-    log_p = torch.stack([torch.logsumexp(rel_targets[..., cols == t], dim=-1) for t in range(n_words)], dim=-1)
+    # the columns of each word, chosen on the host (a boolean mask on the device would sync, and fails on meta)
+    log_p = torch.stack([torch.logsumexp(rel_targets[..., [c for c, w in enumerate(word_of) if w == t]], dim=-1)
+                         for t in range(n_words)], dim=-1)
     p_t = torch.exp(log_p).sum(-1)
     has_special = rel_special is not None and rel_special.shape[-1] > 0
     p_s = torch.exp(rel_special).sum(-1) if has_special else torch.zeros_like(p_t)
@@ -437,7 +438,8 @@ class AttentionRegulation(Control):
         self.reset()
 
     def reset(self) -> None:
-        self.records: list[RegulationRecord] = []
+        self._records: list[RegulationRecord] = []
+        self._pending: list[tuple] = []  # (site, step, prompt, device tensors) of calls not yet read
         self._smoothed_w = StepMemory()  # the smoothed W, before decay
         self._applied_w = StepMemory()  # the W applied (init="previous")
         self._targets: dict[int, tuple[Any, _Targets]] = {}  # id(layout) -> (layout, its targets)
@@ -598,10 +600,10 @@ class AttentionRegulation(Control):
             parts.append(restore_bias(terms, applied)[..., None].expand(nb, n_img, heads, n_cols - n_t))
         plain_ml = loss_and_grad(lean, torch.zeros_like(applied_w), basis, cfg, grad=False)[1]
         applied_ml = loss_and_grad(lean, applied_w, basis, cfg, grad=False)[1]
-        self.records.append(RegulationRecord(
-            call.site.name, state.step, losses.mean(dim=1).tolist(), best_idx.tolist(),
-            float(best_loss.mean()), float(best_ml.mean()), float(applied.abs().max()),
-            float(plain_ml.mean()), float(applied_ml.mean()), prompt))
+        # the record's numbers stay on the device until read (no sync per call on a GPU)
+        numbers = (losses.mean(dim=1), best_idx, best_loss.mean(), best_ml.mean(), applied.abs().max(),
+                   plain_ml.mean(), applied_ml.mean())
+        self._pending.append((call.site.name, state.step, prompt, tuple(t.detach() for t in numbers)))
         return torch.cat(parts, dim=-1)
 
     def _smooth(self, site: str, step: int, new: torch.Tensor) -> torch.Tensor:
@@ -614,6 +616,16 @@ class AttentionRegulation(Control):
         return out
 
     # ------------------------------------------------------------------------------ results
+    @property
+    def records(self) -> list[RegulationRecord]:
+        """One :class:`RegulationRecord` per regulated call (and prompt) of the last run, in call order."""
+        for site, step, prompt, numbers in self._pending:
+            losses, best, best_loss, best_ml, max_bias, plain_ml, applied_ml = (_host(t) for t in numbers)
+            self._records.append(RegulationRecord(site, step, losses, best, best_loss, best_ml, max_bias, plain_ml,
+                                                  applied_ml, prompt))
+        self._pending.clear()
+        return self._records
+
     def resolved_targets(self) -> list[_Targets]:
         """The targets as found in the last run's prompt(s), one entry per prompt: text-relative token positions,
         the word of each, the words present and the restored start/end columns."""
@@ -622,6 +634,13 @@ class AttentionRegulation(Control):
     def losses(self) -> list[list[float]]:
         """The inner loss curve of every regulated call of the last run."""
         return [r.losses for r in self.records]
+
+
+def _host(t: torch.Tensor) -> Any:
+    """A device tensor as Python numbers (a list, or a float for one value); NaN on the meta device."""
+    if t.device.type == "meta":
+        return float("nan") if t.dim() == 0 else [float("nan")] * t.shape[0]
+    return t.tolist() if t.dim() else float(t)
 
 
 def special_positions(layout) -> list[int]:
