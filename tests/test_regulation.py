@@ -332,10 +332,22 @@ def test_several_prompts_in_one_call_each_regulate_their_own_words(sd3_pipe):
     with attnctl.attach(sd3_pipe, [reg]):
         sd3_pipe(prompts, num_images_per_prompt=2, **kw)
     assert all(len(r.best) == 2 for r in reg.records) and {r.prompt for r in reg.records} == set(prompts)
-    # a word probe still maps one prompt: a clear error, not a wrong map
-    with pytest.raises(LayoutError, match="single prompt"), attnctl.attach(sd3_pipe, [attnctl.AttentionProbe(
+    # a word probe maps each prompt's own tokens of the word, in the rows of that prompt
+    probe = attnctl.AttentionProbe(words=["circle", "square"])
+    with attnctl.attach(sd3_pipe, [probe]):
+        sd3_pipe(prompts, generator=[gen(0), gen(1)], **kw)
+    maps = probe.word_maps()
+    assert maps["circle"].shape[0] == 2
+    for i, prompt in enumerate(prompts):
+        alone = attnctl.AttentionProbe(words=["circle", "square"])
+        with attnctl.attach(sd3_pipe, [alone]):
+            sd3_pipe(prompt, generator=gen(i), **kw)
+        for word, m in alone.word_maps().items():
+            assert (m[0] - maps[word][i]).abs().max() < 1e-5
+    # a word with more tokens in one prompt than in another: its columns cannot line up
+    with pytest.raises(LayoutError, match="take other tokens"), attnctl.attach(sd3_pipe, [attnctl.AttentionProbe(
             words=["circle"])]):
-        sd3_pipe(prompts, **kw)
+        sd3_pipe([PROMPT, "a red circle and a blue circle"], **kw)
 
 
 def test_several_prompts_on_flux(flux_pipe):

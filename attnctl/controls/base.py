@@ -45,30 +45,33 @@ class RunState:
     def progress(self) -> float:
         return self.step / max(self.num_steps - 1, 1)
 
-    def rows_with(self, roles: tuple[str, ...] | list[str], batch: int, device=None) -> torch.Tensor | None:
-        """Batch rows whose role is in ``roles`` (``None`` when every row qualifies)."""
+    def _row_list(self, roles: tuple[str, ...] | list[str], batch: int) -> list[int]:
         if self.roles is None:
-            return None if "cond" in roles else torch.empty(0, dtype=torch.long, device=device)
+            return list(range(batch)) if "cond" in roles else []
         if len(self.roles) != batch:
             raise ConfigError(
                 f"the run declares {len(self.roles)} batch roles but the attention call has batch {batch}; "
                 "pass roles= matching the transformer's batch (e.g. ['uncond', 'cond'] for CFG)"
             )
-        rows = [i for i, r in enumerate(self.roles) if r in roles or r.split("[")[0] in roles]
+        return [i for i, r in enumerate(self.roles) if r in roles or r.split("[")[0] in roles]
+
+    def rows_with(self, roles: tuple[str, ...] | list[str], batch: int, device=None) -> torch.Tensor | None:
+        """Batch rows whose role is in ``roles`` (``None`` when every row qualifies)."""
+        rows = self._row_list(roles, batch)
         if len(rows) == batch:
             return None
         return torch.tensor(rows, dtype=torch.long, device=device)
 
-    def rows_by_prompt(self, rows: torch.Tensor | None, batch: int
-                       ) -> list[tuple[TokenLayout | None, torch.Tensor | None]]:
-        """The selected ``rows`` grouped by the layout of their prompt: ``[(layout, rows)]``; one group (the run's
-        layout, ``rows``) when the call has one prompt. Rows of no prompt (``uncond`` of a multi-prompt call)
-        raise."""
+    def rows_by_prompt(self, roles: tuple[str, ...] | list[str], batch: int, device=None
+                       ) -> list[tuple[TokenLayout | None, torch.Tensor | None, list[int]]]:
+        """The rows whose role is in ``roles``, grouped by their prompt: ``[(layout, rows, rows as a list)]``.
+
+        One group — the run's layout and :meth:`rows_with` — when the call has one prompt. With several prompts
+        (``row_layouts``), one group per prompt; a selected row of no prompt (``uncond``) is an error."""
         if self.row_layouts is None:
-            return [(self.layout, rows)]
-        picked = range(batch) if rows is None else rows.tolist()
+            return [(self.layout, self.rows_with(roles, batch, device), self._row_list(roles, batch))]
         groups: dict[int, tuple[TokenLayout, list[int]]] = {}
-        for r in picked:
+        for r in self._row_list(roles, batch):
             lay = self.row_layouts[r]
             if lay is None:
                 raise LayoutError(
@@ -76,8 +79,7 @@ class RunState:
                     "find words in (a call with several prompts maps words on the conditional rows only)",
                     fix="keep word controls on roles=['cond'], or run one prompt per call")
             groups.setdefault(id(lay), (lay, []))[1].append(r)
-        device = rows.device if rows is not None else None
-        return [(lay, torch.tensor(rs, dtype=torch.long, device=device)) for lay, rs in groups.values()]
+        return [(lay, torch.tensor(rs, dtype=torch.long, device=device), rs) for lay, rs in groups.values()]
 
 
 class ControlConfig(BaseModel):

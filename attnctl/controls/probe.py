@@ -66,23 +66,31 @@ class AttentionProbe(Control):
     def begin_run(self, state: RunState) -> None:
         self.reset()
         cfg = self.config
-        if cfg.words is not None and (state.layout is None or state.layout.prompt is None):
+        layouts = [state.layout] if state.row_layouts is None else [lay for lay in state.row_layouts if lay]
+        if cfg.words is not None and any(lay is None or lay.prompt is None for lay in layouts):
             raise LayoutError(
                 "AttentionProbe(words=...) needs the run's prompt to find the words; use attnctl.attach or an "
-                "attnctl pipeline with a single prompt per call, or give tokens=[...] instead"
+                "attnctl pipeline, or give tokens=[...] instead"
             )
+
+    def _word_columns(self, layout) -> tuple[list[int], list[str]]:
+        """Text positions of the words in one prompt's layout, and the word of each."""
+        segs = tuple(self.config.segments) if self.config.segments else None
+        pos, cols = [], []
+        for w in self.config.words:
+            p = layout.word_tokens(w, segs)
+            pos.extend(p)
+            cols.extend([w] * len(p))
+        return pos, cols
 
     def _resolve(self, call, state: RunState) -> list[int]:
         if self._positions is not None:
             return self._positions
         cfg, layout = self.config, state.layout
-        segs = tuple(cfg.segments) if cfg.segments else None
+        if cfg.words is not None and state.row_layouts is not None:  # several prompts: name columns by the first
+            layout = next(lay for lay in state.row_layouts if lay is not None)
         if cfg.words is not None:
-            pos, cols = [], []
-            for w in cfg.words:
-                p = layout.word_tokens(w, segs)
-                pos.extend(p)
-                cols.extend([w] * len(p))
+            pos, cols = self._word_columns(layout)
         elif cfg.tokens is not None:
             pos, cols = list(cfg.tokens), [str(t) for t in cfg.tokens]
         else:
@@ -115,12 +123,42 @@ class AttentionProbe(Control):
             return []
         if state.layout is not None:
             self.grid = state.layout.grid
-        return [Probe(cols, lambda p, w=w: self._add(p, w), Selection(batch, call.image_slice(), heads))]
+        if self.config.words is None or state.row_layouts is None:
+            return [Probe(cols, lambda p, w=w: self._add(p, w), Selection(batch, call.image_slice(), heads))]
+        return self._per_prompt(call, state, start, heads, w)
+
+    def _per_prompt(self, call, state: RunState, start: int, heads, weight: float) -> list[Probe]:
+        """Several prompts in one call: each prompt's rows are probed on its own tokens of the words, into the
+        rows of one buffer (the words must take as many tokens in every prompt, so the columns line up)."""
+        groups = state.rows_by_prompt(self.config.roles, call.batch, call.device)
+        selected = sorted(r for _, _, rows in groups for r in rows)
+        order = {r: i for i, r in enumerate(selected)}  # buffer row of each batch row, in batch order
+        n_heads = call.site.heads if heads is None else len(heads)
+        self._mass += n_heads * weight  # once per call, whatever the number of prompts
+        out = []
+        for layout, rows, host_rows in groups:
+            pos, names = self._word_columns(layout)
+            if names != self._columns:
+                raise LayoutError(
+                    f"AttentionProbe: the words {self.config.words} take other tokens in {layout.prompt!r} "
+                    f"({names}) than in the call's first prompt ({self._columns}), so their maps cannot share "
+                    "columns", fix="probe these prompts in separate calls")
+            cols = torch.tensor([start + p for p in pos], dtype=torch.long, device=call.device)
+            where = torch.tensor([order[r] for r in host_rows], dtype=torch.long, device=call.device)
+            out.append(Probe(cols, lambda p, where=where: self._add_rows(p, weight, where, len(selected)),
+                             Selection(rows, call.image_slice(), heads)))
+        return out
 
     def _add(self, probs: torch.Tensor, weight: float) -> None:
         m = probs.sum(dim=2) * weight  # (rows, N_img, tokens), summed over heads
         self._sum = m if self._sum is None else self._sum + m
         self._mass += probs.shape[2] * weight
+
+    def _add_rows(self, probs: torch.Tensor, weight: float, where: torch.Tensor, n_rows: int) -> None:
+        m = probs.sum(dim=2) * weight  # (rows of one prompt, N_img, tokens)
+        if self._sum is None:
+            self._sum = m.new_zeros((n_rows, *m.shape[1:]))
+        self._sum.index_add_(0, where, m)
 
     # ------------------------------------------------------------------------------ results
     def maps(self) -> torch.Tensor:

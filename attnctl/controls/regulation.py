@@ -536,8 +536,8 @@ class AttentionRegulation(Control):
         start = call.text_slice().start
         img = call.image_slice()
         out = []
-        groups = state.rows_by_prompt(batch, call.batch)
-        for layout, rows in groups:  # one group per prompt of the call: its own columns, bias and memory
+        groups = state.rows_by_prompt(self.config.roles, call.batch, call.device)
+        for layout, rows, _ in groups:  # one group per prompt of the call: its own columns, bias and memory
             tg = self._resolve(layout, call.n_text)
             if not tg.positions:  # missing='ignore' and no target in this prompt
                 continue
