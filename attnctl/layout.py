@@ -79,6 +79,8 @@ class TokenLayout:
                 continue
             out.extend(seg.start + p for p in seg.words.get(key, ()))
         if not out:
+            if self.cut_off(word):
+                raise self.cut_off_error(word)
             where = f" in the prompt {self.prompt!r}" if self.prompt is not None else ""
             known = ", ".join(self.words()[:20]) or "(no prompt tokens are known for this run)"
             raise LayoutError(
@@ -86,6 +88,19 @@ class TokenLayout:
                 f"Words of this prompt: {known}."
             )
         return sorted(set(out))
+
+    def cut_off_error(self, word: str) -> LayoutError:
+        return LayoutError(
+            f"the word {word!r} is in the prompt but past the tokens the text encoders read "
+            f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was cut off",
+            fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
+
+    def cut_off(self, word: str) -> bool:
+        """``word`` is in the prompt's text but in none of the tokenized segments (truncated away)."""
+        key = word.strip().lower()
+        if self.prompt is None or any(key in seg.words for seg in self.segments):
+            return False
+        return key in (m.group().lower() for m in _WORD.finditer(self.prompt))
 
 
 def word_positions(tokenizer: Any, prompt: str, max_length: int) -> dict[str, tuple[int, ...]]:

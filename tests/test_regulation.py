@@ -248,6 +248,17 @@ def test_bad_input(sd3_pipe, sd35_pipe):
     assert reg.resolved_targets()[0].words == ["circle"]
 
 
+def test_a_target_cut_off_by_the_token_limit_is_named_as_such(flux_pipe):
+    long = "a red circle and a blue square " * 3 + "and a green triangle"  # the triangle is past 24 T5 tokens
+    reg = AttentionRegulation(targets=["circle", "triangle"], sites="all")
+    with pytest.raises(LayoutError, match=r"'triangle' is in the prompt but past .*cut off.*Fix: shorten"), \
+            attnctl.attach(flux_pipe, [reg]):
+        flux_pipe(long, **KW)
+    with pytest.raises(LayoutError, match="cut off"), attnctl.attach(flux_pipe, [attnctl.AttentionProbe(
+            words=["triangle"])]):
+        flux_pipe(long, **KW)
+
+
 def test_json_round_trip():
     reg = AttentionRegulation(targets=["circle", "square"], sites=["transformer_blocks.0"], steps="window(1, 0, 0.3)",
                               iterations=5, per_head=True, normalize="joint")

@@ -490,6 +490,9 @@ class AttentionRegulation(Control):
             except LayoutError:
                 if cfg.missing == "ignore":
                     continue
+                cut = [part for part in w.split() if layout.cut_off(part)]
+                if cut:
+                    raise layout.cut_off_error(cut[0]) from None
                 known = ", ".join(layout.words()[:20])
                 where = f"the prompt {layout.prompt!r}" if layout.prompt is not None else "this run's prompt"
                 seg_note = f" (segments {', '.join(segs)})" if segs else ""
