@@ -502,6 +502,9 @@ def generate(
     path = save_png(out, image, meta)
     out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, seed {seed}, {settings['steps']} steps, "
                       f"{image.size[0]}x{image.size[1]}, {seconds:.1f} s)", highlight=False)
+    for line in (c.summary() for c in controls):
+        if line:
+            err_console.print(escape(line), highlight=False)
 
 
 def call_kwargs(settings: dict[str, Any], prompt: str, seed: int, negative_prompt: str | None = None,

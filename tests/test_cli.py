@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,15 @@ def test_generate_from_on_flux(flux_dir, tmp_path):
     assert (meta["family"], meta["height"], meta["width"], meta["max_sequence_length"]) == ("flux", 32, 32, 24)
     ok(run("generate", "--from", first, "-o", again))
     assert np.array_equal(read_image(first), read_image(again))
+
+
+def test_generate_with_regulation_says_what_the_control_did(flux_dir, tmp_path):
+    reg = '{"kind": "regulation", "targets": ["circle", "square"], "sites": "all", "iterations": 3}'
+    result = run("generate", "-m", flux_dir, "-p", "a red circle and a blue square", "--steps", "2",
+                 "--control", reg, "-o", tmp_path / "r.png")
+    ok(result)
+    assert re.search(r"regulation of 'circle', 'square': 3 attention calls at 1 step; the loss's map terms "
+                     r"[\d.e+-]+ \(plain\) → [\d.e+-]+ \(regulated\)", result.stderr)
 
 
 # ------------------------------------------------------------------------------------------- eval

@@ -302,6 +302,9 @@ def test_add_configure_and_remove_controls(monkeypatch, model_dir):
     generate(at)
     assert errors(at) == [] and len(compare_images(at)) == 2
     assert at.session_state["history"][-1]["setup"].controls[0]["iterations"] == 2
+    # the Compare tab says what the regulation did
+    (note,) = at.session_state["history"][-1]["control_notes"]
+    assert note.startswith("regulation of 'square'") and any(note == c.value for c in at.tabs[0].caption)
 
 
 def test_schedule_editing_updates_the_control_and_blocks_bad_input(monkeypatch, model_dir):

@@ -132,6 +132,10 @@ class Control:
                    state: RunState) -> list[Contribution]:
         raise NotImplementedError
 
+    def summary(self) -> str | None:
+        """One line on what the control did in the last run (shown by the UI and the CLI), or None."""
+        return None
+
     # -- JSON ---------------------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"kind": self.kind, **self.config.model_dump(mode="json")}

@@ -634,6 +634,18 @@ class AttentionRegulation(Control):
         the word of each, the words present and the restored start/end columns."""
         return [t for _, t in self._targets.values()]
 
+    def summary(self) -> str | None:
+        """How many calls were regulated and how far the bias moved the loss's map terms, on average."""
+        recs = [r for r in self.records if r.losses]
+        if not recs:
+            return None
+        plain = sum(r.plain_map_loss for r in recs) / len(recs)
+        applied = sum(r.applied_map_loss for r in recs) / len(recs)
+        steps = len({r.step for r in recs})
+        return (f"regulation of {', '.join(map(repr, self.config.targets))}: {len(recs)} attention calls at "
+                f"{steps} step{'s' if steps != 1 else ''}; the loss's map terms {plain:.3g} (plain) → {applied:.3g} "
+                "(regulated)")
+
     def losses(self) -> list[list[float]]:
         """The inner loss curve of every regulated call of the last run."""
         return [r.losses for r in self.records]

@@ -380,6 +380,7 @@ def run_generation(model: engine.LoadedModel, maps: engine.MapOptions, box) -> N
         "maps": result.maps,
         "words": result.words,
         "note": result.map_note,
+        "control_notes": result.control_notes,
         "summary": controls_summary(setup),
         "maps_from": maps_description(maps),
     }
@@ -438,6 +439,8 @@ def compare_tab(run: dict[str, Any] | None) -> None:
             st.markdown("<div class='attnctl-empty'>No controls in this run.</div>", unsafe_allow_html=True)
     st.caption(f"Run #{run['id']} · {s.model} · seed {s.seed} · {s.steps} steps · guidance {s.guidance:g} · "
                f"{s.width}×{s.height} · {run['summary']} · {run['seconds']:.1f} s")
+    for line in run.get("control_notes", []):
+        st.caption(line)
 
 
 def attention_tab(run: dict[str, Any] | None) -> None:

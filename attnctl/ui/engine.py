@@ -76,6 +76,7 @@ class RunResult:
     seconds: float
     info: dict[str, Any]
     map_note: str | None = None
+    control_notes: list[str] = field(default_factory=list)  # each control's summary of the controlled run
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -250,6 +251,7 @@ def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
     images: dict[str, Any] = {}
     all_maps: dict[str, dict[str, np.ndarray]] = {}
     note = None
+    notes: list[str] = []
     start = time.perf_counter()
     with model.lock:
         for n, (label, configs) in enumerate(runs):
@@ -266,6 +268,8 @@ def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
                 note = f"attention maps are not available for this run: {e}"
                 probe = None
                 images[label] = _call(model, setup, controls, progress, n * setup.steps, total, label)
+            if label == "controlled":
+                notes = [n for n in (c.summary() for c in controls) if n]
             if probe is not None:
                 try:
                     all_maps[label] = _maps_of(probe)
@@ -273,7 +277,7 @@ def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
                     note = f"no attention maps: {e} (widen the steps or sites of the maps)"
     return RunResult(setup=setup, baseline=images["baseline"], controlled=images.get("controlled"),
                      maps=all_maps, words=words, seconds=time.perf_counter() - start, info=dict(model.info),
-                     map_note=note)
+                     map_note=note, control_notes=notes)
 
 
 def joint_maps(maps: dict[str, dict[str, np.ndarray]], word: str) -> dict[str, np.ndarray]:
