@@ -71,3 +71,10 @@ def test_injected_neglect_scales_the_named_words_keys_on_the_conditional_rows():
     others = [c for c in range(plain.shape[1]) if c not in cols]
     torch.testing.assert_close(weak[half:, others], plain[half:, others])
     torch.testing.assert_close(weak[:half], plain[:half])
+
+
+def test_regulation_inner_loop_bench_runs(tmp_path):
+    result = run_bench("regulation_inner.py", "--shapes", "toy (8 images)", "--repeats", "1",
+                       out=tmp_path / "inner.json")
+    (row,) = result["rows"]
+    assert row["tail_denormals"] > 0 and row["seconds"]["shipped"] > 0 and row["denormal_over_shipped"] > 0
