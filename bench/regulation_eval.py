@@ -69,7 +69,7 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
              steps: int | None, first_seed: int = 0, noise: str = "per_prompt",
              true_cfg: float | None = None) -> dict[str, Any]:
     from attnctl import AttentionRegulation
-    from attnctl.toyworld.evaluate import evaluate_set
+    from attnctl.toyworld.evaluate import evaluate_image, evaluate_set
     from attnctl.toyworld.models import load_pipeline
     from attnctl.toyworld.world import prompt_set
 
@@ -97,10 +97,13 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
                 if cfg is not None:
                     records[name].extend(reg.records)
         scored = [it for it in items for _ in range(seeds)]
+        per_image = {n: [evaluate_image(im, it) for im, it in zip(images[n], scored, strict=True)] for n in names}
         rows = {}
         for n in names:
             m = evaluate_set(images[n], scored)
             rows[n] = {k: round(m[k], 4) for k in METRICS if k in m}
+            if n != "baseline":
+                rows[n]["paired"] = paired_difference(per_image[n], per_image["baseline"])
             rows[n]["seconds_per_image"] = round(seconds[n] / len(scored), 4)
             rows[n]["overhead"] = round(seconds[n] / seconds["baseline"] - 1.0, 4)
             if n in records:  # what the control achieved at the attention level: the loss's map terms
@@ -110,6 +113,19 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
         result["sets"][set_name] = {"items": len(items), "images": len(scored), "rows": rows}
         print(json.dumps({set_name: rows}), file=sys.stderr)
     return result
+
+
+def paired_difference(scores: list[dict[str, float]], base: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per metric, the mean over images of (config − baseline) on the same prompt and seed, with its standard
+    error (std of the differences / √n): the comparison the shared seeds make possible, tighter than comparing
+    two means."""
+    out = {}
+    for key in ("presence", "colour_binding", "object_recall", "shape_accuracy"):
+        d = np.array([a[key] - b[key] for a, b in zip(scores, base, strict=True) if key in a and key in b])
+        if len(d) > 1:
+            out[key] = {"diff": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
+                        "n": len(d)}
+    return out
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -122,14 +138,17 @@ def print_table(result: dict[str, Any]) -> None:
         t = Table(title=f"{result['model']} · {set_name} · {data['items']} items × {result['seeds']} seeds · "
                         f"targets: {result['targets']}")
         t.add_column("config")
-        for k in (*METRICS, "s/image", "overhead", "map loss: plain → applied"):
+        for k in (*METRICS, "s/image", "overhead", "map loss: plain → applied", "Δ presence, Δ binding (paired SE)"):
             t.add_column(k, justify="right")
         for name, row in data["rows"].items():
             objective = (f"{row['plain_map_loss']:.3f} → {row['applied_map_loss']:.3f}"
                          if "plain_map_loss" in row else "")
+            paired = row.get("paired", {})
+            deltas = ", ".join(f"{paired[k]['diff']:+.3f} ± {paired[k]['se']:.3f}"
+                               for k in ("presence", "colour_binding") if k in paired)
             t.add_row(name, *(f"{row.get(k, float('nan')):.3f}" for k in METRICS), f"{row['seconds_per_image']:.3f}",
-                      f"{100 * row['overhead']:+.1f}%", objective)
-        Console(width=220).print(t)
+                      f"{100 * row['overhead']:+.1f}%", objective, deltas)
+        Console(width=260).print(t)
 
 
 def main() -> None:

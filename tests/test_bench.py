@@ -20,13 +20,15 @@ def run_bench(script: str, *args: str, out: Path) -> dict:
 
 
 def test_regulation_eval_and_diagnose_run(tmp_path):
-    result = run_bench("regulation_eval.py", "--sets", "pair", "--limit", "1", "--seeds", "1", "--steps", "2",
+    result = run_bench("regulation_eval.py", "--sets", "pair", "--limit", "1", "--seeds", "2", "--steps", "2",
                        "--targets", "phrases", "--configs", '{"iterations": 2}', out=tmp_path / "eval.json")
     rows = result["sets"]["pair"]["rows"]
     assert list(rows) == ["baseline", '{"iterations": 2}']
     reg = rows['{"iterations": 2}']
     assert reg["regulated_calls_per_image"] > 0 and reg["applied_map_loss"] < reg["plain_map_loss"]
-    assert "plain_map_loss" not in rows["baseline"]
+    assert "plain_map_loss" not in rows["baseline"] and "paired" not in rows["baseline"]
+    paired = reg["paired"]["presence"]  # config − baseline on the same prompt and seeds
+    assert paired["n"] == 2 and paired["diff"] == round(reg["presence"] - rows["baseline"]["presence"], 4)
     assert all(0.0 <= row["presence"] <= 1.0 for row in rows.values())
     diag = run_bench("regulation_diagnose.py", "--limit", "1", "--seeds", "1", "--only", "steering", "neglect",
                      "--betas", "1", "--neglect-scales", "0.5", "--configs", '{"iterations": 2}',
