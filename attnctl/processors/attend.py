@@ -226,7 +226,12 @@ def _apply_key_bias(q, k, v, out, lse, kb: KeyBias, scale: float, prior: Sequenc
             s = s + blk
     w = torch.exp(s - lse_s[..., None]) * torch.expm1(kb.bias.float().to(q.device))
     delta = w.sum(-1)
-    new_out = (_select(out, kb.where, S).float() + torch.einsum("brhc,bchd->brhd", w, vs)) / (1 + delta)[..., None]
+    # O' = (O + Σ_c w_c v_c) / (1 + Σ_c w_c), built in one buffer the size of the selected output
+    new_out = torch.einsum("brhc,bchd->brhd", w, vs)
+    if torch.is_grad_enabled() and new_out.requires_grad:
+        new_out = (new_out + _select(out, kb.where, S).float()) / (1 + delta)[..., None]
+    else:
+        new_out.add_(_select(out, kb.where, S)).div_((1 + delta)[..., None])
     return _put(out, kb.where, new_out), _put(lse, kb.where, lse_s + torch.log1p(delta))
 
 
