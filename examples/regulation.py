@@ -91,6 +91,8 @@ def main() -> None:
     print(f"  sites: {', '.join(s.name for s in reg.sites)}")
     steps = sorted({r.step for r in reg.records})
     print(f"  regulated {len(reg.records)} attention calls at steps {steps}")
+    if reg.summary():
+        print(f"  {reg.summary()}")
     if reg.records and reg.records[0].losses:
         first = reg.records[0]
         print(f"  inner loss at {first.site}, step {first.step}: {first.losses[0]:.4f} -> best {first.best_loss:.4f}")
