@@ -37,5 +37,9 @@ class LayoutError(ConfigError):
     """The token layout (text length, image grid, word positions) is unknown or inconsistent."""
 
 
+class WordCutOffError(LayoutError):
+    """A word of the prompt lies past the tokens the text encoders read (the prompt was truncated)."""
+
+
 class UnsupportedModelError(AttnCtlError):
     """A control or feature does not support this model family."""

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import LayoutError
+from .errors import LayoutError, WordCutOffError
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -80,7 +80,10 @@ class TokenLayout:
             out.extend(seg.start + p for p in seg.words.get(key, ()))
         if not out:
             if self.cut_off(word):
-                raise self.cut_off_error(word)
+                raise WordCutOffError(
+                    f"the word {word!r} is in the prompt but past the tokens the text encoders read "
+                    f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was cut off",
+                    fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
             where = f" in the prompt {self.prompt!r}" if self.prompt is not None else ""
             known = ", ".join(self.words()[:20]) or "(no prompt tokens are known for this run)"
             raise LayoutError(
@@ -88,12 +91,6 @@ class TokenLayout:
                 f"Words of this prompt: {known}."
             )
         return sorted(set(out))
-
-    def cut_off_error(self, word: str) -> LayoutError:
-        return LayoutError(
-            f"the word {word!r} is in the prompt but past the tokens the text encoders read "
-            f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was cut off",
-            fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
 
     def cut_off(self, word: str) -> bool:
         """``word`` is in the prompt's text but in none of the tokenized segments (truncated away)."""

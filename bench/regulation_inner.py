@@ -36,14 +36,6 @@ SHAPES = {
 }
 
 
-def raw_basis(side: int, grid: int = 7, sigma: float = 1 / 16) -> torch.Tensor:
-    """The bumps of ``gaussian_basis`` without its floor."""
-    ys = torch.arange(side, dtype=torch.float32)
-    c = -0.5 + (torch.arange(grid, dtype=torch.float32) + 0.5) * side / grid
-    g = torch.exp(-((ys[None, :] - c[:, None]) ** 2) / (2 * (sigma * side) ** 2))
-    return (g[:, None, :, None] * g[None, :, None, :]).reshape(grid * grid, side * side)
-
-
 def inputs(rows: int, side: int, heads: int, words: int = 2):
     from attnctl.controls.regulation import row_terms
 
@@ -61,7 +53,7 @@ def time_shape(name: str, repeats: int) -> dict:
     rows, side, heads = SHAPES[name]
     terms, w0 = inputs(rows, side, heads)
     cfg = AttentionRegulation(targets=["a", "b"]).config
-    raw = raw_basis(side)
+    raw = gaussian_basis(side, side, floor=0.0)
     bases = {"shipped": gaussian_basis(side, side), "denormal tails": raw}
     for basis in bases.values():  # warm-up
         descend(terms, w0, basis, cfg)

@@ -21,7 +21,7 @@ from attnctl.controls.regulation import (
     special_positions,
     word_maps,
 )
-from attnctl.errors import ConfigError, LayoutError, SiteError
+from attnctl.errors import ConfigError, LayoutError, SiteError, WordCutOffError
 from attnctl.layout import TextSegment, TokenLayout
 from attnctl.pipelines import AttnCtlSD3Pipeline
 from attnctl.processors.attend import attend, fused_attention
@@ -251,10 +251,10 @@ def test_bad_input(sd3_pipe, sd35_pipe):
 def test_a_target_cut_off_by_the_token_limit_is_named_as_such(flux_pipe):
     long = "a red circle and a blue square " * 3 + "and a green triangle"  # the triangle is past 24 T5 tokens
     reg = AttentionRegulation(targets=["circle", "triangle"], sites="all")
-    with pytest.raises(LayoutError, match=r"'triangle' is in the prompt but past .*cut off.*Fix: shorten"), \
+    with pytest.raises(WordCutOffError, match=r"'triangle' is in the prompt but past .*cut off.*Fix: shorten"), \
             attnctl.attach(flux_pipe, [reg]):
         flux_pipe(long, **KW)
-    with pytest.raises(LayoutError, match="cut off"), attnctl.attach(flux_pipe, [attnctl.AttentionProbe(
+    with pytest.raises(WordCutOffError, match="cut off"), attnctl.attach(flux_pipe, [attnctl.AttentionProbe(
             words=["triangle"])]):
         flux_pipe(long, **KW)
 

@@ -57,10 +57,7 @@ class RunState:
 
     def rows_with(self, roles: tuple[str, ...] | list[str], batch: int, device=None) -> torch.Tensor | None:
         """Batch rows whose role is in ``roles`` (``None`` when every row qualifies)."""
-        rows = self._row_list(roles, batch)
-        if len(rows) == batch:
-            return None
-        return torch.tensor(rows, dtype=torch.long, device=device)
+        return _row_index(self._row_list(roles, batch), batch, device)
 
     def rows_by_prompt(self, roles: tuple[str, ...] | list[str], batch: int, device=None
                        ) -> list[tuple[TokenLayout | None, torch.Tensor | None, list[int]]]:
@@ -68,10 +65,11 @@ class RunState:
 
         One group — the run's layout and :meth:`rows_with` — when the call has one prompt. With several prompts
         (``row_layouts``), one group per prompt; a selected row of no prompt (``uncond``) is an error."""
+        picked = self._row_list(roles, batch)
         if self.row_layouts is None:
-            return [(self.layout, self.rows_with(roles, batch, device), self._row_list(roles, batch))]
+            return [(self.layout, _row_index(picked, batch, device), picked)]
         groups: dict[int, tuple[TokenLayout, list[int]]] = {}
-        for r in self._row_list(roles, batch):
+        for r in picked:
             lay = self.row_layouts[r]
             if lay is None:
                 raise LayoutError(
@@ -80,6 +78,11 @@ class RunState:
                     fix="keep word controls on roles=['cond'], or run one prompt per call")
             groups.setdefault(id(lay), (lay, []))[1].append(r)
         return [(lay, torch.tensor(rs, dtype=torch.long, device=device), rs) for lay, rs in groups.values()]
+
+
+def _row_index(rows: list[int], batch: int, device=None) -> torch.Tensor | None:
+    """``rows`` as an index tensor, or ``None`` when they are every row of the batch."""
+    return None if len(rows) == batch else torch.tensor(rows, dtype=torch.long, device=device)
 
 
 class ControlConfig(BaseModel):

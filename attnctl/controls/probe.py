@@ -61,6 +61,7 @@ class AttentionProbe(Control):
         self._mass = 0.0
         self._positions: list[int] | None = None
         self._columns: list[str] = []
+        self._prompt_positions: dict[int, tuple[Any, list[int]]] = {}  # id(layout) -> (layout, its positions)
         self.grid: tuple[int, int] | None = None
 
     def begin_run(self, state: RunState) -> None:
@@ -137,17 +138,27 @@ class AttentionProbe(Control):
         self._mass += n_heads * weight  # once per call, whatever the number of prompts
         out = []
         for layout, rows, host_rows in groups:
-            pos, names = self._word_columns(layout)
-            if names != self._columns:
-                raise LayoutError(
-                    f"AttentionProbe: the words {self.config.words} take other tokens in {layout.prompt!r} "
-                    f"({names}) than in the call's first prompt ({self._columns}), so their maps cannot share "
-                    "columns", fix="probe these prompts in separate calls")
+            pos = self._positions_in(layout)
             cols = torch.tensor([start + p for p in pos], dtype=torch.long, device=call.device)
             where = torch.tensor([order[r] for r in host_rows], dtype=torch.long, device=call.device)
             out.append(Probe(cols, lambda p, where=where: self._add_rows(p, weight, where, len(selected)),
                              Selection(rows, call.image_slice(), heads)))
         return out
+
+    def _positions_in(self, layout) -> list[int]:
+        """The words' positions in one prompt of a several-prompt call, checked once per run to line up with the
+        columns of the first prompt."""
+        kept = self._prompt_positions.get(id(layout))
+        if kept is not None and kept[0] is layout:
+            return kept[1]
+        pos, names = self._word_columns(layout)
+        if names != self._columns:
+            raise LayoutError(
+                f"AttentionProbe: the words {self.config.words} take other tokens in {layout.prompt!r} "
+                f"({names}) than in the call's first prompt ({self._columns}), so their maps cannot share "
+                "columns", fix="probe these prompts in separate calls")
+        self._prompt_positions[id(layout)] = (layout, pos)
+        return pos
 
     def _add(self, probs: torch.Tensor, weight: float) -> None:
         m = probs.sum(dim=2) * weight  # (rows, N_img, tokens), summed over heads

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import ConfigError, LayoutError, SiteError, UnsupportedModelError
+from ..errors import ConfigError, LayoutError, SiteError, UnsupportedModelError, WordCutOffError
 from ..processors.attend import fused_attention_with_lse
 from ..processors.contributions import KeyBias, Selection
 from ..schedules import bounded
@@ -180,12 +180,13 @@ class RegulationConfig(ControlConfig):
 # --------------------------------------------------------------------------------------------- math
 
 
-def gaussian_basis(h: int, w: int, grid: int = 7, sigma: float = 1 / 16, device=None) -> torch.Tensor:
+def gaussian_basis(h: int, w: int, grid: int = 7, sigma: float = 1 / 16, device=None,
+                   floor: float = BASIS_FLOOR) -> torch.Tensor:
     """``grid²`` Gaussian bumps (peak 1) over an ``h × w`` token grid, ``(grid², h·w)`` float32, row-major.
 
     Centres sit at the centres of a ``grid × grid`` tiling of the image; the widths are ``sigma·h`` and
     ``sigma·w`` tokens (``σ = width/16`` on square images), so non-square grids get stretched bumps.
-    Tails below ``BASIS_FLOOR`` are zero: they move no bias, and denormal floats slow CPU matmuls several-fold.
+    Tails below ``floor`` are zero: they move no bias, and denormal floats slow CPU matmuls several-fold.
     """
     ys = torch.arange(h, dtype=torch.float32, device=device)
     xs = torch.arange(w, dtype=torch.float32, device=device)
@@ -194,7 +195,7 @@ def gaussian_basis(h: int, w: int, grid: int = 7, sigma: float = 1 / 16, device=
     gy = torch.exp(-((ys[None, :] - cy[:, None]) ** 2) / (2 * (sigma * h) ** 2))  # (grid, h)
     gx = torch.exp(-((xs[None, :] - cx[:, None]) ** 2) / (2 * (sigma * w) ** 2))  # (grid, w)
     g = (gy[:, None, :, None] * gx[None, :, None, :]).reshape(grid * grid, h * w)
-    return g.masked_fill(g < BASIS_FLOOR, 0.0)
+    return g.masked_fill(g < floor, 0.0)
 
 
 @dataclass
@@ -487,12 +488,11 @@ class AttentionRegulation(Control):
             try:  # a phrase ("blue square") is one target: its words' tokens share one bias and one map
                 found = sorted({p for part in w.split() for p in layout.word_tokens(part, segs)})
                 pos = [p for p in found if p not in positions]  # a token counts once
-            except LayoutError:
+            except LayoutError as e:
                 if cfg.missing == "ignore":
                     continue
-                cut = [part for part in w.split() if layout.cut_off(part)]
-                if cut:
-                    raise layout.cut_off_error(cut[0]) from None
+                if isinstance(e, WordCutOffError):  # the layout's own message says what to do
+                    raise
                 known = ", ".join(layout.words()[:20])
                 where = f"the prompt {layout.prompt!r}" if layout.prompt is not None else "this run's prompt"
                 seg_note = f" (segments {', '.join(segs)})" if segs else ""
@@ -528,8 +528,8 @@ class AttentionRegulation(Control):
             return []
         if self._steps(state.step, state.num_steps) <= 0:
             return []
-        batch = state.rows_with(self.config.roles, call.batch, call.device)
-        if batch is not None and len(batch) == 0:
+        groups = state.rows_by_prompt(self.config.roles, call.batch, call.device)
+        if not any(host_rows for _, _, host_rows in groups):
             return []
         grid = state.layout.grid if state.layout is not None else None
         if grid is None or grid[0] * grid[1] != call.n_image:
@@ -539,7 +539,6 @@ class AttentionRegulation(Control):
         start = call.text_slice().start
         img = call.image_slice()
         out = []
-        groups = state.rows_by_prompt(self.config.roles, call.batch, call.device)
         for layout, rows, _ in groups:  # one group per prompt of the call: its own columns, bias and memory
             tg = self._resolve(layout, call.n_text)
             if not tg.positions:  # missing='ignore' and no target in this prompt
