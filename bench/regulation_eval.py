@@ -69,7 +69,7 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
              steps: int | None, first_seed: int = 0, noise: str = "per_prompt",
              true_cfg: float | None = None) -> dict[str, Any]:
     from attnctl import AttentionRegulation
-    from attnctl.toyworld.evaluate import evaluate_image, evaluate_set
+    from attnctl.toyworld.evaluate import evaluate_image, mean_scores
     from attnctl.toyworld.models import load_pipeline
     from attnctl.toyworld.world import prompt_set
 
@@ -100,7 +100,7 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
         per_image = {n: [evaluate_image(im, it) for im, it in zip(images[n], scored, strict=True)] for n in names}
         rows = {}
         for n in names:
-            m = evaluate_set(images[n], scored)
+            m = mean_scores(per_image[n])
             rows[n] = {k: round(m[k], 4) for k in METRICS if k in m}
             if n != "baseline":
                 rows[n]["paired"] = paired_difference(per_image[n], per_image["baseline"])

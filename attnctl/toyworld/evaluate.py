@@ -308,11 +308,16 @@ def evaluate_set(
     """
     if len(images) != len(items):
         raise ValueError(f"{len(images)} images but {len(items)} prompt items")
+    return mean_scores([evaluate_image(image, item) for image, item in zip(images, items, strict=True)])
+
+
+def mean_scores(per_image: Sequence[dict[str, float]]) -> dict[str, float]:
+    """:func:`evaluate_set`'s summary of per-image scores (:func:`evaluate_image` results)."""
     scores: dict[str, list[float]] = {}
-    for image, item in zip(images, items, strict=True):
-        for name, value in evaluate_image(image, item).items():
+    for image_scores in per_image:
+        for name, value in image_scores.items():
             scores.setdefault(name, []).append(value)
-    out: dict[str, float] = {"n_images": float(len(items))}
+    out: dict[str, float] = {"n_images": float(len(per_image))}
     for name in METRICS:
         if name in scores:
             out[name] = float(np.mean(scores[name]))
