@@ -28,6 +28,8 @@ from attnctl.toyworld.tokenizer import make_tokenizer, split_words, unknown_word
 
 REPO = Path(__file__).resolve().parents[1]
 CALL = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=TEXT_LENGTH)
+ROUND_OFF = 1e-5
+"""Largest image difference allowed between a pipeline and its saved-and-loaded copy (float32 round-off)."""
 
 
 def _run(pipe, prompt="a red circle", seed=0, **kw):
@@ -254,7 +256,14 @@ def test_save_load_round_trip(pipes, name, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.vae, PixelShuffleAutoencoder)
     assert all(not m.training for m in loaded.components.values() if isinstance(m, torch.nn.Module))
-    assert np.array_equal(_run(loaded), _run(pipe))
+    for part, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            saved, back = module.state_dict(), loaded.components[part].state_dict()
+            assert saved.keys() == back.keys(), part
+            assert all(torch.equal(saved[k], back[k]) for k in saved), f"{part}: weights changed in the round trip"
+    # Same weights, same image up to float32 round-off: loaded tensors are views into the file's buffer at
+    # other memory alignments, and the CPU's matmul kernels round differently on them (seen: 5e-7).
+    np.testing.assert_allclose(_run(loaded), _run(pipe), rtol=0, atol=ROUND_OFF)
 
 
 def test_load_offline_in_fresh_process(pipes, tmp_path):
@@ -277,7 +286,7 @@ for name, cls in (("sd3", StableDiffusion3Pipeline), ("flux", FluxPipeline)):
     pipe.set_progress_bar_config(disable=True)
     img = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=24,
                output_type="np", generator=torch.Generator().manual_seed(0)).images
-    assert np.array_equal(img, np.load(root + "/" + name + ".npy")), name
+    assert np.abs(img - np.load(root + "/" + name + ".npy")).max() <= {ROUND_OFF}, name
 print("ok")
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
