@@ -961,6 +961,9 @@ def toy_train(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
     init_from: str | None = typer.Option(None, "--init-from", help="Fine-tune from this toy pipeline (a name or "
                                                                    "folder of the same architecture)."),
+    omit_named: float | None = typer.Option(None, "--omit-named", min=0.0, max=1.0,
+                                            help="Fraction of multi-object scenes drawn without one object "
+                                                 "their caption names (a world that teaches word neglect)."),
 ) -> None:
     """Train a toy model on the shapes world (resumable; a progress bar)."""
     if importlib.util.find_spec("attnctl.toyworld.train") is None:
@@ -975,7 +978,7 @@ def toy_train(
     if resume and not checkpoint.is_file():
         raise AttnCtlError(f"--resume: no checkpoint in {out}", "drop --resume to start a new training run")
     options = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "minutes": minutes, "threads": threads,
-               "init_from": init_from}
+               "init_from": init_from, "omit_named": omit_named}
     kwargs = {k: v for k, v in options.items() if v is not None}
     folder = training.train(model, out, resume=resume, progress=True, **kwargs)
     out_console.print(f"wrote {escape(str(folder))}", highlight=False)

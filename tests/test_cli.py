@@ -281,6 +281,10 @@ def test_toy_train_passes_options_through(tmp_path, monkeypatch):
     assert seen == {"model": "toy-flux", "out_dir": tmp_path, "steps": 5, "minutes": 0.5, "resume": False,
                     "progress": True}
     assert str(tmp_path / "pipeline") in result.stdout
+    seen.clear()
+    ok(run("toy", "train", "--model", "toy-sd3", "--out", tmp_path, "--init-from", "toy-sd3", "--omit-named", "0.3"))
+    assert seen["init_from"] == "toy-sd3" and seen["omit_named"] == 0.3
+    assert run("toy", "train", "--model", "toy-sd3", "--out", tmp_path, "--omit-named", "1.5").exit_code == 2
     resumed = run("toy", "train", "--model", "toy-flux", "--out", tmp_path / "empty", "--resume")
     assert resumed.exit_code == 2 and "no checkpoint" in resumed.stderr
 

@@ -238,3 +238,12 @@ def test_fine_tune_from_a_pipeline_into_a_tokens_only_model(sd3_run, tmp_path):
     assert models.toy_metadata(resumed)["training"]["init_from"] == str(source)
     with pytest.raises(ConfigError, match="another architecture"):
         train("toy-sd3", tmp_path / "other", steps=1, arch={**TINY_SD3, "num_layers": 2}, init_from=source, **SMOKE)
+
+
+def test_omit_named_is_recorded_and_kept_on_resume(tmp_path):
+    """A neglect-prone fine-tune records its omit_named; a resume trains on the same world, whatever it is passed."""
+    run = tmp_path / "omit"
+    folder = train("toy-sd3", run, steps=2, arch=TINY_SD3, omit_named=0.3, **SMOKE)
+    assert models.toy_metadata(folder)["training"]["omit_named"] == 0.3
+    resumed = train("toy-sd3", run, steps=3, resume=True, **SMOKE)  # omit_named not passed: the default 0.0
+    assert models.toy_metadata(resumed)["training"]["omit_named"] == 0.3

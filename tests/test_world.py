@@ -154,6 +154,31 @@ def test_make_batch_deterministic_and_dropout():
     assert make_batch(7, 2, resolution=64)[1].shape == (2, 64, 64, 3)
 
 
+def test_make_batch_omit_named_leaves_one_named_object_out():
+    """omit_named draws the same scenes and captions, and leaves exactly one named object out of some
+    multi-object images (never out of single-object ones); omit_named=0 is the batch without the option."""
+    seed, n = 11, 200
+    captions, images = make_batch(seed, n)
+    assert make_batch(seed, n, omit_named=0.0)[0] == captions
+    assert np.array_equal(make_batch(seed, n, omit_named=0.0)[1], images)
+    omit_captions, omit_images = make_batch(seed, n, omit_named=0.5)
+    assert omit_captions == captions
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]  # make_batch's scenes: its first draws from the same rng
+    changed = 0
+    for scene, full, omitted in zip(scenes, images, omit_images, strict=True):
+        assert np.array_equal(full, render(scene))
+        if np.array_equal(full, omitted):
+            continue
+        changed += 1
+        assert len(scene.objects) > 1
+        one_less = [render(Scene(scene.caption, scene.objects[:i] + scene.objects[i + 1:], scene.kind))
+                    for i in range(len(scene.objects))]
+        assert any(np.array_equal(omitted, im) for im in one_less)
+    multi = sum(len(s.objects) > 1 for s in scenes)
+    assert 0.3 * multi <= changed <= 0.7 * multi
+
+
 def test_make_batch_is_fast():
     make_batch(0, 64)
     start = time.perf_counter()

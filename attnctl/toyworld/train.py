@@ -482,6 +482,7 @@ def train(
     arch: dict[str, Any] | None = None,
     threads: int | None = None,
     caption_dropout: float = 0.1,
+    omit_named: float = 0.0,
     time_sampling: str = "logit_normal",
     ema_decay: float | None = 0.999,
     weight_decay: float = 0.01,
@@ -508,6 +509,8 @@ def train(
         arch: overrides of the preset's :class:`ToyArch` fields (e.g. tiny widths for tests).
         threads: ``torch.set_num_threads`` for this process (``None`` leaves it).
         caption_dropout: fraction of captions replaced by ``""`` (for classifier-free guidance).
+        omit_named: fraction of multi-object scenes drawn without one of the objects their caption names
+            (a neglect-prone world; see :func:`~attnctl.toyworld.world.make_batch`).
         time_sampling: ``"logit_normal"`` or ``"uniform"`` noise levels.
         ema_decay: EMA decay of the weights the pipeline is saved with; ``None`` saves the raw weights.
         checkpoint_every, log_every: in steps.
@@ -533,6 +536,7 @@ def train(
         hp = ckpt["hparams"]
         seed, batch, model = hp["seed"], hp["batch"], hp["model"]
         init_from = hp.get("init_from")  # recorded, so the export keeps the source's call defaults
+        omit_named = hp.get("omit_named", 0.0)  # the world it was trained on
     else:
         a = _arch(model, arch)
 
@@ -572,6 +576,7 @@ def train(
         "seed": seed,
         "minutes": minutes,
         "caption_dropout": caption_dropout,
+        "omit_named": omit_named,
         "time_sampling": time_sampling,
         "ema_decay": ema_decay,
         "weight_decay": weight_decay,
@@ -618,7 +623,8 @@ def train(
                 cur_lr = _lr_at(step, progress_frac, lr, warmup)
                 for g in opt.param_groups:
                     g["lr"] = cur_lr
-                captions, images = make_batch(seed * 1_000_003 + step, batch, a.resolution, caption_dropout)
+                captions, images = make_batch(seed * 1_000_003 + step, batch, a.resolution, caption_dropout,
+                                             omit_named)
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
                 loss = flow_matching_loss(pipe, captions, images, a, gen, time_sampling)
                 opt.zero_grad(set_to_none=True)
@@ -713,6 +719,8 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--init-from", default=None, help="fine-tune from this toy pipeline (name or folder)")
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--omit-named", type=float, default=0.0,
+                   help="fraction of multi-object scenes drawn without one object their caption names")
     args = p.parse_args(argv)
     folder = train(
         args.model,
@@ -730,6 +738,7 @@ def _main(argv: list[str] | None = None) -> None:
         checkpoint_every=args.checkpoint_every,
         init_from=args.init_from,
         warmup=args.warmup,
+        omit_named=args.omit_named,
     )
     print(folder)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -451,20 +451,31 @@ def render(scene: Scene, resolution: int = 32) -> np.ndarray:
 
 
 def make_batch(
-    seed: int, n: int, resolution: int = 32, caption_dropout: float = 0.0
+    seed: int, n: int, resolution: int = 32, caption_dropout: float = 0.0, omit_named: float = 0.0
 ) -> tuple[list[str], np.ndarray]:
     """n training scenes from the training mix: (captions, N x H x W x 3 uint8 images), deterministic in seed.
 
     A `caption_dropout` fraction of captions is replaced by "" (the unconditional prompt for
-    classifier-free guidance); their images are still drawn.
+    classifier-free guidance); their images are still drawn. An `omit_named` fraction of the scenes with
+    two or more objects leaves one of them (chosen at random) out of the image while the caption still names
+    it: captions that name more than the picture shows, as web captions do, teach a model that a named object
+    may be missing — the word neglect that attention regulation is meant to undo. ``omit_named=0`` draws the
+    same batches as before the option existed.
     """
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng) for _ in range(n)]
     dropped = rng.random(n) < caption_dropout
+    omitted = [-1] * n
+    if omit_named > 0:
+        omit, pick = rng.random(n) < omit_named, rng.random(n)
+        omitted = [int(p * len(s.objects)) if o and len(s.objects) > 1 else -1
+                   for s, o, p in zip(scenes, omit, pick, strict=True)]
     images = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
     images[:] = vocab.BACKGROUND
-    for canvas, scene in zip(images, scenes, strict=True):
-        _draw(canvas, scene)
+    for canvas, scene, left_out in zip(images, scenes, omitted, strict=True):
+        drawn = scene if left_out < 0 else replace(
+            scene, objects=scene.objects[:left_out] + scene.objects[left_out + 1:])
+        _draw(canvas, drawn)
     captions = ["" if d else s.caption for s, d in zip(scenes, dropped, strict=True)]
     return captions, images
 
