@@ -1,4 +1,4 @@
-"""Why attention regulation has little to work with on a toy model: five diagnostics.
+"""Why attention regulation has little to work with on a toy model: six diagnostics.
 
     python bench/regulation_diagnose.py                      # toy-sd3
     python bench/regulation_diagnose.py --model toy-flux --json flux_diag.json
@@ -24,6 +24,10 @@
    attend them less (their values are untouched). The images are scored with and without AttentionRegulation on
    the phrases (each config of ``--configs``), with the second object found (its colour; its colour and shape) as
    the figure that neglect moves.
+6. **Do the objects' tokens mix in the text stream.** In MM-DiT the text tokens attend to one another in every
+   block, so a mid-depth "circle" token may carry "square". The text→text logits between different objects'
+   phrase tokens are set to −∞ in every joint block on the conditional rows (each object's tokens read only
+   their own object's, the context tokens and the image), with and without AttentionRegulation on the phrases.
 
 Same seeds with and without each intervention; independent noise per item (as ``bench/regulation_eval.py``).
 """
@@ -42,6 +46,8 @@ from report import emit
 
 from attnctl.headhunt import pair_seed
 from attnctl.toyworld.world import object_words
+
+DIAGNOSTICS = ("which_path", "steering", "shape_errors", "neglect", "text_isolation")
 
 
 def _embed(pipe, prompt: str, length: int) -> dict[str, torch.Tensor]:
@@ -269,6 +275,66 @@ def neglect(pipe, items: list[dict], seeds: range, call: dict[str, Any], scales:
     return out
 
 
+def _object_isolation(phrases: list[str], **kwargs):
+    """A control that keeps each phrase's text tokens from attending to the other phrases' tokens (−∞ on those
+    text→text logits, every selected site, conditional rows): diagnostic 6's intervention."""
+    from attnctl.controls.base import Control, ControlConfig
+    from attnctl.processors.contributions import DenseBias, Selection
+
+    class IsolationConfig(ControlConfig):
+        targets: list[str]
+        sites: str = "all"
+
+    class ObjectTokenIsolation(Control):
+        kind = "object_token_isolation"
+        Config = IsolationConfig
+
+        def contribute(self, call, q, k, v, state):
+            if call.n_text is None or call.n_image == 0:
+                return []
+            text = call.text_slice()
+            out = []
+            for lay, rows, _ in state.rows_by_prompt(["cond"], call.batch, q.device):
+                groups = [[seg.start + p for seg in lay.segments for w in phrase.split() for p in seg.words.get(w, ())]
+                          for phrase in self.config.targets]
+                bias = torch.zeros(text.stop - text.start, call.seq_len, device=q.device)
+                for i, own in enumerate(groups):
+                    others = [text.start + p for j, g in enumerate(groups) if j != i for p in g]
+                    if own and others:
+                        bias[torch.tensor(own)[:, None], torch.tensor(others)[None, :]] = float("-inf")
+                out.append(DenseBias(fn=lambda r0, r1, b=bias[None, :, None, :], o=text.start: b[:, r0 - o:r1 - o],
+                                     where=Selection(batch=rows, rows=text)))
+            return out
+
+    return ObjectTokenIsolation(targets=phrases, **kwargs)
+
+
+def text_isolation(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: range, call: dict[str, Any],
+                   configs: list[dict]) -> dict[str, dict[str, float]]:
+    from attnctl import AttentionRegulation
+    from attnctl.toyworld.evaluate import evaluate_set
+
+    out = {}
+    refs = [item for item in items for _ in seeds]
+    for isolate in (False, True):
+        for cfg in [None, *configs]:
+            if not isolate and cfg is None:
+                images = [im for ims in plain for im in ims]
+            else:
+                images = []
+                for i, item in enumerate(items):
+                    phrases = object_words(item, "phrases")
+                    controls = [_object_isolation(phrases)] if isolate else []
+                    if cfg is not None:
+                        controls.append(AttentionRegulation(**{"targets": phrases, **cfg}))
+                    images.extend(generate(pipe, item["prompt"], _seeds(i, seeds), call, controls)[0])
+            m = evaluate_set(images, refs)
+            regulation = "no regulation" if cfg is None else json.dumps(cfg, sort_keys=True)
+            name = ("isolated · " if isolate else "") + regulation
+            out[name] = {k: round(m[k], 4) for k in ("presence", "colour_binding", "object_recall", "shape_accuracy")}
+    return out
+
+
 def print_tables(result: dict[str, Any]) -> None:
     try:
         from rich.console import Console
@@ -278,7 +344,8 @@ def print_tables(result: dict[str, Any]) -> None:
     for title, key in (("which path carries the prompt (scored against …)", "which_path"),
                        ("fixed left/right bias on the objects' words", "steering"),
                        ("the shapes of the objects (no control)", "shape_errors"),
-                       ("injected neglect of the second object's words", "neglect")):
+                       ("injected neglect of the second object's words", "neglect"),
+                       ("objects' tokens isolated in the text stream", "text_isolation")):
         if key not in result:
             continue
         rows = result[key]
@@ -310,12 +377,12 @@ def main() -> None:
     ap.add_argument("--neglect-scales", type=float, nargs="+", default=[1.0, 0.5, 0.25],
                     help="scales of the second object's word tokens (neglect diagnostic; 1: none injected)")
     ap.add_argument("--configs", nargs="+", default=["{}"],
-                    help="AttentionRegulation settings (JSON) of the neglect diagnostic, one per run")
-    ap.add_argument("--only", nargs="+", choices=["which_path", "steering", "shape_errors", "neglect"],
+                    help="AttentionRegulation settings (JSON) of the neglect and text-isolation diagnostics")
+    ap.add_argument("--only", nargs="+", choices=[*DIAGNOSTICS],
                     help="run only these diagnostics [default: all]")
     ap.add_argument("--json")
     args = ap.parse_args()
-    only = set(args.only or ("which_path", "steering", "shape_errors", "neglect"))
+    only = set(args.only or DIAGNOSTICS)
     if args.true_cfg is not None and only != {"steering"}:
         ap.error("--true-cfg works with --only steering (the other diagnostics run the model without it)")
     torch.set_num_threads(args.threads)
@@ -336,9 +403,11 @@ def main() -> None:
                                       args.plus_only)
     if "shape_errors" in only:
         result["shape_errors"] = shape_errors(pipe, items, plain, seeds, call)
+    configs = [json.loads(c) for c in args.configs]
     if "neglect" in only:
-        configs = [json.loads(c) for c in args.configs]
         result["neglect"] = neglect(pipe, items, seeds, call, args.neglect_scales, configs)
+    if "text_isolation" in only:
+        result["text_isolation"] = text_isolation(pipe, items, plain, seeds, call, configs)
     print_tables(result)
     emit(result, args.json)
 

@@ -35,6 +35,49 @@ def test_regulation_eval_and_diagnose_run(tmp_path):
                      out=tmp_path / "diag.json")
     assert list(diag["steering"]) == ["beta=0", "beta=1"] and "which_path" not in diag
     assert list(diag["neglect"]) == ["s=0.5 · no control", 's=0.5 · {"iterations": 2}']
+    iso = run_bench("regulation_diagnose.py", "--limit", "1", "--seeds", "1", "--only", "text_isolation",
+                    "--configs", '{"iterations": 2}', out=tmp_path / "iso.json")["text_isolation"]
+    assert list(iso) == ["no regulation", '{"iterations": 2}', "isolated · no regulation",
+                         'isolated · {"iterations": 2}']
+
+
+def test_object_token_isolation_cuts_only_text_to_text_links_between_objects():
+    """In the first joint block (conditional rows): the objects' text tokens change, every other text token and
+    every image token keeps its output — image queries and context tokens attend as before."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from regulation_diagnose import _object_isolation
+    finally:
+        sys.path.remove(str(BENCH))
+    from attnctl.layout import layout_for_pipeline
+    from attnctl.toyworld.models import load_pipeline
+
+    pipe = load_pipeline("toy-sd3")
+    prompt = "a red circle and a blue square"
+    attn = pipe.transformer.transformer_blocks[0].attn
+    seen = []
+
+    def run(controls) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.clear()
+        handle = attn.register_forward_hook(lambda m, i, o: seen.append((o[0].detach(), o[1].detach())))
+        try:
+            pipe(prompt, num_inference_steps=1, height=32, width=32, max_sequence_length=24, guidance_scale=4.5,
+                 generator=torch.Generator().manual_seed(0), output_type="np", controls=controls)
+        finally:
+            handle.remove()
+        return seen[0]
+
+    img, txt = run(None)
+    img_iso, txt_iso = run([_object_isolation(["red circle", "blue square"])])
+    where = layout_for_pipeline(pipe, prompt, txt.shape[1], (1, 1))
+    words = ("red", "circle", "blue", "square")
+    objects = [seg.start + p for seg in where.segments for w in words for p in seg.words[w]]
+    others = [c for c in range(txt.shape[1]) if c not in objects]
+    half = txt.shape[0] // 2  # [uncond, cond]
+    torch.testing.assert_close(img_iso, img)
+    torch.testing.assert_close(txt_iso[:half], txt[:half])
+    torch.testing.assert_close(txt_iso[half:, others], txt[half:, others])
+    assert (txt_iso[half:, objects] - txt[half:, objects]).abs().amax(dim=-1).min() > 1e-4
 
 
 def test_injected_neglect_scales_the_named_words_keys_on_the_conditional_rows():
