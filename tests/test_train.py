@@ -247,3 +247,5 @@ def test_omit_named_is_recorded_and_kept_on_resume(tmp_path):
     assert models.toy_metadata(folder)["training"]["omit_named"] == 0.3
     resumed = train("toy-sd3", run, steps=3, resume=True, **SMOKE)  # omit_named not passed: the default 0.0
     assert models.toy_metadata(resumed)["training"]["omit_named"] == 0.3
+    with pytest.raises(ConfigError, match="omit_named=1.5 is not a fraction"):
+        train("toy-sd3", tmp_path / "bad", steps=1, arch=TINY_SD3, omit_named=1.5, **SMOKE)

@@ -519,6 +519,9 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    if not 0.0 <= omit_named <= 1.0:
+        raise ConfigError(f"omit_named={omit_named!r} is not a fraction in [0, 1]",
+                          "give the share of multi-object scenes to draw without one named object, e.g. 0.3")
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out_dir)
