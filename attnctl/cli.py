@@ -722,6 +722,10 @@ def eval_(
     method: str | None = typer.Option(None, "--method", help="A control kind to apply (see attnctl.controls)."),
     config: str | None = typer.Option(None, "--config", help="The control's settings as JSON or @file.json."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds 0..N-1 per prompt item."),
+    noise: str = typer.Option("shared", "--noise", help="shared: every item uses generator seeds 0..N-1; "
+                                                        "per_prompt: item i's seed s is s + 1000003·i, so no two "
+                                                        "images share their initial noise (as headhunt and the "
+                                                        "benches)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
     guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale (default: the model's)."),
     words_from: str | None = typer.Option(
@@ -739,9 +743,12 @@ def eval_(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from .headhunt import NOISE_KINDS, pair_seed
     from .toyworld.evaluate import evaluate_set
     from .toyworld.world import WORD_KINDS, object_words
 
+    if noise not in NOISE_KINDS:
+        raise AttnCtlError(f"--noise {noise!r} is not a noise design", f"use one of {', '.join(NOISE_KINDS)}")
     items, label = load_prompt_items(prompts, limit)
     settings_json = None
     controls = []
@@ -792,7 +799,7 @@ def eval_(
         task = bar.add_task("eval", total=len(jobs))
         for chunk in batches:
             kwargs = dict(call, prompt=[items[i]["prompt"] for i, _ in chunk],
-                          generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk])
+                          generator=[torch.Generator("cpu").manual_seed(pair_seed(i, s, noise)) for i, s in chunk])
             chunk_controls = controls_for(items[chunk[0][0]]) if words_from is not None else controls
             for img in run_pipeline(pipe, kwargs, chunk_controls):
                 images.append(np.asarray(img.convert("RGB")))
@@ -808,6 +815,7 @@ def eval_(
         "prompts": label,
         "items": len(items),
         "seeds": seeds,
+        "noise": noise,
         "method": method,
         "config": (controls[0].to_json() if words_from is None else {**settings_json, "kind": method})
         if controls else None,

@@ -54,6 +54,10 @@ PROMPT_SEED_STRIDE = 1_000_003
 """With ``noise="per_prompt"``, prompt i's seed s becomes generator seed ``s + PROMPT_SEED_STRIDE·i``."""
 
 
+NOISE_KINDS = ("per_prompt", "shared")
+"""How prompt–seed pairs get their initial noise: each its own, or every prompt the same seeds 0..S−1."""
+
+
 def pair_seed(prompt_index: int, seed: int, noise: str = "per_prompt") -> int:
     """The generator seed of pair (prompt ``prompt_index``, ``seed``): its own per prompt, or ``seed`` when
     every prompt shares the seeds (``noise="shared"``)."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from report import emit
 
-from attnctl.headhunt import pair_seed
+from attnctl.headhunt import NOISE_KINDS, pair_seed
 from attnctl.toyworld.world import WORD_KINDS, object_words
 
 METRICS = ("presence", "colour_binding", "object_recall", "colour_accuracy", "shape_accuracy", "leakage")
@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--model", default="toy-sd3", help="toy-sd3, toy-flux or a pipeline folder")
     ap.add_argument("--sets", nargs="+", default=["pair", "triple"])
     ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--noise", choices=("per_prompt", "shared"), default="per_prompt",
+    ap.add_argument("--noise", choices=NOISE_KINDS, default="per_prompt",
                     help="per_prompt: item i's seed s is generator seed s + 1000003·i, so no two images share their "
                          "initial noise; shared: every item uses the same seeds (how the first tables were made)")
     ap.add_argument("--first-seed", type=int, default=0,

@@ -167,6 +167,33 @@ def test_eval_words_from_gives_each_item_its_own_words(sd3_dir, tmp_path, monkey
     assert json.loads(off.stdout)["metrics"] == json.loads(plain.stdout)["metrics"]
 
 
+def test_eval_noise_designs(sd3_dir, tmp_path, monkeypatch):
+    """--noise shared gives every item seeds 0..N-1; per_prompt gives item i seed s + 1000003·i (the benches' and
+    headhunt's design), recorded in the JSON; an unknown design is refused before the model loads."""
+    import attnctl.cli as cli
+
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["a red circle", "a green triangle"]))
+    seeds_seen = []
+    real = cli.run_pipeline
+
+    def spy(pipe, kwargs, controls):
+        seeds_seen.extend(g.initial_seed() for g in kwargs["generator"])
+        return real(pipe, kwargs, controls)
+
+    monkeypatch.setattr(cli, "run_pipeline", spy)
+    common = ("eval", "--model", sd3_dir, "--prompts", prompts, "--seeds", "2", "--steps", "1", "--json")
+    shared = run(*common)
+    ok(shared)
+    assert sorted(seeds_seen) == [0, 0, 1, 1] and json.loads(shared.stdout)["noise"] == "shared"
+    seeds_seen.clear()
+    own = run(*common, "--noise", "per_prompt")
+    ok(own)
+    assert sorted(seeds_seen) == [0, 1, 1000003, 1000004] and json.loads(own.stdout)["noise"] == "per_prompt"
+    bad = run(*common, "--noise", "fresh")
+    assert bad.exit_code == 2 and "--noise 'fresh' is not a noise design" in bad.stderr
+
+
 # ------------------------------------------------------------------------------------------- inspect
 
 
