@@ -12,6 +12,36 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
+def from_diagnose(name: str):
+    """A function of bench/regulation_diagnose.py (the bench folder is not a package)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import regulation_diagnose
+    finally:
+        sys.path.remove(str(BENCH))
+    return getattr(regulation_diagnose, name)
+
+
+PROMPT = "a red circle and a blue square"
+
+
+def first_output(pipe, module: torch.nn.Module, controls=None):
+    """What ``module`` returns at its first call in a one-step toy-sd3 generation of PROMPT (CFG: [uncond, cond])."""
+    seen = []
+
+    def keep(module, inputs, output):  # copies: the processor may reuse the buffers afterwards
+        seen.append(tuple(t.detach().clone() for t in output) if isinstance(output, tuple)
+                    else output.detach().clone())
+
+    handle = module.register_forward_hook(keep)
+    try:
+        pipe(PROMPT, num_inference_steps=1, height=32, width=32, max_sequence_length=24, guidance_scale=4.5,
+             generator=torch.Generator().manual_seed(0), output_type="np", controls=controls)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def run_bench(script: str, *args: str, out: Path) -> dict:
     done = subprocess.run([sys.executable, str(BENCH / script), *args, "--threads", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
@@ -44,32 +74,15 @@ def test_regulation_eval_and_diagnose_run(tmp_path):
 def test_object_token_isolation_cuts_only_text_to_text_links_between_objects():
     """In the first joint block (conditional rows): the objects' text tokens change, every other text token and
     every image token keeps its output — image queries and context tokens attend as before."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from regulation_diagnose import _object_isolation
-    finally:
-        sys.path.remove(str(BENCH))
     from attnctl.layout import layout_for_pipeline
     from attnctl.toyworld.models import load_pipeline
 
     pipe = load_pipeline("toy-sd3")
-    prompt = "a red circle and a blue square"
     attn = pipe.transformer.transformer_blocks[0].attn
-    seen = []
-
-    def run(controls) -> tuple[torch.Tensor, torch.Tensor]:
-        seen.clear()
-        handle = attn.register_forward_hook(lambda m, i, o: seen.append((o[0].detach(), o[1].detach())))
-        try:
-            pipe(prompt, num_inference_steps=1, height=32, width=32, max_sequence_length=24, guidance_scale=4.5,
-                 generator=torch.Generator().manual_seed(0), output_type="np", controls=controls)
-        finally:
-            handle.remove()
-        return seen[0]
-
-    img, txt = run(None)
-    img_iso, txt_iso = run([_object_isolation(["red circle", "blue square"])])
-    where = layout_for_pipeline(pipe, prompt, txt.shape[1], (1, 1))
+    isolation = from_diagnose("_object_isolation")(["red circle", "blue square"])
+    img, txt = first_output(pipe, attn)
+    img_iso, txt_iso = first_output(pipe, attn, [isolation])
+    where = layout_for_pipeline(pipe, PROMPT, txt.shape[1], (1, 1))
     words = ("red", "circle", "blue", "square")
     objects = [seg.start + p for seg in where.segments for w in words for p in seg.words[w]]
     others = [c for c in range(txt.shape[1]) if c not in objects]
@@ -81,34 +94,17 @@ def test_object_token_isolation_cuts_only_text_to_text_links_between_objects():
 
 
 def test_injected_neglect_scales_the_named_words_keys_on_the_conditional_rows():
-    sys.path.insert(0, str(BENCH))
-    try:
-        from regulation_diagnose import weakened_keys
-    finally:
-        sys.path.remove(str(BENCH))
     from attnctl.layout import layout_for_pipeline
     from attnctl.toyworld.models import load_pipeline
 
+    weakened_keys = from_diagnose("weakened_keys")
     pipe = load_pipeline("toy-sd3")
-    prompt = "a red circle and a blue square"
-    keys = []
     probe = pipe.transformer.transformer_blocks[0].attn.add_k_proj
-
-    def run() -> torch.Tensor:
-        keys.clear()
-        handle = probe.register_forward_hook(lambda m, i, o: keys.append(o.detach().clone()))
-        try:
-            pipe(prompt, num_inference_steps=1, height=32, width=32, max_sequence_length=24, guidance_scale=4.5,
-                 generator=torch.Generator().manual_seed(0), output_type="np")
-        finally:
-            handle.remove()
-        return keys[0]
-
-    plain = run()
-    with weakened_keys(pipe, prompt, ["blue", "square"], 0.5, sd3_cfg=True, n_text=24):
-        weak = run()
+    plain = first_output(pipe, probe)
+    with weakened_keys(pipe, PROMPT, ["blue", "square"], 0.5, sd3_cfg=True, n_text=24):
+        weak = first_output(pipe, probe)
     assert not probe._forward_hooks  # the context removes its hooks
-    where = layout_for_pipeline(pipe, prompt, plain.shape[1], (1, 1))
+    where = layout_for_pipeline(pipe, PROMPT, plain.shape[1], (1, 1))
     cols = [seg.start + p for seg in where.segments for w in ("blue", "square") for p in seg.words[w]]
     assert len(cols) == 4  # CLIP and T5 position of each word
     half = plain.shape[0] // 2  # [uncond, cond]
