@@ -289,20 +289,30 @@ def _object_isolation(phrases: list[str], **kwargs):
         kind = "object_token_isolation"
         Config = IsolationConfig
 
+        def begin_run(self, state):
+            self._bias = {}  # (layout, text slice, sequence length) -> the bias, built once per run
+
+        def _text_bias(self, lay, text: slice, seq_len: int, device) -> torch.Tensor:
+            key = (id(lay), text.start, text.stop, seq_len)
+            if key not in self._bias:
+                groups = [[seg.start + p for seg in lay.segments for w in phrase.split() for p in seg.words.get(w, ())]
+                          for phrase in self.config.targets]
+                bias = torch.zeros(text.stop - text.start, seq_len, device=device)
+                for i, own in enumerate(groups):
+                    others = [text.start + p for j, g in enumerate(groups) if j != i for p in g]
+                    if own and others:
+                        bias[torch.tensor(own)[:, None], torch.tensor(others)[None, :]] = float("-inf")
+                self._bias[key] = bias[None, :, None, :]
+            return self._bias[key]
+
         def contribute(self, call, q, k, v, state):
             if call.n_text is None or call.n_image == 0:
                 return []
             text = call.text_slice()
             out = []
             for lay, rows, _ in state.rows_by_prompt(["cond"], call.batch, q.device):
-                groups = [[seg.start + p for seg in lay.segments for w in phrase.split() for p in seg.words.get(w, ())]
-                          for phrase in self.config.targets]
-                bias = torch.zeros(text.stop - text.start, call.seq_len, device=q.device)
-                for i, own in enumerate(groups):
-                    others = [text.start + p for j, g in enumerate(groups) if j != i for p in g]
-                    if own and others:
-                        bias[torch.tensor(own)[:, None], torch.tensor(others)[None, :]] = float("-inf")
-                out.append(DenseBias(fn=lambda r0, r1, b=bias[None, :, None, :], o=text.start: b[:, r0 - o:r1 - o],
+                bias = self._text_bias(lay, text, call.seq_len, q.device)
+                out.append(DenseBias(fn=lambda r0, r1, b=bias, o=text.start: b[:, r0 - o:r1 - o],
                                      where=Selection(batch=rows, rows=text)))
             return out
 
