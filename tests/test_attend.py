@@ -178,3 +178,97 @@ def test_key_bias_as_a_function_of_logits_and_lse():
     logits = torch.einsum("bqhd,bkhd->bqhk", q, k[:, cols]) / math.sqrt(D)
     ref, _ = reference(q, k, v, [KeyBias(cols, 0.5 * logits[:, 0:10], where)])
     assert (out - ref).abs().max() < 1e-5
+
+
+def within_reference(q, k, v, kb: KeyBias, other=()):
+    """A ``within`` bias written plainly: each selected row keeps its plain total probability on the ``within``
+    keys and splits it by ``softmax(s + b)`` over those keys; then ``other`` biases act on the result's logits."""
+    s = torch.einsum("bqhd,bkhd->bqhk", q, k) / math.sqrt(D)
+    p = torch.softmax(s, dim=-1)
+    w0, w1, _ = kb.within.indices(S)
+    bias = full_bias([KeyBias(kb.cols, kb.bias, kb.where)], S)[..., w0:w1]
+    inside = torch.softmax(s[..., w0:w1] + bias, dim=-1) * p[..., w0:w1].sum(-1, keepdim=True)
+    rows = torch.zeros(B, S, H, 1, dtype=torch.bool)
+    bs = range(B) if kb.where.batch is None else kb.where.batch.tolist()
+    hs = range(H) if kb.where.heads is None else kb.where.heads.tolist()
+    r0, r1, _ = (kb.where.rows or slice(None)).indices(S)
+    for b in bs:
+        for h in hs:
+            rows[b, r0:r1, h] = True
+    p[..., w0:w1] = torch.where(rows, inside, p[..., w0:w1])
+    logits = torch.log(p) + full_bias(list(other), S)
+    p = torch.softmax(logits, dim=-1)
+    return torch.einsum("bqhk,bkhd->bqhd", p, v), p
+
+
+def test_within_key_bias_keeps_the_mass_of_its_keys():
+    """The fused form equals the plain reference, the keys outside ``within`` keep their probability, and rows
+    and heads outside the selection are bit for bit the plain output."""
+    q, k, v = qkv(11)
+    where = Selection(torch.tensor([0, 2]), slice(0, 12), torch.tensor([0, 3]))
+    bias = 2.0 * torch.randn(2, 12, 2, 2)
+    kb = KeyBias(torch.tensor([14, 17]), bias, where, within=slice(12, 20))
+    probs = []
+    out = attend(q, k, v, [kb, Probe(torch.arange(S), probs.append, where)])
+    ref, p_ref = within_reference(q, k, v, kb)
+    assert (out - ref).abs().max() < 1e-5
+    _, p_plain = reference(q, k, v)
+    sel = p_plain[[0, 2]][:, 0:12][:, :, [0, 3]]
+    assert (probs[0] - p_ref[[0, 2]][:, 0:12][:, :, [0, 3]]).abs().max() < 1e-6
+    assert (probs[0][..., :12] - sel[..., :12]).abs().max() < 1e-6  # the other keys keep their probability
+    assert (probs[0][..., [14, 17]] - sel[..., [14, 17]]).abs().max() > 1e-2  # and the bias did move the split
+    plain = attend(q, k, v, [])
+    untouched = torch.ones(B, S, H, dtype=torch.bool)
+    for b in (0, 2):
+        for h in (0, 3):
+            untouched[b, 0:12, h] = False
+    assert torch.equal(out[untouched], plain[untouched])
+
+
+def test_within_key_bias_function_gets_the_within_lse_and_composes():
+    """A function form sees the LSE over the ``within`` keys; combined with a plain KeyBias, a dense bias (the
+    explicit path) or a second ``within`` bias on the same rows, the result is the plain composition."""
+    q, k, v = qkv(12)
+    within = slice(10, 20)
+    seen = {}
+
+    def f(logits, lse):
+        seen["lse"] = lse
+        return torch.ones_like(logits) * torch.tensor([1.5, -0.5])
+
+    kb = KeyBias(torch.tensor([11, 15]), f, Selection(rows=slice(0, 10)), within=within)
+    s = torch.einsum("bqhd,bkhd->bqhk", q, k) / math.sqrt(D)
+    out = attend(q, k, v, [kb])
+    assert (seen["lse"] - torch.logsumexp(s[:, 0:10, :, within], -1)).abs().max() < 1e-5
+    fixed = KeyBias(kb.cols, torch.tensor([1.5, -0.5]).expand(B, 10, H, 2), kb.where, within=within)
+    assert (out - within_reference(q, k, v, fixed)[0]).abs().max() < 1e-5
+    plain_kb = KeyBias(torch.tensor([3, 15]), torch.full((1, 1, 1, 2), 0.8), Selection(rows=slice(5, 20)))
+    ref, _ = within_reference(q, k, v, fixed, [plain_kb])
+    assert (attend(q, k, v, [fixed, plain_kb]) - ref).abs().max() < 1e-5
+    assert (attend(q, k, v, [plain_kb, fixed]) - ref).abs().max() < 1e-5  # order of the list does not matter
+    dense = DenseBias(lambda r0, r1: torch.zeros(1, r1 - r0, 1, S), Selection())
+    assert (attend(q, k, v, [fixed, dense]) - within_reference(q, k, v, fixed)[0]).abs().max() < 1e-5
+    # two within biases on the same rows: their effective biases add (explicit path)
+    second = KeyBias(torch.tensor([12]), torch.full((B, 10, H, 1), 1.0), kb.where, within=within)
+    s_w = s[:, 0:10, :, within]
+    eff = torch.zeros(B, S, H, S)
+    for c in (fixed, second):
+        b = torch.zeros(B, 10, H, 10)
+        b[..., c.cols - 10] = c.bias
+        shift = torch.logsumexp(s_w + b, -1) - torch.logsumexp(s_w, -1)
+        eff[:, 0:10, :, within] += b - shift[..., None]
+    ref = torch.einsum("bqhk,bkhd->bqhd", torch.softmax(s + eff, -1), v)
+    assert (attend(q, k, v, [fixed, second]) - ref).abs().max() < 1e-5
+    # on disjoint batch rows they stay on the fused path and each keeps its own rows' mass
+    a = KeyBias(fixed.cols, fixed.bias[:1], Selection(torch.tensor([0]), slice(0, 10)), within=within)
+    b = KeyBias(fixed.cols, fixed.bias[:1], Selection(torch.tensor([1, 2]), slice(0, 10)), within=within)
+    assert (attend(q, k, v, [a, b]) - within_reference(q, k, v, fixed)[0]).abs().max() < 1e-5
+
+
+def test_within_key_bias_bad_input():
+    q, k, v = qkv(13)
+    with pytest.raises(ValueError, match="outside it"):
+        attend(q, k, v, [KeyBias(torch.tensor([2, 15]), torch.zeros(1), Selection(), within=slice(10, 20))])
+    with pytest.raises(ValueError, match="attention mask"):
+        attend(q, k, v, [KeyBias(torch.tensor([15]), torch.zeros(1), Selection(), within=slice(10, 20))],
+               attn_mask=torch.zeros(B, 1, S, S))

@@ -185,24 +185,32 @@ def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.T
         return None
     bp = _positions(c.where.batch, b, B)
     hp = _positions(c.where.heads, h, H)
+    nb = B if c.where.batch is None else len(c.where.batch)
+    nh = H if c.where.heads is None else len(c.where.heads)
     if isinstance(c, KeyBias):
         cp = _positions(c.cols, cols, n_keys)
-        nb = B if c.where.batch is None else len(c.where.batch)
-        nh = H if c.where.heads is None else len(c.where.heads)
         src = c.bias.float().expand(nb, cr1 - cr0, nh, len(c.cols))[:, lo - cr0 : hi - cr0]
     else:
         cp = cols
         src = c.fn(lo, hi).float()
-        nb = B if c.where.batch is None else len(c.where.batch)
-        nh = H if c.where.heads is None else len(c.where.heads)
         src = src.expand(nb, hi - lo, nh, src.shape[-1])
+    inside = None  # a ``within`` bias also shifts every other key of its block
+    if isinstance(c, KeyBias) and c.within is not None:
+        w0, w1, _ = c.within.indices(n_keys)
+        inside = (cols >= w0) & (cols < w1)
     ok_b, ok_h, ok_c = bp >= 0, hp >= 0, cp >= 0
-    if _has_values(bp) and not (ok_b.any() and ok_h.any() and ok_c.any()):
+    reach = ok_c if inside is None else ok_c | inside
+    if _has_values(bp) and not (ok_b.any() and ok_h.any() and reach.any()):
         return None
     vals = src[bp.clamp(min=0)][:, :, hp.clamp(min=0)][..., cp.clamp(min=0)]
-    keep = ok_b[:, None, None, None] & ok_h[None, None, :, None] & ok_c[None, None, None, :]
+    keep_bh = ok_b[:, None, None, None] & ok_h[None, None, :, None]
+    zero = torch.zeros((), device=vals.device)
+    vals = torch.where(keep_bh & ok_c[None, None, None, :], vals, zero)
+    if inside is not None:
+        shift = c.shift.float()[:, lo - cr0 : hi - cr0][bp.clamp(min=0)][:, :, hp.clamp(min=0)]
+        vals = vals - torch.where(keep_bh & inside[None, None, None, :], shift[..., None], zero)
     out = torch.zeros((len(b), r1 - r0, len(h), len(cols)), dtype=torch.float32, device=vals.device)
-    out[:, lo - r0 : hi - r0] = torch.where(keep, vals, torch.zeros((), device=vals.device))
+    out[:, lo - r0 : hi - r0] = vals
     return out
 
 
@@ -246,6 +254,74 @@ def _resolve_bias(q, k, lse, kb: KeyBias, scale: float) -> KeyBias:
     logits = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
     bias = kb.bias(logits, _select(lse, kb.where, S))
     return KeyBias(kb.cols, bias.detach() if not torch.is_grad_enabled() else bias, kb.where)
+
+
+def _within_pass(q, k, v, kb: KeyBias, backend, max_chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``kb``'s rows over its ``within`` keys alone: the output ``(b, rows, h, d)`` and the LSE
+    ``(b, rows, h)``, both float32, from the fused kernel in query chunks of bounded size."""
+    S = q.shape[1]
+    qs = _select(q, kb.where, S)
+    sel_kv = Selection(kb.where.batch, None, kb.where.heads)
+    kw = _select(k, sel_kv, k.shape[1])[:, kb.within]
+    vw = _select(v, sel_kv, v.shape[1])[:, kb.within]
+    nb, n_rows, nh, d = qs.shape
+    chunk = max(1, max_chunk_elems // max(1, nb * nh * max(d, kw.shape[1])))
+    outs, lses = [], []
+    for r0 in range(0, n_rows, chunk):
+        o, lse = fused_attention_with_lse(qs[:, r0 : r0 + chunk], kw, vw, backend=backend)
+        outs.append(o.float())
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def _check_within(kb: KeyBias, n_keys: int) -> None:
+    w0, w1, step = kb.within.indices(n_keys)
+    if step != 1 or w1 <= w0:
+        raise ValueError(f"KeyBias.within must be a non-empty contiguous slice of the {n_keys} keys, not {kb.within}")
+    if _has_values(kb.cols) and len(kb.cols) and not bool(((kb.cols >= w0) & (kb.cols < w1)).all()):
+        raise ValueError(f"KeyBias.within={kb.within} must hold every biased column; some of {kb.cols.tolist()} "
+                         "are outside it")
+
+
+def _resolve_within(q, k, v, kb: KeyBias, scale: float, backend, max_chunk_elems: int):
+    """A ``within`` bias as a tensor with its ``shift``, and the within-keys output and LSE of its rows."""
+    _check_within(kb, k.shape[1])
+    out_w, lse_w = _within_pass(q, k, v, kb, backend, max_chunk_elems)
+    S = q.shape[1]
+    qs = _select(q, kb.where, S).float()
+    cols = kb.cols.to(q.device)
+    ks = _select(k, Selection(kb.where.batch, None, kb.where.heads), k.shape[1]).index_select(1, cols).float()
+    logits = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
+    bias = kb.bias(logits, lse_w) if callable(kb.bias) else kb.bias.to(q.device)
+    bias = bias.float().expand(logits.shape)
+    w = torch.exp(logits - lse_w[..., None]) * torch.expm1(bias)  # q_c (e^{b_c} − 1)
+    shift = torch.log1p(w.sum(-1))
+    if not torch.is_grad_enabled():
+        bias, shift = bias.detach(), shift.detach()
+    return KeyBias(kb.cols, bias, kb.where, kb.within, shift), (out_w, lse_w, w)
+
+
+def _apply_within(v, out, lse, kb: KeyBias, out_w, lse_w, w):
+    """``O' = O + P_W (O_W' − O_W)``: the within keys' share ``P_W`` of each row stays, their output moves to
+    ``O_W' = (O_W + Σ_c w_c v_c) / (1 + Σ_c w_c)``; the row's LSE is unchanged."""
+    S = out.shape[1]
+    vs = _select(v, Selection(kb.where.batch, None, kb.where.heads), v.shape[1]).index_select(
+        1, kb.cols.to(v.device)).float()
+    delta = w.sum(-1)[..., None]
+    moved = (torch.einsum("brhc,bchd->brhd", w, vs) - out_w * delta) / (1 + delta)
+    p_w = torch.exp(lse_w - _select(lse, kb.where, S))[..., None]
+    return _put(out, kb.where, _select(out, kb.where, S).float() + p_w * moved)
+
+
+def _disjoint(a: Selection, b: Selection, S: int) -> bool:
+    """Whether two selections share no (batch row, query row, head) entry (decided on the host)."""
+    (a0, a1), (b0, b1) = _norm_rows(a.rows, S), _norm_rows(b.rows, S)
+    if a1 <= b0 or b1 <= a0:
+        return True
+    for x, y in ((a.batch, b.batch), (a.heads, b.heads)):
+        if x is not None and y is not None and _has_values(x) and not set(x.tolist()) & set(y.tolist()):
+            return True
+    return False
 
 
 def _union(items: Sequence[Selection], n: int, attr: str, device) -> torch.Tensor:
@@ -348,13 +424,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
     else:
         out, lse = fused_attention(q, k, v, attn_mask=attn_mask, backend=backend,
                                    parallel_config=parallel_config), None
-    key_biases = [_resolve_bias(q, k, lse, kb, scale) for kb in key_biases]
-    biases: list[KeyBias | DenseBias] = [*key_biases, *dense]
-    if dense or extras:
+    within = [kb for kb in key_biases if kb.within is not None]
+    if within and attn_mask is not None:
+        raise ValueError("a KeyBias with `within` cannot be combined with an attention mask at the same call; "
+                         "give the bias without `within`, or run the site without a mask")
+    resolved = [_resolve_within(q, k, v, kb, scale, backend, max_chunk_elems) for kb in within]
+    within = [kb for kb, _ in resolved]
+    key_biases = [_resolve_bias(q, k, lse, kb, scale) for kb in key_biases if kb.within is None]
+    biases: list[KeyBias | DenseBias] = [*within, *key_biases, *dense]
+    overlapping = any(not _disjoint(a.where, b.where, S) for i, a in enumerate(within) for b in within[i + 1 :])
+    if dense or extras or overlapping:
         out, lse = _explicit(q, k, v, out, lse, biases, extras, attn_mask, scale, max_chunk_elems)
-    else:
+    else:  # within biases first: each is corrected from the plain output of its rows, which no other one touched
+        for kb, (out_w, lse_w, w) in resolved:
+            out = _apply_within(v, out, lse, kb, out_w, lse_w, w)
         for i, kb in enumerate(key_biases):
-            out, lse = _apply_key_bias(q, k, v, out, lse, kb, scale, prior=key_biases[:i])
+            out, lse = _apply_key_bias(q, k, v, out, lse, kb, scale, prior=[*within, *key_biases[:i]])
     n_keys = k.shape[1] + sum(e.key.shape[1] for e in extras)
     for pr in probes:
         _probe(q, k, lse, pr, biases, scale, B, S, H, n_keys)

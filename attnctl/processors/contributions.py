@@ -13,7 +13,7 @@ in the site's sequence (``None``: all). A control returns any number of these; t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,11 +41,21 @@ class KeyBias:
     both float32: a control that *optimises* its bias (attention regulation) gets exactly what the softmax
     over the whole row needs — ``softmax(s + b)_c = exp(s_c + b_c − lse − log(1 + Σ_c p_c(e^{b_c} − 1)))`` —
     without any N×N map or a second attention pass.
+
+    ``within`` (a slice of key positions that holds every column, e.g. the text block of a joint sequence) makes
+    the bias act inside the softmax over those keys alone, as a bias in a separate cross-attention softmax would:
+    each query keeps the total probability it gives the ``within`` keys, the keys outside keep theirs, and only
+    the split among the ``within`` keys changes. The effective logit bias is ``b_c − shift`` on the columns and
+    ``−shift`` on the other ``within`` keys, ``shift = log(1 + Σ_c q_c (e^{b_c} − 1))``, ``q_c`` being the
+    column's share of the ``within`` keys; a function form receives the LSE over the ``within`` keys instead of
+    the row's. The processor adds one fused pass over the ``within`` keys: O(rows · len(within)), no N×N map.
     """
 
     cols: torch.Tensor
     bias: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     where: Selection
+    within: slice | None = None
+    shift: torch.Tensor | None = field(default=None, repr=False)  # set by the processor for a ``within`` bias
 
 
 @dataclass
