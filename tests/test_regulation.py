@@ -4,6 +4,7 @@ bad input."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -175,6 +176,42 @@ def test_restored_columns_keep_their_unedited_probability(sd3_pipe):
     assert bias[..., :4].abs().max() > 0.1  # the targets really were moved
     # 3. rows outside the regulation (uncond row, text queries) are the plain attention
     assert (p[0] - plain[0]).abs().max() <= 1e-7 and (p[:, IMG.stop:] - plain[:, IMG.stop:]).abs().max() <= 1e-7
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_text_scope_keeps_every_rows_text_attention(sd3_pipe, restore):
+    """bias_scope='text': the bias splits each regulated row's text attention anew (a materialised text-only
+    softmax); the image keys keep their plain probability, the start/end tokens their plain share, and the loss the
+    optimiser saw is the loss of the materialised maps."""
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", bias_scope="text", restore_special=restore,
+                              smoothing=0.0, decay=1.0)
+    out, q, k, v, (kb,), (bias,) = run_direct(sd3_pipe, reg, seed=4)
+    assert kb.within == slice(24, S)
+    cols = kb.cols.tolist()
+    s = torch.einsum("bqhd,bkhd->bqhk", q, k) / math.sqrt(D)
+    plain = torch.softmax(s, dim=-1)
+    b = torch.zeros(len(COND), IMG.stop, H, N_TEXT)
+    b[..., [c - 24 for c in cols]] = bias.expand(len(COND), IMG.stop, H, len(cols))
+    p = plain.clone()
+    text_mass = plain[COND, IMG][..., 24:].sum(-1, keepdim=True)
+    sub = p[COND, IMG]
+    sub[..., 24:] = torch.softmax(s[COND, IMG][..., 24:] + b, dim=-1) * text_mass
+    p[COND, IMG] = sub
+    assert (out - torch.einsum("bqhk,bkhd->bqhd", p, v)).abs().max() <= 1e-5
+    assert bias[..., :4].abs().max() > 0.1  # the targets really were moved
+    if restore:
+        special = [24 + 0, 24 + 3, 24 + 7]
+        assert (p[COND, IMG][..., special] - plain[COND, IMG][..., special]).abs().max() <= 1e-6
+    pc = p[COND, IMG]
+    words = torch.stack([pc[..., [24 + 1, 24 + 5]].sum(-1), pc[..., [24 + 2, 24 + 6]].sum(-1)], -1) / text_mass
+    (rec,) = reg.records
+    maps = words.mean(dim=2, keepdim=True)
+    assert float(map_loss(maps, reg.config, 2).mean()) == pytest.approx(rec.map_loss, rel=1e-4, abs=1e-6)
+    zero = AttentionRegulation(targets=["circle", "square"], sites="all", bias_scope="text", iterations=0)
+    out0, q, k, v, _, _ = run_direct(sd3_pipe, zero)
+    assert (out0 - fused_attention(q, k, v)).abs().max() <= 1e-6
+    with pytest.raises(ConfigError, match="normalize='text'"):
+        AttentionRegulation(targets=["circle"], bias_scope="text", normalize="joint")
 
 
 def test_special_positions_and_basis():
@@ -373,7 +410,8 @@ def test_several_prompts_on_flux(flux_pipe):
 def test_device_and_dtype_agnostic(request, fixture):
     """Regulation on the meta device (shape-only: any tensor made on a fixed device fails) and in bf16."""
     pipe = request.getfixturevalue(fixture)
-    for device, dtype in (("meta", torch.float32), ("cpu", torch.bfloat16)):
+    for (device, dtype), scope in itertools.product((("meta", torch.float32), ("cpu", torch.bfloat16)),
+                                                    ("joint", "text")):
         tr = copy.deepcopy(pipe.transformer).to(device=device, dtype=dtype)
         kw = transformer_inputs(tr, batch=2, grid=(4, 4), dtype=dtype)
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
@@ -381,7 +419,7 @@ def test_device_and_dtype_agnostic(request, fixture):
         family = "flux" if fixture == "flux_pipe" else "sd3"
         layout = TokenLayout(family, n_text, (4, 4), (TextSegment("t5", 0, n_text, {"circle": (1,), "square": (2,)}),),
                              "circle square")
-        reg = AttentionRegulation(targets=["circle", "square"], sites="all", iterations=3)
+        reg = AttentionRegulation(targets=["circle", "square"], sites="all", iterations=3, bias_scope=scope)
         with attnctl.attach(tr, [reg], layout=layout):
             out = tr(**kw)[0]
         assert out.device.type == device and out.dtype == dtype and reg.records

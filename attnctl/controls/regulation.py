@@ -84,6 +84,10 @@ class RegulationConfig(ControlConfig):
                                                                "the prompt (start and end token of each segment)")
     normalize: Literal["text", "joint"] = Field("text", description="maps as the share of the row's text "
                                                                     "attention (cross-attention-like) or joint")
+    bias_scope: Literal["joint", "text"] = Field(
+        "joint", description="where the bias acts: in the joint softmax (a word's gain is taken from the image "
+                             "keys too), or inside the text part only (each image query keeps its total text "
+                             "attention, as in a cross-attention softmax; needs normalize='text')")
     per_head: bool = Field(False, description="one bias per head (else one shared by all heads)")
     roles: list[str] = Field(["cond"], description="batch roles the control acts on")
     seed: int = Field(0, description="seed of the U[0,1) initialisation of W")
@@ -174,6 +178,9 @@ class RegulationConfig(ControlConfig):
     def _roles(self) -> RegulationConfig:
         if not self.roles:
             raise ValueError("roles is empty; the control acts on batch rows of these roles (default ['cond'])")
+        if self.bias_scope == "text" and self.normalize != "text":
+            raise ValueError("bias_scope='text' keeps each row's text attention, so its maps are shares of the text "
+                             "attention: use normalize='text' with it, or bias_scope='joint'")
         return self
 
 
@@ -551,7 +558,8 @@ class AttentionRegulation(Control):
                         prompt=prompt) -> torch.Tensor:
                 return self._bias(call, state, q, k, rows, img, tg, grid, logits, lse, memory, prompt)
 
-            out.append(KeyBias(cols, bias_fn, Selection(rows, img, None)))
+            within = call.text_slice() if self.config.bias_scope == "text" else None
+            out.append(KeyBias(cols, bias_fn, Selection(rows, img, None), within=within))
         return out
 
     def _bias(self, call, state, q, k, batch, img, tg: _Targets, grid, logits, lse, memory: str,
@@ -565,14 +573,16 @@ class AttentionRegulation(Control):
             self.records.append(rec)
             return torch.zeros((1, 1, 1, n_cols), dtype=torch.float32, device=logits.device)
         dev = logits.device
-        rel = logits.detach() - lse.detach()[..., None]  # log p of the selected columns
+        # log p of the selected columns; with bias_scope="text" the core passes the text keys' LSE, so these are
+        # log shares of the text attention and the text softmax is the whole softmax the bias acts in
+        rel = logits.detach() - lse.detach()[..., None]
         log_text_rest = None
-        if cfg.normalize == "text":
+        normalize = "joint" if cfg.bias_scope == "text" else cfg.normalize
+        if normalize == "text":
             log_text_rest = _text_rest_lse(q, k, batch, img, call.text_slice(), tg.positions + tg.special, lse)
         n_words = len(tg.words)
         restore = bool(tg.special)
-        terms = row_terms(rel[..., :n_t], tg.word_of, n_words, rel[..., n_t:], log_text_rest, cfg.normalize,
-                          restore)
+        terms = row_terms(rel[..., :n_t], tg.word_of, n_words, rel[..., n_t:], log_text_rest, normalize, restore)
         key = (grid, cfg.grid, cfg.sigma, str(dev))
         if key not in self._basis:
             self._basis[key] = gaussian_basis(grid[0], grid[1], cfg.grid, cfg.sigma, dev)
