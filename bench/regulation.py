@@ -3,6 +3,7 @@
     python bench/regulation.py                 # SD3.5-large and FLUX.1-dev layers, 512² and 1024² token counts
     python bench/regulation.py --quick         # 512² only
     python bench/regulation.py --json out.json
+    python bench/regulation.py --config '{"bias_scope": "text"}'   # any AttentionRegulation settings
 
 Layers, inputs and the peak-memory method come from ``bench/layers.py`` (a fresh subprocess per measurement;
 ``/proc/self/clear_refs`` resets the peak-RSS mark, VmHWM after one call minus VmRSS before). Variants, timed
@@ -14,7 +15,8 @@ interleaved in one process on the whole processor call and on the attention core
   iterations, text-normalised maps, start/end tokens restored) on a prompt whose target words take 2 CLIP +
   2 T5 tokens (SD3.5) or 2 T5 tokens (FLUX).
 
-``inner_s`` is the time spent in the regulation's own callback (text log-sum-exp pass + 20 iterations);
+``inner_s`` is the time spent in the regulation's own callback (text log-sum-exp pass + 20 iterations; with
+``bias_scope="text"`` the core's pass over the text keys runs outside it, in the layer time);
 ``nxn_map_bytes`` is one float32 ``N × N`` attention map over all heads, what a materialising implementation
 would hold. Weights are random: time and memory do not depend on them.
 """
@@ -82,8 +84,8 @@ def build(shape: str, res: int, variant: str, **config):
     return layer, reg
 
 
-def time_variants(shape: str, res: int, repeats: int) -> dict:
-    built = {v: build(shape, res, v) for v in VARIANTS}
+def time_variants(shape: str, res: int, repeats: int, config: dict) -> dict:
+    built = {v: build(shape, res, v, **config) for v in VARIANTS}
     lays = {v: b[0] for v, b in built.items()}
     reg = built["regulation"][1]
     timed = layers.time_interleaved(lays, repeats, after_warmup=reg.inner_times.clear)
@@ -103,10 +105,10 @@ def time_variants(shape: str, res: int, repeats: int) -> dict:
     )
 
 
-def _peak_child(shape: str, res: int, variant: str) -> int:
+def _peak_child(shape: str, res: int, variant: str, config: dict) -> int:
     """In a fresh process: extra peak RSS (bytes) of one layer call beyond its inputs and weights."""
     torch.set_num_threads(2)
-    layer, _ = build(shape, res, variant)
+    layer, _ = build(shape, res, variant, **config)
     with torch.no_grad():
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (Linux)
@@ -117,10 +119,10 @@ def _peak_child(shape: str, res: int, variant: str) -> int:
     return max(0, after - before) * 1024
 
 
-def peak_memory(shape: str, res: int) -> dict:
+def peak_memory(shape: str, res: int, config: dict) -> dict:
     out = {}
     for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--peak-child", shape, str(res), v]
+        cmd = [sys.executable, __file__, "--peak-child", shape, str(res), v, "--config", json.dumps(config)]
         out[v] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     return out
 
@@ -131,18 +133,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shapes", nargs="*", default=list(layers.SHAPES), choices=list(layers.SHAPES))
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--config", default="{}", help="AttentionRegulation settings (JSON) besides the defaults")
     ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    config = json.loads(args.config)
     if args.peak_child:
         shape, res, variant = args.peak_child
-        print(_peak_child(shape, int(res), variant))
+        print(_peak_child(shape, int(res), variant, config))
         return
     torch.set_num_threads(2)
     rows = []
     for res in (512,) if args.quick else (512, 1024):
         for shape in args.shapes:
-            r = time_variants(shape, res, args.repeats)
-            r["extra_peak_bytes"] = peak_memory(shape, res)
+            r = time_variants(shape, res, args.repeats, config)
+            r["extra_peak_bytes"] = peak_memory(shape, res, config)
             r["control_extra_peak_bytes"] = r["extra_peak_bytes"]["regulation"] - r["extra_peak_bytes"]["stock"]
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
@@ -165,7 +169,8 @@ def main() -> None:
         Console(width=200).print(t)
     except ImportError:
         pass
-    result = {"bench": "regulation", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    result = {"bench": "regulation", "config": config, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "rows": rows}
     layers.emit(result, args.json)
 
 

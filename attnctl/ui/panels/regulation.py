@@ -93,6 +93,10 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
                                 min_value=1, max_value=32, step=1))
         cfg["normalize"] = keyed(d.selectbox, f"{key}.normalize", get("normalize", "text"), "Maps as share of",
                                  options=["text", "joint"], help="text: of the row's text attention; joint: of all")
+        cfg["bias_scope"] = keyed(c.selectbox, f"{key}.bias_scope", get("bias_scope", "joint"), "Bias acts in",
+                                  options=["joint", "text"],
+                                  help="joint: a word's gain is taken from the image keys too; text: each image "
+                                       "token keeps its total text attention (needs maps as share of text)")
     if err:
         cfg["_error"] = err
     return cfg
