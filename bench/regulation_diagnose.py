@@ -11,7 +11,8 @@
    <shape>") for image queries in the left half of the image and −β in the right half (object 2 the other way)
    at the regulated sites and steps. If attention to a word decides where its object is drawn, object 1's
    colour moves left and object 2's right; the table gives the share of detected objects of each colour on
-   the steered side, with and without the bias.
+   the steered side, with and without the bias. ``--bias-scope text`` applies the bias inside the text
+   attention only (each image token keeps its total text attention), as ``AttentionRegulation(bias_scope="text")``.
 3. **What a wrong object is.** Every detected object of a prompted colour, by its shape: the shape prompted for
    that colour, the *other* object's shape (a binding error between the two objects), a shape not in the prompt,
    or none recognised.
@@ -125,7 +126,8 @@ def _side_steer(beta: float, plus_only: bool = False, **kwargs):
 
 
 def steering(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: range, call: dict[str, Any],
-             betas: list[float], sites: str, steps: str, plus_only: bool = False) -> dict[str, dict[str, float]]:
+             betas: list[float], sites: str, steps: str, plus_only: bool = False,
+             bias_scope: str = "joint") -> dict[str, dict[str, float]]:
     from attnctl.toyworld.evaluate import detect_objects, evaluate_set
 
     out = {}
@@ -133,7 +135,8 @@ def steering(pipe, items: list[dict], plain: list[list[np.ndarray]], seeds: rang
         images, refs, on_side, found = [], [], 0, 0
         for i, item in enumerate(items):
             if beta:
-                steer = _side_steer(beta, plus_only, targets=object_words(item, "phrases"), sites=sites, steps=steps)
+                steer = _side_steer(beta, plus_only, targets=object_words(item, "phrases"), sites=sites, steps=steps,
+                                    bias_scope=bias_scope)
                 ims, _ = generate(pipe, item["prompt"], _seeds(i, seeds), call, [steer])
             else:
                 ims = plain[i]
@@ -384,6 +387,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plus-only", action="store_true",
                     help="steering: +β on each word's own side only (no −β on the other side)")
+    ap.add_argument("--bias-scope", choices=["joint", "text"], default="joint",
+                    help="steering: the bias acts in the joint softmax, or inside the text attention only (each "
+                         "image token keeps its total text attention)")
     ap.add_argument("--neglect-scales", type=float, nargs="+", default=[1.0, 0.5, 0.25],
                     help="scales of the second object's word tokens (neglect diagnostic; 1: none injected)")
     ap.add_argument("--configs", nargs="+", default=["{}"],
@@ -405,12 +411,12 @@ def main() -> None:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     plain = plain_images(pipe, items, seeds, call) if only - {"neglect"} else []
     result = {"model": args.model, "items": len(items), "seeds": [seeds.start, seeds.stop - 1], "sites": args.sites,
-              "steps": args.steps, "true_cfg": args.true_cfg}
+              "steps": args.steps, "true_cfg": args.true_cfg, "bias_scope": args.bias_scope}
     if "which_path" in only:
         result["which_path"] = which_path(pipe, items, plain, seeds, call)
     if "steering" in only:
         result["steering"] = steering(pipe, items, plain, seeds, call, args.betas, args.sites, args.steps,
-                                      args.plus_only)
+                                      args.plus_only, args.bias_scope)
     if "shape_errors" in only:
         result["shape_errors"] = shape_errors(pipe, items, plain, seeds, call)
     configs = [json.loads(c) for c in args.configs]

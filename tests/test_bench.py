@@ -65,6 +65,9 @@ def test_regulation_eval_and_diagnose_run(tmp_path):
                      out=tmp_path / "diag.json")
     assert list(diag["steering"]) == ["beta=0", "beta=1"] and "which_path" not in diag
     assert list(diag["neglect"]) == ["s=0.5 · no control", 's=0.5 · {"iterations": 2}']
+    scoped = run_bench("regulation_diagnose.py", "--limit", "1", "--seeds", "1", "--only", "steering", "--betas", "3",
+                       "--bias-scope", "text", out=tmp_path / "scoped.json")
+    assert scoped["bias_scope"] == "text" and list(scoped["steering"]) == ["beta=0", "beta=3"]
     iso = run_bench("regulation_diagnose.py", "--limit", "1", "--seeds", "1", "--only", "text_isolation",
                     "--configs", '{"iterations": 2}', out=tmp_path / "iso.json")["text_isolation"]
     assert list(iso) == ["no regulation", '{"iterations": 2}', "isolated · no regulation",
