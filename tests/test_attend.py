@@ -60,6 +60,22 @@ def reference(q, k, v, biases=(), extra=None):
     return torch.einsum("bqhk,bkhd->bqhd", p, values), p
 
 
+def selected(where: Selection) -> torch.Tensor:
+    """The (B, S, H) entries a selection covers, by plain loops."""
+    mask = torch.zeros(B, S, H, dtype=torch.bool)
+    r0, r1, _ = (where.rows or slice(None)).indices(S)
+    for b in range(B) if where.batch is None else where.batch.tolist():
+        for h in range(H) if where.heads is None else where.heads.tolist():
+            mask[b, r0:r1, h] = True
+    return mask
+
+
+def assert_plain_outside(q, k, v, out, where: Selection) -> None:
+    """Entries outside ``where`` are the plain attention, bit for bit."""
+    untouched = ~selected(where)
+    assert torch.equal(out[untouched], attend(q, k, v, [])[untouched])
+
+
 def test_lse_paths_agree():
     q, k, v = qkv()
     out, lse = fused_attention_with_lse(q, k, v)
@@ -78,12 +94,7 @@ def test_key_bias_matches_reference_and_leaves_other_heads_bitwise():
     out = attend(q, k, v, [kb])
     ref, _ = reference(q, k, v, [kb])
     assert (out - ref).abs().max() < 1e-5
-    plain = attend(q, k, v, [])
-    untouched = torch.ones(B, S, H, dtype=torch.bool)
-    for b in (0, 2):
-        for h in (1, 3):
-            untouched[b, 3:15, h] = False
-    assert torch.equal(out[untouched], plain[untouched])
+    assert_plain_outside(q, k, v, out, where)
 
 
 def test_two_key_biases_on_the_same_columns_compose():
@@ -188,14 +199,7 @@ def within_reference(q, k, v, kb: KeyBias, other=()):
     w0, w1, _ = kb.within.indices(S)
     bias = full_bias([KeyBias(kb.cols, kb.bias, kb.where)], S)[..., w0:w1]
     inside = torch.softmax(s[..., w0:w1] + bias, dim=-1) * p[..., w0:w1].sum(-1, keepdim=True)
-    rows = torch.zeros(B, S, H, 1, dtype=torch.bool)
-    bs = range(B) if kb.where.batch is None else kb.where.batch.tolist()
-    hs = range(H) if kb.where.heads is None else kb.where.heads.tolist()
-    r0, r1, _ = (kb.where.rows or slice(None)).indices(S)
-    for b in bs:
-        for h in hs:
-            rows[b, r0:r1, h] = True
-    p[..., w0:w1] = torch.where(rows, inside, p[..., w0:w1])
+    p[..., w0:w1] = torch.where(selected(kb.where)[..., None], inside, p[..., w0:w1])
     logits = torch.log(p) + full_bias(list(other), S)
     p = torch.softmax(logits, dim=-1)
     return torch.einsum("bqhk,bkhd->bqhd", p, v), p
@@ -217,12 +221,7 @@ def test_within_key_bias_keeps_the_mass_of_its_keys():
     assert (probs[0] - p_ref[[0, 2]][:, 0:12][:, :, [0, 3]]).abs().max() < 1e-6
     assert (probs[0][..., :12] - sel[..., :12]).abs().max() < 1e-6  # the other keys keep their probability
     assert (probs[0][..., [14, 17]] - sel[..., [14, 17]]).abs().max() > 1e-2  # and the bias did move the split
-    plain = attend(q, k, v, [])
-    untouched = torch.ones(B, S, H, dtype=torch.bool)
-    for b in (0, 2):
-        for h in (0, 3):
-            untouched[b, 0:12, h] = False
-    assert torch.equal(out[untouched], plain[untouched])
+    assert_plain_outside(q, k, v, out, where)
 
 
 def test_within_key_bias_function_gets_the_within_lse_and_composes():
