@@ -266,12 +266,13 @@ def _within_pass(q, k, v, kb: KeyBias, backend, max_chunk_elems: int) -> tuple[t
     vw = _select(v, sel_kv, v.shape[1])[:, kb.within]
     nb, n_rows, nh, d = qs.shape
     chunk = max(1, max_chunk_elems // max(1, nb * nh * max(d, kw.shape[1])))
-    outs, lses = [], []
+    out = torch.empty((nb, n_rows, nh, vw.shape[-1]), dtype=torch.float32, device=q.device)
+    lse = torch.empty((nb, n_rows, nh), dtype=torch.float32, device=q.device)
     for r0 in range(0, n_rows, chunk):
-        o, lse = fused_attention_with_lse(qs[:, r0 : r0 + chunk], kw, vw, backend=backend)
-        outs.append(o.float())
-        lses.append(lse)
-    return torch.cat(outs, 1), torch.cat(lses, 1)
+        o, l_c = fused_attention_with_lse(qs[:, r0 : r0 + chunk], kw, vw, backend=backend)
+        out[:, r0 : r0 + chunk] = o
+        lse[:, r0 : r0 + chunk] = l_c
+    return out, lse
 
 
 def _check_within(kb: KeyBias, n_keys: int) -> None:
@@ -308,9 +309,13 @@ def _apply_within(v, out, lse, kb: KeyBias, out_w, lse_w, w):
     vs = _select(v, Selection(kb.where.batch, None, kb.where.heads), v.shape[1]).index_select(
         1, kb.cols.to(v.device)).float()
     delta = w.sum(-1)[..., None]
-    moved = (torch.einsum("brhc,bchd->brhd", w, vs) - out_w * delta) / (1 + delta)
     p_w = torch.exp(lse_w - _select(lse, kb.where, S))[..., None]
-    return _put(out, kb.where, _select(out, kb.where, S).float() + p_w * moved)
+    moved = torch.einsum("brhc,bchd->brhd", w, vs)
+    if torch.is_grad_enabled() and (moved.requires_grad or out_w.requires_grad):
+        moved = (moved - out_w * delta) / (1 + delta) * p_w + _select(out, kb.where, S).float()
+    else:  # in one buffer the size of the selected output
+        moved.addcmul_(out_w, delta, value=-1).div_(1 + delta).mul_(p_w).add_(_select(out, kb.where, S))
+    return _put(out, kb.where, moved)
 
 
 def _disjoint(a: Selection, b: Selection, S: int) -> bool:
