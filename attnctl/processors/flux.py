@@ -41,7 +41,8 @@ class AttnCtlFluxProcessor(AttnCtlProcessor):
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
-        ip_query = query  # QK-normed, before RoPE: what an IP-adapter's term reads
+        use_ip = self.ip_adapter is not None and ip_hidden_states is not None
+        ip_query = query if use_ip else None  # QK-normed, before RoPE: what an IP-adapter's term reads (only then)
 
         n_text = None  # single block: the controller knows it from the run's layout
         if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
@@ -67,7 +68,7 @@ class AttnCtlFluxProcessor(AttnCtlProcessor):
             hidden_states = attn.to_out[0](hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            if self.ip_adapter is not None and ip_hidden_states is not None:
+            if use_ip:
                 return hidden_states, encoder_hidden_states, flux_ip_term(self.ip_adapter, attn, ip_query,
                                                                           ip_hidden_states)
             return hidden_states, encoder_hidden_states

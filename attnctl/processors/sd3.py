@@ -30,7 +30,9 @@ class AttnCtlJointProcessor(AttnCtlProcessor):
         query = _heads(attn.to_q(hidden_states), attn.heads)
         key = _heads(attn.to_k(hidden_states), attn.heads)
         value = _heads(attn.to_v(hidden_states), attn.heads)
-        img_q, img_k, img_v = query, key, value  # before the QK norm: what an IP-adapter's term reads
+        use_ip = self.ip_adapter is not None and ip_hidden_states is not None and self.ip_adapter.scale != 0
+        # before the QK norm: what an IP-adapter's term reads (kept only then: three activations of the layer)
+        ip_inputs = (query, key, value) if use_ip else None
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -60,9 +62,9 @@ class AttnCtlJointProcessor(AttnCtlProcessor):
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         else:
             hidden_states = out
-        if self.ip_adapter is not None and ip_hidden_states is not None and self.ip_adapter.scale != 0:
-            hidden_states = hidden_states + sd3_ip_term(self.ip_adapter, attn, img_q, img_k, img_v, ip_hidden_states,
-                                                        temb)
+        if ip_inputs is not None:
+            hidden_states = hidden_states + sd3_ip_term(self.ip_adapter, attn, *ip_inputs, ip_hidden_states, temb)
+            ip_inputs = None
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if encoder_hidden_states is not None:
