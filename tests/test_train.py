@@ -20,9 +20,17 @@ from attnctl.toyworld.train import (
     CHECKPOINT_NAME,
     LOG_NAME,
     PRESETS,
+    _arch,
+    _load_weights,
+    _text,
+    build_pipeline,
+    encode_images,
     export_checkpoint,
+    guidance_distillation_loss,
+    predict,
     train,
 )
+from attnctl.toyworld.world import make_batch
 
 TINY_SD3 = {"num_layers": 1, "num_heads": 2, "head_dim": 8, "clip_dim": 8, "t5_dim": 16, "t5_layers": 1, "t5_heads": 2}
 TINY_FLUX = {
@@ -249,3 +257,92 @@ def test_omit_named_is_recorded_and_kept_on_resume(tmp_path):
     assert models.toy_metadata(resumed)["training"]["omit_named"] == 0.3
     with pytest.raises(ConfigError, match="omit_named=1.5 is not a fraction"):
         train("toy-sd3", tmp_path / "bad", steps=1, arch=TINY_SD3, omit_named=1.5, **SMOKE)
+
+
+# ---------------------------------------------------------------------------------- guidance distillation
+
+
+@pytest.fixture(scope="module")
+def flux_teacher(tmp_path_factory) -> Path:
+    return train("toy-flux", tmp_path_factory.mktemp("flux-teacher"), steps=3, arch=TINY_FLUX, **SMOKE)
+
+
+def _student(teacher: Path):
+    """A toy-flux-dev student built from the teacher's weights, as ``train(distill_from=...)`` starts it."""
+    arch = _arch("toy-flux-dev", TINY_FLUX)
+    pipe = build_pipeline(arch, 0)
+    _load_weights(pipe, arch, teacher)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe, arch
+
+
+def test_distilled_student_starts_as_the_teachers_conditional_branch(flux_teacher):
+    """The guidance embedding the teacher lacks starts at zero output: whatever the guidance scale, the student
+    predicts exactly what the teacher predicts for the prompt (its CFG's conditional branch)."""
+    student, arch = _student(flux_teacher)
+    teacher = models.load_pipeline(flux_teacher, controlled=False)
+    captions = ["a red circle", "a blue square and a green triangle"]
+    text = _text(student, captions, arch)
+    x = torch.randn(2, 64, 48, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        want = predict(teacher, x, sigma, text, arch)
+        for g in (1.0, 4.0, 8.0):
+            got = predict(student, x, sigma, text, arch, guidance=torch.full((2,), g))
+            assert torch.allclose(got, want, atol=1e-6)
+    assert student.transformer.time_text_embed.guidance_embedder.linear_2.weight.abs().max() == 0
+
+
+def test_guidance_distillation_loss_is_the_plain_cfg_target(flux_teacher):
+    """The loss equals |v_student(x_t, sigma, g) − (v_u + g (v_c − v_u))|² written out with separate teacher calls."""
+    student, arch = _student(flux_teacher)
+    with torch.no_grad():  # a student that uses its guidance input
+        student.transformer.time_text_embed.guidance_embedder.linear_2.weight.normal_(0, 0.1)
+    teacher = models.load_pipeline(flux_teacher, controlled=False)
+    captions, images = make_batch(11, 3, arch.resolution)
+    loss = guidance_distillation_loss(student, teacher, captions, images, arch, torch.Generator().manual_seed(4),
+                                      guidance_range=(2.0, 6.0))
+    gen = torch.Generator().manual_seed(4)  # the same draws, in the documented order: noise, sigma, g
+    x0 = encode_images(student, images)
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = torch.sigmoid(torch.randn(3, generator=gen))
+    g = 2.0 + 4.0 * torch.rand(3, generator=gen)
+    x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+    with torch.no_grad():
+        v_c = predict(teacher, x_t, sigma, _text(student, captions, arch), arch)
+        v_u = predict(teacher, x_t, sigma, _text(student, [""] * 3, arch), arch)
+        v_s = predict(student, x_t, sigma, _text(student, captions, arch), arch, guidance=g)
+    want = ((v_s - (v_u + g[:, None, None] * (v_c - v_u))) ** 2).mean()
+    assert float(g.min()) >= 2.0 and float(g.max()) <= 6.0
+    assert abs(float(loss.detach()) - float(want)) <= 1e-6 * max(1.0, float(want))
+
+
+def test_distillation_trains_the_transformer_exports_guidance_and_resumes(flux_teacher, tmp_path):
+    run = tmp_path / "dev"
+    folder = train("toy-flux-dev", run, steps=2, arch=TINY_FLUX, distill_from=flux_teacher, **SMOKE)
+    meta = models.toy_metadata(folder)
+    assert meta["arch"]["guidance_embeds"] is True and meta["arch"]["train_text"] is False
+    assert meta["training"]["distill_from"] == str(flux_teacher) and meta["training"]["guidance_range"] == [1.0, 8.0]
+    assert meta["call"]["guidance_scale"] == 5.0  # its own guidance, not the teacher's call defaults
+    pipe, teacher = models.load_pipeline(folder), models.load_pipeline(flux_teacher)
+    assert pipe.transformer.config.guidance_embeds and isinstance(pipe, AttnCtlFluxPipeline)
+    for name in ("text_encoder", "text_encoder_2"):  # frozen: the teacher's text features
+        for a, b in zip(getattr(pipe, name).parameters(), getattr(teacher, name).parameters(), strict=True):
+            assert torch.equal(a, b)
+    assert not np.array_equal(_image(pipe, guidance_scale=1.0), _image(pipe, guidance_scale=8.0))
+    resumed = train("toy-flux-dev", run, steps=3, resume=True, **SMOKE)  # the teacher stays recorded
+    assert _step(run) == 3 and models.toy_metadata(resumed)["training"]["distill_from"] == str(flux_teacher)
+
+
+def test_distillation_errors(flux_teacher, sd3_run, tmp_path):
+    with pytest.raises(ConfigError, match="needs a model with a guidance embedding"):
+        train("toy-flux", tmp_path / "a", steps=1, arch=TINY_FLUX, distill_from=flux_teacher, **SMOKE)
+    with pytest.raises(ConfigError, match="is not a FLUX pipeline without a guidance embedding"):
+        train("toy-flux-dev", tmp_path / "b", steps=1, arch=TINY_FLUX, distill_from=sd3_run / "pipeline", **SMOKE)
+    with pytest.raises(ConfigError, match="guidance_range"):
+        train("toy-flux-dev", tmp_path / "c", steps=1, arch=TINY_FLUX, distill_from=flux_teacher,
+              guidance_range=(6.0, 1.0), **SMOKE)
+    with pytest.raises(ConfigError, match="guidance_embeds is a FLUX option"):
+        train("toy-sd3", tmp_path / "d", steps=1, arch={**TINY_SD3, "guidance_embeds": True}, **SMOKE)

@@ -65,6 +65,7 @@ __all__ = [
     "train",
     "build_pipeline",
     "flow_matching_loss",
+    "guidance_distillation_loss",
     "export_checkpoint",
     "write_metadata",
     "call_defaults",
@@ -107,6 +108,9 @@ class ToyArch:
     train_text: bool = True
     sd3_t5: bool = True
     save_dtype: str = "float16"
+    guidance_embeds: bool = False
+    """FLUX only: a FLUX.1-dev style guidance embedding, so the guidance scale is an input of the transformer and
+    sampling needs no unconditional branch. Such a model is made by guidance distillation (``distill_from``)."""
     pooled_text: bool = True
     """False: the transformer ignores the pooled text vector (its projection's weight is zero and frozen, the
     constant bias stays), so everything the model knows of the prompt reaches it through the text tokens of the
@@ -125,9 +129,11 @@ PRESETS: dict[str, ToyArch] = {
     "toy-flux": _TOY_FLUX,
     "toy-sd3-tokens": replace(_TOY_SD3, pooled_text=False),
     "toy-flux-tokens": replace(_TOY_FLUX, pooled_text=False),
+    "toy-flux-dev": replace(_TOY_FLUX, guidance_embeds=True),
 }
-"""The toy architectures (24 heads each): the shipped toy-sd3 and toy-flux, and their ``-tokens`` variants that
-read the prompt only through the text tokens (fine-tuned from the plain ones with ``init_from``)."""
+"""The toy architectures (24 heads each): the shipped toy-sd3 and toy-flux, their ``-tokens`` variants that
+read the prompt only through the text tokens (fine-tuned from the plain ones with ``init_from``), and
+``toy-flux-dev``, toy-flux with a guidance embedding, distilled from toy-flux's true CFG (``distill_from``)."""
 
 
 def _arch(model: str | ToyArch, overrides: dict[str, Any] | None) -> ToyArch:
@@ -150,6 +156,9 @@ def _arch(model: str | ToyArch, overrides: dict[str, Any] | None) -> ToyArch:
         arch = replace(arch, **overrides)
     if arch.family not in ("sd3", "flux"):
         raise ConfigError(f"family must be 'sd3' or 'flux', got {arch.family!r}")
+    if arch.guidance_embeds and arch.family != "flux":
+        raise ConfigError("guidance_embeds is a FLUX option; SD3 has no guidance embedding",
+                          "drop guidance_embeds, or train a FLUX toy model (e.g. toy-flux-dev)")
     return arch
 
 
@@ -212,7 +221,7 @@ def build_pipeline(arch: ToyArch, seed: int = 0) -> DiffusionPipeline:
             num_attention_heads=arch.num_heads,
             joint_attention_dim=arch.t5_dim,
             pooled_projection_dim=arch.clip_dim,
-            guidance_embeds=False,
+            guidance_embeds=arch.guidance_embeds,
             axes_dims_rope=rope,
         )
         scheduler = flux_scheduler()
@@ -261,7 +270,8 @@ def _load_weights(pipe: DiffusionPipeline, arch: ToyArch, source: str | Path) ->
     folder, meta = _source(source)
     theirs = meta.get("arch")
     if theirs is not None:
-        mine = {k: v for k, v in asdict(arch).items() if k not in ("pooled_text", "save_dtype")}
+        free = ("pooled_text", "save_dtype", "guidance_embeds", "train_text")  # what a fine-tune may change
+        mine = {k: v for k, v in asdict(arch).items() if k not in free}
         diff = sorted(k for k, v in mine.items() if theirs.get(k, v) != v)
         if diff:
             raise ConfigError(f"init_from={str(source)!r} has another architecture ({', '.join(diff)} differ)",
@@ -272,8 +282,33 @@ def _load_weights(pipe: DiffusionPipeline, arch: ToyArch, source: str | Path) ->
         if (mine_c is None) != (theirs_c is None):
             raise ConfigError(f"init_from={str(source)!r} has no {name} where this model has one (or the reverse)",
                               "start from a pipeline of the same toy model")
-        if mine_c is not None:
-            mine_c.load_state_dict({k: v.float() for k, v in theirs_c.state_dict().items()})
+        if mine_c is None:
+            continue
+        state = {k: v.float() for k, v in theirs_c.state_dict().items()}
+        if name == "transformer":
+            _load_transformer(mine_c, state, source)
+        else:
+            mine_c.load_state_dict(state)
+
+
+GUIDANCE_EMBEDDER = "time_text_embed.guidance_embedder."
+"""Parameter prefix of FLUX's guidance embedding (present only with ``guidance_embeds=True``)."""
+
+
+def _load_transformer(transformer: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load a source transformer's weights; a guidance embedding the source lacks starts at zero output, so the
+    model starts as exactly the source (the conditional branch of its CFG) and learns the guidance from there."""
+    mine = transformer.state_dict()
+    new = sorted(k for k in mine if k not in state)
+    if any(not k.startswith(GUIDANCE_EMBEDDER) for k in new) or any(k not in mine for k in state):
+        raise ConfigError(f"init_from={str(source)!r}: its transformer's parameters do not match this model's",
+                          "start from a pipeline of the same toy model")
+    transformer.load_state_dict(state, strict=not new)
+    if new:
+        out_layer = transformer.time_text_embed.guidance_embedder.linear_2
+        with torch.no_grad():
+            out_layer.weight.zero_()
+            out_layer.bias.zero_()
 
 
 def _trainable(pipe: DiffusionPipeline, arch: ToyArch) -> torch.nn.ModuleDict:
@@ -314,15 +349,17 @@ def _text(pipe: DiffusionPipeline, captions: list[str], arch: ToyArch) -> dict[s
     return {"encoder_hidden_states": emb, "pooled_projections": pooled}
 
 
-def predict(pipe: DiffusionPipeline, x_t: torch.Tensor, sigma: torch.Tensor, text: dict, arch: ToyArch) -> torch.Tensor:
-    """The transformer's velocity prediction, called exactly as the pipeline calls it."""
+def predict(pipe: DiffusionPipeline, x_t: torch.Tensor, sigma: torch.Tensor, text: dict, arch: ToyArch,
+            guidance: torch.Tensor | None = None) -> torch.Tensor:
+    """The transformer's velocity prediction, called exactly as the pipeline calls it (``guidance``: the
+    per-sample guidance scale of a model with a guidance embedding, as FluxPipeline passes it)."""
     if isinstance(pipe, FluxPipeline):
         side = arch.resolution // arch.vae_factor // 2
         img_ids = pipe._prepare_latent_image_ids(x_t.shape[0], side, side, x_t.device, x_t.dtype)
         return pipe.transformer(
             hidden_states=x_t,
             timestep=sigma,
-            guidance=None,
+            guidance=guidance,
             pooled_projections=text["pooled_projections"],
             encoder_hidden_states=text["encoder_hidden_states"],
             txt_ids=text["txt_ids"],
@@ -356,13 +393,46 @@ def flow_matching_loss(
     time_sampling: str = "logit_normal",
 ) -> torch.Tensor:
     """Rectified-flow loss ``|v(x_t, sigma) - (noise - x0)|²`` for one batch."""
+    x0, noise, sigma, x_t = _noised(pipe, images, generator, time_sampling)
+    v = predict(pipe, x_t, sigma, _text(pipe, captions, arch), arch)
+    return F.mse_loss(v.float(), noise - x0)
+
+
+def _noised(pipe: DiffusionPipeline, images: np.ndarray, generator: torch.Generator, time_sampling: str):
+    """``x0`` of a batch, its noise, its noise levels and ``x_t = (1 - sigma) x0 + sigma noise``."""
     x0 = encode_images(pipe, images)
     noise = torch.randn(x0.shape, generator=generator)
     sigma = sample_sigmas(x0.shape[0], generator, time_sampling)
     s = sigma.view(-1, *([1] * (x0.ndim - 1)))
-    x_t = (1.0 - s) * x0 + s * noise
-    v = predict(pipe, x_t, sigma, _text(pipe, captions, arch), arch)
-    return F.mse_loss(v.float(), noise - x0)
+    return x0, noise, sigma, (1.0 - s) * x0 + s * noise
+
+
+def guidance_distillation_loss(
+    pipe: DiffusionPipeline,
+    teacher: DiffusionPipeline,
+    captions: list[str],
+    images: np.ndarray,
+    arch: ToyArch,
+    generator: torch.Generator,
+    guidance_range: tuple[float, float] = (1.0, 8.0),
+    time_sampling: str = "logit_normal",
+) -> torch.Tensor:
+    """Guidance distillation (Meng et al. 2023, as FLUX.1-dev is made): ``|v(x_t, sigma, g) − v_g|²`` with the
+    teacher's classifier-free guided velocity ``v_g = v_u + g (v_c − v_u)`` and ``g ~ U(guidance_range)``.
+
+    The student and the teacher share the (frozen) text encoders, so the prompts are encoded once.
+    """
+    _, _, sigma, x_t = _noised(pipe, images, generator, time_sampling)
+    g_lo, g_hi = guidance_range
+    g = g_lo + (g_hi - g_lo) * torch.rand(x_t.shape[0], generator=generator)
+    with torch.no_grad():
+        text = _text(pipe, captions + [""] * len(captions), arch)
+        both = predict(teacher, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), text, arch).float()
+        v_c, v_u = both.chunk(2)
+        target = v_u + g.view(-1, *([1] * (x_t.ndim - 1))) * (v_c - v_u)
+    cond = {k: v[: len(captions)] for k, v in text.items() if k != "txt_ids"}
+    cond["txt_ids"] = text["txt_ids"]
+    return F.mse_loss(predict(pipe, x_t, sigma, cond, arch, guidance=g).float(), target)
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -401,8 +471,9 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-DEFAULT_GUIDANCE: dict[str, float] = {"sd3": 4.0}
-"""Classifier-free guidance scale written into a new toy-sd3 folder's call defaults (toy-flux: no CFG)."""
+DEFAULT_GUIDANCE: dict[str, float] = {"sd3": 4.0, "flux-guidance": 5.0}
+"""Guidance scale written into a new toy folder's call defaults: toy-sd3's classifier-free guidance, and the
+embedded guidance of a FLUX model with ``guidance_embeds`` (toy-flux-dev). Plain toy-flux: no guidance."""
 
 
 def call_defaults(arch: ToyArch, guidance_scale: float | None = None) -> dict[str, Any]:
@@ -413,8 +484,9 @@ def call_defaults(arch: ToyArch, guidance_scale: float | None = None) -> dict[st
         "num_inference_steps": 20,
         "max_sequence_length": arch.text_length,
     }
-    if arch.family == "sd3":
-        call["guidance_scale"] = DEFAULT_GUIDANCE["sd3"] if guidance_scale is None else float(guidance_scale)
+    key = "sd3" if arch.family == "sd3" else "flux-guidance" if arch.guidance_embeds else None
+    if key is not None:
+        call["guidance_scale"] = DEFAULT_GUIDANCE[key] if guidance_scale is None else float(guidance_scale)
     return call
 
 
@@ -458,7 +530,10 @@ def _export(pipe: DiffusionPipeline, trainable: torch.nn.ModuleDict, ema: _EMA |
         if dtype != torch.float32:
             torch.nn.Module.to(pipe.transformer, dtype)
         save_pipeline(pipe, folder)
-        write_metadata(folder, name, arch, training, _source_call((training or {}).get("init_from")))
+        training = training or {}
+        # a fine-tune keeps its source's call defaults; a distilled model samples with its own guidance
+        source_call = None if training.get("distill_from") else _source_call(training.get("init_from"))
+        write_metadata(folder, name, arch, training, source_call)
     finally:
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
@@ -466,6 +541,28 @@ def _export(pipe: DiffusionPipeline, trainable: torch.nn.ModuleDict, ema: _EMA |
         if backup is not None:
             trainable.load_state_dict(backup)
     return folder
+
+
+def _teacher(source: str | Path, arch: ToyArch, guidance_range: tuple[float, float]):
+    """The frozen teacher of a guidance distillation, and the student's architecture (text encoders frozen)."""
+    from attnctl.toyworld.models import load_pipeline
+
+    if not arch.guidance_embeds:
+        raise ConfigError("guidance distillation needs a model with a guidance embedding",
+                          "train toy-flux-dev (or pass arch={'guidance_embeds': True})")
+    g_lo, g_hi = (float(x) for x in guidance_range)
+    if not 0.0 <= g_lo <= g_hi:
+        raise ConfigError(f"guidance_range={tuple(guidance_range)} is not an interval of scales ≥ 0",
+                          "give (low, high) with 0 ≤ low ≤ high, e.g. (1, 8)")
+    teacher = load_pipeline(source, controlled=False)
+    if not isinstance(teacher, FluxPipeline) or teacher.transformer.config.guidance_embeds:
+        raise ConfigError(f"distill_from={str(source)!r} is not a FLUX pipeline without a guidance embedding",
+                          "distil from toy-flux (or another FLUX folder sampled with true CFG)")
+    for component in teacher.components.values():
+        if isinstance(component, torch.nn.Module):
+            torch.nn.Module.to(component, torch.float32)
+            component.eval().requires_grad_(False)
+    return teacher, replace(arch, train_text=False)
 
 
 def train(
@@ -491,6 +588,8 @@ def train(
     checkpoint_every: int = 250,
     log_every: int = 25,
     init_from: str | Path | None = None,
+    distill_from: str | Path | None = None,
+    guidance_range: tuple[float, float] = (1.0, 8.0),
 ) -> Path:
     """Train a toy pipeline and return its diffusers folder (``out_dir/pipeline``).
 
@@ -516,6 +615,11 @@ def train(
         checkpoint_every, log_every: in steps.
         init_from: start from the weights of this toy pipeline (a shipped name or a folder) of the same
             architecture instead of random ones — a fine-tune, e.g. ``toy-sd3`` → ``toy-sd3-tokens``.
+        distill_from: guidance distillation instead of flow matching (:func:`guidance_distillation_loss`): the
+            model (one with ``guidance_embeds``, e.g. ``toy-flux-dev``) learns this FLUX teacher's classifier-free
+            guided velocity at guidance scales drawn from ``guidance_range``. It starts from the teacher's weights
+            (unless ``init_from`` says otherwise) and trains the transformer only: the text encoders stay the
+            teacher's, so both read the same text features.
     """
     from tqdm.auto import tqdm
 
@@ -540,8 +644,14 @@ def train(
         seed, batch, model = hp["seed"], hp["batch"], hp["model"]
         init_from = hp.get("init_from")  # recorded, so the export keeps the source's call defaults
         omit_named = hp.get("omit_named", 0.0)  # the world it was trained on
+        distill_from = hp.get("distill_from")
+        guidance_range = tuple(hp.get("guidance_range") or guidance_range)
     else:
         a = _arch(model, arch)
+    teacher = None
+    if distill_from is not None:
+        teacher, a = _teacher(distill_from, a, guidance_range)
+        init_from = distill_from if init_from is None else init_from
 
     pipe = build_pipeline(a, seed)
     if init_from is not None and ckpt is None:
@@ -586,6 +696,8 @@ def train(
         "grad_clip": grad_clip,
         "warmup": warmup,
         "init_from": None if init_from is None else str(init_from),
+        "distill_from": None if distill_from is None else str(distill_from),
+        "guidance_range": None if distill_from is None else list(guidance_range),
     }
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     budget = None if minutes is None else 60.0 * minutes
@@ -629,7 +741,11 @@ def train(
                 captions, images = make_batch(seed * 1_000_003 + step, batch, a.resolution, caption_dropout,
                                              omit_named)
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-                loss = flow_matching_loss(pipe, captions, images, a, gen, time_sampling)
+                if teacher is None:
+                    loss = flow_matching_loss(pipe, captions, images, a, gen, time_sampling)
+                else:
+                    loss = guidance_distillation_loss(pipe, teacher, captions, images, a, gen, guidance_range,
+                                                      time_sampling)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else None
@@ -724,6 +840,9 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--omit-named", type=float, default=0.0,
                    help="fraction of multi-object scenes drawn without one object their caption names")
+    p.add_argument("--distill-from", default=None,
+                   help="guidance distillation from this FLUX teacher (name or folder), e.g. toy-flux for toy-flux-dev")
+    p.add_argument("--guidance-range", type=float, nargs=2, default=(1.0, 8.0), metavar=("LOW", "HIGH"))
     args = p.parse_args(argv)
     folder = train(
         args.model,
@@ -742,6 +861,8 @@ def _main(argv: list[str] | None = None) -> None:
         init_from=args.init_from,
         warmup=args.warmup,
         omit_named=args.omit_named,
+        distill_from=args.distill_from,
+        guidance_range=tuple(args.guidance_range),
     )
     print(folder)
 
