@@ -958,7 +958,8 @@ def ui(
 @toy_app.command("train")
 @_handles_errors
 def toy_train(
-    model: str = typer.Option(..., "--model", "-m", help="toy-sd3, toy-flux, toy-sd3-tokens or toy-flux-tokens."),
+    model: str = typer.Option(..., "--model", "-m", help="toy-sd3, toy-flux, toy-sd3-tokens, toy-flux-tokens or "
+                                                          "toy-flux-dev (with --distill-from)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the checkpoint, log and pipeline."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps."),
     minutes: float | None = typer.Option(None, "--minutes", min=0.0, help="Wall-clock budget, across resumes."),
@@ -972,6 +973,8 @@ def toy_train(
     omit_named: float | None = typer.Option(None, "--omit-named", min=0.0, max=1.0,
                                             help="Fraction of multi-object scenes drawn without one object "
                                                  "their caption names (a world that teaches word neglect)."),
+    distill_from: str | None = typer.Option(None, "--distill-from", help="Guidance distillation from this FLUX "
+                                            "teacher (name or folder), e.g. toy-flux for toy-flux-dev."),
 ) -> None:
     """Train a toy model on the shapes world (resumable; a progress bar)."""
     if importlib.util.find_spec("attnctl.toyworld.train") is None:
@@ -986,7 +989,7 @@ def toy_train(
     if resume and not checkpoint.is_file():
         raise AttnCtlError(f"--resume: no checkpoint in {out}", "drop --resume to start a new training run")
     options = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "minutes": minutes, "threads": threads,
-               "init_from": init_from, "omit_named": omit_named}
+               "init_from": init_from, "omit_named": omit_named, "distill_from": distill_from}
     kwargs = {k: v for k, v in options.items() if v is not None}
     folder = training.train(model, out, resume=resume, progress=True, **kwargs)
     out_console.print(f"wrote {escape(str(folder))}", highlight=False)

@@ -311,6 +311,9 @@ def test_toy_train_passes_options_through(tmp_path, monkeypatch):
     seen.clear()
     ok(run("toy", "train", "--model", "toy-sd3", "--out", tmp_path, "--init-from", "toy-sd3", "--omit-named", "0.3"))
     assert seen["init_from"] == "toy-sd3" and seen["omit_named"] == 0.3
+    seen.clear()
+    ok(run("toy", "train", "--model", "toy-flux-dev", "--out", tmp_path, "--distill-from", "toy-flux"))
+    assert seen["model"] == "toy-flux-dev" and seen["distill_from"] == "toy-flux"
     assert run("toy", "train", "--model", "toy-sd3", "--out", tmp_path, "--omit-named", "1.5").exit_code == 2
     resumed = run("toy", "train", "--model", "toy-flux", "--out", tmp_path / "empty", "--resume")
     assert resumed.exit_code == 2 and "no checkpoint" in resumed.stderr
