@@ -334,6 +334,12 @@ def test_distillation_trains_the_transformer_exports_guidance_and_resumes(flux_t
     assert not np.array_equal(_image(pipe, guidance_scale=1.0), _image(pipe, guidance_scale=8.0))
     resumed = train("toy-flux-dev", run, steps=3, resume=True, **SMOKE)  # the teacher stays recorded
     assert _step(run) == 3 and models.toy_metadata(resumed)["training"]["distill_from"] == str(flux_teacher)
+    # the checkpoint holds the transformer only: a resume and export_checkpoint take the text encoders from the
+    # teacher again, not from a fresh random build
+    for again in (models.load_pipeline(resumed), models.load_pipeline(export_checkpoint(run, tmp_path / "x"))):
+        for name in ("text_encoder", "text_encoder_2"):
+            for a, b in zip(getattr(again, name).parameters(), getattr(teacher, name).parameters(), strict=True):
+                assert torch.equal(a, b)
 
 
 def test_distillation_errors(flux_teacher, sd3_run, tmp_path):

@@ -654,7 +654,7 @@ def train(
         init_from = distill_from if init_from is None else init_from
 
     pipe = build_pipeline(a, seed)
-    if init_from is not None and ckpt is None:
+    if init_from is not None:  # on a resume too: what the checkpoint does not hold (frozen parts) comes from here
         _load_weights(pipe, a, init_from)
     trainable = _trainable(pipe, a)
     for name, component in pipe.components.items():
@@ -803,14 +803,16 @@ def export_checkpoint(out_dir: str | Path, folder: str | Path | None = None, *, 
         raise ConfigError(f"no checkpoint at {ckpt_path}", "point out_dir at a folder written by train()")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     a = ToyArch(**ckpt["arch"])
+    hp = ckpt.get("hparams", {})
     pipe = build_pipeline(a, 0)
+    if hp.get("init_from") is not None:  # the parts the checkpoint does not hold (frozen text encoders)
+        _load_weights(pipe, a, hp["init_from"])
     trainable = _trainable(pipe, a)
     trainable.load_state_dict(ckpt["model"])
     shadow = None
     if ema and ckpt.get("ema") is not None:
         shadow = _EMA.__new__(_EMA)
         shadow.shadow = ckpt["ema"]
-    hp = ckpt.get("hparams", {})
     smooth = ckpt.get("smooth_loss")  # None in checkpoints written before it was stored
     record = dict(hp, step=int(ckpt["step"]), elapsed_s=round(float(ckpt["elapsed"]), 1),
                   stopped_by_time=ckpt.get("stopped_by_time"), final_loss=None if smooth is None else round(smooth, 5),
