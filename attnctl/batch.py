@@ -264,7 +264,8 @@ class BatchFile(_Strict):
     schema_: str | None = Field(None, alias="$schema", description="Optional: the JSON Schema, for editors.")
     version: Literal[1] = Field(description="Format version of the batch file.")
     description: str | None = Field(None, description="Free text.")
-    model: str | None = Field(None, description="toy-sd3, toy-flux, a pipeline folder or hub id; --model wins.")
+    model: str | None = Field(None, description="toy-sd3, toy-flux, toy-flux-dev, a pipeline folder or hub id; "
+                                                "--model wins.")
     defaults: Defaults = Field(default_factory=Defaults, description="Settings every item starts from.")
     items: list[Item] = Field(min_length=1, description="The images to make.")
 

@@ -29,6 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import AttnCtlError
+from .toyworld import TOY_MODEL_NAMES
 
 app = typer.Typer(
     name="attnctl",
@@ -45,7 +46,8 @@ out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 _STATE = {"debug": False}
-TOY_MODELS = ("toy-sd3", "toy-flux")
+TOY_MODELS = TOY_MODEL_NAMES
+_TOYS = ", ".join(TOY_MODELS)
 DEFAULT_MODEL = "toy-sd3"
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -222,7 +224,7 @@ def resolve_model(name: str) -> str:
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise AttnCtlError(f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json)",
-                               "pass a folder written by save_pretrained, a hub id, or toy-sd3 / toy-flux")
+                               "pass a folder written by save_pretrained, a hub id, or " + " / ".join(TOY_MODELS))
         return str(path.resolve())
     if name in TOY_MODELS:
         raise AttnCtlError(f"the toy model {name!r} is not installed with this attnctl",
@@ -231,7 +233,7 @@ def resolve_model(name: str) -> str:
         raise AttnCtlError(
             f"unknown model {name!r}: not a toy model ({', '.join(TOY_MODELS)}), not an existing folder, "
             "and not a hub id",
-            "pass toy-sd3, toy-flux, a diffusers pipeline folder, or a hub id such as owner/name",
+            f"pass {', '.join(TOY_MODELS)}, a diffusers pipeline folder, or a hub id such as owner/name",
         )
     return name
 
@@ -395,7 +397,7 @@ def _model_record(name: str) -> str:
 def generate(
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="The prompt (required unless --from)."),
     model: str | None = typer.Option(
-        None, "--model", "-m", help=f"toy-sd3, toy-flux, a pipeline folder or a hub id (default: {DEFAULT_MODEL})"),
+        None, "--model", "-m", help=f"{_TOYS}, a pipeline folder or a hub id (default: {DEFAULT_MODEL})"),
     seed: int | None = typer.Option(None, "--seed", "-s", help="Seed of the initial noise (default: 0)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
     guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale (default: the model's)."),
@@ -550,7 +552,7 @@ def batch(
     file: Path = typer.Argument(..., help="The batch JSON file (schema: attnctl/schemas/batch.schema.json)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: out/<file name>)."),
     model: str | None = typer.Option(
-        None, "--model", "-m", help=f"toy-sd3, toy-flux, a pipeline folder or hub id (default: the file's, "
+        None, "--model", "-m", help=f"{_TOYS}, a pipeline folder or hub id (default: the file's, "
                                     f"else {DEFAULT_MODEL})."),
     processes: int = typer.Option(1, "--processes", "-j", min=1, help="Worker processes (torchrun-style, gloo on "
                                                                       "CPU); or start with accelerate launch."),
@@ -575,7 +577,7 @@ def batch(
 @app.command()
 @_handles_errors
 def headhunt(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="toy-sd3, toy-flux, a pipeline folder or hub id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=f"{_TOYS}, a pipeline folder or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for state.json, the score logs and heads.json "
                                                       "(re-run the same command to resume)."),
     prompts: str = typer.Option(..., "--prompts", help="Search prompts: a .txt/.json file or a built-in set name."),
@@ -718,7 +720,7 @@ def _batches(jobs: list[tuple[int, int]], size: int, by_item: bool) -> list[list
 @_handles_errors
 def eval_(
     prompts: str = typer.Option(..., "--prompts", help="A prompts JSON file, or a built-in set: single, pair, ..."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="toy-sd3, toy-flux, a pipeline folder or hub id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=f"{_TOYS}, a pipeline folder or hub id."),
     method: str | None = typer.Option(None, "--method", help="A control kind to apply (see attnctl.controls)."),
     config: str | None = typer.Option(None, "--config", help="The control's settings as JSON or @file.json."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds 0..N-1 per prompt item."),

@@ -5,7 +5,8 @@
 
 The same generation as ``attnctl eval`` (the model's default call, seeds 0..N-1, 8 images per call), plus
 toy-flux with its offered true CFG (``true_cfg_scale=5`` and an empty negative prompt), which ``attnctl eval``
-does not expose. Images are scored by the shapes-world evaluator.
+does not expose, and toy-flux-dev (its default: guidance 5 through the guidance embedding, no unconditional
+branch). Images are scored by the shapes-world evaluator.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 from report import emit
 
 ROWS = [("single", "toy-sd3", None), ("single", "toy-flux", None), ("single", "toy-flux", 5.0),
-        ("pair", "toy-sd3", None), ("pair", "toy-flux", None), ("relation", "toy-sd3", None),
-        ("relation", "toy-flux", None), ("count", "toy-sd3", None), ("count", "toy-flux", None)]
+        ("single", "toy-flux-dev", None),
+        ("pair", "toy-sd3", None), ("pair", "toy-flux", None), ("pair", "toy-flux-dev", None),
+        ("relation", "toy-sd3", None), ("relation", "toy-flux", None), ("relation", "toy-flux-dev", None),
+        ("count", "toy-sd3", None), ("count", "toy-flux", None), ("count", "toy-flux-dev", None)]
 COLUMNS = ("presence", "colour_accuracy", "shape_accuracy", "colour_binding", "count_accuracy", "relation_accuracy")
 
 

@@ -3,7 +3,8 @@
     python bench/toy_speed.py [--repeats 5] [--threads 2] [--json out.json]
 
 Prints best and median over the repeats (after one warm-up) for toy-sd3 (CFG, as it samples by default),
-toy-flux (no unconditional branch) and toy-flux with true CFG. On a shared machine the best figure is the
+toy-flux (no unconditional branch), toy-flux with true CFG and toy-flux-dev (guidance 5 through its guidance
+embedding, one forward per step). On a shared machine the best figure is the
 one closest to the machine's real speed; both are printed.
 """
 
@@ -41,7 +42,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for label, name, extra in [("toy-sd3 (CFG)", "toy-sd3", {}), ("toy-flux", "toy-flux", {}),
-                               ("toy-flux (true CFG 5)", "toy-flux", {"true_cfg_scale": 5.0, "negative_prompt": ""})]:
+                               ("toy-flux (true CFG 5)", "toy-flux", {"true_cfg_scale": 5.0, "negative_prompt": ""}),
+                               ("toy-flux-dev (guidance 5)", "toy-flux-dev", {})]:
         t = seconds_per_image(name, args.repeats, extra)
         rows.append({"model": label, "best_s": round(min(t), 3), "median_s": round(statistics.median(t), 3)})
         print(f"{label:24s} best {min(t):.3f} s   median {statistics.median(t):.3f} s")

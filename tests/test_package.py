@@ -38,7 +38,8 @@ def test_every_public_name_resolves():
         attnctl.SoftPag  # noqa: B018
 
 
-@pytest.mark.parametrize(("model", "pipeline"), [("toy-sd3", "StableDiffusion3Pipeline"), ("toy-flux", "FluxPipeline")])
+@pytest.mark.parametrize(("model", "pipeline"), [("toy-sd3", "StableDiffusion3Pipeline"), ("toy-flux", "FluxPipeline"),
+                                               ("toy-flux-dev", "FluxPipeline")])
 def test_stock_diffusers_loads_a_toy_folder_after_import_attnctl(model, pipeline):
     # model_index.json names attnctl.toyworld.autoencoder for the vae; `import attnctl` alone must be enough.
     from attnctl.toyworld.models import resolve_model

@@ -214,9 +214,12 @@ def test_shipped_toy_models_load(name):
         pytest.skip(f"{name} is not shipped in this checkout")
     assert models.resolve_model(name) == models.TOY_MODELS[name]
     pipe = models.load_pipeline(name)
-    assert isinstance(pipe, AttnCtlFluxPipeline if name == "toy-flux" else AttnCtlSD3Pipeline)
+    assert isinstance(pipe, AttnCtlFluxPipeline if name.startswith("toy-flux") else AttnCtlSD3Pipeline)
     call = models.default_call_kwargs(pipe)
     assert call["num_inference_steps"] == 20 and call["height"] == 32
+    # toy-flux-dev's guidance is an input of its transformer: the default call passes it, toy-flux has none
+    assert ("guidance_scale" in call) == (name != "toy-flux")
+    assert bool(getattr(pipe.transformer.config, "guidance_embeds", False)) == (name == "toy-flux-dev")
     img = _image(pipe)
     assert img.shape == (32, 32, 3)
 

@@ -1,10 +1,12 @@
 """The shipped toy models and the one loader every command uses.
 
 ``toy-sd3`` and ``toy-flux`` are small SD3- and FLUX-architecture pipelines trained on the shapes world
-(:mod:`attnctl.toyworld.train`), shipped inside the package as ordinary diffusers folders::
+(:mod:`attnctl.toyworld.train`); ``toy-flux-dev`` is toy-flux with a guidance embedding, distilled from its
+true CFG as FLUX.1-dev is. They ship inside the package as ordinary diffusers folders::
 
-    attnctl/toyworld/models/toy-sd3/   model_index.json, transformer/, text_encoder{,_2,_3}/, ...
-    attnctl/toyworld/models/toy-flux/  model_index.json, transformer/, text_encoder{,_2}/, ...
+    attnctl/toyworld/models/toy-sd3/       model_index.json, transformer/, text_encoder{,_2,_3}/, ...
+    attnctl/toyworld/models/toy-flux/      model_index.json, transformer/, text_encoder{,_2}/, ...
+    attnctl/toyworld/models/toy-flux-dev/  the same, its transformer with ``guidance_embeds``
 
 Each also holds ``attnctl.json`` (ignored by diffusers): the call defaults the model was tuned for
 (:func:`default_call_kwargs`) and how it was trained.
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from attnctl.errors import AttnCtlError, ConfigError, UnsupportedModelError
+from attnctl.toyworld import TOY_MODEL_NAMES
 from attnctl.toyworld import autoencoder as _autoencoder  # noqa: F401  (diffusers resolves the vae class here)
 
 __all__ = [
@@ -42,10 +45,7 @@ __all__ = [
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 """Where the trained toy pipelines ship."""
 
-TOY_MODELS: dict[str, Path] = {
-    "toy-sd3": MODELS_DIR / "toy-sd3",
-    "toy-flux": MODELS_DIR / "toy-flux",
-}
+TOY_MODELS: dict[str, Path] = {name: MODELS_DIR / name for name in TOY_MODEL_NAMES}
 """Toy model name -> its pipeline folder inside the package."""
 
 METADATA_NAME = "attnctl.json"
@@ -195,7 +195,7 @@ def load_pipeline(
     """Load a toy name, pipeline folder or hub id as an attnctl pipeline (or the stock one).
 
     Args:
-        name_or_path: ``"toy-sd3"``, ``"toy-flux"``, a pipeline folder, or a hub id.
+        name_or_path: ``"toy-sd3"``, ``"toy-flux"``, ``"toy-flux-dev"``, a pipeline folder, or a hub id.
         device: where to put the pipeline.
         dtype: parameter dtype of every component.
         controlled: ``True`` -> ``AttnCtlSD3Pipeline`` / ``AttnCtlFluxPipeline`` (take ``controls=``);
@@ -278,7 +278,8 @@ def default_call_kwargs(pipe: Any) -> dict[str, Any]:
 
     ``toy-sd3`` samples with classifier-free guidance (``guidance_scale`` as tuned at training time);
     ``toy-flux`` samples without an unconditional branch (``guidance_scale`` is ignored: the model has
-    no guidance embedding; pass ``true_cfg_scale`` and a ``negative_prompt`` for true CFG). For other
+    no guidance embedding; pass ``true_cfg_scale`` and a ``negative_prompt`` for true CFG); ``toy-flux-dev``
+    takes ``guidance_scale`` as an input of its guidance embedding, one forward per step. For other
     models the result is empty (diffusers' own defaults apply). A fresh dict every call.
     """
     call = getattr(pipe, "_attnctl_call_defaults", None)

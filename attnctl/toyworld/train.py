@@ -824,7 +824,8 @@ def export_checkpoint(out_dir: str | Path, folder: str | Path | None = None, *, 
 def _main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(description="Train a toy-sd3 / toy-flux pipeline on the shapes world.")
+    p = argparse.ArgumentParser(description="Train a toy pipeline (toy-sd3, toy-flux, their variants) on the shapes "
+                                            "world.")
     p.add_argument("model", choices=sorted(PRESETS))
     p.add_argument("out_dir")
     p.add_argument("--steps", type=int, default=6000)

@@ -211,9 +211,8 @@ def sidebar() -> engine.LoadedModel | None:
                    "this machine only unless started with --host.")
     with model_box:
         st.markdown("<div class='attnctl-label'>Model</div>", unsafe_allow_html=True)
-        st.selectbox("Model", ["toy-sd3", "toy-flux", OTHER], key="model_choice", label_visibility="collapsed",
-                     format_func=lambda m: {"toy-sd3": "toy-sd3 · shapes world", "toy-flux": "toy-flux · shapes world",
-                                            OTHER: "Hub id or local folder…"}[m])
+        st.selectbox("Model", [*TOY_NAMES, OTHER], key="model_choice", label_visibility="collapsed",
+                     format_func=lambda m: "Hub id or local folder…" if m == OTHER else f"{m} · shapes world")
         if ss.model_choice == OTHER:
             st.text_input("Hub id or pipeline folder", key="model_path", max_chars=400,
                           placeholder="stabilityai/stable-diffusion-3.5-medium",

@@ -88,7 +88,8 @@ def check_model_name(name: str) -> str:
 
     name = (name or "").strip()
     if not name:
-        raise AttnCtlError("no model given", "pick toy-sd3 or toy-flux, or type a hub id or a local folder")
+        raise AttnCtlError("no model given",
+                           f"pick a toy model ({', '.join(TOY_NAMES)}), or type a hub id or a local folder")
     if len(name) > 400 or any(ord(c) < 32 for c in name):
         raise AttnCtlError("the model name is not a name, a hub id or a folder",
                            "type a hub id such as owner/name or the path of a pipeline folder")

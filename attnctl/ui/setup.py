@@ -14,9 +14,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..toyworld import TOY_MODEL_NAMES
 from .safety import UploadError, check_control_json
 
-TOY_NAMES = ("toy-sd3", "toy-flux")
+TOY_NAMES = TOY_MODEL_NAMES
 
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 200
