@@ -21,20 +21,22 @@ import torch
 from PIL import Image
 
 import attnctl
+from attnctl.controls.softpag import PRESETS_DIR
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 
 
 def default_heads(model: str, sites: list[attnctl.Site]) -> str | list[str]:
     """The shipped HeadHunter preset of a toy model; elsewhere head 0 of every site in the first half of the
     model (quality heads sit early to mid, per the paper) — run `attnctl headhunt` for better ones."""
-    if model in ("toy-sd3", "toy-flux"):
-        return f"{model}-headhunter.json"  # attnctl/presets/
+    if (PRESETS_DIR / f"{model}-headhunter.json").is_file():
+        return f"{model}-headhunter.json"
     return [f"L{s.index}H0" for s in sites[: max(1, len(sites) // 2)]]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="toy-sd3", help="toy-sd3, toy-flux, a pipeline folder or a hub id")
+    ap.add_argument("--model", default="toy-sd3", help="a toy model (toy-sd3, toy-flux, toy-flux-dev), a pipeline "
+                                                       "folder or a hub id")
     ap.add_argument("--prompt", nargs="+", default=["a red circle to the left of a blue square"])
     ap.add_argument("--heads", nargs="+", help="LxHy selectors or a preset .json (default: the toy model's shipped "
                                                "HeadHunter preset; head 0 of early sites on other models)")
