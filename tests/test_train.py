@@ -314,8 +314,8 @@ def test_guidance_distillation_loss_is_the_plain_cfg_target(flux_teacher):
     g = 2.0 + 4.0 * torch.rand(3, generator=gen)
     x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
     with torch.no_grad():
-        v_c = predict(teacher, x_t, sigma, _text(student, captions, arch), arch)
-        v_u = predict(teacher, x_t, sigma, _text(student, [""] * 3, arch), arch)
+        v_c = predict(teacher, x_t, sigma, _text(teacher, captions, arch), arch)
+        v_u = predict(teacher, x_t, sigma, _text(teacher, [""] * 3, arch), arch)
         v_s = predict(student, x_t, sigma, _text(student, captions, arch), arch, guidance=g)
     want = ((v_s - (v_u + g[:, None, None] * (v_c - v_u))) ** 2).mean()
     assert float(g.min()) >= 2.0 and float(g.max()) <= 6.0

@@ -420,19 +420,19 @@ def guidance_distillation_loss(
     """Guidance distillation (Meng et al. 2023, as FLUX.1-dev is made): ``|v(x_t, sigma, g) − v_g|²`` with the
     teacher's classifier-free guided velocity ``v_g = v_u + g (v_c − v_u)`` and ``g ~ U(guidance_range)``.
 
-    The student and the teacher share the (frozen) text encoders, so the prompts are encoded once.
+    Each model reads the prompts through its own text encoders (the same frozen weights when the student starts
+    from the teacher, as :func:`train` does by default); only the student's transformer gets gradients.
     """
     _, _, sigma, x_t = _noised(pipe, images, generator, time_sampling)
     g_lo, g_hi = guidance_range
     g = g_lo + (g_hi - g_lo) * torch.rand(x_t.shape[0], generator=generator)
     with torch.no_grad():
-        text = _text(pipe, captions + [""] * len(captions), arch)
+        text = _text(teacher, captions + [""] * len(captions), arch)
         both = predict(teacher, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), text, arch).float()
         v_c, v_u = both.chunk(2)
         target = v_u + g.view(-1, *([1] * (x_t.ndim - 1))) * (v_c - v_u)
-    cond = {k: v[: len(captions)] for k, v in text.items() if k != "txt_ids"}
-    cond["txt_ids"] = text["txt_ids"]
-    return F.mse_loss(predict(pipe, x_t, sigma, cond, arch, guidance=g).float(), target)
+        student_text = _text(pipe, captions, arch)
+    return F.mse_loss(predict(pipe, x_t, sigma, student_text, arch, guidance=g).float(), target)
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -618,8 +618,8 @@ def train(
         distill_from: guidance distillation instead of flow matching (:func:`guidance_distillation_loss`): the
             model (one with ``guidance_embeds``, e.g. ``toy-flux-dev``) learns this FLUX teacher's classifier-free
             guided velocity at guidance scales drawn from ``guidance_range``. It starts from the teacher's weights
-            (unless ``init_from`` says otherwise) and trains the transformer only: the text encoders stay the
-            teacher's, so both read the same text features.
+            (unless ``init_from`` says otherwise) and trains the transformer only: its text encoders stay frozen
+            (the teacher's, by default, so both read the same text features).
     """
     from tqdm.auto import tqdm
 
