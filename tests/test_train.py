@@ -224,6 +224,29 @@ def test_shipped_toy_models_load(name):
     assert img.shape == (32, 32, 3)
 
 
+def test_toy_flux_dev_draws_single_objects_through_its_embedded_guidance():
+    """The distilled model at its default (guidance 5 as a transformer input, one forward per step) draws the
+    single-object set; with guidance 1 it falls back toward toy-flux without CFG (toy-flux's default was 0.632 on
+    8 seeds; docs/toyworld.md). Guards the shipped weights and the guidance path through the attnctl pipeline."""
+    from attnctl.toyworld.evaluate import evaluate_set
+    from attnctl.toyworld.world import prompt_set
+
+    pipe = models.load_pipeline("toy-flux-dev")
+    items = prompt_set("single")
+
+    def presence(**extra) -> float:
+        kw = {**models.default_call_kwargs(pipe), **extra}
+        images = []
+        for seed in (0, 1):
+            out = pipe(prompt=[it["prompt"] for it in items], output_type="np",
+                       generator=[torch.Generator().manual_seed(seed) for _ in items], **kw).images
+            images += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
+        return evaluate_set(images, items + items)["presence"]
+
+    guided, unguided = presence(), presence(guidance_scale=1.0)
+    assert guided >= 0.9 and guided - unguided >= 0.2, (guided, unguided)
+
+
 def test_fine_tune_from_a_pipeline_into_a_tokens_only_model(sd3_run, tmp_path):
     """init_from copies the weights, pooled_text=False zeroes and freezes the pooled projection: the result
     ignores the pooled vector (a stock pipeline call, any pooled embedding gives the same image)."""
