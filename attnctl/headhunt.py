@@ -429,6 +429,11 @@ class HeadHunt:
         """Score ``selected + [c]`` for every candidate c (the current set for REFERENCE) on ``seeds``: this
         rank's share of the chunks not yet in the logs, then wait for the others and read every score."""
         done = self.log.read(key)
+        # Every rank reads the logs before any rank writes this stage's scores: all ranks then see the same
+        # ``done``, so they split the same ``todo`` the same way. (Without it, a rank that starts late, e.g. still
+        # loading the model, would see another rank's first chunks, split a shorter list, and leave candidates
+        # to nobody.)
+        self.dist.barrier()
         todo = [c for c in candidates if c not in done]
         if done:
             self.note(f"{label}: {len(candidates) - len(todo)} candidates already scored, {len(todo)} to go")

@@ -288,3 +288,58 @@ def test_shipped_presets_load_on_their_toy_model_only(model):
     other = "toy-flux" if model == "toy-sd3" else "toy-sd3"
     with pytest.raises(SiteError, match=f"made for a {'flux' if model == 'toy-sd3' else 'sd3'} model"):
         attnctl.Controller(pipe, [attnctl.SoftPAG(heads=f"{other}-headhunter.json")])
+
+
+def test_a_rank_that_starts_late_still_gets_its_share(tmp_path):
+    """Two ranks (threads with their own pipeline, barriers shared): rank 1 starts only after rank 0 has logged
+    its first chunk, or after 5 s if rank 0 waits for it. Both ranks must split the same candidates, so every
+    candidate is scored exactly once and the result equals one process's."""
+    import threading
+
+    from attnctl.pipelines import AttnCtlSD3Pipeline
+    from attnctl.testing import tiny_sd3_pipeline
+
+    barrier = threading.Barrier(2, timeout=120)
+
+    class ThreadRank:
+        def __init__(self, rank: int):
+            self.rank, self.world, self.device = rank, 2, "cpu"
+
+        def barrier(self) -> None:
+            barrier.wait()
+
+    def pipe():
+        p = AttnCtlSD3Pipeline(**tiny_sd3_pipeline("sd3").components)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    s = settings(rounds=1, batch_images=2)  # one candidate per call: several chunks per rank
+    alone = HeadHunt(pipe(), s, tmp_path / "one", objective=brightness).run()
+    out, logged, results, errors = tmp_path / "two", threading.Event(), {}, []
+
+    def rank0_objective(images, prompts):
+        scores = brightness(images, prompts)
+        threading.Timer(0.05, logged.set).start()  # shortly after this chunk is appended to the log
+        return scores
+
+    def run(rank: int) -> None:
+        try:
+            if rank == 1:
+                logged.wait(timeout=5)
+            hunt = HeadHunt(pipe(), s, out, objective=rank0_objective if rank == 0 else brightness,
+                            dist=ThreadRank(rank))
+            results[rank] = hunt.run()
+        except Exception as e:  # reported below, in the test's thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert results[0].selected == results[1].selected == alone.selected
+    assert [r.scores for r in results[0].rounds] == [r.scores for r in alone.rounds]
+    keys = [json.loads(x)["candidate"] for f in sorted(out.glob("scores-r*.jsonl")) for x in f.read_text().splitlines()]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == len(alone.rounds[0].scores) + 1  # + the reference
