@@ -10,7 +10,7 @@ evaluator's presence per row, so the sheet can be read against the numbers.
 from __future__ import annotations
 
 import argparse
-import os
+import io
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ SETS = ("single", "pair", "triple", "relation", "count", "position")
 
 
 def main() -> None:
+    from attnctl.io import atomic_write_bytes
     from attnctl.toyworld.evaluate import evaluate_set
     from attnctl.toyworld.models import default_call_kwargs, load_pipeline
     from attnctl.toyworld.world import prompt_set
@@ -39,18 +40,17 @@ def main() -> None:
     for name in SETS:
         items = prompt_set(name)[: args.items]
         out = pipe(prompt=[it["prompt"] for it in items], generator=[torch.Generator().manual_seed(0) for _ in items],
-                   output_type="np", **call).images
-        images = [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
+                   **call).images
+        images = [np.asarray(im.convert("RGB")) for im in out]
         print(f"{name:9s} presence {evaluate_set(images, items)['presence']:.3f}")
         gap = np.full((images[0].shape[0], 2, 3), 255, np.uint8)
         rows.append(np.concatenate([x for im in images for x in (im, gap)][:-1], axis=1))
     band = np.full((2, rows[0].shape[1], 3), 255, np.uint8)
     sheet = np.concatenate([x for r in rows for x in (r, band)][:-1], axis=0)
     sheet = sheet.repeat(args.scale, axis=0).repeat(args.scale, axis=1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    Image.fromarray(sheet).save(tmp, format="PNG")
-    os.replace(tmp, args.out)  # atomic: a sheet is never half written
+    png = io.BytesIO()
+    Image.fromarray(sheet).save(png, format="PNG")
+    atomic_write_bytes(args.out, png.getvalue())  # a sheet is never half written
     print(args.out)
 
 

@@ -238,9 +238,9 @@ def test_toy_flux_dev_draws_single_objects_through_its_embedded_guidance():
         kw = {**models.default_call_kwargs(pipe), **extra}
         images = []
         for seed in (0, 1):
-            out = pipe(prompt=[it["prompt"] for it in items], output_type="np",
+            out = pipe(prompt=[it["prompt"] for it in items],
                        generator=[torch.Generator().manual_seed(seed) for _ in items], **kw).images
-            images += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
+            images += [np.asarray(im.convert("RGB")) for im in out]
         return evaluate_set(images, items + items)["presence"]
 
     guided, unguided = presence(), presence(guidance_scale=1.0)

@@ -543,17 +543,13 @@ def _export(pipe: DiffusionPipeline, trainable: torch.nn.ModuleDict, ema: _EMA |
     return folder
 
 
-def _teacher(source: str | Path, arch: ToyArch, guidance_range: tuple[float, float]):
+def _teacher(source: str | Path, arch: ToyArch):
     """The frozen teacher of a guidance distillation, and the student's architecture (text encoders frozen)."""
     from attnctl.toyworld.models import load_pipeline
 
     if not arch.guidance_embeds:
         raise ConfigError("guidance distillation needs a model with a guidance embedding",
                           "train toy-flux-dev (or pass arch={'guidance_embeds': True})")
-    g_lo, g_hi = (float(x) for x in guidance_range)
-    if not 0.0 <= g_lo <= g_hi:
-        raise ConfigError(f"guidance_range={tuple(guidance_range)} is not an interval of scales ≥ 0",
-                          "give (low, high) with 0 ≤ low ≤ high, e.g. (1, 8)")
     teacher = load_pipeline(source, controlled=False)
     if not isinstance(teacher, FluxPipeline) or teacher.transformer.config.guidance_embeds:
         raise ConfigError(f"distill_from={str(source)!r} is not a FLUX pipeline without a guidance embedding",
@@ -650,7 +646,11 @@ def train(
         a = _arch(model, arch)
     teacher = None
     if distill_from is not None:
-        teacher, a = _teacher(distill_from, a, guidance_range)
+        g_lo, g_hi = (float(x) for x in guidance_range)
+        if not 0.0 <= g_lo <= g_hi:
+            raise ConfigError(f"guidance_range={tuple(guidance_range)} is not an interval of scales ≥ 0",
+                              "give (low, high) with 0 ≤ low ≤ high, e.g. (1, 8)")
+        teacher, a = _teacher(distill_from, a)
         init_from = distill_from if init_from is None else init_from
 
     pipe = build_pipeline(a, seed)
