@@ -33,13 +33,17 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, UnsupportedModelError
+from .errors import ConfigError
 
 BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 """Transformer inputs with one entry per batch row (SD3 and FLUX); the perturbed rows copy them."""
 BATCHED_LISTS = ("block_controlnet_hidden_states", "controlnet_block_samples", "controlnet_single_block_samples")
 """ControlNet residuals (SD3; FLUX double and single blocks): one tensor per block, each with one entry per batch
 row; the perturbed rows copy them too, so a perturbed image is its conditional image's, under the same control."""
+IP_ADAPTER_INPUTS = ("ip_adapter_image_embeds", "ip_hidden_states", "temb")
+"""IP-adapter entries of ``joint_attention_kwargs`` with one entry per batch row (SD3: one tensor each, ``temb`` the
+adapter's timestep embedding; FLUX: a list, one tensor per adapter): the perturbed rows copy them, so a perturbed
+image sees its conditional image's image prompt, as the perturbed branch of diffusers' PAG pipelines does."""
 
 
 # ------------------------------------------------------------------------------------------ the formula
@@ -206,12 +210,6 @@ class PerturbedBranch:
                 fix=f"generate {self.branches.count} images per prompt (num_images_per_prompt="
                     f"{self.branches.count}): image j is guided by the control with branch=j",
             )
-        extras = bound.get("joint_attention_kwargs") or {}
-        if any(k in extras for k in ("ip_adapter_image_embeds", "ip_hidden_states")):
-            raise UnsupportedModelError(
-                "SoftPAG's perturbed rows cannot carry an IP-adapter's image features yet",
-                fix="unload the IP-adapter (pipe.unload_ip_adapter()) for SoftPAG runs; the other controls work "
-                    "with it")
         idx = torch.tensor(cond, dtype=torch.long, device=bound["hidden_states"].device)
 
         def with_copies(x: Any) -> Any:
@@ -225,6 +223,13 @@ class PerturbedBranch:
         for name in BATCHED_LISTS:
             if isinstance(bound.get(name), (list, tuple)):
                 bound[name] = [with_copies(x) for x in bound[name]]
+        extras = bound.get("joint_attention_kwargs")
+        if extras and any(name in extras for name in IP_ADAPTER_INPUTS):
+            extras = dict(extras)  # the transformer pops from it; the pipeline's own dict stays as it was
+            for name in IP_ADAPTER_INPUTS:
+                if name in extras:
+                    extras[name] = _ip_copies(name, extras[name], batch, with_copies)
+            bound["joint_attention_kwargs"] = extras
         extra = [self.branches.role(j) for j in range(len(cond))]
         result = self._with_roles(roles + extra, (), bound)
         self.calls += 1
@@ -249,6 +254,22 @@ class PerturbedBranch:
             return self._original(*args, **kwargs)
         finally:
             state.roles = saved
+
+
+def _ip_copies(name: str, value: Any, batch: int, with_copies: Callable[[Any], Any]) -> Any:
+    """An IP-adapter input with the perturbed rows' copies appended; one that is not per batch row is an error,
+    since the perturbed rows could not be given their image prompt."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for x in items:
+        if not (isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == batch):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ConfigError(
+                f"SoftPAG: the IP-adapter input joint_attention_kwargs[{name!r}] has shape {got}, not one entry per "
+                f"batch row ({batch}), so the perturbed rows cannot be given the image prompt",
+                fix="pass IP-adapter image embeddings with one row per image of the call, as the diffusers "
+                    "pipelines prepare them")
+    copies = [with_copies(x) for x in items]
+    return copies if isinstance(value, (list, tuple)) else copies[0]
 
 
 def _batch_of(args: tuple, kwargs: dict) -> int:

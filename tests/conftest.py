@@ -75,3 +75,27 @@ def transformer_inputs(transformer, batch: int = 2, grid: tuple[int, int] = (4, 
     if cfg.guidance_embeds:
         kw["guidance"] = torch.full((batch,), 3.5, dtype=dtype)
     return kw
+
+
+def ip_adapter_processor(family: str, transformer):
+    """A stock diffusers IP-adapter processor for one block of a tiny transformer (random weights, seed 0)."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    torch.manual_seed(0)
+    tr = transformer
+    if family == "sd3":
+        return SD3IPAdapterJointAttnProcessor2_0(tr.inner_dim, 16, tr.config.attention_head_dim, 8, scale=0.7)
+    return FluxIPAdapterAttnProcessor(tr.inner_dim, 16, num_tokens=(4, 4), scale=[0.6, 0.3])
+
+
+def batch_row(inputs, i: int, batch: int):
+    """Row ``i`` of every per-row entry of transformer inputs (tensors with ``batch`` rows, inside lists and dicts
+    too); everything else as it is."""
+    if isinstance(inputs, dict):
+        return {k: batch_row(v, i, batch) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return [batch_row(v, i, batch) for v in inputs]
+    if isinstance(inputs, torch.Tensor) and inputs.ndim and inputs.shape[0] == batch:
+        return inputs[i : i + 1]
+    return inputs

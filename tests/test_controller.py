@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import ip_adapter_processor
 
 import attnctl
 from attnctl.controls.base import Control, ControlConfig
@@ -155,16 +156,6 @@ def test_controls_round_trip_json():
         attnctl.control_from_json({"kind": "probe", "bogus": 1})
 
 
-def _ip_processor(family: str, tr):
-    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
-    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
-
-    torch.manual_seed(0)
-    if family == "sd3":
-        return SD3IPAdapterJointAttnProcessor2_0(tr.inner_dim, 16, tr.config.attention_head_dim, 8, scale=0.7)
-    return FluxIPAdapterAttnProcessor(tr.inner_dim, 16, num_tokens=(4, 4), scale=[0.6, 0.3])
-
-
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_an_ip_adapter_keeps_working_under_attnctl(sd3_pipe, flux_pipe, family):
     """attnctl's processor takes over the replaced IP-adapter processor's term: the attention module's output
@@ -172,7 +163,7 @@ def test_an_ip_adapter_keeps_working_under_attnctl(sd3_pipe, flux_pipe, family):
     pipe = sd3_pipe if family == "sd3" else flux_pipe
     tr = pipe.transformer
     attn = tr.transformer_blocks[0].attn
-    ip = _ip_processor(family, tr)
+    ip = ip_adapter_processor(family, tr)
     g = torch.Generator().manual_seed(1)
     hs, ehs = torch.randn(2, 16, tr.inner_dim, generator=g), torch.randn(2, 5, tr.inner_dim, generator=g)
     if family == "sd3":

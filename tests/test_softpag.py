@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import transformer_inputs
+from conftest import batch_row, ip_adapter_processor, transformer_inputs
 
 import attnctl
 from attnctl.controls.base import Control, ControlConfig, RunState
@@ -337,66 +337,72 @@ def test_flux_pipeline_folds_guidance_into_the_cond_call(flux_pipe, true_cfg):
         assert (ptb - cond).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("extra", ["controlnet", "ip_adapter"])
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_perturbed_rows_carry_the_controlnet_residuals(sd3_pipe, flux_pipe, family):
-    """With ControlNet residuals (a ControlNet pipeline under attnctl.attach), the perturbed row gets its
-    conditional row's residuals: the folded ε equals separate calls of that row with the same residuals."""
+def test_perturbed_rows_carry_controlnet_residuals_and_ip_adapter_features(sd3_pipe, flux_pipe, family, extra):
+    """The perturbed row gets its conditional row's ControlNet residuals (a ControlNet pipeline under
+    attnctl.attach) or IP-adapter image features (an adapter on block 0): the folded ε equals separate calls of
+    each row with its own inputs, and those inputs count (the conditional row moves with other ones)."""
     from attnctl.guidance import PerturbedBranch, perturbed_branches
 
     tr = (sd3_pipe if family == "sd3" else flux_pipe).transformer
     inputs = transformer_inputs(tr, batch=2)  # rows [uncond, cond]
-    g = torch.Generator().manual_seed(1)
-    names = ["block_controlnet_hidden_states"] if family == "sd3" else ["controlnet_block_samples",
-                                                                          "controlnet_single_block_samples"]
-    for name in names:
-        inputs[name] = [torch.randn(2, 16, tr.inner_dim, generator=g) for _ in range(2)]
+
+    def extra_inputs(seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        if extra == "controlnet":
+            names = ["block_controlnet_hidden_states"] if family == "sd3" else ["controlnet_block_samples",
+                                                                                "controlnet_single_block_samples"]
+            return {name: [torch.randn(2, 16, tr.inner_dim, generator=g) for _ in range(2)] for name in names}
+        if family == "sd3":  # what SD3's transformer makes of ip_adapter_image_embeds: features and their temb
+            ip = {"ip_hidden_states": torch.randn(2, 4, 16, generator=g), "temb": torch.randn(2, 8, generator=g)}
+        else:  # FLUX: one feature tensor per loaded adapter
+            ip = {"ip_hidden_states": [torch.randn(2, 4, 16, generator=g) for _ in range(2)]}
+        return {"joint_attention_kwargs": ip}
+
+    inputs.update(extra_inputs(1))
+    saved = dict(tr.attn_processors)
+    base = dict(saved)
+    if extra == "ip_adapter":
+        base["transformer_blocks.0.attn.processor"] = ip_adapter_processor(family, tr)
     pairs = half_the_heads(attnctl.list_sites(tr))
     pag = attnctl.SoftPAG.from_pairs(pairs, u=0.8, scale=1.5)
-    ctl = attnctl.Controller(tr, [pag], roles=["uncond", "cond"])
-    saved = dict(tr.attn_processors)
-    tr.set_attn_processor(ctl.processors())
-    ctl.close()
     try:
+        tr.set_attn_processor(dict(base))  # (diffusers empties the dict it is given)
+        ctl = attnctl.Controller(tr, [pag], roles=["uncond", "cond"])
+        tr.set_attn_processor(ctl.processors())
+        ctl.close()
         ctl.begin_run(1, layout=TokenLayout(ctl.family, inputs["encoder_hidden_states"].shape[1], (4, 4)))
         with PerturbedBranch(tr, ctl, perturbed_branches(ctl.controls), lambda roles: 3.0) as branch, \
                 torch.no_grad():
             out = tr(**inputs)[0]
         assert branch.calls == 1
+        tr.set_attn_processor(dict(base))  # the row calls below carry the adapter over as the batched call did
+        uncond, _ = run(tr, [], ["uncond"], batch_row(inputs, 0, 2))
+        cond, _ = run(tr, [], ["cond"], batch_row(inputs, 1, 2))
+        ptb, _ = run(tr, [attnctl.SoftPAG.from_pairs(pairs, u=0.8, scale=1.5)], ["perturbed"], batch_row(inputs, 1, 2))
+        other, _ = run(tr, [], ["cond"], batch_row({**inputs, **extra_inputs(2)}, 1, 2))
     finally:
         tr.set_attn_processor(saved)
-
-    def row(i: int) -> dict:  # batch row i of every per-row input, residuals included
-        one = {}
-        for k, v in inputs.items():
-            if k in names:
-                one[k] = [x[i : i + 1] for x in v]
-            elif isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 2:
-                one[k] = v[i : i + 1]
-            else:
-                one[k] = v
-        return one
-
-    uncond, _ = run(tr, [], ["uncond"], row(0))
-    cond, _ = run(tr, [], ["cond"], row(1))
-    ptb, _ = run(tr, [attnctl.SoftPAG.from_pairs(pairs, u=0.8, scale=1.5)], ["perturbed"], row(1))
     assert (out[:1] - uncond).abs().max() <= 1e-5
     assert (out[1:] - fold_into_cond(cond, ptb, 3.0, 1.5)).abs().max() <= 1e-5
     assert (ptb - cond).abs().max() > 1e-4
+    assert (other - cond).abs().max() > 1e-4
 
 
-def test_softpag_refuses_ip_adapter_features_in_its_perturbed_rows(sd3_pipe):
-    from attnctl.errors import UnsupportedModelError
+@pytest.mark.parametrize("name", ["ip_adapter_image_embeds", "ip_hidden_states"])
+def test_ip_adapter_features_without_a_row_per_image_are_refused(sd3_pipe, name):
     from attnctl.guidance import PerturbedBranch, perturbed_branches
 
     tr = sd3_pipe.transformer
     inputs = transformer_inputs(tr, batch=2)
-    inputs["joint_attention_kwargs"] = {"ip_hidden_states": torch.zeros(2, 4, 16), "temb": torch.zeros(2, 8)}
+    inputs["joint_attention_kwargs"] = {name: torch.zeros(1, 4, 16), "temb": torch.zeros(2, 8)}
     ctl = attnctl.Controller(tr, [attnctl.SoftPAG(heads=["L0H0"], scale=1.0)], roles=["uncond", "cond"])
     ctl.install()
     try:
         ctl.begin_run(1, layout=TokenLayout(ctl.family, inputs["encoder_hidden_states"].shape[1], (4, 4)))
         with PerturbedBranch(tr, ctl, perturbed_branches(ctl.controls), lambda roles: 3.0), \
-                pytest.raises(UnsupportedModelError, match="IP-adapter.*unload_ip_adapter"):
+                pytest.raises(ConfigError, match=rf"{name}.*\(1, 4, 16\).*one entry per batch row \(2\)"):
             tr(**inputs)
     finally:
         ctl.restore()
