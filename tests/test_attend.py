@@ -39,8 +39,9 @@ def full_bias(contribs, n_keys):
     return bias
 
 
-def reference(q, k, v, biases=(), extra=None):
-    """Materialised attention: softmax(q·kᵀ/√d + bias) @ v over [k, extra keys]; returns (out, probs)."""
+def reference(q, k, v, biases=(), extra=None, mask=None):
+    """Materialised attention: softmax(q·kᵀ/√d + bias [+ mask]) @ v over [k, extra keys]; returns (out, probs).
+    ``mask``: an additive ``(B, S, H, keys)`` tensor (see :func:`masks`)."""
     keys, values = k, v
     if extra is not None:
         ek = torch.zeros(B, extra.key.shape[1], H, D)
@@ -56,6 +57,8 @@ def reference(q, k, v, biases=(), extra=None):
         for b in extra.where.batch.tolist():
             allowed[b, r0:r1] = True
         bias[..., k.shape[1]:] = bias[..., k.shape[1]:].masked_fill(~allowed[:, :, None, None], float("-inf"))
+    if mask is not None:
+        bias = bias + mask
     p = torch.softmax(s + bias, dim=-1)
     return torch.einsum("bqhk,bkhd->bqhd", p, values), p
 
@@ -191,10 +194,13 @@ def test_key_bias_as_a_function_of_logits_and_lse():
     assert (out - ref).abs().max() < 1e-5
 
 
-def within_reference(q, k, v, kb: KeyBias, other=()):
+def within_reference(q, k, v, kb: KeyBias, other=(), mask=None):
     """A ``within`` bias written plainly: each selected row keeps its plain total probability on the ``within``
-    keys and splits it by ``softmax(s + b)`` over those keys; then ``other`` biases act on the result's logits."""
+    keys and splits it by ``softmax(s + b)`` over those keys; then ``other`` biases act on the result's logits.
+    ``mask``: an additive ``(B, S, H, keys)`` attention mask, part of the plain logits ``s``."""
     s = torch.einsum("bqhd,bkhd->bqhk", q, k) / math.sqrt(D)
+    if mask is not None:
+        s = s + mask
     p = torch.softmax(s, dim=-1)
     w0, w1, _ = kb.within.indices(S)
     bias = full_bias([KeyBias(kb.cols, kb.bias, kb.where)], S)[..., w0:w1]
@@ -268,6 +274,77 @@ def test_within_key_bias_bad_input():
     q, k, v = qkv(13)
     with pytest.raises(ValueError, match="outside it"):
         attend(q, k, v, [KeyBias(torch.tensor([2, 15]), torch.zeros(1), Selection(), within=slice(10, 20))])
-    with pytest.raises(ValueError, match="attention mask"):
-        attend(q, k, v, [KeyBias(torch.tensor([15]), torch.zeros(1), Selection(), within=slice(10, 20))],
-               attn_mask=torch.zeros(B, 1, S, S))
+
+
+def masks(kind: str):
+    """An attention mask in the dispatcher's convention, and the same mask as an additive ``(B, S, H, keys)``
+    tensor for the references. Keys 3 and 14 are masked where the tests bias or probe them."""
+    g = torch.Generator().manual_seed(3)
+    if kind == "padding (B, keys)":  # FLUX's text padding mask, as diffusers passes it
+        keep = torch.ones(B, S, dtype=torch.bool)
+        keep[0, [3, 14]] = False
+        keep[2, [5, 14]] = False
+        return keep, torch.zeros(B, 1, 1, S).masked_fill(~keep[:, None, None, :], float("-inf")).expand(B, S, H, S)
+    if kind == "bool (B, 1, S, keys)":  # per query row
+        keep = torch.ones(B, 1, S, S, dtype=torch.bool)
+        keep[:, :, :6, 3] = False
+        keep[1, :, 4:, 14] = False
+        add = torch.zeros(B, 1, S, S).masked_fill(~keep, float("-inf"))
+        return keep, add.permute(0, 2, 1, 3).expand(B, S, H, S)
+    add = 0.5 * torch.randn(B, H, S, S, generator=g)  # additive, per head
+    add[0, :, :, 3] = float("-inf")
+    add[1, 2, 4:8, 14] = float("-inf")
+    return add, add.permute(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("kind", ["padding (B, keys)", "bool (B, 1, S, keys)", "additive (B, H, S, keys)"])
+def test_every_contribution_respects_the_attention_mask(kind):
+    """Under an attention mask, key biases (tensor and function forms, joint and ``within``), probes and a dense
+    bias equal the plain references with the mask in their logits: a masked key gets no probability however
+    it is biased, and a function form sees the masked logits."""
+    q, k, v = qkv(21)
+    mask, add = masks(kind)
+    assert (attend(q, k, v, [], attn_mask=mask) - reference(q, k, v, mask=add)[0]).abs().max() < 1e-5
+    where = Selection(torch.tensor([0, 1]), slice(0, 12), None)
+    kb = KeyBias(torch.tensor([2, 3, 14]), torch.tensor([1.0, 2.5, -0.5]), where)
+    got = []
+    probe = Probe(torch.arange(S), got.append, Selection(rows=slice(2, 16)))
+    out = attend(q, k, v, [kb, probe], attn_mask=mask)
+    ref, p = reference(q, k, v, [kb], mask=add)
+    assert (out - ref).abs().max() < 1e-5
+    assert (got[0] - p[:, 2:16]).abs().max() < 1e-6
+    assert got[0][add[:, 2:16] == float("-inf")].abs().max() == 0  # masked keys: no probability at all
+    seen = {}
+
+    def f(logits, lse):
+        seen["p"] = torch.exp(logits - lse[..., None])
+        return torch.tensor([1.0, 2.5, -0.5]).expand(logits.shape)
+
+    out_f = attend(q, k, v, [KeyBias(kb.cols, f, where)], attn_mask=mask)
+    assert (out_f - ref).abs().max() < 1e-5
+    assert (seen["p"] - reference(q, k, v, mask=add)[1][:2, 0:12][..., kb.cols]).abs().max() < 1e-6
+    within = KeyBias(torch.tensor([11, 14]), torch.tensor([2.0, 1.5]).expand(2, 12, H, 2), where,
+                     within=slice(10, 20))
+    ref_w, _ = within_reference(q, k, v, within, mask=add)
+    assert (attend(q, k, v, [within], attn_mask=mask) - ref_w).abs().max() < 1e-5
+    dense = DenseBias(lambda r0, r1: torch.zeros(1, r1 - r0, 1, S), Selection())  # the explicit path
+    assert (attend(q, k, v, [within, dense], attn_mask=mask) - ref_w).abs().max() < 1e-5
+
+
+def test_an_output_mix_runs_under_a_mask_only_when_the_mask_cannot_change_it():
+    """A mask-free mix (SoftPAG's joint identity form) composes with the masked attention of the other rows; a mix
+    that reads other keys would ignore the mask, so it is refused at a masked call."""
+    q, k, v = qkv(22)
+    mask, add = masks("padding (B, keys)")
+    u = 0.3
+    identity = OutputMix(lambda o, qq, kk, vv: (1 - u) * o + u * vv, Selection(heads=torch.tensor([1])),
+                         mask_free=True)
+    _, p = reference(q, k, v, mask=add)
+    p[:, :, 1] = (1 - u) * p[:, :, 1] + u * torch.eye(S)[None]
+    ref = torch.einsum("bqhk,bkhd->bqhd", p, v)
+    assert (attend(q, k, v, [identity], attn_mask=mask) - ref).abs().max() < 1e-5
+    uniform = OutputMix(lambda o, qq, kk, vv: vv.mean(1, keepdim=True).expand_as(o), Selection())
+    assert attend(q, k, v, [uniform]).shape == q.shape  # fine without a mask
+    with pytest.raises(ValueError, match="attention mask.*target='identity', scope='joint'"):
+        attend(q, k, v, [uniform], attn_mask=mask)
+

@@ -507,3 +507,23 @@ def test_bad_input_errors(sd3_pipe):
              **KW)
     with pytest.raises(ConfigError, match="num_images_per_prompt=2"):
         pipe("a red circle", controls=[attnctl.SoftPAG(heads=["L0H0"], branch=i) for i in range(2)], **KW)
+
+
+@pytest.mark.parametrize(("target", "scope"), [("identity", "joint"), ("uniform", "joint"), ("identity", "image")])
+def test_softpag_under_a_flux_attention_mask(flux_pipe, target, scope):
+    """With a text padding mask (FLUX's ``attention_mask``), the joint identity form runs and perturbs; a form that
+    reads the keys would not apply the mask, so it stops with an error naming the way out."""
+    tr = flux_pipe.transformer
+    inputs = transformer_inputs(tr, batch=1)
+    mask = torch.ones(1, inputs["encoder_hidden_states"].shape[1] + 16, dtype=torch.bool)
+    mask[0, 5:7] = False  # two padding text tokens
+    inputs["joint_attention_kwargs"] = {"attention_mask": mask}
+    pag = attnctl.SoftPAG(heads=["L0H0", "L1H1"], u=0.8, scale=1.0, target=target, scope=scope)
+    if (target, scope) != ("identity", "joint"):
+        with pytest.raises(ValueError, match="attention mask.*target='identity', scope='joint'"):
+            run(tr, [pag], ["perturbed"], inputs)
+        return
+    cond, _ = run(tr, [], ["cond"], inputs)
+    ptb, _ = run(tr, [pag], ["perturbed"], inputs)
+    assert torch.isfinite(ptb).all() and (ptb - cond).abs().max() > 1e-4
+

@@ -195,7 +195,8 @@ class SoftPAG(Control):
             rows = img
         # The heads are picked inside the mix (``_on_heads``), not through ``Selection.heads``: the generic
         # head gather/scatter of ``attend`` costs more than the whole mix at real layer sizes on CPU.
-        return [OutputMix(_on_heads(fn, heads, u), Selection(batch, rows, None))]
+        mask_free = self.config.scope == "joint" and self.config.target == "identity"  # reads v at its own row only
+        return [OutputMix(_on_heads(fn, heads, u), Selection(batch, rows, None), mask_free=mask_free)]
 
     def _head_spec(self, site: Site) -> None | slice | tuple[int, ...]:
         """The site's heads as ``None`` (all), a slice (evenly spaced: a view, no copy) or a tuple."""

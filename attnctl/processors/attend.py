@@ -171,6 +171,30 @@ def _put(t: torch.Tensor, where: Selection, value: torch.Tensor) -> torch.Tensor
     return t.index_put(index, value) if recorded else t.index_put_(index, value)
 
 
+def _mask_logits(attn_mask: torch.Tensor | None, where: Selection, S: int, B: int, H: int,
+                 cols: torch.Tensor | slice) -> torch.Tensor | None:
+    """What the attention mask adds to the logits ``[batch, rows, heads, cols]`` of a selection: float32, ``-inf``
+    on a masked key, broadcastable to ``(len(batch), rows, len(heads), len(cols))``; ``None`` without a mask.
+    The mask follows the dispatcher: ``(B, keys)`` or ``(B|1, H|1, S|1, keys)``, boolean (True = attend) or
+    additive."""
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    if m.ndim == 2:
+        m = m[:, None, None, :]
+    elif m.ndim == 4 and m.shape[-2] > 1:
+        r0, r1 = _norm_rows(where.rows, S)
+        m = m[..., r0:r1, :]
+    if where.batch is not None and m.shape[0] == B:
+        m = m.index_select(0, where.batch.to(m.device))
+    if where.heads is not None and m.shape[1] == H:
+        m = m.index_select(1, where.heads.to(m.device))
+    m = m[..., cols] if isinstance(cols, slice) else m.index_select(-1, cols.to(m.device))
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
+    return m.float().permute(0, 2, 1, 3)
+
+
 def _has_values(t: torch.Tensor) -> bool:
     """False on the meta device (shape-only runs), where data-dependent shortcuts cannot be taken."""
     return t.device.type != "meta"
@@ -217,15 +241,12 @@ def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.T
 # --------------------------------------------------------------------------------------- the paths
 
 
-def _apply_key_bias(q, k, v, out, lse, kb: KeyBias, scale: float, prior: Sequence[KeyBias] = ()):
+def _apply_key_bias(q, k, v, out, lse, kb: KeyBias, scale: float, prior: Sequence[KeyBias] = (), attn_mask=None):
     B, S, H, _ = q.shape
-    qs = _select(q, kb.where, S).float()
-    sel_kv = Selection(kb.where.batch, None, kb.where.heads)
     cols = kb.cols.to(q.device)
-    ks = _select(k, sel_kv, k.shape[1]).index_select(1, cols).float()
-    vs = _select(v, sel_kv, v.shape[1]).index_select(1, cols).float()
+    vs = _select(v, Selection(kb.where.batch, None, kb.where.heads), v.shape[1]).index_select(1, cols).float()
     lse_s = _select(lse, kb.where, S)
-    s = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
+    s = _col_logits(q, k, kb.where, cols, scale, attn_mask)
     r0, r1 = _norm_rows(kb.where.rows, S)
     b, h = _idx(kb.where.batch, B, q.device), _idx(kb.where.heads, H, q.device)
     for c in prior:  # biases already applied to these columns are part of their current logits
@@ -243,24 +264,33 @@ def _apply_key_bias(q, k, v, out, lse, kb: KeyBias, scale: float, prior: Sequenc
     return _put(out, kb.where, new_out), _put(lse, kb.where, lse_s + torch.log1p(delta))
 
 
-def _resolve_bias(q, k, lse, kb: KeyBias, scale: float) -> KeyBias:
+def _col_logits(q, k, where: Selection, cols: torch.Tensor, scale: float, attn_mask=None) -> torch.Tensor:
+    """The logits ``[batch, rows, heads, cols]`` of a selection, float32, the attention mask included."""
+    S = q.shape[1]
+    qs = _select(q, where, S).float()
+    ks = _select(k, Selection(where.batch, None, where.heads), k.shape[1]).index_select(1, cols).float()
+    logits = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
+    m = _mask_logits(attn_mask, where, S, q.shape[0], q.shape[2], cols)
+    return logits if m is None else logits + m
+
+
+def _resolve_bias(q, k, lse, kb: KeyBias, scale: float, attn_mask=None) -> KeyBias:
     """Turn a bias given as ``f(logits, lse)`` into a tensor, from the plain logits and LSE of its entries."""
     if not callable(kb.bias):
         return kb
-    S = q.shape[1]
-    qs = _select(q, kb.where, S).float()
-    cols = kb.cols.to(q.device)
-    ks = _select(k, Selection(kb.where.batch, None, kb.where.heads), k.shape[1]).index_select(1, cols).float()
-    logits = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
-    bias = kb.bias(logits, _select(lse, kb.where, S))
+    logits = _col_logits(q, k, kb.where, kb.cols.to(q.device), scale, attn_mask)
+    bias = kb.bias(logits, _select(lse, kb.where, q.shape[1]))
     return KeyBias(kb.cols, bias.detach() if not torch.is_grad_enabled() else bias, kb.where)
 
 
-def _within_pass(q, k, v, kb: KeyBias, backend, max_chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``kb``'s rows over its ``within`` keys alone: the output ``(b, rows, h, d)`` and the LSE
-    ``(b, rows, h)``, both float32, from the fused kernel in query chunks of bounded size."""
-    S = q.shape[1]
+def _within_pass(q, k, v, kb: KeyBias, backend, max_chunk_elems: int,
+                 attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``kb``'s rows over its ``within`` keys alone (the attention mask's part on them included): the
+    output ``(b, rows, h, d)`` and the LSE ``(b, rows, h)``, both float32, from the fused kernel in query chunks of
+    bounded size."""
+    B, S, H, _ = q.shape
     qs = _select(q, kb.where, S)
+    mask = _mask_logits(attn_mask, kb.where, S, B, H, kb.within)  # (b, rows|1, h|1, within)
     sel_kv = Selection(kb.where.batch, None, kb.where.heads)
     kw = _select(k, sel_kv, k.shape[1])[:, kb.within]
     vw = _select(v, sel_kv, v.shape[1])[:, kb.within]
@@ -269,7 +299,8 @@ def _within_pass(q, k, v, kb: KeyBias, backend, max_chunk_elems: int) -> tuple[t
     out = torch.empty((nb, n_rows, nh, vw.shape[-1]), dtype=torch.float32, device=q.device)
     lse = torch.empty((nb, n_rows, nh), dtype=torch.float32, device=q.device)
     for r0 in range(0, n_rows, chunk):
-        o, l_c = fused_attention_with_lse(qs[:, r0 : r0 + chunk], kw, vw, backend=backend)
+        m = None if mask is None else (mask[:, r0 : r0 + chunk] if mask.shape[1] > 1 else mask).permute(0, 2, 1, 3)
+        o, l_c = fused_attention_with_lse(qs[:, r0 : r0 + chunk], kw, vw, attn_mask=m, backend=backend)
         out[:, r0 : r0 + chunk] = o
         lse[:, r0 : r0 + chunk] = l_c
     return out, lse
@@ -284,15 +315,11 @@ def _check_within(kb: KeyBias, n_keys: int) -> None:
                          "are outside it")
 
 
-def _resolve_within(q, k, v, kb: KeyBias, scale: float, backend, max_chunk_elems: int):
+def _resolve_within(q, k, v, kb: KeyBias, scale: float, backend, max_chunk_elems: int, attn_mask=None):
     """A ``within`` bias as a tensor with its ``shift``, and the within-keys output and LSE of its rows."""
     _check_within(kb, k.shape[1])
-    out_w, lse_w = _within_pass(q, k, v, kb, backend, max_chunk_elems)
-    S = q.shape[1]
-    qs = _select(q, kb.where, S).float()
-    cols = kb.cols.to(q.device)
-    ks = _select(k, Selection(kb.where.batch, None, kb.where.heads), k.shape[1]).index_select(1, cols).float()
-    logits = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
+    out_w, lse_w = _within_pass(q, k, v, kb, backend, max_chunk_elems, attn_mask)
+    logits = _col_logits(q, k, kb.where, kb.cols.to(q.device), scale, attn_mask)
     bias = kb.bias(logits, lse_w) if callable(kb.bias) else kb.bias.to(q.device)
     bias = bias.float().expand(logits.shape)
     w = torch.exp(logits - lse_w[..., None]) * torch.expm1(bias)  # q_c (e^{b_c} − 1)
@@ -367,10 +394,7 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
         r1 = min(S, r0 + chunk)
         s = torch.einsum("brhd,bkhd->brhk", qs[:, r0:r1], ks) * scale
         if attn_mask is not None:
-            m = _mask_rows(attn_mask, r0, r1).float()  # (B, 1|H, r, N) dispatcher convention
-            m = m.index_select(0, b) if m.shape[0] == B else m
-            m = m.index_select(1, h) if m.shape[1] == H else m
-            s[..., :N] = s[..., :N] + m.permute(0, 2, 1, 3)
+            s[..., :N] += _mask_logits(attn_mask, Selection(b, slice(r0, r1), h), S, B, H, slice(None))
         off = N
         for (e0, e1), ek in zip(ext_rows, ext_k, strict=True):
             m = ek.shape[1]
@@ -390,11 +414,9 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
     return _put(out, where, torch.cat(outs, 1)), _put(lse, where, torch.cat(lses, 1))
 
 
-def _probe(q, k, lse, pr: Probe, biases, scale, B, S, H, n_keys):
-    qs = _select(q, pr.where, S).float()
+def _probe(q, k, lse, pr: Probe, biases, scale, B, S, H, n_keys, attn_mask=None):
     cols = pr.cols.to(q.device)
-    ks = _select(k, Selection(pr.where.batch, None, pr.where.heads), k.shape[1]).index_select(1, cols).float()
-    s = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
+    s = _col_logits(q, k, pr.where, cols, scale, attn_mask)
     r0, r1 = _norm_rows(pr.where.rows, S)
     b = _idx(pr.where.batch, B, q.device)
     h = _idx(pr.where.heads, H, q.device)
@@ -422,6 +444,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
     if unknown:
         raise TypeError(f"unknown attention contribution {type(unknown[0]).__name__}; controls must return "
                         "KeyBias, DenseBias, ExtraKV, Probe or OutputMix objects")
+    if attn_mask is not None and not all(mix.mask_free for mix in mixes):
+        raise ValueError("an OutputMix that reads other keys (SoftPAG with target 'uniform' or 'mean_query', or with "
+                         "scope 'image') cannot run at a call with an attention mask, which it would not apply; use "
+                         "SoftPAG(target='identity', scope='joint') at masked calls, or generate without the mask")
 
     if key_biases or probes or dense or extras:
         out, lse = fused_attention_with_lse(q, k, v, attn_mask=attn_mask, backend=backend,
@@ -430,12 +456,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
         out, lse = fused_attention(q, k, v, attn_mask=attn_mask, backend=backend,
                                    parallel_config=parallel_config), None
     within = [kb for kb in key_biases if kb.within is not None]
-    if within and attn_mask is not None:
-        raise ValueError("a KeyBias with `within` cannot be combined with an attention mask at the same call; "
-                         "give the bias without `within`, or run the site without a mask")
-    resolved = [_resolve_within(q, k, v, kb, scale, backend, max_chunk_elems) for kb in within]
+    resolved = [_resolve_within(q, k, v, kb, scale, backend, max_chunk_elems, attn_mask) for kb in within]
     within = [kb for kb, _ in resolved]
-    key_biases = [_resolve_bias(q, k, lse, kb, scale) for kb in key_biases if kb.within is None]
+    key_biases = [_resolve_bias(q, k, lse, kb, scale, attn_mask) for kb in key_biases if kb.within is None]
     biases: list[KeyBias | DenseBias] = [*within, *key_biases, *dense]
     overlapping = any(not _disjoint(a.where, b.where, S) for i, a in enumerate(within) for b in within[i + 1 :])
     if dense or extras or overlapping:
@@ -444,10 +467,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
         for kb, (out_w, lse_w, w) in resolved:
             out = _apply_within(v, out, lse, kb, out_w, lse_w, w)
         for i, kb in enumerate(key_biases):
-            out, lse = _apply_key_bias(q, k, v, out, lse, kb, scale, prior=[*within, *key_biases[:i]])
+            out, lse = _apply_key_bias(q, k, v, out, lse, kb, scale, prior=[*within, *key_biases[:i]],
+                                       attn_mask=attn_mask)
     n_keys = k.shape[1] + sum(e.key.shape[1] for e in extras)
     for pr in probes:
-        _probe(q, k, lse, pr, biases, scale, B, S, H, n_keys)
+        _probe(q, k, lse, pr, biases, scale, B, S, H, n_keys, attn_mask)
     for mix in mixes:
         sel_full = Selection(mix.where.batch, None, mix.where.heads)
         new = mix.fn(_select(out, mix.where, S), _select(q, sel_full, S), _select(k, sel_full, k.shape[1]),

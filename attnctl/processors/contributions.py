@@ -102,10 +102,14 @@ class OutputMix:
     ``out`` is ``(batch, rows, heads, d)`` for the selection; ``q``, ``k``, ``v`` are the full-sequence
     tensors of the selected batch rows and heads, so a mix can reach any token (SoftPAG's identity target
     is ``v`` at the same rows; a uniform target is the mean of ``v``).
+
+    ``fn`` does not see the call's attention mask, so at a masked call it runs only if ``mask_free``: its result
+    cannot depend on which keys the mask removes (SoftPAG's joint identity target reads each row's own value only).
     """
 
     fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     where: Selection
+    mask_free: bool = False
 
 
 Contribution = KeyBias | DenseBias | ExtraKV | Probe | OutputMix
