@@ -348,3 +348,16 @@ def test_an_output_mix_runs_under_a_mask_only_when_the_mask_cannot_change_it():
     with pytest.raises(ValueError, match="attention mask.*target='identity', scope='joint'"):
         attend(q, k, v, [uniform], attn_mask=mask)
 
+
+def test_controls_under_context_parallelism_are_refused():
+    """Under context parallelism each process holds a shard of the keys: a control's correction would be computed
+    on the wrong keys, so attend says so instead."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+    from attnctl.errors import UnsupportedModelError
+
+    q, k, v = qkv(23)
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    with pytest.raises(UnsupportedModelError, match="context parallelism.*enable_parallelism"):
+        attend(q, k, v, [KeyBias(torch.tensor([3]), torch.ones(1), Selection())], parallel_config=config)
+

@@ -30,6 +30,7 @@ from diffusers.models.attention_dispatch import (
     dispatch_attention_fn,
 )
 
+from ..errors import UnsupportedModelError
 from .contributions import Contribution, DenseBias, ExtraKV, KeyBias, OutputMix, Probe, Selection
 
 MAX_CHUNK_ELEMS = 1 << 24
@@ -444,6 +445,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
     if unknown:
         raise TypeError(f"unknown attention contribution {type(unknown[0]).__name__}; controls must return "
                         "KeyBias, DenseBias, ExtraKV, Probe or OutputMix objects")
+    if parallel_config is not None:  # diffusers sets it on the processors only for context parallelism
+        raise UnsupportedModelError(
+            "attnctl controls cannot run under context parallelism: each process sees a shard of the sequence, and "
+            "the controls' logits, biases and probes need every key",
+            fix="generate without enable_parallelism(...) (or with a tensor-parallel config only) when controls "
+                "are active; without controls the processors pass the parallel config to diffusers' dispatcher")
     if attn_mask is not None and not all(mix.mask_free for mix in mixes):
         raise ValueError("an OutputMix that reads other keys (SoftPAG with target 'uniform' or 'mean_query', or with "
                          "scope 'image') cannot run at a call with an attention mask, which it would not apply; use "
