@@ -4,8 +4,9 @@
 
 Prints best and median over the repeats (after one warm-up) for toy-sd3 (CFG, as it samples by default),
 toy-flux (no unconditional branch), toy-flux with true CFG and toy-flux-dev (guidance 5 through its guidance
-embedding, one forward per step). On a shared machine the best figure is the
-one closest to the machine's real speed; both are printed.
+embedding, one forward per step), and the shapes world's batch maker (64 rendered scenes with captions, what one
+training step draws). On a shared machine the best figure is the one closest to the machine's real speed; both are
+printed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from report import emit
 
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
+from attnctl.toyworld.world import make_batch
 
 
 def seconds_per_image(name: str, repeats: int, extra: dict) -> list[float]:
@@ -47,6 +49,15 @@ def main() -> None:
         t = seconds_per_image(name, args.repeats, extra)
         rows.append({"model": label, "best_s": round(min(t), 3), "median_s": round(statistics.median(t), 3)})
         print(f"{label:24s} best {min(t):.3f} s   median {statistics.median(t):.3f} s")
+    make_batch(0, 64)  # warm-up
+    t = []
+    for seed in range(args.repeats):
+        start = time.perf_counter()
+        make_batch(seed, 64)
+        t.append(time.perf_counter() - start)
+    rows.append({"model": "world batch (64 scenes)", "best_s": round(min(t), 4),
+                 "median_s": round(statistics.median(t), 4)})
+    print(f"{'world batch (64 scenes)':24s} best {min(t):.4f} s   median {statistics.median(t):.4f} s")
     result = {"bench": "toy_speed", "steps": 20, "size": "32x32", "threads": args.threads, "rows": rows}
     emit(result, args.json)
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -229,15 +228,20 @@ def test_dtype_and_image_to_image(pipes):
         assert out.shape == (1, 32, 32, 3)
 
 
-def test_fast(pipes):
-    """A 2-step 32×32 generation takes about 10 ms; the best of 3 must stay under a second on a busy machine."""
-    for name in ("sd35", "flux"):
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            _run(pipes[name])
-            times.append(time.perf_counter() - start)
-        assert min(times) < 1.0, (name, times)
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_tiny(pipes, name):
+    """Unit tests run dozens of these generations: every pipeline stays under 200k weights, and a 32×32 image is
+    64 image tokens (speed itself is a benchmark, bench/toy_speed.py, not a timed test)."""
+    pipe = pipes[name]
+    weights = sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters())
+    assert 50_000 < weights < 200_000, weights
+    latents = _run(pipe, output_type="latent")
+    if latents.ndim == 3:  # FLUX: packed, one row per image token
+        tokens = latents.shape[1]
+    else:
+        p = pipe.transformer.config.patch_size
+        tokens = (latents.shape[-2] // p) * (latents.shape[-1] // p)
+    assert tokens == 64, latents.shape
 
 
 # ------------------------------------------------------------------------------------------- save / load
