@@ -218,3 +218,18 @@ def test_an_ip_adapter_processor_attnctl_cannot_carry_is_refused_not_dropped(sd3
         assert "encode_prompt" not in vars(pipe) and not tr._forward_pre_hooks and not tr._forward_hooks
     finally:
         tr.set_attn_processor(saved)
+
+
+def test_run_state_index_tensors_are_made_once():
+    """Controls ask for the same index tensors at every attention call; the run state builds each once (on a GPU
+    every build from a list would be a host-to-device copy that waits for the device)."""
+    from attnctl.controls.base import RunState
+
+    state = RunState(roles=["uncond", "cond", "cond"])
+    a = state.index([1, 2], "cpu")
+    assert a.dtype == torch.long and a.tolist() == [1, 2]
+    assert state.index((1, 2), "cpu") is a
+    assert state.rows_with(("cond",), 3, "cpu") is a  # rows come from the same cache
+    assert state.index([2, 1], "cpu") is not a and state.index([2, 1], "cpu").tolist() == [2, 1]
+    assert state.index([], None).shape == (0,)
+

@@ -9,6 +9,7 @@ stock fused kernel.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -40,6 +41,19 @@ class RunState:
     layout: TokenLayout | None = None
     row_layouts: list[TokenLayout | None] | None = None  # per batch row, when a call has several prompts
     reports: dict[str, float] = field(default_factory=dict)
+    _indices: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def index(self, values: Sequence[int], device=None) -> torch.Tensor:
+        """``values`` as a long tensor on ``device``, made once and then reused. Controls need the same few index
+        tensors (rows, columns, heads) at every attention call of a run, and building one from a list is a copy
+        from the host that, on a GPU, waits for the device; reused, it costs nothing. Treat it as read-only."""
+        key = (tuple(int(x) for x in values), str(device))
+        t = self._indices.get(key)
+        if t is None:
+            if len(self._indices) >= 256:  # a run uses a handful; a long session must not grow without bound
+                self._indices.clear()
+            t = self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+        return t
 
     @property
     def progress(self) -> float:
@@ -57,7 +71,8 @@ class RunState:
 
     def rows_with(self, roles: tuple[str, ...] | list[str], batch: int, device=None) -> torch.Tensor | None:
         """Batch rows whose role is in ``roles`` (``None`` when every row qualifies)."""
-        return _row_index(self._row_list(roles, batch), batch, device)
+        rows = self._row_list(roles, batch)
+        return None if len(rows) == batch else self.index(rows, device)
 
     def rows_by_prompt(self, roles: tuple[str, ...] | list[str], batch: int, device=None
                        ) -> list[tuple[TokenLayout | None, torch.Tensor | None, list[int]]]:
@@ -67,7 +82,7 @@ class RunState:
         (``row_layouts``), one group per prompt; a selected row of no prompt (``uncond``) is an error."""
         picked = self._row_list(roles, batch)
         if self.row_layouts is None:
-            return [(self.layout, _row_index(picked, batch, device), picked)]
+            return [(self.layout, None if len(picked) == batch else self.index(picked, device), picked)]
         groups: dict[int, tuple[TokenLayout, list[int]]] = {}
         for r in picked:
             lay = self.row_layouts[r]
@@ -77,12 +92,7 @@ class RunState:
                     "find words in (a call with several prompts maps words on the conditional rows only)",
                     fix="keep word controls on roles=['cond'], or run one prompt per call")
             groups.setdefault(id(lay), (lay, []))[1].append(r)
-        return [(lay, torch.tensor(rs, dtype=torch.long, device=device), rs) for lay, rs in groups.values()]
-
-
-def _row_index(rows: list[int], batch: int, device=None) -> torch.Tensor | None:
-    """``rows`` as an index tensor, or ``None`` when they are every row of the batch."""
-    return None if len(rows) == batch else torch.tensor(rows, dtype=torch.long, device=device)
+        return [(lay, self.index(rs, device), rs) for lay, rs in groups.values()]
 
 
 class ControlConfig(BaseModel):

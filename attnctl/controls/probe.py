@@ -111,14 +111,14 @@ class AttentionProbe(Control):
             return []
         pos = self._resolve(call, state)
         start = call.text_slice().start
-        cols = torch.tensor([start + p for p in pos], dtype=torch.long, device=call.device)
+        cols = state.index([start + p for p in pos], call.device)
         heads = None
         if self.config.heads is not None:
             bad = [h for h in self.config.heads if not 0 <= h < call.site.heads]
             if bad:
                 raise ConfigError(f"AttentionProbe: heads {bad} do not exist at {call.site.name} "
                                   f"(heads 0..{call.site.heads - 1})")
-            heads = torch.tensor(self.config.heads, dtype=torch.long, device=call.device)
+            heads = state.index(self.config.heads, call.device)
         batch = state.rows_with(self.config.roles, call.batch, call.device)
         if batch is not None and len(batch) == 0:
             return []
@@ -139,8 +139,8 @@ class AttentionProbe(Control):
         out = []
         for layout, rows, host_rows in groups:
             pos = self._positions_in(layout)
-            cols = torch.tensor([start + p for p in pos], dtype=torch.long, device=call.device)
-            where = torch.tensor([order[r] for r in host_rows], dtype=torch.long, device=call.device)
+            cols = state.index([start + p for p in pos], call.device)
+            where = state.index([order[r] for r in host_rows], call.device)
             out.append(Probe(cols, lambda p, where=where: self._add_rows(p, weight, where, len(selected)),
                              Selection(rows, call.image_slice(), heads)))
         return out

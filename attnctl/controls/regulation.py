@@ -550,7 +550,7 @@ class AttentionRegulation(Control):
             tg = self._resolve(layout, call.n_text)
             if not tg.positions:  # missing='ignore' and no target in this prompt
                 continue
-            cols = torch.tensor([start + p for p in tg.positions + tg.special], dtype=torch.long, device=call.device)
+            cols = state.index([start + p for p in tg.positions + tg.special], call.device)
             prompt = layout.prompt if layout is not None else None
             memory = call.site.name if len(groups) == 1 else f"{call.site.name} | {prompt}"
 
@@ -606,7 +606,7 @@ class AttentionRegulation(Control):
         # the bias is linear in W, so smoothing and decay act on W (a few numbers per word, not a map)
         applied_w = self._smooth(memory, state.step, best_w) * cfg.decay**state.step
         applied = (applied_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
-        word_of = torch.tensor(tg.word_of, device=dev)
+        word_of = state.index(tg.word_of, dev)
         parts = [applied[..., word_of].expand(nb, n_img, heads, n_t)]
         if restore:
             parts.append(restore_bias(terms, applied)[..., None].expand(nb, n_img, heads, n_cols - n_t))

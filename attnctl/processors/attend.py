@@ -196,6 +196,12 @@ def _mask_logits(attn_mask: torch.Tensor | None, where: Selection, S: int, B: in
     return m.float().permute(0, 2, 1, 3)
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host is free: on a GPU it would wait for the device (a sync per
+    attention call), on the meta device (shape-only runs) there are none."""
+    return t.device.type == "cpu"
+
+
 def _has_values(t: torch.Tensor) -> bool:
     """False on the meta device (shape-only runs), where data-dependent shortcuts cannot be taken."""
     return t.device.type != "meta"
@@ -225,7 +231,7 @@ def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.T
         inside = (cols >= w0) & (cols < w1)
     ok_b, ok_h, ok_c = bp >= 0, hp >= 0, cp >= 0
     reach = ok_c if inside is None else ok_c | inside
-    if _has_values(bp) and not (ok_b.any() and ok_h.any() and reach.any()):
+    if _on_host(bp) and not (ok_b.any() and ok_h.any() and reach.any()):  # a shortcut only where it is free
         return None
     vals = src[bp.clamp(min=0)][:, :, hp.clamp(min=0)][..., cp.clamp(min=0)]
     keep_bh = ok_b[:, None, None, None] & ok_h[None, None, :, None]
@@ -311,9 +317,15 @@ def _check_within(kb: KeyBias, n_keys: int) -> None:
     w0, w1, step = kb.within.indices(n_keys)
     if step != 1 or w1 <= w0:
         raise ValueError(f"KeyBias.within must be a non-empty contiguous slice of the {n_keys} keys, not {kb.within}")
-    if _has_values(kb.cols) and len(kb.cols) and not bool(((kb.cols >= w0) & (kb.cols < w1)).all()):
-        raise ValueError(f"KeyBias.within={kb.within} must hold every biased column; some of {kb.cols.tolist()} "
-                         "are outside it")
+    if not len(kb.cols) or not _has_values(kb.cols):
+        return
+    inside = ((kb.cols >= w0) & (kb.cols < w1)).all()
+    message = f"KeyBias.within={kb.within} must hold every biased column; some of them are outside it"
+    if _on_host(kb.cols):
+        if not bool(inside):
+            raise ValueError(f"{message}: {kb.cols.tolist()}")
+    else:  # checked on the device, without waiting for it (an error surfaces as a device-side assert)
+        torch._assert_async(inside, message)
 
 
 def _resolve_within(q, k, v, kb: KeyBias, scale: float, backend, max_chunk_elems: int, attn_mask=None):
