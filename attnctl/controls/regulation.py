@@ -579,7 +579,10 @@ class AttentionRegulation(Control):
         log_text_rest = None
         normalize = "joint" if cfg.bias_scope == "text" else cfg.normalize
         if normalize == "text":
-            log_text_rest = _text_rest_lse(q, k, batch, img, call.text_slice(), tg.positions + tg.special, lse)
+            text = call.text_slice()
+            targeted = set(tg.positions + tg.special)
+            rest = [text.start + i for i in range(text.stop - text.start) if i not in targeted]
+            log_text_rest = _text_rest_lse(q, k, batch, img, state.index(rest, k.device) if rest else None, lse)
         n_words = len(tg.words)
         restore = bool(tg.special)
         terms = row_terms(rel[..., :n_t], tg.word_of, n_words, rel[..., n_t:], log_text_rest, normalize, restore)
@@ -682,19 +685,17 @@ def special_positions(layout) -> list[int]:
     return out
 
 
-def _text_rest_lse(q, k, batch, img: slice, text: slice, exclude: list[int], lse: torch.Tensor,
+def _text_rest_lse(q, k, batch, img: slice, rest: torch.Tensor | None, lse: torch.Tensor,
                    max_elems: int = TEXT_CHUNK_ELEMS) -> torch.Tensor:
-    """``log Σ_{text \\ exclude} exp(s − lse)`` for the selected image rows, ``(batch, rows, heads)``.
+    """``log Σ_{rest} exp(s − lse)`` for the selected image rows, ``(batch, rows, heads)``; ``rest``: the positions
+    of the text keys that are not targeted (``None``: there are none).
 
     The fused kernel over the remaining text keys gives their log-sum-exp (its output is discarded); query
     rows go in chunks of at most ``max_elems`` elements, so the extra memory stays bounded.
     """
-    n_text = text.stop - text.start
-    keep = torch.ones(n_text, dtype=torch.bool)
-    keep[torch.tensor(exclude, dtype=torch.long)] = False
-    if not keep.any():
+    if rest is None:
         return torch.full_like(lse, float("-inf"))
-    kt = k[:, text].index_select(1, keep.nonzero().flatten().to(k.device))
+    kt = k.index_select(1, rest)
     if batch is not None:
         kt = kt.index_select(0, batch)
     nb, _, heads, d = kt.shape
