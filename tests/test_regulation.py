@@ -50,8 +50,9 @@ def qkv(seed=0):
     return [torch.randn(B, S, H, D, generator=g) * 1.5 for _ in range(3)]
 
 
-def run_direct(sd3_pipe, reg, seed=0, step=0, num_steps=4):
-    """One attention call of the control on random q, k, v; returns (output, q, k, v, contributions, captured bias)."""
+def run_direct(sd3_pipe, reg, seed=0, step=0, num_steps=4, attn_mask=None):
+    """One attention call of the control on random q, k, v (with ``attn_mask``, if given); returns (output, q, k, v,
+    contributions, captured bias)."""
     ctl = attnctl.Controller(sd3_pipe.transformer, [reg], roles=ROLES, layout=LAYOUT)
     ctl.begin_run(num_steps)
     ctl.set_step(step)
@@ -62,7 +63,16 @@ def run_direct(sd3_pipe, reg, seed=0, step=0, num_steps=4):
     for c in contribs:
         f = c.bias
         c.bias = lambda logits, lse, f=f: captured.append(f(logits, lse)) or captured[-1]
-    return attend(q, k, v, contribs), q, k, v, contribs, captured
+    return attend(q, k, v, contribs, attn_mask=attn_mask), q, k, v, contribs, captured
+
+
+def padding_mask() -> tuple[torch.Tensor, torch.Tensor]:
+    """A key padding mask on two untargeted text tokens (positions 4 and 9; row 1 only for 9), as a boolean
+    ``(B, keys)`` mask for attend and as an additive ``(B, 1, 1, keys)`` tensor for the references."""
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[:, 24 + 4] = False
+    keep[1, 24 + 9] = False
+    return keep, torch.zeros(B, 1, 1, S).masked_fill(~keep[:, None, None, :], float("-inf"))
 
 
 def materialised(q, k, v, cols, bias):
@@ -178,17 +188,20 @@ def test_restored_columns_keep_their_unedited_probability(sd3_pipe):
     assert (p[0] - plain[0]).abs().max() <= 1e-7 and (p[:, IMG.stop:] - plain[:, IMG.stop:]).abs().max() <= 1e-7
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("restore", [True, False])
-def test_text_scope_keeps_every_rows_text_attention(sd3_pipe, restore):
+def test_text_scope_keeps_every_rows_text_attention(sd3_pipe, restore, masked):
     """bias_scope='text': the bias splits each regulated row's text attention anew (a materialised text-only
     softmax); the image keys keep their plain probability, the start/end tokens their plain share, and the loss the
-    optimiser saw is the loss of the materialised maps."""
+    optimiser saw is the loss of the materialised maps. Under a key padding mask the same holds with the mask in
+    every logit (padded keys get nothing)."""
     reg = AttentionRegulation(targets=["circle", "square"], sites="all", bias_scope="text", restore_special=restore,
                               smoothing=0.0, decay=1.0)
-    out, q, k, v, (kb,), (bias,) = run_direct(sd3_pipe, reg, seed=4)
+    mask, add = padding_mask() if masked else (None, torch.zeros(1, 1, 1, S))
+    out, q, k, v, (kb,), (bias,) = run_direct(sd3_pipe, reg, seed=4, attn_mask=mask)
     assert kb.within == slice(24, S)
     cols = kb.cols.tolist()
-    s = torch.einsum("bqhd,bkhd->bqhk", q, k) / math.sqrt(D)
+    s = torch.einsum("bqhd,bkhd->bqhk", q, k) / math.sqrt(D) + add.permute(0, 2, 1, 3)
     plain = torch.softmax(s, dim=-1)
     b = torch.zeros(len(COND), IMG.stop, H, N_TEXT)
     b[..., [c - 24 for c in cols]] = bias.expand(len(COND), IMG.stop, H, len(cols))
@@ -199,6 +212,8 @@ def test_text_scope_keeps_every_rows_text_attention(sd3_pipe, restore):
     p[COND, IMG] = sub
     assert (out - torch.einsum("bqhk,bkhd->bqhd", p, v)).abs().max() <= 1e-5
     assert bias[..., :4].abs().max() > 0.1  # the targets really were moved
+    if masked:
+        assert p[..., 24 + 4].max() == 0 and p[1, ..., 24 + 9].max() == 0
     if restore:
         special = [24 + 0, 24 + 3, 24 + 7]
         assert (p[COND, IMG][..., special] - plain[COND, IMG][..., special]).abs().max() <= 1e-6
