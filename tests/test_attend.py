@@ -347,6 +347,8 @@ def test_an_output_mix_runs_under_a_mask_only_when_the_mask_cannot_change_it():
     assert attend(q, k, v, [uniform]).shape == q.shape  # fine without a mask
     with pytest.raises(ValueError, match="attention mask.*target='identity', scope='joint'"):
         attend(q, k, v, [uniform], attn_mask=mask)
+    with pytest.raises(ValueError, match=r"not \(3, 20, 20\)"):
+        attend(q, k, v, [uniform], attn_mask=torch.ones(B, S, S, dtype=torch.bool))
 
 
 def test_controls_under_context_parallelism_are_refused():

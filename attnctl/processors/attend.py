@@ -463,6 +463,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
             "the controls' logits, biases and probes need every key",
             fix="generate without enable_parallelism(...) (or with a tensor-parallel config only) when controls "
                 "are active; without controls the processors pass the parallel config to diffusers' dispatcher")
+    if attn_mask is not None and attn_mask.ndim not in (2, 4):
+        raise ValueError(f"attention masks with controls must be (batch, keys) or (batch|1, heads|1, queries|1, keys), "
+                         f"not {tuple(attn_mask.shape)}; reshape the mask to one of these")
     if attn_mask is not None and not all(mix.mask_free for mix in mixes):
         raise ValueError("an OutputMix that reads other keys (SoftPAG with target 'uniform' or 'mean_query', or with "
                          "scope 'image') cannot run at a call with an attention mask, which it would not apply; use "
