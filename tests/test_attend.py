@@ -360,6 +360,6 @@ def test_controls_under_context_parallelism_are_refused():
 
     q, k, v = qkv(23)
     config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
-    with pytest.raises(UnsupportedModelError, match="context parallelism.*enable_parallelism"):
+    with pytest.raises(UnsupportedModelError, match="cannot run under context parallelism.*ContextParallelConfig"):
         attend(q, k, v, [KeyBias(torch.tensor([3]), torch.ones(1), Selection())], parallel_config=config)
 

@@ -461,8 +461,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
         raise UnsupportedModelError(
             "attnctl controls cannot run under context parallelism: each process sees a shard of the sequence, and "
             "the controls' logits, biases and probes need every key",
-            fix="generate without enable_parallelism(...) (or with a tensor-parallel config only) when controls "
-                "are active; without controls the processors pass the parallel config to diffusers' dispatcher")
+            fix="generate without context parallelism (enable_parallelism with a ContextParallelConfig) when "
+                "controls are active; without controls the processors pass the config to diffusers' dispatcher")
     if attn_mask is not None and attn_mask.ndim not in (2, 4):
         raise ValueError(f"attention masks with controls must be (batch, keys) or (batch|1, heads|1, queries|1, keys), "
                          f"not {tuple(attn_mask.shape)}; reshape the mask to one of these")
