@@ -390,6 +390,43 @@ def test_perturbed_rows_carry_controlnet_residuals_and_ip_adapter_features(sd3_p
     assert (other - cond).abs().max() > 1e-4
 
 
+def test_softpag_with_an_ip_adapter_through_the_sd3_pipeline(sd3_pipe):
+    """End to end: the pipeline's ``ip_adapter_image_embeds`` (what an image encoder gives) go through the
+    transformer's own image projection for the perturbed rows too: SoftPAG runs its batched [uncond, cond,
+    perturbed] forward, and the image prompt changes the result."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    from attnctl.pipelines import AttnCtlSD3Pipeline
+
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    tr = pipe.transformer
+    saved = dict(tr.attn_processors)
+    torch.manual_seed(0)
+    tr.image_proj = IPAdapterTimeImageProjection(embed_dim=12, output_dim=16, hidden_dim=16, depth=1, dim_head=8,
+                                                 heads=2, num_queries=4, ffn_ratio=2, timestep_in_dim=8)
+    # as load_ip_adapter leaves it: the projection's own attention layers keep their processors, every block
+    # gets an IP-adapter processor
+    ip = {key: SD3IPAdapterJointAttnProcessor2_0(tr.inner_dim, 16, tr.config.attention_head_dim, 16, scale=0.8)
+          if key in saved else proc for key, proc in tr.attn_processors.items()}
+    g = torch.Generator().manual_seed(5)
+    embeds = [torch.randn(2, 1, 12, generator=g) for _ in range(2)]  # [negative, positive] image embeddings each
+    pag = attnctl.SoftPAG(heads=["L1H0:2"], scale=2.0)
+    rows = Rows()
+    try:
+        tr.set_attn_processor(dict(ip))
+        outs = [pipe("a red circle", controls=[pag, rows], ip_adapter_image_embeds=e,
+                     generator=torch.Generator().manual_seed(0), output_type="latent", **KW).images for e in embeds]
+        assert dict(tr.attn_processors) == ip  # the adapter's processors are back after each call
+    finally:
+        del tr.image_proj
+        tr.set_attn_processor(saved)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert (outs[0] - outs[1]).abs().max() > 1e-4  # the image prompt reaches the result
+    assert {roles for _, roles, _ in rows.seen} == {("uncond", "cond", "perturbed")}
+
+
 @pytest.mark.parametrize("name", ["ip_adapter_image_embeds", "ip_hidden_states"])
 def test_ip_adapter_features_without_a_row_per_image_are_refused(sd3_pipe, name):
     from attnctl.guidance import PerturbedBranch, perturbed_branches
