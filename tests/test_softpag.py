@@ -390,41 +390,62 @@ def test_perturbed_rows_carry_controlnet_residuals_and_ip_adapter_features(sd3_p
     assert (other - cond).abs().max() > 1e-4
 
 
-def test_softpag_with_an_ip_adapter_through_the_sd3_pipeline(sd3_pipe):
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_softpag_with_an_ip_adapter_through_the_pipelines(sd3_pipe, flux_pipe, family):
     """End to end: the pipeline's ``ip_adapter_image_embeds`` (what an image encoder gives) go through the
-    transformer's own image projection for the perturbed rows too: SoftPAG runs its batched [uncond, cond,
-    perturbed] forward, and the image prompt changes the result."""
+    transformer's own image projection for the perturbed rows too: SoftPAG runs its batched forward with the
+    perturbed rows, and the image prompt changes the result."""
     from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
-    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+    from diffusers.models.embeddings import ImageProjection, IPAdapterTimeImageProjection, MultiIPAdapterImageProjection
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
-    from attnctl.pipelines import AttnCtlSD3Pipeline
+    from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
 
-    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    cls, stock = (AttnCtlSD3Pipeline, sd3_pipe) if family == "sd3" else (AttnCtlFluxPipeline, flux_pipe)
+    pipe = cls(**stock.components)
     pipe.set_progress_bar_config(disable=True)
     tr = pipe.transformer
     saved = dict(tr.attn_processors)
     torch.manual_seed(0)
-    tr.image_proj = IPAdapterTimeImageProjection(embed_dim=12, output_dim=16, hidden_dim=16, depth=1, dim_head=8,
-                                                 heads=2, num_queries=4, ffn_ratio=2, timestep_in_dim=8)
-    # as load_ip_adapter leaves it: the projection's own attention layers keep their processors, every block
-    # gets an IP-adapter processor
-    ip = {key: SD3IPAdapterJointAttnProcessor2_0(tr.inner_dim, 16, tr.config.attention_head_dim, 16, scale=0.8)
-          if key in saved else proc for key, proc in tr.attn_processors.items()}
     g = torch.Generator().manual_seed(5)
-    embeds = [torch.randn(2, 1, 12, generator=g) for _ in range(2)]  # [negative, positive] image embeddings each
+    # as load_ip_adapter leaves a transformer: an image projection (whose own attention layers keep their
+    # processors) and an IP-adapter processor on every joint block
+    if family == "sd3":
+        proj, name = IPAdapterTimeImageProjection(embed_dim=12, output_dim=16, hidden_dim=16, depth=1, dim_head=8,
+                                                  heads=2, num_queries=4, ffn_ratio=2, timestep_in_dim=8), "image_proj"
+
+        def adapter():
+            return SD3IPAdapterJointAttnProcessor2_0(tr.inner_dim, 16, tr.config.attention_head_dim, 16, scale=0.8)
+
+        calls = [{"ip_adapter_image_embeds": torch.randn(2, 1, 12, generator=g)} for _ in range(2)]  # [neg, pos]
+        roles = ("uncond", "cond", "perturbed")
+    else:
+        proj = MultiIPAdapterImageProjection([ImageProjection(image_embed_dim=12, cross_attention_dim=16,
+                                                              num_image_text_embeds=4)])
+        name = "encoder_hid_proj"
+
+        def adapter():
+            return FluxIPAdapterAttnProcessor(tr.inner_dim, 16, num_tokens=(4,), scale=[0.8])
+
+        calls = [{"ip_adapter_image_embeds": [torch.randn(1, 1, 12, generator=g)],
+                  "negative_ip_adapter_image_embeds": [torch.zeros(1, 1, 12)]} for _ in range(2)]
+        roles = ("cond", "perturbed")
+    setattr(tr, name, proj)
+    ip = {key: adapter() if key in saved and key.startswith("transformer_blocks") else proc
+          for key, proc in tr.attn_processors.items()}
     pag = attnctl.SoftPAG(heads=["L1H0:2"], scale=2.0)
     rows = Rows()
     try:
         tr.set_attn_processor(dict(ip))
-        outs = [pipe("a red circle", controls=[pag, rows], ip_adapter_image_embeds=e,
-                     generator=torch.Generator().manual_seed(0), output_type="latent", **KW).images for e in embeds]
+        outs = [pipe("a red circle", controls=[pag, rows], generator=torch.Generator().manual_seed(0),
+                     output_type="latent", **call, **KW).images for call in calls]
         assert dict(tr.attn_processors) == ip  # the adapter's processors are back after each call
     finally:
-        del tr.image_proj
+        delattr(tr, name)
         tr.set_attn_processor(saved)
     assert all(torch.isfinite(o).all() for o in outs)
     assert (outs[0] - outs[1]).abs().max() > 1e-4  # the image prompt reaches the result
-    assert {roles for _, roles, _ in rows.seen} == {("uncond", "cond", "perturbed")}
+    assert {r for _, r, _ in rows.seen} == {roles}
 
 
 @pytest.mark.parametrize("name", ["ip_adapter_image_embeds", "ip_hidden_states"])
