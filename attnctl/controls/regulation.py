@@ -417,6 +417,7 @@ class _Targets:
     word_of: list[int]  # index of the word of each column
     words: list[str]  # the words present
     special: list[int]  # text-relative positions of the restored columns
+    rest: list[int]  # text-relative positions of every other text column (for the text-normalised maps)
 
 
 # --------------------------------------------------------------------------------------------- control
@@ -525,7 +526,9 @@ class AttentionRegulation(Control):
                                   "tokens", fix="give text-relative positions below the text length")
         else:
             special = [p for p in special_positions(layout) if p not in positions and p < n_text]
-        targets = _Targets(positions, word_of, words, sorted(set(special)))
+        targeted = set(positions) | set(special)
+        rest = [i for i in range(n_text) if i not in targeted]
+        targets = _Targets(positions, word_of, words, sorted(set(special)), rest)
         self._targets[id(layout)] = (layout, targets)
         return targets
 
@@ -579,10 +582,8 @@ class AttentionRegulation(Control):
         log_text_rest = None
         normalize = "joint" if cfg.bias_scope == "text" else cfg.normalize
         if normalize == "text":
-            text = call.text_slice()
-            targeted = set(tg.positions + tg.special)
-            rest = [text.start + i for i in range(text.stop - text.start) if i not in targeted]
-            log_text_rest = _text_rest_lse(q, k, batch, img, state.index(rest, k.device) if rest else None, lse)
+            rest = state.index(tg.rest, k.device) if tg.rest else None
+            log_text_rest = _text_rest_lse(q, k[:, call.text_slice()], batch, img, rest, lse)
         n_words = len(tg.words)
         restore = bool(tg.special)
         terms = row_terms(rel[..., :n_t], tg.word_of, n_words, rel[..., n_t:], log_text_rest, normalize, restore)
@@ -685,17 +686,17 @@ def special_positions(layout) -> list[int]:
     return out
 
 
-def _text_rest_lse(q, k, batch, img: slice, rest: torch.Tensor | None, lse: torch.Tensor,
+def _text_rest_lse(q, k_text, batch, img: slice, rest: torch.Tensor | None, lse: torch.Tensor,
                    max_elems: int = TEXT_CHUNK_ELEMS) -> torch.Tensor:
-    """``log Σ_{rest} exp(s − lse)`` for the selected image rows, ``(batch, rows, heads)``; ``rest``: the positions
-    of the text keys that are not targeted (``None``: there are none).
+    """``log Σ_{rest} exp(s − lse)`` for the selected image rows, ``(batch, rows, heads)``; ``k_text``: the keys of
+    the text tokens, ``rest``: the positions among them that are not targeted (``None``: there are none).
 
     The fused kernel over the remaining text keys gives their log-sum-exp (its output is discarded); query
     rows go in chunks of at most ``max_elems`` elements, so the extra memory stays bounded.
     """
     if rest is None:
         return torch.full_like(lse, float("-inf"))
-    kt = k.index_select(1, rest)
+    kt = k_text.index_select(1, rest)
     if batch is not None:
         kt = kt.index_select(0, batch)
     nb, _, heads, d = kt.shape
