@@ -331,9 +331,10 @@ def test_every_contribution_respects_the_attention_mask(kind):
     assert (attend(q, k, v, [within, dense], attn_mask=mask) - ref_w).abs().max() < 1e-5
 
 
-def test_an_output_mix_runs_under_a_mask_only_when_the_mask_cannot_change_it():
+def test_an_output_mix_runs_under_a_mask_when_it_cannot_change_it_or_is_given_it():
     """A mask-free mix (SoftPAG's joint identity form) composes with the masked attention of the other rows; a mix
-    that reads other keys would ignore the mask, so it is refused at a masked call."""
+    with ``context=True`` receives the mask of its selection as additive logits (and the backend); any other mix
+    would ignore the mask, so it is refused at a masked call."""
     q, k, v = qkv(22)
     mask, add = masks("padding (B, keys)")
     u = 0.3
@@ -343,9 +344,25 @@ def test_an_output_mix_runs_under_a_mask_only_when_the_mask_cannot_change_it():
     p[:, :, 1] = (1 - u) * p[:, :, 1] + u * torch.eye(S)[None]
     ref = torch.einsum("bqhk,bkhd->bqhd", p, v)
     assert (attend(q, k, v, [identity], attn_mask=mask) - ref).abs().max() < 1e-5
+    seen = {}
+
+    def uniform_over_unmasked(o, qq, kk, vv, ctx):
+        seen["mask"], seen["backend"] = ctx.mask, ctx.backend
+        return torch.einsum("brhk,bkhd->brhd", torch.softmax(ctx.mask, -1).expand(*o.shape[:3], -1), vv)
+
+    where = Selection(batch=torch.tensor([0, 2]), rows=slice(4, 9))
+    given = OutputMix(uniform_over_unmasked, where, context=True)
+    got = attend(q, k, v, [given], attn_mask=mask, backend="native")
+    assert torch.equal(seen["mask"].expand(2, 5, H, S), add[[0, 2], 4:9])
+    assert seen["backend"] == "native"
+    keep = mask[[0, 2]].float()
+    mean_unmasked = (torch.einsum("bk,bkhd->bhd", keep, v[[0, 2]]) / keep.sum(1)[:, None, None])[:, None]
+    assert (got[[0, 2], 4:9] - mean_unmasked).abs().max() < 1e-5
+    untouched = ~selected(where)
+    assert torch.equal(got[untouched], attend(q, k, v, [], attn_mask=mask)[untouched])
     uniform = OutputMix(lambda o, qq, kk, vv: vv.mean(1, keepdim=True).expand_as(o), Selection())
     assert attend(q, k, v, [uniform]).shape == q.shape  # fine without a mask
-    with pytest.raises(ValueError, match="attention mask.*target='identity', scope='joint'"):
+    with pytest.raises(ValueError, match="attention mask.*mask_free.*context=True"):
         attend(q, k, v, [uniform], attn_mask=mask)
     with pytest.raises(ValueError, match=r"not \(3, 20, 20\)"):
         attend(q, k, v, [uniform], attn_mask=torch.ones(B, S, S, dtype=torch.bool))

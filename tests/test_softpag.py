@@ -23,37 +23,80 @@ SCOPES = ("joint", "image")
 # ------------------------------------------------------------------------------------ plain references
 
 
-def materialised(q, k, v, u, target, scope, img, txt):
-    """SoftPAG written plainly, in float64: full softmax map A, target map T, (1−u)·A + u·T, then @ V."""
+def materialised(q, k, v, u, target, scope, img, txt, mask=None):
+    """SoftPAG written plainly, in float64: full softmax map A, target map T, (1−u)·A + u·T, then @ V.
+    ``mask``: additive, broadcastable to ``(b, h, queries, keys)``; every target's logits include it, the uniform
+    targets weigh the keys as ``softmax(mask)`` does (the joint identity target is each row's own value, masked or
+    not)."""
     q, k, v = (x.double() for x in (q, k, v))
     S, d = q.shape[1], q.shape[-1]
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    m = torch.zeros_like(s) if mask is None else mask.double().expand_as(s)
+    s = s + m
     A = torch.softmax(s, -1)
     if scope == "joint":
         if target == "identity":
             T = torch.eye(S, dtype=A.dtype).expand_as(A)
         elif target == "uniform":
-            T = torch.full_like(A, 1.0 / S)
+            T = torch.softmax(m, -1)  # 1/N without a mask
         else:
-            qbar = q.mean(1)  # mean query of all rows
-            T = torch.softmax(torch.einsum("bhd,bkhd->bhk", qbar, k) / math.sqrt(d), -1)[:, :, None].expand_as(A)
+            qbar = mean_present(q, m)  # mean query of all rows (but padding)
+            T = torch.softmax((torch.einsum("bhd,bkhd->bhk", qbar, k) / math.sqrt(d))[:, :, None] + m, -1)
     else:  # image rows: softmax over logits whose image→image block is replaced; text rows keep A
         logits = s[:, :, img].clone()
-        block = logits[..., img]
-        n = block.shape[-1]
+        m_block = m[:, :, img][..., img]
+        n = m_block.shape[-1]
         if target == "identity":
             eye = torch.eye(n, dtype=torch.bool)
-            block = block.masked_fill(~eye, float("-inf"))
-        elif target == "uniform":
-            block = block.mean(-1, keepdim=True).expand_as(block)
+            block = logits[..., img].masked_fill(~eye, float("-inf"))
+        elif target == "uniform":  # every image key gets the row's mean image logit (mean over what it may see)
+            kbar = torch.einsum("bhqk,bkhd->bhqd", torch.softmax(m_block, -1), k[:, img])
+            block = (torch.einsum("bqhd,bhqd->bhq", q[:, img], kbar) / math.sqrt(d))[..., None] + m_block
         else:
-            qbar = q[:, img].mean(1)
-            block = (torch.einsum("bhd,bkhd->bhk", qbar, k[:, img]) / math.sqrt(d))[:, :, None].expand_as(block)
+            qbar = mean_present(q[:, img], m_block)
+            block = (torch.einsum("bhd,bkhd->bhk", qbar, k[:, img]) / math.sqrt(d))[:, :, None] + m_block
         logits[..., img] = block
         T = A.clone()
         T[:, :, img] = torch.softmax(logits, -1)
     M = (1 - u) * A + u * T
     return torch.einsum("bhqk,bkhd->bqhd", M, v)
+
+
+def mean_present(q, m):
+    """The mean of the queries ``q`` ``(b, n, h, d)`` over the positions whose key the mask ``m`` ``(b, h, n, n)``
+    (rows: these queries) keeps for at least one of them: padding is left out."""
+    present = ~torch.isneginf(m).all(dim=2)  # (b, h, n)
+    out = torch.zeros(q.shape[0], q.shape[2], q.shape[3], dtype=q.dtype)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[2]):
+            out[b, h] = q[b, present[b, h], h].mean(0)
+    return out
+
+
+def call_mask(kind: str, B: int, H: int, S: int, img: slice, txt: slice, seed: int = 0):
+    """An attention mask in the dispatcher's convention for a call of ``S`` keys, and the same mask as an additive
+    ``(B, H, S, S)`` tensor for :func:`materialised`. Each removes some text and some image keys."""
+    g = torch.Generator().manual_seed(seed)
+    t, i = list(range(S))[txt], list(range(S))[img]
+    if kind == "padding (B, keys)":  # FLUX's text padding mask, as diffusers passes it
+        keep = torch.ones(B, S, dtype=torch.bool)
+        keep[0, t[-2:]] = False
+        keep[-1, [t[1], i[3]]] = False
+        add = torch.zeros(B, 1, 1, S).masked_fill(~keep[:, None, None, :], float("-inf"))
+        return keep, add
+    if kind == "bool (B, 1, S, keys)":  # per query row, own image keys included
+        keep = torch.ones(B, 1, S, S, dtype=torch.bool)
+        keep[:, :, : S // 2, t[0]] = False
+        keep[-1, :, i[2] :, i[2]] = False
+        keep[0, :, i[0], i[0]] = False  # an image row that may not see itself
+        return keep, torch.zeros(B, 1, S, S).masked_fill(~keep, float("-inf"))
+    add = 0.5 * torch.randn(B, H, S, S, generator=g)  # additive, per head
+    add[0, :, :, t[-1]] = float("-inf")
+    add[-1, 1, i[1] : i[5], i[4]] = float("-inf")
+    return add, add
+
+
+MASKS = ("padding (B, keys)", "bool (B, 1, S, keys)", "additive (B, H, S, keys)")
 
 
 class Capture(Control):
@@ -124,6 +167,79 @@ def test_fused_forms_equal_materialised_reference_at_every_site(request, fixture
                         assert torch.equal(got[:, call.text_slice()], plain[:, call.text_slice()])
 
 
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("fixture", ["sd3_pipe", "flux_pipe"])
+def test_fused_forms_under_an_attention_mask_equal_materialised_reference(request, fixture, kind):
+    """Under every mask shape the dispatcher takes, every target in both scopes equals the plain reference with the
+    mask in all of its logits (a target gives no weight to a masked key); the other rows and heads keep the plain
+    masked attention."""
+    tr = request.getfixturevalue(fixture).transformer
+    inputs = transformer_inputs(tr, batch=2)
+    cap = Capture()
+    run(tr, [cap], ["cond", "perturbed"], inputs)
+    pairs = half_the_heads(attnctl.list_sites(tr))
+    for target in TARGETS:
+        for scope in SCOPES:
+            for u in (1.0, 0.3):
+                pag = attnctl.SoftPAG.from_pairs(pairs, u=u, target=target, scope=scope)
+                ctl = attnctl.Controller(tr, [pag], roles=["cond", "perturbed"])
+                ctl.close()
+                for call, q, k, v, roles in cap.calls[:2]:  # a double and a single block in FLUX
+                    B, S, H, _ = q.shape
+                    mask, add = call_mask(kind, B, H, S, call.image_slice(), call.text_slice())
+                    got = attend(q, k, v, pag.contribute(call, q, k, v, RunState(roles=roles)), attn_mask=mask)
+                    plain = fused_attention(q, k, v, attn_mask=mask)
+                    heads = list(pag.heads_at(call.site))
+                    others = [h for h in range(H) if h not in heads]
+                    add_h = add[1:, heads] if add.shape[1] > 1 else add[1:]
+                    ref = materialised(q[1:, :, heads], k[1:, :, heads], v[1:, :, heads], u, target, scope,
+                                       call.image_slice(), call.text_slice(), mask=add_h)
+                    err = (got[1:, :, heads].double() - ref).abs().max().item()
+                    assert err <= 1e-5, (fixture, call.site.name, kind, target, scope, u, err)
+                    assert torch.equal(got[:1], plain[:1])
+                    assert torch.equal(got[:, :, others], plain[:, :, others])
+
+
+def test_the_image_scope_text_pass_runs_on_the_processors_backend(flux_pipe, monkeypatch):
+    """The image scope's own fused pass over the text keys goes to the backend the processors were given (a spy
+    standing in for xformers here), not to diffusers' active backend, and gives the same result."""
+    import torch.nn.functional as F
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    tr = flux_pipe.transformer
+    inputs = transformer_inputs(tr, batch=2)
+    pag = attnctl.SoftPAG(heads=["L0H0", "L2H1"], u=0.7, scope="image", target="uniform")
+    native, _ = run(tr, [pag], ["cond", "perturbed"], inputs)
+    seen = []
+
+    def spy(query, key, value, attn_mask=None, scale=None, **_):
+        seen.append((query.shape[1], key.shape[1]))
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale).transpose(1, 2)
+
+    name = AttentionBackendName.XFORMERS
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, name, spy)
+    monkeypatch.setitem(_AttentionBackendRegistry._supported_arg_names, name,
+                        {"query", "key", "value", "attn_mask", "scale"})
+    ctl = attnctl.Controller(tr, [pag], roles=["cond", "perturbed"])
+    saved = dict(tr.attn_processors)
+    procs = ctl.processors()
+    for proc in procs.values():
+        proc._attention_backend = name
+    tr.set_attn_processor(procs)
+    ctl.close()
+    try:
+        ctl.begin_run(1, layout=TokenLayout(ctl.family, inputs["encoder_hidden_states"].shape[1], (4, 4)))
+        with torch.no_grad():
+            routed = tr(**inputs)[0]
+    finally:
+        tr.set_attn_processor(saved)
+    n_txt, n_img = inputs["encoder_hidden_states"].shape[1], 16
+    text_passes = [s for s in seen if s == (n_img, n_txt)]
+    assert len(seen) == len(ctl.sites) + 2 and len(text_passes) == 2  # every site, and the two perturbed ones
+    assert (routed - native).abs().max() <= 1e-5
+
+
 def test_u0_is_plain_attention_and_u1_joint_identity_is_the_identity_map(sd35_pipe):
     tr = sd35_pipe.transformer
     inputs = transformer_inputs(tr, batch=2)
@@ -145,9 +261,19 @@ def test_u0_is_plain_attention_and_u1_joint_identity_is_the_identity_map(sd35_pi
     assert torch.equal(out, v) and (out.double() - ref).abs().max() <= 1e-6
 
 
-def test_transformer_output_equals_materialised_control(flux_pipe):
-    """End to end through every site of FLUX (double and single blocks): fused SoftPAG = a control that
-    materialises the full map in the processor."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_transformer_output_equals_materialised_control(flux_pipe, masked):
+    """End to end through every site of FLUX (double and single blocks), with and without a text padding mask
+    (FLUX's ``attention_mask``): fused SoftPAG = a control that materialises the full map in the processor."""
+    tr = flux_pipe.transformer
+    inputs = transformer_inputs(tr, batch=2)
+    add = None
+    if masked:
+        keep = torch.ones(2, inputs["encoder_hidden_states"].shape[1] + 16, dtype=torch.bool)
+        keep[:, 5:7] = False  # two padding text tokens (text comes first in FLUX)
+        keep[0, 3] = False
+        inputs["joint_attention_kwargs"] = {"attention_mask": keep}
+        add = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))[:, None, None, :]
 
     class Materialised(attnctl.SoftPAG):
         kind = "test-materialised"
@@ -159,9 +285,10 @@ def test_transformer_output_equals_materialised_control(flux_pipe):
             img, txt = call.image_slice(), call.text_slice()
             rows = slice(None) if cfg.scope == "joint" else img
             heads = list(self.heads_at(call.site))
+            mask = None if add is None or not out else add[out[0].where.batch]
 
-            def fn(o, q_, k_, v_):  # the full map of every head, then the selected heads' rows replaced
-                ref = materialised(q_, k_, v_, u, cfg.target, cfg.scope, img, txt)[:, rows].to(o.dtype)
+            def fn(o, q_, k_, v_, ctx=None):  # the full map of every head, then the selected heads' rows replaced
+                ref = materialised(q_, k_, v_, u, cfg.target, cfg.scope, img, txt, mask=mask)[:, rows].to(o.dtype)
                 res = o.clone()
                 res[:, :, heads] = ref[:, :, heads]
                 return res
@@ -170,8 +297,6 @@ def test_transformer_output_equals_materialised_control(flux_pipe):
                 c.fn = fn
             return out
 
-    tr = flux_pipe.transformer
-    inputs = transformer_inputs(tr, batch=2)
     pairs = half_the_heads(attnctl.list_sites(tr))
     for pag_scope in SCOPES:
         for target in TARGETS:
@@ -567,21 +692,22 @@ def test_bad_input_errors(sd3_pipe):
         pipe("a red circle", controls=[attnctl.SoftPAG(heads=["L0H0"], branch=i) for i in range(2)], **KW)
 
 
-@pytest.mark.parametrize(("target", "scope"), [("identity", "joint"), ("uniform", "joint"), ("identity", "image")])
-def test_softpag_under_a_flux_attention_mask(flux_pipe, target, scope):
-    """With a text padding mask (FLUX's ``attention_mask``), the joint identity form runs and perturbs; a form that
-    reads the keys would not apply the mask, so it stops with an error naming the way out."""
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_what_a_flux_padding_mask_removes_cannot_reach_the_perturbed_image(flux_pipe, target, scope):
+    """With FLUX's text padding mask, every SoftPAG form perturbs the image, and the padded text tokens have no
+    effect on it: changing their embeddings leaves the output as it was (it would not if a target read them)."""
     tr = flux_pipe.transformer
     inputs = transformer_inputs(tr, batch=1)
     mask = torch.ones(1, inputs["encoder_hidden_states"].shape[1] + 16, dtype=torch.bool)
     mask[0, 5:7] = False  # two padding text tokens
     inputs["joint_attention_kwargs"] = {"attention_mask": mask}
-    pag = attnctl.SoftPAG(heads=["L0H0", "L1H1"], u=0.8, scale=1.0, target=target, scope=scope)
-    if (target, scope) != ("identity", "joint"):
-        with pytest.raises(ValueError, match="attention mask.*target='identity', scope='joint'"):
-            run(tr, [pag], ["perturbed"], inputs)
-        return
+    pag = attnctl.SoftPAG(heads=["L0H0", "L1H1", "L2H0"], u=0.8, scale=1.0, target=target, scope=scope)
     cond, _ = run(tr, [], ["cond"], inputs)
     ptb, _ = run(tr, [pag], ["perturbed"], inputs)
     assert torch.isfinite(ptb).all() and (ptb - cond).abs().max() > 1e-4
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].clone()
+    inputs["encoder_hidden_states"][0, 5:7] = 10 * torch.randn(2, inputs["encoder_hidden_states"].shape[-1])
+    changed, _ = run(tr, [pag], ["perturbed"], inputs)
+    assert (changed - ptb).abs().max() <= 1e-5
 

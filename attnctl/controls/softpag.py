@@ -39,8 +39,8 @@ import torch
 from pydantic import Field, field_serializer, field_validator
 
 from ..errors import ConfigError, SiteError
-from ..processors.attend import fused_attention_with_lse
-from ..processors.contributions import OutputMix, Selection
+from ..processors.attend import MAX_CHUNK_ELEMS, fused_attention_with_lse
+from ..processors.contributions import MixContext, OutputMix, Selection
 from ..schedules import ScheduleField, bounded
 from ..sites import HeadSet, Site
 from .base import Control, ControlConfig, RunState, register
@@ -189,14 +189,17 @@ class SoftPAG(Control):
         else:
             img, txt, target = call.image_slice(), call.text_slice(), self.config.target
 
-            def fn(o, q_, k_, v_, u_):
-                return image_scope_mix(o, q_, k_, v_, u_, target, img, txt)
+            def fn(o, q_, k_, v_, u_, ctx):
+                return image_scope_mix(o, q_, k_, v_, u_, target, img, txt, mask=ctx.mask, backend=ctx.backend)
 
             rows = img
         # The heads are picked inside the mix (``_on_heads``), not through ``Selection.heads``: the generic
         # head gather/scatter of ``attend`` costs more than the whole mix at real layer sizes on CPU.
-        mask_free = self.config.scope == "joint" and self.config.target == "identity"  # reads v at its own row only
-        return [OutputMix(_on_heads(fn, heads, u), Selection(batch, rows, None), mask_free=mask_free)]
+        # The joint identity target reads each row's own value only, so no mask can change it; every other form
+        # reads other keys and takes the call's mask (and backend) from ``attend``.
+        identity = self.config.scope == "joint" and self.config.target == "identity"
+        return [OutputMix(_on_heads(fn, heads, u, context=not identity), Selection(batch, rows, None),
+                          mask_free=identity, context=not identity)]
 
     def _head_spec(self, site: Site) -> None | slice | tuple[int, ...]:
         """The site's heads as ``None`` (all), a slice (evenly spaced: a view, no copy) or a tuple."""
@@ -220,13 +223,22 @@ def _take_heads(x: torch.Tensor, heads: slice | tuple[int, ...]) -> torch.Tensor
     return torch.stack([x[:, :, h] for h in heads], dim=2)
 
 
-def _on_heads(fn, heads: None | slice | tuple[int, ...], u: float):
-    """``fn(out, q, k, v, u)`` applied to ``heads`` only; the other heads of ``out`` come back unchanged."""
+def _on_heads(fn, heads: None | slice | tuple[int, ...], u: float, context: bool = False):
+    """``fn(out, q, k, v, u[, ctx])`` applied to ``heads`` only; the other heads of ``out`` come back unchanged.
+    With ``context`` the mix takes attend's :class:`MixContext` and hands ``fn`` its mask on those heads."""
     if heads is None:
+        if context:
+            return lambda out, q, k, v, ctx: fn(out, q, k, v, u, ctx).to(out.dtype)
         return lambda out, q, k, v: fn(out, q, k, v, u).to(out.dtype)
 
-    def mix(out, q, k, v):
-        new = fn(*(_take_heads(x, heads) for x in (out, q, k, v)), u).to(out.dtype)
+    def mix(out, q, k, v, ctx=None):
+        picked = [_take_heads(x, heads) for x in (out, q, k, v)]
+        if context:
+            mask = ctx.mask
+            if mask is not None and mask.shape[2] > 1:  # a per-head mask (a size-1 axis broadcasts)
+                mask = _take_heads(mask, heads)
+            picked.append(MixContext(mask, ctx.backend))
+        new = fn(*picked[:4], u, *picked[4:]).to(out.dtype)
         if isinstance(heads, slice):
             return torch.slice_scatter(out, new, dim=2, start=heads.start, end=heads.stop, step=heads.step)
         res = out.clone()
@@ -239,7 +251,9 @@ def _on_heads(fn, heads: None | slice | tuple[int, ...], u: float):
 
 # ------------------------------------------------------------------------------------------- closed forms
 # ``out`` is (b, rows, h, d) for the mixed rows; q, k, v are (b, S, h, d) for the whole sequence. Small
-# per-row factors in float32; few passes over the (rows, h, d) tensors.
+# per-row factors in float32; few passes over the (rows, h, d) tensors. ``mask`` (the call's attention mask, see
+# ``MixContext``) is additive, (b|1, rows|1, h|1, keys) over the mixed rows: a target map gives no weight to a key
+# the mask removes, and an additive mask enters each target's logits as it enters the attention's.
 
 
 def _lerp(out: torch.Tensor, target: torch.Tensor, u: float) -> torch.Tensor:
@@ -249,57 +263,116 @@ def _lerp(out: torch.Tensor, target: torch.Tensor, u: float) -> torch.Tensor:
     return torch.lerp(out.float(), target.float(), u)
 
 
+def _softmax_rows(s0: torch.Tensor, mask: torch.Tensor | None, v: torch.Tensor,
+                  max_chunk_elems: int = MAX_CHUNK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(s0 + mask) @ v`` and its log-sum-exp for logits ``s0`` ``(b, 1, h, n)`` shared by every query row,
+    the rows told apart only by ``mask`` ``(b|1, r|1, h|1, n)``: output ``(b, r|1, h, d)``, LSE ``(b, r|1, h)``,
+    float32, in query chunks of bounded size. A row whose keys are all masked gets a zero output and LSE ``-inf``."""
+    if mask is None:
+        mask = s0.new_zeros((1, 1, 1, 1))
+    b, _, h, n = s0.shape
+    chunk = max(1, max_chunk_elems // max(1, b * h * n))
+    outs, lses = [], []
+    for r0 in range(0, mask.shape[1], chunk):
+        s = s0 + mask[:, r0 : r0 + chunk]
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.clamp(min=torch.finfo(lse.dtype).min)[..., None])  # 0, not NaN, on a masked-out row
+        outs.append(torch.einsum("brhn,bnhd->brhd", p, v.float()))
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def _one_query_logits(qbar: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Logits ``(b, 1, h, N)`` of one query per (batch, head) ``(b, h, d)`` over ``k`` ``(b, N, h, d)``."""
+    return (torch.einsum("bhd,bnhd->bhn", qbar, k.float()) / math.sqrt(qbar.shape[-1]))[:, None]
+
+
+def _mean_query(q: torch.Tensor, mask: torch.Tensor | None, pos: slice) -> torch.Tensor:
+    """The mean query ``(b, h, d)`` of the rows ``q`` ``(b, n, h, d)``, whose keys are at positions ``pos`` of the
+    mask ``(b|1, rows|1, h|1, keys)``: a position whose key the mask removes for every row (a padding token) is left
+    out of the mean, as it is absent from every map."""
+    if mask is None:
+        return q.float().mean(1)
+    present = (~torch.isneginf(mask[..., pos]).all(dim=1)).float()  # (b|1, h|1, n)
+    present = present / present.sum(-1, keepdim=True).clamp(min=1)
+    return torch.einsum("bhn,bnhd->bhd", present.expand(q.shape[0], q.shape[2], -1), q.float())
+
+
 def joint_identity(out, q, k, v, u: float):
     """``A ← (1−u)A + u·I``: each row's own value."""
     return _lerp(out, v, u)
 
 
-def joint_uniform(out, q, k, v, u: float):
-    """``A ← (1−u)A + u·(1/N)``: the mean of all values."""
-    return _lerp(out, v.float().mean(1, keepdim=True), u)
+def joint_uniform(out, q, k, v, u: float, ctx: MixContext | None = None):
+    """``A ← (1−u)A + u·(1/N)``: the mean of all values (under a mask, ``softmax(mask)``: the unmasked keys')."""
+    mask = None if ctx is None else ctx.mask
+    if mask is None:
+        return _lerp(out, v.float().mean(1, keepdim=True), u)
+    b, n, h, _ = k.shape
+    target, _ = _softmax_rows(k.new_zeros((b, 1, h, n), dtype=torch.float32), mask, v)
+    return _lerp(out, target, u)
 
 
-def _one_query_attention(qbar: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one query per (batch, head) ``(b, h, d)`` over ``k, v`` ``(b, N, h, d)``: output
-    ``(b, 1, h, d)`` and log-sum-exp ``(b, h)``, float32, O(N) memory."""
-    s = torch.einsum("bhd,bnhd->bhn", qbar, k.float()) / math.sqrt(qbar.shape[-1])
-    lse = torch.logsumexp(s, dim=-1)
-    o = torch.einsum("bhn,bnhd->bhd", torch.exp(s - lse[..., None]), v.float())
-    return o[:, None], lse
-
-
-def joint_mean_query(out, q, k, v, u: float):
-    """``A ← (1−u)A + u·softmax(q̄Kᵀ/√d)`` (every row the mean query's distribution)."""
-    o, _ = _one_query_attention(q.float().mean(1), k, v)
-    return _lerp(out, o, u)
+def joint_mean_query(out, q, k, v, u: float, ctx: MixContext | None = None):
+    """``A ← (1−u)A + u·softmax(q̄Kᵀ/√d)``: every row the mean query's distribution, under the row's mask (``q̄`` the
+    mean over the positions the mask leaves present)."""
+    mask = None if ctx is None else ctx.mask
+    target, _ = _softmax_rows(_one_query_logits(_mean_query(q, mask, slice(None)), k), mask, v)
+    return _lerp(out, target, u)
 
 
 _JOINT = {"identity": joint_identity, "uniform": joint_uniform, "mean_query": joint_mean_query}
 
 
-def image_scope_mix(out, q, k, v, u: float, target: str, img: slice, txt: slice):
+def _own_key_mask(m_img: torch.Tensor) -> torch.Tensor:
+    """What the mask of the image rows over the image keys, ``(b|1, n_img|1, h|1, n_img)``, puts on each row's
+    own key, as ``(b|1, n_img, h|1)``."""
+    if m_img.shape[1] == 1:  # the same for every row: entry i of the key axis is row i's own key
+        return m_img[:, 0].transpose(1, 2)
+    return torch.diagonal(m_img, dim1=1, dim2=3).transpose(1, 2)
+
+
+def image_scope_mix(out, q, k, v, u: float, target: str, img: slice, txt: slice, *,
+                    mask: torch.Tensor | None = None, backend=None):
     """Image rows: ``(1−u)·out + u·target``, the target being attention over the text keys (own logits) and
     the image block replaced per ``target``, collapsed to one virtual key (logit ``c``, value ``w``) and
     combined with fused attention over the text keys by log-sum-exp::
 
         target = a·w + b·o_text,   a = exp(c − L),  b = exp(lse_text − L),  L = logaddexp(c, lse_text)
+
+    Under a mask the text pass applies the mask's text part, and the image block its image part: identity adds
+    the mask on the row's own key; uniform gives image key ``j`` the logit ``q_i·k̄_i/√d + mask_ij``, with ``k̄_i``
+    the keys' mean as the mask weighs them (``softmax_j mask_ij``: the unmasked keys' mean), so the virtual key is
+    ``q_i·k̄_i/√d + LSE_j mask_ij`` and its value the same mean of the values; mean_query adds the mask to the mean
+    image query's logits, the mean taken over the image positions the mask leaves present.
     """
     qi, ki, vi = q[:, img], k[:, img], v[:, img]
-    n_img, d = qi.shape[1], qi.shape[-1]
+    nb, n_img, h, d = qi.shape
+    m_img = None if mask is None else mask[..., img]
     if target == "identity":  # only the query's own key
         c = torch.einsum("bnhd,bnhd->bnh", qi.float(), ki.float()) / math.sqrt(d)  # (b, N_img, h)
+        if m_img is not None:
+            c = c + _own_key_mask(m_img)
         w = vi
-    elif target == "uniform":  # every image key with the row's mean image logit
+    elif target == "uniform" and m_img is None:  # every image key with the row's mean image logit
         c = torch.einsum("bnhd,bhd->bnh", qi.float(), ki.float().mean(1)) / math.sqrt(d) + math.log(n_img)
         w = vi.float().mean(1, keepdim=True)
+    elif target == "uniform":  # the same over the keys the mask leaves each row
+        means, lse_m = _softmax_rows(qi.new_zeros((nb, 1, h, n_img), dtype=torch.float32), m_img,
+                                     torch.cat([ki, vi], dim=-1))
+        c = (qi.float() * means[..., :d]).sum(-1) / math.sqrt(d) + lse_m
+        w = means[..., d:]
     elif target == "mean_query":  # the image keys with the mean image query's logits
-        w, lse_q = _one_query_attention(qi.float().mean(1), ki, vi)
-        c = lse_q[:, None].expand(-1, n_img, -1)
+        w, lse_q = _softmax_rows(_one_query_logits(_mean_query(qi, mask, img), ki), m_img, vi)
+        c = lse_q.expand(-1, n_img, -1)
     else:
         raise ConfigError(f"unknown SoftPAG target {target!r}")
     if txt.stop - txt.start == 0:  # image-only attention (SD3.5 attn2): the virtual key is all there is
         return _lerp(out, w, u)
-    o_t, lse_t = fused_attention_with_lse(qi, k[:, txt], v[:, txt])
+    m_txt = None if mask is None else mask[..., txt].permute(0, 2, 1, 3)  # the dispatcher's (b, h, rows, keys)
+    o_t, lse_t = fused_attention_with_lse(qi, k[:, txt], v[:, txt], attn_mask=m_txt, backend=backend)
+    if m_txt is not None:  # a row whose text keys are all masked has no text output (a kernel may give NaN)
+        o_t = torch.where(torch.isfinite(lse_t)[..., None], o_t, 0)
     lse = torch.logaddexp(c, lse_t)
     a = (torch.exp(c - lse) * u)[..., None]  # small (b, N_img, h, 1) factors, u folded in
     b = (torch.exp(lse_t - lse) * u)[..., None]

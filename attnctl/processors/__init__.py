@@ -2,14 +2,14 @@
 
 from .attend import attend, fused_attention, fused_attention_with_lse
 from .base import AttnCtlProcessor, SiteCall
-from .contributions import DenseBias, ExtraKV, KeyBias, OutputMix, Probe, Selection
+from .contributions import DenseBias, ExtraKV, KeyBias, MixContext, OutputMix, Probe, Selection
 from .flux import AttnCtlFluxProcessor
 from .sd3 import AttnCtlJointProcessor
 
 __all__ = [
     "AttnCtlFluxProcessor", "AttnCtlJointProcessor", "AttnCtlProcessor", "DenseBias", "ExtraKV", "KeyBias",
-    "OutputMix", "Probe", "Selection", "SiteCall", "attend", "fused_attention", "fused_attention_with_lse",
-    "processor_for",
+    "MixContext", "OutputMix", "Probe", "Selection", "SiteCall", "attend", "fused_attention",
+    "fused_attention_with_lse", "processor_for",
 ]
 
 

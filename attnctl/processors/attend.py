@@ -31,7 +31,7 @@ from diffusers.models.attention_dispatch import (
 )
 
 from ..errors import UnsupportedModelError
-from .contributions import Contribution, DenseBias, ExtraKV, KeyBias, OutputMix, Probe, Selection
+from .contributions import Contribution, DenseBias, ExtraKV, KeyBias, MixContext, OutputMix, Probe, Selection
 
 MAX_CHUNK_ELEMS = 1 << 24
 """Upper bound on the number of float32 logits the explicit path holds at once (64 MiB)."""
@@ -466,10 +466,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
     if attn_mask is not None and attn_mask.ndim not in (2, 4):
         raise ValueError(f"attention masks with controls must be (batch, keys) or (batch|1, heads|1, queries|1, keys), "
                          f"not {tuple(attn_mask.shape)}; reshape the mask to one of these")
-    if attn_mask is not None and not all(mix.mask_free for mix in mixes):
-        raise ValueError("an OutputMix that reads other keys (SoftPAG with target 'uniform' or 'mean_query', or with "
-                         "scope 'image') cannot run at a call with an attention mask, which it would not apply; use "
-                         "SoftPAG(target='identity', scope='joint') at masked calls, or generate without the mask")
+    if attn_mask is not None and not all(mix.mask_free or mix.context for mix in mixes):
+        raise ValueError("an OutputMix without context=True does not see the attention mask, so it cannot run at a "
+                         "masked call unless it is marked mask_free (its result cannot depend on the masked keys); "
+                         "give it context=True and apply MixContext.mask, or generate without the mask")
 
     if key_biases or probes or dense or extras:
         out, lse = fused_attention_with_lse(q, k, v, attn_mask=attn_mask, backend=backend,
@@ -496,7 +496,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
         _probe(q, k, lse, pr, biases, scale, B, S, H, n_keys, attn_mask)
     for mix in mixes:
         sel_full = Selection(mix.where.batch, None, mix.where.heads)
-        new = mix.fn(_select(out, mix.where, S), _select(q, sel_full, S), _select(k, sel_full, k.shape[1]),
-                     _select(v, sel_full, v.shape[1]))
+        args = (_select(out, mix.where, S), _select(q, sel_full, S), _select(k, sel_full, k.shape[1]),
+                _select(v, sel_full, v.shape[1]))
+        if mix.context:
+            mask = _mask_logits(attn_mask, mix.where, S, B, H, slice(None))
+            new = mix.fn(*args, MixContext(mask, backend))
+        else:
+            new = mix.fn(*args)
         out = _put(out, mix.where, new)
     return out.to(q.dtype)

@@ -7,13 +7,15 @@ in the site's sequence (``None``: all). A control returns any number of these; t
 1. the attention distribution is the softmax of ``q·kᵀ/√d`` plus every :class:`KeyBias` and
    :class:`DenseBias`, over the site's keys plus any :class:`ExtraKV` keys;
 2. :class:`Probe` sinks receive the final probabilities of the entries they asked for;
-3. :class:`OutputMix` functions then transform the attention output of their heads.
+3. :class:`OutputMix` functions then transform the attention output of their heads (given the call's mask and
+   backend when they ask, :class:`MixContext`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -96,6 +98,20 @@ class Probe:
 
 
 @dataclass
+class MixContext:
+    """What an :class:`OutputMix` that asks for it (``context=True``) gets besides the tensors.
+
+    ``mask`` is the call's attention mask as additive float32 logits (``-inf`` on a removed key) for the mix's
+    selected batch rows, query rows and heads over all the site's keys, in the layout ``(batch|1, rows|1, heads|1,
+    keys)`` (a size-1 axis broadcasts), or ``None`` when the call has no mask. ``backend`` is the processor's
+    attention backend (``None``: diffusers' active one), for a mix that runs fused attention of its own.
+    """
+
+    mask: torch.Tensor | None = None
+    backend: Any = None
+
+
+@dataclass
 class OutputMix:
     """Replace the attention output of the selected entries with ``fn(out, q, k, v)``.
 
@@ -103,13 +119,16 @@ class OutputMix:
     tensors of the selected batch rows and heads, so a mix can reach any token (SoftPAG's identity target
     is ``v`` at the same rows; a uniform target is the mean of ``v``).
 
-    ``fn`` does not see the call's attention mask, so at a masked call it runs only if ``mask_free``: its result
-    cannot depend on which keys the mask removes (SoftPAG's joint identity target reads each row's own value only).
+    With ``context=True`` it is called as ``fn(out, q, k, v, ctx)`` with a :class:`MixContext` (the call's mask
+    and backend): a mix that reads other keys applies the mask itself. A mix without the context runs at a masked
+    call only if ``mask_free``: its result cannot depend on which keys the mask removes (SoftPAG's joint identity
+    target reads each row's own value only); any other is refused there.
     """
 
-    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    fn: Callable[..., torch.Tensor]
     where: Selection
     mask_free: bool = False
+    context: bool = False
 
 
 Contribution = KeyBias | DenseBias | ExtraKV | Probe | OutputMix
