@@ -270,6 +270,48 @@ def test_within_key_bias_function_gets_the_within_lse_and_composes():
     assert (attend(q, k, v, [a, b]) - within_reference(q, k, v, fixed)[0]).abs().max() < 1e-5
 
 
+def test_selections_are_compared_on_the_host_without_reading_the_device(monkeypatch):
+    """Index tensors made by ``index_tensor`` (as ``RunState.index`` makes them) keep their values on the host, so
+    attend decides whether two within-biases overlap, and which rows the explicit path covers, without reading the
+    device. The meta device, which has no values to read, stands in for a GPU: the answers and the path taken are
+    those of the CPU."""
+    import importlib
+
+    from attnctl.controls.base import RunState
+    from attnctl.processors.contributions import host_values, index_tensor
+
+    attend_mod = importlib.import_module("attnctl.processors.attend")  # the module (the package exports the function)
+
+    state = RunState()
+    assert host_values(state.index([2, 0], "meta")) == (2, 0)
+    assert host_values(torch.tensor([1], device="meta")) is None  # made elsewhere: unknown
+    for device in ("cpu", "meta"):
+        a = Selection(index_tensor([0, 1], device), slice(0, 10))
+        b = Selection(index_tensor([2], device), slice(0, 10))
+        c = Selection(index_tensor([1, 2], device), slice(5, 20))
+        assert attend_mod._disjoint(a, b, S) and not attend_mod._disjoint(a, c, S)
+        assert host_values(attend_mod._union([a, c], B, "batch", device)) == (0, 1, 2)
+        assert attend_mod._covers(c.batch, index_tensor([2], device), B)
+        assert not attend_mod._covers(b.batch, index_tensor([1, 2], device), B)
+    explicit_calls = []
+    real_explicit = attend_mod._explicit
+    monkeypatch.setattr(attend_mod, "_explicit", lambda *a, **kw: explicit_calls.append(1) or real_explicit(*a, **kw))
+    for device in ("meta", "cpu"):
+        q, k, v = (x.to(device) for x in qkv(14))
+        bias = torch.full((1, 10, 1, 1), 1.5, device=device)
+        first = KeyBias(index_tensor([12], device), bias, Selection(index_tensor([0, 1], device), slice(0, 10)),
+                        within=slice(10, 20))
+        second = KeyBias(index_tensor([15], device), bias, Selection(index_tensor([2], device), slice(0, 10)),
+                         within=slice(10, 20))
+        out = attend(q, k, v, [first, second])
+        assert out.shape == q.shape and not explicit_calls  # disjoint: each corrected in the fused form
+    # and on the CPU that form equals each bias alone on its rows
+    assert (out[:2] - within_reference(q, k, v, first)[0][:2]).abs().max() < 1e-5
+    assert (out[2:] - within_reference(q, k, v, second)[0][2:]).abs().max() < 1e-5
+    plain_meta = Selection(torch.tensor([0, 1], device="meta"), slice(0, 10))
+    assert not attend_mod._disjoint(plain_meta, Selection(index_tensor([2], "meta"), slice(0, 10)), S)  # cannot tell
+
+
 def test_within_key_bias_bad_input():
     q, k, v = qkv(13)
     with pytest.raises(ValueError, match="outside it"):

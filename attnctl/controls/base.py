@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import ConfigError, LayoutError, UnsupportedModelError
 from ..layout import TokenLayout
+from ..processors.contributions import index_tensor
 from ..sites import Site, select_sites
 
 if TYPE_CHECKING:
@@ -46,13 +47,15 @@ class RunState:
     def index(self, values: Sequence[int], device=None) -> torch.Tensor:
         """``values`` as a long tensor on ``device``, made once and then reused. Controls need the same few index
         tensors (rows, columns, heads) at every attention call of a run, and building one from a list is a copy
-        from the host that, on a GPU, waits for the device; reused, it costs nothing. Treat it as read-only."""
+        from the host that, on a GPU, waits for the device; reused, it costs nothing. The tensor keeps its values on
+        the host too (``index_tensor``), so ``attend`` compares selections without reading the device. Treat it as
+        read-only."""
         key = (tuple(int(x) for x in values), str(device))
         t = self._indices.get(key)
         if t is None:
             if len(self._indices) >= 256:  # a run uses a handful; a long session must not grow without bound
                 self._indices.clear()
-            t = self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+            t = self._indices[key] = index_tensor(key[0], device)
         return t
 
     @property

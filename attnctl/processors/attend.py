@@ -31,7 +31,18 @@ from diffusers.models.attention_dispatch import (
 )
 
 from ..errors import UnsupportedModelError
-from .contributions import Contribution, DenseBias, ExtraKV, KeyBias, MixContext, OutputMix, Probe, Selection
+from .contributions import (
+    Contribution,
+    DenseBias,
+    ExtraKV,
+    KeyBias,
+    MixContext,
+    OutputMix,
+    Probe,
+    Selection,
+    host_values,
+    index_tensor,
+)
 
 MAX_CHUNK_ELEMS = 1 << 24
 """Upper bound on the number of float32 logits the explicit path holds at once (64 MiB)."""
@@ -358,13 +369,25 @@ def _apply_within(v, out, lse, kb: KeyBias, out_w, lse_w, w):
     return _put(out, kb.where, moved)
 
 
+def _values(t: torch.Tensor) -> tuple[int, ...] | None:
+    """An index tensor's values on the host: free when known (:func:`host_values`), else read from the device (a
+    sync); ``None`` on the meta device, which has none."""
+    known = host_values(t)
+    if known is None and _has_values(t):
+        known = tuple(t.tolist())
+    return known
+
+
 def _disjoint(a: Selection, b: Selection, S: int) -> bool:
     """Whether two selections share no (batch row, query row, head) entry (decided on the host)."""
     (a0, a1), (b0, b1) = _norm_rows(a.rows, S), _norm_rows(b.rows, S)
     if a1 <= b0 or b1 <= a0:
         return True
     for x, y in ((a.batch, b.batch), (a.heads, b.heads)):
-        if x is not None and y is not None and _has_values(x) and not set(x.tolist()) & set(y.tolist()):
+        if x is None or y is None:
+            continue
+        xs, ys = _values(x), _values(y)
+        if xs is not None and ys is not None and not set(xs) & set(ys):
             return True
     return False
 
@@ -372,7 +395,20 @@ def _disjoint(a: Selection, b: Selection, S: int) -> bool:
 def _union(items: Sequence[Selection], n: int, attr: str, device) -> torch.Tensor:
     if any(getattr(s, attr) is None for s in items):
         return torch.arange(n, device=device)
+    known = [host_values(getattr(s, attr)) for s in items]
+    if all(v is not None for v in known):  # on the host: torch.unique on a GPU would wait for the device
+        return index_tensor(sorted(set().union(*known)), device)
     return torch.unique(torch.cat([getattr(s, attr).to(device) for s in items]))
+
+
+def _covers(sel: torch.Tensor | None, idx: torch.Tensor, n: int) -> bool:
+    """Whether the selection ``sel`` (``None``: all ``n``) holds every entry of ``idx``."""
+    if sel is None:
+        return True
+    have, need = host_values(sel), host_values(idx)
+    if have is not None and need is not None:
+        return set(need) <= set(have)
+    return bool((_positions(sel, idx, n) >= 0).all())
 
 
 def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, scale, max_chunk_elems):
@@ -388,11 +424,10 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
     # Extra keys: appended after the site's keys; a row outside an ExtraKV's selection gets -inf on them.
     ext_k, ext_v, ext_rows = [], [], []
     for e in extras:
-        bp = _positions(e.where.batch, b, B)
-        hp = _positions(e.where.heads, h, H)
-        if (bp < 0).any() or (hp < 0).any():
+        if not (_covers(e.where.batch, b, B) and _covers(e.where.heads, h, H)):
             raise ValueError("ExtraKV must cover every batch row and head it is combined with; give each "
                              "contribution with extra keys its own selection of rows and heads")
+        bp, hp = _positions(e.where.batch, b, B), _positions(e.where.heads, h, H)
         ext_k.append(e.key.float()[bp][:, :, hp])
         ext_v.append(e.value.float()[bp][:, :, hp])
         ext_rows.append(_norm_rows(e.where.rows, S))

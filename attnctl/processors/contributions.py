@@ -13,16 +13,37 @@ in the site's sequence (``None``: all). A control returns any number of these; t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+_HOST_VALUES = "_attnctl_values"
+
+
+def index_tensor(values: Sequence[int], device=None) -> torch.Tensor:
+    """A long index tensor on ``device`` that keeps a copy of its values on the host, so that a decision taken from
+    them (do two selections overlap?) does not wait for the device (:func:`host_values`)."""
+    values = tuple(int(x) for x in values)
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    setattr(t, _HOST_VALUES, values)
+    return t
+
+
+def host_values(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The values of an index tensor when they can be had without waiting for a device: kept by
+    :func:`index_tensor`, or read from a CPU tensor; ``None`` otherwise (a GPU or meta tensor made elsewhere)."""
+    known = getattr(t, _HOST_VALUES, None)
+    if known is not None:
+        return known
+    return tuple(t.tolist()) if t.device.type == "cpu" else None
+
 
 @dataclass
 class Selection:
-    """Which (batch rows, query rows, heads) a contribution touches."""
+    """Which (batch rows, query rows, heads) a contribution touches. Index tensors made by :func:`index_tensor`
+    (as ``RunState.index`` makes them) let the processor compare selections without a device sync."""
 
     batch: torch.Tensor | None = None  # long indices into the batch
     rows: slice | None = None  # query positions
