@@ -14,7 +14,9 @@ Two ways to use it::
 With a stock diffusers pipeline the controller follows the run by itself: a forward pre-hook on the
 transformer reads the step from the scheduler, the image grid and text length from the inputs, and the
 batch roles from the pipeline's guidance settings; a wrapper around ``encode_prompt`` records the prompt so
-controls can name words. attnctl pipelines set all of this explicitly.
+controls can name words. When a control asks for a perturbed branch (SoftPAG), the transformer's forward is
+wrapped too (:class:`~attnctl.guidance.PerturbedBranch`): every call then runs the perturbed rows and returns the
+guided predictions. Both are removed by :meth:`Controller.close` (and on leaving ``attach``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from .controls.base import Control, RunState
 from .errors import ConfigError, LayoutError, UnsupportedModelError
+from .guidance import PerturbedBranch, perturbed_branches
 from .layout import TokenLayout, layout_for_pipeline
 from .processors import AttnCtlProcessor, processor_for
 from .processors.base import SiteCall
@@ -61,6 +64,7 @@ class Controller:
         self._forwards = 0  # transformer forwards since the last encode_prompt
         self._row_layout_cache: tuple[tuple, list[TokenLayout]] | None = None
         self._new_run = True
+        self._branch: PerturbedBranch | None = None  # the perturbed-branch wrapper while tracking, if one is needed
 
     # ------------------------------------------------------------------------------ processors
     def processors(self) -> dict[str, AttnCtlProcessor]:
@@ -106,6 +110,9 @@ class Controller:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._branch is not None:
+            self._branch.__exit__(None, None, None)
+            self._branch = None
         if self.pipe is not None and "encode_prompt" in vars(self.pipe):
             del self.pipe.encode_prompt
 
@@ -167,6 +174,11 @@ class Controller:
         self._hooks.append(self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         if self.pipe is not None and hasattr(self.pipe, "encode_prompt"):
             self._wrap_encode_prompt()
+        branches = perturbed_branches(self.controls)
+        if branches is not None and not self._fixed_roles:
+            # A guidance control (SoftPAG) needs its perturbed rows in every call; with roles given by the caller,
+            # the caller lays out the rows (and may wrap the forward with PerturbedBranch itself).
+            self._branch = PerturbedBranch(self.transformer, self, branches).__enter__()
 
     def _wrap_encode_prompt(self) -> None:
         original = type(self.pipe).encode_prompt.__get__(self.pipe)

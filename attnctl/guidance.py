@@ -7,21 +7,27 @@ The guided prediction, with ``s`` the CFG scale and ``w`` the perturbation guida
 
 The diffusers loops already compute ``ε_uncond + s·(ε_cond − ε_uncond)`` (or take ``ε_cond`` as it is). So
 instead of rewriting the loop, the transformer call is wrapped: it runs the perturbed rows in the same
-batch, ``[uncond, cond, perturbed]`` (``[cond, perturbed]`` without CFG), and hands the loop back
-``[ε_uncond, ε_cond']`` with::
+batch, ``[uncond, cond, perturbed]`` (``[cond, perturbed]`` without CFG), and adds one shift to every prediction
+of the same image::
 
-    ε_cond' = ε_cond + (w / s)·(ε_cond − ε_ptb)          (s = 1 without CFG)
+    δ = w·(ε_cond − ε_ptb)          ε_cond' = ε_cond + δ,   ε_uncond' = ε_uncond + δ
 
-so that the loop's own formula yields the guided ε above: ``ε_uncond + s·(ε_cond' − ε_uncond)`` expands to
-exactly that. Everything else of the loop (callbacks, ``mu`` shifting, schedulers, offloading) is untouched.
-FLUX's true CFG calls the transformer separately for the conditional and the negative prompt; only the
-conditional call gets perturbed rows, with ``s = true_cfg_scale``.
+The loop's CFG line is an affine combination whose weights sum to one, ``(1 − s)·ε_uncond + s·ε_cond``, so it
+carries the shift through unchanged: ``ε_uncond' + s·(ε_cond' − ε_uncond')`` is exactly the guided ε above, for
+any ``s`` (the wrapper never needs to know it). The same holds for the calls a loop makes apart from the batched
+one, which get the ``δ`` of their step's conditional call: FLUX's true CFG calls the transformer for the negative
+prompt after the conditional prompt, and SD3's skip-layer guidance calls it again on the conditional rows; shifted,
+its term ``ε_cond' − ε_skip'`` stays ``ε_cond − ε_skip``. Everything else of the loop (callbacks, ``mu`` shifting,
+schedulers, offloading) is untouched.
 
 The batch roles come from the controller (its forward pre-hook has just read them off the pipeline); the
 wrapper appends a ``"perturbed"`` copy of every ``"cond"`` row and tells the controller, so controls that
 act on ``"perturbed"`` rows (:class:`~attnctl.controls.softpag.SoftPAG`) perturb only those. When ``w`` is 0
 at a step the perturbed rows are not run at all. A search may instead give every image of a call its own
-branch (controls with ``branch=j``; see :class:`Branches`): image ``j`` is then guided by control ``j``.
+branch (controls with ``branch=j``; see :class:`Branches`): image ``j`` is then guided by control ``j``. A
+:class:`~attnctl.controller.Controller` that follows a pipeline installs the wrapper itself when one of its
+controls asks for a perturbed branch (``attnctl.attach``, ``set_attn_processor(ctl.processors())``, the attnctl
+pipelines).
 """
 
 from __future__ import annotations
@@ -57,15 +63,11 @@ def guided(eps_uncond: torch.Tensor | None, eps_cond: torch.Tensor, eps_ptb: tor
     return base + weight * (eps_cond - eps_ptb)
 
 
-def fold_into_cond(eps_cond: torch.Tensor, eps_ptb: torch.Tensor, cfg_scale: float,
-                   weight: float | torch.Tensor) -> torch.Tensor:
-    """``ε_cond' = ε_cond + (w/s)·(ε_cond − ε_ptb)``: the conditional prediction that makes the loop's own
-    CFG formula (scale ``s``; ``s = 1`` without CFG) produce :func:`guided`. ``weight`` may be a tensor
-    broadcasting over the rows (one ``w`` per image)."""
-    if cfg_scale == 0:
-        raise ConfigError("perturbed-attention guidance cannot be folded into a CFG scale of 0",
-                          fix="use a guidance scale above 1 (CFG) or turn CFG off")
-    return eps_cond + (weight / cfg_scale) * (eps_cond - eps_ptb)
+def guidance_shift(eps_cond: torch.Tensor, eps_ptb: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    """``δ = w·(ε_cond − ε_ptb)``: added to every prediction of an image (conditional, unconditional, skip-layer),
+    it turns the loop's own guidance formula into that formula plus the perturbation term, whatever its CFG scale.
+    ``weight`` may be a tensor broadcasting over the rows (one ``w`` per image)."""
+    return weight * (eps_cond - eps_ptb)
 
 
 # ------------------------------------------------------------------------------------------ the controls
@@ -148,27 +150,24 @@ def _weight_of(group: Sequence[Any], step: int, num_steps: int) -> float:
 
 class PerturbedBranch:
     """Context manager: wrap ``transformer.forward`` so each call also runs the perturbed rows and returns
-    the folded prediction (see the module doc). Restored on exit, also when the call raises.
+    the shifted predictions (see the module doc). Restored on exit, also when the call raises.
 
     Args:
         transformer: the pipeline's transformer (SD3 or FLUX).
         controller: the :class:`~attnctl.controller.Controller` installed on it; its state gives the step
             and the batch roles of each call.
         branches: the perturbed branch(es) and their ``w`` per step, from :func:`perturbed_branches`.
-        cfg_scale: ``cfg_scale(roles) -> s``: the scale the loop will apply to this call's conditional rows
-            (1.0 without CFG).
     """
 
-    def __init__(self, transformer: torch.nn.Module, controller: Any, branches: Branches,
-                 cfg_scale: Callable[[list[str]], float]) -> None:
+    def __init__(self, transformer: torch.nn.Module, controller: Any, branches: Branches) -> None:
         self.transformer = transformer
         self.controller = controller
         self.branches = branches
-        self.cfg_scale = cfg_scale
         self._signature = inspect.signature(type(transformer).forward)
         self._had_own_forward = False
         self._saved_forward: Any = None
         self._original: Any = None
+        self._shift: tuple[int, torch.Tensor] | None = None  # (step, δ) of the last conditional call
         self.calls = 0  # transformer calls that ran perturbed rows (for tests and logs)
         self._wrapper = self._forward  # one bound-method object, so __exit__ can recognise it
 
@@ -191,12 +190,16 @@ class PerturbedBranch:
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         state = self.controller.state
         roles = list(state.roles or [])
+        ws = self.branches.weights(state.step, state.num_steps)
         if kwargs.get("skip_layers") is not None:  # SD3's skip-layer guidance pass: conditional rows only
-            return self._with_roles(["cond"] * _batch_of(args, kwargs), args, kwargs)
-        cond = [i for i, r in enumerate(roles) if r == "cond"]
-        ws = self.branches.weights(state.step, state.num_steps) if cond else [0.0]
+            result = self._with_roles(["cond"] * _batch_of(args, kwargs), args, kwargs)
+            return self._shifted(result, "SD3's skip-layer guidance pass") if any(ws) else result
         if not any(ws):
+            self._shift = None
             return self._original(*args, **kwargs)
+        cond = [i for i, r in enumerate(roles) if r == "cond"]
+        if not cond:  # FLUX's true-CFG call for the negative prompt
+            return self._shifted(self._original(*args, **kwargs), "the call for the negative prompt")
         bound = self._signature.bind_partial(None, *args, **kwargs).arguments
         bound.pop(next(iter(self._signature.parameters)))  # self
         bound.update(bound.pop("kwargs", {}))
@@ -210,6 +213,12 @@ class PerturbedBranch:
                 fix=f"generate {self.branches.count} images per prompt (num_images_per_prompt="
                     f"{self.branches.count}): image j is guided by the control with branch=j",
             )
+        uncond = [i for i, r in enumerate(roles) if r == "uncond"]
+        if uncond and len(uncond) != len(cond):
+            raise ConfigError(
+                f"the call has {len(cond)} conditional and {len(uncond)} unconditional rows; the perturbed branch "
+                "pairs the k-th unconditional row with the k-th conditional one",
+                fix="give every image one unconditional row (diffusers' CFG batch), or none")
         idx = torch.tensor(cond, dtype=torch.long, device=bound["hidden_states"].device)
 
         def with_copies(x: Any) -> Any:
@@ -233,18 +242,31 @@ class PerturbedBranch:
         extra = [self.branches.role(j) for j in range(len(cond))]
         result = self._with_roles(roles + extra, (), bound)
         self.calls += 1
-        sample = result[0] if isinstance(result, tuple) else result.sample
+        sample = _sample(result)
         eps, eps_ptb = sample[:batch], sample[batch:]
-        s = float(self.cfg_scale(roles))
         w: float | torch.Tensor = ws[0]
         if self.branches.count is not None:  # one w per image
             w = torch.tensor([self.branches.weight(j, ws) for j in range(len(cond))], device=eps.device)
             w = w.view(-1, *[1] * (eps.ndim - 1)).to(eps.dtype)
-        eps = eps.index_copy(0, idx.to(eps.device), fold_into_cond(eps.index_select(0, idx), eps_ptb, s, w))
-        if isinstance(result, tuple):
-            return (eps, *result[1:])
-        result.sample = eps
-        return result
+        delta = guidance_shift(eps.index_select(0, idx.to(eps.device)), eps_ptb, w)
+        self._shift = (state.step, delta)
+        for rows in (cond, uncond):
+            if rows:
+                at = torch.tensor(rows, dtype=torch.long, device=eps.device)
+                eps = eps.index_add(0, at, delta.to(eps.dtype))
+        return _with_sample(result, eps)
+
+    def _shifted(self, result: Any, what: str) -> Any:
+        """A call apart from the batched one (every row an image's): its predictions get the step's ``δ``."""
+        sample = _sample(result)
+        step = self.controller.state.step
+        if self._shift is None or self._shift[0] != step or self._shift[1].shape != sample.shape:
+            raise ConfigError(
+                f"the perturbed branch met {what} at step {step} before the conditional call of that step, so it "
+                "has no guidance term to add to it",
+                fix="call the transformer for the conditional prompt first in every step, as the diffusers SD3 and "
+                    "FLUX loops do")
+        return _with_sample(result, sample + self._shift[1].to(sample.dtype))
 
     def _with_roles(self, roles: list[str], args: tuple, kwargs: dict) -> Any:
         state = self.controller.state
@@ -270,6 +292,17 @@ def _ip_copies(name: str, value: Any, batch: int, with_copies: Callable[[Any], A
                     "pipelines prepare them")
     copies = [with_copies(x) for x in items]
     return copies if isinstance(value, (list, tuple)) else copies[0]
+
+
+def _sample(result: Any) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result.sample
+
+
+def _with_sample(result: Any, sample: torch.Tensor) -> Any:
+    if isinstance(result, tuple):
+        return (sample, *result[1:])
+    result.sample = sample
+    return result
 
 
 def _batch_of(args: tuple, kwargs: dict) -> int:

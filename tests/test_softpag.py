@@ -11,7 +11,7 @@ from conftest import batch_row, ip_adapter_processor, transformer_inputs
 import attnctl
 from attnctl.controls.base import Control, ControlConfig, RunState
 from attnctl.errors import ConfigError, ScheduleError, SiteError
-from attnctl.guidance import fold_into_cond, guided
+from attnctl.guidance import guidance_shift, guided
 from attnctl.layout import TokenLayout
 from attnctl.processors.attend import attend, fused_attention
 
@@ -364,14 +364,17 @@ def test_branches_batch_several_candidate_sets(flux_pipe):
     assert (batched[1] - batched[2]).abs().max() > 1e-4
 
 
-def test_guidance_formula_folds_into_the_loop():
+def test_one_shift_on_every_prediction_of_an_image_gives_the_guided_formula_for_any_cfg_scale():
+    """δ = w·(ε_cond − ε_ptb) added to the conditional and the unconditional prediction: the loop's CFG line gives
+    the guided ε for every s (0 and 1 included); without CFG, ε_cond + δ is the guided ε."""
     g = torch.Generator().manual_seed(0)
     u, c, p = (torch.randn(2, 3, generator=g) for _ in range(3))
-    s, w = 4.5, 2.0
-    folded = fold_into_cond(c, p, s, w)
-    assert torch.allclose(u + s * (folded - u), guided(u, c, p, s, w), atol=1e-6)
-    assert torch.allclose(u + s * (folded - u), u + s * (c - u) + w * (c - p), atol=1e-6)
-    assert torch.allclose(fold_into_cond(c, p, 1.0, w), guided(None, c, p, 1.0, w))
+    w = 2.0
+    delta = guidance_shift(c, p, w)
+    for s in (4.5, 1.0, 0.0):
+        assert torch.allclose((u + delta) + s * ((c + delta) - (u + delta)), guided(u, c, p, s, w), atol=1e-6)
+        assert torch.allclose(guided(u, c, p, s, w), u + s * (c - u) + w * (c - p), atol=1e-6)
+    assert torch.allclose(c + delta, guided(None, c, p, 1.0, w))
     assert torch.allclose(guided(None, c, p, 1.0, w), c + w * (c - p))
 
 
@@ -407,9 +410,9 @@ def test_sd3_pipeline_runs_one_batched_forward_and_skips_w0_steps(sd3_pipe, cfg)
 
 
 @pytest.mark.parametrize("true_cfg", [1.0, 2.5])
-def test_flux_pipeline_folds_guidance_into_the_cond_call(flux_pipe, true_cfg):
-    """Every transformer call the loop sees returns ε_cond' = ε_cond + (w/s)(ε_cond − ε_ptb) for the cond call
-    (s = true_cfg_scale with true CFG, else 1) and the plain ε for the negative call."""
+def test_flux_pipeline_shifts_the_cond_call_and_the_negative_call_after_it(flux_pipe, true_cfg):
+    """Every transformer call the loop sees returns its plain ε plus δ = w(ε_cond − ε_ptb): the conditional call with
+    its own perturbed rows, the true-CFG call for the negative prompt with the δ of its step's conditional call."""
     from attnctl.pipelines import AttnCtlFluxPipeline
 
     pipe = AttnCtlFluxPipeline(**flux_pipe.components)
@@ -427,17 +430,78 @@ def test_flux_pipeline_folds_guidance_into_the_cond_call(flux_pipe, true_cfg):
     finally:
         hook.remove()
     assert len(seen) == (4 if true_cfg > 1 else 2)
+    delta = None
     for i, (kw, out) in enumerate(seen):
         negative = true_cfg > 1 and i % 2 == 1
         kw = {k: v for k, v in kw.items() if k != "joint_attention_kwargs"}
-        cond, _ = run(tr, [], ["cond"], kw)
-        if negative:
-            assert (out - cond).abs().max() <= 1e-5
-            continue
-        ptb, _ = run(tr, [attnctl.SoftPAG.from_pairs(pairs, u=0.8, scale=w)], ["perturbed"], kw)
-        expect = fold_into_cond(cond, ptb, true_cfg if true_cfg > 1 else 1.0, w)
-        assert (out - expect).abs().max() <= 1e-5
-        assert (ptb - cond).abs().max() > 1e-4
+        plain, _ = run(tr, [], ["cond"], kw)
+        if not negative:
+            ptb, _ = run(tr, [attnctl.SoftPAG.from_pairs(pairs, u=0.8, scale=w)], ["perturbed"], kw)
+            delta = w * (plain - ptb)
+            assert (ptb - plain).abs().max() > 1e-4
+        assert (out - (plain + delta)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_softpag_on_a_stock_pipeline_through_attach_and_set_attn_processor(sd3_pipe, flux_pipe, family):
+    """On a stock diffusers pipeline, ``attnctl.attach`` and ``set_attn_processor(ctl.processors())`` run the
+    perturbed branch themselves: the image equals the attnctl pipeline's with the same control and seed (CFG or
+    FLUX's true CFG included), and differs from the unguided one; afterwards the pipeline is as it was."""
+    from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
+
+    stock = sd3_pipe if family == "sd3" else flux_pipe
+    ours = (AttnCtlSD3Pipeline if family == "sd3" else AttnCtlFluxPipeline)(**stock.components)
+    ours.set_progress_bar_config(disable=True)
+    calls = [{"guidance_scale": 3.0}, {"guidance_scale": 1.0}] if family == "sd3" else [
+        {}, {"negative_prompt": "a blue square", "true_cfg_scale": 2.5}]
+
+    def pag():
+        return attnctl.SoftPAG(heads=["L0H1", "L1H0"], u=0.8, scale="window(2.0, 0, 0.5)")
+
+    def gen(extra):
+        return stock("a red circle", generator=torch.Generator().manual_seed(0), output_type="latent", **extra,
+                     **KW).images
+
+    for extra in calls:
+        plain = gen(extra)
+        expect = ours("a red circle", controls=[pag()], generator=torch.Generator().manual_seed(0),
+                      output_type="latent", **extra, **KW).images
+        with attnctl.attach(stock, [pag()]):
+            attached = gen(extra)
+        ctl = attnctl.Controller(stock, [pag()])
+        saved = dict(stock.transformer.attn_processors)
+        stock.transformer.set_attn_processor(ctl.processors())
+        try:
+            by_processors = gen(extra)
+        finally:
+            stock.transformer.set_attn_processor(saved)
+            ctl.close()
+        assert (attached - expect).abs().max() <= 1e-5 and (by_processors - expect).abs().max() <= 1e-5, extra
+        assert (expect - plain).abs().max() > 1e-4
+        assert "forward" not in vars(stock.transformer) and (gen(extra) - plain).abs().max() == 0
+
+
+def test_sd3_skip_layer_guidance_term_stays_unbiased(sd3_pipe):
+    """With SD3's skip-layer guidance, the skip-layer pass gets its step's δ too, so the loop's SLG term
+    ``ε_cond' − ε_skip'`` equals the plain ``ε_cond − ε_skip``: the three guidance terms add up, none leaks into
+    another."""
+    seen = []
+    tr = sd3_pipe.transformer
+    hook = tr.register_forward_hook(lambda m, a, kw, out: seen.append((dict(kw), out[0].clone())), with_kwargs=True)
+    pag = attnctl.SoftPAG(heads=["L0H1", "L1H0"], u=0.8, scale=2.0)
+    try:
+        with attnctl.attach(sd3_pipe, [pag]):
+            sd3_pipe("a red circle", guidance_scale=3.0, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+                     skip_layer_guidance_stop=1.0, generator=torch.Generator().manual_seed(0), output_type="latent",
+                     **KW)
+    finally:
+        hook.remove()
+    assert [kw.get("skip_layers") is not None for kw, _ in seen] == [False, False, True]  # SLG at step 1 only
+    (main_kw, main), (skip_kw, skip) = seen[1], seen[2]
+    plain_main = tr(**main_kw)[0]
+    plain_skip = tr(**skip_kw)[0]
+    assert (main[1:] - plain_main[1:]).abs().max() > 1e-4  # the guidance moved the conditional prediction
+    assert ((main[1:] - skip) - (plain_main[1:] - plain_skip)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("extra", ["controlnet", "ip_adapter"])
@@ -476,8 +540,7 @@ def test_perturbed_rows_carry_controlnet_residuals_and_ip_adapter_features(sd3_p
         tr.set_attn_processor(ctl.processors())
         ctl.close()
         ctl.begin_run(1, layout=TokenLayout(ctl.family, inputs["encoder_hidden_states"].shape[1], (4, 4)))
-        with PerturbedBranch(tr, ctl, perturbed_branches(ctl.controls), lambda roles: 3.0) as branch, \
-                torch.no_grad():
+        with PerturbedBranch(tr, ctl, perturbed_branches(ctl.controls)) as branch, torch.no_grad():
             out = tr(**inputs)[0]
         assert branch.calls == 1
         tr.set_attn_processor(dict(base))  # the row calls below carry the adapter over as the batched call did
@@ -487,8 +550,9 @@ def test_perturbed_rows_carry_controlnet_residuals_and_ip_adapter_features(sd3_p
         other, _ = run(tr, [], ["cond"], batch_row({**inputs, **extra_inputs(2)}, 1, 2))
     finally:
         tr.set_attn_processor(saved)
-    assert (out[:1] - uncond).abs().max() <= 1e-5
-    assert (out[1:] - fold_into_cond(cond, ptb, 3.0, 1.5)).abs().max() <= 1e-5
+    delta = 1.5 * (cond - ptb)  # the one shift of the image, on its unconditional and conditional prediction
+    assert (out[:1] - (uncond + delta)).abs().max() <= 1e-5
+    assert (out[1:] - (cond + delta)).abs().max() <= 1e-5
     assert (ptb - cond).abs().max() > 1e-4
     assert (other - cond).abs().max() > 1e-4
 
@@ -562,7 +626,7 @@ def test_ip_adapter_features_without_a_row_per_image_are_refused(sd3_pipe, name)
     ctl.install()
     try:
         ctl.begin_run(1, layout=TokenLayout(ctl.family, inputs["encoder_hidden_states"].shape[1], (4, 4)))
-        with PerturbedBranch(tr, ctl, perturbed_branches(ctl.controls), lambda roles: 3.0), \
+        with PerturbedBranch(tr, ctl, perturbed_branches(ctl.controls)), \
                 pytest.raises(ConfigError, match=rf"{name}.*\(1, 4, 16\).*one entry per batch row \(2\)"):
             tr(**inputs)
     finally:

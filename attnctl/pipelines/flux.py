@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from diffusers import FluxPipeline
@@ -23,16 +22,3 @@ class AttnCtlFluxPipeline(ControlledPipelineMixin, FluxPipeline):
 
     def __call__(self, *args: Any, controls=None, **kwargs: Any):
         return self.controlled_call(FluxPipeline.__call__, args, kwargs, controls)
-
-    def _cfg_scale_fn(self, parent_call, args, kwargs):
-        # The same test as FluxPipeline.__call__: true CFG needs true_cfg_scale > 1 and a negative prompt.
-        call = inspect.signature(parent_call).bind_partial(self, *args, **kwargs)
-        call.apply_defaults()
-        a = call.arguments
-        has_neg = a["negative_prompt"] is not None or (
-            a["negative_prompt_embeds"] is not None and a["negative_pooled_prompt_embeds"] is not None
-        )
-        scale = float(a["true_cfg_scale"])
-        true_cfg = scale > 1 and has_neg
-        # The negative call has role "uncond" and gets no perturbed rows; the cond call's rows are scaled by s.
-        return lambda roles: scale if true_cfg else 1.0

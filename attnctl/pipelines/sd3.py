@@ -22,7 +22,3 @@ class AttnCtlSD3Pipeline(ControlledPipelineMixin, StableDiffusion3Pipeline):
 
     def __call__(self, *args: Any, controls=None, **kwargs: Any):
         return self.controlled_call(StableDiffusion3Pipeline.__call__, args, kwargs, controls)
-
-    def _cfg_scale_fn(self, parent_call, args, kwargs):
-        # The loop reads guidance_scale at every step (a callback may change it): so do we.
-        return lambda roles: float(self.guidance_scale) if "uncond" in roles else 1.0
