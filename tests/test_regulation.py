@@ -24,7 +24,7 @@ from attnctl.controls.regulation import (
 )
 from attnctl.errors import ConfigError, LayoutError, SiteError, WordCutOffError
 from attnctl.layout import TextSegment, TokenLayout
-from attnctl.pipelines import AttnCtlSD3Pipeline
+from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
 from attnctl.processors.attend import attend, fused_attention
 from attnctl.processors.base import SiteCall
 from attnctl.sites import Site
@@ -277,6 +277,17 @@ def test_attach_on_stock_flux_reaches_single_blocks(flux_pipe):
     assert {r.site for r in reg.records} == {s.name for s in attnctl.list_sites(flux_pipe.transformer)}
     assert {r.step for r in reg.records} == {0, 1}
     assert abs(img - base).max() > 1e-4
+    # with SoftPAG in the same attach: one run, the regulation on the conditional row only, the attnctl pipeline's
+    # image
+    reg, pag = AttentionRegulation(targets=["circle", "square"]), attnctl.SoftPAG(heads=["L0H0"], scale=2.0)
+    with attnctl.attach(flux_pipe, [reg, pag]):
+        both = flux_pipe(PROMPT, generator=gen(), **KW).images
+    assert reg.records and all(len(r.best) == 1 for r in reg.records)
+    ours = AttnCtlFluxPipeline(**flux_pipe.components)
+    ours.set_progress_bar_config(disable=True)
+    same = ours(PROMPT, generator=gen(), controls=[AttentionRegulation(targets=["circle", "square"]),
+                                                   attnctl.SoftPAG(heads=["L0H0"], scale=2.0)], **KW).images
+    assert abs(both - same).max() < 1e-5 and abs(both - base).max() > 1e-4
 
 
 def test_bad_input(sd3_pipe, sd35_pipe):
