@@ -115,6 +115,23 @@ def time_layer(shape: str, res: int, repeats: int) -> dict:
                 nxn_map_bytes_one_head=n * n * 4)
 
 
+MASKED_VARIANTS = ("stock", "joint", "image", "joint-meanq", "image-uniform")
+
+
+def time_masked(shape: str, res: int, repeats: int, padded: float = 0.25) -> dict:
+    """A FLUX layer given a text padding mask (its ``attention_mask``: the last ``padded`` share of the text
+    removed): each SoftPAG form applies the mask; ratios to the stock layer under the same mask."""
+    layers = {}
+    for v in MASKED_VARIANTS:
+        layer = build_softpag(shape, res, v)
+        keep = torch.ones(1, layer.n_text + layer.n_img, dtype=torch.bool)  # FLUX: text first
+        keep[0, round(layer.n_text * (1 - padded)) : layer.n_text] = False
+        layers[v] = Layer(layer.attn, {**layer.kwargs, "attention_mask": keep}, layer.controller, layer.stock,
+                          layer.n_img, layer.n_text)
+    n = layers["stock"].n_img + layers["stock"].n_text
+    return dict(shape=shape, res=res, tokens=n, padded_text=padded, **time_interleaved(layers, repeats))
+
+
 # ------------------------------------------------------------------------------------------ memory
 
 
@@ -261,19 +278,24 @@ def main() -> None:
             r["memory"] = peak_memory(shape, res)
             layer_rows.append(r)
             print(json.dumps(r), file=sys.stderr)
+    masked_rows = []
+    for shape in (s for s in SHAPES if SHAPES[s]["family"] == "flux"):
+        r = time_masked(shape, 512, args.repeats)
+        masked_rows.append(r)
+        print(json.dumps(r), file=sys.stderr)
     fwd_rows = []
     specs = dict(TOY) if args.no_real_blocks else {**TOY, **REAL}
     for name, spec in specs.items():
         r = time_three_way(name, spec, args.repeats if name in TOY else max(1, args.repeats - 1))
         fwd_rows.append(r)
         print(json.dumps(r), file=sys.stderr)
-    _print_tables(layer_rows, fwd_rows)
+    _print_tables(layer_rows, masked_rows, fwd_rows)
     result = {"bench": "guidance", "torch": torch.__version__, "threads": torch.get_num_threads(), "u": U,
-              "layers": layer_rows, "three_way": fwd_rows}
+              "layers": layer_rows, "masked": masked_rows, "three_way": fwd_rows}
     emit(result, args.json)
 
 
-def _print_tables(layer_rows: list[dict], fwd_rows: list[dict]) -> None:
+def _print_tables(layer_rows: list[dict], masked_rows: list[dict], fwd_rows: list[dict]) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
@@ -293,6 +315,16 @@ def _print_tables(layer_rows: list[dict], fwd_rows: list[dict]) -> None:
                   "/".join(f"{m[v]['extra_peak_bytes'] / mb:.0f}" for v in ("stock", "joint", "image", "materialised")),
                   "/".join(f"{m[v]['largest_alloc_bytes'] / mb:.0f}" for v in ("joint", "image", "materialised")),
                   f"{r['nxn_map_bytes_selected_heads'] / mb:.0f}")
+    Console(width=240).print(t)
+    t = Table(title=f"under FLUX's text padding mask: SoftPAG on ¼ of the heads (u={U}) vs the stock layer with the "
+                    "same mask")
+    for col in ("layer", "res", "tokens", "padded text", *[f"{v} ×" for v in MASKED_VARIANTS[1:]],
+                *[f"core {v} ×" for v in MASKED_VARIANTS[1:]]):
+        t.add_column(col, justify="right")
+    for r in masked_rows:
+        t.add_row(r["shape"], str(r["res"]), str(r["tokens"]), f"{r['padded_text']:.0%}",
+                  *[f"{r['layer_ratio'][v]:.3f}" for v in MASKED_VARIANTS[1:]],
+                  *[f"{r['core_ratio'][v]:.3f}" for v in MASKED_VARIANTS[1:]])
     Console(width=240).print(t)
     t = Table(title=r"one batched \[uncond, cond, perturbed] forward vs three one-row forwards (SoftPAG on ¼ heads)")
     for col in ("model", "blocks", "tokens", "heads", "batched s", "3 separate s", "batched / separate", "max |diff|"):

@@ -111,14 +111,15 @@ def core_inputs(layer: Layer):
 def run_core(layer: Layer, q, k, v):
     from attnctl.processors.attend import attend, fused_attention
 
+    mask = layer.kwargs.get("attention_mask")  # the layer's own mask, if it is given one (FLUX's text padding)
     if layer.controller is None:
-        return fused_attention(q, k, v)
+        return fused_attention(q, k, v, attn_mask=mask)
     proc = layer.attn.processor
     from attnctl.processors.base import SiteCall
 
     call = SiteCall(proc.site, 1, q.shape[1], layer.n_text, proc.site.family == "sd3", q.device, q.dtype)
     contribs = layer.controller.contributions(call, q, k, v)
-    return attend(q, k, v, contribs) if contribs else fused_attention(q, k, v)
+    return attend(q, k, v, contribs, attn_mask=mask) if contribs else fused_attention(q, k, v, attn_mask=mask)
 
 
 def time_interleaved(layers: dict[str, Layer], repeats: int, after_warmup=None) -> dict:
