@@ -185,6 +185,8 @@ class Controller:
         ctl = self
 
         def encode_prompt(*args: Any, **kwargs: Any):
+            if ctl._branch is not None:  # a pipeline call starts: model offload may have dropped the wrapper
+                ctl._branch.ensure()
             result = original(*args, **kwargs)
             prompt = kwargs.get("prompt", args[0] if args else None)
             t5_name, t5_pos = ("prompt_3", 2) if ctl.family == "sd3" else ("prompt_2", 1)

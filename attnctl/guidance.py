@@ -168,17 +168,21 @@ class PerturbedBranch:
         self._saved_forward: Any = None
         self._original: Any = None
         self._shift: tuple[int, torch.Tensor] | None = None  # (step, δ) of the last conditional call
+        self._active = False
         self.calls = 0  # transformer calls that ran perturbed rows (for tests and logs)
         self._wrapper = self._forward  # one bound-method object, so __exit__ can recognise it
 
     def __enter__(self) -> PerturbedBranch:
-        self._had_own_forward = "forward" in vars(self.transformer)
-        self._saved_forward = vars(self.transformer).get("forward")
-        self._original = self.transformer.forward  # may already be wrapped (offload hooks): keep the chain
-        self.transformer.forward = self._wrapper
+        self._active = True
+        if not self.installed():
+            self._had_own_forward = "forward" in vars(self.transformer)
+            self._saved_forward = vars(self.transformer).get("forward")
+            self._original = self.transformer.forward  # may already be wrapped (offload hooks): keep the chain
+            self.transformer.forward = self._wrapper
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._active = False  # a copy of the wrapper left inside another's chain now passes calls straight on
         # Only undo our own wrapper: diffusers' offload hooks may have replaced the forward meanwhile
         # (``maybe_free_model_hooks`` re-installs them at the end of a call).
         if vars(self.transformer).get("forward") is self._wrapper:
@@ -187,7 +191,26 @@ class PerturbedBranch:
             else:
                 del self.transformer.forward
 
+    def installed(self) -> bool:
+        """Whether calls of the transformer reach the wrapper: it is the forward, or inside the chain of wrappers
+        (``__wrapped__``) that offload hooks put around it."""
+        fn, seen = vars(self.transformer).get("forward"), 0
+        while fn is not None and seen < 32:
+            if fn is self._wrapper:
+                return True
+            fn, seen = getattr(fn, "__wrapped__", None), seen + 1
+        return False
+
+    def ensure(self) -> None:
+        """Wrap the forward again if something replaced it since :meth:`__enter__`. Model CPU offload does: at the
+        end of every pipeline call diffusers takes its hooks off the transformer and puts new ones on, which
+        drops a wrapper set on top of them; a controller calls this at the start of each pipeline call."""
+        if self._active and not self.installed():
+            self.__enter__()
+
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._active:
+            return self._original(*args, **kwargs)
         state = self.controller.state
         roles = list(state.roles or [])
         ws = self.branches.weights(state.step, state.num_steps)

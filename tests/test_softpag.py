@@ -481,6 +481,39 @@ def test_softpag_on_a_stock_pipeline_through_attach_and_set_attn_processor(sd3_p
         assert "forward" not in vars(stock.transformer) and (gen(extra) - plain).abs().max() == 0
 
 
+@pytest.mark.parametrize("offload", ["before attach", "inside attach"])
+def test_softpag_through_attach_survives_model_cpu_offload(offload):
+    """diffusers' model CPU offload takes its hooks off the transformer and puts new ones on at the end of every
+    call, which drops a forward wrapper set on top of them: every call in an attach block is still guided, and
+    after the block none is, whether offload was enabled before the block or inside it."""
+    from attnctl.testing import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline("sd3")  # its own modules: the offload hooks stay off the shared fixtures
+
+    def gen():
+        return pipe("a red circle", generator=torch.Generator().manual_seed(0), guidance_scale=3.0,
+                    output_type="latent", **KW).images
+
+    plain = gen()
+    if offload == "before attach":
+        pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        with attnctl.attach(pipe, [attnctl.SoftPAG(heads=["L0H1", "L1H0"], scale=2.0)]):
+            if offload == "inside attach":
+                pipe.enable_model_cpu_offload(device="cpu")
+            first, second = gen(), gen()
+        rows = []  # what the first block gets after the block: the CFG batch, no perturbed rows
+        hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+            lambda m, a, kw: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+        after = gen()
+        hook.remove()
+    finally:
+        pipe.remove_all_hooks()
+    assert (first - plain).abs().max() > 1e-4
+    assert (second - first).abs().max() <= 1e-6
+    assert (after - plain).abs().max() <= 1e-6 and set(rows) == {2}
+
+
 def test_sd3_skip_layer_guidance_term_stays_unbiased(sd3_pipe):
     """With SD3's skip-layer guidance, the skip-layer pass gets its step's δ too, so the loop's SLG term
     ``ε_cond' − ε_skip'`` equals the plain ``ε_cond − ε_skip``: the three guidance terms add up, none leaks into
