@@ -221,8 +221,10 @@ class PerturbedBranch:
             self._shift = None
             return self._original(*args, **kwargs)
         cond = [i for i, r in enumerate(roles) if r == "cond"]
-        if not cond:  # FLUX's true-CFG call for the negative prompt
+        if not cond and roles and set(roles) == {"uncond"}:  # FLUX's true-CFG call for the negative prompt
             return self._shifted(self._original(*args, **kwargs), "the call for the negative prompt")
+        if not cond:  # rows the caller laid out without conditional ones: nothing to guide
+            return self._original(*args, **kwargs)
         bound = self._signature.bind_partial(None, *args, **kwargs).arguments
         bound.pop(next(iter(self._signature.parameters)))  # self
         bound.update(bound.pop("kwargs", {}))

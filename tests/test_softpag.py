@@ -481,6 +481,24 @@ def test_softpag_on_a_stock_pipeline_through_attach_and_set_attn_processor(sd3_p
         assert "forward" not in vars(stock.transformer) and (gen(extra) - plain).abs().max() == 0
 
 
+def test_a_negative_prompt_call_before_the_conditional_one_is_an_error(flux_pipe):
+    """The negative-prompt call of FLUX's true CFG takes the δ of its step's conditional call; a loop that made it
+    first would leave that image without its guidance term, so the wrapper says so."""
+    from attnctl.guidance import PerturbedBranch, perturbed_branches
+
+    tr = flux_pipe.transformer
+    inputs = transformer_inputs(tr, batch=1)
+    ctl = attnctl.Controller(tr, [attnctl.SoftPAG(heads=["L0H0"], scale=1.0)], roles=["uncond"])
+    ctl.install()
+    try:
+        ctl.begin_run(1, layout=TokenLayout(ctl.family, inputs["encoder_hidden_states"].shape[1], (4, 4)))
+        with PerturbedBranch(tr, ctl, perturbed_branches(ctl.controls)), torch.no_grad(), \
+                pytest.raises(ConfigError, match="negative prompt at step 0 before the conditional call"):
+            tr(**inputs)
+    finally:
+        ctl.restore()
+
+
 @pytest.mark.parametrize("offload", ["before attach", "inside attach"])
 def test_softpag_through_attach_survives_model_cpu_offload(offload):
     """diffusers' model CPU offload takes its hooks off the transformer and puts new ones on at the end of every
