@@ -3,10 +3,12 @@
     python examples/set_attn_processor.py                          # toy-sd3, runs in seconds on a CPU
     python examples/set_attn_processor.py --model toy-flux
     python examples/set_attn_processor.py --model stabilityai/stable-diffusion-3.5-medium --device cuda
+    python examples/set_attn_processor.py --softpag toy-sd3-headhunter.json   # and SoftPAG in the same run
 
 It generates one image with a plain diffusers pipeline whose attention processors were replaced by
 attnctl's (``pipe.transformer.set_attn_processor(ctl.processors())``), with an ``AttentionProbe`` that
-collects where each named word's attention lands, and writes the image plus one heatmap per word.
+collects where each named word's attention lands, and writes the image plus one heatmap per word. With
+``--softpag`` the controller also runs SoftPAG's perturbed branch on these heads; ``ctl.close()`` takes it off.
 """
 
 from __future__ import annotations
@@ -37,12 +39,19 @@ def main() -> None:
     ap.add_argument("--words", nargs="+", default=["circle", "square"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--softpag", nargs="+", metavar="HEADS",
+                    help="also SoftPAG on these heads: a preset (*.json) or selectors such as L4H2")
+    ap.add_argument("--softpag-scale", type=float, default=2.0, help="its guidance weight w")
     ap.add_argument("--out", default="out/set_attn_processor")
     args = ap.parse_args()
 
     pipe = load_pipeline(args.model, device=args.device, controlled=False)  # a plain diffusers pipeline
     probe = attnctl.AttentionProbe(words=args.words)
-    ctl = attnctl.Controller(pipe, [probe])
+    controls = [probe]
+    if args.softpag:
+        heads = args.softpag[0] if len(args.softpag) == 1 else args.softpag
+        controls.append(attnctl.SoftPAG(heads=heads, scale=args.softpag_scale))
+    ctl = attnctl.Controller(pipe, controls)
     previous = dict(pipe.transformer.attn_processors)
     pipe.transformer.set_attn_processor(ctl.processors())  # the public diffusers API
     try:

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CASES = {
     "set_attn_processor.py": [],
+    "set_attn_processor.py --softpag": ["--softpag", "toy-sd3-headhunter.json"],
     "softpag.py": ["--steps", "4"],
     "regulation.py": ["--seeds", "1"],
     "headhunt.py": ["--limit", "1", "--seeds", "1", "--rounds", "1", "--candidates", "L0", "--w", "2"],
@@ -20,7 +21,8 @@ CASES = {
 
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_example_runs(script, tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / script), *CASES[script], "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / script.split()[0]), *CASES[script], "--out",
+                          str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert any(p.suffix == ".png" for p in tmp_path.rglob("*")) or "no head improved" in res.stdout, res.stdout
