@@ -64,6 +64,7 @@ class Controller:
         self._forwards = 0  # transformer forwards since the last encode_prompt
         self._row_layout_cache: tuple[tuple, list[TokenLayout]] | None = None
         self._new_run = True
+        self._branches = perturbed_branches(self.controls)  # checked here, before anything is installed
         self._branch: PerturbedBranch | None = None  # the perturbed-branch wrapper while tracking, if one is needed
 
     # ------------------------------------------------------------------------------ processors
@@ -174,11 +175,10 @@ class Controller:
         self._hooks.append(self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         if self.pipe is not None and hasattr(self.pipe, "encode_prompt"):
             self._wrap_encode_prompt()
-        branches = perturbed_branches(self.controls)
-        if branches is not None and not self._fixed_roles:
+        if self._branches is not None and not self._fixed_roles:
             # A guidance control (SoftPAG) needs its perturbed rows in every call; with roles given by the caller,
             # the caller lays out the rows (and may wrap the forward with PerturbedBranch itself).
-            self._branch = PerturbedBranch(self.transformer, self, branches).__enter__()
+            self._branch = PerturbedBranch(self.transformer, self, self._branches).__enter__()
 
     def _wrap_encode_prompt(self) -> None:
         original = type(self.pipe).encode_prompt.__get__(self.pipe)

@@ -769,6 +769,11 @@ def test_bad_input_errors(sd3_pipe):
         attnctl.SoftPAG(heads=["L0H0"], scale=float("nan"))
     with pytest.raises(ConfigError, match="target"):
         attnctl.SoftPAG(heads=["L0H0"], target="fisher_rao")
+    two = [attnctl.SoftPAG(heads=["L0H0"], scale=1.0), attnctl.SoftPAG(heads=["L1H0"], scale=2.0)]
+    with pytest.raises(ConfigError, match="different guidance scales"), attnctl.attach(sd3_pipe, two):
+        pass
+    assert "forward" not in vars(sd3_pipe.transformer) and "encode_prompt" not in vars(sd3_pipe)  # nothing left on
+    assert not sd3_pipe.transformer._forward_pre_hooks
     from attnctl.pipelines import AttnCtlSD3Pipeline
 
     pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
