@@ -305,6 +305,12 @@ def test_bad_input(sd3_pipe, sd35_pipe):
     with pytest.raises(LayoutError, match=absent), attnctl.attach(sd3_pipe, [reg]):
         sd3_pipe(PROMPT, **KW)
     assert not any(type(p).__name__.startswith("AttnCtl") for p in sd3_pipe.transformer.attn_processors.values())
+    # a run given only prompt embeddings has no words to find: said so, with the way out
+    embeds = sd3_pipe.encode_prompt(PROMPT, None, None, max_sequence_length=KW["max_sequence_length"])
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    with pytest.raises(LayoutError, match="only prompt_embeds.*pass the prompt text instead"), \
+            attnctl.attach(sd3_pipe, [AttentionRegulation(targets=["circle"], sites="all")]):
+        sd3_pipe(**dict(zip(names, embeds, strict=True)), **KW)
     # missing='ignore' regulates the words that are present
     reg = AttentionRegulation(targets=["circle", "triangle"], sites="all", missing="ignore")
     run_direct(sd3_pipe, reg)

@@ -70,8 +70,9 @@ class AttentionProbe(Control):
         layouts = [state.layout] if state.row_layouts is None else [lay for lay in state.row_layouts if lay]
         if cfg.words is not None and any(lay is None or lay.prompt is None for lay in layouts):
             raise LayoutError(
-                "AttentionProbe(words=...) needs the run's prompt to find the words; use attnctl.attach or an "
-                "attnctl pipeline, or give tokens=[...] instead"
+                "AttentionProbe(words=...) needs the run's prompt to find the words (a run given only prompt_embeds "
+                "has none); pass the prompt text instead, through attnctl.attach or an attnctl pipeline, or give "
+                "tokens=[...]"
             )
 
     def _word_columns(self, layout) -> tuple[list[int], list[str]]:

@@ -485,9 +485,9 @@ class AttentionRegulation(Control):
         if layout is None or not any(seg.words for seg in layout.segments):
             raise LayoutError(
                 "AttentionRegulation needs the run's prompt to find its target words, and this run has none "
-                "(no prompt, or several prompts given to a bare transformer)",
-                fix="run through attnctl.attach(pipe, ...) or an attnctl pipeline, or give "
-                    "Controller(..., layout=TokenLayout(...)) with word positions")
+                "(only prompt_embeds were given, or no prompt, or several prompts given to a bare transformer)",
+                fix="pass the prompt text instead of prompt_embeds, through attnctl.attach(pipe, ...) or an attnctl "
+                    "pipeline, or give Controller(..., layout=TokenLayout(...)) with word positions")
         segs = tuple(cfg.segments) if cfg.segments else None
         positions: list[int] = []
         word_of: list[int] = []
