@@ -161,6 +161,32 @@ def test_pipeline_end_to_end_equals_stock(sd35_pipe, flux_pipe):
         assert abs(a - b).max() <= 1e-6
 
 
+@pytest.mark.parametrize("family", ["sd3", "sd35", "flux"])
+def test_after_fuse_qkv_projections(family):
+    """After ``transformer.fuse_qkv_projections()`` (FLUX's processor then reads ``to_qkv`` / ``to_added_qkv``),
+    attnctl processors give the unfused stock result, and a control acts. Stock SD3.5 itself fails once fused
+    (diffusers 0.42 puts the fused joint processor on the image-only attn2 as well), so it is compared unfused."""
+    from attnctl.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    pipe = tiny_flux_pipeline() if family == "flux" else tiny_sd3_pipeline(family)  # own modules: fusing edits them
+
+    def gen():
+        return pipe("a red circle", generator=torch.Generator().manual_seed(0), num_inference_steps=2, height=32,
+                    width=32, max_sequence_length=24, output_type="latent").images
+
+    plain = gen()
+    pipe.transformer.fuse_qkv_projections()
+    assert all(getattr(m, "fused_projections", False) for m in pipe.transformer.modules() if hasattr(m, "to_qkv"))
+    if family != "sd35":
+        assert (gen() - plain).abs().max() <= 1e-5  # the stock fused processors
+    with attnctl.attach(pipe, []):
+        fused = gen()
+    with attnctl.attach(pipe, [attnctl.SoftPAG(heads=["L0H1"], scale=2.0)]):
+        guided = gen()
+    assert (fused - plain).abs().max() <= 1e-5
+    assert (guided - plain).abs().max() > 1e-4
+
+
 class _Everything(attnctl.Control):
     """A test control that uses every contribution type (on whatever device the call is on)."""
 
