@@ -244,7 +244,7 @@ class PerturbedBranch:
                 f"the call has {len(cond)} conditional and {len(uncond)} unconditional rows; the perturbed branch "
                 "pairs the k-th unconditional row with the k-th conditional one",
                 fix="give every image one unconditional row (diffusers' CFG batch), or none")
-        idx = torch.tensor(cond, dtype=torch.long, device=bound["hidden_states"].device)
+        idx = state.index(cond, bound["hidden_states"].device)  # made once per run (no host copy per call)
 
         def with_copies(x: Any) -> Any:
             if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == batch:
@@ -277,8 +277,7 @@ class PerturbedBranch:
         self._shift = (state.step, delta)
         for rows in (cond, uncond):
             if rows:
-                at = torch.tensor(rows, dtype=torch.long, device=eps.device)
-                eps = eps.index_add(0, at, delta.to(eps.dtype))
+                eps = eps.index_add(0, state.index(rows, eps.device), delta.to(eps.dtype))
         return _with_sample(result, eps)
 
     def _shifted(self, result: Any, what: str) -> Any:

@@ -340,6 +340,15 @@ def masks(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["padding (B, keys)", "bool (B, 1, S, keys)", "additive (B, H, S, keys)"])
+def test_chunked_lse_under_a_mask_in_small_chunks(kind):
+    """The chunked LSE (the fallback for backends that do not return it) takes each chunk's rows of the mask."""
+    q, k, _ = qkv(23)
+    mask, add = masks(kind)
+    s = torch.einsum("bqhd,bkhd->bqhk", q, k) / math.sqrt(D) + add
+    assert (chunked_lse(q, k, mask, max_chunk_elems=3 * B * H * S) - torch.logsumexp(s, -1)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["padding (B, keys)", "bool (B, 1, S, keys)", "additive (B, H, S, keys)"])
 def test_every_contribution_respects_the_attention_mask(kind):
     """Under an attention mask, key biases (tensor and function forms, joint and ``within``), probes and a dense
     bias equal the plain references with the mask in their logits: a masked key gets no probability however

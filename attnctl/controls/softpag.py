@@ -232,13 +232,13 @@ def _on_heads(fn, heads: None | slice | tuple[int, ...], u: float, context: bool
         return lambda out, q, k, v: fn(out, q, k, v, u).to(out.dtype)
 
     def mix(out, q, k, v, ctx=None):
-        picked = [_take_heads(x, heads) for x in (out, q, k, v)]
+        extra = ()
         if context:
             mask = ctx.mask
             if mask is not None and mask.shape[2] > 1:  # a per-head mask (a size-1 axis broadcasts)
                 mask = _take_heads(mask, heads)
-            picked.append(MixContext(mask, ctx.backend))
-        new = fn(*picked[:4], u, *picked[4:]).to(out.dtype)
+            extra = (MixContext(mask, ctx.backend),)
+        new = fn(*(_take_heads(x, heads) for x in (out, q, k, v)), u, *extra).to(out.dtype)
         if isinstance(heads, slice):
             return torch.slice_scatter(out, new, dim=2, start=heads.start, end=heads.stop, step=heads.step)
         res = out.clone()

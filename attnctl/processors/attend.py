@@ -84,21 +84,10 @@ def chunked_lse(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
     out = []
     for r0 in range(0, S, chunk):
         s = torch.einsum("bqhd,bkhd->bhqk", q[:, r0 : r0 + chunk].float(), k.float()) * scale
-        if attn_mask is not None:
-            s = s + _mask_rows(attn_mask, r0, min(S, r0 + chunk)).float()
+        if attn_mask is not None:  # the mask's rows of this chunk, in the dispatcher's (B, H, rows, keys) layout
+            s = s + _mask_logits(attn_mask, Selection(rows=slice(r0, r0 + chunk)), S, B, H, slice(None)).transpose(1, 2)
         out.append(torch.logsumexp(s, dim=-1).transpose(1, 2))
     return torch.cat(out, dim=1)
-
-
-def _mask_rows(attn_mask: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    m = attn_mask
-    if m.dtype == torch.bool:
-        m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
-    if m.ndim == 2:  # (B, keys)
-        return m[:, None, None, :]
-    if m.ndim == 4 and m.shape[-2] > 1:
-        return m[..., r0:r1, :]
-    return m
 
 
 def fused_attention_with_lse(q, k, v, *, attn_mask=None, backend=None, parallel_config=None):
