@@ -32,7 +32,6 @@ pipelines).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,17 +39,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-
-BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
-"""Transformer inputs with one entry per batch row (SD3 and FLUX); the perturbed rows copy them."""
-BATCHED_LISTS = ("block_controlnet_hidden_states", "controlnet_block_samples", "controlnet_single_block_samples")
-"""ControlNet residuals (SD3; FLUX double and single blocks): one tensor per block, each with one entry per batch
-row; the perturbed rows copy them too, so a perturbed image is its conditional image's, under the same control."""
-IP_ADAPTER_INPUTS = ("ip_adapter_image_embeds", "ip_hidden_states", "temb")
-"""IP-adapter entries of ``joint_attention_kwargs`` with one entry per batch row (SD3: one tensor each, ``temb`` the
-adapter's timestep embedding; FLUX: a list, one tensor per adapter): the perturbed rows copy them, so a perturbed
-image sees its conditional image's image prompt, as the perturbed branch of diffusers' PAG pipelines does."""
-
+from .forward_wrap import ForwardWrapper, batch_of, map_rows, sample_of, with_sample
 
 # ------------------------------------------------------------------------------------------ the formula
 
@@ -148,7 +137,7 @@ def _weight_of(group: Sequence[Any], step: int, num_steps: int) -> float:
 # ------------------------------------------------------------------------------------------ the wrapper
 
 
-class PerturbedBranch:
+class PerturbedBranch(ForwardWrapper):
     """Context manager: wrap ``transformer.forward`` so each call also runs the perturbed rows and returns
     the shifted predictions (see the module doc). Restored on exit, also when the call raises.
 
@@ -160,62 +149,18 @@ class PerturbedBranch:
     """
 
     def __init__(self, transformer: torch.nn.Module, controller: Any, branches: Branches) -> None:
-        self.transformer = transformer
+        super().__init__(transformer)
         self.controller = controller
         self.branches = branches
-        self._signature = inspect.signature(type(transformer).forward)
-        self._had_own_forward = False
-        self._saved_forward: Any = None
-        self._original: Any = None
         self._shift: tuple[int, torch.Tensor] | None = None  # (step, δ) of the last conditional call
-        self._active = False
         self.calls = 0  # transformer calls that ran perturbed rows (for tests and logs)
-        self._wrapper = self._forward  # one bound-method object, so __exit__ can recognise it
-
-    def __enter__(self) -> PerturbedBranch:
-        self._active = True
-        if not self.installed():
-            self._had_own_forward = "forward" in vars(self.transformer)
-            self._saved_forward = vars(self.transformer).get("forward")
-            self._original = self.transformer.forward  # may already be wrapped (offload hooks): keep the chain
-            self.transformer.forward = self._wrapper
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._active = False  # a copy of the wrapper left inside another's chain now passes calls straight on
-        # Only undo our own wrapper: diffusers' offload hooks may have replaced the forward meanwhile
-        # (``maybe_free_model_hooks`` re-installs them at the end of a call).
-        if vars(self.transformer).get("forward") is self._wrapper:
-            if self._had_own_forward:
-                self.transformer.forward = self._saved_forward
-            else:
-                del self.transformer.forward
-
-    def installed(self) -> bool:
-        """Whether calls of the transformer reach the wrapper: it is the forward, or inside the chain of wrappers
-        (``__wrapped__``) that offload hooks put around it."""
-        fn, seen = vars(self.transformer).get("forward"), 0
-        while fn is not None and seen < 32:
-            if fn is self._wrapper:
-                return True
-            fn, seen = getattr(fn, "__wrapped__", None), seen + 1
-        return False
-
-    def ensure(self) -> None:
-        """Wrap the forward again if something replaced it since :meth:`__enter__`. Model CPU offload does: at the
-        end of every pipeline call diffusers takes its hooks off the transformer and puts new ones on, which
-        drops a wrapper set on top of them; a controller calls this at the start of each pipeline call."""
-        if self._active and not self.installed():
-            self.__enter__()
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._active:
-            return self._original(*args, **kwargs)
         state = self.controller.state
         roles = list(state.roles or [])
         ws = self.branches.weights(state.step, state.num_steps)
         if kwargs.get("skip_layers") is not None:  # SD3's skip-layer guidance pass: conditional rows only
-            result = self._with_roles(["cond"] * _batch_of(args, kwargs), args, kwargs)
+            result = self._with_roles(["cond"] * batch_of(args, kwargs), args, kwargs)
             return self._shifted(result, "SD3's skip-layer guidance pass") if any(ws) else result
         if not any(ws):
             self._shift = None
@@ -225,9 +170,7 @@ class PerturbedBranch:
             return self._shifted(self._original(*args, **kwargs), "the call for the negative prompt")
         if not cond:  # rows the caller laid out without conditional ones: nothing to guide
             return self._original(*args, **kwargs)
-        bound = self._signature.bind_partial(None, *args, **kwargs).arguments
-        bound.pop(next(iter(self._signature.parameters)))  # self
-        bound.update(bound.pop("kwargs", {}))
+        bound = self.bind(args, kwargs)
         batch = bound["hidden_states"].shape[0]
         if len(roles) != batch:
             raise ConfigError(f"the controller knows {len(roles)} batch roles but the transformer got {batch} rows")
@@ -245,29 +188,11 @@ class PerturbedBranch:
                 "pairs the k-th unconditional row with the k-th conditional one",
                 fix="give every image one unconditional row (diffusers' CFG batch), or none")
         idx = state.index(cond, bound["hidden_states"].device)  # made once per run (no host copy per call)
-
-        def with_copies(x: Any) -> Any:
-            if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == batch:
-                return torch.cat([x, x.index_select(0, idx.to(x.device))])
-            return x
-
-        for name in BATCHED_INPUTS:
-            if name in bound:
-                bound[name] = with_copies(bound[name])
-        for name in BATCHED_LISTS:
-            if isinstance(bound.get(name), (list, tuple)):
-                bound[name] = [with_copies(x) for x in bound[name]]
-        extras = bound.get("joint_attention_kwargs")
-        if extras and any(name in extras for name in IP_ADAPTER_INPUTS):
-            extras = dict(extras)  # the transformer pops from it; the pipeline's own dict stays as it was
-            for name in IP_ADAPTER_INPUTS:
-                if name in extras:
-                    extras[name] = _ip_copies(name, extras[name], batch, with_copies)
-            bound["joint_attention_kwargs"] = extras
+        bound = map_rows(bound, batch, lambda x: torch.cat([x, x.index_select(0, idx.to(x.device))]), "SoftPAG")
         extra = [self.branches.role(j) for j in range(len(cond))]
         result = self._with_roles(roles + extra, (), bound)
         self.calls += 1
-        sample = _sample(result)
+        sample = sample_of(result)
         eps, eps_ptb = sample[:batch], sample[batch:]
         w: float | torch.Tensor = ws[0]
         if self.branches.count is not None:  # one w per image
@@ -278,11 +203,11 @@ class PerturbedBranch:
         for rows in (cond, uncond):
             if rows:
                 eps = eps.index_add(0, state.index(rows, eps.device), delta.to(eps.dtype))
-        return _with_sample(result, eps)
+        return with_sample(result, eps)
 
     def _shifted(self, result: Any, what: str) -> Any:
         """A call apart from the batched one (every row an image's): its predictions get the step's ``δ``."""
-        sample = _sample(result)
+        sample = sample_of(result)
         step = self.controller.state.step
         if self._shift is None or self._shift[0] != step or self._shift[1].shape != sample.shape:
             raise ConfigError(
@@ -290,7 +215,7 @@ class PerturbedBranch:
                 "has no guidance term to add to it",
                 fix="call the transformer for the conditional prompt first in every step, as the diffusers SD3 and "
                     "FLUX loops do")
-        return _with_sample(result, sample + self._shift[1].to(sample.dtype))
+        return with_sample(result, sample + self._shift[1].to(sample.dtype))
 
     def _with_roles(self, roles: list[str], args: tuple, kwargs: dict) -> Any:
         state = self.controller.state
@@ -300,35 +225,3 @@ class PerturbedBranch:
             return self._original(*args, **kwargs)
         finally:
             state.roles = saved
-
-
-def _ip_copies(name: str, value: Any, batch: int, with_copies: Callable[[Any], Any]) -> Any:
-    """An IP-adapter input with the perturbed rows' copies appended; one that is not per batch row is an error,
-    since the perturbed rows could not be given their image prompt."""
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    for x in items:
-        if not (isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == batch):
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ConfigError(
-                f"SoftPAG: the IP-adapter input joint_attention_kwargs[{name!r}] has shape {got}, not one entry per "
-                f"batch row ({batch}), so the perturbed rows cannot be given the image prompt",
-                fix="pass IP-adapter image embeddings with one row per image of the call, as the diffusers "
-                    "pipelines prepare them")
-    copies = [with_copies(x) for x in items]
-    return copies if isinstance(value, (list, tuple)) else copies[0]
-
-
-def _sample(result: Any) -> torch.Tensor:
-    return result[0] if isinstance(result, tuple) else result.sample
-
-
-def _with_sample(result: Any, sample: torch.Tensor) -> Any:
-    if isinstance(result, tuple):
-        return (sample, *result[1:])
-    result.sample = sample
-    return result
-
-
-def _batch_of(args: tuple, kwargs: dict) -> int:
-    x = kwargs.get("hidden_states", args[0] if args else None)
-    return int(x.shape[0])
