@@ -18,6 +18,7 @@ _EXPORTS = {
     "Controller": ".controller", "attach": ".controller",
     "AttentionProbe": ".controls", "Control": ".controls", "control_from_json": ".controls",
     "AttentionRegulation": ".controls.regulation", "SoftPAG": ".controls.softpag",
+    "LayoutGuidance": ".controls.layout_guidance",
     "TokenLayout": ".layout",
     "AttnCtlFluxProcessor": ".processors", "AttnCtlJointProcessor": ".processors",
     "HeadSet": ".sites", "Site": ".sites", "list_sites": ".sites", "select_sites": ".sites",
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from .controls import AttentionProbe as AttentionProbe
     from .controls import Control as Control
     from .controls import control_from_json as control_from_json
+    from .controls.layout_guidance import LayoutGuidance as LayoutGuidance
     from .controls.regulation import AttentionRegulation as AttentionRegulation
     from .controls.softpag import SoftPAG as SoftPAG
     from .layout import TokenLayout as TokenLayout

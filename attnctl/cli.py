@@ -704,6 +704,17 @@ def _word_field(kind: str) -> str:
                        "use it with a word control (regulation, probe), or drop --words-from")
 
 
+def _box_field(kind: str) -> str:
+    """The config field of control ``kind`` that takes boxes keyed by words (``boxes``)."""
+    from .controls.base import CONTROL_TYPES
+
+    cls = CONTROL_TYPES.get(kind)
+    if "boxes" in getattr(getattr(cls, "Config", None), "model_fields", {}):
+        return "boxes"
+    raise AttnCtlError(f"--boxes-from: control {kind!r} takes no boxes",
+                       "use it with a box control (layout), or drop --boxes-from")
+
+
 def _batches(jobs: list[tuple[int, int]], size: int, by_item: bool) -> list[list[tuple[int, int]]]:
     if not by_item:
         return [jobs[i:i + size] for i in range(0, len(jobs), size)]
@@ -733,6 +744,9 @@ def eval_(
     words_from: str | None = typer.Option(
         None, "--words-from", help="Fill the control's words (regulation targets, probe words) from each item's "
                                    "objects: shapes, colours, both or phrases."),
+    boxes_from: str | None = typer.Option(
+        None, "--boxes-from", help="Give the control (layout) each item's boxes, keyed by its objects' colours, "
+                                   "shapes or phrases."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N prompt items."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per pipeline call."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -747,7 +761,7 @@ def eval_(
 
     from .headhunt import NOISE_KINDS, pair_seed
     from .toyworld.evaluate import evaluate_set
-    from .toyworld.world import WORD_KINDS, object_words
+    from .toyworld.world import BOX_KEYS, WORD_KINDS, object_boxes, object_words
 
     if noise not in NOISE_KINDS:
         raise AttnCtlError(f"--noise {noise!r} is not a noise design", f"use one of {', '.join(NOISE_KINDS)}")
@@ -760,18 +774,31 @@ def eval_(
         settings_json = read_json_arg(config, "--config") if config is not None else {}
         if not isinstance(settings_json, dict):
             raise AttnCtlError("--config must be a JSON object", 'e.g. --config \'{"words": ["circle"]}\'')
-        if words_from is None:
+        if words_from is None and boxes_from is None:
             controls = build_controls([{**settings_json, "kind": method}], what=f"--method {method}")
-    if words_from is not None:
+    if words_from is not None and boxes_from is not None:
+        raise AttnCtlError("--words-from and --boxes-from both fill the control's words", "pass one of them")
+    per_item = words_from if words_from is not None else boxes_from
+    if per_item is not None:
+        flag = "--words-from" if words_from is not None else "--boxes-from"
         if method is None:
-            raise AttnCtlError("--words-from needs --method", "pass --method regulation (or probe) with --words-from")
-        field = _word_field(method)
-        if words_from not in WORD_KINDS:
-            raise AttnCtlError(f"--words-from {words_from!r} is not a word kind", f"use one of {', '.join(WORD_KINDS)}")
+            raise AttnCtlError(f"{flag} needs --method", f"pass --method {'regulation' if words_from else 'layout'} "
+                                                         f"with {flag}")
+        if words_from is not None:
+            field = _word_field(method)
+            if words_from not in WORD_KINDS:
+                raise AttnCtlError(f"--words-from {words_from!r} is not a word kind",
+                                   f"use one of {', '.join(WORD_KINDS)}")
+        else:
+            field = _box_field(method)
+            if boxes_from not in BOX_KEYS:
+                raise AttnCtlError(f"--boxes-from {boxes_from!r} is not a box key", f"use one of {', '.join(BOX_KEYS)}")
+            for item in items:
+                object_boxes(item, boxes_from)  # every item has a layout its words can key
 
-        def controls_for(item: dict[str, Any]) -> list:  # one set per prompt item: its own words
-            spec = {**settings_json, "kind": method, field: object_words(item, words_from)}
-            return build_controls([spec], what=f"--method {method}")
+        def controls_for(item: dict[str, Any]) -> list:  # one set per prompt item: its own words (and boxes)
+            value = object_words(item, words_from) if words_from is not None else object_boxes(item, boxes_from)
+            return build_controls([{**settings_json, "kind": method, field: value}], what=f"--method {method}")
 
         controls = controls_for(items[0])  # checks the settings before the model loads
     torch_dtype = parse_dtype(dtype)
@@ -802,7 +829,7 @@ def eval_(
         for chunk in batches:
             kwargs = dict(call, prompt=[items[i]["prompt"] for i, _ in chunk],
                           generator=[torch.Generator("cpu").manual_seed(pair_seed(i, s, noise)) for i, s in chunk])
-            chunk_controls = controls_for(items[chunk[0][0]]) if words_from is not None else controls
+            chunk_controls = controls_for(items[chunk[0][0]]) if per_item is not None else controls
             for img in run_pipeline(pipe, kwargs, chunk_controls):
                 images.append(np.asarray(img.convert("RGB")))
             bar.advance(task, len(chunk))
@@ -819,9 +846,10 @@ def eval_(
         "seeds": seeds,
         "noise": noise,
         "method": method,
-        "config": (controls[0].to_json() if words_from is None else {**settings_json, "kind": method})
+        "config": (controls[0].to_json() if per_item is None else {**settings_json, "kind": method})
         if controls else None,
         "words_from": words_from,
+        "boxes_from": boxes_from,
         "steps": call["num_inference_steps"],
         "guidance": call["guidance_scale"],
         "height": call["height"],

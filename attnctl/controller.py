@@ -21,8 +21,9 @@ guided predictions. Both are removed by :meth:`Controller.close` (and on leaving
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ import torch
 from .controls.base import Control, RunState
 from .errors import ConfigError, LayoutError, UnsupportedModelError
 from .guidance import PerturbedBranch, perturbed_branches
+from .latent_guidance import LatentGuidance, StopForward, check_scheduler
 from .layout import TokenLayout, layout_for_pipeline
 from .processors import AttnCtlProcessor, processor_for
 from .processors.base import SiteCall
@@ -66,6 +68,46 @@ class Controller:
         self._new_run = True
         self._branches = perturbed_branches(self.controls)  # checked here, before anything is installed
         self._branch: PerturbedBranch | None = None  # the perturbed-branch wrapper while tracking, if one is needed
+        self._latent_control = self._latent_guidance_control()
+        self._latent: LatentGuidance | None = None  # the latent-guidance wrapper while tracking, if one is needed
+        self._stop_site = self._deepest_site(self._latent_control)
+
+    def _latent_guidance_control(self) -> Control | None:
+        found = [c for c in self.controls if getattr(c, "latent_guidance", False)]
+        if not found:
+            return None
+        if len(found) > 1:
+            names = ", ".join(type(c).__name__ for c in found)
+            raise ConfigError(f"{len(found)} latent-guidance controls in one run ({names}); each would move the "
+                              "latents on its own", fix="use one, and give it all the words and boxes")
+        if self.pipe is None:
+            raise ConfigError(
+                f"{type(found[0]).__name__} moves the latents between steps, so it needs the pipeline (its "
+                "scheduler), not a bare transformer",
+                fix="pass the pipeline: attnctl.attach(pipe, ...), Controller(pipe, ...) or an attnctl pipeline")
+        check_scheduler(self.pipe, type(found[0]).__name__)
+        return found[0]
+
+    def _deepest_site(self, control: Control | None) -> str | None:
+        if control is None or not control.sites:
+            return None
+        order = {s.name: i for i, s in enumerate(self.sites)}
+        return max(control.sites, key=lambda s: order[s.name]).name
+
+    @contextlib.contextmanager
+    def gradient_pass(self, rows: Sequence[int]) -> Iterator[None]:
+        """A forward for latent guidance's loss on the batch ``rows`` of the current call (conditional rows): only
+        the latent-guidance control acts, and the forward stops after its deepest site (:class:`StopForward`)."""
+        state = self.state
+        saved = state.roles, state.row_layouts, state.gradient_pass
+        state.roles = ["cond"] * len(rows)
+        if state.row_layouts is not None:
+            state.row_layouts = [state.row_layouts[i] for i in rows]
+        state.gradient_pass = True
+        try:
+            yield
+        finally:
+            state.roles, state.row_layouts, state.gradient_pass = saved
 
     # ------------------------------------------------------------------------------ processors
     def processors(self) -> dict[str, AttnCtlProcessor]:
@@ -111,6 +153,9 @@ class Controller:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._latent is not None:
+            self._latent.__exit__(None, None, None)
+            self._latent = None
         if self._branch is not None:
             self._branch.__exit__(None, None, None)
             self._branch = None
@@ -150,6 +195,8 @@ class Controller:
 
     def contributions(self, call: SiteCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
         active = [c for c in self.controls if c.applies_to(call.site)]
+        if self.state.gradient_pass:
+            active = [c for c in active if c is self._latent_control]
         if not active:
             return []
         if call.n_text is None:
@@ -166,6 +213,8 @@ class Controller:
         out = []
         for c in active:
             out.extend(c.contribute(call, q, k, v, self.state) or ())
+        if self.state.gradient_pass and call.site.name == self._stop_site:
+            raise StopForward  # every map of the loss is recorded: the rest of the model is not needed
         return out
 
     # ------------------------------------------------------------------------------ tracking
@@ -179,14 +228,18 @@ class Controller:
             # A guidance control (SoftPAG) needs its perturbed rows in every call; with roles given by the caller,
             # the caller lays out the rows (and may wrap the forward with PerturbedBranch itself).
             self._branch = PerturbedBranch(self.transformer, self, self._branches).__enter__()
+        if self._latent_control is not None:  # outside the perturbed branch: it moves the latents of every row
+            self._latent = LatentGuidance(self.transformer, self, self._latent_control, self.pipe.scheduler)
+            self._latent.__enter__()
 
     def _wrap_encode_prompt(self) -> None:
         original = type(self.pipe).encode_prompt.__get__(self.pipe)
         ctl = self
 
         def encode_prompt(*args: Any, **kwargs: Any):
-            if ctl._branch is not None:  # a pipeline call starts: model offload may have dropped the wrapper
-                ctl._branch.ensure()
+            for wrapper in (ctl._branch, ctl._latent):  # a pipeline call starts: model offload may have dropped
+                if wrapper is not None:  # the wrappers (in this order: latent guidance stays outside)
+                    wrapper.ensure()
             result = original(*args, **kwargs)
             prompt = kwargs.get("prompt", args[0] if args else None)
             t5_name, t5_pos = ("prompt_3", 2) if ctl.family == "sd3" else ("prompt_2", 1)

@@ -63,12 +63,14 @@ class ForwardWrapper:
 
     def installed(self) -> bool:
         """Whether calls of the transformer reach the wrapper: it is the forward, or inside the chain of wrappers
-        (``__wrapped__``) that offload hooks put around it."""
+        that offload hooks (``__wrapped__``) and other attnctl wrappers put around it."""
         fn, seen = vars(self.transformer).get("forward"), 0
         while fn is not None and seen < 32:
             if fn is self._wrapper:
                 return True
-            fn, seen = getattr(fn, "__wrapped__", None), seen + 1
+            owner = getattr(fn, "__self__", None)  # another attnctl wrapper: look at what it wraps
+            fn = owner._original if isinstance(owner, ForwardWrapper) else getattr(fn, "__wrapped__", None)
+            seen += 1
         return False
 
     def ensure(self) -> None:

@@ -157,6 +157,8 @@ class PerturbedBranch(ForwardWrapper):
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         state = self.controller.state
+        if state.gradient_pass:  # latent guidance's pass for its loss: the maps of the conditional rows only
+            return self._original(*args, **kwargs)
         roles = list(state.roles or [])
         ws = self.branches.weights(state.step, state.num_steps)
         if kwargs.get("skip_layers") is not None:  # SD3's skip-layer guidance pass: conditional rows only

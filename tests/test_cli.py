@@ -167,6 +167,28 @@ def test_eval_words_from_gives_each_item_its_own_words(sd3_dir, tmp_path, monkey
     assert json.loads(off.stdout)["metrics"] == json.loads(plain.stdout)["metrics"]
 
 
+def test_eval_boxes_from_gives_each_item_its_own_layout(sd3_dir, monkeypatch):
+    import attnctl.cli as cli
+    from attnctl.toyworld.world import prompt_set
+
+    seen = []
+    real = cli.run_pipeline
+
+    def spy(pipe, kwargs, controls):
+        seen.append((kwargs["prompt"][0], controls[0].config.boxes if controls else None))
+        return real(pipe, kwargs, controls)
+
+    monkeypatch.setattr(cli, "run_pipeline", spy)
+    result = run("eval", "--model", sd3_dir, "--prompts", "pair", "--limit", "2", "--seeds", "1", "--steps", "2",
+                 "--json", "--method", "layout", "--boxes-from", "phrases")
+    ok(result)
+    out = json.loads(result.stdout)
+    assert out["boxes_from"] == "phrases" and out["config"]["kind"] == "layout" and "box_iou" in out["metrics"]
+    for item, (prompt, boxes) in zip(prompt_set("pair")[:2], seen, strict=True):
+        want = {f"{o['colour']} {o['shape']}": b for o, b in zip(item["objects"], item["boxes"], strict=True)}
+        assert prompt == item["prompt"] and boxes == want
+
+
 def test_eval_noise_designs(sd3_dir, tmp_path, monkeypatch):
     """--noise shared gives every item seeds 0..N-1; per_prompt gives item i seed s + 1000003·i (the benches' and
     headhunt's design), recorded in the JSON; an unknown design is refused before the model loads."""
@@ -254,6 +276,13 @@ def _bad_input_cases(sd3: str, tmp: str) -> list[tuple[list[str], str]]:
          "'nouns' is not a word kind"),
         (["eval", "--model", sd3, "--prompts", "single", "--method", "softpag", "--config", '{"heads": ["L0H0"]}',
           "--words-from", "shapes"], "names no prompt words"),
+        (["eval", "--model", sd3, "--prompts", "pair", "--method", "layout", "--boxes-from", "sizes"],
+         "'sizes' is not a box key"),
+        (["eval", "--model", sd3, "--prompts", "count", "--method", "layout", "--boxes-from", "colours"],
+         "several instances of an object"),
+        (["eval", "--model", sd3, "--prompts", "pair", "--method", "probe", "--boxes-from", "colours"],
+         "takes no boxes"),
+        (["eval", "--model", sd3, "--prompts", "pair", "--boxes-from", "colours"], "--boxes-from needs --method"),
         (["inspect", "--config", "sd4-huge"], "unknown transformer config 'sd4-huge'"),
         (["toy", "train", "--model", "toy-unet", "--out", tmp], "unknown toy model 'toy-unet'"),
     ]

@@ -42,6 +42,7 @@ class RunState:
     layout: TokenLayout | None = None
     row_layouts: list[TokenLayout | None] | None = None  # per batch row, when a call has several prompts
     reports: dict[str, float] = field(default_factory=dict)
+    gradient_pass: bool = False  # a latent-guidance forward for its loss (only latent-guidance controls act)
     _indices: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def index(self, values: Sequence[int], device=None) -> torch.Tensor:

@@ -517,6 +517,34 @@ def object_words(item: dict[str, Any], which: str = "shapes") -> list[str]:
     return list(dict.fromkeys(words))
 
 
+BOX_KEYS: tuple[str, ...] = ("colours", "shapes", "phrases")
+"""What :func:`object_boxes` keys each object's box by."""
+
+
+def object_boxes(item: dict[str, Any], key: str = "colours") -> dict[str, list[float]]:
+    """A prompt item's layout as ``LayoutGuidance(boxes=...)`` takes it: each object's box keyed by its colour word,
+    its shape word, or its ``"<colour> <shape>"`` phrase. The item needs "boxes" (one per object instance), one
+    instance per object, and keys that tell the objects apart (two squares cannot be keyed by "square")."""
+    if key not in BOX_KEYS:
+        raise AttnCtlError(f"unknown box key {key!r}", f"use one of {', '.join(BOX_KEYS)}")
+    objects = item["objects"] if "objects" in item else parse_caption(item["prompt"])["objects"]
+    boxes = item.get("boxes")
+    if not boxes:
+        raise AttnCtlError(f"the prompt item {item['prompt']!r} has no boxes",
+                           'give it "boxes": one [x0, y0, x1, y1] per object, in order')
+    if any(int(o.get("count", 1)) != 1 for o in objects) or len(boxes) != len(objects):
+        raise AttnCtlError(f"the prompt item {item['prompt']!r} counts several instances of an object, so its boxes "
+                           "cannot be keyed by words", "use items with one instance per object (pair, triple sets)")
+    out: dict[str, list[float]] = {}
+    for obj, box in zip(objects, boxes, strict=True):
+        name = {"colours": obj["colour"], "shapes": obj["shape"], "phrases": f"{obj['colour']} {obj['shape']}"}[key]
+        if name in out:
+            raise AttnCtlError(f"two objects of {item['prompt']!r} share the {key[:-1]} {name!r}",
+                               "key the boxes by phrases (colour and shape)")
+        out[name] = list(box)
+    return out
+
+
 def item_from_scene(scene: Scene) -> dict[str, Any]:
     """A prompt item for a scene: its caption parsed into objects (and relation) plus its boxes as layout."""
     item: dict[str, Any] = {"prompt": scene.caption, "kind": scene.kind}

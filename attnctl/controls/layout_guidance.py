@@ -1,0 +1,329 @@
+"""LayoutGuidance: put each named word where its box says, by a gradient step on the latents.
+
+After the inter-token and self-attention constraints of CSG ("Training-free Composite Scene Generation for
+Layout-to-Image Synthesis") and the layout guidance it builds on, moved from SD1.x cross-attention to the joint
+attention of MM-DiT (SD3, SD3.5, FLUX.1). ``docs/layout.md`` has the derivation; in short:
+
+1. At each step where the schedule ``scale`` (``η_t``) is above zero, one forward of the conditional rows records,
+   at every selected joint site, the map of each word ``t`` (a phrase: all its words' tokens)::
+
+       A_t(r) = mean over heads of  Σ_{c ∈ tokens(t)} softmax_over_text_keys(q_r·k_c/√d)
+
+   for every image token ``r``: the image→text slice of the joint attention renormalised over the text keys, as
+   in a cross-attention softmax. Only image-query × text-key logits are formed, never the image×image block.
+2. The loss, per image, averaged over the sites (``loss="ratio"``, layout guidance)::
+
+       L = mean_t (1 − Σ_r m_t(r)·A_t(r) / Σ_r A_t(r))²
+
+   with ``m_t(r)`` the fraction of token ``r``'s cell inside box ``t``. ``loss="csg"`` takes CSG's selective form:
+   the ``k = max(1, ⌊0.8·|box|⌋)`` largest in-box values, a random half ``r`` of them against the ``r`` largest
+   outside values, ``L_intra = (1 − S_in/(S_in + S_out))²``, plus ``50·L_inter``, where
+   ``L_inter = (min(mean_in − 0.1, M) − M)²`` and ``M`` is the largest mean map of another word at those pixels
+   (non-zero only when another word comes within the margin ``0.1``).
+3. :mod:`attnctl.latent_guidance` then steps ``z ← z − η_t·σ_t·∇L/rms(∇L)`` (``iterations`` times) and runs the
+   step from the moved latent under the unchanged diffusers loop.
+
+Outside the gradient pass the control adds nothing to the attention: every site stays on the stock fused kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from ..errors import LayoutError, SiteError, UnsupportedModelError, WordCutOffError
+from ..schedules import bounded
+from ..sites import select_sites
+from .base import Control, ControlConfig, RunState, register
+from .regulation import JOINT_KINDS, mid_depth_sites
+
+CSG_SAMPLE = 0.8
+"""CSG's selective sampling: the top ``0.8·|box|`` in-box values ..."""
+CSG_KEEP = 0.5
+"""... of which a random half enters the ratio."""
+CSG_MARGIN = 0.1
+"""Inter-token constraint: another word's mean map may come no closer than this to the word's own."""
+CSG_INTER_WEIGHT = 50.0
+"""Weight of the inter-token term against the intra-token one (CSG's 5·(ΣL_intra + 50·ΣL_inter); the overall 5
+does not matter here, the step is normalised)."""
+_TINY = 1e-12
+
+
+class LayoutConfig(ControlConfig):
+    boxes: dict[str, list[float]] = Field(
+        ..., description="word (or phrase) -> [x0, y0, x1, y1], fractions of the image width and height from the "
+                         "top left, e.g. {'circle': [0.05, 0.1, 0.45, 0.5]}")
+    segments: list[str] | None = Field(None, description="tokenizer segments to take the words from (clip, t5); "
+                                                         "None: every segment of the model")
+    missing: Literal["error", "ignore"] = Field("error", description="a word absent from the prompt: raise, or "
+                                                                     "guide the words that are present")
+    sites: str | list[str] = Field("all", description="site selector; 'all': every joint (image-text) site, "
+                                                      "'mid': the middle third by depth")
+    scale: bounded(0, None) = Field("window(0.3, 0, 0.5)", description="schedule of the step size η (in units of "
+                                                                       "the latent's scale, times σ_t); 0: no step")
+    iterations: int = Field(1, description="gradient steps per guided step")
+    loss: Literal["ratio", "csg"] = Field("ratio", description="ratio: layout guidance's in-box share; csg: CSG's "
+                                                               "selective intra- and inter-token constraints")
+    seed: int = Field(0, description="seed of CSG's random half of the sampled in-box values")
+
+    @field_validator("boxes")
+    @classmethod
+    def _boxes(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        if not v:
+            raise ValueError("boxes is empty; give at least one word and its box, e.g. "
+                             "boxes={'circle': [0.05, 0.1, 0.45, 0.5]}")
+        seen: set[str] = set()
+        out = {}
+        for word, box in v.items():
+            w = word.strip()
+            if not w:
+                raise ValueError("boxes holds an empty word; key each box by a word of the prompt such as 'circle'")
+            if w.lower() in seen:
+                raise ValueError(f"boxes names {w!r} more than once; give each word one box")
+            seen.add(w.lower())
+            if len(box) != 4 or not all(isinstance(x, int | float) and math.isfinite(x) for x in box):
+                raise ValueError(f"the box of {w!r} is {box!r}; write [x0, y0, x1, y1] as four finite numbers")
+            x0, y0, x1, y1 = (float(x) for x in box)
+            if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+                raise ValueError(f"the box of {w!r} is {box!r}; need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
+                                 "(fractions of the image from the top left)")
+            out[w] = [x0, y0, x1, y1]
+        return out
+
+    @field_validator("iterations")
+    @classmethod
+    def _iterations(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"iterations={v}: need at least one gradient step per guided step (default 1); "
+                             "set scale=0 to turn the guidance off")
+        return v
+
+
+# --------------------------------------------------------------------------------------------- math
+
+
+def box_coverage(boxes: list[list[float]], grid: tuple[int, int], device=None) -> torch.Tensor:
+    """``(h·w, S)``: the fraction of each image token's cell (row-major) that lies inside each box."""
+    h, w = grid
+    ys = torch.arange(h + 1, dtype=torch.float32, device=device) / h
+    xs = torch.arange(w + 1, dtype=torch.float32, device=device) / w
+    cols = []
+    for x0, y0, x1, y1 in boxes:
+        fy = ((ys[1:].clamp(max=y1) - ys[:-1].clamp(min=y0)).clamp(min=0) * h)  # (h,) fraction of each row band
+        fx = ((xs[1:].clamp(max=x1) - xs[:-1].clamp(min=x0)).clamp(min=0) * w)
+        cols.append((fy[:, None] * fx[None, :]).reshape(-1))
+    return torch.stack(cols, dim=1)
+
+
+def word_maps(q_img: torch.Tensor, k_text: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
+    """``(batch, N_img, S)``: each word's share of the image tokens' text attention, averaged over heads.
+
+    ``q_img`` ``(batch, N_img, heads, d)``, ``k_text`` ``(batch, T, heads, d)``; ``columns[t]`` the text positions of
+    word ``t`` (an empty list gives a zero map). The softmax runs over the text keys only."""
+    scale = 1.0 / math.sqrt(q_img.shape[-1])
+    logits = torch.einsum("bnhd,bthd->bhnt", q_img.float(), k_text.float()) * scale
+    p = logits.softmax(dim=-1)
+    maps = [p[..., cols].sum(-1) if cols else p.new_zeros(p.shape[:-1]) for cols in columns]
+    return torch.stack(maps, dim=-1).mean(dim=1)
+
+
+def ratio_loss(maps: torch.Tensor, cover: torch.Tensor, present: list[bool]) -> torch.Tensor:
+    """Layout guidance, per image ``(batch,)``: ``mean_t (1 − Σ_r m_t·A_t / Σ_r A_t)²`` over the present words."""
+    inside = (maps * cover).sum(1) / maps.sum(1).clamp_min(_TINY)  # (batch, S)
+    weight = torch.tensor([float(p) for p in present], device=maps.device)
+    return ((1 - inside) ** 2 * weight).sum(-1) / max(1, sum(present))
+
+
+def box_tokens(cover: torch.Tensor) -> list[tuple[list[int], list[int]]]:
+    """Per box, the image tokens inside it and outside it, for CSG's sampling (on the host, once per grid): a token
+    is inside when at least half its cell is; a box that holds no token this way takes the token it covers most."""
+    cover = cover.detach().cpu()
+    out = []
+    for t in range(cover.shape[1]):
+        inside = cover[:, t] >= 0.5
+        if not bool(inside.any()):
+            inside[int(cover[:, t].argmax())] = True
+        out.append((inside.nonzero().flatten().tolist(), (~inside).nonzero().flatten().tolist()))
+    return out
+
+
+def csg_loss(maps: torch.Tensor, tokens: list[tuple[list[int], list[int]]], present: list[bool],
+             generator: torch.Generator | None, sample: float = CSG_SAMPLE, keep: float = CSG_KEEP,
+             margin: float = CSG_MARGIN, inter_weight: float = CSG_INTER_WEIGHT) -> torch.Tensor:
+    """CSG's selective intra-token ratio plus its inter-token constraint, per image ``(batch,)`` (module doc);
+    ``tokens`` from :func:`box_tokens`."""
+    total = maps.new_zeros(maps.shape[0])
+    for t, (idx_in, idx_out) in enumerate(tokens):
+        if not present[t]:
+            continue
+        vals_in = maps[:, torch.tensor(idx_in, device=maps.device), t]
+        k = max(1, int(sample * len(idx_in)))
+        r = max(1, round(keep * k))
+        top = vals_in.topk(k, dim=1).indices  # (b, k) positions among the in-box tokens
+        pick = torch.randperm(k, generator=generator)[:r].to(top.device)
+        chosen = top.index_select(1, pick)  # (b, r)
+        s_in = vals_in.gather(1, chosen).sum(1)
+        if idx_out:
+            out_vals = maps[:, torch.tensor(idx_out, device=maps.device), t]
+            s_out = out_vals.topk(min(r, len(idx_out)), dim=1).values.sum(1)
+        else:
+            s_out = torch.zeros_like(s_in)
+        total = total + (1 - s_in / (s_in + s_out).clamp_min(_TINY)) ** 2
+        others = [u for u in range(len(tokens)) if u != t and present[u]]
+        if others:
+            pixels = torch.tensor(idx_in, device=maps.device)[chosen]  # (b, r) image tokens
+            mean_in = maps[:, :, t].gather(1, pixels).mean(1)
+            m_other = torch.stack([maps[:, :, u].gather(1, pixels).mean(1) for u in others], dim=1).amax(1)
+            total = total + inter_weight * (torch.minimum(mean_in - margin, m_other) - m_other) ** 2
+    return total
+
+
+# --------------------------------------------------------------------------------------------- control
+
+
+@register
+class LayoutGuidance(Control):
+    """Words go into their boxes: a latent-gradient step per guided step on a loss of the word maps."""
+
+    kind = "layout"
+    Config = LayoutConfig
+    latent_guidance = True  # the controller wraps the forward with attnctl.latent_guidance.LatentGuidance
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._scale = self.config.scale
+        self.reset()
+
+    def reset(self) -> None:
+        self._columns: dict[int, tuple[Any, list[list[int]]]] = {}  # id(layout) -> (layout, columns per word)
+        self._cover: dict[tuple, tuple[torch.Tensor, list]] = {}
+        self._loss_sum: torch.Tensor | None = None
+        self._sites_seen = 0
+        self._step = 0
+        self.history: list[tuple[int, float]] = []  # (step, loss at the guided latent before each step of z)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def bind(self, controller) -> None:
+        if controller.family not in self.families:
+            raise UnsupportedModelError(
+                f"LayoutGuidance supports {', '.join(self.families)} models, not {controller.family}; "
+                "remove it from the controls of this pipeline")
+        sel = self.config.sites
+        sites = mid_depth_sites(controller.sites) if sel == "mid" else select_sites(controller.sites, sel)
+        sites = [s for s in sites if s.kind in JOINT_KINDS]
+        if not sites:
+            raise SiteError(
+                f"LayoutGuidance: the sites {sel!r} have no image-text attention (image-only sites such as SD3.5's "
+                "attn2 have no word maps)", fix="select joint sites, e.g. sites='all' or 'transformer_blocks.2:6'")
+        self.sites = sites
+        self._site_names = frozenset(s.name for s in sites)
+
+    def begin_run(self, state: RunState) -> None:
+        self.reset()
+        self._scale.reset()
+        layouts = [state.layout] if state.row_layouts is None else [lay for lay in state.row_layouts if lay]
+        for layout in layouts:
+            if layout is not None and any(seg.words for seg in layout.segments):
+                self._resolve(layout)  # fail early on absent words
+
+    def step_size(self, step: int, num_steps: int) -> float:
+        """``η`` at ``step`` (0: no gradient pass)."""
+        return float(self._scale(step, num_steps))
+
+    def _resolve(self, layout) -> list[list[int]]:
+        kept = self._columns.get(id(layout))
+        if kept is not None and kept[0] is layout:
+            return kept[1]
+        if layout is None or not any(seg.words for seg in layout.segments):
+            raise LayoutError(
+                "LayoutGuidance needs the run's prompt to find its words, and this run has none (only prompt_embeds "
+                "were given, or no prompt)",
+                fix="pass the prompt text instead of prompt_embeds, through attnctl.attach(pipe, ...) or an attnctl "
+                    "pipeline")
+        segs = tuple(self.config.segments) if self.config.segments else None
+        columns: list[list[int]] = []
+        for word in self.config.boxes:
+            try:
+                pos = sorted({p for part in word.split() for p in layout.word_tokens(part, segs)})
+            except LayoutError as e:
+                if self.config.missing == "ignore":
+                    columns.append([])
+                    continue
+                if isinstance(e, WordCutOffError):
+                    raise
+                known = ", ".join(layout.words()[:20])
+                where = f"the prompt {layout.prompt!r}" if layout.prompt is not None else "this run's prompt"
+                raise LayoutError(
+                    f"LayoutGuidance: the word {word!r} of boxes is not in {where}",
+                    fix=f"key the boxes by words of the prompt (this prompt has: {known}), or pass missing='ignore' "
+                        "to guide the words that are present") from None
+            columns.append(pos)
+        self._columns[id(layout)] = (layout, columns)
+        return columns
+
+    def _coverage(self, grid: tuple[int, int], device) -> tuple[torch.Tensor, list]:
+        """The boxes' cell coverage on ``device`` and, for ``loss="csg"``, their in/out tokens (host lists)."""
+        key = (grid, str(device))
+        if key not in self._cover:
+            cover = box_coverage(list(self.config.boxes.values()), grid)  # on the host: the values decide errors
+            empty = [w for w, c in zip(self.config.boxes, cover.sum(0).tolist(), strict=True) if c <= 0]
+            if empty:
+                raise LayoutError(f"LayoutGuidance: the boxes of {empty} cover no image token",
+                                  fix="give boxes of positive area inside [0, 1]")
+            self._cover[key] = (cover.to(device), box_tokens(cover) if self.config.loss == "csg" else [])
+        return self._cover[key]
+
+    # ------------------------------------------------------------------------------ per call
+    def contribute(self, call, q, k, v, state: RunState):
+        if not state.gradient_pass or not call.n_text:
+            return []  # the control adds nothing to the attention itself
+        grid = state.layout.grid if state.layout is not None else None
+        if grid is None or grid[0] * grid[1] != call.n_image:
+            raise LayoutError(
+                f"LayoutGuidance: {call.site.name} has {call.n_image} image tokens but the run's image grid is {grid}",
+                fix="pass height/width the model supports, or a layout whose grid matches")
+        cover, tokens = self._coverage(grid, q.device)
+        img, txt = call.image_slice(), call.text_slice()
+        losses = q.new_zeros(call.batch, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(self.config.seed + 7919 * state.step)
+        for layout, rows, host_rows in state.rows_by_prompt(("cond",), call.batch, q.device):
+            if not host_rows:
+                continue
+            columns = self._resolve(layout)
+            present = [bool(c) for c in columns]
+            if not any(present):
+                continue
+            qi, kt = q[:, img], k[:, txt]
+            if rows is not None:
+                qi, kt = qi.index_select(0, rows), kt.index_select(0, rows)
+            maps = word_maps(qi, kt, columns)
+            if self.config.loss == "ratio":
+                loss = ratio_loss(maps, cover, present)
+            else:
+                loss = csg_loss(maps, tokens, present, gen)
+            losses = losses.index_add(0, torch.tensor(host_rows, device=q.device), loss) if rows is not None \
+                else losses + loss
+        self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
+        self._sites_seen += 1
+        self._step = state.step
+        return []
+
+    def latent_loss(self) -> torch.Tensor | None:
+        """The loss of the gradient pass that just ran, per batch row, averaged over the sites; then cleared."""
+        if self._loss_sum is None:
+            return None
+        loss = self._loss_sum / self._sites_seen
+        self._loss_sum, self._sites_seen = None, 0
+        if loss.device.type != "meta":
+            self.history.append((self._step, float(loss.detach().mean())))
+        return loss
+
+    def summary(self) -> str | None:
+        if not self.history:
+            return None
+        first, last = self.history[0][1], self.history[-1][1]
+        steps = len({s for s, _ in self.history})
+        return f"layout loss {first:.3f} → {last:.3f} over {steps} guided steps"

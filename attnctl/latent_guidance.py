@@ -1,0 +1,165 @@
+"""Latent guidance: a gradient step on the latents at the start of a step, under the unchanged diffusers loop.
+
+A control with a loss on the attention maps (:class:`~attnctl.controls.layout_guidance.LayoutGuidance`) moves the
+latent ``z`` of every image before the step's prediction, as layout guidance does on Stable Diffusion::
+
+    g  = ∇_z L(z)                       a forward of the conditional rows that records the control's maps
+    z' = z − η_t · σ_t · g / rms(g)      per image, ``iterations`` times
+
+``η_t`` is the control's schedule; ``σ_t`` scales the step with the noise level, as the flow models' sampler
+does; dividing by the root mean square of ``g`` makes ``η`` a step in units of the latent's scale, whatever the
+loss's size. The forward stops after the deepest site whose maps enter the loss, so the backward covers that
+prefix of the model only.
+
+The loop is not rewritten: the transformer's forward is wrapped. The step's call runs on ``z'`` (its conditional and
+unconditional rows alike) and returns ``v' = v(z') + (z' − z) / (σ_{t+1} − σ_t)``. The flow-matching Euler step of
+the loop, ``z + (σ_{t+1} − σ_t)·v'``, is then exactly ``z' + (σ_{t+1} − σ_t)·v(z')``: the step taken from the guided
+latent. Because the same term is added to every prediction of an image, the loop's CFG line
+``(1 − s)·v_u + s·v_c`` carries it unchanged for any ``s``; the later calls of a step (FLUX's true-CFG call for the
+negative prompt, SD3's skip-layer pass) run on ``z'`` and get the same term. This needs the loop's Euler step, so
+the pipeline's scheduler must be diffusers' ``FlowMatchEulerDiscreteScheduler`` (the SD3 and FLUX default) without
+stochastic sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .forward_wrap import ForwardWrapper, batch_of, map_rows, sample_of, with_sample
+from .processors.contributions import host_values
+
+EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+"""Schedulers whose step is ``z + (σ_{t+1} − σ_t)·v``, so a moved latent can be passed through the prediction."""
+
+_TINY = 1e-12
+
+
+class StopForward(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by the controller after the deepest site a gradient pass needs; the pass catches it."""
+
+
+def check_scheduler(pipe: Any, who: str) -> None:
+    """Refuse a pipeline whose scheduler step is not the flow-matching Euler step (see the module doc)."""
+    sched = getattr(pipe, "scheduler", None)
+    name = type(sched).__name__
+    if name not in EULER_SCHEDULERS:
+        raise ConfigError(
+            f"{who} moves the latents between steps through the loop's Euler step, and this pipeline's scheduler "
+            f"is {name}",
+            fix="use the FlowMatchEulerDiscreteScheduler (the SD3 and FLUX default): "
+                "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)")
+    if getattr(sched.config, "stochastic_sampling", False):
+        raise ConfigError(f"{who}: the scheduler samples stochastically, so its step is not the Euler step",
+                          fix="set stochastic_sampling=False in the scheduler's config")
+
+
+def rms_step(z: torch.Tensor, grad: torch.Tensor, size: float) -> torch.Tensor:
+    """``z − size · grad / rms(grad)``, the root mean square taken per image (row), in float32."""
+    g = grad.float()
+    rms = g.flatten(1).pow(2).mean(1).sqrt().clamp_min(_TINY).view(-1, *[1] * (g.ndim - 1))
+    return (z.float() - size * g / rms).to(z.dtype)
+
+
+class LatentGuidance(ForwardWrapper):
+    """Context manager: wrap ``transformer.forward`` so the first call of a step where the control is active moves
+    the latents down the control's loss first (see the module doc). Restored on exit, also when the call raises.
+
+    Args:
+        transformer: the pipeline's transformer (SD3 or FLUX).
+        controller: the :class:`~attnctl.controller.Controller` installed on it (step, roles, σ of each call).
+        control: the control with the loss: ``step_size(step, num_steps)``, ``iterations`` and ``latent_loss()``.
+        scheduler: the pipeline's scheduler (its σ's).
+    """
+
+    def __init__(self, transformer: torch.nn.Module, controller: Any, control: Any, scheduler: Any) -> None:
+        super().__init__(transformer)
+        self.controller = controller
+        self.control = control
+        self.scheduler = scheduler
+        self._moved: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, z', shift) of the step's call
+        self.passes = 0  # gradient passes run (for tests and logs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        state = self.controller.state
+        step = state.step
+        roles = list(state.roles or [])
+        later = kwargs.get("skip_layers") is not None or (bool(roles) and set(roles) == {"uncond"})
+        if later:  # SD3's skip-layer pass, FLUX's negative-prompt call: the step's latent and term
+            return self._later_call(args, kwargs, step)
+        size = float(self.control.step_size(step, state.num_steps))
+        cond = [i for i, r in enumerate(roles) if r == "cond"]
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        if size == 0 or not cond or sigmas is None or step + 1 >= len(sigmas):
+            self._moved = None
+            return self._original(*args, **kwargs)
+        sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
+        if sigma_next == sigma:
+            self._moved = None
+            return self._original(*args, **kwargs)
+        bound = self.bind(args, kwargs)
+        hidden = bound["hidden_states"]
+        batch = hidden.shape[0]
+        if len(roles) != batch:
+            raise ConfigError(f"the controller knows {len(roles)} batch roles but the transformer got {batch} rows")
+        uncond = [i for i, r in enumerate(roles) if r == "uncond"]
+        if uncond and len(uncond) != len(cond):
+            raise ConfigError(
+                f"the call has {len(cond)} conditional and {len(uncond)} unconditional rows; latent guidance pairs "
+                "the k-th unconditional row with the k-th conditional one",
+                fix="give every image one unconditional row (diffusers' CFG batch), or none")
+        idx = state.index(cond, hidden.device)
+        z = hidden.index_select(0, idx)
+        z_new = self._descend(bound, batch, idx, z, size * sigma)
+        shift = (z_new.float() - z.float()) / (sigma_next - sigma)
+        moved = hidden.clone()
+        for rows in (cond, uncond):
+            if rows:
+                moved.index_copy_(0, state.index(rows, hidden.device), z_new)
+        bound["hidden_states"] = moved
+        result = self._original(**bound)
+        out = sample_of(result)
+        for rows in (cond, uncond):
+            if rows:
+                out = out.index_add(0, state.index(rows, out.device), shift.to(out.dtype))
+        self._moved = (step, z_new, shift)
+        return with_sample(result, out)
+
+    def _descend(self, bound: dict, batch: int, idx: torch.Tensor, z: torch.Tensor, size: float) -> torch.Tensor:
+        """``iterations`` gradient steps of the control's loss on the conditional rows' latents."""
+        if torch.is_inference_mode_enabled():
+            raise ConfigError(
+                f"{type(self.control).__name__} needs gradients of the latents, and the pipeline runs under "
+                "torch.inference_mode()", fix="call the pipeline under torch.no_grad() (diffusers' default) instead")
+        sub = map_rows(bound, batch, lambda x: x.index_select(0, idx.to(x.device)), type(self.control).__name__)
+        rows = list(host_values(idx) or idx.tolist())
+        for _ in range(int(self.control.config.iterations)):
+            with torch.enable_grad(), self.controller.gradient_pass(rows):
+                zz = z.detach().requires_grad_(True)
+                sub["hidden_states"] = zz
+                with contextlib.suppress(StopForward):  # raised after the deepest site the loss reads
+                    self._original(**sub)
+                loss = self.control.latent_loss()
+                if loss is None:  # no map was recorded (no site of the control ran)
+                    return z
+                (grad,) = torch.autograd.grad(loss.sum(), zz)
+            self.passes += 1
+            z = rms_step(z, grad, size).detach()
+        return z
+
+    def _later_call(self, args: tuple, kwargs: dict, step: int) -> Any:
+        if self._moved is None or self._moved[0] != step:
+            return self._original(*args, **kwargs)
+        _, z_new, shift = self._moved
+        if batch_of(args, kwargs) != z_new.shape[0]:
+            raise ConfigError(
+                f"latent guidance moved {z_new.shape[0]} images at step {step}, and a later call of that step has "
+                f"{batch_of(args, kwargs)} rows", fix="run the later calls of a step on the same images")
+        bound = self.bind(args, kwargs)
+        bound["hidden_states"] = z_new.to(bound["hidden_states"].dtype)
+        result = self._original(**bound)
+        out = sample_of(result)
+        return with_sample(result, out + shift.to(out.dtype))

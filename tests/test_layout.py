@@ -1,0 +1,298 @@
+"""LayoutGuidance and latent guidance: the maps and losses against plain references, the Euler pass-through
+identity against the stock transformer, the gradient pass (conditional rows only, stops after the deepest site),
+pipelines and attach, composition with SoftPAG, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import attnctl
+from attnctl.controller import Controller
+from attnctl.controls.layout_guidance import (
+    LayoutGuidance,
+    box_coverage,
+    box_tokens,
+    csg_loss,
+    ratio_loss,
+    word_maps,
+)
+from attnctl.errors import ConfigError, LayoutError, SiteError
+from attnctl.latent_guidance import rms_step
+from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
+
+KW = dict(num_inference_steps=3, height=32, width=48, max_sequence_length=24)
+PROMPT = "a red circle and a blue square"
+BOXES = {"circle": [0.0, 0.0, 0.5, 0.5], "square": [0.5, 0.5, 1.0, 1.0]}
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ the math
+
+
+def test_box_coverage_is_the_cell_fraction_inside_each_box():
+    cover = box_coverage([[0.0, 0.0, 0.5, 0.25], [0.3, 0.5, 0.4, 1.0]], (2, 4))  # 2 rows × 4 columns of cells
+    # box 0: x in [0, 0.5] covers columns 0 and 1 fully; y in [0, 0.25] covers half of row 0
+    expect0 = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    # box 1: x in [0.3, 0.4] is 40% of column 1 (cell [0.25, 0.5]); y in [0.5, 1] is all of row 1
+    expect1 = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.4, 0.0, 0.0])
+    assert torch.allclose(cover[:, 0], expect0) and torch.allclose(cover[:, 1], expect1, atol=1e-6)
+    # CSG's in-box tokens: cells at least half inside; a box that holds none takes the cell it covers most
+    assert box_tokens(cover) == [([0, 1], [2, 3, 4, 5, 6, 7]), ([5], [0, 1, 2, 3, 4, 6, 7])]
+
+
+def test_word_maps_equal_the_renormalised_image_text_slice_of_the_joint_softmax():
+    torch.manual_seed(0)
+    b, n_img, n_txt, h, d = 2, 6, 5, 3, 4
+    q, k = torch.randn(b, n_img + n_txt, h, d), torch.randn(b, n_img + n_txt, h, d)
+    columns = [[1, 3], [4], []]
+    maps = word_maps(q[:, :n_img], k[:, n_img:], columns)
+    # plainly: the joint attention probabilities, the image rows × text columns, divided by their row sum
+    probs = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(d), dim=-1)
+    txt = probs[:, :, :n_img, n_img:]
+    txt = txt / txt.sum(-1, keepdim=True)
+    ref = torch.stack([txt[..., [1, 3]].sum(-1), txt[..., [4]].sum(-1), torch.zeros(b, h, n_img)], -1).mean(1)
+    assert torch.allclose(maps, ref, atol=1e-6)
+
+
+def test_ratio_loss_is_the_squared_out_of_box_share():
+    maps = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [0.0, 2.0]]])  # 1 image, 3 tokens, 2 words
+    cover = torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.0, 1.0]])
+    # word 0: inside (1 + 1.5) / 4 = 0.625; word 1: inside 2 / 4 = 0.5
+    expect = ((1 - 0.625) ** 2 + (1 - 0.5) ** 2) / 2
+    assert torch.allclose(ratio_loss(maps, cover, [True, True]), torch.tensor([expect]))
+    only0 = ratio_loss(maps, cover, [True, False])  # a word absent from the prompt does not count
+    assert torch.allclose(only0, torch.tensor([(1 - 0.625) ** 2]))
+
+
+def test_csg_loss_by_hand():
+    # 1 image, 4 tokens, 2 words; box 0 = tokens 0 and 1, box 1 = token 3
+    maps = torch.tensor([[[0.6, 0.1], [0.2, 0.3], [0.4, 0.1], [0.1, 0.8]]])
+    cover = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    present = [True, True]
+    tokens = box_tokens(cover)
+    assert tokens == [([0, 1], [2, 3]), ([3], [0, 1, 2])]
+    loss = csg_loss(maps, tokens, present, torch.Generator().manual_seed(0))
+    # word 0: k = max(1, ⌊0.8·2⌋) = 1, r = 1: S_in = 0.6 (token 0), S_out = 0.4 (token 2's, the top outside value)
+    intra0 = (1 - 0.6 / (0.6 + 0.4)) ** 2
+    # inter: at token 0, word 0's mean is 0.6, the other word's 0.1: 0.1 < 0.6 − 0.1, so no term
+    # word 1: k = 1, r = 1: S_in = 0.8, S_out = 0.3 (token 1); inter: 0.1 (word 0 at token 3) < 0.8 − 0.1: none
+    intra1 = (1 - 0.8 / (0.8 + 0.3)) ** 2
+    assert torch.allclose(loss, torch.tensor([intra0 + intra1]), atol=1e-6)
+    # another word within the margin: word 0's map at token 3 raised to 0.75 > 0.8 − 0.1
+    close = maps.clone()
+    close[0, 3, 0] = 0.75
+    inter1 = 50 * ((min(0.8 - 0.1, 0.75) - 0.75) ** 2)
+    got = csg_loss(close, tokens, present, torch.Generator().manual_seed(0))
+    s_out0 = 0.75  # word 0's top outside value is now token 3's
+    assert torch.allclose(got, torch.tensor([(1 - 0.6 / (0.6 + s_out0)) ** 2 + intra1 + inter1]), atol=1e-6)
+
+
+def test_rms_step_is_a_unit_step_per_image():
+    z = torch.zeros(2, 3)
+    g = torch.tensor([[3.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    out = rms_step(z, g, 0.5)
+    assert torch.allclose(out.pow(2).mean(1).sqrt(), torch.tensor([0.5, 0.5]))
+    assert torch.allclose(out[1], torch.full((3,), -0.5))
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+
+
+def _sd3_reference_step(transformer, z_moved, t, embeds, pooled, cfg_scale, sigma, sigma_next):
+    """The loop's Euler step taken from the moved latent, with the stock transformer: z' + Δσ·v_cfg(z')."""
+    with torch.no_grad():
+        v = transformer(hidden_states=torch.cat([z_moved] * 2), timestep=t.expand(2 * z_moved.shape[0]),
+                        encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+    v_u, v_c = v.chunk(2)
+    return z_moved + (sigma_next - sigma) * (v_u + cfg_scale * (v_c - v_u))
+
+
+def test_each_step_is_the_euler_step_from_the_guided_latent(sd3_pipe):
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    def spy(p, i, t, kw):
+        step, z_moved, _ = p.attnctl._latent._moved
+        assert step == i
+        seen.append((i, t, z_moved.clone(), kw["latents"].clone(), kw["prompt_embeds"], kw["pooled_prompt_embeds"]))
+        return {}
+
+    ctl = LayoutGuidance(boxes=BOXES, scale=0.5, iterations=2)
+    pipe(PROMPT, generator=gen(), guidance_scale=4.0, controls=[ctl], output_type="latent",
+         callback_on_step_end=spy, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds",
+                                                                       "pooled_prompt_embeds"], **KW)
+    assert [s[0] for s in seen] == [0, 1, 2] and len(ctl.history) == 6  # 2 gradient steps at each of 3 steps
+    sigmas = pipe.scheduler.sigmas
+    for i, t, z_moved, after, embeds, pooled in seen:
+        ref = _sd3_reference_step(pipe.transformer, z_moved, t, embeds, pooled, 4.0, float(sigmas[i]),
+                                  float(sigmas[i + 1]))
+        assert torch.allclose(after, ref, atol=1e-5), i
+    assert dict(pipe.transformer.attn_processors) == dict(sd3_pipe.transformer.attn_processors)
+    assert "forward" not in vars(pipe.transformer)  # the wrapper is gone
+
+
+def test_scale_zero_is_the_plain_run_and_the_step_moves_the_latent(sd3_pipe):
+    plain = sd3_pipe(PROMPT, generator=gen(), output_type="np", **KW).images
+    off = LayoutGuidance(boxes=BOXES, scale=0.0)
+    with attnctl.attach(sd3_pipe, [off]) as ctl:
+        same = sd3_pipe(PROMPT, generator=gen(), output_type="np", **KW).images
+        assert ctl._latent.passes == 0
+    assert np.array_equal(same, plain) and not off.history
+    on = LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.6)")
+    with attnctl.attach(sd3_pipe, [on]) as ctl:
+        moved = sd3_pipe(PROMPT, generator=gen(), output_type="np", **KW).images
+        assert ctl._latent.passes == 2  # steps 0 and 1 of 3
+    assert abs(moved - plain).max() > 1e-3
+    assert "forward" not in vars(sd3_pipe.transformer)
+    ours = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    ours.set_progress_bar_config(disable=True)
+    again = ours(PROMPT, generator=gen(), output_type="np",
+                 controls=[LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.6)")], **KW).images
+    assert abs(again - moved).max() < 1e-6  # attach on the stock pipeline = the attnctl pipeline
+
+
+def test_gradient_pass_runs_the_conditional_rows_and_stops_after_the_deepest_site(flux_pipe, monkeypatch):
+    calls = []
+    original = Controller.contributions
+
+    def spy(self, call, q, k, v):
+        calls.append((call.site.name, self.state.gradient_pass, call.batch, torch.is_grad_enabled()))
+        return original(self, call, q, k, v)
+
+    monkeypatch.setattr(Controller, "contributions", spy)
+    ctl = LayoutGuidance(boxes=BOXES, sites="transformer_blocks.0", scale="window(0.5, 0, 0.3)")
+    pipe = AttnCtlFluxPipeline(**flux_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe(PROMPT, generator=gen(), num_images_per_prompt=2, true_cfg_scale=2.0, negative_prompt="",
+         output_type="latent", controls=[ctl], **KW)
+    grad = [c for c in calls if c[1]]
+    assert grad and {c[0] for c in grad} == {"transformer_blocks.0.attn"}  # stopped after the one site
+    assert all(c[2] == 2 and c[3] for c in grad)  # the 2 conditional rows, with gradients
+    plain = [c for c in calls if not c[1]]
+    assert {c[0] for c in plain} == {s.name for s in attnctl.list_sites(flux_pipe.transformer)}
+    assert len(ctl.history) == 1  # step 0 only
+
+
+def test_flux_negative_call_runs_on_the_guided_latent(flux_pipe, monkeypatch):
+    cls = type(flux_pipe.transformer)
+    forward = cls.forward
+    inputs = []
+
+    def spy(self, hidden_states, *args, **kwargs):
+        inputs.append((hidden_states.detach().clone(), hidden_states.requires_grad))
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", spy)
+    with attnctl.attach(flux_pipe, [LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.3)")]):
+        flux_pipe(PROMPT, generator=gen(), true_cfg_scale=2.0, negative_prompt="", output_type="latent", **KW)
+    # step 0: the gradient pass, the conditional call and the negative call; then 2 plain steps of 2 calls each
+    assert [g for _, g in inputs] == [True, False, False, False, False, False, False]
+    z, z_cond, z_neg = inputs[0][0], inputs[1][0], inputs[2][0]
+    assert torch.equal(z_cond, z_neg) and (z_cond - z).abs().max() > 1e-4
+
+
+def test_composes_with_softpag_and_the_perturbed_rows_stay_out_of_the_gradient_pass(sd35_pipe):
+    pipe = AttnCtlSD3Pipeline(**sd35_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    pag = attnctl.SoftPAG(heads=["L0H0"], scale=2.0)
+    lay = LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.6)")
+    seen = {}
+
+    def spy(p, i, t, kw):
+        seen[i] = (p.attnctl._latent.passes, p.attnctl._branch.calls)
+        return {}
+
+    both = pipe(PROMPT, generator=gen(), guidance_scale=4.0, controls=[pag, lay], output_type="np",
+                callback_on_step_end=spy, **KW).images
+    assert seen == {0: (1, 1), 1: (2, 2), 2: (2, 3)}  # one gradient pass at steps 0, 1; the branch at every step
+    only_pag = pipe(PROMPT, generator=gen(), guidance_scale=4.0, controls=[attnctl.SoftPAG(heads=["L0H0"],
+                    scale=2.0)], output_type="np", **KW).images
+    assert abs(both - only_pag).max() > 1e-3
+    assert lay.sites and all(s.kind == "sd3_joint" for s in lay.sites)  # attn2 (image only) is not a word site
+
+
+def test_bf16_on_cpu(sd3_pipe):
+    from attnctl.testing import tiny_sd3_pipeline
+
+    pipe = AttnCtlSD3Pipeline(**tiny_sd3_pipeline("sd3", dtype=torch.bfloat16).components)
+    pipe.set_progress_bar_config(disable=True)
+    lay = LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.6)")
+    out = pipe(PROMPT, generator=gen(), output_type="latent", controls=[lay], **KW).images
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and len(lay.history) == 2
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input(sd3_pipe, sd35_pipe):
+    with pytest.raises(ConfigError, match="boxes is empty"):
+        LayoutGuidance(boxes={})
+    with pytest.raises(ConfigError, match="need 0 <= x0 < x1 <= 1"):
+        LayoutGuidance(boxes={"circle": [0.5, 0.0, 0.2, 1.0]})
+    with pytest.raises(ConfigError, match="four finite numbers"):
+        LayoutGuidance(boxes={"circle": [0.0, 0.0, 1.0]})
+    with pytest.raises(ConfigError, match="iterations=0"):
+        LayoutGuidance(boxes=BOXES, iterations=0)
+    with pytest.raises(ConfigError, match="more than once"):
+        LayoutGuidance(boxes={"circle": [0, 0, 1, 1], "Circle": [0, 0, 1, 1]})
+    with pytest.raises(LayoutError, match="'triangle' of boxes is not in the prompt"):
+        sd3_pipe_ = AttnCtlSD3Pipeline(**sd3_pipe.components)
+        sd3_pipe_(PROMPT, generator=gen(), controls=[LayoutGuidance(boxes={"triangle": [0, 0, 1, 1]})], **KW)
+    with pytest.raises(ConfigError, match="needs the pipeline"):
+        Controller(sd3_pipe.transformer, [LayoutGuidance(boxes=BOXES)])
+    with pytest.raises(ConfigError, match="2 latent-guidance controls"):
+        Controller(sd3_pipe, [LayoutGuidance(boxes=BOXES), LayoutGuidance(boxes=BOXES)])
+    with pytest.raises(SiteError, match="no image-text attention"):
+        Controller(sd35_pipe, [LayoutGuidance(boxes=BOXES, sites="transformer_blocks.0.attn2")])
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    heun = AttnCtlSD3Pipeline(**{**sd3_pipe.components,
+                                 "scheduler": FlowMatchHeunDiscreteScheduler.from_config(sd3_pipe.scheduler.config)})
+    with pytest.raises(ConfigError, match="scheduler is FlowMatchHeunDiscreteScheduler"):
+        heun(PROMPT, controls=[LayoutGuidance(boxes=BOXES)], **KW)
+    with torch.inference_mode(), pytest.raises(ConfigError, match="inference_mode"):
+        AttnCtlSD3Pipeline(**sd3_pipe.components)(PROMPT, controls=[LayoutGuidance(boxes=BOXES)], **KW)
+    assert "forward" not in vars(sd3_pipe.transformer)
+
+
+def test_json_round_trip():
+    ctl = LayoutGuidance(boxes={"red circle": [0.1, 0.2, 0.5, 0.6]}, loss="csg", scale="linear(0.4, 0)")
+    again = attnctl.control_from_json(ctl.to_json())
+    assert isinstance(again, LayoutGuidance) and again.to_json() == ctl.to_json()
+
+
+# ------------------------------------------------------------------------------------------------ toy world
+
+
+@pytest.mark.parametrize("model", ["toy-sd3"])
+def test_on_the_toy_models_the_objects_move_into_their_boxes(model):
+    from attnctl.toyworld.evaluate import evaluate_set
+    from attnctl.toyworld.models import default_call_kwargs, load_pipeline
+    from attnctl.toyworld.world import prompt_set
+
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    call = {**default_call_kwargs(pipe), "output_type": "np"}
+    items = prompt_set("pair")[:3]
+    scores = {}
+    for name in ("plain", "guided"):
+        images, scored = [], []
+        for it in items:
+            boxes = {o["colour"]: b for o, b in zip(it["objects"], it["boxes"], strict=True)}
+            controls = [LayoutGuidance(boxes=boxes)] if name == "guided" else []
+            out = pipe([it["prompt"]] * 2, generator=[gen(0), gen(1)], controls=controls, **call).images
+            images += [(np.clip(x, 0, 1) * 255).round().astype(np.uint8) for x in out]
+            scored += [it, it]
+            if controls:
+                losses = [v for _, v in controls[0].history]
+                assert losses[-1] < losses[0]  # the guided latents lower the layout loss
+        scores[name] = evaluate_set(images, scored)["box_iou"]
+    assert scores["guided"] > scores["plain"] + 0.1, scores
