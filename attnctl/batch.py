@@ -162,7 +162,7 @@ Boxes = Annotated[
     WithJsonSchema({
         "type": "object",
         "description": "Layout boxes per subject word (or phrase) of the prompt: one box, or a list with one box "
-                       "per instance. Validated now; used by the layout controls as they land.",
+                       "per instance. A layout control without boxes of its own takes these (one box per word).",
         "additionalProperties": {"anyOf": [_BOX_SCHEMA, {"type": "array", "items": _BOX_SCHEMA, "minItems": 1}]},
     }),
 ]
@@ -468,9 +468,32 @@ def _prompt_words(prompt: str) -> list[str]:
     return re.findall(r"[\w']+", prompt.lower())
 
 
-def _check_raw(raw: dict[str, Any]) -> list[str]:
+def _takes_boxes(spec: dict[str, Any]) -> bool:
+    """Whether the control ``spec`` names takes boxes keyed by words (``LayoutGuidance``)."""
+    from .controls.base import CONTROL_TYPES
+
+    cls = CONTROL_TYPES.get(spec.get("kind"))
+    return cls is not None and "boxes" in cls.Config.model_fields
+
+
+def with_item_boxes(spec: dict[str, Any], boxes: Any) -> dict[str, Any]:
+    """A box control without boxes of its own takes the item's ``boxes`` (one box per word); any other spec, or
+    one that has boxes, is returned as it is."""
+    if not (isinstance(spec, dict) and "boxes" not in spec and boxes and _takes_boxes(spec)):
+        return spec
+    single = {}
+    for word, value in _wrap_single_boxes(boxes).items():
+        if isinstance(value, list) and len(value) != 1:
+            raise ConfigError(f"control {spec['kind']!r} takes one box per word, and the item's boxes give {word!r} "
+                              f"{len(value)}", fix="give that word one box, or key each instance by its own phrase")
+        single[word] = value[0] if isinstance(value, list) else value
+    return {**spec, "boxes": single}
+
+
+def _check_raw(raw: dict[str, Any], boxes: Any = None, inherited: bool = False) -> list[str]:
     """Problems pydantic cannot see in one object (defaults or an item), read from its raw JSON so they are
-    reported even when other fields are wrong: seed with seeds, and every control (built for real)."""
+    reported even when other fields are wrong: seed with seeds, and every control (built for real, a box control
+    with the item's ``boxes``; in the defaults, ``inherited=True``, one without boxes waits for the items')."""
     from .controls import control_from_json
 
     problems: list[str] = []
@@ -482,6 +505,9 @@ def _check_raw(raw: dict[str, Any]) -> list[str]:
             if not isinstance(spec, dict):
                 continue  # pydantic reports it
             try:
+                spec = with_item_boxes(spec, boxes)
+                if inherited and "boxes" not in spec and _takes_boxes(spec):
+                    spec = {**spec, "boxes": {"_": [0.0, 0.0, 1.0, 1.0]}}  # checked again with each item's boxes
                 control_from_json(spec)
             except AttnCtlError as e:
                 problems.append(f"field 'controls[{i}]': {_one_line(e).replace('Value error, ', '')}")
@@ -531,7 +557,7 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
         defaults = Defaults.model_validate(raw_defaults)
     except ValidationError as e:
         problems.extend(f"defaults: {_describe(err, _fields_of(Defaults))}" for err in e.errors())
-    problems.extend(f"defaults: {p}" for p in _check_raw(raw_defaults))
+    problems.extend(f"defaults: {p}" for p in _check_raw(raw_defaults, raw_defaults.get("boxes"), inherited=True))
     # -- items, each on its own so that every item's problems are reported
     raw_items = data.get("items") if isinstance(data.get("items"), list) else []
     items: list[tuple[int, GenerateItem]] = []
@@ -558,7 +584,7 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
             item = GenerateItem.model_validate(raw)
         except ValidationError as e:
             own.extend(_describe(err, item_fields) for err in e.errors())
-        own.extend(_check_raw(raw))
+        own.extend(_check_raw(raw, raw.get("boxes", raw_defaults.get("boxes"))))
         if raw.get("prompt", raw_defaults.get("prompt")) is None:
             own.append("field 'prompt' is required (in the item, or in defaults for every item)")
         prompt = raw.get("prompt", raw_defaults.get("prompt"))
@@ -591,7 +617,12 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
         merged = _merge(defaults, item)
         seeds = merged.pop("seeds") or [merged["seed"] if merged["seed"] is not None else 0]
         merged.pop("seed")
-        merged["controls"] = [control_from_json(c).to_json() for c in (merged["controls"] or [])]
+        try:  # a box control takes the item's boxes (the defaults' controls were checked without them)
+            merged["controls"] = [control_from_json(with_item_boxes(c, merged["boxes"])).to_json()
+                                  for c in (merged["controls"] or [])]
+        except AttnCtlError as e:
+            problems.append(f"{where}: field 'controls': {_one_line(e)}")
+            continue
         stem = safe_stem(item_id)
         for seed in seeds:
             name = image_name(stem, seed)

@@ -229,7 +229,7 @@ class Controller:
             # the caller lays out the rows (and may wrap the forward with PerturbedBranch itself).
             self._branch = PerturbedBranch(self.transformer, self, self._branches).__enter__()
         if self._latent_control is not None:  # outside the perturbed branch: it moves the latents of every row
-            self._latent = LatentGuidance(self.transformer, self, self._latent_control, self.pipe.scheduler)
+            self._latent = LatentGuidance(self.transformer, self, self._latent_control, self.pipe)
             self._latent.__enter__()
 
     def _wrap_encode_prompt(self) -> None:

@@ -72,14 +72,15 @@ class LatentGuidance(ForwardWrapper):
         transformer: the pipeline's transformer (SD3 or FLUX).
         controller: the :class:`~attnctl.controller.Controller` installed on it (step, roles, σ of each call).
         control: the control with the loss: ``step_size(step, num_steps)``, ``iterations`` and ``latent_loss()``.
-        scheduler: the pipeline's scheduler (its σ's).
+        pipe: the pipeline (its scheduler gives the σ's; it is read at every step, so a scheduler swapped between
+            calls is seen and checked).
     """
 
-    def __init__(self, transformer: torch.nn.Module, controller: Any, control: Any, scheduler: Any) -> None:
+    def __init__(self, transformer: torch.nn.Module, controller: Any, control: Any, pipe: Any) -> None:
         super().__init__(transformer)
         self.controller = controller
         self.control = control
-        self.scheduler = scheduler
+        self.pipe = pipe
         self._moved: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, z', shift) of the step's call
         self.passes = 0  # gradient passes run (for tests and logs)
 
@@ -92,8 +93,12 @@ class LatentGuidance(ForwardWrapper):
             return self._later_call(args, kwargs, step)
         size = float(self.control.step_size(step, state.num_steps))
         cond = [i for i, r in enumerate(roles) if r == "cond"]
-        sigmas = getattr(self.scheduler, "sigmas", None)
-        if size == 0 or not cond or sigmas is None or step + 1 >= len(sigmas):
+        if size == 0 or not cond:
+            self._moved = None
+            return self._original(*args, **kwargs)
+        check_scheduler(self.pipe, type(self.control).__name__)
+        sigmas = getattr(self.pipe.scheduler, "sigmas", None)
+        if sigmas is None or step + 1 >= len(sigmas):
             self._moved = None
             return self._original(*args, **kwargs)
         sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])

@@ -27,6 +27,7 @@ from attnctl.batch import (
     consolidate_manifest,
     iter_records,
     load_batch,
+    plan_batch,
     read_manifest,
     safe_stem,
     schema_text,
@@ -341,3 +342,23 @@ def test_two_processes_make_the_same_files_as_one_none_twice(model_dir, tmp_path
     # the merged manifest of a 2-process run resumes like any other: everything done but the failed image
     result = run("batch", batch, "--out", two, "--model", model_dir)
     assert result.exit_code == 1 and "6 already, 0 new" in result.output, result.output
+
+
+def test_a_layout_control_takes_each_items_boxes():
+    layout = {"kind": "layout", "scale": "window(0.2, 0, 0.3)"}
+    plan = plan_batch({"version": 1, "defaults": {"controls": [layout]}, "items": [
+        {"prompt": "a red circle and a blue square", "boxes": {"red": [0, 0, 0.5, 0.5], "blue": [[0.5, 0.5, 1, 1]]}},
+        {"prompt": "a green triangle", "boxes": {"green": [0.2, 0.2, 0.8, 0.8]},
+         "controls": [{"kind": "layout", "boxes": {"triangle": [0, 0, 1, 1]}}]},  # its own boxes win
+    ]})
+    first, second = (job.settings["controls"][0] for job in plan.jobs)
+    assert first["boxes"] == {"red": [0, 0, 0.5, 0.5], "blue": [0.5, 0.5, 1, 1]} and first["scale"]["value"] == 0.2
+    assert second["boxes"] == {"triangle": [0, 0, 1, 1]}
+    with pytest.raises(BatchFileError) as err:
+        plan_batch({"version": 1, "defaults": {"controls": [layout]}, "items": [
+            {"prompt": "a red circle"},
+            {"prompt": "two red circles", "boxes": {"circles": [[0, 0, 0.4, 0.4], [0.6, 0.6, 1, 1]]}},
+        ]})
+    text = str(err.value)
+    assert "item 0" in text and "boxes" in text and "Field required" in text
+    assert "item 1" in text and "one box per word" in text and "'circles' 2" in text

@@ -15,6 +15,7 @@ CASES = {
     "set_attn_processor.py --softpag": ["--softpag", "toy-sd3-headhunter.json"],
     "softpag.py": ["--steps", "4"],
     "regulation.py": ["--seeds", "1"],
+    "layout.py": ["--seeds", "1"],
     "headhunt.py": ["--limit", "1", "--seeds", "1", "--rounds", "1", "--candidates", "L0", "--w", "2"],
 }
 

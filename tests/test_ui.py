@@ -176,7 +176,7 @@ def test_heatmap_overlay_and_upscale():
 
 def test_panel_registry_offers_importable_controls_and_falls_back_to_json(monkeypatch):
     panels = available_panels()
-    assert {"softpag", "regulation", GENERIC} <= set(panels)
+    assert {"softpag", "regulation", "layout", GENERIC} <= set(panels)
     assert list(panels)[-1] == GENERIC
     assert panel_for("probe", panels).kind == GENERIC
     from attnctl.ui import panels as registry
@@ -305,6 +305,35 @@ def test_add_configure_and_remove_controls(monkeypatch, model_dir):
     # the Compare tab says what the regulation did
     (note,) = at.session_state["history"][-1]["control_notes"]
     assert note.startswith("regulation of 'square'") and any(note == c.value for c in at.tabs[0].caption)
+
+
+def test_layout_panel_places_words_in_boxes_and_runs(monkeypatch, model_dir):
+    at = start(monkeypatch, model_dir)
+    at.selectbox(key="add_kind").set_value("layout")
+    at.button(key="add_control").click().run()
+    ok(at)
+    controls = at.session_state["controls"]
+    assert [c["kind"] for c in controls] == ["softpag", "layout"]
+    lay = controls[1]["id"]
+    # a shapes-world model: the boxes are keyed by the prompt's colour words (which carry location there)
+    assert at.multiselect(key=f"c{lay}.words").value == ["red", "blue"]
+    assert controls[1]["config"]["boxes"] == {"red": [0.025, 0.2, 0.475, 0.8], "blue": [0.525, 0.2, 0.975, 0.8]}
+    at.number_input(key=f"c{lay}.box.blue.y1").set_value(0.5).run()
+    ok(at)
+    assert at.session_state["controls"][1]["config"]["boxes"]["blue"] == [0.525, 0.2, 0.975, 0.5]
+    at.button(key=f"remove{controls[0]['id']}").click().run()
+    generate(at)
+    assert errors(at) == [] and len(compare_images(at)) == 2
+    assert at.session_state["history"][-1]["setup"].controls[0]["boxes"]["blue"][3] == 0.5
+    (note,) = at.session_state["history"][-1]["control_notes"]
+    assert note.startswith("layout loss") and any(note == c.value for c in at.tabs[0].caption)
+    # an empty box is named before the run, and the run refuses it with the control's own message
+    at.number_input(key=f"c{lay}.box.blue.y1").set_value(0.1).run()
+    ok(at)
+    assert any("Empty box" in w.value for w in at.warning)
+    at.button(key="generate").click().run()
+    ok(at)
+    assert any("need 0 <= x0 < x1 <= 1" in e for e in errors(at))
 
 
 def test_schedule_editing_updates_the_control_and_blocks_bad_input(monkeypatch, model_dir):

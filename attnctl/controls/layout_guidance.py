@@ -62,8 +62,8 @@ class LayoutConfig(ControlConfig):
                                                                      "guide the words that are present")
     sites: str | list[str] = Field("all", description="site selector; 'all': every joint (image-text) site, "
                                                       "'mid': the middle third by depth")
-    scale: bounded(0, None) = Field("window(0.3, 0, 0.5)", description="schedule of the step size η (in units of "
-                                                                       "the latent's scale, times σ_t); 0: no step")
+    scale: bounded(0, None) = Field("window(0.15, 0, 0.3)", description="schedule of the step size η (in units of "
+                                                                        "the latent's scale, times σ_t); 0: no step")
     iterations: int = Field(1, description="gradient steps per guided step")
     loss: Literal["ratio", "csg"] = Field("ratio", description="ratio: layout guidance's in-box share; csg: CSG's "
                                                                "selective intra- and inter-token constraints")

@@ -193,7 +193,7 @@ def bind_problems(model: LoadedModel, configs: list[dict[str, Any]], controls: l
     out = []
     for i, (cfg, control) in enumerate(zip(configs, controls, strict=False)):
         try:
-            Controller(model.pipe.transformer, [control])
+            Controller(model.pipe, [control])  # the pipeline: latent guidance needs its scheduler
         except AttnCtlError as e:
             out.append(f"control #{i + 1} ({cfg.get('kind', '?')}): {e}")
     return out
