@@ -148,7 +148,7 @@ class LatentGuidance(ForwardWrapper):
                 with contextlib.suppress(StopForward):  # raised after the deepest site the loss reads
                     self._original(**sub)
                 loss = self.control.latent_loss()
-                if loss is None:  # no map was recorded (no site of the control ran)
+                if loss is None or not loss.requires_grad:  # nothing to guide (no word of the prompt is boxed)
                     return z
                 (grad,) = torch.autograd.grad(loss.sum(), zz)
             self.passes += 1

@@ -219,6 +219,18 @@ def test_composes_with_softpag_and_the_perturbed_rows_stay_out_of_the_gradient_p
     assert lay.sites and all(s.kind == "sd3_joint" for s in lay.sites)  # attn2 (image only) is not a word site
 
 
+def test_several_prompts_in_one_call_each_use_their_own_tokens(sd3_pipe):
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    prompts = [PROMPT, "a blue square and a big red circle"]  # the words at other positions
+    lay = lambda: LayoutGuidance(boxes=BOXES, scale=0.5)  # noqa: E731
+    both = pipe(prompts, generator=[gen(0), gen(1)], output_type="np", controls=[lay()], **KW).images
+    for i, prompt in enumerate(prompts):
+        alone = pipe(prompt, generator=gen(i), output_type="np", controls=[lay()], **KW).images[0]
+        assert abs(both[i] - alone).max() < 1e-4, i
+    plain = pipe(prompts, generator=[gen(0), gen(1)], output_type="np", **KW).images
+    assert abs(both - plain).max() > 1e-3
+
+
 def test_bf16_on_cpu(sd3_pipe):
     from attnctl.testing import tiny_sd3_pipeline
 
@@ -261,6 +273,18 @@ def test_bad_input(sd3_pipe, sd35_pipe):
     with torch.inference_mode(), pytest.raises(ConfigError, match="inference_mode"):
         AttnCtlSD3Pipeline(**sd3_pipe.components)(PROMPT, controls=[LayoutGuidance(boxes=BOXES)], **KW)
     assert "forward" not in vars(sd3_pipe.transformer)
+
+
+def test_missing_ignore_guides_the_words_present_and_leaves_a_prompt_without_any_alone(sd3_pipe):
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    plain = pipe(PROMPT, generator=gen(), output_type="np", **KW).images
+    none_present = LayoutGuidance(boxes={"triangle": [0, 0, 0.5, 0.5]}, missing="ignore", scale=0.5)
+    same = pipe(PROMPT, generator=gen(), output_type="np", controls=[none_present], **KW).images
+    assert np.array_equal(same, plain)
+    some = LayoutGuidance(boxes={"triangle": [0, 0, 0.5, 0.5], "circle": [0.5, 0, 1, 0.5]}, missing="ignore",
+                          scale=0.5)
+    moved = pipe(PROMPT, generator=gen(), output_type="np", controls=[some], **KW).images
+    assert abs(moved - plain).max() > 1e-3 and len(some.history) == 3
 
 
 def test_json_round_trip():

@@ -304,8 +304,7 @@ class LayoutGuidance(Control):
                 loss = ratio_loss(maps, cover, present)
             else:
                 loss = csg_loss(maps, tokens, present, gen)
-            losses = losses.index_add(0, torch.tensor(host_rows, device=q.device), loss) if rows is not None \
-                else losses + loss
+            losses = losses + loss if rows is None else losses.index_add(0, rows, loss)
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
         self._sites_seen += 1
         self._step = state.step
