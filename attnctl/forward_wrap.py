@@ -96,6 +96,22 @@ class ForwardWrapper:
         return bound
 
 
+def image_rows(roles: list[str], batch: int, what: str) -> tuple[list[int], list[int]]:
+    """The conditional and unconditional rows of a call, the ``k``-th of each belonging to the same image; the roles
+    must cover the batch and the two lists pair up (or there are no unconditional rows). ``what`` names the wrapper
+    in the errors."""
+    if len(roles) != batch:
+        raise ConfigError(f"the controller knows {len(roles)} batch roles but the transformer got {batch} rows")
+    cond = [i for i, r in enumerate(roles) if r == "cond"]
+    uncond = [i for i, r in enumerate(roles) if r == "uncond"]
+    if uncond and len(uncond) != len(cond):
+        raise ConfigError(
+            f"the call has {len(cond)} conditional and {len(uncond)} unconditional rows; {what} pairs the k-th "
+            "unconditional row with the k-th conditional one",
+            fix="give every image one unconditional row (diffusers' CFG batch), or none")
+    return cond, uncond
+
+
 def map_rows(bound: dict[str, Any], batch: int, fn: Callable[[torch.Tensor], torch.Tensor], what: str) -> dict:
     """``bound`` with ``fn`` applied to every input that has one entry per batch row (the transformer inputs,
     ControlNet residuals, IP-adapter inputs), so rows can be selected or appended consistently. ``what`` names the

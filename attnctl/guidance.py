@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .forward_wrap import ForwardWrapper, batch_of, map_rows, sample_of, with_sample
+from .forward_wrap import ForwardWrapper, batch_of, image_rows, map_rows, sample_of, with_sample
 
 # ------------------------------------------------------------------------------------------ the formula
 
@@ -174,8 +174,7 @@ class PerturbedBranch(ForwardWrapper):
             return self._original(*args, **kwargs)
         bound = self.bind(args, kwargs)
         batch = bound["hidden_states"].shape[0]
-        if len(roles) != batch:
-            raise ConfigError(f"the controller knows {len(roles)} batch roles but the transformer got {batch} rows")
+        cond, uncond = image_rows(roles, batch, "the perturbed branch")
         if self.branches.count is not None and len(cond) % self.branches.count:
             raise ConfigError(
                 f"{self.branches.count} perturbed branches (branch=0..{self.branches.count - 1}) but the call has "
@@ -183,12 +182,6 @@ class PerturbedBranch(ForwardWrapper):
                 fix=f"generate {self.branches.count} images per prompt (num_images_per_prompt="
                     f"{self.branches.count}): image j is guided by the control with branch=j",
             )
-        uncond = [i for i, r in enumerate(roles) if r == "uncond"]
-        if uncond and len(uncond) != len(cond):
-            raise ConfigError(
-                f"the call has {len(cond)} conditional and {len(uncond)} unconditional rows; the perturbed branch "
-                "pairs the k-th unconditional row with the k-th conditional one",
-                fix="give every image one unconditional row (diffusers' CFG batch), or none")
         idx = state.index(cond, bound["hidden_states"].device)  # made once per run (no host copy per call)
         bound = map_rows(bound, batch, lambda x: torch.cat([x, x.index_select(0, idx.to(x.device))]), "SoftPAG")
         extra = [self.branches.role(j) for j in range(len(cond))]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .forward_wrap import ForwardWrapper, batch_of, map_rows, sample_of, with_sample
+from .forward_wrap import ForwardWrapper, batch_of, image_rows, map_rows, sample_of, with_sample
 from .processors.contributions import host_values
 
 EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
@@ -108,14 +108,7 @@ class LatentGuidance(ForwardWrapper):
         bound = self.bind(args, kwargs)
         hidden = bound["hidden_states"]
         batch = hidden.shape[0]
-        if len(roles) != batch:
-            raise ConfigError(f"the controller knows {len(roles)} batch roles but the transformer got {batch} rows")
-        uncond = [i for i, r in enumerate(roles) if r == "uncond"]
-        if uncond and len(uncond) != len(cond):
-            raise ConfigError(
-                f"the call has {len(cond)} conditional and {len(uncond)} unconditional rows; latent guidance pairs "
-                "the k-th unconditional row with the k-th conditional one",
-                fix="give every image one unconditional row (diffusers' CFG batch), or none")
+        cond, uncond = image_rows(roles, batch, "latent guidance")
         idx = state.index(cond, hidden.device)
         z = hidden.index_select(0, idx)
         z_new = self._descend(bound, batch, idx, z, size * sigma)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from regulation_eval import call_kwargs, generate
+from regulation_eval import call_kwargs, generate, paired_difference
 from report import emit
 
 from attnctl.errors import AttnCtlError
@@ -39,17 +39,6 @@ def usable(item: dict[str, Any], words: str) -> bool:
     except AttnCtlError:
         return False
     return True
-
-
-def paired(scores: list[dict[str, float]], base: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, Any]:
-    """Per metric, the mean over images of (config − baseline) on the same prompt and seed, with its standard error."""
-    out = {}
-    for key in keys:
-        d = np.array([a[key] - b[key] for a, b in zip(scores, base, strict=True) if key in a and key in b])
-        if len(d) > 1:
-            out[key] = {"diff": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
-                        "n": len(d)}
-    return out
 
 
 def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], words: str, limit: int | None,
@@ -88,7 +77,7 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], words
             m = mean_scores(per_image[n])
             rows[n] = {k: round(m[k], 4) for k in METRICS if k in m}
             if n != "baseline":
-                rows[n]["paired"] = paired(per_image[n], per_image["baseline"], METRICS[:5])
+                rows[n]["paired"] = paired_difference(per_image[n], per_image["baseline"], METRICS[:5])
                 if losses[n]:
                     rows[n]["loss_first_step"] = round(float(np.mean([a for a, _ in losses[n]])), 4)
                     rows[n]["loss_last_step"] = round(float(np.mean([b for _, b in losses[n]])), 4)

@@ -115,12 +115,14 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
     return result
 
 
-def paired_difference(scores: list[dict[str, float]], base: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+def paired_difference(scores: list[dict[str, float]], base: list[dict[str, float]],
+                      keys: tuple[str, ...] = ("presence", "colour_binding", "object_recall", "shape_accuracy"),
+                      ) -> dict[str, dict[str, float]]:
     """Per metric, the mean over images of (config − baseline) on the same prompt and seed, with its standard
     error (std of the differences / √n): the comparison the shared seeds make possible, tighter than comparing
     two means."""
     out = {}
-    for key in ("presence", "colour_binding", "object_recall", "shape_accuracy"):
+    for key in keys:
         d = np.array([a[key] - b[key] for a, b in zip(scores, base, strict=True) if key in a and key in b])
         if len(d) > 1:
             out[key] = {"diff": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),

@@ -74,6 +74,16 @@ def test_regulation_eval_and_diagnose_run(tmp_path):
                          'isolated · {"iterations": 2}']
 
 
+def test_layout_eval_runs(tmp_path):
+    result = run_bench("layout_eval.py", "--sets", "pair", "--limit", "1", "--seeds", "2", "--steps", "4",
+                       "--configs", '{"scale": 0.15}', out=tmp_path / "layout.json")
+    rows = result["sets"]["pair"]["rows"]
+    guided = rows['{"scale": 0.15}']
+    assert set(rows) == {"baseline", '{"scale": 0.15}'} and result["words"] == "colours"
+    assert 0.0 <= rows["baseline"]["box_iou"] <= 1.0 and guided["paired"]["box_iou"]["n"] == 2
+    assert guided["loss_last_step"] < guided["loss_first_step"]  # the guided steps lower the layout loss
+
+
 def test_object_token_isolation_cuts_only_text_to_text_links_between_objects():
     """In the first joint block (conditional rows): the objects' text tokens change, every other text token and
     every image token keeps its output — image queries and context tokens attend as before."""

@@ -255,7 +255,7 @@ def test_bad_input(sd3_pipe, sd35_pipe):
         LayoutGuidance(boxes=BOXES, iterations=0)
     with pytest.raises(ConfigError, match="more than once"):
         LayoutGuidance(boxes={"circle": [0, 0, 1, 1], "Circle": [0, 0, 1, 1]})
-    with pytest.raises(LayoutError, match="'triangle' of boxes is not in the prompt"):
+    with pytest.raises(LayoutError, match="boxed word 'triangle' is not in the prompt"):
         sd3_pipe_ = AttnCtlSD3Pipeline(**sd3_pipe.components)
         sd3_pipe_(PROMPT, generator=gen(), controls=[LayoutGuidance(boxes={"triangle": [0, 0, 1, 1]})], **KW)
     with pytest.raises(ConfigError, match="needs the pipeline"):
@@ -285,6 +285,17 @@ def test_missing_ignore_guides_the_words_present_and_leaves_a_prompt_without_any
                           scale=0.5)
     moved = pipe(PROMPT, generator=gen(), output_type="np", controls=[some], **KW).images
     assert abs(moved - plain).max() > 1e-3 and len(some.history) == 3
+
+
+def test_rows_of_a_call_pair_up_by_image():
+    from attnctl.forward_wrap import image_rows
+
+    assert image_rows(["uncond", "uncond", "cond", "cond"], 4, "x") == ([2, 3], [0, 1])
+    assert image_rows(["cond", "cond"], 2, "x") == ([0, 1], [])
+    with pytest.raises(ConfigError, match="knows 2 batch roles but the transformer got 3 rows"):
+        image_rows(["uncond", "cond"], 3, "x")
+    with pytest.raises(ConfigError, match="2 conditional and 1 unconditional rows; latent guidance pairs"):
+        image_rows(["uncond", "cond", "cond"], 3, "latent guidance")
 
 
 def test_json_round_trip():

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import ConfigError, LayoutError, UnsupportedModelError
+from ..errors import ConfigError, LayoutError, UnsupportedModelError, WordCutOffError
 from ..layout import TokenLayout
 from ..processors.contributions import index_tensor
 from ..sites import Site, select_sites
@@ -97,6 +97,40 @@ class RunState:
                     fix="keep word controls on roles=['cond'], or run one prompt per call")
             groups.setdefault(id(lay), (lay, []))[1].append(r)
         return [(lay, self.index(rs, device), rs) for lay, rs in groups.values()]
+
+
+def word_columns(layout: TokenLayout | None, words: Sequence[str], segments: Sequence[str] | None, missing: str,
+                 who: str, noun: str = "word", field: str = "targets", verb: str = "act on") -> list[list[int]]:
+    """Text-relative token positions of each word or phrase (a phrase: all its words' tokens) in ``layout``, in the
+    order given; ``[]`` for a word the prompt lacks when ``missing == "ignore"``.
+
+    ``who`` (the control's name), ``noun``, ``field`` and ``verb`` phrase the errors: no prompt to read the words
+    from, a word not in the prompt (naming the prompt's words and the ``missing='ignore'`` way out)."""
+    if layout is None or not any(seg.words for seg in layout.segments):
+        raise LayoutError(
+            f"{who} needs the run's prompt to find its {noun}s, and this run has none (only prompt_embeds were "
+            "given, or no prompt, or several prompts given to a bare transformer)",
+            fix="pass the prompt text instead of prompt_embeds, through attnctl.attach(pipe, ...) or an attnctl "
+                "pipeline, or give Controller(..., layout=TokenLayout(...)) with word positions")
+    segs = tuple(segments) if segments else None
+    out: list[list[int]] = []
+    for w in words:
+        try:
+            out.append(sorted({p for part in w.split() for p in layout.word_tokens(part, segs)}))
+        except LayoutError as e:
+            if missing == "ignore":
+                out.append([])
+                continue
+            if isinstance(e, WordCutOffError):  # the layout's own message says what to do
+                raise
+            known = ", ".join(layout.words()[:20])
+            where = f"the prompt {layout.prompt!r}" if layout.prompt is not None else "this run's prompt"
+            seg_note = f" (segments {', '.join(segs)})" if segs else ""
+            raise LayoutError(
+                f"{who}: the {noun} {w!r} is not in {where}{seg_note}",
+                fix=f"name only words of the prompt in {field} (this prompt has: {known}), or pass "
+                    f"missing='ignore' to {verb} the ones that are present") from None
+    return out
 
 
 class ControlConfig(BaseModel):

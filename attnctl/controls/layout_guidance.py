@@ -34,10 +34,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from ..errors import LayoutError, SiteError, UnsupportedModelError, WordCutOffError
+from ..errors import LayoutError, SiteError, UnsupportedModelError
 from ..schedules import bounded
 from ..sites import select_sites
-from .base import Control, ControlConfig, RunState, register
+from .base import Control, ControlConfig, RunState, register, word_columns
 from .regulation import JOINT_KINDS, mid_depth_sites
 
 CSG_SAMPLE = 0.8
@@ -237,30 +237,8 @@ class LayoutGuidance(Control):
         kept = self._columns.get(id(layout))
         if kept is not None and kept[0] is layout:
             return kept[1]
-        if layout is None or not any(seg.words for seg in layout.segments):
-            raise LayoutError(
-                "LayoutGuidance needs the run's prompt to find its words, and this run has none (only prompt_embeds "
-                "were given, or no prompt)",
-                fix="pass the prompt text instead of prompt_embeds, through attnctl.attach(pipe, ...) or an attnctl "
-                    "pipeline")
-        segs = tuple(self.config.segments) if self.config.segments else None
-        columns: list[list[int]] = []
-        for word in self.config.boxes:
-            try:
-                pos = sorted({p for part in word.split() for p in layout.word_tokens(part, segs)})
-            except LayoutError as e:
-                if self.config.missing == "ignore":
-                    columns.append([])
-                    continue
-                if isinstance(e, WordCutOffError):
-                    raise
-                known = ", ".join(layout.words()[:20])
-                where = f"the prompt {layout.prompt!r}" if layout.prompt is not None else "this run's prompt"
-                raise LayoutError(
-                    f"LayoutGuidance: the word {word!r} of boxes is not in {where}",
-                    fix=f"key the boxes by words of the prompt (this prompt has: {known}), or pass missing='ignore' "
-                        "to guide the words that are present") from None
-            columns.append(pos)
+        columns = word_columns(layout, list(self.config.boxes), self.config.segments, self.config.missing,
+                               "LayoutGuidance", noun="boxed word", field="the keys of boxes", verb="guide")
         self._columns[id(layout)] = (layout, columns)
         return columns
 

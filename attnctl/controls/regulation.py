@@ -36,12 +36,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import ConfigError, LayoutError, SiteError, UnsupportedModelError, WordCutOffError
+from ..errors import ConfigError, LayoutError, SiteError, UnsupportedModelError
 from ..processors.attend import fused_attention_with_lse
 from ..processors.contributions import KeyBias, Selection
 from ..schedules import bounded
 from ..sites import Site, select_sites
-from .base import Control, ControlConfig, RunState, register
+from .base import Control, ControlConfig, RunState, register, word_columns
 
 JOINT_KINDS = ("sd3_joint", "flux_double", "flux_single")
 """Site kinds whose attention mixes image and text tokens (SD3.5 ``attn2`` is image-only)."""
@@ -482,32 +482,13 @@ class AttentionRegulation(Control):
         if kept is not None and kept[0] is layout:
             return kept[1]
         cfg = self.config
-        if layout is None or not any(seg.words for seg in layout.segments):
-            raise LayoutError(
-                "AttentionRegulation needs the run's prompt to find its target words, and this run has none "
-                "(only prompt_embeds were given, or no prompt, or several prompts given to a bare transformer)",
-                fix="pass the prompt text instead of prompt_embeds, through attnctl.attach(pipe, ...) or an attnctl "
-                    "pipeline, or give Controller(..., layout=TokenLayout(...)) with word positions")
-        segs = tuple(cfg.segments) if cfg.segments else None
+        found = word_columns(layout, cfg.targets, cfg.segments, cfg.missing, "AttentionRegulation",
+                             noun="target word", field="targets=[...]", verb="regulate")
         positions: list[int] = []
         word_of: list[int] = []
         words: list[str] = []
-        for w in cfg.targets:
-            try:  # a phrase ("blue square") is one target: its words' tokens share one bias and one map
-                found = sorted({p for part in w.split() for p in layout.word_tokens(part, segs)})
-                pos = [p for p in found if p not in positions]  # a token counts once
-            except LayoutError as e:
-                if cfg.missing == "ignore":
-                    continue
-                if isinstance(e, WordCutOffError):  # the layout's own message says what to do
-                    raise
-                known = ", ".join(layout.words()[:20])
-                where = f"the prompt {layout.prompt!r}" if layout.prompt is not None else "this run's prompt"
-                seg_note = f" (segments {', '.join(segs)})" if segs else ""
-                raise LayoutError(
-                    f"AttentionRegulation: the target word {w!r} is not in {where}{seg_note}",
-                    fix=f"name only words of the prompt in targets=[...] (this prompt has: {known}), or pass "
-                        "missing='ignore' to regulate the targets that are present") from None
+        for w, cols in zip(cfg.targets, found, strict=True):  # a phrase ("blue square") is one target: its words'
+            pos = [p for p in cols if p not in positions]  # tokens share one bias and one map; a token counts once
             if not pos:
                 continue
             positions.extend(pos)
