@@ -231,6 +231,39 @@ def test_several_prompts_in_one_call_each_use_their_own_tokens(sd3_pipe):
     assert abs(both - plain).max() > 1e-3
 
 
+@pytest.mark.parametrize("offload", ["before attach", "inside attach"])
+def test_both_wrappers_survive_model_cpu_offload(offload):
+    """Model CPU offload drops forward wrappers at the end of every call; both come back at the next call (latent
+    guidance outside the perturbed branch), so every call in the block is the same guided run, and none after it."""
+    from attnctl.testing import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline("sd3")  # its own modules: the offload hooks stay off the shared fixtures
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(PROMPT, generator=gen(), guidance_scale=3.0, output_type="latent", **KW).images
+
+    def controls():
+        return [LayoutGuidance(boxes=BOXES, scale=0.5), attnctl.SoftPAG(heads=["L0H1"], scale=2.0)]
+
+    plain = run()
+    with attnctl.attach(pipe, controls()):
+        reference = run()  # no offload
+    if offload == "before attach":
+        pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        with attnctl.attach(pipe, controls()) as ctl:
+            if offload == "inside attach":
+                pipe.enable_model_cpu_offload(device="cpu")
+            first, second = run(), run()
+            assert ctl._latent.passes == 6 and ctl._branch.calls == 6  # 3 steps of each call, both guided
+        after = run()
+    finally:
+        pipe.remove_all_hooks()
+    assert (first - reference).abs().max() <= 1e-5 and (second - first).abs().max() <= 1e-6
+    assert (first - plain).abs().max() > 1e-3 and (after - plain).abs().max() <= 1e-6
+
+
 def test_bf16_on_cpu(sd3_pipe):
     from attnctl.testing import tiny_sd3_pipeline
 
