@@ -59,6 +59,14 @@ def test_word_maps_equal_the_renormalised_image_text_slice_of_the_joint_softmax(
     txt = txt / txt.sum(-1, keepdim=True)
     ref = torch.stack([txt[..., [1, 3]].sum(-1), txt[..., [4]].sum(-1), torch.zeros(b, h, n_img)], -1).mean(1)
     assert torch.allclose(maps, ref, atol=1e-6)
+    # in chunks of rows (recomputed in the backward): the same maps and the same gradients
+    qg, kg = q[:, :n_img].clone().requires_grad_(), k[:, n_img:].clone().requires_grad_()
+    whole = word_maps(qg, kg, columns)
+    (gq, gk) = torch.autograd.grad((whole * torch.arange(3.0)).sum(), (qg, kg))
+    chunked = word_maps(qg, kg, columns, max_elems=b * h * n_txt * 2)  # 2 rows per chunk: 3 chunks
+    (cq, ck) = torch.autograd.grad((chunked * torch.arange(3.0)).sum(), (qg, kg))
+    assert torch.allclose(chunked, whole, atol=1e-6) and torch.allclose(cq, gq, atol=1e-6)
+    assert torch.allclose(ck, gk, atol=1e-6)
 
 
 def test_ratio_loss_is_the_squared_out_of_box_share():

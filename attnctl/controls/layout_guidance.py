@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import LayoutError, SiteError, UnsupportedModelError
 from ..schedules import bounded
@@ -49,6 +50,9 @@ CSG_MARGIN = 0.1
 CSG_INTER_WEIGHT = 50.0
 """Weight of the inter-token term against the intra-token one (CSG's 5·(ΣL_intra + 50·ΣL_inter); the overall 5
 does not matter here, the step is normalised)."""
+MAP_CHUNK_ELEMS = 1 << 24
+"""Bound on the logits of one chunk of image rows in the word maps (64 MiB in float32; chunks are recomputed in the
+backward, so the gradient pass holds only a few at a time)."""
 _TINY = 1e-12
 
 
@@ -118,14 +122,27 @@ def box_coverage(boxes: list[list[float]], grid: tuple[int, int], device=None) -
     return torch.stack(cols, dim=1)
 
 
-def word_maps(q_img: torch.Tensor, k_text: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
+def word_maps(q_img: torch.Tensor, k_text: torch.Tensor, columns: list[list[int]],
+              max_elems: int = MAP_CHUNK_ELEMS) -> torch.Tensor:
     """``(batch, N_img, S)``: each word's share of the image tokens' text attention, averaged over heads.
 
     ``q_img`` ``(batch, N_img, heads, d)``, ``k_text`` ``(batch, T, heads, d)``; ``columns[t]`` the text positions of
-    word ``t`` (an empty list gives a zero map). The softmax runs over the text keys only."""
-    scale = 1.0 / math.sqrt(q_img.shape[-1])
-    logits = torch.einsum("bnhd,bthd->bhnt", q_img.float(), k_text.float()) * scale
-    p = logits.softmax(dim=-1)
+    word ``t`` (an empty list gives a zero map). The softmax runs over the text keys only. Query rows go in chunks of
+    at most ``max_elems`` logits, each recomputed in the backward instead of kept (activation checkpointing), so the
+    memory of the logits and their gradients stays within a few chunks whatever the image size."""
+    b, n, h, _ = q_img.shape
+    rows = max(1, max_elems // max(1, b * h * k_text.shape[1]))
+    scaled = q_img.float() * (1.0 / math.sqrt(q_img.shape[-1]))  # on q, not on the N_img·T logits
+    k = k_text.float()
+    if n <= rows:
+        return _chunk_maps(scaled, k, columns)
+    chunks = [checkpoint(_chunk_maps, scaled[:, r0:r0 + rows], k, columns, use_reentrant=False)
+              for r0 in range(0, n, rows)]
+    return torch.cat(chunks, dim=1)
+
+
+def _chunk_maps(q: torch.Tensor, k: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
+    p = torch.einsum("bnhd,bthd->bhnt", q, k).softmax(dim=-1)
     maps = [p[..., cols].sum(-1) if cols else p.new_zeros(p.shape[:-1]) for cols in columns]
     return torch.stack(maps, dim=-1).mean(dim=1)
 

@@ -1,0 +1,151 @@
+"""What LayoutGuidance's gradient pass costs at one attention layer of real shape, against the stock layer.
+
+    python bench/layout.py                 # SD3.5-large and FLUX.1-dev layers, 512² and 1024² token counts
+    python bench/layout.py --quick         # 512² only
+    python bench/layout.py --json out.json
+
+Layers and inputs come from ``bench/layers.py``; the prompt is "a red circle and a blue square" (one token per
+word, as ``bench/regulation.py`` lays it out), with boxes on "circle" and "square". Variants, timed interleaved:
+
+- ``stock``: the stock processor's forward, no gradients (what the step's own forward costs at this layer);
+- ``stock_grad``: the stock layer's forward and the backward of a scalar of its output to the layer's input, the
+  cost any latent-gradient method pays for a layer its gradient passes through;
+- ``layout``: the gradient pass at a site whose maps enter the loss: the attnctl processor's forward with the word
+  maps recorded, and the backward of the layout loss to the layer's input.
+
+The extra peak memory of one call of each is measured in a fresh subprocess (``bench/layers.py``'s method:
+VmHWM after a reset minus VmRSS before); ``saved_maps_bytes`` is the ``heads · N_img · T`` float32 softmax the
+backward keeps, ``nxn_map_bytes`` one float32 ``N × N`` map over all heads. Weights are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import layers  # noqa: E402  (the layer builders and the peak-memory method)
+from regulation import prompt_layout  # noqa: E402
+from report import emit  # noqa: E402
+
+VARIANTS = ("stock", "stock_grad", "layout")
+BOXES = {"circle": [0.05, 0.05, 0.5, 0.5], "square": [0.5, 0.5, 0.95, 0.95]}
+
+
+def build(shape: str, res: int, variant: str):
+    """The layer, and for ``layout`` the control bound to its controller in a gradient pass."""
+    from attnctl import LayoutGuidance
+
+    layer = layers.build(shape, res, "attnctl" if variant == "layout" else "stock")
+    control = None
+    if variant == "layout":
+        ctl = layer.controller
+        control = LayoutGuidance(boxes=BOXES)
+        ctl.controls.append(control)
+        control.bind(ctl)
+        ctl._latent_control = control  # a bare layer has no pipeline to check: declare the gradient pass's control
+        ctl.begin_run(1, layout=prompt_layout(layers.SHAPES[shape], layer.n_text, res // 16), roles=["cond"])
+        ctl.state.gradient_pass = True
+    return layer, control
+
+
+def one_call(layer, control, variant: str) -> None:
+    if variant == "stock":
+        with torch.no_grad():
+            layer.attn(**layer.kwargs)
+        return
+    x = layer.kwargs["hidden_states"].detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = layer.attn(**{**layer.kwargs, "hidden_states": x})
+        if variant == "layout":
+            loss = control.latent_loss().sum()
+        else:
+            out = out[0] if isinstance(out, tuple) else out
+            loss = out.float().pow(2).mean()
+        (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(grad).all()
+
+
+def time_variants(shape: str, res: int, repeats: int) -> dict:
+    built = {v: build(shape, res, v) for v in VARIANTS}
+    for v, (layer, control) in built.items():  # warm-up
+        one_call(layer, control, v)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(repeats):
+        for v, (layer, control) in built.items():
+            t = time.perf_counter()
+            one_call(layer, control, v)
+            times[v].append(time.perf_counter() - t)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    stock = built["stock"][0]
+    heads = stock.attn.heads
+    n = stock.n_img + stock.n_text
+    return dict(shape=shape, res=res, tokens=n, image_tokens=stock.n_img, text_tokens=stock.n_text, heads=heads,
+                seconds={v: round(m, 4) for v, m in med.items()},
+                ratio_to_stock={v: round(m / med["stock"], 3) for v, m in med.items()},
+                layout_over_stock_grad=round(med["layout"] / med["stock_grad"], 3),
+                saved_maps_bytes=heads * stock.n_img * stock.n_text * 4, nxn_map_bytes=n * n * heads * 4)
+
+
+def _peak_child(shape: str, res: int, variant: str) -> int:
+    torch.set_num_threads(2)
+    layer, control = build(shape, res, variant)
+    return layers.extra_peak_bytes(lambda: one_call(layer, control, variant))
+
+
+def peak_memory(shape: str, res: int) -> dict:
+    out = {}
+    for v in VARIANTS:
+        cmd = [sys.executable, __file__, "--peak-child", shape, str(res), v]
+        out[v] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="512² token counts only")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shapes", nargs="+", default=list(layers.SHAPES), choices=list(layers.SHAPES))
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peak_child:
+        shape, res, variant = args.peak_child
+        print(_peak_child(shape, int(res), variant))
+        return
+    torch.set_num_threads(2)
+    rows = []
+    for res in (512,) if args.quick else (512, 1024):
+        for shape in args.shapes:
+            r = time_variants(shape, res, args.repeats)
+            r["extra_peak_bytes"] = peak_memory(shape, res)
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="LayoutGuidance's gradient pass at one layer (ratios: same run; 1.00 = stock forward)")
+        for col in ("layer", "res", "tokens", "stock fwd+bwd ×", "layout pass ×", "layout / stock fwd+bwd",
+                    "peak MB stock / fwd+bwd / layout", "saved maps MB", "one N×N map MB"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            mb = " / ".join(f"{r['extra_peak_bytes'][v] / 2**20:.0f}" for v in VARIANTS)
+            t.add_row(r["shape"], str(r["res"]), str(r["tokens"]), f"{r['ratio_to_stock']['stock_grad']:.2f}",
+                      f"{r['ratio_to_stock']['layout']:.2f}", f"{r['layout_over_stock_grad']:.2f}", mb,
+                      f"{r['saved_maps_bytes'] / 2**20:.0f}", f"{r['nxn_map_bytes'] / 2**20:.0f}")
+        Console(width=200).print(t)
+    except ImportError:
+        pass
+    emit({"bench": "layout", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, args.json)
+
+
+if __name__ == "__main__":
+    main()
