@@ -183,10 +183,12 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status; peak memory needs Linux")
 
 
-def peak_memory(shape: str, res: int) -> dict:
+def peak_memory(shape: str, res: int, script: str = __file__, variants: tuple[str, ...] = VARIANTS,
+                extra: tuple[str, ...] = ()) -> dict:
+    """Extra peak memory of one call of each variant, each in a fresh ``script --peak-child SHAPE RES VARIANT``."""
     out = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--peak-child", shape, str(res), v]
+    for v in variants:
+        cmd = [sys.executable, script, "--peak-child", shape, str(res), v, *extra]
         out[v] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     return out
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,14 +99,6 @@ def _peak_child(shape: str, res: int, variant: str) -> int:
     return layers.extra_peak_bytes(lambda: one_call(layer, control, variant))
 
 
-def peak_memory(shape: str, res: int) -> dict:
-    out = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--peak-child", shape, str(res), v]
-        out[v] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="512² token counts only")
@@ -125,7 +116,7 @@ def main() -> None:
     for res in (512,) if args.quick else (512, 1024):
         for shape in args.shapes:
             r = time_variants(shape, res, args.repeats)
-            r["extra_peak_bytes"] = peak_memory(shape, res)
+            r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, VARIANTS)
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
     try:
