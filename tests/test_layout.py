@@ -207,6 +207,40 @@ def test_flux_negative_call_runs_on_the_guided_latent(flux_pipe, monkeypatch):
     assert torch.equal(z_cond, z_neg) and (z_cond - z).abs().max() > 1e-4
 
 
+def test_sd3_skip_layer_pass_runs_on_the_guided_latent(sd3_pipe, monkeypatch):
+    cls = type(sd3_pipe.transformer)
+    forward = cls.forward
+    inputs = []
+
+    def spy(self, hidden_states, *args, **kwargs):
+        inputs.append((hidden_states.detach().clone(), kwargs.get("skip_layers") is not None))
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", spy)
+    with attnctl.attach(sd3_pipe, [LayoutGuidance(boxes=BOXES, scale=0.5)]):
+        sd3_pipe(PROMPT, generator=gen(), guidance_scale=3.0, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+                 skip_layer_guidance_stop=1.0, output_type="latent", **KW)
+    # diffusers runs the skip-layer pass from step 1 on: step 0 is [gradient pass, CFG call]; step 1 is the gradient
+    # pass on z, the CFG call on [z', z'] and the skip-layer call on z'
+    assert [skip for _, skip in inputs] == [False, False, False, False, True, False, False, True]
+    (z, _), (cfg_rows, _), (skip, _) = inputs[2:5]
+    assert torch.equal(cfg_rows[0], cfg_rows[1]) and torch.equal(skip[0], cfg_rows[1])
+    assert (skip - z).abs().max() > 1e-4
+
+
+def test_flux_dev_guidance_embedding_rows_follow_the_conditional_rows():
+    from attnctl.testing import tiny_flux_pipeline
+
+    pipe = AttnCtlFluxPipeline(**tiny_flux_pipeline(guidance_embeds=True).components)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(PROMPT, generator=gen(), num_images_per_prompt=2, guidance_scale=3.5, output_type="latent",
+                 **KW).images
+    lay = LayoutGuidance(boxes=BOXES, scale=0.5)
+    moved = pipe(PROMPT, generator=gen(), num_images_per_prompt=2, guidance_scale=3.5, output_type="latent",
+                 controls=[lay], **KW).images
+    assert len(lay.history) == 3 and torch.isfinite(moved).all() and (moved - plain).abs().max() > 1e-3
+
+
 def test_composes_with_softpag_and_the_perturbed_rows_stay_out_of_the_gradient_pass(sd35_pipe):
     pipe = AttnCtlSD3Pipeline(**sd35_pipe.components)
     pipe.set_progress_bar_config(disable=True)
