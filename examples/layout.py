@@ -1,7 +1,7 @@
 """Layout guidance: each named word goes into its box.
 
     python examples/layout.py                                      # toy-sd3, a few seconds on a CPU
-    python examples/layout.py --model toy-flux --config '{"scale": "window(0.6, 0, 0.5)"}'
+    python examples/layout.py --model toy-flux --config '{"loss": "csg"}'
     python examples/layout.py --model stabilityai/stable-diffusion-3.5-medium --device cuda \\
         --prompt "a cat and a dog on a lawn" --box cat=0.05,0.3,0.45,0.9 --box dog=0.55,0.3,0.95,0.9
 
