@@ -470,10 +470,9 @@ def _prompt_words(prompt: str) -> list[str]:
 
 def _takes_boxes(spec: dict[str, Any]) -> bool:
     """Whether the control ``spec`` names takes boxes keyed by words (``LayoutGuidance``)."""
-    from .controls.base import CONTROL_TYPES
+    from .controls.base import config_fields
 
-    cls = CONTROL_TYPES.get(spec.get("kind"))
-    return cls is not None and "boxes" in cls.Config.model_fields
+    return "boxes" in config_fields(spec.get("kind"))
 
 
 def with_item_boxes(spec: dict[str, Any], boxes: Any) -> dict[str, Any]:

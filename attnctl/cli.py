@@ -693,12 +693,10 @@ def _check_item(item: Any, i: int, parse_caption: Callable) -> dict[str, Any]:
 
 def _word_field(kind: str) -> str:
     """The config field of control ``kind`` that names prompt words (``targets`` or ``words``)."""
-    from .controls.base import CONTROL_TYPES
+    from .controls.base import config_fields
 
-    cls = CONTROL_TYPES.get(kind)
-    fields = getattr(getattr(cls, "Config", None), "model_fields", {})
     for name in ("targets", "words"):
-        if name in fields:
+        if name in config_fields(kind):
             return name
     raise AttnCtlError(f"--words-from: control {kind!r} names no prompt words",
                        "use it with a word control (regulation, probe), or drop --words-from")
@@ -706,10 +704,9 @@ def _word_field(kind: str) -> str:
 
 def _box_field(kind: str) -> str:
     """The config field of control ``kind`` that takes boxes keyed by words (``boxes``)."""
-    from .controls.base import CONTROL_TYPES
+    from .controls.base import config_fields
 
-    cls = CONTROL_TYPES.get(kind)
-    if "boxes" in getattr(getattr(cls, "Config", None), "model_fields", {}):
+    if "boxes" in config_fields(kind):
         return "boxes"
     raise AttnCtlError(f"--boxes-from: control {kind!r} takes no boxes",
                        "use it with a box control (layout), or drop --boxes-from")

@@ -315,7 +315,7 @@ class Controller:
         return out
 
     def _infer_roles(self, kwargs: dict, batch: int) -> list[str]:
-        if self.pipe is None:
+        if self.pipe is None or kwargs.get("skip_layers") is not None:  # SD3's skip-layer pass: conditional rows
             return ["cond"] * batch
         if self.family == "sd3":
             cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))

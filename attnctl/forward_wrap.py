@@ -96,6 +96,17 @@ class ForwardWrapper:
         return bound
 
 
+def later_call(kwargs: dict, roles: list[str]) -> str | None:
+    """What a call is when it is one a diffusers loop makes after a step's batched call, on the same images: SD3's
+    skip-layer guidance pass, or FLUX's true-CFG call for the negative prompt (every row unconditional); ``None``
+    for any other call. Wrappers give such a call the term of its step's batched call."""
+    if kwargs.get("skip_layers") is not None:
+        return "SD3's skip-layer guidance pass"
+    if roles and set(roles) == {"uncond"}:
+        return "the call for the negative prompt"
+    return None
+
+
 def image_rows(roles: list[str], batch: int, what: str) -> tuple[list[int], list[int]]:
     """The conditional and unconditional rows of a call, the ``k``-th of each belonging to the same image; the roles
     must cover the batch and the two lists pair up (or there are no unconditional rows). ``what`` names the wrapper

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .forward_wrap import ForwardWrapper, batch_of, image_rows, map_rows, sample_of, with_sample
+from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
 
 # ------------------------------------------------------------------------------------------ the formula
 
@@ -161,16 +161,12 @@ class PerturbedBranch(ForwardWrapper):
             return self._original(*args, **kwargs)
         roles = list(state.roles or [])
         ws = self.branches.weights(state.step, state.num_steps)
-        if kwargs.get("skip_layers") is not None:  # SD3's skip-layer guidance pass: conditional rows only
-            result = self._with_roles(["cond"] * batch_of(args, kwargs), args, kwargs)
-            return self._shifted(result, "SD3's skip-layer guidance pass") if any(ws) else result
-        if not any(ws):
+        later = later_call(kwargs, roles)
+        if later is not None:  # SD3's skip-layer pass, FLUX's negative-prompt call: the step's δ
+            result = self._original(*args, **kwargs)
+            return self._shifted(result, later) if any(ws) else result
+        if not any(ws) or "cond" not in roles:  # no guidance at this step, or no conditional rows to guide
             self._shift = None
-            return self._original(*args, **kwargs)
-        cond = [i for i, r in enumerate(roles) if r == "cond"]
-        if not cond and roles and set(roles) == {"uncond"}:  # FLUX's true-CFG call for the negative prompt
-            return self._shifted(self._original(*args, **kwargs), "the call for the negative prompt")
-        if not cond:  # rows the caller laid out without conditional ones: nothing to guide
             return self._original(*args, **kwargs)
         bound = self.bind(args, kwargs)
         batch = bound["hidden_states"].shape[0]

@@ -29,8 +29,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .forward_wrap import ForwardWrapper, batch_of, image_rows, map_rows, sample_of, with_sample
-from .processors.contributions import host_values
+from .forward_wrap import ForwardWrapper, batch_of, image_rows, later_call, map_rows, sample_of, with_sample
 
 EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 """Schedulers whose step is ``z + (σ_{t+1} − σ_t)·v``, so a moved latent can be passed through the prediction."""
@@ -86,32 +85,21 @@ class LatentGuidance(ForwardWrapper):
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         state = self.controller.state
-        step = state.step
         roles = list(state.roles or [])
-        later = kwargs.get("skip_layers") is not None or (bool(roles) and set(roles) == {"uncond"})
-        if later:  # SD3's skip-layer pass, FLUX's negative-prompt call: the step's latent and term
-            return self._later_call(args, kwargs, step)
-        size = float(self.control.step_size(step, state.num_steps))
-        cond = [i for i, r in enumerate(roles) if r == "cond"]
-        if size == 0 or not cond:
-            self._moved = None
+        if later_call(kwargs, roles) is not None:  # SD3's skip-layer pass, FLUX's negative call: the step's z', term
+            return self._later_call(args, kwargs, state.step)
+        self._moved = None
+        size = float(self.control.step_size(state.step, state.num_steps))
+        sigmas = self._sigmas(state.step) if size and "cond" in roles else None
+        if sigmas is None:  # no guidance at this step
             return self._original(*args, **kwargs)
-        check_scheduler(self.pipe, type(self.control).__name__)
-        sigmas = getattr(self.pipe.scheduler, "sigmas", None)
-        if sigmas is None or step + 1 >= len(sigmas):
-            self._moved = None
-            return self._original(*args, **kwargs)
-        sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
-        if sigma_next == sigma:
-            self._moved = None
-            return self._original(*args, **kwargs)
+        sigma, sigma_next = sigmas
         bound = self.bind(args, kwargs)
         hidden = bound["hidden_states"]
-        batch = hidden.shape[0]
-        cond, uncond = image_rows(roles, batch, "latent guidance")
+        cond, uncond = image_rows(roles, hidden.shape[0], "latent guidance")
         idx = state.index(cond, hidden.device)
         z = hidden.index_select(0, idx)
-        z_new = self._descend(bound, batch, idx, z, size * sigma)
+        z_new = self._descend(bound, cond, idx, z, size * sigma)
         shift = (z_new.float() - z.float()) / (sigma_next - sigma)
         moved = hidden.clone()
         for rows in (cond, uncond):
@@ -123,19 +111,28 @@ class LatentGuidance(ForwardWrapper):
         for rows in (cond, uncond):
             if rows:
                 out = out.index_add(0, state.index(rows, out.device), shift.to(out.dtype))
-        self._moved = (step, z_new, shift)
+        self._moved = (state.step, z_new, shift)
         return with_sample(result, out)
 
-    def _descend(self, bound: dict, batch: int, idx: torch.Tensor, z: torch.Tensor, size: float) -> torch.Tensor:
-        """``iterations`` gradient steps of the control's loss on the conditional rows' latents."""
+    def _sigmas(self, step: int) -> tuple[float, float] | None:
+        """``(σ_t, σ_{t+1})`` of ``step`` from the pipeline's scheduler (checked: its step must be the Euler step), or
+        ``None`` when the step moves nothing (``σ_{t+1} = σ_t``)."""
+        check_scheduler(self.pipe, type(self.control).__name__)
+        sigmas = self.pipe.scheduler.sigmas
+        sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
+        return None if sigma_next == sigma else (sigma, sigma_next)
+
+    def _descend(self, bound: dict, cond: list[int], idx: torch.Tensor, z: torch.Tensor, size: float) -> torch.Tensor:
+        """``iterations`` gradient steps of the control's loss on the latents ``z`` of the conditional rows ``cond``
+        (``idx``: the same rows as an index tensor)."""
         if torch.is_inference_mode_enabled():
             raise ConfigError(
                 f"{type(self.control).__name__} needs gradients of the latents, and the pipeline runs under "
                 "torch.inference_mode()", fix="call the pipeline under torch.no_grad() (diffusers' default) instead")
+        batch = bound["hidden_states"].shape[0]
         sub = map_rows(bound, batch, lambda x: x.index_select(0, idx.to(x.device)), type(self.control).__name__)
-        rows = list(host_values(idx) or idx.tolist())
         for _ in range(int(self.control.config.iterations)):
-            with torch.enable_grad(), self.controller.gradient_pass(rows):
+            with torch.enable_grad(), self.controller.gradient_pass(cond):
                 zz = z.detach().requires_grad_(True)
                 sub["hidden_states"] = zz
                 with contextlib.suppress(StopForward):  # raised after the deepest site the loss reads

@@ -233,3 +233,20 @@ def test_run_state_index_tensors_are_made_once():
     assert state.index([2, 1], "cpu") is not a and state.index([2, 1], "cpu").tolist() == [2, 1]
     assert state.index([], None).shape == (0,)
 
+
+
+def test_sd3_skip_layer_pass_is_conditional_rows_only(sd3_pipe):
+    """SD3's skip-layer guidance calls the transformer on the conditional latents alone; with two images that batch
+    has an even size like a CFG batch, and must still count as conditional rows, not as [uncond, cond]."""
+    seen = []
+    with attnctl.attach(sd3_pipe, [attnctl.AttentionProbe(words=["circle"])]) as ctl:
+        hook = sd3_pipe.transformer.register_forward_pre_hook(  # runs after the controller's own pre-hook
+            lambda m, a, kw: seen.append((kw.get("skip_layers") is not None, list(ctl.state.roles))), with_kwargs=True)
+        try:
+            sd3_pipe("a red circle", num_images_per_prompt=2, guidance_scale=3.0, skip_guidance_layers=[1],
+                     skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0, num_inference_steps=3, height=32,
+                     width=32, max_sequence_length=24, output_type="latent")
+        finally:
+            hook.remove()
+    assert [roles for skip, roles in seen if skip] == [["cond", "cond"]] * 2  # steps 1 and 2
+    assert all(roles == ["uncond"] * 2 + ["cond"] * 2 for skip, roles in seen if not skip)

@@ -215,6 +215,13 @@ def register(cls: type[Control]) -> type[Control]:
     return cls
 
 
+def config_fields(kind: Any) -> frozenset[str]:
+    """The config field names of the control ``kind`` (empty for an unknown kind): what a caller may fill in for it,
+    such as the words or boxes of each prompt item."""
+    cls = CONTROL_TYPES.get(kind)
+    return frozenset(cls.Config.model_fields) if cls is not None else frozenset()
+
+
 def control_from_json(data: dict) -> Control:
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in CONTROL_TYPES:

@@ -36,6 +36,7 @@ from pydantic import Field, field_validator
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import LayoutError, SiteError, UnsupportedModelError
+from ..processors.contributions import index_tensor
 from ..schedules import bounded
 from ..sites import select_sites
 from .base import Control, ControlConfig, RunState, register, word_columns
@@ -171,27 +172,27 @@ def csg_loss(maps: torch.Tensor, tokens: list[tuple[list[int], list[int]]], pres
              generator: torch.Generator | None, sample: float = CSG_SAMPLE, keep: float = CSG_KEEP,
              margin: float = CSG_MARGIN, inter_weight: float = CSG_INTER_WEIGHT) -> torch.Tensor:
     """CSG's selective intra-token ratio plus its inter-token constraint, per image ``(batch,)`` (module doc);
-    ``tokens`` from :func:`box_tokens`."""
+    ``tokens`` from :func:`box_tokens` (lists, or index tensors already on the maps' device)."""
     total = maps.new_zeros(maps.shape[0])
     for t, (idx_in, idx_out) in enumerate(tokens):
         if not present[t]:
             continue
-        vals_in = maps[:, torch.tensor(idx_in, device=maps.device), t]
+        idx_in, idx_out = (torch.as_tensor(x, dtype=torch.long, device=maps.device) for x in (idx_in, idx_out))
+        vals_in = maps[:, idx_in, t]
         k = max(1, int(sample * len(idx_in)))
         r = max(1, round(keep * k))
         top = vals_in.topk(k, dim=1).indices  # (b, k) positions among the in-box tokens
         pick = torch.randperm(k, generator=generator)[:r].to(top.device)
         chosen = top.index_select(1, pick)  # (b, r)
         s_in = vals_in.gather(1, chosen).sum(1)
-        if idx_out:
-            out_vals = maps[:, torch.tensor(idx_out, device=maps.device), t]
-            s_out = out_vals.topk(min(r, len(idx_out)), dim=1).values.sum(1)
+        if len(idx_out):
+            s_out = maps[:, idx_out, t].topk(min(r, len(idx_out)), dim=1).values.sum(1)
         else:
             s_out = torch.zeros_like(s_in)
         total = total + (1 - s_in / (s_in + s_out).clamp_min(_TINY)) ** 2
         others = [u for u in range(len(tokens)) if u != t and present[u]]
         if others:
-            pixels = torch.tensor(idx_in, device=maps.device)[chosen]  # (b, r) image tokens
+            pixels = idx_in[chosen]  # (b, r) image tokens
             mean_in = maps[:, :, t].gather(1, pixels).mean(1)
             m_other = torch.stack([maps[:, :, u].gather(1, pixels).mean(1) for u in others], dim=1).amax(1)
             total = total + inter_weight * (torch.minimum(mean_in - margin, m_other) - m_other) ** 2
@@ -268,7 +269,9 @@ class LayoutGuidance(Control):
             if empty:
                 raise LayoutError(f"LayoutGuidance: the boxes of {empty} cover no image token",
                                   fix="give boxes of positive area inside [0, 1]")
-            self._cover[key] = (cover.to(device), box_tokens(cover) if self.config.loss == "csg" else [])
+            tokens = [(index_tensor(i, device), index_tensor(o, device)) for i, o in box_tokens(cover)] \
+                if self.config.loss == "csg" else []  # on the device once per grid, not at every site
+            self._cover[key] = (cover.to(device), tokens)
         return self._cover[key]
 
     # ------------------------------------------------------------------------------ per call
@@ -281,9 +284,8 @@ class LayoutGuidance(Control):
                 f"LayoutGuidance: {call.site.name} has {call.n_image} image tokens but the run's image grid is {grid}",
                 fix="pass height/width the model supports, or a layout whose grid matches")
         cover, tokens = self._coverage(grid, q.device)
-        img, txt = call.image_slice(), call.text_slice()
         losses = q.new_zeros(call.batch, dtype=torch.float32)
-        gen = torch.Generator().manual_seed(self.config.seed + 7919 * state.step)
+        gen = torch.Generator().manual_seed(self.config.seed + 7919 * state.step) if tokens else None
         for layout, rows, host_rows in state.rows_by_prompt(("cond",), call.batch, q.device):
             if not host_rows:
                 continue
@@ -291,7 +293,7 @@ class LayoutGuidance(Control):
             present = [bool(c) for c in columns]
             if not any(present):
                 continue
-            qi, kt = q[:, img], k[:, txt]
+            qi, kt = q[:, call.image_slice()], k[:, call.text_slice()]
             if rows is not None:
                 qi, kt = qi.index_select(0, rows), kt.index_select(0, rows)
             maps = word_maps(qi, kt, columns)
