@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from regulation_eval import call_kwargs, generate, paired_difference
+from regulation_eval import call_kwargs, run_interleaved, score_rows
 from report import emit
 
 from attnctl.errors import AttnCtlError
-from attnctl.headhunt import NOISE_KINDS, pair_seed
+from attnctl.headhunt import NOISE_KINDS
 from attnctl.toyworld.world import BOX_KEYS, object_boxes
 
 METRICS = ("box_iou", "presence", "colour_binding", "object_recall", "shape_accuracy", "sharpness")
@@ -44,7 +44,6 @@ def usable(item: dict[str, Any], words: str) -> bool:
 def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], words: str, limit: int | None,
              steps: int | None, first_seed: int = 0, noise: str = "per_prompt") -> dict[str, Any]:
     from attnctl import LayoutGuidance
-    from attnctl.toyworld.evaluate import evaluate_image, mean_scores
     from attnctl.toyworld.models import load_pipeline
     from attnctl.toyworld.world import prompt_set
 
@@ -55,34 +54,15 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], words
                               "words": words, "call": call, "sets": {}}
     for set_name in sets:
         items = [it for it in prompt_set(set_name) if usable(it, words)][:limit]
-        images: dict[str, list] = {n: [] for n in names}
-        seconds = {n: 0.0 for n in names}
-        losses: dict[str, list[tuple[float, float]]] = {n: [] for n in names[1:]}
-        for index, item in enumerate(items):
-            seeds_here = [pair_seed(index, s, noise) for s in range(first_seed, first_seed + seeds)]
-            for name, cfg in zip(names, [None, *configs], strict=True):
-                controls = None
-                if cfg is not None:
-                    ctl = LayoutGuidance(**{"boxes": object_boxes(item, words), **cfg})
-                    controls = [ctl]
-                imgs, sec = generate(pipe, item["prompt"], seeds_here, call, controls)
-                images[name].extend(imgs)
-                seconds[name] += sec
-                if cfg is not None and ctl.history:
-                    losses[name].append((ctl.history[0][1], ctl.history[-1][1]))
-        scored = [it for it in items for _ in range(seeds)]
-        per_image = {n: [evaluate_image(im, it) for im, it in zip(images[n], scored, strict=True)] for n in names}
-        rows = {}
-        for n in names:
-            m = mean_scores(per_image[n])
-            rows[n] = {k: round(m[k], 4) for k in METRICS if k in m}
-            if n != "baseline":
-                rows[n]["paired"] = paired_difference(per_image[n], per_image["baseline"], METRICS[:5])
-                if losses[n]:
-                    rows[n]["loss_first_step"] = round(float(np.mean([a for a, _ in losses[n]])), 4)
-                    rows[n]["loss_last_step"] = round(float(np.mean([b for _, b in losses[n]])), 4)
-            rows[n]["seconds_per_image"] = round(seconds[n] / len(scored), 4)
-            rows[n]["overhead"] = round(seconds[n] / seconds["baseline"] - 1.0, 4)
+        images, seconds, made = run_interleaved(
+            pipe, items, names, configs, seeds, first_seed, noise, call,
+            lambda item, cfg: LayoutGuidance(**{"boxes": object_boxes(item, words), **cfg}))
+        rows, scored = score_rows(names, images, seconds, items, seeds, METRICS, METRICS[:5])
+        for n in names[1:]:  # the layout loss at the first and the last guided step, averaged over the items
+            losses = [(c.history[0][1], c.history[-1][1]) for c in made[n] if c.history]
+            if losses:
+                rows[n]["loss_first_step"] = round(float(np.mean([a for a, _ in losses])), 4)
+                rows[n]["loss_last_step"] = round(float(np.mean([b for _, b in losses])), 4)
         result["sets"][set_name] = {"items": len(items), "images": len(scored), "rows": rows}
         print(json.dumps({set_name: rows}), file=sys.stderr)
     return result

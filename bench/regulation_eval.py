@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -69,7 +70,6 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
              steps: int | None, first_seed: int = 0, noise: str = "per_prompt",
              true_cfg: float | None = None) -> dict[str, Any]:
     from attnctl import AttentionRegulation
-    from attnctl.toyworld.evaluate import evaluate_image, mean_scores
     from attnctl.toyworld.models import load_pipeline
     from attnctl.toyworld.world import prompt_set
 
@@ -80,39 +80,59 @@ def evaluate(model: str, sets: list[str], seeds: int, configs: list[dict], which
                               "targets": which, "call": call, "sets": {}}
     for set_name in sets:
         items = prompt_set(set_name)[:limit]
-        images = {n: [] for n in names}
-        seconds = {n: 0.0 for n in names}
-        records = {n: [] for n in names[1:]}
-        for index, item in enumerate(items):
-            seeds_here = [pair_seed(index, s, noise)
-                          for s in range(first_seed, first_seed + seeds)]
-            for name, cfg in zip(names, [None, *configs], strict=True):
-                controls = None
-                if cfg is not None:
-                    reg = AttentionRegulation(**{"targets": object_words(item, which), **cfg})
-                    controls = [reg]
-                imgs, sec = generate(pipe, item["prompt"], seeds_here, call, controls)
-                images[name].extend(imgs)
-                seconds[name] += sec
-                if cfg is not None:
-                    records[name].extend(reg.records)
-        scored = [it for it in items for _ in range(seeds)]
-        per_image = {n: [evaluate_image(im, it) for im, it in zip(images[n], scored, strict=True)] for n in names}
-        rows = {}
-        for n in names:
-            m = mean_scores(per_image[n])
-            rows[n] = {k: round(m[k], 4) for k in METRICS if k in m}
-            if n != "baseline":
-                rows[n]["paired"] = paired_difference(per_image[n], per_image["baseline"])
-            rows[n]["seconds_per_image"] = round(seconds[n] / len(scored), 4)
-            rows[n]["overhead"] = round(seconds[n] / seconds["baseline"] - 1.0, 4)
-            if n in records:  # what the control achieved at the attention level: the loss's map terms
-                rows[n]["regulated_calls_per_image"] = round(len(records[n]) / len(items), 2)
-                for key in ("plain_map_loss", "applied_map_loss"):
-                    rows[n][key] = round(float(np.mean([getattr(r, key) for r in records[n]])), 4)
+        images, seconds, made = run_interleaved(
+            pipe, items, names, configs, seeds, first_seed, noise, call,
+            lambda item, cfg: AttentionRegulation(**{"targets": object_words(item, which), **cfg}))
+        rows, scored = score_rows(names, images, seconds, items, seeds, METRICS)
+        for n in names[1:]:  # what the control achieved at the attention level: the loss's map terms
+            records = [r for reg in made[n] for r in reg.records]
+            rows[n]["regulated_calls_per_image"] = round(len(records) / len(items), 2)
+            for key in ("plain_map_loss", "applied_map_loss"):
+                rows[n][key] = round(float(np.mean([getattr(r, key) for r in records])), 4)
         result["sets"][set_name] = {"items": len(items), "images": len(scored), "rows": rows}
         print(json.dumps({set_name: rows}), file=sys.stderr)
     return result
+
+
+def run_interleaved(pipe, items: list[dict], names: list[str], configs: list[dict], seeds: int, first_seed: int,
+                    noise: str, call: dict[str, Any], make_control: Callable[[dict, dict], Any],
+                    ) -> tuple[dict[str, list], dict[str, float], dict[str, list]]:
+    """Every item's baseline and configs on the same seeds, one pipeline call each, timed interleaved so machine load
+    hits them alike. ``make_control(item, config)`` builds a config's control for an item. Returns the images and the
+    seconds per name, and per config the controls made (one per item, in order) for their records."""
+    images: dict[str, list] = {n: [] for n in names}
+    seconds = {n: 0.0 for n in names}
+    made: dict[str, list] = {n: [] for n in names[1:]}
+    for index, item in enumerate(items):
+        seeds_here = [pair_seed(index, s, noise) for s in range(first_seed, first_seed + seeds)]
+        for name, cfg in zip(names, [None, *configs], strict=True):
+            control = make_control(item, cfg) if cfg is not None else None
+            imgs, sec = generate(pipe, item["prompt"], seeds_here, call, [control] if control is not None else None)
+            images[name].extend(imgs)
+            seconds[name] += sec
+            if control is not None:
+                made[name].append(control)
+    return images, seconds, made
+
+
+def score_rows(names: list[str], images: dict[str, list], seconds: dict[str, float], items: list[dict], seeds: int,
+               metrics: tuple[str, ...], paired_keys: tuple[str, ...] | None = None) -> tuple[dict, list]:
+    """Per name, the evaluator's mean ``metrics``, the paired differences against the baseline (``paired_keys``; the
+    default set when None), the seconds per image and the overhead; and the prompt item of every image."""
+    from attnctl.toyworld.evaluate import evaluate_image, mean_scores
+
+    scored = [it for it in items for _ in range(seeds)]
+    per_image = {n: [evaluate_image(im, it) for im, it in zip(images[n], scored, strict=True)] for n in names}
+    rows: dict[str, dict] = {}
+    for n in names:
+        m = mean_scores(per_image[n])
+        rows[n] = {k: round(m[k], 4) for k in metrics if k in m}
+        if n != "baseline":
+            rows[n]["paired"] = paired_difference(per_image[n], per_image["baseline"],
+                                                  *(() if paired_keys is None else (paired_keys,)))
+        rows[n]["seconds_per_image"] = round(seconds[n] / len(scored), 4)
+        rows[n]["overhead"] = round(seconds[n] / seconds["baseline"] - 1.0, 4)
+    return rows, scored
 
 
 def paired_difference(scores: list[dict[str, float]], base: list[dict[str, float]],
