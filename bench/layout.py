@@ -11,7 +11,9 @@ word, as ``bench/regulation.py`` lays it out), with boxes on "circle" and "squar
 - ``stock_grad``: the stock layer's forward and the backward of a scalar of its output to the layer's input, the
   cost any latent-gradient method pays for a layer its gradient passes through;
 - ``layout``: the gradient pass at a site whose maps enter the loss: the attnctl processor's forward with the word
-  maps recorded, and the backward of the layout loss to the layer's input.
+  maps recorded, and the backward of the layout loss to the layer's input;
+- ``layout_self``: the same with CSG's self-attention constraint on (``self_weight=1``): the image×image logits
+  too, in checkpointed chunks of query rows.
 
 The extra peak memory of one call of each is measured in a fresh subprocess (``bench/layers.py``'s method:
 VmHWM after a reset minus VmRSS before); ``saved_maps_bytes`` is the ``heads · N_img · T`` float32 softmax the
@@ -34,7 +36,7 @@ import layers  # noqa: E402  (the layer builders and the peak-memory method)
 from regulation import prompt_layout  # noqa: E402
 from report import emit  # noqa: E402
 
-VARIANTS = ("stock", "stock_grad", "layout")
+VARIANTS = ("stock", "stock_grad", "layout", "layout_self")
 BOXES = {"circle": [0.05, 0.05, 0.5, 0.5], "square": [0.5, 0.5, 0.95, 0.95]}
 
 
@@ -42,11 +44,12 @@ def build(shape: str, res: int, variant: str):
     """The layer, and for ``layout`` the control bound to its controller in a gradient pass."""
     from attnctl import LayoutGuidance
 
-    layer = layers.build(shape, res, "attnctl" if variant == "layout" else "stock")
+    guided = variant.startswith("layout")
+    layer = layers.build(shape, res, "attnctl" if guided else "stock")
     control = None
-    if variant == "layout":
+    if guided:
         ctl = layer.controller
-        control = LayoutGuidance(boxes=BOXES)
+        control = LayoutGuidance(boxes=BOXES, self_weight=1.0 if variant == "layout_self" else 0.0)
         ctl.controls.append(control)
         control.bind(ctl)
         ctl._latent_control = control  # a bare layer has no pipeline to check: declare the gradient pass's control
@@ -63,7 +66,7 @@ def one_call(layer, control, variant: str) -> None:
     x = layer.kwargs["hidden_states"].detach().requires_grad_(True)
     with torch.enable_grad():
         out = layer.attn(**{**layer.kwargs, "hidden_states": x})
-        if variant == "layout":
+        if control is not None:
             loss = control.latent_loss().sum()
         else:
             out = out[0] if isinstance(out, tuple) else out
@@ -90,6 +93,7 @@ def time_variants(shape: str, res: int, repeats: int) -> dict:
                 seconds={v: round(m, 4) for v, m in med.items()},
                 ratio_to_stock={v: round(m / med["stock"], 3) for v, m in med.items()},
                 layout_over_stock_grad=round(med["layout"] / med["stock_grad"], 3),
+                layout_self_over_stock_grad=round(med["layout_self"] / med["stock_grad"], 3),
                 saved_maps_bytes=heads * stock.n_img * stock.n_text * 4, nxn_map_bytes=n * n * heads * 4)
 
 
@@ -124,13 +128,15 @@ def main() -> None:
         from rich.table import Table
 
         t = Table(title="LayoutGuidance's gradient pass at one layer (ratios: same run; 1.00 = stock forward)")
-        for col in ("layer", "res", "tokens", "stock fwd+bwd ×", "layout pass ×", "layout / stock fwd+bwd",
-                    "peak MB stock / fwd+bwd / layout", "saved maps MB", "one N×N map MB"):
+        for col in ("layer", "res", "tokens", "stock fwd+bwd ×", "layout pass ×", "+ self term ×",
+                    "layout / stock fwd+bwd", "+ self / stock fwd+bwd", "peak MB stock / fwd+bwd / layout / + self",
+                    "saved maps MB", "one N×N map MB"):
             t.add_column(col, justify="right")
         for r in rows:
             mb = " / ".join(f"{r['extra_peak_bytes'][v] / 2**20:.0f}" for v in VARIANTS)
             t.add_row(r["shape"], str(r["res"]), str(r["tokens"]), f"{r['ratio_to_stock']['stock_grad']:.2f}",
-                      f"{r['ratio_to_stock']['layout']:.2f}", f"{r['layout_over_stock_grad']:.2f}", mb,
+                      f"{r['ratio_to_stock']['layout']:.2f}", f"{r['ratio_to_stock']['layout_self']:.2f}",
+                      f"{r['layout_over_stock_grad']:.2f}", f"{r['layout_self_over_stock_grad']:.2f}", mb,
                       f"{r['saved_maps_bytes'] / 2**20:.0f}", f"{r['nxn_map_bytes'] / 2**20:.0f}")
         Console(width=200).print(t)
     except ImportError:

@@ -18,6 +18,8 @@ from attnctl.controls.layout_guidance import (
     box_tokens,
     csg_loss,
     ratio_loss,
+    self_boxes,
+    self_maps,
     word_maps,
 )
 from attnctl.errors import ConfigError, LayoutError, SiteError
@@ -69,6 +71,29 @@ def test_word_maps_equal_the_renormalised_image_text_slice_of_the_joint_softmax(
     assert torch.allclose(ck, gk, atol=1e-6)
 
 
+def test_self_maps_are_the_box_weighted_rows_of_the_renormalised_image_block():
+    torch.manual_seed(1)
+    b, n_img, n_txt, h, d = 2, 6, 4, 3, 5
+    q, k = torch.randn(b, n_img + n_txt, h, d), torch.randn(b, n_img + n_txt, h, d)
+    cover = box_coverage([[0.0, 0.0, 0.5, 0.5]], (2, 3))  # cell 0 whole, cell 1 half
+    own = self_boxes(cover)  # + the background: 1 − max cover
+    assert torch.allclose(own[:, 1], torch.tensor([0.0, 0.5, 1.0, 1.0, 1.0, 1.0]))
+    weights = own / own.sum(0)
+    # plainly: the joint softmax, its image rows × image columns renormalised, rows averaged with the box weights
+    probs = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(d), dim=-1)[:, :, :n_img, :n_img]
+    probs = probs / probs.sum(-1, keepdim=True)
+    ref = torch.stack([(probs * weights[:, c, None]).sum(2).mean(1) for c in range(2)], dim=-1)  # (b, keys, box)
+    qg, kg = q[:, :n_img].clone().requires_grad_(), k[:, :n_img].clone().requires_grad_()
+    whole = self_maps(qg, kg, weights)
+    assert torch.allclose(whole, ref, atol=1e-6) and torch.allclose(whole.sum(1), torch.ones(b, 2))
+    (gq, gk) = torch.autograd.grad((whole * torch.arange(2.0)).sum(), (qg, kg))
+    chunked = self_maps(qg, kg, weights, max_elems=b * h * n_img * 4)  # 4 query rows per chunk: 2 chunks
+    (cq, ck) = torch.autograd.grad((chunked * torch.arange(2.0)).sum(), (qg, kg))
+    assert torch.allclose(chunked, whole, atol=1e-6) and torch.allclose(cq, gq, atol=1e-6)
+    assert torch.allclose(ck, gk, atol=1e-6)
+    assert self_boxes(torch.ones(6, 1)).shape == (6, 1)  # a box over the whole image leaves no background
+
+
 def test_ratio_loss_is_the_squared_out_of_box_share():
     maps = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [0.0, 2.0]]])  # 1 image, 3 tokens, 2 words
     cover = torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.0, 1.0]])
@@ -100,6 +125,9 @@ def test_csg_loss_by_hand():
     got = csg_loss(close, tokens, present, torch.Generator().manual_seed(0))
     s_out0 = 0.75  # word 0's top outside value is now token 3's
     assert torch.allclose(got, torch.tensor([(1 - 0.6 / (0.6 + s_out0)) ** 2 + intra1 + inter1]), atol=1e-6)
+    # without the inter-token term (the self-attention constraint's use): the intra-token ratios only
+    intra_only = csg_loss(close, tokens, present, torch.Generator().manual_seed(0), inter_weight=0.0)
+    assert torch.allclose(intra_only, torch.tensor([(1 - 0.6 / (0.6 + s_out0)) ** 2 + intra1]), atol=1e-6)
 
 
 def test_rms_step_is_a_unit_step_per_image():
@@ -165,6 +193,37 @@ def test_scale_zero_is_the_plain_run_and_the_step_moves_the_latent(sd3_pipe):
     again = ours(PROMPT, generator=gen(), output_type="np",
                  controls=[LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.6)")], **KW).images
     assert abs(again - moved).max() < 1e-6  # attach on the stock pipeline = the attnctl pipeline
+
+
+def test_self_weight_adds_the_self_attention_ratio_of_each_box_and_the_background(sd3_pipe, monkeypatch):
+    seen = []
+    original = LayoutGuidance.contribute
+
+    def spy(self, call, q, k, v, state):
+        if state.gradient_pass and self.config.self_weight:
+            seen.append((q.detach().clone(), k.detach().clone(), call.image_slice(), state.layout.grid))
+        return original(self, call, q, k, v, state)
+
+    monkeypatch.setattr(LayoutGuidance, "contribute", spy)
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    losses = {}
+    for w in (0.0, 0.7):
+        ctl = LayoutGuidance(boxes=BOXES, sites="transformer_blocks.0", scale="window(0.5, 0, 0.3)", self_weight=w)
+        pipe(PROMPT, generator=gen(), output_type="latent", controls=[ctl], **KW)
+        losses[w] = ctl.history[0][1]  # step 0: both at the same latent
+    (q, k, img, grid), = seen
+    d = q.shape[-1]
+    probs = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(d), dim=-1)[:, :, img, img]
+    probs = probs / probs.sum(-1, keepdim=True)  # image queries over image keys
+    cover = box_coverage(list(BOXES.values()), grid)
+    cover = torch.cat([cover, 1 - cover.amax(1, keepdim=True)], dim=1)  # circle, square, background
+    shares = []
+    for c in range(3):
+        looked = (probs * (cover[:, c] / cover[:, c].sum())[:, None]).sum(2).mean(1)  # (1, keys)
+        shares.append((looked * cover[:, c]).sum(-1) / looked.sum(-1))
+    self_loss = sum((1 - s) ** 2 for s in shares) / 3
+    assert self_loss.item() > 1e-3
+    assert math.isclose(losses[0.7] - losses[0.0], 0.7 * self_loss.item(), rel_tol=1e-4)
 
 
 def test_gradient_pass_runs_the_conditional_rows_and_stops_after_the_deepest_site(flux_pipe, monkeypatch):
@@ -328,6 +387,8 @@ def test_bad_input(sd3_pipe, sd35_pipe):
         LayoutGuidance(boxes={"circle": [0.0, 0.0, 1.0]})
     with pytest.raises(ConfigError, match="iterations=0"):
         LayoutGuidance(boxes=BOXES, iterations=0)
+    with pytest.raises(ConfigError, match="self_weight"):
+        LayoutGuidance(boxes=BOXES, self_weight=-1.0)
     with pytest.raises(ConfigError, match="more than once"):
         LayoutGuidance(boxes={"circle": [0, 0, 1, 1], "Circle": [0, 0, 1, 1]})
     with pytest.raises(LayoutError, match="boxed word 'triangle' is not in the prompt"):
@@ -374,7 +435,8 @@ def test_rows_of_a_call_pair_up_by_image():
 
 
 def test_json_round_trip():
-    ctl = LayoutGuidance(boxes={"red circle": [0.1, 0.2, 0.5, 0.6]}, loss="csg", scale="linear(0.4, 0)")
+    ctl = LayoutGuidance(boxes={"red circle": [0.1, 0.2, 0.5, 0.6]}, loss="csg", scale="linear(0.4, 0)",
+                         self_weight=0.5)
     again = attnctl.control_from_json(ctl.to_json())
     assert isinstance(again, LayoutGuidance) and again.to_json() == ctl.to_json()
 

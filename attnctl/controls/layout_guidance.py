@@ -20,6 +20,13 @@ attention of MM-DiT (SD3, SD3.5, FLUX.1). ``docs/layout.md`` has the derivation;
    outside values, ``L_intra = (1 − S_in/(S_in + S_out))²``, plus ``50·L_inter``, where
    ``L_inter = (min(mean_in − 0.1, M) − M)²`` and ``M`` is the largest mean map of another word at those pixels
    (non-zero only when another word comes within the margin ``0.1``).
+
+   ``self_weight > 0`` adds CSG's self-attention constraint, ``self_weight · L_self``: for each box ``b`` (and the
+   background, the image outside every box) the mean self-attention map of the image tokens inside it,
+   ``S_b(j) = Σ_r w_b(r) · softmax_over_image_keys(q_r·k_j/√d)`` (``w_b`` the cells' coverage, summing to 1; heads
+   averaged), enters the same ratio (or CSG form, without the inter-token term) as a word map over keys ``j``:
+   a box's pixels should look at their own box. Only chunks of image-query × image-key logits are formed, each
+   recomputed in the backward; the ``N_img × N_img`` map is never held.
 3. :mod:`attnctl.latent_guidance` then steps ``z ← z − η_t·σ_t·∇L/rms(∇L)`` (``iterations`` times) and runs the
    step from the moved latent under the unchanged diffusers loop.
 
@@ -29,7 +36,7 @@ Outside the gradient pass the control adds nothing to the attention: every site 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import Field, field_validator
@@ -73,6 +80,10 @@ class LayoutConfig(ControlConfig):
     loss: Literal["ratio", "csg"] = Field("ratio", description="ratio: layout guidance's in-box share; csg: CSG's "
                                                                "selective intra- and inter-token constraints")
     seed: int = Field(0, description="seed of CSG's random half of the sampled in-box values")
+    self_weight: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False,
+        description="weight of CSG's self-attention constraint (each box's pixels attend to their own box, the "
+                    "background to the background); 0: off")
 
     @field_validator("boxes")
     @classmethod
@@ -148,6 +159,39 @@ def _chunk_maps(q: torch.Tensor, k: torch.Tensor, columns: list[list[int]]) -> t
     return torch.stack(maps, dim=-1).mean(dim=1)
 
 
+def self_maps(q_img: torch.Tensor, k_img: torch.Tensor, weights: torch.Tensor,
+              max_elems: int = MAP_CHUNK_ELEMS) -> torch.Tensor:
+    """``(batch, N_img, B)``: each box's mean self-attention map over the image keys, averaged over heads.
+
+    ``S_b(j) = Σ_r weights[r, b] · softmax_over_image_keys(q_r·k_j/√d)`` with ``weights`` ``(N_img, B)`` (columns
+    summing to 1). The keys sit on the token axis, so the word maps' losses apply unchanged. Query rows go in
+    checkpointed chunks of at most ``max_elems`` logits (as :func:`word_maps`): the image×image map is never held."""
+    b, n, h, _ = q_img.shape
+    rows = max(1, max_elems // max(1, b * h * k_img.shape[1]))
+    scaled = q_img.float() * (1.0 / math.sqrt(q_img.shape[-1]))
+    k, w = k_img.float(), weights.to(torch.float32)
+    if n <= rows:
+        return _chunk_self(scaled, k, w)
+    total = None
+    for r0 in range(0, n, rows):
+        part = checkpoint(_chunk_self, scaled[:, r0:r0 + rows], k, w[r0:r0 + rows], use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
+def _chunk_self(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    p = torch.einsum("bnhd,bmhd->bhnm", q, k).softmax(dim=-1)
+    return torch.einsum("bhnm,nc->bmc", p, w) / p.shape[1]
+
+
+def self_boxes(cover: torch.Tensor) -> torch.Tensor:
+    """The boxes of the self-attention term: the word boxes' cell coverage plus, when any cell is left, the
+    background (the part of each cell outside every box, read as ``1 − max_b cover_b``: exact unless two boxes
+    share a cell only in part)."""
+    background = (1 - cover.amax(dim=1, keepdim=True)).clamp_min(0)
+    return torch.cat([cover, background], dim=1) if float(background.sum()) > 0 else cover
+
+
 def ratio_loss(maps: torch.Tensor, cover: torch.Tensor, present: list[bool]) -> torch.Tensor:
     """Layout guidance, per image ``(batch,)``: ``mean_t (1 − Σ_r m_t·A_t / Σ_r A_t)²`` over the present words."""
     inside = (maps * cover).sum(1) / maps.sum(1).clamp_min(_TINY)  # (batch, S)
@@ -190,7 +234,7 @@ def csg_loss(maps: torch.Tensor, tokens: list[tuple[list[int], list[int]]], pres
         else:
             s_out = torch.zeros_like(s_in)
         total = total + (1 - s_in / (s_in + s_out).clamp_min(_TINY)) ** 2
-        others = [u for u in range(len(tokens)) if u != t and present[u]]
+        others = [u for u in range(len(tokens)) if u != t and present[u]] if inter_weight else []
         if others:
             pixels = idx_in[chosen]  # (b, r) image tokens
             mean_in = maps[:, :, t].gather(1, pixels).mean(1)
@@ -200,6 +244,17 @@ def csg_loss(maps: torch.Tensor, tokens: list[tuple[list[int], list[int]]], pres
 
 
 # --------------------------------------------------------------------------------------------- control
+
+
+class _Boxes(NamedTuple):
+    """The boxes at one grid and device: the words' cell coverage and CSG tokens; for the self-attention term the
+    same with the background appended, and the coverage normalised per box as query weights (None: term off)."""
+
+    cover: torch.Tensor
+    tokens: list
+    own: torch.Tensor | None
+    own_weights: torch.Tensor | None
+    own_tokens: list
 
 
 @register
@@ -217,7 +272,7 @@ class LayoutGuidance(Control):
 
     def reset(self) -> None:
         self._columns: dict[int, tuple[Any, list[list[int]]]] = {}  # id(layout) -> (layout, columns per word)
-        self._cover: dict[tuple, tuple[torch.Tensor, list]] = {}
+        self._cover: dict[tuple, _Boxes] = {}
         self._loss_sum: torch.Tensor | None = None
         self._sites_seen = 0
         self._step = 0
@@ -260,8 +315,8 @@ class LayoutGuidance(Control):
         self._columns[id(layout)] = (layout, columns)
         return columns
 
-    def _coverage(self, grid: tuple[int, int], device) -> tuple[torch.Tensor, list]:
-        """The boxes' cell coverage on ``device`` and, for ``loss="csg"``, their in/out tokens (host lists)."""
+    def _coverage(self, grid: tuple[int, int], device) -> _Boxes:
+        """The boxes on ``device`` for this grid, made once per grid (module doc)."""
         key = (grid, str(device))
         if key not in self._cover:
             cover = box_coverage(list(self.config.boxes.values()), grid)  # on the host: the values decide errors
@@ -269,9 +324,17 @@ class LayoutGuidance(Control):
             if empty:
                 raise LayoutError(f"LayoutGuidance: the boxes of {empty} cover no image token",
                                   fix="give boxes of positive area inside [0, 1]")
-            tokens = [(index_tensor(i, device), index_tensor(o, device)) for i, o in box_tokens(cover)] \
-                if self.config.loss == "csg" else []  # on the device once per grid, not at every site
-            self._cover[key] = (cover.to(device), tokens)
+            csg = self.config.loss == "csg"
+
+            def tokens(c: torch.Tensor) -> list:  # on the device once per grid, not at every site
+                return [(index_tensor(i, device), index_tensor(o, device)) for i, o in box_tokens(c)] if csg else []
+
+            own = self_boxes(cover) if self.config.self_weight > 0 else None
+            self._cover[key] = _Boxes(
+                cover.to(device), tokens(cover),
+                None if own is None else own.to(device),
+                None if own is None else (own / own.sum(0)).to(device),
+                [] if own is None else tokens(own))
         return self._cover[key]
 
     # ------------------------------------------------------------------------------ per call
@@ -283,9 +346,10 @@ class LayoutGuidance(Control):
             raise LayoutError(
                 f"LayoutGuidance: {call.site.name} has {call.n_image} image tokens but the run's image grid is {grid}",
                 fix="pass height/width the model supports, or a layout whose grid matches")
-        cover, tokens = self._coverage(grid, q.device)
+        boxes = self._coverage(grid, q.device)
         losses = q.new_zeros(call.batch, dtype=torch.float32)
-        gen = torch.Generator().manual_seed(self.config.seed + 7919 * state.step) if tokens else None
+        csg = self.config.loss == "csg"
+        gen = torch.Generator().manual_seed(self.config.seed + 7919 * state.step) if csg else None
         for layout, rows, host_rows in state.rows_by_prompt(("cond",), call.batch, q.device):
             if not host_rows:
                 continue
@@ -297,10 +361,14 @@ class LayoutGuidance(Control):
             if rows is not None:
                 qi, kt = qi.index_select(0, rows), kt.index_select(0, rows)
             maps = word_maps(qi, kt, columns)
-            if self.config.loss == "ratio":
-                loss = ratio_loss(maps, cover, present)
-            else:
-                loss = csg_loss(maps, tokens, present, gen)
+            loss = csg_loss(maps, boxes.tokens, present, gen) if csg else ratio_loss(maps, boxes.cover, present)
+            if boxes.own is not None:  # the self-attention constraint: each box's pixels look at their own box
+                ki = k[:, call.image_slice()] if rows is None else k[:, call.image_slice()].index_select(0, rows)
+                own_present = present + [True] * (boxes.own.shape[1] - len(present))  # the background counts
+                smaps = self_maps(qi, ki, boxes.own_weights)
+                own = csg_loss(smaps, boxes.own_tokens, own_present, gen, inter_weight=0.0) if csg \
+                    else ratio_loss(smaps, boxes.own, own_present)
+                loss = loss + self.config.self_weight * own
             losses = losses + loss if rows is None else losses.index_add(0, rows, loss)
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
         self._sites_seen += 1
