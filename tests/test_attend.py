@@ -131,6 +131,35 @@ def test_extra_kv_matches_reference():
     assert (out - ref).abs().max() < 1e-5
 
 
+def test_explicit_path_gradients_match_the_reference_and_leave_inputs_alone():
+    """The explicit softmax (in place when nothing records, out of place under autograd) gives the reference's
+    gradients, for a dense bias that itself carries a gradient and extra keys, over several chunks."""
+    q, k, v = qkv(5)
+    g = torch.Generator().manual_seed(11)
+    ek, ev = torch.randn(2, 6, H, D, generator=g), torch.randn(2, 6, H, D, generator=g)
+    w = torch.tensor(0.7, requires_grad=True)
+    table = torch.randn(S, S + 6, generator=g)
+    db = DenseBias(lambda r0, r1: w * table[r0:r1][None, :, None, :], Selection(torch.tensor([0, 2]), None, None))
+    extra = ExtraKV(ek, ev, Selection(torch.tensor([0, 2]), slice(4, 16), None))
+    grads = []
+    for run in ("ours", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        kept = [t.detach().clone() for t in leaves]
+        if run == "ours":
+            out = attend(*leaves, [extra, db], max_chunk_elems=2 * H * (S + 6) * 3)
+        else:
+            out, _ = reference(*leaves, [db], extra=extra)
+        (out * torch.linspace(-1, 1, D)).sum().backward()
+        assert all(torch.equal(a, b) for a, b in zip(leaves, kept, strict=True))  # nothing written in place
+        grads.append([t.grad for t in leaves] + [w.grad.clone()])
+        w.grad = None
+    for ours, ref in zip(*grads, strict=True):
+        assert (ours - ref).abs().max() < 1e-5
+    with torch.no_grad():  # the in-place softmax gives the same values
+        assert (attend(q, k, v, [extra, db], max_chunk_elems=2 * H * (S + 6) * 3)
+                - reference(q, k, v, [db], extra=extra)[0]).abs().max() < 1e-5
+
+
 def test_probe_returns_final_probabilities():
     q, k, v = qkv(5)
     got = []

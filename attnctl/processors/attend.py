@@ -207,6 +207,33 @@ def _has_values(t: torch.Tensor) -> bool:
     return t.device.type != "meta"
 
 
+def _same_rows(sel: torch.Tensor | None, b: torch.Tensor, B: int) -> bool:
+    """Whether the selection ``sel`` is exactly the batch rows ``b``, in order — decided on the host (no sync)."""
+    have = tuple(range(B)) if sel is None else host_values(sel)
+    return have is not None and have == host_values(b)
+
+
+def _dense_whole(c: DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tensor, B: int, S: int, H: int,
+                 n_keys: int) -> torch.Tensor | None:
+    """For the explicit path (every key in order): a ``DenseBias`` on every head of exactly the rows ``b`` (an
+    epipolar band) is its own tensor, left to broadcast over the heads — no per-head gather of a chunk-sized
+    tensor. ``None`` when :func:`_block`'s general path is needed."""
+    if c.where.heads is not None or len(h) != H or not _same_rows(c.where.batch, b, B):
+        return None
+    cr0, cr1 = _norm_rows(c.where.rows, S)
+    lo, hi = max(r0, cr0), min(r1, cr1)
+    if lo >= hi:
+        return None
+    src = c.fn(lo, hi).float()
+    if src.ndim != 4 or src.shape[-1] != n_keys or src.shape[2] not in (1, H):
+        return None
+    if (lo, hi) == (r0, r1):
+        return src
+    out = src.new_zeros((src.shape[0], r1 - r0, src.shape[2], n_keys))
+    out[:, lo - r0 : hi - r0] = src
+    return out
+
+
 def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tensor,
            cols: torch.Tensor, B: int, S: int, H: int, n_keys: int) -> torch.Tensor | None:
     """The additive bias ``c`` puts on logits ``[b, r0:r1, h, cols]`` (float32), or ``None`` if none."""
@@ -400,6 +427,15 @@ def _covers(sel: torch.Tensor | None, idx: torch.Tensor, n: int) -> bool:
     return bool((_positions(sel, idx, n) >= 0).all())
 
 
+def _picked(t: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``t[b][:, :, h]``, a view of ``t`` when ``b`` and ``h`` are all of its rows and heads (the common case)."""
+    if host_values(b) != tuple(range(t.shape[0])):
+        t = t.index_select(0, b.to(t.device))
+    if host_values(h) != tuple(range(t.shape[2])):
+        t = t.index_select(2, h.to(t.device))
+    return t
+
+
 def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, scale, max_chunk_elems):
     """Recompute the union of the biased / extended (batch, head) pairs by explicit softmax, in chunks."""
     B, S, H, _ = q.shape
@@ -407,9 +443,6 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
     sels = [c.where for c in biases] + [e.where for e in extras]
     b = _union(sels, B, "batch", q.device)
     h = _union(sels, H, "heads", q.device)
-    qs = q.index_select(0, b).index_select(2, h).float()
-    ks = k.index_select(0, b).index_select(2, h).float()
-    vs = v.index_select(0, b).index_select(2, h).float()
     # Extra keys: appended after the site's keys; a row outside an ExtraKV's selection gets -inf on them.
     ext_k, ext_v, ext_rows = [], [], []
     for e in extras:
@@ -417,19 +450,30 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
             raise ValueError("ExtraKV must cover every batch row and head it is combined with; give each "
                              "contribution with extra keys its own selection of rows and heads")
         bp, hp = _positions(e.where.batch, b, B), _positions(e.where.heads, h, H)
-        ext_k.append(e.key.float()[bp][:, :, hp])
-        ext_v.append(e.value.float()[bp][:, :, hp])
+        ext_k.append(_picked(e.key, bp, hp))
+        ext_v.append(_picked(e.value, bp, hp))
         ext_rows.append(_norm_rows(e.where.rows, S))
-    if ext_k:
-        ks = torch.cat([ks, *ext_k], dim=1)
-        vs = torch.cat([vs, *ext_v], dim=1)
-    n_keys = ks.shape[1]
+    # q, keys and values in the (batch, heads, ...) layout of the matmuls, each written once, in float32: the logits
+    # of a chunk are then one matmul, and every bias and mask goes on through their (batch, rows, heads, keys) view.
+    nb, nh, D = len(b), len(h), q.shape[-1]
+    qh = q.new_empty((nb, nh, S, D), dtype=torch.float32).copy_(_picked(q, b, h).transpose(1, 2)).mul_(scale)
+    sizes = [N, *(e.shape[1] for e in ext_k)]
+    kh = q.new_empty((nb, nh, D, sum(sizes)), dtype=torch.float32)  # the extra keys after the site's
+    vh = q.new_empty((nb, nh, sum(sizes), D), dtype=torch.float32)
+    o = 0
+    for part_k, part_v in zip([_picked(k, b, h), *ext_k], [_picked(v, b, h), *ext_v], strict=True):
+        n = part_k.shape[1]
+        kh[..., o : o + n].copy_(part_k.permute(0, 2, 3, 1))
+        vh[:, :, o : o + n].copy_(part_v.transpose(1, 2))
+        o += n
+    n_keys = kh.shape[-1]
     all_cols = torch.arange(n_keys, device=q.device)
     chunk = max(1, max_chunk_elems // max(1, len(b) * len(h) * n_keys))
     outs, lses = [], []
     for r0 in range(0, S, chunk):
         r1 = min(S, r0 + chunk)
-        s = torch.einsum("brhd,bkhd->brhk", qs[:, r0:r1], ks) * scale
+        sh = torch.matmul(qh[:, :, r0:r1], kh)
+        s = sh.transpose(1, 2)
         if attn_mask is not None:
             s[..., :N] += _mask_logits(attn_mask, Selection(b, slice(r0, r1), h), S, B, H, slice(None))
         off = N
@@ -440,13 +484,22 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
             s[:, outside, :, off : off + m] = float("-inf")
             off += m
         for c in biases:
-            blk = _block(c, b, r0, r1, h, all_cols, B, S, H, n_keys)
+            blk = _dense_whole(c, b, r0, r1, h, B, S, H, n_keys) if isinstance(c, DenseBias) else None
+            if blk is None:
+                blk = _block(c, b, r0, r1, h, all_cols, B, S, H, n_keys)
             if blk is not None:
-                s = s + blk
-        lse_c = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse_c[..., None])
-        outs.append(torch.einsum("brhk,bkhd->brhd", p, vs))
-        lses.append(lse_c)
+                s += blk
+        top = sh.amax(dim=-1, keepdim=True).detach()  # any constant gives the same softmax; max keeps exp ≤ 1
+        if sh.requires_grad:  # autograd keeps exp's output, so the softmax is built out of place
+            sh = torch.exp(sh - top)
+            total = sh.sum(dim=-1, keepdim=True)
+            sh = sh / total
+        else:  # the softmax in place: exp(s − max) / Σ, and LSE = max + log Σ
+            sh.sub_(top).exp_()
+            total = sh.sum(dim=-1, keepdim=True)
+            sh.div_(total)
+        outs.append(torch.matmul(sh, vh).transpose(1, 2))
+        lses.append((top + total.log()).squeeze(-1).transpose(1, 2))
     where = Selection(b, None, h)
     return _put(out, where, torch.cat(outs, 1)), _put(lse, where, torch.cat(lses, 1))
 
