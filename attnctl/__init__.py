@@ -18,7 +18,8 @@ _EXPORTS = {
     "Controller": ".controller", "attach": ".controller",
     "AttentionProbe": ".controls", "Control": ".controls", "control_from_json": ".controls",
     "AttentionRegulation": ".controls.regulation", "SoftPAG": ".controls.softpag",
-    "LayoutGuidance": ".controls.layout_guidance",
+    "LayoutGuidance": ".controls.layout_guidance", "EpipolarAttention": ".controls.epipolar",
+    "Camera": ".epipolar",
     "TokenLayout": ".layout",
     "AttnCtlFluxProcessor": ".processors", "AttnCtlJointProcessor": ".processors",
     "HeadSet": ".sites", "Site": ".sites", "list_sites": ".sites", "select_sites": ".sites",
@@ -31,9 +32,11 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from .controls import AttentionProbe as AttentionProbe
     from .controls import Control as Control
     from .controls import control_from_json as control_from_json
+    from .controls.epipolar import EpipolarAttention as EpipolarAttention
     from .controls.layout_guidance import LayoutGuidance as LayoutGuidance
     from .controls.regulation import AttentionRegulation as AttentionRegulation
     from .controls.softpag import SoftPAG as SoftPAG
+    from .epipolar import Camera as Camera
     from .layout import TokenLayout as TokenLayout
     from .processors import AttnCtlFluxProcessor as AttnCtlFluxProcessor
     from .processors import AttnCtlJointProcessor as AttnCtlJointProcessor

@@ -1,10 +1,11 @@
 """Controls: one small class per method over :class:`Control`."""
 
 from .base import CONTROL_TYPES, Control, ControlConfig, RunState, control_from_json, register
+from .epipolar import EpipolarAttention
 from .layout_guidance import LayoutGuidance
 from .probe import AttentionProbe
 from .regulation import AttentionRegulation
 from .softpag import SoftPAG
 
-__all__ = ["CONTROL_TYPES", "AttentionProbe", "AttentionRegulation", "Control", "ControlConfig", "RunState",
-           "LayoutGuidance", "control_from_json", "register", "SoftPAG"]
+__all__ = ["CONTROL_TYPES", "AttentionProbe", "AttentionRegulation", "Control", "ControlConfig", "EpipolarAttention",
+           "RunState", "LayoutGuidance", "control_from_json", "register", "SoftPAG"]

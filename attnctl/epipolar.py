@@ -1,0 +1,179 @@
+"""Epipolar geometry for jointly generated views: cameras in, distances from epipolar lines out.
+
+A pinhole camera maps a world point ``X`` to the pixel ``x ~ K·(R·X + t)`` (``R``, ``t``: world → camera). For two
+views ``i`` and ``j`` the relative pose is ``R_ij = R_j·R_iᵀ``, ``t_ij = t_j − R_ij·t_i``, and every point seen by
+both satisfies ``x_jᵀ·F_ij·x_i = 0`` with the fundamental matrix
+
+    F_ij = K_j^{-T} · [t_ij]× · R_ij · K_i^{-1}
+
+so a pixel ``u`` of view ``i`` can only correspond to pixels of view ``j`` on the line ``l = F_ij·u``; a pixel
+``v`` lies ``|lᵀ·v| / √(l_x² + l_y²)`` pixels from it. :class:`~attnctl.controls.epipolar.EpipolarAttention` turns
+these distances, measured between the token centres of two latent grids (:class:`TokenGeometry`, block by block),
+into a bias on cross-view attention.
+
+Pixels are those of the image the intrinsics are written for (``Camera.size``); token ``(row, col)`` of an
+``h × w`` grid has its centre at ``((col + ½)·W/w, (row + ½)·H/h)``. Distances come back in tokens (pixels over the
+token width), so a band of one token means the same at every resolution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+Matrix = list[list[float]]
+
+
+class Camera(BaseModel):
+    """A pinhole camera: intrinsics ``K`` in pixels of an image of ``size`` = [width, height], and the world →
+    camera rotation ``R`` and translation ``t`` (OpenCV convention: x right, y down, z forward)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    K: Matrix = Field(..., description="3×3 intrinsics in pixels of an image of `size`")
+    R: Matrix = Field(default_factory=lambda: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+                      description="3×3 world → camera rotation")
+    t: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0], description="world → camera translation")
+    size: tuple[float, float] = Field(..., description="[width, height] of the image K is written for, in pixels")
+
+    def __init__(self, **data) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:  # a camera built in code: one readable line, not pydantic's report
+            why = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'camera'}: "
+                            f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+            raise ConfigError(f"invalid camera — {why}") from None
+
+    @field_validator("K", "R")
+    @classmethod
+    def _three_by_three(cls, v: Matrix) -> Matrix:
+        if len(v) != 3 or any(len(row) != 3 for row in v) or not all(math.isfinite(x) for row in v for x in row):
+            raise ValueError(f"{v!r} is not a 3×3 matrix of finite numbers; write it as three rows of three")
+        return [[float(x) for x in row] for row in v]
+
+    @field_validator("t")
+    @classmethod
+    def _three(cls, v: list[float]) -> list[float]:
+        if len(v) != 3 or not all(math.isfinite(x) for x in v):
+            raise ValueError(f"t={v!r}: write the translation as three finite numbers")
+        return [float(x) for x in v]
+
+    @model_validator(mode="after")
+    def _proper(self) -> Camera:
+        K = torch.tensor(self.K, dtype=torch.float64)
+        if abs(float(torch.linalg.det(K))) < 1e-12:
+            raise ValueError("K is singular; intrinsics need focal lengths > 0, e.g. "
+                             "[[f, 0, cx], [0, f, cy], [0, 0, 1]]")
+        R = torch.tensor(self.R, dtype=torch.float64)
+        if not torch.allclose(R @ R.T, torch.eye(3, dtype=torch.float64), atol=1e-4) or float(torch.linalg.det(R)) < 0:
+            raise ValueError("R is not a rotation (R·Rᵀ = I, det R = 1); build it with Camera.look_at or from a "
+                             "rotation matrix of your camera rig")
+        if self.size[0] <= 0 or self.size[1] <= 0:
+            raise ValueError(f"size={list(self.size)}: need a positive [width, height] in pixels")
+        return self
+
+    @classmethod
+    def look_at(cls, eye: list[float], target: list[float], fov: float = 50.0,
+                size: tuple[float, float] = (512.0, 512.0), up: list[float] = (0.0, -1.0, 0.0)) -> Camera:
+        """A camera at ``eye`` looking at ``target`` with a horizontal field of view ``fov`` (degrees), principal
+        point at the image centre. ``up`` is the world direction that appears up in the image (−y by default, so
+        that world y points down the image as pixel rows do)."""
+        if not 0 < fov < 180:
+            raise ConfigError(f"fov={fov}: the field of view must be between 0 and 180 degrees")
+        eye_, target_, up_ = (torch.tensor(v, dtype=torch.float64) for v in (eye, target, up))
+        z = target_ - eye_
+        if float(z.norm()) < 1e-12:
+            raise ConfigError("look_at: eye and target are the same point; put the target in front of the camera")
+        z = z / z.norm()
+        x = torch.linalg.cross(z, up_)  # image right: x = y × z with y = −up (x right, y down, z forward)
+        if float(x.norm()) < 1e-9:
+            raise ConfigError("look_at: the view direction is parallel to up; pass another up vector")
+        x = x / x.norm()
+        y = torch.linalg.cross(z, x)
+        R = torch.stack([x, y, z])  # rows: the camera axes in world coordinates
+        t = -R @ eye_
+        w, h = size
+        f = (w / 2) / math.tan(math.radians(fov) / 2)
+        K = [[f, 0.0, w / 2], [0.0, f, h / 2], [0.0, 0.0, 1.0]]
+        return cls(K=K, R=R.tolist(), t=t.tolist(), size=(float(w), float(h)))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``K``, ``R``, ``t`` as float64 tensors."""
+        return (torch.tensor(self.K, dtype=torch.float64), torch.tensor(self.R, dtype=torch.float64),
+                torch.tensor(self.t, dtype=torch.float64))
+
+    def project(self, points: torch.Tensor) -> torch.Tensor:
+        """Pixels ``(n, 2)`` of world points ``(n, 3)`` (in front of the camera)."""
+        K, R, t = self.tensors()
+        cam = points.to(torch.float64) @ R.T + t
+        pix = cam @ K.T
+        return pix[:, :2] / pix[:, 2:3]
+
+
+def skew(t: torch.Tensor) -> torch.Tensor:
+    """``[t]×``: the matrix with ``[t]×·x = t × x``."""
+    z = torch.zeros((), dtype=t.dtype)
+    return torch.stack([torch.stack([z, -t[2], t[1]]), torch.stack([t[2], z, -t[0]]),
+                        torch.stack([-t[1], t[0], z])])
+
+
+def fundamental(view_i: Camera, view_j: Camera) -> torch.Tensor:
+    """``F_ij`` (float64, 3×3) with ``x_jᵀ·F_ij·x_i = 0`` for the pixels of every world point both views see."""
+    Ki, Ri, ti = view_i.tensors()
+    Kj, Rj, tj = view_j.tensors()
+    R = Rj @ Ri.T
+    t = tj - R @ ti
+    centre_i, centre_j = -Ri.T @ ti, -Rj.T @ tj
+    if float((centre_i - centre_j).norm()) < 1e-9 * max(1.0, float(centre_i.norm())):
+        raise ConfigError("two views share a camera centre, so they have no epipolar lines (their pixels are related "
+                          "by a homography instead)", "move one camera: views for epipolar attention need a baseline")
+    return torch.linalg.inv(Kj).T @ skew(t) @ R @ torch.linalg.inv(Ki)
+
+
+def token_centres(grid: tuple[int, int], size: tuple[float, float]) -> torch.Tensor:
+    """``(h·w, 2)`` pixel centres (x, y) of the tokens of an ``h × w`` grid, row-major, over an image of ``size``."""
+    h, w = grid
+    W, H = size
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) * (H / h)
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) * (W / w)
+    return torch.stack([xs.repeat(h), ys.repeat_interleave(w)], dim=1)
+
+
+def epipolar_lines(F: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``(n, 3)``: the epipolar lines ``l = F·u`` in view ``j`` of the pixels ``u`` (``(n, 2)``) of view ``i``,
+    scaled so that ``|l·(x, y, 1)|`` is the pixel distance of ``(x, y)`` from the line."""
+    lines = torch.cat([u.to(F.dtype), torch.ones(u.shape[0], 1, dtype=F.dtype)], 1) @ F.T
+    return lines / lines[:, :2].norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def line_distance(F: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(n, m)``: pixel distance of each point ``v`` (``(m, 2)``, view ``j``) from the epipolar line of each
+    point ``u`` (``(n, 2)``, view ``i``)."""
+    ones_v = torch.ones(v.shape[0], 1, dtype=F.dtype)
+    return (epipolar_lines(F, u) @ torch.cat([v.to(F.dtype), ones_v], 1).T).abs()
+
+
+class TokenGeometry:
+    """The epipolar lines of one view pair on one token grid, in token units, to read distances block by block:
+    ``distances(r0, r1)`` is ``(r1 − r0, N)`` — how far each of view ``j``'s token centres lies from the line of
+    view ``i``'s tokens ``r0:r1`` — so no ``N × N`` table is ever held. Both cameras must share ``size`` (jointly
+    generated views have one resolution)."""
+
+    def __init__(self, view_i: Camera, view_j: Camera, grid: tuple[int, int], device=None) -> None:
+        if tuple(view_i.size) != tuple(view_j.size):
+            raise ConfigError(f"the cameras' sizes differ ({list(view_i.size)} vs {list(view_j.size)}); jointly "
+                              "generated views share one resolution, so write every K for the same image size")
+        W, H = view_i.size
+        h, w = grid
+        token = math.sqrt((W / w) * (H / h))  # a token's side in pixels (the geometric mean if not square)
+        centres = token_centres(grid, view_i.size)
+        self.lines = (epipolar_lines(fundamental(view_i, view_j), centres) / token).to(torch.float32).to(device)
+        self.points = torch.cat([centres, torch.ones(len(centres), 1, dtype=centres.dtype)], 1).to(
+            torch.float32).to(device)  # (N, 3) homogeneous pixel centres of view j (same grid)
+
+    def distances(self, r0: int, r1: int) -> torch.Tensor:
+        return (self.lines[r0:r1] @ self.points.T).abs()
