@@ -411,6 +411,9 @@ def generate(
         help='A control as JSON or @file.json, e.g. \'{"kind": "probe", "words": ["circle"]}\'; repeatable.',
     ),
     out: Path = typer.Option(Path("out/image.png"), "--out", "-o", help="Output PNG (written atomically)."),
+    images: int | None = typer.Option(
+        None, "--images", min=1, help="Images of the prompt in one call (num_images_per_prompt; the views of an "
+                                      "epipolar control), written as OUT-0.png, OUT-1.png, ... (default: 1)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32)."),
     attention_backend: str | None = typer.Option(
@@ -470,9 +473,12 @@ def generate(
         "max_sequence_length": int(meta_in.get("max_sequence_length", defaults["max_sequence_length"])),
     }
     kwargs = call_kwargs(settings, prompt, seed, negative_prompt, true_cfg)
+    images = int(images if images is not None else meta_in.get("images", 1))
+    if images > 1:
+        kwargs["num_images_per_prompt"] = images
 
     start = time.perf_counter()
-    image = run_pipeline(pipe, kwargs, controls)[0]
+    made = run_pipeline(pipe, kwargs, controls)
     seconds = time.perf_counter() - start
 
     import diffusers
@@ -501,9 +507,13 @@ def generate(
     }
     if from_ is not None:
         meta["regenerated_from"] = str(from_)
-    path = save_png(out, image, meta)
-    out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, seed {seed}, {settings['steps']} steps, "
-                      f"{image.size[0]}x{image.size[1]}, {seconds:.1f} s)", highlight=False)
+    if images > 1:
+        meta["images"] = images
+    for i, image in enumerate(made):
+        target = out if images == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        path = save_png(target, image, meta if images == 1 else {**meta, "image_index": i})
+        out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, seed {seed}, {settings['steps']} steps, "
+                          f"{image.size[0]}x{image.size[1]}, {seconds:.1f} s)", highlight=False)
     for line in (c.summary() for c in controls):
         if line:
             err_console.print(escape(line), highlight=False)

@@ -106,6 +106,26 @@ def test_generate_with_regulation_says_what_the_control_did(flux_dir, tmp_path):
                      r"[\d.e+-]+ \(plain\) → [\d.e+-]+ \(regulated\)", result.stderr)
 
 
+def test_generate_views_of_an_epipolar_control_and_regenerate_them(flux_dir, tmp_path):
+    from attnctl import Camera
+
+    cams = [Camera.look_at([x, 0, -4], [0, 0, 0], size=(32, 32)).model_dump(mode="json") for x in (-1.0, 1.0)]
+    epi = json.dumps({"kind": "epipolar", "cameras": cams, "band": 0.5})
+    result = run("generate", "-m", flux_dir, "-p", "a red circle", "--steps", "2", "--control", epi,
+                 "--images", "2", "-o", tmp_path / "v.png")
+    ok(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v-0.png", "v-1.png"]
+    meta = read_metadata(tmp_path / "v-1.png")
+    assert (meta["images"], meta["image_index"], meta["controls"][0]["kind"]) == (2, 1, "epipolar")
+    assert "epipolar attention across 2 views" in result.stderr
+    ok(run("generate", "--from", tmp_path / "v-1.png", "-o", tmp_path / "again" / "w.png"))
+    for i in (0, 1):
+        assert np.array_equal(read_image(tmp_path / f"v-{i}.png"), read_image(tmp_path / "again" / f"w-{i}.png"))
+    bad = run("generate", "-m", flux_dir, "-p", "a red circle", "--steps", "2", "--control", epi,
+              "-o", tmp_path / "one.png")
+    assert bad.exit_code != 0 and "num_images_per_prompt=2" in bad.output and "Traceback" not in bad.output
+
+
 # ------------------------------------------------------------------------------------------- eval
 
 
