@@ -16,6 +16,7 @@ CASES = {
     "softpag.py": ["--steps", "4"],
     "regulation.py": ["--seeds", "1"],
     "layout.py": ["--seeds", "1"],
+    "epipolar.py": [],
     "headhunt.py": ["--limit", "1", "--seeds", "1", "--rounds", "1", "--candidates", "L0", "--w", "2"],
 }
 

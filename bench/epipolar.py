@@ -1,0 +1,166 @@
+"""What EpipolarAttention costs at the attention core of real layer shapes, against independent views and against
+the same extended attention written with a materialised mask.
+
+    python bench/epipolar.py                 # SD3.5-large and FLUX.1-dev layer shapes, 512² and 1024², 2 views
+    python bench/epipolar.py --quick         # 512² only
+    python bench/epipolar.py --views 3 --json out.json
+
+Two (or ``--views``) views of one prompt, random q, k, v of the layer's width (``bench/layers.py``'s shapes), a
+rolled stereo rig (views 0.3 apart, each further one rolled by 30° more). Variants, timed interleaved:
+
+- ``independent``: the stock fused attention of each view over its own keys (no coupling);
+- ``epipolar``: ``attend`` with the control's contributions (extra keys of the other views, the hard band of one
+  token), as the processor runs it;
+- ``materialised``: the same result the plain way — each view's queries against ``[own keys, the other views' image
+  keys]`` through SDPA with a dense float mask holding the band (``−inf`` off it); its output is checked against
+  ``epipolar``.
+
+The extra peak memory of one call of each is measured in a fresh subprocess (VmHWM after a reset minus VmRSS
+before); ``nxn_map_bytes`` is one float32 map of the coupled logits over all heads (``views · heads · N · (N +
+(views − 1)·N_img)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import layers  # noqa: E402  (the layer shapes and the peak-memory method)
+from report import emit  # noqa: E402
+
+VARIANTS = ("independent", "epipolar", "materialised")
+
+
+def setup(shape: str, res: int, views: int):
+    from attnctl import Camera, EpipolarAttention
+    from attnctl.controls.base import RunState
+    from attnctl.layout import TokenLayout
+    from attnctl.processors.base import SiteCall
+    from attnctl.sites import Site
+
+    spec = layers.SHAPES[shape]
+    heads, d, n_text = spec["heads"], spec["head_dim"], spec["text"]
+    side = res // 16
+    n_img = side * side
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(views, n_img + n_text, heads, d, generator=g) for _ in range(3))
+    cams = []
+    for i in range(views):
+        a = math.radians(30 * i)
+        cams.append(Camera.look_at([0.3 * i, 0, 0], [0.3 * i, 0, 1], size=(res, res),
+                                   up=[math.sin(a), -math.cos(a), 0]))
+    ctl = EpipolarAttention(cameras=cams)
+    image_first = spec["family"] == "sd3"
+    kind = "sd3_joint" if image_first else "flux_double"
+    call = SiteCall(Site("transformer_blocks.0.attn", 0, kind, heads, d), views, n_img + n_text, n_text, image_first,
+                    q.device, q.dtype)
+    state = RunState(step=0, num_steps=1, roles=["cond"] * views, layout=TokenLayout(spec["family"], n_text,
+                                                                                      (side, side)))
+    return q, k, v, ctl, call, state
+
+
+def run(variant: str, q, k, v, ctl, call, state) -> torch.Tensor:
+    from attnctl.processors.attend import attend, fused_attention
+
+    if variant == "independent":
+        return fused_attention(q, k, v)
+    if variant == "epipolar":
+        return attend(q, k, v, ctl.contribute(call, q, k, v, state))
+    img = call.image_slice()
+    n_img, n = call.n_image, q.shape[1]
+    geo = ctl.geometry(state.layout.grid, q.device)
+    outs = []
+    for i in range(call.batch):
+        others = [j for j in range(call.batch) if j != i]
+        keys = torch.cat([k[i], *[k[j, img] for j in others]])  # (N + (V−1)·N_img, H, d)
+        vals = torch.cat([v[i], *[v[j, img] for j in others]])
+        mask = torch.full((n, keys.shape[0]), float("-inf"))
+        mask[:, :n] = 0
+        for m, j in enumerate(others):
+            mask[img, n + m * n_img:n + (m + 1) * n_img] = ctl.bias(geo[(i, j)].distances(0, n_img), 0.0)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[i].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1), attn_mask=mask)
+        outs.append(o.transpose(0, 1))
+    return torch.stack(outs)
+
+
+def time_variants(shape: str, res: int, views: int, repeats: int) -> dict:
+    args = setup(shape, res, views)
+    q, k, v, ctl, call, state = args
+    with torch.no_grad():
+        out = {var: run(var, *args) for var in VARIANTS}  # warm-up and the check
+        err = float((out["epipolar"] - out["materialised"]).abs().max())
+        times: dict[str, list[float]] = {var: [] for var in VARIANTS}
+        for _ in range(repeats):
+            for var in VARIANTS:
+                t = time.perf_counter()
+                run(var, *args)
+                times[var].append(time.perf_counter() - t)
+    med = {var: statistics.median(t) for var, t in times.items()}
+    n, n_img, heads = q.shape[1], call.n_image, q.shape[2]
+    return dict(shape=shape, res=res, views=views, tokens=n, image_tokens=n_img, heads=heads,
+                seconds={var: round(m, 4) for var, m in med.items()},
+                ratio_to_independent={var: round(m / med["independent"], 3) for var, m in med.items()},
+                epipolar_over_materialised=round(med["epipolar"] / med["materialised"], 3),
+                max_abs_difference=err, nxn_map_bytes=views * heads * n * (n + (views - 1) * n_img) * 4)
+
+
+def _peak_child(shape: str, res: int, variant: str, views: int) -> int:
+    torch.set_num_threads(2)
+    args = setup(shape, res, views)
+    with torch.no_grad():
+        return layers.extra_peak_bytes(lambda: run(variant, *args))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="512² token counts only")
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shapes", nargs="+", default=list(layers.SHAPES), choices=list(layers.SHAPES))
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peak_child:
+        shape, res, variant = args.peak_child
+        print(_peak_child(shape, int(res), variant, args.views))
+        return
+    torch.set_num_threads(2)
+    rows = []
+    for res in (512,) if args.quick else (512, 1024):
+        for shape in args.shapes:
+            r = time_variants(shape, res, args.views, args.repeats)
+            r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, VARIANTS, ("--views", str(args.views)))
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"EpipolarAttention at one attention core, {args.views} views (ratios: same run)")
+        for col in ("layer", "res", "tokens", "epipolar / independent", "materialised / independent",
+                    "epipolar / materialised", "peak MB independent / epipolar / materialised", "N×N map MB",
+                    "max |Δ|"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            mb = " / ".join(f"{r['extra_peak_bytes'][v] / 2**20:.0f}" for v in VARIANTS)
+            t.add_row(r["shape"], str(r["res"]), str(r["tokens"]), f"{r['ratio_to_independent']['epipolar']:.2f}",
+                      f"{r['ratio_to_independent']['materialised']:.2f}", f"{r['epipolar_over_materialised']:.2f}",
+                      mb, f"{r['nxn_map_bytes'] / 2**20:.0f}", f"{r['max_abs_difference']:.1e}")
+        Console(width=200).print(t)
+    except ImportError:
+        pass
+    emit({"bench": "epipolar", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
+         args.json)
+
+
+if __name__ == "__main__":
+    main()
