@@ -25,6 +25,7 @@ class SiteCall:
     image_first: bool  # SD3: [image, text]; FLUX: [text, image]
     device: torch.device
     dtype: torch.dtype
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # FLUX: the (cos, sin) RoPE tables of the call's tokens
 
     @property
     def n_image(self) -> int:
@@ -56,10 +57,10 @@ class AttnCtlProcessor:
         return f"{type(self).__name__}({where})"
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, n_text: int | None,
-                image_first: bool) -> torch.Tensor:
+                image_first: bool, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         contributions = []
         if self.controller is not None and self.site is not None and self.controller.controls:
-            call = SiteCall(self.site, q.shape[0], q.shape[1], n_text, image_first, q.device, q.dtype)
+            call = SiteCall(self.site, q.shape[0], q.shape[1], n_text, image_first, q.device, q.dtype, rotary)
             contributions = self.controller.contributions(call, q, k, v)
         if not contributions:
             return fused_attention(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,

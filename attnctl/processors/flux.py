@@ -58,7 +58,7 @@ class AttnCtlFluxProcessor(AttnCtlProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        out = self._attend(query, key, value, attention_mask, n_text, image_first=False)
+        out = self._attend(query, key, value, attention_mask, n_text, image_first=False, rotary=image_rotary_emb)
         out = out.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
