@@ -19,6 +19,7 @@ _EXPORTS = {
     "AttentionProbe": ".controls", "Control": ".controls", "control_from_json": ".controls",
     "AttentionRegulation": ".controls.regulation", "SoftPAG": ".controls.softpag",
     "LayoutGuidance": ".controls.layout_guidance", "EpipolarAttention": ".controls.epipolar",
+    "IsolationAttention": ".controls.isolation",
     "Camera": ".epipolar",
     "TokenLayout": ".layout",
     "AttnCtlFluxProcessor": ".processors", "AttnCtlJointProcessor": ".processors",
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from .controls import Control as Control
     from .controls import control_from_json as control_from_json
     from .controls.epipolar import EpipolarAttention as EpipolarAttention
+    from .controls.isolation import IsolationAttention as IsolationAttention
     from .controls.layout_guidance import LayoutGuidance as LayoutGuidance
     from .controls.regulation import AttentionRegulation as AttentionRegulation
     from .controls.softpag import SoftPAG as SoftPAG

@@ -2,10 +2,11 @@
 
 from .base import CONTROL_TYPES, Control, ControlConfig, RunState, control_from_json, register
 from .epipolar import EpipolarAttention
+from .isolation import IsolationAttention
 from .layout_guidance import LayoutGuidance
 from .probe import AttentionProbe
 from .regulation import AttentionRegulation
 from .softpag import SoftPAG
 
 __all__ = ["CONTROL_TYPES", "AttentionProbe", "AttentionRegulation", "Control", "ControlConfig", "EpipolarAttention",
-           "RunState", "LayoutGuidance", "control_from_json", "register", "SoftPAG"]
+           "IsolationAttention", "RunState", "LayoutGuidance", "control_from_json", "register", "SoftPAG"]

@@ -1,0 +1,305 @@
+"""IsolationAttention: several subjects in one image, none looking at another; each drawn after its reference.
+
+After IR-Diffusion's isolation and reposition attention (with ConsiStory's masks from attention), moved to MM-DiT
+joint attention (SD3, SD3.5, FLUX.1); ``docs/isolation.md`` has the derivation. In short, for the image queries of
+a *target* row (the prompt that names every subject), at every selected site from the second step on:
+
+- **masks** — subject ``i``'s mask is where the attention of image tokens on its words (summed over heads, tokens
+  and the probed sites of the previous step) is above Otsu's threshold (:mod:`attnctl.subject_masks`);
+- **isolation** — a query in subject ``i``'s mask gets ``log(1 − isolation_t)`` (``−∞`` at 1) on the image keys
+  of the other subjects' masks (keys in its own mask too are left alone): no subject reads another;
+- **reposition** (``references=True``) — the call's prompts come as ``[reference_1 … reference_n, target]``,
+  reference ``i`` a prompt of subject ``i`` alone. Reference ``i``'s image keys and values inside its own mask are
+  cropped to the mask's box, resized (nearest) onto the box of the target's mask ``i`` and laid on an empty canvas;
+  the target's queries inside its mask ``i`` (a random ``1 − dropout`` of them each step) attend to that canvas with
+  weight ``reposition_t`` (``log`` of it on the logits), every other query and canvas token gets ``−∞``. On FLUX the
+  relocated keys are turned from their reference positions to their target positions (RoPE is a rotation per
+  position: ``R(θ_target)·R(−θ_reference)``).
+
+References and text queries keep their plain attention. No ``N × N`` tensor is held: the bias of each chunk of
+query rows is made from the masks when the processor asks for it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from pydantic import Field, field_validator, model_validator
+
+from ..errors import ConfigError, LayoutError, SiteError, UnsupportedModelError
+from ..processors.contributions import DenseBias, ExtraKV, Probe, Selection
+from ..schedules import bounded
+from ..sites import select_sites
+from ..subject_masks import otsu_masks, relocation
+from .base import Control, ControlConfig, RunState, register, word_columns
+from .regulation import JOINT_KINDS
+
+
+class IsolationConfig(ControlConfig):
+    subjects: list[str] = Field(..., description="the subjects, each a word or phrase of the target prompt, e.g. "
+                                                 "['red circle', 'blue square']")
+    references: bool = Field(False, description="the call's prompts are [reference_1 … reference_n, target] sets: "
+                                                "reference i shows subject i alone (reposition needs them)")
+    isolation: bounded(0, 1) = Field(1.0, description="schedule: 1 removes the other subjects' keys from a "
+                                                      "subject's queries, 0 leaves them")
+    reposition: bounded(0, None) = Field(0.9, description="schedule: weight of the relocated reference keys "
+                                                          "(references=True); 0: none")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, allow_inf_nan=False,
+                           description="share of a target mask's queries kept off their reference at each step")
+    segments: list[str] | None = Field(None, description="tokenizer segments to take the words from (clip, t5)")
+    sites: str | list[str] = Field("late", description="site selector; 'late': the second half of the sites by "
+                                                       "depth (IR-Diffusion: the decoder side)")
+    seed: int = Field(0, description="seed of the dropout")
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, v: list[str]) -> list[str]:
+        out = [s.strip() for s in v]
+        if not out or any(not s for s in out):
+            raise ValueError("subjects is empty or holds an empty phrase; name each subject by words of the target "
+                             "prompt, e.g. ['red circle', 'blue square']")
+        if len({s.lower() for s in out}) != len(out):
+            raise ValueError(f"subjects {v} names a subject twice; give each once")
+        return out
+
+    @model_validator(mode="after")
+    def _needs(self) -> IsolationConfig:
+        if len(self.subjects) < 2 and not self.references:
+            raise ValueError(f"one subject ({self.subjects[0]!r}) has no other subject to be isolated from; name two "
+                             "or more, or give references=True to reposition it after its reference")
+        if "reposition" in self.model_fields_set and not self.references and str(self.reposition) != "0":
+            raise ValueError("reposition is set but references=False, so there is nothing to reposition from; give "
+                             "references=True with the prompts [reference_1 … reference_n, target]")
+        return self
+
+
+def late_sites(sites):
+    """The second half (by depth) of the sites; at least one."""
+    return sites[len(sites) // 2:] or sites[-1:]
+
+
+@register
+class IsolationAttention(Control):
+    """Subjects that do not read each other (isolation), each drawn from its reference (reposition)."""
+
+    kind = "isolation"
+    Config = IsolationConfig
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reset()
+
+    def reset(self) -> None:
+        self._columns: dict[int, tuple[Any, list[list[int]]]] = {}
+        self._sum: torch.Tensor | None = None  # (batch, subjects, N_img): this step's maps
+        self._masks: torch.Tensor | None = None  # (batch, subjects, N_img) bool: the previous step's
+        self._keep: torch.Tensor | None = None  # (batch, subjects, N_img) bool: queries kept on their reference
+        self._sets: list[tuple[list[int], int]] | None = None  # (reference rows, target row) or ([], target row)
+        self._own: dict[int, tuple[int, ...]] = {}  # conditional row -> the subjects its prompt shows
+        self.calls = 0
+        self.reposition_calls = 0
+        self.coverage: list[float] = []  # per step: mean share of the image in a target's subject masks
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def bind(self, controller) -> None:
+        if controller.family not in self.families:
+            raise UnsupportedModelError(
+                f"IsolationAttention supports {', '.join(self.families)} models, not {controller.family}; "
+                "remove it from the controls of this pipeline")
+        sel = self.config.sites
+        self.sites = late_sites(controller.sites) if sel == "late" else select_sites(controller.sites, sel)
+        if not any(s.kind in JOINT_KINDS for s in self.sites):
+            raise SiteError(
+                f"IsolationAttention: the sites {sel!r} have no image-text attention, where the subjects' masks "
+                "come from", fix="select joint sites as well, e.g. sites='all' or 'late'")
+        self._site_names = frozenset(s.name for s in self.sites)
+
+    def begin_run(self, state: RunState) -> None:
+        self.reset()
+        self.config.isolation.reset()
+        self.config.reposition.reset()
+
+    def end_step(self, state: RunState) -> None:
+        if self._sum is None:
+            return
+        self._masks = otsu_masks(self._sum)
+        self._sum = None
+        g = torch.Generator().manual_seed(self.config.seed * 1000003 + state.step)
+        self._keep = (torch.rand(self._masks.shape, generator=g) >= self.config.dropout).to(self._masks.device)
+        targets = [t for _, t in self._sets or []]
+        if targets:
+            self.coverage.append(float(self._masks[targets].float().mean()))
+
+    # ------------------------------------------------------------------------------ rows and words
+    def _words(self, layout, subjects: list[str]) -> list[list[int]]:
+        key = (id(layout), tuple(subjects))
+        kept = self._columns.get(key)
+        if kept is not None and kept[0] is layout:
+            return kept[1]
+        cols = word_columns(layout, subjects, self.config.segments, "error", "IsolationAttention", noun="subject",
+                            field="subjects", verb="isolate")
+        self._columns[key] = (layout, cols)
+        return cols
+
+    def _row_sets(self, state: RunState, batch: int) -> list[tuple[list[int], int]]:
+        """(reference rows, target row) per target among the conditional rows: every row is a target, or with
+        references consecutive sets of ``n + 1`` rows, ``[reference_1 … reference_n, target]`` (the prompts in
+        that order, one image each). Every row's prompt is checked for its subjects' words."""
+        rows = state._row_list(("cond",), batch)
+        n = len(self.config.subjects)
+        if not self.config.references:
+            sets = [([], r) for r in rows]
+        elif len(rows) % (n + 1):
+            raise ConfigError(
+                f"IsolationAttention(references=True) has {n} subjects, so the call's prompts must come in sets of "
+                f"{n + 1} ([reference_1 … reference_{n}, target]); it has {len(rows)} conditional row(s)",
+                fix=f"pass prompt=[{', '.join(f'<{s} alone>' for s in self.config.subjects)}, <the scene>] with one "
+                    "image per prompt (repeat the set in the list for more images)")
+        else:
+            sets = [(rows[s:s + n], rows[s + n]) for s in range(0, len(rows), n + 1)]
+        self._own = {}  # row -> the subjects its prompt shows
+        for refs, target in sets:
+            for i, r in enumerate(refs):
+                self._own[r] = (i,)
+            self._own[target] = tuple(range(n))
+        for r, own in self._own.items():
+            self._words(self._layout(state, r), [self.config.subjects[i] for i in own])
+        return sets
+
+    @staticmethod
+    def _layout(state: RunState, row: int):
+        return state.row_layouts[row] if state.row_layouts is not None else state.layout
+
+    # ------------------------------------------------------------------------------ attention
+    def contribute(self, call, q, k, v, state: RunState):
+        if state.gradient_pass:
+            return []
+        grid = state.layout.grid if state.layout is not None else None
+        if grid is None or grid[0] * grid[1] != call.n_image:
+            raise LayoutError(
+                f"IsolationAttention: {call.site.name} has {call.n_image} image tokens but the run's image grid is "
+                f"{grid}", fix="pass height/width the model supports")
+        if self._sets is None:
+            self._sets = self._row_sets(state, call.batch)
+        out: list = []
+        if call.n_text:
+            out += self._probes(call, state)
+        if self._masks is not None and self._masks.shape[0] == call.batch:
+            out += self._steer(call, k, v, state, grid)
+        return out
+
+    def _probes(self, call, state: RunState) -> list[Probe]:
+        """Each conditional row's image queries on its own subjects' tokens (rows of one prompt and part probed
+        together), summed into this step's maps."""
+        n, n_img = len(self.config.subjects), call.n_image
+        if self._sum is None:
+            self._sum = torch.zeros(call.batch, n, n_img, device=call.device)
+        parts: dict[tuple, list[int]] = {}
+        for r, own in self._own.items():
+            parts.setdefault((id(self._layout(state, r)), own), []).append(r)
+        start = call.text_slice().start
+        probes = []
+        for (_, own), rows in parts.items():
+            cols = self._words(self._layout(state, rows[0]), [self.config.subjects[i] for i in own])
+            flat = [c for cs in cols for c in cs]
+            which = torch.zeros(len(flat), n, device=call.device)  # token → subject
+            at = 0
+            for i, cs in zip(own, cols, strict=True):
+                which[at:at + len(cs), i] = 1
+                at += len(cs)
+            idx = state.index(rows, call.device)
+
+            def sink(p, idx=idx, which=which):  # p: (rows, N_img, heads, tokens)
+                self._sum.index_add_(0, idx, (p.float().sum(2) @ which).transpose(1, 2))
+
+            probes.append(Probe(state.index([start + c for c in flat], call.device), sink,
+                                Selection(idx, call.image_slice(), None)))
+        return probes
+
+    def _steer(self, call, k, v, state: RunState, grid) -> list:
+        iso = float(self.config.isolation(state.step, state.num_steps))
+        rep = float(self.config.reposition(state.step, state.num_steps)) if self.config.references else 0.0
+        if iso == 0 and rep == 0:
+            return []
+        sets = self._sets
+        targets = [t for _, t in sets]
+        n, n_img, img = len(self.config.subjects), call.n_image, call.image_slice()
+        masks = self._masks.to(call.device)
+        tm = masks[targets].float()  # (T, n, N_img)
+        n_keys = k.shape[1]
+        extra_keys = n * n_img if rep > 0 else 0
+        contributions = []
+        valid = None
+        if extra_keys:
+            self.reposition_calls += 1
+            ek, ev, valid = self._canvases(call, k, v, sets, masks, grid)
+            contributions.append(ExtraKV(ek, ev, Selection(state.index(targets, call.device), img, None)))
+            keep = self._keep.to(call.device)[targets].float() * tm  # (T, n, N_img) queries on their reference
+        # the other subjects' keys of each subject's queries, per target: other[c, i] = c in some mask j ≠ i, not in i
+        other = ((tm.sum(1, keepdim=True) - tm) > 0) & (tm == 0)  # (T, n, N_img)
+        iso_bias = math.log1p(-iso) if iso < 1 else float("-inf")
+        rep_bias = math.log(rep) if rep > 0 else float("-inf")
+
+        def fn(r0: int, r1: int) -> torch.Tensor:
+            out = torch.zeros(len(targets), r1 - r0, 1, n_keys + extra_keys, device=call.device)
+            a0, a1 = max(r0, img.start), min(r1, img.stop)
+            if a0 >= a1:
+                return out
+            q_in = tm[:, :, a0 - img.start:a1 - img.start]  # (T, n, rows): query rows in each mask
+            if iso > 0:
+                barred = torch.einsum("tnr,tnc->trc", q_in, other.float()) > 0  # (T, rows, N_img)
+                out[:, a0 - r0:a1 - r0, 0, img] = torch.where(barred, iso_bias, 0.0)
+            if extra_keys:
+                on = keep[:, :, a0 - img.start:a1 - img.start]  # (T, n, rows)
+                allowed = (on[..., None] * valid[:, :, None, :].float()) > 0  # (T, n, rows, N_img)
+                block = torch.where(allowed, rep_bias, float("-inf"))
+                out[:, a0 - r0:a1 - r0, 0, n_keys:] = block.permute(0, 2, 1, 3).reshape(len(targets), a1 - a0, -1)
+            return out
+
+        self.calls += 1
+        contributions.append(DenseBias(fn, Selection(state.index(targets, call.device), None, None)))
+        return contributions
+
+    def _canvases(self, call, k, v, sets, masks, grid):
+        """Per target, each reference's masked image keys and values relocated onto the target's mask box:
+        ``(T, n·N_img, H, d)`` keys and values and ``(T, n, N_img)`` validity."""
+        n, n_img, img = len(self.config.subjects), call.n_image, call.image_slice()
+        h, w = grid
+        idx_rows, valid_rows, src_rows = [], [], []
+        for refs, t in sets:
+            for i, r in enumerate(refs):
+                moved = relocation(masks[r, i].view(h, w), masks[t, i].view(h, w))
+                if moved is None:
+                    moved = (torch.zeros(n_img, dtype=torch.long, device=call.device),
+                             torch.zeros(n_img, dtype=torch.bool, device=call.device))
+                idx_rows.append(moved[0])
+                valid_rows.append(moved[1])
+                src_rows.append(r)
+        index = torch.stack(idx_rows)  # (T·n, N_img): reference token shown at each canvas token
+        src = torch.tensor(src_rows, device=call.device)
+        k_img, v_img = k[:, img], v[:, img]
+        ek = k_img[src[:, None], index]  # (T·n, N_img, H, d)
+        ev = v_img[src[:, None], index]
+        rotary = getattr(call, "rotary", None)
+        if rotary is not None:  # FLUX: a key relocated from reference token index[p] to canvas token p
+            cos, sin = (x[img] for x in rotary)
+            ek = torch.stack([self._turn(e, cos[i], sin[i], cos, sin) for e, i in zip(ek, index, strict=True)])
+        T = len(sets)
+        shape = (T, n * n_img, *k.shape[2:])
+        return ek.reshape(shape), ev.reshape(shape), torch.stack(valid_rows).view(T, n, n_img)
+
+    @staticmethod
+    def _turn(key: torch.Tensor, cos_from, sin_from, cos_to, sin_to) -> torch.Tensor:
+        """``R(θ_to)·R(−θ_from)·key`` for ``(N, H, d)`` keys (RoPE rotates each pair of channels by its angle)."""
+        back = apply_rotary_emb(key[None], (cos_from, -sin_from), sequence_dim=1)
+        return apply_rotary_emb(back, (cos_to, sin_to), sequence_dim=1)[0].to(key.dtype)
+
+    def summary(self) -> str | None:
+        if not self.calls:
+            return None
+        cov = f", subject masks {sum(self.coverage) / len(self.coverage):.0%} of the image" if self.coverage else ""
+        rep = f" (reposition from references at {self.reposition_calls})" if self.reposition_calls else ""
+        return f"isolation of {len(self.config.subjects)} subjects at {self.calls} attention calls{rep}{cov}"

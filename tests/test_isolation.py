@@ -1,0 +1,236 @@
+"""IsolationAttention: Otsu masks and relocation against plain loops, the attention against a materialised reference
+(SD3 order, FLUX order with RoPE turned to the target positions), the pipelines, the off state, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import attnctl
+from attnctl import IsolationAttention
+from attnctl.controls.base import RunState
+from attnctl.errors import ConfigError, LayoutError
+from attnctl.layout import TokenLayout
+from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
+from attnctl.processors.attend import attend
+from attnctl.processors.base import SiteCall
+from attnctl.sites import Site
+from attnctl.subject_masks import mask_box, otsu_masks, relocation
+
+KW = dict(num_inference_steps=3, height=32, width=48, max_sequence_length=24)
+SCENE = "a red circle and a blue square"
+SETS = ["a red circle", "a blue square", SCENE]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+def test_otsu_threshold_is_the_best_split_by_brute_force():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.cat([torch.rand(5, 30, generator=g) * 0.3, 0.6 + torch.rand(5, 18, generator=g) * 0.4], 1)
+    maps = maps[:, torch.randperm(48, generator=g)]
+    got = otsu_masks(maps)
+    for m, mask in zip(maps, got, strict=True):
+        best, best_t = -1.0, None
+        for t in sorted(set(m.tolist()))[:-1]:  # every split between distinct values, written plainly
+            lo, hi = m[m <= t], m[m > t]
+            var = len(lo) / len(m) * len(hi) / len(m) * (float(lo.mean()) - float(hi.mean())) ** 2
+            if var > best + 1e-12:
+                best, best_t = var, t
+        assert torch.equal(mask, m > best_t)
+        assert int(mask.sum()) == 18  # the bright class of the two
+    assert not otsu_masks(torch.full((1, 9), 0.5)).any()  # a constant map splits nowhere
+
+
+def test_relocation_resizes_the_source_box_onto_the_target_box():
+    h, w = 6, 8
+    src = torch.zeros(h, w, dtype=torch.bool)
+    src[1:3, 1:3] = True  # a 2 × 2 subject ...
+    src[1, 1] = False
+    dst = torch.zeros(h, w, dtype=torch.bool)
+    dst[2:6, 4:8] = True  # ... shown 4 × 4 elsewhere
+    index, valid = relocation(src, dst)
+    assert mask_box(dst) == (2, 6, 4, 8)
+    for y in range(h):
+        for x in range(w):
+            p = y * w + x
+            if 2 <= y < 6 and 4 <= x < 8:
+                sy, sx = 1 + (y - 2) // 2, 1 + (x - 4) // 2  # nearest: each source token covers 2 × 2
+                assert int(index[p]) == sy * w + sx
+                assert bool(valid[p]) == bool(src[sy, sx])
+            else:
+                assert not valid[p]
+    assert relocation(torch.zeros(h, w, dtype=torch.bool), dst) is None
+
+
+# ------------------------------------------------------------------------------------------------ the attention
+
+
+def _rotary(S: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    theta = (torch.rand(S, d // 2, generator=g) * 6).repeat_interleave(2, 1)
+    return theta.cos(), theta.sin()
+
+
+def _rotate(x, cos, sin):
+    """RoPE by hand: channel pairs (x₀, x₁) → (x₀·c − x₁·s, x₁·c + x₀·s)."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 0::2]
+    return torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], -1).flatten(-2)
+
+
+def _reference(q, k, v, img, masks, keep, sets, iso, rep, grid, rotary):
+    """Each target's image queries by hand: own keys with the isolation bias, then per subject the reference's
+    relocated keys (turned to their canvas positions under RoPE) allowed where query and canvas token are in the
+    masks; every other row its plain attention."""
+    B, S, H, d = q.shape
+    h, w = grid
+    n_img = h * w
+    out = torch.einsum("bhst,bthd->bshd", torch.softmax(torch.einsum("bshd,bthd->bhst", q, k) / math.sqrt(d), -1), v)
+    for refs, t in sets:
+        n = masks.shape[1]
+        bias = torch.zeros(n_img, S)
+        for r in range(n_img):
+            for c in range(n_img):
+                if any(masks[t, i, r] and any(masks[t, j, c] for j in range(n) if j != i) and not masks[t, i, c]
+                       for i in range(n)):
+                    bias[r, img.start + c] = math.log(1 - iso) if iso < 1 else -math.inf
+        keys, vals, biases = [k[t]], [v[t]], [bias]
+        for i, ref in enumerate(refs):
+            moved = relocation(masks[ref, i].view(h, w), masks[t, i].view(h, w))
+            canvas_k = torch.zeros(n_img, H, d)
+            canvas_v = torch.zeros(n_img, H, d)
+            b = torch.full((n_img, n_img), -math.inf)
+            for p in range(n_img):
+                src = int(moved[0][p])
+                key = k[ref, img.start + src]
+                if rotary is not None:
+                    cos, sin = rotary
+                    key = _rotate(_rotate(key, cos[img.start + src], -sin[img.start + src]),
+                                  cos[img.start + p], sin[img.start + p])
+                canvas_k[p], canvas_v[p] = key, v[ref, img.start + src]
+                for r in range(n_img):
+                    if moved[1][p] and masks[t, i, r] and keep[t, i, r]:
+                        b[r, p] = math.log(rep)
+            keys.append(canvas_k)
+            vals.append(canvas_v)
+            biases.append(b)
+        K, V, Bs = torch.cat(keys), torch.cat(vals), torch.cat(biases, 1)
+        s = torch.einsum("shd,thd->hst", q[t, img], K) / math.sqrt(d) + Bs[None]
+        out[t, img] = torch.einsum("hst,thd->shd", torch.softmax(s, -1), V)
+    return out
+
+
+def _masks(B, n, grid):
+    h, w = grid
+    m = torch.zeros(B, n, h, w, dtype=torch.bool)
+    m[0, 0, 0:2, 0:2] = True  # reference 0: subject 0, a 2 × 2 blob
+    m[1, 1, 1:3, 2:5] = True  # reference 1: subject 1, 2 × 3
+    m[2, 0, 0:3, 0:3] = True  # the target: subject 0 large on the left ...
+    m[2, 1, 1:4, 3:5] = True  # ... subject 1 on the right, overlapping it in no token
+    m[2, 1, 2, 2] = True  # one token in both masks
+    return m.flatten(2)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("iso,rep", [(1.0, 0.9), (0.6, 2.0)])
+def test_attention_equals_a_materialised_reference(family, iso, rep):
+    torch.manual_seed(0)
+    grid, n_txt, H, d = (4, 5), 3, 2, 8
+    n_img = grid[0] * grid[1]
+    B, S = 3, n_img + n_txt
+    image_first = family == "sd3"
+    q, k, v = (torch.randn(B, S, H, d) for _ in range(3))
+    ctl = IsolationAttention(subjects=["red circle", "blue square"], references=True, isolation=iso, reposition=rep)
+    ctl._sets = [([0, 1], 2)]
+    ctl._masks = _masks(B, 2, grid)
+    ctl._keep = torch.rand(B, 2, n_img) > 0.3
+    rotary = _rotary(S, d) if family == "flux" else None
+    kind = "sd3_joint" if image_first else "flux_double"
+    site = Site("transformer_blocks.0.attn", 0, kind, H, d)
+    call = SiteCall(site, B, S, n_txt, image_first, q.device, q.dtype, rotary)
+    state = RunState(step=1, num_steps=3, roles=["cond"] * B, layout=TokenLayout(family, n_txt, grid))
+    got = attend(q, k, v, ctl._steer(call, k, v, state, grid), max_chunk_elems=60)  # several row chunks
+    ref = _reference(q, k, v, call.image_slice(), ctl._masks, ctl._keep, ctl._sets, iso, rep, grid, rotary)
+    assert torch.allclose(got, ref, atol=1e-5)
+    plain = attend(q, k, v, [])
+    assert torch.equal(got[:2], plain[:2])  # the references keep their attention
+    assert torch.allclose(got[2, call.text_slice()], plain[2, call.text_slice()], atol=1e-6)  # and text queries
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+
+
+def test_sd3_isolation_and_reposition_run_and_zero_is_the_plain_run(sd3_pipe):
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(SETS, generator=gen(), output_type="np", **KW).images
+    off = IsolationAttention(subjects=["red circle", "blue square"], references=True, isolation=0.0, reposition=0.0)
+    out = pipe(SETS, generator=gen(), output_type="np", controls=[off], **KW).images
+    assert np.array_equal(out, plain) and off.coverage  # the masks are made, nothing is changed
+    ctl = IsolationAttention(subjects=["red circle", "blue square"], references=True)
+    with attnctl.attach(sd3_pipe, [ctl]):
+        on = sd3_pipe(SETS, generator=gen(), output_type="np", **KW).images
+    assert np.array_equal(on[:2], plain[:2])  # the references are plain runs
+    assert abs(on[2] - plain[2]).max() > 1e-3 and ctl.calls > 0
+    assert 0 < ctl.coverage[-1] < 1 and ctl.summary().startswith("isolation of 2 subjects at")
+    assert "reposition from references" in ctl.summary()
+    n_late = len(attnctl.list_sites(sd3_pipe.transformer)) - len(attnctl.list_sites(sd3_pipe.transformer)) // 2
+    assert ctl.calls == n_late * (KW["num_inference_steps"] - 1)  # from the second step, at the late sites
+
+
+def test_flux_with_references_and_sd35_isolation_alone(flux_pipe, sd35_pipe):
+    flux = AttnCtlFluxPipeline(**flux_pipe.components)
+    flux.set_progress_bar_config(disable=True)
+    ctl = IsolationAttention(subjects=["red circle", "blue square"], references=True, sites="all")
+    out = flux(SETS, generator=gen(), output_type="np", controls=[ctl], **KW).images
+    assert np.isfinite(out).all() and ctl.calls > 0
+    sd35 = AttnCtlSD3Pipeline(**sd35_pipe.components)
+    sd35.set_progress_bar_config(disable=True)
+    iso = IsolationAttention(subjects=["red circle", "blue square"], sites="all")
+    plain = sd35(SCENE, generator=gen(), output_type="np", **KW).images
+    out = sd35(SCENE, generator=gen(), output_type="np", controls=[iso], **KW).images
+    assert np.isfinite(out).all() and iso.calls > 0 and abs(out - plain).max() > 1e-4
+
+
+def test_bf16_on_cpu():
+    from attnctl.testing import tiny_sd3_pipeline
+
+    pipe = AttnCtlSD3Pipeline(**tiny_sd3_pipeline("sd3", dtype=torch.bfloat16).components)
+    pipe.set_progress_bar_config(disable=True)
+    ctl = IsolationAttention(subjects=["red circle", "blue square"], references=True)
+    out = pipe(SETS, generator=gen(), output_type="latent", controls=[ctl], **KW).images
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and ctl.calls > 0
+
+
+def test_bad_input_and_json_round_trip(sd3_pipe):
+    with pytest.raises(ConfigError, match="subjects is empty"):
+        IsolationAttention(subjects=[])
+    with pytest.raises(ConfigError, match="no other subject"):
+        IsolationAttention(subjects=["circle"])
+    with pytest.raises(ConfigError, match="references=True"):
+        IsolationAttention(subjects=["circle", "square"], reposition=0.5)
+    with pytest.raises(ConfigError, match="dropout"):
+        IsolationAttention(subjects=["circle", "square"], dropout=1.0)
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    refs = IsolationAttention(subjects=["red circle", "blue square"], references=True)
+    with pytest.raises(ConfigError, match="sets of 3"):
+        pipe(["a red circle", SCENE], controls=[refs], **KW)
+    with pytest.raises(LayoutError, match="'blue square' is not in the prompt 'a red circle'"):
+        pipe(["a red circle", "a red circle", SCENE], controls=[refs], **KW)
+    with pytest.raises(LayoutError, match="'blue square' is not in the prompt 'a red circle'"):
+        pipe(SETS, num_images_per_prompt=2, controls=[refs], **KW)  # [ref 1, ref 1, ref 2, ref 2, ...] is no set
+    with pytest.raises(LayoutError, match="'green triangle'"):
+        pipe(SCENE, controls=[IsolationAttention(subjects=["red circle", "green triangle"])], **KW)
+    ctl = IsolationAttention(subjects=["red circle", "blue square"], references=True, reposition="linear(1, 0)",
+                             dropout=0.25, sites="all")
+    again = attnctl.control_from_json(ctl.to_json())
+    assert isinstance(again, IsolationAttention) and again.to_json() == ctl.to_json()
