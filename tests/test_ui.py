@@ -336,6 +336,26 @@ def test_layout_panel_places_words_in_boxes_and_runs(monkeypatch, model_dir):
     assert any("need 0 <= x0 < x1 <= 1" in e for e in errors(at))
 
 
+def test_isolation_panel_names_the_prompts_subjects_and_runs(monkeypatch, model_dir):
+    at = start(monkeypatch, model_dir)
+    at.selectbox(key="add_kind").set_value("isolation")
+    at.button(key="add_control").click().run()
+    ok(at)
+    controls = at.session_state["controls"]
+    iso = controls[1]["id"]
+    # the subjects of the default prompt "a red circle to the left of a blue square", as phrases
+    assert at.multiselect(key=f"c{iso}.subjects").value == ["red circle", "blue square"]
+    at.button(key=f"remove{controls[0]['id']}").click().run()
+    generate(at, steps=3)
+    assert errors(at) == [] and len(compare_images(at)) == 2
+    assert at.session_state["history"][-1]["setup"].controls[0]["subjects"] == ["red circle", "blue square"]
+    (note,) = at.session_state["history"][-1]["control_notes"]
+    assert note.startswith("isolation of 2 subjects at") and any(note == c.value for c in at.tabs[0].caption)
+    at.multiselect(key=f"c{iso}.subjects").set_value(["red circle"]).run()
+    ok(at)
+    assert any("at least two subjects" in w.value for w in at.warning)
+
+
 def test_schedule_editing_updates_the_control_and_blocks_bad_input(monkeypatch, model_dir):
     at = start(monkeypatch, model_dir)
     cid = at.session_state["controls"][0]["id"]
