@@ -132,3 +132,25 @@ def test_regulation_inner_loop_bench_runs(tmp_path):
                        out=tmp_path / "inner.json")
     (row,) = result["rows"]
     assert row["tail_denormals"] > 0 and row["seconds"]["shipped"] > 0 and row["denormal_over_shipped"] > 0
+
+
+def test_isolation_eval_runs_both_modes(tmp_path):
+    iso = run_bench("isolation_eval.py", "--sets", "pair", "--limit", "1", "--seeds", "2", "--steps", "3",
+                    "--configs", '{"sites": "all"}', out=tmp_path / "iso.json")
+    rows = iso["sets"]["pair"]["rows"]
+    assert list(rows) == ["baseline", '{"sites": "all"}'] and 0 < rows['{"sites": "all"}']["mask_coverage"] < 1
+    assert rows['{"sites": "all"}']["paired"]["presence"]["n"] == 2
+    rep = run_bench("isolation_eval.py", "--mode", "reposition", "--limit", "2", "--seeds", "1", "--steps", "3",
+                    out=tmp_path / "rep.json")
+    assert rep["items"] == 2 and list(rep["rows"]) == ["baseline", "{}"]
+    for row in rep["rows"].values():  # a subject found in both images is scored; none found: nothing to score
+        assert 0.0 <= row["found"] <= 1.0
+        assert (row["same_size"] is None) == (row["found"] == 0) and (row["same_size"] or 0.0) <= 1.0
+
+
+def test_epipolar_eval_runs(tmp_path):
+    result = run_bench("epipolar_eval.py", "--limit", "1", "--seeds", "1", "--steps", "3", "--configs", "{}",
+                       out=tmp_path / "epi.json")
+    rows = result["sets"]["pair"]["rows"]
+    assert list(rows) == ["independent", '{"falloff": "none"}', "{}"]
+    assert all(0.0 <= row["shared_colours"] <= 1.0 for row in rows.values())

@@ -17,6 +17,7 @@ CASES = {
     "regulation.py": ["--seeds", "1"],
     "layout.py": ["--seeds", "1"],
     "epipolar.py": [],
+    "isolation.py": [],
     "headhunt.py": ["--limit", "1", "--seeds", "1", "--rounds", "1", "--candidates", "L0", "--w", "2"],
 }
 
