@@ -9,7 +9,7 @@ stock fused kernel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -145,6 +145,8 @@ class Control:
     kind: ClassVar[str] = "control"
     families: ClassVar[tuple[str, ...]] = ("sd3", "flux")
     Config: ClassVar[type[ControlConfig]] = ControlConfig
+    named_sites: ClassVar[dict[str, Callable[[list[Site]], list[Site]]]] = {}
+    """Site choices by name, beside the selectors (``{"mid": mid_depth_sites}``)."""
 
     def __init__(self, **kwargs: Any) -> None:
         try:
@@ -167,8 +169,16 @@ class Control:
                 f"{type(self).__name__} supports {', '.join(self.families)} models, not {controller.family}; "
                 "remove it from the controls of this pipeline"
             )
-        self.sites = select_sites(controller.sites, getattr(self.config, "sites", "all"))
+        self.sites = self.select_sites(controller.sites)
         self._site_names = frozenset(s.name for s in self.sites)
+
+    def select_sites(self, sites: list[Site]) -> list[Site]:
+        """The sites of the model this control acts at: its config's ``sites``, either a name of
+        :attr:`named_sites` (such as ``"mid"``) or a selector of :mod:`attnctl.sites`."""
+        sel = getattr(self.config, "sites", "all")
+        if isinstance(sel, str) and sel in self.named_sites:
+            return self.named_sites[sel](sites)
+        return select_sites(sites, sel)
 
     def applies_to(self, site: Site) -> bool:
         return site.name in self._site_names

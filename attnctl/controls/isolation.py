@@ -29,10 +29,9 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import ConfigError, LayoutError, SiteError, UnsupportedModelError
+from ..errors import ConfigError, LayoutError, SiteError
 from ..processors.contributions import DenseBias, ExtraKV, Probe, Selection
 from ..schedules import bounded
-from ..sites import select_sites
 from ..subject_masks import otsu_masks, relocation
 from .base import Control, ControlConfig, RunState, register, word_columns
 from .regulation import JOINT_KINDS
@@ -87,6 +86,7 @@ class IsolationAttention(Control):
 
     kind = "isolation"
     Config = IsolationConfig
+    named_sites = {"late": late_sites}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -105,17 +105,11 @@ class IsolationAttention(Control):
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, controller) -> None:
-        if controller.family not in self.families:
-            raise UnsupportedModelError(
-                f"IsolationAttention supports {', '.join(self.families)} models, not {controller.family}; "
-                "remove it from the controls of this pipeline")
-        sel = self.config.sites
-        self.sites = late_sites(controller.sites) if sel == "late" else select_sites(controller.sites, sel)
+        super().bind(controller)
         if not any(s.kind in JOINT_KINDS for s in self.sites):
             raise SiteError(
-                f"IsolationAttention: the sites {sel!r} have no image-text attention, where the subjects' masks "
-                "come from", fix="select joint sites as well, e.g. sites='all' or 'late'")
-        self._site_names = frozenset(s.name for s in self.sites)
+                f"IsolationAttention: the sites {self.config.sites!r} have no image-text attention, where the "
+                "subjects' masks come from", fix="select joint sites as well, e.g. sites='all' or 'late'")
 
     def begin_run(self, state: RunState) -> None:
         self.reset()

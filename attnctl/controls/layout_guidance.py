@@ -42,10 +42,9 @@ import torch
 from pydantic import Field, field_validator
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import LayoutError, SiteError, UnsupportedModelError
+from ..errors import LayoutError, SiteError
 from ..processors.contributions import index_tensor
 from ..schedules import bounded
-from ..sites import select_sites
 from .base import Control, ControlConfig, RunState, register, word_columns
 from .regulation import JOINT_KINDS, mid_depth_sites
 
@@ -263,6 +262,7 @@ class LayoutGuidance(Control):
 
     kind = "layout"
     Config = LayoutConfig
+    named_sites = {"mid": mid_depth_sites}
     latent_guidance = True  # the controller wraps the forward with attnctl.latent_guidance.LatentGuidance
 
     def __init__(self, **kwargs: Any) -> None:
@@ -279,20 +279,16 @@ class LayoutGuidance(Control):
         self.history: list[tuple[int, float]] = []  # (step, loss at the guided latent before each step of z)
 
     # ------------------------------------------------------------------------------ lifecycle
+    def select_sites(self, sites):
+        return [s for s in super().select_sites(sites) if s.kind in JOINT_KINDS]  # the sites with word maps
+
     def bind(self, controller) -> None:
-        if controller.family not in self.families:
-            raise UnsupportedModelError(
-                f"LayoutGuidance supports {', '.join(self.families)} models, not {controller.family}; "
-                "remove it from the controls of this pipeline")
-        sel = self.config.sites
-        sites = mid_depth_sites(controller.sites) if sel == "mid" else select_sites(controller.sites, sel)
-        sites = [s for s in sites if s.kind in JOINT_KINDS]
-        if not sites:
+        super().bind(controller)
+        if not self.sites:
             raise SiteError(
-                f"LayoutGuidance: the sites {sel!r} have no image-text attention (image-only sites such as SD3.5's "
-                "attn2 have no word maps)", fix="select joint sites, e.g. sites='all' or 'transformer_blocks.2:6'")
-        self.sites = sites
-        self._site_names = frozenset(s.name for s in sites)
+                f"LayoutGuidance: the sites {self.config.sites!r} have no image-text attention (image-only sites such "
+                "as SD3.5's attn2 have no word maps)",
+                fix="select joint sites, e.g. sites='all' or 'transformer_blocks.2:6'")
 
     def begin_run(self, state: RunState) -> None:
         self.reset()

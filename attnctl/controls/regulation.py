@@ -36,11 +36,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import ConfigError, LayoutError, SiteError, UnsupportedModelError
+from ..errors import ConfigError, LayoutError, SiteError
 from ..processors.attend import fused_attention_with_lse
 from ..processors.contributions import KeyBias, Selection
 from ..schedules import bounded
-from ..sites import Site, select_sites
+from ..sites import Site
 from .base import Control, ControlConfig, RunState, register, word_columns
 
 JOINT_KINDS = ("sd3_joint", "flux_double", "flux_single")
@@ -439,6 +439,7 @@ class AttentionRegulation(Control):
 
     kind = "regulation"
     Config = RegulationConfig
+    named_sites = {"mid": mid_depth_sites}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -455,19 +456,12 @@ class AttentionRegulation(Control):
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, controller) -> None:
-        if controller.family not in self.families:
-            raise UnsupportedModelError(
-                f"AttentionRegulation supports {', '.join(self.families)} models, not {controller.family}; "
-                "remove it from the controls of this pipeline")
-        sel = self.config.sites
-        sites = mid_depth_sites(controller.sites) if sel == "mid" else select_sites(controller.sites, sel)
-        if not any(s.kind in JOINT_KINDS for s in sites):
+        super().bind(controller)
+        if not any(s.kind in JOINT_KINDS for s in self.sites):
             raise SiteError(
-                f"AttentionRegulation: the sites {sel!r} have no image-text attention (image-only sites such as "
-                "SD3.5's attn2 have no text columns to regulate)",
+                f"AttentionRegulation: the sites {self.config.sites!r} have no image-text attention (image-only sites "
+                "such as SD3.5's attn2 have no text columns to regulate)",
                 fix="select joint sites, e.g. sites='mid' or 'transformer_blocks.4:8'")
-        self.sites = sites
-        self._site_names = frozenset(s.name for s in sites)
 
     def begin_run(self, state: RunState) -> None:
         self.reset()
