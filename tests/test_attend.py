@@ -160,6 +160,17 @@ def test_explicit_path_gradients_match_the_reference_and_leave_inputs_alone():
                 - reference(q, k, v, [db], extra=extra)[0]).abs().max() < 1e-5
 
 
+def test_a_dense_bias_over_the_wrong_number_of_keys_is_a_clear_error():
+    """Two controls that each add extra keys at one call: the second's keys shift the first's dense bias."""
+    q, k, v = qkv(6)
+    g = torch.Generator().manual_seed(2)
+    one = ExtraKV(torch.randn(B, 4, H, D, generator=g), torch.randn(B, 4, H, D, generator=g), Selection())
+    two = ExtraKV(torch.randn(B, 3, H, D, generator=g), torch.randn(B, 3, H, D, generator=g), Selection())
+    sized_for_one = DenseBias(lambda r0, r1: torch.zeros(1, r1 - r0, 1, S + 4), Selection())
+    with pytest.raises(ValueError, match="cannot act at the same call yet"):
+        attend(q, k, v, [one, two, sized_for_one])
+
+
 def test_probe_returns_final_probabilities():
     q, k, v = qkv(5)
     got = []

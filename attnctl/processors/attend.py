@@ -251,6 +251,12 @@ def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.T
     else:
         cp = cols
         src = c.fn(lo, hi).float()
+        if src.shape[-1] != n_keys:
+            raise ValueError(
+                f"a DenseBias gives a bias over {src.shape[-1]} keys but this attention call has {n_keys} (the site's "
+                "keys and the extra keys of every ExtraKV contribution); two controls that each add extra keys "
+                "(EpipolarAttention, IsolationAttention with references) cannot act at the same call yet — give them "
+                "disjoint sites (sites=...) or run them in separate calls")
         src = src.expand(nb, hi - lo, nh, src.shape[-1])
     inside = None  # a ``within`` bias also shifts every other key of its block
     if isinstance(c, KeyBias) and c.within is not None:
