@@ -41,30 +41,15 @@ VARIANTS = ("independent", "epipolar", "materialised")
 
 def setup(shape: str, res: int, views: int):
     from attnctl import Camera, EpipolarAttention
-    from attnctl.controls.base import RunState
-    from attnctl.layout import TokenLayout
-    from attnctl.processors.base import SiteCall
-    from attnctl.sites import Site
 
-    spec = layers.SHAPES[shape]
-    heads, d, n_text = spec["heads"], spec["head_dim"], spec["text"]
-    side = res // 16
-    n_img = side * side
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(views, n_img + n_text, heads, d, generator=g) for _ in range(3))
+    q, k, v, call, state, _ = layers.attention_core(shape, res, views)
+    state.step = 0
     cams = []
     for i in range(views):
         a = math.radians(30 * i)
         cams.append(Camera.look_at([0.3 * i, 0, 0], [0.3 * i, 0, 1], size=(res, res),
                                    up=[math.sin(a), -math.cos(a), 0]))
-    ctl = EpipolarAttention(cameras=cams)
-    image_first = spec["family"] == "sd3"
-    kind = "sd3_joint" if image_first else "flux_double"
-    call = SiteCall(Site("transformer_blocks.0.attn", 0, kind, heads, d), views, n_img + n_text, n_text, image_first,
-                    q.device, q.dtype)
-    state = RunState(step=0, num_steps=1, roles=["cond"] * views, layout=TokenLayout(spec["family"], n_text,
-                                                                                      (side, side)))
-    return q, k, v, ctl, call, state
+    return q, k, v, EpipolarAttention(cameras=cams), call, state
 
 
 def run(variant: str, q, k, v, ctl, call, state) -> torch.Tensor:

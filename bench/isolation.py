@@ -46,23 +46,11 @@ def disc(side: int, cy: float, cx: float, r: float) -> torch.Tensor:
 
 def setup(shape: str, res: int, variant: str):
     from attnctl import IsolationAttention
-    from attnctl.controls.base import RunState
-    from attnctl.layout import TokenLayout
-    from attnctl.processors.base import SiteCall
-    from attnctl.sites import Site
 
-    spec = layers.SHAPES[shape]
-    heads, d, n_text = spec["heads"], spec["head_dim"], spec["text"]
+    flux = layers.SHAPES[shape]["family"] == "flux"
+    q, k, v, call, state, g = layers.attention_core(shape, res, 3, rotary=flux)  # RoPE tables for the relocation
     side = res // 16
-    n_img = side * side
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, n_img + n_text, heads, d, generator=g) for _ in range(3))
-    image_first = spec["family"] == "sd3"
-    rotary = None
-    if not image_first:  # FLUX: RoPE tables for the relocation to turn
-        theta = (torch.rand(n_img + n_text, d // 2, generator=g) * 6).repeat_interleave(2, 1)
-        rotary = theta.cos(), theta.sin()
-    masks = torch.zeros(3, 2, n_img, dtype=torch.bool)
+    masks = torch.zeros(3, 2, side * side, dtype=torch.bool)
     masks[0, 0] = disc(side, 0.5, 0.5, 0.125)
     masks[1, 1] = disc(side, 0.5, 0.5, 0.125)
     masks[2, 0] = disc(side, 0.5, 0.25, 1 / 6)
@@ -71,11 +59,6 @@ def setup(shape: str, res: int, variant: str):
                              reposition=0.0 if variant == "isolation" else 0.9)
     ctl._sets, ctl._masks = [([0, 1], 2)], masks
     ctl._keep = torch.rand(masks.shape, generator=g) >= 0.5
-    kind = "sd3_joint" if image_first else "flux_double"
-    call = SiteCall(Site("transformer_blocks.0.attn", 0, kind, heads, d), 3, n_img + n_text, n_text, image_first,
-                    q.device, q.dtype, rotary)
-    state = RunState(step=1, num_steps=2, roles=["cond"] * 3, layout=TokenLayout(spec["family"], n_text,
-                                                                                  (side, side)))
     return q, k, v, ctl, call, state, (side, side)
 
 

@@ -34,6 +34,33 @@ SHAPES = {
 VARIANTS = ("stock", "attnctl", "probe4")
 
 
+def attention_core(shape: str, res: int, batch: int, rotary: bool = False):
+    """Random ``q, k, v`` of one attention call of the layer ``shape`` at ``res``² (``batch`` rows, seed 0), with the
+    ``SiteCall`` and ``RunState`` a control sees there: ``(q, k, v, call, state, generator)``. ``rotary``: random RoPE
+    tables in the call (FLUX), for controls that move keys between positions."""
+    from attnctl.controls.base import RunState
+    from attnctl.layout import TokenLayout
+    from attnctl.processors.base import SiteCall
+    from attnctl.sites import Site
+
+    spec = SHAPES[shape]
+    heads, d, n_text = spec["heads"], spec["head_dim"], spec["text"]
+    side = res // 16
+    n = side * side + n_text
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, n, heads, d, generator=g) for _ in range(3))
+    tables = None
+    if rotary:
+        theta = (torch.rand(n, d // 2, generator=g) * 6).repeat_interleave(2, 1)
+        tables = theta.cos(), theta.sin()
+    image_first = spec["family"] == "sd3"
+    site = Site("transformer_blocks.0.attn", 0, "sd3_joint" if image_first else "flux_double", heads, d)
+    call = SiteCall(site, batch, n, n_text, image_first, q.device, q.dtype, tables)
+    state = RunState(step=1, num_steps=2, roles=["cond"] * batch,
+                     layout=TokenLayout(spec["family"], n_text, (side, side)))
+    return q, k, v, call, state, g
+
+
 @dataclass
 class Layer:
     attn: torch.nn.Module
