@@ -97,8 +97,10 @@ class IsolationAttention(Control):
         self._sum: torch.Tensor | None = None  # (batch, subjects, N_img): this step's maps
         self._masks: torch.Tensor | None = None  # (batch, subjects, N_img) bool: the previous step's
         self._keep: torch.Tensor | None = None  # (batch, subjects, N_img) bool: queries kept on their reference
+        self._plan: dict[str, Any] | None = None  # what the step's masks give every steered call (:meth:`_planned`)
         self._sets: list[tuple[list[int], int]] | None = None  # (reference rows, target row) or ([], target row)
         self._own: dict[int, tuple[int, ...]] = {}  # conditional row -> the subjects its prompt shows
+        self._parts: dict[tuple, list] = {}  # the probes' columns, rows and subjects (:meth:`_probe_parts`)
         self.calls = 0
         self.reposition_calls = 0
         self.coverage: list[float] = []  # per step: mean share of the image in a target's subject masks
@@ -121,6 +123,7 @@ class IsolationAttention(Control):
             return
         self._masks = otsu_masks(self._sum)
         self._sum = None
+        self._plan = None
         g = torch.Generator().manual_seed(self.config.seed * 1000003 + state.step)
         self._keep = (torch.rand(self._masks.shape, generator=g) >= self.config.dropout).to(self._masks.device)
         targets = [t for _, t in self._sets or []]
@@ -188,52 +191,55 @@ class IsolationAttention(Control):
     def _probes(self, call, state: RunState) -> list[Probe]:
         """Each conditional row's image queries on its own subjects' tokens (rows of one prompt and part probed
         together), summed into this step's maps."""
-        n, n_img = len(self.config.subjects), call.n_image
         if self._sum is None:
-            self._sum = torch.zeros(call.batch, n, n_img, device=call.device)
-        parts: dict[tuple, list[int]] = {}
+            self._sum = torch.zeros(call.batch, len(self.config.subjects), call.n_image, device=call.device)
+        img = call.image_slice()
+        return [Probe(cols, lambda p, idx=idx, which=which: self._add(p, idx, which), Selection(idx, img, None))
+                for cols, idx, which in self._probe_parts(call, state)]
+
+    def _add(self, p: torch.Tensor, idx: torch.Tensor, which: torch.Tensor) -> None:
+        """``p``: ``(rows, N_img, heads, tokens)`` probabilities, summed over heads and each subject's tokens."""
+        self._sum.index_add_(0, idx, (p.float().sum(2) @ which).transpose(1, 2))
+
+    def _probe_parts(self, call, state: RunState) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per group of rows (one prompt, one part): the text columns, the rows, and which subject each column is
+        of — made once per run and text position (the words do not move within a run)."""
+        key = (call.text_slice().start, str(call.device))
+        if key in self._parts:
+            return self._parts[key]
+        n, start = len(self.config.subjects), key[0]
+        groups: dict[tuple, list[int]] = {}
         for r, own in self._own.items():
-            parts.setdefault((id(self._layout(state, r)), own), []).append(r)
-        start = call.text_slice().start
-        probes = []
-        for (_, own), rows in parts.items():
+            groups.setdefault((id(self._layout(state, r)), own), []).append(r)
+        parts = []
+        for (_, own), rows in groups.items():
             cols = self._words(self._layout(state, rows[0]), [self.config.subjects[i] for i in own])
-            flat = [c for cs in cols for c in cs]
-            which = torch.zeros(len(flat), n, device=call.device)  # token → subject
+            which = torch.zeros(sum(map(len, cols)), n, device=call.device)  # token → subject
             at = 0
             for i, cs in zip(own, cols, strict=True):
                 which[at:at + len(cs), i] = 1
                 at += len(cs)
-            idx = state.index(rows, call.device)
-
-            def sink(p, idx=idx, which=which):  # p: (rows, N_img, heads, tokens)
-                self._sum.index_add_(0, idx, (p.float().sum(2) @ which).transpose(1, 2))
-
-            probes.append(Probe(state.index([start + c for c in flat], call.device), sink,
-                                Selection(idx, call.image_slice(), None)))
-        return probes
+            parts.append((state.index([start + c for cs in cols for c in cs], call.device),
+                          state.index(rows, call.device), which))
+        self._parts[key] = parts
+        return parts
 
     def _steer(self, call, k, v, state: RunState, grid) -> list:
         iso = float(self.config.isolation(state.step, state.num_steps))
         rep = float(self.config.reposition(state.step, state.num_steps)) if self.config.references else 0.0
         if iso == 0 and rep == 0:
             return []
-        sets = self._sets
-        targets = [t for _, t in sets]
+        plan = self._planned(grid)
+        targets, tm, other = plan["targets"], plan["in_mask"], plan["other"]
         n, n_img, img = len(self.config.subjects), call.n_image, call.image_slice()
-        masks = self._masks.to(call.device)
-        tm = masks[targets].float()  # (T, n, N_img)
         n_keys = k.shape[1]
         extra_keys = n * n_img if rep > 0 else 0
         contributions = []
-        valid = None
         if extra_keys:
             self.reposition_calls += 1
-            ek, ev, valid = self._canvases(call, k, v, sets, masks, grid)
+            ek, ev = self._canvases(call, k, v, plan)
             contributions.append(ExtraKV(ek, ev, Selection(state.index(targets, call.device), img, None)))
-            keep = self._keep.to(call.device)[targets].float() * tm  # (T, n, N_img) queries on their reference
-        # the other subjects' keys of each subject's queries, per target: other[c, i] = c in some mask j ≠ i, not in i
-        other = ((tm.sum(1, keepdim=True) - tm) > 0) & (tm == 0)  # (T, n, N_img)
+            keep, valid = plan["kept"], plan["valid"]
         iso_bias = math.log1p(-iso) if iso < 1 else float("-inf")
         rep_bias = math.log(rep) if rep > 0 else float("-inf")
 
@@ -244,11 +250,11 @@ class IsolationAttention(Control):
                 return out
             q_in = tm[:, :, a0 - img.start:a1 - img.start]  # (T, n, rows): query rows in each mask
             if iso > 0:
-                barred = torch.einsum("tnr,tnc->trc", q_in, other.float()) > 0  # (T, rows, N_img)
+                barred = torch.einsum("tnr,tnc->trc", q_in, other) > 0  # (T, rows, N_img)
                 out[:, a0 - r0:a1 - r0, 0, img] = torch.where(barred, iso_bias, 0.0)
             if extra_keys:
                 on = keep[:, :, a0 - img.start:a1 - img.start]  # (T, n, rows)
-                allowed = (on[..., None] * valid[:, :, None, :].float()) > 0  # (T, n, rows, N_img)
+                allowed = (on[..., None] * valid[:, :, None, :]) > 0  # (T, n, rows, N_img)
                 block = torch.where(allowed, rep_bias, float("-inf"))
                 out[:, a0 - r0:a1 - r0, 0, n_keys:] = block.permute(0, 2, 1, 3).reshape(len(targets), a1 - a0, -1)
             return out
@@ -257,33 +263,47 @@ class IsolationAttention(Control):
         contributions.append(DenseBias(fn, Selection(state.index(targets, call.device), None, None)))
         return contributions
 
-    def _canvases(self, call, k, v, sets, masks, grid):
-        """Per target, each reference's masked image keys and values relocated onto the target's mask box:
-        ``(T, n·N_img, H, d)`` keys and values and ``(T, n, N_img)`` validity."""
-        n, n_img, img = len(self.config.subjects), call.n_image, call.image_slice()
-        h, w = grid
-        idx_rows, valid_rows, src_rows = [], [], []
-        for refs, t in sets:
-            for i, r in enumerate(refs):
-                moved = relocation(masks[r, i].view(h, w), masks[t, i].view(h, w))
-                if moved is None:
-                    moved = (torch.zeros(n_img, dtype=torch.long, device=call.device),
-                             torch.zeros(n_img, dtype=torch.bool, device=call.device))
-                idx_rows.append(moved[0])
-                valid_rows.append(moved[1])
-                src_rows.append(r)
-        index = torch.stack(idx_rows)  # (T·n, N_img): reference token shown at each canvas token
-        src = torch.tensor(src_rows, device=call.device)
-        k_img, v_img = k[:, img], v[:, img]
-        ek = k_img[src[:, None], index]  # (T·n, N_img, H, d)
-        ev = v_img[src[:, None], index]
-        rotary = getattr(call, "rotary", None)
-        if rotary is not None:  # FLUX: a key relocated from reference token index[p] to canvas token p
-            cos, sin = (x[img] for x in rotary)
+    def _planned(self, grid) -> dict[str, Any]:
+        """What this step's masks give every steered call, made once per step (the masks change only between
+        steps): per target its masks ``in_mask`` ``(T, n, N_img)``, the other subjects' keys of each subject
+        ``other`` (``c`` in some mask ``j ≠ i`` and not in ``i``), the queries ``kept`` on their reference, and per
+        (target, subject) the reference token shown at each canvas token and whether it is ``valid``."""
+        if self._plan is not None:
+            return self._plan
+        masks, h, w = self._masks, *grid
+        targets = [t for _, t in self._sets]
+        tm = masks[targets].float()
+        plan: dict[str, Any] = {"targets": targets, "in_mask": tm,
+                                "other": (((tm.sum(1, keepdim=True) - tm) > 0) & (tm == 0)).float(),
+                                "kept": self._keep.to(tm.device)[targets].float() * tm}
+        if self.config.references:
+            index, valid, src = [], [], []
+            for refs, t in self._sets:
+                for i, r in enumerate(refs):
+                    moved = relocation(masks[r, i].view(h, w), masks[t, i].view(h, w))
+                    if moved is None:  # an empty mask: nothing of this reference is shown
+                        moved = (torch.zeros(h * w, dtype=torch.long, device=masks.device),
+                                 torch.zeros(h * w, dtype=torch.bool, device=masks.device))
+                    index.append(moved[0])
+                    valid.append(moved[1])
+                    src.append(r)
+            plan["index"] = torch.stack(index)  # (T·n, N_img): reference token shown at each canvas token
+            plan["valid"] = torch.stack(valid).view(len(targets), -1, h * w).float()
+            plan["source"] = torch.tensor(src, device=masks.device)
+        self._plan = plan
+        return plan
+
+    def _canvases(self, call, k, v, plan):
+        """Per target, each reference's image keys and values laid on the target's canvas: ``(T, n·N_img, H, d)``."""
+        img, index = call.image_slice(), plan["index"]
+        src = plan["source"][:, None]
+        ek = k[:, img][src, index]  # (T·n, N_img, H, d)
+        ev = v[:, img][src, index]
+        if call.rotary is not None:  # FLUX: a key relocated from reference token index[p] to canvas token p
+            cos, sin = (x[img] for x in call.rotary)
             ek = torch.stack([self._turn(e, cos[i], sin[i], cos, sin) for e, i in zip(ek, index, strict=True)])
-        T = len(sets)
-        shape = (T, n * n_img, *k.shape[2:])
-        return ek.reshape(shape), ev.reshape(shape), torch.stack(valid_rows).view(T, n, n_img)
+        shape = (len(plan["targets"]), -1, *k.shape[2:])
+        return ek.reshape(shape), ev.reshape(shape)
 
     @staticmethod
     def _turn(key: torch.Tensor, cos_from, sin_from, cos_to, sin_to) -> torch.Tensor:
