@@ -132,7 +132,7 @@ class EpipolarAttention(Control):
         img = call.image_slice()
         n_img, n_keys = call.n_image, k.shape[1]
         k_img, v_img = k[:, img], v[:, img]
-        idx = torch.tensor(others, dtype=torch.long, device=k.device).flatten()
+        idx = state.index([o for row in others for o in row], k.device)  # made once per run, not per call
         shape = (len(rows), (self.views - 1) * n_img, *k.shape[2:])
         ek = k_img.index_select(0, idx).reshape(shape)
         ev = v_img.index_select(0, idx).reshape(shape)
