@@ -20,7 +20,7 @@ _EXPORTS = {
     "AttentionRegulation": ".controls.regulation", "SoftPAG": ".controls.softpag",
     "LayoutGuidance": ".controls.layout_guidance", "EpipolarAttention": ".controls.epipolar",
     "IsolationAttention": ".controls.isolation",
-    "Camera": ".epipolar",
+    "Camera": ".epipolar", "invert": ".inversion",
     "TokenLayout": ".layout",
     "AttnCtlFluxProcessor": ".processors", "AttnCtlJointProcessor": ".processors",
     "HeadSet": ".sites", "Site": ".sites", "list_sites": ".sites", "select_sites": ".sites",
@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from .controls.regulation import AttentionRegulation as AttentionRegulation
     from .controls.softpag import SoftPAG as SoftPAG
     from .epipolar import Camera as Camera
+    from .inversion import invert as invert
     from .layout import TokenLayout as TokenLayout
     from .processors import AttnCtlFluxProcessor as AttnCtlFluxProcessor
     from .processors import AttnCtlJointProcessor as AttnCtlJointProcessor

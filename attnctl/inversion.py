@@ -1,0 +1,159 @@
+"""Rectified-flow inversion: from a real image to the noise that the pipeline turns back into it.
+
+SD3 and FLUX sample by integrating the flow ``dz/dσ = v(z, σ)`` from noise (``σ = 1``) to the image (``σ = 0``)
+with Euler steps over the scheduler's ``σ_0 > σ_1 > … > σ_n = 0``. Inversion runs the same grid the other way, from
+the encoded image ``z(σ_n) = E(x)`` up to ``σ_0``, with the velocity taken at the point already reached::
+
+    z(σ_i) = z(σ_{i+1}) + (σ_i − σ_{i+1}) · v(z(σ_{i+1}), σ_{i+1})        i = n−1, …, 0
+
+(plain Euler inversion, as RF-Inversion and RF-Solver start from). It is exact when ``v`` is constant along the
+path and close when the steps are small; :func:`invert` returns the whole path, so an editing method can replay the
+source branch exactly (``path[i]`` is the latent the pipeline's step ``i`` sees) while a target branch starts from
+``path[0]``. ``pipe(prompt, latents=path[0], ...)`` with the same steps and no guidance reconstructs the image.
+
+This is the first piece of text-driven editing of real images (UnifyEdit, ``../shared/METHODS.md`` §6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .latent_guidance import check_scheduler
+from .sites import family_of
+
+Velocity = Callable[[torch.Tensor, float], torch.Tensor]
+"""``v(z, σ)``: the model's flow prediction at the latent ``z`` and noise level ``σ``."""
+
+
+def euler_invert(velocity: Velocity, z0: torch.Tensor, sigmas: torch.Tensor) -> list[torch.Tensor]:
+    """The Euler inversion path of ``z0`` over the decreasing ``sigmas`` (``σ_0 … σ_n``, ``σ_n = 0``): a list of
+    ``n + 1`` latents, ``path[i]`` at ``σ_i`` (so ``path[n]`` is ``z0`` and ``path[0]`` the noise)."""
+    s = [float(x) for x in sigmas]
+    if len(s) < 2 or any(b >= a for a, b in zip(s, s[1:], strict=False)):
+        raise ConfigError(f"inversion needs a decreasing noise grid σ_0 > … > σ_n, got {s}",
+                          fix="pass the scheduler's sigmas after set_timesteps")
+    path = [z0]
+    z = z0
+    for i in range(len(s) - 2, -1, -1):
+        z = z + (s[i] - s[i + 1]) * velocity(z, s[i + 1])
+        path.append(z)
+    return path[::-1]
+
+
+def _as_array(image: Any) -> np.ndarray:
+    """A PIL image, an ``H×W×3`` uint8 array or a path as an ``H×W×3`` uint8 array."""
+    from PIL import Image
+
+    if isinstance(image, str) or hasattr(image, "__fspath__"):
+        image = Image.open(image)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ConfigError(f"the image to invert is an array of shape {arr.shape} and dtype {arr.dtype}",
+                          fix="pass a PIL image, a file path or an H×W×3 uint8 array")
+    return arr
+
+
+def encode_image(pipe: Any, image: Any) -> torch.Tensor:
+    """The image as the clean latent ``z0`` the transformer sees (FLUX: packed into 2×2 patches), in the
+    transformer's dtype and device. The image's height and width must be multiples of what the model needs."""
+    arr = _as_array(image)
+    h, w = arr.shape[:2]
+    need = pipe.vae_scale_factor * (2 if family_of(pipe.transformer) == "flux" else pipe.transformer.config.patch_size)
+    if h % need or w % need:
+        raise ConfigError(f"the image is {w}×{h} px, and this model needs sides that are multiples of {need}",
+                          fix=f"resize or crop the image to multiples of {need} px first")
+    vae = pipe.vae
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(vae.device, torch.float32) / 127.5 - 1.0
+    with torch.no_grad():
+        z = vae.encode(x.to(vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = (z - shift) * vae.config.scaling_factor
+    if family_of(pipe.transformer) == "flux":
+        b, c, lh, lw = z.shape
+        z = pipe._pack_latents(z, b, c, lh, lw)
+    return z.to(pipe.transformer.device, pipe.transformer.dtype)
+
+
+def run_sigmas(pipe: Any, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+    """The ``σ_0 … σ_n`` a pipeline call with these settings steps over (the same ``set_timesteps`` call, with
+    FLUX's default grid and the resolution-dependent shift ``mu`` where the scheduler uses one)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    check_scheduler(pipe, "inversion")
+    sched = pipe.scheduler
+    cfg = sched.config
+    family = family_of(pipe.transformer)
+    patch = 2 if family == "flux" else pipe.transformer.config.patch_size
+    seq_len = (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
+    kwargs: dict[str, Any] = {}
+    if cfg.get("use_dynamic_shifting", False):
+        kwargs["mu"] = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                       cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    if family == "flux":
+        n = int(num_inference_steps)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n).tolist(), device="cpu", **kwargs)
+    else:
+        sched.set_timesteps(int(num_inference_steps), device="cpu", **kwargs)
+    return sched.sigmas.detach().float().cpu()
+
+
+def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: float | None = None,
+                  max_sequence_length: int | None = None) -> Velocity:
+    """``v(z, σ)`` of the pipeline's transformer for one ``prompt``, called as the pipeline calls it (SD3: timestep
+    ``1000·σ``; FLUX: ``σ``, the image positions, and ``guidance`` for a model with a guidance embedding). No
+    classifier-free guidance: inversion follows the conditional flow."""
+    family = family_of(pipe.transformer)
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    tok = getattr(pipe, "tokenizer_3" if family == "sd3" else "tokenizer_2", None)
+    limit = getattr(tok, "model_max_length", None)
+    length = max_sequence_length or (limit if isinstance(limit, int) and limit < 256 else 256)
+    with torch.no_grad():
+        if family == "flux":
+            emb, pooled, txt_ids = pipe.encode_prompt(prompt, prompt, device=device, max_sequence_length=length)
+            lh, lw = height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2
+            img_ids = pipe._prepare_latent_image_ids(1, lh, lw, device, dtype)
+            g = None
+            if pipe.transformer.config.get("guidance_embeds", False):
+                g = torch.full((1,), 3.5 if guidance is None else float(guidance), device=device, dtype=torch.float32)
+        else:
+            emb, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, device=device, max_sequence_length=length,
+                                                   do_classifier_free_guidance=False)
+
+    def velocity(z: torch.Tensor, sigma: float) -> torch.Tensor:
+        t = torch.full((z.shape[0],), sigma, device=device, dtype=dtype)
+        with torch.no_grad():
+            if family == "flux":
+                return pipe.transformer(hidden_states=z, timestep=t, guidance=g, pooled_projections=pooled,
+                                        encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids,
+                                        return_dict=False)[0]
+            return pipe.transformer(hidden_states=z, timestep=t * 1000.0, encoder_hidden_states=emb,
+                                    pooled_projections=pooled, return_dict=False)[0]
+
+    return velocity
+
+
+def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *, guidance: float | None = None,
+           max_sequence_length: int | None = None) -> list[torch.Tensor]:
+    """The inversion path of a real ``image`` under ``prompt`` (module doc): ``n + 1`` latents, ``path[0]`` the
+    noise to pass as ``pipe(prompt, latents=path[0], num_inference_steps=n, height=H, width=W)``.
+
+    ``guidance`` is FLUX.1-dev's guidance-embedding value (default 3.5, as FluxPipeline); other models ignore it.
+    Works for SD3 / SD3.5 / FLUX pipelines whose scheduler is the flow-matching Euler one."""
+    if int(num_inference_steps) < 1:
+        raise ConfigError(f"num_inference_steps={num_inference_steps}: inversion needs at least one step")
+    if not isinstance(prompt, str):
+        raise ConfigError(f"inversion takes one prompt (a string), got {type(prompt).__name__}",
+                          fix="invert one image at a time with its own prompt")
+    arr = _as_array(image)
+    height, width = arr.shape[:2]
+    z0 = encode_image(pipe, arr)
+    sigmas = run_sigmas(pipe, num_inference_steps, height, width)
+    velocity = flow_velocity(pipe, prompt, height, width, guidance=guidance, max_sequence_length=max_sequence_length)
+    return euler_invert(velocity, z0, sigmas)
