@@ -154,3 +154,10 @@ def test_epipolar_eval_runs(tmp_path):
     rows = result["sets"]["pair"]["rows"]
     assert list(rows) == ["independent", '{"falloff": "none"}', "{}"]
     assert all(0.0 <= row["shared_colours"] <= 1.0 for row in rows.values())
+
+
+def test_inversion_eval_runs(tmp_path):
+    result = run_bench("inversion_eval.py", "--models", "toy-sd3", "--items", "1", out=tmp_path / "inv.json")
+    (row,) = result["inversion"]
+    assert row["model"] == "toy-sd3" and row["items"] == 1
+    assert row["inverted_mae"] < row["fresh_noise_mae"] and 0.0 <= row["inverted_over_fresh"] < 0.2
