@@ -18,6 +18,7 @@ CASES = {
     "layout.py": ["--seeds", "1"],
     "epipolar.py": [],
     "isolation.py": [],
+    "invert.py": [],
     "headhunt.py": ["--limit", "1", "--seeds", "1", "--rounds", "1", "--candidates", "L0", "--w", "2"],
 }
 
