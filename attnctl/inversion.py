@@ -49,8 +49,10 @@ def _as_array(image: Any) -> np.ndarray:
     """A PIL image, an ``H×W×3`` uint8 array or a path as an ``H×W×3`` uint8 array."""
     from PIL import Image
 
+    from .imageio import read_image
+
     if isinstance(image, str) or hasattr(image, "__fspath__"):
-        image = Image.open(image)
+        image = read_image(image)
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
