@@ -69,7 +69,7 @@ class Controller:
         self._branches = perturbed_branches(self.controls)  # checked here, before anything is installed
         self._branch: PerturbedBranch | None = None  # the perturbed-branch wrapper while tracking, if one is needed
         self._latent_control = self._latent_guidance_control()
-        self._latent: LatentGuidance | None = None  # the latent-guidance wrapper while tracking, if one is needed
+        self._latent: Any = None  # the latent-guidance wrapper while tracking, if one is needed
         self._stop_site = self._deepest_site(self._latent_control)
 
     def _latent_guidance_control(self) -> Control | None:
@@ -98,12 +98,23 @@ class Controller:
     def gradient_pass(self, rows: Sequence[int]) -> Iterator[None]:
         """A forward for latent guidance's loss on the batch ``rows`` of the current call (conditional rows): only
         the latent-guidance control acts, and the forward stops after its deepest site (:class:`StopForward`)."""
+        with self.row_subset(rows, role="cond", gradient_pass=True):
+            yield
+
+    @contextlib.contextmanager
+    def row_subset(self, rows: Sequence[int], *, role: str | None = None, gradient_pass: bool = False
+                   ) -> Iterator[None]:
+        """A forward of the batch ``rows`` of the current call only: the run state's roles and per-row prompts are
+        those rows' (every role ``role`` when given) until the block ends."""
         state = self.state
         saved = state.roles, state.row_layouts, state.gradient_pass
-        state.roles = ["cond"] * len(rows)
+        if role is not None or state.roles is None:
+            state.roles = [role or "cond"] * len(rows)
+        else:
+            state.roles = [state.roles[i] for i in rows]
         if state.row_layouts is not None:
             state.row_layouts = [state.row_layouts[i] for i in rows]
-        state.gradient_pass = True
+        state.gradient_pass = gradient_pass
         try:
             yield
         finally:
@@ -229,7 +240,9 @@ class Controller:
             # the caller lays out the rows (and may wrap the forward with PerturbedBranch itself).
             self._branch = PerturbedBranch(self.transformer, self, self._branches).__enter__()
         if self._latent_control is not None:  # outside the perturbed branch: it moves the latents of every row
-            self._latent = LatentGuidance(self.transformer, self, self._latent_control, self.pipe)
+            make = getattr(self._latent_control, "make_wrapper", None)  # a control with its own branches (edits)
+            self._latent = (make(self.transformer, self, self.pipe) if make is not None
+                            else LatentGuidance(self.transformer, self, self._latent_control, self.pipe))
             self._latent.__enter__()
 
     def _wrap_encode_prompt(self) -> None:

@@ -45,7 +45,7 @@ def euler_invert(velocity: Velocity, z0: torch.Tensor, sigmas: torch.Tensor) -> 
     return path[::-1]
 
 
-def _as_array(image: Any) -> np.ndarray:
+def image_array(image: Any) -> np.ndarray:
     """A PIL image, an ``H×W×3`` uint8 array or a path as an ``H×W×3`` uint8 array."""
     from PIL import Image
 
@@ -65,14 +65,15 @@ def _as_array(image: Any) -> np.ndarray:
 def encode_image(pipe: Any, image: Any) -> torch.Tensor:
     """The image as the clean latent ``z0`` the transformer sees (FLUX: packed into 2×2 patches), in the
     transformer's dtype and device. The image's height and width must be multiples of what the model needs."""
-    arr = _as_array(image)
+    arr = image_array(image)
     h, w = arr.shape[:2]
     need = pipe.vae_scale_factor * (2 if family_of(pipe.transformer) == "flux" else pipe.transformer.config.patch_size)
     if h % need or w % need:
         raise ConfigError(f"the image is {w}×{h} px, and this model needs sides that are multiples of {need}",
                           fix=f"resize or crop the image to multiples of {need} px first")
     vae = pipe.vae
-    x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(vae.device, torch.float32) / 127.5 - 1.0
+    pixels = torch.from_numpy(arr.copy() if not arr.flags.writeable else np.ascontiguousarray(arr))
+    x = pixels.permute(2, 0, 1)[None].to(vae.device, torch.float32) / 127.5 - 1.0
     with torch.no_grad():
         z = vae.encode(x.to(vae.dtype)).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -106,6 +107,16 @@ def run_sigmas(pipe: Any, num_inference_steps: int, height: int, width: int) -> 
     return sched.sigmas.detach().float().cpu()
 
 
+def text_length(pipe: Any, max_sequence_length: int | None = None) -> int:
+    """The T5 sequence length to encode prompts with: ``max_sequence_length`` when given, else the T5 tokenizer's
+    own limit when it is below 256 (the toy models), else 256."""
+    if max_sequence_length:
+        return int(max_sequence_length)
+    tok = getattr(pipe, "tokenizer_3" if family_of(pipe.transformer) == "sd3" else "tokenizer_2", None)
+    limit = getattr(tok, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 256 else 256
+
+
 def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: float | None = None,
                   max_sequence_length: int | None = None) -> Velocity:
     """``v(z, σ)`` of the pipeline's transformer for one ``prompt``, called as the pipeline calls it (SD3: timestep
@@ -113,9 +124,7 @@ def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: 
     classifier-free guidance: inversion follows the conditional flow."""
     family = family_of(pipe.transformer)
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
-    tok = getattr(pipe, "tokenizer_3" if family == "sd3" else "tokenizer_2", None)
-    limit = getattr(tok, "model_max_length", None)
-    length = max_sequence_length or (limit if isinstance(limit, int) and limit < 256 else 256)
+    length = text_length(pipe, max_sequence_length)
     with torch.no_grad():
         if family == "flux":
             emb, pooled, txt_ids = pipe.encode_prompt(prompt, prompt, device=device, max_sequence_length=length)
@@ -153,7 +162,7 @@ def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *,
     if not isinstance(prompt, str):
         raise ConfigError(f"inversion takes one prompt (a string), got {type(prompt).__name__}",
                           fix="invert one image at a time with its own prompt")
-    arr = _as_array(image)
+    arr = image_array(image)
     height, width = arr.shape[:2]
     z0 = encode_image(pipe, arr)
     sigmas = run_sigmas(pipe, num_inference_steps, height, width)
