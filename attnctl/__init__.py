@@ -19,8 +19,8 @@ _EXPORTS = {
     "AttentionProbe": ".controls", "Control": ".controls", "control_from_json": ".controls",
     "AttentionRegulation": ".controls.regulation", "SoftPAG": ".controls.softpag",
     "LayoutGuidance": ".controls.layout_guidance", "EpipolarAttention": ".controls.epipolar",
-    "IsolationAttention": ".controls.isolation",
-    "Camera": ".epipolar", "invert": ".inversion",
+    "IsolationAttention": ".controls.isolation", "UnifyEdit": ".controls.unify_edit",
+    "Camera": ".epipolar", "invert": ".inversion", "edit": ".editing", "EditResult": ".editing",
     "TokenLayout": ".layout",
     "AttnCtlFluxProcessor": ".processors", "AttnCtlJointProcessor": ".processors",
     "HeadSet": ".sites", "Site": ".sites", "list_sites": ".sites", "select_sites": ".sites",
@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from .controls.layout_guidance import LayoutGuidance as LayoutGuidance
     from .controls.regulation import AttentionRegulation as AttentionRegulation
     from .controls.softpag import SoftPAG as SoftPAG
+    from .controls.unify_edit import UnifyEdit as UnifyEdit
+    from .editing import EditResult as EditResult
+    from .editing import edit as edit
     from .epipolar import Camera as Camera
     from .inversion import invert as invert
     from .layout import TokenLayout as TokenLayout

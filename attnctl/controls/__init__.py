@@ -7,6 +7,8 @@ from .layout_guidance import LayoutGuidance
 from .probe import AttentionProbe
 from .regulation import AttentionRegulation
 from .softpag import SoftPAG
+from .unify_edit import UnifyEdit
 
 __all__ = ["CONTROL_TYPES", "AttentionProbe", "AttentionRegulation", "Control", "ControlConfig", "EpipolarAttention",
-           "IsolationAttention", "RunState", "LayoutGuidance", "control_from_json", "register", "SoftPAG"]
+           "IsolationAttention", "RunState", "LayoutGuidance", "control_from_json", "register", "SoftPAG",
+           "UnifyEdit"]

@@ -23,6 +23,13 @@ class ControlledPipelineMixin:
         if "max_sequence_length" not in kwargs and isinstance(limit, int) and limit < 256:
             kwargs["max_sequence_length"] = limit
 
+    def edit(self, image: Any, source_prompt: str, target_prompt: str, num_inference_steps: int = 28,
+             **kwargs: Any) -> Any:
+        """Edit a real image by a text change with UnifyEdit: :func:`attnctl.edit` on this pipeline."""
+        from ..editing import edit
+
+        return edit(self, image, source_prompt, target_prompt, num_inference_steps, **kwargs)
+
     def controlled_call(self, parent_call, args: tuple, kwargs: dict[str, Any],
                         controls: Sequence[Control] | Control | None) -> Any:
         self._default_max_sequence_length(kwargs)

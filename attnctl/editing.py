@@ -1,0 +1,217 @@
+"""Editing a real image by a text change: the source branch replays the inversion, the target branch is steered.
+
+:func:`edit` inverts the image under the source prompt (:func:`attnctl.invert`) and calls the pipeline once with
+``[source prompt, target prompt]`` from the inverted noise, under :class:`EditBranches`, which wraps the transformer's
+forward for the run:
+
+- **source rows** (conditional and unconditional alike) return ``v^s = (z^s_{t+1} − z_t)/(σ_{t+1} − σ_t)``, with
+  ``z^s`` the inversion path and ``z_t`` the loop's latent, so the loop's Euler step lands exactly on the path: the
+  source branch reconstructs the image, and its attention at step ``t`` is the source image's. They are not run
+  through the model at all in the step's call (only in the gradient pass, where their maps are the reference);
+- **target rows**: at a guided step one gradient pass over ``[z^s_t, z_t]`` (stopping after the deepest selected
+  site) gives the control's two losses; :meth:`~attnctl.controls.unify_edit.UnifyEdit.direction` balances their
+  gradients and ``z_t`` moves to ``z'_t``. The step's call then runs the target rows on ``z'_t`` and returns
+  ``v(z'_t) + (z'_t − z_t)/(σ_{t+1} − σ_t)``, so the loop's Euler step is the step from the moved latent; the same
+  term on the conditional and unconditional rows leaves CFG's combination of them carrying it unchanged.
+
+Later calls of a step (SD3's skip-layer pass, FLUX's true-CFG call for the negative prompt) get the same terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .controls.unify_edit import UnifyEdit, differing_words
+from .errors import ConfigError
+from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
+from .inversion import image_array, invert, text_length
+from .latent_guidance import StopForward, check_scheduler
+
+
+class EditBranches(ForwardWrapper):
+    """Context manager: the transformer's forward runs the source and target branches of an edit (module doc).
+
+    Args:
+        transformer: the pipeline's transformer (SD3 or FLUX).
+        controller: the :class:`~attnctl.controller.Controller` installed on it.
+        control: the :class:`~attnctl.controls.unify_edit.UnifyEdit` control, with its source path set.
+        pipe: the pipeline (its scheduler gives the σ's).
+    """
+
+    def __init__(self, transformer: torch.nn.Module, controller: Any, control: UnifyEdit, pipe: Any) -> None:
+        super().__init__(transformer)
+        self.controller = controller
+        self.control = control
+        self.pipe = pipe
+        self._step_terms: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # step, z', shift, v^s
+        self.passes = 0  # gradient passes run (for tests and logs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        state = self.controller.state
+        roles = list(state.roles or [])
+        path = self._path(state.num_steps)
+        step = state.step
+        check_scheduler(self.pipe, "UnifyEdit")
+        sigmas = self.pipe.scheduler.sigmas
+        sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
+        bound = self.bind(args, kwargs)
+        hidden = bound["hidden_states"]
+        batch = hidden.shape[0]
+        if later_call(kwargs, roles) is not None:
+            return self._later_call(bound, batch, step)
+        self._step_terms = None
+        cond, uncond = image_rows(roles, batch, "UnifyEdit")
+        if len(cond) != 2:
+            raise ConfigError(
+                f"UnifyEdit runs a source and a target image in one batch, and this call has {len(cond)} images",
+                fix="call pipe([source_prompt, target_prompt], latents=..., num_images_per_prompt=1), or use "
+                    "attnctl.edit(pipe, image, source_prompt, target_prompt)")
+        source_rows = sorted([cond[0], *uncond[:1]])
+        target_rows = sorted([cond[1], *uncond[1:]])
+        z_loop = hidden[cond[0]:cond[0] + 1]
+        z = hidden[cond[1]:cond[1] + 1]
+        z_src = path[step].to(hidden.device, hidden.dtype)
+        size = float(self.control.step_size(step, state.num_steps))
+        z_new = self._descend(bound, batch, [cond[0], cond[1]], z_src, z, size * sigma) if size else z
+        shift = (z_new.float() - z.float()) / (sigma_next - sigma)
+        v_source = (path[step + 1].to(hidden.device, torch.float32) - z_loop.float()) / (sigma_next - sigma)
+        result = self._run_target(bound, batch, target_rows, z_new)
+        out = self._assemble(sample_of(result), batch, source_rows, target_rows, v_source, shift)
+        self._step_terms = (step, z_new, shift, v_source)
+        return with_sample(result, out)
+
+    def _path(self, num_steps: int) -> list[torch.Tensor]:
+        path = self.control.source_path
+        if path is None:
+            raise ConfigError("UnifyEdit has no source path to replay",
+                              fix="use attnctl.edit(...), or control.set_source(attnctl.invert(pipe, image, "
+                                  "source_prompt, steps)) before the call")
+        if len(path) != num_steps + 1:
+            raise ConfigError(f"the source path was inverted over {len(path) - 1} steps and this run has {num_steps}",
+                              fix="call the pipeline with the num_inference_steps the image was inverted with")
+        return path
+
+    def _run_target(self, bound: dict, batch: int, rows: list[int], z_new: torch.Tensor) -> Any:
+        """The step's call on the target ``rows`` only, every one on the moved latent ``z_new``."""
+        idx = self.controller.state.index(rows, bound["hidden_states"].device)
+        sub = map_rows(bound, batch, lambda x: x.index_select(0, idx.to(x.device)), "UnifyEdit")
+        sub["hidden_states"] = z_new.to(bound["hidden_states"].dtype).repeat(len(rows), *[1] * (z_new.ndim - 1))
+        with self.controller.row_subset(rows):
+            return self._original(**sub)
+
+    @staticmethod
+    def _assemble(v_target: torch.Tensor, batch: int, source_rows: list[int], target_rows: list[int],
+                  v_source: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """The full batch's prediction: ``v^s`` on the source rows, ``v(z') + shift`` on the target rows."""
+        out = v_target.new_empty((batch, *v_target.shape[1:]))
+        out[target_rows] = v_target + shift.to(v_target.dtype)
+        out[source_rows] = v_source.to(v_target.dtype).expand(len(source_rows), *v_source.shape[1:])
+        return out
+
+    def _descend(self, bound: dict, batch: int, rows: list[int], z_src: torch.Tensor, z: torch.Tensor,
+                 size: float) -> torch.Tensor:
+        """``iterations`` balanced gradient steps on the target latent ``z`` (the source's ``z_src`` fixed)."""
+        if torch.is_inference_mode_enabled():
+            raise ConfigError("UnifyEdit needs gradients of the latents, and the pipeline runs under "
+                              "torch.inference_mode()", fix="call it under torch.no_grad() (diffusers' default)")
+        idx = self.controller.state.index(rows, z.device)
+        sub = map_rows(bound, batch, lambda x: x.index_select(0, idx.to(x.device)), "UnifyEdit")
+        for _ in range(int(self.control.config.iterations)):
+            with torch.enable_grad(), self.controller.gradient_pass(rows):
+                zz = z.detach().requires_grad_(True)
+                sub["hidden_states"] = torch.cat([z_src.detach(), zz])
+                with contextlib.suppress(StopForward):  # raised after the deepest site the losses read
+                    self._original(**sub)
+                losses = self.control.edit_losses()
+                terms = [n for n, loss in losses.items() if loss is not None and loss.requires_grad]
+                grads = {n: torch.autograd.grad(losses[n], zz, retain_graph=i + 1 < len(terms))[0]
+                         for i, n in enumerate(terms)}
+            self.passes += 1
+            direction = self.control.direction(losses, grads, self._latent_mask(z)) if grads else None
+            if direction is None:
+                return z
+            z = (z.float() - size * direction).to(z.dtype).detach()
+        return z
+
+    def _latent_mask(self, z: torch.Tensor) -> torch.Tensor | None:
+        """The control's last edit mask (token grid ``h×w``) on the latent ``z``: FLUX's packed latent has one row
+        per token; SD3's ``(C, H, W)`` latent has ``patch × patch`` pixels per token."""
+        mask = self.control.mask
+        if mask is None:
+            return None
+        m = mask.to(z.device, torch.float32)
+        if z.ndim == 3:  # FLUX: (1, h·w, C)
+            return m.reshape(1, -1, 1)
+        rows, cols = z.shape[-2] // m.shape[0], z.shape[-1] // m.shape[1]
+        return m.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[None, None]
+
+    def _later_call(self, bound: dict, batch: int, step: int) -> Any:
+        """SD3's skip-layer pass or FLUX's negative-prompt call: rows ``[source, target]``, given the step's terms."""
+        if self._step_terms is None or self._step_terms[0] != step:
+            raise ConfigError(f"a later call of step {step} came before the step's batched call",
+                              fix="run the pipeline's own loop; UnifyEdit follows the diffusers call order")
+        if batch != 2:
+            raise ConfigError(f"a later call of step {step} has {batch} rows, and an edit has two images",
+                              fix="call the pipeline with [source_prompt, target_prompt] and one image each")
+        _, z_new, shift, v_source = self._step_terms
+        result = self._run_target(bound, batch, [1], z_new)
+        return with_sample(result, self._assemble(sample_of(result), batch, [0], [1], v_source, shift))
+
+
+@dataclass
+class EditResult:
+    """What :func:`edit` returns: the edited image, the source branch's reconstruction, and the run's record."""
+
+    edited: Any
+    source: Any
+    path: list[torch.Tensor]
+    control: UnifyEdit
+
+    @property
+    def images(self) -> list[Any]:
+        return [self.source, self.edited]
+
+
+def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_inference_steps: int = 28, *,
+         control: UnifyEdit | None = None, guidance_scale: float | None = None, **pipe_kwargs: Any) -> EditResult:
+    """Edit a real ``image`` (PIL, file path or ``H×W×3`` uint8 array) described by ``source_prompt`` into what
+    ``target_prompt`` says, with UnifyEdit (``control``, default ``UnifyEdit()``; :mod:`attnctl.controls.unify_edit`).
+
+    ``guidance_scale`` goes to the pipeline (default: the pipeline's own; CFG on the target branch is what makes it
+    follow the new words, and the self-attention term holds the structure the inverted flow had). On FLUX.1-dev it
+    is the guidance embedding, used for the inversion too. Other keyword arguments go to the pipeline call
+    (``output_type``, ``max_sequence_length``, ...); ``latents``, ``height`` and ``width`` come from the image."""
+    for name, text in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{name} must be a non-empty string, got {text!r}",
+                              fix="describe the image (source_prompt) and the edit (target_prompt) in words")
+    for name in ("latents", "height", "width", "prompt", "num_images_per_prompt"):
+        if name in pipe_kwargs:
+            raise ConfigError(f"edit() sets {name} itself", fix=f"drop {name}=... from the call")
+    control = UnifyEdit() if control is None else control
+    if not isinstance(control, UnifyEdit):
+        raise ConfigError(f"edit() takes a UnifyEdit control, got {type(control).__name__}")
+    if control.config.edit_words is None and not any(differing_words(source_prompt, target_prompt)):
+        raise ConfigError(f"the target prompt {target_prompt!r} is the source prompt: there is nothing to edit",
+                          fix="change the words of the target prompt, or name UnifyEdit(edit_words=...)")
+    arr = image_array(image)
+    height, width = arr.shape[:2]
+    length = text_length(pipe, pipe_kwargs.pop("max_sequence_length", None))
+    if guidance_scale is not None:
+        pipe_kwargs["guidance_scale"] = guidance_scale
+    guidance_embeds = bool(pipe.transformer.config.get("guidance_embeds", False))
+    flux_guidance = guidance_scale if guidance_embeds else None
+    path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance, max_sequence_length=length)
+    control.set_source(path)
+    from .controller import attach
+
+    with attach(pipe, [control]):
+        out = pipe([source_prompt, target_prompt], latents=torch.cat([path[0], path[0]]),
+                   num_inference_steps=num_inference_steps, height=height, width=width, max_sequence_length=length,
+                   **pipe_kwargs)
+    images = out.images if hasattr(out, "images") else out[0]
+    return EditResult(edited=images[1], source=images[0], path=path, control=control)

@@ -1,0 +1,236 @@
+"""UnifyEdit: the losses against materialised references, the balance, the two branches of an edit on the toys,
+and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attnctl import UnifyEdit, attach, control_from_json, edit
+from attnctl.controls.unify_edit import alignment_loss, differing_words, self_attention_gap
+from attnctl.errors import ConfigError, LayoutError
+from attnctl.inversion import invert
+
+SOURCE, TARGET = "a red circle and a blue square", "a green circle and a blue square"
+
+
+@pytest.fixture(scope="module")
+def toy_sd3():
+    from attnctl.toyworld.models import load_pipeline
+
+    return load_pipeline("toy-sd3")
+
+
+@pytest.fixture(scope="module")
+def toy_flux():
+    from attnctl.toyworld.models import load_pipeline
+
+    return load_pipeline("toy-flux")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    from attnctl.toyworld.world import parse_caption, render, scene_from_item
+
+    item = {"prompt": SOURCE, **parse_caption(SOURCE), "boxes": [[0.1, 0.1, 0.45, 0.45], [0.55, 0.5, 0.9, 0.85]]}
+    return render(scene_from_item(item), 32)
+
+
+# ------------------------------------------------------------------------------------------ math
+
+
+def test_differing_words_are_the_replaced_inserted_and_deleted_runs():
+    assert differing_words(SOURCE, TARGET) == (["red"], ["green"])
+    assert differing_words("a red circle", "a red circle and a square") == ([], ["and", "a", "square"])
+    assert differing_words("A Red circle", "a red circle") == ([], [])
+    assert differing_words("a red circle on the left", "a blue square on the left") == (["red", "circle"],
+                                                                                      ["blue", "square"])
+
+
+def _reference_gap(q, k, m=None):
+    """The self-attention gap written out with the whole N×N maps."""
+    def maps(i):
+        logits = torch.einsum("nhd,mhd->hnm", q[i].double(), k[i].double()) / math.sqrt(q.shape[-1])
+        return logits.softmax(-1).mean(0)
+
+    a_s, a_t = maps(0), maps(1)
+    w = torch.ones_like(a_s) if m is None else m.double()[:, None] * m.double()[None, :]
+    return ((a_s - a_t) ** 2 * w).sum(), (a_s ** 2 * w).sum()
+
+
+@pytest.mark.parametrize("region", [False, True])
+def test_chunked_self_attention_gap_equals_the_materialised_maps_in_value_and_gradient(region):
+    torch.manual_seed(0)
+    n, heads, d = 24, 3, 8
+    q = torch.randn(2, n, heads, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, n, heads, d, dtype=torch.float64)
+    m = torch.rand(n) if region else None
+    gap, ref = self_attention_gap(q, k, m, max_elems=2 * heads * n * 5)  # chunks of 5 query rows
+    want_gap, want_ref = _reference_gap(q, k, m)
+    torch.testing.assert_close(gap.double(), want_gap, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ref.double(), want_ref, atol=1e-6, rtol=1e-5)
+    (g,) = torch.autograd.grad(gap, q)
+    (want,) = torch.autograd.grad(want_gap, q)
+    assert float(g[0].abs().max()) == 0.0  # the source row is the reference: no gradient reaches it
+    torch.testing.assert_close(g[1], want[1].to(g.dtype), atol=1e-6, rtol=1e-4)
+
+
+def test_alignment_loss_is_the_in_mask_share_of_the_mean_attention():
+    maps = torch.tensor([[0.5, 0.1], [0.3, 0.1], [0.1, 0.4], [0.1, 0.4]])
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    share = [0.4 / (0.4 + 0.1), 0.1 / (0.1 + 0.4)]  # μ_in / (μ_in + μ_out) of each word
+    want = np.mean([(1 - s) ** 2 for s in share])
+    assert float(alignment_loss(maps, mask)) == pytest.approx(want)
+    assert alignment_loss(maps, torch.zeros(4)) is None and alignment_loss(maps, torch.ones(4)) is None
+
+
+def test_the_balance_gates_each_unit_gradient_by_how_far_its_constraint_is_from_met():
+    c = UnifyEdit(sa_weight=2.0, ca_weight=1.0, sa_tolerance=0.1, ca_tolerance=0.2)
+    g_sa, g_ca = torch.full((1, 4), 3.0), torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    d = c.direction({"sa": torch.tensor(0.05), "ca": torch.tensor(0.4)}, {"sa": g_sa, "ca": g_ca})
+    # SA at half its tolerance pushes at half its weight; CA beyond its tolerance pushes fully; both at unit rms
+    torch.testing.assert_close(d, 2.0 * 0.5 * torch.ones(1, 4) + 1.0 * g_ca)
+    assert c.history[-1].sa_weight == pytest.approx(1.0) and c.history[-1].ca_weight == pytest.approx(1.0)
+    fixed = UnifyEdit(sa_weight=2.0, balance="fixed")
+    d = fixed.direction({"sa": torch.tensor(0.001), "ca": None}, {"sa": g_sa})
+    torch.testing.assert_close(d, 2.0 * torch.ones(1, 4))
+
+
+def test_localised_alignment_moves_the_latent_inside_the_mask_only():
+    from attnctl.editing import EditBranches
+
+    c = UnifyEdit(ca_weight=1.0, sa_weight=0.0, balance="fixed")
+    c.mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # the top-left token of a 2×2 grid
+    wrapper = EditBranches.__new__(EditBranches)
+    wrapper.control = c
+    sd3 = wrapper._latent_mask(torch.zeros(1, 4, 4, 4))  # SD3: 2×2 pixels per token
+    assert sd3.shape == (1, 1, 4, 4) and sd3[0, 0, :2, :2].eq(1).all() and float(sd3.sum()) == 4.0
+    flux = wrapper._latent_mask(torch.zeros(1, 4, 16))  # FLUX: one packed row per token
+    assert flux.flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
+    g = torch.randn(1, 4, 16)
+    d = c.direction({"ca": torch.tensor(1.0)}, {"ca": g}, flux)
+    assert float(d[:, 1:].abs().max()) == 0.0 and float(d[:, 0].abs().max()) > 0
+    free = UnifyEdit(sa_weight=0.0, balance="fixed", localise=False)
+    assert float(free.direction({"ca": torch.tensor(1.0)}, {"ca": g}, flux)[:, 1:].abs().max()) > 0
+
+
+def test_config_round_trips_through_json_and_refuses_bad_values():
+    c = UnifyEdit(edit_words=["green"], box=[0.1, 0.1, 0.5, 0.5], sites="mid", sa_region="outside")
+    back = control_from_json(c.to_json())
+    assert isinstance(back, UnifyEdit) and back.config == c.config
+    for bad, match in [({"iterations": 0}, "iterations"), ({"box": [0.5, 0.1, 0.2, 0.4]}, "box"),
+                       ({"edit_words": []}, "edit_words"), ({"sa_weight": -1.0}, "sa_weight"),
+                       ({"ca_tolerance": 0.0}, "ca_tolerance"), ({"balance": "magic"}, "balance")]:
+        with pytest.raises(ConfigError, match=match):
+            UnifyEdit(**bad)
+
+
+# ------------------------------------------------------------------------------------------ the two branches
+
+
+@pytest.mark.parametrize("model", ["toy_sd3", "toy_flux"])
+def test_unguided_edit_replays_the_source_and_runs_the_target_as_the_stock_pipeline(model, scene, request):
+    pipe = request.getfixturevalue(model)
+    steps = 6
+    res = edit(pipe, scene, SOURCE, TARGET, steps, control=UnifyEdit(scale=0.0), output_type="latent",
+               guidance_scale=1.0)
+    path = res.path
+    torch.testing.assert_close(res.source.float()[None], path[-1].float(), atol=1e-4, rtol=0)  # the image's latent
+    stock = pipe(TARGET, latents=path[0], num_inference_steps=steps, height=32, width=32, guidance_scale=1.0,
+                 max_sequence_length=24, output_type="latent").images[0]
+    torch.testing.assert_close(res.edited.float(), stock.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_with_cfg_the_target_rows_are_the_stock_cfg_run_and_the_source_still_replays(toy_sd3, scene):
+    res = edit(toy_sd3, scene, SOURCE, TARGET, 5, control=UnifyEdit(scale=0.0), guidance_scale=4.5,
+               output_type="latent")
+    stock = toy_sd3(TARGET, latents=res.path[0], num_inference_steps=5, height=32, width=32, guidance_scale=4.5,
+                    max_sequence_length=24, output_type="latent").images[0]
+    torch.testing.assert_close(res.edited.float(), stock.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.source.float()[None], res.path[-1].float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model", ["toy_sd3", "toy_flux"])
+def test_later_calls_of_a_step_get_the_terms_of_its_batched_call(model, scene, request):
+    """SD3's skip-layer pass and FLUX's true-CFG negative call: unguided, the target is still the stock run."""
+    pipe = request.getfixturevalue(model)
+    extra = ({"skip_guidance_layers": [1], "guidance_scale": 4.5} if model == "toy_sd3"
+             else {"true_cfg_scale": 2.0, "guidance_scale": 1.0})
+    negative = {} if model == "toy_sd3" else {"negative_prompt": ["a blue circle"] * 2}
+    res = edit(pipe, scene, SOURCE, TARGET, 5, control=UnifyEdit(scale=0.0), output_type="latent", **extra,
+               **negative)
+    stock = pipe(TARGET, latents=res.path[0], num_inference_steps=5, height=32, width=32, max_sequence_length=24,
+                 output_type="latent", **extra, **{k: v[0] for k, v in negative.items()}).images[0]
+    torch.testing.assert_close(res.edited.float(), stock.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.source.float()[None], res.path[-1].float(), atol=1e-4, rtol=0)
+    guided = UnifyEdit()  # and guided, both calls run: the source still replays
+    res = edit(pipe, scene, SOURCE, TARGET, 5, control=guided, output_type="latent", **extra, **negative)
+    assert guided.history
+    torch.testing.assert_close(res.source.float()[None], res.path[-1].float(), atol=1e-4, rtol=0)
+
+
+def test_the_source_image_comes_back_and_guidance_lowers_its_alignment_loss(toy_sd3, scene):
+    probe = UnifyEdit(scale="window(1e-9, 0, 0.5)")  # records the losses, moves nothing
+    plain = edit(toy_sd3, scene, SOURCE, TARGET, 20, control=probe, guidance_scale=4.5)
+    assert np.abs(np.asarray(plain.source).astype(float) - scene).mean() < 1.0  # the toy autoencoder is lossless
+    guided = UnifyEdit()
+    res = edit(toy_sd3, scene, SOURCE, TARGET, 20, control=guided, guidance_scale=4.5)
+    assert len(guided.history) == 10 and guided.mask is not None and guided.mask.any()
+    unguided_ca = np.mean([h.ca_loss for h in probe.history[3:]])
+    guided_ca = np.mean([h.ca_loss for h in guided.history[3:]])
+    assert guided_ca < 0.8 * unguided_ca
+    assert "UnifyEdit over 10 guided steps" in guided.summary()
+    assert np.abs(np.asarray(res.source).astype(float) - scene).mean() < 1.0  # the source branch is untouched
+
+
+def test_flux_edit_runs_the_gradient_pass_and_moves_the_target(toy_flux, scene):
+    c = UnifyEdit(sites="mid")
+    res = edit(toy_flux, scene, SOURCE, TARGET, 6, control=c, output_type="latent")
+    assert c.history and all(h.ca_loss is not None and h.sa_loss is not None for h in c.history)
+    plain = edit(toy_flux, scene, SOURCE, TARGET, 6, control=UnifyEdit(scale=0.0), output_type="latent")
+    assert float((res.edited.float() - plain.edited.float()).abs().mean()) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_edit_refuses_bad_calls_with_named_errors(toy_sd3, scene):
+    with pytest.raises(ConfigError, match="nothing to edit"):
+        edit(toy_sd3, scene, SOURCE, SOURCE.upper(), 4)
+    with pytest.raises(ConfigError, match="target_prompt must be a non-empty string"):
+        edit(toy_sd3, scene, SOURCE, "  ", 4)
+    with pytest.raises(ConfigError, match="sets latents itself"):
+        edit(toy_sd3, scene, SOURCE, TARGET, 4, latents=torch.zeros(1))
+    with pytest.raises(ConfigError, match="takes a UnifyEdit control"):
+        edit(toy_sd3, scene, SOURCE, TARGET, 4, control=object())
+    with pytest.raises(LayoutError, match="edit word 'purple' is not in the prompt"):
+        edit(toy_sd3, scene, SOURCE, TARGET, 4, control=UnifyEdit(edit_words=["purple"]))
+    with pytest.raises(ConfigError, match="multiples of"):
+        edit(toy_sd3, scene[:30, :30], SOURCE, TARGET, 4)
+
+
+def test_attached_control_needs_its_source_path_the_same_steps_and_two_images(toy_sd3, scene):
+    call = {"height": 32, "width": 32, "guidance_scale": 1.0, "max_sequence_length": 24}
+    c = UnifyEdit()
+    with attach(toy_sd3, [c]), pytest.raises(ConfigError, match="no source path"):
+        toy_sd3([SOURCE, TARGET], num_inference_steps=4, **call)
+    path = invert(toy_sd3, scene, SOURCE, 4)
+    c.set_source(path)
+    with attach(toy_sd3, [c]), pytest.raises(ConfigError, match="inverted over 4 steps and this run has 5"):
+        toy_sd3([SOURCE, TARGET], latents=torch.cat([path[0]] * 2), num_inference_steps=5, **call)
+    with attach(toy_sd3, [c]), pytest.raises(ConfigError, match="source and a target image in one batch"):
+        toy_sd3(TARGET, latents=path[0], num_inference_steps=4, **call)
+    with attach(toy_sd3, [c]), torch.inference_mode(), pytest.raises(ConfigError, match="inference_mode"):
+        toy_sd3([SOURCE, TARGET], latents=torch.cat([path[0]] * 2), num_inference_steps=4, **call)
+    with pytest.raises(ConfigError, match="list of latents"):
+        c.set_source(path[0])
+
+
+def test_unify_edit_does_not_combine_with_a_perturbed_branch(toy_sd3):
+    from attnctl import SoftPAG
+
+    with pytest.raises(ConfigError, match="its own source and target rows"):
+        attach(toy_sd3, [UnifyEdit(), SoftPAG(heads=["L0"], u=1.0)])
