@@ -161,3 +161,12 @@ def test_inversion_eval_runs(tmp_path):
     (row,) = result["inversion"]
     assert row["model"] == "toy-sd3" and row["items"] == 1
     assert row["inverted_mae"] < row["fresh_noise_mae"] and 0.0 <= row["inverted_over_fresh"] < 0.2
+
+
+def test_edit_eval_runs(tmp_path):
+    result = run_bench("edit_eval.py", "--models", "toy-sd3", "--items", "1", "--methods", "inversion", "unifyedit",
+                       out=tmp_path / "edit.json")
+    rows = result["edit"]
+    assert [r["method"] for r in rows] == ["inversion", "unifyedit"] and all(r["edits"] == 1 for r in rows)
+    for r in rows:
+        assert 0.0 <= r["edited"] <= 1.0 and 0.0 <= r["kept"] <= 1.0 and r["outside_mae"] >= 0.0
