@@ -519,6 +519,59 @@ def generate(
             err_console.print(escape(line), highlight=False)
 
 
+@app.command()
+@_handles_errors
+def edit(
+    image: Path = typer.Argument(..., help="The real image to edit (PNG, JPEG, ...)."),
+    source: str = typer.Option(..., "--source", help="What the image shows, e.g. 'a red circle and a blue square'."),
+    target: str = typer.Option(..., "--target", help="What it should show, e.g. 'a green circle and a blue square'."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help=f"{_TOYS}, a pipeline folder or a hub id (default: {DEFAULT_MODEL})"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
+    guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale (default: the model's)."),
+    control: str | None = typer.Option(
+        None, "--control", "-c", help='UnifyEdit settings as JSON or @file.json, e.g. \'{"scale": 0.3}\'.'),
+    out: Path = typer.Option(Path("out/edited.png"), "--out", "-o", help="Output PNG (written atomically)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32)."),
+) -> None:
+    """Edit a real image by a change of its caption (UnifyEdit: inversion, then a steered target branch)."""
+    from .controls.unify_edit import UnifyEdit
+    from .editing import edit as edit_image
+    from .imageio import read_image, save_png
+
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise AttnCtlError(f"--out {str(out)!r} is not a .png file name", "name a .png file, e.g. out/edited.png")
+    spec = read_json_arg(control, "--control") if control else {}
+    if not isinstance(spec, dict) or spec.get("kind", "unify_edit") != "unify_edit":
+        raise AttnCtlError("--control takes the settings of the UnifyEdit control as a JSON object",
+                           'pass e.g. \'{"scale": "window(0.2, 0, 0.5)", "ca_weight": 2}\'')
+    ctl = build_controls([{**spec, "kind": "unify_edit"}], what="--control")[0]
+    assert isinstance(ctl, UnifyEdit)
+    if not image.is_file():
+        raise AttnCtlError(f"no image file at {str(image)!r}", "pass the path of the image to edit")
+    arr = read_image(image)
+    model = model or DEFAULT_MODEL
+    torch_dtype = parse_dtype(dtype or "fp32")
+    pipe = load_pipeline(model, device=str(check_device(device)), dtype=torch_dtype)
+    check_vocabulary(pipe, [source, target], model)
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False, desc="editing")
+    defaults = call_defaults(pipe)
+    n = int(steps if steps is not None else defaults["steps"])
+    g = float(guidance if guidance is not None else defaults["guidance"])
+    start = time.perf_counter()
+    result = edit_image(pipe, arr, source, target, n, control=ctl, guidance_scale=g,
+                        max_sequence_length=defaults["max_sequence_length"])
+    seconds = time.perf_counter() - start
+    meta = {"edited_from": str(image), "source_prompt": source, "prompt": target, "model": _model_record(model),
+            "steps": n, "guidance": g, "controls": [ctl.to_json()], "dtype": DTYPE_NAMES[str(torch_dtype)[6:]]}
+    path = save_png(out, result.edited, meta)
+    out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, {n} steps, {seconds:.1f} s)", highlight=False)
+    line = ctl.summary()
+    if line:
+        err_console.print(escape(line), highlight=False)
+
+
 def call_kwargs(settings: dict[str, Any], prompt: str, seed: int, negative_prompt: str | None = None,
                 true_cfg: float | None = None) -> dict[str, Any]:
     """The pipeline call for one image from resolved settings (steps, guidance, size, text length); the seed

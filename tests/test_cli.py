@@ -373,3 +373,32 @@ def test_python_dash_m_attnctl():
     assert result.returncode == 0, result.stderr
     for command in ("generate", "eval", "inspect", "toy"):
         assert command in result.stdout
+
+
+# ------------------------------------------------------------------------------------------- edit
+
+
+def test_edit_writes_the_edited_png_with_its_settings_and_refuses_bad_input(tmp_path):
+    from attnctl.toyworld.world import parse_caption, render, scene_from_item
+
+    source, target = "a red circle and a blue square", "a green circle and a blue square"
+    item = {"prompt": source, **parse_caption(source), "boxes": [[0.1, 0.1, 0.45, 0.45], [0.55, 0.5, 0.9, 0.85]]}
+    src = tmp_path / "scene.png"
+    Image.fromarray(render(scene_from_item(item), 32)).save(src)
+    out = tmp_path / "out" / "edited.png"
+    result = run("edit", src, "--source", source, "--target", target, "--model", "toy-sd3", "--steps", "6",
+                 "--control", '{"scale": "window(0.2, 0, 0.5)", "sites": "mid"}', "--out", out)
+    ok(result)
+    assert str(out) in result.stdout and "UnifyEdit over 3 guided steps" in result.stderr
+    meta = read_metadata(out)
+    assert (meta["source_prompt"], meta["prompt"], meta["edited_from"]) == (source, target, str(src))
+    assert meta["steps"] == 6 and meta["guidance"] == 4.5  # the toy's CFG
+    assert meta["controls"][0]["kind"] == "unify_edit" and meta["controls"][0]["sites"] == "mid"
+    assert read_image(out).shape == (32, 32, 3)
+
+    missing = run("edit", tmp_path / "nope.png", "--source", source, "--target", target, "-o", out)
+    assert missing.exit_code == 2 and "no image file" in missing.output
+    wrong = run("edit", src, "--source", source, "--target", target, "-c", '{"kind": "probe"}', "-o", out)
+    assert wrong.exit_code == 2 and "UnifyEdit control" in wrong.output
+    same = run("edit", src, "--source", source, "--target", source, "-m", "toy-sd3", "-o", out)
+    assert same.exit_code == 2 and "nothing to edit" in same.output
