@@ -71,17 +71,24 @@ def encode_image(pipe: Any, image: Any) -> torch.Tensor:
     if h % need or w % need:
         raise ConfigError(f"the image is {w}×{h} px, and this model needs sides that are multiples of {need}",
                           fix=f"resize or crop the image to multiples of {need} px first")
-    vae = pipe.vae
     pixels = torch.from_numpy(arr.copy() if not arr.flags.writeable else np.ascontiguousarray(arr))
-    x = pixels.permute(2, 0, 1)[None].to(vae.device, torch.float32) / 127.5 - 1.0
     with torch.no_grad():
-        z = vae.encode(x.to(vae.dtype)).latent_dist.mode()
+        z = pixels_to_latents(pipe, pixels[None])
+    return z.to(pipe.transformer.device, pipe.transformer.dtype)
+
+
+def pixels_to_latents(pipe: Any, images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``N×H×W×3`` images → the clean latents the transformer sees: the VAE's mode, shifted and scaled as the
+    pipelines undo it before decoding, and packed into 2×2 patches on FLUX."""
+    vae = pipe.vae
+    x = images.permute(0, 3, 1, 2).to(vae.device, torch.float32) / 127.5 - 1.0
+    z = vae.encode(x.to(vae.dtype)).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     z = (z - shift) * vae.config.scaling_factor
     if family_of(pipe.transformer) == "flux":
         b, c, lh, lw = z.shape
         z = pipe._pack_latents(z, b, c, lh, lw)
-    return z.to(pipe.transformer.device, pipe.transformer.dtype)
+    return z
 
 
 def run_sigmas(pipe: Any, num_inference_steps: int, height: int, width: int) -> torch.Tensor:

@@ -323,13 +323,9 @@ def _trainable(pipe: DiffusionPipeline, arch: ToyArch) -> torch.nn.ModuleDict:
 
 def encode_images(pipe: DiffusionPipeline, images: np.ndarray) -> torch.Tensor:
     """uint8 ``N×H×W×3`` images → the clean latents ``x0`` the transformer sees (FLUX: packed)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    z = pipe.vae.encode(x).latent_dist.mode()
-    z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-    if isinstance(pipe, FluxPipeline):
-        b, c, h, w = z.shape
-        z = pipe._pack_latents(z, b, c, h, w)
-    return z
+    from ..inversion import pixels_to_latents
+
+    return pixels_to_latents(pipe, torch.from_numpy(np.ascontiguousarray(images)))
 
 
 def _text(pipe: DiffusionPipeline, captions: list[str], arch: ToyArch) -> dict[str, torch.Tensor]:
