@@ -258,7 +258,7 @@ def test_app_loads_with_the_model_and_a_first_control(monkeypatch, model_dir):
     assert at.text_input(key="model_path").value == str(model_dir)
     assert (at.number_input(key="height").value, at.number_input(key="width").value) == (32, 32)
     assert [c["kind"] for c in at.session_state["controls"]] == ["softpag"]
-    assert [t.label for t in at.tabs] == ["Compare", "Attention", "History", "Export"]
+    assert [t.label for t in at.tabs] == ["Compare", "Attention", "History", "Export", "Edit image"]
     assert not at.button(key="generate").disabled
 
 
@@ -442,3 +442,26 @@ def test_json_panel_takes_any_control_and_checks_it_against_the_model(monkeypatc
     assert errors(at) == []
     generate(at)
     assert at.session_state["history"][-1]["setup"].controls[-1] == {"kind": "softpag", "heads": ["L0H1"], "u": 0.5}
+
+
+def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(monkeypatch, model_dir):
+    at = generate(start(monkeypatch, model_dir), steps=4)
+    source = at.session_state["prompt"]
+    assert at.text_input(key="edit_source").value == source
+    assert at.button(key="edit_run").disabled is False  # the baseline is there to edit
+    at.text_input(key="edit_target").set_value(source)
+    at.button(key="edit_run").click().run()
+    ok(at)
+    assert any("nothing to edit" in e for e in errors(at)) and at.session_state["edit_result"] is None
+    target = source.replace("red", "green") if "red" in source else source + " and a green square"
+    at.text_input(key="edit_target").set_value(target)
+    at.button(key="edit_run").click().run()
+    ok(at)
+    assert errors(at) == []
+    shown = at.session_state["edit_result"]
+    assert len(shown["images"]) == 3 and "UnifyEdit over 2 guided steps" in shown["summary"]
+    with Image.open(io.BytesIO(shown["images"][2])) as img:
+        assert img.size == (32, 32)
+        meta = json.loads(img.text["attnctl"])
+    assert (meta["source_prompt"], meta["prompt"]) == (source, target)
+    assert len(at.tabs[4].image) == 3

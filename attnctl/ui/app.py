@@ -84,6 +84,10 @@ def init_state() -> None:
     ss.defaults_for = None
     ss.notice = None
     ss.seeded_controls = False
+    ss.edit_source = first.prompt
+    ss.edit_target = ""
+    ss.edit_scale = 0.2
+    ss.edit_result = None
     ss._init = True
 
 
@@ -551,6 +555,61 @@ def export_tab(run: dict[str, Any] | None) -> None:
 # --------------------------------------------------------------------------------------------- page
 
 
+def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> None:
+    """Edit a real image (the current baseline or an uploaded PNG) by a change of its caption, with UnifyEdit."""
+    ss = st.session_state
+    st.caption("The image is inverted under the source prompt; the target prompt is then drawn from that noise "
+               "twice: as it is, and with UnifyEdit (self-attention kept, the new words pulled into the region of "
+               "the replaced ones). Steps and guidance are the settings above.")
+    choice = st.radio("Image", ["Current baseline", "Upload a PNG"], key="edit_from", horizontal=True)
+    image = None
+    if choice == "Upload a PNG":
+        f = st.file_uploader("PNG to edit", type=["png"], key="edit_upload",
+                             help=f"PNG files up to {MAX_UPLOAD_MB} MB")
+        if f is not None:
+            try:
+                image = check_png_upload(f.name, f.getvalue()).image
+            except UploadError as e:
+                st.error(f"Could not open {f.name!r}: {e}", icon="🚫")
+    elif run is not None:
+        image = decode(run["baseline"])
+    else:
+        st.caption("Generate first, or upload a PNG.")
+    st.text_input("Source prompt: what the image shows", key="edit_source")
+    st.text_input("Target prompt: what it should show", key="edit_target",
+                  placeholder="the source prompt with the words of the edit changed")
+    st.number_input("Step size η over the first half of the steps", min_value=0.0, max_value=2.0, step=0.05,
+                    key="edit_scale")
+    clicked = st.button("Edit", key="edit_run", icon=":material/edit:", disabled=model is None or image is None)
+    if clicked and model is not None and image is not None:
+        bar = st.progress(0.0, text="Inverting…")
+        try:
+            result = engine.edit_image(model, image, ss.edit_source, ss.edit_target, int(ss.steps),
+                                       float(ss.guidance), {"scale": f"window({float(ss.edit_scale)!r}, 0, 0.5)"},
+                                       progress=lambda f, t: bar.progress(f, text=t))
+        except Exception as e:  # noqa: BLE001 - a failed edit is a message; the app keeps working
+            bar.empty()
+            st.error(str(e) if isinstance(e, AttnCtlError) else f"the edit failed: {type(e).__name__}: {e}",
+                     icon="🚫")
+            return
+        bar.empty()
+        meta = {"source_prompt": ss.edit_source, "prompt": ss.edit_target, "steps": int(ss.steps),
+                "guidance": float(ss.guidance), "controls": [{"kind": "unify_edit", "scale": float(ss.edit_scale)}]}
+        ss.edit_result = {"images": [encode_png(result.source, {}), encode_png(result.unguided, meta),
+                                     encode_png(result.edited, meta)],
+                          "summary": result.summary, "seconds": result.seconds}
+    shown = ss.get("edit_result")
+    if shown:
+        for col, label, png in zip(st.columns(3), ("Input", "Target prompt, unguided", "UnifyEdit"),
+                                   shown["images"], strict=True):
+            with col:
+                st.markdown(f"<div class='attnctl-label'>{label}</div>", unsafe_allow_html=True)
+                st.image(heatmap.upscale(decode(png)), width="stretch")
+        st.caption(f"{shown['summary'] or 'no guided step'} · {shown['seconds']:.1f} s")
+        st.download_button("Download the edit (PNG)", shown["images"][2], file_name="edited.png",
+                           mime="image/png", key="edit_download")
+
+
 def main() -> None:
     init_state()
     st.markdown(CSS, unsafe_allow_html=True)
@@ -581,7 +640,8 @@ def main() -> None:
         progress_box.caption("Pick a model that loads to generate.")
     with right, st.container(key="results_column"):
         run = current_run()
-        compare, attention, history, export = st.tabs(["Compare", "Attention", "History", "Export"])
+        compare, attention, history, export, editing = st.tabs(["Compare", "Attention", "History", "Export",
+                                                                 "Edit image"])
         with compare, st.container(key="compare"):
             compare_tab(run)
         with attention:
@@ -590,6 +650,8 @@ def main() -> None:
             history_tab()
         with export:
             export_tab(run)
+        with editing:
+            edit_tab(run, model)
 
 
 main()

@@ -291,3 +291,56 @@ def joint_maps(maps: dict[str, dict[str, np.ndarray]], word: str) -> dict[str, n
     lo = min(float(m.min()) for m in found.values())
     scale = hi - lo if hi > lo else 1.0
     return {k: (m - lo) / scale for k, m in found.items()}
+
+
+# --------------------------------------------------------------------------------------------- real-image edits
+
+
+@dataclass
+class EditRun:
+    """One edit of the Edit tab: the input, the target prompt from its inverted noise without latent guidance, and
+    the UnifyEdit result."""
+
+    source: Any
+    unguided: Any
+    edited: Any
+    seconds: float
+    summary: str | None
+
+
+def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: int, guidance: float,
+               config: dict[str, Any] | None = None, progress: Progress | None = None) -> EditRun:
+    """Edit ``image`` (PIL) from ``source`` to ``target`` with UnifyEdit (``config``: its settings), next to the
+    unguided edit from the same inverted noise."""
+    from ..controls.unify_edit import UnifyEdit
+    from ..editing import edit
+
+    arr = np.asarray(image.convert("RGB"))
+    h, w = arr.shape[:2]
+    m = model.size_multiple
+    problems = []
+    if h % m or w % m or max(h, w) > MAX_SIDE:
+        problems.append(f"the image is {w}×{h} px; this model needs sides that are multiples of {m}, up to "
+                        f"{MAX_SIDE} px (crop or resize it first)")
+    if not 1 <= int(steps) <= MAX_STEPS:
+        problems.append(f"steps must be 1 to {MAX_STEPS}")
+    if not source.strip() or not target.strip():
+        problems.append("describe the image (source prompt) and the edit (target prompt)")
+    if problems:
+        raise AttnCtlError(" ".join(problems))
+    control = UnifyEdit(**(config or {}))
+    runs = [("unguided", UnifyEdit(scale=0.0)), ("UnifyEdit", control)]
+    out: dict[str, Any] = {}
+    start = time.perf_counter()
+    with model.lock:
+        for n, (label, ctl) in enumerate(runs):
+            def on_step(pipe, i, t, kwargs, n=n, label=label):
+                if progress is not None:
+                    progress(min(1.0, (n * steps + i + 1) / (2 * steps)), f"{label}: step {i + 1} of {steps}")
+                return kwargs
+
+            out[label] = edit(model.pipe, arr, source, target, int(steps), control=ctl, guidance_scale=guidance,
+                              max_sequence_length=model.info["max_sequence_length"],
+                              callback_on_step_end=on_step).edited
+    return EditRun(source=image.convert("RGB"), unguided=out["unguided"], edited=out["UnifyEdit"],
+                   seconds=time.perf_counter() - start, summary=control.summary())
