@@ -31,7 +31,9 @@ normalised to unit root mean square, and each term is gated by how far it is fro
     z ← z − η_t·σ_t·(λ_SA·min(1, L_SA/τ_SA)·ĝ_SA + λ_CA·min(1, L_CA/τ_CA)·ĝ_CA)
 
 A constraint that is met (its loss under its tolerance ``τ``) pushes less, so neither term can take over the step
-once the other is satisfied. ``balance="fixed"`` drops the gates (weights ``λ`` only).
+once the other is satisfied. ``balance="fixed"`` drops the gates (weights ``λ`` only). With ``localise`` (default)
+the alignment term moves the latent inside the edit mask only, as MAG-Edit's update does; ``conflict="project"``
+removes from each unit gradient its component against the other where they conflict.
 """
 
 from __future__ import annotations
