@@ -99,22 +99,34 @@ class LayoutConfig(ControlConfig):
             if w.lower() in seen:
                 raise ValueError(f"boxes names {w!r} more than once; give each word one box")
             seen.add(w.lower())
-            if len(box) != 4 or not all(isinstance(x, int | float) and math.isfinite(x) for x in box):
-                raise ValueError(f"the box of {w!r} is {box!r}; write [x0, y0, x1, y1] as four finite numbers")
-            x0, y0, x1, y1 = (float(x) for x in box)
-            if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-                raise ValueError(f"the box of {w!r} is {box!r}; need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
-                                 "(fractions of the image from the top left)")
-            out[w] = [x0, y0, x1, y1]
+            out[w] = checked_box(box, f"the box of {w!r}")
         return out
 
     @field_validator("iterations")
     @classmethod
     def _iterations(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"iterations={v}: need at least one gradient step per guided step (default 1); "
-                             "set scale=0 to turn the guidance off")
-        return v
+        return guided_iterations(v)
+
+
+def checked_box(box: Any, what: str) -> list[float]:
+    """``box`` as ``[x0, y0, x1, y1]`` floats, fractions of the image from the top left with positive area; a
+    ``ValueError`` naming ``what`` otherwise (config validators turn it into the control's error)."""
+    if not isinstance(box, list | tuple) or len(box) != 4 or \
+            not all(isinstance(x, int | float) and math.isfinite(x) for x in box):
+        raise ValueError(f"{what} is {box!r}; write [x0, y0, x1, y1] as four finite numbers")
+    x0, y0, x1, y1 = (float(x) for x in box)
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise ValueError(f"{what} is {box!r}; need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
+                         "(fractions of the image from the top left)")
+    return [x0, y0, x1, y1]
+
+
+def guided_iterations(v: int) -> int:
+    """The gradient steps per guided step of a latent-guidance control: at least one."""
+    if v < 1:
+        raise ValueError(f"iterations={v}: need at least one gradient step per guided step (default 1); "
+                         "set scale=0 to turn the guidance off")
+    return v
 
 
 # --------------------------------------------------------------------------------------------- math

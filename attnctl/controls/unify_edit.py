@@ -50,7 +50,7 @@ from ..errors import ConfigError, LayoutError, SiteError
 from ..schedules import bounded
 from ..subject_masks import otsu_masks
 from .base import Control, ControlConfig, RunState, register, word_columns
-from .layout_guidance import MAP_CHUNK_ELEMS, box_coverage, word_maps
+from .layout_guidance import MAP_CHUNK_ELEMS, box_coverage, checked_box, guided_iterations, word_maps
 from .regulation import JOINT_KINDS, mid_depth_sites
 
 _TINY = 1e-12
@@ -93,10 +93,7 @@ class UnifyEditConfig(ControlConfig):
     @field_validator("iterations")
     @classmethod
     def _iterations(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"iterations={v}: need at least one gradient step per guided step (default 1); "
-                             "set scale=0 to turn the guidance off")
-        return v
+        return guided_iterations(v)
 
     @field_validator("edit_words", "mask_words")
     @classmethod
@@ -112,14 +109,7 @@ class UnifyEditConfig(ControlConfig):
     @field_validator("box")
     @classmethod
     def _box(cls, v: list[float] | None) -> list[float] | None:
-        if v is None:
-            return None
-        if len(v) != 4 or not all(isinstance(x, int | float) and math.isfinite(x) for x in v):
-            raise ValueError(f"box={v!r}; write [x0, y0, x1, y1] as four finite numbers")
-        x0, y0, x1, y1 = (float(x) for x in v)
-        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-            raise ValueError(f"box={v!r}; need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions of the image)")
-        return [x0, y0, x1, y1]
+        return None if v is None else checked_box(v, "box")
 
 
 # --------------------------------------------------------------------------------------------- math

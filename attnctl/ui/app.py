@@ -357,6 +357,12 @@ def maps_panel(model: engine.LoadedModel | None) -> engine.MapOptions:
 # --------------------------------------------------------------------------------------------- runs
 
 
+def show_failure(bar: Any, e: Exception, what: str) -> None:
+    """A failed run or edit as one error line (attnctl's own message, or the exception's type and text)."""
+    bar.empty()
+    st.error(str(e) if isinstance(e, AttnCtlError) else f"the {what} failed: {type(e).__name__}: {e}", icon="🚫")
+
+
 def run_generation(model: engine.LoadedModel, maps: engine.MapOptions, box) -> None:
     ss = st.session_state
     setup = current_setup()
@@ -365,9 +371,7 @@ def run_generation(model: engine.LoadedModel, maps: engine.MapOptions, box) -> N
         try:
             result = engine.generate(model, setup, maps, progress=lambda f, t: bar.progress(f, text=t))
         except Exception as e:  # noqa: BLE001 - a failed run is a message; the app keeps working
-            bar.empty()
-            st.error(str(e) if isinstance(e, AttnCtlError) else f"the run failed: {type(e).__name__}: {e}",
-                     icon="🚫")
+            show_failure(bar, e, "run")
             return
         bar.empty()
     previous = ss.history[-1]["setup"] if ss.history else None
@@ -588,9 +592,7 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
                                        float(ss.guidance), {"scale": f"window({float(ss.edit_scale)!r}, 0, 0.5)"},
                                        progress=lambda f, t: bar.progress(f, text=t))
         except Exception as e:  # noqa: BLE001 - a failed edit is a message; the app keeps working
-            bar.empty()
-            st.error(str(e) if isinstance(e, AttnCtlError) else f"the edit failed: {type(e).__name__}: {e}",
-                     icon="🚫")
+            show_failure(bar, e, "edit")
             return
         bar.empty()
         meta = {"source_prompt": ss.edit_source, "prompt": ss.edit_target, "steps": int(ss.steps),
