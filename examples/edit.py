@@ -5,8 +5,8 @@
     python examples/edit.py --model stabilityai/stable-diffusion-3.5-medium --device cuda --image cat.png \\
         --source "a photo of a cat on a sofa" --target "a photo of a tiger on a sofa" --steps 28
 
-Writes ``edit.png``: the input, the target prompt drawn from the inverted noise without guidance, and the UnifyEdit
-result; on the toys it also prints what the toy detector finds in each. Without ``--image`` the input is a
+Writes ``edit.png``: the input, the target prompt drawn from the inverted noise without latent guidance, and the
+UnifyEdit result; on the toys it also prints what the toy detector finds in each. Without ``--image`` the input is a
 ground-truth render of the source caption (a "real" image to the toy model, which never drew it). See
 ``docs/editing.md``.
 """
@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--target", default="a green circle on the left and a blue square on the right",
                     help="what it should show")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    ap.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: edit()'s)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the toy's; else the "
+                                                                            "pipeline's)")
     ap.add_argument("--scale", default=None, help="UnifyEdit step-size schedule, e.g. 'window(0.3, 0, 0.5)'")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out", help="output folder")
@@ -41,6 +42,7 @@ def main() -> None:
 
     pipe = load_pipeline(args.model, device=args.device)
     steps = args.steps or default_call_kwargs(pipe).get("num_inference_steps", 28)
+    guidance = args.guidance if args.guidance is not None else default_call_kwargs(pipe).get("guidance_scale")
     toy = args.image is None
     if toy:
         from attnctl.toyworld.world import parse_caption, render, scene_from_item
@@ -53,9 +55,9 @@ def main() -> None:
 
     settings = {} if args.scale is None else {"scale": args.scale}
     plain = attnctl.edit(pipe, image, args.source, args.target, steps, control=attnctl.UnifyEdit(scale=0.0),
-                         guidance_scale=args.guidance)
+                         guidance_scale=guidance)
     control = attnctl.UnifyEdit(**settings)
-    result = attnctl.edit(pipe, image, args.source, args.target, steps, control=control, guidance_scale=args.guidance)
+    result = attnctl.edit(pipe, image, args.source, args.target, steps, control=control, guidance_scale=guidance)
     print(control.summary())
     shown = [("inverted noise, target prompt", np.asarray(plain.edited)), ("UnifyEdit", np.asarray(result.edited))]
     if toy:
