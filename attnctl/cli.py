@@ -536,7 +536,6 @@ def edit(
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32)."),
 ) -> None:
     """Edit a real image by a change of its caption (UnifyEdit: inversion, then a steered target branch)."""
-    from .controls.unify_edit import UnifyEdit
     from .editing import edit as edit_image
     from .imageio import read_image, save_png
 
@@ -547,7 +546,6 @@ def edit(
         raise AttnCtlError("--control takes the settings of the UnifyEdit control as a JSON object",
                            'pass e.g. \'{"scale": "window(0.2, 0, 0.5)", "ca_weight": 2}\'')
     ctl = build_controls([{**spec, "kind": "unify_edit"}], what="--control")[0]
-    assert isinstance(ctl, UnifyEdit)
     if not image.is_file():
         raise AttnCtlError(f"no image file at {str(image)!r}", "pass the path of the image to edit")
     arr = read_image(image)

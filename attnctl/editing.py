@@ -177,14 +177,19 @@ class EditResult:
 
 
 def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_inference_steps: int = 28, *,
-         control: UnifyEdit | None = None, guidance_scale: float | None = None, **pipe_kwargs: Any) -> EditResult:
+         control: UnifyEdit | None = None, guidance_scale: float | None = None, path: list[torch.Tensor] | None = None,
+         **pipe_kwargs: Any) -> EditResult:
     """Edit a real ``image`` (PIL, file path or ``H×W×3`` uint8 array) described by ``source_prompt`` into what
     ``target_prompt`` says, with UnifyEdit (``control``, default ``UnifyEdit()``; :mod:`attnctl.controls.unify_edit`).
 
     ``guidance_scale`` goes to the pipeline (default: the pipeline's own; CFG on the target branch is what makes it
     follow the new words, and the self-attention term holds the structure the inverted flow had). On FLUX.1-dev it
     is the guidance embedding, used for the inversion too. Other keyword arguments go to the pipeline call
-    (``output_type``, ``max_sequence_length``, ...); ``latents``, ``height`` and ``width`` come from the image."""
+    (``output_type``, ``max_sequence_length``, ...); ``latents``, ``height`` and ``width`` come from the image.
+
+    ``path`` is the image's inversion under ``source_prompt`` when it is already at hand (the ``path`` of an earlier
+    :class:`EditResult` with the same image, prompt, steps and guidance), so several edits of one image invert it
+    once."""
     for name, text in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"{name} must be a non-empty string, got {text!r}",
@@ -205,7 +210,9 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
         pipe_kwargs["guidance_scale"] = guidance_scale
     guidance_embeds = bool(pipe.transformer.config.get("guidance_embeds", False))
     flux_guidance = guidance_scale if guidance_embeds else None
-    path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance, max_sequence_length=length)
+    if path is None:
+        path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance,
+                      max_sequence_length=length)
     control.set_source(path)
     from .controller import attach
 

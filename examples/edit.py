@@ -57,7 +57,8 @@ def main() -> None:
     plain = attnctl.edit(pipe, image, args.source, args.target, steps, control=attnctl.UnifyEdit(scale=0.0),
                          guidance_scale=guidance)
     control = attnctl.UnifyEdit(**settings)
-    result = attnctl.edit(pipe, image, args.source, args.target, steps, control=control, guidance_scale=guidance)
+    result = attnctl.edit(pipe, image, args.source, args.target, steps, control=control, guidance_scale=guidance,
+                          path=plain.path)  # the same inversion
     print(control.summary())
     shown = [("inverted noise, target prompt", np.asarray(plain.edited)), ("UnifyEdit", np.asarray(result.edited))]
     if toy:

@@ -142,6 +142,9 @@ def test_unguided_edit_replays_the_source_and_runs_the_target_as_the_stock_pipel
     stock = pipe(TARGET, latents=path[0], num_inference_steps=steps, height=32, width=32, guidance_scale=1.0,
                  max_sequence_length=24, output_type="latent").images[0]
     torch.testing.assert_close(res.edited.float(), stock.float(), atol=1e-4, rtol=1e-4)
+    again = edit(pipe, scene, SOURCE, TARGET, steps, control=UnifyEdit(scale=0.0), output_type="latent",
+                 guidance_scale=1.0, path=res.path)  # an inversion at hand is reused as it is
+    assert again.path is res.path and torch.equal(again.edited, res.edited)
 
 
 def test_with_cfg_the_target_rows_are_the_stock_cfg_run_and_the_source_still_replays(toy_sd3, scene):

@@ -464,4 +464,5 @@ def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(mon
         assert img.size == (32, 32)
         meta = json.loads(img.text["attnctl"])
     assert (meta["source_prompt"], meta["prompt"]) == (source, target)
+    assert meta["controls"][0]["kind"] == "unify_edit" and meta["controls"][0]["scale"]["kind"] == "window"
     assert len(at.tabs[4].image) == 3

@@ -596,7 +596,7 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
             return
         bar.empty()
         meta = {"source_prompt": ss.edit_source, "prompt": ss.edit_target, "steps": int(ss.steps),
-                "guidance": float(ss.guidance), "controls": [{"kind": "unify_edit", "scale": float(ss.edit_scale)}]}
+                "guidance": float(ss.guidance), "controls": [result.control]}
         ss.edit_result = {"images": [encode_png(result.source, {}), encode_png(result.unguided, meta),
                                      encode_png(result.edited, meta)],
                           "summary": result.summary, "seconds": result.seconds}

@@ -306,6 +306,7 @@ class EditRun:
     edited: Any
     seconds: float
     summary: str | None
+    control: dict[str, Any]
 
 
 def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: int, guidance: float,
@@ -331,6 +332,7 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
     control = UnifyEdit(**(config or {}))
     runs = [("unguided", UnifyEdit(scale=0.0)), ("UnifyEdit", control)]
     out: dict[str, Any] = {}
+    path = None  # the inversion, shared by both runs
     start = time.perf_counter()
     with model.lock:
         for n, (label, ctl) in enumerate(runs):
@@ -339,8 +341,8 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
                     progress(min(1.0, (n * steps + i + 1) / (2 * steps)), f"{label}: step {i + 1} of {steps}")
                 return kwargs
 
-            out[label] = edit(model.pipe, arr, source, target, int(steps), control=ctl, guidance_scale=guidance,
-                              max_sequence_length=model.info["max_sequence_length"],
-                              callback_on_step_end=on_step).edited
+            res = edit(model.pipe, arr, source, target, int(steps), control=ctl, guidance_scale=guidance, path=path,
+                       max_sequence_length=model.info["max_sequence_length"], callback_on_step_end=on_step)
+            out[label], path = res.edited, res.path
     return EditRun(source=image.convert("RGB"), unguided=out["unguided"], edited=out["UnifyEdit"],
-                   seconds=time.perf_counter() - start, summary=control.summary())
+                   seconds=time.perf_counter() - start, summary=control.summary(), control=control.to_json())
