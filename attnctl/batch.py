@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import io
 import json
 import os
 import re
@@ -69,6 +70,7 @@ __all__ = [
     "BatchFile",
     "Settings",
     "GenerateItem",
+    "EditItem",
     "BatchFileError",
     "Job",
     "BatchPlan",
@@ -103,7 +105,6 @@ MAX_SEED = 2**63 - 1
 MAX_STEM = 80
 
 RESERVED_ITEM_TYPES: dict[str, str] = {
-    "edit": "editing an existing image arrives with the editing method",
     "reference": "reference-image (subject-driven) generation arrives with the reference method",
     "subject": "subject-driven generation arrives with the reference method",
 }
@@ -112,10 +113,26 @@ RESERVED_ITEM_TYPES: dict[str, str] = {
 RESERVED_FIELDS: dict[str, str] = {
     "subjects": "subjects (subject-driven generation) arrive with the reference method",
     "references": "reference images arrive with the reference method",
-    "source": "source images arrive with the editing method (as an \"edit\" item)",
-    "mask": "masks arrive with the editing method (as an \"edit\" item)",
 }
 """Field names kept for methods to come: refused with "not supported yet", not as typos."""
+
+EDIT_ONLY_FIELDS = ("image", "source_prompt")
+GENERATE_ONLY_FIELDS = ("seed", "seeds", "height", "width", "negative_prompt", "true_cfg", "boxes")
+
+FIELD_HINTS: dict[str, dict[str, str]] = {
+    "generate": {name: f"field {name!r} belongs to edit items: add \"type\": \"edit\" to edit an image"
+                 for name in EDIT_ONLY_FIELDS},
+    "edit": {
+        **{name: f"field {name!r} is not used by edit items: an edit starts from the image's own inverted noise, "
+                 "at the image's size, with UnifyEdit as its one control" for name in GENERATE_ONLY_FIELDS},
+        "mask": "field 'mask' is not an edit item field: give the edit region as the unify_edit control's box, e.g. "
+                "\"controls\": [{\"kind\": \"unify_edit\", \"box\": [0.1, 0.1, 0.5, 0.5]}], or let UnifyEdit "
+                "find it from the changed words",
+        "source": "field 'source' is not an edit item field: the image is 'image' and its caption 'source_prompt'",
+        "target_prompt": "field 'target_prompt' is not an edit item field: the edit's target is 'prompt'",
+    },
+}
+"""Per item type: a field name that belongs elsewhere → the message that says where."""
 
 
 # =============================================================================================== schema
@@ -199,6 +216,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 
 
+Steps = Annotated[int, Field(ge=1, le=1000, description="Denoising steps (default: the model's).")]
+Guidance = Annotated[float, Field(ge=0, allow_inf_nan=False, description="Guidance scale (default: the model's).")]
+TextLength = Annotated[int, Field(ge=1, le=4096, description="T5 tokens (default: the model's).")]
+
+
 class Settings(_Strict):
     """What an image is made with; every field is optional here (``defaults``) and per item."""
 
@@ -211,14 +233,12 @@ class Settings(_Strict):
         | None = None
     width: Annotated[int, Field(ge=8, le=8192, description="Image width in pixels (default: the model's).")] \
         | None = None
-    steps: Annotated[int, Field(ge=1, le=1000, description="Denoising steps (default: the model's).")] | None = None
-    guidance: Annotated[float, Field(ge=0, allow_inf_nan=False,
-                                     description="Guidance scale (default: the model's).")] | None = None
+    steps: Steps | None = None
+    guidance: Guidance | None = None
     true_cfg: Annotated[float, Field(ge=0, allow_inf_nan=False,
                                      description="FLUX only: true CFG scale (> 1 enables it, with a "
                                                  "negative_prompt).")] | None = None
-    max_sequence_length: Annotated[int, Field(ge=1, le=4096, description="T5 tokens (default: the model's).")] \
-        | None = None
+    max_sequence_length: TextLength | None = None
     controls: Annotated[list[ControlSpec], Field(description="Controls of the run, replacing the defaults' "
                                                              "controls (an empty list: none).")] | None = None
     boxes: Boxes | None = None
@@ -240,17 +260,43 @@ class Defaults(Settings):
 class GenerateItem(Settings):
     """One prompt → one image per seed (item ``type`` "generate", the default)."""
 
-    type: Literal["generate"] = Field("generate", description="Item type. Reserved for later methods: "
+    type: Literal["generate"] = Field("generate", description="Item type: \"generate\" (the default) or \"edit\". "
+                                                              "Reserved for later methods: "
                                                               + ", ".join(sorted(RESERVED_ITEM_TYPES)) + ".")
     id: ItemId | None = None
 
 
-Item = GenerateItem
-"""An item. As methods land this becomes a union discriminated by ``type``:
-``Annotated[GenerateItem | EditItem | ..., Field(discriminator="type")]`` (and an entry in ``ITEM_TYPES``)."""
+class EditItem(_Strict):
+    """A real image → its edit by a change of caption, with UnifyEdit (item ``type`` "edit"; docs/editing.md).
 
-ITEM_TYPES: dict[str, type[Settings]] = {"generate": GenerateItem}
+    One PNG per item (an edit has no seed: it starts from the image's inversion). ``steps``, ``guidance`` and
+    ``max_sequence_length`` come from ``defaults`` unless the item sets them; the defaults' other fields are for
+    generate items."""
+
+    type: Literal["edit"] = Field(description="Item type: \"edit\".")
+    id: ItemId | None = None
+    image: Annotated[str, Field(min_length=1, description="The image to edit: a file path, relative to the batch "
+                                                          "file's folder. Its size is the output's.")]
+    source_prompt: Annotated[str, Field(min_length=1, description="What the image shows, e.g. \"a red circle\".")]
+    prompt: Annotated[str, Field(min_length=1, description="What the edited image should show, e.g. \"a green "
+                                                           "circle\".")]
+    steps: Steps | None = None
+    guidance: Guidance | None = None
+    max_sequence_length: TextLength | None = None
+    controls: Annotated[list[ControlSpec], Field(min_length=1, max_length=1, description=(
+        "The edit's UnifyEdit settings as one control object, {\"kind\": \"unify_edit\", ...} (default: "
+        "UnifyEdit's defaults). Not taken from defaults."))] | None = None
+
+
+Item = GenerateItem | EditItem
+"""An item: its ``type`` picks the model (``ITEM_TYPES``); each item is validated against that model alone, so
+its errors name only its own fields."""
+
+ITEM_TYPES: dict[str, type[BaseModel]] = {"generate": GenerateItem, "edit": EditItem}
 """Item ``type`` → its model."""
+
+EDIT_FROM_DEFAULTS = ("steps", "guidance", "max_sequence_length")
+"""The fields an edit item takes from ``defaults``."""
 
 
 class BatchFile(_Strict):
@@ -329,7 +375,7 @@ _TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "bo
                "dict": "object", "NoneType": "null"}
 
 
-def _describe(err: dict[str, Any], allowed: Sequence[str]) -> str:
+def _describe(err: dict[str, Any], allowed: Sequence[str], hints: dict[str, str] | None = None) -> str:
     kind = err["type"]
     loc = err["loc"]
     path = _field_path(loc)
@@ -339,6 +385,8 @@ def _describe(err: dict[str, Any], allowed: Sequence[str]) -> str:
         name = str(loc[-1])
         if len(loc) == 1 and name in RESERVED_FIELDS:
             return f"field {name!r} is not supported yet: {RESERVED_FIELDS[name]}"
+        if len(loc) == 1 and hints and name in hints:
+            return hints[name]
         close = difflib.get_close_matches(name, allowed, n=1) if len(loc) == 1 else []
         hint = f" (did you mean {close[0]!r}?)" if close else f"; known fields: {', '.join(allowed)}"
         return f"unknown field {path!r}{hint}"
@@ -376,14 +424,24 @@ class Job:
     index: int
     """Index of the item in the file."""
     id: str
-    seed: int
+    seed: int | None
+    """The image's seed (``None`` for an edit, which starts from the image's inversion)."""
     file: str
     """File name inside the output folder."""
     settings: dict[str, Any]
     """The item's merged settings (``None``: the model's default), controls normalised, ``seed`` set."""
     hash: str
-    """Settings hash (model, dtype and every setting): a changed item is redone."""
+    """Settings hash (model, dtype and every setting; an edit's image by its content): a changed item is redone."""
     explicit_id: bool = True
+    kind: str = "generate"
+    """The item type: ``generate`` or ``edit``."""
+    image: Path | None = None
+    """An edit's input image, resolved against the batch file's folder."""
+
+    @property
+    def label(self) -> str:
+        """``seed N`` or ``edit``: what tells the images of one item apart, for listings."""
+        return "edit" if self.kind == "edit" else f"seed {self.seed}"
 
 
 @dataclass
@@ -445,10 +503,10 @@ def load_batch(source: str | Path | dict[str, Any], model: str | None = None, dt
     Raises :class:`BatchFileError` listing every problem (item index, id, field), or
     :class:`AttnCtlError` when the file cannot be read."""
     if isinstance(source, dict):
-        data, label = source, "batch"
+        data, label, base = source, "batch", Path.cwd()
     else:
-        data, label = _read_json_file(Path(source)), str(source)
-    return plan_batch(data, label, model=model, dtype=dtype)
+        data, label, base = _read_json_file(Path(source)), str(source), Path(source).resolve().parent
+    return plan_batch(data, label, model=model, dtype=dtype, base=base)
 
 
 def _merge(defaults: Settings, item: GenerateItem) -> dict[str, Any]:
@@ -462,6 +520,115 @@ def _merge(defaults: Settings, item: GenerateItem) -> dict[str, Any]:
     else:
         merged["seed"], merged["seeds"] = defaults.seed, defaults.seeds
     return merged
+
+
+def _check_generate_item(raw: dict[str, Any], raw_defaults: dict[str, Any]) -> tuple[GenerateItem | None, list[str]]:
+    """A generate item's model and its problems (prompt and boxes read with the defaults')."""
+    own: list[str] = []
+    item: GenerateItem | None = None
+    try:
+        item = GenerateItem.model_validate(raw)
+    except ValidationError as e:
+        own.extend(_describe(err, _fields_of(GenerateItem), FIELD_HINTS["generate"]) for err in e.errors())
+    own.extend(_check_raw(raw, raw.get("boxes", raw_defaults.get("boxes"))))
+    controls = raw.get("controls", raw_defaults.get("controls"))
+    if isinstance(controls, list) and any(isinstance(c, dict) and c.get("kind") == "unify_edit" for c in controls):
+        origin = "" if "controls" in raw else " (from defaults)"
+        own.append(f"field 'controls'{origin}: the unify_edit control edits an existing image; it runs in items "
+                   "of type \"edit\" (with 'image' and 'source_prompt')")
+    prompt = raw.get("prompt", raw_defaults.get("prompt"))
+    if prompt is None:
+        own.append("field 'prompt' is required (in the item, or in defaults for every item)")
+    boxes = raw.get("boxes", raw_defaults.get("boxes"))
+    if isinstance(prompt, str) and isinstance(boxes, dict):
+        words = _prompt_words(prompt)
+        for subject in boxes:
+            subject_words = _prompt_words(subject)
+            if not subject_words or any(w not in words for w in subject_words):
+                own.append(f"field 'boxes.{subject}': {subject!r} does not occur in the prompt {prompt!r}; "
+                           "boxes are keyed by words of the prompt")
+    return item, own
+
+
+def _edit_control(item: EditItem) -> Any:
+    """The item's UnifyEdit control (its one control spec, else the defaults)."""
+    from .controls import control_from_json
+    from .controls.unify_edit import UnifyEdit
+
+    spec = item.controls[0] if item.controls else {"kind": "unify_edit"}
+    control = control_from_json(spec)
+    if not isinstance(control, UnifyEdit):
+        raise ConfigError(f"an edit item runs UnifyEdit, and its control is {spec.get('kind')!r}",
+                          fix='give {"kind": "unify_edit", ...} with its settings, or leave "controls" out')
+    return control
+
+
+def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, list[str], tuple[Path, str] | None]:
+    """An edit item's model, its problems, and its image (path, sha256 of the file) when it can be read."""
+    from PIL import Image
+
+    from .controls.unify_edit import differing_words
+
+    own: list[str] = []
+    item: EditItem | None = None
+    try:
+        item = EditItem.model_validate(raw)
+    except ValidationError as e:
+        own.extend(_describe(err, _fields_of(EditItem), FIELD_HINTS["edit"]) for err in e.errors())
+    own.extend(_check_raw(raw))
+    image: tuple[Path, str] | None = None
+    if isinstance(raw.get("image"), str) and raw["image"]:
+        path = Path(raw["image"]).expanduser()
+        path = path if path.is_absolute() else base / path
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            why = "no such file" if isinstance(e, FileNotFoundError) else (e.strerror or _one_line(e))
+            own.append(f"field 'image': cannot read {str(path)!r} ({why}); a relative path is read from the batch "
+                       f"file's folder ({base})")
+        else:
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.verify()
+                image = (path, hashlib.sha256(data).hexdigest())
+            except Exception as e:  # noqa: BLE001 - PIL says why the file is not an image in many ways
+                own.append(f"field 'image': {str(path)!r} is not an image file PIL can read ({_one_line(e)})")
+    if item is not None and not own:
+        try:
+            control = _edit_control(item)
+        except AttnCtlError as e:
+            own.append(f"field 'controls[0]': {_one_line(e)}")
+        else:
+            if control.config.edit_words is None and not any(differing_words(item.source_prompt, item.prompt)):
+                own.append(f"field 'prompt': {item.prompt!r} is the source_prompt word for word, so there is "
+                           "nothing to edit; change the words that should change")
+    return item, own, image
+
+
+def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defaults) -> list[Job]:
+    """One job per seed of a generate item (its controls built, a box control with the item's boxes)."""
+    from .controls import control_from_json
+
+    merged = _merge(defaults, item)
+    seeds = merged.pop("seeds") or [merged["seed"] if merged["seed"] is not None else 0]
+    merged.pop("seed")
+    merged["controls"] = [control_from_json(with_item_boxes(c, merged["boxes"])).to_json()
+                          for c in (merged["controls"] or [])]
+    stem = safe_stem(item_id)
+    return [Job(index=index, id=item_id, seed=seed, file=image_name(stem, seed), settings={**merged, "seed": seed},
+                hash="") for seed in seeds]
+
+
+def _edit_job(index: int, item_id: str, item: EditItem, defaults: Defaults, image: Path, digest: str) -> list[Job]:
+    """The one job of an edit item: the image by its content (an edited image file is redone), the UnifyEdit
+    settings in full."""
+    settings: dict[str, Any] = {"type": "edit", "image": item.image, "image_sha256": digest,
+                                "source_prompt": item.source_prompt, "prompt": item.prompt}
+    for name in EDIT_FROM_DEFAULTS:
+        settings[name] = getattr(item if name in item.model_fields_set else defaults, name)
+    settings["controls"] = [_edit_control(item).to_json()]
+    return [Job(index=index, id=item_id, seed=None, file=f"{safe_stem(item_id)}.png", settings=settings, hash="",
+                kind="edit", image=image)]
 
 
 def _prompt_words(prompt: str) -> list[str]:
@@ -538,10 +705,10 @@ def _check_top(data: dict[str, Any]) -> tuple[list[str], BatchFile | None]:
     return problems, top
 
 
-def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype: str = "fp32") -> BatchPlan:
-    """Validate parsed batch-file JSON (collecting every problem) and expand it into jobs."""
-    from .controls import control_from_json
-
+def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype: str = "fp32",
+               base: Path | None = None) -> BatchPlan:
+    """Validate parsed batch-file JSON (collecting every problem) and expand it into jobs. An edit item's relative
+    ``image`` path is read from ``base`` (default: the working folder; :func:`load_batch` gives the file's)."""
     if not isinstance(data, dict):
         raise BatchFileError(source, [f"the file must hold a JSON object with \"version\" and \"items\", "
                                       f"not a {type(data).__name__}"])
@@ -559,8 +726,8 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
     problems.extend(f"defaults: {p}" for p in _check_raw(raw_defaults, raw_defaults.get("boxes"), inherited=True))
     # -- items, each on its own so that every item's problems are reported
     raw_items = data.get("items") if isinstance(data.get("items"), list) else []
-    items: list[tuple[int, GenerateItem]] = []
-    item_fields = _fields_of(GenerateItem)
+    items: list[tuple[int, GenerateItem | EditItem]] = []
+    images: dict[int, tuple[Path, str]] = {}  # edit item index → (image path, sha256 of its bytes)
     for index, raw in enumerate(raw_items):
         where = _where(index, raw)
         if not isinstance(raw, dict):
@@ -577,27 +744,20 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
                                 f"{', '.join(map(repr, ITEM_TYPES))} (reserved for later: "
                                 f"{', '.join(sorted(RESERVED_ITEM_TYPES))})")
             continue
-        own: list[str] = []
-        item: GenerateItem | None = None
-        try:
-            item = GenerateItem.model_validate(raw)
-        except ValidationError as e:
-            own.extend(_describe(err, item_fields) for err in e.errors())
-        own.extend(_check_raw(raw, raw.get("boxes", raw_defaults.get("boxes"))))
-        if raw.get("prompt", raw_defaults.get("prompt")) is None:
-            own.append("field 'prompt' is required (in the item, or in defaults for every item)")
-        prompt = raw.get("prompt", raw_defaults.get("prompt"))
-        boxes = raw.get("boxes", raw_defaults.get("boxes"))
-        if isinstance(prompt, str) and isinstance(boxes, dict):
-            words = _prompt_words(prompt)
-            for subject in boxes:
-                subject_words = _prompt_words(subject)
-                if not subject_words or any(w not in words for w in subject_words):
-                    own.append(f"field 'boxes.{subject}': {subject!r} does not occur in the prompt {prompt!r}; "
-                               "boxes are keyed by words of the prompt")
+        if kind == "edit":
+            item, own, image = _check_edit_item(raw, base or Path.cwd())
+            if image is not None:
+                images[index] = image
+        else:
+            item, own = _check_generate_item(raw, raw_defaults)
         problems.extend(f"{where}: {p}" for p in own)
         if item is not None and not own:
             items.append((index, item))
+    if raw_items and all(isinstance(r, dict) and r.get("type") == "edit" for r in raw_items):
+        for name in raw_defaults:
+            if name not in EDIT_FROM_DEFAULTS and name in _fields_of(Defaults):
+                problems.append(f"defaults: field {name!r} is for generate items, and every item of this file is an "
+                                f"edit; remove it (an edit takes only {', '.join(EDIT_FROM_DEFAULTS)} from defaults)")
     if problems:
         raise BatchFileError(source, problems)
     # -- ids and file names
@@ -613,27 +773,23 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
                             "ids must be unique")
             continue
         seen_ids[item_id] = index
-        merged = _merge(defaults, item)
-        seeds = merged.pop("seeds") or [merged["seed"] if merged["seed"] is not None else 0]
-        merged.pop("seed")
-        try:  # a box control takes the item's boxes (the defaults' controls were checked without them)
-            merged["controls"] = [control_from_json(with_item_boxes(c, merged["boxes"])).to_json()
-                                  for c in (merged["controls"] or [])]
+        try:
+            new_jobs = (_edit_job(index, item_id, item, defaults, *images[index]) if isinstance(item, EditItem)
+                        else _generate_jobs(index, item_id, item, defaults))
         except AttnCtlError as e:
             problems.append(f"{where}: field 'controls': {_one_line(e)}")
             continue
-        stem = safe_stem(item_id)
-        for seed in seeds:
-            name = image_name(stem, seed)
-            if name.casefold() in seen_files:
-                other_index, other_name = seen_files[name.casefold()]
-                problems.append(f"{where}: field 'id': its image {name!r} would overwrite {other_name!r} of item "
-                                f"{other_index} on case-insensitive file systems; give ids that differ by more "
-                                "than letter case")
+        for job in new_jobs:
+            job.explicit_id = item.id is not None
+            if job.file.casefold() in seen_files:
+                other_index, other_name = seen_files[job.file.casefold()]
+                why = ("give it another id" if other_name == job.file else
+                       "on case-insensitive file systems; give ids that differ by more than letter case")
+                problems.append(f"{where}: field 'id': its image {job.file!r} would overwrite {other_name!r} of item "
+                                f"{other_index} {why}")
                 continue
-            seen_files[name.casefold()] = (index, name)
-            jobs.append(Job(index=index, id=item_id, seed=seed, file=name, settings={**merged, "seed": seed},
-                            hash="", explicit_id=item.id is not None))
+            seen_files[job.file.casefold()] = (index, job.file)
+            jobs.append(job)
     if problems:
         raise BatchFileError(source, problems)
     chosen = model or (top.model if top is not None else None) or "toy-sd3"
@@ -919,8 +1075,41 @@ class _Generator:
         self.pipe.set_progress_bar_config(disable=True)
         self.defaults = cli.call_defaults(self.pipe)
         self.torch = torch
+        self._inverted: dict[tuple[Any, ...], Any] = {}  # the last edit's inversion, by image, caption and settings
 
     def make(self, job: Job, source: str) -> tuple[Any, dict[str, Any]]:
+        if job.kind == "edit":
+            return self.edit(job, source)
+        return self.generate(job, source)
+
+    def edit(self, job: Job, source: str) -> tuple[Any, dict[str, Any]]:
+        """An edit item, as ``attnctl edit`` makes it. Consecutive edits of one image under one caption (and the
+        same steps and guidance) invert it once."""
+        from .controls import control_from_json
+        from .editing import edit
+        from .imageio import read_image
+
+        cli, s, d = self.cli, job.settings, self.defaults
+        assert job.image is not None
+        if hashlib.sha256(job.image.read_bytes()).hexdigest() != s["image_sha256"]:
+            raise AttnCtlError(f"the image {str(job.image)!r} changed after the batch file was read",
+                               "run the batch again: it reads the image anew")
+        cli.check_vocabulary(self.pipe, [s["source_prompt"], s["prompt"]], self.model)
+        steps = int(s["steps"] if s["steps"] is not None else d["steps"])
+        guidance = float(s["guidance"] if s["guidance"] is not None else d["guidance"])
+        length = int(s["max_sequence_length"] if s["max_sequence_length"] is not None else d["max_sequence_length"])
+        control = control_from_json(s["controls"][0])  # fresh: a control keeps run state
+        key = (s["image_sha256"], s["source_prompt"], steps, guidance, length)
+        result = edit(self.pipe, read_image(job.image), s["source_prompt"], s["prompt"], steps, control=control,
+                      guidance_scale=guidance, max_sequence_length=length, path=self._inverted.get(key))
+        self._inverted = {key: result.path}
+        meta = cli.edit_meta(self.pipe, job.image, s["source_prompt"], s["prompt"], self.model, steps, guidance,
+                             length, control, self.dtype_name, self.dev)
+        meta["batch"] = {"file": Path(source).name, "id": job.id, "index": job.index, "hash": job.hash}
+        return result.edited, meta
+
+    def generate(self, job: Job, source: str) -> tuple[Any, dict[str, Any]]:
+        """A generate item, as ``attnctl generate`` makes it."""
         import diffusers
 
         from . import __version__
@@ -1091,7 +1280,7 @@ def main(file: Path, out: Path | None, model: str | None, processes: int, device
         records = read_manifest(out) if out.is_dir() else {}
         states = [job_state(j, records, out) for j in plan.jobs]
         for job, state in zip(plan.jobs, states, strict=True):
-            out_console.print(f"{escape(job.file)}\titem {job.index}\tseed {job.seed}\t{state}", highlight=False)
+            out_console.print(f"{escape(job.file)}\titem {job.index}\t{job.label}\t{state}", highlight=False)
         counts = {k: states.count(k) for k in ("done", "failed", "changed", "missing") if states.count(k)}
         out_console.print(f"{plan.source}: valid, {plan.items} items, {len(plan.jobs)} images "
                           f"({', '.join(f'{v} {k}' for k, v in counts.items())}) → {out}", highlight=False)
@@ -1127,8 +1316,9 @@ def main(file: Path, out: Path | None, model: str | None, processes: int, device
     out_console.print(f"{escape(str(out))}: {result.total} images — {', '.join(parts)}{ranks} "
                       f"({result.seconds:.1f} s)", highlight=False)
     for record in result.failed[:10]:
-        err_console.print(f"[red]failed: {escape(record['file'])} (item {record.get('index')}, seed "
-                          f"{record.get('seed')}): {escape(str(record.get('error')))}[/red]", highlight=False)
+        seed = f", seed {record['seed']}" if record.get("seed") is not None else ""
+        err_console.print(f"[red]failed: {escape(record['file'])} (item {record.get('index')}{seed}): "
+                          f"{escape(str(record.get('error')))}[/red]", highlight=False)
     if len(result.failed) > 10:
         err_console.print(f"[red]… and {len(result.failed) - 10} more; see {escape(str(out / MANIFEST_NAME))}[/red]")
     if result.interrupted:

@@ -430,6 +430,10 @@ def generate(
         from .imageio import read_metadata
 
         meta_in = read_metadata(from_)
+        if "edited_from" in meta_in:
+            raise AttnCtlError(f"{str(from_)!r} is an edit of {meta_in['edited_from']!r}, not a generated image",
+                               "edit it again with attnctl edit IMAGE --source ... --target ... (its source_prompt "
+                               "and prompt are in the PNG's metadata)")
     prompt = prompt if prompt is not None else meta_in.get("prompt")
     if prompt is None:
         raise AttnCtlError("no prompt given", "pass --prompt TEXT, or --from IMAGE.png to regenerate an image")
@@ -561,13 +565,30 @@ def edit(
     result = edit_image(pipe, arr, source, target, n, control=ctl, guidance_scale=g,
                         max_sequence_length=defaults["max_sequence_length"])
     seconds = time.perf_counter() - start
-    meta = {"edited_from": str(image), "source_prompt": source, "prompt": target, "model": _model_record(model),
-            "steps": n, "guidance": g, "controls": [ctl.to_json()], "dtype": DTYPE_NAMES[str(torch_dtype)[6:]]}
+    meta = edit_meta(pipe, image, source, target, model, n, g, defaults["max_sequence_length"], ctl,
+                     DTYPE_NAMES[str(torch_dtype)[6:]], device)
     path = save_png(out, result.edited, meta)
     out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, {n} steps, {seconds:.1f} s)", highlight=False)
     line = ctl.summary()
     if line:
         err_console.print(escape(line), highlight=False)
+
+
+def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, steps: int, guidance: float,
+              max_sequence_length: int, control: Any, dtype: str, device: Any) -> dict[str, Any]:
+    """What an edited PNG records: the input image, both captions and everything the edit ran with."""
+    import diffusers
+    import torch
+
+    from . import __version__
+    from .sites import family_of
+
+    return {"edited_from": str(image), "source_prompt": source, "prompt": target, "model": _model_record(model),
+            "family": family_of(pipe.transformer), "pipeline": type(pipe).__name__, "steps": steps,
+            "guidance": guidance, "max_sequence_length": max_sequence_length, "controls": [control.to_json()],
+            "dtype": dtype, "scheduler": type(pipe.scheduler).__name__, "device": str(device),
+            "attnctl_version": __version__, "diffusers_version": diffusers.__version__,
+            "torch_version": torch.__version__}
 
 
 def call_kwargs(settings: dict[str, Any], prompt: str, seed: int, negative_prompt: str | None = None,

@@ -112,7 +112,7 @@ def test_schema_errors_one_clear_message_per_problem(tmp_path):
             {"prompt": "a red circle", "controls": [{"kind": "probe", "weight": float("nan")}]},  # 4 NaN schedule
             {"prompt": "a red circle", "boxes": {"circle": [0.2, 0.1, 1.5, 0.6], "square": [[0.6, 0.1, 0.2, 0.5]]}},
             {"prompt": "a red circle", "seeed": 4},                                             # 6 typo
-            {"type": "edit", "prompt": "a red circle"},                                         # 7 reserved type
+            {"type": "reference", "prompt": "a red circle"},                                    # 7 reserved type
             {"prompt": "a red circle", "guidance": float("nan")},                               # 8 NaN guidance
         ],
     }
@@ -130,7 +130,7 @@ def test_schema_errors_one_clear_message_per_problem(tmp_path):
         ("item 5: field 'boxes.square[0]': x0 (0.6) must be less than x1 (0.2)", ""),
         ("item 5: field 'boxes.square'", "does not occur in the prompt"),
         ("item 6: unknown field 'seeed'", "did you mean 'seed'?"),
-        ("item 7: field 'type': item type 'edit' is not supported yet", ""),
+        ("item 7: field 'type': item type 'reference' is not supported yet", ""),
         ("item 8: field 'guidance': Input should be a finite number", "NaN"),
     ]
     for start_text, also in expected:
@@ -362,3 +362,125 @@ def test_a_layout_control_takes_each_items_boxes():
     text = str(err.value)
     assert "item 0" in text and "boxes" in text and "Field required" in text
     assert "item 1" in text and "one box per word" in text and "'circles' 2" in text
+
+
+# ---------------------------------------------------------------------------------------------- edit items
+
+EDIT_SOURCE, EDIT_TARGET = "a red circle and a blue square", "a green circle and a blue square"
+
+
+@pytest.fixture(scope="module")
+def scene_png(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    from attnctl.toyworld.world import parse_caption, render, scene_from_item
+
+    item = {"prompt": EDIT_SOURCE, **parse_caption(EDIT_SOURCE),
+            "boxes": [[0.1, 0.1, 0.45, 0.45], [0.55, 0.5, 0.9, 0.85]]}
+    path = tmp_path_factory.mktemp("scene") / "scene.png"
+    Image.fromarray(render(scene_from_item(item), 32)).save(path)
+    return path
+
+
+def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "scene.png").write_bytes(scene_png.read_bytes())
+    (tmp_path / "notes.png").write_text("not an image")
+    edit = {"type": "edit", "image": "img/scene.png", "source_prompt": EDIT_SOURCE, "prompt": EDIT_TARGET}
+    data = {"version": 1, "defaults": {"steps": 3, "controls": [{"kind": "unify_edit"}]}, "items": [
+        {"type": "edit", "prompt": EDIT_TARGET},                                             # 0 image, source missing
+        {**edit, "seed": 3, "mask": "m.png"},                                                # 1 generate-only, mask
+        {**edit, "image": "nope.png"},                                                       # 2 no such file
+        {**edit, "image": "notes.png"},                                                      # 3 not an image
+        {**edit, "prompt": EDIT_SOURCE},                                                     # 4 nothing to edit
+        {**edit, "controls": [{"kind": "probe", "words": ["circle"]}]},                      # 5 not UnifyEdit
+        {"prompt": "a red circle", "image": "img/scene.png", "controls": []},               # 6 edit field on generate
+        {"prompt": "a red circle"},                                                          # 7 unify_edit inherited
+    ]}
+    with pytest.raises(BatchFileError) as err:
+        load_batch(write_batch(tmp_path / "bad.json", data))
+    problems = err.value.problems
+    expected = [
+        ("item 0: field 'image' is required", ""),
+        ("item 0: field 'source_prompt' is required", ""),
+        ("item 1: field 'seed' is not used by edit items", "inverted noise"),
+        ("item 1: field 'mask' is not an edit item field", "unify_edit control's box"),
+        ("item 2: field 'image': cannot read", "batch file's folder"),
+        ("item 3: field 'image':", "not an image file"),
+        ("item 4: field 'prompt':", "nothing to edit"),
+        ("item 5: field 'controls[0]': an edit item runs UnifyEdit", "'probe'"),
+        ("item 6: field 'image' belongs to edit items", "\"type\": \"edit\""),
+        ("item 7: field 'controls' (from defaults): the unify_edit control edits an existing image", ""),
+    ]
+    for start_text, also in expected:
+        hits = [p for p in problems if p.startswith(start_text) and also in p]
+        assert len(hits) == 1, f"{start_text!r} + {also!r} not reported exactly once in:\n" + "\n".join(problems)
+    assert len(problems) == len(expected), "\n".join(problems)
+
+    # a file of edits only: the defaults' generate fields would do nothing, so they are refused
+    with pytest.raises(BatchFileError) as err:
+        load_batch(write_batch(tmp_path / "edits.json", {"version": 1, "defaults": {"seeds": [0, 1], "steps": 3},
+                                                        "items": [edit]}))
+    assert err.value.problems == ["defaults: field 'seeds' is for generate items, and every item of this file is an "
+                                  "edit; remove it (an edit takes only steps, guidance, max_sequence_length from "
+                                  "defaults)"]
+
+    # a good file: one PNG per edit named by its id, the image read from the file's folder and hashed by content
+    good = write_batch(tmp_path / "good.json", {"version": 1, "defaults": {"steps": 3}, "items": [
+        {**edit, "id": "green"}, {"prompt": "a red circle", "id": "red"}]})
+    plan = load_batch(good)
+    job = plan.jobs[0]
+    assert (job.file, job.seed, job.kind, job.label, job.image) == \
+        ("green.png", None, "edit", "edit", tmp_path / "img" / "scene.png")
+    assert job.settings["steps"] == 3 and job.settings["controls"][0]["kind"] == "unify_edit"
+    assert [j.file for j in plan.jobs] == ["green.png", "red_s0.png"]
+    (tmp_path / "img" / "scene.png").write_bytes(scene_png.read_bytes() + b"\0")  # other bytes: another hash
+    assert load_batch(good).jobs[0].hash != job.hash and load_batch(good).jobs[1].hash == plan.jobs[1].hash
+
+
+def test_an_edit_batch_makes_what_attnctl_edit_makes_inverting_each_image_once(tmp_path, scene_png, monkeypatch):
+    import attnctl.editing
+
+    inversions = []
+    real_invert = attnctl.editing.invert
+    monkeypatch.setattr(attnctl.editing, "invert", lambda *a, **k: inversions.append(a[2]) or real_invert(*a, **k))
+    control = {"kind": "unify_edit", "scale": "window(0.2, 0, 0.5)", "sites": "mid"}
+    batch = write_batch(tmp_path / "edits.json", {"version": 1, "model": "toy-sd3", "defaults": {"steps": 4},
+                                                  "items": [
+        {"type": "edit", "id": "green", "image": str(scene_png), "source_prompt": EDIT_SOURCE, "prompt": EDIT_TARGET,
+         "controls": [control]},
+        {"type": "edit", "id": "yellow", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
+         "prompt": "a yellow circle and a blue square"},
+        {"id": "plain", "prompt": "a red circle", "steps": 2},
+    ]})
+    out = tmp_path / "out"
+    result = run("batch", batch, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert set(pngs(out)) == {"green.png", "yellow.png", "plain_s0.png"}
+    assert inversions == [EDIT_SOURCE]  # the second edit of the same image and caption reuses the first's
+    meta = read_metadata(out / "green.png")
+    assert (meta["edited_from"], meta["source_prompt"], meta["prompt"], meta["steps"]) == \
+        (str(scene_png), EDIT_SOURCE, EDIT_TARGET, 4)
+    assert meta["controls"][0]["sites"] == "mid" and meta["batch"]["id"] == "green"
+    records = read_manifest(out)
+    assert records["green.png"]["status"] == "done" and records["green.png"]["seed"] is None
+
+    # the same edit by `attnctl edit` has the same pixels
+    single = tmp_path / "single.png"
+    result = run("edit", scene_png, "--source", EDIT_SOURCE, "--target", EDIT_TARGET, "--model", "toy-sd3",
+                 "--steps", "4", "--control", json.dumps(control), "--out", single)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(read_image(single), read_image(out / "green.png"))
+
+    # re-run: all skipped; `generate --from` an edit says how to redo it instead of generating something else
+    result = run("batch", batch, "--out", out)
+    assert result.exit_code == 0 and "3 already, 0 new" in result.output, result.output
+    again = run("generate", "--from", out / "green.png", "--out", tmp_path / "x.png")
+    assert again.exit_code == 2 and "is an edit of" in again.output and "attnctl edit" in again.output
+
+
+def test_the_example_batch_file_is_valid_and_reads_its_image_next_to_it():
+    plan = load_batch(Path(__file__).resolve().parent.parent / "examples" / "batch.json")
+    edits = [j for j in plan.jobs if j.kind == "edit"]
+    assert len(edits) == 1 and edits[0].image.is_file() and edits[0].image.parent.name == "examples"
+    assert len(plan.jobs) == 8  # three items × two seeds, one item with its own seed, and the edit
