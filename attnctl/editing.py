@@ -28,7 +28,7 @@ import torch
 from .controls.unify_edit import UnifyEdit, differing_words
 from .errors import ConfigError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
-from .inversion import image_array, invert, text_length
+from .inversion import has_guidance_embedding, image_array, invert, text_length
 from .latent_guidance import StopForward, check_scheduler
 
 
@@ -171,10 +171,6 @@ class EditResult:
     path: list[torch.Tensor]
     control: UnifyEdit
 
-    @property
-    def images(self) -> list[Any]:
-        return [self.source, self.edited]
-
 
 def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_inference_steps: int = 28, *,
          control: UnifyEdit | None = None, guidance_scale: float | None = None, path: list[torch.Tensor] | None = None,
@@ -208,8 +204,7 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     length = text_length(pipe, pipe_kwargs.pop("max_sequence_length", None))
     if guidance_scale is not None:
         pipe_kwargs["guidance_scale"] = guidance_scale
-    guidance_embeds = bool(pipe.transformer.config.get("guidance_embeds", False))
-    flux_guidance = guidance_scale if guidance_embeds else None
+    flux_guidance = guidance_scale if has_guidance_embedding(pipe) else None
     if path is None:
         path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance,
                       max_sequence_length=length)

@@ -93,11 +93,12 @@ def pixels_to_latents(pipe: Any, images: torch.Tensor) -> torch.Tensor:
 
 def run_sigmas(pipe: Any, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
     """The ``σ_0 … σ_n`` a pipeline call with these settings steps over (the same ``set_timesteps`` call, with
-    FLUX's default grid and the resolution-dependent shift ``mu`` where the scheduler uses one)."""
+    FLUX's default grid and the resolution-dependent shift ``mu`` where the scheduler uses one). Asked of a fresh
+    scheduler made from the pipeline's config, so the pipeline's own scheduler state is left as it was."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     check_scheduler(pipe, "inversion")
-    sched = pipe.scheduler
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     cfg = sched.config
     family = family_of(pipe.transformer)
     patch = 2 if family == "flux" else pipe.transformer.config.patch_size
@@ -112,6 +113,13 @@ def run_sigmas(pipe: Any, num_inference_steps: int, height: int, width: int) -> 
     else:
         sched.set_timesteps(int(num_inference_steps), device="cpu", **kwargs)
     return sched.sigmas.detach().float().cpu()
+
+
+def has_guidance_embedding(pipe: Any) -> bool:
+    """Whether the pipeline's transformer takes the guidance scale as an input (FLUX.1-dev) rather than running
+    classifier-free guidance on two branches. Such a model is inverted and replayed with its guidance value; any
+    other is replayed with ``guidance_scale=1`` to follow the conditional flow that was inverted."""
+    return bool(pipe.transformer.config.get("guidance_embeds", False))
 
 
 def text_length(pipe: Any, max_sequence_length: int | None = None) -> int:
@@ -138,7 +146,7 @@ def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: 
             lh, lw = height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2
             img_ids = pipe._prepare_latent_image_ids(1, lh, lw, device, dtype)
             g = None
-            if pipe.transformer.config.get("guidance_embeds", False):
+            if has_guidance_embedding(pipe):
                 g = torch.full((1,), 3.5 if guidance is None else float(guidance), device=device, dtype=torch.float32)
         else:
             emb, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, device=device, max_sequence_length=length,

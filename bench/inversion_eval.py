@@ -19,7 +19,7 @@ from report import emit
 from rich.console import Console
 from rich.table import Table
 
-from attnctl.inversion import encode_image, invert
+from attnctl.inversion import encode_image, has_guidance_embedding, invert
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 from attnctl.toyworld.world import prompt_set, render, scene_from_item
 
@@ -37,7 +37,7 @@ def decode(pipe, z: torch.Tensor, side: int) -> np.ndarray:
 def evaluate(model: str, items: int) -> dict:
     pipe = load_pipeline(model)
     call = default_call_kwargs(pipe)
-    if "guidance_embeds" not in pipe.transformer.config or not pipe.transformer.config.guidance_embeds:
+    if not has_guidance_embedding(pipe):
         call["guidance_scale"] = 1.0  # no classifier-free guidance: the flow that was inverted
     side = call["height"]
     floor, back, fresh = [], [], []

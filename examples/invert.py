@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import attnctl
+from attnctl.inversion import has_guidance_embedding
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 
 
@@ -35,7 +36,7 @@ def main() -> None:
 
     pipe = load_pipeline(args.model, device=args.device)
     call = default_call_kwargs(pipe)
-    if not getattr(pipe.transformer.config, "guidance_embeds", False):
+    if not has_guidance_embedding(pipe):
         call["guidance_scale"] = 1.0  # reconstruct the conditional flow that was inverted
     if args.steps is not None:
         call["num_inference_steps"] = args.steps

@@ -57,7 +57,13 @@ def test_run_sigmas_are_the_grid_the_pipeline_steps_over(model):
 
     pipe = load_pipeline(model)
     call = default_call_kwargs(pipe)
+    pipe.scheduler.set_timesteps(3, mu=0.7)  # some other run's state: asking for a grid must leave it alone
+    before = (pipe.scheduler.sigmas.clone(), pipe.scheduler.timesteps.clone(), pipe.scheduler.num_inference_steps)
     got = run_sigmas(pipe, call["num_inference_steps"], call["height"], call["width"])
+    assert len(got) == call["num_inference_steps"] + 1
+    torch.testing.assert_close(pipe.scheduler.sigmas, before[0])
+    torch.testing.assert_close(pipe.scheduler.timesteps, before[1])
+    assert pipe.scheduler.num_inference_steps == before[2] == 3
     torch.testing.assert_close(got, _used_sigmas(pipe, call).float().cpu())
 
 
