@@ -9,16 +9,22 @@ The batch file (schema version 1, :class:`BatchFile`; the JSON Schema ships as
       "defaults": {"steps": 20, "seeds": [0, 1], "controls": [...]},
       "items": [
         {"id": "red", "prompt": "a red circle on the left"},
-        {"prompt": "a blue square", "seed": 7, "guidance": 5.0, "boxes": {"square": [0.5, 0.1, 0.9, 0.5]}}
+        {"prompt": "a blue square", "seed": 7, "guidance": 5.0, "boxes": {"square": [0.5, 0.1, 0.9, 0.5]}},
+        {"type": "edit", "id": "green", "image": "scene.png", "source_prompt": "a red circle",
+         "prompt": "a green circle"}
       ]
     }
+
+Items are of ``type`` "generate" (the default: a prompt, one image per seed; with ``reference_prompts``, a
+reposition set) or "edit" (:class:`EditItem`: a real image edited by a change of its caption, with UnifyEdit).
 
 Every item field overrides the same field of ``defaults`` (``controls`` replace, they do not append;
 ``seed``/``seeds`` override as a pair). Validation collects every problem of the file, each naming the item
 index (and id) and the field, and refuses the file as a whole (:class:`BatchFileError`).
 
-Outputs in the output folder: ``<id>_s<seed>.png`` per image (sanitised id: no path separators, no leading
-dots; an id that had to be changed gets a short hash of the original so two ids never share a file), written
+Outputs in the output folder: ``<id>_s<seed>.png`` per image (an edit: ``<id>.png``; a reposition set adds
+``<id>_s<seed>-ref<k>.png``; sanitised id: no path separators, no leading dots; an id that had to be changed gets a
+short hash of the original so two ids never share a file), written
 atomically with the full settings in the PNG text chunks (``attnctl generate --from FILE.png`` regenerates
 it), and ``manifest.jsonl``: one JSON line per finished image (``done`` or ``failed`` with its error),
 appended with flush + fsync. A re-run skips images whose file exists and whose latest record is ``done``
@@ -117,7 +123,8 @@ RESERVED_FIELDS: dict[str, str] = {
 """Field names kept for methods to come: refused with "not supported yet", not as typos."""
 
 EDIT_ONLY_FIELDS = ("image", "source_prompt")
-GENERATE_ONLY_FIELDS = ("seed", "seeds", "height", "width", "negative_prompt", "true_cfg", "boxes")
+GENERATE_ONLY_FIELDS = ("seed", "seeds", "height", "width", "negative_prompt", "true_cfg", "boxes",
+                        "reference_prompts")
 
 FIELD_HINTS: dict[str, dict[str, str]] = {
     "generate": {name: f"field {name!r} belongs to edit items: add \"type\": \"edit\" to edit an image"
@@ -242,6 +249,10 @@ class Settings(_Strict):
     controls: Annotated[list[ControlSpec], Field(description="Controls of the run, replacing the defaults' "
                                                              "controls (an empty list: none).")] | None = None
     boxes: Boxes | None = None
+    reference_prompts: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, description=(
+        "Reposition: one prompt per subject of an isolation control with references=true, in the subjects' order, "
+        "each showing that subject alone; made in the same call and written as <id>_s<seed>-ref<k>.png."))] \
+        | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -437,6 +448,13 @@ class Job:
     """The item type: ``generate`` or ``edit``."""
     image: Path | None = None
     """An edit's input image, resolved against the batch file's folder."""
+    extra_files: tuple[str, ...] = ()
+    """Other files the job writes with ``file`` (a reposition run's reference images)."""
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file of the job, ``file`` last (written last, so its presence means the others were written)."""
+        return (*self.extra_files, self.file)
 
     @property
     def label(self) -> str:
@@ -605,18 +623,42 @@ def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, 
     return item, own, image
 
 
+class _FieldProblem(Exception):
+    """A problem of one field of an item, found when its jobs are made."""
+
+    def __init__(self, field: str, error: Exception):
+        self.field, self.text = field, _one_line(error)
+
+
 def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defaults) -> list[Job]:
-    """One job per seed of a generate item (its controls built, a box control with the item's boxes)."""
+    """One job per seed of a generate item (its controls built, a box control with the item's boxes; a reposition
+    run's reference prompts checked against its isolation control)."""
+    from .cli import reference_file, reposition_prompts
     from .controls import control_from_json
 
     merged = _merge(defaults, item)
     seeds = merged.pop("seeds") or [merged["seed"] if merged["seed"] is not None else 0]
     merged.pop("seed")
-    merged["controls"] = [control_from_json(with_item_boxes(c, merged["boxes"])).to_json()
-                          for c in (merged["controls"] or [])]
+    try:
+        controls = [control_from_json(with_item_boxes(c, merged["boxes"])) for c in (merged["controls"] or [])]
+    except AttnCtlError as e:
+        raise _FieldProblem("controls", e) from None
+    merged["controls"] = [c.to_json() for c in controls]
+    references = merged.get("reference_prompts")
+    try:
+        reposition_prompts(merged["prompt"], references, controls)
+    except AttnCtlError as e:
+        raise _FieldProblem("reference_prompts" if references else "controls", e) from None
     stem = safe_stem(item_id)
-    return [Job(index=index, id=item_id, seed=seed, file=image_name(stem, seed), settings={**merged, "seed": seed},
-                hash="") for seed in seeds]
+    if references is None:
+        merged.pop("reference_prompts")  # a field added after version 1 shipped: absent, the hash is as it was
+    jobs = []
+    for seed in seeds:
+        name = image_name(stem, seed)
+        extra = tuple(reference_file(Path(name), k).name for k in range(1, len(references or []) + 1))
+        jobs.append(Job(index=index, id=item_id, seed=seed, file=name, settings={**merged, "seed": seed}, hash="",
+                        extra_files=extra))
+    return jobs
 
 
 def _edit_job(index: int, item_id: str, item: EditItem, defaults: Defaults, image: Path, digest: str) -> list[Job]:
@@ -776,19 +818,21 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
         try:
             new_jobs = (_edit_job(index, item_id, item, defaults, *images[index]) if isinstance(item, EditItem)
                         else _generate_jobs(index, item_id, item, defaults))
-        except AttnCtlError as e:
-            problems.append(f"{where}: field 'controls': {_one_line(e)}")
+        except _FieldProblem as e:
+            problems.append(f"{where}: field {e.field!r}: {e.text}")
             continue
         for job in new_jobs:
             job.explicit_id = item.id is not None
-            if job.file.casefold() in seen_files:
-                other_index, other_name = seen_files[job.file.casefold()]
-                why = ("give it another id" if other_name == job.file else
+            clashes = [name for name in job.files if name.casefold() in seen_files]
+            for name in clashes:
+                other_index, other_name = seen_files[name.casefold()]
+                why = ("give it another id" if other_name == name else
                        "on case-insensitive file systems; give ids that differ by more than letter case")
-                problems.append(f"{where}: field 'id': its image {job.file!r} would overwrite {other_name!r} of item "
+                problems.append(f"{where}: field 'id': its image {name!r} would overwrite {other_name!r} of item "
                                 f"{other_index} {why}")
+            if clashes:
                 continue
-            seen_files[job.file.casefold()] = (index, job.file)
+            seen_files.update({name.casefold(): (index, name) for name in job.files})
             jobs.append(job)
     if problems:
         raise BatchFileError(source, problems)
@@ -904,7 +948,7 @@ def job_state(job: Job, records: dict[str, dict[str, Any]], out: Path) -> str:
     if record.get("hash") != job.hash:
         return "changed"
     if record.get("status") == "done":
-        return "done" if (out / job.file).is_file() else "missing"
+        return "done" if all((out / name).is_file() for name in job.files) else "missing"
     return "failed" if record.get("status") == "failed" else "missing"
 
 
@@ -980,8 +1024,9 @@ class _Stopper:
 def _clean_temp_files(out: Path, jobs: Sequence[Job]) -> None:
     """Remove temp files left by a killed writer (``.<name>.<random>.tmp``) for this process's images."""
     for job in jobs:
-        for tmp in out.glob(f".{glob_escape(job.file)}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for name in job.files:
+            for tmp in out.glob(f".{glob_escape(name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 def glob_escape(name: str) -> str:
@@ -1077,12 +1122,13 @@ class _Generator:
         self.torch = torch
         self._inverted: dict[tuple[Any, ...], Any] = {}  # the last edit's inversion, by image, caption and settings
 
-    def make(self, job: Job, source: str) -> tuple[Any, dict[str, Any]]:
+    def make(self, job: Job, source: str) -> list[tuple[str, Any, dict[str, Any]]]:
+        """The job's files as ``(file name, image, metadata)``, ``job.file`` last."""
         if job.kind == "edit":
             return self.edit(job, source)
         return self.generate(job, source)
 
-    def edit(self, job: Job, source: str) -> tuple[Any, dict[str, Any]]:
+    def edit(self, job: Job, source: str) -> list[tuple[str, Any, dict[str, Any]]]:
         """An edit item, as ``attnctl edit`` makes it. Consecutive edits of one image under one caption (and the
         same steps and guidance) invert it once."""
         from .controls import control_from_json
@@ -1106,10 +1152,10 @@ class _Generator:
         meta = cli.edit_meta(self.pipe, job.image, s["source_prompt"], s["prompt"], self.model, steps, guidance,
                              length, control, self.dtype_name, self.dev)
         meta["batch"] = {"file": Path(source).name, "id": job.id, "index": job.index, "hash": job.hash}
-        return result.edited, meta
+        return [(job.file, result.edited, meta)]
 
-    def generate(self, job: Job, source: str) -> tuple[Any, dict[str, Any]]:
-        """A generate item, as ``attnctl generate`` makes it."""
+    def generate(self, job: Job, source: str) -> list[tuple[str, Any, dict[str, Any]]]:
+        """A generate item, as ``attnctl generate`` makes it: its image, and a reposition run's references."""
         import diffusers
 
         from . import __version__
@@ -1119,7 +1165,8 @@ class _Generator:
         prompt, negative = s["prompt"], s.get("negative_prompt")
         if s.get("true_cfg") is not None and self.family != "flux":
             raise AttnCtlError("true_cfg is for FLUX models", "use guidance for SD3 / SD3.5 models")
-        cli.check_vocabulary(self.pipe, [prompt, negative or ""], self.model)
+        references = s.get("reference_prompts")
+        cli.check_vocabulary(self.pipe, [prompt, negative or "", *(references or [])], self.model)
         d = self.defaults
         settings = {
             "steps": int(s["steps"] if s.get("steps") is not None else d["steps"]),
@@ -1129,9 +1176,10 @@ class _Generator:
             "max_sequence_length": int(s["max_sequence_length"] if s.get("max_sequence_length") is not None
                                        else d["max_sequence_length"]),
         }
-        kwargs = cli.call_kwargs(settings, prompt, job.seed, negative, s.get("true_cfg"))
         controls = [control_from_json(c) for c in s.get("controls") or []]  # fresh: controls keep run state
-        image = cli.run_pipeline(self.pipe, kwargs, controls)[0]
+        call_prompt = cli.reposition_prompts(prompt, references, controls)
+        kwargs = cli.call_kwargs(settings, call_prompt, job.seed, negative, s.get("true_cfg"))
+        images = cli.run_pipeline(self.pipe, kwargs, controls)
         meta = {
             "prompt": prompt,
             "negative_prompt": negative or None,
@@ -1153,7 +1201,10 @@ class _Generator:
             "boxes": s.get("boxes"),
             "batch": {"file": Path(source).name, "id": job.id, "index": job.index, "hash": job.hash},
         }
-        return image, meta
+        if references:
+            meta["reference_prompts"] = list(references)
+        metas = [{**meta, "reference_index": k} for k in range(1, len(job.extra_files) + 1)] + [meta]
+        return list(zip(job.files, images, metas, strict=True))
 
 
 def run_batch(plan: BatchPlan, out: str | Path, *, device: str = "auto", attention_backend: str | None = None,
@@ -1214,8 +1265,8 @@ def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attenti
                               "hash": job.hash, "rank": dist.rank}
                     try:
                         assert gen is not None
-                        image, meta = gen.make(job, plan.source)
-                        save_png(out / job.file, image, meta)
+                        for name, image, meta in gen.make(job, plan.source):  # job.file last
+                            save_png(out / name, image, meta)
                         record.update(status="done", error=None)
                         made += 1
                     except Exception as e:  # noqa: BLE001 - one failing image is recorded; the batch goes on

@@ -421,6 +421,10 @@ def generate(
     offload: bool = typer.Option(False, "--offload", help="Model CPU offload for small GPUs (ignored on CPU)."),
     from_: Path | None = typer.Option(
         None, "--from", help="Regenerate from a PNG written by attnctl: its settings are the defaults."),
+    reference_prompt: list[str] | None = typer.Option(
+        None, "--reference-prompt", "-r",
+        help="Reposition: the prompt of subject k's reference image, made in the same call for an isolation control "
+             "with references=true; one per subject, in the subjects' order (written as OUT-ref1.png, ...)."),
 ) -> None:
     """Generate one image and write it as a PNG that records how it was made."""
     import torch
@@ -444,6 +448,8 @@ def generate(
     # Controls given on the command line replace the ones recorded in --from.
     specs = [read_json_arg(c, "--control") for c in control] if control else [meta_in.get("controls") or []]
     controls = build_controls(specs, what="--control")
+    references = list(reference_prompt) if reference_prompt else meta_in.get("reference_prompts")
+    call_prompt = reposition_prompts(prompt, references, controls, "--reference-prompt")
     if out.suffix.lower() != ".png" or out.is_dir():
         raise AttnCtlError(f"--out {str(out)!r} is not a .png file name", "name a .png file, e.g. out/image.png")
     torch_dtype = parse_dtype(dtype or meta_in.get("dtype") or "fp32")
@@ -460,7 +466,7 @@ def generate(
         true_cfg = meta_in.get("true_cfg")
     if true_cfg is not None and family != "flux":
         raise AttnCtlError("--true-cfg is for FLUX models", "use --guidance for SD3 / SD3.5 models")
-    check_vocabulary(pipe, [prompt, negative_prompt or ""], model)
+    check_vocabulary(pipe, [prompt, negative_prompt or "", *(references or [])], model)
     backend = None
     if attention_backend is not None:
         backend = set_attention_backend(pipe, attention_backend, dev, torch_dtype)
@@ -476,8 +482,11 @@ def generate(
         "width": int(width if width is not None else meta_in.get("width", defaults["width"])),
         "max_sequence_length": int(meta_in.get("max_sequence_length", defaults["max_sequence_length"])),
     }
-    kwargs = call_kwargs(settings, prompt, seed, negative_prompt, true_cfg)
+    kwargs = call_kwargs(settings, call_prompt, seed, negative_prompt, true_cfg)
     images = int(images if images is not None else meta_in.get("images", 1))
+    if images > 1 and references:
+        raise AttnCtlError("--images with --reference-prompt: a reposition call makes one set of references and "
+                           "its scene", "run the command once per image (another --seed each)")
     if images > 1:
         kwargs["num_images_per_prompt"] = images
 
@@ -513,9 +522,15 @@ def generate(
         meta["regenerated_from"] = str(from_)
     if images > 1:
         meta["images"] = images
-    for i, image in enumerate(made):
-        target = out if images == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        path = save_png(target, image, meta if images == 1 else {**meta, "image_index": i})
+    if references:
+        meta["reference_prompts"] = list(references)
+        outputs = [(reference_file(out, k), {**meta, "reference_index": k}) for k in range(1, len(references) + 1)]
+        outputs.append((out, meta))
+    else:
+        outputs = [(out if images == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}"),
+                    meta if images == 1 else {**meta, "image_index": i}) for i in range(len(made))]
+    for image, (target, image_meta) in zip(made, outputs, strict=True):
+        path = save_png(target, image, image_meta)
         out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, seed {seed}, {settings['steps']} steps, "
                           f"{image.size[0]}x{image.size[1]}, {seconds:.1f} s)", highlight=False)
     for line in (c.summary() for c in controls):
@@ -591,7 +606,37 @@ def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, step
             "torch_version": torch.__version__}
 
 
-def call_kwargs(settings: dict[str, Any], prompt: str, seed: int, negative_prompt: str | None = None,
+def reposition_prompts(prompt: str, references: Sequence[str] | None, controls: Sequence[Any],
+                       option: str = "reference_prompts") -> str | list[str]:
+    """The call's prompt: ``prompt`` alone, or ``[reference_1 … reference_n, prompt]`` when an isolation control
+    repositions its subjects after references (``references=true``), one reference prompt per subject."""
+    repositioning = [c for c in controls if getattr(c, "kind", None) == "isolation" and c.config.references]
+    if not references:
+        if repositioning:
+            raise AttnCtlError("the isolation control has references=true, and no reference prompts are given",
+                               f"give one {option} per subject, in the subjects' order (each showing that subject "
+                               "alone), or set references to false")
+        return prompt
+    if len(repositioning) != 1:
+        raise AttnCtlError(f"{option} makes reference images for reposition, and the run has "
+                           f"{len(repositioning)} isolation controls with references=true",
+                           'add one, e.g. {"kind": "isolation", "subjects": ["red circle", "blue square"], '
+                           '"references": true}, or drop the reference prompts')
+    subjects = repositioning[0].config.subjects
+    if len(references) != len(subjects):
+        raise AttnCtlError(f"{len(references)} reference prompts for {len(subjects)} subjects "
+                           f"({', '.join(map(repr, subjects))})", "give one per subject, in the subjects' order")
+    if any(not isinstance(r, str) or not r.strip() for r in references):
+        raise AttnCtlError("a reference prompt is empty", "describe each subject alone, e.g. 'a small red circle'")
+    return [*references, prompt]
+
+
+def reference_file(out: Path, k: int) -> Path:
+    """Where reference ``k`` (from 1) of a reposition run whose scene goes to ``out`` is written."""
+    return out.with_name(f"{out.stem}-ref{k}{out.suffix}")
+
+
+def call_kwargs(settings: dict[str, Any], prompt: str | list[str], seed: int, negative_prompt: str | None = None,
                 true_cfg: float | None = None) -> dict[str, Any]:
     """The pipeline call for one image from resolved settings (steps, guidance, size, text length); the seed
     drives a CPU generator so an image regenerates identically on any device."""

@@ -484,3 +484,48 @@ def test_the_example_batch_file_is_valid_and_reads_its_image_next_to_it():
     edits = [j for j in plan.jobs if j.kind == "edit"]
     assert len(edits) == 1 and edits[0].image.is_file() and edits[0].image.parent.name == "examples"
     assert len(plan.jobs) == 8  # three items × two seeds, one item with its own seed, and the edit
+
+
+def test_reposition_items_write_their_references_and_redo_a_set_that_lost_one(model_dir, tmp_path):
+    iso = {"kind": "isolation", "subjects": ["red circle", "blue square"], "references": True, "sites": "all"}
+    refs = ["a small red circle", "a large blue square"]
+    scene = "a red circle and a blue square"
+    with pytest.raises(BatchFileError) as err:
+        plan_batch({"version": 1, "items": [
+            {"prompt": scene, "controls": [iso], "reference_prompts": refs[:1]},
+            {"prompt": scene, "controls": [iso]},
+            {"prompt": scene, "reference_prompts": refs},
+        ]})
+    problems = err.value.problems
+    assert [p.split(":")[0] + ":" + p.split(":")[1] for p in problems] == [
+        "item 0 (id '0'): field 'reference_prompts'", "item 1 (id '1'): field 'controls'",
+        "item 2 (id '2'): field 'reference_prompts'"], problems
+    assert "1 reference prompts for 2 subjects" in problems[0] and "no reference prompts" in problems[1]
+    assert "0 isolation controls with references=true" in problems[2]
+    with pytest.raises(BatchFileError) as err:
+        plan_batch({"version": 1, "items": [{"type": "edit", "image": "x.png", "source_prompt": "a red circle",
+                                             "prompt": "a blue circle", "reference_prompts": refs}]})
+    assert err.value.problems[0].startswith("item 0: field 'reference_prompts' is not used by edit items")
+
+    batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 3}, "items": [
+        {"id": "set", "prompt": scene, "seed": 2, "controls": [iso], "reference_prompts": refs}]})
+    out = tmp_path / "out"
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0, result.output
+    files = pngs(out)
+    assert set(files) == {"set_s2.png", "set_s2-ref1.png", "set_s2-ref2.png"}
+    assert read_metadata(out / "set_s2.png")["reference_prompts"] == refs
+
+    # the scene is what `attnctl generate` makes of the same settings
+    single = tmp_path / "single.png"
+    result = run("generate", "--model", model_dir, "--prompt", scene, "-r", refs[0], "-r", refs[1], "--seed", "2",
+                 "--steps", "3", "--control", json.dumps(iso), "--out", single)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(read_image(single), read_image(out / "set_s2.png"))
+
+    # a lost reference image makes the set "missing": the re-run makes all three again
+    (out / "set_s2-ref1.png").unlink()
+    assert "missing" in run("batch", batch, "--out", out, "--model", model_dir, "--check").output
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0 and "1 done" in result.output, result.output
+    assert pngs(out) == files

@@ -402,3 +402,43 @@ def test_edit_writes_the_edited_png_with_its_settings_and_refuses_bad_input(tmp_
     assert wrong.exit_code == 2 and "UnifyEdit control" in wrong.output
     same = run("edit", src, "--source", source, "--target", source, "-m", "toy-sd3", "-o", out)
     assert same.exit_code == 2 and "nothing to edit" in same.output
+
+
+def test_generate_repositions_after_reference_prompts_made_in_the_same_call(sd3_dir, tmp_path):
+    import torch
+
+    from attnctl import IsolationAttention
+    from attnctl.cli import load_pipeline
+
+    subjects, refs = ["red circle", "blue square"], ["a small red circle", "a large blue square"]
+    scene = "a red circle and a blue square"
+    iso = {"kind": "isolation", "subjects": subjects, "references": True, "sites": "all"}
+    out = tmp_path / "scene.png"
+    result = run("generate", "--model", sd3_dir, "--prompt", scene, "-r", refs[0], "-r", refs[1], "--seed", "2",
+                 "--steps", "3", "--control", json.dumps(iso), "--out", out)
+    ok(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene-ref1.png", "scene-ref2.png", "scene.png"]
+    meta = read_metadata(out)
+    assert meta["reference_prompts"] == refs and "reference_index" not in meta
+    assert read_metadata(tmp_path / "scene-ref2.png")["reference_index"] == 2
+
+    # the scene is the Python API's [reference_1, reference_2, scene] call, and --from makes it again
+    pipe = load_pipeline(str(sd3_dir))
+    images = pipe([*refs, scene], num_inference_steps=3, guidance_scale=meta["guidance"], height=32, width=32,
+                  max_sequence_length=meta["max_sequence_length"], generator=torch.Generator("cpu").manual_seed(2),
+                  controls=[IsolationAttention(**{k: v for k, v in iso.items() if k != "kind"})]).images
+    assert np.array_equal(read_image(out), np.asarray(images[2]))
+    assert np.array_equal(read_image(tmp_path / "scene-ref1.png"), np.asarray(images[0]))
+    again = tmp_path / "again" / "x.png"
+    ok(run("generate", "--from", out, "--out", again))
+    assert np.array_equal(read_image(again), read_image(out)) and (again.parent / "x-ref2.png").is_file()
+
+    # bad combinations say what to do
+    for args, text in [
+        (["-r", refs[0], "-r", refs[1]], "0 isolation controls with references=true"),
+        (["--control", json.dumps(iso)], "no reference prompts are given"),
+        (["-r", refs[0], "--control", json.dumps(iso)], "1 reference prompts for 2 subjects"),
+        (["-r", refs[0], "-r", refs[1], "--control", json.dumps(iso), "--images", "2"], "run the command once per"),
+    ]:
+        bad = run("generate", "--model", sd3_dir, "--prompt", scene, "--steps", "2", *args, "--out", tmp_path / "b.png")
+        assert bad.exit_code == 2 and text in " ".join(bad.output.split()), bad.output

@@ -1,7 +1,8 @@
 """Isolation panel: which subjects of the prompt are kept apart, how strongly over the run, and at which sites.
 
 The UI generates one prompt per side, so the panel edits isolation alone; reposition needs reference prompts in the
-same call (``references=True``, from a script or the JSON panel's config in a batch run)."""
+same call (``references=True``: from a script, ``attnctl generate --reference-prompt``, or a batch item's
+``reference_prompts``)."""
 
 from __future__ import annotations
 
