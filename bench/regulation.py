@@ -41,13 +41,13 @@ VARIANTS = ("stock", "attnctl", "regulation")
 WORDS = ["a", "red", "circle", "and", "a", "blue", "square"]
 
 
-def prompt_layout(spec: dict, n_text: int, side: int):
-    """A layout whose prompt is "a red circle and a blue square", tokenised one token per word."""
+def prompt_layout(spec: dict, n_text: int, side: int, prompt_words: list[str] = WORDS):
+    """A layout whose prompt is ``prompt_words`` (default "a red circle and a blue square"), one token per word."""
     from attnctl.layout import TextSegment, TokenLayout
 
     def words(offset: int) -> dict[str, tuple[int, ...]]:
         out: dict[str, list[int]] = {}
-        for i, w in enumerate(WORDS):
+        for i, w in enumerate(prompt_words):
             out.setdefault(w, []).append(offset + i)
         return {w: tuple(p) for w, p in out.items()}
 
@@ -55,7 +55,7 @@ def prompt_layout(spec: dict, n_text: int, side: int):
         segs = (TextSegment("clip", 0, 77, words(1)), TextSegment("t5", 77, n_text - 77, words(0)))
     else:
         segs = (TextSegment("t5", 0, n_text, words(0)),)
-    return TokenLayout(spec["family"], n_text, (side, side), segs, " ".join(WORDS))
+    return TokenLayout(spec["family"], n_text, (side, side), segs, " ".join(prompt_words))
 
 
 def build(shape: str, res: int, variant: str, **config):

@@ -170,3 +170,15 @@ def test_edit_eval_runs(tmp_path):
     assert [r["method"] for r in rows] == ["inversion", "unifyedit"] and all(r["edits"] == 1 for r in rows)
     for r in rows:
         assert 0.0 <= r["edited"] <= 1.0 and 0.0 <= r["kept"] <= 1.0 and r["outside_mae"] >= 0.0
+
+
+def test_edit_layer_bench_runs_and_its_two_forms_agree(tmp_path):
+    """bench/edit.py at a small token count: every variant timed and measured, both UnifyEdit terms on, the chunked
+    and materialised forms equal on the same layer."""
+    result = run_bench("edit.py", "--res", "256", "--shapes", "flux.1-dev-single", "--repeats", "1",
+                       out=tmp_path / "edit_layer.json")
+    (row,) = result["rows"]
+    assert set(row["seconds"]) == set(row["extra_peak_bytes"]) == {"stock", "stock_grad", "unify",
+                                                                   "unify_materialised"}
+    assert row["image_tokens"] == 256 and row["max_rel_diff"] <= 1e-5
+    assert row["losses"]["sa"] > 0 and 0 < row["losses"]["ca"] <= 1

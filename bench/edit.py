@@ -1,0 +1,216 @@
+"""What UnifyEdit's gradient pass costs at one attention layer of real shape, against the stock layer.
+
+    python bench/edit.py                   # SD3.5-large and FLUX.1-dev layers, 512² and 1024² token counts
+    python bench/edit.py --quick           # 512² only
+    python bench/edit.py --res 256 --shapes flux.1-dev-single --repeats 1     # a smoke run (the test's)
+    python bench/edit.py --json out.json
+
+An edit's gradient pass runs two rows, the source ``z^s_t`` and the target ``z_t``, through the sites the losses
+read; at each such site UnifyEdit takes the self-attention gap between the two rows' image→image maps and the edit
+words' maps of the target row. Layers and inputs come from ``bench/layers.py`` with a batch of two rows; the source
+prompt is "a red circle and a blue square", the target "a green circle and a blue square" (one token per word, as
+``bench/regulation.py`` lays them out). Variants, timed interleaved in the same run:
+
+- ``stock``: the stock processor's forward of the two rows, no gradients (what the step's own forward costs here);
+- ``stock_grad``: the stock layer's forward and the backward of a scalar of its output to the layer's input, the
+  cost any latent-gradient method pays for a layer its gradient passes through;
+- ``unify``: the gradient pass at a site the losses read: the attnctl processor's forward with UnifyEdit's defaults
+  (both terms, the edit mask by Otsu on the source's map of "red"), then one backward per term to the layer's
+  input, as ``attnctl.edit`` runs them. The image×image maps go in checkpointed chunks of query rows;
+- ``unify_materialised``: the same with the whole ``heads × N_img × N_img`` maps at once, the plain way to write the
+  loss. At 1024² one SD3.5-large map is 2.4 GB a row and this variant alone needs about 10 GB; ``--materialise-up-to
+  512`` leaves it out above 512².
+
+The losses and gradients of ``unify`` and ``unify_materialised`` are compared (``max_rel_diff``). The extra peak
+memory of one call of each variant is measured in a fresh subprocess (``bench/layers.py``'s method: VmHWM after a
+reset minus VmRSS before); ``map_bytes`` is one float32 ``heads · N_img · N_img`` map of one row, what the chunks
+avoid holding. Weights are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import layers  # noqa: E402  (the layer builders and the peak-memory method)
+from regulation import WORDS, prompt_layout  # noqa: E402
+from report import emit  # noqa: E402
+
+VARIANTS = ("stock", "stock_grad", "unify", "unify_materialised")
+TARGET_WORDS = [("green" if w == "red" else w) for w in WORDS]
+
+
+def variants_at(res: int, materialise_up_to: int) -> tuple[str, ...]:
+    """The variants run at ``res``: the materialised one only up to ``materialise_up_to`` (its maps grow as N²)."""
+    return VARIANTS if res <= materialise_up_to else VARIANTS[:-1]
+
+
+def two_rows(kwargs: dict) -> dict:
+    """The layer's inputs with a second row: a different latent for the target (the RoPE tables are shared)."""
+    out = dict(kwargs)
+    for name in ("hidden_states", "encoder_hidden_states"):
+        if name in kwargs:
+            x = kwargs[name]
+            other = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+            out[name] = torch.cat([x, other if name == "hidden_states" else x])
+    return out
+
+
+def build(shape: str, res: int, variant: str):
+    """The layer with two input rows, and for ``unify*`` the control bound to its controller in a gradient pass."""
+    from attnctl import UnifyEdit
+
+    guided = variant.startswith("unify")
+    layer = layers.build(shape, res, "attnctl" if guided else "stock")
+    layer.kwargs = two_rows(layer.kwargs)
+    control = None
+    if guided:
+        ctl = layer.controller
+        control = UnifyEdit(sites="all")
+        ctl.controls.append(control)
+        control.bind(ctl)
+        ctl._latent_control = control  # a bare layer has no pipeline to check: declare the gradient pass's control
+        spec, side = layers.SHAPES[shape], res // 16
+        source = prompt_layout(spec, layer.n_text, side)
+        target = prompt_layout(spec, layer.n_text, side, TARGET_WORDS)
+        ctl.begin_run(1, layout=target, roles=["cond", "cond"])
+        ctl.state.row_layouts = [source, target]
+        ctl.state.gradient_pass = True
+    return layer, control
+
+
+@contextlib.contextmanager
+def materialised(on: bool):
+    """UnifyEdit's self-attention gap in one chunk (the whole maps, no checkpointing) while ``on``."""
+    from attnctl.controls import unify_edit
+
+    chunked = unify_edit.self_attention_gap
+    if on:
+        unify_edit.self_attention_gap = functools.partial(chunked, max_elems=1 << 62)
+    try:
+        yield
+    finally:
+        unify_edit.self_attention_gap = chunked
+
+
+def one_call(layer, control, variant: str) -> tuple[dict, torch.Tensor] | None:
+    """One call of ``variant``; for ``unify*`` its losses and the summed gradients of the two terms."""
+    if variant == "stock":
+        with torch.no_grad():
+            layer.attn(**layer.kwargs)
+        return None
+    x = layer.kwargs["hidden_states"].detach().requires_grad_(True)
+    with torch.enable_grad(), materialised(variant == "unify_materialised"):
+        out = layer.attn(**{**layer.kwargs, "hidden_states": x})
+        if control is None:
+            out = out[0] if isinstance(out, tuple) else out
+            (grad,) = torch.autograd.grad(out.float().pow(2).mean(), x)
+            return None
+        losses = control.edit_losses()
+        terms = [n for n, loss in losses.items() if loss is not None]
+        assert terms == ["sa", "ca"], f"both terms should be on, got {terms}"
+        grads = [torch.autograd.grad(losses[n], x, retain_graph=i + 1 < len(terms))[0] for i, n in enumerate(terms)]
+    grad = torch.stack(grads)
+    assert torch.isfinite(grad).all()
+    return {n: float(losses[n].detach()) for n in terms}, grad
+
+
+def max_rel_diff(a: tuple[dict, torch.Tensor], b: tuple[dict, torch.Tensor]) -> float:
+    """The largest relative difference between two calls' losses and gradients."""
+    diffs = [abs(a[0][n] - b[0][n]) / max(abs(b[0][n]), 1e-12) for n in a[0]]
+    diffs.append(float((a[1] - b[1]).abs().max() / b[1].abs().max().clamp_min(1e-30)))
+    return max(diffs)
+
+
+def time_variants(shape: str, res: int, repeats: int, materialise_up_to: int) -> dict:
+    names = variants_at(res, materialise_up_to)
+    built = {v: build(shape, res, v) for v in names if v != "unify_materialised"}
+    if "unify_materialised" in names:
+        built["unify_materialised"] = built["unify"]  # the same weights and inputs: the two forms must agree
+    results = {v: one_call(*built[v], v) for v in names}  # warm-up, and the values compared below
+    times: dict[str, list[float]] = {v: [] for v in names}
+    for _ in range(repeats):
+        for v in names:
+            t = time.perf_counter()
+            one_call(*built[v], v)
+            times[v].append(time.perf_counter() - t)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    stock = built["stock"][0]
+    heads = stock.attn.heads
+    row = dict(shape=shape, res=res, tokens=stock.n_img + stock.n_text, image_tokens=stock.n_img,
+               text_tokens=stock.n_text, heads=heads, seconds={v: round(m, 4) for v, m in med.items()},
+               ratio_to_stock={v: round(m / med["stock"], 3) for v, m in med.items()},
+               unify_over_stock_grad=round(med["unify"] / med["stock_grad"], 3),
+               losses=results["unify"][0], map_bytes=heads * stock.n_img * stock.n_img * 4)
+    if "unify_materialised" in med:
+        row["chunked_over_materialised"] = round(med["unify"] / med["unify_materialised"], 3)
+        row["max_rel_diff"] = max_rel_diff(results["unify"], results["unify_materialised"])
+    return row
+
+
+def _peak_child(shape: str, res: int, variant: str) -> int:
+    torch.set_num_threads(2)
+    layer, control = build(shape, res, variant)
+    return layers.extra_peak_bytes(lambda: one_call(layer, control, variant))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="512² token counts only")
+    ap.add_argument("--res", type=int, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shapes", nargs="+", default=list(layers.SHAPES), choices=list(layers.SHAPES))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the peak children use 2)")
+    ap.add_argument("--materialise-up-to", type=int, default=1024, help="largest resolution of the materialised "
+                                                                          "variant (1024: about 10 GB)")
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peak_child:
+        shape, res, variant = args.peak_child
+        print(_peak_child(shape, int(res), variant))
+        return
+    torch.set_num_threads(args.threads)
+    rows = []
+    for res in args.res or ((512,) if args.quick else (512, 1024)):
+        for shape in args.shapes:
+            r = time_variants(shape, res, args.repeats, args.materialise_up_to)
+            r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, variants_at(res, args.materialise_up_to))
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="UnifyEdit's gradient pass at one layer, two rows (ratios: same run; 1.00 = stock forward)")
+        for col in ("layer", "res", "tokens", "stock fwd+bwd ×", "unify pass ×", "unify / stock fwd+bwd",
+                    "chunked / materialised time", "max rel diff", "peak MB stock / fwd+bwd / unify / materialised",
+                    "peak unify / materialised",
+                    "one row's N_img² map MB"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            peak = r["extra_peak_bytes"]
+            mb = " / ".join(f"{peak[v] / 2**20:.0f}" if v in peak else "–" for v in VARIANTS)
+            t.add_row(r["shape"], str(r["res"]), str(r["tokens"]), f"{r['ratio_to_stock']['stock_grad']:.2f}",
+                      f"{r['ratio_to_stock']['unify']:.2f}", f"{r['unify_over_stock_grad']:.2f}",
+                      f"{r['chunked_over_materialised']:.2f}" if "chunked_over_materialised" in r else "–",
+                      f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else "–", mb,
+                      f"{peak['unify'] / peak['unify_materialised']:.2f}" if "unify_materialised" in peak else "–",
+                      f"{r['map_bytes'] / 2**20:.0f}")
+        Console(width=200).print(t)
+    except ImportError:
+        pass
+    emit({"bench": "edit", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, args.json)
+
+
+if __name__ == "__main__":
+    main()
