@@ -424,7 +424,8 @@ def generate(
     reference_prompt: list[str] | None = typer.Option(
         None, "--reference-prompt", "-r",
         help="Reposition: the prompt of subject k's reference image, made in the same call for an isolation control "
-             "with references=true; one per subject, in the subjects' order (written as OUT-ref1.png, ...)."),
+             "with references=true; one per subject, in the subjects' order (written as OUT-ref1.png, ...). "
+             "Without that control the set is made plainly, from the same noise (the baseline)."),
 ) -> None:
     """Generate one image and write it as a PNG that records how it was made."""
     import torch
@@ -608,26 +609,25 @@ def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, step
 
 def reposition_prompts(prompt: str, references: Sequence[str] | None, controls: Sequence[Any],
                        option: str = "reference_prompts") -> str | list[str]:
-    """The call's prompt: ``prompt`` alone, or ``[reference_1 … reference_n, prompt]`` when an isolation control
-    repositions its subjects after references (``references=true``), one reference prompt per subject."""
+    """The call's prompt: ``prompt`` alone, or the set ``[reference_1 … reference_n, prompt]`` when reference prompts
+    are given. An isolation control that repositions its subjects after references (``references=true``) needs one
+    reference prompt per subject; without such a control the set is made plainly, from the same noise as the
+    repositioned one (its baseline)."""
     repositioning = [c for c in controls if getattr(c, "kind", None) == "isolation" and c.config.references]
+    if len(repositioning) > 1:
+        raise AttnCtlError(f"{len(repositioning)} isolation controls with references=true in one run",
+                           "keep one: the call has one set of references")
     if not references:
         if repositioning:
             raise AttnCtlError("the isolation control has references=true, and no reference prompts are given",
                                f"give one {option} per subject, in the subjects' order (each showing that subject "
                                "alone), or set references to false")
         return prompt
-    if len(repositioning) != 1:
-        raise AttnCtlError(f"{option} makes reference images for reposition, and the run has "
-                           f"{len(repositioning)} isolation controls with references=true",
-                           'add one, e.g. {"kind": "isolation", "subjects": ["red circle", "blue square"], '
-                           '"references": true}, or drop the reference prompts')
-    subjects = repositioning[0].config.subjects
-    if len(references) != len(subjects):
-        raise AttnCtlError(f"{len(references)} reference prompts for {len(subjects)} subjects "
-                           f"({', '.join(map(repr, subjects))})", "give one per subject, in the subjects' order")
     if any(not isinstance(r, str) or not r.strip() for r in references):
         raise AttnCtlError("a reference prompt is empty", "describe each subject alone, e.g. 'a small red circle'")
+    if repositioning and len(references) != len(subjects := repositioning[0].config.subjects):
+        raise AttnCtlError(f"{len(references)} reference prompts for {len(subjects)} subjects "
+                           f"({', '.join(map(repr, subjects))})", "give one per subject, in the subjects' order")
     return [*references, prompt]
 
 

@@ -494,14 +494,16 @@ def test_reposition_items_write_their_references_and_redo_a_set_that_lost_one(mo
         plan_batch({"version": 1, "items": [
             {"prompt": scene, "controls": [iso], "reference_prompts": refs[:1]},
             {"prompt": scene, "controls": [iso]},
-            {"prompt": scene, "reference_prompts": refs},
+            {"prompt": scene, "reference_prompts": [refs[0], " "], "controls": [iso]},
         ]})
     problems = err.value.problems
     assert [p.split(":")[0] + ":" + p.split(":")[1] for p in problems] == [
         "item 0 (id '0'): field 'reference_prompts'", "item 1 (id '1'): field 'controls'",
         "item 2 (id '2'): field 'reference_prompts'"], problems
     assert "1 reference prompts for 2 subjects" in problems[0] and "no reference prompts" in problems[1]
-    assert "0 isolation controls with references=true" in problems[2]
+    assert "a reference prompt is empty" in problems[2]
+    plain = plan_batch({"version": 1, "items": [{"prompt": scene, "reference_prompts": refs}]})  # a plain set
+    assert plain.jobs[0].files == ("0_s0-ref1.png", "0_s0-ref2.png", "0_s0.png")
     with pytest.raises(BatchFileError) as err:
         plan_batch({"version": 1, "items": [{"type": "edit", "image": "x.png", "source_prompt": "a red circle",
                                              "prompt": "a blue circle", "reference_prompts": refs}]})

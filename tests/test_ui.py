@@ -34,6 +34,7 @@ from attnctl.ui.safety import (  # noqa: E402
 from attnctl.ui.setup import (  # noqa: E402
     Setup,
     batch_file,
+    batch_item,
     check_batch_file,
     describe_changes,
     metadata_for,
@@ -129,6 +130,14 @@ def test_setup_round_trips_through_png_metadata_and_exports_a_valid_batch_file(t
     assert (back.seed, back.steps) == (Setup().seed, Setup().steps) and len(notes) == 2
     with pytest.raises(UploadError):
         setup_from_metadata(dict(checked.metadata, controls=[{"kind": "softpag", "heads": "x.json"}]))
+    # a reposition setup keeps its reference prompts in the PNG and in the batch item
+    r = Setup(prompt="a red circle and a blue square", reference_prompts=["a red circle", "a blue square"],
+              controls=[{"kind": "isolation", "subjects": ["red circle", "blue square"], "references": True}])
+    back, notes = setup_from_metadata(check_png_upload("r.png", attnctl_png(r)).metadata)
+    assert back == r and notes == []
+    assert batch_item(r)["reference_prompts"] == r.reference_prompts and check_batch_file(batch_file(r)) == []
+    assert describe_changes(r, Setup(**{**r.to_dict(), "reference_prompts": ["a red circle", "a square"]})) == \
+        "reference prompts edited"
 
 
 def test_describe_changes():
@@ -354,6 +363,52 @@ def test_isolation_panel_names_the_prompts_subjects_and_runs(monkeypatch, model_
     at.multiselect(key=f"c{iso}.subjects").set_value(["red circle"]).run()
     ok(at)
     assert any("at least two subjects" in w.value for w in at.warning)
+
+
+def test_isolation_panel_repositions_after_reference_prompts_made_in_the_same_call(monkeypatch, model_dir):
+    import torch
+
+    from attnctl import IsolationAttention
+    from attnctl.cli import load_pipeline
+
+    at = start(monkeypatch, model_dir)
+    at.selectbox(key="add_kind").set_value("isolation")
+    at.button(key="add_control").click().run()
+    controls = at.session_state["controls"]
+    iso = controls[1]["id"]
+    at.button(key=f"remove{controls[0]['id']}").click().run()
+    at.toggle(key=f"c{iso}.references").set_value(True).run()
+    ok(at)
+    assert at.text_input(key=f"c{iso}.ref0").value == "a red circle"  # a first reference prompt per subject
+    at.text_input(key=f"c{iso}.ref1").set_value("a large blue square").run()
+    generate(at, steps=3)
+    assert errors(at) == [] and len(compare_images(at)) == 2
+    run = at.session_state["history"][-1]
+    setup = run["setup"]
+    assert setup.reference_prompts == ["a red circle", "a large blue square"]
+    assert setup.controls[0]["references"] is True and "maps are not made for reposition" in run["note"]
+
+    # both images are the scenes of [reference_1, reference_2, scene] from one noise: plain, and repositioned
+    pipe = load_pipeline(str(model_dir))
+    call = dict(num_inference_steps=3, guidance_scale=setup.guidance, height=32, width=32,
+                max_sequence_length=json.loads(Image.open(io.BytesIO(run["baseline"])).text["attnctl"])[
+                    "max_sequence_length"])
+    prompts = [*setup.reference_prompts, setup.prompt]
+    config = {k: v for k, v in setup.controls[0].items() if k != "kind"}
+    for key, controls in (("baseline", None), ("controlled", [IsolationAttention(**config)])):
+        want = pipe(prompts, generator=torch.Generator("cpu").manual_seed(setup.seed), controls=controls,
+                    **call).images[2]
+        with Image.open(io.BytesIO(run[key])) as img:
+            assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(want)), key
+            assert json.loads(img.text["attnctl"])["reference_prompts"] == setup.reference_prompts
+
+    # an empty reference prompt is named, and the run refuses it
+    at.text_input(key=f"c{iso}.ref0").set_value("").run()
+    ok(at)
+    assert any("reference prompt for every subject" in w.value for w in at.warning)
+    at.button(key="generate").click().run()
+    ok(at)
+    assert any("reference prompt is empty" in e for e in errors(at))
 
 
 def test_schedule_editing_updates_the_control_and_blocks_bad_input(monkeypatch, model_dir):

@@ -98,10 +98,12 @@ def model_name() -> str:
 
 def current_setup(enabled_only: bool = True) -> Setup:
     ss = st.session_state
-    controls = [dict(c["config"]) for c in ss.controls if c.get("enabled", True) or not enabled_only]
+    entries = [c for c in ss.controls if c.get("enabled", True) or not enabled_only]
+    references = next((list(c["reference_prompts"]) for c in entries
+                       if c.get("reference_prompts") and c["config"].get("references")), [])
     return Setup(model=model_name(), prompt=ss.prompt, negative_prompt=ss.negative_prompt, seed=int(ss.seed),
                  steps=int(ss.steps), guidance=float(ss.guidance), height=int(ss.height), width=int(ss.width),
-                 controls=controls)
+                 controls=[dict(c["config"]) for c in entries], reference_prompts=references)
 
 
 def new_control(kind: str, config: dict[str, Any], enabled: bool = True) -> dict[str, Any]:
@@ -120,6 +122,10 @@ def apply_setup(s: Setup) -> None:
     for k in SETTING_KEYS:
         ss[k] = getattr(s, k)
     ss.controls = [new_control(c["kind"] if c.get("kind") in panels else GENERIC, dict(c)) for c in s.controls]
+    for entry in ss.controls:  # the reference prompts belong to the control that repositions after them
+        if entry["kind"] == "isolation" and entry["config"].get("references"):
+            entry["reference_prompts"] = list(s.reference_prompts)
+            break
     ss.defaults_for = s.model  # keep these settings when the model loads
     ss.seeded_controls = True
 
@@ -310,8 +316,12 @@ def controls_panel(ctx: PanelContext, model: engine.LoadedModel | None) -> list[
                           help="Remove this control", type="tertiary")
             summary = st.empty()
             with st.expander("Settings", expanded=True):
-                cfg = panel.render(ctx, f"c{cid}", dict(entry["config"]))
+                given = dict(entry["config"])
+                if entry.get("reference_prompts") and panel.kind == "isolation":
+                    given["_reference_prompts"] = list(entry["reference_prompts"])
+                cfg = panel.render(ctx, f"c{cid}", given)
             error = cfg.pop("_error", None)
+            entry["reference_prompts"] = cfg.pop("_reference_prompts", None) or []
             entry["config"] = cfg
             if error is None:
                 error = control_error(cfg, model)

@@ -168,7 +168,8 @@ def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
         problems.append("The prompt is longer than 2000 characters.")
     else:
         try:
-            check_vocabulary(model.pipe, [setup.prompt, setup.negative_prompt], model.label)
+            check_vocabulary(model.pipe, [setup.prompt, setup.negative_prompt, *setup.reference_prompts],
+                             model.label)
         except AttnCtlError as e:
             problems.append(str(e))
     m = model.size_multiple
@@ -183,7 +184,19 @@ def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
         problems.append(str(e))
         controls = []
     problems.extend(bind_problems(model, setup.controls, controls))
+    try:
+        call_prompt(setup, controls)
+    except AttnCtlError as e:
+        problems.append(str(e))
     return problems
+
+
+def call_prompt(setup: Setup, controls: list[Any]) -> str | list[str]:
+    """The pipeline's prompt: the scene, or ``[reference_1 … reference_n, scene]`` for reposition (the baseline makes
+    the same set without controls, so both runs start from the same noise)."""
+    from ..cli import reposition_prompts
+
+    return reposition_prompts(setup.prompt, setup.reference_prompts or None, controls, "reference prompt")
 
 
 def bind_problems(model: LoadedModel, configs: list[dict[str, Any]], controls: list[Any]) -> list[str]:
@@ -212,7 +225,7 @@ def _call(model: LoadedModel, setup: Setup, controls: list[Any], progress: Progr
         return kwargs
 
     call: dict[str, Any] = {
-        "prompt": setup.prompt,
+        "prompt": call_prompt(setup, controls),
         "num_inference_steps": setup.steps,
         "guidance_scale": setup.guidance,
         "height": setup.height,
@@ -231,7 +244,7 @@ def _call(model: LoadedModel, setup: Setup, controls: list[Any], progress: Progr
     except ValueError as e:
         raise AttnCtlError(f"the pipeline refused the call: {' '.join(str(e).split())[:400]}",
                            "check the size, steps, guidance and prompt") from e
-    return out.images[0]
+    return out.images[-1]  # the scene comes after its references
 
 
 def _maps_of(probe) -> dict[str, np.ndarray]:
@@ -258,6 +271,8 @@ def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
         for n, (label, configs) in enumerate(runs):
             controls = build_controls(configs)
             probe = None
+            if setup.reference_prompts and maps is not None:
+                note = "attention maps are not made for reposition runs (the references share the call)"
             if maps is not None and words and note is None:
                 probe = control_from_json(maps.probe_json(words))
             try:

@@ -1,9 +1,9 @@
 """The user's setup as plain data, and its three forms: PNG metadata, a JSON batch item, a change list.
 
-A :class:`Setup` is what one Generate click runs: model, prompt, seed, steps, guidance, size and the
-controls (as their JSON configs). It round-trips through the metadata attnctl writes into PNGs
-(:mod:`attnctl.imageio`), so an image opened in the UI restores every setting, and it exports as an item of
-the JSON batch file ``attnctl batch`` reads.
+A :class:`Setup` is what one Generate click runs: model, prompt, seed, steps, guidance, size, the
+controls (as their JSON configs) and, for reposition, the reference prompts made in the same call. It
+round-trips through the metadata attnctl writes into PNGs (:mod:`attnctl.imageio`), so an image opened in the
+UI restores every setting, and it exports as an item of the JSON batch file ``attnctl batch`` reads.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class Setup:
     height: int = 32
     width: int = 32
     controls: list[dict[str, Any]] = field(default_factory=list)
+    reference_prompts: list[str] = field(default_factory=list)
+    """Reposition: the prompts of the subjects' reference images, made in the same call before the scene."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +87,10 @@ def setup_from_metadata(meta: dict[str, Any], base: Setup | None = None) -> tupl
     if not isinstance(controls, list):
         raise UploadError("the attnctl settings in this PNG list no controls (\"controls\" is not a list)")
     checked = [check_control_json(c, f"control #{i + 1} of the PNG") for i, c in enumerate(controls)]
+    references = meta.get("reference_prompts") or []
+    if not (isinstance(references, list) and all(isinstance(r, str) for r in references)) or len(references) > 16:
+        notes.append("the reference prompts recorded are not a list of at most 16 strings; left out")
+        references = []
     setup = Setup(
         model=model.strip(),
         prompt=prompt[:2000],
@@ -95,6 +101,7 @@ def setup_from_metadata(meta: dict[str, Any], base: Setup | None = None) -> tupl
         height=_int(meta, "height", 8, MAX_SIDE, base.height, notes),
         width=_int(meta, "width", 8, MAX_SIDE, base.width, notes),
         controls=[json.loads(json.dumps(c)) for c in checked],
+        reference_prompts=[r[:2000] for r in references],
     )
     return setup, notes
 
@@ -124,6 +131,8 @@ def metadata_for(setup: Setup, info: dict[str, Any], controls: list[dict[str, An
         "attention_backend": None,
         "made_with": "attnctl ui",
     }
+    if setup.reference_prompts:
+        meta["reference_prompts"] = list(setup.reference_prompts)
     for key in ("attnctl_version", "diffusers_version", "torch_version"):
         if info.get(key):
             meta[key] = info[key]
@@ -142,6 +151,8 @@ def batch_item(setup: Setup) -> dict[str, Any]:
         item["negative_prompt"] = setup.negative_prompt
     item.update(seed=setup.seed, steps=setup.steps, guidance=float(setup.guidance), height=setup.height,
                 width=setup.width, controls=[json.loads(json.dumps(c)) for c in setup.controls])
+    if setup.reference_prompts:
+        item["reference_prompts"] = list(setup.reference_prompts)
     return item
 
 
@@ -179,6 +190,8 @@ def describe_changes(before: Setup | None, after: Setup) -> str:
                 out.append(f"{key.replace('_', ' ')} edited")
             else:
                 out.append(f"{key} {a} → {b}")
+    if before.reference_prompts != after.reference_prompts:
+        out.append("reference prompts edited")
     if (before.height, before.width) != (after.height, after.width):
         out.append(f"size {before.width}×{before.height} → {after.width}×{after.height}")
     kinds_a = [c.get("kind") for c in before.controls]

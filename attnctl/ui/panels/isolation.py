@@ -1,8 +1,9 @@
 """Isolation panel: which subjects of the prompt are kept apart, how strongly over the run, and at which sites.
 
-The UI generates one prompt per side, so the panel edits isolation alone; reposition needs reference prompts in the
-same call (``references=True``: from a script, ``attnctl generate --reference-prompt``, or a batch item's
-``reference_prompts``)."""
+With "Reposition after references" on, the panel also takes one reference prompt per subject (each showing that
+subject alone): both runs then make ``[reference_1 … reference_n, scene]`` in one call, the controlled run with
+``references=True``, and the images shown are the scenes. The prompts travel in the config under the UI-only key
+``_reference_prompts``, which the app moves into the setup."""
 
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
                                  options=options, placeholder="phrases or words of the prompt",
                                  help="Each subject's image tokens stop reading the other subjects' tokens. Name "
                                       "two or more; a subject is a word or phrase of the prompt."))
-    if len(cfg["subjects"]) < 2:
+    repositioning = keyed(st.toggle, f"{key}.references", bool(cfg.get("references", False)),
+                          "Reposition after references",
+                          help="Also draw each subject after a reference image of it, made in the same call "
+                               "(IR-Diffusion's reposition)")
+    given = list(cfg.pop("_reference_prompts", None) or [])
+    if len(cfg["subjects"]) < 2 and not repositioning:
         st.warning("Name at least two subjects to isolate.", icon="⚠️")
     missing = [s for s in cfg["subjects"] if any(w.lower() not in ctx.words for w in s.split())]
     if missing:
@@ -56,6 +62,26 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
                                                          "queries; 0 leaves them.")
     if strength is not None:
         cfg["isolation"] = strength
+    if repositioning:
+        cfg["references"] = True
+        prompts = []
+        for i, subject in enumerate(cfg["subjects"]):
+            first = given[i] if i < len(given) else f"a {subject}"
+            prompts.append(keyed(st.text_input, f"{key}.ref{i}", first, f"Reference prompt of {subject!r}",
+                                 max_chars=2000, help="A prompt showing this subject alone").strip())
+        if any(not p for p in prompts):
+            st.warning("Write a reference prompt for every subject.", icon="⚠️")
+        cfg["_reference_prompts"] = prompts
+        weight, werr = schedule_editor(f"{key}.reposition", "Reposition weight over the run",
+                                       cfg.get("reposition", config_default("isolation", "reposition", 0.9)),
+                                       ctx.steps, lo=0.0, hi=None,
+                                       help="Weight of the relocated reference keys; 0: none.")
+        if weight is not None:
+            cfg["reposition"] = weight
+        err = err or werr
+    else:
+        for name in ("references", "reposition"):
+            cfg.pop(name, None)
     sites = cfg.get("sites", config_default("isolation", "sites", "late"))
     if isinstance(sites, str) and sites in SITE_CHOICES:
         cfg["sites"] = keyed(st.selectbox, f"{key}.sites", sites, "Sites", options=list(SITE_CHOICES),
@@ -70,7 +96,10 @@ def summary(config: dict[str, Any]) -> str:
 
     subjects = ", ".join(config.get("subjects") or []) or "no subjects"
     strength = config.get("isolation", config_default("isolation", "isolation", 1.0))
-    return f"{subjects} · isolation {describe(strength)}"
+    line = f"{subjects} · isolation {describe(strength)}"
+    if config.get("references"):
+        line += f" · reposition {describe(config.get('reposition', config_default('isolation', 'reposition', 0.9)))}"
+    return line
 
 
 PANEL = Panel(
