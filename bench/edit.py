@@ -29,7 +29,6 @@ avoid holding. Weights are random.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
@@ -164,20 +163,13 @@ def _peak_child(shape: str, res: int, variant: str) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="512² token counts only")
+    ap = layers.bench_parser(__doc__)
     ap.add_argument("--res", type=int, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--shapes", nargs="+", default=list(layers.SHAPES), choices=list(layers.SHAPES))
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the peak children use 2)")
     ap.add_argument("--materialise-up-to", type=int, default=1024, help="largest resolution of the materialised "
                                                                           "variant (1024: about 10 GB)")
-    ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.peak_child:
-        shape, res, variant = args.peak_child
-        print(_peak_child(shape, int(res), variant))
+    if layers.answer_peak_child(args, _peak_child):
         return
     torch.set_num_threads(args.threads)
     rows = []

@@ -22,7 +22,6 @@ before); ``nxn_map_bytes`` is one float32 map of the coupled logits over all hea
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -106,17 +105,10 @@ def _peak_child(shape: str, res: int, variant: str, views: int) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="512² token counts only")
+    ap = layers.bench_parser(__doc__)
     ap.add_argument("--views", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--shapes", nargs="+", default=list(layers.SHAPES), choices=list(layers.SHAPES))
-    ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.peak_child:
-        shape, res, variant = args.peak_child
-        print(_peak_child(shape, int(res), variant, args.views))
+    if layers.answer_peak_child(args, _peak_child, args.views):
         return
     torch.set_num_threads(2)
     rows = []

@@ -21,7 +21,6 @@ Absolute times on a shared CPU are noise; the ratios (same run, interleaved) are
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -33,7 +32,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layers import SHAPES, Layer, build, core_inputs, extra_peak_bytes, run_core, time_interleaved  # noqa: E402
+from layers import (  # noqa: E402
+    SHAPES,
+    Layer,
+    answer_peak_child,
+    bench_parser,
+    build,
+    core_inputs,
+    extra_peak_bytes,
+    run_core,
+    time_interleaved,
+)
 from report import emit  # noqa: E402
 
 VARIANTS = ("stock", "joint", "image", "joint-meanq", "image-uniform", "materialised")
@@ -258,17 +267,11 @@ def time_three_way(name: str, spec: dict, repeats: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="512² token counts only")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = bench_parser(__doc__, shapes=False)
     ap.add_argument("--no-real-blocks", action="store_true", help="(b) at toy shapes only")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.peak_child:
-        shape, res, variant = args.peak_child
-        print(json.dumps(_peak_child(shape, int(res), variant)))
+    if answer_peak_child(args, _peak_child):
         return
     torch.set_num_threads(args.threads)
     layer_rows = []

@@ -23,7 +23,6 @@ variant is left out of that row (its output check then rests on the 512² rows a
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -118,18 +117,11 @@ def _peak_child(shape: str, res: int, variant: str) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="512² token counts only")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--shapes", nargs="+", default=list(layers.SHAPES), choices=list(layers.SHAPES))
+    ap = layers.bench_parser(__doc__)
     ap.add_argument("--max-map-gb", type=float, default=4.0,
                     help="leave out the materialised variant where one N×N map exceeds this")
-    ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.peak_child:
-        shape, res, variant = args.peak_child
-        print(_peak_child(shape, int(res), variant))
+    if layers.answer_peak_child(args, _peak_child):
         return
     torch.set_num_threads(2)
     rows = []

@@ -220,16 +220,31 @@ def peak_memory(shape: str, res: int, script: str = __file__, variants: tuple[st
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_parser(doc: str, shapes: bool = True) -> argparse.ArgumentParser:
+    """The options every layer benchmark takes: ``--quick``, ``--repeats``, ``--shapes``, ``--json`` and the hidden
+    ``--peak-child SHAPE RES VARIANT`` that :func:`peak_memory` runs the script with."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="512² token counts only")
     ap.add_argument("--repeats", type=int, default=3)
+    if shapes:
+        ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.peak_child:
-        shape, res, variant = args.peak_child
-        print(_peak_child(shape, int(res), variant))
+    return ap
+
+
+def answer_peak_child(args: argparse.Namespace, child, *extra) -> bool:
+    """When the script runs as a peak-memory child: print ``child(shape, res, variant, *extra)`` (JSON) and say so."""
+    if not args.peak_child:
+        return False
+    shape, res, variant = args.peak_child
+    print(json.dumps(child(shape, int(res), variant, *extra)))
+    return True
+
+
+def main() -> None:
+    args = bench_parser(__doc__, shapes=False).parse_args()
+    if answer_peak_child(args, _peak_child):
         return
     torch.set_num_threads(2)
     rows = []

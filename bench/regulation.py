@@ -23,7 +23,6 @@ would hold. Weights are random: time and memory do not depend on them.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -128,18 +127,11 @@ def peak_memory(shape: str, res: int, config: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="512² token counts only")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--shapes", nargs="*", default=list(layers.SHAPES), choices=list(layers.SHAPES))
-    ap.add_argument("--json", help="also write the results to this file")
+    ap = layers.bench_parser(__doc__)
     ap.add_argument("--config", default="{}", help="AttentionRegulation settings (JSON) besides the defaults")
-    ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     config = json.loads(args.config)
-    if args.peak_child:
-        shape, res, variant = args.peak_child
-        print(_peak_child(shape, int(res), variant, config))
+    if layers.answer_peak_child(args, _peak_child, config):
         return
     torch.set_num_threads(2)
     rows = []
