@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -540,14 +540,17 @@ def _merge(defaults: Settings, item: GenerateItem) -> dict[str, Any]:
     return merged
 
 
+def _validated(model: type[BaseModel], kind: str, raw: dict[str, Any]) -> tuple[Any, list[str]]:
+    """``raw`` as an item of ``model`` (``None`` when it is not one) and pydantic's problems with it, described."""
+    try:
+        return model.model_validate(raw), []
+    except ValidationError as e:
+        return None, [_describe(err, _fields_of(model), FIELD_HINTS[kind]) for err in e.errors()]
+
+
 def _check_generate_item(raw: dict[str, Any], raw_defaults: dict[str, Any]) -> tuple[GenerateItem | None, list[str]]:
     """A generate item's model and its problems (prompt and boxes read with the defaults')."""
-    own: list[str] = []
-    item: GenerateItem | None = None
-    try:
-        item = GenerateItem.model_validate(raw)
-    except ValidationError as e:
-        own.extend(_describe(err, _fields_of(GenerateItem), FIELD_HINTS["generate"]) for err in e.errors())
+    item, own = _validated(GenerateItem, "generate", raw)
     own.extend(_check_raw(raw, raw.get("boxes", raw_defaults.get("boxes"))))
     controls = raw.get("controls", raw_defaults.get("controls"))
     if isinstance(controls, list) and any(isinstance(c, dict) and c.get("kind") == "unify_edit" for c in controls):
@@ -581,18 +584,21 @@ def _edit_control(item: EditItem) -> Any:
     return control
 
 
-def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, list[str], tuple[Path, str] | None]:
-    """An edit item's model, its problems, and its image (path, sha256 of the file) when it can be read."""
+class _EditInput(NamedTuple):
+    """What checking an edit item found: its image file, the SHA-256 of its bytes, and its control's JSON."""
+
+    image: Path
+    digest: str
+    control: dict[str, Any]
+
+
+def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, list[str], _EditInput | None]:
+    """An edit item's model, its problems, and (when it has none) its image and control."""
     from PIL import Image
 
     from .controls.unify_edit import differing_words
 
-    own: list[str] = []
-    item: EditItem | None = None
-    try:
-        item = EditItem.model_validate(raw)
-    except ValidationError as e:
-        own.extend(_describe(err, _fields_of(EditItem), FIELD_HINTS["edit"]) for err in e.errors())
+    item, own = _validated(EditItem, "edit", raw)
     own.extend(_check_raw(raw))
     image: tuple[Path, str] | None = None
     if isinstance(raw.get("image"), str) and raw["image"]:
@@ -611,16 +617,16 @@ def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, 
                 image = (path, hashlib.sha256(data).hexdigest())
             except Exception as e:  # noqa: BLE001 - PIL says why the file is not an image in many ways
                 own.append(f"field 'image': {str(path)!r} is not an image file PIL can read ({_one_line(e)})")
-    if item is not None and not own:
-        try:
-            control = _edit_control(item)
-        except AttnCtlError as e:
-            own.append(f"field 'controls[0]': {_one_line(e)}")
-        else:
-            if control.config.edit_words is None and not any(differing_words(item.source_prompt, item.prompt)):
-                own.append(f"field 'prompt': {item.prompt!r} is the source_prompt word for word, so there is "
-                           "nothing to edit; change the words that should change")
-    return item, own, image
+    if item is None or own or image is None:
+        return item, own, None
+    try:
+        control = _edit_control(item)
+    except AttnCtlError as e:
+        return item, [f"field 'controls[0]': {_one_line(e)}"], None
+    if control.config.edit_words is None and not any(differing_words(item.source_prompt, item.prompt)):
+        return item, [f"field 'prompt': {item.prompt!r} is the source_prompt word for word, so there is nothing to "
+                      "edit; change the words that should change"], None
+    return item, own, _EditInput(*image, control.to_json())
 
 
 class _FieldProblem(Exception):
@@ -661,16 +667,16 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
     return jobs
 
 
-def _edit_job(index: int, item_id: str, item: EditItem, defaults: Defaults, image: Path, digest: str) -> list[Job]:
+def _edit_job(index: int, item_id: str, item: EditItem, defaults: Defaults, found: _EditInput) -> list[Job]:
     """The one job of an edit item: the image by its content (an edited image file is redone), the UnifyEdit
     settings in full."""
-    settings: dict[str, Any] = {"type": "edit", "image": item.image, "image_sha256": digest,
+    settings: dict[str, Any] = {"type": "edit", "image": item.image, "image_sha256": found.digest,
                                 "source_prompt": item.source_prompt, "prompt": item.prompt}
     for name in EDIT_FROM_DEFAULTS:
         settings[name] = getattr(item if name in item.model_fields_set else defaults, name)
-    settings["controls"] = [_edit_control(item).to_json()]
+    settings["controls"] = [found.control]
     return [Job(index=index, id=item_id, seed=None, file=f"{safe_stem(item_id)}.png", settings=settings, hash="",
-                kind="edit", image=image)]
+                kind="edit", image=found.image)]
 
 
 def _prompt_words(prompt: str) -> list[str]:
@@ -769,7 +775,7 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
     # -- items, each on its own so that every item's problems are reported
     raw_items = data.get("items") if isinstance(data.get("items"), list) else []
     items: list[tuple[int, GenerateItem | EditItem]] = []
-    images: dict[int, tuple[Path, str]] = {}  # edit item index → (image path, sha256 of its bytes)
+    edit_inputs: dict[int, _EditInput] = {}  # edit item index → its image and control
     for index, raw in enumerate(raw_items):
         where = _where(index, raw)
         if not isinstance(raw, dict):
@@ -787,9 +793,9 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
                                 f"{', '.join(sorted(RESERVED_ITEM_TYPES))})")
             continue
         if kind == "edit":
-            item, own, image = _check_edit_item(raw, base or Path.cwd())
-            if image is not None:
-                images[index] = image
+            item, own, found = _check_edit_item(raw, base or Path.cwd())
+            if found is not None:
+                edit_inputs[index] = found
         else:
             item, own = _check_generate_item(raw, raw_defaults)
         problems.extend(f"{where}: {p}" for p in own)
@@ -816,7 +822,7 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
             continue
         seen_ids[item_id] = index
         try:
-            new_jobs = (_edit_job(index, item_id, item, defaults, *images[index]) if isinstance(item, EditItem)
+            new_jobs = (_edit_job(index, item_id, item, defaults, edit_inputs[index]) if isinstance(item, EditItem)
                         else _generate_jobs(index, item_id, item, defaults))
         except _FieldProblem as e:
             problems.append(f"{where}: field {e.field!r}: {e.text}")
@@ -1137,7 +1143,8 @@ class _Generator:
 
         cli, s, d = self.cli, job.settings, self.defaults
         assert job.image is not None
-        if hashlib.sha256(job.image.read_bytes()).hexdigest() != s["image_sha256"]:
+        data = job.image.read_bytes()
+        if hashlib.sha256(data).hexdigest() != s["image_sha256"]:
             raise AttnCtlError(f"the image {str(job.image)!r} changed after the batch file was read",
                                "run the batch again: it reads the image anew")
         cli.check_vocabulary(self.pipe, [s["source_prompt"], s["prompt"]], self.model)
@@ -1146,8 +1153,9 @@ class _Generator:
         length = int(s["max_sequence_length"] if s["max_sequence_length"] is not None else d["max_sequence_length"])
         control = control_from_json(s["controls"][0])  # fresh: a control keeps run state
         key = (s["image_sha256"], s["source_prompt"], steps, guidance, length)
-        result = edit(self.pipe, read_image(job.image), s["source_prompt"], s["prompt"], steps, control=control,
-                      guidance_scale=guidance, max_sequence_length=length, path=self._inverted.get(key))
+        result = edit(self.pipe, read_image(io.BytesIO(data)), s["source_prompt"], s["prompt"], steps,
+                      control=control, guidance_scale=guidance, max_sequence_length=length,
+                      path=self._inverted.get(key))
         self._inverted = {key: result.path}
         meta = cli.edit_meta(self.pipe, job.image, s["source_prompt"], s["prompt"], self.model, steps, guidance,
                              length, control, self.dtype_name, self.dev)

@@ -451,6 +451,10 @@ def generate(
     controls = build_controls(specs, what="--control")
     references = list(reference_prompt) if reference_prompt else meta_in.get("reference_prompts")
     call_prompt = reposition_prompts(prompt, references, controls, "--reference-prompt")
+    images = int(images if images is not None else meta_in.get("images", 1))
+    if images > 1 and references:
+        raise AttnCtlError("--images with --reference-prompt: a reposition call makes one set of references and "
+                           "its scene", "run the command once per image (another --seed each)")
     if out.suffix.lower() != ".png" or out.is_dir():
         raise AttnCtlError(f"--out {str(out)!r} is not a .png file name", "name a .png file, e.g. out/image.png")
     torch_dtype = parse_dtype(dtype or meta_in.get("dtype") or "fp32")
@@ -484,10 +488,6 @@ def generate(
         "max_sequence_length": int(meta_in.get("max_sequence_length", defaults["max_sequence_length"])),
     }
     kwargs = call_kwargs(settings, call_prompt, seed, negative_prompt, true_cfg)
-    images = int(images if images is not None else meta_in.get("images", 1))
-    if images > 1 and references:
-        raise AttnCtlError("--images with --reference-prompt: a reposition call makes one set of references and "
-                           "its scene", "run the command once per image (another --seed each)")
     if images > 1:
         kwargs["num_images_per_prompt"] = images
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -124,7 +124,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """The pixels of an image file as an H×W×3 uint8 array."""
+def read_image(path: str | Path | BinaryIO) -> np.ndarray:
+    """The pixels of an image file (a path, or an open binary file) as an H×W×3 uint8 array."""
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
