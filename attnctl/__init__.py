@@ -20,7 +20,8 @@ _EXPORTS = {
     "AttentionRegulation": ".controls.regulation", "SoftPAG": ".controls.softpag",
     "LayoutGuidance": ".controls.layout_guidance", "EpipolarAttention": ".controls.epipolar",
     "IsolationAttention": ".controls.isolation", "UnifyEdit": ".controls.unify_edit",
-    "Camera": ".epipolar", "invert": ".inversion", "edit": ".editing", "EditResult": ".editing",
+    "Camera": ".epipolar", "StereoRig": ".epipolar", "OrbitRig": ".epipolar",
+    "invert": ".inversion", "edit": ".editing", "EditResult": ".editing",
     "TokenLayout": ".layout",
     "AttnCtlFluxProcessor": ".processors", "AttnCtlJointProcessor": ".processors",
     "HeadSet": ".sites", "Site": ".sites", "list_sites": ".sites", "select_sites": ".sites",
@@ -42,6 +43,8 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from .editing import EditResult as EditResult
     from .editing import edit as edit
     from .epipolar import Camera as Camera
+    from .epipolar import OrbitRig as OrbitRig
+    from .epipolar import StereoRig as StereoRig
     from .inversion import invert as invert
     from .layout import TokenLayout as TokenLayout
     from .processors import AttnCtlFluxProcessor as AttnCtlFluxProcessor

@@ -19,6 +19,7 @@ token width), so a band of one token means the same at every resolution.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -112,6 +113,60 @@ class Camera(BaseModel):
         cam = points.to(torch.float64) @ R.T + t
         pix = cam @ K.T
         return pix[:, :2] / pix[:, 2:3]
+
+
+class StereoRig(BaseModel):
+    """Two cameras side by side: the second ``baseline`` units to the right of the first, both looking ahead, the
+    second rolled by ``roll`` degrees about its view axis. At roll 0 the pair is rectified (the epipolar lines are
+    the image rows); a roll tilts the second view's lines by the same angle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["stereo"] = "stereo"
+    baseline: float = Field(0.3, gt=0, allow_inf_nan=False, description="distance between the two cameras")
+    roll: float = Field(0.0, ge=-180, le=180, description="roll of the second camera, degrees")
+    fov: float = Field(50.0, gt=0, lt=180, description="horizontal field of view, degrees")
+
+    @property
+    def views(self) -> int:
+        return 2
+
+    def cameras(self, size: tuple[float, float] = (512.0, 512.0)) -> list[Camera]:
+        a = math.radians(self.roll)
+        b = self.baseline
+        return [Camera.look_at([0, 0, 0], [0, 0, 1], fov=self.fov, size=size),
+                Camera.look_at([b, 0, 0], [b, 0, 1], fov=self.fov, size=size, up=[math.sin(a), -math.cos(a), 0])]
+
+
+class OrbitRig(BaseModel):
+    """``views`` cameras on a horizontal circle of ``radius`` around the scene centre, ``degrees`` apart, each looking
+    at the centre; the middle of the arc faces the scene from the front."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["orbit"] = "orbit"
+    views: int = Field(3, ge=2, le=8, description="number of cameras")
+    degrees: float = Field(20.0, gt=0, lt=180, description="angle between neighbouring cameras, degrees")
+    radius: float = Field(4.0, gt=0, allow_inf_nan=False, description="distance of the cameras from the centre")
+    fov: float = Field(50.0, gt=0, lt=180, description="horizontal field of view, degrees")
+
+    @model_validator(mode="after")
+    def _open_arc(self) -> OrbitRig:
+        if (self.views - 1) * self.degrees >= 360:
+            raise ValueError(f"{self.views} cameras {self.degrees:g}° apart go round the circle and meet; keep "
+                             "(views − 1)·degrees below 360")
+        return self
+
+    def cameras(self, size: tuple[float, float] = (512.0, 512.0)) -> list[Camera]:
+        angles = [math.radians(self.degrees * (i - (self.views - 1) / 2)) for i in range(self.views)]
+        r = self.radius
+        return [Camera.look_at([r * math.sin(a), 0, -r * math.cos(a)], [0, 0, 0], fov=self.fov, size=size)
+                for a in angles]
+
+
+Rig = Annotated[StereoRig | OrbitRig, Field(discriminator="kind")]
+"""A camera rig by its shape (``{"kind": "stereo", ...}`` or ``{"kind": "orbit", ...}``): the cameras are made for
+each run's image size, so one rig serves every resolution and aspect."""
 
 
 def skew(t: torch.Tensor) -> torch.Tensor:

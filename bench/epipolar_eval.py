@@ -36,13 +36,9 @@ RIGS = ("rolled", "rectified")
 
 
 def cameras(rig: str, roll: float, size: tuple[int, int]):
-    from attnctl import Camera
+    from attnctl import StereoRig
 
-    first = Camera.look_at([0, 0, 0], [0, 0, 1], size=size)
-    if rig == "rectified":
-        return [first, Camera.look_at([0.3, 0, 0], [0.3, 0, 1], size=size)]
-    a = math.radians(roll)
-    return [first, Camera.look_at([0.3, 0, 0], [0.3, 0, 1], size=size, up=[math.sin(a), -math.cos(a), 0])]
+    return StereoRig(baseline=0.3, roll=0.0 if rig == "rectified" else roll).cameras(size=size)
 
 
 def largest_by_colour(objects) -> dict[str, Any]:

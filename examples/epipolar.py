@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -30,13 +29,10 @@ import attnctl
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline, resolve_model, toy_metadata
 
 
-def rig(args, size: tuple[int, int]) -> list[attnctl.Camera]:
+def rig(args) -> attnctl.StereoRig | attnctl.OrbitRig:
     if args.orbit is not None:  # cameras on a circle of radius 4 around the origin, looking at it
-        angles = [math.radians(args.orbit * (i - (args.views - 1) / 2)) for i in range(args.views)]
-        return [attnctl.Camera.look_at([4 * math.sin(a), 0, -4 * math.cos(a)], [0, 0, 0], size=size) for a in angles]
-    a = math.radians(args.roll)
-    return [attnctl.Camera.look_at([0, 0, 0], [0, 0, 1], size=size),
-            attnctl.Camera.look_at([0.3, 0, 0], [0.3, 0, 1], size=size, up=[math.sin(a), -math.cos(a), 0])]
+        return attnctl.OrbitRig(views=args.views, degrees=args.orbit)
+    return attnctl.StereoRig(baseline=0.3, roll=args.roll)  # the second camera 0.3 to the right, rolled
 
 
 def epipolar_errors(views: np.ndarray, cams: list[attnctl.Camera], token: float) -> list[float]:
@@ -82,9 +78,10 @@ def main() -> None:
         call.update(height=args.size, width=args.size)
     side = call.get("height") or pipe.default_sample_size * pipe.vae_scale_factor
     call.update(height=side, width=side)
-    cams = rig(args, (side, side))
-    rows = {"independent": [], "extended (no geometry)": [attnctl.EpipolarAttention(cameras=cams, falloff="none")],
-            "epipolar": [attnctl.EpipolarAttention(cameras=cams, **json.loads(args.config))]}
+    cameras = rig(args)
+    cams = cameras.cameras(size=(side, side))  # the rig's cameras at this size, for scoring
+    rows = {"independent": [], "extended (no geometry)": [attnctl.EpipolarAttention(rig=cameras, falloff="none")],
+            "epipolar": [attnctl.EpipolarAttention(rig=cameras, **json.loads(args.config))]}
     token = side / (side // (pipe.vae_scale_factor * 2))  # pixels per token (patch size 2)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import attnctl
 from attnctl import Camera, EpipolarAttention
 from attnctl.controls.base import RunState
 from attnctl.epipolar import TokenGeometry, fundamental, line_distance
-from attnctl.errors import ConfigError
+from attnctl.errors import ConfigError, LayoutError
 from attnctl.layout import TokenLayout
 from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
 from attnctl.processors.attend import attend
@@ -136,6 +136,49 @@ def test_attention_equals_materialised_extended_attention(falloff, scale, image_
         assert (ctl.geometry(grid, q.device)[(0, 1)].distances(0, n_img) > 1.0).any()  # the band removes keys
 
 
+def test_a_stereo_rig_at_roll_zero_is_rectified_and_its_roll_tilts_the_lines():
+    rectified = EpipolarAttention(rig={"kind": "stereo"})
+    geo = TokenGeometry(*rectified.cameras((4, 6)), (4, 6))
+    d = geo.distances(0, 24).reshape(4, 6, 4, 6)  # query (row, col) of view 1 × key (row, col) of view 2
+    same_row = torch.eye(4, dtype=torch.bool)[:, None, :, None].expand(4, 6, 4, 6)
+    assert d[same_row].abs().max() < 1e-5 and d[~same_row].min() > 0.99  # each line is its query's token row
+    rolled = EpipolarAttention(rig={"kind": "stereo", "roll": 30}).cameras((6, 6))
+    F = fundamental(*rolled)
+    line = F @ torch.tensor([3.0, 3.0, 1.0], dtype=torch.float64)  # the line of the centre pixel, in view 2
+    assert math.isclose(abs(math.degrees(math.atan2(-line[0], line[1]))), 30.0, abs_tol=1e-6)
+
+
+def test_an_orbit_rig_looks_at_the_centre_from_the_requested_angles_at_the_run_s_aspect():
+    ctl = EpipolarAttention(rig={"kind": "orbit", "views": 3, "degrees": 25, "radius": 5})
+    cams = ctl.cameras((4, 8))  # a wide grid: the cameras are made for it
+    assert ctl.views == 3 and all(tuple(c.size) == (8.0, 4.0) for c in cams)
+    for cam in cams:
+        assert torch.allclose(cam.project(torch.zeros(1, 3)), torch.tensor([[4.0, 2.0]], dtype=torch.float64))
+    centres = [-torch.tensor(c.R, dtype=torch.float64).T @ torch.tensor(c.t, dtype=torch.float64) for c in cams]
+    assert all(math.isclose(float(c.norm()), 5.0) for c in centres)
+    angles = [math.degrees(math.atan2(float(c[0]), -float(c[2]))) for c in centres]
+    assert np.allclose(angles, [-25.0, 0.0, 25.0])
+
+
+def test_cameras_for_another_aspect_are_refused_and_a_rig_round_trips():
+    square = [Camera.look_at([0, 0, 0], [0, 0, 1], size=(64, 64)), Camera.look_at([1, 0, 0], [1, 0, 1], size=(64, 64))]
+    ctl = EpipolarAttention(cameras=square)
+    assert ctl.cameras((8, 8)) == square
+    with pytest.raises(LayoutError, match="64×64 images .* 16×8 tokens"):
+        ctl.cameras((8, 16))
+    with pytest.raises(ConfigError, match="not neither"):
+        EpipolarAttention()
+    with pytest.raises(ConfigError, match="not both"):
+        EpipolarAttention(cameras=square, rig={"kind": "stereo"})
+    with pytest.raises(ConfigError, match="go round the circle"):
+        EpipolarAttention(rig={"kind": "orbit", "views": 4, "degrees": 120})
+    with pytest.raises(ConfigError, match="views"):
+        EpipolarAttention(rig={"kind": "stereo", "views": 3})  # a stereo rig has two cameras
+    ctl = EpipolarAttention(rig={"kind": "orbit", "views": 4, "degrees": 15}, falloff="soft")
+    again = attnctl.control_from_json(ctl.to_json())
+    assert again.to_json() == ctl.to_json() and again.views == 4
+
+
 def test_views_group_by_role_and_prompt():
     ctl = EpipolarAttention(cameras=rig()[:2])
     assert ctl.view_groups(["uncond"] * 4 + ["cond"] * 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
@@ -162,6 +205,14 @@ def test_sd3_views_couple_and_scale_zero_is_the_plain_run(sd3_pipe):
     assert "epipolar attention across 2 views" in ctl.summary()
     with pytest.raises(ConfigError, match="num_images_per_prompt=2"):
         pipe(PROMPT, num_images_per_prompt=3, controls=[EpipolarAttention(cameras=cams)], **KW)
+    by_rig = pipe(PROMPT, num_images_per_prompt=2, generator=gen(), output_type="np",  # the rig at the run's aspect
+                  controls=[EpipolarAttention(rig={"kind": "stereo", "roll": 40, "baseline": 0.5})], **KW).images
+    given = attnctl.StereoRig(roll=40, baseline=0.5).cameras(size=(48.0, 32.0))
+    by_cameras = pipe(PROMPT, num_images_per_prompt=2, generator=gen(), output_type="np",
+                      controls=[EpipolarAttention(cameras=given)], **KW).images
+    assert np.allclose(by_rig, by_cameras, atol=1e-5) and abs(by_rig - plain).max() > 1e-3
+    with pytest.raises(LayoutError, match="another aspect"):
+        pipe(PROMPT, num_images_per_prompt=2, controls=[EpipolarAttention(cameras=rig((32.0, 32.0))[:2])], **KW)
 
 
 def test_flux_and_sd35_sites_run(flux_pipe, sd35_pipe):

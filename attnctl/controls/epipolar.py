@@ -27,9 +27,9 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from ..epipolar import Camera, TokenGeometry
+from ..epipolar import Camera, Rig, TokenGeometry
 from ..errors import ConfigError, LayoutError
 from ..processors.contributions import DenseBias, ExtraKV, Selection
 from ..schedules import bounded
@@ -37,7 +37,10 @@ from .base import Control, ControlConfig, RunState, register
 
 
 class EpipolarConfig(ControlConfig):
-    cameras: list[Camera] = Field(..., description="one camera per view, in the order of the images of a prompt")
+    cameras: list[Camera] | None = Field(None, description="one camera per view, in the order of the images of a "
+                                                           "prompt (or give a rig)")
+    rig: Rig | None = Field(None, description="the cameras by the rig's shape instead: {\"kind\": \"stereo\", "
+                                              "\"roll\": 90} or {\"kind\": \"orbit\", \"views\": 3, \"degrees\": 20}")
     band: float = Field(1.0, gt=0.0, allow_inf_nan=False,
                         description="half-width of the band around each epipolar line, in tokens")
     falloff: Literal["hard", "soft", "none"] = Field(
@@ -50,7 +53,9 @@ class EpipolarConfig(ControlConfig):
 
     @field_validator("cameras")
     @classmethod
-    def _cameras(cls, v: list[Camera]) -> list[Camera]:
+    def _cameras(cls, v: list[Camera] | None) -> list[Camera] | None:
+        if v is None:
+            return v
         if len(v) < 2:
             raise ValueError(f"{len(v)} camera(s): epipolar attention needs at least two views, one camera each")
         sizes = {tuple(c.size) for c in v}
@@ -58,6 +63,13 @@ class EpipolarConfig(ControlConfig):
             raise ValueError(f"the cameras' sizes differ ({sorted(sizes)}); jointly generated views share one "
                              "resolution, so write every K for the same image size")
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EpipolarConfig:
+        if (self.cameras is None) == (self.rig is None):
+            raise ValueError("give the views' cameras or a rig, not " + ("both" if self.rig else "neither") +
+                             ": e.g. \"rig\": {\"kind\": \"stereo\", \"roll\": 90}")
+        return self
 
 
 @register
@@ -74,7 +86,22 @@ class EpipolarAttention(Control):
 
     @property
     def views(self) -> int:
-        return len(self.config.cameras)
+        cams = self.config.cameras
+        return len(cams) if cams is not None else self.config.rig.views
+
+    def cameras(self, grid: tuple[int, int]) -> list[Camera]:
+        """The views' cameras for an ``h × w`` token grid: a rig's, made at the grid's aspect; given cameras, checked
+        to be written for that aspect (a K for a square image would stretch on a wide one)."""
+        h, w = grid
+        if self.config.rig is not None:
+            return self.config.rig.cameras(size=(float(w), float(h)))
+        cams = self.config.cameras
+        W, H = cams[0].size
+        if abs(math.log((W / H) / (w / h))) > 0.02:
+            raise LayoutError(f"EpipolarAttention: the cameras are written for {W:g}×{H:g} images but this run's "
+                              f"latent grid is {w}×{h} tokens, another aspect",
+                              fix="generate at the cameras' aspect, write K for the run's size, or give a rig")
+        return cams
 
     def begin_run(self, state: RunState) -> None:
         self.config.scale.reset()
@@ -84,7 +111,7 @@ class EpipolarAttention(Control):
         """The lines of every ordered view pair on ``grid`` (made once per grid and device)."""
         key = (tuple(grid), str(device))
         if key not in self._geometry:
-            cams = self.config.cameras
+            cams = self.cameras(grid)
             self._geometry[key] = {(i, j): TokenGeometry(cams[i], cams[j], grid, device)
                                    for i in range(self.views) for j in range(self.views) if i != j}
         return self._geometry[key]
