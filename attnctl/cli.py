@@ -412,8 +412,8 @@ def generate(
     ),
     out: Path = typer.Option(Path("out/image.png"), "--out", "-o", help="Output PNG (written atomically)."),
     images: int | None = typer.Option(
-        None, "--images", min=1, help="Images of the prompt in one call (num_images_per_prompt; the views of an "
-                                      "epipolar control), written as OUT-0.png, OUT-1.png, ... (default: 1)."),
+        None, "--images", min=1, help="Images of the prompt in one call (num_images_per_prompt), written as OUT-0.png, "
+                                      "OUT-1.png, ... (default: an epipolar control's views, else 1)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32)."),
     attention_backend: str | None = typer.Option(
@@ -451,10 +451,7 @@ def generate(
     controls = build_controls(specs, what="--control")
     references = list(reference_prompt) if reference_prompt else meta_in.get("reference_prompts")
     call_prompt = reposition_prompts(prompt, references, controls, "--reference-prompt")
-    images = int(images if images is not None else meta_in.get("images", 1))
-    if images > 1 and references:
-        raise AttnCtlError("--images with --reference-prompt: a reposition call makes one set of references and "
-                           "its scene", "run the command once per image (another --seed each)")
+    images = images_per_prompt(controls, images if images is not None else meta_in.get("images"), references)
     if out.suffix.lower() != ".png" or out.is_dir():
         raise AttnCtlError(f"--out {str(out)!r} is not a .png file name", "name a .png file, e.g. out/image.png")
     torch_dtype = parse_dtype(dtype or meta_in.get("dtype") or "fp32")
@@ -528,8 +525,8 @@ def generate(
         outputs = [(reference_file(out, k), {**meta, "reference_index": k}) for k in range(1, len(references) + 1)]
         outputs.append((out, meta))
     else:
-        outputs = [(out if images == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}"),
-                    meta if images == 1 else {**meta, "image_index": i}) for i in range(len(made))]
+        outputs = [(image_file(out, i, images), meta if images == 1 else {**meta, "image_index": i})
+                   for i in range(len(made))]
     for image, (target, image_meta) in zip(made, outputs, strict=True):
         path = save_png(target, image, image_meta)
         out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, seed {seed}, {settings['steps']} steps, "
@@ -629,6 +626,36 @@ def reposition_prompts(prompt: str, references: Sequence[str] | None, controls: 
         raise AttnCtlError(f"{len(references)} reference prompts for {len(subjects)} subjects "
                            f"({', '.join(map(repr, subjects))})", "give one per subject, in the subjects' order")
     return [*references, prompt]
+
+
+def images_per_prompt(controls: Sequence[Any], images: int | None, references: Sequence[str] | None = None,
+                      option: str = "--images") -> int:
+    """How many images of the prompt one call makes (``num_images_per_prompt``): ``images`` if given, else the
+    cameras of an epipolar control (image ``i`` is camera ``i``'s view), else 1. An epipolar control needs a whole
+    number of view sets; a reposition call makes one set of references and its scene."""
+    views = sorted({c.views for c in controls if getattr(c, "kind", None) == "epipolar"})
+    if len(views) > 1:
+        raise AttnCtlError(f"epipolar controls with {' and '.join(map(str, views))} cameras in one run",
+                           "give every epipolar control of a run the same cameras (or rig)")
+    n = int(images) if images is not None else (views[0] if views else 1)
+    if n < 1:
+        raise AttnCtlError(f"{option} {n}: a call makes at least one image", f"pass {option} 1 or more")
+    if views and n % views[0]:
+        raise AttnCtlError(f"{option} {n} with an epipolar control of {views[0]} cameras",
+                           f"make {views[0]} images (image i is camera i's view), a multiple of {views[0]} for "
+                           f"several sets, or leave {option} out")
+    if n > 1 and references:
+        what = "an epipolar control's views" if views else f"{option} {n}"
+        raise AttnCtlError(f"{what} with reference prompts: a reposition call makes one set of references and its "
+                           "scene", "make the views and the reposition in separate runs" if views
+                           else "make one image per call (another seed each)")
+    return n
+
+
+def image_file(out: Path, i: int, images: int) -> Path:
+    """Where image ``i`` (from 0) of a call making ``images`` images of one prompt goes: ``out`` itself for one
+    image, else ``OUT-<i>.png``."""
+    return out if images == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
 
 
 def reference_file(out: Path, k: int) -> Path:

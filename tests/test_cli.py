@@ -121,9 +121,16 @@ def test_generate_views_of_an_epipolar_control_and_regenerate_them(flux_dir, tmp
     ok(run("generate", "--from", tmp_path / "v-1.png", "-o", tmp_path / "again" / "w.png"))
     for i in (0, 1):
         assert np.array_equal(read_image(tmp_path / f"v-{i}.png"), read_image(tmp_path / "again" / f"w-{i}.png"))
+    # without --images the views are the control's cameras; a rig makes them for the run's size
+    rig = json.dumps({"kind": "epipolar", "rig": {"kind": "orbit", "views": 3, "degrees": 15}})
+    ok(run("generate", "-m", flux_dir, "-p", "a red circle", "--steps", "2", "--control", rig, "-o",
+           tmp_path / "orbit" / "o.png"))
+    assert sorted(p.name for p in (tmp_path / "orbit").iterdir()) == ["o-0.png", "o-1.png", "o-2.png"]
+    assert read_metadata(tmp_path / "orbit" / "o-2.png")["controls"][0]["rig"]["views"] == 3
     bad = run("generate", "-m", flux_dir, "-p", "a red circle", "--steps", "2", "--control", epi,
-              "-o", tmp_path / "one.png")
-    assert bad.exit_code != 0 and "num_images_per_prompt=2" in bad.output and "Traceback" not in bad.output
+              "--images", "3", "-o", tmp_path / "one.png")
+    assert bad.exit_code == 2 and "--images 3 with an epipolar control of 2 cameras" in bad.output
+    assert "multiple of 2" in " ".join(bad.output.split()) and not (tmp_path / "one-0.png").exists()
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -446,7 +453,9 @@ def test_generate_repositions_after_reference_prompts_made_in_the_same_call(sd3_
     for args, text in [
         (["--control", json.dumps(iso)], "no reference prompts are given"),
         (["-r", refs[0], "--control", json.dumps(iso)], "1 reference prompts for 2 subjects"),
-        (["-r", refs[0], "-r", refs[1], "--control", json.dumps(iso), "--images", "2"], "run the command once per"),
+        (["-r", refs[0], "-r", refs[1], "--control", json.dumps(iso), "--images", "2"], "make one image per call"),
+        (["-r", refs[0], "-r", refs[1], "--control", json.dumps(iso), "--control",
+          json.dumps({"kind": "epipolar", "rig": {"kind": "stereo"}})], "make the views and the reposition"),
     ]:
         bad = run("generate", "--model", sd3_dir, "--prompt", scene, "--steps", "2", *args, "--out", tmp_path / "b.png")
         assert bad.exit_code == 2 and text in " ".join(bad.output.split()), bad.output
