@@ -23,7 +23,8 @@ Every item field overrides the same field of ``defaults`` (``controls`` replace,
 index (and id) and the field, and refuses the file as a whole (:class:`BatchFileError`).
 
 Outputs in the output folder: ``<id>_s<seed>.png`` per image (an edit: ``<id>.png``; a reposition set adds
-``<id>_s<seed>-ref<k>.png``; sanitised id: no path separators, no leading dots; an id that had to be changed gets a
+``<id>_s<seed>-ref<k>.png``; several images per seed, such as an epipolar control's views, are
+``<id>_s<seed>-<i>.png``; sanitised id: no path separators, no leading dots; an id that had to be changed gets a
 short hash of the original so two ids never share a file), written
 atomically with the full settings in the PNG text chunks (``attnctl generate --from FILE.png`` regenerates
 it), and ``manifest.jsonl``: one JSON line per finished image (``done`` or ``failed`` with its error),
@@ -124,7 +125,7 @@ RESERVED_FIELDS: dict[str, str] = {
 
 EDIT_ONLY_FIELDS = ("image", "source_prompt")
 GENERATE_ONLY_FIELDS = ("seed", "seeds", "height", "width", "negative_prompt", "true_cfg", "boxes",
-                        "reference_prompts")
+                        "reference_prompts", "images")
 
 FIELD_HINTS: dict[str, dict[str, str]] = {
     "generate": {name: f"field {name!r} belongs to edit items: add \"type\": \"edit\" to edit an image"
@@ -253,6 +254,9 @@ class Settings(_Strict):
         "Reposition: one prompt per subject of an isolation control with references=true, in the subjects' order, "
         "each showing that subject alone; made in the same call and written as <id>_s<seed>-ref<k>.png."))] \
         | None = None
+    images: Annotated[int, Field(ge=1, le=16, description=(
+        "Images of the prompt per seed, made in one call (num_images_per_prompt) and written as "
+        "<id>_s<seed>-<i>.png; default: an epipolar control's views, else 1."))] | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -639,7 +643,7 @@ class _FieldProblem(Exception):
 def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defaults) -> list[Job]:
     """One job per seed of a generate item (its controls built, a box control with the item's boxes; a reposition
     run's reference prompts checked against its isolation control)."""
-    from .cli import reference_file, reposition_prompts
+    from .cli import image_file, images_per_prompt, reference_file, reposition_prompts
     from .controls import control_from_json
 
     merged = _merge(defaults, item)
@@ -655,13 +659,24 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
         reposition_prompts(merged["prompt"], references, controls)
     except AttnCtlError as e:
         raise _FieldProblem("reference_prompts" if references else "controls", e) from None
+    try:
+        images = images_per_prompt(controls, merged.get("images"), references, option="images")
+    except AttnCtlError as e:
+        raise _FieldProblem("images" if merged.get("images") is not None else "controls", e) from None
     stem = safe_stem(item_id)
-    if references is None:
-        merged.pop("reference_prompts")  # a field added after version 1 shipped: absent, the hash is as it was
+    for name, absent in (("reference_prompts", references is None), ("images", images == 1)):
+        if absent:  # fields added after version 1 shipped: absent, the hash is as it was
+            merged.pop(name)
+    if images > 1:
+        merged["images"] = images  # resolved (an epipolar control's views), so the hash covers it
     jobs = []
     for seed in seeds:
         name = image_name(stem, seed)
-        extra = tuple(reference_file(Path(name), k).name for k in range(1, len(references or []) + 1))
+        if images > 1:  # the views, the last one as the job's file (written last)
+            *extra, name = (image_file(Path(name), i, images).name for i in range(images))
+            extra = tuple(extra)
+        else:
+            extra = tuple(reference_file(Path(name), k).name for k in range(1, len(references or []) + 1))
         jobs.append(Job(index=index, id=item_id, seed=seed, file=name, settings={**merged, "seed": seed}, hash="",
                         extra_files=extra))
     return jobs
@@ -1187,6 +1202,9 @@ class _Generator:
         controls = [control_from_json(c) for c in s.get("controls") or []]  # fresh: controls keep run state
         call_prompt = cli.reposition_prompts(prompt, references, controls)
         kwargs = cli.call_kwargs(settings, call_prompt, job.seed, negative, s.get("true_cfg"))
+        views = int(s.get("images") or 1)
+        if views > 1:
+            kwargs["num_images_per_prompt"] = views
         images = cli.run_pipeline(self.pipe, kwargs, controls)
         meta = {
             "prompt": prompt,
@@ -1211,7 +1229,10 @@ class _Generator:
         }
         if references:
             meta["reference_prompts"] = list(references)
-        metas = [{**meta, "reference_index": k} for k in range(1, len(job.extra_files) + 1)] + [meta]
+        if views > 1:
+            metas = [{**meta, "images": views, "image_index": i} for i in range(views)]
+        else:
+            metas = [{**meta, "reference_index": k} for k in range(1, len(job.extra_files) + 1)] + [meta]
         return list(zip(job.files, images, metas, strict=True))
 
 

@@ -531,3 +531,43 @@ def test_reposition_items_write_their_references_and_redo_a_set_that_lost_one(mo
     result = run("batch", batch, "--out", out, "--model", model_dir)
     assert result.exit_code == 0 and "1 done" in result.output, result.output
     assert pngs(out) == files
+
+
+def test_epipolar_items_write_their_views_and_match_attnctl_generate(model_dir, tmp_path):
+    epi = {"kind": "epipolar", "rig": {"kind": "stereo", "roll": 60}, "band": 0.5}
+    with pytest.raises(BatchFileError) as err:
+        plan_batch({"version": 1, "items": [
+            {"prompt": "a red circle", "controls": [epi], "images": 3},
+            {"prompt": "a red circle", "controls": [epi], "reference_prompts": ["a red circle"]},
+        ]})
+    problems = err.value.problems
+    assert [p.split(":")[0] + ":" + p.split(":")[1] for p in problems] == [
+        "item 0 (id '0'): field 'images'", "item 1 (id '1'): field 'controls'"]
+    assert "images 3 with an epipolar control of 2 cameras" in problems[0] and "separate runs" in problems[1]
+    with pytest.raises(BatchFileError, match="item 0: field 'images'"):
+        plan_batch({"version": 1, "items": [{"prompt": "a red circle", "images": 0}]})
+    plain = plan_batch({"version": 1, "items": [{"prompt": "a red circle"}, {"prompt": "a circle", "images": 1}]})
+    old = plan_batch({"version": 1, "items": [{"prompt": "a red circle"}]})
+    assert plain.jobs[0].hash == old.jobs[0].hash and plain.jobs[0].files == ("0_s0.png",)
+    assert plain.jobs[1].files == ("1_s0.png",) and "images" not in plain.jobs[1].settings
+
+    batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2}, "items": [
+        {"id": "views", "prompt": "a red circle and a blue square", "seeds": [1], "controls": [epi]},
+        {"id": "four", "prompt": "a blue square", "controls": [epi], "images": 4}]})
+    plan = plan_batch(json.loads(batch.read_text()))
+    assert plan.jobs[0].files == ("views_s1-0.png", "views_s1-1.png") and plan.jobs[0].settings["images"] == 2
+    out = tmp_path / "out"
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0, result.output
+    assert set(pngs(out)) == {"views_s1-0.png", "views_s1-1.png", *(f"four_s0-{i}.png" for i in range(4))}
+    meta = read_metadata(out / "views_s1-1.png")
+    assert (meta["images"], meta["image_index"], meta["controls"][0]["rig"]["roll"]) == (2, 1, 60.0)
+    single = tmp_path / "single" / "v.png"
+    result = run("generate", "--model", model_dir, "--prompt", "a red circle and a blue square", "--seed", "1",
+                 "--steps", "2", "--control", json.dumps(epi), "--out", single)
+    assert result.exit_code == 0, result.output
+    for i in (0, 1):
+        assert np.array_equal(read_image(single.with_name(f"v-{i}.png")), read_image(out / f"views_s1-{i}.png"))
+    (out / "four_s0-1.png").unlink()  # a lost view: the set is made again
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0 and "1 new" in result.output and (out / "four_s0-1.png").is_file(), result.output
