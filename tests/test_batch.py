@@ -483,7 +483,9 @@ def test_the_example_batch_file_is_valid_and_reads_its_image_next_to_it():
     plan = load_batch(Path(__file__).resolve().parent.parent / "examples" / "batch.json")
     edits = [j for j in plan.jobs if j.kind == "edit"]
     assert len(edits) == 1 and edits[0].image.is_file() and edits[0].image.parent.name == "examples"
-    assert len(plan.jobs) == 8  # three items × two seeds, one item with its own seed, and the edit
+    assert len(plan.jobs) == 9  # three items × two seeds, two items with their own seed, and the edit
+    views = next(j for j in plan.jobs if j.id == "views")
+    assert views.files == ("views_s3-0.png", "views_s3-1.png")  # the stereo rig's two views
 
 
 def test_reposition_items_write_their_references_and_redo_a_set_that_lost_one(model_dir, tmp_path):
