@@ -411,6 +411,71 @@ def test_isolation_panel_repositions_after_reference_prompts_made_in_the_same_ca
     assert any("reference prompt is empty" in e for e in errors(at))
 
 
+def test_epipolar_panel_makes_the_views_of_a_rig_and_restores_given_cameras(monkeypatch, model_dir):
+    import zipfile
+
+    import torch
+
+    from attnctl import Camera, EpipolarAttention
+    from attnctl.cli import load_pipeline
+    from attnctl.ui.app import views_zip
+
+    at = start(monkeypatch, model_dir)
+    at.selectbox(key="add_kind").set_value("epipolar")
+    at.button(key="add_control").click().run()
+    controls = at.session_state["controls"]
+    epi = controls[1]["id"]
+    at.button(key=f"remove{controls[0]['id']}").click().run()
+    ok(at)
+    assert at.slider(key=f"c{epi}.roll").value == 90.0  # a rolled stereo pair first
+    generate(at, steps=3)
+    assert errors(at) == [] and len(compare_images(at)) == 4  # two views, baseline and controlled
+    run = at.session_state["history"][-1]
+    setup = run["setup"]
+    assert setup.controls[0]["rig"] == {"kind": "stereo", "baseline": 0.3, "roll": 90.0, "fov": 50.0}
+    assert "view 1 of 2" in run["note"] and run["maps"]["controlled"]
+
+    # the rows are the pipeline's views from one noise: independent, and with epipolar attention
+    pipe = load_pipeline(str(model_dir))
+    meta = json.loads(Image.open(io.BytesIO(run["baseline"])).text["attnctl"])
+    call = dict(num_inference_steps=3, guidance_scale=setup.guidance, height=32, width=32, num_images_per_prompt=2,
+                max_sequence_length=meta["max_sequence_length"])
+    config = {k: v for k, v in setup.controls[0].items() if k != "kind"}
+    for key, ctl in (("baseline", None), ("controlled", [EpipolarAttention(**config)])):
+        want = pipe(setup.prompt, generator=torch.Generator("cpu").manual_seed(setup.seed), controls=ctl,
+                    **call).images
+        for i, png in enumerate(run[f"{key}_views"]):
+            with Image.open(io.BytesIO(png)) as img:
+                assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(want[i])), (key, i)
+                assert (json.loads(img.text["attnctl"])["images"], json.loads(img.text["attnctl"])["image_index"]) \
+                    == (2, i)
+    with zipfile.ZipFile(io.BytesIO(views_zip(run, "r"))) as z:
+        assert z.namelist() == ["r-baseline-0.png", "r-baseline-1.png", "r-controlled-0.png", "r-controlled-1.png"]
+
+    # an orbit of three views
+    at.segmented_control(key=f"c{epi}.rig").set_value("orbit").run()
+    at.number_input(key=f"c{epi}.views").set_value(3).run()
+    generate(at, steps=2)
+    assert errors(at) == [] and len(compare_images(at)) == 6
+    assert at.session_state["history"][-1]["summary"] == "Epipolar views"
+    assert any("orbit of 3 views 20° apart" in c.value for c in at.caption)
+
+    # a PNG with explicit cameras keeps them, and a rig can be tried and switched back
+    cams = [Camera.look_at([x, 0, -4], [0, 0, 0], size=(32, 32)).model_dump(mode="json") for x in (-1.0, 1.0)]
+    s = Setup(model=str(model_dir), prompt="a red circle", steps=2, controls=[{"kind": "epipolar", "cameras": cams}])
+    at.file_uploader(key="upload").set_value(("views.png", attnctl_png(s), "image/png")).run()
+    ok(at)
+    (entry,) = at.session_state["controls"]
+    assert at.toggle(key=f"c{entry['id']}.custom").value and entry["config"]["cameras"] == cams
+    assert any("2 given cameras" in c.value for c in at.caption)
+    at.toggle(key=f"c{entry['id']}.custom").set_value(False).run()
+    assert at.session_state["controls"][0]["config"]["rig"]["kind"] == "stereo"
+    at.toggle(key=f"c{entry['id']}.custom").set_value(True).run()
+    ok(at)
+    assert at.session_state["controls"][0]["config"]["cameras"] == cams
+    assert "rig" not in at.session_state["controls"][0]["config"]
+
+
 def test_schedule_editing_updates_the_control_and_blocks_bad_input(monkeypatch, model_dir):
     at = start(monkeypatch, model_dir)
     cid = at.session_state["controls"][0]["id"]

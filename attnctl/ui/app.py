@@ -394,6 +394,8 @@ def run_generation(model: engine.LoadedModel, maps: engine.MapOptions, box) -> N
         "baseline": encode_png(result.baseline, metadata_for(setup, result.info, controls=[])),
         "controlled": encode_png(result.controlled, metadata_for(setup, result.info))
         if result.controlled is not None else None,
+        "baseline_views": view_pngs(result.baseline_views, metadata_for(setup, result.info, controls=[])),
+        "controlled_views": view_pngs(result.controlled_views, metadata_for(setup, result.info)),
         "maps": result.maps,
         "words": result.words,
         "note": result.map_note,
@@ -404,6 +406,24 @@ def run_generation(model: engine.LoadedModel, maps: engine.MapOptions, box) -> N
     ss.history = (ss.history + [run])[-HISTORY_LIMIT:]
     ss.current = run["id"]
     ss.notice = None
+
+
+def view_pngs(views: list[Image.Image], meta: dict[str, Any]) -> list[bytes]:
+    """The PNGs of a run's views, each recording the set's size and its index (as ``attnctl generate`` writes
+    them), so any view regenerates the whole set."""
+    return [encode_png(v, {**meta, "images": len(views), "image_index": i}) for i, v in enumerate(views)]
+
+
+def views_zip(run: dict[str, Any], stem: str) -> bytes:
+    """Every view of both images of a run, as one ZIP (``<stem>-baseline-<i>.png``, ``<stem>-controlled-<i>.png``)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for label in ("baseline", "controlled"):
+            for i, png in enumerate(run.get(f"{label}_views") or []):
+                z.writestr(f"{stem}-{label}-{i}.png", png)
+    return buf.getvalue()
 
 
 def maps_description(maps: engine.MapOptions) -> str:
@@ -444,20 +464,37 @@ def compare_tab(run: dict[str, Any] | None) -> None:
         empty_state()
         return
     s = run["setup"]
-    left, right = st.columns(2)
-    with left:
-        st.markdown("<div class='attnctl-label'>Baseline</div>", unsafe_allow_html=True)
-        st.image(heatmap.upscale(decode(run["baseline"])), width="stretch")
-    with right:
-        st.markdown("<div class='attnctl-label'>Controlled</div>", unsafe_allow_html=True)
-        if run["controlled"] is not None:
-            st.image(heatmap.upscale(decode(run["controlled"])), width="stretch")
-        else:
-            st.markdown("<div class='attnctl-empty'>No controls in this run.</div>", unsafe_allow_html=True)
+    if run.get("baseline_views"):
+        views_rows(run)
+    else:
+        left, right = st.columns(2)
+        with left:
+            st.markdown("<div class='attnctl-label'>Baseline</div>", unsafe_allow_html=True)
+            st.image(heatmap.upscale(decode(run["baseline"])), width="stretch")
+        with right:
+            st.markdown("<div class='attnctl-label'>Controlled</div>", unsafe_allow_html=True)
+            if run["controlled"] is not None:
+                st.image(heatmap.upscale(decode(run["controlled"])), width="stretch")
+            else:
+                st.markdown("<div class='attnctl-empty'>No controls in this run.</div>", unsafe_allow_html=True)
     st.caption(f"Run #{run['id']} · {s.model} · seed {s.seed} · {s.steps} steps · guidance {s.guidance:g} · "
                f"{s.width}×{s.height} · {run['summary']} · {run['seconds']:.1f} s")
     for line in run.get("control_notes", []):
         st.caption(line)
+
+
+def views_rows(run: dict[str, Any]) -> None:
+    """A run of several views: one row per image kind, one column per camera."""
+    n = len(run["baseline_views"])
+    header = st.columns(n)
+    for i, col in enumerate(header):
+        col.markdown(f"<div class='attnctl-label'>View {i + 1}</div>", unsafe_allow_html=True)
+    rows = [("Baseline · independent views", run["baseline_views"]),
+            ("Controlled", run.get("controlled_views") or [])]
+    for label, pngs in rows:
+        st.markdown(f"<div class='attnctl-label'>{label}</div>", unsafe_allow_html=True)
+        for col, png in zip(st.columns(n), pngs, strict=False):
+            col.image(heatmap.upscale(decode(png)), width="stretch")
 
 
 def attention_tab(run: dict[str, Any] | None) -> None:
@@ -551,6 +588,10 @@ def export_tab(run: dict[str, Any] | None) -> None:
                               mime="image/png", icon=":material/download:", width="stretch", type="primary")
         b.download_button("Baseline PNG", run["baseline"], file_name=f"{stem}-baseline.png", mime="image/png",
                           icon=":material/download:", width="stretch")
+        if run.get("baseline_views"):
+            st.download_button(f"All {len(run['baseline_views'])} views of both (ZIP)", views_zip(run, stem),
+                               file_name=f"{stem}-views.zip", mime="application/zip", icon=":material/folder_zip:",
+                               width="stretch", help="The PNGs above are view 1; every view's PNG records the set")
         st.caption(f"Run #{run['id']}. Each PNG carries every setting in its metadata: open it here (sidebar), "
                    "or regenerate it with `attnctl generate --from image.png`.")
     st.markdown("<div class='attnctl-label'>Current setup as a batch file</div>", unsafe_allow_html=True)

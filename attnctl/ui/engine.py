@@ -77,6 +77,8 @@ class RunResult:
     info: dict[str, Any]
     map_note: str | None = None
     control_notes: list[str] = field(default_factory=list)  # each control's summary of the controlled run
+    baseline_views: list[Any] = field(default_factory=list)  # every view when the run makes several (epipolar)
+    controlled_views: list[Any] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -186,9 +188,18 @@ def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
     problems.extend(bind_problems(model, setup.controls, controls))
     try:
         call_prompt(setup, controls)
+        views_of(setup, controls)
     except AttnCtlError as e:
         problems.append(str(e))
     return problems
+
+
+def views_of(setup: Setup, controls: list[Any]) -> int:
+    """Images per prompt of both runs: an epipolar control's views, else 1 (the baseline makes as many, from the same
+    noise, independently)."""
+    from ..cli import images_per_prompt
+
+    return images_per_prompt(controls, None, setup.reference_prompts, option="images")
 
 
 def call_prompt(setup: Setup, controls: list[Any]) -> str | list[str]:
@@ -216,7 +227,7 @@ def bind_problems(model: LoadedModel, configs: list[dict[str, Any]], controls: l
 
 
 def _call(model: LoadedModel, setup: Setup, controls: list[Any], progress: Progress | None, done: int,
-          total: int, label: str):
+          total: int, label: str, views: int = 1) -> list[Any]:
     import torch
 
     def on_step(pipe, i, t, kwargs):
@@ -237,6 +248,8 @@ def _call(model: LoadedModel, setup: Setup, controls: list[Any], progress: Progr
     }
     if setup.negative_prompt:
         call["negative_prompt"] = setup.negative_prompt
+    if views > 1:
+        call["num_images_per_prompt"] = views
     try:
         out = model.pipe(**call, controls=controls or None)
     except AttnCtlError:
@@ -244,7 +257,7 @@ def _call(model: LoadedModel, setup: Setup, controls: list[Any], progress: Progr
     except ValueError as e:
         raise AttnCtlError(f"the pipeline refused the call: {' '.join(str(e).split())[:400]}",
                            "check the size, steps, guidance and prompt") from e
-    return out.images[-1]  # the scene comes after its references
+    return out.images if views > 1 else out.images[-1:]  # a reposition scene comes after its references
 
 
 def _maps_of(probe) -> dict[str, np.ndarray]:
@@ -262,7 +275,8 @@ def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
     words = prompt_words(setup.prompt)
     runs = [("baseline", [])] + ([("controlled", setup.controls)] if setup.controls else [])
     total = setup.steps * len(runs)
-    images: dict[str, Any] = {}
+    views = views_of(setup, build_controls(setup.controls))
+    images: dict[str, list[Any]] = {}
     all_maps: dict[str, dict[str, np.ndarray]] = {}
     note = None
     notes: list[str] = []
@@ -273,17 +287,19 @@ def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
             probe = None
             if setup.reference_prompts and maps is not None:
                 note = "attention maps are not made for reposition runs (the references share the call)"
-            if maps is not None and words and note is None:
+            elif views > 1 and maps is not None:
+                note = f"the attention maps are those of view 1 of {views}"
+            if maps is not None and words and (note is None or views > 1):
                 probe = control_from_json(maps.probe_json(words))
             try:
                 images[label] = _call(model, setup, controls + ([probe] if probe else []), progress,
-                                      n * setup.steps, total, label)
+                                      n * setup.steps, total, label, views)
             except AttnCtlError as e:
                 if probe is None or "probe" not in str(e).lower() and "word" not in str(e).lower():
                     raise
                 note = f"attention maps are not available for this run: {e}"
                 probe = None
-                images[label] = _call(model, setup, controls, progress, n * setup.steps, total, label)
+                images[label] = _call(model, setup, controls, progress, n * setup.steps, total, label, views)
             if label == "controlled":
                 notes = [n for n in (c.summary() for c in controls) if n]
             if probe is not None:
@@ -291,9 +307,12 @@ def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
                     all_maps[label] = _maps_of(probe)
                 except AttnCtlError as e:
                     note = f"no attention maps: {e} (widen the steps or sites of the maps)"
-    return RunResult(setup=setup, baseline=images["baseline"], controlled=images.get("controlled"),
+    several = views > 1
+    return RunResult(setup=setup, baseline=images["baseline"][0],
+                     controlled=images["controlled"][0] if "controlled" in images else None,
                      maps=all_maps, words=words, seconds=time.perf_counter() - start, info=dict(model.info),
-                     map_note=note, control_notes=notes)
+                     map_note=note, control_notes=notes, baseline_views=images["baseline"] if several else [],
+                     controlled_views=images.get("controlled", []) if several else [])
 
 
 def joint_maps(maps: dict[str, dict[str, np.ndarray]], word: str) -> dict[str, np.ndarray]:
