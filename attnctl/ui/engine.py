@@ -279,25 +279,24 @@ def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
     images: dict[str, list[Any]] = {}
     all_maps: dict[str, dict[str, np.ndarray]] = {}
     note = None
+    with_maps = maps is not None and bool(words)
+    if maps is not None and setup.reference_prompts:
+        note, with_maps = "attention maps are not made for reposition runs (the references share the call)", False
+    elif maps is not None and views > 1:
+        note = f"the attention maps are those of view 1 of {views}"
     notes: list[str] = []
     start = time.perf_counter()
     with model.lock:
         for n, (label, configs) in enumerate(runs):
             controls = build_controls(configs)
-            probe = None
-            if setup.reference_prompts and maps is not None:
-                note = "attention maps are not made for reposition runs (the references share the call)"
-            elif views > 1 and maps is not None:
-                note = f"the attention maps are those of view 1 of {views}"
-            if maps is not None and words and (note is None or views > 1):
-                probe = control_from_json(maps.probe_json(words))
+            probe = control_from_json(maps.probe_json(words)) if with_maps else None
             try:
                 images[label] = _call(model, setup, controls + ([probe] if probe else []), progress,
                                       n * setup.steps, total, label, views)
             except AttnCtlError as e:
                 if probe is None or "probe" not in str(e).lower() and "word" not in str(e).lower():
                     raise
-                note = f"attention maps are not available for this run: {e}"
+                note, with_maps = f"attention maps are not available for this run: {e}", False
                 probe = None
                 images[label] = _call(model, setup, controls, progress, n * setup.steps, total, label, views)
             if label == "controlled":
@@ -306,7 +305,7 @@ def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
                 try:
                     all_maps[label] = _maps_of(probe)
                 except AttnCtlError as e:
-                    note = f"no attention maps: {e} (widen the steps or sites of the maps)"
+                    note, with_maps = f"no attention maps: {e} (widen the steps or sites of the maps)", False
     several = views > 1
     return RunResult(setup=setup, baseline=images["baseline"][0],
                      controlled=images["controlled"][0] if "controlled" in images else None,
