@@ -34,8 +34,9 @@ with the same settings hash; everything else is (re)made.
 Scale-out: ``attnctl batch FILE --processes N`` starts N workers (torchrun-style environment, accelerate's
 ``PartialState`` over gloo on CPU / nccl on GPU); ``accelerate launch -m attnctl batch FILE`` and
 ``torchrun --nproc_per_node N -m attnctl batch FILE`` work the same. The pending images are split
-round-robin by rank after every rank has read the manifest; each rank appends to its own
-``manifest.rank<r>.jsonl``, and rank 0 merges the shards into ``manifest.jsonl`` at the end.
+round-robin by rank after every rank has read the manifest (consecutive edits of one image stay together,
+:func:`share_out`); each rank appends to its own ``manifest.rank<r>.jsonl``, and rank 0 merges the shards into
+``manifest.jsonl`` at the end.
 """
 
 from __future__ import annotations
@@ -1050,6 +1051,35 @@ def _clean_temp_files(out: Path, jobs: Sequence[Job]) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+def _inversion_key(job: Job) -> tuple[Any, ...] | None:
+    """What an edit's inversion depends on (its image, caption and settings); ``None`` for a generate job."""
+    if job.kind != "edit":
+        return None
+    s = job.settings
+    return (s["image_sha256"], s["source_prompt"], s["steps"], s["guidance"], s["max_sequence_length"])
+
+
+def share_out(pending: Sequence[Job], rank: int, world: int) -> list[Job]:
+    """Rank ``rank``'s part of the pending jobs, in file order. Consecutive edits that share an inversion stay on one
+    rank (it inverts their image once); each group goes to the rank with the fewest jobs so far, which for single
+    jobs is plain round-robin."""
+    groups: list[list[Job]] = []
+    for job in pending:
+        key = _inversion_key(job)
+        if groups and key is not None and _inversion_key(groups[-1][-1]) == key:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    load = [0] * world
+    mine: list[Job] = []
+    for group in groups:
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += len(group)
+        if r == rank:
+            mine.extend(group)
+    return mine
+
+
 def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
@@ -1275,9 +1305,9 @@ def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attenti
         pending = [job for job in plan.jobs if states[job.file] != "done"]
         skipped = len(plan.jobs) - len(pending)
         shard = out / (MANIFEST_NAME if dist.world == 1 else f"manifest.rank{dist.rank}.jsonl")
-        bar = _Progress(out, dist, len(pending), len(pending[dist.rank::dist.world]), progress)
+        mine = share_out(pending, dist.rank, dist.world)
+        bar = _Progress(out, dist, len(pending), len(mine), progress)
         dist.barrier()  # every rank has read the manifest before any rank writes
-        mine = pending[dist.rank::dist.world]
         _clean_temp_files(out, mine)
         made, failed_here = 0, 0
         interrupted = False

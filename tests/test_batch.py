@@ -31,6 +31,7 @@ from attnctl.batch import (
     read_manifest,
     safe_stem,
     schema_text,
+    share_out,
 )
 from attnctl.cli import app
 from attnctl.imageio import read_image, read_metadata
@@ -477,6 +478,27 @@ def test_an_edit_batch_makes_what_attnctl_edit_makes_inverting_each_image_once(t
     assert result.exit_code == 0 and "3 already, 0 new" in result.output, result.output
     again = run("generate", "--from", out / "green.png", "--out", tmp_path / "x.png")
     assert again.exit_code == 2 and "is an edit of" in again.output and "attnctl edit" in again.output
+
+
+def test_processes_share_out_the_images_keeping_edits_of_one_image_together(tmp_path, scene_png):
+    from PIL import Image
+
+    other = tmp_path / "other.png"
+    Image.open(scene_png).transpose(Image.FLIP_LEFT_RIGHT).save(other)
+
+    def edit(i, image, source=EDIT_SOURCE):
+        return {"type": "edit", "id": f"e{i}", "image": str(image), "source_prompt": source,
+                "prompt": f"a {['green', 'yellow', 'purple'][i % 3]} circle and a blue square"}
+
+    items = [{"id": "g0", "prompt": "a red circle"}, edit(1, scene_png), edit(2, scene_png), edit(3, scene_png),
+             edit(4, other), edit(5, other), edit(6, other, "a circle and a square"), {"id": "g7", "prompt": "a cat"}]
+    jobs = plan_batch({"version": 1, "items": items}).jobs
+    parts = [[j.id for j in share_out(jobs, r, 2)] for r in range(2)]
+    assert sorted(sum(parts, [])) == sorted(j.id for j in jobs)  # every image exactly once
+    assert parts == [["g0", "e4", "e5", "e6"], ["e1", "e2", "e3", "g7"]]  # each inversion on one rank
+    plain = plan_batch({"version": 1, "items": [{"prompt": "a red circle", "seeds": list(range(7))}]}).jobs
+    for world in (1, 2, 3):  # without edits: round-robin by position
+        assert all(share_out(plain, r, world) == plain[r::world] for r in range(world))
 
 
 def test_the_example_batch_file_is_valid_and_reads_its_image_next_to_it():
