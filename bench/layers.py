@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -210,31 +211,49 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status; peak memory needs Linux")
 
 
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+"""glibc settings of the ``--live-memory`` children: every block of 128 KiB or more is its own mapping, returned to
+the system when freed. By default glibc raises that threshold after the first large free and keeps later freed
+blocks in its heap, so a loop that allocates and frees chunk-sized temporaries (checkpointed chunks of query rows)
+grows the resident set chunk by chunk although only one chunk is live: the default peak is what a CPU process
+really holds, the live peak is what the algorithm needs (and what a caching GPU allocator sees)."""
+
+live_memory = False
+"""Run the peak children with :data:`LIVE_MEMORY_ENV` (set from ``--live-memory`` by :func:`answer_peak_child`)."""
+
+
 def peak_memory(shape: str, res: int, script: str = __file__, variants: tuple[str, ...] = VARIANTS,
                 extra: tuple[str, ...] = ()) -> dict:
     """Extra peak memory of one call of each variant, each in a fresh ``script --peak-child SHAPE RES VARIANT``."""
+    env = {**os.environ, **LIVE_MEMORY_ENV} if live_memory else None
     out = {}
     for v in variants:
         cmd = [sys.executable, script, "--peak-child", shape, str(res), v, *extra]
-        out[v] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        run = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        out[v] = int(run.stdout.strip().splitlines()[-1])
     return out
 
 
 def bench_parser(doc: str, shapes: bool = True) -> argparse.ArgumentParser:
-    """The options every layer benchmark takes: ``--quick``, ``--repeats``, ``--shapes``, ``--json`` and the hidden
-    ``--peak-child SHAPE RES VARIANT`` that :func:`peak_memory` runs the script with."""
+    """The options every layer benchmark takes: ``--quick``, ``--repeats``, ``--shapes``, ``--json``, ``--live-memory``
+    and the hidden ``--peak-child SHAPE RES VARIANT`` that :func:`peak_memory` runs the script with."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="512² token counts only")
     ap.add_argument("--repeats", type=int, default=3)
     if shapes:
         ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--live-memory", action="store_true",
+                    help="measure peak memory with glibc returning freed blocks at once (the live tensors' peak, "
+                         "not glibc's heap retention; see layers.LIVE_MEMORY_ENV)")
     ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
     return ap
 
 
 def answer_peak_child(args: argparse.Namespace, child, *extra) -> bool:
     """When the script runs as a peak-memory child: print ``child(shape, res, variant, *extra)`` (JSON) and say so."""
+    global live_memory
+    live_memory = bool(getattr(args, "live_memory", False))
     if not args.peak_child:
         return False
     shape, res, variant = args.peak_child

@@ -176,9 +176,40 @@ def test_edit_layer_bench_runs_and_its_two_forms_agree(tmp_path):
     """bench/edit.py at a small token count: every variant timed and measured, both UnifyEdit terms on, the chunked
     and materialised forms equal on the same layer."""
     result = run_bench("edit.py", "--res", "256", "--shapes", "flux.1-dev-single", "--repeats", "1",
-                       out=tmp_path / "edit_layer.json")
+                       "--live-memory", out=tmp_path / "edit_layer.json")
+    assert result["live_memory"] is True
     (row,) = result["rows"]
     assert set(row["seconds"]) == set(row["extra_peak_bytes"]) == {"stock", "stock_grad", "unify",
                                                                    "unify_materialised"}
     assert row["image_tokens"] == 256 and row["max_rel_diff"] <= 1e-5
     assert row["losses"]["sa"] > 0 and 0 < row["losses"]["ca"] <= 1
+
+
+CHUNK_LOOP = """
+import sys, torch
+sys.path.insert(0, {bench!r})
+import layers
+torch.set_num_threads(1)
+q, k = torch.randn(53, 38, 64), torch.randn(4096, 38, 64)
+def loop():  # a chunk's logits (33 MB) made and freed 24 times, as the checkpointed chunks of UnifyEdit's gap are
+    for _ in range(24):
+        torch.einsum("nhd,mhd->hnm", q, k).sum()
+print(layers.extra_peak_bytes(loop))
+"""
+
+
+def test_live_memory_children_peak_at_the_live_tensors_not_at_the_heap_glibc_keeps():
+    """``--live-memory`` runs the peak children with layers.LIVE_MEMORY_ENV: a loop of freed chunk-sized temporaries
+    then peaks near one temporary, as the live tensors do."""
+    import os
+
+    code = CHUNK_LOOP.format(bench=str(BENCH))
+    sys.path.insert(0, str(BENCH))
+    try:
+        import layers
+    finally:
+        sys.path.remove(str(BENCH))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **layers.LIVE_MEMORY_ENV})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 4 * (33 << 20)  # about one chunk's logits at a time, not 24
