@@ -140,23 +140,25 @@ def self_attention_gap(q: torch.Tensor, k: torch.Tensor, row_weight: torch.Tenso
     _, n, h, _ = q.shape
     rows = max(1, max_elems // max(1, 2 * h * n))
     scaled = q.float() * (1.0 / math.sqrt(q.shape[-1]))
-    kf = k.float()
-    m = None if row_weight is None else row_weight.to(kf.device, torch.float32)
+    k_t = k.float().permute(0, 2, 3, 1).contiguous()  # (2, heads, d, N_img): laid out once, not per chunk
+    m = None if row_weight is None else row_weight.to(k_t.device, torch.float32)
     gap = ref = None
     for r0 in range(0, n, rows):
         wr = None if m is None else m[r0:r0 + rows]
-        args = (scaled[:, r0:r0 + rows], kf, wr, m)
+        args = (scaled[:, r0:r0 + rows], k_t, wr, m)
         part = checkpoint(_chunk_gap, *args, use_reentrant=False) if n > rows else _chunk_gap(*args)
         gap = part[0] if gap is None else gap + part[0]
         ref = part[1] if ref is None else ref + part[1]
     return gap, ref
 
 
-def _chunk_gap(q: torch.Tensor, k: torch.Tensor, wr: torch.Tensor | None, wc: torch.Tensor | None
+def _chunk_gap(q: torch.Tensor, k_t: torch.Tensor, wr: torch.Tensor | None, wc: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gap's two sums over one chunk of query rows: ``q`` ``(2, rows, heads, d)`` (scaled), ``k_t``
+    ``(2, heads, d, N_img)``."""
     with torch.no_grad():
-        a_s = torch.einsum("nhd,mhd->hnm", q[0], k[0]).softmax(-1).mean(0)
-    a_t = torch.einsum("nhd,mhd->hnm", q[1], k[1]).softmax(-1).mean(0)
+        a_s = torch.matmul(q[0].transpose(0, 1), k_t[0]).softmax(-1).mean(0)
+    a_t = torch.matmul(q[1].transpose(0, 1), k_t[1]).softmax(-1).mean(0)
     sq_gap, sq_ref = (a_s - a_t) ** 2, a_s ** 2
     if wr is not None:
         w = wr[:, None] * wc[None, :]
