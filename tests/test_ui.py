@@ -256,6 +256,16 @@ def generate(at: AppTest, steps: int = 2) -> AppTest:
     return at
 
 
+def only_control(at: AppTest, kind: str) -> int:
+    """Add a control of ``kind``, remove the first card (the default SoftPAG), and return the new card's id."""
+    at.selectbox(key="add_kind").set_value(kind)
+    at.button(key="add_control").click().run()
+    first, added = at.session_state["controls"]
+    at.button(key=f"remove{first['id']}").click().run()
+    ok(at)
+    return added["id"]
+
+
 def compare_images(at: AppTest) -> list:
     return list(at.tabs[0].image)
 
@@ -372,11 +382,7 @@ def test_isolation_panel_repositions_after_reference_prompts_made_in_the_same_ca
     from attnctl.cli import load_pipeline
 
     at = start(monkeypatch, model_dir)
-    at.selectbox(key="add_kind").set_value("isolation")
-    at.button(key="add_control").click().run()
-    controls = at.session_state["controls"]
-    iso = controls[1]["id"]
-    at.button(key=f"remove{controls[0]['id']}").click().run()
+    iso = only_control(at, "isolation")
     at.toggle(key=f"c{iso}.references").set_value(True).run()
     ok(at)
     assert at.text_input(key=f"c{iso}.ref0").value == "a red circle"  # a first reference prompt per subject
@@ -421,12 +427,7 @@ def test_epipolar_panel_makes_the_views_of_a_rig_and_restores_given_cameras(monk
     from attnctl.ui.app import views_zip
 
     at = start(monkeypatch, model_dir)
-    at.selectbox(key="add_kind").set_value("epipolar")
-    at.button(key="add_control").click().run()
-    controls = at.session_state["controls"]
-    epi = controls[1]["id"]
-    at.button(key=f"remove{controls[0]['id']}").click().run()
-    ok(at)
+    epi = only_control(at, "epipolar")
     assert at.slider(key=f"c{epi}.roll").value == 90.0  # a rolled stereo pair first
     generate(at, steps=3)
     assert errors(at) == [] and len(compare_images(at)) == 4  # two views, baseline and controlled
