@@ -4,6 +4,7 @@
     python bench/edit.py --quick           # 512² only
     python bench/edit.py --res 256 --shapes flux.1-dev-single --repeats 1     # a smoke run (the test's)
     python bench/edit.py --json out.json
+    python bench/edit.py --res 1024 --live-memory   # peak memory of the live tensors (see layers.LIVE_MEMORY_ENV)
 
 An edit's gradient pass runs two rows, the source ``z^s_t`` and the target ``z_t``, through the sites the losses
 read; at each such site UnifyEdit takes the self-attention gap between the two rows' image→image maps and the edit
