@@ -451,7 +451,9 @@ def generate(
     controls = build_controls(specs, what="--control")
     references = list(reference_prompt) if reference_prompt else meta_in.get("reference_prompts")
     call_prompt = reposition_prompts(prompt, references, controls, "--reference-prompt")
-    images = images_per_prompt(controls, images if images is not None else meta_in.get("images"), references)
+    if images is None and not control:  # the recorded count goes with the recorded controls
+        images = meta_in.get("images")
+    images = images_per_prompt(controls, images, references)
     if out.suffix.lower() != ".png" or out.is_dir():
         raise AttnCtlError(f"--out {str(out)!r} is not a .png file name", "name a .png file, e.g. out/image.png")
     torch_dtype = parse_dtype(dtype or meta_in.get("dtype") or "fp32")

@@ -127,6 +127,9 @@ def test_generate_views_of_an_epipolar_control_and_regenerate_them(flux_dir, tmp
            tmp_path / "orbit" / "o.png"))
     assert sorted(p.name for p in (tmp_path / "orbit").iterdir()) == ["o-0.png", "o-1.png", "o-2.png"]
     assert read_metadata(tmp_path / "orbit" / "o-2.png")["controls"][0]["rig"]["views"] == 3
+    ok(run("generate", "--from", tmp_path / "v-1.png", "--steps", "1", "--control", rig,
+           "-o", tmp_path / "r" / "o.png"))
+    assert len(list((tmp_path / "r").iterdir())) == 3  # new controls: their views, not the recorded count
     bad = run("generate", "-m", flux_dir, "-p", "a red circle", "--steps", "2", "--control", epi,
               "--images", "3", "-o", tmp_path / "one.png")
     assert bad.exit_code == 2 and "--images 3 with an epipolar control of 2 cameras" in bad.output
