@@ -127,6 +127,16 @@ class StereoRig(BaseModel):
     roll: float = Field(0.0, ge=-180, le=180, description="roll of the second camera, degrees")
     fov: float = Field(50.0, gt=0, lt=180, description="horizontal field of view, degrees")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _two_views(cls, data: object) -> object:
+        if isinstance(data, dict) and "views" in data:
+            if data["views"] != 2:
+                raise ValueError(f"a stereo rig has two cameras, not {data['views']!r}; for more views use an orbit "
+                                 f"rig: {{\"kind\": \"orbit\", \"views\": N}}")
+            data = {k: v for k, v in data.items() if k != "views"}
+        return data
+
     @property
     def views(self) -> int:
         return 2

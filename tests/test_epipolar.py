@@ -172,8 +172,9 @@ def test_cameras_for_another_aspect_are_refused_and_a_rig_round_trips():
         EpipolarAttention(cameras=square, rig={"kind": "stereo"})
     with pytest.raises(ConfigError, match="go round the circle"):
         EpipolarAttention(rig={"kind": "orbit", "views": 4, "degrees": 120})
-    with pytest.raises(ConfigError, match="views"):
-        EpipolarAttention(rig={"kind": "stereo", "views": 3})  # a stereo rig has two cameras
+    with pytest.raises(ConfigError, match="a stereo rig has two cameras, not 3; for more views use an orbit"):
+        EpipolarAttention(rig={"kind": "stereo", "views": 3})
+    assert EpipolarAttention(rig={"kind": "stereo", "views": 2}).views == 2
     ctl = EpipolarAttention(rig={"kind": "orbit", "views": 4, "degrees": 15}, falloff="soft")
     again = attnctl.control_from_json(ctl.to_json())
     assert again.to_json() == ctl.to_json() and again.views == 4
