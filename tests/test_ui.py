@@ -450,6 +450,7 @@ def test_epipolar_panel_makes_the_views_of_a_rig_and_restores_given_cameras(monk
                 assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(want[i])), (key, i)
                 assert (json.loads(img.text["attnctl"])["images"], json.loads(img.text["attnctl"])["image_index"]) \
                     == (2, i)
+    assert run["baseline"] == run["baseline_views"][0] and run["controlled"] == run["controlled_views"][0]
     with zipfile.ZipFile(io.BytesIO(views_zip(run, "r"))) as z:
         assert z.namelist() == ["r-baseline-0.png", "r-baseline-1.png", "r-controlled-0.png", "r-controlled-1.png"]
 

@@ -385,17 +385,20 @@ def run_generation(model: engine.LoadedModel, maps: engine.MapOptions, box) -> N
             return
         bar.empty()
     previous = ss.history[-1]["setup"] if ss.history else None
+    views = {"baseline": view_pngs(result.baseline_views, metadata_for(setup, result.info, controls=[])),
+             "controlled": view_pngs(result.controlled_views, metadata_for(setup, result.info))}
     run = {
         "id": (ss.history[-1]["id"] + 1) if ss.history else 1,
         "setup": setup,
         "time": time.strftime("%H:%M:%S"),
         "seconds": result.seconds,
         "changes": describe_changes(previous, setup),
-        "baseline": encode_png(result.baseline, metadata_for(setup, result.info, controls=[])),
-        "controlled": encode_png(result.controlled, metadata_for(setup, result.info))
-        if result.controlled is not None else None,
-        "baseline_views": view_pngs(result.baseline_views, metadata_for(setup, result.info, controls=[])),
-        "controlled_views": view_pngs(result.controlled_views, metadata_for(setup, result.info)),
+        "baseline": views["baseline"][0] if views["baseline"] else
+        encode_png(result.baseline, metadata_for(setup, result.info, controls=[])),
+        "controlled": views["controlled"][0] if views["controlled"] else
+        encode_png(result.controlled, metadata_for(setup, result.info)) if result.controlled is not None else None,
+        "baseline_views": views["baseline"],  # every view's PNG when the run makes several (view 1 is the above)
+        "controlled_views": views["controlled"],
         "maps": result.maps,
         "words": result.words,
         "note": result.map_note,
