@@ -16,6 +16,8 @@ the derivation; in short:
 
   plus ``log(scale)``: ``scale`` (a schedule, default 1) weighs the other views' keys against the view's own;
   at 0 the views are generated independently (no extra keys at all, the stock kernel).
+- The cameras are given (``cameras``: one :class:`~attnctl.epipolar.Camera` per view) or made from a ``rig``
+  (:class:`~attnctl.epipolar.StereoRig`, :class:`~attnctl.epipolar.OrbitRig`) at each run's latent aspect.
 - The own keys, the text keys and the text queries are untouched. The processor forms the logits in chunks of
   query rows (``DenseBias`` / ``ExtraKV`` of :mod:`attnctl.processors.contributions`), and the distances of each
   chunk are computed from the cameras' fundamental matrices on the fly: no ``N × N`` table or map is held.
