@@ -193,7 +193,7 @@ def test_generate_in_a_real_browser(server, page, tmp_path):
 
 
 def tour(page, tmp_path: Path) -> None:
-    """The other screens, for docs/ui.md: controls, attention maps, history, export."""
+    """The other screens, for docs/ui.md: controls, attention maps, history, export, epipolar views."""
     results = page.locator(".st-key-results_column")
     # a second control and a second run, so the history has something to compare
     page.locator(".st-key-add_kind").click()
@@ -218,3 +218,19 @@ def tour(page, tmp_path: Path) -> None:
     page.get_by_role("tab", name="Export").click()
     settle(page)
     save(page, "ui-export.png", tmp_path, results)
+    # epipolar views alone: the cards removed, an orbit of three views, the views in rows
+    for _ in range(2):
+        page.locator('[class*="st-key-remove"] button').first.click()
+        settle(page)
+    page.locator(".st-key-add_kind").click()
+    page.get_by_role("option", name="Epipolar views").click()
+    settle(page)
+    page.locator(".st-key-add_control button").click()
+    settle(page)
+    page.get_by_text("Orbit", exact=True).click()
+    settle(page)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator(".st-key-generate button").click()
+    page.locator(".st-key-compare").get_by_text("Run #3 ·").wait_for(timeout=TOUR_S * 1000)
+    settle(page, TOUR_S * 1000)
+    save(page, "ui-epipolar.png", tmp_path, page.locator(".st-key-compare"))
