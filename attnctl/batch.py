@@ -1197,7 +1197,7 @@ class _Generator:
         guidance = float(s["guidance"] if s["guidance"] is not None else d["guidance"])
         length = int(s["max_sequence_length"] if s["max_sequence_length"] is not None else d["max_sequence_length"])
         control = control_from_json(s["controls"][0])  # fresh: a control keeps run state
-        key = (s["image_sha256"], s["source_prompt"], steps, guidance, length)
+        key = _inversion_key(job)  # the same key share_out groups the edits by
         result = edit(self.pipe, read_image(io.BytesIO(data)), s["source_prompt"], s["prompt"], steps,
                       control=control, guidance_scale=guidance, max_sequence_length=length,
                       path=self._inverted.get(key))

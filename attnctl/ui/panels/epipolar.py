@@ -100,15 +100,18 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
 
 
 def summary(config: dict[str, Any]) -> str:
+    from ...epipolar import OrbitRig, StereoRig
     from ..schedules_ui import describe
 
     rig = config.get("rig") or {}
     if config.get("cameras"):
         cams = f"{len(config['cameras'])} given cameras"
     elif rig.get("kind") == "orbit":
-        cams = f"orbit of {rig.get('views', 3)} views {rig.get('degrees', 20.0):g}° apart"
+        fields = OrbitRig.model_fields
+        cams = (f"orbit of {rig.get('views', fields['views'].default)} views "
+                f"{rig.get('degrees', fields['degrees'].default):g}° apart")
     else:
-        cams = f"stereo pair, roll {rig.get('roll', 0.0):g}°"
+        cams = f"stereo pair, roll {rig.get('roll', StereoRig.model_fields['roll'].default):g}°"
     falloff = config.get("falloff", config_default("epipolar", "falloff", "hard"))
     band = config.get("band", config_default("epipolar", "band", 1.0))
     scale = config.get("scale", config_default("epipolar", "scale", 1.0))
