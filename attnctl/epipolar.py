@@ -19,6 +19,7 @@ token width), so a band of one token means the same at every resolution.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
@@ -233,6 +234,7 @@ class TokenGeometry:
             raise ConfigError(f"the cameras' sizes differ ({list(view_i.size)} vs {list(view_j.size)}); jointly "
                               "generated views share one resolution, so write every K for the same image size")
         W, H = view_i.size
+        self.size = (float(W), float(H))
         h, w = grid
         token = math.sqrt((W / w) * (H / h))  # a token's side in pixels (the geometric mean if not square)
         centres = token_centres(grid, view_i.size)
@@ -242,3 +244,48 @@ class TokenGeometry:
 
     def distances(self, r0: int, r1: int) -> torch.Tensor:
         return (self.lines[r0:r1] @ self.points.T).abs()
+
+    def pencil_order(self) -> torch.Tensor:
+        """View ``i``'s tokens ordered along the pencil of their epipolar lines, so that consecutive tokens have
+        lines that run close together across view ``j``. A line's signed distances from the image's four corners fix
+        where it crosses the image (the distance is affine in the point, so lines close at the corners are close
+        everywhere inside); the tokens are sorted by the main axis of those four numbers. Tokens on one line (a
+        rectified pair's image row) stay together, in row-major order."""
+        W, H = self.size
+        corners = torch.tensor([[0.0, 0.0, 1.0], [W, 0.0, 1.0], [0.0, H, 1.0], [W, H, 1.0]], dtype=torch.float64)
+        signature = self.lines.cpu().double() @ corners.T
+        signature = signature - signature.mean(0)
+        axis = torch.linalg.svd(signature, full_matrices=False).Vh[0]
+        return (signature @ axis).argsort(stable=True)
+
+    def band_chunks(self, band: float, size: int = 128) -> list[BandChunk]:
+        """The hard band as blocks: view ``i``'s tokens in runs of ``size`` along the pencil, each with the keys of
+        view ``j`` inside the band of any of its lines. A run's lines are close together, so its keys are a narrow
+        strip (about 6% of a 64 × 64 grid for a band of one token): attention over the band then reads those keys
+        only. Runs whose lines all miss view ``j`` are left out; runs that reach most of it keep every key."""
+        order = self.pencil_order()
+        lines, points = self.lines.cpu(), self.points.cpu()
+        chunks = []
+        for c0 in range(0, len(order), size):
+            queries = order[c0:c0 + size]
+            inside = (lines[queries] @ points.T).abs() <= band
+            reached = inside.any(0)
+            if not bool(reached.any()):
+                continue
+            keys = None if float(reached.float().mean()) > 0.5 else reached.nonzero().squeeze(1)
+            chunks.append(BandChunk(queries, keys, inside if keys is None else inside[:, keys]))
+        return chunks
+
+
+@dataclass(frozen=True)
+class BandChunk:
+    """Queries of view ``i`` whose epipolar lines run close together, the keys of view ``j`` inside the band of any
+    of them (``None``: every key), and which query keeps which of those keys."""
+
+    queries: torch.Tensor  # (t,) long: token indices of view i
+    keys: torch.Tensor | None  # (u,) long: token indices of view j
+    inside: torch.Tensor  # (t, u) bool
+
+    def to(self, device) -> BandChunk:
+        keys = None if self.keys is None else self.keys.to(device)
+        return BandChunk(self.queries.to(device), keys, self.inside.to(device))

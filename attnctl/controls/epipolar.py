@@ -31,11 +31,15 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..epipolar import Camera, Rig, TokenGeometry
+from ..epipolar import BandChunk, Camera, Rig, TokenGeometry
 from ..errors import ConfigError, LayoutError
-from ..processors.contributions import DenseBias, ExtraKV, Selection
+from ..processors.attend import MAX_CHUNK_ELEMS, fused_attention_with_lse, merge_attention, softmax_part
+from ..processors.contributions import PartialAttention, Selection
 from ..schedules import bounded
 from .base import Control, ControlConfig, RunState, register
+
+CHUNK_QUERIES = 128
+"""Queries per block of the hard band: their lines run close together, so a block reads a narrow strip of keys."""
 
 
 class EpipolarConfig(ControlConfig):
@@ -84,6 +88,7 @@ class EpipolarAttention(Control):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._geometry: dict[tuple, dict[tuple[int, int], TokenGeometry]] = {}
+        self._plans: dict[tuple, dict[tuple[int, int], list[BandChunk]]] = {}
         self.calls = 0
 
     @property
@@ -145,6 +150,52 @@ class EpipolarAttention(Control):
             out = torch.zeros_like(d)
         return out + log_scale if log_scale else out
 
+    def band_plan(self, grid: tuple[int, int], device) -> dict[tuple[int, int], list[BandChunk]]:
+        """The hard band of every ordered view pair as blocks of queries and the keys they may read
+        (:meth:`~attnctl.epipolar.TokenGeometry.band_chunks`), found on the host once per grid, device and band."""
+        key = (tuple(grid), str(device), self.config.band)
+        if key not in self._plans:
+            geo = self.geometry(grid, "cpu")
+            self._plans[key] = {pair: [c.to(device) for c in g.band_chunks(self.config.band, CHUNK_QUERIES)]
+                                for pair, g in geo.items()}
+        return self._plans[key]
+
+    def pair_attention(self, q, k, v, pair: tuple[int, int], grid: tuple[int, int], backend):
+        """Attention of view ``i``'s image queries ``q`` over view ``j``'s image keys ``k``, values ``v`` (all
+        ``(rows, n_img, H, d)``) with the falloff's bias: the output and LSE (:func:`softmax_part`), float32.
+
+        - none: the fused kernel (with its LSE);
+        - hard: only the keys of the band, block by block along the pencil of lines (:meth:`band_plan`);
+        - soft: every key, in chunks of query rows, the bias from the lines' distances.
+        """
+        if self.config.falloff == "none":
+            out, lse = fused_attention_with_lse(q, k, v, backend=backend)
+            return out.float(), lse
+        rows, n, heads, d = q.shape
+        qh = q.transpose(1, 2).float() * (1.0 / math.sqrt(d))  # (rows, H, n, d)
+        kh, vh = k.transpose(1, 2).float(), v.transpose(1, 2).float()
+        out = qh.new_zeros(rows, heads, n, vh.shape[-1])
+        lse = qh.new_full((rows, heads, n), float("-inf"))
+        if self.config.falloff == "hard":
+            for c in self.band_plan(grid, q.device)[pair]:
+                kc = kh if c.keys is None else kh.index_select(2, c.keys)
+                vc = vh if c.keys is None else vh.index_select(2, c.keys)
+                step = max(1, MAX_CHUNK_ELEMS // (rows * heads * kc.shape[2]))
+                for t0 in range(0, len(c.queries), step):
+                    sel = c.queries[t0:t0 + step]
+                    o, lse_c = softmax_part(qh.index_select(2, sel), kc, vc, c.inside[t0:t0 + step])
+                    out.index_copy_(2, sel, o)
+                    lse.index_copy_(2, sel, lse_c)
+        else:
+            geo = self.geometry(grid, q.device)[pair]
+            step = max(1, MAX_CHUNK_ELEMS // (rows * heads * n))
+            for r0 in range(0, n, step):
+                r1 = min(n, r0 + step)
+                o, lse_c = softmax_part(qh[:, :, r0:r1], kh, vh, self.bias(geo.distances(r0, r1), 0.0))
+                out[:, :, r0:r1] = o
+                lse[:, :, r0:r1] = lse_c
+        return out.transpose(1, 2), lse.transpose(1, 2)
+
     def contribute(self, call, q, k, v, state: RunState):
         s = float(self.config.scale(state.step, state.num_steps))
         if s == 0 or state.gradient_pass:
@@ -155,37 +206,27 @@ class EpipolarAttention(Control):
                 f"EpipolarAttention: {call.site.name} has {call.n_image} image tokens but the run's image grid is "
                 f"{grid}", fix="pass height/width the model supports, or a layout whose grid matches")
         groups = self.view_groups(state.roles or ["cond"] * call.batch)
-        rows = [r for g in groups for r in g]
-        view = {r: i for g in groups for i, r in enumerate(g)}
-        others = [[g[j] for j in range(self.views) if j != view[r]] for g in groups for r in g]  # per row, in order
         img = call.image_slice()
-        n_img, n_keys = call.n_image, k.shape[1]
-        k_img, v_img = k[:, img], v[:, img]
-        idx = state.index([o for row in others for o in row], k.device)  # made once per run, not per call
-        shape = (len(rows), (self.views - 1) * n_img, *k.shape[2:])
-        ek = k_img.index_select(0, idx).reshape(shape)
-        ev = v_img.index_select(0, idx).reshape(shape)
-        batch = state.index(rows, call.device)
-        geo = self.geometry(grid, k.device)
-        log_scale = math.log(s) if s != 1 else 0.0
-        pairs = [[(view[r], view[o]) for o in row_others] for r, row_others in zip(rows, others, strict=True)]
+        log_scale = math.log(s)
+        # per view: its rows of every group (made once per run, not per call)
+        rows = [state.index([g[i] for g in groups], call.device) for i in range(self.views)]
 
-        def fn(r0: int, r1: int) -> torch.Tensor:
-            out = torch.zeros(len(rows), r1 - r0, 1, n_keys + shape[1], device=k.device)
-            a0, a1 = max(r0, img.start), min(r1, img.stop)
-            if a0 >= a1:
-                return out
-            blocks: dict[tuple[int, int], torch.Tensor] = {}  # one distance block per view pair and chunk
-            for n, row_pairs in enumerate(pairs):
-                for m, pair in enumerate(row_pairs):
-                    if pair not in blocks:
-                        blocks[pair] = self.bias(geo[pair].distances(a0 - img.start, a1 - img.start), log_scale)
-                    c0 = n_keys + m * n_img
-                    out[n, a0 - r0:a1 - r0, 0, c0:c0 + n_img] = blocks[pair]
-            return out
+        def view_part(i: int):
+            def fn(backend):
+                q_i = q.index_select(0, rows[i])[:, img]
+                out = lse = None
+                for j in range(self.views):
+                    if j == i:
+                        continue
+                    o, lse_j = self.pair_attention(q_i, k.index_select(0, rows[j])[:, img],
+                                                   v.index_select(0, rows[j])[:, img], (i, j), grid, backend)
+                    lse_j = lse_j + log_scale
+                    out, lse = (o, lse_j) if out is None else merge_attention(out, lse, o, lse_j)
+                return out, lse
+            return fn
 
         self.calls += 1
-        return [ExtraKV(ek, ev, Selection(batch, img, None)), DenseBias(fn, Selection(batch, None, None))]
+        return [PartialAttention(view_part(i), Selection(rows[i], img, None)) for i in range(self.views)]
 
     def summary(self) -> str | None:
         if not self.calls:

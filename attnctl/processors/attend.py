@@ -15,7 +15,9 @@ Paths, cheapest first:
       lse'  = lse + log(1 + Σ_c w_c)
 
 - dense biases or extra keys: an explicit softmax for the selected batch rows and heads, in query-row chunks
-  of at most ``max_chunk_elems`` logits; the other heads keep the fused result.
+  of at most ``max_chunk_elems`` logits; the other heads keep the fused result;
+- partial attention over keys outside the call (computed by the control, e.g. sparsely): merged into the rows'
+  result by the two log-sum-exps (:func:`merge_attention`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .contributions import (
     KeyBias,
     MixContext,
     OutputMix,
+    PartialAttention,
     Probe,
     Selection,
     host_values,
@@ -112,6 +115,36 @@ def fused_attention_with_lse(q, k, v, *, attn_mask=None, backend=None, parallel_
         return out, lse.transpose(1, 2).float()
     out = fused_attention(q, k, v, attn_mask=attn_mask, backend=backend, parallel_config=parallel_config)
     return out, chunked_lse(q, k, attn_mask)
+
+
+def softmax_part(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``qh`` ``(..., t, d)``, already scaled by ``1/√d``, over ``kh``, ``vh`` ``(..., u, d)``, with
+    ``bias`` broadcastable to ``(..., t, u)`` (float, ``-inf`` removes a key; or bool, ``False`` removes it): the
+    output ``(..., t, d)`` and the LSE ``(..., t)``, float32. A row whose every key is removed gets output 0 and LSE
+    ``-inf``, so that :func:`merge_attention` leaves its other part as it is."""
+    s = torch.matmul(qh.float(), kh.float().transpose(-1, -2))
+    if bias is not None:
+        s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias
+    top = s.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min).detach()  # finite even for such a row
+    p = torch.exp(s - top)
+    total = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, vh.float()) / total.clamp_min(torch.finfo(s.dtype).tiny)
+    return out, (top + total.log()).squeeze(-1)
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over two disjoint sets of keys, from the attention over each: outputs ``(..., d)`` weighed by
+    their rows' total mass, ``out = (e^lse_a·out_a + e^lse_b·out_b) / (e^lse_a + e^lse_b)``, and the LSE of the
+    union, float32. A part with LSE ``-inf`` (no key) weighs nothing."""
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    top = torch.maximum(lse_a, lse_b).clamp_min(torch.finfo(torch.float32).min)
+    wa, wb = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = wa + wb
+    out = (out_a.float() * wa[..., None] + out_b.float() * wb[..., None]) / total.clamp_min(
+        torch.finfo(torch.float32).tiny)[..., None]  # two empty parts: output 0, LSE -inf
+    return out, top + total.log()
 
 
 # --------------------------------------------------------------------------------------- selections
@@ -254,9 +287,9 @@ def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.T
         if src.shape[-1] != n_keys:
             raise ValueError(
                 f"a DenseBias gives a bias over {src.shape[-1]} keys but this attention call has {n_keys} (the site's "
-                "keys and the extra keys of every ExtraKV contribution); two controls that each add extra keys "
-                "(EpipolarAttention, IsolationAttention with references) cannot act at the same call yet — give them "
-                "disjoint sites (sites=...) or run them in separate calls")
+                "keys and the extra keys of every ExtraKV contribution): another control's extra keys came after "
+                "this bias was made; two IsolationAttention controls with references cannot act at the same call "
+                "yet — give them disjoint sites (sites=...) or run them in separate calls")
         src = src.expand(nb, hi - lo, nh, src.shape[-1])
     inside = None  # a ``within`` bias also shifts every other key of its block
     if isinstance(c, KeyBias) and c.within is not None:
@@ -534,12 +567,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
     key_biases = [c for c in contributions if isinstance(c, KeyBias)]
     dense = [c for c in contributions if isinstance(c, DenseBias)]
     extras = [c for c in contributions if isinstance(c, ExtraKV)]
+    partials = [c for c in contributions if isinstance(c, PartialAttention)]
     probes = [c for c in contributions if isinstance(c, Probe)]
     mixes = [c for c in contributions if isinstance(c, OutputMix)]
-    unknown = [c for c in contributions if not isinstance(c, (KeyBias, DenseBias, ExtraKV, Probe, OutputMix))]
+    known = (KeyBias, DenseBias, ExtraKV, PartialAttention, Probe, OutputMix)
+    unknown = [c for c in contributions if not isinstance(c, known)]
     if unknown:
         raise TypeError(f"unknown attention contribution {type(unknown[0]).__name__}; controls must return "
-                        "KeyBias, DenseBias, ExtraKV, Probe or OutputMix objects")
+                        "KeyBias, DenseBias, ExtraKV, PartialAttention, Probe or OutputMix objects")
+    if any(p.where.heads is not None for p in partials):
+        raise ValueError("a PartialAttention covers every head of its rows (where.heads=None); give heads that "
+                         "should not read its keys an output of their own (an OutputMix) instead")
     if parallel_config is not None:  # diffusers sets it on the processors only for context parallelism
         raise UnsupportedModelError(
             "attnctl controls cannot run under context parallelism: each process sees a shard of the sequence, and "
@@ -554,7 +592,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
                          "masked call unless it is marked mask_free (its result cannot depend on the masked keys); "
                          "give it context=True and apply MixContext.mask, or generate without the mask")
 
-    if key_biases or probes or dense or extras:
+    if key_biases or probes or dense or extras or partials:
         out, lse = fused_attention_with_lse(q, k, v, attn_mask=attn_mask, backend=backend,
                                             parallel_config=parallel_config)
     else:
@@ -574,6 +612,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
         for i, kb in enumerate(key_biases):
             out, lse = _apply_key_bias(q, k, v, out, lse, kb, scale, prior=[*within, *key_biases[:i]],
                                        attn_mask=attn_mask)
+    for part in partials:  # keys apart from the site's: one softmax with them, by the two LSEs
+        out_x, lse_x = part.fn(backend)
+        merged, merged_lse = merge_attention(_select(out, part.where, S), _select(lse, part.where, S), out_x, lse_x)
+        out, lse = _put(out, part.where, merged), _put(lse, part.where, merged_lse)
     n_keys = k.shape[1] + sum(e.key.shape[1] for e in extras)
     for pr in probes:
         _probe(q, k, lse, pr, biases, scale, B, S, H, n_keys, attn_mask)

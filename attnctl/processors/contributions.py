@@ -5,7 +5,8 @@ Tensors use the layout of diffusers' attention dispatcher: ``(batch, sequence, h
 in the site's sequence (``None``: all). A control returns any number of these; the processor composes them:
 
 1. the attention distribution is the softmax of ``q·kᵀ/√d`` plus every :class:`KeyBias` and
-   :class:`DenseBias`, over the site's keys plus any :class:`ExtraKV` keys;
+   :class:`DenseBias`, over the site's keys plus any :class:`ExtraKV` keys, plus the keys of any
+   :class:`PartialAttention` (computed apart and merged in by their log-sum-exp);
 2. :class:`Probe` sinks receive the final probabilities of the entries they asked for;
 3. :class:`OutputMix` functions then transform the attention output of their heads (given the call's mask and
    backend when they ask, :class:`MixContext`).
@@ -106,6 +107,26 @@ class ExtraKV:
 
 
 @dataclass
+class PartialAttention:
+    """The selected rows also attend to keys of their own (another view's image tokens, say), in one softmax with
+    the site's keys, where the control computes the attention over those keys itself — sparsely, blockwise.
+
+    ``fn(backend)`` returns, for the selected batch rows and query rows and every head, the attention output over
+    the extra keys ``(b, rows, H, d)`` and the log-sum-exp of their logits ``(b, rows, H)``, both float32, the LSE
+    ``-inf`` (and the output finite) for a row that reads none of them; ``backend`` is the processor's, for a part
+    that runs fused attention. The processor merges it with the rest of the row::
+
+        out' = (e^lse · out + e^lse_x · out_x) / (e^lse + e^lse_x),   lse' = log(e^lse + e^lse_x)
+
+    after every bias on the site's keys, so those and the extra keys share one softmax, and nothing else sees the
+    extra keys (a :class:`DenseBias` spans the site's and :class:`ExtraKV` keys only; a probe cannot ask for them).
+    """
+
+    fn: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    where: Selection
+
+
+@dataclass
 class Probe:
     """Ask for the final attention probabilities of ``rows × cols``.
 
@@ -152,4 +173,4 @@ class OutputMix:
     context: bool = False
 
 
-Contribution = KeyBias | DenseBias | ExtraKV | Probe | OutputMix
+Contribution = KeyBias | DenseBias | ExtraKV | PartialAttention | Probe | OutputMix
