@@ -9,8 +9,8 @@ Two (or ``--views``) views of one prompt, random q, k, v of the layer's width (`
 rolled stereo rig (views 0.3 apart, each further one rolled by 30° more). Variants, timed interleaved:
 
 - ``independent``: the stock fused attention of each view over its own keys (no coupling);
-- ``epipolar``: ``attend`` with the control's contributions (extra keys of the other views, the hard band of one
-  token), as the processor runs it;
+- ``epipolar``: ``attend`` with the control's contributions (the other views' keys read block by block, the hard
+  band of one token), as the processor runs it;
 - ``materialised``: the same result the plain way — each view's queries against ``[own keys, the other views' image
   keys]`` through SDPA with a dense float mask holding the band (``−inf`` off it); its output is checked against
   ``epipolar``.

@@ -18,9 +18,10 @@ the derivation; in short:
   at 0 the views are generated independently (no extra keys at all, the stock kernel).
 - The cameras are given (``cameras``: one :class:`~attnctl.epipolar.Camera` per view) or made from a ``rig``
   (:class:`~attnctl.epipolar.StereoRig`, :class:`~attnctl.epipolar.OrbitRig`) at each run's latent aspect.
-- The own keys, the text keys and the text queries are untouched. The processor forms the logits in chunks of
-  query rows (``DenseBias`` / ``ExtraKV`` of :mod:`attnctl.processors.contributions`), and the distances of each
-  chunk are computed from the cameras' fundamental matrices on the fly: no ``N × N`` table or map is held.
+- The own keys, the text keys and the text queries are untouched: they stay on the fused kernel. The other views'
+  keys are a ``PartialAttention`` (:mod:`attnctl.processors.contributions`) merged in by log-sum-exp; the hard band
+  reads them block by block along the pencil of epipolar lines (:meth:`TokenGeometry.band_chunks`), so each query
+  block touches a few per cent of them, and no ``N × N`` table or map is held.
 """
 
 from __future__ import annotations
