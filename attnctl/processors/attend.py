@@ -249,7 +249,7 @@ def _same_rows(sel: torch.Tensor | None, b: torch.Tensor, B: int) -> bool:
 def _dense_whole(c: DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tensor, B: int, S: int, H: int,
                  n_keys: int) -> torch.Tensor | None:
     """For the explicit path (every key in order): a ``DenseBias`` on every head of exactly the rows ``b`` (an
-    epipolar band) is its own tensor, left to broadcast over the heads — no per-head gather of a chunk-sized
+    isolation band) is its own tensor, left to broadcast over the heads — no per-head gather of a chunk-sized
     tensor. ``None`` when :func:`_block`'s general path is needed."""
     if c.where.heads is not None or len(h) != H or not _same_rows(c.where.batch, b, B):
         return None
