@@ -644,8 +644,9 @@ class _FieldProblem(Exception):
 def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defaults) -> list[Job]:
     """One job per seed of a generate item (its controls built, a box control with the item's boxes; a reposition
     run's reference prompts checked against its isolation control)."""
-    from .cli import image_file, images_per_prompt, reference_file, reposition_prompts
+    from .cli import image_file, reference_file, reposition_prompts
     from .controls import control_from_json
+    from .views import images_per_prompt
 
     merged = _merge(defaults, item)
     seeds = merged.pop("seeds") or [merged["seed"] if merged["seed"] is not None else 0]

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from .errors import AttnCtlError
 from .toyworld import TOY_MODEL_NAMES
+from .views import images_per_prompt
 
 app = typer.Typer(
     name="attnctl",
@@ -628,30 +629,6 @@ def reposition_prompts(prompt: str, references: Sequence[str] | None, controls: 
         raise AttnCtlError(f"{len(references)} reference prompts for {len(subjects)} subjects "
                            f"({', '.join(map(repr, subjects))})", "give one per subject, in the subjects' order")
     return [*references, prompt]
-
-
-def images_per_prompt(controls: Sequence[Any], images: int | None, references: Sequence[str] | None = None,
-                      option: str = "--images") -> int:
-    """How many images of the prompt one call makes (``num_images_per_prompt``): ``images`` if given, else the
-    cameras of an epipolar control (image ``i`` is camera ``i``'s view), else 1. An epipolar control needs a whole
-    number of view sets; a reposition call makes one set of references and its scene."""
-    views = sorted({c.views for c in controls if getattr(c, "kind", None) == "epipolar"})
-    if len(views) > 1:
-        raise AttnCtlError(f"epipolar controls with {' and '.join(map(str, views))} cameras in one run",
-                           "give every epipolar control of a run the same cameras (or rig)")
-    n = int(images) if images is not None else (views[0] if views else 1)
-    if n < 1:
-        raise AttnCtlError(f"{option} {n}: a call makes at least one image", f"pass {option} 1 or more")
-    if views and n % views[0]:
-        raise AttnCtlError(f"{option} {n} with an epipolar control of {views[0]} cameras",
-                           f"make {views[0]} images (image i is camera i's view), a multiple of {views[0]} for "
-                           f"several sets, or leave {option} out")
-    if n > 1 and references:
-        what = "an epipolar control's views" if views else f"{option} {n}"
-        raise AttnCtlError(f"{what} with reference prompts: a reposition call makes one set of references and its "
-                           "scene", "make the views and the reposition in separate runs" if views
-                           else "make one image per call (another seed each)")
-    return n
 
 
 def image_file(out: Path, i: int, images: int) -> Path:

@@ -4,11 +4,13 @@ perturbed branch of guidance controls such as SoftPAG, run in the same batched f
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 from ..controller import Controller
 from ..controls.base import Control
+from ..views import images_per_prompt
 
 
 class ControlledPipelineMixin:
@@ -23,6 +25,18 @@ class ControlledPipelineMixin:
         if "max_sequence_length" not in kwargs and isinstance(limit, int) and limit < 256:
             kwargs["max_sequence_length"] = limit
 
+    @staticmethod
+    def _default_views(parent_call, args: tuple, kwargs: dict, controls: list[Control]) -> None:
+        # An epipolar control's cameras are the images of the prompt: make that many unless the call says otherwise
+        # (then check it is a whole number of view sets before any model runs).
+        if not any(getattr(c, "kind", None) == "epipolar" for c in controls):
+            return
+        given = inspect.signature(parent_call).bind_partial(None, *args, **kwargs).arguments
+        name = "num_images_per_prompt"
+        n = images_per_prompt(controls, given.get(name), option=name)
+        if name not in given or name in kwargs:
+            kwargs[name] = n
+
     def edit(self, image: Any, source_prompt: str, target_prompt: str, num_inference_steps: int = 28,
              **kwargs: Any) -> Any:
         """Edit a real image by a text change with UnifyEdit: :func:`attnctl.edit` on this pipeline."""
@@ -35,6 +49,8 @@ class ControlledPipelineMixin:
         self._default_max_sequence_length(kwargs)
         if not controls:
             return parent_call(self, *args, **kwargs)
+        controls = [controls] if isinstance(controls, Control) else list(controls)
+        self._default_views(parent_call, args, kwargs, controls)
         with Controller(self, controls) as ctl:  # installs the perturbed branch too when a control asks for one
             self.attnctl = ctl
             return parent_call(self, *args, **kwargs)

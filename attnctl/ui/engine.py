@@ -197,7 +197,7 @@ def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
 def views_of(setup: Setup, controls: list[Any]) -> int:
     """Images per prompt of both runs: an epipolar control's views, else 1 (the baseline makes as many, from the same
     noise, independently)."""
-    from ..cli import images_per_prompt
+    from ..views import images_per_prompt
 
     return images_per_prompt(controls, None, setup.reference_prompts, option="images")
 
