@@ -84,9 +84,10 @@ def chunked_lse(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
     B, S, H, D = q.shape
     scale = 1.0 / math.sqrt(D)
     chunk = max(1, max_chunk_elems // max(1, B * H * k.shape[1]))
+    kf = k.float().transpose(1, 2)  # (B, H, keys, D), converted once for every chunk
     out = []
     for r0 in range(0, S, chunk):
-        s = torch.einsum("bqhd,bkhd->bhqk", q[:, r0 : r0 + chunk].float(), k.float()) * scale
+        s = (q[:, r0 : r0 + chunk].float().transpose(1, 2) * scale) @ kf.transpose(-1, -2)  # (B, H, rows, keys)
         if attn_mask is not None:  # the mask's rows of this chunk, in the dispatcher's (B, H, rows, keys) layout
             s = s + _mask_logits(attn_mask, Selection(rows=slice(r0, r0 + chunk)), S, B, H, slice(None)).transpose(1, 2)
         out.append(torch.logsumexp(s, dim=-1).transpose(1, 2))
