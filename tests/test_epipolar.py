@@ -90,15 +90,17 @@ def test_the_token_of_each_projected_point_falls_inside_the_band():
 # ------------------------------------------------------------------------------------------------ the attention
 
 
-def _reference(q, k, v, groups, img, geo_of, bias_of):
-    """Extended attention by hand: each image query of view i over its own keys and the other views' image keys,
-    the bias on the latter; the text queries and rows outside the groups over their own keys."""
+def _reference(q, k, v, groups, img, geo_of, bias_of, own_bias=None):
+    """Extended attention by hand: each image query of view i over its own keys (with ``own_bias[row]``, if given,
+    on them) and the other views' image keys, the bias on the latter; the text queries and rows outside the groups
+    over their own keys."""
     B, S, H, d = q.shape
     out = torch.softmax(torch.einsum("bshd,bthd->bhst", q, k) / math.sqrt(d), -1)
     out = torch.einsum("bhst,bthd->bshd", out, v)
     for g in groups:
         for i, r in enumerate(g):
-            keys, vals, bias = [k[r]], [v[r]], [torch.zeros(img.stop - img.start, S)]
+            own = torch.zeros(img.stop - img.start, S) if own_bias is None else own_bias[r]
+            keys, vals, bias = [k[r]], [v[r]], [own]
             for j, o in enumerate(g):
                 if j != i:
                     keys.append(k[o, img])
@@ -187,6 +189,47 @@ def test_three_views_in_many_blocks_equal_materialised_extended_attention(fallof
         assert bool((~reads[0] & ~reads[1]).any())  # some query of view 2 reads no other view: its own keys only
 
 
+def test_with_isolation_at_the_same_call_each_view_is_isolated_within_itself_and_reads_the_others_band():
+    """IsolationAttention and EpipolarAttention at one call compose: a view's image queries read their own keys
+    under the isolation bias (no subject reads another subject's tokens of its own view) and the other view's
+    keys under the band, one softmax over both; the other view's keys are not masked by subject."""
+    from attnctl import IsolationAttention
+
+    torch.manual_seed(2)
+    grid, n_txt, H, d = (4, 6), 3, 2, 8
+    n_img = grid[0] * grid[1]
+    B, S = 2, n_img + n_txt
+    q, k, v = (torch.randn(B, S, H, d) for _ in range(3))
+    state = RunState(step=1, num_steps=3, roles=["cond"] * B, layout=TokenLayout("sd3", n_txt, grid))
+    site = Site("transformer_blocks.0.attn", 0, "sd3_joint", H, d)
+    call = SiteCall(site, B, S, n_txt, True, q.device, q.dtype)
+    epi = EpipolarAttention(cameras=rig((48.0, 32.0))[:2], band=1.5)
+    iso = IsolationAttention(subjects=["red circle", "blue square"])
+    iso._sets = [([], 0), ([], 1)]  # every row a target (no references), as a run with two views sets them
+    masks = torch.zeros(B, 2, *grid, dtype=torch.bool)
+    masks[:, 0, 0:3, 0:3] = True
+    masks[:, 1, 1:4, 3:6] = True
+    masks[1, 1, 2, 2] = True  # view 1: one token in both masks
+    iso._masks = masks.flatten(2)
+    iso._keep = torch.ones(B, 2, n_img, dtype=torch.bool)
+    contributions = iso._steer(call, k, v, state, grid) + epi.contribute(call, q, k, v, state)
+    got = attend(q, k, v, contributions, max_chunk_elems=60)
+    own = {}
+    for r in range(B):  # the isolation rule by hand: query in mask i, key in another mask j and not in i → −∞
+        m = iso._masks[r]
+        bias = torch.zeros(n_img, S)
+        for a in range(n_img):
+            for c in range(n_img):
+                if any(m[i, a] and not m[i, c] and any(m[j, c] for j in range(2) if j != i) for i in range(2)):
+                    bias[a, c] = -math.inf  # the image keys come first in an SD3 joint call
+        own[r] = bias
+    ref = _reference(q, k, v, [[0, 1]], call.image_slice(), epi.geometry(grid, q.device),
+                     lambda dist: epi.bias(dist, 0.0), own_bias=own)
+    assert torch.allclose(got, ref, atol=1e-5)
+    alone = attend(q, k, v, epi.contribute(call, q, k, v, state))
+    assert (got - alone).abs().max() > 1e-2  # the isolation did act
+
+
 def test_a_stereo_rig_at_roll_zero_is_rectified_and_its_roll_tilts_the_lines():
     rectified = EpipolarAttention(rig={"kind": "stereo"})
     geo = TokenGeometry(*rectified.cameras((4, 6)), (4, 6))
@@ -255,7 +298,9 @@ def test_sd3_views_couple_and_scale_zero_is_the_plain_run(sd3_pipe):
         on = sd3_pipe(PROMPT, num_images_per_prompt=2, generator=gen(), output_type="np", **KW).images
     assert abs(on - plain).max() > 1e-3 and ctl.calls > 0
     assert "epipolar attention across 2 views" in ctl.summary()
-    with pytest.raises(ConfigError, match="num_images_per_prompt=2"):
+    made = pipe(PROMPT, generator=gen(), output_type="np", controls=[EpipolarAttention(cameras=cams)], **KW).images
+    assert made.shape[0] == 2 and np.allclose(made, on, atol=1e-6)  # the cameras are the images of the prompt
+    with pytest.raises(ConfigError, match="num_images_per_prompt 3 with an epipolar control of 2 cameras"):
         pipe(PROMPT, num_images_per_prompt=3, controls=[EpipolarAttention(cameras=cams)], **KW)
     by_rig = pipe(PROMPT, num_images_per_prompt=2, generator=gen(), output_type="np",  # the rig at the run's aspect
                   controls=[EpipolarAttention(rig={"kind": "stereo", "roll": 40, "baseline": 0.5})], **KW).images
