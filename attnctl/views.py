@@ -18,17 +18,17 @@ def images_per_prompt(controls: Sequence[Any], images: int | None, references: S
     views = sorted({c.views for c in controls if getattr(c, "kind", None) == "epipolar"})
     if len(views) > 1:
         raise ConfigError(f"epipolar controls with {' and '.join(map(str, views))} cameras in one run",
-                           "give every epipolar control of a run the same cameras (or rig)")
+                          "give every epipolar control of a run the same cameras (or rig)")
     n = int(images) if images is not None else (views[0] if views else 1)
     if n < 1:
         raise ConfigError(f"{option} {n}: a call makes at least one image", f"pass {option} 1 or more")
     if views and n % views[0]:
         raise ConfigError(f"{option} {n} with an epipolar control of {views[0]} cameras",
-                           f"make {views[0]} images (image i is camera i's view), a multiple of {views[0]} for "
-                           f"several sets, or leave {option} out")
+                          f"make {views[0]} images (image i is camera i's view), a multiple of {views[0]} for "
+                          f"several sets, or leave {option} out")
     if n > 1 and references:
         what = "an epipolar control's views" if views else f"{option} {n}"
         raise ConfigError(f"{what} with reference prompts: a reposition call makes one set of references and its "
-                           "scene", "make the views and the reposition in separate runs" if views
-                           else "make one image per call (another seed each)")
+                          "scene", "make the views and the reposition in separate runs" if views
+                          else "make one image per call (another seed each)")
     return n

@@ -215,8 +215,13 @@ def test_text_scope_keeps_every_rows_text_attention(sd3_pipe, restore, masked):
     if masked:
         assert p[..., 24 + 4].max() == 0 and p[1, ..., 24 + 9].max() == 0
     if restore:
+        # The restoring bias is log(rest + Σx) − log(1 − P_special) with rest = 1 − P_targets − P_special: on this
+        # 10-token text some rows give the other text tokens < 1% of their text attention, and that difference of
+        # fp32 shares carries a relative error of about eps32 / rest into the bias (exact in float64: ≤ 5e-6 here).
+        # So the check is relative, as the error is; a wrong restoring formula is off by orders of magnitude more.
         special = [24 + 0, 24 + 3, 24 + 7]
-        assert (p[COND, IMG][..., special] - plain[COND, IMG][..., special]).abs().max() <= 1e-6
+        got, want = p[COND, IMG][..., special], plain[COND, IMG][..., special]
+        assert ((got - want).abs() / want).max() <= 2e-5
     pc = p[COND, IMG]
     words = torch.stack([pc[..., [24 + 1, 24 + 5]].sum(-1), pc[..., [24 + 2, 24 + 6]].sum(-1)], -1) / text_mass
     (rec,) = reg.records
