@@ -4,16 +4,17 @@ the same extended attention written with a materialised mask.
     python bench/epipolar.py                 # SD3.5-large and FLUX.1-dev layer shapes, 512² and 1024², 2 views
     python bench/epipolar.py --quick         # 512² only
     python bench/epipolar.py --views 3 --json out.json
+    python bench/epipolar.py --quick --falloff adaptive   # AnimateAnywhere's rule (or soft) instead of the hard band
 
 Two (or ``--views``) views of one prompt, random q, k, v of the layer's width (``bench/layers.py``'s shapes), a
 rolled stereo rig (views 0.3 apart, each further one rolled by 30° more). Variants, timed interleaved:
 
 - ``independent``: the stock fused attention of each view over its own keys (no coupling);
-- ``epipolar``: ``attend`` with the control's contributions (the other views' keys read block by block, the hard
-  band of one token), as the processor runs it;
+- ``epipolar``: ``attend`` with the control's contributions (the hard band of one token by default: the other
+  views' keys read block by block), as the processor runs it;
 - ``materialised``: the same result the plain way — each view's queries against ``[own keys, the other views' image
-  keys]`` through SDPA with a dense float mask holding the band (``−inf`` off it); its output is checked against
-  ``epipolar``.
+  keys]`` through SDPA with a dense float mask holding the band (``−inf`` off it; for ``--falloff adaptive`` the
+  mask is made from the whole softmax of the unconstrained logits); its output is checked against ``epipolar``.
 
 The extra peak memory of one call of each is measured in a fresh subprocess (VmHWM after a reset minus VmRSS
 before); ``nxn_map_bytes`` is one float32 map of the coupled logits over all heads (``views · heads · N · (N +
@@ -38,7 +39,7 @@ from report import emit  # noqa: E402
 VARIANTS = ("independent", "epipolar", "materialised")
 
 
-def setup(shape: str, res: int, views: int):
+def setup(shape: str, res: int, views: int, falloff: str = "hard"):
     from attnctl import Camera, EpipolarAttention
 
     q, k, v, call, state, _ = layers.attention_core(shape, res, views)
@@ -48,7 +49,7 @@ def setup(shape: str, res: int, views: int):
         a = math.radians(30 * i)
         cams.append(Camera.look_at([0.3 * i, 0, 0], [0.3 * i, 0, 1], size=(res, res),
                                    up=[math.sin(a), -math.cos(a), 0]))
-    return q, k, v, EpipolarAttention(cameras=cams), call, state
+    return q, k, v, EpipolarAttention(cameras=cams, falloff=falloff), call, state
 
 
 def run(variant: str, q, k, v, ctl, call, state) -> torch.Tensor:
@@ -68,16 +69,28 @@ def run(variant: str, q, k, v, ctl, call, state) -> torch.Tensor:
         vals = torch.cat([v[i], *[v[j, img] for j in others]])
         mask = torch.full((n, keys.shape[0]), float("-inf"))
         mask[:, :n] = 0
+        adaptive = ctl.config.falloff == "adaptive"
+        if adaptive:  # the unconstrained extended attention: every image query reads every other view's keys
+            mask[img, n:] = 0
+            logits = torch.einsum("shd,thd->hst", q[i], keys) / math.sqrt(q.shape[-1]) + mask
+            weak = (torch.softmax(logits, -1) < ctl.config.strong / keys.shape[0])[:, img, n:]  # (heads, N_img, …)
+            mask = mask.expand(q.shape[2], -1, -1).clone()
         for m, j in enumerate(others):
-            mask[img, n + m * n_img:n + (m + 1) * n_img] = ctl.bias(geo[(i, j)].distances(0, n_img), 0.0)
+            cols = slice(n + m * n_img, n + (m + 1) * n_img)
+            if adaptive:
+                off = geo[(i, j)].distances(0, n_img) > ctl.config.band
+                mask[:, img, cols] = torch.zeros(()).masked_fill(off & weak[..., cols.start - n:cols.stop - n],
+                                                                 float("-inf"))
+            else:
+                mask[img, cols] = ctl.bias(geo[(i, j)].distances(0, n_img), 0.0)
         o = torch.nn.functional.scaled_dot_product_attention(
             q[i].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1), attn_mask=mask)
         outs.append(o.transpose(0, 1))
     return torch.stack(outs)
 
 
-def time_variants(shape: str, res: int, views: int, repeats: int) -> dict:
-    args = setup(shape, res, views)
+def time_variants(shape: str, res: int, views: int, repeats: int, falloff: str) -> dict:
+    args = setup(shape, res, views, falloff)
     q, k, v, ctl, call, state = args
     with torch.no_grad():
         out = {var: run(var, *args) for var in VARIANTS}  # warm-up and the check
@@ -90,16 +103,16 @@ def time_variants(shape: str, res: int, views: int, repeats: int) -> dict:
                 times[var].append(time.perf_counter() - t)
     med = {var: statistics.median(t) for var, t in times.items()}
     n, n_img, heads = q.shape[1], call.n_image, q.shape[2]
-    return dict(shape=shape, res=res, views=views, tokens=n, image_tokens=n_img, heads=heads,
+    return dict(shape=shape, res=res, views=views, falloff=falloff, tokens=n, image_tokens=n_img, heads=heads,
                 seconds={var: round(m, 4) for var, m in med.items()},
                 ratio_to_independent={var: round(m / med["independent"], 3) for var, m in med.items()},
                 epipolar_over_materialised=round(med["epipolar"] / med["materialised"], 3),
                 max_abs_difference=err, nxn_map_bytes=views * heads * n * (n + (views - 1) * n_img) * 4)
 
 
-def _peak_child(shape: str, res: int, variant: str, views: int) -> int:
+def _peak_child(shape: str, res: int, variant: str, views: int, falloff: str) -> int:
     torch.set_num_threads(2)
-    args = setup(shape, res, views)
+    args = setup(shape, res, views, falloff)
     with torch.no_grad():
         return layers.extra_peak_bytes(lambda: run(variant, *args))
 
@@ -107,22 +120,25 @@ def _peak_child(shape: str, res: int, variant: str, views: int) -> int:
 def main() -> None:
     ap = layers.bench_parser(__doc__)
     ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--falloff", choices=["hard", "soft", "adaptive", "none"], default="hard")
     args = ap.parse_args()
-    if layers.answer_peak_child(args, _peak_child, args.views):
+    if layers.answer_peak_child(args, _peak_child, args.views, args.falloff):
         return
     torch.set_num_threads(2)
     rows = []
     for res in (512,) if args.quick else (512, 1024):
         for shape in args.shapes:
-            r = time_variants(shape, res, args.views, args.repeats)
-            r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, VARIANTS, ("--views", str(args.views)))
+            r = time_variants(shape, res, args.views, args.repeats, args.falloff)
+            r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, VARIANTS,
+                                                       ("--views", str(args.views), "--falloff", args.falloff))
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
     try:
         from rich.console import Console
         from rich.table import Table
 
-        t = Table(title=f"EpipolarAttention at one attention core, {args.views} views (ratios: same run)")
+        t = Table(title=f"EpipolarAttention ({args.falloff}) at one attention core, {args.views} views (ratios: same "
+                        "run)")
         for col in ("layer", "res", "tokens", "epipolar / independent", "materialised / independent",
                     "epipolar / materialised", "peak MB independent / epipolar / materialised", "N×N map MB",
                     "max |Δ|"):

@@ -189,6 +189,48 @@ def test_three_views_in_many_blocks_equal_materialised_extended_attention(fallof
         assert bool((~reads[0] & ~reads[1]).any())  # some query of view 2 reads no other view: its own keys only
 
 
+@pytest.mark.parametrize("image_first", [True, False])
+def test_adaptive_falloff_removes_only_the_weak_keys_off_the_band(image_first):
+    """falloff="adaptive" (AnimateAnywhere): a key of another view beyond the band is removed only where the
+    unconstrained extended attention (own keys and every other view's keys, the scale included) gives it less than
+    ``strong`` times an even share; against a materialised reference written out here, three views."""
+    torch.manual_seed(3)
+    grid, n_txt, H, d = (3, 4), 5, 2, 8
+    n_img = grid[0] * grid[1]
+    scale, band, strong = 0.7, 0.75, 1.5
+    ctl = EpipolarAttention(cameras=rig((64.0, 48.0)), falloff="adaptive", band=band, strong=strong, scale=scale)
+    B, S = 3, n_img + n_txt
+    q, k, v = (torch.randn(B, S, H, d) * 1.5 for _ in range(3))  # sharp enough that some keys are strong
+    state = RunState(step=0, num_steps=2, roles=["cond"] * B, layout=TokenLayout("sd3", n_txt, grid))
+    site = Site("transformer_blocks.0.attn", 0, "sd3_joint", H, d)
+    call = SiteCall(site, B, S, n_txt, image_first, q.device, q.dtype)
+    parts = ctl.contribute(call, q, k, v, state)
+    assert all(p.reads_lse for p in parts)
+    got = attend(q, k, v, parts, max_chunk_elems=40)
+
+    img, geo = call.image_slice(), ctl.geometry(grid, q.device)
+    ref = attend(q, k, v, [])
+    kept_off_band = dropped = 0
+    for i in range(B):
+        others = [j for j in range(B) if j != i]
+        keys = torch.cat([k[i]] + [k[j, img] for j in others])  # (S + 2·n_img, H, d)
+        vals = torch.cat([v[i]] + [v[j, img] for j in others])
+        s_ = torch.einsum("shd,thd->hst", q[i, img], keys) / math.sqrt(d)
+        s_[..., S:] += math.log(scale)
+        a = torch.softmax(s_, -1)  # the unconstrained extended attention
+        off = torch.cat([torch.zeros(n_img, S, dtype=torch.bool)] + [geo[(i, j)].distances(0, n_img) > band
+                                                                      for j in others], 1)
+        drop = off[None] & (a < strong / keys.shape[0])
+        kept_off_band += int((off[None] & ~drop).sum())
+        dropped += int(drop.sum())
+        ref[i, img] = torch.einsum("hst,thd->shd", torch.softmax(s_.masked_fill(drop, float("-inf")), -1), vals)
+    assert kept_off_band > 0 and dropped > 0  # both sides of the rule are exercised
+    assert torch.allclose(got, ref, atol=1e-5)
+    hard = attend(q, k, v, EpipolarAttention(cameras=rig((64.0, 48.0)), band=band, scale=scale)
+                  .contribute(call, q, k, v, state))
+    assert (got - hard).abs().max() > 1e-3  # the strong keys off the band do reach the output
+
+
 def test_with_isolation_at_the_same_call_each_view_is_isolated_within_itself_and_reads_the_others_band():
     """IsolationAttention and EpipolarAttention at one call compose: a view's image queries read their own keys
     under the isolation bias (no subject reads another subject's tokens of its own view) and the other view's
@@ -320,6 +362,9 @@ def test_flux_and_sd35_sites_run(flux_pipe, sd35_pipe):
     out = flux(PROMPT, num_images_per_prompt=3, generator=gen(), output_type="np", controls=[ctl], **KW).images
     n_sites = len(attnctl.list_sites(flux_pipe.transformer))
     assert np.isfinite(out).all() and ctl.calls == n_sites * KW["num_inference_steps"]
+    adaptive = EpipolarAttention(cameras=cams[:2], falloff="adaptive")  # the site's LSE reaches it in every block
+    out = flux(PROMPT, generator=gen(), output_type="np", controls=[adaptive], **KW).images
+    assert out.shape[0] == 2 and np.isfinite(out).all() and adaptive.calls == n_sites * KW["num_inference_steps"]
     sd35 = AttnCtlSD3Pipeline(**sd35_pipe.components)
     sd35.set_progress_bar_config(disable=True)
     only_attn2 = EpipolarAttention(cameras=cams[:2], sites="kind:sd3_image")
@@ -328,12 +373,13 @@ def test_flux_and_sd35_sites_run(flux_pipe, sd35_pipe):
     assert np.isfinite(out).all() and only_attn2.calls > 0
 
 
-def test_bf16_on_cpu():
+@pytest.mark.parametrize("falloff", ["hard", "adaptive"])
+def test_bf16_on_cpu(falloff):
     from attnctl.testing import tiny_sd3_pipeline
 
     pipe = AttnCtlSD3Pipeline(**tiny_sd3_pipeline("sd3", dtype=torch.bfloat16).components)
     pipe.set_progress_bar_config(disable=True)
-    ctl = EpipolarAttention(cameras=rig((48.0, 32.0))[:2])
+    ctl = EpipolarAttention(cameras=rig((48.0, 32.0))[:2], falloff=falloff)
     out = pipe(PROMPT, num_images_per_prompt=2, generator=gen(), output_type="latent", controls=[ctl], **KW).images
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and ctl.calls > 0
 
@@ -354,6 +400,8 @@ def test_bad_input_and_json_round_trip():
         Camera(K=[[1, 0], [0, 1]], size=(8, 8))
     with pytest.raises(ConfigError, match="band"):
         EpipolarAttention(cameras=cams, band=0)
+    with pytest.raises(ConfigError, match="strong"):
+        EpipolarAttention(cameras=cams, falloff="adaptive", strong=0)
     ctl = EpipolarAttention(cameras=cams, falloff="soft", alpha=2.0, scale="window(1, 0, 0.5)")
     again = attnctl.control_from_json(ctl.to_json())
     assert isinstance(again, EpipolarAttention) and again.to_json() == ctl.to_json()

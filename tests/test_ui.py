@@ -461,6 +461,12 @@ def test_epipolar_panel_makes_the_views_of_a_rig_and_restores_given_cameras(monk
     assert errors(at) == [] and len(compare_images(at)) == 6
     assert at.session_state["history"][-1]["summary"] == "Epipolar views"
     assert any("orbit of 3 views 20° apart" in c.value for c in at.caption)
+    at.selectbox(key=f"c{epi}.falloff").set_value("adaptive").run()  # AnimateAnywhere's rule, with its threshold
+    at.number_input(key=f"c{epi}.strong").set_value(4.0).run()
+    generate(at, steps=2)
+    assert errors(at) == [] and len(compare_images(at)) == 6
+    config = at.session_state["history"][-1]["setup"].controls[0]
+    assert (config["falloff"], config["strong"]) == ("adaptive", 4.0)
 
     # a PNG with explicit cameras keeps them, and a rig can be tried and switched back
     cams = [Camera.look_at([x, 0, -4], [0, 0, 0], size=(32, 32)).model_dump(mode="json") for x in (-1.0, 1.0)]

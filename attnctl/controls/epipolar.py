@@ -13,9 +13,14 @@ the derivation; in short:
   (:mod:`attnctl.epipolar`)::
 
       hard:  0 if d ≤ band else −∞            soft:  −alpha · max(0, d − band) / band            none:  0
+      adaptive:  0 if d ≤ band or A ≥ strong / n else −∞
 
   plus ``log(scale)``: ``scale`` (a schedule, default 1) weighs the other views' keys against the view's own;
-  at 0 the views are generated independently (no extra keys at all, the stock kernel).
+  at 0 the views are generated independently (no extra keys at all, the stock kernel). ``adaptive`` is
+  AnimateAnywhere's rule in attnctl's form: a key off the band is removed only where it is also weak, ``A`` being
+  the probability the row gives it in the unconstrained extended attention (own keys and every other view's keys,
+  the scale included) and ``n`` the row's number of keys, so ``strong / n`` is ``strong`` times an even share; a
+  strong correspondence off the line (moving content, an inexact camera) survives.
 - The cameras are given (``cameras``: one :class:`~attnctl.epipolar.Camera` per view) or made from a ``rig``
   (:class:`~attnctl.epipolar.StereoRig`, :class:`~attnctl.epipolar.OrbitRig`) at each run's latent aspect.
 - The own keys, the text keys and the text queries are untouched: they stay on the fused kernel. The other views'
@@ -34,7 +39,13 @@ from pydantic import Field, field_validator, model_validator
 
 from ..epipolar import BandChunk, Camera, Rig, TokenGeometry
 from ..errors import ConfigError, LayoutError
-from ..processors.attend import MAX_CHUNK_ELEMS, fused_attention_with_lse, merge_attention, softmax_part
+from ..processors.attend import (
+    MAX_CHUNK_ELEMS,
+    fused_attention_with_lse,
+    merge_attention,
+    softmax_of_logits,
+    softmax_part,
+)
 from ..processors.contributions import PartialAttention, Selection
 from ..schedules import bounded
 from .base import Control, ControlConfig, RunState, register
@@ -50,10 +61,15 @@ class EpipolarConfig(ControlConfig):
                                               "\"roll\": 90} or {\"kind\": \"orbit\", \"views\": 3, \"degrees\": 20}")
     band: float = Field(1.0, gt=0.0, allow_inf_nan=False,
                         description="half-width of the band around each epipolar line, in tokens")
-    falloff: Literal["hard", "soft", "none"] = Field(
+    falloff: Literal["hard", "soft", "none", "adaptive"] = Field(
         "hard", description="hard: keys beyond the band are removed; soft: their logits fall by "
-                            "alpha·(d − band)/band; none: plain extended attention (no epipolar constraint)")
+                            "alpha·(d − band)/band; none: plain extended attention (no epipolar constraint); "
+                            "adaptive: keys beyond the band are removed where they are also weak (AnimateAnywhere)")
     alpha: float = Field(3.0, ge=0.0, allow_inf_nan=False, description="slope of the soft falloff")
+    strong: float = Field(8.0, gt=0.0, allow_inf_nan=False,
+                          description="adaptive falloff: a key beyond the band stays where the unconstrained "
+                                      "extended attention gives it at least this many times an even share of the "
+                                      "row (1 / its number of keys)")
     scale: bounded(0, None) = Field(1.0, description="schedule of the weight of the other views' keys "
                                                      "(0: views independent at that step)")
     sites: str | list[str] = Field("all", description="site selector")
@@ -147,8 +163,10 @@ class EpipolarAttention(Control):
             out = torch.where(d <= band, 0.0, float("-inf"))
         elif falloff == "soft":
             out = -self.config.alpha * (d - band).clamp_min(0) / band
-        else:
+        elif falloff == "none":
             out = torch.zeros_like(d)
+        else:
+            raise ValueError("the adaptive falloff's bias depends on the logits; see pair_attention")
         return out + log_scale if log_scale else out
 
     def band_plan(self, grid: tuple[int, int], device) -> dict[tuple[int, int], list[BandChunk]]:
@@ -161,13 +179,16 @@ class EpipolarAttention(Control):
                                 for pair, g in geo.items()}
         return self._plans[key]
 
-    def pair_attention(self, q, k, v, pair: tuple[int, int], grid: tuple[int, int], backend):
+    def pair_attention(self, q, k, v, pair: tuple[int, int], grid: tuple[int, int], backend,
+                       floor: torch.Tensor | None = None):
         """Attention of view ``i``'s image queries ``q`` over view ``j``'s image keys ``k``, values ``v`` (all
         ``(rows, n_img, H, d)``) with the falloff's bias: the output and LSE (:func:`softmax_part`), float32.
 
         - none: the fused kernel (with its LSE);
         - hard: only the keys of the band, block by block along the pencil of lines (:meth:`band_plan`);
-        - soft: every key, in chunks of query rows, the bias from the lines' distances.
+        - soft: every key, in chunks of query rows, the bias from the lines' distances;
+        - adaptive: every key, in chunks of query rows; one off the band is kept where its logit ``q·k/√d`` is at
+          least the row's ``floor`` ``(rows, n_img, H)`` (:meth:`strong_floor`).
         """
         if self.config.falloff == "none":
             out, lse = fused_attention_with_lse(q, k, v, backend=backend)
@@ -189,13 +210,30 @@ class EpipolarAttention(Control):
                     lse.index_copy_(2, sel, lse_c)
         else:
             geo = self.geometry(grid, q.device)[pair]
+            floor = floor.transpose(1, 2)[..., None] if floor is not None else None  # (rows, H, n, 1)
             step = max(1, MAX_CHUNK_ELEMS // (rows * heads * n))
             for r0 in range(0, n, step):
                 r1 = min(n, r0 + step)
-                o, lse_c = softmax_part(qh[:, :, r0:r1], kh, vh, self.bias(geo.distances(r0, r1), 0.0))
+                if floor is None:
+                    o, lse_c = softmax_part(qh[:, :, r0:r1], kh, vh, self.bias(geo.distances(r0, r1), 0.0))
+                else:  # removed: off the band and weak
+                    s = torch.matmul(qh[:, :, r0:r1], kh.transpose(-1, -2))
+                    drop = (geo.distances(r0, r1) > self.config.band) & (s < floor[:, :, r0:r1])
+                    o, lse_c = softmax_of_logits(s.masked_fill(drop, float("-inf")), vh)
                 out[:, :, r0:r1] = o
                 lse[:, :, r0:r1] = lse_c
         return out.transpose(1, 2), lse.transpose(1, 2)
+
+    def strong_floor(self, q_i, others, own_lse: torch.Tensor, log_scale: float, n_keys: int,
+                     backend) -> torch.Tensor:
+        """The adaptive falloff's threshold on the logits of the other views' keys for view ``i``'s image queries
+        ``q_i`` ``(rows, n, H, d)``: ``log(strong / n_keys) + lse_all − log(scale)``, with ``lse_all`` the rows' LSE
+        over their own keys (``own_lse``, from the processor) and every other view's image keys (``others``: their
+        keys and values), weighed by the scale; a key whose logit reaches it has ``A ≥ strong / n_keys`` in the
+        unconstrained extended attention. The other views' LSEs come from the fused kernel."""
+        lse_x = torch.stack([fused_attention_with_lse(q_i, k_j, v_j, backend=backend)[1] for k_j, v_j in others])
+        lse_all = torch.logaddexp(own_lse.float(), torch.logsumexp(lse_x, dim=0) + log_scale)
+        return lse_all + (math.log(self.config.strong / n_keys) - log_scale)
 
     def contribute(self, call, q, k, v, state: RunState):
         s = float(self.config.scale(state.step, state.num_steps))
@@ -212,22 +250,27 @@ class EpipolarAttention(Control):
         # per view: its rows of every group (made once per run, not per call)
         rows = [state.index([g[i] for g in groups], call.device) for i in range(self.views)]
 
+        adaptive = self.config.falloff == "adaptive"
+        n_keys = call.seq_len + (self.views - 1) * call.n_image  # what each image query reads, unconstrained
+
         def view_part(i: int):
-            def fn(backend):
+            def fn(backend, own_lse=None):
                 q_i = q.index_select(0, rows[i])[:, img]
+                others = {j: (k.index_select(0, rows[j])[:, img], v.index_select(0, rows[j])[:, img])
+                          for j in range(self.views) if j != i}
+                floor = (self.strong_floor(q_i, others.values(), own_lse, log_scale, n_keys, backend)
+                         if adaptive else None)
                 out = lse = None
-                for j in range(self.views):
-                    if j == i:
-                        continue
-                    o, lse_j = self.pair_attention(q_i, k.index_select(0, rows[j])[:, img],
-                                                   v.index_select(0, rows[j])[:, img], (i, j), grid, backend)
+                for j, (k_j, v_j) in others.items():
+                    o, lse_j = self.pair_attention(q_i, k_j, v_j, (i, j), grid, backend, floor)
                     lse_j = lse_j + log_scale
                     out, lse = (o, lse_j) if out is None else merge_attention(out, lse, o, lse_j)
                 return out, lse
             return fn
 
         self.calls += 1
-        return [PartialAttention(view_part(i), Selection(rows[i], img, None)) for i in range(self.views)]
+        return [PartialAttention(view_part(i), Selection(rows[i], img, None), reads_lse=adaptive)
+                for i in range(self.views)]
 
     def summary(self) -> str | None:
         if not self.calls:

@@ -127,6 +127,12 @@ def softmax_part(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor,
     s = torch.matmul(qh.float(), kh.float().transpose(-1, -2))
     if bias is not None:
         s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias
+    return softmax_of_logits(s, vh)
+
+
+def softmax_of_logits(s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`softmax_part` from float32 logits ``s`` ``(..., t, u)`` already made (and biased, ``-inf`` on a
+    removed key), for a control whose bias depends on the logits themselves."""
     top = s.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min).detach()  # finite even for such a row
     p = torch.exp(s - top)
     total = p.sum(dim=-1, keepdim=True)
@@ -613,8 +619,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
         for i, kb in enumerate(key_biases):
             out, lse = _apply_key_bias(q, k, v, out, lse, kb, scale, prior=[*within, *key_biases[:i]],
                                        attn_mask=attn_mask)
+    site_lse = lse  # the rows' LSE over the site's keys (biases applied), before any part is merged
     for part in partials:  # keys apart from the site's: one softmax with them, by the two LSEs
-        out_x, lse_x = part.fn(backend)
+        out_x, lse_x = part.fn(backend, _select(site_lse, part.where, S)) if part.reads_lse else part.fn(backend)
         merged, merged_lse = merge_attention(_select(out, part.where, S), _select(lse, part.where, S), out_x, lse_x)
         out, lse = _put(out, part.where, merged), _put(lse, part.where, merged_lse)
     n_keys = k.shape[1] + sum(e.key.shape[1] for e in extras)

@@ -120,10 +120,15 @@ class PartialAttention:
 
     after every bias on the site's keys, so those and the extra keys share one softmax, and nothing else sees the
     extra keys (a :class:`DenseBias` spans the site's and :class:`ExtraKV` keys only; a probe cannot ask for them).
+
+    With ``reads_lse=True`` it is called as ``fn(backend, lse)``, ``lse`` ``(b, rows, H)`` float32 being the selected
+    rows' log-sum-exp over the site's keys (biases applied, no part merged yet): a part whose keys depend on how
+    strongly the whole row attends to them (AnimateAnywhere's adaptive epipolar mask) needs it.
     """
 
-    fn: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     where: Selection
+    reads_lse: bool = False
 
 
 @dataclass

@@ -13,7 +13,8 @@ from . import Panel, PanelContext, config_default
 
 RIGS = {"stereo": "Stereo pair", "orbit": "Orbit"}
 CUSTOM = "cameras"
-FALLOFFS = {"hard": "Hard band", "soft": "Soft falloff", "none": "None (plain extended attention)"}
+FALLOFFS = {"hard": "Hard band", "soft": "Soft falloff", "adaptive": "Adaptive (keep strong keys off the band)",
+            "none": "None (plain extended attention)"}
 
 
 def default(ctx: PanelContext) -> dict[str, Any]:
@@ -89,6 +90,13 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
                                    min_value=0.0, max_value=100.0, step=0.5, format="%g"))
     else:
         cfg.pop("alpha", None)
+    if falloff == "adaptive":
+        cfg["strong"] = float(keyed(a.number_input, f"{key}.strong", float(get("strong", 8.0)), "Strong above, × even",
+                                    min_value=0.01, max_value=1000.0, step=1.0, format="%g",
+                                    help="A key off the band stays where the row gives it at least this many times "
+                                         "an even share of its attention"))
+    else:
+        cfg.pop("strong", None)
     scale, err = schedule_editor(f"{key}.scale", "Weight of the other views over the run", get("scale", 1.0),
                                  ctx.steps, lo=0.0, hi=None,
                                  help="0: the views are independent at that step (the stock kernel)")
