@@ -219,7 +219,7 @@ class EpipolarAttention(Control):
                 else:  # removed: off the band and weak
                     s = torch.matmul(qh[:, :, r0:r1], kh.transpose(-1, -2))
                     drop = (geo.distances(r0, r1) > self.config.band) & (s < floor[:, :, r0:r1])
-                    o, lse_c = softmax_of_logits(s.masked_fill(drop, float("-inf")), vh)
+                    o, lse_c = softmax_of_logits(s.masked_fill_(drop, float("-inf")), vh)
                 out[:, :, r0:r1] = o
                 lse[:, :, r0:r1] = lse_c
         return out.transpose(1, 2), lse.transpose(1, 2)

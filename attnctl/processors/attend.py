@@ -134,7 +134,7 @@ def softmax_of_logits(s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, 
     """:func:`softmax_part` from float32 logits ``s`` ``(..., t, u)`` already made (and biased, ``-inf`` on a
     removed key), for a control whose bias depends on the logits themselves."""
     top = s.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min).detach()  # finite even for such a row
-    p = torch.exp(s - top)
+    p = (s - top).exp_()  # one chunk-sized temporary, not two
     total = p.sum(dim=-1, keepdim=True)
     out = torch.matmul(p, vh.float()) / total.clamp_min(torch.finfo(s.dtype).tiny)
     return out, (top + total.log()).squeeze(-1)
