@@ -2,6 +2,7 @@
 
     python examples/epipolar.py                                    # toy-sd3, a few seconds on a CPU
     python examples/epipolar.py --model toy-flux --roll 45 --config '{"falloff": "soft"}'
+    python examples/epipolar.py --config '{"falloff": "adaptive", "strong": 32}'   # AnimateAnywhere's rule
     python examples/epipolar.py --model black-forest-labs/FLUX.1-dev --device cuda --size 1024 \\
         --prompt "a wooden chair in an empty room" --views 3 --orbit 20
 
