@@ -5,6 +5,7 @@ the same extended attention written with a materialised mask.
     python bench/epipolar.py --quick         # 512² only
     python bench/epipolar.py --views 3 --json out.json
     python bench/epipolar.py --quick --falloff adaptive   # AnimateAnywhere's rule (or soft) instead of the hard band
+    python bench/epipolar.py --res 128 --shapes flux.1-dev-double --repeats 1 --falloff adaptive  # the test's run
 
 Two (or ``--views``) views of one prompt, random q, k, v of the layer's width (``bench/layers.py``'s shapes), a
 rolled stereo rig (views 0.3 apart, each further one rolled by 30° more). Variants, timed interleaved:
@@ -121,12 +122,14 @@ def main() -> None:
     ap = layers.bench_parser(__doc__)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--falloff", choices=["hard", "soft", "adaptive", "none"], default="hard")
+    ap.add_argument("--res", type=int, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the peak children use 2)")
     args = ap.parse_args()
     if layers.answer_peak_child(args, _peak_child, args.views, args.falloff):
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
-    for res in (512,) if args.quick else (512, 1024):
+    for res in args.res or ((512,) if args.quick else (512, 1024)):
         for shape in args.shapes:
             r = time_variants(shape, res, args.views, args.repeats, args.falloff)
             r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, VARIANTS,

@@ -156,6 +156,17 @@ def test_epipolar_eval_runs(tmp_path):
     assert all(0.0 <= row["shared_colours"] <= 1.0 for row in rows.values())
 
 
+def test_epipolar_layer_bench_runs_and_the_adaptive_rule_equals_its_materialised_form(tmp_path):
+    """bench/epipolar.py at a small token count with AnimateAnywhere's rule: every variant timed and measured, and the
+    control's output equal to the bench's own materialised reference (a mask from the whole softmax)."""
+    result = run_bench("epipolar.py", "--res", "128", "--shapes", "flux.1-dev-double", "--repeats", "1",
+                       "--falloff", "adaptive", out=tmp_path / "epipolar.json")
+    (row,) = result["rows"]
+    assert row["falloff"] == "adaptive" and row["image_tokens"] == 64 and row["views"] == 2
+    assert set(row["seconds"]) == set(row["extra_peak_bytes"]) == {"independent", "epipolar", "materialised"}
+    assert row["max_abs_difference"] <= 1e-5
+
+
 def test_inversion_eval_runs(tmp_path):
     result = run_bench("inversion_eval.py", "--models", "toy-sd3", "--items", "1", out=tmp_path / "inv.json")
     (row,) = result["inversion"]
