@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from layers import (  # noqa: E402
     build,
     core_inputs,
     extra_peak_bytes,
+    peak_memory,
     run_core,
     time_interleaved,
 )
@@ -161,15 +161,6 @@ def _peak_child(shape: str, res: int, variant: str) -> dict:
 MEMORY_VARIANTS = ("stock", "joint", "image", "materialised")  # mean-query / uniform allocate like these
 
 
-def peak_memory(shape: str, res: int) -> dict:
-    out = {}
-    for v in MEMORY_VARIANTS:
-        cmd = [sys.executable, __file__, "--peak-child", shape, str(res), v]
-        text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        out[v] = json.loads(text)
-    return out
-
-
 # ------------------------------------------------------------------------------------------ 3-way forward
 
 TOY = {  # the shipped toy models' transformers (attnctl.toyworld.train.PRESETS), 32×32 px → 8×8 tokens
@@ -278,7 +269,7 @@ def main() -> None:
     for res in (512,) if args.quick else (512, 1024):
         for shape in SHAPES:
             r = time_layer(shape, res, args.repeats)
-            r["memory"] = peak_memory(shape, res)
+            r["memory"] = peak_memory(shape, res, __file__, MEMORY_VARIANTS)
             layer_rows.append(r)
             print(json.dumps(r), file=sys.stderr)
     masked_rows = []

@@ -221,17 +221,27 @@ really holds, the live peak is what the algorithm needs (and what a caching GPU 
 live_memory = False
 """Run the peak children with :data:`LIVE_MEMORY_ENV` (set from ``--live-memory`` by :func:`answer_peak_child`)."""
 
+peak_jobs = 1
+"""How many peak children run at once (``--peak-jobs``, set by :func:`answer_peak_child`). Each child's peak is its
+own process's, so running several at once changes no figure, only what the machine must hold: one at a time by
+default, since a materialised variant at 1024² alone takes a good part of this machine's memory."""
+
 
 def peak_memory(shape: str, res: int, script: str = __file__, variants: tuple[str, ...] = VARIANTS,
                 extra: tuple[str, ...] = ()) -> dict:
-    """Extra peak memory of one call of each variant, each in a fresh ``script --peak-child SHAPE RES VARIANT``."""
+    """Extra peak memory of one call of each variant, each in a fresh ``script --peak-child SHAPE RES VARIANT
+    [extra…]``: what its child printed (bytes, or whatever JSON the script's child returns)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     env = {**os.environ, **LIVE_MEMORY_ENV} if live_memory else None
-    out = {}
-    for v in variants:
+
+    def child(v: str) -> int:
         cmd = [sys.executable, script, "--peak-child", shape, str(res), v, *extra]
         run = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-        out[v] = int(run.stdout.strip().splitlines()[-1])
-    return out
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(max_workers=max(1, peak_jobs)) as pool:
+        return dict(zip(variants, pool.map(child, variants), strict=True))
 
 
 def bench_parser(doc: str, shapes: bool = True) -> argparse.ArgumentParser:
@@ -246,14 +256,17 @@ def bench_parser(doc: str, shapes: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("--live-memory", action="store_true",
                     help="measure peak memory with glibc returning freed blocks at once (the live tensors' peak, "
                          "not glibc's heap retention; see layers.LIVE_MEMORY_ENV)")
+    ap.add_argument("--peak-jobs", type=int, default=1,
+                    help="peak-memory children run at once (the figures do not change; small runs finish sooner)")
     ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
     return ap
 
 
 def answer_peak_child(args: argparse.Namespace, child, *extra) -> bool:
     """When the script runs as a peak-memory child: print ``child(shape, res, variant, *extra)`` (JSON) and say so."""
-    global live_memory
+    global live_memory, peak_jobs
     live_memory = bool(getattr(args, "live_memory", False))
+    peak_jobs = int(getattr(args, "peak_jobs", 1))
     if not args.peak_child:
         return False
     shape, res, variant = args.peak_child

@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -118,14 +117,6 @@ def _peak_child(shape: str, res: int, variant: str, config: dict) -> int:
     return max(0, after - before) * 1024
 
 
-def peak_memory(shape: str, res: int, config: dict) -> dict:
-    out = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--peak-child", shape, str(res), v, "--config", json.dumps(config)]
-        out[v] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    return out
-
-
 def main() -> None:
     ap = layers.bench_parser(__doc__)
     ap.add_argument("--config", default="{}", help="AttentionRegulation settings (JSON) besides the defaults")
@@ -138,7 +129,8 @@ def main() -> None:
     for res in (512,) if args.quick else (512, 1024):
         for shape in args.shapes:
             r = time_variants(shape, res, args.repeats, config)
-            r["extra_peak_bytes"] = peak_memory(shape, res, config)
+            r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, VARIANTS,
+                                                       ("--config", json.dumps(config)))
             r["control_extra_peak_bytes"] = r["extra_peak_bytes"]["regulation"] - r["extra_peak_bytes"]["stock"]
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)

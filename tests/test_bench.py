@@ -160,7 +160,7 @@ def test_epipolar_layer_bench_runs_and_the_adaptive_rule_equals_its_materialised
     """bench/epipolar.py at a small token count with AnimateAnywhere's rule: every variant timed and measured, and the
     control's output equal to the bench's own materialised reference (a mask from the whole softmax)."""
     result = run_bench("epipolar.py", "--res", "128", "--shapes", "flux.1-dev-double", "--repeats", "1",
-                       "--falloff", "adaptive", out=tmp_path / "epipolar.json")
+                       "--falloff", "adaptive", "--peak-jobs", "2", out=tmp_path / "epipolar.json")
     (row,) = result["rows"]
     assert row["falloff"] == "adaptive" and row["image_tokens"] == 64 and row["views"] == 2
     assert set(row["seconds"]) == set(row["extra_peak_bytes"]) == {"independent", "epipolar", "materialised"}
@@ -187,7 +187,7 @@ def test_edit_layer_bench_runs_and_its_two_forms_agree(tmp_path):
     """bench/edit.py at a small token count: every variant timed and measured, both UnifyEdit terms on, the chunked
     and materialised forms equal on the same layer."""
     result = run_bench("edit.py", "--res", "256", "--shapes", "flux.1-dev-single", "--repeats", "1",
-                       "--live-memory", out=tmp_path / "edit_layer.json")
+                       "--live-memory", "--peak-jobs", "2", out=tmp_path / "edit_layer.json")
     assert result["live_memory"] is True
     (row,) = result["rows"]
     assert set(row["seconds"]) == set(row["extra_peak_bytes"]) == {"stock", "stock_grad", "unify",
