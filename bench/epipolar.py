@@ -5,6 +5,7 @@ the same extended attention written with a materialised mask.
     python bench/epipolar.py --quick         # 512² only
     python bench/epipolar.py --views 3 --json out.json
     python bench/epipolar.py --quick --falloff adaptive   # AnimateAnywhere's rule (or soft) instead of the hard band
+    python bench/epipolar.py --res 1024 --falloff adaptive --materialise-up-to 512   # 1024² without the mask form
     python bench/epipolar.py --res 128 --shapes flux.1-dev-double --repeats 1 --falloff adaptive  # the test's run
 
 Two (or ``--views``) views of one prompt, random q, k, v of the layer's width (``bench/layers.py``'s shapes), a
@@ -90,25 +91,34 @@ def run(variant: str, q, k, v, ctl, call, state) -> torch.Tensor:
     return torch.stack(outs)
 
 
-def time_variants(shape: str, res: int, views: int, repeats: int, falloff: str) -> dict:
+def variants_at(res: int, materialise_up_to: int) -> tuple[str, ...]:
+    """The variants run at ``res``: the materialised one only up to ``materialise_up_to`` (its mask and logits grow
+    as N²; the adaptive rule's reference holds several such maps at once)."""
+    return VARIANTS if res <= materialise_up_to else VARIANTS[:-1]
+
+
+def time_variants(shape: str, res: int, views: int, repeats: int, falloff: str,
+                  variants: tuple[str, ...] = VARIANTS) -> dict:
     args = setup(shape, res, views, falloff)
     q, k, v, ctl, call, state = args
     with torch.no_grad():
-        out = {var: run(var, *args) for var in VARIANTS}  # warm-up and the check
-        err = float((out["epipolar"] - out["materialised"]).abs().max())
-        times: dict[str, list[float]] = {var: [] for var in VARIANTS}
+        out = {var: run(var, *args) for var in variants}  # warm-up and the check
+        times: dict[str, list[float]] = {var: [] for var in variants}
         for _ in range(repeats):
-            for var in VARIANTS:
+            for var in variants:
                 t = time.perf_counter()
                 run(var, *args)
                 times[var].append(time.perf_counter() - t)
     med = {var: statistics.median(t) for var, t in times.items()}
     n, n_img, heads = q.shape[1], call.n_image, q.shape[2]
-    return dict(shape=shape, res=res, views=views, falloff=falloff, tokens=n, image_tokens=n_img, heads=heads,
-                seconds={var: round(m, 4) for var, m in med.items()},
-                ratio_to_independent={var: round(m / med["independent"], 3) for var, m in med.items()},
-                epipolar_over_materialised=round(med["epipolar"] / med["materialised"], 3),
-                max_abs_difference=err, nxn_map_bytes=views * heads * n * (n + (views - 1) * n_img) * 4)
+    row = dict(shape=shape, res=res, views=views, falloff=falloff, tokens=n, image_tokens=n_img, heads=heads,
+               seconds={var: round(m, 4) for var, m in med.items()},
+               ratio_to_independent={var: round(m / med["independent"], 3) for var, m in med.items()},
+               nxn_map_bytes=views * heads * n * (n + (views - 1) * n_img) * 4)
+    if "materialised" in out:
+        row["epipolar_over_materialised"] = round(med["epipolar"] / med["materialised"], 3)
+        row["max_abs_difference"] = float((out["epipolar"] - out["materialised"]).abs().max())
+    return row
 
 
 def _peak_child(shape: str, res: int, variant: str, views: int, falloff: str) -> int:
@@ -124,6 +134,8 @@ def main() -> None:
     ap.add_argument("--falloff", choices=["hard", "soft", "adaptive", "none"], default="hard")
     ap.add_argument("--res", type=int, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the peak children use 2)")
+    ap.add_argument("--materialise-up-to", type=int, default=1024, help="largest resolution of the materialised "
+                    "variant (at 1024² the adaptive rule's reference needs more memory than this machine has)")
     args = ap.parse_args()
     if layers.answer_peak_child(args, _peak_child, args.views, args.falloff):
         return
@@ -131,8 +143,9 @@ def main() -> None:
     rows = []
     for res in args.res or ((512,) if args.quick else (512, 1024)):
         for shape in args.shapes:
-            r = time_variants(shape, res, args.views, args.repeats, args.falloff)
-            r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, VARIANTS,
+            variants = variants_at(res, args.materialise_up_to)
+            r = time_variants(shape, res, args.views, args.repeats, args.falloff, variants)
+            r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, variants,
                                                        ("--views", str(args.views), "--falloff", args.falloff))
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
@@ -147,10 +160,13 @@ def main() -> None:
                     "max |Δ|"):
             t.add_column(col, justify="right")
         for r in rows:
-            mb = " / ".join(f"{r['extra_peak_bytes'][v] / 2**20:.0f}" for v in VARIANTS)
+            mb = " / ".join(f"{r['extra_peak_bytes'][v] / 2**20:.0f}" if v in r["extra_peak_bytes"] else "—"
+                            for v in VARIANTS)
+            mat = "materialised" in r["seconds"]
             t.add_row(r["shape"], str(r["res"]), str(r["tokens"]), f"{r['ratio_to_independent']['epipolar']:.2f}",
-                      f"{r['ratio_to_independent']['materialised']:.2f}", f"{r['epipolar_over_materialised']:.2f}",
-                      mb, f"{r['nxn_map_bytes'] / 2**20:.0f}", f"{r['max_abs_difference']:.1e}")
+                      f"{r['ratio_to_independent']['materialised']:.2f}" if mat else "—",
+                      f"{r['epipolar_over_materialised']:.2f}" if mat else "—",
+                      mb, f"{r['nxn_map_bytes'] / 2**20:.0f}", f"{r['max_abs_difference']:.1e}" if mat else "—")
         Console(width=200).print(t)
     except ImportError:
         pass
