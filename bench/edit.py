@@ -49,11 +49,6 @@ VARIANTS = ("stock", "stock_grad", "unify", "unify_materialised")
 TARGET_WORDS = [("green" if w == "red" else w) for w in WORDS]
 
 
-def variants_at(res: int, materialise_up_to: int) -> tuple[str, ...]:
-    """The variants run at ``res``: the materialised one only up to ``materialise_up_to`` (its maps grow as N²)."""
-    return VARIANTS if res <= materialise_up_to else VARIANTS[:-1]
-
-
 def two_rows(kwargs: dict) -> dict:
     """The layer's inputs with a second row: a different latent for the target (the RoPE tables are shared)."""
     out = dict(kwargs)
@@ -132,7 +127,7 @@ def max_rel_diff(a: tuple[dict, torch.Tensor], b: tuple[dict, torch.Tensor]) -> 
 
 
 def time_variants(shape: str, res: int, repeats: int, materialise_up_to: int) -> dict:
-    names = variants_at(res, materialise_up_to)
+    names = layers.variants_at(VARIANTS, res, materialise_up_to)
     built = {v: build(shape, res, v) for v in names if v != "unify_materialised"}
     if "unify_materialised" in names:
         built["unify_materialised"] = built["unify"]  # the same weights and inputs: the two forms must agree
@@ -167,8 +162,7 @@ def main() -> None:
     ap = layers.bench_parser(__doc__)
     ap.add_argument("--res", type=int, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the peak children use 2)")
-    ap.add_argument("--materialise-up-to", type=int, default=1024, help="largest resolution of the materialised "
-                                                                          "variant (1024: about 10 GB)")
+    layers.add_materialise_up_to(ap)  # at 1024² the materialised variant needs about 10 GB
     args = ap.parse_args()
     if layers.answer_peak_child(args, _peak_child):
         return
@@ -177,7 +171,8 @@ def main() -> None:
     for res in args.res or ((512,) if args.quick else (512, 1024)):
         for shape in args.shapes:
             r = time_variants(shape, res, args.repeats, args.materialise_up_to)
-            r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, variants_at(res, args.materialise_up_to))
+            r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__,
+                                                       layers.variants_at(VARIANTS, res, args.materialise_up_to))
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
     try:

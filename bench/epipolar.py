@@ -91,12 +91,6 @@ def run(variant: str, q, k, v, ctl, call, state) -> torch.Tensor:
     return torch.stack(outs)
 
 
-def variants_at(res: int, materialise_up_to: int) -> tuple[str, ...]:
-    """The variants run at ``res``: the materialised one only up to ``materialise_up_to`` (its mask and logits grow
-    as N²; the adaptive rule's reference holds several such maps at once)."""
-    return VARIANTS if res <= materialise_up_to else VARIANTS[:-1]
-
-
 def time_variants(shape: str, res: int, views: int, repeats: int, falloff: str,
                   variants: tuple[str, ...] = VARIANTS) -> dict:
     args = setup(shape, res, views, falloff)
@@ -134,8 +128,7 @@ def main() -> None:
     ap.add_argument("--falloff", choices=["hard", "soft", "adaptive", "none"], default="hard")
     ap.add_argument("--res", type=int, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the peak children use 2)")
-    ap.add_argument("--materialise-up-to", type=int, default=1024, help="largest resolution of the materialised "
-                    "variant (at 1024² the adaptive rule's reference needs more memory than this machine has)")
+    layers.add_materialise_up_to(ap)  # at 1024² the adaptive rule's reference holds several N² maps at once
     args = ap.parse_args()
     if layers.answer_peak_child(args, _peak_child, args.views, args.falloff):
         return
@@ -143,7 +136,7 @@ def main() -> None:
     rows = []
     for res in args.res or ((512,) if args.quick else (512, 1024)):
         for shape in args.shapes:
-            variants = variants_at(res, args.materialise_up_to)
+            variants = layers.variants_at(VARIANTS, res, args.materialise_up_to)
             r = time_variants(shape, res, args.views, args.repeats, args.falloff, variants)
             r["extra_peak_bytes"] = layers.peak_memory(shape, res, __file__, variants,
                                                        ("--views", str(args.views), "--falloff", args.falloff))

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from report import emit
@@ -235,13 +236,25 @@ def peak_memory(shape: str, res: int, script: str = __file__, variants: tuple[st
 
     env = {**os.environ, **LIVE_MEMORY_ENV} if live_memory else None
 
-    def child(v: str) -> int:
+    def child(v: str) -> Any:
         cmd = [sys.executable, script, "--peak-child", shape, str(res), v, *extra]
         run = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         return json.loads(run.stdout.strip().splitlines()[-1])
 
     with ThreadPoolExecutor(max_workers=max(1, peak_jobs)) as pool:
         return dict(zip(variants, pool.map(child, variants), strict=True))
+
+
+def variants_at(variants: tuple[str, ...], res: int, materialise_up_to: int) -> tuple[str, ...]:
+    """The variants a benchmark runs at ``res``: its last, materialised one only up to ``materialise_up_to`` (its maps
+    grow as N², and at 1024² some need more memory than this machine has)."""
+    return variants if res <= materialise_up_to else variants[:-1]
+
+
+def add_materialise_up_to(ap: argparse.ArgumentParser) -> None:
+    """``--materialise-up-to RES`` for a benchmark whose last variant is a materialised reference."""
+    ap.add_argument("--materialise-up-to", type=int, default=1024,
+                    help="largest resolution of the materialised variant (its maps grow as N²)")
 
 
 def bench_parser(doc: str, shapes: bool = True) -> argparse.ArgumentParser:
