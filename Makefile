@@ -8,7 +8,7 @@ E2E_STAMP := $(VENV)/.attnctl-e2e-installed
 TORCH_CPU := torch==2.13.0
 PROMPT ?= a red circle to the left of a blue square
 
-.PHONY: setup e2e-setup demo test lint bench bench-quick clean
+.PHONY: setup e2e-setup demo test lint compat bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,19 @@ lint: setup
 test: lint e2e-setup
 	$(BIN)/python -m pytest -q
 
+# The test suite against another diffusers release than the one .venv has (attnctl supports 0.40 to 0.42), in a
+# venv of its own; its pytest temp folder is its own too, so it can run beside `make test`.
+DIFFUSERS ?= 0.40.0
+COMPAT := .venv-diffusers-$(DIFFUSERS)
+compat:
+	test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --upgrade pip
+	@if ! $(COMPAT)/bin/python -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(COMPAT)/bin/python -m pip install -q torch; \
+	  else $(COMPAT)/bin/python -m pip install -q $(TORCH_CPU); fi; fi
+	$(COMPAT)/bin/python -m pip install -q -e ".[dev]" "diffusers==$(DIFFUSERS)"
+	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider --basetemp=out/pytest-diffusers-$(DIFFUSERS)
+
 bench: setup
 	$(BIN)/python bench/layers.py --json out/bench_layers.json
 
@@ -53,4 +66,4 @@ bench-quick: setup
 	$(BIN)/python bench/layers.py --quick --json out/bench_layers_quick.json
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-diffusers-* out .pytest_cache .ruff_cache

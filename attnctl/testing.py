@@ -27,8 +27,8 @@ works but pads T5 to that length). Typical call::
 
 :func:`save_pipeline` writes an ordinary diffusers folder; ``StableDiffusion3Pipeline.from_pretrained``
 and ``FluxPipeline.from_pretrained`` load it offline as long as ``attnctl.toyworld.autoencoder`` has
-been imported (diffusers resolves the custom ``vae`` class from ``sys.modules``; importing this module
-does it).
+been imported (diffusers 0.42 resolves the custom ``vae`` class from ``sys.modules`` only; importing this
+module does it; earlier releases import the module themselves).
 """
 
 from __future__ import annotations
