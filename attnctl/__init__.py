@@ -22,6 +22,7 @@ _EXPORTS = {
     "IsolationAttention": ".controls.isolation", "UnifyEdit": ".controls.unify_edit",
     "Camera": ".epipolar", "StereoRig": ".epipolar", "OrbitRig": ".epipolar",
     "invert": ".inversion", "edit": ".editing", "EditResult": ".editing",
+    "FlowMatchMidpointScheduler": ".midpoint",
     "TokenLayout": ".layout",
     "AttnCtlFluxProcessor": ".processors", "AttnCtlJointProcessor": ".processors",
     "HeadSet": ".sites", "Site": ".sites", "list_sites": ".sites", "select_sites": ".sites",
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from .epipolar import StereoRig as StereoRig
     from .inversion import invert as invert
     from .layout import TokenLayout as TokenLayout
+    from .midpoint import FlowMatchMidpointScheduler as FlowMatchMidpointScheduler
     from .processors import AttnCtlFluxProcessor as AttnCtlFluxProcessor
     from .processors import AttnCtlJointProcessor as AttnCtlJointProcessor
     from .sites import HeadSet as HeadSet

@@ -15,6 +15,12 @@ forward for the run:
   term on the conditional and unconditional rows leaves CFG's combination of them carrying it unchanged.
 
 Later calls of a step (SD3's skip-layer pass, FLUX's true-CFG call for the negative prompt) get the same terms.
+
+With :class:`~attnctl.midpoint.FlowMatchMidpointScheduler` (RF-Solver's second-order step) the loop makes two calls a
+step and the path holds the midpoints too. The first call of a step is the one above, with ``σ_{t+1}`` the midpoint.
+The second call's update starts from the step's first latent, ``z_t + (σ_{t+1} − σ_t)·v``, so there the source rows
+return ``(z^s_{t+1} − z^s_t)/(σ_{t+1} − σ_t)`` and the target rows carry the first call's move as
+``(z'_t − z_t)/(σ_{t+1} − σ_t)``, both over the whole step: the step is then the midpoint step from ``z'_t``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .errors import ConfigError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
 from .inversion import has_guidance_embedding, image_array, invert, text_length
 from .latent_guidance import StopForward, check_scheduler
+from .midpoint import step_anchor
 
 
 class EditBranches(ForwardWrapper):
@@ -48,6 +55,7 @@ class EditBranches(ForwardWrapper):
         self.control = control
         self.pipe = pipe
         self._step_terms: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # step, z', shift, v^s
+        self._anchor: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a step's start
         self.passes = 0  # gradient passes run (for tests and logs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -57,7 +65,8 @@ class EditBranches(ForwardWrapper):
         step = state.step
         check_scheduler(self.pipe, "UnifyEdit")
         sigmas = self.pipe.scheduler.sigmas
-        sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
+        anchor = step_anchor(self.pipe.scheduler, step)  # the call whose latent this call's update starts from
+        sigma, sigma_next = float(sigmas[anchor]), float(sigmas[step + 1])
         bound = self.bind(args, kwargs)
         hidden = bound["hidden_states"]
         batch = hidden.shape[0]
@@ -74,14 +83,23 @@ class EditBranches(ForwardWrapper):
         target_rows = sorted([cond[1], *uncond[1:]])
         z_loop = hidden[cond[0]:cond[0] + 1]
         z = hidden[cond[1]:cond[1] + 1]
-        z_src = path[step].to(hidden.device, hidden.dtype)
-        size = float(self.control.step_size(step, state.num_steps))
-        z_new = self._descend(bound, batch, [cond[0], cond[1]], z_src, z, size * sigma) if size else z
-        shift = (z_new.float() - z.float()) / (sigma_next - sigma)
-        v_source = (path[step + 1].to(hidden.device, torch.float32) - z_loop.float()) / (sigma_next - sigma)
-        result = self._run_target(bound, batch, target_rows, z_new)
+        if anchor == step:  # a step starts here: the target may move, and the step's base latents are these
+            z_src = path[step].to(hidden.device, hidden.dtype)
+            size = float(self.control.step_size(step, state.num_steps))
+            z_new = self._descend(bound, batch, [cond[0], cond[1]], z_src, z, size * sigma) if size else z
+            self._anchor = (step, z_loop.float(), z.float(), z_new.float())
+            base_source, base_target, moved, z_run = z_loop.float(), z.float(), z_new.float(), z_new
+        else:  # the midpoint call of a second-order step: the update starts from the anchor call's latents
+            if self._anchor is None or self._anchor[0] != anchor:
+                raise ConfigError(f"call {step} of the loop is a midpoint and its step's first call did not run",
+                                  fix="run the pipeline's own loop from its first timestep")
+            _, base_source, base_target, moved = self._anchor
+            z_run = z
+        shift = (moved - base_target) / (sigma_next - sigma)
+        v_source = (path[step + 1].to(hidden.device, torch.float32) - base_source) / (sigma_next - sigma)
+        result = self._run_target(bound, batch, target_rows, z_run)
         out = self._assemble(sample_of(result), batch, source_rows, target_rows, v_source, shift)
-        self._step_terms = (step, z_new, shift, v_source)
+        self._step_terms = (step, z_run, shift, v_source)
         return with_sample(result, out)
 
     def _path(self, num_steps: int) -> list[torch.Tensor]:
@@ -91,8 +109,10 @@ class EditBranches(ForwardWrapper):
                               fix="use attnctl.edit(...), or control.set_source(attnctl.invert(pipe, image, "
                                   "source_prompt, steps)) before the call")
         if len(path) != num_steps + 1:
-            raise ConfigError(f"the source path was inverted over {len(path) - 1} steps and this run has {num_steps}",
-                              fix="call the pipeline with the num_inference_steps the image was inverted with")
+            raise ConfigError(f"the source path holds {len(path)} latents and this run's loop makes {num_steps} calls "
+                              f"(a path holds one latent per call and the image's)",
+                              fix="call the pipeline with the num_inference_steps and the scheduler the image was "
+                                  "inverted with (the midpoint scheduler makes two calls a step)")
         return path
 
     def _run_target(self, bound: dict, batch: int, rows: list[int], z_new: torch.Tensor) -> Any:

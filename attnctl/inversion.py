@@ -8,8 +8,10 @@ the encoded image ``z(σ_n) = E(x)`` up to ``σ_0``, with the velocity taken at 
 
 (plain Euler inversion, as RF-Inversion and RF-Solver start from). It is exact when ``v`` is constant along the
 path and close when the steps are small; :func:`invert` returns the whole path, so an editing method can replay the
-source branch exactly (``path[i]`` is the latent the pipeline's step ``i`` sees) while a target branch starts from
+source branch exactly (``path[k]`` is the latent the pipeline's call ``k`` sees) while a target branch starts from
 ``path[0]``. ``pipe(prompt, latents=path[0], ...)`` with the same steps and no guidance reconstructs the image.
+A pipeline whose scheduler is :class:`~attnctl.midpoint.FlowMatchMidpointScheduler` is inverted with RF-Solver's
+midpoint rule instead (:func:`midpoint_invert`), which is second order in the step both ways.
 
 This is the first piece of text-driven editing of real images (UnifyEdit, ``../shared/METHODS.md`` §6).
 """
@@ -24,6 +26,7 @@ import torch
 
 from .errors import ConfigError
 from .latent_guidance import check_scheduler
+from .midpoint import is_midpoint
 from .sites import family_of
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
@@ -42,6 +45,29 @@ def euler_invert(velocity: Velocity, z0: torch.Tensor, sigmas: torch.Tensor) -> 
     for i in range(len(s) - 2, -1, -1):
         z = z + (s[i] - s[i + 1]) * velocity(z, s[i + 1])
         path.append(z)
+    return path[::-1]
+
+
+def midpoint_invert(velocity: Velocity, z0: torch.Tensor, sigmas: torch.Tensor) -> list[torch.Tensor]:
+    """The midpoint (RF-Solver) inversion path of ``z0`` over the interleaved grid ``σ_0, m_0, σ_1, …, σ_n`` of
+    :class:`~attnctl.midpoint.FlowMatchMidpointScheduler`: each step up from ``σ_{i+1}`` to ``σ_i`` takes the
+    velocity at the midpoint ``m_i`` reached by half an Euler step,
+
+        z_m = z_{i+1} + (m_i − σ_{i+1}) · v(z_{i+1}, σ_{i+1}),    z_i = z_{i+1} + (σ_i − σ_{i+1}) · v(z_m, m_i).
+
+    Returns ``2n + 1`` latents, one per entry of the grid: ``path[2i] = z_i`` and ``path[2i + 1] = z_m`` of step
+    ``i``, so ``path[k]`` is the latent the loop's call ``k`` sees when it replays the path."""
+    s = [float(x) for x in sigmas]
+    if len(s) < 3 or len(s) % 2 == 0 or any(b >= a for a, b in zip(s, s[1:], strict=False)):
+        raise ConfigError(f"midpoint inversion needs a decreasing grid σ_0 > m_0 > σ_1 > … > σ_n of odd length, "
+                          f"got {s}", fix="pass the sigmas of FlowMatchMidpointScheduler after set_timesteps")
+    path = [z0]
+    z = z0
+    for i in range(len(s) - 3, -1, -2):  # grid points σ_i = s[i], midpoints s[i + 1], σ_{i+1} = s[i + 2]
+        lo, mid, hi = s[i + 2], s[i + 1], s[i]
+        z_mid = z + (mid - lo) * velocity(z, lo)
+        z = z + (hi - lo) * velocity(z_mid, mid)
+        path += [z_mid, z]
     return path[::-1]
 
 
@@ -93,8 +119,9 @@ def pixels_to_latents(pipe: Any, images: torch.Tensor) -> torch.Tensor:
 
 def run_sigmas(pipe: Any, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
     """The ``σ_0 … σ_n`` a pipeline call with these settings steps over (the same ``set_timesteps`` call, with
-    FLUX's default grid and the resolution-dependent shift ``mu`` where the scheduler uses one). Asked of a fresh
-    scheduler made from the pipeline's config, so the pipeline's own scheduler state is left as it was."""
+    FLUX's default grid and the resolution-dependent shift ``mu`` where the scheduler uses one; with the midpoint
+    scheduler, ``σ_0, m_0, σ_1, …, σ_n``, one per call of the loop). Asked of a fresh scheduler made from the
+    pipeline's config, so the pipeline's own scheduler state is left as it was."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     check_scheduler(pipe, "inversion")
@@ -167,11 +194,15 @@ def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: 
 
 def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *, guidance: float | None = None,
            max_sequence_length: int | None = None) -> list[torch.Tensor]:
-    """The inversion path of a real ``image`` under ``prompt`` (module doc): ``n + 1`` latents, ``path[0]`` the
-    noise to pass as ``pipe(prompt, latents=path[0], num_inference_steps=n, height=H, width=W)``.
+    """The inversion path of a real ``image`` under ``prompt`` (module doc): one latent per call of the loop and
+    the image's own, ``path[0]`` the noise to pass as ``pipe(prompt, latents=path[0], num_inference_steps=n,
+    height=H, width=W)``.
 
-    ``guidance`` is FLUX.1-dev's guidance-embedding value (default 3.5, as FluxPipeline); other models ignore it.
-    Works for SD3 / SD3.5 / FLUX pipelines whose scheduler is the flow-matching Euler one."""
+    The solver is the pipeline's: with diffusers' flow-matching Euler scheduler (the SD3 / SD3.5 / FLUX default)
+    Euler inversion, ``n + 1`` latents; with :class:`~attnctl.midpoint.FlowMatchMidpointScheduler` RF-Solver's
+    midpoint rule, ``2n + 1`` latents (:func:`midpoint_invert`), and a reconstruction that is second order in the
+    step. ``guidance`` is FLUX.1-dev's guidance-embedding value (default 3.5, as FluxPipeline); other models ignore
+    it."""
     if int(num_inference_steps) < 1:
         raise ConfigError(f"num_inference_steps={num_inference_steps}: inversion needs at least one step")
     if not isinstance(prompt, str):
@@ -182,4 +213,5 @@ def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *,
     z0 = encode_image(pipe, arr)
     sigmas = run_sigmas(pipe, num_inference_steps, height, width)
     velocity = flow_velocity(pipe, prompt, height, width, guidance=guidance, max_sequence_length=max_sequence_length)
-    return euler_invert(velocity, z0, sigmas)
+    solve = midpoint_invert if is_midpoint(pipe.scheduler) else euler_invert
+    return solve(velocity, z0, sigmas)

@@ -16,9 +16,12 @@ unconditional rows alike) and returns ``v' = v(z') + (z' − z) / (σ_{t+1} − 
 the loop, ``z + (σ_{t+1} − σ_t)·v'``, is then exactly ``z' + (σ_{t+1} − σ_t)·v(z')``: the step taken from the guided
 latent. Because the same term is added to every prediction of an image, the loop's CFG line
 ``(1 − s)·v_u + s·v_c`` carries it unchanged for any ``s``; the later calls of a step (FLUX's true-CFG call for the
-negative prompt, SD3's skip-layer pass) run on ``z'`` and get the same term. This needs the loop's Euler step, so
-the pipeline's scheduler must be diffusers' ``FlowMatchEulerDiscreteScheduler`` (the SD3 and FLUX default) without
-stochastic sampling.
+negative prompt, SD3's skip-layer pass) run on ``z'`` and get the same term.
+
+Under :class:`~attnctl.midpoint.FlowMatchMidpointScheduler` (RF-Solver's second-order step, two calls a step) the
+move is made at a step's first call, with ``σ_{t+1}`` the midpoint. The second call's update starts from the step's
+first latent, ``z + (σ_{t+1} − σ_t)·v``, so that call returns ``v(z_m) + (z' − z)/(σ_{t+1} − σ_t)`` over the whole
+step: the midpoint step taken from ``z'``. Any other scheduler is refused, as is stochastic sampling.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ import torch
 
 from .errors import ConfigError
 from .forward_wrap import ForwardWrapper, batch_of, image_rows, later_call, map_rows, sample_of, with_sample
+from .midpoint import step_anchor
 
-EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
-"""Schedulers whose step is ``z + (σ_{t+1} − σ_t)·v``, so a moved latent can be passed through the prediction."""
+FLOW_STEP_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchMidpointScheduler")
+"""Schedulers whose update is ``z_a + (σ_{t+1} − σ_a)·v`` from a known earlier latent ``z_a`` (the call's own for
+Euler; the step's first call's at the midpoint scheduler's second call), so a moved latent can be passed through
+the prediction."""
 
 _TINY = 1e-12
 
@@ -42,14 +48,16 @@ class StopForward(Exception):  # noqa: N818 - control flow, not an error
 
 
 def check_scheduler(pipe: Any, who: str) -> None:
-    """Refuse a pipeline whose scheduler step is not the flow-matching Euler step (see the module doc)."""
+    """Refuse a pipeline whose scheduler step is neither the flow-matching Euler step nor attnctl's midpoint step
+    (:class:`~attnctl.midpoint.FlowMatchMidpointScheduler`; see the module doc)."""
     sched = getattr(pipe, "scheduler", None)
     name = type(sched).__name__
-    if name not in EULER_SCHEDULERS:
+    if name not in FLOW_STEP_SCHEDULERS:
         raise ConfigError(
-            f"{who} moves the latents between steps through the loop's Euler step, and this pipeline's scheduler "
-            f"is {name}",
-            fix="use the FlowMatchEulerDiscreteScheduler (the SD3 and FLUX default): "
+            f"{who} moves the latents between steps through the loop's Euler or midpoint step, and this pipeline's "
+            f"scheduler is {name}",
+            fix="use the FlowMatchEulerDiscreteScheduler (the SD3 and FLUX default) or "
+                "attnctl.FlowMatchMidpointScheduler (RF-Solver's second-order step): "
                 "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)")
     if getattr(sched.config, "stochastic_sampling", False):
         raise ConfigError(f"{who}: the scheduler samples stochastically, so its step is not the Euler step",
@@ -81,6 +89,7 @@ class LatentGuidance(ForwardWrapper):
         self.control = control
         self.pipe = pipe
         self._moved: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, z', shift) of the step's call
+        self._start: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (call, z, z') of a step's first call
         self.passes = 0  # gradient passes run (for tests and logs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -89,6 +98,11 @@ class LatentGuidance(ForwardWrapper):
         if later_call(kwargs, roles) is not None:  # SD3's skip-layer pass, FLUX's negative call: the step's z', term
             return self._later_call(args, kwargs, state.step)
         self._moved = None
+        check_scheduler(self.pipe, type(self.control).__name__)
+        anchor = step_anchor(self.pipe.scheduler, state.step)
+        if anchor != state.step:  # a midpoint call: carry its step's move, if there was one
+            return self._midpoint_call(args, kwargs, state.step)
+        self._start = None
         size = float(self.control.step_size(state.step, state.num_steps))
         sigmas = self._sigmas(state.step) if size and "cond" in roles else None
         if sigmas is None:  # no guidance at this step
@@ -96,28 +110,50 @@ class LatentGuidance(ForwardWrapper):
         sigma, sigma_next = sigmas
         bound = self.bind(args, kwargs)
         hidden = bound["hidden_states"]
-        cond, uncond = image_rows(roles, hidden.shape[0], "latent guidance")
+        cond, _ = image_rows(roles, hidden.shape[0], "latent guidance")
         idx = state.index(cond, hidden.device)
         z = hidden.index_select(0, idx)
         z_new = self._descend(bound, cond, idx, z, size * sigma)
-        shift = (z_new.float() - z.float()) / (sigma_next - sigma)
+        self._start = (state.step, z.float(), z_new.float())
+        return self._run_moved(bound, roles, z_new, (z_new.float() - z.float()) / (sigma_next - sigma), state.step)
+
+    def _run_moved(self, bound: dict, roles: list, z_run: torch.Tensor, shift: torch.Tensor, step: int) -> Any:
+        """The call with every image's rows (conditional and unconditional) on ``z_run`` and ``shift`` added to
+        their predictions; kept for the step's later calls."""
+        state = self.controller.state
+        hidden = bound["hidden_states"]
+        cond, uncond = image_rows(roles, hidden.shape[0], "latent guidance")
         moved = hidden.clone()
         for rows in (cond, uncond):
             if rows:
-                moved.index_copy_(0, state.index(rows, hidden.device), z_new)
+                moved.index_copy_(0, state.index(rows, hidden.device), z_run.to(hidden.dtype))
         bound["hidden_states"] = moved
         result = self._original(**bound)
         out = sample_of(result)
         for rows in (cond, uncond):
             if rows:
                 out = out.index_add(0, state.index(rows, out.device), shift.to(out.dtype))
-        self._moved = (state.step, z_new, shift)
+        self._moved = (step, z_run, shift)
         return with_sample(result, out)
 
+    def _midpoint_call(self, args: tuple, kwargs: dict, step: int) -> Any:
+        """The midpoint call of a second-order step: the scheduler's update starts from the step's first latent
+        ``z``, so a move ``z → z'`` made there is carried as ``(z' − z)/(σ_{t+1} − σ_t)`` over the whole step."""
+        start = self._start
+        if start is None or start[0] != step - 1:  # the step moved nothing
+            return self._original(*args, **kwargs)
+        _, z, z_new = start
+        sigmas = self.pipe.scheduler.sigmas
+        shift = (z_new - z) / (float(sigmas[step + 1]) - float(sigmas[step - 1]))
+        bound = self.bind(args, kwargs)
+        roles = list(self.controller.state.roles or [])
+        cond, _ = image_rows(roles, bound["hidden_states"].shape[0], "latent guidance")
+        z_run = bound["hidden_states"].index_select(0, self.controller.state.index(cond, bound["hidden_states"].device))
+        return self._run_moved(bound, roles, z_run, shift, step)
+
     def _sigmas(self, step: int) -> tuple[float, float] | None:
-        """``(σ_t, σ_{t+1})`` of ``step`` from the pipeline's scheduler (checked: its step must be the Euler step), or
-        ``None`` when the step moves nothing (``σ_{t+1} = σ_t``)."""
-        check_scheduler(self.pipe, type(self.control).__name__)
+        """``(σ_t, σ_{t+1})`` of ``step`` from the pipeline's scheduler (the next grid entry: the midpoint under the
+        midpoint scheduler), or ``None`` when the step moves nothing (``σ_{t+1} = σ_t``)."""
         sigmas = self.pipe.scheduler.sigmas
         sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
         return None if sigma_next == sigma else (sigma, sigma_next)

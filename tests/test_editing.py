@@ -197,6 +197,60 @@ def test_flux_edit_runs_the_gradient_pass_and_moves_the_target(toy_flux, scene):
     assert float((res.edited.float() - plain.edited.float()).abs().mean()) > 1e-3
 
 
+def _with_scheduler(pipe, scheduler_cls):
+    return type(pipe)(**{**pipe.components, "scheduler": scheduler_cls.from_config(pipe.scheduler.config)})
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "midpoint"])
+@pytest.mark.parametrize("model", ["toy_sd3", "toy_flux"])
+def test_a_move_of_the_target_latent_is_the_stock_run_from_the_moved_latent(model, scheduler, scene, request,
+                                                                             monkeypatch):
+    """The first guided call moves the target latent by a fixed δ: the edit's target must then be the stock run from
+    ``path[0] + δ``, under either solver (the midpoint's second call carries the move over its whole step), while the
+    source still replays its path (which has the midpoints too)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from attnctl.editing import EditBranches
+    from attnctl.midpoint import FlowMatchMidpointScheduler
+
+    cls = FlowMatchMidpointScheduler if scheduler == "midpoint" else FlowMatchEulerDiscreteScheduler
+    pipe = _with_scheduler(request.getfixturevalue(model), cls)
+    steps = 4
+    path = invert(pipe, scene, SOURCE, steps)
+    assert len(path) == steps * pipe.scheduler.order + 1
+    delta = 0.3 * torch.randn(path[0].shape, generator=torch.Generator().manual_seed(1))
+    moves = []
+
+    def descend(self, bound, batch, rows, z_src, z, size):
+        moves.append(self.controller.state.step)
+        return z + delta if len(moves) == 1 else z
+
+    monkeypatch.setattr(EditBranches, "_descend", descend)
+    res = edit(pipe, scene, SOURCE, TARGET, steps, control=UnifyEdit(scale="window(1, 0, 0.5)"), path=path,
+               output_type="latent", guidance_scale=1.0)
+    assert moves == ([0, 2] if scheduler == "midpoint" else [0, 1])  # the first half, a step's first call only
+    stock = pipe(TARGET, latents=path[0] + delta, num_inference_steps=steps, height=32, width=32, guidance_scale=1.0,
+                 max_sequence_length=24, output_type="latent").images[0]
+    torch.testing.assert_close(res.edited.float(), stock.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.source.float()[None], path[-1].float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model", ["toy_sd3", "toy_flux"])
+def test_a_guided_midpoint_edit_with_later_calls_still_replays_the_source(model, scene, request):
+    from attnctl.midpoint import FlowMatchMidpointScheduler
+
+    pipe = _with_scheduler(request.getfixturevalue(model), FlowMatchMidpointScheduler)
+    extra = ({"skip_guidance_layers": [1], "guidance_scale": 4.5} if model == "toy_sd3"
+             else {"true_cfg_scale": 2.0, "guidance_scale": 1.0, "negative_prompt": ["a blue circle"] * 2})
+    guided = UnifyEdit()
+    res = edit(pipe, scene, SOURCE, TARGET, 4, control=guided, output_type="latent", **extra)
+    assert len(res.path) == 9 and guided.history and all(h.step % 2 == 0 for h in guided.history)
+    torch.testing.assert_close(res.source.float()[None], res.path[-1].float(), atol=1e-4, rtol=0)
+    euler_path = invert(request.getfixturevalue(model), scene, SOURCE, 4)
+    with pytest.raises(ConfigError, match="holds 5 latents and this run.s loop makes 8 calls"):
+        edit(pipe, scene, SOURCE, TARGET, 4, path=euler_path, output_type="latent", **extra)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -222,7 +276,7 @@ def test_attached_control_needs_its_source_path_the_same_steps_and_two_images(to
         toy_sd3([SOURCE, TARGET], num_inference_steps=4, **call)
     path = invert(toy_sd3, scene, SOURCE, 4)
     c.set_source(path)
-    with attach(toy_sd3, [c]), pytest.raises(ConfigError, match="inverted over 4 steps and this run has 5"):
+    with attach(toy_sd3, [c]), pytest.raises(ConfigError, match="holds 5 latents and this run.s loop makes 5 calls"):
         toy_sd3([SOURCE, TARGET], latents=torch.cat([path[0]] * 2), num_inference_steps=5, **call)
     with attach(toy_sd3, [c]), pytest.raises(ConfigError, match="source and a target image in one batch"):
         toy_sd3(TARGET, latents=path[0], num_inference_steps=4, **call)

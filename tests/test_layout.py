@@ -175,6 +175,41 @@ def test_each_step_is_the_euler_step_from_the_guided_latent(sd3_pipe):
     assert "forward" not in vars(pipe.transformer)  # the wrapper is gone
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("scheduler", ["euler", "midpoint"])
+def test_a_move_at_the_first_guided_call_is_the_stock_run_from_the_moved_latent(family, scheduler, sd3_pipe,
+                                                                                 flux_pipe, monkeypatch):
+    """The first guided call moves every image's latent by a fixed δ: the run must then be the stock run from the
+    moved noise, with CFG (SD3) or true CFG (FLUX), under the Euler step or the midpoint step (whose second call
+    carries the move over its whole step)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from attnctl.latent_guidance import LatentGuidance
+    from attnctl.midpoint import FlowMatchMidpointScheduler
+
+    stock = sd3_pipe if family == "sd3" else flux_pipe
+    cls = FlowMatchMidpointScheduler if scheduler == "midpoint" else FlowMatchEulerDiscreteScheduler
+    pipe = type(stock)(**{**stock.components, "scheduler": cls.from_config(stock.scheduler.config)})
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"guidance_scale": 4.0} if family == "sd3" else {"true_cfg_scale": 2.0, "negative_prompt": "a triangle"}
+    noise = pipe.prepare_latents(1, pipe.transformer.config.in_channels // (4 if family == "flux" else 1), 32, 48,
+                                 torch.float32, "cpu", gen())
+    noise = noise[0] if isinstance(noise, tuple) else noise
+    delta = 0.3 * torch.randn(noise.shape, generator=gen(1))
+    moves = []
+
+    def descend(self, bound, cond, idx, z, size):
+        moves.append(self.controller.state.step)
+        return z + delta if len(moves) == 1 else z
+
+    monkeypatch.setattr(LatentGuidance, "_descend", descend)
+    with attnctl.attach(pipe, [LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.6)")]):
+        guided = pipe(PROMPT, latents=noise.clone(), output_type="latent", **extra, **KW).images
+    assert moves == ([0, 2] if scheduler == "midpoint" else [0, 1])  # the window's steps, a step's first call
+    want = pipe(PROMPT, latents=noise + delta, output_type="latent", **extra, **KW).images
+    torch.testing.assert_close(guided, want, atol=1e-5, rtol=1e-5)
+
+
 def test_scale_zero_is_the_plain_run_and_the_step_moves_the_latent(sd3_pipe):
     plain = sd3_pipe(PROMPT, generator=gen(), output_type="np", **KW).images
     off = LayoutGuidance(boxes=BOXES, scale=0.0)
