@@ -551,6 +551,9 @@ def edit(
     guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale (default: the model's)."),
     control: str | None = typer.Option(
         None, "--control", "-c", help='UnifyEdit settings as JSON or @file.json, e.g. \'{"scale": 0.3}\'.'),
+    solver: str = typer.Option(
+        "euler", "--solver", help="euler (the pipeline's own step) or midpoint (RF-Solver's second-order step: two "
+                                  "model calls a step, a closer inversion)."),
     out: Path = typer.Option(Path("out/edited.png"), "--out", "-o", help="Output PNG (written atomically)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32)."),
@@ -566,12 +569,18 @@ def edit(
         raise AttnCtlError("--control takes the settings of the UnifyEdit control as a JSON object",
                            'pass e.g. \'{"scale": "window(0.2, 0, 0.5)", "ca_weight": 2}\'')
     ctl = build_controls([{**spec, "kind": "unify_edit"}], what="--control")[0]
+    if solver not in ("euler", "midpoint"):
+        raise AttnCtlError(f"--solver {solver!r} is not a solver attnctl edits with", "pass euler or midpoint")
     if not image.is_file():
         raise AttnCtlError(f"no image file at {str(image)!r}", "pass the path of the image to edit")
     arr = read_image(image)
     model = model or DEFAULT_MODEL
     torch_dtype = parse_dtype(dtype or "fp32")
     pipe = load_pipeline(model, device=str(check_device(device)), dtype=torch_dtype)
+    if solver == "midpoint":
+        from .midpoint import FlowMatchMidpointScheduler
+
+        pipe.scheduler = FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)
     check_vocabulary(pipe, [source, target], model)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False, desc="editing")
     defaults = call_defaults(pipe)
@@ -597,12 +606,14 @@ def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, step
     import torch
 
     from . import __version__
+    from .midpoint import is_midpoint
     from .sites import family_of
 
     return {"edited_from": str(image), "source_prompt": source, "prompt": target, "model": _model_record(model),
             "family": family_of(pipe.transformer), "pipeline": type(pipe).__name__, "steps": steps,
             "guidance": guidance, "max_sequence_length": max_sequence_length, "controls": [control.to_json()],
-            "dtype": dtype, "scheduler": type(pipe.scheduler).__name__, "device": str(device),
+            "dtype": dtype, "scheduler": type(pipe.scheduler).__name__,
+            "solver": "midpoint" if is_midpoint(pipe.scheduler) else "euler", "device": str(device),
             "attnctl_version": __version__, "diffusers_version": diffusers.__version__,
             "torch_version": torch.__version__}
 

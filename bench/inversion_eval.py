@@ -2,11 +2,16 @@
 
     python bench/inversion_eval.py                                  # toy-sd3, toy-flux, toy-flux-dev; 12 pair scenes
     python bench/inversion_eval.py --models toy-sd3 --items 4 --json out/inversion.json
+    python bench/inversion_eval.py --solvers euler midpoint/2                 # at equal model calls only
 
 For each ground-truth render of the pair prompt set (a "real" image: drawn, not generated), with its caption as the
 prompt and the toy's default steps: the mean absolute pixel error (0–255) of the image decoded from its own latent
-(the autoencoder's floor), of the pipeline's output from the inverted noise (no guidance), and of the output from
-fresh noise (what the same prompt draws without inversion). The ratio inverted / fresh is the figure.
+(the autoencoder's floor), of the pipeline's output from the inverted noise (the mean over the items, with their
+median and worst), and of the output from fresh noise (what the same prompt draws without inversion). The ratio
+inverted / fresh is the figure. The flow inverted and sampled is the conditional one (no CFG); a model with a
+guidance embedding (toy-flux-dev) is inverted and sampled at its default guidance. Each solver inverts and samples
+with its own scheduler: diffusers' Euler step, or RF-Solver's midpoint step (attnctl.midpoint), which makes two
+model calls a step; ``midpoint/2`` runs it at half the steps, so at Euler's number of calls.
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ import argparse
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from report import emit
 from rich.console import Console
 from rich.table import Table
 
 from attnctl.inversion import encode_image, has_guidance_embedding, invert
+from attnctl.midpoint import FlowMatchMidpointScheduler
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 from attnctl.toyworld.world import prompt_set, render, scene_from_item
+
+SOLVERS = {"euler": FlowMatchEulerDiscreteScheduler, "midpoint": FlowMatchMidpointScheduler}
 
 
 def decode(pipe, z: torch.Tensor, side: int) -> np.ndarray:
@@ -34,42 +43,64 @@ def decode(pipe, z: torch.Tensor, side: int) -> np.ndarray:
     return np.asarray(pipe.image_processor.postprocess(x, output_type="pil")[0])
 
 
-def evaluate(model: str, items: int) -> dict:
-    pipe = load_pipeline(model)
-    call = default_call_kwargs(pipe)
-    if not has_guidance_embedding(pipe):
+def solver_runs(spec: list[str], steps: int) -> list[tuple[str, int]]:
+    """``euler``, ``midpoint`` (the model's steps) and ``midpoint/2`` (half of them: as many model calls as Euler)."""
+    runs = []
+    for name in spec:
+        solver, _, div = name.partition("/")
+        if solver not in SOLVERS or (div and not div.isdigit()):
+            raise SystemExit(f"--solvers: {name!r} is not one of euler, midpoint, midpoint/2 (or another divisor)")
+        runs.append((solver, max(1, steps // int(div)) if div else steps))
+    return runs
+
+
+def evaluate(model: str, items: int, solvers: list[str]) -> list[dict]:
+    base = load_pipeline(model)
+    call = default_call_kwargs(base)
+    if not has_guidance_embedding(base):
         call["guidance_scale"] = 1.0  # no classifier-free guidance: the flow that was inverted
+    guidance = call["guidance_scale"] if has_guidance_embedding(base) else None  # FLUX.1-dev style: invert that flow
     side = call["height"]
-    floor, back, fresh = [], [], []
-    for k, item in enumerate(prompt_set("pair")[:items]):
-        image = render(scene_from_item(item), side)
-        ref = image.astype(float)
-        floor.append(np.abs(decode(pipe, encode_image(pipe, image), side) - ref).mean())
-        path = invert(pipe, image, item["prompt"], call["num_inference_steps"])
-        out = pipe(item["prompt"], latents=path[0], **call).images[0]
-        back.append(np.abs(np.asarray(out).astype(float) - ref).mean())
-        out = pipe(item["prompt"], generator=torch.Generator().manual_seed(k), **call).images[0]
-        fresh.append(np.abs(np.asarray(out).astype(float) - ref).mean())
-    return {"model": model, "items": items, "steps": call["num_inference_steps"],
-            "autoencoder_mae": round(float(np.mean(floor)), 3), "inverted_mae": round(float(np.mean(back)), 3),
-            "fresh_noise_mae": round(float(np.mean(fresh)), 3),
-            "inverted_over_fresh": round(float(np.mean(back) / np.mean(fresh)), 4)}
+    images = [(render(scene_from_item(item), side), item["prompt"]) for item in prompt_set("pair")[:items]]
+    floor = [np.abs(decode(base, encode_image(base, image), side) - image.astype(float)).mean() for image, _ in images]
+    fresh = [np.abs(np.asarray(base(prompt, generator=torch.Generator().manual_seed(k), **call).images[0])
+                    .astype(float) - image).mean() for k, (image, prompt) in enumerate(images)]
+    rows = []
+    for solver, steps in solver_runs(solvers, call["num_inference_steps"]):
+        pipe = type(base)(**{**base.components, "scheduler": SOLVERS[solver].from_config(base.scheduler.config)})
+        back = []
+        for image, prompt in images:
+            path = invert(pipe, image, prompt, steps, guidance=guidance)
+            out = pipe(prompt, latents=path[0], **{**call, "num_inference_steps": steps}).images[0]
+            back.append(np.abs(np.asarray(out).astype(float) - image).mean())
+        rows.append({"model": model, "solver": solver, "items": items, "steps": steps,
+                     "model_calls": steps * pipe.scheduler.order,
+                     "autoencoder_mae": round(float(np.mean(floor)), 3), "inverted_mae": round(float(np.mean(back)), 3),
+                     "inverted_median": round(float(np.median(back)), 3),
+                     "inverted_worst": round(float(np.max(back)), 3),
+                     "fresh_noise_mae": round(float(np.mean(fresh)), 3),
+                     "inverted_over_fresh": round(float(np.mean(back) / np.mean(fresh)), 4)})
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["toy-sd3", "toy-flux", "toy-flux-dev"])
     ap.add_argument("--items", type=int, default=12, help="pair scenes to invert")
+    ap.add_argument("--solvers", nargs="+", default=["euler", "midpoint", "midpoint/2"],
+                    help="euler, midpoint (RF-Solver's step) at the model's steps, midpoint/2 at half of them")
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [evaluate(m, args.items) for m in args.models]
+    rows = [row for m in args.models for row in evaluate(m, args.items, args.solvers)]
     table = Table(title="inversion: mean |pixel error| (0-255) against the real image")
-    for col in ("model", "autoencoder", "from inverted noise", "from fresh noise", "inverted / fresh"):
+    for col in ("model", "solver", "steps", "model calls", "autoencoder", "from inverted noise (median, worst)",
+                "from fresh noise", "inverted / fresh"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], f"{r['autoencoder_mae']:.2f}", f"{r['inverted_mae']:.2f}",
+        table.add_row(r["model"], r["solver"], str(r["steps"]), str(r["model_calls"]), f"{r['autoencoder_mae']:.2f}",
+                      f"{r['inverted_mae']:.2f} ({r['inverted_median']:.2f}, {r['inverted_worst']:.2f})",
                       f"{r['fresh_noise_mae']:.2f}", f"{r['inverted_over_fresh']:.3f}")
     Console(stderr=True).print(table)
     emit({"inversion": rows}, args.json)

@@ -2,6 +2,7 @@
 
     python examples/invert.py                                     # toy-sd3: a rendered scene, under a second on a CPU
     python examples/invert.py --model toy-flux
+    python examples/invert.py --solver midpoint                 # RF-Solver's second-order step, both ways
     python examples/invert.py --model black-forest-labs/FLUX.1-dev --device cuda --image photo.png \\
         --prompt "a photo of a corgi on a sofa" --steps 28
 
@@ -21,6 +22,7 @@ from PIL import Image
 
 import attnctl
 from attnctl.inversion import has_guidance_embedding
+from attnctl.midpoint import FlowMatchMidpointScheduler
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 
 
@@ -30,11 +32,15 @@ def main() -> None:
     ap.add_argument("--image", default=None, help="image to invert (default: a rendered toy-world scene)")
     ap.add_argument("--prompt", default="a red circle on the left and a blue square on the right")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    ap.add_argument("--solver", choices=["euler", "midpoint"], default="euler",
+                    help="euler: the pipeline's own step; midpoint: RF-Solver's (two model calls a step)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out", help="output folder")
     args = ap.parse_args()
 
     pipe = load_pipeline(args.model, device=args.device)
+    if args.solver == "midpoint":  # the inversion follows the pipeline's scheduler
+        pipe.scheduler = FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)
     call = default_call_kwargs(pipe)
     if not has_guidance_embedding(pipe):
         call["guidance_scale"] = 1.0  # reconstruct the conditional flow that was inverted
@@ -51,7 +57,8 @@ def main() -> None:
         image = np.asarray(Image.open(args.image).convert("RGB"))
     call["height"], call["width"] = image.shape[:2]
 
-    path = attnctl.invert(pipe, image, args.prompt, steps)
+    guidance = call.get("guidance_scale") if has_guidance_embedding(pipe) else None  # the flow it samples: invert it
+    path = attnctl.invert(pipe, image, args.prompt, steps, guidance=guidance)
     back = np.asarray(pipe(args.prompt, latents=path[0], **call).images[0])
     fresh = np.asarray(pipe(args.prompt, generator=torch.Generator().manual_seed(0), **call).images[0])
     for name, img in (("from inverted noise", back), ("from fresh noise", fresh)):

@@ -168,10 +168,14 @@ def test_epipolar_layer_bench_runs_and_the_adaptive_rule_equals_its_materialised
 
 
 def test_inversion_eval_runs(tmp_path):
-    result = run_bench("inversion_eval.py", "--models", "toy-sd3", "--items", "1", out=tmp_path / "inv.json")
-    (row,) = result["inversion"]
-    assert row["model"] == "toy-sd3" and row["items"] == 1
-    assert row["inverted_mae"] < row["fresh_noise_mae"] and 0.0 <= row["inverted_over_fresh"] < 0.2
+    result = run_bench("inversion_eval.py", "--models", "toy-sd3", "--items", "1", "--solvers", "euler",
+                       "midpoint/2", out=tmp_path / "inv.json")
+    euler, mid = result["inversion"]
+    assert euler["model"] == mid["model"] == "toy-sd3" and euler["items"] == 1
+    assert (euler["solver"], mid["solver"]) == ("euler", "midpoint")
+    assert euler["model_calls"] == mid["model_calls"] == 2 * mid["steps"] == euler["steps"]
+    for row in (euler, mid):
+        assert row["inverted_mae"] < row["fresh_noise_mae"] and 0.0 <= row["inverted_over_fresh"] < 0.2
 
 
 def test_edit_eval_runs(tmp_path):

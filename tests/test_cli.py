@@ -412,6 +412,18 @@ def test_edit_writes_the_edited_png_with_its_settings_and_refuses_bad_input(tmp_
     assert wrong.exit_code == 2 and "UnifyEdit control" in wrong.output
     same = run("edit", src, "--source", source, "--target", source, "-m", "toy-sd3", "-o", out)
     assert same.exit_code == 2 and "nothing to edit" in same.output
+    solver = run("edit", src, "--source", source, "--target", target, "--solver", "heun", "-o", out)
+    assert solver.exit_code == 2 and "pass euler or midpoint" in solver.output
+
+    mid = tmp_path / "out" / "midpoint.png"  # RF-Solver's step: two calls a step, the guided ones the first of each
+    result = run("edit", src, "--source", source, "--target", target, "--model", "toy-sd3", "--steps", "6",
+                 "--solver", "midpoint", "--control", '{"scale": "window(0.2, 0, 0.5)", "sites": "mid"}', "--out", mid)
+    ok(result)
+    assert "UnifyEdit over 3 guided steps" in result.stderr
+    meta = read_metadata(mid)
+    assert (meta["scheduler"], meta["solver"]) == ("FlowMatchMidpointScheduler", "midpoint")
+    assert read_metadata(out)["solver"] == "euler"
+    assert not np.array_equal(read_image(mid), read_image(out))
 
 
 def test_generate_repositions_after_reference_prompts_made_in_the_same_call(sd3_dir, tmp_path):

@@ -19,6 +19,7 @@ CASES = {
     "epipolar.py": [],
     "isolation.py": [],
     "invert.py": [],
+    "invert.py --solver midpoint": ["--solver", "midpoint"],
     "edit.py": ["--steps", "8"],
     "headhunt.py": ["--limit", "1", "--seeds", "1", "--rounds", "1", "--candidates", "L0", "--w", "2"],
 }

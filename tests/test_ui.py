@@ -20,6 +20,7 @@ pytest.importorskip("streamlit", reason="the UI tests need the ui extra: pip ins
 from streamlit.testing.v1 import AppTest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from attnctl.errors import AttnCtlError  # noqa: E402
 from attnctl.imageio import encode_png  # noqa: E402
 from attnctl.testing import save_pipeline, tiny_sd3_pipeline  # noqa: E402
 from attnctl.ui import APP_PATH, MODEL_ENV, heatmap, schedules_ui  # noqa: E402
@@ -572,6 +573,25 @@ def test_json_panel_takes_any_control_and_checks_it_against_the_model(monkeypatc
     assert at.session_state["history"][-1]["setup"].controls[-1] == {"kind": "softpag", "heads": ["L0H1"], "u": 0.5}
 
 
+def test_a_midpoint_edit_reports_steps_not_calls_and_gives_the_model_its_scheduler_back(model_dir):
+    from attnctl.toyworld.world import parse_caption, render, scene_from_item
+    from attnctl.ui import engine
+
+    model = engine.load_model(str(model_dir))
+    own = model.pipe.scheduler
+    source = "a red circle and a blue square"
+    item = {"prompt": source, **parse_caption(source), "boxes": [[0.1, 0.1, 0.45, 0.45], [0.55, 0.5, 0.9, 0.85]]}
+    image = Image.fromarray(render(scene_from_item(item), 32))
+    seen = []
+    run = engine.edit_image(model, image, source, "a green circle and a blue square", 3, 1.0,
+                            progress=lambda f, t: seen.append((f, t)), solver="midpoint")
+    assert run.edited.size == (32, 32) and model.pipe.scheduler is own
+    assert len(seen) == 12 and seen[-1] == (1.0, "UnifyEdit: step 3 of 3")  # 2 runs × 3 steps × 2 calls
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen)
+    with pytest.raises(AttnCtlError, match="the solver is 'heun'"):
+        engine.edit_image(model, image, source, "a green circle", 3, 1.0, solver="heun")
+
+
 def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(monkeypatch, model_dir):
     at = generate(start(monkeypatch, model_dir), steps=4)
     source = at.session_state["prompt"]
@@ -593,4 +613,14 @@ def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(mon
         meta = json.loads(img.text["attnctl"])
     assert (meta["source_prompt"], meta["prompt"]) == (source, target)
     assert meta["controls"][0]["kind"] == "unify_edit" and meta["controls"][0]["scale"]["kind"] == "window"
+    assert meta["solver"] == "euler"
     assert len(at.tabs[4].image) == 3
+    scheduler = at.session_state["edit_result"]  # the midpoint solver: the same edit, another result, same summary
+    at.radio(key="edit_solver").set_value("midpoint")
+    at.button(key="edit_run").click().run()
+    ok(at)
+    assert errors(at) == []
+    mid = at.session_state["edit_result"]
+    assert "UnifyEdit over 2 guided steps" in mid["summary"] and mid["images"][2] != scheduler["images"][2]
+    with Image.open(io.BytesIO(mid["images"][2])) as img:
+        assert json.loads(img.text["attnctl"])["solver"] == "midpoint"

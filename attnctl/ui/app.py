@@ -87,6 +87,7 @@ def init_state() -> None:
     ss.edit_source = first.prompt
     ss.edit_target = ""
     ss.edit_scale = 0.2
+    ss.edit_solver = "euler"
     ss.edit_result = None
     ss._init = True
 
@@ -638,19 +639,23 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
                   placeholder="the source prompt with the words of the edit changed")
     st.number_input("Step size η over the first half of the steps", min_value=0.0, max_value=2.0, step=0.05,
                     key="edit_scale")
+    st.radio("Solver", list(engine.SOLVERS), key="edit_solver", horizontal=True,
+             format_func={"euler": "Euler", "midpoint": "Midpoint (RF-Solver)"}.get,
+             help="Midpoint: RF-Solver's second-order step for the inversion and both runs; two model calls a "
+                  "step, and the image comes back closer")
     clicked = st.button("Edit", key="edit_run", icon=":material/edit:", disabled=model is None or image is None)
     if clicked and model is not None and image is not None:
         bar = st.progress(0.0, text="Inverting…")
         try:
             result = engine.edit_image(model, image, ss.edit_source, ss.edit_target, int(ss.steps),
                                        float(ss.guidance), {"scale": f"window({float(ss.edit_scale)!r}, 0, 0.5)"},
-                                       progress=lambda f, t: bar.progress(f, text=t))
+                                       progress=lambda f, t: bar.progress(f, text=t), solver=ss.edit_solver)
         except Exception as e:  # noqa: BLE001 - a failed edit is a message; the app keeps working
             show_failure(bar, e, "edit")
             return
         bar.empty()
         meta = {"source_prompt": ss.edit_source, "prompt": ss.edit_target, "steps": int(ss.steps),
-                "guidance": float(ss.guidance), "controls": [result.control]}
+                "guidance": float(ss.guidance), "controls": [result.control], "solver": ss.edit_solver}
         ss.edit_result = {"images": [encode_png(result.source, {}), encode_png(result.unguided, meta),
                                      encode_png(result.edited, meta)],
                           "summary": result.summary, "seconds": result.seconds}

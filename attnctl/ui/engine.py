@@ -342,12 +342,19 @@ class EditRun:
     control: dict[str, Any]
 
 
+SOLVERS = ("euler", "midpoint")
+"""The edit's solvers: the pipeline's Euler step, or RF-Solver's midpoint step (two model calls a step)."""
+
+
 def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: int, guidance: float,
-               config: dict[str, Any] | None = None, progress: Progress | None = None) -> EditRun:
+               config: dict[str, Any] | None = None, progress: Progress | None = None,
+               solver: str = "euler") -> EditRun:
     """Edit ``image`` (PIL) from ``source`` to ``target`` with UnifyEdit (``config``: its settings), next to the
-    unguided edit from the same inverted noise."""
+    unguided edit from the same inverted noise. ``solver`` "midpoint" inverts and samples with RF-Solver's step
+    (:class:`~attnctl.midpoint.FlowMatchMidpointScheduler`, in place of the model's scheduler for this edit only)."""
     from ..controls.unify_edit import UnifyEdit
     from ..editing import edit
+    from ..midpoint import FlowMatchMidpointScheduler
 
     arr = np.asarray(image.convert("RGB"))
     h, w = arr.shape[:2]
@@ -360,6 +367,8 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
         problems.append(f"steps must be 1 to {MAX_STEPS}")
     if not source.strip() or not target.strip():
         problems.append("describe the image (source prompt) and the edit (target prompt)")
+    if solver not in SOLVERS:
+        problems.append(f"the solver is {solver!r}; choose one of {', '.join(SOLVERS)}")
     if problems:
         raise AttnCtlError(" ".join(problems))
     control = UnifyEdit(**(config or {}))
@@ -368,14 +377,23 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
     path = None  # the inversion, shared by both runs
     start = time.perf_counter()
     with model.lock:
-        for n, (label, ctl) in enumerate(runs):
-            def on_step(pipe, i, t, kwargs, n=n, label=label):
-                if progress is not None:
-                    progress(min(1.0, (n * steps + i + 1) / (2 * steps)), f"{label}: step {i + 1} of {steps}")
-                return kwargs
+        own = model.pipe.scheduler
+        if solver == "midpoint":
+            model.pipe.scheduler = FlowMatchMidpointScheduler.from_config(own.config)
+        calls = int(steps) * model.pipe.scheduler.order  # loop calls per run
+        try:
+            for n, (label, ctl) in enumerate(runs):
+                def on_step(pipe, i, t, kwargs, n=n, label=label):
+                    if progress is not None:
+                        step = i // pipe.scheduler.order + 1
+                        progress(min(1.0, (n * calls + i + 1) / (2 * calls)), f"{label}: step {step} of {steps}")
+                    return kwargs
 
-            res = edit(model.pipe, arr, source, target, int(steps), control=ctl, guidance_scale=guidance, path=path,
-                       max_sequence_length=model.info["max_sequence_length"], callback_on_step_end=on_step)
-            out[label], path = res.edited, res.path
+                res = edit(model.pipe, arr, source, target, int(steps), control=ctl, guidance_scale=guidance,
+                           path=path, max_sequence_length=model.info["max_sequence_length"],
+                           callback_on_step_end=on_step)
+                out[label], path = res.edited, res.path
+        finally:
+            model.pipe.scheduler = own
     return EditRun(source=image.convert("RGB"), unguided=out["unguided"], edited=out["UnifyEdit"],
                    seconds=time.perf_counter() - start, summary=control.summary(), control=control.to_json())
