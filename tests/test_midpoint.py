@@ -19,6 +19,15 @@ def field(z: torch.Tensor, sigma: float) -> torch.Tensor:
     return -z * np.cos(3.0 * sigma) + sigma ** 2
 
 
+def schedulers(n: int) -> tuple[FlowMatchEulerDiscreteScheduler, FlowMatchMidpointScheduler]:
+    """SD3's Euler scheduler and the midpoint one from its config, both set to ``n`` steps."""
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    mid = FlowMatchMidpointScheduler.from_config(euler.config)
+    euler.set_timesteps(n)
+    mid.set_timesteps(n)
+    return euler, mid
+
+
 def loop(sched, z: torch.Tensor, velocity=field) -> torch.Tensor:
     """The diffusers loop: one prediction per timestep, the scheduler's step after each."""
     for t in sched.timesteps:
@@ -61,10 +70,7 @@ def test_the_loop_is_the_midpoint_rule_written_out_and_second_order():
     z0 = torch.randn(3, 5)
     errors = {}
     for n in (6, 12):
-        euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        mid = FlowMatchMidpointScheduler.from_config(euler.config)
-        euler.set_timesteps(n)
-        mid.set_timesteps(n)
+        euler, mid = schedulers(n)
         grid = [float(s) for s in euler.sigmas]
         z = z0.clone()  # the rule, written out on the Euler grid
         for i in range(n):
@@ -84,10 +90,7 @@ def test_midpoint_inversion_is_the_rule_written_out_and_its_round_trip_is_second
     z0 = torch.randn(2, 4)
     gaps = {}
     for n in (5, 10):
-        euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        mid = FlowMatchMidpointScheduler.from_config(euler.config)
-        euler.set_timesteps(n)
-        mid.set_timesteps(n)
+        euler, mid = schedulers(n)
         path = midpoint_invert(field, z0, mid.sigmas)
         assert len(path) == 2 * n + 1 and torch.equal(path[-1], z0)
         s = [float(x) for x in mid.sigmas]
