@@ -19,9 +19,9 @@ one timestep per prediction, ``order = 2``. The stock SD3 and FLUX pipelines run
 
     pipe.scheduler = FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)
 
-The pipeline then calls the transformer ``2n`` times for ``num_inference_steps=n``. A pipeline window counted in
-loop iterations (SD3's ``skip_guidance_layers`` start and stop) sees ``2n`` of them, as with diffusers' own
-second-order schedulers.
+The pipeline then calls the transformer ``2n`` times for ``num_inference_steps=n``. A pipeline window that compares
+the loop index with a fraction of ``n`` (SD3's ``skip_layer_guidance_start`` / ``stop``) then covers half the share
+of the run it names, as with diffusers' own second-order schedulers.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python bench/edit_eval.py                                   # toy-sd3 and toy-flux, 48 edits each
     python bench/edit_eval.py --models toy-sd3 --items 4 --json out/edit.json
+    python bench/edit_eval.py --solver midpoint                 # RF-Solver's step: inversion and edit
 
 Each edit takes a ground-truth render of the pair prompt set and recolours one object in the prompt
 ("a red circle and a blue square" → "a green circle and a blue square"). Methods, on the same inverted noise:
@@ -27,7 +28,7 @@ from report import emit
 from rich.console import Console
 from rich.table import Table
 
-from attnctl import UnifyEdit, edit
+from attnctl import FlowMatchMidpointScheduler, UnifyEdit, edit
 from attnctl.toyworld import vocab
 from attnctl.toyworld.evaluate import evaluate_image
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
@@ -84,8 +85,11 @@ def score(image: np.ndarray, source: np.ndarray, e: dict, side: int) -> dict[str
             "outside_mae": float(err[outside].mean())}
 
 
-def evaluate(model: str, n: int, methods: list[str], overrides: dict, guidance: float | None = None) -> list[dict]:
+def evaluate(model: str, n: int, methods: list[str], overrides: dict, guidance: float | None = None,
+             solver: str = "euler") -> list[dict]:
     pipe = load_pipeline(model)
+    if solver == "midpoint":  # RF-Solver's step for the inversion and both branches
+        pipe.scheduler = FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)
     call = default_call_kwargs(pipe)
     side, steps = call["height"], call["num_inference_steps"]
     guidance = call.get("guidance_scale") if guidance is None else guidance
@@ -103,7 +107,8 @@ def evaluate(model: str, n: int, methods: list[str], overrides: dict, guidance: 
             seconds += time.perf_counter() - t0
             scores.append(score(np.asarray(res.edited), source, e, side))
         mean = {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
-        row = {"model": model, "method": name, "edits": len(edits), "steps": steps, "guidance": guidance,
+        row = {"model": model, "method": name, "solver": solver, "edits": len(edits), "steps": steps,
+               "guidance": guidance,
                "seconds_per_edit": round(seconds / len(edits), 3), **mean}
         per_edit[name] = np.array([s["success"] for s in scores])
         if "inversion" in per_edit and name != "inversion":  # paired over the same edits
@@ -124,6 +129,8 @@ def main() -> None:
                     help="UnifyEdit config overrides for every method, e.g. scale=0.3 sites=mid")
     ap.add_argument("--guidance", type=float, default=None, help="guidance_scale of the edit (default: the toy's, "
                                                                   "as default_call_kwargs gives it)")
+    ap.add_argument("--solver", choices=["euler", "midpoint"], default="euler",
+                    help="the step of the inversion and the edit: the pipeline's Euler, or RF-Solver's midpoint")
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -135,7 +142,8 @@ def main() -> None:
             overrides[key] = float(value) if key != "iterations" else int(value)
         except ValueError:
             overrides[key] = value
-    rows = [r for m in args.models for r in evaluate(m, args.items, args.methods, overrides, args.guidance)]
+    rows = [r for m in args.models
+            for r in evaluate(m, args.items, args.methods, overrides, args.guidance, args.solver)]
     table = Table(title="UnifyEdit: colour edits of real toy scenes")
     for col in ("model", "method", "success", "vs inversion", "edited", "kept", "binding", "outside MAE", "s / edit"):
         table.add_column(col)
