@@ -124,7 +124,7 @@ RESERVED_FIELDS: dict[str, str] = {
 }
 """Field names kept for methods to come: refused with "not supported yet", not as typos."""
 
-EDIT_ONLY_FIELDS = ("image", "source_prompt")
+EDIT_ONLY_FIELDS = ("image", "source_prompt", "solver")
 GENERATE_ONLY_FIELDS = ("seed", "seeds", "height", "width", "negative_prompt", "true_cfg", "boxes",
                         "reference_prompts", "images")
 
@@ -302,6 +302,9 @@ class EditItem(_Strict):
     controls: Annotated[list[ControlSpec], Field(min_length=1, max_length=1, description=(
         "The edit's UnifyEdit settings as one control object, {\"kind\": \"unify_edit\", ...} (default: "
         "UnifyEdit's defaults). Not taken from defaults."))] | None = None
+    solver: Literal["euler", "midpoint"] = Field(
+        "euler", description="The step of the inversion and the edit: \"euler\" (the model's own) or \"midpoint\" "
+                             "(RF-Solver's second-order step, two model calls a step; docs/inversion.md).")
 
 
 Item = GenerateItem | EditItem
@@ -692,6 +695,8 @@ def _edit_job(index: int, item_id: str, item: EditItem, defaults: Defaults, foun
     for name in EDIT_FROM_DEFAULTS:
         settings[name] = getattr(item if name in item.model_fields_set else defaults, name)
     settings["controls"] = [found.control]
+    if item.solver != "euler":  # recorded only when set, so the hashes of earlier Euler edits stay as they were
+        settings["solver"] = item.solver
     return [Job(index=index, id=item_id, seed=None, file=f"{safe_stem(item_id)}.png", settings=settings, hash="",
                 kind="edit", image=found.image)]
 
@@ -1057,7 +1062,8 @@ def _inversion_key(job: Job) -> tuple[Any, ...] | None:
     if job.kind != "edit":
         return None
     s = job.settings
-    return (s["image_sha256"], s["source_prompt"], s["steps"], s["guidance"], s["max_sequence_length"])
+    return (s["image_sha256"], s["source_prompt"], s["steps"], s["guidance"], s["max_sequence_length"],
+            s.get("solver", "euler"))
 
 
 def share_out(pending: Sequence[Job], rank: int, world: int) -> list[Job]:
@@ -1199,12 +1205,20 @@ class _Generator:
         length = int(s["max_sequence_length"] if s["max_sequence_length"] is not None else d["max_sequence_length"])
         control = control_from_json(s["controls"][0])  # fresh: a control keeps run state
         key = _inversion_key(job)  # the same key share_out groups the edits by
-        result = edit(self.pipe, read_image(io.BytesIO(data)), s["source_prompt"], s["prompt"], steps,
-                      control=control, guidance_scale=guidance, max_sequence_length=length,
-                      path=self._inverted.get(key))
+        own = self.pipe.scheduler
+        if s.get("solver") == "midpoint":  # for this edit only
+            from .midpoint import FlowMatchMidpointScheduler
+
+            self.pipe.scheduler = FlowMatchMidpointScheduler.from_config(own.config)
+        try:
+            result = edit(self.pipe, read_image(io.BytesIO(data)), s["source_prompt"], s["prompt"], steps,
+                          control=control, guidance_scale=guidance, max_sequence_length=length,
+                          path=self._inverted.get(key))
+            meta = cli.edit_meta(self.pipe, job.image, s["source_prompt"], s["prompt"], self.model, steps, guidance,
+                                 length, control, self.dtype_name, self.dev)
+        finally:
+            self.pipe.scheduler = own
         self._inverted = {key: result.path}
-        meta = cli.edit_meta(self.pipe, job.image, s["source_prompt"], s["prompt"], self.model, steps, guidance,
-                             length, control, self.dtype_name, self.dev)
         meta["batch"] = {"file": Path(source).name, "id": job.id, "index": job.index, "hash": job.hash}
         return [(job.file, result.edited, meta)]
 

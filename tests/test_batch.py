@@ -397,6 +397,8 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
         {**edit, "controls": [{"kind": "probe", "words": ["circle"]}]},                      # 5 not UnifyEdit
         {"prompt": "a red circle", "image": "img/scene.png", "controls": []},               # 6 edit field on generate
         {"prompt": "a red circle"},                                                          # 7 unify_edit inherited
+        {**edit, "solver": "heun"},                                                          # 8 no such solver
+        {"prompt": "a red circle", "solver": "midpoint", "controls": []},                  # 9 edit field on generate
     ]}
     with pytest.raises(BatchFileError) as err:
         load_batch(write_batch(tmp_path / "bad.json", data))
@@ -412,6 +414,8 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
         ("item 5: field 'controls[0]': an edit item runs UnifyEdit", "'probe'"),
         ("item 6: field 'image' belongs to edit items", "\"type\": \"edit\""),
         ("item 7: field 'controls' (from defaults): the unify_edit control edits an existing image", ""),
+        ("item 8: field 'solver'", "midpoint"),
+        ("item 9: field 'solver' belongs to edit items", "\"type\": \"edit\""),
     ]
     for start_text, also in expected:
         hits = [p for p in problems if p.startswith(start_text) and also in p]
@@ -434,6 +438,7 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
     assert (job.file, job.seed, job.kind, job.label, job.image) == \
         ("green.png", None, "edit", "edit", tmp_path / "img" / "scene.png")
     assert job.settings["steps"] == 3 and job.settings["controls"][0]["kind"] == "unify_edit"
+    assert "solver" not in job.settings  # the default leaves the hash of an Euler edit as it was before the field
     assert [j.file for j in plan.jobs] == ["green.png", "red_s0.png"]
     (tmp_path / "img" / "scene.png").write_bytes(scene_png.read_bytes() + b"\0")  # other bytes: another hash
     assert load_batch(good).jobs[0].hash != job.hash and load_batch(good).jobs[1].hash == plan.jobs[1].hash
@@ -452,13 +457,17 @@ def test_an_edit_batch_makes_what_attnctl_edit_makes_inverting_each_image_once(t
          "controls": [control]},
         {"type": "edit", "id": "yellow", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
          "prompt": "a yellow circle and a blue square"},
+        {"type": "edit", "id": "green-mid", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
+         "prompt": EDIT_TARGET, "controls": [control], "solver": "midpoint"},
         {"id": "plain", "prompt": "a red circle", "steps": 2},
     ]})
     out = tmp_path / "out"
     result = run("batch", batch, "--out", out)
     assert result.exit_code == 0, result.output
-    assert set(pngs(out)) == {"green.png", "yellow.png", "plain_s0.png"}
-    assert inversions == [EDIT_SOURCE]  # the second edit of the same image and caption reuses the first's
+    assert set(pngs(out)) == {"green.png", "yellow.png", "green-mid.png", "plain_s0.png"}
+    # the second edit of the same image and caption reuses the first's inversion; the midpoint one makes its own
+    assert inversions == [EDIT_SOURCE, EDIT_SOURCE]
+    assert read_metadata(out / "green-mid.png")["solver"] == "midpoint"
     meta = read_metadata(out / "green.png")
     assert (meta["edited_from"], meta["source_prompt"], meta["prompt"], meta["steps"]) == \
         (str(scene_png), EDIT_SOURCE, EDIT_TARGET, 4)
@@ -472,10 +481,15 @@ def test_an_edit_batch_makes_what_attnctl_edit_makes_inverting_each_image_once(t
                  "--steps", "4", "--control", json.dumps(control), "--out", single)
     assert result.exit_code == 0, result.output
     assert np.array_equal(read_image(single), read_image(out / "green.png"))
+    result = run("edit", scene_png, "--source", EDIT_SOURCE, "--target", EDIT_TARGET, "--model", "toy-sd3",
+                 "--steps", "4", "--control", json.dumps(control), "--solver", "midpoint", "--out", single)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(read_image(single), read_image(out / "green-mid.png"))
+    assert not np.array_equal(read_image(out / "green.png"), read_image(out / "green-mid.png"))
 
     # re-run: all skipped; `generate --from` an edit says how to redo it instead of generating something else
     result = run("batch", batch, "--out", out)
-    assert result.exit_code == 0 and "3 already, 0 new" in result.output, result.output
+    assert result.exit_code == 0 and "4 already, 0 new" in result.output, result.output
     again = run("generate", "--from", out / "green.png", "--out", tmp_path / "x.png")
     assert again.exit_code == 2 and "is an edit of" in again.output and "attnctl edit" in again.output
 
