@@ -69,13 +69,15 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-class _ToyAutoencoderStub(types.ModuleType):
-    """Stands in ``sys.modules`` for ``attnctl.toyworld.autoencoder`` until a name is read from it.
+class _ComponentModuleStub(types.ModuleType):
+    """Stands in ``sys.modules`` for a module that a saved pipeline names for a component, until a name is read
+    from it.
 
-    The toy pipelines' ``model_index.json`` names that module for their ``vae``, and diffusers looks a custom
-    library up in ``sys.modules`` only, so after ``import attnctl`` a stock ``StableDiffusion3Pipeline`` /
-    ``FluxPipeline.from_pretrained(toy folder)`` must find it there. The real module imports diffusers, so it
-    is imported when diffusers first reads one of its names. Dunder probes (``inspect`` and friends walk
+    The toy pipelines' ``model_index.json`` names ``attnctl.toyworld.autoencoder`` for their ``vae``, and a pipeline
+    saved with the midpoint scheduler names ``attnctl.midpoint``. diffusers (0.42) looks such a library up in
+    ``sys.modules`` only, so after ``import attnctl`` a stock ``StableDiffusion3Pipeline`` /
+    ``FluxPipeline.from_pretrained(folder)`` must find it there. The real modules import diffusers, so one is
+    imported when diffusers first reads one of its names. Dunder probes (``inspect`` and friends walk
     ``sys.modules``) never trigger the import.
     """
 
@@ -95,14 +97,14 @@ class _ToyAutoencoderStub(types.ModuleType):
         return dir(self._load())
 
 
-def _register_toy_autoencoder() -> None:
-    name = "attnctl.toyworld.autoencoder"
-    if name in sys.modules:
-        return
-    spec = importlib.util.find_spec(name)
-    stub = _ToyAutoencoderStub(name)
-    stub.__file__ = spec.origin if spec is not None else None
-    sys.modules[name] = stub
+def _register_component_modules() -> None:
+    for name in ("attnctl.toyworld.autoencoder", "attnctl.midpoint"):
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        stub = _ComponentModuleStub(name)
+        stub.__file__ = spec.origin if spec is not None else None
+        sys.modules[name] = stub
 
 
-_register_toy_autoencoder()
+_register_component_modules()

@@ -32,7 +32,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
+# A saved pipeline names this module for its scheduler, and diffusers' loader looks the loading base class up *on
+# this module* (``getattr(module, "SchedulerMixin")``), so it must stay a module attribute.
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
 from .errors import ConfigError
+
+__all__ = ["FlowMatchMidpointScheduler", "SchedulerMixin", "is_midpoint", "step_anchor"]
 
 
 class FlowMatchMidpointScheduler(FlowMatchEulerDiscreteScheduler):

@@ -50,3 +50,17 @@ def test_stock_diffusers_loads_a_toy_folder_after_import_attnctl(model, pipeline
     assert out == "attnctl.toyworld.autoencoder PixelShuffleAutoencoder"
     # diffusers' "Expected types for vae: AutoencoderKL" is a false alarm for the toy vae, and filtered
     assert "Expected types" not in err
+
+
+def test_a_pipeline_saved_with_the_midpoint_scheduler_loads_back_after_import_attnctl(tmp_path):
+    # model_index.json names attnctl.midpoint for the scheduler; `import attnctl` alone must be enough here too.
+    from attnctl import FlowMatchMidpointScheduler
+    from attnctl.toyworld.models import load_pipeline
+
+    pipe = load_pipeline("toy-sd3")
+    pipe.scheduler = FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "mid")
+    code = (f"import attnctl, diffusers; p = diffusers.StableDiffusion3Pipeline.from_pretrained("
+            f"{str(tmp_path / 'mid')!r}); print(type(p.scheduler).__name__, p.scheduler.config.shift, "
+            "p.scheduler.order)")
+    assert run_python(code)[0].split() == ["FlowMatchMidpointScheduler", str(pipe.scheduler.config.shift), "2"]
