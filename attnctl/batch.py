@@ -1192,6 +1192,7 @@ class _Generator:
         from .controls import control_from_json
         from .editing import edit
         from .imageio import read_image
+        from .midpoint import use_solver
 
         cli, s, d = self.cli, job.settings, self.defaults
         assert job.image is not None
@@ -1205,19 +1206,12 @@ class _Generator:
         length = int(s["max_sequence_length"] if s["max_sequence_length"] is not None else d["max_sequence_length"])
         control = control_from_json(s["controls"][0])  # fresh: a control keeps run state
         key = _inversion_key(job)  # the same key share_out groups the edits by
-        own = self.pipe.scheduler
-        if s.get("solver") == "midpoint":  # for this edit only
-            from .midpoint import FlowMatchMidpointScheduler
-
-            self.pipe.scheduler = FlowMatchMidpointScheduler.from_config(own.config)
-        try:
+        with use_solver(self.pipe, s.get("solver", "euler")):  # for this edit only
             result = edit(self.pipe, read_image(io.BytesIO(data)), s["source_prompt"], s["prompt"], steps,
                           control=control, guidance_scale=guidance, max_sequence_length=length,
                           path=self._inverted.get(key))
             meta = cli.edit_meta(self.pipe, job.image, s["source_prompt"], s["prompt"], self.model, steps, guidance,
                                  length, control, self.dtype_name, self.dev)
-        finally:
-            self.pipe.scheduler = own
         self._inverted = {key: result.path}
         meta["batch"] = {"file": Path(source).name, "id": job.id, "index": job.index, "hash": job.hash}
         return [(job.file, result.edited, meta)]

@@ -569,29 +569,28 @@ def edit(
         raise AttnCtlError("--control takes the settings of the UnifyEdit control as a JSON object",
                            'pass e.g. \'{"scale": "window(0.2, 0, 0.5)", "ca_weight": 2}\'')
     ctl = build_controls([{**spec, "kind": "unify_edit"}], what="--control")[0]
-    if solver not in ("euler", "midpoint"):
-        raise AttnCtlError(f"--solver {solver!r} is not a solver attnctl edits with", "pass euler or midpoint")
+    from .midpoint import SOLVERS, use_solver
+
+    if solver not in SOLVERS:
+        raise AttnCtlError(f"--solver {solver!r} is not a solver attnctl edits with", f"pass {' or '.join(SOLVERS)}")
     if not image.is_file():
         raise AttnCtlError(f"no image file at {str(image)!r}", "pass the path of the image to edit")
     arr = read_image(image)
     model = model or DEFAULT_MODEL
     torch_dtype = parse_dtype(dtype or "fp32")
     pipe = load_pipeline(model, device=str(check_device(device)), dtype=torch_dtype)
-    if solver == "midpoint":
-        from .midpoint import FlowMatchMidpointScheduler
-
-        pipe.scheduler = FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)
     check_vocabulary(pipe, [source, target], model)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False, desc="editing")
     defaults = call_defaults(pipe)
     n = int(steps if steps is not None else defaults["steps"])
     g = float(guidance if guidance is not None else defaults["guidance"])
     start = time.perf_counter()
-    result = edit_image(pipe, arr, source, target, n, control=ctl, guidance_scale=g,
-                        max_sequence_length=defaults["max_sequence_length"])
-    seconds = time.perf_counter() - start
-    meta = edit_meta(pipe, image, source, target, model, n, g, defaults["max_sequence_length"], ctl,
-                     DTYPE_NAMES[str(torch_dtype)[6:]], device)
+    with use_solver(pipe, solver):
+        result = edit_image(pipe, arr, source, target, n, control=ctl, guidance_scale=g,
+                            max_sequence_length=defaults["max_sequence_length"])
+        seconds = time.perf_counter() - start
+        meta = edit_meta(pipe, image, source, target, model, n, g, defaults["max_sequence_length"], ctl,
+                         DTYPE_NAMES[str(torch_dtype)[6:]], device)
     path = save_png(out, result.edited, meta)
     out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, {n} steps, {seconds:.1f} s)", highlight=False)
     line = ctl.summary()

@@ -26,6 +26,8 @@ of the run it names, as with diffusers' own second-order schedulers.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,7 +40,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import ConfigError
 
-__all__ = ["FlowMatchMidpointScheduler", "SchedulerMixin", "is_midpoint", "step_anchor"]
+__all__ = ["SOLVERS", "FlowMatchMidpointScheduler", "SchedulerMixin", "is_midpoint", "step_anchor", "use_solver"]
 
 
 class FlowMatchMidpointScheduler(FlowMatchEulerDiscreteScheduler):
@@ -118,3 +120,23 @@ def step_anchor(scheduler: Any, call: int) -> int:
     ``z_anchor + (σ_{call+1} − σ_anchor)·v`` with ``v`` this call's prediction. Euler: the call itself; midpoint: the
     call itself at a grid point, the call before at a midpoint."""
     return call - 1 if is_midpoint(scheduler) and call % 2 else call
+
+
+SOLVERS = ("euler", "midpoint")
+"""The solvers a front end offers: the pipeline's own (Euler) step, or the midpoint step of this module."""
+
+
+@contextlib.contextmanager
+def use_solver(pipe: Any, solver: str) -> Iterator[Any]:
+    """Run the block with ``pipe`` stepping by ``solver``: "euler" leaves the pipeline's own scheduler, "midpoint"
+    puts a :class:`FlowMatchMidpointScheduler` made from its config in its place. The pipeline's scheduler is put back
+    on exit, also when the block raises."""
+    if solver not in SOLVERS:
+        raise ConfigError(f"the solver is {solver!r}", fix=f"choose one of {', '.join(SOLVERS)}")
+    own = pipe.scheduler
+    if solver == "midpoint":
+        pipe.scheduler = FlowMatchMidpointScheduler.from_config(own.config)
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = own

@@ -179,3 +179,18 @@ def test_bad_use_is_named():
         sched.step(z, sched.timesteps[1], z)
     with pytest.raises(ConfigError, match="odd length"):
         midpoint_invert(field, z, torch.tensor([1.0, 0.5, 0.2, 0.0]))
+
+
+def test_use_solver_swaps_the_scheduler_for_the_block_and_puts_it_back(sd3_pipe):
+    from attnctl.midpoint import use_solver
+
+    own = sd3_pipe.scheduler
+    with use_solver(sd3_pipe, "euler"):
+        assert sd3_pipe.scheduler is own
+    with pytest.raises(RuntimeError, match="inside"), use_solver(sd3_pipe, "midpoint"):
+        assert isinstance(sd3_pipe.scheduler, FlowMatchMidpointScheduler)
+        assert sd3_pipe.scheduler.config.shift == own.config.shift
+        raise RuntimeError("inside")
+    assert sd3_pipe.scheduler is own  # also when the block raised
+    with pytest.raises(ConfigError, match="the solver is 'heun'"), use_solver(sd3_pipe, "heun"):
+        pass

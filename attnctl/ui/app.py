@@ -639,8 +639,8 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
                   placeholder="the source prompt with the words of the edit changed")
     st.number_input("Step size η over the first half of the steps", min_value=0.0, max_value=2.0, step=0.05,
                     key="edit_scale")
-    st.radio("Solver", list(engine.SOLVERS), key="edit_solver", horizontal=True,
-             format_func={"euler": "Euler", "midpoint": "Midpoint (RF-Solver)"}.get,
+    solvers = {"euler": "Euler", "midpoint": "Midpoint (RF-Solver)"}  # attnctl.midpoint.SOLVERS, as labelled here
+    st.radio("Solver", list(solvers), key="edit_solver", horizontal=True, format_func=solvers.get,
              help="Midpoint: RF-Solver's second-order step for the inversion and both runs; two model calls a "
                   "step, and the image comes back closer")
     clicked = st.button("Edit", key="edit_run", icon=":material/edit:", disabled=model is None or image is None)

@@ -342,10 +342,6 @@ class EditRun:
     control: dict[str, Any]
 
 
-SOLVERS = ("euler", "midpoint")
-"""The edit's solvers: the pipeline's Euler step, or RF-Solver's midpoint step (two model calls a step)."""
-
-
 def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: int, guidance: float,
                config: dict[str, Any] | None = None, progress: Progress | None = None,
                solver: str = "euler") -> EditRun:
@@ -354,7 +350,7 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
     (:class:`~attnctl.midpoint.FlowMatchMidpointScheduler`, in place of the model's scheduler for this edit only)."""
     from ..controls.unify_edit import UnifyEdit
     from ..editing import edit
-    from ..midpoint import FlowMatchMidpointScheduler
+    from ..midpoint import SOLVERS, use_solver
 
     arr = np.asarray(image.convert("RGB"))
     h, w = arr.shape[:2]
@@ -376,24 +372,18 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
     out: dict[str, Any] = {}
     path = None  # the inversion, shared by both runs
     start = time.perf_counter()
-    with model.lock:
-        own = model.pipe.scheduler
-        if solver == "midpoint":
-            model.pipe.scheduler = FlowMatchMidpointScheduler.from_config(own.config)
+    with model.lock, use_solver(model.pipe, solver):  # the solver for this edit only
         calls = int(steps) * model.pipe.scheduler.order  # loop calls per run
-        try:
-            for n, (label, ctl) in enumerate(runs):
-                def on_step(pipe, i, t, kwargs, n=n, label=label):
-                    if progress is not None:
-                        step = i // pipe.scheduler.order + 1
-                        progress(min(1.0, (n * calls + i + 1) / (2 * calls)), f"{label}: step {step} of {steps}")
-                    return kwargs
+        for n, (label, ctl) in enumerate(runs):
+            def on_step(pipe, i, t, kwargs, n=n, label=label):
+                if progress is not None:
+                    step = i // pipe.scheduler.order + 1
+                    progress(min(1.0, (n * calls + i + 1) / (2 * calls)), f"{label}: step {step} of {steps}")
+                return kwargs
 
-                res = edit(model.pipe, arr, source, target, int(steps), control=ctl, guidance_scale=guidance,
-                           path=path, max_sequence_length=model.info["max_sequence_length"],
-                           callback_on_step_end=on_step)
-                out[label], path = res.edited, res.path
-        finally:
-            model.pipe.scheduler = own
+            res = edit(model.pipe, arr, source, target, int(steps), control=ctl, guidance_scale=guidance,
+                       path=path, max_sequence_length=model.info["max_sequence_length"],
+                       callback_on_step_end=on_step)
+            out[label], path = res.edited, res.path
     return EditRun(source=image.convert("RGB"), unguided=out["unguided"], edited=out["UnifyEdit"],
                    seconds=time.perf_counter() - start, summary=control.summary(), control=control.to_json())
