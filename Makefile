@@ -57,6 +57,7 @@ compat:
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(COMPAT)/bin/python -m pip install -q torch; \
 	  else $(COMPAT)/bin/python -m pip install -q $(TORCH_CPU); fi; fi
 	$(COMPAT)/bin/python -m pip install -q -e ".[dev]" "diffusers==$(DIFFUSERS)"
+	mkdir -p out
 	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider --basetemp=out/pytest-diffusers-$(DIFFUSERS)
 
 bench: setup
