@@ -22,7 +22,7 @@ _EXPORTS = {
     "IsolationAttention": ".controls.isolation", "UnifyEdit": ".controls.unify_edit",
     "Camera": ".epipolar", "StereoRig": ".epipolar", "OrbitRig": ".epipolar",
     "invert": ".inversion", "edit": ".editing", "EditResult": ".editing",
-    "FlowMatchMidpointScheduler": ".midpoint",
+    "FlowMatchMidpointScheduler": ".midpoint", "RFInversion": ".rf_inversion",
     "TokenLayout": ".layout",
     "AttnCtlFluxProcessor": ".processors", "AttnCtlJointProcessor": ".processors",
     "HeadSet": ".sites", "Site": ".sites", "list_sites": ".sites", "select_sites": ".sites",
@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from .midpoint import FlowMatchMidpointScheduler as FlowMatchMidpointScheduler
     from .processors import AttnCtlFluxProcessor as AttnCtlFluxProcessor
     from .processors import AttnCtlJointProcessor as AttnCtlJointProcessor
+    from .rf_inversion import RFInversion as RFInversion
     from .sites import HeadSet as HeadSet
     from .sites import Site as Site
     from .sites import list_sites as list_sites

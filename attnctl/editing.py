@@ -37,6 +37,7 @@ from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, samp
 from .inversion import has_guidance_embedding, image_array, invert, text_length
 from .latent_guidance import StopForward, check_scheduler
 from .midpoint import step_anchor
+from .rf_inversion import RFInversion, toward_image
 
 
 class EditBranches(ForwardWrapper):
@@ -54,7 +55,7 @@ class EditBranches(ForwardWrapper):
         self.controller = controller
         self.control = control
         self.pipe = pipe
-        self._step_terms: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # step, z', shift, v^s
+        self._step_terms: tuple[Any, ...] | None = None  # step, z', shift, v^s, RF-Inversion's pull
         self._anchor: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a step's start
         self.passes = 0  # gradient passes run (for tests and logs)
 
@@ -97,10 +98,19 @@ class EditBranches(ForwardWrapper):
             z_run = z
         shift = (moved - base_target) / (sigma_next - sigma)
         v_source = (path[step + 1].to(hidden.device, torch.float32) - base_source) / (sigma_next - sigma)
+        pull = self._pull(anchor, state.num_steps, z_run, float(sigmas[step]), path[-1])
         result = self._run_target(bound, batch, target_rows, z_run)
-        out = self._assemble(sample_of(result), batch, source_rows, target_rows, v_source, shift)
-        self._step_terms = (step, z_run, shift, v_source)
+        out = self._assemble(sample_of(result), batch, source_rows, target_rows, v_source, shift, pull)
+        self._step_terms = (step, z_run, shift, v_source, pull)
         return with_sample(result, out)
+
+    def _pull(self, anchor: int, num_steps: int, z: torch.Tensor, sigma: float, y0: torch.Tensor
+              ) -> tuple[float, torch.Tensor, float, torch.Tensor] | None:
+        """RF-Inversion's pull of the target rows toward the source image at this call (``η`` of the step's first
+        call; the target's latent ``z`` and ``σ`` of this call), or ``None`` when ``η`` is 0 here."""
+        eta = self.control.source_eta
+        value = 0.0 if eta is None else float(eta(anchor, num_steps))
+        return (value, z, sigma, y0.to(z.device)) if value else None
 
     def _path(self, num_steps: int) -> list[torch.Tensor]:
         path = self.control.source_path
@@ -125,9 +135,14 @@ class EditBranches(ForwardWrapper):
 
     @staticmethod
     def _assemble(v_target: torch.Tensor, batch: int, source_rows: list[int], target_rows: list[int],
-                  v_source: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """The full batch's prediction: ``v^s`` on the source rows, ``v(z') + shift`` on the target rows."""
+                  v_source: torch.Tensor, shift: torch.Tensor,
+                  pull: tuple[float, torch.Tensor, float, torch.Tensor] | None = None) -> torch.Tensor:
+        """The full batch's prediction: ``v^s`` on the source rows, ``v(z') + shift`` on the target rows (with
+        ``v(z')`` pulled toward the source image first when RF-Inversion's ``pull`` is on)."""
         out = v_target.new_empty((batch, *v_target.shape[1:]))
+        if pull is not None:
+            eta, z, sigma, y0 = pull
+            v_target = toward_image(v_target, z, y0, sigma, eta)
         out[target_rows] = v_target + shift.to(v_target.dtype)
         out[source_rows] = v_source.to(v_target.dtype).expand(len(source_rows), *v_source.shape[1:])
         return out
@@ -177,9 +192,9 @@ class EditBranches(ForwardWrapper):
         if batch != 2:
             raise ConfigError(f"a later call of step {step} has {batch} rows, and an edit has two images",
                               fix="call the pipeline with [source_prompt, target_prompt] and one image each")
-        _, z_new, shift, v_source = self._step_terms
+        _, z_new, shift, v_source, pull = self._step_terms
         result = self._run_target(bound, batch, [1], z_new)
-        return with_sample(result, self._assemble(sample_of(result), batch, [0], [1], v_source, shift))
+        return with_sample(result, self._assemble(sample_of(result), batch, [0], [1], v_source, shift, pull))
 
 
 @dataclass
@@ -194,7 +209,7 @@ class EditResult:
 
 def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_inference_steps: int = 28, *,
          control: UnifyEdit | None = None, guidance_scale: float | None = None, path: list[torch.Tensor] | None = None,
-         **pipe_kwargs: Any) -> EditResult:
+         rf: RFInversion | None = None, **pipe_kwargs: Any) -> EditResult:
     """Edit a real ``image`` (PIL, file path or ``H×W×3`` uint8 array) described by ``source_prompt`` into what
     ``target_prompt`` says, with UnifyEdit (``control``, default ``UnifyEdit()``; :mod:`attnctl.controls.unify_edit`).
 
@@ -204,8 +219,12 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     (``output_type``, ``max_sequence_length``, ...); ``latents``, ``height`` and ``width`` come from the image.
 
     ``path`` is the image's inversion under ``source_prompt`` when it is already at hand (the ``path`` of an earlier
-    :class:`EditResult` with the same image, prompt, steps and guidance), so several edits of one image invert it
-    once."""
+    :class:`EditResult` with the same image, prompt, steps, guidance and ``rf.gamma`` / ``rf.seed``), so several
+    edits of one image invert it once.
+
+    ``rf`` adds RF-Inversion's controllers (:mod:`attnctl.rf_inversion`): the inversion is pulled toward a noise
+    sample by ``rf.gamma``, and the target branch toward the source image by the schedule ``rf.eta``. With
+    ``control=UnifyEdit(scale=0)`` that is RF-Inversion alone; with the default control both methods act."""
     for name, text in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"{name} must be a non-empty string, got {text!r}",
@@ -225,10 +244,13 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     if guidance_scale is not None:
         pipe_kwargs["guidance_scale"] = guidance_scale
     flux_guidance = guidance_scale if has_guidance_embedding(pipe) else None
+    if rf is not None and not isinstance(rf, RFInversion):
+        raise ConfigError(f"rf takes RF-Inversion's settings, got {type(rf).__name__}",
+                          fix="pass rf=attnctl.RFInversion(gamma=..., eta=...), or leave it out")
     if path is None:
         path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance,
-                      max_sequence_length=length)
-    control.set_source(path)
+                      max_sequence_length=length, gamma=rf.gamma if rf else 0.0, seed=rf.seed if rf else 0)
+    control.set_source(path, eta=rf.eta if rf else None)
     from .controller import attach
 
     with attach(pipe, [control]):

@@ -11,7 +11,8 @@ path and close when the steps are small; :func:`invert` returns the whole path, 
 source branch exactly (``path[k]`` is the latent the pipeline's call ``k`` sees) while a target branch starts from
 ``path[0]``. ``pipe(prompt, latents=path[0], ...)`` with the same steps and no guidance reconstructs the image.
 A pipeline whose scheduler is :class:`~attnctl.midpoint.FlowMatchMidpointScheduler` is inverted with RF-Solver's
-midpoint rule instead (:func:`midpoint_invert`), which is second order in the step both ways.
+midpoint rule instead (:func:`midpoint_invert`), which is second order in the step both ways. ``invert(...,
+gamma=γ)`` is RF-Inversion's controlled inversion (:mod:`attnctl.rf_inversion`), pulled toward a Gaussian sample.
 
 This is the first piece of text-driven editing of real images (UnifyEdit, ``../shared/METHODS.md`` §6).
 """
@@ -27,6 +28,7 @@ import torch
 from .errors import ConfigError
 from .latent_guidance import check_scheduler
 from .midpoint import is_midpoint
+from .rf_inversion import RFInversion, noise_sample, toward_noise
 from .sites import family_of
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
@@ -193,7 +195,7 @@ def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: 
 
 
 def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *, guidance: float | None = None,
-           max_sequence_length: int | None = None) -> list[torch.Tensor]:
+           max_sequence_length: int | None = None, gamma: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
     """The inversion path of a real ``image`` under ``prompt`` (module doc): one latent per call of the loop and
     the image's own, ``path[0]`` the noise to pass as ``pipe(prompt, latents=path[0], num_inference_steps=n,
     height=H, width=W)``.
@@ -202,16 +204,24 @@ def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *,
     Euler inversion, ``n + 1`` latents; with :class:`~attnctl.midpoint.FlowMatchMidpointScheduler` RF-Solver's
     midpoint rule, ``2n + 1`` latents (:func:`midpoint_invert`), and a reconstruction that is second order in the
     step. ``guidance`` is FLUX.1-dev's guidance-embedding value (default 3.5, as FluxPipeline); other models ignore
-    it."""
+    it.
+
+    ``gamma`` > 0 is RF-Inversion's controlled inversion (:mod:`attnctl.rf_inversion`): every velocity is pulled by
+    ``gamma`` toward the straight line to a Gaussian sample drawn with ``seed``, so ``path[0]`` lies nearer a typical
+    noise and the path is no longer one the pipeline retraces by itself (an edit's source branch replays it as
+    given)."""
     if int(num_inference_steps) < 1:
         raise ConfigError(f"num_inference_steps={num_inference_steps}: inversion needs at least one step")
     if not isinstance(prompt, str):
         raise ConfigError(f"inversion takes one prompt (a string), got {type(prompt).__name__}",
                           fix="invert one image at a time with its own prompt")
+    rf = RFInversion(gamma=gamma, seed=seed)  # checks both
     arr = image_array(image)
     height, width = arr.shape[:2]
     z0 = encode_image(pipe, arr)
     sigmas = run_sigmas(pipe, num_inference_steps, height, width)
     velocity = flow_velocity(pipe, prompt, height, width, guidance=guidance, max_sequence_length=max_sequence_length)
+    if rf.gamma:
+        velocity = toward_noise(velocity, noise_sample(z0, rf.seed), rf.gamma)
     solve = midpoint_invert if is_midpoint(pipe.scheduler) else euler_invert
     return solve(velocity, z0, sigmas)

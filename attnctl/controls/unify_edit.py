@@ -47,7 +47,7 @@ from pydantic import Field, field_validator
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, LayoutError, SiteError
-from ..schedules import bounded
+from ..schedules import Schedule, as_schedule, bounded
 from ..subject_masks import otsu_masks
 from .base import Control, ControlConfig, RunState, register, word_columns
 from .layout_guidance import MAP_CHUNK_ELEMS, box_coverage, checked_box, guided_iterations, word_maps
@@ -221,6 +221,7 @@ class UnifyEdit(Control):
         super().__init__(**kwargs)
         self._scale = self.config.scale
         self.source_path: list[torch.Tensor] | None = None
+        self.source_eta: Schedule | None = None  # RF-Inversion's pull toward the source image (set_source)
         self.reset()
 
     def reset(self) -> None:
@@ -234,12 +235,15 @@ class UnifyEdit(Control):
         self.mask: torch.Tensor | None = None  # the last edit mask (h, w), for inspection
 
     # ------------------------------------------------------------------------------ lifecycle
-    def set_source(self, path: list[torch.Tensor]) -> UnifyEdit:
-        """The inversion path of the source image (:func:`attnctl.invert`), which the source branch replays."""
+    def set_source(self, path: list[torch.Tensor], eta: Any = None) -> UnifyEdit:
+        """The inversion path of the source image (:func:`attnctl.invert`), which the source branch replays, and
+        RF-Inversion's ``eta``: a schedule of the target rows' pull toward the source image (``path[-1]``;
+        :mod:`attnctl.rf_inversion`), or ``None`` for none."""
         if not isinstance(path, list | tuple) or len(path) < 2 or not all(isinstance(z, torch.Tensor) for z in path):
             raise ConfigError("UnifyEdit.set_source takes the list of latents attnctl.invert returns",
                               fix="path = attnctl.invert(pipe, image, source_prompt, steps); control.set_source(path)")
         self.source_path = list(path)
+        self.source_eta = None if eta is None else as_schedule(eta, 0.0, 1.0)
         return self
 
     def make_wrapper(self, transformer: torch.nn.Module, controller: Any, pipe: Any) -> Any:
@@ -263,6 +267,8 @@ class UnifyEdit(Control):
     def begin_run(self, state: RunState) -> None:
         self.reset()
         self._scale.reset()
+        if self.source_eta is not None:
+            self.source_eta.reset()
 
     def step_size(self, step: int, num_steps: int) -> float:
         """``η`` at ``step`` (0: no gradient pass)."""

@@ -1,0 +1,145 @@
+"""RF-Inversion's controllers: the controlled inversion and edit against plain loops written here, their exact end
+points (γ = 1 ends on the noise sample, η = 1 on the source image) on both toys and both solvers, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnctl import RFInversion, UnifyEdit, edit, invert
+from attnctl.errors import ConfigError
+from attnctl.inversion import encode_image, flow_velocity, run_sigmas
+from attnctl.midpoint import FlowMatchMidpointScheduler
+from attnctl.rf_inversion import noise_sample, toward_image, toward_noise
+
+SOURCE, TARGET = "a red circle and a blue square", "a green circle and a blue square"
+
+
+@pytest.fixture(scope="module")
+def toy_sd3():
+    from attnctl.toyworld.models import load_pipeline
+
+    return load_pipeline("toy-sd3")
+
+
+@pytest.fixture(scope="module")
+def toy_flux():
+    from attnctl.toyworld.models import load_pipeline
+
+    return load_pipeline("toy-flux")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    from attnctl.toyworld.world import parse_caption, render, scene_from_item
+
+    item = {"prompt": SOURCE, **parse_caption(SOURCE), "boxes": [[0.1, 0.1, 0.45, 0.45], [0.55, 0.5, 0.9, 0.85]]}
+    return render(scene_from_item(item), 32)
+
+
+def _midpoint(pipe):
+    return type(pipe)(**{**pipe.components, "scheduler": FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)})
+
+
+# ------------------------------------------------------------------------------------------ math
+
+
+def test_the_two_pulls_are_the_straight_lines_to_their_end_points():
+    z, v, y = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5)
+    steered = toward_noise(lambda zz, s: v, y, 0.25)
+    torch.testing.assert_close(steered(z, 0.4), 0.75 * v + 0.25 * (y - z) / 0.6)
+    torch.testing.assert_close(toward_image(v, z, y, 0.4, 0.25), 0.75 * v + 0.25 * (z - y) / 0.4)
+    assert toward_noise(steered, y, 0.0) is steered and toward_image(v, z, y, 0.4, 0.0) is v
+    with pytest.raises(ConfigError, match="undefined at σ = 1.0"):
+        steered(z, 1.0)
+    with pytest.raises(ConfigError, match="undefined at σ = 0.0"):
+        toward_image(v, z, y, 0.0, 0.5)
+    a, b = noise_sample(z, 3), noise_sample(z.to(torch.bfloat16), 3)
+    assert torch.equal(a, noise_sample(z, 3)) and b.dtype == torch.bfloat16 and not torch.equal(a, noise_sample(z, 4))
+
+
+@pytest.mark.parametrize("model", ["toy_sd3", "toy_flux"])
+def test_controlled_inversion_is_the_plain_loop_with_the_pull_and_gamma_one_ends_on_the_noise(model, scene, request):
+    pipe = request.getfixturevalue(model)
+    steps, gamma = 5, 0.5
+    path = invert(pipe, scene, SOURCE, steps, gamma=gamma, seed=7)
+    z0 = encode_image(pipe, scene)
+    y1 = noise_sample(z0, 7)
+    s = [float(x) for x in run_sigmas(pipe, steps, 32, 32)]
+    velocity = flow_velocity(pipe, SOURCE, 32, 32)
+    z = z0
+    for i in range(steps - 1, -1, -1):  # the reference: plain Euler inversion with the pull written out
+        v = velocity(z, s[i + 1])
+        z = z + (s[i] - s[i + 1]) * (v + gamma * ((y1 - z) / (1 - s[i + 1]) - v))
+    torch.testing.assert_close(path[0], z, atol=1e-5, rtol=1e-5)
+    plain = invert(pipe, scene, SOURCE, steps)
+    assert torch.equal(invert(pipe, scene, SOURCE, steps, gamma=0.0, seed=7)[0], plain[0])
+    assert float((path[0] - plain[0]).abs().mean()) > 1e-2
+    for p in (pipe, _midpoint(pipe)):  # γ = 1: every step lands on the line to y_1, the last one on y_1
+        ends = invert(p, scene, SOURCE, steps, gamma=1.0, seed=7)
+        assert len(ends) == steps * p.scheduler.order + 1
+        torch.testing.assert_close(ends[0], y1, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["toy_sd3", "toy_flux"])
+def test_the_edit_pull_is_the_plain_loop_with_the_pull_and_the_source_still_replays(model, scene, request):
+    pipe = request.getfixturevalue(model)
+    steps = 6
+    rf = RFInversion(gamma=0.5, eta="window(0.9, 0, 0.4)", seed=2)
+    res = edit(pipe, scene, SOURCE, TARGET, steps, control=UnifyEdit(scale=0.0), rf=rf, output_type="latent",
+               guidance_scale=1.0)
+    path = res.path
+    torch.testing.assert_close(path[0], invert(pipe, scene, SOURCE, steps, gamma=0.5, seed=2)[0])
+    torch.testing.assert_close(res.source.float()[None], path[-1].float(), atol=1e-4, rtol=0)
+    s = [float(x) for x in run_sigmas(pipe, steps, 32, 32)]
+    velocity = flow_velocity(pipe, TARGET, 32, 32, guidance=1.0)
+    y0, z = path[-1], path[0]
+    etas = [0.9 if i / (steps - 1) < 0.4 else 0.0 for i in range(steps)]  # the window [0, 0.4) of the run
+    for i in range(steps):  # the reference: the target prompt's Euler loop with the pull written out
+        v = velocity(z, s[i])
+        z = z + (s[i + 1] - s[i]) * (v + etas[i] * ((z - y0) / s[i] - v))
+    torch.testing.assert_close(res.edited.float()[None], z.float(), atol=1e-4, rtol=1e-4)
+    plain = edit(pipe, scene, SOURCE, TARGET, steps, control=UnifyEdit(scale=0.0), path=path, output_type="latent",
+                 guidance_scale=1.0)  # the same inversion without the edit pull
+    assert float((plain.edited.float() - res.edited.float()).abs().mean()) > 1e-3
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint"])
+@pytest.mark.parametrize("model", ["toy_sd3", "toy_flux"])
+def test_eta_one_throughout_gives_back_the_source_image_through_every_call_of_a_step(model, solver, scene, request):
+    """With η = 1 at every step each update follows the straight line to y_0, so the target ends on the image
+    whatever the prompt says: also with CFG and SD3's skip-layer pass or FLUX's true-CFG call (the pull is affine
+    with weights summing to one, so every combination of the calls keeps it), under UnifyEdit's moves, and under the
+    midpoint step (whose midpoint lies on the same line)."""
+    pipe = request.getfixturevalue(model)
+    pipe = _midpoint(pipe) if solver == "midpoint" else pipe
+    extra = ({"skip_guidance_layers": [1], "guidance_scale": 4.5} if model == "toy_sd3"
+             else {"true_cfg_scale": 2.0, "guidance_scale": 1.0, "negative_prompt": ["a blue circle"] * 2})
+    guided = UnifyEdit()
+    res = edit(pipe, scene, SOURCE, TARGET, 4, control=guided, rf=RFInversion(eta=1.0), output_type="latent",
+               **extra)
+    assert guided.history  # the latent guidance ran too
+    torch.testing.assert_close(res.edited.float()[None], res.path[-1].float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.source.float()[None], res.path[-1].float(), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ settings, bad input
+
+
+def test_settings_round_trip_through_json_and_bad_values_are_named(toy_sd3, scene):
+    rf = RFInversion(gamma=0.3, eta="linear(1, 0)", seed=5)
+    again = RFInversion.from_json(rf.to_json())
+    assert again == rf and again.eta(0, 5) == 1.0
+    assert RFInversion().to_json()["gamma"] == 0.5 and RFInversion().eta(0, 28) == 0.9 and RFInversion().eta(7, 28) == 0
+    for kwargs, match in [({"gamma": 1.5}, "gamma: Input should be less than or equal to 1"),
+                          ({"eta": -0.1}, "eta: .*outside the allowed range"),
+                          ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+                          ({"eta_stop": 0.3}, "eta_stop: Extra inputs are not permitted")]:
+        with pytest.raises(ConfigError, match=match):
+            RFInversion(**kwargs)
+    with pytest.raises(ConfigError, match="RF-Inversion settings are a JSON object, got list"):
+        RFInversion.from_json([0.5])
+    with pytest.raises(ConfigError, match="rf takes RF-Inversion's settings, got dict"):
+        edit(toy_sd3, scene, SOURCE, TARGET, 2, rf={"gamma": 0.5})
+    with pytest.raises(ConfigError, match="gamma: Input should be less than or equal to 1"):
+        invert(toy_sd3, scene, SOURCE, 2, gamma=2.0)
