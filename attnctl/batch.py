@@ -124,7 +124,7 @@ RESERVED_FIELDS: dict[str, str] = {
 }
 """Field names kept for methods to come: refused with "not supported yet", not as typos."""
 
-EDIT_ONLY_FIELDS = ("image", "source_prompt", "solver")
+EDIT_ONLY_FIELDS = ("image", "source_prompt", "solver", "rf_inversion")
 GENERATE_ONLY_FIELDS = ("seed", "seeds", "height", "width", "negative_prompt", "true_cfg", "boxes",
                         "reference_prompts", "images")
 
@@ -305,6 +305,11 @@ class EditItem(_Strict):
     solver: Literal["euler", "midpoint"] = Field(
         "euler", description="The step of the inversion and the edit: \"euler\" (the model's own) or \"midpoint\" "
                              "(RF-Solver's second-order step, two model calls a step; docs/inversion.md).")
+    rf_inversion: dict[str, Any] | None = Field(
+        None, description="RF-Inversion's controllers as an object, {} for the paper's settings, e.g. {\"gamma\": 0.5, "
+                          "\"eta\": \"window(0.9, 0, 0.25)\", \"seed\": 0}: the inversion is pulled toward a noise "
+                          "sample by gamma, the edit toward the source image by the schedule eta (docs/editing.md). "
+                          "Absent or null: none.")
 
 
 Item = GenerateItem | EditItem
@@ -593,11 +598,13 @@ def _edit_control(item: EditItem) -> Any:
 
 
 class _EditInput(NamedTuple):
-    """What checking an edit item found: its image file, the SHA-256 of its bytes, and its control's JSON."""
+    """What checking an edit item found: its image file, the SHA-256 of its bytes, its control's JSON and its
+    RF-Inversion settings' JSON (all fields, or ``None``)."""
 
     image: Path
     digest: str
     control: dict[str, Any]
+    rf: dict[str, Any] | None = None
 
 
 def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, list[str], _EditInput | None]:
@@ -634,7 +641,15 @@ def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, 
     if control.config.edit_words is None and not any(differing_words(item.source_prompt, item.prompt)):
         return item, [f"field 'prompt': {item.prompt!r} is the source_prompt word for word, so there is nothing to "
                       "edit; change the words that should change"], None
-    return item, own, _EditInput(*image, control.to_json())
+    rf = None
+    if item.rf_inversion is not None:
+        from .rf_inversion import RFInversion
+
+        try:
+            rf = RFInversion.from_json(item.rf_inversion).to_json()
+        except AttnCtlError as e:
+            return item, [f"field 'rf_inversion': {_one_line(e)}"], None
+    return item, own, _EditInput(*image, control.to_json(), rf)
 
 
 class _FieldProblem(Exception):
@@ -697,6 +712,8 @@ def _edit_job(index: int, item_id: str, item: EditItem, defaults: Defaults, foun
     settings["controls"] = [found.control]
     if item.solver != "euler":  # recorded only when set, so the hashes of earlier Euler edits stay as they were
         settings["solver"] = item.solver
+    if found.rf is not None:  # the same: absent from the hashes of edits without it
+        settings["rf_inversion"] = found.rf
     return [Job(index=index, id=item_id, seed=None, file=f"{safe_stem(item_id)}.png", settings=settings, hash="",
                 kind="edit", image=found.image)]
 
@@ -1062,8 +1079,9 @@ def _inversion_key(job: Job) -> tuple[Any, ...] | None:
     if job.kind != "edit":
         return None
     s = job.settings
+    rf = s.get("rf_inversion")  # its gamma and seed shape the inversion; its eta only the edit
     return (s["image_sha256"], s["source_prompt"], s["steps"], s["guidance"], s["max_sequence_length"],
-            s.get("solver", "euler"))
+            s.get("solver", "euler"), (rf["gamma"], rf["seed"]) if rf else None)
 
 
 def share_out(pending: Sequence[Job], rank: int, world: int) -> list[Job]:
@@ -1193,6 +1211,7 @@ class _Generator:
         from .editing import edit
         from .imageio import read_image
         from .midpoint import use_solver
+        from .rf_inversion import RFInversion
 
         cli, s, d = self.cli, job.settings, self.defaults
         assert job.image is not None
@@ -1205,13 +1224,14 @@ class _Generator:
         guidance = float(s["guidance"] if s["guidance"] is not None else d["guidance"])
         length = int(s["max_sequence_length"] if s["max_sequence_length"] is not None else d["max_sequence_length"])
         control = control_from_json(s["controls"][0])  # fresh: a control keeps run state
+        rf = RFInversion.from_json(s["rf_inversion"]) if s.get("rf_inversion") is not None else None
         key = _inversion_key(job)  # the same key share_out groups the edits by
         with use_solver(self.pipe, s.get("solver", "euler")):  # for this edit only
             result = edit(self.pipe, read_image(io.BytesIO(data)), s["source_prompt"], s["prompt"], steps,
                           control=control, guidance_scale=guidance, max_sequence_length=length,
-                          path=self._inverted.get(key))
+                          path=self._inverted.get(key), rf=rf)
             meta = cli.edit_meta(self.pipe, job.image, s["source_prompt"], s["prompt"], self.model, steps, guidance,
-                                 length, control, self.dtype_name, self.dev)
+                                 length, control, self.dtype_name, self.dev, rf=rf)
         self._inverted = {key: result.path}
         meta["batch"] = {"file": Path(source).name, "id": job.id, "index": job.index, "hash": job.hash}
         return [(job.file, result.edited, meta)]

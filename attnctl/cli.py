@@ -554,6 +554,11 @@ def edit(
     solver: str = typer.Option(
         "euler", "--solver", help="euler (the pipeline's own step) or midpoint (RF-Solver's second-order step: two "
                                   "model calls a step, a closer inversion)."),
+    rf: bool = typer.Option(False, "--rf", help="Add RF-Inversion's controllers (the paper's settings: gamma 0.5, "
+                                                "eta 0.9 over the first quarter of the steps)."),
+    rf_settings: str | None = typer.Option(
+        None, "--rf-settings", help="RF-Inversion settings as JSON or @file.json (implies --rf), e.g. "
+                                    "'{\"gamma\": 0.5, \"eta\": \"window(0.9, 0, 0.25)\", \"seed\": 0}'."),
     out: Path = typer.Option(Path("out/edited.png"), "--out", "-o", help="Output PNG (written atomically)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32)."),
@@ -570,6 +575,10 @@ def edit(
                            'pass e.g. \'{"scale": "window(0.2, 0, 0.5)", "ca_weight": 2}\'')
     ctl = build_controls([{**spec, "kind": "unify_edit"}], what="--control")[0]
     from .midpoint import SOLVERS, use_solver
+    from .rf_inversion import RFInversion
+
+    rf_config = RFInversion.from_json(read_json_arg(rf_settings, "--rf-settings")) if rf_settings else \
+        RFInversion() if rf else None
 
     if solver not in SOLVERS:
         raise AttnCtlError(f"--solver {solver!r} is not a solver attnctl edits with", f"pass {' or '.join(SOLVERS)}")
@@ -587,10 +596,10 @@ def edit(
     start = time.perf_counter()
     with use_solver(pipe, solver):
         result = edit_image(pipe, arr, source, target, n, control=ctl, guidance_scale=g,
-                            max_sequence_length=defaults["max_sequence_length"])
+                            max_sequence_length=defaults["max_sequence_length"], rf=rf_config)
         seconds = time.perf_counter() - start
         meta = edit_meta(pipe, image, source, target, model, n, g, defaults["max_sequence_length"], ctl,
-                         DTYPE_NAMES[str(torch_dtype)[6:]], device)
+                         DTYPE_NAMES[str(torch_dtype)[6:]], device, rf=rf_config)
     path = save_png(out, result.edited, meta)
     out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, {n} steps, {seconds:.1f} s)", highlight=False)
     line = ctl.summary()
@@ -599,8 +608,9 @@ def edit(
 
 
 def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, steps: int, guidance: float,
-              max_sequence_length: int, control: Any, dtype: str, device: Any) -> dict[str, Any]:
-    """What an edited PNG records: the input image, both captions and everything the edit ran with."""
+              max_sequence_length: int, control: Any, dtype: str, device: Any, rf: Any = None) -> dict[str, Any]:
+    """What an edited PNG records: the input image, both captions and everything the edit ran with (``rf``: the
+    RF-Inversion settings, recorded when given)."""
     import diffusers
     import torch
 
@@ -613,6 +623,7 @@ def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, step
             "guidance": guidance, "max_sequence_length": max_sequence_length, "controls": [control.to_json()],
             "dtype": dtype, "scheduler": type(pipe.scheduler).__name__,
             "solver": "midpoint" if is_midpoint(pipe.scheduler) else "euler", "device": str(device),
+            **({"rf_inversion": rf.to_json()} if rf is not None else {}),
             "attnctl_version": __version__, "diffusers_version": diffusers.__version__,
             "torch_version": torch.__version__}
 

@@ -3,12 +3,15 @@
     python bench/edit_eval.py                                   # toy-sd3 and toy-flux, 48 edits each
     python bench/edit_eval.py --models toy-sd3 --items 4 --json out/edit.json
     python bench/edit_eval.py --solver midpoint                 # RF-Solver's step: inversion and edit
+    python bench/edit_eval.py --methods inversion rf-inversion --rf '{"gamma": 0.5, "eta": "window(0.9, 0, 0.25)"}'
 
 Each edit takes a ground-truth render of the pair prompt set and recolours one object in the prompt
 ("a red circle and a blue square" → "a green circle and a blue square"). Methods, on the same inverted noise:
 ``inversion`` (the target prompt from the inverted noise, no latent guidance), ``sa`` (self-attention
 preservation only), ``ca`` (cross-attention alignment only), ``fixed`` (both, no gates), ``unifyedit`` (both,
-adaptive: the defaults) and ``unifyedit+project`` (the same, with conflicting gradient components projected out).
+adaptive: the defaults), ``unifyedit+project`` (the same, with conflicting gradient components projected out),
+``rf-inversion`` (RF-Inversion's controlled inversion and edit, ``--rf`` settings, default the paper's; no latent
+guidance) and ``unifyedit+rf`` (both methods). The RF methods invert anew (their inversion is pulled toward noise).
 
 - **editability**: the edited object is found in its new colour (shape and colour, the toy detector), and
   ``edit_binding`` is the whole target prompt's colour binding;
@@ -20,6 +23,7 @@ adaptive: the defaults) and ``unifyedit+project`` (the same, with conflicting gr
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -28,7 +32,7 @@ from report import emit
 from rich.console import Console
 from rich.table import Table
 
-from attnctl import FlowMatchMidpointScheduler, UnifyEdit, edit
+from attnctl import FlowMatchMidpointScheduler, RFInversion, UnifyEdit, edit
 from attnctl.toyworld import vocab
 from attnctl.toyworld.evaluate import evaluate_image
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
@@ -41,7 +45,10 @@ METHODS = {
     "fixed": {"balance": "fixed"},
     "unifyedit": {},
     "unifyedit+project": {"conflict": "project"},
+    "rf-inversion": {"scale": 0.0, "rf": True},
+    "unifyedit+rf": {"rf": True},
 }
+"""UnifyEdit overrides per method; ``"rf": True`` adds RF-Inversion's controllers (``--rf`` settings)."""
 
 
 def colour_edits(n: int) -> list[dict]:
@@ -86,7 +93,7 @@ def score(image: np.ndarray, source: np.ndarray, e: dict, side: int) -> dict[str
 
 
 def evaluate(model: str, n: int, methods: list[str], overrides: dict, guidance: float | None = None,
-             solver: str = "euler") -> list[dict]:
+             solver: str = "euler", rf: RFInversion | None = None) -> list[dict]:
     pipe = load_pipeline(model)
     if solver == "midpoint":  # RF-Solver's step for the inversion and both branches
         pipe.scheduler = FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)
@@ -96,19 +103,22 @@ def evaluate(model: str, n: int, methods: list[str], overrides: dict, guidance: 
     rows = []
     per_edit: dict[str, np.ndarray] = {}
     edits = colour_edits(n)
+    rf = RFInversion() if rf is None else rf
     for name in methods:
         scores, seconds = [], 0.0
+        settings = dict(METHODS[name])
+        method_rf = rf if settings.pop("rf", False) else None
         for e in edits:
             source = render(scene_from_item(e["item"]), side)
-            control = UnifyEdit(**{**e["words"], **overrides, **METHODS[name]})
+            control = UnifyEdit(**{**e["words"], **overrides, **settings})
             t0 = time.perf_counter()
             res = edit(pipe, source, e["item"]["prompt"], e["target"], steps, control=control,
-                       guidance_scale=guidance)
+                       guidance_scale=guidance, rf=method_rf)
             seconds += time.perf_counter() - t0
             scores.append(score(np.asarray(res.edited), source, e, side))
         mean = {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
         row = {"model": model, "method": name, "solver": solver, "edits": len(edits), "steps": steps,
-               "guidance": guidance,
+               "guidance": guidance, "rf": method_rf.to_json() if method_rf else None,
                "seconds_per_edit": round(seconds / len(edits), 3), **mean}
         per_edit[name] = np.array([s["success"] for s in scores])
         if "inversion" in per_edit and name != "inversion":  # paired over the same edits
@@ -131,6 +141,8 @@ def main() -> None:
                                                                   "as default_call_kwargs gives it)")
     ap.add_argument("--solver", choices=["euler", "midpoint"], default="euler",
                     help="the step of the inversion and the edit: the pipeline's Euler, or RF-Solver's midpoint")
+    ap.add_argument("--rf", default=None, metavar="JSON",
+                    help="RF-Inversion's settings for the rf methods (default: the paper's, RFInversion())")
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -142,8 +154,9 @@ def main() -> None:
             overrides[key] = float(value) if key != "iterations" else int(value)
         except ValueError:
             overrides[key] = value
+    rf = RFInversion.from_json(json.loads(args.rf)) if args.rf else RFInversion()
     rows = [r for m in args.models
-            for r in evaluate(m, args.items, args.methods, overrides, args.guidance, args.solver)]
+            for r in evaluate(m, args.items, args.methods, overrides, args.guidance, args.solver, rf)]
     table = Table(title="UnifyEdit: colour edits of real toy scenes")
     for col in ("model", "method", "success", "vs inversion", "edited", "kept", "binding", "outside MAE", "s / edit"):
         table.add_column(col)
@@ -154,7 +167,7 @@ def main() -> None:
             f"{r['success_vs_inversion']:+.3f} ± {r['success_vs_inversion_se'] or 0:.3f}"
         table.add_row(r["model"], r["method"], *cells[:1], vs, *cells[1:])
     Console(stderr=True, width=160).print(table)
-    emit({"edit": rows, "overrides": overrides}, args.json)
+    emit({"edit": rows, "overrides": overrides, "rf": rf.to_json()}, args.json)
 
 
 if __name__ == "__main__":

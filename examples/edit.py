@@ -2,11 +2,14 @@
 
     python examples/edit.py                                       # toy-sd3: recolour a rendered scene, seconds on a CPU
     python examples/edit.py --model toy-flux
+    python examples/edit.py --rf                                  # and RF-Inversion (the paper's settings), alone
+    python examples/edit.py --rf-settings '{"gamma": 0.5, "eta": "window(0.9, 0, 0.4)"}'
     python examples/edit.py --model stabilityai/stable-diffusion-3.5-medium --device cuda --image cat.png \\
         --source "a photo of a cat on a sofa" --target "a photo of a tiger on a sofa" --steps 28
 
 Writes ``edit.png``: the input, the target prompt drawn from the inverted noise without latent guidance, and the
-UnifyEdit result; on the toys it also prints what the toy detector finds in each. Without ``--image`` the input is a
+UnifyEdit result (with ``--rf``, RF-Inversion's result after them); on the toys it also prints what the toy detector
+finds in each. Without ``--image`` the input is a
 ground-truth render of the source caption (a "real" image to the toy model, which never drew it). See
 ``docs/editing.md``.
 """
@@ -14,6 +17,7 @@ ground-truth render of the source caption (a "real" image to the toy model, whic
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the toy's; else the "
                                                                             "pipeline's)")
     ap.add_argument("--scale", default=None, help="UnifyEdit step-size schedule, e.g. 'window(0.3, 0, 0.5)'")
+    ap.add_argument("--rf", action="store_true", help="also edit with RF-Inversion's controllers (no latent guidance)")
+    ap.add_argument("--rf-settings", default=None, help="RF-Inversion's settings as JSON (implies --rf), e.g. "
+                                                        "'{\"gamma\": 0.5, \"eta\": \"window(0.9, 0, 0.25)\"}'")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out", help="output folder")
     args = ap.parse_args()
@@ -61,6 +68,11 @@ def main() -> None:
                           path=plain.path)  # the same inversion
     print(control.summary())
     shown = [("inverted noise, target prompt", np.asarray(plain.edited)), ("UnifyEdit", np.asarray(result.edited))]
+    if args.rf or args.rf_settings:  # its own inversion: RF-Inversion pulls it toward a noise sample
+        rf = attnctl.RFInversion(**json.loads(args.rf_settings or "{}"))
+        rf_result = attnctl.edit(pipe, image, args.source, args.target, steps, control=attnctl.UnifyEdit(scale=0.0),
+                                 guidance_scale=guidance, rf=rf)
+        shown.append(("RF-Inversion", np.asarray(rf_result.edited)))
     if toy:
         from attnctl.toyworld.evaluate import evaluate_image
         from attnctl.toyworld.world import parse_caption

@@ -35,6 +35,7 @@ from attnctl.batch import (
 )
 from attnctl.cli import app
 from attnctl.imageio import read_image, read_metadata
+from attnctl.rf_inversion import RFInversion
 from attnctl.testing import save_pipeline, tiny_sd3_pipeline
 
 runner = CliRunner()
@@ -399,6 +400,9 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
         {"prompt": "a red circle"},                                                          # 7 unify_edit inherited
         {**edit, "solver": "heun"},                                                          # 8 no such solver
         {"prompt": "a red circle", "solver": "midpoint", "controls": []},                  # 9 edit field on generate
+        {**edit, "rf_inversion": {"gamma": 2}},                                              # 10 bad RF settings
+        {**edit, "rf_inversion": 0.5},                                                       # 11 not an object
+        {"prompt": "a red circle", "rf_inversion": {}, "controls": []},                    # 12 edit field on generate
     ]}
     with pytest.raises(BatchFileError) as err:
         load_batch(write_batch(tmp_path / "bad.json", data))
@@ -416,6 +420,9 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
         ("item 7: field 'controls' (from defaults): the unify_edit control edits an existing image", ""),
         ("item 8: field 'solver'", "midpoint"),
         ("item 9: field 'solver' belongs to edit items", "\"type\": \"edit\""),
+        ("item 10: field 'rf_inversion': RF-Inversion settings: gamma", "less than or equal to 1"),
+        ("item 11: field 'rf_inversion'", ""),
+        ("item 12: field 'rf_inversion' belongs to edit items", "\"type\": \"edit\""),
     ]
     for start_text, also in expected:
         hits = [p for p in problems if p.startswith(start_text) and also in p]
@@ -439,6 +446,7 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
         ("green.png", None, "edit", "edit", tmp_path / "img" / "scene.png")
     assert job.settings["steps"] == 3 and job.settings["controls"][0]["kind"] == "unify_edit"
     assert "solver" not in job.settings  # the default leaves the hash of an Euler edit as it was before the field
+    assert "rf_inversion" not in job.settings  # so does leaving RF-Inversion out
     assert [j.file for j in plan.jobs] == ["green.png", "red_s0.png"]
     (tmp_path / "img" / "scene.png").write_bytes(scene_png.read_bytes() + b"\0")  # other bytes: another hash
     assert load_batch(good).jobs[0].hash != job.hash and load_batch(good).jobs[1].hash == plan.jobs[1].hash
@@ -459,15 +467,22 @@ def test_an_edit_batch_makes_what_attnctl_edit_makes_inverting_each_image_once(t
          "prompt": "a yellow circle and a blue square"},
         {"type": "edit", "id": "green-mid", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
          "prompt": EDIT_TARGET, "controls": [control], "solver": "midpoint"},
+        {"type": "edit", "id": "green-rf", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
+         "prompt": EDIT_TARGET, "controls": [control], "rf_inversion": {"gamma": 0.3, "eta": 0.5}},
+        {"type": "edit", "id": "yellow-rf", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
+         "prompt": "a yellow circle and a blue square", "rf_inversion": {"gamma": 0.3, "eta": 0.8}},
         {"id": "plain", "prompt": "a red circle", "steps": 2},
     ]})
     out = tmp_path / "out"
     result = run("batch", batch, "--out", out)
     assert result.exit_code == 0, result.output
-    assert set(pngs(out)) == {"green.png", "yellow.png", "green-mid.png", "plain_s0.png"}
-    # the second edit of the same image and caption reuses the first's inversion; the midpoint one makes its own
-    assert inversions == [EDIT_SOURCE, EDIT_SOURCE]
+    assert set(pngs(out)) == {"green.png", "yellow.png", "green-mid.png", "green-rf.png", "yellow-rf.png",
+                              "plain_s0.png"}
+    # the second edit of the same image and caption reuses the first's inversion; the midpoint one makes its own, and
+    # so do the RF ones, whose inversion is pulled toward noise (their eta differs, which the inversion does not see)
+    assert inversions == [EDIT_SOURCE, EDIT_SOURCE, EDIT_SOURCE]
     assert read_metadata(out / "green-mid.png")["solver"] == "midpoint"
+    assert read_metadata(out / "green-rf.png")["rf_inversion"] == RFInversion(gamma=0.3, eta=0.5).to_json()
     meta = read_metadata(out / "green.png")
     assert (meta["edited_from"], meta["source_prompt"], meta["prompt"], meta["steps"]) == \
         (str(scene_png), EDIT_SOURCE, EDIT_TARGET, 4)
@@ -486,10 +501,16 @@ def test_an_edit_batch_makes_what_attnctl_edit_makes_inverting_each_image_once(t
     assert result.exit_code == 0, result.output
     assert np.array_equal(read_image(single), read_image(out / "green-mid.png"))
     assert not np.array_equal(read_image(out / "green.png"), read_image(out / "green-mid.png"))
+    result = run("edit", scene_png, "--source", EDIT_SOURCE, "--target", EDIT_TARGET, "--model", "toy-sd3",
+                 "--steps", "4", "--control", json.dumps(control), "--rf-settings", '{"gamma": 0.3, "eta": 0.5}',
+                 "--out", single)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(read_image(single), read_image(out / "green-rf.png"))
+    assert not np.array_equal(read_image(out / "green.png"), read_image(out / "green-rf.png"))
 
     # re-run: all skipped; `generate --from` an edit says how to redo it instead of generating something else
     result = run("batch", batch, "--out", out)
-    assert result.exit_code == 0 and "4 already, 0 new" in result.output, result.output
+    assert result.exit_code == 0 and "6 already, 0 new" in result.output, result.output
     again = run("generate", "--from", out / "green.png", "--out", tmp_path / "x.png")
     assert again.exit_code == 2 and "is an edit of" in again.output and "attnctl edit" in again.output
 

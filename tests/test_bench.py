@@ -180,10 +180,11 @@ def test_inversion_eval_runs(tmp_path):
 
 def test_edit_eval_runs(tmp_path):
     result = run_bench("edit_eval.py", "--models", "toy-sd3", "--items", "1", "--methods", "inversion", "unifyedit",
-                       "--solver", "midpoint", out=tmp_path / "edit.json")
+                       "rf-inversion", "--solver", "midpoint", "--rf", '{"gamma": 0.3}', out=tmp_path / "edit.json")
     rows = result["edit"]
-    assert [r["method"] for r in rows] == ["inversion", "unifyedit"] and all(r["edits"] == 1 for r in rows)
-    assert all(r["solver"] == "midpoint" for r in rows)
+    assert [r["method"] for r in rows] == ["inversion", "unifyedit", "rf-inversion"]
+    assert all(r["edits"] == 1 and r["solver"] == "midpoint" for r in rows)
+    assert rows[0]["rf"] is None and rows[2]["rf"]["gamma"] == 0.3 and result["rf"]["gamma"] == 0.3
     for r in rows:
         assert 0.0 <= r["edited"] <= 1.0 and 0.0 <= r["kept"] <= 1.0 and r["outside_mae"] >= 0.0
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from attnctl.cli import app
 from attnctl.errors import AttnCtlError
 from attnctl.imageio import read_image, read_metadata, save_png
+from attnctl.rf_inversion import RFInversion
 from attnctl.testing import save_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 
 runner = CliRunner()
@@ -424,6 +425,22 @@ def test_edit_writes_the_edited_png_with_its_settings_and_refuses_bad_input(tmp_
     assert (meta["scheduler"], meta["solver"]) == ("FlowMatchMidpointScheduler", "midpoint")
     assert read_metadata(out)["solver"] == "euler"
     assert not np.array_equal(read_image(mid), read_image(out))
+
+    rf = tmp_path / "out" / "rf.png"  # RF-Inversion's controllers, the paper's settings and some of one's own
+    result = run("edit", src, "--source", source, "--target", target, "--model", "toy-sd3", "--steps", "6",
+                 "--control", '{"scale": "window(0.2, 0, 0.5)", "sites": "mid"}', "--rf", "--out", rf)
+    ok(result)
+    assert read_metadata(rf)["rf_inversion"] == RFInversion().to_json() and "rf_inversion" not in meta
+    assert not np.array_equal(read_image(rf), read_image(out))
+    result = run("edit", src, "--source", source, "--target", target, "--model", "toy-sd3", "--steps", "6",
+                 "--control", '{"scale": "window(0.2, 0, 0.5)", "sites": "mid"}', "--rf-settings",
+                 '{"gamma": 0.2, "eta": 0.5, "seed": 3}', "--out", rf)
+    ok(result)
+    assert read_metadata(rf)["rf_inversion"] == RFInversion(gamma=0.2, eta=0.5, seed=3).to_json()
+    bad = run("edit", src, "--source", source, "--target", target, "--rf-settings", '{"gamma": 2}', "-o", rf)
+    assert bad.exit_code == 2 and "gamma: Input should be less than or equal to 1" in bad.output
+    bad = run("edit", src, "--source", source, "--target", target, "--rf-settings", "[1]", "-o", rf)
+    assert bad.exit_code == 2 and "RF-Inversion settings are a JSON object" in bad.output
 
 
 def test_generate_repositions_after_reference_prompts_made_in_the_same_call(sd3_dir, tmp_path):

@@ -21,6 +21,7 @@ CASES = {
     "invert.py": [],
     "invert.py --solver midpoint": ["--solver", "midpoint"],
     "edit.py": ["--steps", "8"],
+    "edit.py --rf": ["--steps", "8", "--rf-settings", '{"gamma": 0.4}'],
     "headhunt.py": ["--limit", "1", "--seeds", "1", "--rounds", "1", "--candidates", "L0", "--w", "2"],
 }
 

@@ -590,6 +590,9 @@ def test_a_midpoint_edit_reports_steps_not_calls_and_gives_the_model_its_schedul
     assert [f for f, _ in seen] == sorted(f for f, _ in seen)
     with pytest.raises(AttnCtlError, match="the solver is 'heun'"):
         engine.edit_image(model, image, source, "a green circle", 3, 1.0, solver="heun")
+    with pytest.raises(AttnCtlError, match="RF-Inversion settings: gamma"):
+        engine.edit_image(model, image, source, "a green circle", 3, 1.0, rf={"gamma": 3})
+    assert model.pipe.scheduler is own
 
 
 def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(monkeypatch, model_dir):
@@ -624,3 +627,14 @@ def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(mon
     assert "UnifyEdit over 2 guided steps" in mid["summary"] and mid["images"][2] != scheduler["images"][2]
     with Image.open(io.BytesIO(mid["images"][2])) as img:
         assert json.loads(img.text["attnctl"])["solver"] == "midpoint"
+    at.checkbox(key="edit_rf").check().run()  # RF-Inversion's controllers on both runs, with the tab's settings
+    at.number_input(key="edit_rf_eta").set_value(0.6).run()
+    at.button(key="edit_run").click().run()
+    ok(at)
+    assert errors(at) == []
+    rf = at.session_state["edit_result"]
+    assert rf["images"][1] != mid["images"][1] and rf["images"][2] != mid["images"][2]
+    with Image.open(io.BytesIO(rf["images"][2])) as img:
+        meta = json.loads(img.text["attnctl"])
+    assert meta["rf_inversion"]["gamma"] == 0.5 and meta["rf_inversion"]["seed"] == 0
+    assert (meta["rf_inversion"]["eta"]["value"], meta["rf_inversion"]["eta"]["stop"]) == (0.6, 0.25)

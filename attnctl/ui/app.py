@@ -88,6 +88,10 @@ def init_state() -> None:
     ss.edit_target = ""
     ss.edit_scale = 0.2
     ss.edit_solver = "euler"
+    ss.edit_rf = False
+    ss.edit_rf_gamma = 0.5
+    ss.edit_rf_eta = 0.9
+    ss.edit_rf_stop = 0.25
     ss.edit_result = None
     ss._init = True
 
@@ -643,19 +647,33 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
     st.radio("Solver", list(solvers), key="edit_solver", horizontal=True, format_func=solvers.get,
              help="Midpoint: RF-Solver's second-order step for the inversion and both runs; two model calls a "
                   "step, and the image comes back closer")
+    st.checkbox("RF-Inversion", key="edit_rf",
+                help="RF-Inversion's controllers on both runs: the inversion is pulled toward a noise sample (γ), "
+                     "the edit toward the input over the first steps (η)")
+    rf = None
+    if ss.edit_rf:
+        g_col, e_col, s_col = st.columns(3)
+        g_col.number_input("γ (inversion)", min_value=0.0, max_value=1.0, step=0.05, key="edit_rf_gamma")
+        e_col.number_input("η (edit)", min_value=0.0, max_value=1.0, step=0.05, key="edit_rf_eta")
+        s_col.number_input("η until (share of the steps)", min_value=0.0, max_value=1.0, step=0.05,
+                           key="edit_rf_stop")
+        rf = {"gamma": float(ss.edit_rf_gamma),
+              "eta": f"window({float(ss.edit_rf_eta)!r}, 0, {float(ss.edit_rf_stop)!r})"}
     clicked = st.button("Edit", key="edit_run", icon=":material/edit:", disabled=model is None or image is None)
     if clicked and model is not None and image is not None:
         bar = st.progress(0.0, text="Inverting…")
         try:
             result = engine.edit_image(model, image, ss.edit_source, ss.edit_target, int(ss.steps),
                                        float(ss.guidance), {"scale": f"window({float(ss.edit_scale)!r}, 0, 0.5)"},
-                                       progress=lambda f, t: bar.progress(f, text=t), solver=ss.edit_solver)
+                                       progress=lambda f, t: bar.progress(f, text=t), solver=ss.edit_solver,
+                                       rf=rf)
         except Exception as e:  # noqa: BLE001 - a failed edit is a message; the app keeps working
             show_failure(bar, e, "edit")
             return
         bar.empty()
         meta = {"source_prompt": ss.edit_source, "prompt": ss.edit_target, "steps": int(ss.steps),
-                "guidance": float(ss.guidance), "controls": [result.control], "solver": ss.edit_solver}
+                "guidance": float(ss.guidance), "controls": [result.control], "solver": ss.edit_solver,
+                **({"rf_inversion": result.rf} if result.rf is not None else {})}
         ss.edit_result = {"images": [encode_png(result.source, {}), encode_png(result.unguided, meta),
                                      encode_png(result.edited, meta)],
                           "summary": result.summary, "seconds": result.seconds}

@@ -340,17 +340,21 @@ class EditRun:
     seconds: float
     summary: str | None
     control: dict[str, Any]
+    rf: dict[str, Any] | None = None
 
 
 def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: int, guidance: float,
                config: dict[str, Any] | None = None, progress: Progress | None = None,
-               solver: str = "euler") -> EditRun:
+               solver: str = "euler", rf: dict[str, Any] | None = None) -> EditRun:
     """Edit ``image`` (PIL) from ``source`` to ``target`` with UnifyEdit (``config``: its settings), next to the
     unguided edit from the same inverted noise. ``solver`` "midpoint" inverts and samples with RF-Solver's step
-    (:class:`~attnctl.midpoint.FlowMatchMidpointScheduler`, in place of the model's scheduler for this edit only)."""
+    (:class:`~attnctl.midpoint.FlowMatchMidpointScheduler`, in place of the model's scheduler for this edit only).
+    ``rf`` (RF-Inversion's settings, :class:`~attnctl.rf_inversion.RFInversion` JSON) adds its controllers to both
+    runs, so the unguided one is RF-Inversion alone."""
     from ..controls.unify_edit import UnifyEdit
     from ..editing import edit
     from ..midpoint import SOLVERS, use_solver
+    from ..rf_inversion import RFInversion
 
     arr = np.asarray(image.convert("RGB"))
     h, w = arr.shape[:2]
@@ -367,6 +371,7 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
         problems.append(f"the solver is {solver!r}; choose one of {', '.join(SOLVERS)}")
     if problems:
         raise AttnCtlError(" ".join(problems))
+    rf_config = None if rf is None else RFInversion.from_json(rf)
     control = UnifyEdit(**(config or {}))
     runs = [("unguided", UnifyEdit(scale=0.0)), ("UnifyEdit", control)]
     out: dict[str, Any] = {}
@@ -383,7 +388,8 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
 
             res = edit(model.pipe, arr, source, target, int(steps), control=ctl, guidance_scale=guidance,
                        path=path, max_sequence_length=model.info["max_sequence_length"],
-                       callback_on_step_end=on_step)
+                       callback_on_step_end=on_step, rf=rf_config)
             out[label], path = res.edited, res.path
     return EditRun(source=image.convert("RGB"), unguided=out["unguided"], edited=out["UnifyEdit"],
-                   seconds=time.perf_counter() - start, summary=control.summary(), control=control.to_json())
+                   seconds=time.perf_counter() - start, summary=control.summary(), control=control.to_json(),
+                   rf=None if rf_config is None else rf_config.to_json())
