@@ -34,7 +34,7 @@ import torch
 from .controls.unify_edit import UnifyEdit, differing_words
 from .errors import ConfigError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
-from .inversion import has_guidance_embedding, image_array, invert, text_length
+from .inversion import InversionPath, has_guidance_embedding, image_array, invert, text_length
 from .latent_guidance import StopForward, check_scheduler
 from .midpoint import step_anchor
 from .rf_inversion import RFInversion, toward_image
@@ -220,7 +220,8 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
 
     ``path`` is the image's inversion under ``source_prompt`` when it is already at hand (the ``path`` of an earlier
     :class:`EditResult` with the same image, prompt, steps, guidance and ``rf.gamma`` / ``rf.seed``), so several
-    edits of one image invert it once.
+    edits of one image invert it once (a path from :func:`attnctl.invert` records its ``gamma`` and ``seed``, and one
+    made with others than ``rf``'s is refused).
 
     ``rf`` adds RF-Inversion's controllers (:mod:`attnctl.rf_inversion`): the inversion is pulled toward a noise
     sample by ``rf.gamma``, and the target branch toward the source image by the schedule ``rf.eta``. With
@@ -247,9 +248,16 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     if rf is not None and not isinstance(rf, RFInversion):
         raise ConfigError(f"rf takes RF-Inversion's settings, got {type(rf).__name__}",
                           fix="pass rf=attnctl.RFInversion(gamma=..., eta=...), or leave it out")
+    gamma, seed = (rf.gamma, rf.seed) if rf else (0.0, 0)
     if path is None:
         path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance,
-                      max_sequence_length=length, gamma=rf.gamma if rf else 0.0, seed=rf.seed if rf else 0)
+                      max_sequence_length=length, gamma=gamma, seed=seed)
+    elif rf is not None and isinstance(path, InversionPath) and (path.gamma, path.seed if path.gamma else 0) != \
+            (gamma, seed if gamma else 0):
+        raise ConfigError(f"the path given was inverted with gamma={path.gamma}, seed={path.seed}, and rf asks for "
+                          f"gamma={gamma}, seed={seed}",
+                          fix="invert with rf's gamma and seed (or leave path out and edit() inverts), or give rf the "
+                              "path's")
     control.set_source(path, eta=rf.eta if rf else None)
     from .controller import attach
 

@@ -143,3 +143,27 @@ def test_settings_round_trip_through_json_and_bad_values_are_named(toy_sd3, scen
         edit(toy_sd3, scene, SOURCE, TARGET, 2, rf={"gamma": 0.5})
     with pytest.raises(ConfigError, match="gamma: Input should be less than or equal to 1"):
         invert(toy_sd3, scene, SOURCE, 2, gamma=2.0)
+
+
+def test_an_inversion_at_hand_must_have_the_gamma_and_seed_rf_asks_for(toy_sd3, scene):
+    plain, pulled = invert(toy_sd3, scene, SOURCE, 3), invert(toy_sd3, scene, SOURCE, 3, gamma=0.5, seed=1)
+    assert (plain.gamma, pulled.gamma, pulled.seed) == (0.0, 0.5, 1)
+    with pytest.raises(ConfigError, match="inverted with gamma=0.0, seed=0, and rf asks for gamma=0.5, seed=0"):
+        edit(toy_sd3, scene, SOURCE, TARGET, 3, path=plain, rf=RFInversion())
+    with pytest.raises(ConfigError, match="inverted with gamma=0.5, seed=1, and rf asks for gamma=0.5, seed=0"):
+        edit(toy_sd3, scene, SOURCE, TARGET, 3, path=pulled, rf=RFInversion())
+    edit(toy_sd3, scene, SOURCE, TARGET, 3, path=plain, rf=RFInversion(gamma=0.0, seed=4), control=UnifyEdit(scale=0))
+    edit(toy_sd3, scene, SOURCE, TARGET, 3, path=pulled, control=UnifyEdit(scale=0))  # no rf: the path as it is
+    edit(toy_sd3, scene, SOURCE, TARGET, 3, path=list(plain), rf=RFInversion(), control=UnifyEdit(scale=0))
+
+
+@pytest.mark.parametrize("name", ["toy-sd3", "toy-flux"])
+def test_in_bf16_eta_one_still_gives_back_the_source_image_to_bf16_resolution(name, scene):
+    from attnctl.toyworld.models import load_pipeline
+
+    pipe = load_pipeline(name, dtype=torch.bfloat16)
+    res = edit(pipe, scene, SOURCE, TARGET, 4, rf=RFInversion(eta=1.0), output_type="latent")
+    assert res.edited.dtype == res.path[0].dtype == torch.bfloat16
+    y0 = res.path[-1].float()
+    resolution = 2.0 ** -7 * float(y0.abs().max())  # bf16 keeps 8 significant bits
+    assert float((res.edited.float()[None] - y0).abs().max()) <= 2 * resolution
