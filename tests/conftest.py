@@ -24,6 +24,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def toy_sd3():
+    """The shipped toy-sd3 pipeline (loaded once per test module)."""
+    from attnctl.toyworld.models import load_pipeline
+
+    return load_pipeline("toy-sd3")
+
+
+@pytest.fixture(scope="module")
+def toy_flux():
+    """The shipped toy-flux pipeline (loaded once per test module)."""
+    from attnctl.toyworld.models import load_pipeline
+
+    return load_pipeline("toy-flux")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A 32×32 ground-truth render of "a red circle and a blue square" (the editing tests' real image)."""
+    from attnctl.toyworld.world import parse_caption, render, scene_from_item
+
+    caption = "a red circle and a blue square"
+    item = {"prompt": caption, **parse_caption(caption), "boxes": [[0.1, 0.1, 0.45, 0.45], [0.55, 0.5, 0.9, 0.85]]}
+    return render(scene_from_item(item), 32)
+
+
 @pytest.fixture(scope="session")
 def sd3_pipe():
     from attnctl.testing import tiny_sd3_pipeline

@@ -15,28 +15,6 @@ from attnctl.rf_inversion import noise_sample, toward_image, toward_noise
 SOURCE, TARGET = "a red circle and a blue square", "a green circle and a blue square"
 
 
-@pytest.fixture(scope="module")
-def toy_sd3():
-    from attnctl.toyworld.models import load_pipeline
-
-    return load_pipeline("toy-sd3")
-
-
-@pytest.fixture(scope="module")
-def toy_flux():
-    from attnctl.toyworld.models import load_pipeline
-
-    return load_pipeline("toy-flux")
-
-
-@pytest.fixture(scope="module")
-def scene():
-    from attnctl.toyworld.world import parse_caption, render, scene_from_item
-
-    item = {"prompt": SOURCE, **parse_caption(SOURCE), "boxes": [[0.1, 0.1, 0.45, 0.45], [0.55, 0.5, 0.9, 0.85]]}
-    return render(scene_from_item(item), 32)
-
-
 def _midpoint(pipe):
     return type(pipe)(**{**pipe.components, "scheduler": FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)})
 
