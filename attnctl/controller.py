@@ -356,6 +356,7 @@ class Controller:
         if not self._fixed_layout:
             self.state.row_layouts = self._infer_row_layouts(hidden.shape[0])
         self._forwards += 1
+        self.state.calls_per_step = max(1, int(getattr(sched, "order", 1) or 1)) if sched is not None else 1
         if self._new_run or num_steps != self.state.num_steps or (step == 0 and self.state.step > 0):
             self.begin_run(num_steps)
         sigma = None

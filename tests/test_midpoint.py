@@ -194,3 +194,23 @@ def test_use_solver_swaps_the_scheduler_for_the_block_and_puts_it_back(sd3_pipe)
     assert sd3_pipe.scheduler is own  # also when the block raised
     with pytest.raises(ConfigError, match="the solver is 'heun'"), use_solver(sd3_pipe, "heun"):
         pass
+
+
+def test_a_control_under_the_midpoint_scheduler_reports_denoising_steps_not_loop_calls(toy_sd3):
+    """Two model calls a step: the controller tells the controls (RunState.calls_per_step), and regulation's summary
+    counts the steps it regulated as under Euler, not the calls."""
+    from attnctl import AttentionRegulation, attach
+
+    mid = type(toy_sd3)(**{**toy_sd3.components,
+                           "scheduler": FlowMatchMidpointScheduler.from_config(toy_sd3.scheduler.config)})
+    lines, orders = [], []
+    for pipe in (toy_sd3, mid):
+        control = AttentionRegulation(targets=["circle", "square"], iterations=2)
+        with attach(pipe, [control]) as ctl:
+            pipe("a red circle and a blue square", num_inference_steps=4, height=32, width=32, guidance_scale=1.0,
+                 max_sequence_length=24, output_type="latent")
+            orders.append(ctl.state.calls_per_step)
+        lines.append(control.summary())
+        assert len({r.step for r in control.records}) == 2 * orders[-1]  # the first half: 2 steps' calls
+    assert orders == [1, 2]
+    assert " at 2 steps;" in lines[0] and " at 2 steps;" in lines[1], lines

@@ -35,7 +35,8 @@ class RunState:
     """Where the run is: step, schedule position, batch roles and token layout."""
 
     step: int = 0
-    num_steps: int = 1
+    num_steps: int = 1  # the loop's model calls in the run (``step`` counts them too)
+    calls_per_step: int = 1  # model calls per denoising step: the scheduler's order (2 for the midpoint step)
     timestep: float | None = None
     sigma: float | None = None
     roles: list[str] | None = None

@@ -443,6 +443,7 @@ class AttentionRegulation(Control):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._calls_per_step = 1  # the run's model calls per denoising step (the summary counts steps)
         self._steps = self.config.steps
         self._basis: dict[tuple, torch.Tensor] = {}
         self.reset()
@@ -466,6 +467,7 @@ class AttentionRegulation(Control):
     def begin_run(self, state: RunState) -> None:
         self.reset()
         self._steps.reset()
+        self._calls_per_step = state.calls_per_step
         layouts = [state.layout] if state.row_layouts is None else [lay for lay in state.row_layouts if lay]
         for layout in layouts:
             if layout is not None and any(seg.words for seg in layout.segments):
@@ -629,7 +631,7 @@ class AttentionRegulation(Control):
             return None
         plain = sum(r.plain_map_loss for r in recs) / len(recs)
         applied = sum(r.applied_map_loss for r in recs) / len(recs)
-        steps = len({r.step for r in recs})
+        steps = len({r.step // self._calls_per_step for r in recs})  # denoising steps, not the loop's calls
         return (f"regulation of {', '.join(map(repr, self.config.targets))}: {len(recs)} attention calls at "
                 f"{steps} step{'s' if steps != 1 else ''}; the loss's map terms {plain:.3g} (plain) → {applied:.3g} "
                 "(regulated)")
