@@ -655,8 +655,9 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
         g_col, e_col, s_col = st.columns(3)
         g_col.number_input("γ (inversion)", min_value=0.0, max_value=1.0, step=0.05, key="edit_rf_gamma")
         e_col.number_input("η (edit)", min_value=0.0, max_value=1.0, step=0.05, key="edit_rf_eta")
-        s_col.number_input("η until (share of the steps)", min_value=0.0, max_value=1.0, step=0.05,
-                           key="edit_rf_stop")
+        s_col.number_input("η until (share of the steps)", min_value=0.05, max_value=1.0, step=0.05,
+                           key="edit_rf_stop", help="η is on from the first step until this share of the steps "
+                                                    "(set η to 0 to turn it off)")
         rf = {"gamma": float(ss.edit_rf_gamma),
               "eta": f"window({float(ss.edit_rf_eta)!r}, 0, {float(ss.edit_rf_stop)!r})"}
     clicked = st.button("Edit", key="edit_run", icon=":material/edit:", disabled=model is None or image is None)
