@@ -3,6 +3,7 @@
     python bench/inversion_eval.py                                  # toy-sd3, toy-flux, toy-flux-dev; 12 pair scenes
     python bench/inversion_eval.py --models toy-sd3 --items 4 --json out/inversion.json
     python bench/inversion_eval.py --solvers euler midpoint/2                 # at equal model calls only
+    python bench/inversion_eval.py --solvers euler --gammas 0 0.25 0.5 1      # RF-Inversion's controlled inversion
 
 For each ground-truth render of the pair prompt set (a "real" image: drawn, not generated), with its caption as the
 prompt and the toy's default steps: the mean absolute pixel error (0–255) of the image decoded from its own latent
@@ -12,6 +13,11 @@ inverted / fresh is the figure. The flow inverted and sampled is the conditional
 guidance embedding (toy-flux-dev) is inverted and sampled at its default guidance. Each solver inverts and samples
 with its own scheduler: diffusers' Euler step, or RF-Solver's midpoint step (attnctl.midpoint), which makes two
 model calls a step; ``midpoint/2`` runs it at half the steps, so at Euler's number of calls.
+
+``--gammas`` inverts with RF-Inversion's pull toward a Gaussian sample as well (``invert(..., gamma=γ)``; 0 is plain
+inversion). Beside the pixel errors each row gives what the inverted noise looks like: its standard deviation (1 for
+a standard Gaussian sample) and the correlation of neighbouring latent pixels (the image's structure left in it; 0 for
+white noise), averaged over the items.
 """
 
 from __future__ import annotations
@@ -43,6 +49,21 @@ def decode(pipe, z: torch.Tensor, side: int) -> np.ndarray:
     return np.asarray(pipe.image_processor.postprocess(x, output_type="pil")[0])
 
 
+def noise_stats(pipe, z: torch.Tensor, side: int) -> tuple[float, float]:
+    """The inverted noise ``z``'s standard deviation and the mean correlation of horizontally and vertically
+    neighbouring latent pixels (unpacked first on FLUX)."""
+    if z.ndim == 3:
+        z = pipe._unpack_latents(z, side, side, pipe.vae_scale_factor)
+    z = z.float()
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    lag = (corr(z[..., :, :-1], z[..., :, 1:]) + corr(z[..., :-1, :], z[..., 1:, :])) / 2
+    return float(z.std()), lag
+
+
 def solver_runs(spec: list[str], steps: int) -> list[tuple[str, int]]:
     """``euler``, ``midpoint`` (the model's steps) and ``midpoint/2`` (half of them: as many model calls as Euler)."""
     runs = []
@@ -54,7 +75,7 @@ def solver_runs(spec: list[str], steps: int) -> list[tuple[str, int]]:
     return runs
 
 
-def evaluate(model: str, items: int, solvers: list[str]) -> list[dict]:
+def evaluate(model: str, items: int, solvers: list[str], gammas: list[float] = (0.0,)) -> list[dict]:
     base = load_pipeline(model)
     call = default_call_kwargs(base)
     if not has_guidance_embedding(base):
@@ -66,15 +87,19 @@ def evaluate(model: str, items: int, solvers: list[str]) -> list[dict]:
     fresh = [np.abs(np.asarray(base(prompt, generator=torch.Generator().manual_seed(k), **call).images[0])
                     .astype(float) - image).mean() for k, (image, prompt) in enumerate(images)]
     rows = []
-    for solver, steps in solver_runs(solvers, call["num_inference_steps"]):
+    for (solver, steps), gamma in ((run, g) for run in solver_runs(solvers, call["num_inference_steps"])
+                                   for g in gammas):
         pipe = type(base)(**{**base.components, "scheduler": SOLVERS[solver].from_config(base.scheduler.config)})
-        back = []
+        back, stats = [], []
         for image, prompt in images:
-            path = invert(pipe, image, prompt, steps, guidance=guidance)
+            path = invert(pipe, image, prompt, steps, guidance=guidance, gamma=gamma)
+            stats.append(noise_stats(pipe, path[0], side))
             out = pipe(prompt, latents=path[0], **{**call, "num_inference_steps": steps}).images[0]
             back.append(np.abs(np.asarray(out).astype(float) - image).mean())
-        rows.append({"model": model, "solver": solver, "items": items, "steps": steps,
+        rows.append({"model": model, "solver": solver, "gamma": gamma, "items": items, "steps": steps,
                      "model_calls": steps * pipe.scheduler.order,
+                     "noise_std": round(float(np.mean([a for a, _ in stats])), 3),
+                     "noise_neighbour_corr": round(float(np.mean([b for _, b in stats])), 3),
                      "autoencoder_mae": round(float(np.mean(floor)), 3), "inverted_mae": round(float(np.mean(back)), 3),
                      "inverted_median": round(float(np.median(back)), 3),
                      "inverted_worst": round(float(np.max(back)), 3),
@@ -89,19 +114,23 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=12, help="pair scenes to invert")
     ap.add_argument("--solvers", nargs="+", default=["euler", "midpoint", "midpoint/2"],
                     help="euler, midpoint (RF-Solver's step) at the model's steps, midpoint/2 at half of them")
+    ap.add_argument("--gammas", nargs="+", type=float, default=[0.0],
+                    help="RF-Inversion's gamma for each run (0: plain inversion)")
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [row for m in args.models for row in evaluate(m, args.items, args.solvers)]
+    rows = [row for m in args.models for row in evaluate(m, args.items, args.solvers, args.gammas)]
     table = Table(title="inversion: mean |pixel error| (0-255) against the real image")
-    for col in ("model", "solver", "steps", "model calls", "autoencoder", "from inverted noise (median, worst)",
-                "from fresh noise", "inverted / fresh"):
+    for col in ("model", "solver", "γ", "steps", "model calls", "autoencoder", "from inverted noise (median, worst)",
+                "from fresh noise", "inverted / fresh", "noise std", "neighbour corr."):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], r["solver"], str(r["steps"]), str(r["model_calls"]), f"{r['autoencoder_mae']:.2f}",
+        table.add_row(r["model"], r["solver"], f"{r['gamma']:g}", str(r["steps"]), str(r["model_calls"]),
+                      f"{r['autoencoder_mae']:.2f}",
                       f"{r['inverted_mae']:.2f} ({r['inverted_median']:.2f}, {r['inverted_worst']:.2f})",
-                      f"{r['fresh_noise_mae']:.2f}", f"{r['inverted_over_fresh']:.3f}")
+                      f"{r['fresh_noise_mae']:.2f}", f"{r['inverted_over_fresh']:.3f}", f"{r['noise_std']:.2f}",
+                      f"{r['noise_neighbour_corr']:.2f}")
     Console(stderr=True).print(table)
     emit({"inversion": rows}, args.json)
 

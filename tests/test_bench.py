@@ -169,13 +169,17 @@ def test_epipolar_layer_bench_runs_and_the_adaptive_rule_equals_its_materialised
 
 def test_inversion_eval_runs(tmp_path):
     result = run_bench("inversion_eval.py", "--models", "toy-sd3", "--items", "1", "--solvers", "euler",
-                       "midpoint/2", out=tmp_path / "inv.json")
-    euler, mid = result["inversion"]
+                       "midpoint/2", "--gammas", "0", "1", out=tmp_path / "inv.json")
+    euler, pulled, mid, mid_pulled = result["inversion"]
     assert euler["model"] == mid["model"] == "toy-sd3" and euler["items"] == 1
-    assert (euler["solver"], mid["solver"]) == ("euler", "midpoint")
+    assert (euler["solver"], mid["solver"], pulled["solver"]) == ("euler", "midpoint", "euler")
     assert euler["model_calls"] == mid["model_calls"] == 2 * mid["steps"] == euler["steps"]
     for row in (euler, mid):
+        assert row["gamma"] == 0.0
         assert row["inverted_mae"] < row["fresh_noise_mae"] and 0.0 <= row["inverted_over_fresh"] < 0.2
+    for row in (pulled, mid_pulled):  # gamma 1 ends on a Gaussian sample: white noise, and the image is gone
+        assert row["gamma"] == 1.0 and abs(row["noise_std"] - 1.0) < 0.1 and abs(row["noise_neighbour_corr"]) < 0.1
+        assert row["inverted_over_fresh"] > 0.5 and row["noise_neighbour_corr"] < euler["noise_neighbour_corr"]
 
 
 def test_edit_eval_runs(tmp_path):
