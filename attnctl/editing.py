@@ -248,7 +248,7 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     if rf is not None and not isinstance(rf, RFInversion):
         raise ConfigError(f"rf takes RF-Inversion's settings, got {type(rf).__name__}",
                           fix="pass rf=attnctl.RFInversion(gamma=..., eta=...), or leave it out")
-    gamma, seed = (rf.gamma, rf.seed) if rf else (0.0, 0)
+    gamma, seed = (rf.gamma, rf.seed) if rf is not None else (0.0, 0)
     if path is None:
         path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance,
                       max_sequence_length=length, gamma=gamma, seed=seed)
@@ -258,7 +258,7 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
                           f"gamma={gamma}, seed={seed}",
                           fix="invert with rf's gamma and seed (or leave path out and edit() inverts), or give rf the "
                               "path's")
-    control.set_source(path, eta=rf.eta if rf else None)
+    control.set_source(path, eta=rf.eta if rf is not None else None)
     from .controller import attach
 
     with attach(pipe, [control]):

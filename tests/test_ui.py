@@ -637,4 +637,6 @@ def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(mon
     with Image.open(io.BytesIO(rf["images"][2])) as img:
         meta = json.loads(img.text["attnctl"])
     assert meta["rf_inversion"]["gamma"] == 0.5 and meta["rf_inversion"]["seed"] == 0
+    assert rf["labels"][1:] == ("Target prompt, RF-Inversion", "UnifyEdit + RF-Inversion")
+    assert mid["labels"][1:] == ("Target prompt, unguided", "UnifyEdit")
     assert (meta["rf_inversion"]["eta"]["value"], meta["rf_inversion"]["eta"]["stop"]) == (0.6, 0.25)

@@ -675,13 +675,15 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
         meta = {"source_prompt": ss.edit_source, "prompt": ss.edit_target, "steps": int(ss.steps),
                 "guidance": float(ss.guidance), "controls": [result.control], "solver": ss.edit_solver,
                 **({"rf_inversion": result.rf} if result.rf is not None else {})}
+        labels = ("Input", "Target prompt, unguided", "UnifyEdit") if rf is None else \
+            ("Input", "Target prompt, RF-Inversion", "UnifyEdit + RF-Inversion")
         ss.edit_result = {"images": [encode_png(result.source, {}), encode_png(result.unguided, meta),
                                      encode_png(result.edited, meta)],
-                          "summary": result.summary, "seconds": result.seconds}
+                          "labels": labels, "summary": result.summary, "seconds": result.seconds}
     shown = ss.get("edit_result")
     if shown:
-        for col, label, png in zip(st.columns(3), ("Input", "Target prompt, unguided", "UnifyEdit"),
-                                   shown["images"], strict=True):
+        labels = shown.get("labels", ("Input", "Target prompt, unguided", "UnifyEdit"))
+        for col, label, png in zip(st.columns(3), labels, shown["images"], strict=True):
             with col:
                 st.markdown(f"<div class='attnctl-label'>{label}</div>", unsafe_allow_html=True)
                 st.image(heatmap.upscale(decode(png)), width="stretch")
