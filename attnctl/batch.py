@@ -632,23 +632,28 @@ def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, 
                 image = (path, hashlib.sha256(data).hexdigest())
             except Exception as e:  # noqa: BLE001 - PIL says why the file is not an image in many ways
                 own.append(f"field 'image': {str(path)!r} is not an image file PIL can read ({_one_line(e)})")
-    if item is None or own or image is None:
-        return item, own, None
-    try:
-        control = _edit_control(item)
-    except AttnCtlError as e:
-        return item, [f"field 'controls[0]': {_one_line(e)}"], None
-    if control.config.edit_words is None and not any(differing_words(item.source_prompt, item.prompt)):
-        return item, [f"field 'prompt': {item.prompt!r} is the source_prompt word for word, so there is nothing to "
-                      "edit; change the words that should change"], None
     rf = None
-    if item.rf_inversion is not None:
+    if item is not None and item.rf_inversion is not None:
         from .rf_inversion import RFInversion
 
         try:
-            rf = RFInversion.from_json(item.rf_inversion).to_json()
+            settings = RFInversion.from_json(item.rf_inversion).canonical()  # one spelling per edit, for the hash
+            rf = None if settings is None else settings.to_json()
         except AttnCtlError as e:
-            return item, [f"field 'rf_inversion': {_one_line(e)}"], None
+            own.append(f"field 'rf_inversion': {_one_line(e)}")
+    if item is None or own or image is None:  # (the controls' own checks have run: their problems are in own)
+        return item, own, None
+    control = None
+    try:
+        control = _edit_control(item)
+    except AttnCtlError as e:
+        own.append(f"field 'controls[0]': {_one_line(e)}")
+    if (control is None or control.config.edit_words is None) and \
+            not any(differing_words(item.source_prompt, item.prompt)):
+        own.append(f"field 'prompt': {item.prompt!r} is the source_prompt word for word, so there is nothing to "
+                   "edit; change the words that should change")
+    if own or control is None:
+        return item, own, None
     return item, own, _EditInput(*image, control.to_json(), rf)
 
 
@@ -1079,9 +1084,9 @@ def _inversion_key(job: Job) -> tuple[Any, ...] | None:
     if job.kind != "edit":
         return None
     s = job.settings
-    rf = s.get("rf_inversion")  # its gamma and seed shape the inversion; its eta only the edit
+    rf = s.get("rf_inversion")  # its gamma and seed shape the inversion (the seed only when gamma > 0); eta the edit
     return (s["image_sha256"], s["source_prompt"], s["steps"], s["guidance"], s["max_sequence_length"],
-            s.get("solver", "euler"), (rf["gamma"], rf["seed"]) if rf else None)
+            s.get("solver", "euler"), (rf["gamma"], rf["seed"]) if rf and rf["gamma"] else None)
 
 
 def share_out(pending: Sequence[Job], rank: int, world: int) -> list[Job]:

@@ -123,8 +123,9 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def read_json_arg(text: str, what: str) -> Any:
-    """Parse a JSON argument given inline or as ``@file``, naming ``what`` in errors."""
+def read_json_arg(text: str, what: str, example: str = '{"kind": "probe", "words": ["circle"]}') -> Any:
+    """Parse a JSON argument given inline or as ``@file``, naming ``what`` in errors (and ``example`` in the way
+    out)."""
     source = "inline"
     if text.startswith("@"):
         path = Path(text[1:]).expanduser()
@@ -141,7 +142,7 @@ def read_json_arg(text: str, what: str) -> Any:
         where = "" if source == "inline" else f" in {source}"
         raise AttnCtlError(
             f"{what} is not valid JSON{where} ({e.msg} at line {e.lineno} column {e.colno}): {shown!r}",
-            'write a JSON object, e.g. \'{"kind": "probe", "words": ["circle"]}\', or @file.json',
+            f"write a JSON object, e.g. '{example}', or @file.json",
         ) from None
 
 
@@ -577,8 +578,10 @@ def edit(
     from .midpoint import SOLVERS, use_solver
     from .rf_inversion import RFInversion
 
-    rf_config = RFInversion.from_json(read_json_arg(rf_settings, "--rf-settings")) if rf_settings else \
-        RFInversion() if rf else None
+    rf_config = RFInversion() if rf else None
+    if rf_settings is not None:
+        rf_config = RFInversion.from_json(read_json_arg(rf_settings, "--rf-settings",
+                                                        '{"gamma": 0.5, "eta": "window(0.9, 0, 0.25)"}'))
 
     if solver not in SOLVERS:
         raise AttnCtlError(f"--solver {solver!r} is not a solver attnctl edits with", f"pass {' or '.join(SOLVERS)}")

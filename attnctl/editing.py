@@ -34,7 +34,7 @@ import torch
 from .controls.unify_edit import UnifyEdit, differing_words
 from .errors import ConfigError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
-from .inversion import InversionPath, has_guidance_embedding, image_array, invert, text_length
+from .inversion import has_guidance_embedding, image_array, invert, text_length
 from .latent_guidance import StopForward, check_scheduler
 from .midpoint import step_anchor
 from .rf_inversion import RFInversion, toward_image
@@ -67,6 +67,7 @@ class EditBranches(ForwardWrapper):
         check_scheduler(self.pipe, "UnifyEdit")
         sigmas = self.pipe.scheduler.sigmas
         anchor = step_anchor(self.pipe.scheduler, step)  # the call whose latent this call's update starts from
+        per_step = state.calls_per_step  # the schedules count denoising steps, under either scheduler
         sigma, sigma_next = float(sigmas[anchor]), float(sigmas[step + 1])
         bound = self.bind(args, kwargs)
         hidden = bound["hidden_states"]
@@ -86,7 +87,7 @@ class EditBranches(ForwardWrapper):
         z = hidden[cond[1]:cond[1] + 1]
         if anchor == step:  # a step starts here: the target may move, and the step's base latents are these
             z_src = path[step].to(hidden.device, hidden.dtype)
-            size = float(self.control.step_size(step, state.num_steps))
+            size = float(self.control.step_size(step // per_step, state.num_steps // per_step))
             z_new = self._descend(bound, batch, [cond[0], cond[1]], z_src, z, size * sigma) if size else z
             self._anchor = (step, z_loop.float(), z.float(), z_new.float())
             base_source, base_target, moved, z_run = z_loop.float(), z.float(), z_new.float(), z_new
@@ -98,18 +99,19 @@ class EditBranches(ForwardWrapper):
             z_run = z
         shift = (moved - base_target) / (sigma_next - sigma)
         v_source = (path[step + 1].to(hidden.device, torch.float32) - base_source) / (sigma_next - sigma)
-        pull = self._pull(anchor, state.num_steps, z_run, float(sigmas[step]), path[-1])
+        pull = self._pull(anchor // per_step, state.num_steps // per_step, z_run, float(sigmas[step]), path[-1])
         result = self._run_target(bound, batch, target_rows, z_run)
         out = self._assemble(sample_of(result), batch, source_rows, target_rows, v_source, shift, pull)
         self._step_terms = (step, z_run, shift, v_source, pull)
         return with_sample(result, out)
 
-    def _pull(self, anchor: int, num_steps: int, z: torch.Tensor, sigma: float, y0: torch.Tensor
+    def _pull(self, step: int, num_steps: int, z: torch.Tensor, sigma: float, y0: torch.Tensor
               ) -> tuple[float, torch.Tensor, float, torch.Tensor] | None:
-        """RF-Inversion's pull of the target rows toward the source image at this call (``η`` of the step's first
-        call; the target's latent ``z`` and ``σ`` of this call), or ``None`` when ``η`` is 0 here."""
+        """RF-Inversion's pull of the target rows toward the source image at this call (``η`` of denoising step
+        ``step`` of ``num_steps``; the target's latent ``z`` and ``σ`` of this call), or ``None`` when ``η`` is 0
+        here."""
         eta = self.control.source_eta
-        value = 0.0 if eta is None else float(eta(anchor, num_steps))
+        value = 0.0 if eta is None else float(eta(step, num_steps))
         return (value, z, sigma, y0.to(z.device)) if value else None
 
     def _path(self, num_steps: int) -> list[torch.Tensor]:
@@ -220,8 +222,8 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
 
     ``path`` is the image's inversion under ``source_prompt`` when it is already at hand (the ``path`` of an earlier
     :class:`EditResult` with the same image, prompt, steps, guidance and ``rf.gamma`` / ``rf.seed``), so several
-    edits of one image invert it once (a path from :func:`attnctl.invert` records its ``gamma`` and ``seed``, and one
-    made with others than ``rf``'s is refused).
+    edits of one image invert it once. A path given is used as it is: ``rf.gamma`` and ``rf.seed`` only shape an
+    inversion ``edit`` makes itself.
 
     ``rf`` adds RF-Inversion's controllers (:mod:`attnctl.rf_inversion`): the inversion is pulled toward a noise
     sample by ``rf.gamma``, and the target branch toward the source image by the schedule ``rf.eta``. With
@@ -252,12 +254,6 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     if path is None:
         path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance,
                       max_sequence_length=length, gamma=gamma, seed=seed)
-    elif rf is not None and isinstance(path, InversionPath) and (path.gamma, path.seed if path.gamma else 0) != \
-            (gamma, seed if gamma else 0):
-        raise ConfigError(f"the path given was inverted with gamma={path.gamma}, seed={path.seed}, and rf asks for "
-                          f"gamma={gamma}, seed={seed}",
-                          fix="invert with rf's gamma and seed (or leave path out and edit() inverts), or give rf the "
-                              "path's")
     control.set_source(path, eta=rf.eta if rf is not None else None)
     from .controller import attach
 

@@ -35,14 +35,6 @@ Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 """``v(z, σ)``: the model's flow prediction at the latent ``z`` and noise level ``σ``."""
 
 
-class InversionPath(list):
-    """What :func:`invert` returns: the list of latents, and the RF-Inversion settings it was made with (``gamma``,
-    ``seed``), so an edit given the path can check that they are the ones it was asked for."""
-
-    gamma: float = 0.0
-    seed: int = 0
-
-
 def euler_invert(velocity: Velocity, z0: torch.Tensor, sigmas: torch.Tensor) -> list[torch.Tensor]:
     """The Euler inversion path of ``z0`` over the decreasing ``sigmas`` (``σ_0 … σ_n``, ``σ_n = 0``): a list of
     ``n + 1`` latents, ``path[i]`` at ``σ_i`` (so ``path[n]`` is ``z0`` and ``path[0]`` the noise)."""
@@ -203,7 +195,7 @@ def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: 
 
 
 def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *, guidance: float | None = None,
-           max_sequence_length: int | None = None, gamma: float = 0.0, seed: int = 0) -> InversionPath:
+           max_sequence_length: int | None = None, gamma: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
     """The inversion path of a real ``image`` under ``prompt`` (module doc): one latent per call of the loop and
     the image's own, ``path[0]`` the noise to pass as ``pipe(prompt, latents=path[0], num_inference_steps=n,
     height=H, width=W)``.
@@ -232,6 +224,4 @@ def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *,
     if rf.gamma:
         velocity = toward_noise(velocity, noise_sample(z0, rf.seed), rf.gamma)
     solve = midpoint_invert if is_midpoint(pipe.scheduler) else euler_invert
-    path = InversionPath(solve(velocity, z0, sigmas))
-    path.gamma, path.seed = rf.gamma, rf.seed
-    return path
+    return solve(velocity, z0, sigmas)

@@ -53,7 +53,7 @@ class RFInversion(BaseModel):
     eta: bounded(0, 1) = Field("window(0.9, 0, 0.25)",
                                description="η_t: schedule of the pull of the edited image toward the source image "
                                            "over the steps (0: off)")
-    seed: int = Field(0, ge=0, description="seed of the noise sample y_1 the inversion is pulled toward")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the noise sample y_1 the inversion is pulled toward")
 
     def __init__(self, **kwargs: Any) -> None:
         try:
@@ -62,11 +62,21 @@ class RFInversion(BaseModel):
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(settings)'}: {err['msg']}"
                                  for err in e.errors())
             fix = None if "Fix:" in problems else ("give gamma in [0, 1], eta as a schedule in [0, 1] (e.g. "
-                                                   "'window(0.9, 0, 0.25)') and seed as an integer ≥ 0")
+                                                   "'window(0.9, 0, 0.25)') and seed from 0 to 2**63 - 1")
             raise ConfigError(f"RF-Inversion settings: {problems}", fix=fix) from None
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def canonical(self) -> RFInversion | None:
+        """The same edit in one spelling: the seed set to 0 when ``gamma`` is 0 (no noise sample is drawn then), and
+        ``None`` when neither controller can act (``gamma`` 0 and ``eta`` 0 at every step). Batch runs hash this, so
+        settings that change nothing do not redo an edit or its inversion."""
+        if self.gamma:
+            return self
+        if self.eta._range(0.0, 1.0) == (0.0, 0.0):
+            return None
+        return self.model_copy(update={"seed": 0})
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> RFInversion:

@@ -403,6 +403,7 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
         {**edit, "rf_inversion": {"gamma": 2}},                                              # 10 bad RF settings
         {**edit, "rf_inversion": 0.5},                                                       # 11 not an object
         {"prompt": "a red circle", "rf_inversion": {}, "controls": []},                    # 12 edit field on generate
+        {**edit, "controls": [{"kind": "unify_edit", "scale": -1}], "rf_inversion": {"gamma": 2}},  # 13 both reported
     ]}
     with pytest.raises(BatchFileError) as err:
         load_batch(write_batch(tmp_path / "bad.json", data))
@@ -423,6 +424,8 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
         ("item 10: field 'rf_inversion': RF-Inversion settings: gamma", "less than or equal to 1"),
         ("item 11: field 'rf_inversion'", ""),
         ("item 12: field 'rf_inversion' belongs to edit items", "\"type\": \"edit\""),
+        ("item 13: field 'controls[0]'", "scale"),
+        ("item 13: field 'rf_inversion'", "gamma"),
     ]
     for start_text, also in expected:
         hits = [p for p in problems if p.startswith(start_text) and also in p]
@@ -448,6 +451,13 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
     assert "solver" not in job.settings  # the default leaves the hash of an Euler edit as it was before the field
     assert "rf_inversion" not in job.settings  # so does leaving RF-Inversion out
     assert [j.file for j in plan.jobs] == ["green.png", "red_s0.png"]
+    # RF-Inversion settings that change nothing change no hash: gamma 0 draws no noise sample (its seed is moot), and
+    # gamma 0 with eta 0 is no RF-Inversion at all
+    variants = [{}, {"rf_inversion": {"gamma": 0, "eta": 0, "seed": 3}}, {"rf_inversion": {"gamma": 0, "seed": 1}},
+                {"rf_inversion": {"gamma": 0, "seed": 2}}, {"rf_inversion": {"seed": 1}}, {"rf_inversion": {"seed": 2}}]
+    hashes = [load_batch(write_batch(tmp_path / f"rf{i}.json", {"version": 1, "defaults": {"steps": 3}, "items": [
+        {**edit, **v}]})).jobs[0].hash for i, v in enumerate(variants)]
+    assert hashes[0] == hashes[1] == job.hash and hashes[2] == hashes[3] and len(set(hashes)) == 4
     (tmp_path / "img" / "scene.png").write_bytes(scene_png.read_bytes() + b"\0")  # other bytes: another hash
     assert load_batch(good).jobs[0].hash != job.hash and load_batch(good).jobs[1].hash == plan.jobs[1].hash
 

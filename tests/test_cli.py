@@ -441,6 +441,8 @@ def test_edit_writes_the_edited_png_with_its_settings_and_refuses_bad_input(tmp_
     assert bad.exit_code == 2 and "gamma: Input should be less than or equal to 1" in bad.output
     bad = run("edit", src, "--source", source, "--target", target, "--rf-settings", "[1]", "-o", rf)
     assert bad.exit_code == 2 and "RF-Inversion settings are a JSON object" in bad.output
+    bad = run("edit", src, "--source", source, "--target", target, "--rf-settings", "", "-o", rf)
+    assert bad.exit_code == 2 and "--rf-settings is not valid JSON" in bad.output and '"gamma": 0.5' in bad.output
 
 
 def test_generate_repositions_after_reference_prompts_made_in_the_same_call(sd3_dir, tmp_path):

@@ -112,9 +112,13 @@ def test_settings_round_trip_through_json_and_bad_values_are_named(toy_sd3, scen
     for kwargs, match in [({"gamma": 1.5}, "gamma: Input should be less than or equal to 1"),
                           ({"eta": -0.1}, "eta: .*outside the allowed range"),
                           ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+                          ({"seed": 2**64}, "seed: Input should be less than or equal to 9223372036854775807"),
                           ({"eta_stop": 0.3}, "eta_stop: Extra inputs are not permitted")]:
         with pytest.raises(ConfigError, match=match):
             RFInversion(**kwargs)
+    assert RFInversion(gamma=0.0, eta=0.0, seed=4).canonical() is None  # neither controller acts
+    assert RFInversion(gamma=0.0, seed=4).canonical() == RFInversion(gamma=0.0, seed=0)  # no noise sample is drawn
+    assert RFInversion(seed=4).canonical() == RFInversion(seed=4)
     with pytest.raises(ConfigError, match="RF-Inversion settings are a JSON object, got list"):
         RFInversion.from_json([0.5])
     with pytest.raises(ConfigError, match="rf takes RF-Inversion's settings, got dict"):
@@ -123,16 +127,47 @@ def test_settings_round_trip_through_json_and_bad_values_are_named(toy_sd3, scen
         invert(toy_sd3, scene, SOURCE, 2, gamma=2.0)
 
 
-def test_an_inversion_at_hand_must_have_the_gamma_and_seed_rf_asks_for(toy_sd3, scene):
-    plain, pulled = invert(toy_sd3, scene, SOURCE, 3), invert(toy_sd3, scene, SOURCE, 3, gamma=0.5, seed=1)
-    assert (plain.gamma, pulled.gamma, pulled.seed) == (0.0, 0.5, 1)
-    with pytest.raises(ConfigError, match="inverted with gamma=0.0, seed=0, and rf asks for gamma=0.5, seed=0"):
-        edit(toy_sd3, scene, SOURCE, TARGET, 3, path=plain, rf=RFInversion())
-    with pytest.raises(ConfigError, match="inverted with gamma=0.5, seed=1, and rf asks for gamma=0.5, seed=0"):
-        edit(toy_sd3, scene, SOURCE, TARGET, 3, path=pulled, rf=RFInversion())
-    edit(toy_sd3, scene, SOURCE, TARGET, 3, path=plain, rf=RFInversion(gamma=0.0, seed=4), control=UnifyEdit(scale=0))
-    edit(toy_sd3, scene, SOURCE, TARGET, 3, path=pulled, control=UnifyEdit(scale=0))  # no rf: the path as it is
-    edit(toy_sd3, scene, SOURCE, TARGET, 3, path=list(plain), rf=RFInversion(), control=UnifyEdit(scale=0))
+def test_an_inversion_at_hand_is_used_as_given_and_saves_as_plain_tensors(toy_sd3, scene, tmp_path):
+    """A path passed to edit() is the inversion (rf's gamma and seed shape only one edit() makes itself), and what
+    invert() returns is a plain list of tensors, which torch.load reads back with weights_only."""
+    pulled = invert(toy_sd3, scene, SOURCE, 3, gamma=0.5, seed=1)
+    torch.save(pulled, tmp_path / "path.pt")
+    again = torch.load(tmp_path / "path.pt", weights_only=True)
+    assert type(again) is list and all(torch.equal(a, b) for a, b in zip(again, pulled, strict=True))
+    given = edit(toy_sd3, scene, SOURCE, TARGET, 3, path=again, rf=RFInversion(gamma=0.5, seed=1),
+                 control=UnifyEdit(scale=0), output_type="latent", guidance_scale=1.0)
+    made = edit(toy_sd3, scene, SOURCE, TARGET, 3, rf=RFInversion(gamma=0.5, seed=1), control=UnifyEdit(scale=0),
+                output_type="latent", guidance_scale=1.0)
+    assert torch.equal(given.edited, made.edited)
+
+
+@pytest.mark.parametrize("steps", [5, 9])
+def test_eta_s_window_covers_the_same_denoising_steps_under_either_scheduler(toy_sd3, scene, steps, monkeypatch):
+    """The schedules of an edit count denoising steps: under the midpoint scheduler (two calls a step) RF-Inversion's
+    η and UnifyEdit's step size are on at the same steps as under Euler, and at both calls of each."""
+    from attnctl.editing import EditBranches
+
+    pulled: list[tuple[int, int]] = []
+    real = EditBranches._pull
+
+    def pull(self, step, num_steps, z, sigma, y0):
+        out = real(self, step, num_steps, z, sigma, y0)
+        if out is not None:
+            pulled.append((self.controller.state.step, step))
+        return out
+
+    monkeypatch.setattr(EditBranches, "_pull", pull)
+    seen = {}
+    for name, pipe in (("euler", toy_sd3), ("midpoint", _midpoint(toy_sd3))):
+        pulled.clear()
+        guided = UnifyEdit(scale="window(0.01, 0, 0.3)")
+        edit(pipe, scene, SOURCE, TARGET, steps, control=guided, rf=RFInversion(), output_type="latent",
+             guidance_scale=1.0)
+        seen[name] = (sorted({s for _, s in pulled}), [c for c, _ in pulled], sorted({h.step for h in guided.history}))
+    euler_steps = [i for i in range(steps) if i / (steps - 1) < 0.25]
+    assert seen["euler"][0] == seen["midpoint"][0] == euler_steps
+    assert seen["midpoint"][1] == [c for i in euler_steps for c in (2 * i, 2 * i + 1)]  # both calls of a step
+    assert [c // 2 for c in seen["midpoint"][2]] == seen["euler"][2]  # UnifyEdit's guided steps: the same ones
 
 
 @pytest.mark.parametrize("name", ["toy-sd3", "toy-flux"])

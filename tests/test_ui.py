@@ -627,8 +627,12 @@ def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(mon
     assert "UnifyEdit over 2 guided steps" in mid["summary"] and mid["images"][2] != scheduler["images"][2]
     with Image.open(io.BytesIO(mid["images"][2])) as img:
         assert json.loads(img.text["attnctl"])["solver"] == "midpoint"
+    assert at.number_input(key="edit_rf_eta").disabled  # RF-Inversion off: its settings greyed out
     at.checkbox(key="edit_rf").check().run()  # RF-Inversion's controllers on both runs, with the tab's settings
     at.number_input(key="edit_rf_eta").set_value(0.6).run()
+    at.checkbox(key="edit_rf").uncheck().run()  # a setting survives the box being unticked and ticked again
+    at.checkbox(key="edit_rf").check().run()
+    assert at.number_input(key="edit_rf_eta").value == 0.6 and not at.number_input(key="edit_rf_eta").disabled
     at.button(key="edit_run").click().run()
     ok(at)
     assert errors(at) == []

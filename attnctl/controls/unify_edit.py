@@ -271,7 +271,7 @@ class UnifyEdit(Control):
             self.source_eta.reset()
 
     def step_size(self, step: int, num_steps: int) -> float:
-        """``η`` at ``step`` (0: no gradient pass)."""
+        """``η`` at denoising step ``step`` of ``num_steps`` (0: no gradient pass)."""
         return float(self._scale(step, num_steps))
 
     def _words(self, which: str, source: Any, target: Any) -> list[list[int]]:

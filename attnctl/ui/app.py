@@ -650,16 +650,15 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
     st.checkbox("RF-Inversion", key="edit_rf",
                 help="RF-Inversion's controllers on both runs: the inversion is pulled toward a noise sample (γ), "
                      "the edit toward the input over the first steps (η)")
-    rf = None
-    if ss.edit_rf:
-        g_col, e_col, s_col = st.columns(3)
-        g_col.number_input("γ (inversion)", min_value=0.0, max_value=1.0, step=0.05, key="edit_rf_gamma")
-        e_col.number_input("η (edit)", min_value=0.0, max_value=1.0, step=0.05, key="edit_rf_eta")
-        s_col.number_input("η until (share of the steps)", min_value=0.05, max_value=1.0, step=0.05,
-                           key="edit_rf_stop", help="η is on from the first step until this share of the steps "
-                                                    "(set η to 0 to turn it off)")
-        rf = {"gamma": float(ss.edit_rf_gamma),
-              "eta": f"window({float(ss.edit_rf_eta)!r}, 0, {float(ss.edit_rf_stop)!r})"}
+    off = not ss.edit_rf  # the inputs stay drawn (greyed out), so their values survive the box being unticked
+    g_col, e_col, s_col = st.columns(3)
+    g_col.number_input("γ (inversion)", min_value=0.0, max_value=1.0, step=0.05, key="edit_rf_gamma", disabled=off)
+    e_col.number_input("η (edit)", min_value=0.0, max_value=1.0, step=0.05, key="edit_rf_eta", disabled=off)
+    s_col.number_input("η until (share of the steps)", min_value=0.05, max_value=1.0, step=0.05, key="edit_rf_stop",
+                       disabled=off, help="η is on from the first step until this share of the steps (set η to 0 "
+                                          "to turn it off)")
+    rf = None if off else {"gamma": float(ss.edit_rf_gamma),
+                           "eta": f"window({float(ss.edit_rf_eta)!r}, 0, {float(ss.edit_rf_stop)!r})"}
     clicked = st.button("Edit", key="edit_run", icon=":material/edit:", disabled=model is None or image is None)
     if clicked and model is not None and image is not None:
         bar = st.progress(0.0, text="Inverting…")
