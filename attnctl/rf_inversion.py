@@ -102,8 +102,8 @@ def toward_noise(velocity: Velocity, y1: torch.Tensor, gamma: float) -> Velocity
         if not sigma < 1.0:
             raise ConfigError(f"RF-Inversion's inversion pull is undefined at σ = {sigma} (it divides by 1 − σ)",
                               fix="invert over the scheduler's grid, whose velocities are taken below σ = 1")
-        v = velocity(z, sigma)
-        u = (y1.to(v.dtype) - z.to(v.dtype)) / (1.0 - sigma)
+        v = velocity(z, sigma)  # on the model's device and dtype; the line is taken there too
+        u = (y1.to(v.device, v.dtype) - z.to(v.device, v.dtype)) / (1.0 - sigma)
         return v + gamma * (u - v)
 
     return steered
@@ -117,5 +117,5 @@ def toward_image(v: torch.Tensor, z: torch.Tensor, y0: torch.Tensor, sigma: floa
     if not sigma > 0.0:
         raise ConfigError(f"RF-Inversion's edit pull is undefined at σ = {sigma} (it divides by σ)",
                           fix="use a scheduler whose loop predicts above σ = 0 (every flow-matching one does)")
-    w = (z.to(v.dtype) - y0.to(v.dtype)) / sigma
+    w = (z.to(v.device, v.dtype) - y0.to(v.device, v.dtype)) / sigma
     return v + eta * (w - v)

@@ -32,6 +32,9 @@ def test_the_two_pulls_are_the_straight_lines_to_their_end_points():
         steered(z, 1.0)
     with pytest.raises(ConfigError, match="undefined at σ = 0.0"):
         toward_image(v, z, y, 0.0, 0.5)
+    on_meta = torch.empty(2, 5, device="meta", dtype=torch.bfloat16)  # the model's output on another device: the
+    assert toward_image(on_meta, z, y, 0.4, 0.5).device.type == "meta"  # lines are taken there (CPU offload, GPU)
+    assert toward_noise(lambda zz, s: on_meta, y, 0.5)(z, 0.4).dtype == torch.bfloat16
     a, b = noise_sample(z, 3), noise_sample(z.to(torch.bfloat16), 3)
     assert torch.equal(a, noise_sample(z, 3)) and b.dtype == torch.bfloat16 and not torch.equal(a, noise_sample(z, 4))
 
