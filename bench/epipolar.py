@@ -163,7 +163,8 @@ def main() -> None:
         Console(width=200).print(t)
     except ImportError:
         pass
-    emit({"bench": "epipolar", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
+    emit({"bench": "epipolar", "torch": torch.__version__, "threads": torch.get_num_threads(),
+          "live_memory": layers.live_memory, "rows": rows},
          args.json)
 
 

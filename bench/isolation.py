@@ -153,7 +153,8 @@ def main() -> None:
         Console(width=220).print(t)
     except ImportError:
         pass
-    emit({"bench": "isolation", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
+    emit({"bench": "isolation", "torch": torch.__version__, "threads": torch.get_num_threads(),
+          "live_memory": layers.live_memory, "rows": rows},
          args.json)
 
 

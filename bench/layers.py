@@ -316,7 +316,8 @@ def main() -> None:
         Console(width=200).print(t)
     except ImportError:
         pass
-    result = {"bench": "layers", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    result = {"bench": "layers", "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "live_memory": live_memory, "rows": rows}
     emit(result, args.json)
 
 

@@ -132,7 +132,8 @@ def main() -> None:
         Console(width=200).print(t)
     except ImportError:
         pass
-    emit({"bench": "layout", "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, args.json)
+    emit({"bench": "layout", "torch": torch.__version__, "threads": torch.get_num_threads(),
+          "live_memory": layers.live_memory, "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def main() -> None:
     except ImportError:
         pass
     result = {"bench": "regulation", "config": config, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rows": rows}
+              "threads": torch.get_num_threads(), "live_memory": layers.live_memory, "rows": rows}
     layers.emit(result, args.json)
 
 
