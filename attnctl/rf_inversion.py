@@ -29,8 +29,8 @@ with an empty prompt; attnctl keeps the source prompt, as its plain inversion do
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -38,8 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError
 from .schedules import bounded
 
-Velocity = Callable[[torch.Tensor, float], torch.Tensor]
-"""``v(z, σ)``, as :data:`attnctl.inversion.Velocity`."""
+if TYPE_CHECKING:  # attnctl.inversion imports this module
+    from .inversion import Velocity
 
 
 class RFInversion(BaseModel):
