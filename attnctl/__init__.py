@@ -20,6 +20,7 @@ _EXPORTS = {
     "AttentionRegulation": ".controls.regulation", "SoftPAG": ".controls.softpag",
     "LayoutGuidance": ".controls.layout_guidance", "EpipolarAttention": ".controls.epipolar",
     "IsolationAttention": ".controls.isolation", "UnifyEdit": ".controls.unify_edit",
+    "ValueSharing": ".controls.value_sharing",
     "Camera": ".epipolar", "StereoRig": ".epipolar", "OrbitRig": ".epipolar",
     "invert": ".inversion", "edit": ".editing", "EditResult": ".editing",
     "FlowMatchMidpointScheduler": ".midpoint", "RFInversion": ".rf_inversion",
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # what static analysis and IDEs see
     from .controls.regulation import AttentionRegulation as AttentionRegulation
     from .controls.softpag import SoftPAG as SoftPAG
     from .controls.unify_edit import UnifyEdit as UnifyEdit
+    from .controls.value_sharing import ValueSharing as ValueSharing
     from .editing import EditResult as EditResult
     from .editing import edit as edit
     from .epipolar import Camera as Camera

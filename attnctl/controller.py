@@ -206,8 +206,8 @@ class Controller:
 
     def contributions(self, call: SiteCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
         active = [c for c in self.controls if c.applies_to(call.site)]
-        if self.state.gradient_pass:
-            active = [c for c in active if c is self._latent_control]
+        if self.state.gradient_pass:  # the loss's control, and any that shapes the forward the loss reads
+            active = [c for c in active if c is self._latent_control or getattr(c, "in_gradient_pass", False)]
         if not active:
             return []
         if call.n_text is None:

@@ -16,6 +16,10 @@ forward for the run:
 
 Later calls of a step (SD3's skip-layer pass, FLUX's true-CFG call for the negative prompt) get the same terms.
 
+With :class:`~attnctl.controls.value_sharing.ValueSharing` in the run, a step whose sharing weight is above 0 runs
+the source rows too, on their path latent ``z^s_t`` beside the target rows (in the step's call, its later calls and
+its gradient pass), so the target rows' attention can read their values; the source rows' outputs are dropped.
+
 With :class:`~attnctl.midpoint.FlowMatchMidpointScheduler` (RF-Solver's second-order step) the loop makes two calls a
 step and the path holds the midpoints too. The first call of a step is the one above, with ``σ_{t+1}`` the midpoint.
 The second call's update starts from the step's first latent, ``z_t + (σ_{t+1} − σ_t)·v``, so there the source rows
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 
 from .controls.unify_edit import UnifyEdit, differing_words
+from .controls.value_sharing import ValueSharing
 from .errors import ConfigError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
 from .inversion import has_guidance_embedding, image_array, invert, text_length
@@ -55,7 +60,7 @@ class EditBranches(ForwardWrapper):
         self.controller = controller
         self.control = control
         self.pipe = pipe
-        self._step_terms: tuple[Any, ...] | None = None  # step, z', shift, v^s, RF-Inversion's pull
+        self._step_terms: tuple[Any, ...] | None = None  # step, z', shift, v^s, RF-Inversion's pull, sharing
         self._anchor: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a step's start
         self.passes = 0  # gradient passes run (for tests and logs)
 
@@ -69,6 +74,7 @@ class EditBranches(ForwardWrapper):
         anchor = step_anchor(self.pipe.scheduler, step)  # the call whose latent this call's update starts from
         per_step = state.calls_per_step  # the schedules count denoising steps, under either scheduler
         sigma, sigma_next = float(sigmas[anchor]), float(sigmas[step + 1])
+        share = self._sharing(path, step, per_step, state.num_steps)
         bound = self.bind(args, kwargs)
         hidden = bound["hidden_states"]
         batch = hidden.shape[0]
@@ -88,7 +94,7 @@ class EditBranches(ForwardWrapper):
         if anchor == step:  # a step starts here: the target may move, and the step's base latents are these
             z_src = path[step].to(hidden.device, hidden.dtype)
             size = float(self.control.step_size(step // per_step, state.num_steps // per_step))
-            z_new = self._descend(bound, batch, [cond[0], cond[1]], z_src, z, size * sigma) if size else z
+            z_new = self._descend(bound, batch, [cond[0], cond[1]], z_src, z, size * sigma, share) if size else z
             self._anchor = (step, z_loop.float(), z.float(), z_new.float())
             base_source, base_target, moved, z_run = z_loop.float(), z.float(), z_new.float(), z_new
         else:  # the midpoint call of a second-order step: the update starts from the anchor call's latents
@@ -100,10 +106,20 @@ class EditBranches(ForwardWrapper):
         shift = (moved - base_target) / (sigma_next - sigma)
         v_source = (path[step + 1].to(hidden.device, torch.float32) - base_source) / (sigma_next - sigma)
         pull = self._pull(anchor // per_step, state.num_steps // per_step, z_run, float(sigmas[step]), path[-1])
-        result = self._run_target(bound, batch, target_rows, z_run)
-        out = self._assemble(sample_of(result), batch, source_rows, target_rows, v_source, shift, pull)
-        self._step_terms = (step, z_run, shift, v_source, pull)
+        result, v_target = self._run_target(bound, batch, target_rows, z_run, share and (source_rows, *share))
+        out = self._assemble(v_target, batch, source_rows, target_rows, v_source, shift, pull)
+        self._step_terms = (step, z_run, shift, v_source, pull, share)
         return with_sample(result, out)
+
+    def _sharing(self, path: list[torch.Tensor], step: int, per_step: int, num_steps: int
+                 ) -> tuple[torch.Tensor, float, int] | None:
+        """Value sharing at this call: ``(z^s, w, denoising step)`` with ``z^s = path[step]`` the source rows'
+        latent, or ``None`` when the run has no :class:`ValueSharing` or its weight is 0 at this step."""
+        share = next((c for c in self.controller.controls if isinstance(c, ValueSharing)), None)
+        if share is None:
+            return None
+        weight = share.weight_at(step // per_step, num_steps // per_step)
+        return (path[step], weight, step // per_step) if weight else None
 
     def _pull(self, step: int, num_steps: int, z: torch.Tensor, sigma: float, y0: torch.Tensor
               ) -> tuple[float, torch.Tensor, float, torch.Tensor] | None:
@@ -127,13 +143,40 @@ class EditBranches(ForwardWrapper):
                                   "inverted with (the midpoint scheduler makes two calls a step)")
         return path
 
-    def _run_target(self, bound: dict, batch: int, rows: list[int], z_new: torch.Tensor) -> Any:
-        """The step's call on the target ``rows`` only, every one on the moved latent ``z_new``."""
-        idx = self.controller.state.index(rows, bound["hidden_states"].device)
+    def _run_target(self, bound: dict, batch: int, rows: list[int], z_new: torch.Tensor,
+                    source: tuple[list[int], torch.Tensor, float, int] | None = None) -> tuple[Any, torch.Tensor]:
+        """The call on the target ``rows``, every one on the moved latent ``z_new``: the result and the target rows'
+        prediction. With ``source = (rows, z^s, w, step)`` (value sharing) the source rows run too, on ``z^s``, and
+        each target row reads the values of the source row of its role (in order: unconditional, conditional)."""
+        state = self.controller.state
+        sources = [] if source is None else list(source[0])
+        run = sorted([*rows, *sources])
+        idx = state.index(run, bound["hidden_states"].device)
         sub = map_rows(bound, batch, lambda x: x.index_select(0, idx.to(x.device)), "UnifyEdit")
-        sub["hidden_states"] = z_new.to(bound["hidden_states"].dtype).repeat(len(rows), *[1] * (z_new.ndim - 1))
-        with self.controller.row_subset(rows):
-            return self._original(**sub)
+        dtype = bound["hidden_states"].dtype
+        device = bound["hidden_states"].device
+        latents = [(source[1] if r in sources else z_new).to(device, dtype) for r in run]
+        sub["hidden_states"] = torch.cat(latents)
+        with self.controller.row_subset(run), self._paired(run, rows, sources, source):
+            result = self._original(**sub)
+        if not sources:
+            return result, sample_of(result)
+        keep = state.index([run.index(r) for r in rows], idx.device)
+        return result, sample_of(result).index_select(0, keep.to(sample_of(result).device))
+
+    def _paired(self, run: list[int], targets: list[int], sources: list[int],
+                source: tuple[Any, ...] | None) -> Any:
+        """The value-sharing control's pairing for a forward of the batch rows ``run`` (positions in ``run``), or a
+        context that does nothing without sharing."""
+        if source is None:
+            return contextlib.nullcontext()
+        roles = self.controller.state.roles or ["cond"] * (max(run) + 1)
+        if [roles[t] for t in targets] != [roles[s] for s in sources]:
+            raise ConfigError(f"value sharing pairs target rows {targets} with source rows {sources}, and their roles "
+                              f"differ ({[roles[t] for t in targets]} vs {[roles[s] for s in sources]})",
+                              fix="run the edit through attnctl.edit(...), which lays out the two branches")
+        share = next(c for c in self.controller.controls if isinstance(c, ValueSharing))
+        return share.pairing([run.index(t) for t in targets], [run.index(s) for s in sources], source[2], source[3])
 
     @staticmethod
     def _assemble(v_target: torch.Tensor, batch: int, source_rows: list[int], target_rows: list[int],
@@ -150,15 +193,16 @@ class EditBranches(ForwardWrapper):
         return out
 
     def _descend(self, bound: dict, batch: int, rows: list[int], z_src: torch.Tensor, z: torch.Tensor,
-                 size: float) -> torch.Tensor:
-        """``iterations`` balanced gradient steps on the target latent ``z`` (the source's ``z_src`` fixed)."""
+                 size: float, share: tuple[torch.Tensor, float, int] | None = None) -> torch.Tensor:
+        """``iterations`` balanced gradient steps on the target latent ``z`` (the source's ``z_src`` fixed); with
+        value ``share`` the target reads the source's values in the pass too, as in the step's call."""
         if torch.is_inference_mode_enabled():
             raise ConfigError("UnifyEdit needs gradients of the latents, and the pipeline runs under "
                               "torch.inference_mode()", fix="call it under torch.no_grad() (diffusers' default)")
         idx = self.controller.state.index(rows, z.device)
         sub = map_rows(bound, batch, lambda x: x.index_select(0, idx.to(x.device)), "UnifyEdit")
         for _ in range(int(self.control.config.iterations)):
-            with torch.enable_grad(), self.controller.gradient_pass(rows):
+            with torch.enable_grad(), self.controller.gradient_pass(rows), self._gradient_pairing(share):
                 zz = z.detach().requires_grad_(True)
                 sub["hidden_states"] = torch.cat([z_src.detach(), zz])
                 with contextlib.suppress(StopForward):  # raised after the deepest site the losses read
@@ -173,6 +217,13 @@ class EditBranches(ForwardWrapper):
                 return z
             z = (z.float() - size * direction).to(z.dtype).detach()
         return z
+
+    def _gradient_pairing(self, share: tuple[torch.Tensor, float, int] | None) -> Any:
+        """In the gradient pass over ``[source, target]``, row 1 reads row 0's values when sharing."""
+        if share is None:
+            return contextlib.nullcontext()
+        control = next(c for c in self.controller.controls if isinstance(c, ValueSharing))
+        return control.pairing([1], [0], share[1], share[2])
 
     def _latent_mask(self, z: torch.Tensor) -> torch.Tensor | None:
         """The control's last edit mask (token grid ``h×w``) on the latent ``z``: FLUX's packed latent has one row
@@ -194,9 +245,9 @@ class EditBranches(ForwardWrapper):
         if batch != 2:
             raise ConfigError(f"a later call of step {step} has {batch} rows, and an edit has two images",
                               fix="call the pipeline with [source_prompt, target_prompt] and one image each")
-        _, z_new, shift, v_source, pull = self._step_terms
-        result = self._run_target(bound, batch, [1], z_new)
-        return with_sample(result, self._assemble(sample_of(result), batch, [0], [1], v_source, shift, pull))
+        _, z_new, shift, v_source, pull, share = self._step_terms
+        result, v_target = self._run_target(bound, batch, [1], z_new, share and ([0], *share))
+        return with_sample(result, self._assemble(v_target, batch, [0], [1], v_source, shift, pull))
 
 
 @dataclass
@@ -211,7 +262,7 @@ class EditResult:
 
 def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_inference_steps: int = 28, *,
          control: UnifyEdit | None = None, guidance_scale: float | None = None, path: list[torch.Tensor] | None = None,
-         rf: RFInversion | None = None, **pipe_kwargs: Any) -> EditResult:
+         rf: RFInversion | None = None, share: ValueSharing | None = None, **pipe_kwargs: Any) -> EditResult:
     """Edit a real ``image`` (PIL, file path or ``H×W×3`` uint8 array) described by ``source_prompt`` into what
     ``target_prompt`` says, with UnifyEdit (``control``, default ``UnifyEdit()``; :mod:`attnctl.controls.unify_edit`).
 
@@ -227,7 +278,11 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
 
     ``rf`` adds RF-Inversion's controllers (:mod:`attnctl.rf_inversion`): the inversion is pulled toward a noise
     sample by ``rf.gamma``, and the target branch toward the source image by the schedule ``rf.eta``. With
-    ``control=UnifyEdit(scale=0)`` that is RF-Inversion alone; with the default control both methods act."""
+    ``control=UnifyEdit(scale=0)`` that is RF-Inversion alone; with the default control both methods act.
+
+    ``share`` adds RF-Solver-Edit's feature sharing (:mod:`attnctl.controls.value_sharing`): at late sites during the
+    first steps the target branch attends with the source branch's values. RF-Solver-Edit itself is
+    ``control=UnifyEdit(scale=0), share=ValueSharing()`` on a pipeline with the midpoint scheduler."""
     for name, text in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"{name} must be a non-empty string, got {text!r}",
@@ -250,6 +305,9 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     if rf is not None and not isinstance(rf, RFInversion):
         raise ConfigError(f"rf takes RF-Inversion's settings, got {type(rf).__name__}",
                           fix="pass rf=attnctl.RFInversion(gamma=..., eta=...), or leave it out")
+    if share is not None and not isinstance(share, ValueSharing):
+        raise ConfigError(f"share takes value-sharing settings, got {type(share).__name__}",
+                          fix="pass share=attnctl.ValueSharing(weight=..., sites=...), or leave it out")
     gamma, seed = (rf.gamma, rf.seed) if rf is not None else (0.0, 0)
     if path is None:
         path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance,
@@ -257,7 +315,7 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     control.set_source(path, eta=rf.eta if rf is not None else None)
     from .controller import attach
 
-    with attach(pipe, [control]):
+    with attach(pipe, [control] if share is None else [control, share]):
         out = pipe([source_prompt, target_prompt], latents=torch.cat([path[0], path[0]]),
                    num_inference_steps=num_inference_steps, height=height, width=width, max_sequence_length=length,
                    **pipe_kwargs)

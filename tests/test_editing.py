@@ -199,7 +199,7 @@ def test_a_move_of_the_target_latent_is_the_stock_run_from_the_moved_latent(mode
     delta = 0.3 * torch.randn(path[0].shape, generator=torch.Generator().manual_seed(1))
     moves = []
 
-    def descend(self, bound, batch, rows, z_src, z, size):
+    def descend(self, bound, batch, rows, z_src, z, size, share=None):
         moves.append(self.controller.state.step)
         return z + delta if len(moves) == 1 else z
 

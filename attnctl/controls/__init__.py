@@ -8,7 +8,8 @@ from .probe import AttentionProbe
 from .regulation import AttentionRegulation
 from .softpag import SoftPAG
 from .unify_edit import UnifyEdit
+from .value_sharing import ValueSharing
 
 __all__ = ["CONTROL_TYPES", "AttentionProbe", "AttentionRegulation", "Control", "ControlConfig", "EpipolarAttention",
            "IsolationAttention", "RunState", "LayoutGuidance", "control_from_json", "register", "SoftPAG",
-           "UnifyEdit"]
+           "UnifyEdit", "ValueSharing"]

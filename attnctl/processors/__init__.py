@@ -2,14 +2,24 @@
 
 from .attend import attend, fused_attention, fused_attention_with_lse
 from .base import AttnCtlProcessor, SiteCall
-from .contributions import DenseBias, ExtraKV, KeyBias, MixContext, OutputMix, PartialAttention, Probe, Selection
+from .contributions import (
+    DenseBias,
+    ExtraKV,
+    KeyBias,
+    MixContext,
+    OutputMix,
+    PartialAttention,
+    Probe,
+    Selection,
+    SharedValues,
+)
 from .flux import AttnCtlFluxProcessor
 from .sd3 import AttnCtlJointProcessor
 
 __all__ = [
     "AttnCtlFluxProcessor", "AttnCtlJointProcessor", "AttnCtlProcessor", "DenseBias", "ExtraKV", "KeyBias",
-    "MixContext", "OutputMix", "PartialAttention", "Probe", "Selection", "SiteCall", "attend", "fused_attention",
-    "fused_attention_with_lse", "processor_for",
+    "MixContext", "OutputMix", "PartialAttention", "Probe", "Selection", "SharedValues", "SiteCall", "attend",
+    "fused_attention", "fused_attention_with_lse", "processor_for",
 ]
 
 

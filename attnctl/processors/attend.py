@@ -16,6 +16,8 @@ Paths, cheapest first:
 
 - dense biases or extra keys: an explicit softmax for the selected batch rows and heads, in query-row chunks
   of at most ``max_chunk_elems`` logits; the other heads keep the fused result;
+- shared values (an edit's target rows reading the source rows' values): the value rows are replaced first, and the
+  call then takes whichever path the other contributions need (:func:`share_values`);
 - partial attention over keys outside the call (computed by the control, e.g. sparsely): merged into the rows'
   result by the two log-sum-exps (:func:`merge_attention`).
 """
@@ -43,6 +45,7 @@ from .contributions import (
     PartialAttention,
     Probe,
     Selection,
+    SharedValues,
     host_values,
     index_tensor,
 )
@@ -563,10 +566,48 @@ def _probe(q, k, lse, pr: Probe, biases, scale, B, S, H, n_keys, attn_mask=None)
     pr.sink(torch.exp(s - _select(lse, pr.where, S)[..., None]))
 
 
+def share_values(v: torch.Tensor, shares: Sequence[SharedValues]) -> torch.Tensor:
+    """``v`` ``(B, S, H, d)`` with each :class:`SharedValues` applied in turn: the selected rows' values on the
+    selected positions and heads moved by ``weight`` toward their source rows' (exactly the source's at weight 1).
+    Out of place, so autograd sees it (an edit's gradient pass runs through it)."""
+    B, S, H, _ = v.shape
+    for sv in shares:
+        rows, source = sv.where.batch, sv.source
+        if rows is None or len(rows) != len(source):
+            raise ValueError(f"SharedValues names {0 if rows is None else len(rows)} rows that borrow values and "
+                             f"{len(source)} rows they borrow from; give one source row per selected row "
+                             "(where.batch and source of the same length)")
+        if not 0.0 <= float(sv.weight) <= 1.0:
+            raise ValueError(f"SharedValues weight {sv.weight!r} is outside [0, 1] (0: the row's own values, 1: the "
+                             "source row's)")
+        known = [host_values(t) for t in (rows, source)]
+        if any(x is not None and any(not 0 <= i < B for i in x) for x in known):
+            raise ValueError(f"SharedValues rows {known[0]} / sources {known[1]} are outside this call's batch of {B}")
+        r0, r1 = _norm_rows(sv.where.rows, S)
+        heads = sv.where.heads
+        mine = v.index_select(0, rows.to(v.device))
+        theirs = v.index_select(0, source.to(v.device))[:, r0:r1]
+        if heads is not None:
+            theirs = theirs.index_select(2, heads.to(v.device))
+        own = mine[:, r0:r1] if heads is None else mine[:, r0:r1].index_select(2, heads.to(v.device))
+        new = theirs if float(sv.weight) == 1.0 else torch.lerp(own, theirs, float(sv.weight))
+        mixed = mine.clone()
+        if heads is None:
+            mixed[:, r0:r1] = new
+        else:
+            mixed[:, r0:r1] = mixed[:, r0:r1].index_copy(2, heads.to(v.device), new)
+        v = v.index_copy(0, rows.to(v.device), mixed)
+    return v
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Sequence[Contribution], *,
            attn_mask: torch.Tensor | None = None, backend=None, parallel_config=None,
            max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
     """Attention of ``q`` over ``k, v`` (``(B, S, H, d)``) with every contribution applied; see the module doc."""
+    shares = [c for c in contributions if isinstance(c, SharedValues)]
+    if shares:
+        v = share_values(v, shares)
+        contributions = [c for c in contributions if not isinstance(c, SharedValues)]
     if not contributions:
         return fused_attention(q, k, v, attn_mask=attn_mask, backend=backend, parallel_config=parallel_config)
     B, S, H, D = q.shape
@@ -581,7 +622,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
     unknown = [c for c in contributions if not isinstance(c, known)]
     if unknown:
         raise TypeError(f"unknown attention contribution {type(unknown[0]).__name__}; controls must return "
-                        "KeyBias, DenseBias, ExtraKV, PartialAttention, Probe or OutputMix objects")
+                        "KeyBias, DenseBias, ExtraKV, PartialAttention, Probe, OutputMix or SharedValues objects")
     if any(p.where.heads is not None for p in partials):
         raise ValueError("a PartialAttention covers every head of its rows (where.heads=None); give heads that "
                          "should not read its keys an output of their own (an OutputMix) instead")

@@ -4,6 +4,8 @@ Tensors use the layout of diffusers' attention dispatcher: ``(batch, sequence, h
 ``batch`` and ``heads`` select batch rows and heads (``None``: all); ``rows`` is a slice of query positions
 in the site's sequence (``None``: all). A control returns any number of these; the processor composes them:
 
+0. :class:`SharedValues` first replace (or blend) the values of their rows with other rows' values, so every later
+   step, the fused kernel included, reads the shared values;
 1. the attention distribution is the softmax of ``q·kᵀ/√d`` plus every :class:`KeyBias` and
    :class:`DenseBias`, over the site's keys plus any :class:`ExtraKV` keys, plus the keys of any
    :class:`PartialAttention` (computed apart and merged in by their log-sum-exp);
@@ -178,4 +180,23 @@ class OutputMix:
     context: bool = False
 
 
-Contribution = KeyBias | DenseBias | ExtraKV | PartialAttention | Probe | OutputMix
+@dataclass
+class SharedValues:
+    """The selected batch rows attend with values taken from other rows of the same call (an edit's target branch
+    reading the source branch's values, as RF-Solver-Edit's feature sharing does)::
+
+        v[b, t, h] ← v[b, t, h] + weight · (v[source_b, t, h] − v[b, t, h])
+
+    for each selected row ``b`` and its ``source_b`` (``source``, one row index per entry of ``where.batch``), on the
+    token positions ``where.rows`` (here: positions of keys and values, ``None`` for all) and the heads
+    ``where.heads``. ``weight`` 1 replaces the values; the queries and keys, and so the attention pattern, stay the
+    row's own. It acts before everything else at the call and costs one copy of the value rows: the fused kernel
+    still runs.
+    """
+
+    source: torch.Tensor
+    weight: float
+    where: Selection
+
+
+Contribution = KeyBias | DenseBias | ExtraKV | PartialAttention | Probe | OutputMix | SharedValues
