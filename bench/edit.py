@@ -18,6 +18,9 @@ prompt is "a red circle and a blue square", the target "a green circle and a blu
 - ``unify``: the gradient pass at a site the losses read: the attnctl processor's forward with UnifyEdit's defaults
   (both terms, the edit mask by Otsu on the source's map of "red"), then one backward per term to the layer's
   input, as ``attnctl.edit`` runs them. The image×image maps go in checkpointed chunks of query rows;
+- ``share``: RF-Solver-Edit's value sharing at a site it acts at: the attnctl processor's forward of the two rows
+  with the target row reading the source row's values (``ValueSharing``; no gradients) — against ``stock`` it is
+  the cost of the swap itself, since the extra forward of the source rows is the ``stock`` row's second row;
 - ``unify_materialised``: the same with the whole ``heads × N_img × N_img`` maps at once, the plain way to write the
   loss. At 1024² one SD3.5-large map is 2.4 GB a row and this variant alone needs about 10 GB; ``--materialise-up-to
   512`` leaves it out above 512².
@@ -45,7 +48,7 @@ import layers  # noqa: E402  (the layer builders and the peak-memory method)
 from regulation import WORDS, prompt_layout  # noqa: E402
 from report import emit  # noqa: E402
 
-VARIANTS = ("stock", "stock_grad", "unify", "unify_materialised")
+VARIANTS = ("stock", "stock_grad", "unify", "share", "unify_materialised")
 TARGET_WORDS = [("green" if w == "red" else w) for w in WORDS]
 
 
@@ -62,10 +65,10 @@ def two_rows(kwargs: dict) -> dict:
 
 def build(shape: str, res: int, variant: str):
     """The layer with two input rows, and for ``unify*`` the control bound to its controller in a gradient pass."""
-    from attnctl import UnifyEdit
+    from attnctl import UnifyEdit, ValueSharing
 
     guided = variant.startswith("unify")
-    layer = layers.build(shape, res, "attnctl" if guided else "stock")
+    layer = layers.build(shape, res, "attnctl" if guided or variant == "share" else "stock")
     layer.kwargs = two_rows(layer.kwargs)
     control = None
     if guided:
@@ -80,6 +83,13 @@ def build(shape: str, res: int, variant: str):
         ctl.begin_run(1, layout=target, roles=["cond", "cond"])
         ctl.state.row_layouts = [source, target]
         ctl.state.gradient_pass = True
+    if variant == "share":
+        ctl = layer.controller
+        ctl.controls.append(UnifyEdit(sites="all"))  # value sharing belongs to an edit (its bind checks)
+        control = ValueSharing(weight=1.0, sites="all")
+        ctl.controls.append(control)
+        control.bind(ctl)
+        ctl.begin_run(1, roles=["cond", "cond"], layout=prompt_layout(layers.SHAPES[shape], layer.n_text, res // 16))
     return layer, control
 
 
@@ -102,6 +112,11 @@ def one_call(layer, control, variant: str) -> tuple[dict, torch.Tensor] | None:
     if variant == "stock":
         with torch.no_grad():
             layer.attn(**layer.kwargs)
+        return None
+    if variant == "share":
+        with torch.no_grad(), control.pairing([1], [0], 1.0, 0):
+            layer.attn(**layer.kwargs)
+        assert control.shared_steps == [0]
         return None
     x = layer.kwargs["hidden_states"].detach().requires_grad_(True)
     with torch.enable_grad(), materialised(variant == "unify_materialised"):
@@ -145,6 +160,7 @@ def time_variants(shape: str, res: int, repeats: int, materialise_up_to: int) ->
                text_tokens=stock.n_text, heads=heads, seconds={v: round(m, 4) for v, m in med.items()},
                ratio_to_stock={v: round(m / med["stock"], 3) for v, m in med.items()},
                unify_over_stock_grad=round(med["unify"] / med["stock_grad"], 3),
+               share_over_stock=round(med["share"] / med["stock"], 3),
                losses=results["unify"][0], map_bytes=heads * stock.n_img * stock.n_img * 4)
     if "unify_materialised" in med:
         row["chunked_over_materialised"] = round(med["unify"] / med["unify_materialised"], 3)
@@ -180,8 +196,9 @@ def main() -> None:
         from rich.table import Table
 
         t = Table(title="UnifyEdit's gradient pass at one layer, two rows (ratios: same run; 1.00 = stock forward)")
-        for col in ("layer", "res", "tokens", "stock fwd+bwd ×", "unify pass ×", "unify / stock fwd+bwd",
-                    "chunked / materialised time", "max rel diff", "peak MB stock / fwd+bwd / unify / materialised",
+        for col in ("layer", "res", "tokens", "stock fwd+bwd ×", "unify pass ×", "unify / stock fwd+bwd", "share ×",
+                    "chunked / materialised time", "max rel diff",
+                    "peak MB stock / fwd+bwd / unify / share / materialised",
                     "peak unify / materialised",
                     "one row's N_img² map MB"):
             t.add_column(col, justify="right")
@@ -190,6 +207,7 @@ def main() -> None:
             mb = " / ".join(f"{peak[v] / 2**20:.0f}" if v in peak else "–" for v in VARIANTS)
             t.add_row(r["shape"], str(r["res"]), str(r["tokens"]), f"{r['ratio_to_stock']['stock_grad']:.2f}",
                       f"{r['ratio_to_stock']['unify']:.2f}", f"{r['unify_over_stock_grad']:.2f}",
+                      f"{r['share_over_stock']:.2f}",
                       f"{r['chunked_over_materialised']:.2f}" if "chunked_over_materialised" in r else "–",
                       f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else "–", mb,
                       f"{peak['unify'] / peak['unify_materialised']:.2f}" if "unify_materialised" in peak else "–",

@@ -4,6 +4,7 @@
     python bench/edit_eval.py --models toy-sd3 --items 4 --json out/edit.json
     python bench/edit_eval.py --solver midpoint                 # RF-Solver's step: inversion and edit
     python bench/edit_eval.py --methods inversion rf-inversion --rf '{"gamma": 0.5, "eta": "window(0.9, 0, 0.25)"}'
+    python bench/edit_eval.py --solver midpoint --methods inversion value-sharing   # RF-Solver-Edit
 
 Each edit takes a ground-truth render of the pair prompt set and recolours one object in the prompt
 ("a red circle and a blue square" → "a green circle and a blue square"). Methods, on the same inverted noise:
@@ -12,6 +13,8 @@ preservation only), ``ca`` (cross-attention alignment only), ``fixed`` (both, no
 adaptive: the defaults), ``unifyedit+project`` (the same, with conflicting gradient components projected out),
 ``rf-inversion`` (RF-Inversion's controlled inversion and edit, ``--rf`` settings, default the paper's; no latent
 guidance) and ``unifyedit+rf`` (both methods). The RF methods invert anew (their inversion is pulled toward noise).
+``value-sharing`` (RF-Solver-Edit's feature sharing, ``--share`` settings, default ``ValueSharing()``; no latent
+guidance; with ``--solver midpoint`` that is RF-Solver-Edit) and ``unifyedit+share`` (both).
 
 - **editability**: the edited object is found in its new colour (shape and colour, the toy detector), and
   ``edit_binding`` is the whole target prompt's colour binding;
@@ -32,7 +35,7 @@ from report import emit
 from rich.console import Console
 from rich.table import Table
 
-from attnctl import FlowMatchMidpointScheduler, RFInversion, UnifyEdit, edit
+from attnctl import FlowMatchMidpointScheduler, RFInversion, UnifyEdit, ValueSharing, edit
 from attnctl.toyworld import vocab
 from attnctl.toyworld.evaluate import evaluate_image
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
@@ -47,8 +50,11 @@ METHODS = {
     "unifyedit+project": {"conflict": "project"},
     "rf-inversion": {"scale": 0.0, "rf": True},
     "unifyedit+rf": {"rf": True},
+    "value-sharing": {"scale": 0.0, "share": True},
+    "unifyedit+share": {"share": True},
 }
-"""UnifyEdit overrides per method; ``"rf": True`` adds RF-Inversion's controllers (``--rf`` settings)."""
+"""UnifyEdit overrides per method; ``"rf": True`` adds RF-Inversion's controllers (``--rf`` settings), ``"share":
+True`` RF-Solver-Edit's value sharing (``--share`` settings)."""
 
 
 def colour_edits(n: int) -> list[dict]:
@@ -93,7 +99,7 @@ def score(image: np.ndarray, source: np.ndarray, e: dict, side: int) -> dict[str
 
 
 def evaluate(model: str, n: int, methods: list[str], overrides: dict, guidance: float | None = None,
-             solver: str = "euler", rf: RFInversion | None = None) -> list[dict]:
+             solver: str = "euler", rf: RFInversion | None = None, share: dict | None = None) -> list[dict]:
     pipe = load_pipeline(model)
     if solver == "midpoint":  # RF-Solver's step for the inversion and both branches
         pipe.scheduler = FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)
@@ -108,17 +114,20 @@ def evaluate(model: str, n: int, methods: list[str], overrides: dict, guidance: 
         scores, seconds = [], 0.0
         settings = dict(METHODS[name])
         method_rf = rf if settings.pop("rf", False) else None
+        shares = settings.pop("share", False)
         for e in edits:
             source = render(scene_from_item(e["item"]), side)
             control = UnifyEdit(**{**e["words"], **overrides, **settings})
+            method_share = ValueSharing(**(share or {})) if shares else None  # a control: one per run
             t0 = time.perf_counter()
             res = edit(pipe, source, e["item"]["prompt"], e["target"], steps, control=control,
-                       guidance_scale=guidance, rf=method_rf)
+                       guidance_scale=guidance, rf=method_rf, share=method_share)
             seconds += time.perf_counter() - t0
             scores.append(score(np.asarray(res.edited), source, e, side))
         mean = {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
         row = {"model": model, "method": name, "solver": solver, "edits": len(edits), "steps": steps,
                "guidance": guidance, "rf": method_rf.to_json() if method_rf else None,
+               "share": ValueSharing(**(share or {})).config.model_dump(mode="json") if shares else None,
                "seconds_per_edit": round(seconds / len(edits), 3), **mean}
         per_edit[name] = np.array([s["success"] for s in scores])
         if "inversion" in per_edit and name != "inversion":  # paired over the same edits
@@ -143,6 +152,8 @@ def main() -> None:
                     help="the step of the inversion and the edit: the pipeline's Euler, or RF-Solver's midpoint")
     ap.add_argument("--rf", default=None, metavar="JSON",
                     help="RF-Inversion's settings for the rf methods (default: the paper's, RFInversion())")
+    ap.add_argument("--share", default=None, metavar="JSON",
+                    help="value-sharing settings for the share methods (default: ValueSharing()'s)")
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -155,8 +166,11 @@ def main() -> None:
         except ValueError:
             overrides[key] = value
     rf = RFInversion.from_json(json.loads(args.rf)) if args.rf else RFInversion()
+    share = json.loads(args.share) if args.share else {}
+    share.pop("kind", None)
+    ValueSharing(**share)  # bad settings fail here, before any model loads
     rows = [r for m in args.models
-            for r in evaluate(m, args.items, args.methods, overrides, args.guidance, args.solver, rf)]
+            for r in evaluate(m, args.items, args.methods, overrides, args.guidance, args.solver, rf, share)]
     table = Table(title="UnifyEdit: colour edits of real toy scenes")
     for col in ("model", "method", "success", "vs inversion", "edited", "kept", "binding", "outside MAE", "s / edit"):
         table.add_column(col)
@@ -167,7 +181,8 @@ def main() -> None:
             f"{r['success_vs_inversion']:+.3f} ± {r['success_vs_inversion_se'] or 0:.3f}"
         table.add_row(r["model"], r["method"], *cells[:1], vs, *cells[1:])
     Console(stderr=True, width=160).print(table)
-    emit({"edit": rows, "overrides": overrides, "rf": rf.to_json()}, args.json)
+    emit({"edit": rows, "overrides": overrides, "rf": rf.to_json(),
+          "share": ValueSharing(**share).config.model_dump(mode="json")}, args.json)
 
 
 if __name__ == "__main__":

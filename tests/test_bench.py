@@ -185,11 +185,13 @@ def test_inversion_eval_runs(tmp_path):
 
 def test_edit_eval_runs(tmp_path):
     result = run_bench("edit_eval.py", "--models", "toy-sd3", "--items", "1", "--methods", "inversion", "unifyedit",
-                       "rf-inversion", "--solver", "midpoint", "--rf", '{"gamma": 0.3}', out=tmp_path / "edit.json")
+                       "rf-inversion", "value-sharing", "--solver", "midpoint", "--rf", '{"gamma": 0.3}',
+                       "--share", '{"tokens": "image"}', out=tmp_path / "edit.json")
     rows = result["edit"]
-    assert [r["method"] for r in rows] == ["inversion", "unifyedit", "rf-inversion"]
+    assert [r["method"] for r in rows] == ["inversion", "unifyedit", "rf-inversion", "value-sharing"]
     assert all(r["edits"] == 1 and r["solver"] == "midpoint" for r in rows)
     assert rows[0]["rf"] is None and rows[2]["rf"]["gamma"] == 0.3 and result["rf"]["gamma"] == 0.3
+    assert rows[0]["share"] is None and rows[3]["share"]["tokens"] == "image" and result["share"]["tokens"] == "image"
     for r in rows:
         assert 0.0 <= r["edited"] <= 1.0 and 0.0 <= r["kept"] <= 1.0 and r["outside_mae"] >= 0.0
 
@@ -201,8 +203,9 @@ def test_edit_layer_bench_runs_and_its_two_forms_agree(tmp_path):
                        "--live-memory", "--peak-jobs", "2", out=tmp_path / "edit_layer.json")
     assert result["live_memory"] is True
     (row,) = result["rows"]
-    assert set(row["seconds"]) == set(row["extra_peak_bytes"]) == {"stock", "stock_grad", "unify",
+    assert set(row["seconds"]) == set(row["extra_peak_bytes"]) == {"stock", "stock_grad", "unify", "share",
                                                                    "unify_materialised"}
+    assert row["share_over_stock"] > 0
     assert row["image_tokens"] == 256 and row["max_rel_diff"] <= 1e-5
     assert row["losses"]["sa"] > 0 and 0 < row["losses"]["ca"] <= 1
 
