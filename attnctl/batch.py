@@ -124,7 +124,7 @@ RESERVED_FIELDS: dict[str, str] = {
 }
 """Field names kept for methods to come: refused with "not supported yet", not as typos."""
 
-EDIT_ONLY_FIELDS = ("image", "source_prompt", "solver", "rf_inversion")
+EDIT_ONLY_FIELDS = ("image", "source_prompt", "solver", "rf_inversion", "value_sharing")
 GENERATE_ONLY_FIELDS = ("seed", "seeds", "height", "width", "negative_prompt", "true_cfg", "boxes",
                         "reference_prompts", "images")
 
@@ -310,6 +310,11 @@ class EditItem(_Strict):
                           "\"eta\": \"window(0.9, 0, 0.25)\", \"seed\": 0}: the inversion is pulled toward a noise "
                           "sample by gamma, the edit toward the source image by the schedule eta (docs/editing.md). "
                           "Absent or null: none.")
+    value_sharing: dict[str, Any] | None = Field(
+        None, description="RF-Solver-Edit's value sharing as an object, {} for its settings, e.g. {\"weight\": "
+                          "\"window(1, 0, 0.15)\", \"sites\": \"late\", \"tokens\": \"all\"}: at the sites the "
+                          "target branch attends with the source branch's values, by the schedule weight over the "
+                          "steps (docs/editing.md). Absent or null: none.")
 
 
 Item = GenerateItem | EditItem
@@ -566,10 +571,14 @@ def _check_generate_item(raw: dict[str, Any], raw_defaults: dict[str, Any]) -> t
     item, own = _validated(GenerateItem, "generate", raw)
     own.extend(_check_raw(raw, raw.get("boxes", raw_defaults.get("boxes"))))
     controls = raw.get("controls", raw_defaults.get("controls"))
-    if isinstance(controls, list) and any(isinstance(c, dict) and c.get("kind") == "unify_edit" for c in controls):
-        origin = "" if "controls" in raw else " (from defaults)"
+    kinds = {c.get("kind") for c in controls if isinstance(c, dict)} if isinstance(controls, list) else set()
+    origin = "" if "controls" in raw else " (from defaults)"
+    if "unify_edit" in kinds:
         own.append(f"field 'controls'{origin}: the unify_edit control edits an existing image; it runs in items "
                    "of type \"edit\" (with 'image' and 'source_prompt')")
+    if "value_sharing" in kinds:
+        own.append(f"field 'controls'{origin}: value_sharing acts in an edit of an existing image; give it as the "
+                   "field \"value_sharing\": {...} of an item of type \"edit\"")
     prompt = raw.get("prompt", raw_defaults.get("prompt"))
     if prompt is None:
         own.append("field 'prompt' is required (in the item, or in defaults for every item)")
@@ -592,19 +601,22 @@ def _edit_control(item: EditItem) -> Any:
     spec = item.controls[0] if item.controls else {"kind": "unify_edit"}
     control = control_from_json(spec)
     if not isinstance(control, UnifyEdit):
-        raise ConfigError(f"an edit item runs UnifyEdit, and its control is {spec.get('kind')!r}",
+        also = (' Value sharing is the item\'s field "value_sharing": {...}, not a control.'
+                if spec.get("kind") == "value_sharing" else "")
+        raise ConfigError(f"an edit item runs UnifyEdit, and its control is {spec.get('kind')!r}.{also}",
                           fix='give {"kind": "unify_edit", ...} with its settings, or leave "controls" out')
     return control
 
 
 class _EditInput(NamedTuple):
-    """What checking an edit item found: its image file, the SHA-256 of its bytes, its control's JSON and its
-    RF-Inversion settings' JSON (all fields, or ``None``)."""
+    """What checking an edit item found: its image file, the SHA-256 of its bytes, its control's JSON, and its
+    RF-Inversion and value-sharing settings' JSON (all fields, or ``None``)."""
 
     image: Path
     digest: str
     control: dict[str, Any]
     rf: dict[str, Any] | None = None
+    share: dict[str, Any] | None = None
 
 
 def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, list[str], _EditInput | None]:
@@ -641,6 +653,15 @@ def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, 
             rf = None if settings is None else settings.to_json()
         except AttnCtlError as e:
             own.append(f"field 'rf_inversion': {_one_line(e)}")
+    share = None
+    if item is not None and item.value_sharing is not None:
+        from .controls.value_sharing import ValueSharing
+
+        try:
+            sharing = ValueSharing.from_json(item.value_sharing).canonical()  # weight 0 throughout: no sharing
+            share = None if sharing is None else sharing.to_json()
+        except AttnCtlError as e:
+            own.append(f"field 'value_sharing': {_one_line(e)}")
     if item is None or own or image is None:  # (the controls' own checks have run: their problems are in own)
         return item, own, None
     control = None
@@ -654,7 +675,7 @@ def _check_edit_item(raw: dict[str, Any], base: Path) -> tuple[EditItem | None, 
                    "edit; change the words that should change")
     if own or control is None:
         return item, own, None
-    return item, own, _EditInput(*image, control.to_json(), rf)
+    return item, own, _EditInput(*image, control.to_json(), rf, share)
 
 
 class _FieldProblem(Exception):
@@ -719,8 +740,17 @@ def _edit_job(index: int, item_id: str, item: EditItem, defaults: Defaults, foun
         settings["solver"] = item.solver
     if found.rf is not None:  # the same: absent from the hashes of edits without it
         settings["rf_inversion"] = found.rf
+    if found.share is not None and (settings.get("steps") is None or _shares_at(found.share, settings["steps"])):
+        settings["value_sharing"] = found.share  # and value sharing, unless it shares at none of the item's steps
     return [Job(index=index, id=item_id, seed=None, file=f"{safe_stem(item_id)}.png", settings=settings, hash="",
                 kind="edit", image=found.image)]
+
+
+def _shares_at(share: dict[str, Any], steps: int) -> bool:
+    """Whether value-sharing settings share anything in an edit of ``steps`` steps."""
+    from .controls.value_sharing import ValueSharing
+
+    return ValueSharing.from_json(share).canonical(steps) is not None
 
 
 def _prompt_words(prompt: str) -> list[str]:
@@ -1085,6 +1115,7 @@ def _inversion_key(job: Job) -> tuple[Any, ...] | None:
         return None
     s = job.settings
     rf = s.get("rf_inversion")  # its gamma and seed shape the inversion (the seed only when gamma > 0); eta the edit
+    # (value sharing acts in the edit only: edits with and without it share an inversion)
     return (s["image_sha256"], s["source_prompt"], s["steps"], s["guidance"], s["max_sequence_length"],
             s.get("solver", "euler"), (rf["gamma"], rf["seed"]) if rf and rf["gamma"] else None)
 
@@ -1213,6 +1244,7 @@ class _Generator:
         """An edit item, as ``attnctl edit`` makes it. Consecutive edits of one image under one caption (and the
         same steps and guidance) invert it once."""
         from .controls import control_from_json
+        from .controls.value_sharing import ValueSharing
         from .editing import edit
         from .imageio import read_image
         from .midpoint import use_solver
@@ -1230,13 +1262,14 @@ class _Generator:
         length = int(s["max_sequence_length"] if s["max_sequence_length"] is not None else d["max_sequence_length"])
         control = control_from_json(s["controls"][0])  # fresh: a control keeps run state
         rf = RFInversion.from_json(s["rf_inversion"]) if s.get("rf_inversion") is not None else None
+        share = ValueSharing.from_json(s["value_sharing"]) if s.get("value_sharing") is not None else None
         key = _inversion_key(job)  # the same key share_out groups the edits by
         with use_solver(self.pipe, s.get("solver", "euler")):  # for this edit only
             result = edit(self.pipe, read_image(io.BytesIO(data)), s["source_prompt"], s["prompt"], steps,
                           control=control, guidance_scale=guidance, max_sequence_length=length,
-                          path=self._inverted.get(key), rf=rf)
+                          path=self._inverted.get(key), rf=rf, share=share)
             meta = cli.edit_meta(self.pipe, job.image, s["source_prompt"], s["prompt"], self.model, steps, guidance,
-                                 length, control, self.dtype_name, self.dev, rf=rf)
+                                 length, control, self.dtype_name, self.dev, rf=rf, share=share)
         self._inverted = {key: result.path}
         meta["batch"] = {"file": Path(source).name, "id": job.id, "index": job.index, "hash": job.hash}
         return [(job.file, result.edited, meta)]

@@ -560,6 +560,13 @@ def edit(
     rf_settings: str | None = typer.Option(
         None, "--rf-settings", help="RF-Inversion settings as JSON or @file.json (implies --rf), e.g. "
                                     "'{\"gamma\": 0.5, \"eta\": \"window(0.9, 0, 0.25)\", \"seed\": 0}'."),
+    share: bool = typer.Option(False, "--share", help="Add RF-Solver-Edit's value sharing (the target attends with "
+                                                      "the source's values at the late sites over the first 15% of "
+                                                      "the steps)."),
+    share_settings: str | None = typer.Option(
+        None, "--share-settings", help="Value-sharing settings as JSON or @file.json (implies --share), e.g. "
+                                       "'{\"weight\": \"window(1, 0, 0.15)\", \"sites\": \"late\", "
+                                       "\"tokens\": \"all\"}'."),
     out: Path = typer.Option(Path("out/edited.png"), "--out", "-o", help="Output PNG (written atomically)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32)."),
@@ -575,6 +582,7 @@ def edit(
         raise AttnCtlError("--control takes the settings of the UnifyEdit control as a JSON object",
                            'pass e.g. \'{"scale": "window(0.2, 0, 0.5)", "ca_weight": 2}\'')
     ctl = build_controls([{**spec, "kind": "unify_edit"}], what="--control")[0]
+    from .controls.value_sharing import ValueSharing
     from .midpoint import SOLVERS, use_solver
     from .rf_inversion import RFInversion
 
@@ -582,6 +590,10 @@ def edit(
     if rf_settings is not None:
         rf_config = RFInversion.from_json(read_json_arg(rf_settings, "--rf-settings",
                                                         '{"gamma": 0.5, "eta": "window(0.9, 0, 0.25)"}'))
+    share_config = ValueSharing() if share else None
+    if share_settings is not None:
+        share_config = ValueSharing.from_json(read_json_arg(share_settings, "--share-settings",
+                                                            '{"weight": "window(1, 0, 0.15)", "tokens": "image"}'))
 
     if solver not in SOLVERS:
         raise AttnCtlError(f"--solver {solver!r} is not a solver attnctl edits with", f"pass {' or '.join(SOLVERS)}")
@@ -599,21 +611,22 @@ def edit(
     start = time.perf_counter()
     with use_solver(pipe, solver):
         result = edit_image(pipe, arr, source, target, n, control=ctl, guidance_scale=g,
-                            max_sequence_length=defaults["max_sequence_length"], rf=rf_config)
+                            max_sequence_length=defaults["max_sequence_length"], rf=rf_config, share=share_config)
         seconds = time.perf_counter() - start
         meta = edit_meta(pipe, image, source, target, model, n, g, defaults["max_sequence_length"], ctl,
-                         DTYPE_NAMES[str(torch_dtype)[6:]], device, rf=rf_config)
+                         DTYPE_NAMES[str(torch_dtype)[6:]], device, rf=rf_config, share=share_config)
     path = save_png(out, result.edited, meta)
     out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, {n} steps, {seconds:.1f} s)", highlight=False)
-    line = ctl.summary()
-    if line:
-        err_console.print(escape(line), highlight=False)
+    for line in (c.summary() for c in (ctl, share_config) if c is not None):
+        if line:
+            err_console.print(escape(line), highlight=False)
 
 
 def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, steps: int, guidance: float,
-              max_sequence_length: int, control: Any, dtype: str, device: Any, rf: Any = None) -> dict[str, Any]:
+              max_sequence_length: int, control: Any, dtype: str, device: Any, rf: Any = None,
+              share: Any = None) -> dict[str, Any]:
     """What an edited PNG records: the input image, both captions and everything the edit ran with (``rf``: the
-    RF-Inversion settings, recorded when given)."""
+    RF-Inversion settings, ``share``: the value-sharing settings; each recorded when given)."""
     import diffusers
     import torch
 
@@ -627,6 +640,7 @@ def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, step
             "dtype": dtype, "scheduler": type(pipe.scheduler).__name__,
             "solver": "midpoint" if is_midpoint(pipe.scheduler) else "euler", "device": str(device),
             **({"rf_inversion": rf.to_json()} if rf is not None else {}),
+            **({"value_sharing": share.to_json()} if share is not None else {}),
             "attnctl_version": __version__, "diffusers_version": diffusers.__version__,
             "torch_version": torch.__version__}
 

@@ -30,6 +30,7 @@ return ``(z^s_{t+1} − z^s_t)/(σ_{t+1} − σ_t)`` and the target rows carry t
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,6 +309,10 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     if share is not None and not isinstance(share, ValueSharing):
         raise ConfigError(f"share takes value-sharing settings, got {type(share).__name__}",
                           fix="pass share=attnctl.ValueSharing(weight=..., sites=...), or leave it out")
+    if share is not None and share.canonical(num_inference_steps) is None:
+        warnings.warn(f"value sharing shares nothing in this edit: its weight {share.config.weight} is 0 at every one "
+                      f"of the {num_inference_steps} steps; widen its window (e.g. weight='window(1, 0, 0.15)') or "
+                      "leave share out", UserWarning, stacklevel=2)
     gamma, seed = (rf.gamma, rf.seed) if rf is not None else (0.0, 0)
     if path is None:
         path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance,

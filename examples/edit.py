@@ -4,13 +4,15 @@
     python examples/edit.py --model toy-flux
     python examples/edit.py --rf                                  # and RF-Inversion (the paper's settings), alone
     python examples/edit.py --rf-settings '{"gamma": 0.5, "eta": "window(0.9, 0, 0.4)"}'
+    python examples/edit.py --share                               # and RF-Solver-Edit's value sharing, alone
+    python examples/edit.py --share-settings '{"weight": "window(1, 0, 0.3)", "tokens": "image"}'
     python examples/edit.py --model stabilityai/stable-diffusion-3.5-medium --device cuda --image cat.png \\
         --source "a photo of a cat on a sofa" --target "a photo of a tiger on a sofa" --steps 28
 
 Writes ``edit.png``: the input, the target prompt drawn from the inverted noise without latent guidance, and the
-UnifyEdit result (with ``--rf``, RF-Inversion's result after them); on the toys it also prints what the toy detector
-finds in each. Without ``--image`` the input is a
-ground-truth render of the source caption (a "real" image to the toy model, which never drew it). See
+UnifyEdit result (with ``--rf``, RF-Inversion's result after them; with ``--share``, value sharing's, from the same
+inversion as the first two); on the toys it also prints what the toy detector finds in each. Without ``--image`` the
+input is a ground-truth render of the source caption (a "real" image to the toy model, which never drew it). See
 ``docs/editing.md``.
 """
 
@@ -43,9 +45,21 @@ def main() -> None:
     ap.add_argument("--rf", action="store_true", help="also edit with RF-Inversion's controllers (no latent guidance)")
     ap.add_argument("--rf-settings", default=None, help="RF-Inversion's settings as JSON (implies --rf), e.g. "
                                                         "'{\"gamma\": 0.5, \"eta\": \"window(0.9, 0, 0.25)\"}'")
+    ap.add_argument("--share", action="store_true", help="also edit with RF-Solver-Edit's value sharing (no latent "
+                                                         "guidance)")
+    ap.add_argument("--share-settings", default=None, help="value sharing's settings as JSON (implies --share), "
+                                                           "e.g. '{\"weight\": \"window(1, 0, 0.15)\", "
+                                                           "\"tokens\": \"image\"}'")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out", help="output folder")
     args = ap.parse_args()
+    share = None
+    if args.share or args.share_settings is not None:  # read before the model loads: bad settings fail at once
+        try:
+            share_json = {} if args.share_settings is None else json.loads(args.share_settings)
+        except json.JSONDecodeError as e:
+            ap.error(f"--share-settings is not valid JSON ({e.msg}): give an object, e.g. '{{\"tokens\": \"image\"}}'")
+        share = attnctl.ValueSharing.from_json(share_json)
 
     pipe = load_pipeline(args.model, device=args.device)
     steps = args.steps or default_call_kwargs(pipe).get("num_inference_steps", 28)
@@ -73,6 +87,12 @@ def main() -> None:
         rf_result = attnctl.edit(pipe, image, args.source, args.target, steps, control=attnctl.UnifyEdit(scale=0.0),
                                  guidance_scale=guidance, rf=rf)
         shown.append(("RF-Inversion", np.asarray(rf_result.edited)))
+    if share is not None:  # from the plain inversion: value sharing acts in the edit only
+        share_result = attnctl.edit(pipe, image, args.source, args.target, steps,
+                                    control=attnctl.UnifyEdit(scale=0.0), guidance_scale=guidance, path=plain.path,
+                                    share=share)
+        print(share.summary() or "value sharing: weight 0 at every step, nothing shared")
+        shown.append(("value sharing", np.asarray(share_result.edited)))
     if toy:
         from attnctl.toyworld.evaluate import evaluate_image
         from attnctl.toyworld.world import parse_caption

@@ -34,6 +34,7 @@ from attnctl.batch import (
     share_out,
 )
 from attnctl.cli import app
+from attnctl.controls.value_sharing import ValueSharing
 from attnctl.imageio import read_image, read_metadata
 from attnctl.rf_inversion import RFInversion
 from attnctl.testing import save_pipeline, tiny_sd3_pipeline
@@ -404,6 +405,13 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
         {**edit, "rf_inversion": 0.5},                                                       # 11 not an object
         {"prompt": "a red circle", "rf_inversion": {}, "controls": []},                    # 12 edit field on generate
         {**edit, "controls": [{"kind": "unify_edit", "scale": -1}], "rf_inversion": {"gamma": 2}},  # 13 both reported
+        {**edit, "value_sharing": {"tokens": "text"}},                                       # 14 bad sharing settings
+        {**edit, "value_sharing": [1]},                                                      # 15 not an object
+        {**edit, "value_sharing": {"kind": "unify_edit"}},                                   # 16 another control
+        {"prompt": "a red circle", "value_sharing": {}, "controls": []},                   # 17 edit field on generate
+        {**edit, "controls": [{"kind": "unify_edit", "scale": -1}], "value_sharing": {"weight": 2}},  # 18 both
+        {"prompt": "a red circle", "controls": [{"kind": "value_sharing"}]},                 # 19 sharing as a control
+        {**edit, "controls": [{"kind": "value_sharing"}]},                                   # 20 the same in an edit
     ]}
     with pytest.raises(BatchFileError) as err:
         load_batch(write_batch(tmp_path / "bad.json", data))
@@ -426,6 +434,14 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
         ("item 12: field 'rf_inversion' belongs to edit items", "\"type\": \"edit\""),
         ("item 13: field 'controls[0]'", "scale"),
         ("item 13: field 'rf_inversion'", "gamma"),
+        ("item 14: field 'value_sharing': invalid value_sharing control config — tokens", "'all' or 'image'"),
+        ("item 15: field 'value_sharing'", ""),
+        ("item 16: field 'value_sharing': value-sharing settings have the kind 'unify_edit'", 'leave "kind" out'),
+        ("item 17: field 'value_sharing' belongs to edit items", "\"type\": \"edit\""),
+        ("item 18: field 'controls[0]'", "scale"),
+        ("item 18: field 'value_sharing'", "weight"),
+        ("item 19: field 'controls': value_sharing acts in an edit", '"value_sharing": {...}'),
+        ("item 20: field 'controls[0]': an edit item runs UnifyEdit", 'field "value_sharing"'),
     ]
     for start_text, also in expected:
         hits = [p for p in problems if p.startswith(start_text) and also in p]
@@ -450,6 +466,7 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
     assert job.settings["steps"] == 3 and job.settings["controls"][0]["kind"] == "unify_edit"
     assert "solver" not in job.settings  # the default leaves the hash of an Euler edit as it was before the field
     assert "rf_inversion" not in job.settings  # so does leaving RF-Inversion out
+    assert "value_sharing" not in job.settings  # and value sharing
     assert [j.file for j in plan.jobs] == ["green.png", "red_s0.png"]
     # RF-Inversion settings that change nothing change no hash: gamma 0 draws no noise sample (its seed is moot), and
     # gamma 0 with eta 0 is no RF-Inversion at all
@@ -458,6 +475,17 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
     hashes = [load_batch(write_batch(tmp_path / f"rf{i}.json", {"version": 1, "defaults": {"steps": 3}, "items": [
         {**edit, **v}]})).jobs[0].hash for i, v in enumerate(variants)]
     assert hashes[0] == hashes[1] == job.hash and hashes[2] == hashes[3] and len(set(hashes)) == 4
+    # value sharing: a weight of 0 throughout shares nothing (the edit without it, whatever its tokens); one setting in
+    # any spelling is one hash
+    window = {"kind": "window", "value": 1, "start": 0, "stop": 0.15}
+    variants = [{}, {"value_sharing": {"weight": 0, "tokens": "image"}}, {"value_sharing": None},
+                {"value_sharing": {"weight": "window(1, 0.6, 0.7)"}},  # on between the 3 steps' progress 0, 0.5, 1
+                {"value_sharing": {}}, {"value_sharing": {"kind": "value_sharing", "weight": window, "sites": "late"}},
+                {"value_sharing": {"tokens": "image"}}]
+    hashes = [load_batch(write_batch(tmp_path / f"share{i}.json", {"version": 1, "defaults": {"steps": 3}, "items": [
+        {**edit, **v}]})).jobs[0].hash for i, v in enumerate(variants)]
+    assert hashes[0] == hashes[1] == hashes[2] == hashes[3] == job.hash and hashes[4] == hashes[5]
+    assert len(set(hashes)) == 3
     (tmp_path / "img" / "scene.png").write_bytes(scene_png.read_bytes() + b"\0")  # other bytes: another hash
     assert load_batch(good).jobs[0].hash != job.hash and load_batch(good).jobs[1].hash == plan.jobs[1].hash
 
@@ -475,6 +503,8 @@ def test_an_edit_batch_makes_what_attnctl_edit_makes_inverting_each_image_once(t
          "controls": [control]},
         {"type": "edit", "id": "yellow", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
          "prompt": "a yellow circle and a blue square"},
+        {"type": "edit", "id": "green-share", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
+         "prompt": EDIT_TARGET, "controls": [control], "value_sharing": {"tokens": "image"}},
         {"type": "edit", "id": "green-mid", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
          "prompt": EDIT_TARGET, "controls": [control], "solver": "midpoint"},
         {"type": "edit", "id": "green-rf", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
@@ -486,13 +516,16 @@ def test_an_edit_batch_makes_what_attnctl_edit_makes_inverting_each_image_once(t
     out = tmp_path / "out"
     result = run("batch", batch, "--out", out)
     assert result.exit_code == 0, result.output
-    assert set(pngs(out)) == {"green.png", "yellow.png", "green-mid.png", "green-rf.png", "yellow-rf.png",
-                              "plain_s0.png"}
-    # the second edit of the same image and caption reuses the first's inversion; the midpoint one makes its own, and
-    # so do the RF ones, whose inversion is pulled toward noise (their eta differs, which the inversion does not see)
+    assert set(pngs(out)) == {"green.png", "yellow.png", "green-share.png", "green-mid.png", "green-rf.png",
+                              "yellow-rf.png", "plain_s0.png"}
+    # the second edit of the same image and caption reuses the first's inversion, and so does the value-sharing one
+    # (it shares values in the edit only); the midpoint one makes its own, and so do the RF ones, whose inversion is
+    # pulled toward noise (their eta differs, which the inversion does not see)
     assert inversions == [EDIT_SOURCE, EDIT_SOURCE, EDIT_SOURCE]
     assert read_metadata(out / "green-mid.png")["solver"] == "midpoint"
     assert read_metadata(out / "green-rf.png")["rf_inversion"] == RFInversion(gamma=0.3, eta=0.5).to_json()
+    assert read_metadata(out / "green-share.png")["value_sharing"] == ValueSharing(tokens="image").to_json()
+    assert "value_sharing" not in read_metadata(out / "green.png")
     meta = read_metadata(out / "green.png")
     assert (meta["edited_from"], meta["source_prompt"], meta["prompt"], meta["steps"]) == \
         (str(scene_png), EDIT_SOURCE, EDIT_TARGET, 4)
@@ -500,27 +533,22 @@ def test_an_edit_batch_makes_what_attnctl_edit_makes_inverting_each_image_once(t
     records = read_manifest(out)
     assert records["green.png"]["status"] == "done" and records["green.png"]["seed"] is None
 
-    # the same edit by `attnctl edit` has the same pixels
+    # the same edit by `attnctl edit` has the same pixels, and so has each variant of it
     single = tmp_path / "single.png"
-    result = run("edit", scene_png, "--source", EDIT_SOURCE, "--target", EDIT_TARGET, "--model", "toy-sd3",
-                 "--steps", "4", "--control", json.dumps(control), "--out", single)
-    assert result.exit_code == 0, result.output
-    assert np.array_equal(read_image(single), read_image(out / "green.png"))
-    result = run("edit", scene_png, "--source", EDIT_SOURCE, "--target", EDIT_TARGET, "--model", "toy-sd3",
-                 "--steps", "4", "--control", json.dumps(control), "--solver", "midpoint", "--out", single)
-    assert result.exit_code == 0, result.output
-    assert np.array_equal(read_image(single), read_image(out / "green-mid.png"))
-    assert not np.array_equal(read_image(out / "green.png"), read_image(out / "green-mid.png"))
-    result = run("edit", scene_png, "--source", EDIT_SOURCE, "--target", EDIT_TARGET, "--model", "toy-sd3",
-                 "--steps", "4", "--control", json.dumps(control), "--rf-settings", '{"gamma": 0.3, "eta": 0.5}',
-                 "--out", single)
-    assert result.exit_code == 0, result.output
-    assert np.array_equal(read_image(single), read_image(out / "green-rf.png"))
-    assert not np.array_equal(read_image(out / "green.png"), read_image(out / "green-rf.png"))
+    variants = [([], "green"), (["--solver", "midpoint"], "green-mid"),
+                (["--rf-settings", '{"gamma": 0.3, "eta": 0.5}'], "green-rf"),
+                (["--share-settings", '{"tokens": "image"}'], "green-share")]
+    for flags, name in variants:
+        result = run("edit", scene_png, "--source", EDIT_SOURCE, "--target", EDIT_TARGET, "--model", "toy-sd3",
+                     "--steps", "4", "--control", json.dumps(control), *flags, "--out", single)
+        assert result.exit_code == 0, result.output
+        assert np.array_equal(read_image(single), read_image(out / f"{name}.png")), name
+        if flags:
+            assert not np.array_equal(read_image(out / "green.png"), read_image(out / f"{name}.png")), name
 
     # re-run: all skipped; `generate --from` an edit says how to redo it instead of generating something else
     result = run("batch", batch, "--out", out)
-    assert result.exit_code == 0 and "6 already, 0 new" in result.output, result.output
+    assert result.exit_code == 0 and "7 already, 0 new" in result.output, result.output
     again = run("generate", "--from", out / "green.png", "--out", tmp_path / "x.png")
     assert again.exit_code == 2 and "is an edit of" in again.output and "attnctl edit" in again.output
 
@@ -535,7 +563,8 @@ def test_processes_share_out_the_images_keeping_edits_of_one_image_together(tmp_
         return {"type": "edit", "id": f"e{i}", "image": str(image), "source_prompt": source,
                 "prompt": f"a {['green', 'yellow', 'purple'][i % 3]} circle and a blue square"}
 
-    items = [{"id": "g0", "prompt": "a red circle"}, edit(1, scene_png), edit(2, scene_png), edit(3, scene_png),
+    items = [{"id": "g0", "prompt": "a red circle"}, edit(1, scene_png),
+             {**edit(2, scene_png), "value_sharing": {}}, edit(3, scene_png),  # sharing values: the same inversion
              edit(4, other), edit(5, other), edit(6, other, "a circle and a square"), {"id": "g7", "prompt": "a cat"}]
     jobs = plan_batch({"version": 1, "items": items}).jobs
     parts = [[j.id for j in share_out(jobs, r, 2)] for r in range(2)]

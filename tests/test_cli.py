@@ -13,7 +13,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from attnctl.cli import app
+from attnctl.cli import app, call_defaults
+from attnctl.controls.unify_edit import UnifyEdit
+from attnctl.controls.value_sharing import ValueSharing
+from attnctl.editing import edit as edit_image
 from attnctl.errors import AttnCtlError
 from attnctl.imageio import read_image, read_metadata, save_png
 from attnctl.rf_inversion import RFInversion
@@ -431,6 +434,7 @@ def test_edit_writes_the_edited_png_with_its_settings_and_refuses_bad_input(tmp_
                  "--control", '{"scale": "window(0.2, 0, 0.5)", "sites": "mid"}', "--rf", "--out", rf)
     ok(result)
     assert read_metadata(rf)["rf_inversion"] == RFInversion().to_json() and "rf_inversion" not in meta
+    assert "value_sharing" not in read_metadata(rf)  # recorded only when the edit shares values
     assert not np.array_equal(read_image(rf), read_image(out))
     result = run("edit", src, "--source", source, "--target", target, "--model", "toy-sd3", "--steps", "6",
                  "--control", '{"scale": "window(0.2, 0, 0.5)", "sites": "mid"}', "--rf-settings",
@@ -443,6 +447,43 @@ def test_edit_writes_the_edited_png_with_its_settings_and_refuses_bad_input(tmp_
     assert bad.exit_code == 2 and "RF-Inversion settings are a JSON object" in bad.output
     bad = run("edit", src, "--source", source, "--target", target, "--rf-settings", "", "-o", rf)
     assert bad.exit_code == 2 and "--rf-settings is not valid JSON" in bad.output and '"gamma": 0.5' in bad.output
+
+
+def test_edit_share_makes_what_the_api_makes_with_value_sharing_and_records_it(tmp_path, toy_sd3, scene):
+    source, target = "a red circle and a blue square", "a green circle and a blue square"
+    src = tmp_path / "scene.png"
+    Image.fromarray(scene).save(src)
+    settings = {"scale": "window(0.2, 0, 0.5)", "sites": "mid"}
+    defaults = call_defaults(toy_sd3)
+
+    def api(share: ValueSharing | None) -> np.ndarray:
+        result = edit_image(toy_sd3, scene, source, target, 4, control=UnifyEdit(**settings),
+                            guidance_scale=defaults["guidance"], max_sequence_length=defaults["max_sequence_length"],
+                            share=share)
+        return np.asarray(result.edited)
+
+    out = tmp_path / "out" / "shared.png"  # --share: the defaults (the first 15% of the steps: step 0 of 4)
+    result = run("edit", src, "--source", source, "--target", target, "--model", "toy-sd3", "--steps", "4",
+                 "--control", json.dumps(settings), "--share", "--out", out)
+    ok(result)
+    assert "ValueSharing at" in result.stderr and "over 1 denoising steps" in result.stderr
+    assert read_metadata(out)["value_sharing"] == ValueSharing().to_json()
+    assert not np.array_equal(read_image(out), api(None))  # the edit without sharing
+    own = {"weight": "window(0.5, 0, 0.5)", "tokens": "image"}  # --share-settings: one's own (implies --share)
+    result = run("edit", src, "--source", source, "--target", target, "--model", "toy-sd3", "--steps", "4",
+                 "--control", json.dumps(settings), "--share-settings", json.dumps(own), "--out", out)
+    ok(result)
+    assert read_metadata(out)["value_sharing"] == ValueSharing(**own).to_json()
+    assert np.array_equal(read_image(out), api(ValueSharing(**own)))
+
+    for bad, says in [('{"tokens": "text"}', "tokens: Input should be 'all' or 'image'"),
+                      ('{"weight": 2}', "weight"),
+                      ('{"kind": "rf_inversion"}', "value-sharing settings have the kind 'rf_inversion'"),
+                      ("[1]", "value-sharing settings are a JSON object"),
+                      ("", "--share-settings is not valid JSON")]:
+        wrong = run("edit", src, "--source", source, "--target", target, "--share-settings", bad, "-o", out)
+        assert wrong.exit_code == 2 and says in wrong.output, (bad, wrong.output)
+    assert '"tokens": "image"' in wrong.output  # the hint of the last: a value-sharing example
 
 
 def test_generate_repositions_after_reference_prompts_made_in_the_same_call(sd3_dir, tmp_path):

@@ -22,6 +22,7 @@ CASES = {
     "invert.py --solver midpoint": ["--solver", "midpoint"],
     "edit.py": ["--steps", "8"],
     "edit.py --rf": ["--steps", "8", "--rf-settings", '{"gamma": 0.4}'],
+    "edit.py --share": ["--steps", "8", "--share-settings", '{"tokens": "image"}'],
     "headhunt.py": ["--limit", "1", "--seeds", "1", "--rounds", "1", "--candidates", "L0", "--w", "2"],
 }
 

@@ -592,6 +592,8 @@ def test_a_midpoint_edit_reports_steps_not_calls_and_gives_the_model_its_schedul
         engine.edit_image(model, image, source, "a green circle", 3, 1.0, solver="heun")
     with pytest.raises(AttnCtlError, match="RF-Inversion settings: gamma"):
         engine.edit_image(model, image, source, "a green circle", 3, 1.0, rf={"gamma": 3})
+    with pytest.raises(AttnCtlError, match="value_sharing control config — tokens"):
+        engine.edit_image(model, image, source, "a green circle", 3, 1.0, share={"tokens": "text"})
     assert model.pipe.scheduler is own
 
 
@@ -644,3 +646,34 @@ def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(mon
     assert rf["labels"][1:] == ("Target prompt, RF-Inversion", "UnifyEdit + RF-Inversion")
     assert mid["labels"][1:] == ("Target prompt, unguided", "UnifyEdit")
     assert (meta["rf_inversion"]["eta"]["value"], meta["rf_inversion"]["eta"]["stop"]) == (0.6, 0.25)
+
+    # value sharing (RF-Solver-Edit) on both runs, RF-Inversion off: its inputs greyed out until the box is ticked, and
+    # kept when it is unticked
+    at.checkbox(key="edit_rf").uncheck().run()
+    assert at.number_input(key="edit_share_weight").disabled and at.radio(key="edit_share_tokens").disabled
+    at.checkbox(key="edit_share").check().run()
+    at.number_input(key="edit_share_weight").set_value(0.8).run()
+    at.radio(key="edit_share_tokens").set_value("image").run()
+    at.checkbox(key="edit_share").uncheck().run()
+    at.checkbox(key="edit_share").check().run()
+    assert at.number_input(key="edit_share_weight").value == 0.8 and at.radio(key="edit_share_tokens").value == "image"
+    assert not at.number_input(key="edit_share_stop").disabled and at.number_input(key="edit_share_stop").value == 0.15
+    at.button(key="edit_run").click().run()
+    ok(at)
+    assert errors(at) == []
+    shared = at.session_state["edit_result"]
+    assert shared["images"][1] != mid["images"][1] and shared["images"][2] != mid["images"][2]  # mid: the same edit
+    assert shared["labels"][1:] == ("Target prompt, value sharing", "UnifyEdit + value sharing")
+    assert "UnifyEdit over 2 guided steps" in shared["summary"] and "ValueSharing at 1 sites" in shared["summary"]
+    with Image.open(io.BytesIO(shared["images"][2])) as img:
+        meta = json.loads(img.text["attnctl"])
+    assert "rf_inversion" not in meta and meta["value_sharing"]["tokens"] == "image"
+    assert (meta["value_sharing"]["weight"]["value"], meta["value_sharing"]["weight"]["stop"]) == (0.8, 0.15)
+    at.checkbox(key="edit_rf").check().run()  # both: the labels name both
+    at.button(key="edit_run").click().run()
+    ok(at)
+    both = at.session_state["edit_result"]
+    assert both["labels"][1:] == ("Target prompt, RF-Inversion + value sharing",
+                                  "UnifyEdit + RF-Inversion + value sharing")
+    with Image.open(io.BytesIO(both["images"][2])) as img:
+        assert {"rf_inversion", "value_sharing"} <= set(json.loads(img.text["attnctl"]))

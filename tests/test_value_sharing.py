@@ -19,6 +19,7 @@ from attnctl.processors.attend import share_values
 from attnctl.sites import family_of, list_sites
 
 SOURCE, TARGET = "a red circle and a blue square", "a green circle and a blue square"
+NEGATIVE = "a blue circle"
 
 
 # ------------------------------------------------------------------------------------------ the swap
@@ -139,8 +140,9 @@ def test_an_edit_with_sharing_is_the_plain_loop_with_the_late_value_projections_
     plain = edit(pipe, scene, SOURCE, TARGET, steps, control=UnifyEdit(scale=0.0), path=path, output_type="latent",
                  guidance_scale=scale)
     assert float((plain.edited.float() - res.edited.float()).abs().mean()) > 1e-3  # the sharing did something
-    off = edit(pipe, scene, SOURCE, TARGET, steps, control=UnifyEdit(scale=0.0), share=ValueSharing(weight=0.0),
-               path=path, output_type="latent", guidance_scale=scale)
+    with pytest.warns(UserWarning, match="shares nothing"):
+        off = edit(pipe, scene, SOURCE, TARGET, steps, control=UnifyEdit(scale=0.0), share=ValueSharing(weight=0.0),
+                   path=path, output_type="latent", guidance_scale=scale)
     assert torch.equal(off.edited, plain.edited)  # weight 0: the run without sharing
 
 
@@ -161,22 +163,72 @@ def test_image_tokens_only_leave_the_target_prompts_text_values_its_own(toy_sd3,
     torch.testing.assert_close(res.edited.float()[None], z.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("solver", ["euler", "midpoint"])
 @pytest.mark.parametrize("model", ["toy_sd3", "toy_flux"])
-def test_sharing_under_guidance_later_calls_and_the_midpoint_step_keeps_the_source_and_counts_denoising_steps(
-        model, scene, request):
-    """With UnifyEdit's gradient pass, CFG and SD3's skip-layer pass or FLUX's true-CFG call, and the midpoint
-    scheduler: the source still replays its path exactly, and the window covers the same denoising steps."""
+def test_sharing_reaches_the_later_calls_of_a_step_and_both_calls_of_a_midpoint_step(model, solver, scene, request):
+    """SD3 with CFG and its skip-layer pass (on at every call after the first), FLUX with its true-CFG negative call,
+    each under the Euler and the midpoint step: the edit equals the loop written here, in which every call of a
+    sharing step (the batched call, the later call, the midpoint's second call) runs the source rows on their path
+    latent beside the target with the late value projections swapped; and the window counts denoising steps."""
     pipe = request.getfixturevalue(model)
-    mid = type(pipe)(**{**pipe.components,
-                        "scheduler": FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)})
-    extra = ({"skip_guidance_layers": [1], "guidance_scale": 4.5} if model == "toy_sd3"
-             else {"true_cfg_scale": 2.0, "guidance_scale": 1.0, "negative_prompt": ["a blue circle"] * 2})
-    for p in (pipe, mid):
-        share, guided = ValueSharing(weight="window(1, 0, 0.4)"), UnifyEdit()
-        res = edit(p, scene, SOURCE, TARGET, 4, control=guided, share=share, output_type="latent", **extra)
-        assert share.shared_steps == [0, 1] and guided.history
-        torch.testing.assert_close(res.source.float()[None], res.path[-1].float(), atol=1e-4, rtol=0)
-        assert torch.isfinite(res.edited.float()).all()
+    if solver == "midpoint":
+        pipe = type(pipe)(**{**pipe.components,
+                             "scheduler": FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)})
+    steps, sd3 = 4, model == "toy_sd3"
+    extra = ({"skip_guidance_layers": [1], "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0,
+              "guidance_scale": 3.0} if sd3
+             else {"true_cfg_scale": 2.0, "guidance_scale": 1.0, "negative_prompt": [NEGATIVE] * 2})
+    path = invert(pipe, scene, SOURCE, steps)
+    share = ValueSharing(weight="window(1, 0, 0.5)")  # denoising steps 0 and 1 of 4
+    res = edit(pipe, scene, SOURCE, TARGET, steps, control=UnifyEdit(scale=0.0), share=share, path=path,
+               output_type="latent", **extra)
+    assert share.shared_steps == [0, 1]
+    late = [s.name for s in share.sites]
+    sig = [float(x) for x in run_sigmas(pipe, steps, 32, 32)]
+    per = pipe.scheduler.order
+    if sd3:
+        main, main_alone = _encoded(pipe, [SOURCE, TARGET], True)[0], _encoded(pipe, [TARGET], True)[0]
+        later, later_alone = _encoded(pipe, [SOURCE, TARGET], False)[0], _encoded(pipe, [TARGET], False)[0]
+    else:
+        main, main_alone = _encoded(pipe, [SOURCE, TARGET], False)[0], _encoded(pipe, [TARGET], False)[0]
+        later, later_alone = _encoded(pipe, [NEGATIVE] * 2, False)[0], _encoded(pipe, [NEGATIVE], False)[0]
+    t_scale = 1000.0 if sd3 else 1.0
+
+    def target(z_src, z, sigma, shared, both, alone, copies, **more):
+        """The target rows of one transformer call (``copies`` = 2: CFG's two halves)."""
+        rows = [z_src, z] if shared else [z]
+        hidden = torch.cat(rows * copies)
+        pairs = [(1, 0), (3, 2)][:copies]
+        ctx = _swapped_values(pipe.transformer, late, pairs) if shared else contextlib.nullcontext()
+        with ctx:
+            out = pipe.transformer(hidden_states=hidden, timestep=torch.full((len(hidden),), sigma * t_scale),
+                                   return_dict=False, **(both if shared else alone), **more)[0]
+        return out[len(rows) - 1::len(rows)]
+
+    z = anchor = path[0]
+    with torch.no_grad():
+        for i in range(len(sig) - 1):
+            shared, first = i // per < 2, i % per == 0
+            if first:
+                anchor = z
+            if sd3:
+                u, c = target(path[i], z, sig[i], shared, main, main_alone, 2)
+                v = u + 3.0 * (c - u)
+                if 0 < i < steps:  # diffusers' window: loop index i against num_inference_steps · start/stop
+                    skip = target(path[i], z, sig[i], shared, later, later_alone, 1, skip_layers=[1])[0]
+                    v = v + 2.8 * (c - skip)
+            else:
+                c = target(path[i], z, sig[i], shared, main, main_alone, 1)[0]
+                u = target(path[i], z, sig[i], shared, later, later_alone, 1)[0]
+                v = u + 2.0 * (c - u)
+            z = anchor + (sig[i + 1] - sig[i - (0 if first else 1)]) * v[None]
+    torch.testing.assert_close(res.edited.float()[None], z.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.source.float()[None], path[-1].float(), atol=1e-4, rtol=0)
+    guided = UnifyEdit()  # and with the gradient pass: the source still replays
+    res = edit(pipe, scene, SOURCE, TARGET, steps, control=guided, share=ValueSharing(), path=path,
+               output_type="latent", **extra)
+    assert guided.history
+    torch.testing.assert_close(res.source.float()[None], path[-1].float(), atol=1e-4, rtol=0)
 
 
 def test_the_gradient_pass_reads_the_shared_values(toy_sd3, scene):
@@ -218,3 +270,8 @@ def test_settings_round_trip_through_json_and_bad_input_is_named(toy_sd3, scene)
         pass
     with pytest.raises(ConfigError, match="share takes value-sharing settings"):
         edit(toy_sd3, scene, SOURCE, TARGET, 2, share={"weight": 1.0})
+    idle = ValueSharing(weight="window(1, 0.6, 0.7)")  # on between the progress 0, 0.5, 1 of a 3-step run
+    assert idle.canonical(3) is None and idle.canonical(20) is idle and idle.canonical() is idle
+    with pytest.warns(UserWarning, match="shares nothing in this edit"):
+        edit(toy_sd3, scene, SOURCE, TARGET, 3, control=UnifyEdit(scale=0.0), share=idle, output_type="latent")
+    assert idle.shared_steps == []

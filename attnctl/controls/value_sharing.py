@@ -26,7 +26,7 @@ RF-Solver-Edit's choice; on SD3 / SD3.5 (which RF-Solver-Edit does not cover) th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -136,3 +136,30 @@ class ValueSharing(Control):
             return None
         return (f"ValueSharing at {len(self.sites)} sites over {len(self.shared_steps)} denoising steps "
                 f"({self.shared_steps[0]}–{self.shared_steps[-1]})")
+
+    # -- JSON ---------------------------------------------------------------------------------------
+    def canonical(self, num_steps: int | None = None) -> ValueSharing | None:
+        """These settings, or ``None`` when the weight is 0 at every step (of a run of ``num_steps`` denoising steps
+        when given, else of any run): nothing is shared then, and the edit is the one without sharing. Batch runs
+        hash this, so such settings do not redo an edit."""
+        if num_steps is not None:
+            return self if any(self.config.weight.values(int(num_steps))) else None
+        return None if self.config.weight._range(0.0, 1.0) == (0.0, 0.0) else self
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> ValueSharing:
+        """The settings of a JSON object (its ``kind``, when given, must be ``"value_sharing"``)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"value-sharing settings are a JSON object, got {type(data).__name__}",
+                              fix='pass e.g. {"weight": "window(1, 0, 0.15)", "tokens": "image"}, or {} for the '
+                                  'defaults')
+        if data.get("kind", cls.kind) != cls.kind:
+            raise ConfigError(f"value-sharing settings have the kind {data['kind']!r}",
+                              fix=f'leave "kind" out, or give "{cls.kind}"')
+        try:
+            return cls(**{k: v for k, v in data.items() if k != "kind"})
+        except ConfigError as e:
+            if e.fix is not None or "Fix:" in e.problem:
+                raise
+            raise type(e)(e.problem, fix="give weight as a schedule in [0, 1] (e.g. 'window(1, 0, 0.15)'), sites as "
+                                         "'late' or a site selector, and tokens as 'all' or 'image'") from None

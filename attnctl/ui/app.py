@@ -92,6 +92,10 @@ def init_state() -> None:
     ss.edit_rf_gamma = 0.5
     ss.edit_rf_eta = 0.9
     ss.edit_rf_stop = 0.25
+    ss.edit_share = False
+    ss.edit_share_weight = 1.0
+    ss.edit_share_stop = 0.15
+    ss.edit_share_tokens = "all"
     ss.edit_result = None
     ss._init = True
 
@@ -659,6 +663,22 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
                                           "to turn it off)")
     rf = None if off else {"gamma": float(ss.edit_rf_gamma),
                            "eta": f"window({float(ss.edit_rf_eta)!r}, 0, {float(ss.edit_rf_stop)!r})"}
+    st.checkbox("Value sharing (RF-Solver-Edit)", key="edit_share",
+                help="RF-Solver-Edit's feature sharing on both runs: at the late attention sites, over the first "
+                     "steps, the target attends with the input's values, so its layout and look hold")
+    off = not ss.edit_share  # drawn greyed out when off, as RF-Inversion's, so the values survive
+    w_col, u_col, t_col = st.columns(3)
+    w_col.number_input("Weight", min_value=0.0, max_value=1.0, step=0.05, key="edit_share_weight", disabled=off,
+                       help="The share of the input's values the target reads (1: replace them; 0: no sharing)")
+    u_col.number_input("Until (share of the steps)", min_value=0.05, max_value=1.0, step=0.05, key="edit_share_stop",
+                       disabled=off, help="Values are shared from the first step until this share of the steps (set "
+                                          "the weight to 0 to turn it off)")
+    share_tokens = {"all": "All tokens", "image": "Image tokens"}
+    t_col.radio("Tokens", list(share_tokens), key="edit_share_tokens", format_func=share_tokens.get, disabled=off,
+                help="All: text and image values, as RF-Solver-Edit; image: the target prompt's text values stay "
+                     "its own")
+    share = None if off else {"weight": f"window({float(ss.edit_share_weight)!r}, 0, {float(ss.edit_share_stop)!r})",
+                              "tokens": ss.edit_share_tokens}
     clicked = st.button("Edit", key="edit_run", icon=":material/edit:", disabled=model is None or image is None)
     if clicked and model is not None and image is not None:
         bar = st.progress(0.0, text="Inverting…")
@@ -666,16 +686,19 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
             result = engine.edit_image(model, image, ss.edit_source, ss.edit_target, int(ss.steps),
                                        float(ss.guidance), {"scale": f"window({float(ss.edit_scale)!r}, 0, 0.5)"},
                                        progress=lambda f, t: bar.progress(f, text=t), solver=ss.edit_solver,
-                                       rf=rf)
+                                       rf=rf, share=share)
         except Exception as e:  # noqa: BLE001 - a failed edit is a message; the app keeps working
             show_failure(bar, e, "edit")
             return
         bar.empty()
         meta = {"source_prompt": ss.edit_source, "prompt": ss.edit_target, "steps": int(ss.steps),
                 "guidance": float(ss.guidance), "controls": [result.control], "solver": ss.edit_solver,
-                **({"rf_inversion": result.rf} if result.rf is not None else {})}
-        labels = ("Input", "Target prompt, unguided", "UnifyEdit") if rf is None else \
-            ("Input", "Target prompt, RF-Inversion", "UnifyEdit + RF-Inversion")
+                **({"rf_inversion": result.rf} if result.rf is not None else {}),
+                **({"value_sharing": result.share} if result.share is not None else {})}
+        added = " + ".join(name for name, on in (("RF-Inversion", rf is not None), ("value sharing", share is not None))
+                           if on)  # what both runs have beside UnifyEdit's latent guidance
+        labels = ("Input", "Target prompt, unguided", "UnifyEdit") if not added else \
+            ("Input", f"Target prompt, {added}", f"UnifyEdit + {added}")
         ss.edit_result = {"images": [encode_png(result.source, {}), encode_png(result.unguided, meta),
                                      encode_png(result.edited, meta)],
                           "labels": labels, "summary": result.summary, "seconds": result.seconds}

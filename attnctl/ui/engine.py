@@ -341,17 +341,22 @@ class EditRun:
     summary: str | None
     control: dict[str, Any]
     rf: dict[str, Any] | None = None
+    share: dict[str, Any] | None = None
 
 
 def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: int, guidance: float,
                config: dict[str, Any] | None = None, progress: Progress | None = None,
-               solver: str = "euler", rf: dict[str, Any] | None = None) -> EditRun:
+               solver: str = "euler", rf: dict[str, Any] | None = None,
+               share: dict[str, Any] | None = None) -> EditRun:
     """Edit ``image`` (PIL) from ``source`` to ``target`` with UnifyEdit (``config``: its settings), next to the
     unguided edit from the same inverted noise. ``solver`` "midpoint" inverts and samples with RF-Solver's step
     (:class:`~attnctl.midpoint.FlowMatchMidpointScheduler`, in place of the model's scheduler for this edit only).
     ``rf`` (RF-Inversion's settings, :class:`~attnctl.rf_inversion.RFInversion` JSON) adds its controllers to both
-    runs, so the unguided one is RF-Inversion alone."""
+    runs, so the unguided one is RF-Inversion alone. ``share`` (value-sharing settings,
+    :class:`~attnctl.controls.value_sharing.ValueSharing` JSON) adds RF-Solver-Edit's value sharing to both runs the
+    same way."""
     from ..controls.unify_edit import UnifyEdit
+    from ..controls.value_sharing import ValueSharing
     from ..editing import edit
     from ..midpoint import SOLVERS, use_solver
     from ..rf_inversion import RFInversion
@@ -372,10 +377,12 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
     if problems:
         raise AttnCtlError(" ".join(problems))
     rf_config = None if rf is None else RFInversion.from_json(rf)
+    share_config = None if share is None else ValueSharing.from_json(share)
     control = UnifyEdit(**(config or {}))
     runs = [("unguided", UnifyEdit(scale=0.0)), ("UnifyEdit", control)]
     out: dict[str, Any] = {}
     path = None  # the inversion, shared by both runs
+    shared = None  # the last run's value sharing, for its summary
     start = time.perf_counter()
     with model.lock, use_solver(model.pipe, solver):  # the solver for this edit only
         calls = int(steps) * model.pipe.scheduler.order  # loop calls per run
@@ -386,10 +393,13 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
                     progress(min(1.0, (n * calls + i + 1) / (2 * calls)), f"{label}: step {step} of {steps}")
                 return kwargs
 
+            shared = None if share is None else ValueSharing.from_json(share)  # fresh: a control keeps run state
             res = edit(model.pipe, arr, source, target, int(steps), control=ctl, guidance_scale=guidance,
                        path=path, max_sequence_length=model.info["max_sequence_length"],
-                       callback_on_step_end=on_step, rf=rf_config)
+                       callback_on_step_end=on_step, rf=rf_config, share=shared)
             out[label], path = res.edited, res.path
+    lines = [line for line in (control.summary(), shared and shared.summary()) if line]
     return EditRun(source=image.convert("RGB"), unguided=out["unguided"], edited=out["UnifyEdit"],
-                   seconds=time.perf_counter() - start, summary=control.summary(), control=control.to_json(),
-                   rf=None if rf_config is None else rf_config.to_json())
+                   seconds=time.perf_counter() - start, summary=" · ".join(lines) or None, control=control.to_json(),
+                   rf=None if rf_config is None else rf_config.to_json(),
+                   share=None if share_config is None else share_config.to_json())
