@@ -158,7 +158,8 @@ class EditBranches(ForwardWrapper):
         device = bound["hidden_states"].device
         latents = [(source[1] if r in sources else z_new).to(device, dtype) for r in run]
         sub["hidden_states"] = torch.cat(latents)
-        with self.controller.row_subset(run), self._paired(run, rows, sources, source):
+        pairing = self._paired(run, rows, sources, source)  # the call's roles, before the subset renumbers them
+        with self.controller.row_subset(run), pairing:
             result = self._original(**sub)
         if not sources:
             return result, sample_of(result)
