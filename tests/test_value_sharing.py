@@ -275,3 +275,22 @@ def test_settings_round_trip_through_json_and_bad_input_is_named(toy_sd3, scene)
     with pytest.warns(UserWarning, match="shares nothing in this edit"):
         edit(toy_sd3, scene, SOURCE, TARGET, 3, control=UnifyEdit(scale=0.0), share=idle, output_type="latent")
     assert idle.shared_steps == []
+
+
+@pytest.mark.parametrize("name", ["toy-sd3", "toy-flux"])
+def test_in_bf16_the_target_reads_the_source_values_in_bf16(name, scene):
+    """The swap keeps the model's dtype: a bf16 edit with sharing runs in bf16, the source still replays its path, and
+    sharing the values at every step moves the target by more than bf16's resolution, toward the source image."""
+    from attnctl.toyworld.models import load_pipeline
+
+    pipe = load_pipeline(name, dtype=torch.bfloat16)
+    path = invert(pipe, scene, SOURCE, 4)
+    kwargs = {"control": UnifyEdit(scale=0.0), "path": path, "output_type": "latent", "guidance_scale": 1.0}
+    shared = edit(pipe, scene, SOURCE, TARGET, 4, share=ValueSharing(weight=1.0), **kwargs)
+    plain = edit(pipe, scene, SOURCE, TARGET, 4, **kwargs)
+    assert shared.edited.dtype == torch.bfloat16 and torch.isfinite(shared.edited.float()).all()
+    assert torch.equal(shared.source, plain.source)  # the source rows' outputs are dropped: the path, exactly
+    moved = (shared.edited.float() - plain.edited.float()).abs().mean()
+    toward = (shared.edited.float() - path[-1][0].float()).abs().mean() - (plain.edited.float() - path[-1][0].float()
+                                                                          ).abs().mean()
+    assert float(moved) > 2.0 ** -7 and float(toward) < 0  # sharing all the way holds the target nearer the image
