@@ -113,6 +113,13 @@ def _main(
         pass
     if not debug:
         warnings.filterwarnings("ignore", module=r"(diffusers|transformers|torch|accelerate|huggingface_hub)(\.|$)")
+        warnings.showwarning = _show_warning  # attnctl's own warnings as one line, not a source location
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """A warning as the CLI shows it without ``--debug``: ``warning: <message>`` on stderr."""
+    err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
 
 
 def main() -> None:

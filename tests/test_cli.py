@@ -475,6 +475,10 @@ def test_edit_share_makes_what_the_api_makes_with_value_sharing_and_records_it(t
     ok(result)
     assert read_metadata(out)["value_sharing"] == ValueSharing(**own).to_json()
     assert np.array_equal(read_image(out), api(ValueSharing(**own)))
+    idle = run("edit", src, "--source", source, "--target", target, "--model", "toy-sd3", "--steps", "4",
+               "--control", json.dumps(settings), "--share-settings", '{"weight": 0}', "--out", out)
+    ok(idle)  # it runs, and says in one line (no source location) that nothing was shared
+    assert "warning: value sharing shares nothing in this edit" in idle.stderr and "cli.py" not in idle.stderr
 
     for bad, says in [('{"tokens": "text"}', "tokens: Input should be 'all' or 'image'"),
                       ('{"weight": 2}', "weight"),
