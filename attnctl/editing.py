@@ -61,6 +61,7 @@ class EditBranches(ForwardWrapper):
         self.controller = controller
         self.control = control
         self.pipe = pipe
+        self.sharing = next((c for c in controller.controls if isinstance(c, ValueSharing)), None)  # or None
         self._step_terms: tuple[Any, ...] | None = None  # step, z', shift, v^s, RF-Inversion's pull, sharing
         self._anchor: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # a step's start
         self.passes = 0  # gradient passes run (for tests and logs)
@@ -116,10 +117,9 @@ class EditBranches(ForwardWrapper):
                  ) -> tuple[torch.Tensor, float, int] | None:
         """Value sharing at this call: ``(z^s, w, denoising step)`` with ``z^s = path[step]`` the source rows'
         latent, or ``None`` when the run has no :class:`ValueSharing` or its weight is 0 at this step."""
-        share = next((c for c in self.controller.controls if isinstance(c, ValueSharing)), None)
-        if share is None:
+        if self.sharing is None:
             return None
-        weight = share.weight_at(step // per_step, num_steps // per_step)
+        weight = self.sharing.weight_at(step // per_step, num_steps // per_step)
         return (path[step], weight, step // per_step) if weight else None
 
     def _pull(self, step: int, num_steps: int, z: torch.Tensor, sigma: float, y0: torch.Tensor
@@ -177,8 +177,8 @@ class EditBranches(ForwardWrapper):
             raise ConfigError(f"value sharing pairs target rows {targets} with source rows {sources}, and their roles "
                               f"differ ({[roles[t] for t in targets]} vs {[roles[s] for s in sources]})",
                               fix="run the edit through attnctl.edit(...), which lays out the two branches")
-        share = next(c for c in self.controller.controls if isinstance(c, ValueSharing))
-        return share.pairing([run.index(t) for t in targets], [run.index(s) for s in sources], source[2], source[3])
+        return self.sharing.pairing([run.index(t) for t in targets], [run.index(s) for s in sources], source[2],
+                                    source[3])
 
     @staticmethod
     def _assemble(v_target: torch.Tensor, batch: int, source_rows: list[int], target_rows: list[int],
@@ -224,8 +224,7 @@ class EditBranches(ForwardWrapper):
         """In the gradient pass over ``[source, target]``, row 1 reads row 0's values when sharing."""
         if share is None:
             return contextlib.nullcontext()
-        control = next(c for c in self.controller.controls if isinstance(c, ValueSharing))
-        return control.pairing([1], [0], share[1], share[2])
+        return self.sharing.pairing([1], [0], share[1], share[2])
 
     def _latent_mask(self, z: torch.Tensor) -> torch.Tensor | None:
         """The control's last edit mask (token grid ``h×w``) on the latent ``z``: FLUX's packed latent has one row
