@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import compiling
 from .controls.base import Control, RunState
 from .errors import ConfigError, LayoutError, UnsupportedModelError
 from .guidance import PerturbedBranch, perturbed_branches
@@ -36,7 +37,7 @@ from .layout import TokenLayout, layout_for_pipeline
 from .processors import AttnCtlProcessor, processor_for
 from .processors.base import SiteCall
 from .processors.ip_adapter import SUPPORTED as IP_ADAPTERS
-from .sites import Site, family_of, list_sites
+from .sites import Site, family_of, list_sites, uncompiled
 
 
 class Controller:
@@ -45,7 +46,8 @@ class Controller:
     def __init__(self, target: Any, controls: Sequence[Control] = (), *, roles: Sequence[str] | None = None,
                  layout: TokenLayout | None = None) -> None:
         self.pipe = target if hasattr(target, "transformer") else None
-        self.transformer = target.transformer if self.pipe is not None else target
+        # a torch.compile wrapper calls into the module it compiles: processors and wrappers go on that module
+        self.transformer = uncompiled(target.transformer if self.pipe is not None else target)
         self.family = family_of(self.transformer)
         self.sites: list[Site] = list_sites(self.transformer)
         if isinstance(controls, Control):
@@ -176,8 +178,11 @@ class Controller:
     def __enter__(self) -> Controller:
         return self.install()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self.restore()
+        clearer = compiling.fullgraph_error(exc) if exc is not None else None
+        if clearer is not None:
+            raise clearer from exc
 
     # ------------------------------------------------------------------------------ run state
     def begin_run(self, num_steps: int, *, layout: TokenLayout | None = None,
@@ -232,7 +237,10 @@ class Controller:
     def _track(self) -> None:
         if self._hooks:
             return
-        self._hooks.append(self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        # the run's bookkeeping (steps, roles, token layout) is Python: under torch.compile it runs eagerly
+        # (attnctl.compiling)
+        pre_forward = torch.compiler.disable(self._pre_forward, reason=compiling.EAGER)
+        self._hooks.append(self.transformer.register_forward_pre_hook(pre_forward, with_kwargs=True))
         if self.pipe is not None and hasattr(self.pipe, "encode_prompt"):
             self._wrap_encode_prompt()
         if self._branches is not None and not self._fixed_roles:

@@ -160,7 +160,7 @@ class EditBranches(ForwardWrapper):
         sub["hidden_states"] = torch.cat(latents)
         pairing = self._paired(run, rows, sources, source)  # the call's roles, before the subset renumbers them
         with self.controller.row_subset(run), pairing:
-            result = self._original(**sub)
+            result = self.call_original(**sub)
         if not sources:
             return result, sample_of(result)
         keep = state.index([run.index(r) for r in rows], idx.device)
@@ -208,7 +208,7 @@ class EditBranches(ForwardWrapper):
                 zz = z.detach().requires_grad_(True)
                 sub["hidden_states"] = torch.cat([z_src.detach(), zz])
                 with contextlib.suppress(StopForward):  # raised after the deepest site the losses read
-                    self._original(**sub)
+                    self.call_original(**sub)
                 losses = self.control.edit_losses()
                 terms = [n for n, loss in losses.items() if loss is not None and loss.requires_grad]
                 grads = {n: torch.autograd.grad(losses[n], zz, retain_graph=i + 1 < len(terms))[0]

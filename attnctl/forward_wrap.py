@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import compiling
 from .errors import ConfigError
 
 BATCHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
@@ -30,7 +31,7 @@ adapter's timestep embedding; FLUX: a list, one tensor per adapter)."""
 class ForwardWrapper:
     """Context manager: ``transformer.forward`` goes through :meth:`_forward` while active.
 
-    Subclasses implement :meth:`_forward` and call ``self._original`` for the wrapped forward (which may itself
+    Subclasses implement :meth:`_forward` and call :meth:`call_original` for the wrapped forward (which may itself
     be a chain: offload hooks, another wrapper)."""
 
     def __init__(self, transformer: torch.nn.Module) -> None:
@@ -80,10 +81,15 @@ class ForwardWrapper:
         if self._active and not self.installed():
             self.__enter__()
 
+    @compiling.eager  # under torch.compile the wrapper's own code runs eagerly; its model calls stay compiled
     def _call(self, *args: Any, **kwargs: Any) -> Any:
         if not self._active:
-            return self._original(*args, **kwargs)
+            return self.call_original(*args, **kwargs)
         return self._forward(*args, **kwargs)
+
+    def call_original(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped forward (compiled when the transformer is: :mod:`attnctl.compiling`)."""
+        return compiling.compiled(self._original, *args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError

@@ -158,16 +158,16 @@ class PerturbedBranch(ForwardWrapper):
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         state = self.controller.state
         if state.gradient_pass:  # latent guidance's pass for its loss: the maps of the conditional rows only
-            return self._original(*args, **kwargs)
+            return self.call_original(*args, **kwargs)
         roles = list(state.roles or [])
         ws = self.branches.weights(state.step, state.num_steps)
         later = later_call(kwargs, roles)
         if later is not None:  # SD3's skip-layer pass, FLUX's negative-prompt call: the step's δ
-            result = self._original(*args, **kwargs)
+            result = self.call_original(*args, **kwargs)
             return self._shifted(result, later) if any(ws) else result
         if not any(ws) or "cond" not in roles:  # no guidance at this step, or no conditional rows to guide
             self._shift = None
-            return self._original(*args, **kwargs)
+            return self.call_original(*args, **kwargs)
         bound = self.bind(args, kwargs)
         batch = bound["hidden_states"].shape[0]
         cond, uncond = image_rows(roles, batch, "the perturbed branch")
@@ -213,6 +213,6 @@ class PerturbedBranch(ForwardWrapper):
         saved = state.roles
         state.roles = roles
         try:
-            return self._original(*args, **kwargs)
+            return self.call_original(*args, **kwargs)
         finally:
             state.roles = saved

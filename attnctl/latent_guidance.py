@@ -106,7 +106,7 @@ class LatentGuidance(ForwardWrapper):
         size = float(self.control.step_size(state.step, state.num_steps))
         sigmas = self._sigmas(state.step) if size and "cond" in roles else None
         if sigmas is None:  # no guidance at this step
-            return self._original(*args, **kwargs)
+            return self.call_original(*args, **kwargs)
         sigma, sigma_next = sigmas
         bound = self.bind(args, kwargs)
         hidden = bound["hidden_states"]
@@ -128,7 +128,7 @@ class LatentGuidance(ForwardWrapper):
             if rows:
                 moved.index_copy_(0, state.index(rows, hidden.device), z_run.to(hidden.dtype))
         bound["hidden_states"] = moved
-        result = self._original(**bound)
+        result = self.call_original(**bound)
         out = sample_of(result)
         for rows in (cond, uncond):
             if rows:
@@ -141,7 +141,7 @@ class LatentGuidance(ForwardWrapper):
         ``z``, so a move ``z → z'`` made there is carried as ``(z' − z)/(σ_{t+1} − σ_t)`` over the whole step."""
         start = self._start
         if start is None or start[0] != step - 1:  # the step moved nothing
-            return self._original(*args, **kwargs)
+            return self.call_original(*args, **kwargs)
         _, z, z_new = start
         sigmas = self.pipe.scheduler.sigmas
         shift = (z_new - z) / (float(sigmas[step + 1]) - float(sigmas[step - 1]))
@@ -172,7 +172,7 @@ class LatentGuidance(ForwardWrapper):
                 zz = z.detach().requires_grad_(True)
                 sub["hidden_states"] = zz
                 with contextlib.suppress(StopForward):  # raised after the deepest site the loss reads
-                    self._original(**sub)
+                    self.call_original(**sub)
                 loss = self.control.latent_loss()
                 if loss is None or not loss.requires_grad:  # nothing to guide (no word of the prompt is boxed)
                     return z
@@ -183,7 +183,7 @@ class LatentGuidance(ForwardWrapper):
 
     def _later_call(self, args: tuple, kwargs: dict, step: int) -> Any:
         if self._moved is None or self._moved[0] != step:
-            return self._original(*args, **kwargs)
+            return self.call_original(*args, **kwargs)
         _, z_new, shift = self._moved
         if batch_of(args, kwargs) != z_new.shape[0]:
             raise ConfigError(
@@ -191,6 +191,6 @@ class LatentGuidance(ForwardWrapper):
                 f"{batch_of(args, kwargs)} rows", fix="run the later calls of a step on the same images")
         bound = self.bind(args, kwargs)
         bound["hidden_states"] = z_new.to(bound["hidden_states"].dtype)
-        result = self._original(**bound)
+        result = self.call_original(**bound)
         out = sample_of(result)
         return with_sample(result, out + shift.to(out.dtype))

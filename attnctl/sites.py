@@ -78,6 +78,7 @@ def _site_kind(name: str, module: torch.nn.Module) -> SiteKind:
 
 def list_sites(transformer: torch.nn.Module) -> list[Site]:
     """Every attention site of an SD3 / SD3.5 / FLUX transformer, in the order of ``attn_processors``."""
+    transformer = uncompiled(transformer)
     if not hasattr(transformer, "attn_processors"):
         raise SiteError(
             f"{type(transformer).__name__} has no `attn_processors`; pass a diffusers transformer "
@@ -93,9 +94,16 @@ def list_sites(transformer: torch.nn.Module) -> list[Site]:
     return sites
 
 
+def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, or the one a ``torch.compile(module)`` wrapper compiles. attnctl installs processors and
+    forward wrappers on that module; the compiled wrapper calls into it, so both see them."""
+    inner = getattr(module, "_orig_mod", None)
+    return uncompiled(inner) if isinstance(inner, torch.nn.Module) else module
+
+
 def family_of(transformer: torch.nn.Module) -> str:
-    """"sd3" or "flux", from the transformer class."""
-    cls = type(transformer).__name__
+    """"sd3" or "flux", from the transformer class (through a ``torch.compile`` wrapper)."""
+    cls = type(uncompiled(transformer)).__name__
     if cls.startswith("SD3"):
         return "sd3"
     if cls.startswith("Flux"):

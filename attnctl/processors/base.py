@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import compiling
 from .attend import attend, fused_attention
 
 if TYPE_CHECKING:
@@ -58,10 +59,19 @@ class AttnCtlProcessor:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, n_text: int | None,
                 image_first: bool, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        contributions = []
-        if self.controller is not None and self.site is not None and self.controller.controls:
-            call = SiteCall(self.site, q.shape[0], q.shape[1], n_text, image_first, q.device, q.dtype, rotary)
-            contributions = self.controller.contributions(call, q, k, v)
+        if self.controller is None or self.site is None or not self.controller.controls:
+            return fused_attention(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
+                                   parallel_config=self._parallel_config)
+        return self._controlled(q, k, v, attention_mask, n_text, image_first, rotary)
+
+    # Which controls act, and how, depends on the run's step, rows and prompts: Python state that torch.compile
+    # would guard on and recompile for at every step. So this part runs eagerly under torch.compile (a graph
+    # break); the projections and norms around it, and every stock module between the sites, stay compiled.
+    @torch.compiler.disable(reason=compiling.EAGER)
+    def _controlled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, n_text: int | None,
+                    image_first: bool, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        call = SiteCall(self.site, q.shape[0], q.shape[1], n_text, image_first, q.device, q.dtype, rotary)
+        contributions = self.controller.contributions(call, q, k, v)
         if not contributions:
             return fused_attention(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
                                    parallel_config=self._parallel_config)

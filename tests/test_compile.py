@@ -1,0 +1,141 @@
+"""attnctl on a torch.compile'd transformer: the same images as uncompiled, no recompile from step to step, the
+wrapped forward still compiled, and a clear error for fullgraph=True.
+
+dynamo runs here with its "eager" / "aot_eager" backends: they trace and split the model exactly as inductor does
+(which graphs, which guards, which breaks) without generating code, so the tests stay fast; bench/compile.py times
+inductor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch._dynamo
+
+import attnctl
+from attnctl import AttentionProbe, AttentionRegulation, LayoutGuidance, SoftPAG, UnifyEdit, ValueSharing, edit
+from attnctl.errors import ConfigError
+from attnctl.sites import family_of, list_sites, uncompiled
+from attnctl.toyworld.models import default_call_kwargs
+
+PROMPT = "a red circle and a blue square"
+BOXES = {"circle": [0.0, 0.0, 0.5, 0.5], "square": [0.5, 0.5, 1.0, 1.0]}
+CONTROLS: dict[str, Callable[[], list]] = {
+    # processors only (the probe records, regulation changes the attention)
+    "probe+regulation": lambda: [AttentionProbe(words=["circle"]), AttentionRegulation(targets=["circle", "square"])],
+    "softpag": lambda: [SoftPAG(heads="all", scale=2.0)],  # a forward wrapper: the perturbed rows in the batch
+    "layout": lambda: [LayoutGuidance(boxes=BOXES, scale=0.5, iterations=1)],  # a gradient pass before each step
+}
+
+
+class CountingBackend:
+    """dynamo's eager backend, counting the runs of the graphs it made."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list):
+        def run(*args):
+            self.runs += 1
+            return gm.forward(*args)
+
+        return run
+
+
+def generate(pipe, controls: list, steps: int = 4) -> torch.Tensor:
+    kw = {**default_call_kwargs(pipe), "num_inference_steps": steps}
+    return pipe(PROMPT, controls=controls, generator=torch.Generator().manual_seed(0), output_type="pt",
+                **kw).images
+
+
+def compile_transformer(pipe, how: str, backend) -> None:
+    if how == "torch.compile":
+        pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    elif how == "in place":
+        pipe.transformer.compile(backend=backend)
+    else:
+        pipe.transformer.compile_repeated_blocks(backend=backend)
+
+
+@pytest.fixture
+def fresh_pipe(request):
+    """A toy pipeline of its own (compiling changes the transformer), and dynamo's caches cleared after the test."""
+    from attnctl.toyworld.models import load_pipeline
+
+    torch._dynamo.reset()
+    yield lambda name: load_pipeline(name)
+    torch._dynamo.reset()
+
+
+def test_a_compiled_wrapper_is_seen_through():
+    from attnctl.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    inner = pipe.transformer
+    pipe.transformer = torch.compile(inner, backend="eager")
+    assert uncompiled(pipe.transformer) is inner and family_of(pipe.transformer) == "flux"
+    assert [s.name for s in list_sites(pipe.transformer)] == [s.name for s in list_sites(inner)]
+    ctl = attnctl.Controller(pipe, [AttentionProbe(tokens=[0])])
+    assert ctl.transformer is inner  # processors and wrappers go on the module the compiled one calls
+
+
+@pytest.mark.parametrize(("model", "how"), [("toy-sd3", "torch.compile"), ("toy-flux", "in place"),
+                                            ("toy-flux", "regional")])
+def test_controls_on_a_compiled_transformer_give_the_uncompiled_images_and_no_recompiles(fresh_pipe, model, how):
+    pipe = fresh_pipe(model)
+    stock = generate(pipe, [])
+    expected = {name: (generate(pipe, make()), generate(pipe, make(), steps=6)) for name, make in CONTROLS.items()}
+    for name, (four, _) in expected.items():  # every control changes the image, so an idle one would be caught
+        assert (four - stock).abs().max() > 1e-3, name
+    compile_transformer(pipe, how, "eager")
+    for name, make in CONTROLS.items():
+        assert torch.equal(generate(pipe, make()), expected[name][0]), name
+        # other steps, a new control object: the compiled code from 4 steps serves 6 without a recompile, so no
+        # guard of the compiled model depends on the step, the schedule or the control
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert torch.equal(generate(pipe, make(), steps=6), expected[name][1]), name
+
+
+def test_the_forward_a_wrapper_calls_is_still_compiled(fresh_pipe):
+    pipe = fresh_pipe("toy-sd3")
+    backend = CountingBackend()
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    generate(pipe, [], steps=2)
+    backend.runs = 0
+    generate(pipe, [], steps=2)
+    assert backend.runs == 2  # the stock model: one graph per step
+    generate(pipe, [AttentionProbe(words=["circle"])], steps=2)
+    backend.runs = 0
+    generate(pipe, [AttentionProbe(words=["circle"])], steps=2)
+    per_step = backend.runs / 2
+    assert per_step > 2  # split at every controlled site, each piece still compiled
+    generate(pipe, [SoftPAG(heads="all", scale=2.0)], steps=2)
+    backend.runs = 0
+    generate(pipe, [SoftPAG(heads="all", scale=2.0)], steps=2)
+    # the wrapper's own code runs eagerly, the transformer it calls runs the same compiled pieces
+    assert backend.runs / 2 == per_step
+
+
+def test_an_edit_on_a_compiled_transformer_equals_the_uncompiled_edit(fresh_pipe, scene):
+    pipe = fresh_pipe("toy-sd3")
+    source, target = PROMPT, "a green circle and a blue square"
+
+    def run():  # the gradient pass, the two branches and value sharing's source rows: all through the model
+        return edit(pipe, scene, source, target, 5, control=UnifyEdit(sites="mid"), share=ValueSharing(),
+                    output_type="latent").edited
+
+    expected = run()
+    pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")  # autograd through the compiled pieces
+    assert torch.allclose(run(), expected, atol=1e-5, rtol=0)
+
+
+def test_fullgraph_is_refused_with_the_way_out(fresh_pipe):
+    pipe = fresh_pipe("toy-sd3")
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager", fullgraph=True)
+    generate(pipe, [], steps=1)  # no control: the stock processors, one graph
+    with pytest.raises(ConfigError, match="fullgraph=True.*Fix: compile without fullgraph"):
+        generate(pipe, [AttentionProbe(words=["circle"])], steps=1)
+    with pytest.raises(ConfigError, match="fullgraph=True"), attnctl.attach(pipe, [SoftPAG(heads="all", scale=2.0)]):
+        pipe(PROMPT, **{**default_call_kwargs(pipe), "num_inference_steps": 1})
+    assert type(uncompiled(pipe.transformer).transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"
