@@ -16,6 +16,7 @@ straight through.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable
@@ -83,6 +84,17 @@ def compiled(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     finally:
         set_eval_frame(prior)
+
+
+def differentiable_more_than_once() -> contextlib.AbstractContextManager:
+    """For a forward whose graph is differentiated more than once (``retain_graph=True``: UnifyEdit takes each
+    loss's gradient on its own). Compiled backward graphs free ("donate") the buffers they saved, which only a
+    single backward allows; graphs compiled inside this block keep them. Their guards (grad mode, shapes) set them
+    apart from the graphs of plain calls, which keep the donation."""
+    config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if config is None or not hasattr(config, "donated_buffer"):
+        return contextlib.nullcontext()
+    return config.patch(donated_buffer=False)
 
 
 def fullgraph_error(exc: BaseException) -> ConfigError | None:

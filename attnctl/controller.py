@@ -127,11 +127,15 @@ class Controller:
         """One attnctl processor per site, keyed for ``transformer.set_attn_processor``.
 
         Each new processor keeps the attention backend of the processor it replaces, and the controller
-        starts following runs of the pipeline (see the module docstring)."""
+        starts following runs of the pipeline (see the module docstring). Only the processors of sites some
+        control acts at consult the controller."""
         current = self.transformer.attn_processors
         procs = {}
         for site in self.sites:
-            proc = processor_for(site, self)
+            # a site no control acts at gets a processor without the controller: the stock computation, with no
+            # per-call lookup (and whole in the graph under torch.compile)
+            bound = any(c.applies_to(site) for c in self.controls)
+            proc = processor_for(site, self if bound else None)
             old = current.get(site.processor_key)
             if "IPAdapter" in type(old).__name__:
                 if type(old).__name__ not in IP_ADAPTERS:
