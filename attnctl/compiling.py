@@ -87,10 +87,11 @@ def compiled(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def differentiable_more_than_once() -> contextlib.AbstractContextManager:
-    """For a forward whose graph is differentiated more than once (``retain_graph=True``: UnifyEdit takes each
+    """For a forward whose graph may be differentiated more than once (``retain_graph=True``: UnifyEdit takes each
     loss's gradient on its own). Compiled backward graphs free ("donate") the buffers they saved, which only a
-    single backward allows; graphs compiled inside this block keep them. Their guards (grad mode, shapes) set them
-    apart from the graphs of plain calls, which keep the donation."""
+    single backward allows; graphs compiled inside this block keep them. Every attnctl gradient pass runs in it
+    (``Controller.gradient_pass``), so a graph one pass compiled is safe for another with the same guards (grad mode,
+    shapes); calls without gradients have no backward to donate for."""
     config = getattr(getattr(torch, "_functorch", None), "config", None)
     if config is None or not hasattr(config, "donated_buffer"):
         return contextlib.nullcontext()

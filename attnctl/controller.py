@@ -99,8 +99,10 @@ class Controller:
     @contextlib.contextmanager
     def gradient_pass(self, rows: Sequence[int]) -> Iterator[None]:
         """A forward for latent guidance's loss on the batch ``rows`` of the current call (conditional rows): only
-        the latent-guidance control acts, and the forward stops after its deepest site (:class:`StopForward`)."""
-        with self.row_subset(rows, role="cond", gradient_pass=True):
+        the latent-guidance control acts, and the forward stops after its deepest site (:class:`StopForward`).
+        Under torch.compile the pass's graphs keep their saved buffers, so a loss may be differentiated more than
+        once (:func:`attnctl.compiling.differentiable_more_than_once`)."""
+        with self.row_subset(rows, role="cond", gradient_pass=True), compiling.differentiable_more_than_once():
             yield
 
     @contextlib.contextmanager

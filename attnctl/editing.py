@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from . import compiling
 from .controls.unify_edit import UnifyEdit, differing_words
 from .controls.value_sharing import ValueSharing
 from .errors import ConfigError
@@ -205,9 +204,8 @@ class EditBranches(ForwardWrapper):
         idx = self.controller.state.index(rows, z.device)
         sub = map_rows(bound, batch, lambda x: x.index_select(0, idx.to(x.device)), "UnifyEdit")
         for _ in range(int(self.control.config.iterations)):
-            # each loss is differentiated on its own, so the graph is kept (compiled pieces too)
-            with torch.enable_grad(), self.controller.gradient_pass(rows), self._gradient_pairing(share), \
-                    compiling.differentiable_more_than_once():
+            # each loss is differentiated on its own (the gradient pass keeps compiled graphs differentiable twice)
+            with torch.enable_grad(), self.controller.gradient_pass(rows), self._gradient_pairing(share):
                 zz = z.detach().requires_grad_(True)
                 sub["hidden_states"] = torch.cat([z_src.detach(), zz])
                 with contextlib.suppress(StopForward):  # raised after the deepest site the losses read

@@ -97,6 +97,34 @@ def test_controls_on_a_compiled_transformer_give_the_uncompiled_images_and_no_re
             assert torch.equal(generate(pipe, make(), steps=6), expected[name][1]), name
 
 
+def test_isolation_and_epipolar_on_a_compiled_transformer_give_the_uncompiled_images(fresh_pipe):
+    """The controls with extra rows in the call: reference prompts (isolation) and the views of a rig (epipolar
+    attention reads the other views' keys block-sparsely)."""
+    from attnctl import Camera, EpipolarAttention, IsolationAttention
+
+    pipe = fresh_pipe("toy-flux")
+    kw = {**default_call_kwargs(pipe), "num_inference_steps": 4, "output_type": "pt"}
+    cams = [Camera.look_at([0, 0, 0], [0, 0, 1], size=(32, 32)),
+            Camera.look_at([0.3, 0, 0], [0.3, 0, 1], size=(32, 32), up=[1.0, 0.0, 0.0])]
+    cases = {
+        "isolation": (lambda: [IsolationAttention(subjects=["red circle", "blue square"], references=True)],
+                      {"prompt": ["a red circle", "a blue square", PROMPT]}),
+        "epipolar": (lambda: [EpipolarAttention(cameras=cams)], {"prompt": PROMPT, "num_images_per_prompt": 2}),
+    }
+
+    def run(make, args):
+        return pipe(controls=make(), generator=torch.Generator().manual_seed(0), **args, **kw).images
+
+    expected = {name: run(make, args) for name, (make, args) in cases.items()}
+    for name, (_, args) in cases.items():
+        assert (expected[name] - run(list, args)).abs().max() > 1e-3, name  # the control does something
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    for name, (make, args) in cases.items():
+        assert torch.equal(run(make, args), expected[name]), name
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert torch.equal(run(make, args), expected[name]), name
+
+
 def test_the_forward_a_wrapper_calls_is_still_compiled(fresh_pipe):
     pipe = fresh_pipe("toy-sd3")
     backend = CountingBackend()
