@@ -1209,7 +1209,8 @@ class _Progress:
 class _Generator:
     """Loads the pipeline once and makes one image per job exactly as ``attnctl generate`` would."""
 
-    def __init__(self, plan: BatchPlan, device: str, attention_backend: str | None, offload: bool):
+    def __init__(self, plan: BatchPlan, device: str, attention_backend: str | None, offload: bool,
+                 compile_backend: str | None = None):
         import torch
 
         from . import cli
@@ -1227,6 +1228,9 @@ class _Generator:
         self.backend = None
         if attention_backend is not None:
             self.backend = cli.set_attention_backend(self.pipe, attention_backend, self.dev, self.torch_dtype)
+        self.compile = None  # the torch.compile backend: recorded, not hashed (compiling changes no image)
+        if compile_backend is not None:
+            self.compile = cli.compile_transformer(self.pipe, compile_backend)
         if offload:
             self.pipe.enable_model_cpu_offload(device=self.dev)
         self.pipe.set_progress_bar_config(disable=True)
@@ -1269,7 +1273,8 @@ class _Generator:
                           control=control, guidance_scale=guidance, max_sequence_length=length,
                           path=self._inverted.get(key), rf=rf, share=share)
             meta = cli.edit_meta(self.pipe, job.image, s["source_prompt"], s["prompt"], self.model, steps, guidance,
-                                 length, control, self.dtype_name, self.dev, rf=rf, share=share)
+                                 length, control, self.dtype_name, self.dev, rf=rf, share=share,
+                                 compile_backend=self.compile)
         self._inverted = {key: result.path}
         meta["batch"] = {"file": Path(source).name, "id": job.id, "index": job.index, "hash": job.hash}
         return [(job.file, result.edited, meta)]
@@ -1318,6 +1323,7 @@ class _Generator:
             "scheduler": type(self.pipe.scheduler).__name__,
             "device": str(self.dev),
             "attention_backend": self.backend,
+            "compile": self.compile,
             "attnctl_version": __version__,
             "diffusers_version": diffusers.__version__,
             "torch_version": self.torch.__version__,
@@ -1335,10 +1341,12 @@ class _Generator:
 
 def run_batch(plan: BatchPlan, out: str | Path, *, device: str = "auto", attention_backend: str | None = None,
               offload: bool = False, threads: int | None = None, progress: bool | None = None,
-              note: Callable[[str], None] | None = None) -> BatchResult:
+              note: Callable[[str], None] | None = None, compile_backend: str | None = None) -> BatchResult:
     """Make every image of ``plan`` that is not done yet in ``out`` (this process's share of them).
 
-    Skips images that are done with the same settings; records every finished image in the manifest
+    ``compile_backend``: compile the transformer in place with this torch.compile backend (recorded in the PNGs,
+    not part of an image's hash, like the device and the attention backend). Skips images that are done with the
+    same settings; records every finished image in the manifest
     (failures with their error, and the batch goes on); Ctrl-C stops after the current image."""
     out = Path(out)
     start = time.perf_counter()
@@ -1357,13 +1365,15 @@ def run_batch(plan: BatchPlan, out: str | Path, *, device: str = "auto", attenti
     out.mkdir(parents=True, exist_ok=True)
     lock = _folder_lock(out) if dist.rank == 0 else contextlib.nullcontext()
     try:
-        return _run(plan, out, dist, lock, device, attention_backend, offload, progress, note, start)
+        return _run(plan, out, dist, lock, device, attention_backend, offload, progress, note, start,
+                    compile_backend)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attention_backend: str | None,
-         offload: bool, progress: bool | None, note: Callable[[str], None] | None, start: float) -> BatchResult:
+         offload: bool, progress: bool | None, note: Callable[[str], None] | None, start: float,
+         compile_backend: str | None = None) -> BatchResult:
     from .imageio import save_png
 
     with lock:
@@ -1381,7 +1391,7 @@ def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attenti
         writer = ManifestWriter(shard) if mine else None
         try:
             with _Stopper(note if dist.rank == 0 else None) as stopper:
-                gen = _Generator(plan, device, attention_backend, offload) if mine else None
+                gen = _Generator(plan, device, attention_backend, offload, compile_backend) if mine else None
                 for job in mine:
                     if stopper.stop:
                         interrupted = True
@@ -1432,16 +1442,18 @@ def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attenti
 
 def main(file: Path, out: Path | None, model: str | None, processes: int, device: str, dtype: str,
          attention_backend: str | None, offload: bool, threads: int | None, check: bool,
-         debug: bool = False) -> int:
+         debug: bool = False, compile_backend: str | None = None) -> int:
     """``attnctl batch``: returns the exit code (0 all done, 1 some failed, 2 bad input, 130 interrupted)."""
     from rich.markup import escape
 
-    from .cli import DTYPE_NAMES, err_console, out_console, parse_dtype, resolve_model
+    from .cli import DTYPE_NAMES, check_compile_backend, err_console, out_console, parse_dtype, resolve_model
 
     def note(message: str) -> None:
         err_console.print(f"[yellow]{escape(message)}[/yellow]", highlight=False)
 
     dtype_name = DTYPE_NAMES[str(parse_dtype(dtype))[6:]]
+    if compile_backend is not None:  # an unknown backend: one clear error here, not one per image or worker
+        compile_backend = check_compile_backend(compile_backend)
     try:
         plan = load_batch(file, model=model, dtype=dtype_name)
     except BatchFileError as e:
@@ -1474,13 +1486,15 @@ def main(file: Path, out: Path | None, model: str | None, processes: int, device
                                                  "--dtype", dtype_name, "--model", plan.model]
         if attention_backend is not None:
             argv += ["--attention-backend", attention_backend]
+        if compile_backend is not None:
+            argv += ["--compile", compile_backend]
         if offload:
             argv.append("--offload")
         if threads is not None:
             argv += ["--threads", str(threads)]
         return launch_workers(argv, processes, threads, note=note)
     result = run_batch(plan, out, device=device, attention_backend=attention_backend, offload=offload,
-                       threads=threads, note=note)
+                       threads=threads, note=note, compile_backend=compile_backend)
     if result.world > 1 and result.rank != 0:
         return 130 if result.interrupted else 0
     made = result.done - result.skipped

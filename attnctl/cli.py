@@ -2,7 +2,7 @@
 
 Every command defaults to the embedded toy model (``--model toy-sd3``); any diffusers pipeline folder or
 hub id of an SD3 / SD3.5 / FLUX.1 pipeline works the same way (``--device``, ``--dtype``,
-``--attention-backend``, ``--offload`` for GPUs). Mistakes of the user (a bad control, an unknown model,
+``--attention-backend``, ``--compile``, ``--offload`` for GPUs). Mistakes of the user (a bad control, an unknown model,
 words the toy world does not know, an unavailable backend or device) end with one red line naming the
 problem and the way out, and exit code 2; ``attnctl --debug ...`` shows the traceback instead.
 """
@@ -392,6 +392,37 @@ def set_attention_backend(pipe, backend: str, device, dtype) -> str:
     return name
 
 
+COMPILE_HELP = ("Compile the transformer in place with torch.compile and this backend (inductor on a GPU; 'eager' "
+                "traces without code generation).")
+
+
+def check_compile_backend(backend: str) -> str:
+    """A torch.compile backend name dynamo knows (its debug backends ``eager`` and ``aot_eager`` included); an
+    unknown one is a clear error, before any model is loaded."""
+    import torch._dynamo
+
+    names = torch._dynamo.list_backends(exclude_tags=())
+    name = backend.strip()
+    if name not in names and name.lower() in names:
+        name = name.lower()
+    if name not in names:
+        usual = [n for n in ("inductor", "eager", "aot_eager") if n in names]
+        usual += [n for n in torch._dynamo.list_backends() if n not in usual]
+        raise AttnCtlError(f"unknown torch.compile backend {backend!r}",
+                           f"use one of torch._dynamo.list_backends(): {', '.join(usual)} (inductor on a GPU; "
+                           "eager traces without code generation)")
+    return name
+
+
+def compile_transformer(pipe, backend: str) -> str:
+    """Compile ``pipe.transformer`` in place (``transformer.compile(backend=...)``); the controls stay eager inside
+    it (attnctl.compiling), so the images are the uncompiled model's (bit for bit under dynamo's ``eager`` backend).
+    Returns the backend's name."""
+    name = check_compile_backend(backend)
+    pipe.transformer.compile(backend=name)
+    return name
+
+
 def _model_record(name: str) -> str:
     """What to store as the model in metadata: toy names and hub ids as given, folders as absolute paths."""
     path = Path(name).expanduser()
@@ -427,6 +458,7 @@ def generate(
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32)."),
     attention_backend: str | None = typer.Option(
         None, "--attention-backend", help="diffusers attention backend: native, xformers, flash, ..."),
+    compile_backend: str | None = typer.Option(None, "--compile", help=COMPILE_HELP),
     offload: bool = typer.Option(False, "--offload", help="Model CPU offload for small GPUs (ignored on CPU)."),
     from_: Path | None = typer.Option(
         None, "--from", help="Regenerate from a PNG written by attnctl: its settings are the defaults."),
@@ -467,6 +499,8 @@ def generate(
         raise AttnCtlError(f"--out {str(out)!r} is not a .png file name", "name a .png file, e.g. out/image.png")
     torch_dtype = parse_dtype(dtype or meta_in.get("dtype") or "fp32")
     dev = check_device(device)
+    if compile_backend is not None:
+        compile_backend = check_compile_backend(compile_backend)
     if offload and dev.type == "cpu":
         _note("--offload is ignored on CPU: model CPU offload only saves GPU memory.")
         offload = False
@@ -483,6 +517,8 @@ def generate(
     backend = None
     if attention_backend is not None:
         backend = set_attention_backend(pipe, attention_backend, dev, torch_dtype)
+    if compile_backend is not None:
+        compile_transformer(pipe, compile_backend)
     if offload:
         pipe.enable_model_cpu_offload(device=dev)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False, desc="denoising")
@@ -523,6 +559,7 @@ def generate(
         "scheduler": type(pipe.scheduler).__name__,
         "device": str(dev),
         "attention_backend": backend,
+        "compile": compile_backend,
         "attnctl_version": __version__,
         "diffusers_version": diffusers.__version__,
         "torch_version": torch.__version__,
@@ -577,6 +614,7 @@ def edit(
     out: Path = typer.Option(Path("out/edited.png"), "--out", "-o", help="Output PNG (written atomically)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: fp32)."),
+    compile_backend: str | None = typer.Option(None, "--compile", help=COMPILE_HELP),
 ) -> None:
     """Edit a real image by a change of its caption (UnifyEdit: inversion, then a steered target branch)."""
     from .editing import edit as edit_image
@@ -609,8 +647,13 @@ def edit(
     arr = read_image(image)
     model = model or DEFAULT_MODEL
     torch_dtype = parse_dtype(dtype or "fp32")
-    pipe = load_pipeline(model, device=str(check_device(device)), dtype=torch_dtype)
+    dev = check_device(device)
+    if compile_backend is not None:
+        compile_backend = check_compile_backend(compile_backend)
+    pipe = load_pipeline(model, device=str(dev), dtype=torch_dtype)
     check_vocabulary(pipe, [source, target], model)
+    if compile_backend is not None:
+        compile_transformer(pipe, compile_backend)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False, desc="editing")
     defaults = call_defaults(pipe)
     n = int(steps if steps is not None else defaults["steps"])
@@ -621,7 +664,8 @@ def edit(
                             max_sequence_length=defaults["max_sequence_length"], rf=rf_config, share=share_config)
         seconds = time.perf_counter() - start
         meta = edit_meta(pipe, image, source, target, model, n, g, defaults["max_sequence_length"], ctl,
-                         DTYPE_NAMES[str(torch_dtype)[6:]], device, rf=rf_config, share=share_config)
+                         DTYPE_NAMES[str(torch_dtype)[6:]], device, rf=rf_config, share=share_config,
+                         compile_backend=compile_backend)
     path = save_png(out, result.edited, meta)
     out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, {n} steps, {seconds:.1f} s)", highlight=False)
     for line in (c.summary() for c in (ctl, share_config) if c is not None):
@@ -631,9 +675,10 @@ def edit(
 
 def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, steps: int, guidance: float,
               max_sequence_length: int, control: Any, dtype: str, device: Any, rf: Any = None,
-              share: Any = None) -> dict[str, Any]:
+              share: Any = None, compile_backend: str | None = None) -> dict[str, Any]:
     """What an edited PNG records: the input image, both captions and everything the edit ran with (``rf``: the
-    RF-Inversion settings, ``share``: the value-sharing settings; each recorded when given)."""
+    RF-Inversion settings, ``share``: the value-sharing settings, ``compile_backend``: the torch.compile backend of
+    the transformer; each recorded when given)."""
     import diffusers
     import torch
 
@@ -648,6 +693,7 @@ def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, step
             "solver": "midpoint" if is_midpoint(pipe.scheduler) else "euler", "device": str(device),
             **({"rf_inversion": rf.to_json()} if rf is not None else {}),
             **({"value_sharing": share.to_json()} if share is not None else {}),
+            **({"compile": compile_backend} if compile_backend is not None else {}),
             "attnctl_version": __version__, "diffusers_version": diffusers.__version__,
             "torch_version": torch.__version__}
 
@@ -737,6 +783,7 @@ def batch(
     device: str = typer.Option("auto", "--device", help="auto (each rank's accelerate device), cpu, cuda, ..."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
     attention_backend: str | None = typer.Option(None, "--attention-backend", help="diffusers attention backend."),
+    compile_backend: str | None = typer.Option(None, "--compile", help=COMPILE_HELP),
     offload: bool = typer.Option(False, "--offload", help="Model CPU offload for small GPUs (ignored on CPU)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads per process "
                                                                       "(default: cores / processes)."),
@@ -746,7 +793,7 @@ def batch(
     from . import batch as batch_run
 
     raise typer.Exit(batch_run.main(file, out, model, processes, device, dtype, attention_backend, offload, threads,
-                                    check, debug=_STATE["debug"]))
+                                    check, debug=_STATE["debug"], compile_backend=compile_backend))
 
 
 # ---------------------------------------------------------------------------------------------- headhunt
@@ -928,6 +975,7 @@ def eval_(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
     attention_backend: str | None = typer.Option(None, "--attention-backend", help="diffusers attention backend."),
+    compile_backend: str | None = typer.Option(None, "--compile", help=COMPILE_HELP),
 ) -> None:
     """Generate every prompt item with seeds 0..N-1 and score the images with the shapes-world evaluator."""
     import numpy as np
@@ -978,11 +1026,15 @@ def eval_(
         controls = controls_for(items[0])  # checks the settings before the model loads
     torch_dtype = parse_dtype(dtype)
     dev = check_device(device)
+    if compile_backend is not None:
+        compile_backend = check_compile_backend(compile_backend)
 
     pipe = load_pipeline(model, device=str(dev), dtype=torch_dtype)
     check_vocabulary(pipe, [it["prompt"] for it in items], model)
     if attention_backend is not None:
         set_attention_backend(pipe, attention_backend, dev, torch_dtype)
+    if compile_backend is not None:
+        compile_transformer(pipe, compile_backend)
     pipe.set_progress_bar_config(disable=True)
     defaults = call_defaults(pipe)
     call = {

@@ -58,7 +58,8 @@ def unique_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def bench_model(name: str, backend: str, steps: int, repeats: int, size: int | None = None) -> dict:
+def bench_model(name: str, backend: str, steps: int, repeats: int, size: int | None = None,
+                controls: list[str] | None = None) -> dict:
     torch._dynamo.reset()
     pipe = load_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
@@ -72,7 +73,8 @@ def bench_model(name: str, backend: str, steps: int, repeats: int, size: int | N
     # three phases, each warmed up then timed with its variants interleaved: the stock model alone (one graph per
     # step when nothing breaks it), the controls, and the stock model again on the same compiled code
     phases: list[list[tuple[str, str, Callable[[], list]]]] = [[("stock", "eager", list), ("stock", "compiled", list)]]
-    phases.append([(c, mode, make) for c, make in CONTROLS.items() for mode in ("eager", "compiled")])
+    chosen = {c: CONTROLS[c] for c in (controls or CONTROLS)}
+    phases.append([(c, mode, make) for c, make in chosen.items() for mode in ("eager", "compiled")])
     phases.append([("stock after controls", "compiled", list)])
 
     def run(mode: str, make: Callable[[], list], seed: int) -> tuple[float, int, torch.Tensor]:
@@ -127,11 +129,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=None,
                     help="image side in pixels (default: the toy's own, 32; toy-sd3 allows no more)")
+    ap.add_argument("--controls", nargs="+", choices=list(CONTROLS), default=None, help="default: all of them")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    results = [bench_model(m, args.backend, args.steps, args.repeats, args.size) for m in args.models]
+    results = [bench_model(m, args.backend, args.steps, args.repeats, args.size, args.controls) for m in args.models]
     for res in results:
         print(f"\n{res['model']} ({res['backend']}, {res['size']}², {res['steps']} steps, median of {res['repeats']}); "
               f"graphs made "

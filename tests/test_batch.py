@@ -269,6 +269,45 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
     assert read_metadata(out / f"{safe_stem('../../etc/x')}_s3.png")["steps"] == 3
 
 
+def test_compile_makes_the_same_images_and_is_not_part_of_the_hash(model_dir, tmp_path):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    batch = write_batch(tmp_path / "b.json", {
+        "version": 1,
+        "defaults": {"steps": 2},
+        "items": [{"id": "red", "prompt": "a red circle on the left", "seeds": [0, 1],
+                   "controls": [{"kind": "softpag", "heads": "all", "scale": 2.0}]},
+                  {"id": "blue", "prompt": "a blue square", "seed": 3}],
+    })
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        result = run("batch", batch, "--out", plain, "--model", model_dir)
+        assert result.exit_code == 0, result.output
+        result = run("batch", batch, "--out", compiled, "--model", model_dir, "--compile", "eager")
+        assert result.exit_code == 0 and "3 done" in result.output, result.output
+        assert counters["stats"]["unique_graphs"] > 0  # the transformer ran compiled
+    finally:
+        torch._dynamo.reset()
+    assert pngs(compiled) == pngs(plain) and len(pngs(plain)) == 3  # same names, same pixels
+    meta = read_metadata(compiled / "red_s1.png")
+    assert meta["compile"] == "eager" and read_metadata(plain / "red_s1.png")["compile"] is None
+    assert meta["batch"]["hash"] == read_metadata(plain / "red_s1.png")["batch"]["hash"]
+    assert {f: r["hash"] for f, r in read_manifest(compiled).items()} == \
+        {f: r["hash"] for f, r in read_manifest(plain).items()}
+
+    # resumed without --compile: everything is done (the hash did not change), nothing is rewritten
+    mtimes = {p.name: p.stat().st_mtime_ns for p in compiled.glob("*.png")}
+    result = run("batch", batch, "--out", compiled, "--model", model_dir)
+    assert result.exit_code == 0 and "3 done (3 already, 0 new)" in result.output, result.output
+    assert {p.name: p.stat().st_mtime_ns for p in compiled.glob("*.png")} == mtimes
+    for extra in ((), ("--compile", "eager")):  # --check lists them done, with or without the option
+        result = run("batch", batch, "--out", compiled, "--model", model_dir, "--check", *extra)
+        assert result.exit_code == 0 and "valid, 2 items, 3 images (3 done)" in result.output, result.output
+
+
 def test_interrupt_and_kill_then_rerun_makes_every_image_exactly_once(model_dir, tmp_path):
     # 128×128 images with 4 steps: slow enough that the signals land mid-run
     items = [{"id": f"i{i}", "prompt": "a red circle", "seed": i} for i in range(10)]

@@ -140,6 +140,75 @@ def test_generate_views_of_an_epipolar_control_and_regenerate_them(flux_dir, tmp
     assert "multiple of 2" in " ".join(bad.output.split()) and not (tmp_path / "one-0.png").exists()
 
 
+# ------------------------------------------------------------------------------------------- --compile
+
+
+@pytest.fixture
+def dynamo():
+    """dynamo's caches and counters cleared around a test that compiles (``--compile`` runs in this process)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def test_generate_compile_eager_writes_the_uncompiled_pixels_and_records_the_backend(sd3_dir, tmp_path, dynamo):
+    pag = '{"kind": "softpag", "heads": "all", "scale": 2.0}'  # a forward wrapper and processors in the graph
+    args = ("generate", "--model", sd3_dir, "--prompt", "a red circle on the left", "--steps", "2", "--control", pag)
+    plain, compiled, again = tmp_path / "plain.png", tmp_path / "compiled.png", tmp_path / "again.png"
+    ok(run(*args, "--out", plain))
+    assert not dynamo["stats"]["unique_graphs"]
+    ok(run(*args, "--compile", "eager", "--out", compiled))
+    assert dynamo["stats"]["unique_graphs"] > 0  # the transformer ran compiled
+    assert np.array_equal(read_image(compiled), read_image(plain))
+    meta, plain_meta = read_metadata(compiled), read_metadata(plain)
+    assert (meta["compile"], plain_meta["compile"]) == ("eager", None)
+    assert {**meta, "compile": None} == plain_meta  # nothing else in the record changes
+
+    # --from regenerates the image without compiling (the backend is not a setting of the image)
+    ok(run("generate", "--from", compiled, "--out", again))
+    assert np.array_equal(read_image(again), read_image(plain))
+    assert read_metadata(again)["compile"] is None
+
+
+def test_edit_compile_eager_writes_the_uncompiled_edit(tmp_path, scene, dynamo):
+    src, plain, compiled = tmp_path / "scene.png", tmp_path / "plain.png", tmp_path / "compiled.png"
+    Image.fromarray(scene).save(src)
+    args = ("edit", src, "--source", "a red circle and a blue square", "--target", "a green circle and a blue square",
+            "--model", "toy-sd3", "--steps", "4", "--control", '{"sites": "mid"}', "--share")
+    ok(run(*args, "--out", plain))
+    ok(run(*args, "--compile", "eager", "--out", compiled))
+    assert dynamo["stats"]["unique_graphs"] > 0
+    assert np.array_equal(read_image(compiled), read_image(plain))  # gradient pass, both branches, value sharing
+    assert read_metadata(compiled)["compile"] == "eager" and "compile" not in read_metadata(plain)
+
+
+def test_an_unknown_compile_backend_is_one_clear_line_before_any_model_loads(sd3_dir, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the backend was checked")
+
+    monkeypatch.setattr("attnctl.cli.load_pipeline", no_loading)
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "scene.png")
+    (tmp_path / "b.json").write_text(json.dumps({"version": 1, "items": [{"prompt": "a red circle"}]}))
+    bad = ("--compile", "nosuchbackend")
+    for args in (["generate", "--model", sd3_dir, "--prompt", "a red circle", "--out", tmp_path / "x.png", *bad],
+                 ["edit", tmp_path / "scene.png", "--source", "a red circle", "--target", "a blue circle",
+                  "--out", tmp_path / "x.png", *bad],
+                 ["batch", tmp_path / "b.json", "--out", tmp_path / "batch", "--model", sd3_dir, *bad],
+                 ["batch", tmp_path / "b.json", "--out", tmp_path / "batch", "--processes", "2", *bad],
+                 ["eval", "--model", sd3_dir, "--prompts", "single", *bad]):
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1 and "Traceback" not in result.output, (args, result.stderr)
+        assert error_lines[0].startswith("error: unknown torch.compile backend 'nosuchbackend'. Fix: use one of "
+                                         "torch._dynamo.list_backends(): inductor, eager, aot_eager"), error_lines[0]
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "batch").exists()
+
+
 # ------------------------------------------------------------------------------------------- eval
 
 

@@ -262,16 +262,19 @@ def test_self_weight_adds_the_self_attention_ratio_of_each_box_and_the_backgroun
 
 
 def test_gradient_pass_runs_the_conditional_rows_and_stops_after_the_deepest_site(flux_pipe, monkeypatch):
+    from attnctl.processors import AttnCtlFluxProcessor
+
     calls = []
-    original = Controller.contributions
-
-    def spy(self, call, q, k, v):
-        calls.append((call.site.name, self.state.gradient_pass, call.batch, torch.is_grad_enabled()))
-        return original(self, call, q, k, v)
-
-    monkeypatch.setattr(Controller, "contributions", spy)
-    ctl = LayoutGuidance(boxes=BOXES, sites="transformer_blocks.0", scale="window(0.5, 0, 0.3)")
+    original = AttnCtlFluxProcessor.__call__
     pipe = AttnCtlFluxPipeline(**flux_pipe.components)
+
+    def spy(self, attn, hidden_states, *args, **kwargs):  # every site's processor, bound to a control or not
+        calls.append((self.site.name, pipe.attnctl.state.gradient_pass, hidden_states.shape[0],
+                      torch.is_grad_enabled()))
+        return original(self, attn, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(AttnCtlFluxProcessor, "__call__", spy)
+    ctl = LayoutGuidance(boxes=BOXES, sites="transformer_blocks.0", scale="window(0.5, 0, 0.3)")
     pipe.set_progress_bar_config(disable=True)
     pipe(PROMPT, generator=gen(), num_images_per_prompt=2, true_cfg_scale=2.0, negative_prompt="",
          output_type="latent", controls=[ctl], **KW)
