@@ -241,7 +241,7 @@ def test_live_memory_children_peak_at_the_live_tensors_not_at_the_heap_glibc_kee
 
 
 def test_compile_bench_runs_and_compiles_nothing_after_its_warm_up(tmp_path):
-    result = run_bench("compile.py", "--models", "toy-sd3", "--backend", "eager", "--steps", "2", "--repeats", "1",
+    result = run_bench("compile.py", "--models", "toy-sd3", "--backend", "eager", "--steps", "1", "--repeats", "1",
                        "--controls", "probe", out=tmp_path / "compile.json")
     (res,) = result["results"]
     assert res["graphs_made_after_warm_up"] == 0
