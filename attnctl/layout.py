@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import LayoutError, WordCutOffError
-from .sites import uncompiled
+from .sites import family_of
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -134,7 +134,7 @@ def word_positions(tokenizer: Any, prompt: str, max_length: int) -> dict[str, tu
 def layout_for_pipeline(pipe: Any, prompt: str | None, text_len: int, grid: tuple[int, int],
                         prompt_t5: str | None = None) -> TokenLayout:
     """Build the layout of one run of a diffusers SD3 or FLUX pipeline from its tokenizers."""
-    family = "flux" if type(uncompiled(pipe.transformer)).__name__.startswith("Flux") else "sd3"
+    family = family_of(pipe.transformer)
     segments: list[TextSegment] = []
     t5_prompt = prompt_t5 if prompt_t5 is not None else prompt
     if family == "sd3":

@@ -106,8 +106,8 @@ def bench_model(name: str, backend: str, steps: int, repeats: int, size: int | N
     for label in dict.fromkeys(label for label, _, _ in variants):
         eager = times.get((label, "eager")) or times["stock", "eager"]
         compiled = times[label, "compiled"]
-        image_diff = float((warm[label, "compiled"]["image"] - warm.get((label, "eager"), warm["stock", "eager"])[
-            "image"]).abs().max())
+        reference = warm.get((label, "eager"), warm["stock", "eager"])["image"]  # the stock rows: stock eager
+        image_diff = float((warm[label, "compiled"]["image"] - reference).abs().max())
         rows.append({
             "variant": label,
             "eager_s": statistics.median(eager),
