@@ -125,3 +125,52 @@ def batch_row(inputs, i: int, batch: int):
     if isinstance(inputs, torch.Tensor) and inputs.ndim and inputs.shape[0] == batch:
         return inputs[i : i + 1]
     return inputs
+
+
+class ScriptServer:
+    """The client of tests/script_server.py: runs a script in a forked child of a process that has done the heavy
+    imports, and answers like ``subprocess.run(..., capture_output=True, text=True)``."""
+
+    def __init__(self, folder):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("script_server.py"))],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.runs = 0
+
+    def run(self, script, args, cwd=None, env=None, timeout: float = 600):
+        import json
+        import subprocess
+
+        self.runs += 1
+        out, err = self.folder / f"{self.runs}.out", self.folder / f"{self.runs}.err"
+        request = dict(script=str(script), args=[str(a) for a in args], cwd=str(cwd or os.getcwd()), env=env or {},
+                       stdout=str(out), stderr=str(err), timeout=timeout)
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        line = self.server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tests/script_server.py ended (exit code {self.server.wait()}); its stderr is above")
+        answer = json.loads(line)
+        done = subprocess.CompletedProcess([str(script), *args], answer["returncode"], out.read_text(),
+                                           err.read_text())
+        if answer["timed_out"]:
+            raise subprocess.TimeoutExpired(done.args, timeout, done.stdout, done.stderr)
+        return done
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def run_script(tmp_path_factory):
+    """``run_script(path, args, cwd=None, env=None, timeout=600)``: the script run as ``python path args…`` would
+    run it (its own process, exit code, stdout and stderr), without paying for torch's and diffusers' imports each
+    time (tests/script_server.py)."""
+    server = ScriptServer(tmp_path_factory.mktemp("scripts"))
+    yield server.run
+    server.close()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -42,14 +43,19 @@ def first_output(pipe, module: torch.nn.Module, controls=None):
     return seen[0]
 
 
-def run_bench(script: str, *args: str, out: Path) -> dict:
-    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--threads", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(out.read_text())
+@pytest.fixture
+def run_bench(run_script):
+    """``run_bench(script, *args, out=path)``: bench/script run on one thread, its JSON result."""
+
+    def run(script: str, *args: str, out: Path) -> dict:
+        done = run_script(BENCH / script, [*args, "--threads", "1", "--json", out])
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(out.read_text())
+
+    return run
 
 
-def test_regulation_eval_and_diagnose_run(tmp_path):
+def test_regulation_eval_and_diagnose_run(tmp_path, run_bench):
     result = run_bench("regulation_eval.py", "--sets", "pair", "--limit", "1", "--seeds", "2", "--steps", "2",
                        "--targets", "phrases", "--configs", '{"iterations": 2}', out=tmp_path / "eval.json")
     rows = result["sets"]["pair"]["rows"]
@@ -74,7 +80,7 @@ def test_regulation_eval_and_diagnose_run(tmp_path):
                          'isolated · {"iterations": 2}']
 
 
-def test_layout_eval_runs(tmp_path):
+def test_layout_eval_runs(tmp_path, run_bench):
     result = run_bench("layout_eval.py", "--sets", "pair", "--limit", "1", "--seeds", "2", "--steps", "4",
                        "--configs", '{"scale": 0.15}', out=tmp_path / "layout.json")
     rows = result["sets"]["pair"]["rows"]
@@ -127,14 +133,14 @@ def test_injected_neglect_scales_the_named_words_keys_on_the_conditional_rows():
     torch.testing.assert_close(weak[:half], plain[:half])
 
 
-def test_regulation_inner_loop_bench_runs(tmp_path):
+def test_regulation_inner_loop_bench_runs(tmp_path, run_bench):
     result = run_bench("regulation_inner.py", "--shapes", "toy (8 images)", "--repeats", "1",
                        out=tmp_path / "inner.json")
     (row,) = result["rows"]
     assert row["tail_denormals"] > 0 and row["seconds"]["shipped"] > 0 and row["denormal_over_shipped"] > 0
 
 
-def test_isolation_eval_runs_both_modes(tmp_path):
+def test_isolation_eval_runs_both_modes(tmp_path, run_bench):
     iso = run_bench("isolation_eval.py", "--sets", "pair", "--limit", "1", "--seeds", "2", "--steps", "3",
                     "--configs", '{"sites": "all"}', out=tmp_path / "iso.json")
     rows = iso["sets"]["pair"]["rows"]
@@ -148,7 +154,7 @@ def test_isolation_eval_runs_both_modes(tmp_path):
         assert (row["same_size"] is None) == (row["found"] == 0) and (row["same_size"] or 0.0) <= 1.0
 
 
-def test_epipolar_eval_runs(tmp_path):
+def test_epipolar_eval_runs(tmp_path, run_bench):
     result = run_bench("epipolar_eval.py", "--limit", "1", "--seeds", "1", "--steps", "3", "--configs", "{}",
                        out=tmp_path / "epi.json")
     rows = result["sets"]["pair"]["rows"]
@@ -156,7 +162,7 @@ def test_epipolar_eval_runs(tmp_path):
     assert all(0.0 <= row["shared_colours"] <= 1.0 for row in rows.values())
 
 
-def test_epipolar_layer_bench_runs_and_the_adaptive_rule_equals_its_materialised_form(tmp_path):
+def test_epipolar_layer_bench_runs_and_the_adaptive_rule_equals_its_materialised_form(tmp_path, run_bench):
     """bench/epipolar.py at a small token count with AnimateAnywhere's rule: every variant timed and measured, and the
     control's output equal to the bench's own materialised reference (a mask from the whole softmax)."""
     result = run_bench("epipolar.py", "--res", "128", "--shapes", "flux.1-dev-double", "--repeats", "1",
@@ -168,7 +174,7 @@ def test_epipolar_layer_bench_runs_and_the_adaptive_rule_equals_its_materialised
     assert row["max_abs_difference"] <= 1e-5
 
 
-def test_inversion_eval_runs(tmp_path):
+def test_inversion_eval_runs(tmp_path, run_bench):
     result = run_bench("inversion_eval.py", "--models", "toy-sd3", "--items", "1", "--solvers", "euler",
                        "midpoint/2", "--gammas", "0", "1", out=tmp_path / "inv.json")
     euler, pulled, mid, mid_pulled = result["inversion"]
@@ -183,7 +189,7 @@ def test_inversion_eval_runs(tmp_path):
         assert row["inverted_over_fresh"] > 0.5 and row["noise_neighbour_corr"] < euler["noise_neighbour_corr"]
 
 
-def test_edit_eval_runs(tmp_path):
+def test_edit_eval_runs(tmp_path, run_bench):
     result = run_bench("edit_eval.py", "--models", "toy-sd3", "--items", "1", "--methods", "inversion", "unifyedit",
                        "rf-inversion", "value-sharing", "--solver", "midpoint", "--rf", '{"gamma": 0.3}',
                        "--share", '{"tokens": "image"}', out=tmp_path / "edit.json")
@@ -196,7 +202,7 @@ def test_edit_eval_runs(tmp_path):
         assert 0.0 <= r["edited"] <= 1.0 and 0.0 <= r["kept"] <= 1.0 and r["outside_mae"] >= 0.0
 
 
-def test_edit_layer_bench_runs_and_its_two_forms_agree(tmp_path):
+def test_edit_layer_bench_runs_and_its_two_forms_agree(tmp_path, run_bench):
     """bench/edit.py at a small token count: every variant timed and measured, both UnifyEdit terms on, the chunked
     and materialised forms equal on the same layer."""
     result = run_bench("edit.py", "--res", "256", "--shapes", "flux.1-dev-single", "--repeats", "1",
@@ -240,7 +246,7 @@ def test_live_memory_children_peak_at_the_live_tensors_not_at_the_heap_glibc_kee
     assert int(done.stdout.split()[-1]) < 4 * (33 << 20)  # about one chunk's logits at a time, not 24
 
 
-def test_compile_bench_runs_and_compiles_nothing_after_its_warm_up(tmp_path):
+def test_compile_bench_runs_and_compiles_nothing_after_its_warm_up(tmp_path, run_bench):
     result = run_bench("compile.py", "--models", "toy-sd3", "--backend", "eager", "--steps", "1", "--repeats", "1",
                        "--controls", "probe", out=tmp_path / "compile.json")
     (res,) = result["results"]

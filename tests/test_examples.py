@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,9 +26,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_example_runs(script, tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / script.split()[0]), *CASES[script], "--out",
-                          str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+def test_example_runs(script, tmp_path, run_script):
+    res = run_script(ROOT / "examples" / script.split()[0], [*CASES[script], "--out", tmp_path], cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert any(p.suffix == ".png" for p in tmp_path.rglob("*")) or "no head improved" in res.stdout, res.stdout
