@@ -1374,6 +1374,7 @@ def run_batch(plan: BatchPlan, out: str | Path, *, device: str = "auto", attenti
 def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attention_backend: str | None,
          offload: bool, progress: bool | None, note: Callable[[str], None] | None, start: float,
          compile_backend: str | None = None) -> BatchResult:
+    from .compiling import backend_failure
     from .imageio import save_png
 
     with lock:
@@ -1406,6 +1407,7 @@ def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attenti
                         record.update(status="done", error=None)
                         made += 1
                     except Exception as e:  # noqa: BLE001 - one failing image is recorded; the batch goes on
+                        e = backend_failure(e) or e  # a compile backend that fails here: what to do, in one line
                         text = _one_line(e) if isinstance(e, AttnCtlError) else f"{type(e).__name__}: {_one_line(e)}"
                         record.update(status="failed", error=text[:2000])
                         failed_here += 1

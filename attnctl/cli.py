@@ -72,8 +72,19 @@ def _note(message: str) -> None:
     err_console.print(f"[yellow]{escape(message)}[/yellow]", highlight=False)
 
 
+def _machine_failure(exc: BaseException) -> AttnCtlError | None:
+    """A failure of the machine rather than of the input, as a clear error: so far, a torch.compile backend that
+    cannot compile here (``None`` for anything else, and without importing torch)."""
+    if "torch._dynamo" not in sys.modules:
+        return None
+    from .compiling import backend_failure
+
+    return backend_failure(exc)
+
+
 def _handles_errors(fn: F) -> F:
-    """AttnCtlError → one red line and exit code 2 (the traceback too with ``--debug``)."""
+    """AttnCtlError (and a torch.compile backend that fails here) → one red line and exit code 2 (the traceback too
+    with ``--debug``)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -83,6 +94,14 @@ def _handles_errors(fn: F) -> F:
             if _STATE["debug"]:
                 traceback.print_exc()
             _error(str(e))
+            raise typer.Exit(2) from None
+        except Exception as e:
+            failure = _machine_failure(e)
+            if failure is None:
+                raise
+            if _STATE["debug"]:
+                traceback.print_exc()
+            _error(str(failure))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             _error("interrupted")

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import ConfigError
+from .errors import AttnCtlError, ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -110,3 +110,20 @@ def fullgraph_error(exc: BaseException) -> ConfigError | None:
                        fix="compile without fullgraph=True: torch.compile(pipe.transformer), "
                            "pipe.transformer.compile() or, on FLUX, pipe.transformer.compile_repeated_blocks(); the "
                            "model's own modules stay compiled (docs/core.md, torch.compile)")
+
+
+def backend_failure(exc: BaseException) -> AttnCtlError | None:
+    """The error to show instead of ``exc`` when ``exc`` is a torch.compile backend failing to compile the model
+    (inductor without a C++ compiler, a backend's missing package): a problem of the machine, not of the controls;
+    ``None`` for any other error."""
+    failed = getattr(getattr(getattr(torch, "_dynamo", None), "exc", None), "BackendCompilerFailed", None)
+    if failed is None or not isinstance(exc, failed):
+        return None
+    inner = getattr(exc, "inner_exception", None)
+    why = f"{type(inner).__name__}: {inner}" if inner is not None else str(exc)
+    why = " ".join(why.split())
+    return AttnCtlError(f"torch.compile's {getattr(exc, 'backend_name', '?')!r} backend failed to compile the "
+                        f"transformer ({why[:300]}{'…' if len(why) > 300 else ''})",
+                        fix="run without --compile (the images are the same, only slower), or with --compile eager "
+                            "to check the controls; inductor needs a working C++ compiler on a CPU and Triton on a "
+                            "GPU; --debug shows the backend's traceback")

@@ -209,6 +209,30 @@ def test_an_unknown_compile_backend_is_one_clear_line_before_any_model_loads(sd3
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "batch").exists()
 
 
+def test_a_backend_that_fails_to_compile_is_one_clear_line_and_a_failed_batch_item(sd3_dir, tmp_path, dynamo):
+    import torch._dynamo
+
+    def no_cpp_compiler(graph, example_inputs):
+        raise RuntimeError("Compiler: cc is not found")  # as inductor fails on a machine without a C++ compiler
+
+    torch._dynamo.register_backend(no_cpp_compiler, name="attnctl_test_failing")
+    bad = run("generate", "--model", sd3_dir, "--prompt", "a red circle", "--steps", "1", "--compile",
+              "attnctl_test_failing", "--out", tmp_path / "x.png")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output, (bad.output, bad.exception)
+    (line,) = [x for x in bad.stderr.splitlines() if x.startswith("error:")]
+    assert "torch.compile's 'attnctl_test_failing' backend failed to compile the transformer (RuntimeError: " \
+           "Compiler: cc is not found)" in line and "run without --compile" in line, line
+    assert not (tmp_path / "x.png").exists()
+
+    (tmp_path / "b.json").write_text(json.dumps({"version": 1, "items": [{"prompt": "a red circle", "steps": 1}]}))
+    result = run("batch", tmp_path / "b.json", "--out", tmp_path / "batch", "--model", sd3_dir, "--compile",
+                 "attnctl_test_failing")
+    assert result.exit_code == 1 and "Traceback" not in result.output, (result.output, result.exception)
+    (record,) = [json.loads(x) for x in (tmp_path / "batch" / "manifest.jsonl").read_text().splitlines()]
+    assert record["status"] == "failed" and record["error"].startswith(
+        "torch.compile's 'attnctl_test_failing' backend failed to compile the transformer"), record
+
+
 # ------------------------------------------------------------------------------------------- eval
 
 
