@@ -287,6 +287,7 @@ class Controller:
         if ehs is None:
             return self.state.layout
         text_len = ehs.shape[1]
+        reference = 0
         if self.family == "sd3":
             p = self.transformer.config.patch_size
             grid = (hidden.shape[-2] // p, hidden.shape[-1] // p)
@@ -298,7 +299,10 @@ class Controller:
             if ids.device.type == "meta":  # shape-only run: the positions are not known, assume a square
                 side = int(round(hidden.shape[1] ** 0.5))
                 grid = (side, side) if side * side == hidden.shape[1] else (1, hidden.shape[1])
-            else:
+            else:  # FLUX Kontext appends its input image's tokens, marked by a first position of 1, to the grid's
+                generated = ids[:, 0] == 0
+                reference = int(ids.shape[0] - generated.sum())
+                ids = ids[generated] if reference else ids
                 grid = (int(ids[:, 1].max() - ids[:, 1].min()) + 1, int(ids[:, 2].max() - ids[:, 2].min()) + 1)
         prompt, prompt_t5 = self._prompt or (None, None)
         if isinstance(prompt, list):
@@ -306,11 +310,12 @@ class Controller:
         if isinstance(prompt_t5, list):
             prompt_t5 = prompt_t5[0] if len(set(prompt_t5)) == 1 else None
         old = self.state.layout
-        if old is not None and old.text_len == text_len and old.grid == grid and old.prompt == prompt:
+        if old is not None and old.text_len == text_len and old.grid == grid and old.prompt == prompt and \
+                old.reference_tokens == reference:
             return old
         if self.pipe is None:
-            return TokenLayout(self.family, text_len, grid)
-        return layout_for_pipeline(self.pipe, prompt, text_len, grid, prompt_t5)
+            return TokenLayout(self.family, text_len, grid, reference_tokens=reference)
+        return layout_for_pipeline(self.pipe, prompt, text_len, grid, prompt_t5, reference)
 
     def _infer_row_layouts(self, batch: int) -> list[TokenLayout | None] | None:
         """Per batch row, the layout of its prompt, when this call has several different prompts (else None).
@@ -323,12 +328,13 @@ class Controller:
         if self.pipe is None or shared is None or not isinstance(prompt, list) or len(set(prompt)) <= 1:
             return None
         t5 = prompt_t5 if isinstance(prompt_t5, list) else [prompt_t5] * len(prompt)
-        key = (tuple(prompt), tuple(t5), shared.text_len, shared.grid)
+        key = (tuple(prompt), tuple(t5), shared.text_len, shared.grid, shared.reference_tokens)
         if self._row_layout_cache is None or self._row_layout_cache[0] != key:
             made: dict[tuple, TokenLayout] = {}  # one layout per distinct prompt
             for p, t in zip(prompt, t5, strict=False):
                 if (p, t) not in made:
-                    made[(p, t)] = layout_for_pipeline(self.pipe, p, shared.text_len, shared.grid, t)
+                    made[(p, t)] = layout_for_pipeline(self.pipe, p, shared.text_len, shared.grid, t,
+                                                       shared.reference_tokens)
             self._row_layout_cache = (key, [made[(p, t)] for p, t in zip(prompt, t5, strict=False)])
         per_prompt = self._row_layout_cache[1]
         roles = self.state.roles or ["cond"] * batch

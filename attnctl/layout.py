@@ -38,9 +38,11 @@ class TokenLayout:
     grid: tuple[int, int]  # (h, w) of the image token grid; non-square allowed
     segments: tuple[TextSegment, ...] = ()
     prompt: str | None = None
+    reference_tokens: int = 0  # image-stream tokens after the generated grid (FLUX Kontext's input image)
 
     @property
     def n_image(self) -> int:
+        """Tokens of the generated image grid (not counting reference tokens)."""
         return self.grid[0] * self.grid[1]
 
     @property
@@ -101,6 +103,24 @@ class TokenLayout:
         return key in (m.group().lower() for m in _WORD.finditer(self.prompt))
 
 
+def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str) -> tuple[int, int]:
+    """The run's image grid for a control that maps image tokens to places (``who`` at ``site``, whose image stream
+    has ``n_image`` tokens); a clear error when the stream is not that grid: a reference image's tokens beside it
+    (FLUX Kontext), or a grid the run's layout does not describe."""
+    grid = layout.grid if layout is not None else None
+    if layout is not None and layout.reference_tokens and n_image == layout.n_image + layout.reference_tokens:
+        raise LayoutError(
+            f"{who}: {site} has {n_image} image tokens, the {grid[0]}×{grid[1]} generated grid and "
+            f"{layout.reference_tokens} tokens of a reference image (FLUX Kontext's input image); {who} works on "
+            "the generated grid and does not handle a reference image's tokens",
+            fix="use it with FluxPipeline or FluxImg2ImgPipeline (the input image as the starting latents), or use "
+                "controls that need no image grid on Kontext (SoftPAG)")
+    if grid is None or grid[0] * grid[1] != n_image:
+        raise LayoutError(f"{who}: {site} has {n_image} image tokens but the run's image grid is {grid}",
+                          fix="pass height/width the model supports, or a layout whose grid matches")
+    return grid
+
+
 def word_positions(tokenizer: Any, prompt: str, max_length: int) -> dict[str, tuple[int, ...]]:
     """Map each word of ``prompt`` to the token positions it occupies, as the pipelines tokenize it
     (padding to ``max_length``, special tokens included, truncated)."""
@@ -132,8 +152,9 @@ def word_positions(tokenizer: Any, prompt: str, max_length: int) -> dict[str, tu
 
 
 def layout_for_pipeline(pipe: Any, prompt: str | None, text_len: int, grid: tuple[int, int],
-                        prompt_t5: str | None = None) -> TokenLayout:
-    """Build the layout of one run of a diffusers SD3 or FLUX pipeline from its tokenizers."""
+                        prompt_t5: str | None = None, reference_tokens: int = 0) -> TokenLayout:
+    """Build the layout of one run of a diffusers SD3 or FLUX pipeline from its tokenizers (``reference_tokens``: the
+    image-stream tokens after the generated grid, FLUX Kontext's input image)."""
     family = family_of(pipe.transformer)
     segments: list[TextSegment] = []
     t5_prompt = prompt_t5 if prompt_t5 is not None else prompt
@@ -150,4 +171,4 @@ def layout_for_pipeline(pipe: Any, prompt: str | None, text_len: int, grid: tupl
     else:
         t5_words = word_positions(pipe.tokenizer_2, t5_prompt, text_len) if prompt is not None else {}
         segments.append(TextSegment("t5", 0, text_len, t5_words))
-    return TokenLayout(family, text_len, grid, tuple(segments), prompt)
+    return TokenLayout(family, text_len, grid, tuple(segments), prompt, reference_tokens)

@@ -99,6 +99,41 @@ def test_flux_single_block_without_text_length_is_an_error(flux_pipe):
         tr.set_attn_processor(saved)
 
 
+def test_flux_kontext_reference_tokens_are_known_and_grid_controls_refuse_them(flux_pipe):
+    """FLUX Kontext appends its input image's tokens to the generated grid: the layout counts them apart, SoftPAG
+    (no grid) runs, and a control that maps image tokens to places says why it cannot, naming the way out."""
+    from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline
+    from PIL import Image
+
+    parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+    pipe = FluxKontextPipeline(**{k: v for k, v in flux_pipe.components.items() if k in parts})
+    kw = dict(image=Image.new("RGB", (16, 24), "red"), prompt="a red circle", num_inference_steps=2, height=32,
+              width=48, max_area=32 * 48, max_sequence_length=16, output_type="np", _auto_resize=False)
+    stock = dict(pipe.transformer.attn_processors)
+    plain = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    with attnctl.attach(pipe, [attnctl.SoftPAG(heads="all", scale=2.0)]) as ctl:
+        guided = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+        layout = ctl.state.layout
+    assert (layout.grid, layout.reference_tokens) == ((8, 12), 4 * 6)  # 32×48 generated, 16×24 reference (÷4)
+    assert plain.shape == guided.shape and not torch.allclose(torch.from_numpy(plain), torch.from_numpy(guided))
+    for control in (attnctl.AttentionRegulation(targets=["circle"]), attnctl.AttentionProbe(words=["circle"])):
+        with pytest.raises(LayoutError) as caught, attnctl.attach(pipe, [control]):
+            pipe(**kw, generator=torch.Generator().manual_seed(0))
+        text = str(caught.value)
+        assert "the 8×12 generated grid and 24 tokens of a reference image (FLUX Kontext's input image)" in text, text
+        assert "Fix: use it with FluxPipeline or FluxImg2ImgPipeline" in text, text
+        assert dict(pipe.transformer.attn_processors) == stock  # restored after the error
+
+    # the way out the error names: img2img keeps the text-to-image token layout, and regulation acts there
+    img2img = FluxImg2ImgPipeline(**{k: v for k, v in flux_pipe.components.items() if k in parts})
+    reg = attnctl.AttentionRegulation(targets=["circle"], sites="all")
+    with attnctl.attach(img2img, [reg]) as ctl:
+        img2img(image=kw["image"], prompt="a red circle", num_inference_steps=4, strength=0.75, height=32, width=48,
+                max_sequence_length=16, output_type="np", generator=torch.Generator().manual_seed(0))
+        assert (ctl.state.layout.grid, ctl.state.layout.reference_tokens) == ((8, 12), 0)
+    assert reg.records and all(r.applied_map_loss < r.plain_map_loss for r in reg.records)
+
+
 def _fake_sites(n_blocks=12):
     return [Site(f"transformer_blocks.{i}.attn", i, "sd3_joint", 4, 8) for i in range(n_blocks)]
 

@@ -39,6 +39,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..epipolar import BandChunk, Camera, Rig, TokenGeometry
 from ..errors import ConfigError, LayoutError
+from ..layout import image_grid
 from ..processors.attend import (
     MAX_CHUNK_ELEMS,
     fused_attention_with_lse,
@@ -239,11 +240,7 @@ class EpipolarAttention(Control):
         s = float(self.config.scale(state.step, state.num_steps))
         if s == 0 or state.gradient_pass:
             return []
-        grid = state.layout.grid if state.layout is not None else None
-        if grid is None or grid[0] * grid[1] != call.n_image:
-            raise LayoutError(
-                f"EpipolarAttention: {call.site.name} has {call.n_image} image tokens but the run's image grid is "
-                f"{grid}", fix="pass height/width the model supports, or a layout whose grid matches")
+        grid = image_grid(state.layout, call.n_image, "EpipolarAttention", call.site.name)
         groups = self.view_groups(state.roles or ["cond"] * call.batch)
         img = call.image_slice()
         log_scale = math.log(s)

@@ -29,7 +29,8 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import ConfigError, LayoutError, SiteError
+from ..errors import ConfigError, SiteError
+from ..layout import image_grid
 from ..processors.contributions import DenseBias, ExtraKV, Probe, Selection
 from ..schedules import bounded
 from ..subject_masks import otsu_masks, relocation
@@ -174,11 +175,7 @@ class IsolationAttention(Control):
     def contribute(self, call, q, k, v, state: RunState):
         if state.gradient_pass:
             return []
-        grid = state.layout.grid if state.layout is not None else None
-        if grid is None or grid[0] * grid[1] != call.n_image:
-            raise LayoutError(
-                f"IsolationAttention: {call.site.name} has {call.n_image} image tokens but the run's image grid is "
-                f"{grid}", fix="pass height/width the model supports")
+        grid = image_grid(state.layout, call.n_image, "IsolationAttention", call.site.name)
         if self._sets is None:
             self._sets = self._row_sets(state, call.batch)
         out: list = []

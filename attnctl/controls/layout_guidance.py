@@ -43,6 +43,7 @@ from pydantic import Field, field_validator
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import LayoutError, SiteError
+from ..layout import image_grid
 from ..processors.contributions import index_tensor
 from ..schedules import bounded
 from .base import Control, ControlConfig, RunState, register, word_columns
@@ -349,11 +350,7 @@ class LayoutGuidance(Control):
     def contribute(self, call, q, k, v, state: RunState):
         if not state.gradient_pass or not call.n_text:
             return []  # the control adds nothing to the attention itself
-        grid = state.layout.grid if state.layout is not None else None
-        if grid is None or grid[0] * grid[1] != call.n_image:
-            raise LayoutError(
-                f"LayoutGuidance: {call.site.name} has {call.n_image} image tokens but the run's image grid is {grid}",
-                fix="pass height/width the model supports, or a layout whose grid matches")
+        grid = image_grid(state.layout, call.n_image, "LayoutGuidance", call.site.name)
         boxes = self._coverage(grid, q.device)
         losses = q.new_zeros(call.batch, dtype=torch.float32)
         csg = self.config.loss == "csg"

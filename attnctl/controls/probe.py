@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from ..errors import ConfigError, LayoutError
+from ..layout import image_grid
 from ..processors.contributions import Probe, Selection
 from ..schedules import as_schedule
 from .base import Control, ControlConfig, RunState, register
@@ -123,8 +124,8 @@ class AttentionProbe(Control):
         batch = state.rows_with(self.config.roles, call.batch, call.device)
         if batch is not None and len(batch) == 0:
             return []
-        if state.layout is not None:
-            self.grid = state.layout.grid
+        if state.layout is not None:  # the maps are laid out on the grid (a reference image's tokens are refused)
+            self.grid = image_grid(state.layout, call.n_image, "AttentionProbe", call.site.name)
         if self.config.words is None or state.row_layouts is None:
             return [Probe(cols, lambda p, w=w: self._add(p, w), Selection(batch, call.image_slice(), heads))]
         return self._per_prompt(call, state, start, heads, w)

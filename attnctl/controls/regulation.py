@@ -37,6 +37,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import ConfigError, LayoutError, SiteError
+from ..layout import image_grid
 from ..processors.attend import fused_attention_with_lse
 from ..processors.contributions import KeyBias, Selection
 from ..schedules import bounded
@@ -518,11 +519,7 @@ class AttentionRegulation(Control):
         groups = state.rows_by_prompt(self.config.roles, call.batch, call.device)
         if not any(host_rows for _, _, host_rows in groups):
             return []
-        grid = state.layout.grid if state.layout is not None else None
-        if grid is None or grid[0] * grid[1] != call.n_image:
-            raise LayoutError(
-                f"AttentionRegulation: {call.site.name} has {call.n_image} image tokens but the run's image grid "
-                f"is {grid}", fix="pass height/width the model supports, or a layout whose grid matches")
+        grid = image_grid(state.layout, call.n_image, "AttentionRegulation", call.site.name)
         start = call.text_slice().start
         img = call.image_slice()
         out = []

@@ -47,6 +47,7 @@ from pydantic import Field, field_validator
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, LayoutError, SiteError
+from ..layout import image_grid
 from ..schedules import Schedule, as_schedule, bounded
 from ..subject_masks import otsu_masks
 from .base import Control, ControlConfig, RunState, register, word_columns
@@ -309,10 +310,7 @@ class UnifyEdit(Control):
             raise ConfigError(f"UnifyEdit's gradient pass runs [source, target] rows, got a batch of {call.batch}",
                               fix="run it through attnctl.edit(...)")
         source, target = (state.row_layouts or [state.layout, state.layout])[:2]
-        grid = target.grid if target is not None else None
-        if grid is None or grid[0] * grid[1] != call.n_image:
-            raise LayoutError(f"UnifyEdit: {call.site.name} has {call.n_image} image tokens but the run's image grid "
-                              f"is {grid}", fix="pass height/width the model supports")
+        grid = image_grid(target, call.n_image, "UnifyEdit", call.site.name)
         self._grid = grid
         qi, ki, kt = q[:, call.image_slice()], k[:, call.image_slice()], k[:, call.text_slice()]
         if self.config.ca_weight > 0:
