@@ -364,6 +364,15 @@ class Controller:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if hidden is None:
             return
+        if self.pipe is not None and getattr(self.pipe, "do_perturbed_attention_guidance", False):
+            name = type(self.pipe).__name__
+            raise UnsupportedModelError(
+                f"{name} is running diffusers' PAG (pag_scale > 0): during the call it puts its own processors on "
+                "its PAG layers, so attnctl's controls would silently stop acting there, and it adds a perturbed "
+                "batch row attnctl cannot tell from the conditional ones",
+                fix=f"call {name} with pag_scale=0, or use the plain pipeline (StableDiffusion3Pipeline) with "
+                    "attnctl.SoftPAG(u=1.0, target='identity', scale=<your pag_scale>, heads=...), which is PAG at "
+                    "u = 1 and combines with the other controls (docs/softpag.md)")
         sched = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None
         timesteps = getattr(sched, "timesteps", None)
         num_steps = len(timesteps) if timesteps is not None else self.state.num_steps

@@ -134,6 +134,29 @@ def test_flux_kontext_reference_tokens_are_known_and_grid_controls_refuse_them(f
     assert reg.records and all(r.applied_map_loss < r.plain_map_loss for r in reg.records)
 
 
+def test_diffusers_pag_pipeline_is_refused_while_its_pag_runs(sd3_pipe):
+    """StableDiffusion3PAGPipeline swaps its own processors onto its PAG layers during a call with pag_scale > 0 (and
+    adds a perturbed row): a clear error that names SoftPAG, not controls that silently stop acting there."""
+    import inspect
+
+    from diffusers import StableDiffusion3PAGPipeline
+
+    params = inspect.signature(StableDiffusion3PAGPipeline.__init__).parameters
+    pipe = StableDiffusion3PAGPipeline(**{k: v for k, v in sd3_pipe.components.items() if k in params},
+                                       pag_applied_layers=["blocks.1"])
+    stock = dict(pipe.transformer.attn_processors)
+    probe = attnctl.AttentionProbe(words=["circle"], sites="all")
+    with pytest.raises(UnsupportedModelError, match=r"running diffusers' PAG \(pag_scale > 0\).*attnctl.SoftPAG\("), \
+            attnctl.attach(pipe, [probe]):
+        pipe("a red circle", pag_scale=3.0, **KW)
+    assert dict(pipe.transformer.attn_processors) == stock  # the PAG processors left by the interrupted call too
+    with attnctl.attach(pipe, [probe]) as ctl:  # pag_scale=0: a plain CFG call, which attnctl follows
+        pipe("a red circle", pag_scale=0.0, **KW)
+        assert ctl.state.roles == ["uncond", "cond"]
+        grid = ctl.state.layout.grid
+    assert probe.maps().shape[0] == 1 and probe.maps().shape[-2:] == grid  # the conditional row, on the grid
+
+
 def _fake_sites(n_blocks=12):
     return [Site(f"transformer_blocks.{i}.attn", i, "sd3_joint", 4, 8) for i in range(n_blocks)]
 
