@@ -45,6 +45,13 @@ class Controller:
 
     def __init__(self, target: Any, controls: Sequence[Control] = (), *, roles: Sequence[str] | None = None,
                  layout: TokenLayout | None = None) -> None:
+        if any(c.__name__ == "ModularPipeline" for c in type(target).__mro__):
+            raise UnsupportedModelError(
+                f"{type(target).__name__} is one of diffusers' modular pipelines, which attnctl does not follow yet: "
+                "it reads a run's prompt and its CFG rows from the classic pipelines' encode_prompt and batch, "
+                "which modular pipelines split into blocks and guider calls (controls would act on the wrong rows)",
+                fix="load the classic pipeline (FluxPipeline / StableDiffusion3Pipeline.from_pretrained, or "
+                    "attnctl.pipelines.AttnCtlFluxPipeline / AttnCtlSD3Pipeline) from the same weights")
         self.pipe = target if hasattr(target, "transformer") else None
         # a torch.compile wrapper calls into the module it compiles: processors and wrappers go on that module
         self.transformer = uncompiled(target.transformer if self.pipe is not None else target)

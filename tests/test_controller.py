@@ -157,6 +157,17 @@ def test_diffusers_pag_pipeline_is_refused_while_its_pag_runs(sd3_pipe):
     assert probe.maps().shape[0] == 1 and probe.maps().shape[-2:] == grid  # the conditional row, on the grid
 
 
+def test_a_modular_pipeline_is_refused_before_anything_is_installed(flux_pipe):
+    from diffusers.modular_pipelines import FluxAutoBlocks
+
+    pipe = FluxAutoBlocks().init_pipeline()
+    pipe.update_components(**flux_pipe.components)
+    stock = dict(flux_pipe.transformer.attn_processors)
+    with pytest.raises(UnsupportedModelError, match="modular pipelines.*Fix: load the classic pipeline"):
+        attnctl.attach(pipe, [attnctl.SoftPAG(heads="all")])
+    assert dict(flux_pipe.transformer.attn_processors) == stock
+
+
 def _fake_sites(n_blocks=12):
     return [Site(f"transformer_blocks.{i}.attn", i, "sd3_joint", 4, 8) for i in range(n_blocks)]
 
