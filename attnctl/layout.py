@@ -103,18 +103,23 @@ class TokenLayout:
         return key in (m.group().lower() for m in _WORD.finditer(self.prompt))
 
 
-def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str) -> tuple[int, int]:
+def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,
+               reference_ok: bool = False) -> tuple[int, int]:
     """The run's image grid for a control that maps image tokens to places (``who`` at ``site``, whose image stream
     has ``n_image`` tokens); a clear error when the stream is not that grid: a reference image's tokens beside it
-    (FLUX Kontext), or a grid the run's layout does not describe."""
+    (FLUX Kontext) for a control that cannot handle them (``reference_ok=False``: the control acts on the generated
+    grid's queries only), or a grid the run's layout does not describe."""
     grid = layout.grid if layout is not None else None
-    if layout is not None and layout.reference_tokens and n_image == layout.n_image + layout.reference_tokens:
+    reference = layout is not None and layout.reference_tokens and n_image == layout.n_image + layout.reference_tokens
+    if reference and reference_ok:
+        return grid
+    if reference:
         raise LayoutError(
             f"{who}: {site} has {n_image} image tokens, the {grid[0]}×{grid[1]} generated grid and "
             f"{layout.reference_tokens} tokens of a reference image (FLUX Kontext's input image); {who} works on "
             "the generated grid and does not handle a reference image's tokens",
             fix="use it with FluxPipeline or FluxImg2ImgPipeline (the input image as the starting latents), or use "
-                "controls that need no image grid on Kontext (SoftPAG)")
+                "the controls that work on Kontext (SoftPAG, AttentionRegulation, AttentionProbe)")
     if grid is None or grid[0] * grid[1] != n_image:
         raise LayoutError(f"{who}: {site} has {n_image} image tokens but the run's image grid is {grid}",
                           fix="pass height/width the model supports, or a layout whose grid matches")

@@ -99,11 +99,14 @@ def test_flux_single_block_without_text_length_is_an_error(flux_pipe):
         tr.set_attn_processor(saved)
 
 
-def test_flux_kontext_reference_tokens_are_known_and_grid_controls_refuse_them(flux_pipe):
-    """FLUX Kontext appends its input image's tokens to the generated grid: the layout counts them apart, SoftPAG
-    (no grid) runs, and a control that maps image tokens to places says why it cannot, naming the way out."""
+def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(flux_pipe):
+    """FLUX Kontext appends its input image's tokens to the generated grid: the layout counts them apart; SoftPAG,
+    the probe (equal to the materialised maps of the generated queries) and regulation run; a control that places
+    attention on the grid's keys says why it cannot, naming the way out."""
     from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline
     from PIL import Image
+
+    from attnctl.controls.layout_guidance import LayoutGuidance
 
     parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
     pipe = FluxKontextPipeline(**{k: v for k, v in flux_pipe.components.items() if k in parts})
@@ -111,27 +114,36 @@ def test_flux_kontext_reference_tokens_are_known_and_grid_controls_refuse_them(f
               width=48, max_area=32 * 48, max_sequence_length=16, output_type="np", _auto_resize=False)
     stock = dict(pipe.transformer.attn_processors)
     plain = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
-    with attnctl.attach(pipe, [attnctl.SoftPAG(heads="all", scale=2.0)]) as ctl:
+    probe, rec = attnctl.AttentionProbe(words=["circle"]), Recorder("circle")
+    with attnctl.attach(pipe, [attnctl.SoftPAG(heads="all", scale=2.0), probe, rec]) as ctl:
         guided = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
         layout = ctl.state.layout
     assert (layout.grid, layout.reference_tokens) == ((8, 12), 4 * 6)  # 32×48 generated, 16×24 reference (÷4)
     assert plain.shape == guided.shape and not torch.allclose(torch.from_numpy(plain), torch.from_numpy(guided))
-    for control in (attnctl.AttentionRegulation(targets=["circle"]), attnctl.AttentionProbe(words=["circle"])):
-        with pytest.raises(LayoutError) as caught, attnctl.attach(pipe, [control]):
-            pipe(**kw, generator=torch.Generator().manual_seed(0))
-        text = str(caught.value)
-        assert "the 8×12 generated grid and 24 tokens of a reference image (FLUX Kontext's input image)" in text, text
-        assert "Fix: use it with FluxPipeline or FluxImg2ImgPipeline" in text, text
-        assert dict(pipe.transformer.attn_processors) == stock  # restored after the error
+    assert rec.maps.shape[1] == 8 * 12 + 4 * 6  # the recorder's maps: every image-stream query
+    ref = rec.maps[:, : 8 * 12].sum(-1) / probe._mass  # the generated image's queries, softmax over every key
+    assert probe.word_maps()["circle"].shape == (1, 8, 12)
+    assert torch.allclose(probe.word_maps()["circle"].reshape(1, -1), ref, atol=1e-6)
 
-    # the way out the error names: img2img keeps the text-to-image token layout, and regulation acts there
-    img2img = FluxImg2ImgPipeline(**{k: v for k, v in flux_pipe.components.items() if k in parts})
     reg = attnctl.AttentionRegulation(targets=["circle"], sites="all")
-    with attnctl.attach(img2img, [reg]) as ctl:
+    with attnctl.attach(pipe, [reg]):
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+    assert reg.records and all(r.applied_map_loss < r.plain_map_loss for r in reg.records)
+
+    boxes = LayoutGuidance(boxes={"circle": [0.1, 0.1, 0.5, 0.5]}, scale=0.5)
+    with pytest.raises(LayoutError) as caught, attnctl.attach(pipe, [boxes]):
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+    text = str(caught.value)
+    assert "the 8×12 generated grid and 24 tokens of a reference image (FLUX Kontext's input image)" in text, text
+    assert "Fix: use it with FluxPipeline or FluxImg2ImgPipeline" in text, text
+    assert dict(pipe.transformer.attn_processors) == stock  # restored after the error
+
+    # the way out the error names: img2img keeps the text-to-image token layout
+    img2img = FluxImg2ImgPipeline(**{k: v for k, v in flux_pipe.components.items() if k in parts})
+    with attnctl.attach(img2img, [attnctl.AttentionProbe(words=["circle"])]) as ctl:
         img2img(image=kw["image"], prompt="a red circle", num_inference_steps=4, strength=0.75, height=32, width=48,
                 max_sequence_length=16, output_type="np", generator=torch.Generator().manual_seed(0))
         assert (ctl.state.layout.grid, ctl.state.layout.reference_tokens) == ((8, 12), 0)
-    assert reg.records and all(r.applied_map_loss < r.plain_map_loss for r in reg.records)
 
 
 def test_diffusers_pag_pipeline_is_refused_while_its_pag_runs(sd3_pipe):

@@ -124,13 +124,15 @@ class AttentionProbe(Control):
         batch = state.rows_with(self.config.roles, call.batch, call.device)
         if batch is not None and len(batch) == 0:
             return []
-        if state.layout is not None:  # the maps are laid out on the grid (a reference image's tokens are refused)
-            self.grid = image_grid(state.layout, call.n_image, "AttentionProbe", call.site.name)
+        img = call.image_slice()
+        if state.layout is not None:  # maps of the generated grid's queries (not FLUX Kontext's reference tokens)
+            self.grid = image_grid(state.layout, call.n_image, "AttentionProbe", call.site.name, reference_ok=True)
+            img = call.grid_slice(self.grid[0] * self.grid[1])
         if self.config.words is None or state.row_layouts is None:
-            return [Probe(cols, lambda p, w=w: self._add(p, w), Selection(batch, call.image_slice(), heads))]
-        return self._per_prompt(call, state, start, heads, w)
+            return [Probe(cols, lambda p, w=w: self._add(p, w), Selection(batch, img, heads))]
+        return self._per_prompt(call, state, start, heads, w, img)
 
-    def _per_prompt(self, call, state: RunState, start: int, heads, weight: float) -> list[Probe]:
+    def _per_prompt(self, call, state: RunState, start: int, heads, weight: float, img: slice) -> list[Probe]:
         """Several prompts in one call: each prompt's rows are probed on its own tokens of the words, into the
         rows of one buffer (the words must take as many tokens in every prompt, so the columns line up)."""
         groups = state.rows_by_prompt(self.config.roles, call.batch, call.device)
@@ -144,7 +146,7 @@ class AttentionProbe(Control):
             cols = state.index([start + p for p in pos], call.device)
             where = state.index([order[r] for r in host_rows], call.device)
             out.append(Probe(cols, lambda p, where=where: self._add_rows(p, weight, where, len(selected)),
-                             Selection(rows, call.image_slice(), heads)))
+                             Selection(rows, img, heads)))
         return out
 
     def _positions_in(self, layout) -> list[int]:

@@ -519,9 +519,10 @@ class AttentionRegulation(Control):
         groups = state.rows_by_prompt(self.config.roles, call.batch, call.device)
         if not any(host_rows for _, _, host_rows in groups):
             return []
-        grid = image_grid(state.layout, call.n_image, "AttentionRegulation", call.site.name)
+        # the generated image's queries (FLUX Kontext's reference tokens follow them, as keys of the softmax only)
+        grid = image_grid(state.layout, call.n_image, "AttentionRegulation", call.site.name, reference_ok=True)
         start = call.text_slice().start
-        img = call.image_slice()
+        img = call.grid_slice(grid[0] * grid[1])
         out = []
         for layout, rows, _ in groups:  # one group per prompt of the call: its own columns, bias and memory
             tg = self._resolve(layout, call.n_text)

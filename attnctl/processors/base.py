@@ -40,6 +40,12 @@ class SiteCall:
         n_text = self.n_text or 0
         return slice(self.n_image, self.seq_len) if self.image_first else slice(0, n_text)
 
+    def grid_slice(self, n_grid: int) -> slice:
+        """The generated image's ``n_grid`` tokens: the start of the image stream (a reference image's tokens, which
+        FLUX Kontext appends, follow them)."""
+        start = self.image_slice().start
+        return slice(start, start + n_grid)
+
 
 class AttnCtlProcessor:
     """Base of the attnctl processors. Without a controller (or with nothing active) it is the stock
