@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -74,6 +75,7 @@ class Controller:
         self._negative_embeds: torch.Tensor | None = None
         self._forwards = 0  # transformer forwards since the last encode_prompt
         self._row_layout_cache: tuple[tuple, list[TokenLayout]] | None = None
+        self._ids_seen: tuple[Any, int, tuple[tuple[int, int], int]] | None = None  # FLUX ids read, see _grid_of
         self._new_run = True
         self._branches = perturbed_branches(self.controls)  # checked here, before anything is installed
         self._branch: PerturbedBranch | None = None  # the perturbed-branch wrapper while tracking, if one is needed
@@ -210,7 +212,8 @@ class Controller:
             c.begin_run(self.state)
         self._new_run = False
 
-    def set_step(self, step: int, timestep: float | None = None, sigma: float | None = None) -> None:
+    def set_step(self, step: int, timestep: float | torch.Tensor | None = None,
+                 sigma: float | torch.Tensor | None = None) -> None:
         if step != self.state.step:
             for c in self.controls:
                 c.end_step(self.state)
@@ -306,11 +309,8 @@ class Controller:
             if ids.device.type == "meta":  # shape-only run: the positions are not known, assume a square
                 side = int(round(hidden.shape[1] ** 0.5))
                 grid = (side, side) if side * side == hidden.shape[1] else (1, hidden.shape[1])
-            else:  # FLUX Kontext appends its input image's tokens, marked by a first position of 1, to the grid's
-                generated = ids[:, 0] == 0
-                reference = int(ids.shape[0] - generated.sum())
-                ids = ids[generated] if reference else ids
-                grid = (int(ids[:, 1].max() - ids[:, 1].min()) + 1, int(ids[:, 2].max() - ids[:, 2].min()) + 1)
+            else:
+                grid, reference = self._grid_of(kwargs["img_ids"])
         prompt, prompt_t5 = self._prompt or (None, None)
         if isinstance(prompt, list):
             prompt = prompt[0] if len(set(prompt)) == 1 else None
@@ -323,6 +323,21 @@ class Controller:
         if self.pipe is None:
             return TokenLayout(self.family, text_len, grid, reference_tokens=reference)
         return layout_for_pipeline(self.pipe, prompt, text_len, grid, prompt_t5, reference)
+
+    def _grid_of(self, img_ids: torch.Tensor) -> tuple[tuple[int, int], int]:
+        """The generated image's grid and the number of reference-image tokens, from FLUX's image positions. Read
+        once per ids tensor: the pipelines pass the same one at every step, and on a GPU each read of its values
+        waits for the device."""
+        seen = self._ids_seen
+        if seen is not None and seen[0]() is img_ids and seen[1] == img_ids._version:
+            return seen[2]
+        ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        generated = ids[:, 0] == 0  # FLUX Kontext appends its input image's tokens with a first position of 1
+        reference = int(ids.shape[0] - generated.sum())
+        ids = ids[generated] if reference else ids
+        found = (int(ids[:, 1].max() - ids[:, 1].min()) + 1, int(ids[:, 2].max() - ids[:, 2].min()) + 1), reference
+        self._ids_seen = (weakref.ref(img_ids), img_ids._version, found)
+        return found
 
     def _infer_row_layouts(self, batch: int) -> list[TokenLayout | None] | None:
         """Per batch row, the layout of its prompt, when this call has several different prompts (else None).
@@ -395,13 +410,10 @@ class Controller:
         self.state.calls_per_step = max(1, int(getattr(sched, "order", 1) or 1)) if sched is not None else 1
         if self._new_run or num_steps != self.state.num_steps or (step == 0 and self.state.step > 0):
             self.begin_run(num_steps)
-        sigma = None
+        sigma = None  # timestep and sigma stay tensors until a control reads them (RunState.timestep)
         if sched is not None and getattr(sched, "sigmas", None) is not None and step < len(sched.sigmas):
-            sigma = float(sched.sigmas[step])
-        t = kwargs.get("timestep")
-        if isinstance(t, torch.Tensor):  # meta tensors (shape-only runs) have no values
-            t = float(t.flatten()[0]) if t.numel() and t.device.type != "meta" else None
-        self.set_step(step, t, sigma)
+            sigma = sched.sigmas[step]
+        self.set_step(step, kwargs.get("timestep"), sigma)
 
 
 def attach(target: Any, controls: Sequence[Control] | Control = (), **kwargs: Any) -> Controller:

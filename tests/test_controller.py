@@ -180,6 +180,61 @@ def test_a_modular_pipeline_is_refused_before_anything_is_installed(flux_pipe):
     assert dict(flux_pipe.transformer.attn_processors) == stock
 
 
+class HostReads:
+    """Counts reads of tensor values into Python (``.item()``, ``float(t)``, ``int(t)``): on a GPU each one waits
+    for the device to finish its queued work."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.n += 1
+                return func(*args, **(kwargs or {}))
+
+        self.n, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("fixture", ["sd3_pipe", "flux_pipe"])
+def test_controls_read_no_tensor_value_per_step(request, fixture, monkeypatch):
+    """The controller and the controls keep what they read from the device per run, not per step: the reads a
+    controlled run adds to the stock pipeline's own do not grow with the steps (FLUX: its image positions, once).
+    The attention core takes a few shortcuts that read values only where they sit on the host (CPU); they are
+    turned off here, so the count is a GPU run's."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("attnctl.processors.attend"), "_on_host", lambda t: False)
+    pipe = request.getfixturevalue(fixture)
+    controls = lambda: [attnctl.AttentionProbe(words=["circle"]), attnctl.SoftPAG(heads="all", scale=2.0),  # noqa: E731
+                        attnctl.AttentionRegulation(targets=["circle", "square"], sites="all", iterations=2)]
+    added = {}
+    for steps in (2, 4):
+        kw = {**KW, "num_inference_steps": steps}
+        with HostReads() as stock:
+            pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **kw)
+        with attnctl.attach(pipe, controls()) as ctl, HostReads() as controlled:
+            pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **kw)
+            assert ctl.state.step == steps - 1
+        added[steps] = controlled.n - stock.n
+    assert added[2] == added[4] <= (3 if fixture == "flux_pipe" else 0), added
+    with attnctl.attach(pipe, controls()) as ctl:  # a new size with as many tokens: the positions are read anew
+        pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **KW)
+        assert ctl.state.layout.grid == (8, 12)
+        pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0),
+             **{**KW, "height": 48, "width": 32})
+        assert ctl.state.layout.grid == (12, 8)
+        assert ctl.state.timestep is not None and isinstance(ctl.state.timestep, float)
+        assert isinstance(ctl.state.sigma, float)
+
+
 def _fake_sites(n_blocks=12):
     return [Site(f"transformer_blocks.{i}.attn", i, "sd3_joint", 4, 8) for i in range(n_blocks)]
 

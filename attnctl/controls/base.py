@@ -26,6 +26,13 @@ if TYPE_CHECKING:
     from ..processors.base import SiteCall
     from ..processors.contributions import Contribution
 
+def _value(x: Any) -> float | None:
+    """A number kept as a tensor, as a float (a shape-only meta tensor has none: ``None``)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return float(x.flatten()[0]) if x.numel() and x.device.type != "meta" else None
+
+
 ROLES = ("uncond", "cond", "perturbed", "source", "target")
 """Batch roles a controller knows; references are ``reference[i]``."""
 
@@ -37,14 +44,35 @@ class RunState:
     step: int = 0
     num_steps: int = 1  # the loop's model calls in the run (``step`` counts them too)
     calls_per_step: int = 1  # model calls per denoising step: the scheduler's order (2 for the midpoint step)
-    timestep: float | None = None
-    sigma: float | None = None
     roles: list[str] | None = None
     layout: TokenLayout | None = None
     row_layouts: list[TokenLayout | None] | None = None  # per batch row, when a call has several prompts
     reports: dict[str, float] = field(default_factory=dict)
     gradient_pass: bool = False  # a latent-guidance forward for its loss (only latent-guidance controls act)
     _indices: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _timestep: Any = field(default=None, repr=False, compare=False)
+    _sigma: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def timestep(self) -> float | None:
+        """The model's timestep at this call. The controller keeps the call's tensor and reads its value only here,
+        when a control asks: on a GPU, reading a value waits for the device, and nothing in attnctl needs it."""
+        self._timestep = _value(self._timestep)
+        return self._timestep
+
+    @timestep.setter
+    def timestep(self, value: Any) -> None:
+        self._timestep = value
+
+    @property
+    def sigma(self) -> float | None:
+        """The scheduler's sigma at this step (read when asked, as :attr:`timestep`)."""
+        self._sigma = _value(self._sigma)
+        return self._sigma
+
+    @sigma.setter
+    def sigma(self, value: Any) -> None:
+        self._sigma = value
 
     def index(self, values: Sequence[int], device=None) -> torch.Tensor:
         """``values`` as a long tensor on ``device``, made once and then reused. Controls need the same few index
