@@ -214,16 +214,21 @@ def test_controls_read_no_tensor_value_per_step(request, fixture, monkeypatch):
     monkeypatch.setattr(importlib.import_module("attnctl.processors.attend"), "_on_host", lambda t: False)
     pipe = request.getfixturevalue(fixture)
     controls = lambda: [attnctl.AttentionProbe(words=["circle"]), attnctl.SoftPAG(heads="all", scale=2.0),  # noqa: E731
-                        attnctl.AttentionRegulation(targets=["circle", "square"], sites="all", iterations=2)]
+                        attnctl.AttentionRegulation(targets=["circle", "square"], sites="all", iterations=2),
+                        attnctl.IsolationAttention(subjects=["red circle", "blue square"], sites="all")]
     added = {}
     for steps in (2, 4):
         kw = {**KW, "num_inference_steps": steps}
         with HostReads() as stock:
             pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **kw)
-        with attnctl.attach(pipe, controls()) as ctl, HostReads() as controlled:
+        made = controls()
+        with attnctl.attach(pipe, made) as ctl, HostReads() as controlled:
             pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **kw)
             assert ctl.state.step == steps - 1
         added[steps] = controlled.n - stock.n
+        iso = made[-1]  # every control acted (isolation from the second step on)
+        assert made[2].records and iso.calls > 0 and len(iso.coverage) == steps - 1
+        assert all(isinstance(c, float) and 0 < c < 1 for c in iso.coverage)  # read after the run
     assert added[2] == added[4] <= (3 if fixture == "flux_pipe" else 0), added
     with attnctl.attach(pipe, controls()) as ctl:  # a new size with as many tokens: the positions are read anew
         pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **KW)

@@ -104,7 +104,7 @@ class IsolationAttention(Control):
         self._parts: dict[tuple, list] = {}  # the probes' columns, rows and subjects (:meth:`_probe_parts`)
         self.calls = 0
         self.reposition_calls = 0
-        self.coverage: list[float] = []  # per step: mean share of the image in a target's subject masks
+        self._coverage: list[Any] = []  # per step, as a device tensor until read (see coverage)
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self, controller) -> None:
@@ -129,7 +129,13 @@ class IsolationAttention(Control):
         self._keep = (torch.rand(self._masks.shape, generator=g) >= self.config.dropout).to(self._masks.device)
         targets = [t for _, t in self._sets or []]
         if targets:
-            self.coverage.append(float(self._masks[targets].float().mean()))
+            self._coverage.append(self._masks[targets].float().mean())  # read when asked: no sync per step
+
+    @property
+    def coverage(self) -> list[float]:
+        """Per step of the last run: the mean share of the image in the target subjects' masks."""
+        self._coverage = [float(c) for c in self._coverage]
+        return self._coverage
 
     # ------------------------------------------------------------------------------ rows and words
     def _words(self, layout, subjects: list[str]) -> list[list[int]]:

@@ -289,7 +289,7 @@ class LayoutGuidance(Control):
         self._loss_sum: torch.Tensor | None = None
         self._sites_seen = 0
         self._step = 0
-        self.history: list[tuple[int, float]] = []  # (step, loss at the guided latent before each step of z)
+        self._history: list[tuple[int, Any]] = []  # (step, loss as a device tensor until read: see history)
 
     # ------------------------------------------------------------------------------ lifecycle
     def select_sites(self, sites):
@@ -387,8 +387,14 @@ class LayoutGuidance(Control):
         loss = self._loss_sum / self._sites_seen
         self._loss_sum, self._sites_seen = None, 0
         if loss.device.type != "meta":
-            self.history.append((self._step, float(loss.detach().mean())))
+            self._history.append((self._step, loss.detach().mean()))  # read when asked: no sync per step
         return loss
+
+    @property
+    def history(self) -> list[tuple[int, float]]:
+        """``(step, loss)`` of every descent step of the last run: the loss at the guided latent before the step."""
+        self._history = [(step, float(loss)) for step, loss in self._history]
+        return self._history
 
     def summary(self) -> str | None:
         if not self.history:

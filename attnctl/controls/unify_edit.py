@@ -170,12 +170,17 @@ def _chunk_gap(q: torch.Tensor, k_t: torch.Tensor, wr: torch.Tensor | None, wc: 
 def alignment_loss(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
     """``mean_e (1 − μ_in/(μ_in + μ_out))²`` of the edit words' maps ``(N_img, E)`` against the mask ``(N_img,)``
     (fractions in [0, 1]); ``None`` when the mask is empty or covers everything (no inside or no outside)."""
-    inside = mask.to(maps.dtype)
-    n_in, n_out = float(inside.sum()), float((1 - inside).sum())
-    if n_in <= 0 or n_out <= 0:
+    n_in = float(mask.float().sum())  # the one read of a value on the host (on a GPU it waits for the device)
+    if n_in <= 0 or n_in >= mask.numel():
         return None
+    return _alignment(maps, mask, n_in)
+
+
+def _alignment(maps: torch.Tensor, mask: torch.Tensor, n_in: float) -> torch.Tensor:
+    """:func:`alignment_loss` for a mask known to have ``n_in`` pixels inside, and some outside."""
+    inside = mask.to(maps.dtype)
     mu_in = (maps * inside[:, None]).sum(0) / n_in
-    mu_out = (maps * (1 - inside)[:, None]).sum(0) / n_out
+    mu_out = (maps * (1 - inside)[:, None]).sum(0) / (mask.numel() - n_in)
     return ((1 - mu_in / (mu_in + mu_out).clamp_min(_TINY)) ** 2).mean()
 
 
@@ -353,10 +358,12 @@ class UnifyEdit(Control):
         if self._target_maps:
             mask = self._edit_mask(self._target_maps[0].device)
             if mask is not None:
-                self.mask = mask.detach().view(*self._grid).cpu()
-                parts = [alignment_loss(m, mask) for m in self._target_maps]
-                parts = [p for p in parts if p is not None]
-                out["ca"] = torch.stack(parts).mean() if parts else None
+                self.mask = mask.detach().view(*self._grid).cpu()  # kept for the user: the step's one device read
+                n_in = float(self.mask.float().sum())  # from that copy, once per step (not per site)
+                if 0 < n_in < mask.numel():
+                    out["ca"] = torch.stack([_alignment(m, mask, n_in) for m in self._target_maps]).mean()
+                else:  # an empty or full mask leaves nothing to align
+                    out["ca"] = None
         self._gap, self._target_maps, self._source_maps = [], [], []
         return out
 
