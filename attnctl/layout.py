@@ -106,9 +106,9 @@ class TokenLayout:
 def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,
                reference_ok: bool = False) -> tuple[int, int]:
     """The run's image grid for a control that maps image tokens to places (``who`` at ``site``, whose image stream
-    has ``n_image`` tokens); a clear error when the stream is not that grid: a reference image's tokens beside it
-    (FLUX Kontext) for a control that cannot handle them (``reference_ok=False``: the control acts on the generated
-    grid's queries only), or a grid the run's layout does not describe."""
+    has ``n_image`` tokens). A reference image's tokens after the grid (FLUX Kontext) are accepted with
+    ``reference_ok=True``, for a control that acts on the generated grid's queries only (:meth:`SiteCall.grid_slice`);
+    otherwise they, and a grid the run's layout does not describe, are a clear error."""
     grid = layout.grid if layout is not None else None
     reference = layout is not None and layout.reference_tokens and n_image == layout.n_image + layout.reference_tokens
     if reference and reference_ok:

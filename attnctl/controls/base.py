@@ -26,15 +26,15 @@ if TYPE_CHECKING:
     from ..processors.base import SiteCall
     from ..processors.contributions import Contribution
 
+ROLES = ("uncond", "cond", "perturbed", "source", "target")
+"""Batch roles a controller knows; references are ``reference[i]``."""
+
+
 def _value(x: Any) -> float | None:
     """A number kept as a tensor, as a float (a shape-only meta tensor has none: ``None``)."""
     if not isinstance(x, torch.Tensor):
         return x
     return float(x.flatten()[0]) if x.numel() and x.device.type != "meta" else None
-
-
-ROLES = ("uncond", "cond", "perturbed", "source", "target")
-"""Batch roles a controller knows; references are ``reference[i]``."""
 
 
 @dataclass
