@@ -2,7 +2,8 @@
 
     python bench/edit.py                   # SD3.5-large and FLUX.1-dev layers, 512² and 1024² token counts
     python bench/edit.py --quick           # 512² only
-    python bench/edit.py --res 256 --shapes flux.1-dev-single --repeats 1     # a smoke run (the test's)
+    python bench/edit.py --res 256 --shapes flux.1-dev-single --repeats 1 --chunk-elems 786432
+                                           # a smoke run (the test's): the unify variant in 4 chunks of 64 rows
     python bench/edit.py --json out.json
     python bench/edit.py --res 1024 --live-memory   # peak memory of the live tensors (see layers.LIVE_MEMORY_ENV)
 
@@ -93,14 +94,21 @@ def build(shape: str, res: int, variant: str):
     return layer, control
 
 
+CHUNK_ELEMS: int | None = None
+"""``--chunk-elems``: the logits per checkpointed chunk of the ``unify`` variant (default: attnctl's own)."""
+
+
 @contextlib.contextmanager
 def materialised(on: bool):
-    """UnifyEdit's self-attention gap in one chunk (the whole maps, no checkpointing) while ``on``."""
+    """UnifyEdit's self-attention gap in one chunk (the whole maps, no checkpointing) while ``on``; else in chunks
+    of ``CHUNK_ELEMS`` logits when that is set."""
     from attnctl.controls import unify_edit
 
     chunked = unify_edit.self_attention_gap
     if on:
         unify_edit.self_attention_gap = functools.partial(chunked, max_elems=1 << 62)
+    elif CHUNK_ELEMS is not None:
+        unify_edit.self_attention_gap = functools.partial(chunked, max_elems=CHUNK_ELEMS)
     try:
         yield
     finally:
@@ -162,6 +170,10 @@ def time_variants(shape: str, res: int, repeats: int, materialise_up_to: int) ->
                unify_over_stock_grad=round(med["unify"] / med["stock_grad"], 3),
                share_over_stock=round(med["share"] / med["stock"], 3),
                losses=results["unify"][0], map_bytes=heads * stock.n_img * stock.n_img * 4)
+    from attnctl.controls.layout_guidance import MAP_CHUNK_ELEMS
+
+    per_chunk = max(1, (CHUNK_ELEMS or MAP_CHUNK_ELEMS) // (2 * heads * stock.n_img))  # query rows (as attnctl)
+    row["unify_chunks"] = -(-stock.n_img // per_chunk)
     if "unify_materialised" in med:
         row["chunked_over_materialised"] = round(med["unify"] / med["unify_materialised"], 3)
         row["max_rel_diff"] = max_rel_diff(results["unify"], results["unify_materialised"])
@@ -179,7 +191,13 @@ def main() -> None:
     ap.add_argument("--res", type=int, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the peak children use 2)")
     layers.add_materialise_up_to(ap)  # at 1024² the materialised variant needs about 10 GB
+    ap.add_argument("--chunk-elems", type=int, help="logits per checkpointed chunk of the unify variant in the timed "
+                                                    "run (default: attnctl's; a small value splits a small layer "
+                                                    "into several chunks, checked against the materialised maps); "
+                                                    "the peak-memory children keep attnctl's")
     args = ap.parse_args()
+    global CHUNK_ELEMS
+    CHUNK_ELEMS = args.chunk_elems
     if layers.answer_peak_child(args, _peak_child):
         return
     torch.set_num_threads(args.threads)

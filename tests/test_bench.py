@@ -204,15 +204,17 @@ def test_edit_eval_runs(tmp_path, run_bench):
 
 def test_edit_layer_bench_runs_and_its_two_forms_agree(tmp_path, run_bench):
     """bench/edit.py at a small token count: every variant timed and measured, both UnifyEdit terms on, the chunked
-    and materialised forms equal on the same layer."""
+    form (in 4 checkpointed chunks of 64 query rows) and the materialised one equal on the same layer."""
+    rows_of_64 = 64 * 2 * 24 * 256  # logits of 64 query rows of both rows' 24 heads over 256 image keys
     result = run_bench("edit.py", "--res", "256", "--shapes", "flux.1-dev-single", "--repeats", "1",
-                       "--live-memory", "--peak-jobs", "2", out=tmp_path / "edit_layer.json")
+                       "--live-memory", "--peak-jobs", "2", "--chunk-elems", str(rows_of_64),
+                       out=tmp_path / "edit_layer.json")
     assert result["live_memory"] is True
     (row,) = result["rows"]
     assert set(row["seconds"]) == set(row["extra_peak_bytes"]) == {"stock", "stock_grad", "unify", "share",
                                                                    "unify_materialised"}
     assert row["share_over_stock"] > 0
-    assert row["image_tokens"] == 256 and row["max_rel_diff"] <= 1e-5
+    assert row["image_tokens"] == 256 and row["unify_chunks"] == 4 and row["max_rel_diff"] <= 1e-5
     assert row["losses"]["sa"] > 0 and 0 < row["losses"]["ca"] <= 1
 
 
