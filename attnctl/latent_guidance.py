@@ -18,6 +18,10 @@ latent. Because the same term is added to every prediction of an image, the loop
 ``(1 − s)·v_u + s·v_c`` carries it unchanged for any ``s``; the later calls of a step (FLUX's true-CFG call for the
 negative prompt, SD3's skip-layer pass) run on ``z'`` and get the same term.
 
+On FLUX.1 Kontext the packed latent also carries the input image's tokens after the generated ones; they are the
+condition of the edit, so only the generated tokens move (the root mean square is theirs) and the term is zero on
+the others.
+
 Under :class:`~attnctl.midpoint.FlowMatchMidpointScheduler` (RF-Solver's second-order step, two calls a step) the
 move is made at a step's first call, with ``σ_{t+1}`` the midpoint. The second call's update starts from the step's
 first latent, ``z + (σ_{t+1} − σ_t)·v``, so that call returns ``v(z_m) + (z' − z)/(σ_{t+1} − σ_t)`` over the whole
@@ -178,8 +182,24 @@ class LatentGuidance(ForwardWrapper):
                     return z
                 (grad,) = torch.autograd.grad(loss.sum(), zz)
             self.passes += 1
-            z = rms_step(z, grad, size).detach()
+            n = self._generated_tokens(z)
+            if n is None:
+                z = rms_step(z, grad, size).detach()
+            else:  # FLUX Kontext: its input image's tokens (after the generated ones) are a condition, not moved
+                z = torch.cat([rms_step(z[:, :n], grad[:, :n], size), z[:, n:]], dim=1).detach()
         return z
+
+    def _generated_tokens(self, z: torch.Tensor) -> int | None:
+        """How many of the packed latent's tokens are the generated image's when a reference image's follow them
+        (FLUX Kontext); ``None`` when every token is generated."""
+        layout = self.controller.state.layout
+        if layout is None or not layout.reference_tokens or z.ndim != 3:
+            return None
+        if z.shape[1] != layout.n_image + layout.reference_tokens:
+            raise ConfigError(f"latent guidance: the latents have {z.shape[1]} tokens and the run's layout "
+                              f"{layout.n_image} generated + {layout.reference_tokens} reference ones",
+                              fix="run the pipeline's own loop (the layout is read from its image positions)")
+        return layout.n_image
 
     def _later_call(self, args: tuple, kwargs: dict, step: int) -> Any:
         if self._moved is None or self._moved[0] != step:

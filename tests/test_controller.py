@@ -101,8 +101,8 @@ def test_flux_single_block_without_text_length_is_an_error(flux_pipe):
 
 def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(flux_pipe):
     """FLUX Kontext appends its input image's tokens to the generated grid: the layout counts them apart; SoftPAG,
-    the probe (equal to the materialised maps of the generated queries) and regulation run; a control that places
-    attention on the grid's keys says why it cannot, naming the way out."""
+    the probe (equal to the materialised maps of the generated queries), regulation and layout guidance (moving the
+    generated tokens only) run; isolation says why it cannot, naming the way out."""
     from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline
     from PIL import Image
 
@@ -130,8 +130,24 @@ def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(fl
         pipe(**kw, generator=torch.Generator().manual_seed(0))
     assert reg.records and all(r.applied_map_loss < r.plain_map_loss for r in reg.records)
 
-    boxes = LayoutGuidance(boxes={"circle": [0.1, 0.1, 0.5, 0.5]}, scale=0.5)
-    with pytest.raises(LayoutError) as caught, attnctl.attach(pipe, [boxes]):
+    # layout guidance moves the generated image's latent only: the input image's tokens stay the edit's condition
+    seen = []
+    hook = pipe.transformer.x_embedder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    try:
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+        plain_inputs, seen[:] = list(seen), []
+        boxes = LayoutGuidance(boxes={"circle": [0.1, 0.1, 0.5, 0.5]}, scale=0.5)
+        with attnctl.attach(pipe, [boxes]):
+            pipe(**kw, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert boxes.history and len(seen) > len(plain_inputs)  # gradient passes ran
+    n = 8 * 12
+    assert all(torch.equal(x[:, n:], plain_inputs[0][:, n:]) for x in seen)  # the reference tokens never move
+    assert not torch.equal(seen[-1][:, :n], plain_inputs[-1][:, :n])  # the generated ones do
+
+    isolation = attnctl.IsolationAttention(subjects=["red", "circle"], sites="all")
+    with pytest.raises(LayoutError) as caught, attnctl.attach(pipe, [isolation]):
         pipe(**kw, generator=torch.Generator().manual_seed(0))
     text = str(caught.value)
     assert "the 8×12 generated grid and 24 tokens of a reference image (FLUX Kontext's input image)" in text, text

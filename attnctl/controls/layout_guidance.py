@@ -350,7 +350,9 @@ class LayoutGuidance(Control):
     def contribute(self, call, q, k, v, state: RunState):
         if not state.gradient_pass or not call.n_text:
             return []  # the control adds nothing to the attention itself
-        grid = image_grid(state.layout, call.n_image, "LayoutGuidance", call.site.name)
+        # the generated image's queries and keys (FLUX Kontext's reference tokens follow them, and are not placed)
+        grid = image_grid(state.layout, call.n_image, "LayoutGuidance", call.site.name, reference_ok=True)
+        img = call.grid_slice(grid[0] * grid[1])
         boxes = self._coverage(grid, q.device)
         losses = q.new_zeros(call.batch, dtype=torch.float32)
         csg = self.config.loss == "csg"
@@ -362,13 +364,13 @@ class LayoutGuidance(Control):
             present = [bool(c) for c in columns]
             if not any(present):
                 continue
-            qi, kt = q[:, call.image_slice()], k[:, call.text_slice()]
+            qi, kt = q[:, img], k[:, call.text_slice()]
             if rows is not None:
                 qi, kt = qi.index_select(0, rows), kt.index_select(0, rows)
             maps = word_maps(qi, kt, columns)
             loss = csg_loss(maps, boxes.tokens, present, gen) if csg else ratio_loss(maps, boxes.cover, present)
             if boxes.own is not None:  # the self-attention constraint: each box's pixels look at their own box
-                ki = k[:, call.image_slice()] if rows is None else k[:, call.image_slice()].index_select(0, rows)
+                ki = k[:, img] if rows is None else k[:, img].index_select(0, rows)
                 own_present = present + [True] * (boxes.own.shape[1] - len(present))  # the background counts
                 smaps = self_maps(qi, ki, boxes.own_weights)
                 own = csg_loss(smaps, boxes.own_tokens, own_present, gen, inter_weight=0.0) if csg \
