@@ -119,7 +119,8 @@ def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,
             f"{layout.reference_tokens} tokens of a reference image (FLUX Kontext's input image); {who} works on "
             "the generated grid and does not handle a reference image's tokens",
             fix="use it with FluxPipeline or FluxImg2ImgPipeline (the input image as the starting latents), or use "
-                "the controls that work on Kontext (SoftPAG, AttentionProbe, AttentionRegulation, LayoutGuidance)")
+                "the controls that work on Kontext (SoftPAG, AttentionProbe, AttentionRegulation, LayoutGuidance, "
+                "IsolationAttention)")
     if grid is None or grid[0] * grid[1] != n_image:
         raise LayoutError(f"{who}: {site} has {n_image} image tokens but the run's image grid is {grid}",
                           fix="pass height/width the model supports, or a layout whose grid matches")

@@ -99,10 +99,11 @@ def test_flux_single_block_without_text_length_is_an_error(flux_pipe):
         tr.set_attn_processor(saved)
 
 
-def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(flux_pipe):
+def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(flux_pipe, monkeypatch):
     """FLUX Kontext appends its input image's tokens to the generated grid: the layout counts them apart; SoftPAG,
-    the probe (equal to the materialised maps of the generated queries), regulation and layout guidance (moving the
-    generated tokens only) run; isolation says why it cannot, naming the way out."""
+    the probe (equal to the materialised maps of the generated queries), regulation, layout guidance (moving the
+    generated tokens only) and isolation (the input image's keys open to every subject) run; epipolar attention
+    says why it cannot, naming the way out."""
     from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline
     from PIL import Image
 
@@ -146,9 +147,23 @@ def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(fl
     assert all(torch.equal(x[:, n:], plain_inputs[0][:, n:]) for x in seen)  # the reference tokens never move
     assert not torch.equal(seen[-1][:, :n], plain_inputs[-1][:, :n])  # the generated ones do
 
-    isolation = attnctl.IsolationAttention(subjects=["red", "circle"], sites="all")
-    with pytest.raises(LayoutError) as caught, attnctl.attach(pipe, [isolation]):
+    # isolation bars the other subjects' generated keys; the input image's keys stay open to every subject
+    import attnctl.controls.isolation as isolation_module
+
+    biases, dense = [], isolation_module.DenseBias
+    monkeypatch.setattr(isolation_module, "DenseBias", lambda fn, where: biases.append(fn) or dense(fn, where))
+    isolation = attnctl.IsolationAttention(subjects=["red", "circle"], sites="all", isolation=1.0)
+    with attnctl.attach(pipe, [isolation]):
         pipe(**kw, generator=torch.Generator().manual_seed(0))
+    assert isolation.calls > 0 and len(biases) == isolation.calls
+    n_text = 16
+    full = [fn(0, n_text + n + 24) for fn in biases]  # (targets, queries, 1, keys): [text, generated, reference]
+    assert all(float(b[..., n_text + n:].abs().max()) == 0 for b in full)
+    assert any(bool(torch.isinf(b[..., n_text:n_text + n]).any()) for b in full)
+
+    epipolar = attnctl.EpipolarAttention(rig=attnctl.OrbitRig(views=2))
+    with pytest.raises(LayoutError) as caught, attnctl.attach(pipe, [epipolar]):
+        pipe(**{**kw, "num_images_per_prompt": 2}, generator=torch.Generator().manual_seed(0))
     text = str(caught.value)
     assert "the 8×12 generated grid and 24 tokens of a reference image (FLUX Kontext's input image)" in text, text
     assert "Fix: use it with FluxPipeline or FluxImg2ImgPipeline" in text, text

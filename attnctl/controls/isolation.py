@@ -181,22 +181,23 @@ class IsolationAttention(Control):
     def contribute(self, call, q, k, v, state: RunState):
         if state.gradient_pass:
             return []
-        grid = image_grid(state.layout, call.n_image, "IsolationAttention", call.site.name)
+        # the generated image's tokens: FLUX Kontext's input-image tokens follow them, and stay keys every subject reads
+        grid = image_grid(state.layout, call.n_image, "IsolationAttention", call.site.name, reference_ok=True)
+        img = call.grid_slice(grid[0] * grid[1])
         if self._sets is None:
             self._sets = self._row_sets(state, call.batch)
         out: list = []
         if call.n_text:
-            out += self._probes(call, state)
+            out += self._probes(call, state, img)
         if self._masks is not None and self._masks.shape[0] == call.batch:
-            out += self._steer(call, k, v, state, grid)
+            out += self._steer(call, k, v, state, grid, img)
         return out
 
-    def _probes(self, call, state: RunState) -> list[Probe]:
-        """Each conditional row's image queries on its own subjects' tokens (rows of one prompt and part probed
-        together), summed into this step's maps."""
+    def _probes(self, call, state: RunState, img: slice) -> list[Probe]:
+        """Each conditional row's image queries (``img``) on its own subjects' tokens (rows of one prompt and part
+        probed together), summed into this step's maps."""
         if self._sum is None:
-            self._sum = torch.zeros(call.batch, len(self.config.subjects), call.n_image, device=call.device)
-        img = call.image_slice()
+            self._sum = torch.zeros(call.batch, len(self.config.subjects), img.stop - img.start, device=call.device)
         return [Probe(cols, lambda p, idx=idx, which=which: self._add(p, idx, which), Selection(idx, img, None))
                 for cols, idx, which in self._probe_parts(call, state)]
 
@@ -227,20 +228,23 @@ class IsolationAttention(Control):
         self._parts[key] = parts
         return parts
 
-    def _steer(self, call, k, v, state: RunState, grid) -> list:
+    def _steer(self, call, k, v, state: RunState, grid, img: slice | None = None) -> list:
+        """The step's isolation bias and reposition keys at one call (``img``: the generated image's tokens, by
+        default the grid's first tokens of the image stream)."""
+        img = img if img is not None else call.grid_slice(grid[0] * grid[1])
         iso = float(self.config.isolation(state.step, state.num_steps))
         rep = float(self.config.reposition(state.step, state.num_steps)) if self.config.references else 0.0
         if iso == 0 and rep == 0:
             return []
         plan = self._planned(grid)
         targets, tm, other = plan["targets"], plan["in_mask"], plan["other"]
-        n, n_img, img = len(self.config.subjects), call.n_image, call.image_slice()
+        n, n_img = len(self.config.subjects), img.stop - img.start
         n_keys = k.shape[1]
         extra_keys = n * n_img if rep > 0 else 0
         contributions = []
         if extra_keys:
             self.reposition_calls += 1
-            ek, ev = self._canvases(call, k, v, plan)
+            ek, ev = self._canvases(call, k, v, plan, img)
             contributions.append(ExtraKV(ek, ev, Selection(state.index(targets, call.device), img, None)))
             keep, valid = plan["kept"], plan["valid"]
         iso_bias = math.log1p(-iso) if iso < 1 else float("-inf")
@@ -296,9 +300,10 @@ class IsolationAttention(Control):
         self._plan = plan
         return plan
 
-    def _canvases(self, call, k, v, plan):
-        """Per target, each reference's image keys and values laid on the target's canvas: ``(T, n·N_img, H, d)``."""
-        img, index = call.image_slice(), plan["index"]
+    def _canvases(self, call, k, v, plan, img: slice):
+        """Per target, each reference's image keys and values (``img``) laid on the target's canvas:
+        ``(T, n·N_img, H, d)``."""
+        index = plan["index"]
         src = plan["source"][:, None]
         ek = k[:, img][src, index]  # (T·n, N_img, H, d)
         ev = v[:, img][src, index]
