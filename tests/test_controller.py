@@ -171,10 +171,12 @@ def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(fl
 
     # the way out the error names: img2img keeps the text-to-image token layout
     img2img = FluxImg2ImgPipeline(**{k: v for k, v in flux_pipe.components.items() if k in parts})
-    with attnctl.attach(img2img, [attnctl.AttentionProbe(words=["circle"])]) as ctl:
+    reg = attnctl.AttentionRegulation(targets=["circle"], sites="all")
+    with attnctl.attach(img2img, [attnctl.AttentionProbe(words=["circle"]), reg]) as ctl:
         img2img(image=kw["image"], prompt="a red circle", num_inference_steps=4, strength=0.75, height=32, width=48,
                 max_sequence_length=16, output_type="np", generator=torch.Generator().manual_seed(0))
         assert (ctl.state.layout.grid, ctl.state.layout.reference_tokens) == ((8, 12), 0)
+    assert reg.records and all(r.applied_map_loss < r.plain_map_loss for r in reg.records)
 
 
 def test_diffusers_pag_pipeline_is_refused_while_its_pag_runs(sd3_pipe):
