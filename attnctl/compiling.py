@@ -98,12 +98,16 @@ def differentiable_more_than_once() -> contextlib.AbstractContextManager:
     return config.patch(donated_buffer=False)
 
 
+def _is_dynamo_error(exc: BaseException, name: str) -> bool:
+    """Whether ``exc`` is dynamo's exception class ``name`` (False when this torch has no such class)."""
+    cls = getattr(getattr(getattr(torch, "_dynamo", None), "exc", None), name, None)
+    return cls is not None and isinstance(exc, cls)
+
+
 def fullgraph_error(exc: BaseException) -> ConfigError | None:
     """The error to raise instead of ``exc`` when ``exc`` is torch.compile's refusal (``fullgraph=True``) of one of
     attnctl's eager parts; ``None`` for any other error."""
-    unsupported = getattr(getattr(torch, "_dynamo", None), "exc", None)
-    unsupported = getattr(unsupported, "Unsupported", None)
-    if unsupported is None or not isinstance(exc, unsupported) or "attnctl" not in str(exc):
+    if not _is_dynamo_error(exc, "Unsupported") or "attnctl" not in str(exc):
         return None
     return ConfigError("the transformer was compiled with fullgraph=True, but attnctl's controls run eagerly inside "
                        "it (what they do changes at every step), which needs a graph break at each controlled site",
@@ -116,8 +120,7 @@ def backend_failure(exc: BaseException) -> AttnCtlError | None:
     """The error to show instead of ``exc`` when ``exc`` is a torch.compile backend failing to compile the model
     (inductor without a C++ compiler, a backend's missing package): a problem of the machine, not of the controls;
     ``None`` for any other error."""
-    failed = getattr(getattr(getattr(torch, "_dynamo", None), "exc", None), "BackendCompilerFailed", None)
-    if failed is None or not isinstance(exc, failed):
+    if not _is_dynamo_error(exc, "BackendCompilerFailed"):
         return None
     inner = getattr(exc, "inner_exception", None)
     why = f"{type(inner).__name__}: {inner}" if inner is not None else str(exc)

@@ -305,12 +305,11 @@ class Controller:
             ids = kwargs.get("img_ids")
             if ids is None:
                 return self.state.layout
-            ids = ids[0] if ids.ndim == 3 else ids
             if ids.device.type == "meta":  # shape-only run: the positions are not known, assume a square
                 side = int(round(hidden.shape[1] ** 0.5))
                 grid = (side, side) if side * side == hidden.shape[1] else (1, hidden.shape[1])
             else:
-                grid, reference = self._grid_of(kwargs["img_ids"])
+                grid, reference = self._grid_of(ids)
         prompt, prompt_t5 = self._prompt or (None, None)
         if isinstance(prompt, list):
             prompt = prompt[0] if len(set(prompt)) == 1 else None

@@ -171,6 +171,7 @@ class LatentGuidance(ForwardWrapper):
                 "torch.inference_mode()", fix="call the pipeline under torch.no_grad() (diffusers' default) instead")
         batch = bound["hidden_states"].shape[0]
         sub = map_rows(bound, batch, lambda x: x.index_select(0, idx.to(x.device)), type(self.control).__name__)
+        n = self._generated_tokens(z)
         for _ in range(int(self.control.config.iterations)):
             with torch.enable_grad(), self.controller.gradient_pass(cond):
                 zz = z.detach().requires_grad_(True)
@@ -182,7 +183,6 @@ class LatentGuidance(ForwardWrapper):
                     return z
                 (grad,) = torch.autograd.grad(loss.sum(), zz)
             self.passes += 1
-            n = self._generated_tokens(z)
             if n is None:
                 z = rms_step(z, grad, size).detach()
             else:  # FLUX Kontext: its input image's tokens (after the generated ones) are a condition, not moved

@@ -99,6 +99,14 @@ def test_flux_single_block_without_text_length_is_an_error(flux_pipe):
         tr.set_attn_processor(saved)
 
 
+def sharing_components(cls, pipe, **kwargs):
+    """A pipeline of class ``cls`` on ``pipe``'s modules (those ``cls`` takes), e.g. the img2img form of a pipeline."""
+    import inspect
+
+    takes = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in pipe.components.items() if k in takes}, **kwargs)
+
+
 def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(flux_pipe, monkeypatch):
     """FLUX Kontext appends its input image's tokens to the generated grid: the layout counts them apart; SoftPAG,
     the probe (equal to the materialised maps of the generated queries), regulation, layout guidance (moving the
@@ -109,8 +117,7 @@ def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(fl
 
     from attnctl.controls.layout_guidance import LayoutGuidance
 
-    parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
-    pipe = FluxKontextPipeline(**{k: v for k, v in flux_pipe.components.items() if k in parts})
+    pipe = sharing_components(FluxKontextPipeline, flux_pipe)
     kw = dict(image=Image.new("RGB", (16, 24), "red"), prompt="a red circle", num_inference_steps=2, height=32,
               width=48, max_area=32 * 48, max_sequence_length=16, output_type="np", _auto_resize=False)
     stock = dict(pipe.transformer.attn_processors)
@@ -170,7 +177,7 @@ def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(fl
     assert dict(pipe.transformer.attn_processors) == stock  # restored after the error
 
     # the way out the error names: img2img keeps the text-to-image token layout
-    img2img = FluxImg2ImgPipeline(**{k: v for k, v in flux_pipe.components.items() if k in parts})
+    img2img = sharing_components(FluxImg2ImgPipeline, flux_pipe)
     reg = attnctl.AttentionRegulation(targets=["circle"], sites="all")
     with attnctl.attach(img2img, [attnctl.AttentionProbe(words=["circle"]), reg]) as ctl:
         img2img(image=kw["image"], prompt="a red circle", num_inference_steps=4, strength=0.75, height=32, width=48,
@@ -182,13 +189,9 @@ def test_flux_kontext_reference_tokens_are_kept_apart_from_the_generated_grid(fl
 def test_diffusers_pag_pipeline_is_refused_while_its_pag_runs(sd3_pipe):
     """StableDiffusion3PAGPipeline swaps its own processors onto its PAG layers during a call with pag_scale > 0 (and
     adds a perturbed row): a clear error that names SoftPAG, not controls that silently stop acting there."""
-    import inspect
-
     from diffusers import StableDiffusion3PAGPipeline
 
-    params = inspect.signature(StableDiffusion3PAGPipeline.__init__).parameters
-    pipe = StableDiffusion3PAGPipeline(**{k: v for k, v in sd3_pipe.components.items() if k in params},
-                                       pag_applied_layers=["blocks.1"])
+    pipe = sharing_components(StableDiffusion3PAGPipeline, sd3_pipe, pag_applied_layers=["blocks.1"])
     stock = dict(pipe.transformer.attn_processors)
     probe = attnctl.AttentionProbe(words=["circle"], sites="all")
     with pytest.raises(UnsupportedModelError, match=r"running diffusers' PAG \(pag_scale > 0\).*attnctl.SoftPAG\("), \
