@@ -85,6 +85,8 @@ __all__ = [
     "BatchResult",
     "load_batch",
     "plan_batch",
+    "model_problems",
+    "check_against_model",
     "batch_json_schema",
     "schema_text",
     "write_schema",
@@ -923,6 +925,69 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
                      description=top.description if top is not None else None)
 
 
+def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
+    """What only the model shows wrong in the plan's items, one line each, in file order: a control for another
+    model family or with sites or heads the model lacks, ``true_cfg`` on SD3, words a toy model does not know.
+
+    ``pipe`` is the loaded pipeline or its :func:`~attnctl.skeleton.pipeline_skeleton` (no weights needed). The
+    controls are bound as a run binds them and nothing is installed, so a batch fails here, before its first
+    image, rather than at each such item after hours of others."""
+    from . import cli
+    from .controller import Controller
+    from .controls import control_from_json
+    from .controls.value_sharing import ValueSharing
+    from .sites import family_of
+
+    family = family_of(pipe.transformer)
+    problems: list[str] = []
+    seen: set[int] = set()
+    for job in plan.jobs:
+        if job.index in seen:  # an item's images share its settings
+            continue
+        seen.add(job.index)
+        s = job.settings
+        where = _where(job.index, {"id": job.id} if job.explicit_id else None)
+        try:
+            if job.kind == "edit":
+                cli.check_vocabulary(pipe, [s["source_prompt"], s["prompt"]], plan.model)
+                controls = [control_from_json(s["controls"][0])]
+                if s.get("value_sharing") is not None:
+                    controls.append(ValueSharing.from_json(s["value_sharing"]))
+            else:
+                if s.get("true_cfg") is not None and family != "flux":
+                    raise AttnCtlError(f"field 'true_cfg' is for FLUX models, and {plan.model} is {family}",
+                                       "use guidance for SD3 / SD3.5 models")
+                references = s.get("reference_prompts")
+                cli.check_vocabulary(pipe, [s["prompt"], s.get("negative_prompt") or "", *(references or [])],
+                                     plan.model)
+                controls = [control_from_json(c) for c in s.get("controls") or []]
+                cli.reposition_prompts(s["prompt"], references, controls)
+            Controller(pipe, controls)  # binds: family, sites, heads, the scheduler latent guidance steps with
+        except AttnCtlError as e:
+            problems.append(f"{where}: {_one_line(e)}")
+    return problems
+
+
+def check_against_model(plan: BatchPlan, note: Callable[[str], None] | None = None) -> None:
+    """Raise :class:`BatchFileError` listing :func:`model_problems`, checked on the model's skeleton (its configs;
+    no weights). An unknown model raises :class:`AttnCtlError`; a model whose configs cannot be read here (a hub id
+    offline) is not checked, and ``note`` says so."""
+    from .cli import resolve_model
+    from .skeleton import pipeline_skeleton
+
+    resolve_model(plan.model)  # an unknown model: its own clear error, not a note
+    try:
+        skeleton = pipeline_skeleton(plan.model)
+    except AttnCtlError as e:
+        if note is not None:
+            note(f"the items were not checked against the model ({_one_line(e.problem)}); an item with a problem "
+                 "only the model shows fails when it runs")
+        return
+    problems = model_problems(plan, skeleton)
+    if problems:
+        raise BatchFileError(f"{plan.source} (with model {plan.model})", problems)
+
+
 # =============================================================================================== manifest
 
 
@@ -1350,6 +1415,7 @@ def run_batch(plan: BatchPlan, out: str | Path, *, device: str = "auto", attenti
     (failures with their error, and the batch goes on); Ctrl-C stops after the current image."""
     out = Path(out)
     start = time.perf_counter()
+    check_against_model(plan, note)  # before any image: an item the model cannot run is a problem of the file
     dist = Dist(device)
     if device == "auto":
         import torch
@@ -1456,9 +1522,7 @@ def main(file: Path, out: Path | None, model: str | None, processes: int, device
     dtype_name = DTYPE_NAMES[str(parse_dtype(dtype))[6:]]
     if compile_backend is not None:  # an unknown backend: one clear error here, not one per image or worker
         compile_backend = check_compile_backend(compile_backend)
-    try:
-        plan = load_batch(file, model=model, dtype=dtype_name)
-    except BatchFileError as e:
+    def refused(e: BatchFileError) -> int:
         err_console.print(f"[bold red]error:[/bold red] [red]{escape(e.source)}: {len(e.problems)} "
                           f"problem{'s' if len(e.problems) != 1 else ''}[/red]", highlight=False)
         for p in e.problems:
@@ -1466,6 +1530,13 @@ def main(file: Path, out: Path | None, model: str | None, processes: int, device
         err_console.print("[red]fix them and run again; `attnctl batch FILE --check` validates without "
                           "generating[/red]", highlight=False)
         return 2
+
+    try:
+        plan = load_batch(file, model=model, dtype=dtype_name)
+        if check or processes > 1:  # (a run checks in run_batch, each worker of a launcher too)
+            check_against_model(plan, note)
+    except BatchFileError as e:
+        return refused(e)
     out = out if out is not None else Path("out") / file.stem
     if check:
         records = read_manifest(out) if out.is_dir() else {}
@@ -1495,8 +1566,11 @@ def main(file: Path, out: Path | None, model: str | None, processes: int, device
         if threads is not None:
             argv += ["--threads", str(threads)]
         return launch_workers(argv, processes, threads, note=note)
-    result = run_batch(plan, out, device=device, attention_backend=attention_backend, offload=offload,
-                       threads=threads, note=note, compile_backend=compile_backend)
+    try:
+        result = run_batch(plan, out, device=device, attention_backend=attention_backend, offload=offload,
+                           threads=threads, note=note, compile_backend=compile_backend)
+    except BatchFileError as e:
+        return refused(e)
     if result.world > 1 and result.rank != 0:
         return 130 if result.interrupted else 0
     made = result.done - result.skipped

@@ -24,9 +24,11 @@ from attnctl.batch import (
     SCHEMA_PATH,
     BatchFileError,
     ManifestWriter,
+    check_against_model,
     consolidate_manifest,
     iter_records,
     load_batch,
+    model_problems,
     plan_batch,
     read_manifest,
     safe_stem,
@@ -226,7 +228,8 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
             {"id": "red", "prompt": "a red circle on the left", "seeds": [0, 1],
              "controls": [{"kind": "probe", "words": ["circle"], "sites": "L1"}]},
             {"id": "../../etc/x", "prompt": "a blue square", "seed": 3},
-            {"id": "bad", "prompt": "a green banana"},  # a word outside the toy vocabulary: fails, the rest goes on
+            # larger than the model's position table: the pipeline refuses it at run time; the rest goes on
+            {"id": "bad", "prompt": "a green circle", "height": 512},
         ],
     })
     out = tmp_path / "deep" / "out"
@@ -237,7 +240,7 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
     assert set(files) == {"red_s0.png", "red_s1.png", f"{safe_stem('../../etc/x')}_s3.png"}
     assert not list(tmp_path.rglob("etc")) and all(p.parent == out for p in tmp_path.rglob("*.png"))
     records = read_manifest(out)
-    assert records["bad_s0.png"]["status"] == "failed" and "banana" in records["bad_s0.png"]["error"]
+    assert records["bad_s0.png"]["status"] == "failed" and "pos_embed_max_size" in records["bad_s0.png"]["error"]
     assert all(records[f]["status"] == "done" and records[f]["seconds"] > 0 for f in files)
 
     # the PNG carries everything: generate --from regenerates the identical image
@@ -258,7 +261,7 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
 
     # fix the bad item and change one: only those two are made; now everything is done
     data = json.loads(batch.read_text())
-    data["items"][2]["prompt"] = "a green triangle"
+    del data["items"][2]["height"]
     data["items"][1]["steps"] = 3
     write_batch(batch, data)
     result = run("batch", batch, "--out", out, "--model", model_dir)
@@ -361,7 +364,7 @@ def test_interrupt_and_kill_then_rerun_makes_every_image_exactly_once(model_dir,
 def test_two_processes_make_the_same_files_as_one_none_twice(model_dir, tmp_path, monkeypatch, capfd):
     items = [{"id": f"p{i}", "prompt": p, "seeds": [i, i + 10]}
              for i, p in enumerate(["a red circle", "a blue square on the left", "two green triangles"])]
-    items.append({"id": "bad", "prompt": "a purple banana"})
+    items.append({"id": "bad", "prompt": "a purple circle", "height": 512})  # the pipeline refuses it at run time
     batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2}, "items": items})
     one, two = tmp_path / "one", tmp_path / "two"
     result = run("batch", batch, "--out", one, "--model", model_dir)
@@ -527,6 +530,52 @@ def test_edit_items_are_checked_for_their_own_fields(tmp_path, scene_png):
     assert len(set(hashes)) == 3
     (tmp_path / "img" / "scene.png").write_bytes(scene_png.read_bytes() + b"\0")  # other bytes: another hash
     assert load_batch(good).jobs[0].hash != job.hash and load_batch(good).jobs[1].hash == plan.jobs[1].hash
+
+
+def test_items_the_model_cannot_run_are_refused_before_the_first_image(model_dir, tmp_path, scene_png, monkeypatch):
+    from attnctl.cli import load_pipeline
+    from attnctl.skeleton import pipeline_skeleton
+
+    (tmp_path / "scene.png").write_bytes(scene_png.read_bytes())
+    batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2}, "items": [
+        {"id": "ok", "prompt": "a red circle", "controls": [{"kind": "softpag", "heads": "L1H0"}]},
+        {"id": "pag", "prompt": "a red circle", "controls": [{"kind": "softpag", "heads": "L40H0"}]},
+        {"id": "cfg", "prompt": "a red circle", "true_cfg": 3.0},
+        {"id": "words", "prompt": "a green banana"},
+        {"id": "reg", "prompt": "a red circle",
+         "controls": [{"kind": "regulation", "targets": ["circle"], "sites": "transformer_blocks.99"}]},
+        {"type": "edit", "id": "share", "image": "scene.png", "source_prompt": EDIT_SOURCE, "prompt": EDIT_TARGET,
+         "value_sharing": {"sites": "transformer_blocks.77"}},
+    ]})
+    plan = load_batch(batch, model=str(model_dir))
+
+    # from the configs alone: the skeleton holds no weights and finds what the loaded pipeline finds
+    skeleton = pipeline_skeleton(str(model_dir))
+    assert all(p.device.type == "meta" for p in skeleton.transformer.parameters())
+    found = model_problems(plan, skeleton)
+    assert found == model_problems(plan, load_pipeline(str(model_dir)))
+    assert [line.split(":")[0] for line in found] == \
+        ["item 1 (id 'pag')", "item 2 (id 'cfg')", "item 3 (id 'words')", "item 4 (id 'reg')", "item 5 (id 'share')"]
+    assert "'L40'" in found[0] and "true_cfg" in found[1] and "'banana'" in found[2]
+    assert "transformer_blocks.99" in found[3] and "transformer_blocks.77" in found[4]
+    with pytest.raises(BatchFileError) as e:
+        check_against_model(plan)
+    assert e.value.problems == found and str(model_dir) in e.value.source
+
+    # --check and the run both refuse the file, listing every problem; the run makes nothing
+    out = tmp_path / "out"
+    for extra in (["--check"], []):
+        result = run("batch", batch, "--out", out, "--model", model_dir, *extra)
+        assert result.exit_code == 2, result.output
+        text = " ".join(result.output.split())
+        assert "5 problems" in text and all(line in text for line in found)
+    assert not out.exists()
+
+    # a model whose configs cannot be read here (a hub id offline) is run unchecked, and a note says so
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    notes: list[str] = []
+    check_against_model(load_batch(batch, model="nobody/no-such-model"), notes.append)
+    assert len(notes) == 1 and "not checked against the model" in notes[0]
 
 
 def test_an_edit_batch_makes_what_attnctl_edit_makes_inverting_each_image_once(tmp_path, scene_png, monkeypatch):

@@ -7,6 +7,7 @@ import pytest
 
 import attnctl
 from attnctl.configs import build_empty, transformer_config
+from attnctl.errors import SiteError
 from attnctl.processors import AttnCtlFluxProcessor, AttnCtlJointProcessor
 
 EXPECTED = {
@@ -50,3 +51,26 @@ def test_head_notation_on_flux_dev():
         "single_transformer_blocks.0.attn": (0, 1),
     }
     assert len(attnctl.select_sites(sites, "transformer_blocks.1")) == 1  # never blocks 10-18
+
+
+def test_a_full_size_pipeline_skeleton_from_its_configs_alone(tmp_path):
+    """What `attnctl batch` checks items against: FLUX.1-dev's transformer from its config, on the meta device."""
+    import json
+
+    from attnctl.skeleton import pipeline_skeleton
+    from attnctl.testing import flux_scheduler
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(transformer_config("flux.1-dev")))
+    flux_scheduler().save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    skeleton = pipeline_skeleton(str(tmp_path))
+    assert all(p.device.type == "meta" for p in skeleton.transformer.parameters())
+    assert skeleton.tokenizer is None  # not the toy tokenizer: no vocabulary check
+    ctl = attnctl.Controller(skeleton, [attnctl.SoftPAG(heads=["L56H23"]), attnctl.LayoutGuidance(
+        boxes={"cat": [0, 0, 0.5, 0.5]})])
+    assert len(ctl.sites) == EXPECTED["flux.1-dev"][0]
+    with pytest.raises(SiteError, match="L57"):
+        attnctl.Controller(skeleton, [attnctl.SoftPAG(heads=["L57H0"])])
