@@ -9,14 +9,16 @@ Two ways to use it::
     ctl = attnctl.Controller(pipe, controls)                 # the design card's plain-script usage
     pipe.transformer.set_attn_processor(ctl.processors())
     image = pipe("a red circle").images[0]
-    ctl.close()                                              # remove the step-tracking hooks
+    ctl.restore()                         # the processors it replaced come back; the tracking hooks go
 
 With a stock diffusers pipeline the controller follows the run by itself: a forward pre-hook on the
 transformer reads the step from the scheduler, the image grid and text length from the inputs, and the
-batch roles from the pipeline's guidance settings; a wrapper around ``encode_prompt`` records the prompt so
+batch roles from the pipeline's guidance settings; a wrapper around ``check_inputs`` (the first thing a diffusers
+pipeline call does) marks where each call starts, and one around ``encode_prompt`` records the call's prompt so
 controls can name words. When a control asks for a perturbed branch (SoftPAG), the transformer's forward is
 wrapped too (:class:`~attnctl.guidance.PerturbedBranch`): every call then runs the perturbed rows and returns the
-guided predictions. Both are removed by :meth:`Controller.close` (and on leaving ``attach``).
+guided predictions. :meth:`Controller.close` removes these; :meth:`Controller.restore` (and leaving ``attach``) also
+puts back the processors the controller's replaced.
 """
 
 from __future__ import annotations
@@ -139,8 +141,11 @@ class Controller:
 
         Each new processor keeps the attention backend of the processor it replaces, and the controller
         starts following runs of the pipeline (see the module docstring). Only the processors of sites some
-        control acts at consult the controller."""
+        control acts at consult the controller. The processors they replace are remembered: :meth:`restore`
+        puts them back."""
         current = self.transformer.attn_processors
+        if self._saved is None:
+            self._saved = dict(current)
         procs = {}
         for site in self.sites:
             # a site no control acts at gets a processor without the controller: the stock computation, with no
@@ -164,20 +169,20 @@ class Controller:
 
     def install(self) -> Controller:
         """Install the processors, remembering the current ones for :meth:`restore`."""
-        if self._saved is None:
-            self._saved = dict(self.transformer.attn_processors)
         self.transformer.set_attn_processor(self.processors())
         return self
 
     def restore(self) -> None:
-        """Put back the processors that were installed before :meth:`install`, and stop tracking."""
+        """Put back the processors that were installed before :meth:`install` (or before :meth:`processors` made
+        this controller's), and stop tracking."""
         if self._saved is not None:
             self.transformer.set_attn_processor(self._saved)
             self._saved = None
         self.close()
 
     def close(self) -> None:
-        """Remove the tracking hooks (the processors stay; they then act at step 0 of an unknown run)."""
+        """Remove the tracking hooks and wrappers. The processors stay (they then act at step 0 of an unknown run,
+        for a caller that drives runs by hand with :meth:`begin_run`); :meth:`restore` removes them too."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -187,8 +192,9 @@ class Controller:
         if self._branch is not None:
             self._branch.__exit__(None, None, None)
             self._branch = None
-        if self.pipe is not None and "encode_prompt" in vars(self.pipe):
-            del self.pipe.encode_prompt
+        for name in ("check_inputs", "encode_prompt"):
+            if self.pipe is not None and name in vars(self.pipe):
+                delattr(self.pipe, name)
 
     def __enter__(self) -> Controller:
         return self.install()
@@ -257,6 +263,8 @@ class Controller:
         # (attnctl.compiling)
         pre_forward = torch.compiler.disable(self._pre_forward, reason=compiling.EAGER)
         self._hooks.append(self.transformer.register_forward_pre_hook(pre_forward, with_kwargs=True))
+        if self.pipe is not None and hasattr(self.pipe, "check_inputs"):
+            self._wrap_check_inputs()
         if self.pipe is not None and hasattr(self.pipe, "encode_prompt"):
             self._wrap_encode_prompt()
         if self._branches is not None and not self._fixed_roles:
@@ -268,6 +276,18 @@ class Controller:
             self._latent = (make(self.transformer, self, self.pipe) if make is not None
                             else LatentGuidance(self.transformer, self, self._latent_control, self.pipe))
             self._latent.__enter__()
+
+    def _wrap_check_inputs(self) -> None:
+        """Every diffusers pipeline call checks its inputs first: a new call starts there, whatever the previous one
+        did (a call that raised before its first forward, or an ``encode_prompt`` the caller made outside a call)."""
+        original = type(self.pipe).check_inputs.__get__(self.pipe)
+        ctl = self
+
+        def check_inputs(*args: Any, **kwargs: Any):
+            ctl._prompt, ctl._negative_embeds, ctl._forwards, ctl._new_run = None, None, 0, True
+            return original(*args, **kwargs)
+
+        self.pipe.check_inputs = check_inputs
 
     def _wrap_encode_prompt(self) -> None:
         original = type(self.pipe).encode_prompt.__get__(self.pipe)

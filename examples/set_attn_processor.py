@@ -8,7 +8,8 @@
 It generates one image with a plain diffusers pipeline whose attention processors were replaced by
 attnctl's (``pipe.transformer.set_attn_processor(ctl.processors())``), with an ``AttentionProbe`` that
 collects where each named word's attention lands, and writes the image plus one heatmap per word. With
-``--softpag`` the controller also runs SoftPAG's perturbed branch on these heads; ``ctl.close()`` takes it off.
+``--softpag`` the controller also runs SoftPAG's perturbed branch on these heads. ``ctl.restore()`` puts the stock
+processors back and takes the controller's hooks and wrappers off.
 """
 
 from __future__ import annotations
@@ -52,14 +53,12 @@ def main() -> None:
         heads = args.softpag[0] if len(args.softpag) == 1 else args.softpag
         controls.append(attnctl.SoftPAG(heads=heads, scale=args.softpag_scale))
     ctl = attnctl.Controller(pipe, controls)
-    previous = dict(pipe.transformer.attn_processors)
     pipe.transformer.set_attn_processor(ctl.processors())  # the public diffusers API
     try:
         generator = torch.Generator(args.device).manual_seed(args.seed)
         image = pipe(args.prompt, generator=generator, **default_call_kwargs(pipe)).images[0]
     finally:
-        pipe.transformer.set_attn_processor(previous)
-        ctl.close()
+        ctl.restore()  # the processors ctl.processors() replaced, back; the hooks and wrappers, off
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

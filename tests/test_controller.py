@@ -84,6 +84,72 @@ def test_flux_single_blocks_get_text_length_and_true_cfg_roles(flux_pipe):
     assert sorted({c[1] for c in rec.calls}) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("fixture", ["sd3_pipe", "flux_pipe"])
+def test_every_call_reads_its_own_prompt_and_rows(request, fixture):
+    """A call starts at the pipeline's check_inputs. So after a call that raised between encode_prompt and its first
+    forward, or after an encode_prompt of the caller's own inside the block, the next call still reads its own prompt
+    and its conditional rows (before, FLUX took the next prompt for a negative one and SD3 kept the failed call's)."""
+    pipe = request.getfixturevalue(fixture)
+    prompt = "a red circle and a blue square"
+    cfg = ({"guidance_scale": 4.0} if fixture == "sd3_pipe" else
+           {"negative_prompt": "a green triangle", "true_cfg_scale": 2.0})
+
+    def controls():
+        return [attnctl.AttentionProbe(words=["square"]), attnctl.SoftPAG(heads=["L1H0:2"], scale=2.0)]
+
+    clean = controls()
+    with attnctl.attach(pipe, clean):
+        expected = pipe(prompt, generator=torch.Generator().manual_seed(0), **cfg, **KW).images
+
+    after_failure = controls()
+    with attnctl.attach(pipe, after_failure):
+        with pytest.raises(ValueError, match="generators"):  # raised in prepare_latents, after encode_prompt
+            pipe("a green triangle", generator=[torch.Generator()] * 3, **cfg, **KW)
+        images = pipe(prompt, generator=torch.Generator().manual_seed(0), **cfg, **KW).images
+    assert torch.equal(after_failure[0].word_maps()["square"], clean[0].word_maps()["square"])
+    assert (images == expected).all()
+
+    if fixture == "sd3_pipe":
+        def encode():
+            return pipe.encode_prompt(prompt, prompt, prompt, max_sequence_length=24)
+
+        pe, npe, pooled, npooled = encode()
+        call = dict(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
+                    negative_pooled_prompt_embeds=npooled, **cfg)
+    else:
+        def encode():
+            return pipe.encode_prompt(prompt, prompt, max_sequence_length=24)
+
+        pe, pooled, _ = encode()
+        npe, npooled, _ = pipe.encode_prompt(cfg["negative_prompt"], cfg["negative_prompt"], max_sequence_length=24)
+        call = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=npe,
+                    negative_pooled_prompt_embeds=npooled, true_cfg_scale=cfg["true_cfg_scale"])
+    own_embeds = [attnctl.AttentionProbe(tokens=[5]), attnctl.SoftPAG(heads=["L1H0:2"], scale=2.0)]  # no words:
+    with attnctl.attach(pipe, own_embeds):  # a run given only embeddings has no prompt to find them in
+        encode()  # the caller's own encode_prompt, inside the block
+        images = pipe(generator=torch.Generator().manual_seed(0), **call, **KW).images
+    assert (images == expected).all()
+    assert own_embeds[0].word_maps()["5"].shape == (1, 8, 12)
+
+
+def test_restore_undoes_set_attn_processor(sd3_pipe):
+    """Way 3 of the README: ``set_attn_processor(ctl.processors())``; ``ctl.restore()`` brings back the stock
+    processors and removes every hook and wrapper, so the next plain call is the stock one."""
+    tr = sd3_pipe.transformer
+    before = dict(tr.attn_processors)
+    stock = sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+    ctl = attnctl.Controller(sd3_pipe, [attnctl.IsolationAttention(subjects=["circle", "square"])])
+    tr.set_attn_processor(ctl.processors())
+    controlled = sd3_pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **KW).images
+    assert "check_inputs" in vars(sd3_pipe) and "encode_prompt" in vars(sd3_pipe) and tr._forward_pre_hooks
+    ctl.restore()
+    assert tr.attn_processors == before
+    assert "check_inputs" not in vars(sd3_pipe) and "encode_prompt" not in vars(sd3_pipe)
+    assert not tr._forward_pre_hooks and "forward" not in vars(tr)
+    assert (sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images == stock).all()
+    assert controlled.shape == stock.shape
+
+
 def test_flux_single_block_without_text_length_is_an_error(flux_pipe):
     from conftest import transformer_inputs
 
