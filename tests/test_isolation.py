@@ -200,6 +200,52 @@ def test_flux_with_references_and_sd35_isolation_alone(flux_pipe, sd35_pipe):
     assert np.isfinite(out).all() and iso.calls > 0 and abs(out - plain).max() > 1e-4
 
 
+def _record_rows(iso: IsolationAttention) -> list[tuple[tuple[str, ...], str, list[int]]]:
+    """(the call's roles, probe or steer, the batch rows acted on) of every call the control acts in."""
+    seen: list[tuple[tuple[str, ...], str, list[int]]] = []
+    probes, steer = iso._probes, iso._steer
+
+    def _probes(call, state, img):
+        out = probes(call, state, img)
+        seen.extend((tuple(state.roles), "probe", c.where.batch.tolist()) for c in out)
+        return out
+
+    def _steer(call, k, v, state, *args):
+        out = steer(call, k, v, state, *args)
+        seen.extend((tuple(state.roles), "steer", c.where.batch.tolist()) for c in out)
+        return out
+
+    iso._probes, iso._steer = _probes, _steer
+    return seen
+
+
+def test_the_unconditional_call_stays_plain_and_skip_layer_passes_are_steered(flux_pipe, sd3_pipe):
+    """FLUX's true CFG calls the transformer for the negative prompt on its own; SD3's skip-layer guidance makes a
+    pass on the conditional rows alone. Isolation probes and steers only conditional rows: none of the negative
+    call, and in the skip-layer pass the conditional row with that row's masks."""
+    flux = AttnCtlFluxPipeline(**flux_pipe.components)
+    flux.set_progress_bar_config(disable=True)
+    iso = IsolationAttention(subjects=["red circle", "blue square"], sites="all")
+    seen = _record_rows(iso)
+    flux(SCENE, negative_prompt="a green triangle", true_cfg_scale=4.0, generator=gen(), output_type="np",
+         controls=[iso], **KW)
+    assert {(roles, what) for roles, what, _ in seen} == {(("cond",), "probe"), (("cond",), "steer")}
+    alone = IsolationAttention(subjects=["red circle", "blue square"], sites="all")
+    flux(SCENE, generator=gen(), output_type="np", controls=[alone], **KW)
+    assert iso.calls == alone.calls  # as many steered calls as without the negative call
+
+    sd3 = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    sd3.set_progress_bar_config(disable=True)
+    iso = IsolationAttention(subjects=["red circle", "blue square"], sites="all")
+    seen = _record_rows(iso)
+    out = sd3(SCENE, guidance_scale=4.0, skip_guidance_layers=[1], skip_layer_guidance_stop=1.0,
+              generator=gen(), output_type="np", controls=[iso], **KW).images
+    assert np.isfinite(out).all()
+    kinds = {(roles, what, tuple(rows)) for roles, what, rows in seen}
+    assert kinds == {(("uncond", "cond"), "probe", (1,)), (("uncond", "cond"), "steer", (1,)),
+                     (("cond",), "steer", (0,))}  # the skip-layer pass: its one row, steered as the cond row
+
+
 def test_bf16_on_cpu():
     from attnctl.testing import tiny_sd3_pipeline
 

@@ -37,6 +37,9 @@ from ..subject_masks import otsu_masks, relocation
 from .base import Control, ControlConfig, RunState, register, word_columns
 from .regulation import JOINT_KINDS
 
+_MAIN = object()
+"""A call whose rows are those the masks are made in (:meth:`IsolationAttention._rows_of`)."""
+
 
 class IsolationConfig(ControlConfig):
     subjects: list[str] = Field(..., description="the subjects, each a word or phrase of the target prompt, e.g. "
@@ -100,6 +103,7 @@ class IsolationAttention(Control):
         self._keep: torch.Tensor | None = None  # (batch, subjects, N_img) bool: queries kept on their reference
         self._plan: dict[str, Any] | None = None  # what the step's masks give every steered call (:meth:`_planned`)
         self._sets: list[tuple[list[int], int]] | None = None  # (reference rows, target row) or ([], target row)
+        self._main: tuple[str, ...] | None = None  # the roles of the run's calls the masks are made in (see _rows_of)
         self._own: dict[int, tuple[int, ...]] = {}  # conditional row -> the subjects its prompt shows
         self._parts: dict[tuple, list] = {}  # the probes' columns, rows and subjects (:meth:`_probe_parts`)
         self.calls = 0
@@ -184,14 +188,39 @@ class IsolationAttention(Control):
         # the generated image's tokens: FLUX Kontext's input-image tokens follow them, and stay keys every subject reads
         grid = image_grid(state.layout, call.n_image, "IsolationAttention", call.site.name, reference_ok=True)
         img = call.grid_slice(grid[0] * grid[1])
-        if self._sets is None:
-            self._sets = self._row_sets(state, call.batch)
+        here = self._rows_of(state, call.batch)
+        if here is None:  # no conditional rows: the unconditional branch stays the plain model's
+            return []
         out: list = []
-        if call.n_text:
+        if here is _MAIN and call.n_text:
             out += self._probes(call, state, img)
-        if self._masks is not None and self._masks.shape[0] == call.batch:
-            out += self._steer(call, k, v, state, grid, img)
+        if self._masks is not None:
+            out += self._steer(call, k, v, state, grid, img, None if here is _MAIN else here)
         return out
+
+    def _rows_of(self, state: RunState, batch: int) -> object | dict[int, int] | None:
+        """How this call's rows relate to the masks' rows. The masks are made in the run's first call with
+        conditional rows (for CFG, the batched ``[uncond, cond]`` call): :data:`_MAIN` for such a call. A call with
+        other rows — SD3's skip-layer pass on the conditional rows alone — is steered like them, its ``k``-th
+        conditional row as the ``k``-th of the masks (the dict maps mask rows to its rows); a call without
+        conditional rows (FLUX's true-CFG call for the negative prompt) gives ``None``."""
+        roles = tuple(state.roles) if state.roles is not None else ("cond",) * batch
+        cond = state._row_list(("cond",), batch)
+        if self._main is None:
+            if not cond:
+                return None
+            self._main, self._sets = roles, self._row_sets(state, batch)
+        if roles == self._main:
+            return _MAIN
+        if not cond:
+            return None
+        main_cond = [i for i, r in enumerate(self._main) if r.split("[")[0] == "cond"]
+        if len(cond) != len(main_cond):
+            raise ConfigError(
+                f"IsolationAttention: this call has {len(cond)} conditional rows and the run's first call had "
+                f"{len(main_cond)}; the subjects' masks are per conditional row of that call",
+                fix="run the conditional rows of one prompt set in every call of the run (one pipeline call)")
+        return dict(zip(main_cond, cond, strict=True))
 
     def _probes(self, call, state: RunState, img: slice) -> list[Probe]:
         """Each conditional row's image queries (``img``) on its own subjects' tokens (rows of one prompt and part
@@ -228,9 +257,11 @@ class IsolationAttention(Control):
         self._parts[key] = parts
         return parts
 
-    def _steer(self, call, k, v, state: RunState, grid, img: slice | None = None) -> list:
+    def _steer(self, call, k, v, state: RunState, grid, img: slice | None = None,
+               rows: dict[int, int] | None = None) -> list:
         """The step's isolation bias and reposition keys at one call (``img``: the generated image's tokens, by
-        default the grid's first tokens of the image stream)."""
+        default the grid's first tokens of the image stream; ``rows``: the call's row for each row of the masks,
+        when the call's rows are not the masks', see :meth:`_rows_of`)."""
         img = img if img is not None else call.grid_slice(grid[0] * grid[1])
         iso = float(self.config.isolation(state.step, state.num_steps))
         rep = float(self.config.reposition(state.step, state.num_steps)) if self.config.references else 0.0
@@ -238,6 +269,10 @@ class IsolationAttention(Control):
             return []
         plan = self._planned(grid)
         targets, tm, other = plan["targets"], plan["in_mask"], plan["other"]
+        if rows is not None:  # the same masks on this call's own rows
+            targets = [rows[t] for t in targets]
+            if "source" in plan:
+                plan = {**plan, "source": state.index([rows[r] for r in plan["source_rows"]], call.device)}
         n, n_img = len(self.config.subjects), img.stop - img.start
         n_keys = k.shape[1]
         extra_keys = n * n_img if rep > 0 else 0
@@ -297,6 +332,7 @@ class IsolationAttention(Control):
             plan["index"] = torch.stack(index)  # (T·n, N_img): reference token shown at each canvas token
             plan["valid"] = torch.stack(valid).view(len(targets), -1, h * w).float()
             plan["source"] = torch.tensor(src, device=masks.device)
+            plan["source_rows"] = src
         self._plan = plan
         return plan
 
@@ -310,7 +346,7 @@ class IsolationAttention(Control):
         if call.rotary is not None:  # FLUX: a key relocated from reference token index[p] to canvas token p
             cos, sin = (x[img] for x in call.rotary)
             ek = torch.stack([self._turn(e, cos[i], sin[i], cos, sin) for e, i in zip(ek, index, strict=True)])
-        shape = (len(plan["targets"]), -1, *k.shape[2:])
+        shape = (plan["valid"].shape[0], -1, *k.shape[2:])
         return ek.reshape(shape), ev.reshape(shape)
 
     @staticmethod
