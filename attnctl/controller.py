@@ -143,6 +143,7 @@ class Controller:
         starts following runs of the pipeline (see the module docstring). Only the processors of sites some
         control acts at consult the controller. The processors they replace are remembered: :meth:`restore`
         puts them back."""
+        self._check_alone()
         current = self.transformer.attn_processors
         if self._saved is None:
             self._saved = dict(current)
@@ -167,6 +168,19 @@ class Controller:
         self._track()
         return procs
 
+    def _check_alone(self) -> None:
+        """Refuse a second controller on a transformer another one follows: each would take the run's prompt, rows
+        and forward for its own, and the controls of one would act on the other's rows."""
+        ref = vars(self.transformer).get("_attnctl_controller")
+        other = ref() if ref is not None else None
+        if other is not None and other is not self:
+            raise ConfigError(
+                "another attnctl controller is already attached to this pipeline (attnctl.attach, an attnctl "
+                "pipeline call's controls=, or set_attn_processor(ctl.processors())); two would each follow the run "
+                f"(attached: {', '.join(type(c).__name__ for c in other.controls) or 'no controls'})",
+                fix="put all the controls in one list — attnctl.attach(pipe, [a, b]) or pipe(..., controls=[a, b]) — "
+                    "or leave the other one first (its with-block, or ctl.restore())")
+
     def install(self) -> Controller:
         """Install the processors, remembering the current ones for :meth:`restore`."""
         self.transformer.set_attn_processor(self.processors())
@@ -186,6 +200,9 @@ class Controller:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        ref = vars(self.transformer).get("_attnctl_controller")
+        if ref is not None and ref() is self:
+            del self.transformer._attnctl_controller
         if self._latent is not None:
             self._latent.__exit__(None, None, None)
             self._latent = None
@@ -259,6 +276,7 @@ class Controller:
     def _track(self) -> None:
         if self._hooks:
             return
+        self.transformer._attnctl_controller = weakref.ref(self)  # see _check_alone
         # the run's bookkeeping (steps, roles, token layout) is Python: under torch.compile it runs eagerly
         # (attnctl.compiling)
         pre_forward = torch.compiler.disable(self._pre_forward, reason=compiling.EAGER)

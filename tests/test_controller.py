@@ -150,6 +150,35 @@ def test_restore_undoes_set_attn_processor(sd3_pipe):
     assert controlled.shape == stock.shape
 
 
+def test_a_second_controller_on_one_pipeline_is_refused_naming_the_way_out(sd3_pipe):
+    """Two controllers would each take the run's prompt, rows and forward: nested attach, an attnctl pipeline's
+    controls= inside attach, and a controller left installed are refused; the first keeps working."""
+    from attnctl.pipelines import AttnCtlSD3Pipeline
+
+    probe = attnctl.AttentionProbe(words=["circle"])
+    pag = attnctl.SoftPAG(heads=["L1H0:2"])
+    ours = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    ours.set_progress_bar_config(disable=True)
+    before = dict(sd3_pipe.transformer.attn_processors)
+    with attnctl.attach(sd3_pipe, [probe]):
+        with pytest.raises(ConfigError, match=r"already attached.*attached: AttentionProbe.*in one list"), \
+                attnctl.attach(sd3_pipe, [pag]):
+            pass
+        with pytest.raises(ConfigError, match="already attached"):
+            ours("a red circle", controls=[pag], **KW)  # the same transformer
+        sd3_pipe("a red circle", **KW)  # the first controller is untouched
+    assert probe.word_maps()["circle"].shape == (1, 8, 12)
+    assert sd3_pipe.transformer.attn_processors == before
+    left = attnctl.Controller(sd3_pipe, [probe])
+    sd3_pipe.transformer.set_attn_processor(left.processors())
+    with pytest.raises(ConfigError, match="ctl.restore"):
+        attnctl.attach(sd3_pipe, [pag]).install()
+    left.restore()
+    with attnctl.attach(sd3_pipe, [pag]):  # once it is gone, another may come
+        sd3_pipe("a red circle", **KW)
+    assert sd3_pipe.transformer.attn_processors == before
+
+
 def test_flux_single_block_without_text_length_is_an_error(flux_pipe):
     from conftest import transformer_inputs
 
