@@ -27,6 +27,7 @@ class TextSegment:
     start: int  # first position, relative to the start of the text tokens
     length: int
     words: dict[str, tuple[int, ...]] = field(default_factory=dict)  # word -> positions inside the segment
+    text: str | None = None  # the prompt this tokenizer read (None: the layout's prompt)
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,16 @@ class TokenLayout:
                 continue
             out.extend(seg.start + p for p in seg.words.get(key, ()))
         if not out:
-            if self.cut_off(word):
+            if self.cut_off(word, segments):
                 raise WordCutOffError(
                     f"the word {word!r} is in the prompt but past the tokens the text encoders read "
                     f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was cut off",
                     fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
             where = f" in the prompt {self.prompt!r}" if self.prompt is not None else ""
+            read = [f"the {s.name} tokens read {s.text!r}" for s in self._chosen(segments)
+                    if s.text is not None and s.text != self.prompt]
+            if read:  # e.g. FLUX's prompt_2, which its T5 tokens (the only text tokens) read instead of prompt
+                where += f" as the text tokens read it ({'; '.join(read)})"
             known = ", ".join(self.words()[:20]) or "(no prompt tokens are known for this run)"
             raise LayoutError(
                 f"the word {word!r} is not{where}; a control can only name words of the prompt it runs on. "
@@ -95,12 +100,17 @@ class TokenLayout:
             )
         return sorted(set(out))
 
-    def cut_off(self, word: str) -> bool:
-        """``word`` is in the prompt's text but in none of the tokenized segments (truncated away)."""
+    def _chosen(self, segments: tuple[str, ...] | None) -> list[TextSegment]:
+        return [s for s in self.segments if segments is None or s.name in segments]
+
+    def cut_off(self, word: str, segments: tuple[str, ...] | None = None) -> bool:
+        """``word`` is in the text a (chosen) tokenizer segment read, but not in its tokens (truncated away)."""
         key = word.strip().lower()
-        if self.prompt is None or any(key in seg.words for seg in self.segments):
-            return False
-        return key in (m.group().lower() for m in _WORD.finditer(self.prompt))
+        for seg in self._chosen(segments):
+            text = seg.text if seg.text is not None else self.prompt
+            if text is not None and key not in seg.words and key in (m.group().lower() for m in _WORD.finditer(text)):
+                return True
+        return False
 
 
 def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,
@@ -168,13 +178,13 @@ def layout_for_pipeline(pipe: Any, prompt: str | None, text_len: int, grid: tupl
         clip_len = int(getattr(pipe, "tokenizer_max_length", 77))
         t5_len = text_len - clip_len
         clip_words = word_positions(pipe.tokenizer, prompt, clip_len) if prompt is not None else {}
-        segments.append(TextSegment("clip", 0, clip_len, clip_words))
+        segments.append(TextSegment("clip", 0, clip_len, clip_words, prompt))
         t5_words: dict[str, tuple[int, ...]] = {}
         if prompt is not None and getattr(pipe, "text_encoder_3", None) is not None and t5_len > 0:
             t5_words = word_positions(pipe.tokenizer_3, t5_prompt, t5_len)
         if t5_len > 0:
-            segments.append(TextSegment("t5", clip_len, t5_len, t5_words))
+            segments.append(TextSegment("t5", clip_len, t5_len, t5_words, t5_prompt))
     else:
         t5_words = word_positions(pipe.tokenizer_2, t5_prompt, text_len) if prompt is not None else {}
-        segments.append(TextSegment("t5", 0, text_len, t5_words))
+        segments.append(TextSegment("t5", 0, text_len, t5_words, t5_prompt))
     return TokenLayout(family, text_len, grid, tuple(segments), prompt, reference_tokens)

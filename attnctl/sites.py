@@ -192,6 +192,10 @@ def select_sites(sites: Sequence[Site], selectors: str | Iterable[str]) -> list[
     """
     if isinstance(selectors, str):
         selectors = [selectors]
+    selectors = list(selectors)
+    if not selectors:
+        raise SiteError("the site selection is an empty list, which selects no site",
+                        fix="give 'all', a named set such as 'mid', or selectors such as ['L3', 'L5:8']")
     chosen: dict[int, Site] = {}
     for sel in selectors:
         if not isinstance(sel, str):

@@ -418,6 +418,51 @@ def test_bad_input_errors(flux_pipe, sd3_pipe):
         sd3_pipe("a red circle", **KW)
 
 
+def test_settings_that_would_do_nothing_are_refused(flux_pipe, sd3_pipe):
+    """A misspelt role matches no row, an empty site or head list selects nothing, words and tokens together leave
+    one ignored, a segment the model lacks finds no word: each is an error naming the way out, not a silent no-op."""
+    for make in (lambda: attnctl.AttentionProbe(words=["circle"], roles=["conditional"]),
+                 lambda: attnctl.AttentionRegulation(targets=["circle"], roles=["conditional"])):
+        with pytest.raises(ConfigError, match=r"unknown batch roles \['conditional'\].*uncond, cond, perturbed"):
+            make()
+    assert attnctl.AttentionProbe(roles=["perturbed[0]", "reference[1]"]).config.roles == ["perturbed[0]",
+                                                                                           "reference[1]"]
+    with pytest.raises(ConfigError, match="heads is an empty list"):
+        attnctl.AttentionProbe(heads=[])
+    with pytest.raises(ConfigError, match="words or tokens, not both"):
+        attnctl.AttentionProbe(words=["circle"], tokens=[7])
+    with pytest.raises(ConfigError, match="'clip' or 't5'"):
+        attnctl.AttentionRegulation(targets=["circle"], segments=["foo"])
+    for control in (attnctl.AttentionProbe(sites=[]), attnctl.IsolationAttention(subjects=["circle", "square"], sites=[])):
+        with pytest.raises(SiteError, match="empty list, which selects no site"):
+            attnctl.Controller(sd3_pipe, [control])
+    for control in (attnctl.AttentionProbe(words=["circle"], segments=["clip"]),
+                    attnctl.AttentionRegulation(targets=["circle"], segments=["clip"])):
+        with pytest.raises(LayoutError, match=r"segments \['clip'\] are not text segments of this flux model.*t5"), \
+                attnctl.attach(flux_pipe, [control]):
+            flux_pipe("a red circle", **KW)
+
+
+def test_word_lookup_errors_say_what_the_text_tokens_read(flux_pipe, sd3_pipe):
+    """FLUX's text tokens read prompt_2 when it is given: a word only in prompt is not "cut off"; the probe maps a
+    phrase as the other controls take one; isolation's error offers no option it does not have."""
+    probe = attnctl.AttentionProbe(words=["circle"])
+    with pytest.raises(LayoutError, match=r"not in the prompt 'a red circle' as the text tokens read it "
+                                          r"\(the t5 tokens read 'a blue square'\)") as e, \
+            attnctl.attach(flux_pipe, [probe]):
+        flux_pipe("a red circle", prompt_2="a blue square", **KW)
+    assert "cut off" not in str(e.value)
+    phrase, words = attnctl.AttentionProbe(words=["red circle"]), attnctl.AttentionProbe(words=["red", "circle"])
+    with attnctl.attach(sd3_pipe, [phrase, words]):
+        sd3_pipe("a red circle", **KW)
+    maps = words.word_maps()
+    assert torch.allclose(phrase.word_maps()["red circle"], maps["red"] + maps["circle"], atol=1e-6)
+    iso = attnctl.IsolationAttention(subjects=["circle", "square"])
+    with pytest.raises(LayoutError, match="'square' is not in the prompt") as e, attnctl.attach(sd3_pipe, [iso]):
+        sd3_pipe("a red circle", **KW)
+    assert "missing=" not in str(e.value)
+
+
 def test_controls_round_trip_json():
     probe = attnctl.AttentionProbe(words=["circle"], sites=["transformer_blocks.0"], weight="linear(1, 0)")
     again = attnctl.control_from_json(probe.to_json())

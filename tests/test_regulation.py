@@ -412,11 +412,16 @@ def test_several_prompts_in_one_call_each_regulate_their_own_words(sd3_pipe):
         with attnctl.attach(sd3_pipe, [AttentionRegulation(**cfg)]):
             alone = sd3_pipe(prompt, generator=gen(i), **kw).images
         assert abs(alone[0] - both[i]).max() < 1e-4
-    # several images per prompt: rows [p0, p0, p1, p1] of the conditional half, two per record
+    # several images per prompt: rows [p0, p0, p1, p1] of the conditional half, two per record; each image is the
+    # one its generator makes alone (W starts from the same draw in every row, not one draw per place in the batch)
     reg = AttentionRegulation(**cfg)
     with attnctl.attach(sd3_pipe, [reg]):
-        sd3_pipe(prompts, num_images_per_prompt=2, **kw)
+        four = sd3_pipe(prompts, num_images_per_prompt=2, generator=[gen(s) for s in range(4)], **kw).images
     assert all(len(r.best) == 2 for r in reg.records) and {r.prompt for r in reg.records} == set(prompts)
+    for i in range(4):
+        with attnctl.attach(sd3_pipe, [AttentionRegulation(**cfg)]):
+            alone = sd3_pipe(prompts[i // 2], generator=gen(i), **kw).images
+        assert abs(alone[0] - four[i]).max() < 1e-4
     # a word probe maps each prompt's own tokens of the word, in the rows of that prompt
     probe = attnctl.AttentionProbe(words=["circle", "square"])
     with attnctl.attach(sd3_pipe, [probe]):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -28,6 +28,21 @@ if TYPE_CHECKING:
 
 ROLES = ("uncond", "cond", "perturbed", "source", "target")
 """Batch roles a controller knows; references are ``reference[i]``."""
+
+SegmentList = list[Literal["clip", "t5"]] | None
+"""A control's ``segments``: the tokenizer segments of the text tokens to find words in (SD3: clip, t5; FLUX: t5)."""
+
+
+def check_roles(roles: list[str]) -> list[str]:
+    """A control's ``roles``: not empty, each a role the controller gives rows (:data:`ROLES`, ``reference``,
+    optionally indexed as ``perturbed[0]``) — a misspelt role would match no row and the control would do nothing."""
+    if not roles:
+        raise ValueError("roles is empty; the control acts on batch rows of these roles (default ['cond'])")
+    bad = [r for r in roles if not isinstance(r, str) or r.split("[")[0] not in (*ROLES, "reference")]
+    if bad:
+        raise ValueError(f"unknown batch roles {bad}; the roles are {', '.join(ROLES)} and reference "
+                         "(an index selects one branch or reference: 'perturbed[0]', 'reference[1]')")
+    return roles
 
 
 def _value(x: Any) -> float | None:
@@ -128,13 +143,16 @@ class RunState:
         return [(lay, self.index(rs, device), rs) for lay, rs in groups.values()]
 
 
-def word_columns(layout: TokenLayout | None, words: Sequence[str], segments: Sequence[str] | None, missing: str,
-                 who: str, noun: str = "word", field: str = "targets", verb: str = "act on") -> list[list[int]]:
+def word_columns(layout: TokenLayout | None, words: Sequence[str], segments: Sequence[str] | None,
+                 missing: str | None, who: str, noun: str = "word", field: str = "targets", verb: str = "act on"
+                 ) -> list[list[int]]:
     """Text-relative token positions of each word or phrase (a phrase: all its words' tokens) in ``layout``, in the
-    order given; ``[]`` for a word the prompt lacks when ``missing == "ignore"``.
+    order given; ``[]`` for a word the prompt lacks when ``missing == "ignore"`` (``None``: the control has no
+    ``missing`` option).
 
     ``who`` (the control's name), ``noun``, ``field`` and ``verb`` phrase the errors: no prompt to read the words
-    from, a word not in the prompt (naming the prompt's words and the ``missing='ignore'`` way out)."""
+    from, a segment the model does not have, a word not in the prompt (naming the prompt's words, and the
+    ``missing='ignore'`` way out where the control has it)."""
     if layout is None or not any(seg.words for seg in layout.segments):
         raise LayoutError(
             f"{who} needs the run's prompt to find its {noun}s, and this run has none (only prompt_embeds were "
@@ -142,6 +160,7 @@ def word_columns(layout: TokenLayout | None, words: Sequence[str], segments: Seq
             fix="pass the prompt text instead of prompt_embeds, through attnctl.attach(pipe, ...) or an attnctl "
                 "pipeline, or give Controller(..., layout=TokenLayout(...)) with word positions")
     segs = tuple(segments) if segments else None
+    check_segments(layout, segs, who)
     out: list[list[int]] = []
     for w in words:
         try:
@@ -155,11 +174,21 @@ def word_columns(layout: TokenLayout | None, words: Sequence[str], segments: Seq
             known = ", ".join(layout.words()[:20])
             where = f"the prompt {layout.prompt!r}" if layout.prompt is not None else "this run's prompt"
             seg_note = f" (segments {', '.join(segs)})" if segs else ""
+            ignore = f", or pass missing='ignore' to {verb} the ones that are present" if missing is not None else ""
             raise LayoutError(
                 f"{who}: the {noun} {w!r} is not in {where}{seg_note}",
-                fix=f"name only words of the prompt in {field} (this prompt has: {known}), or pass "
-                    f"missing='ignore' to {verb} the ones that are present") from None
+                fix=f"name only words of the prompt in {field} (this prompt has: {known}){ignore}") from None
     return out
+
+
+def check_segments(layout: TokenLayout, segments: Sequence[str] | None, who: str) -> None:
+    """Refuse tokenizer segments this model's text tokens do not have (FLUX has only ``t5``; SD3 ``clip``, ``t5``)."""
+    names = [s.name for s in layout.segments]
+    unknown = [s for s in segments or () if s not in names]
+    if unknown:
+        raise LayoutError(f"{who}: segments {unknown} are not text segments of this {layout.family} model, whose "
+                          f"text tokens are {', '.join(names)}",
+                          fix=f"give segments from {names}, or leave segments out to read words from all of them")
 
 
 class ControlConfig(BaseModel):

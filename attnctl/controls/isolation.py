@@ -34,7 +34,7 @@ from ..layout import image_grid
 from ..processors.contributions import DenseBias, ExtraKV, Probe, Selection
 from ..schedules import bounded
 from ..subject_masks import otsu_masks, relocation
-from .base import Control, ControlConfig, RunState, register, word_columns
+from .base import Control, ControlConfig, RunState, SegmentList, register, word_columns
 from .regulation import JOINT_KINDS
 
 _MAIN = object()
@@ -52,7 +52,7 @@ class IsolationConfig(ControlConfig):
                                                           "(references=True); 0: none")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, allow_inf_nan=False,
                            description="share of a target mask's queries kept off their reference at each step")
-    segments: list[str] | None = Field(None, description="tokenizer segments to take the words from (clip, t5)")
+    segments: SegmentList = Field(None, description="tokenizer segments to take the words from (clip, t5)")
     sites: str | list[str] = Field("late", description="site selector; 'late': the second half of the sites by "
                                                        "depth (IR-Diffusion: the decoder side)")
     seed: int = Field(0, description="seed of the dropout")
@@ -147,7 +147,7 @@ class IsolationAttention(Control):
         kept = self._columns.get(key)
         if kept is not None and kept[0] is layout:
             return kept[1]
-        cols = word_columns(layout, subjects, self.config.segments, "error", "IsolationAttention", noun="subject",
+        cols = word_columns(layout, subjects, self.config.segments, None, "IsolationAttention", noun="subject",
                             field="subjects", verb="isolate")
         self._columns[key] = (layout, cols)
         return cols

@@ -46,7 +46,7 @@ from ..errors import LayoutError, SiteError
 from ..layout import image_grid
 from ..processors.contributions import index_tensor
 from ..schedules import bounded
-from .base import Control, ControlConfig, RunState, register, word_columns
+from .base import Control, ControlConfig, RunState, SegmentList, register, word_columns
 from .regulation import JOINT_KINDS, mid_depth_sites
 
 CSG_SAMPLE = 0.8
@@ -68,7 +68,7 @@ class LayoutConfig(ControlConfig):
     boxes: dict[str, list[float]] = Field(
         ..., description="word (or phrase) -> [x0, y0, x1, y1], fractions of the image width and height from the "
                          "top left, e.g. {'circle': [0.05, 0.1, 0.45, 0.5]}")
-    segments: list[str] | None = Field(None, description="tokenizer segments to take the words from (clip, t5); "
+    segments: SegmentList = Field(None, description="tokenizer segments to take the words from (clip, t5); "
                                                          "None: every segment of the model")
     missing: Literal["error", "ignore"] = Field("error", description="a word absent from the prompt: raise, or "
                                                                      "guide the words that are present")

@@ -13,19 +13,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import ConfigError, LayoutError
 from ..layout import image_grid
 from ..processors.contributions import Probe, Selection
 from ..schedules import as_schedule
-from .base import Control, ControlConfig, RunState, register
+from .base import Control, ControlConfig, RunState, SegmentList, check_roles, check_segments, register
 
 
 class ProbeConfig(ControlConfig):
     words: list[str] | None = Field(None, description="words to map; None: every text token")
     tokens: list[int] | None = Field(None, description="text-relative token positions, instead of words")
-    segments: list[str] | None = Field(None, description="tokenizer segments to read words from (clip, t5)")
+    segments: SegmentList = Field(None, description="tokenizer segments to read words from (clip, t5)")
     sites: str | list[str] = "all"
     heads: list[int] | None = None
     roles: list[str] = ["cond"]
@@ -43,6 +43,24 @@ class ProbeConfig(ControlConfig):
         if v is not None and not v:
             raise ValueError("words is an empty list; give at least one word, or None for every text token")
         return v
+
+    @field_validator("heads", "tokens")
+    @classmethod
+    def _not_empty(cls, v: list[int] | None, info) -> list[int] | None:
+        if v is not None and not v:
+            raise ValueError(f"{info.field_name} is an empty list; give at least one, or None for all")
+        return v
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: list[str]) -> list[str]:
+        return check_roles(v)
+
+    @model_validator(mode="after")
+    def _one_kind_of_column(self) -> ProbeConfig:
+        if self.words is not None and self.tokens is not None:
+            raise ValueError("give words or tokens, not both (the probe maps one kind of column)")
+        return self
 
 
 @register
@@ -77,11 +95,13 @@ class AttentionProbe(Control):
             )
 
     def _word_columns(self, layout) -> tuple[list[int], list[str]]:
-        """Text positions of the words in one prompt's layout, and the word of each."""
+        """Text positions of the words in one prompt's layout, and the word of each (a phrase such as ``"red circle"``:
+        all its words' tokens, mapped together as one)."""
         segs = tuple(self.config.segments) if self.config.segments else None
+        check_segments(layout, segs, "AttentionProbe")
         pos, cols = [], []
         for w in self.config.words:
-            p = layout.word_tokens(w, segs)
+            p = sorted({t for part in w.split() for t in layout.word_tokens(part, segs)})
             pos.extend(p)
             cols.extend([w] * len(p))
         return pos, cols

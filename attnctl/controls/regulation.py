@@ -42,7 +42,7 @@ from ..processors.attend import fused_attention_with_lse
 from ..processors.contributions import KeyBias, Selection
 from ..schedules import bounded
 from ..sites import Site
-from .base import Control, ControlConfig, RunState, register, word_columns
+from .base import Control, ControlConfig, RunState, SegmentList, check_roles, register, word_columns
 
 JOINT_KINDS = ("sd3_joint", "flux_double", "flux_single")
 """Site kinds whose attention mixes image and text tokens (SD3.5 ``attn2`` is image-only)."""
@@ -59,7 +59,7 @@ _TINY = 1e-30
 class RegulationConfig(ControlConfig):
     targets: list[str] = Field(..., description="words whose attention is regulated, e.g. ['circle', 'square']; a "
                                                 "phrase ('blue square') is one target over all its words' tokens")
-    segments: list[str] | None = Field(None, description="tokenizer segments to take the words from (clip, t5); "
+    segments: SegmentList = Field(None, description="tokenizer segments to take the words from (clip, t5); "
                                                          "None: every segment of the model")
     missing: Literal["error", "ignore"] = Field("error", description="a target absent from the prompt: raise, "
                                                                      "or regulate the words that are present")
@@ -175,10 +175,13 @@ class RegulationConfig(ControlConfig):
             raise ValueError("special_tokens are text-relative positions (>= 0)")
         return v
 
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: list[str]) -> list[str]:
+        return check_roles(v)
+
     @model_validator(mode="after")
-    def _roles(self) -> RegulationConfig:
-        if not self.roles:
-            raise ValueError("roles is empty; the control acts on batch rows of these roles (default ['cond'])")
+    def _scope(self) -> RegulationConfig:
         if self.bias_scope == "text" and self.normalize != "text":
             raise ValueError("bias_scope='text' keeps each row's text attention, so its maps are shares of the text "
                              "attention: use normalize='text' with it, or bias_scope='joint'")
@@ -570,8 +573,8 @@ class AttentionRegulation(Control):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + call.site.index * 1009 + state.step)
         shape = (nb, hb, n_words, basis.shape[0])
         w = self._applied_w.earlier(memory, state.step) if cfg.init == "previous" else None
-        if w is None or w.shape != shape:
-            w = torch.rand(shape, generator=gen).to(dev)
+        if w is None or w.shape != shape:  # one draw for every row: a row's image does not depend on its place
+            w = torch.rand((1, *shape[1:]), generator=gen).to(dev).expand(shape).contiguous()
         lean = _WordMajor.of(terms)
         ws, losses, map_parts = descend(lean, w, basis, cfg)
         if cfg.keep_best:  # the first iterate of least loss per batch row (a NaN loss is never best)

@@ -303,7 +303,7 @@ class UnifyEdit(Control):
                     fix=f"name the words in {field}")
         noun = "edit word" if which == "edit" else "mask word"
         field = "edit_words" if which == "edit" else "mask_words"
-        cols = word_columns(layout, words, None, "error", "UnifyEdit", noun=noun, field=field, verb="use")
+        cols = word_columns(layout, words, None, None, "UnifyEdit", noun=noun, field=field, verb="use")
         self._columns[key] = (layout, cols)
         return cols
 
