@@ -433,7 +433,8 @@ def test_settings_that_would_do_nothing_are_refused(flux_pipe, sd3_pipe):
         attnctl.AttentionProbe(words=["circle"], tokens=[7])
     with pytest.raises(ConfigError, match="'clip' or 't5'"):
         attnctl.AttentionRegulation(targets=["circle"], segments=["foo"])
-    for control in (attnctl.AttentionProbe(sites=[]), attnctl.IsolationAttention(subjects=["circle", "square"], sites=[])):
+    for control in (attnctl.AttentionProbe(sites=[]),
+                    attnctl.IsolationAttention(subjects=["circle", "square"], sites=[])):
         with pytest.raises(SiteError, match="empty list, which selects no site"):
             attnctl.Controller(sd3_pipe, [control])
     for control in (attnctl.AttentionProbe(words=["circle"], segments=["clip"]),
@@ -471,6 +472,24 @@ def test_controls_round_trip_json():
         attnctl.control_from_json({"kind": "nope"})
     with pytest.raises(ConfigError, match="probe"):
         attnctl.control_from_json({"kind": "probe", "bogus": 1})
+
+
+# the fewest settings each control kind takes, as a user writes them
+MINIMAL = {"epipolar": {"rig": {"kind": "stereo"}}, "isolation": {"subjects": ["circle", "square"]},
+           "layout": {"boxes": {"circle": [0, 0, 0.5, 0.5]}}, "probe": {}, "regulation": {"targets": ["circle"]},
+           "softpag": {"heads": ["L1H0"]}, "unify_edit": {}, "value_sharing": {}}
+
+
+@pytest.mark.parametrize("kind", sorted(MINIMAL))
+def test_every_control_loads_back_what_it_saves(kind):
+    """to_json writes every field; control_from_json must take that back as it is (a PNG's metadata, a batch file's
+    controls and --from all go through it), also for fields whose checks look at what was set."""
+    from attnctl.controls.base import CONTROL_TYPES
+
+    assert set(MINIMAL) == set(CONTROL_TYPES)  # a new kind gets its line here
+    control = attnctl.control_from_json({"kind": kind, **MINIMAL[kind]})
+    again = attnctl.control_from_json(control.to_json())
+    assert type(again) is type(control) and again.to_json() == control.to_json()
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

@@ -32,7 +32,7 @@ from pydantic import Field, field_validator, model_validator
 from ..errors import ConfigError, SiteError
 from ..layout import image_grid
 from ..processors.contributions import DenseBias, ExtraKV, Probe, Selection
-from ..schedules import bounded
+from ..schedules import as_schedule, bounded
 from ..subject_masks import otsu_masks, relocation
 from .base import Control, ControlConfig, RunState, SegmentList, register, word_columns
 from .regulation import JOINT_KINDS
@@ -73,7 +73,9 @@ class IsolationConfig(ControlConfig):
         if len(self.subjects) < 2 and not self.references:
             raise ValueError(f"one subject ({self.subjects[0]!r}) has no other subject to be isolated from; name two "
                              "or more, or give references=True to reposition it after its reference")
-        if "reposition" in self.model_fields_set and not self.references and str(self.reposition) != "0":
+        # (the default, as to_json writes it, is not "set": a saved control loads back)
+        default = str(as_schedule(type(self).model_fields["reposition"].default, lo=0.0))
+        if "reposition" in self.model_fields_set and not self.references and str(self.reposition) not in ("0", default):
             raise ValueError("reposition is set but references=False, so there is nothing to reposition from; give "
                              "references=True with the prompts [reference_1 … reference_n, target]")
         return self
