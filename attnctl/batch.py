@@ -246,9 +246,9 @@ class Settings(_Strict):
         | None = None
     steps: Steps | None = None
     guidance: Guidance | None = None
-    true_cfg: Annotated[float, Field(ge=0, allow_inf_nan=False,
-                                     description="FLUX only: true CFG scale (> 1 enables it, with a "
-                                                 "negative_prompt).")] | None = None
+    true_cfg: Annotated[float, Field(gt=1, allow_inf_nan=False,
+                                     description="FLUX only: true CFG scale (> 1), against negative_prompt (default: "
+                                                 "the empty prompt).")] | None = None
     max_sequence_length: TextLength | None = None
     controls: Annotated[list[ControlSpec], Field(description="Controls of the run, replacing the defaults' "
                                                              "controls (an empty list: none).")] | None = None
@@ -469,7 +469,9 @@ class Job:
     image: Path | None = None
     """An edit's input image, resolved against the batch file's folder."""
     extra_files: tuple[str, ...] = ()
-    """Other files the job writes with ``file`` (a reposition run's reference images)."""
+    """Other files the job writes with ``file`` (a reposition run's reference images, a probe's maps)."""
+    map_files: tuple[str, ...] = ()
+    """The attention maps among ``extra_files`` (:mod:`attnctl.attention_files`)."""
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -690,8 +692,10 @@ class _FieldProblem(Exception):
 def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defaults) -> list[Job]:
     """One job per seed of a generate item (its controls built, a box control with the item's boxes; a reposition
     run's reference prompts checked against its isolation control)."""
+    from .attention_files import check_probes, map_names
     from .cli import image_file, reference_file, reposition_prompts
     from .controls import control_from_json
+    from .layout import _WORD
     from .views import images_per_prompt
 
     merged = _merge(defaults, item)
@@ -699,9 +703,18 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
     merged.pop("seed")
     try:
         controls = [control_from_json(with_item_boxes(c, merged["boxes"])) for c in (merged["controls"] or [])]
+        check_probes(controls)
     except AttnCtlError as e:
         raise _FieldProblem("controls", e) from None
     merged["controls"] = [c.to_json() for c in controls]
+    present = set(_WORD.findall(merged["prompt"].lower()))  # the words as a run's layout reads them
+    for i, control in enumerate(controls):  # a named word the prompt lacks would fail every image of the item
+        absent = [w for w in control.prompt_words() if not set(_WORD.findall(w.lower())) <= present]
+        if absent:
+            raise _FieldProblem(f"controls[{i}]", ConfigError(
+                f"{control.kind} names {', '.join(map(repr, absent))}, which the prompt {merged['prompt']!r} does "
+                "not contain", fix="name words of the item's prompt (or give missing: \"ignore\" where the control "
+                                    "takes it)"))
     references = merged.get("reference_prompts")
     try:
         reposition_prompts(merged["prompt"], references, controls)
@@ -725,8 +738,9 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
             extra = tuple(extra)
         else:
             extra = tuple(reference_file(Path(name), k).name for k in range(1, len(references or []) + 1))
+        maps = tuple(map_names(controls, [*extra, name]))
         jobs.append(Job(index=index, id=item_id, seed=seed, file=name, settings={**merged, "seed": seed}, hash="",
-                        extra_files=extra))
+                        extra_files=(*extra, *maps), map_files=maps))
     return jobs
 
 
@@ -925,9 +939,14 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
                      description=top.description if top is not None else None)
 
 
+FIELD_NAMES = ("field 'negative_prompt'", "field 'guidance'", "field 'true_cfg'")
+"""How :func:`attnctl.cli.check_negative` names these settings in a batch file."""
+
+
 def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
     """What only the model shows wrong in the plan's items, one line each, in file order: a control for another
-    model family or with sites or heads the model lacks, ``true_cfg`` on SD3, words a toy model does not know.
+    model family or with sites or heads the model lacks, guidance settings the model would ignore (``true_cfg`` on
+    SD3, a negative prompt without CFG), words a toy model does not know.
 
     ``pipe`` is the loaded pipeline or its :func:`~attnctl.skeleton.pipeline_skeleton` (no weights needed). The
     controls are bound as a run binds them and nothing is installed, so a batch fails here, before its first
@@ -954,9 +973,8 @@ def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
                 if s.get("value_sharing") is not None:
                     controls.append(ValueSharing.from_json(s["value_sharing"]))
             else:
-                if s.get("true_cfg") is not None and family != "flux":
-                    raise AttnCtlError(f"field 'true_cfg' is for FLUX models, and {plan.model} is {family}",
-                                       "use guidance for SD3 / SD3.5 models")
+                cli.check_negative(family, s.get("negative_prompt"), s.get("guidance"), s.get("true_cfg"),
+                                   FIELD_NAMES)
                 references = s.get("reference_prompts")
                 cli.check_vocabulary(pipe, [s["prompt"], s.get("negative_prompt") or "", *(references or [])],
                                      plan.model)
@@ -1333,7 +1351,7 @@ class _Generator:
         rf = RFInversion.from_json(s["rf_inversion"]) if s.get("rf_inversion") is not None else None
         share = ValueSharing.from_json(s["value_sharing"]) if s.get("value_sharing") is not None else None
         key = _inversion_key(job)  # the same key share_out groups the edits by
-        with use_solver(self.pipe, s.get("solver", "euler")):  # for this edit only
+        with use_solver(self.pipe, s.get("solver", "euler")), cli.pipeline_refusals("the edit", cli.EDIT_SIZE_FIX):
             result = edit(self.pipe, read_image(io.BytesIO(data)), s["source_prompt"], s["prompt"], steps,
                           control=control, guidance_scale=guidance, max_sequence_length=length,
                           path=self._inverted.get(key), rf=rf, share=share)
@@ -1349,12 +1367,12 @@ class _Generator:
         import diffusers
 
         from . import __version__
+        from .attention_files import map_images
         from .controls import control_from_json
 
         cli, s = self.cli, job.settings
         prompt, negative = s["prompt"], s.get("negative_prompt")
-        if s.get("true_cfg") is not None and self.family != "flux":
-            raise AttnCtlError("true_cfg is for FLUX models", "use guidance for SD3 / SD3.5 models")
+        cli.check_negative(self.family, negative, s.get("guidance"), s.get("true_cfg"), FIELD_NAMES)
         references = s.get("reference_prompts")
         cli.check_vocabulary(self.pipe, [prompt, negative or "", *(references or [])], self.model)
         d = self.defaults
@@ -1397,11 +1415,16 @@ class _Generator:
         }
         if references:
             meta["reference_prompts"] = list(references)
+        names = [f for f in job.files if f not in job.map_files]  # the images, job.file last
         if views > 1:
             metas = [{**meta, "images": views, "image_index": i} for i in range(views)]
         else:
-            metas = [{**meta, "reference_index": k} for k in range(1, len(job.extra_files) + 1)] + [meta]
-        return list(zip(job.files, images, metas, strict=True))
+            metas = [{**meta, "reference_index": k} for k in range(1, len(names))] + [meta]
+        made = list(zip(names, images, metas, strict=True))
+        outputs = [(Path(n), m) for n, _, m in made]
+        maps = [(name, heat, cli.attention_map_meta(name, outputs))
+                for name, heat in map_images(controls, names, images)]
+        return [*made[:-1], *maps, made[-1]]  # job.file is written last
 
 
 def run_batch(plan: BatchPlan, out: str | Path, *, device: str = "auto", attention_backend: str | None = None,

@@ -9,17 +9,19 @@ problem and the way out, and exit code 2; ``attnctl --debug ...`` shows the trac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import inspect as pyinspect
 import json
 import logging
+import math
 import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .attention_files import check_probes, map_images
 from .errors import AttnCtlError
 from .toyworld import TOY_MODEL_NAMES
 from .views import images_per_prompt
@@ -73,8 +76,13 @@ def _note(message: str) -> None:
 
 
 def _machine_failure(exc: BaseException) -> AttnCtlError | None:
-    """A failure of the machine rather than of the input, as a clear error: so far, a torch.compile backend that
-    cannot compile here (``None`` for anything else, and without importing torch)."""
+    """A failure of the machine rather than of the input, as a clear error: a file or folder the command cannot
+    read or write, a torch.compile backend that cannot compile here (``None`` for anything else, and without
+    importing torch)."""
+    if isinstance(exc, OSError) and getattr(exc, "filename", None) is not None and exc.strerror:
+        return AttnCtlError(f"{exc.strerror}: {str(exc.filename)!r}",
+                            "check the path: its folder must exist (or be creatable) and be writable, and a path "
+                            "meant as a folder must not be a file")
     if "torch._dynamo" not in sys.modules:
         return None
     from .compiling import backend_failure
@@ -448,6 +456,56 @@ def _model_record(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+def check_scales(guidance: float | None, true_cfg: float | None = None) -> None:
+    """``--guidance`` a finite scale of 0 or more, ``--true-cfg`` a finite one above 1 (where true CFG acts): the
+    rules batch files follow."""
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise AttnCtlError(f"--guidance {guidance} is not a guidance scale",
+                           "give a finite number of 0 or more (1 or less: no CFG on SD3)")
+    if true_cfg is not None and not (math.isfinite(true_cfg) and true_cfg > 1):
+        raise AttnCtlError(f"--true-cfg {true_cfg} does not turn true CFG on (it acts above 1)",
+                           "give a finite scale above 1, such as 4, or leave --true-cfg out")
+
+
+def check_negative(family: str, negative_prompt: str | None, guidance: float | None, true_cfg: float | None,
+                   names: tuple[str, str, str] = ("--negative-prompt", "--guidance", "--true-cfg")) -> None:
+    """Refuse guidance settings a run would silently ignore: ``true_cfg`` on SD3, a FLUX negative prompt without
+    true CFG, an SD3 negative prompt with CFG off (``guidance`` ≤ 1; ``None``: the model's default). ``names``:
+    what the user calls the negative prompt, guidance and true CFG (options or batch fields)."""
+    neg, g, t = names
+    if true_cfg is not None and family != "flux":
+        raise AttnCtlError(f"{t} is for FLUX models", f"use {g} for SD3 / SD3.5 models")
+    if true_cfg is not None and not true_cfg > 1:
+        raise AttnCtlError(f"{t} {true_cfg} does not turn true CFG on (it acts above 1)",
+                           f"give {t} > 1, such as 4, or leave it out")
+    if negative_prompt and family == "flux" and true_cfg is None:
+        raise AttnCtlError(f"{neg} on a FLUX model acts only through true CFG, which is off",
+                           f"add {t} 4 (any scale > 1), or leave {neg} out")
+    if negative_prompt and family != "flux" and guidance is not None and guidance <= 1:
+        raise AttnCtlError(f"{neg} acts through CFG, which {g} {guidance} turns off (it acts above 1)",
+                           f"give {g} > 1, or leave {neg} out")
+
+
+_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "prompt": (str,), "negative_prompt": (str, type(None)), "model": (str,), "dtype": (str, type(None)),
+    "seed": (int,), "steps": (int,), "height": (int,), "width": (int,), "max_sequence_length": (int,),
+    "images": (int, type(None)), "guidance": (int, float), "true_cfg": (int, float, type(None)),
+    "controls": (list, type(None)), "reference_prompts": (list, type(None)),
+}
+
+
+def _checked_settings(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A PNG's recorded settings, each of the type ``generate`` reads it as (a hand-edited file may say otherwise)."""
+    for key, types in _SETTING_TYPES.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, types) or isinstance(value, bool)):
+            raise AttnCtlError(f"{str(path)!r} records {key} = {json.dumps(value)[:60]}, which is not "
+                               f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}",
+                               f"fix {key} in the PNG's attnctl metadata, or give every setting as options, without "
+                               "--from")
+    return meta
+
+
 # ---------------------------------------------------------------------------------------------- generate
 
 
@@ -457,11 +515,14 @@ def generate(
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="The prompt (required unless --from)."),
     model: str | None = typer.Option(
         None, "--model", "-m", help=f"{_TOYS}, a pipeline folder or a hub id (default: {DEFAULT_MODEL})"),
-    seed: int | None = typer.Option(None, "--seed", "-s", help="Seed of the initial noise (default: 0)."),
+    seed: int | None = typer.Option(None, "--seed", "-s", min=0, max=2**63 - 1,
+                                    help="Seed of the initial noise (default: 0)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
-    guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale (default: the model's)."),
+    guidance: float | None = typer.Option(None, "--guidance", "-g",
+                                          help="Guidance scale (default: the model's)."),
     true_cfg: float | None = typer.Option(None, "--true-cfg",
-                                          help="FLUX only: true classifier-free guidance scale (> 1 enables it)."),
+                                          help="FLUX only: true classifier-free guidance scale (> 1), against "
+                                               "--negative-prompt (default: the empty prompt)."),
     height: int | None = typer.Option(None, "--height", min=8, help="Image height in pixels."),
     width: int | None = typer.Option(None, "--width", min=8, help="Image width in pixels."),
     negative_prompt: str | None = typer.Option(None, "--negative-prompt", "-n", help="Negative prompt."),
@@ -490,11 +551,13 @@ def generate(
     """Generate one image and write it as a PNG that records how it was made."""
     import torch
 
+    check_scales(guidance, true_cfg)
+
     meta_in: dict[str, Any] = {}
     if from_ is not None:
         from .imageio import read_metadata
 
-        meta_in = read_metadata(from_)
+        meta_in = _checked_settings(read_metadata(from_), from_)
         if "edited_from" in meta_in:
             raise AttnCtlError(f"{str(from_)!r} is an edit of {meta_in['edited_from']!r}, not a generated image",
                                "edit it again with attnctl edit IMAGE --source ... --target ... (its source_prompt "
@@ -509,6 +572,12 @@ def generate(
     # Controls given on the command line replace the ones recorded in --from.
     specs = [read_json_arg(c, "--control") for c in control] if control else [meta_in.get("controls") or []]
     controls = build_controls(specs, what="--control")
+    check_probes(controls)
+    for c in controls:
+        if c.kind in ("unify_edit", "value_sharing"):
+            raise AttnCtlError(f"--control {c.kind!r} edits an existing image; generate makes new ones",
+                               "use attnctl edit IMAGE --source '...' --target '...' (UnifyEdit's settings as its "
+                               "--control, value sharing as --share)")
     references = list(reference_prompt) if reference_prompt else meta_in.get("reference_prompts")
     call_prompt = reposition_prompts(prompt, references, controls, "--reference-prompt")
     if images is None and not control:  # the recorded count goes with the recorded controls
@@ -530,8 +599,7 @@ def generate(
     family = family_of(pipe.transformer)
     if true_cfg is None:
         true_cfg = meta_in.get("true_cfg")
-    if true_cfg is not None and family != "flux":
-        raise AttnCtlError("--true-cfg is for FLUX models", "use --guidance for SD3 / SD3.5 models")
+    check_negative(family, negative_prompt, guidance if guidance is not None else meta_in.get("guidance"), true_cfg)
     check_vocabulary(pipe, [prompt, negative_prompt or "", *(references or [])], model)
     backend = None
     if attention_backend is not None:
@@ -598,6 +666,9 @@ def generate(
         path = save_png(target, image, image_meta)
         out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, seed {seed}, {settings['steps']} steps, "
                           f"{image.size[0]}x{image.size[1]}, {seconds:.1f} s)", highlight=False)
+    for name, heat in map_images(controls, [target.name for target, _ in outputs], made):
+        path = save_png(out.parent / name, heat, attention_map_meta(name, outputs))
+        out_console.print(f"wrote {escape(str(path))}  (attention map)", highlight=False)
     for line in (c.summary() for c in controls):
         if line:
             err_console.print(escape(line), highlight=False)
@@ -612,7 +683,8 @@ def edit(
     model: str | None = typer.Option(
         None, "--model", "-m", help=f"{_TOYS}, a pipeline folder or a hub id (default: {DEFAULT_MODEL})"),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
-    guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale (default: the model's)."),
+    guidance: float | None = typer.Option(None, "--guidance", "-g",
+                                          help="Guidance scale (default: the model's)."),
     control: str | None = typer.Option(
         None, "--control", "-c", help='UnifyEdit settings as JSON or @file.json, e.g. \'{"scale": 0.3}\'.'),
     solver: str = typer.Option(
@@ -636,6 +708,7 @@ def edit(
     compile_backend: str | None = typer.Option(None, "--compile", help=COMPILE_HELP),
 ) -> None:
     """Edit a real image by a change of its caption (UnifyEdit: inversion, then a steered target branch)."""
+    check_scales(guidance)
     from .editing import edit as edit_image
     from .imageio import read_image, save_png
 
@@ -678,7 +751,7 @@ def edit(
     n = int(steps if steps is not None else defaults["steps"])
     g = float(guidance if guidance is not None else defaults["guidance"])
     start = time.perf_counter()
-    with use_solver(pipe, solver):
+    with use_solver(pipe, solver), pipeline_refusals("the edit", EDIT_SIZE_FIX):
         result = edit_image(pipe, arr, source, target, n, control=ctl, guidance_scale=g,
                             max_sequence_length=defaults["max_sequence_length"], rf=rf_config, share=share_config)
         seconds = time.perf_counter() - start
@@ -690,6 +763,9 @@ def edit(
     for line in (c.summary() for c in (ctl, share_config) if c is not None):
         if line:
             err_console.print(escape(line), highlight=False)
+
+
+EDIT_SIZE_FIX = "check the image's size: the model generates at sizes it supports (toy-sd3 up to 32×32), so resize it"
 
 
 def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, steps: int, guidance: float,
@@ -770,20 +846,35 @@ def call_kwargs(settings: dict[str, Any], prompt: str | list[str], seed: int, ne
     }
     if negative_prompt:
         kwargs["negative_prompt"] = negative_prompt
-    if true_cfg is not None:
+    if true_cfg is not None:  # diffusers runs true CFG only against a negative prompt: the empty one by default
         kwargs["true_cfg_scale"] = float(true_cfg)
+        kwargs.setdefault("negative_prompt", "")
     return kwargs
+
+
+def attention_map_meta(name: str, outputs: Sequence[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+    """What an attention-map PNG records: the image it maps, and that image's settings (its probe among them)."""
+    image = next(target for target, _ in outputs if name.startswith(target.stem + ".attention-"))
+    meta = next(m for target, m in outputs if target == image)
+    return {"attention_map_of": image.name, **{k: v for k, v in meta.items() if k != "batch"}}
 
 
 def run_pipeline(pipe, kwargs: dict[str, Any], controls: Sequence[Any]) -> list:
     """Call the pipeline; its refusals of bad arguments (ValueError) become clear attnctl errors."""
-    try:
+    with pipeline_refusals("the call", "check the size, steps, guidance and prompt options"):
         return list(pipe(**kwargs, controls=list(controls) or None).images)
+
+
+@contextlib.contextmanager
+def pipeline_refusals(what: str, fix: str) -> Iterator[None]:
+    """diffusers refuses bad arguments (a size past the model's position table, say) with a ``ValueError`` from deep
+    inside: in this block, that becomes an :class:`AttnCtlError` naming ``what`` was refused and the ``fix``."""
+    try:
+        yield
     except AttnCtlError:
         raise
     except ValueError as e:
-        raise AttnCtlError(f"the pipeline refused the call: {_one_line(e)[:400]}",
-                           "check the size, steps, guidance and prompt options") from e
+        raise AttnCtlError(f"the pipeline refused {what}: {_one_line(e)[:400]}", fix) from e
 
 
 # ---------------------------------------------------------------------------------------------- batch
@@ -846,7 +937,8 @@ def headhunt(
     finalist_seeds: int = typer.Option(0, "--finalist-seeds", min=0, help="The finalists' extra seeds: "
                                                                           "N more after the search seeds."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
-    guidance: float | None = typer.Option(None, "--guidance", "-g", help="CFG scale (default: the model's)."),
+    guidance: float | None = typer.Option(None, "--guidance", "-g",
+                                          help="CFG scale (default: the model's)."),
     height: int | None = typer.Option(None, "--height", min=16, help="Image height (default: the model's)."),
     width: int | None = typer.Option(None, "--width", min=16, help="Image width (default: the model's)."),
     batch_images: int = typer.Option(32, "--batch-images", min=1, help="Images per pipeline call."),
@@ -857,6 +949,7 @@ def headhunt(
     attention_backend: str | None = typer.Option(None, "--attention-backend", help="diffusers attention backend."),
 ) -> None:
     """HeadHunter: greedily search the heads whose SoftPAG guidance raises an objective; writes a preset."""
+    check_scales(guidance)
     from . import headhunt as hh
 
     raise typer.Exit(hh.main(model=model, out=out, prompts=prompts, limit=limit, seeds=seeds, candidates=candidates,
@@ -981,7 +1074,8 @@ def eval_(
                                                         "images share their initial noise (as headhunt and the "
                                                         "benches)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
-    guidance: float | None = typer.Option(None, "--guidance", "-g", help="Guidance scale (default: the model's)."),
+    guidance: float | None = typer.Option(None, "--guidance", "-g",
+                                          help="Guidance scale (default: the model's)."),
     words_from: str | None = typer.Option(
         None, "--words-from", help="Fill the control's words (regulation targets, probe words) from each item's "
                                    "objects: shapes, colours, both or phrases."),
@@ -997,6 +1091,7 @@ def eval_(
     compile_backend: str | None = typer.Option(None, "--compile", help=COMPILE_HELP),
 ) -> None:
     """Generate every prompt item with seeds 0..N-1 and score the images with the shapes-world evaluator."""
+    check_scales(guidance)
     import numpy as np
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -1017,6 +1112,13 @@ def eval_(
         if not isinstance(settings_json, dict):
             raise AttnCtlError("--config must be a JSON object", 'e.g. --config \'{"words": ["circle"]}\'')
         if words_from is None and boxes_from is None:
+            from .controls.base import config_fields
+
+            for field, flag in (("targets", "--words-from"), ("boxes", "--boxes-from")):
+                if field in config_fields(method) and field not in settings_json:  # a field eval fills per item
+                    raise AttnCtlError(f"--method {method} needs its {field}, and every prompt item has its own",
+                                       f"pass {flag} (e.g. {flag} phrases) to take them from each item, or give "
+                                       f"them in --config")
             controls = build_controls([{**settings_json, "kind": method}], what=f"--method {method}")
     if words_from is not None and boxes_from is not None:
         raise AttnCtlError("--words-from and --boxes-from both fill the control's words", "pass one of them")

@@ -224,6 +224,12 @@ def load_state(path: Path, settings: HeadHuntSettings) -> HeadHuntState:
         changed = [k for k in new if old.get(k) != new[k]]
         raise AttnCtlError(f"{path} was written by a search with other settings (changed: {', '.join(changed)})",
                            "re-run with the same settings to resume, or use a new --out folder")
+    complete = [r for r in rounds if r.chosen]  # a round that chose nothing ended the search; it adds no heads
+    if len(complete) > settings.rounds:
+        raise AttnCtlError(f"{path} holds a search of {len(complete)} rounds, more than the {settings.rounds} asked "
+                           f"for; its heads are those {len(complete)} rounds' (a search is extended, never cut back)",
+                           f"re-run with --rounds {len(complete)} (or more) to use it, or use a new --out folder for a "
+                           f"{settings.rounds}-round search")
     state = HeadHuntState(settings, rounds, list(data.get("selected", [])), bool(data.get("finished")),
                           data.get("stop_reason"))
     return state

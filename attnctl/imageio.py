@@ -125,6 +125,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def read_image(path: str | Path | BinaryIO) -> np.ndarray:
-    """The pixels of an image file (a path, or an open binary file) as an H×W×3 uint8 array."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+    """The pixels of an image file (a path, or an open binary file) as an H×W×3 uint8 array; a file that is no
+    image PIL can read (or a truncated one) is an :class:`AttnCtlError`."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL reports a bad file in these ways
+        if isinstance(e, OSError) and not isinstance(e, UnidentifiedImageError) and e.filename is not None:
+            raise  # the file itself cannot be opened: the caller's (or the CLI's) error for a path
+        name = str(path) if isinstance(path, (str, Path)) else "the image"
+        raise AttnCtlError(f"{name!r} is not an image file PIL can read ({' '.join(str(e).split())})",
+                           "pass a PNG, JPEG or another image file that opens in an image viewer") from None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from attnctl.batch import (
@@ -387,6 +388,37 @@ def test_two_processes_make_the_same_files_as_one_none_twice(model_dir, tmp_path
     # the merged manifest of a 2-process run resumes like any other: everything done but the failed image
     result = run("batch", batch, "--out", two, "--model", model_dir)
     assert result.exit_code == 1 and "6 already, 0 new" in result.output, result.output
+
+
+def test_a_probe_item_writes_its_maps_and_a_lost_map_is_redone(model_dir, tmp_path):
+    """A probe in a batch item leaves its maps: one heatmap per word and image, beside the image, the map of that
+    image's run coloured over it; the maps are files of the job, so a deleted one makes the image again."""
+    import attnctl
+    from attnctl.cli import load_pipeline
+    from attnctl.ui.heatmap import normalize, overlay
+
+    batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2}, "items": [
+        {"id": "p", "prompt": "a red circle and a blue square", "seeds": [0, 1],
+         "controls": [{"kind": "probe", "words": ["circle", "blue square"]}]}]})
+    out = tmp_path / "out"
+    assert run("batch", batch, "--out", out, "--model", model_dir).exit_code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "p_s0.attention-blue-square.png", "p_s0.attention-circle.png", "p_s0.png",
+        "p_s1.attention-blue-square.png", "p_s1.attention-circle.png", "p_s1.png"]
+    pipe = load_pipeline(str(model_dir))
+    probe = attnctl.AttentionProbe(words=["circle", "blue square"])
+    image = pipe("a red circle and a blue square", num_inference_steps=2, generator=torch.Generator().manual_seed(1),
+                 controls=[probe]).images[0]
+    assert np.array_equal(np.asarray(image), read_image(out / "p_s1.png"))
+    expected = overlay(image, normalize(probe.word_maps()["blue square"][0].numpy()))
+    assert np.array_equal(np.asarray(expected), read_image(out / "p_s1.attention-blue-square.png"))
+    assert read_metadata(out / "p_s1.attention-circle.png")["attention_map_of"] == "p_s1.png"
+
+    (out / "p_s1.attention-circle.png").unlink()
+    mtime = (out / "p_s0.png").stat().st_mtime_ns
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0 and "1 already, 1 new" in result.output
+    assert (out / "p_s1.attention-circle.png").is_file() and (out / "p_s0.png").stat().st_mtime_ns == mtime
 
 
 def test_a_layout_control_takes_each_items_boxes():

@@ -53,7 +53,12 @@ def test_generate_writes_png_with_metadata_and_from_regenerates_identical_pixels
                  "--steps", "2", "--guidance", "4.5", "--control", probe, "--out", first)
     ok(result)
     assert str(first) in result.stdout
-    assert sorted(p.name for p in first.parent.iterdir()) == ["a.png"]  # no temp file left behind
+    # the probe's map is written beside the image (no temp file left behind), coloured over it as the UI shows it
+    assert sorted(p.name for p in first.parent.iterdir()) == ["a.attention-circle.png", "a.png"]
+    assert "attention probe of 'circle': maps over 2 attention calls at 2 steps" in result.stderr
+    heat = read_image(first.parent / "a.attention-circle.png")
+    assert heat.shape[0] == heat.shape[1] >= 32 * 8 and heat.std() > 0
+    assert read_metadata(first.parent / "a.attention-circle.png")["attention_map_of"] == "a.png"
 
     meta = read_metadata(first)
     assert meta["format"] == "attnctl.image/1"
@@ -411,6 +416,20 @@ def _bad_input_cases(sd3: str, tmp: str) -> list[tuple[list[str], str]]:
          "takes no boxes"),
         (["eval", "--model", sd3, "--prompts", "pair", "--boxes-from", "colours"], "--boxes-from needs --method"),
         (["inspect", "--config", "sd4-huge"], "unknown transformer config 'sd4-huge'"),
+        ([*gen, "--guidance", "nan"], "--guidance nan is not a guidance scale"),
+        ([*gen, "--guidance", "-5"], "--guidance -5.0 is not a guidance scale"),
+        ([*gen, "--true-cfg", "1"], "does not turn true CFG on"),
+        ([*gen, "--true-cfg", "4"], "--true-cfg is for FLUX models"),
+        ([*gen, "--negative-prompt", "a blue square", "--guidance", "1"], "acts through CFG, which --guidance 1.0"),
+        ([*gen, "--control", '{"kind": "unify_edit"}'], "edits an existing image; generate makes new ones"),
+        ([*gen, "--control", '{"kind": "probe"}'], "a file per token"),
+        (["eval", "--model", sd3, "--prompts", "pair", "--method", "regulation"], "pass --words-from"),
+        (["edit", f"{tmp}/bad-items.json", "--source", "a red circle", "--target", "a blue circle", "--model", sd3],
+         "is not an image file PIL can read"),
+        (["edit", f"{tmp}/big.png", "--source", "a red circle", "--target", "a blue circle", "--model", sd3,
+          "--steps", "1"], "the pipeline refused the edit"),
+        (["batch", f"{tmp}/one.json", "--model", sd3, "--out", f"{tmp}/plain.png"], "File exists"),
+        (["generate", "--from", f"{tmp}/edited-seed.png"], "records seed = \"x\", which is not int"),
         (["toy", "train", "--model", "toy-unet", "--out", tmp], "unknown toy model 'toy-unet'"),
     ]
     if importlib.util.find_spec("xformers") is None:
@@ -420,7 +439,10 @@ def _bad_input_cases(sd3: str, tmp: str) -> list[tuple[list[str], str]]:
 
 def test_bad_inputs_exit_2_with_one_clear_line(sd3_dir, tmp_path):
     Image.new("RGB", (8, 8), "white").save(tmp_path / "plain.png")
+    Image.new("RGB", (512, 512), "white").save(tmp_path / "big.png")  # past the tiny model's position table
+    save_png(tmp_path / "edited-seed.png", Image.new("RGB", (8, 8)), {"prompt": "a red circle", "seed": "x"})
     (tmp_path / "bad-items.json").write_text(json.dumps([{"prompt": "a red circle"}, {"objects": []}]))
+    (tmp_path / "one.json").write_text(json.dumps({"version": 1, "items": [{"prompt": "a red circle"}]}))
     for args, expected in _bad_input_cases(str(sd3_dir), str(tmp_path)):
         result = run(*args)
         assert result.exit_code == 2, (args, result.output, result.exception)
@@ -429,6 +451,22 @@ def test_bad_inputs_exit_2_with_one_clear_line(sd3_dir, tmp_path):
         assert expected in error_lines[0], (args, error_lines[0])
         assert "Traceback" not in result.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_option_values_the_run_would_ignore_or_overflow_are_refused(sd3_dir, flux_dir, tmp_path):
+    """FLUX's true CFG runs against the empty prompt unless a negative one is given (diffusers runs it only against a
+    negative prompt); a FLUX negative prompt without true CFG, and a seed past 64 bits, are refused."""
+    base = ["generate", "-m", flux_dir, "-p", "a red circle", "--steps", "2"]
+    ok(run(*base, "-o", tmp_path / "plain.png"))
+    ok(run(*base, "--true-cfg", "5", "-o", tmp_path / "cfg.png"))
+    assert read_metadata(tmp_path / "cfg.png")["true_cfg"] == 5.0
+    assert not np.array_equal(read_image(tmp_path / "plain.png"), read_image(tmp_path / "cfg.png"))
+    ok(run("generate", "--from", tmp_path / "cfg.png", "-o", tmp_path / "again.png"))
+    assert np.array_equal(read_image(tmp_path / "cfg.png"), read_image(tmp_path / "again.png"))
+    result = run(*base, "-n", "a blue square", "-o", tmp_path / "neg.png")
+    assert result.exit_code == 2 and "acts only through true CFG" in result.stderr and "--true-cfg 4" in result.stderr
+    result = run("generate", "-m", sd3_dir, "-p", "a red circle", "--seed", str(2**64), "-o", tmp_path / "s.png")
+    assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
 
 
 def test_debug_flag_shows_the_traceback():

@@ -75,6 +75,9 @@ def test_greedy_rounds_pick_the_best_and_write_state_and_preset(pipes, tmp_path)
     assert first["chosen"] == best and first["selected_before"] == []
     assert data["rounds"][1]["selected_before"] == best and len(data["rounds"][1]["scores"]) == 2
     assert state.selected == data["selected"] == best + data["rounds"][1]["chosen"]
+    # a folder holding two rounds is not cut back to one: asking for fewer is refused, naming the way out
+    with pytest.raises(AttnCtlError, match=r"2 rounds, more than the 1 asked for.*--rounds 2"):
+        HeadHunt(pipe, settings(top_k=2, rounds=1), tmp_path, objective=brightness).run()
     # the first round's reference is the unguided pipeline
     plain = hunt.score_sets([[]])[0]
     assert first["reference"] == pytest.approx(sum(plain) / len(plain))

@@ -219,6 +219,11 @@ class Control:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
+    def prompt_words(self) -> list[str]:
+        """The words or phrases the run's prompt must contain for this control to run (a batch file is checked for
+        them before its first image); none by default."""
+        return []
+
     # -- lifecycle ----------------------------------------------------------------------------------
     def bind(self, controller: Controller) -> None:
         """Check the model family and resolve the site selection against this model."""

@@ -98,6 +98,9 @@ class IsolationAttention(Control):
         super().__init__(**kwargs)
         self.reset()
 
+    def prompt_words(self) -> list[str]:
+        return list(self.config.subjects)
+
     def reset(self) -> None:
         self._columns: dict[int, tuple[Any, list[list[int]]]] = {}
         self._sum: torch.Tensor | None = None  # (batch, subjects, N_img): this step's maps

@@ -295,6 +295,9 @@ class LayoutGuidance(Control):
     def select_sites(self, sites):
         return [s for s in super().select_sites(sites) if s.kind in JOINT_KINDS]  # the sites with word maps
 
+    def prompt_words(self) -> list[str]:
+        return list(self.config.boxes) if self.config.missing == "error" else []
+
     def bind(self, controller) -> None:
         super().bind(controller)
         if not self.sites:

@@ -75,6 +75,9 @@ class AttentionProbe(Control):
         self._weight = as_schedule(self.config.weight)
         self.reset()
 
+    def prompt_words(self) -> list[str]:
+        return list(self.config.words or [])
+
     def reset(self) -> None:
         self._sum: torch.Tensor | None = None
         self._mass = 0.0
@@ -82,6 +85,8 @@ class AttentionProbe(Control):
         self._columns: list[str] = []
         self._prompt_positions: dict[int, tuple[Any, list[int]]] = {}  # id(layout) -> (layout, its positions)
         self.grid: tuple[int, int] | None = None
+        self.calls = 0
+        self._steps: set[int] = set()
 
     def begin_run(self, state: RunState) -> None:
         self.reset()
@@ -148,6 +153,8 @@ class AttentionProbe(Control):
         if state.layout is not None:  # maps of the generated grid's queries (not FLUX Kontext's reference tokens)
             self.grid = image_grid(state.layout, call.n_image, "AttentionProbe", call.site.name, reference_ok=True)
             img = call.grid_slice(self.grid[0] * self.grid[1])
+        self.calls += 1
+        self._steps.add(state.step)
         if self.config.words is None or state.row_layouts is None:
             return [Probe(cols, lambda p, w=w: self._add(p, w), Selection(batch, img, heads))]
         return self._per_prompt(call, state, start, heads, w, img)
@@ -211,6 +218,13 @@ class AttentionProbe(Control):
         for i, name in enumerate(self._columns):
             out[name] = out[name] + maps[:, i] if name in out else maps[:, i].clone()
         return out
+
+    def summary(self) -> str | None:
+        if not self.calls:
+            return None
+        what = ", ".join(map(repr, self.config.words)) if self.config.words is not None else (
+            f"tokens {self.config.tokens}" if self.config.tokens is not None else "every text token")
+        return f"attention probe of {what}: maps over {self.calls} attention calls at {len(self._steps)} steps"
 
     def heatmap(self, word: str, size: tuple[int, int], row: int = 0) -> torch.Tensor:
         """One word's map upsampled to ``size`` (h, w) and scaled to [0, 1], for overlays."""

@@ -460,6 +460,9 @@ class AttentionRegulation(Control):
         self._targets: dict[int, tuple[Any, _Targets]] = {}  # id(layout) -> (layout, its targets)
 
     # ------------------------------------------------------------------------------ lifecycle
+    def prompt_words(self) -> list[str]:
+        return list(self.config.targets) if self.config.missing == "error" else []
+
     def bind(self, controller) -> None:
         super().bind(controller)
         if not any(s.kind in JOINT_KINDS for s in self.sites):
