@@ -166,7 +166,7 @@ def test_file_level_errors_and_defaults(tmp_path):
         "version": 1,
         "defaults": {"prompt": "a red circle", "seeds": [0, 1], "steps": 3,
                      "controls": [{"kind": "probe", "words": ["circle"]}]},
-        "items": [{}, {"id": 7, "seed": 9, "controls": []}, {"id": "sq", "prompt": "a blue square", "steps": 5}],
+        "items": [{}, {"id": 7, "seed": 9, "controls": []}, {"id": "sq", "prompt": "a blue circle", "steps": 5}],
     })
     assert [(j.id, j.seed, j.file) for j in plan.jobs] == [
         ("0", 0, "0_s0.png"), ("0", 1, "0_s1.png"), ("7", 9, "7_s9.png"), ("sq", 0, "sq_s0.png"),
@@ -237,8 +237,9 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
     result = run("batch", batch, "--out", out, "--model", model_dir)
     assert result.exit_code == 1, result.output
     assert "1 of 4 images failed" in " ".join(result.output.split())
-    files = pngs(out)
+    files = {name: digest for name, digest in pngs(out).items() if ".attention-" not in name}
     assert set(files) == {"red_s0.png", "red_s1.png", f"{safe_stem('../../etc/x')}_s3.png"}
+    assert set(pngs(out)) - set(files) == {"red_s0.attention-circle.png", "red_s1.attention-circle.png"}  # the probe's
     assert not list(tmp_path.rglob("etc")) and all(p.parent == out for p in tmp_path.rglob("*.png"))
     records = read_manifest(out)
     assert records["bad_s0.png"]["status"] == "failed" and "pos_embed_max_size" in records["bad_s0.png"]["error"]

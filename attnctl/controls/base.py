@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from ..errors import ConfigError, LayoutError, UnsupportedModelError, WordCutOffError
 from ..layout import TokenLayout
@@ -43,6 +43,10 @@ def check_roles(roles: list[str]) -> list[str]:
         raise ValueError(f"unknown batch roles {bad}; the roles are {', '.join(ROLES)} and reference "
                          "(an index selects one branch or reference: 'perturbed[0]', 'reference[1]')")
     return roles
+
+
+Roles = Annotated[list[str], AfterValidator(check_roles)]
+"""A control's ``roles`` field, checked by :func:`check_roles`."""
 
 
 def _value(x: Any) -> float | None:

@@ -19,7 +19,7 @@ from ..errors import ConfigError, LayoutError
 from ..layout import image_grid
 from ..processors.contributions import Probe, Selection
 from ..schedules import as_schedule
-from .base import Control, ControlConfig, RunState, SegmentList, check_roles, check_segments, register
+from .base import Control, ControlConfig, Roles, RunState, SegmentList, check_segments, register
 
 
 class ProbeConfig(ControlConfig):
@@ -28,7 +28,7 @@ class ProbeConfig(ControlConfig):
     segments: SegmentList = Field(None, description="tokenizer segments to read words from (clip, t5)")
     sites: str | list[str] = "all"
     heads: list[int] | None = None
-    roles: list[str] = ["cond"]
+    roles: Roles = ["cond"]
     weight: Any = Field(1.0, validate_default=True,
                         description="schedule: weight of each step in the average (0 skips a step)")
 
@@ -50,11 +50,6 @@ class ProbeConfig(ControlConfig):
         if v is not None and not v:
             raise ValueError(f"{info.field_name} is an empty list; give at least one, or None for all")
         return v
-
-    @field_validator("roles")
-    @classmethod
-    def _roles(cls, v: list[str]) -> list[str]:
-        return check_roles(v)
 
     @model_validator(mode="after")
     def _one_kind_of_column(self) -> ProbeConfig:

@@ -42,7 +42,7 @@ from ..processors.attend import fused_attention_with_lse
 from ..processors.contributions import KeyBias, Selection
 from ..schedules import bounded
 from ..sites import Site
-from .base import Control, ControlConfig, RunState, SegmentList, check_roles, register, word_columns
+from .base import Control, ControlConfig, Roles, RunState, SegmentList, register, word_columns
 
 JOINT_KINDS = ("sd3_joint", "flux_double", "flux_single")
 """Site kinds whose attention mixes image and text tokens (SD3.5 ``attn2`` is image-only)."""
@@ -90,7 +90,7 @@ class RegulationConfig(ControlConfig):
                              "keys too), or inside the text part only (each image query keeps its total text "
                              "attention, as in a cross-attention softmax; needs normalize='text')")
     per_head: bool = Field(False, description="one bias per head (else one shared by all heads)")
-    roles: list[str] = Field(["cond"], description="batch roles the control acts on")
+    roles: Roles = Field(["cond"], description="batch roles the control acts on")
     seed: int = Field(0, description="seed of the U[0,1) initialisation of W")
     init: Literal["random", "previous"] = Field(
         "random", description="W's starting point at each step: U[0,1) (the paper), or the iterate this site "
@@ -174,11 +174,6 @@ class RegulationConfig(ControlConfig):
         if v is not None and any(p < 0 for p in v):
             raise ValueError("special_tokens are text-relative positions (>= 0)")
         return v
-
-    @field_validator("roles")
-    @classmethod
-    def _roles(cls, v: list[str]) -> list[str]:
-        return check_roles(v)
 
     @model_validator(mode="after")
     def _scope(self) -> RegulationConfig:
