@@ -701,6 +701,10 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
     merged = _merge(defaults, item)
     seeds = merged.pop("seeds") or [merged["seed"] if merged["seed"] is not None else 0]
     merged.pop("seed")
+    if merged.get("true_cfg") is not None and merged.get("negative_prompt") is None:
+        # true CFG runs against the empty prompt; spelled out, so images an older attnctl made without it (true CFG
+        # was skipped when no negative prompt was given) hash differently and are made again
+        merged["negative_prompt"] = ""
     try:
         controls = [control_from_json(with_item_boxes(c, merged["boxes"])) for c in (merged["controls"] or [])]
         check_probes(controls)

@@ -463,6 +463,10 @@ def test_option_values_the_run_would_ignore_or_overflow_are_refused(sd3_dir, flu
     assert not np.array_equal(read_image(tmp_path / "plain.png"), read_image(tmp_path / "cfg.png"))
     ok(run("generate", "--from", tmp_path / "cfg.png", "-o", tmp_path / "again.png"))
     assert np.array_equal(read_image(tmp_path / "cfg.png"), read_image(tmp_path / "again.png"))
+    (tmp_path / "b.json").write_text(json.dumps({"version": 1, "defaults": {"steps": 2}, "items": [
+        {"id": "cfg", "prompt": "a red circle", "true_cfg": 5}]}))
+    ok(run("batch", tmp_path / "b.json", "--model", flux_dir, "--out", tmp_path / "b", "--threads", "1"))
+    assert np.array_equal(read_image(tmp_path / "cfg.png"), read_image(tmp_path / "b" / "cfg_s0.png"))
     result = run(*base, "-n", "a blue square", "-o", tmp_path / "neg.png")
     assert result.exit_code == 2 and "acts only through true CFG" in result.stderr and "--true-cfg 4" in result.stderr
     result = run("generate", "-m", sd3_dir, "-p", "a red circle", "--seed", str(2**64), "-o", tmp_path / "s.png")
