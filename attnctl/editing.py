@@ -38,10 +38,11 @@ import torch
 
 from .controls.unify_edit import UnifyEdit, differing_words
 from .controls.value_sharing import ValueSharing
-from .errors import ConfigError
+from .errors import ConfigError, LayoutError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
-from .inversion import has_guidance_embedding, image_array, invert, text_length
+from .inversion import check_path, has_guidance_embedding, image_array, invert, text_length
 from .latent_guidance import StopForward, check_scheduler
+from .layout import _WORD
 from .midpoint import step_anchor
 from .rf_inversion import RFInversion, toward_image
 
@@ -262,6 +263,34 @@ class EditResult:
     control: UnifyEdit
 
 
+def check_words(control: UnifyEdit, source_prompt: str, target_prompt: str) -> None:
+    """The words the edit needs, checked against the prompts' text before anything runs: edit words (default: the
+    target's words that differ) in the target prompt, and, where the losses need a mask without a box, mask words
+    (default: the source's words that differ) in the source prompt."""
+    cfg = control.config
+    src, tgt = differing_words(source_prompt, target_prompt)
+    if cfg.edit_words is None and not tgt and not src:
+        raise ConfigError(f"the target prompt {target_prompt!r} is the source prompt: there is nothing to edit",
+                          fix="change the words of the target prompt, or name UnifyEdit(edit_words=[...], "
+                              "mask_words=[...]) (or box=[...] for the mask)")
+    if cfg.ca_weight > 0 and cfg.edit_words is None and not tgt:
+        raise ConfigError(f"the target prompt {target_prompt!r} adds no word to the source {source_prompt!r} for the "
+                          "edit to draw", fix="name the target's words to draw in edit_words=[...]")
+    needs_mask = (cfg.ca_weight > 0 or cfg.sa_region != "all") and cfg.box is None
+    if needs_mask and cfg.mask_words is None and not src:
+        raise ConfigError(f"the target prompt {target_prompt!r} replaces no word of the source {source_prompt!r}, "
+                          "where the edit's mask comes from", fix="name the source's words of the region to edit in "
+                                                                 "mask_words=[...], or give box=[x0, y0, x1, y1]")
+    for field, words, prompt in (("edit_words", (cfg.edit_words or tgt) if cfg.ca_weight > 0 else [], target_prompt),
+                                 ("mask_words", (cfg.mask_words or src) if needs_mask else [], source_prompt)):
+        present = set(_WORD.findall(prompt.lower()))
+        absent = [w for w in words if not set(_WORD.findall(w.lower())) <= present]
+        if absent:
+            raise LayoutError(f"UnifyEdit: {field} {absent} are not words of the prompt {prompt!r}",
+                              fix=f"name words of the {'target' if field == 'edit_words' else 'source'} prompt in "
+                                  f"{field}")
+
+
 def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_inference_steps: int = 28, *,
          control: UnifyEdit | None = None, guidance_scale: float | None = None, path: list[torch.Tensor] | None = None,
          rf: RFInversion | None = None, share: ValueSharing | None = None, **pipe_kwargs: Any) -> EditResult:
@@ -295,9 +324,7 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     control = UnifyEdit() if control is None else control
     if not isinstance(control, UnifyEdit):
         raise ConfigError(f"edit() takes a UnifyEdit control, got {type(control).__name__}")
-    if control.config.edit_words is None and not any(differing_words(source_prompt, target_prompt)):
-        raise ConfigError(f"the target prompt {target_prompt!r} is the source prompt: there is nothing to edit",
-                          fix="change the words of the target prompt, or name UnifyEdit(edit_words=...)")
+    check_words(control, source_prompt, target_prompt)  # before the inversion, which takes as long as the edit
     arr = image_array(image)
     height, width = arr.shape[:2]
     length = text_length(pipe, pipe_kwargs.pop("max_sequence_length", None))
@@ -315,6 +342,8 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
                       f"of the {num_inference_steps} steps; widen its window (e.g. weight='window(1, 0, 0.15)') or "
                       "leave share out", UserWarning, stacklevel=2)
     gamma, seed = (rf.gamma, rf.seed) if rf is not None else (0.0, 0)
+    if path is not None:
+        check_path(pipe, path, arr, num_inference_steps)
     if path is None:
         path = invert(pipe, arr, source_prompt, num_inference_steps, guidance=flux_guidance,
                       max_sequence_length=length, gamma=gamma, seed=seed)

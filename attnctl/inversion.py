@@ -35,6 +35,16 @@ Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 """``v(z, σ)``: the model's flow prediction at the latent ``z`` and noise level ``σ``."""
 
 
+class InversionPath(list):
+    """What :func:`invert` returns: the list of latents (``path[0]`` the noise, ``path[-1]`` the image's latent),
+    which also says how it was made — ``solver`` (``"euler"`` or ``"midpoint"``) and ``steps`` — so an edit given a
+    path can refuse one its run would replay wrongly. It is a plain ``list`` in every other way."""
+
+    def __init__(self, latents: list[torch.Tensor], solver: str, steps: int) -> None:
+        super().__init__(latents)
+        self.solver, self.steps = solver, int(steps)
+
+
 def euler_invert(velocity: Velocity, z0: torch.Tensor, sigmas: torch.Tensor) -> list[torch.Tensor]:
     """The Euler inversion path of ``z0`` over the decreasing ``sigmas`` (``σ_0 … σ_n``, ``σ_n = 0``): a list of
     ``n + 1`` latents, ``path[i]`` at ``σ_i`` (so ``path[n]`` is ``z0`` and ``path[0]`` the noise)."""
@@ -99,6 +109,10 @@ def encode_image(pipe: Any, image: Any) -> torch.Tensor:
     if h % need or w % need:
         raise ConfigError(f"the image is {w}×{h} px, and this model needs sides that are multiples of {need}",
                           fix=f"resize or crop the image to multiples of {need} px first")
+    top = largest_side(pipe)
+    if top is not None and max(h, w) > top:
+        raise ConfigError(f"the image is {w}×{h} px, and this model's largest side is {top} px (its position table)",
+                          fix=f"resize the image to at most {top} px a side")
     pixels = torch.from_numpy(arr.copy() if not arr.flags.writeable else np.ascontiguousarray(arr))
     with torch.no_grad():
         z = pixels_to_latents(pipe, pixels[None])
@@ -223,5 +237,37 @@ def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *,
     velocity = flow_velocity(pipe, prompt, height, width, guidance=guidance, max_sequence_length=max_sequence_length)
     if rf.gamma:
         velocity = toward_noise(velocity, noise_sample(z0, rf.seed), rf.gamma)
-    solve = midpoint_invert if is_midpoint(pipe.scheduler) else euler_invert
-    return solve(velocity, z0, sigmas)
+    midpoint = is_midpoint(pipe.scheduler)
+    latents = (midpoint_invert if midpoint else euler_invert)(velocity, z0, sigmas)
+    return InversionPath(latents, "midpoint" if midpoint else "euler", num_inference_steps)
+
+
+def check_path(pipe: Any, path: Any, image: np.ndarray, num_inference_steps: int) -> None:
+    """Refuse a ``path`` an edit of ``image`` in ``num_inference_steps`` steps on ``pipe`` would replay wrongly: one of
+    another length or solver, of another image size, or of another image (its last latent is the image's own)."""
+    midpoint = is_midpoint(pipe.scheduler)
+    solver, n = ("midpoint" if midpoint else "euler"), int(num_inference_steps)
+    if getattr(path, "solver", solver) != solver or getattr(path, "steps", n) != n:
+        raise ConfigError(f"the path is a {path.steps}-step {path.solver} inversion, and this edit runs {n} {solver} "
+                          "steps", fix="invert the image with the steps and scheduler of the edit, or leave path out")
+    if len(path) != (2 * n + 1 if midpoint else n + 1):
+        raise ConfigError(f"the path holds {len(path)} latents, and a {n}-step {solver} edit replays "
+                          f"{2 * n + 1 if midpoint else n + 1} (one per call of the loop and the image's)",
+                          fix="invert the image with the steps and scheduler of the edit, or leave path out")
+    z0 = encode_image(pipe, image)
+    last = path[-1]
+    if tuple(last.shape) != tuple(z0.shape):
+        raise ConfigError(f"the path's latents are {tuple(last.shape)} and this image's are {tuple(z0.shape)}: the "
+                          "path is of an image of another size", fix="invert this image, or leave path out")
+    z, ref = last.to(z0.device, torch.float32), z0.float()
+    if not torch.allclose(z, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max().clamp_min(1e-6))):
+        raise ConfigError("the path ends at another image's latent: it is not this image's inversion",
+                          fix="invert this image (attnctl.invert), or leave path out")
+
+
+def largest_side(pipe: Any) -> int | None:
+    """The largest image side in pixels the model takes (SD3's learned position table is ``pos_embed_max_size``
+    patches wide); ``None`` where none is set (FLUX's rotary positions)."""
+    cfg = pipe.transformer.config
+    patches = getattr(cfg, "pos_embed_max_size", None)
+    return None if patches is None else int(patches) * int(cfg.patch_size) * int(pipe.vae_scale_factor)

@@ -225,8 +225,10 @@ def test_a_guided_midpoint_edit_with_later_calls_still_replays_the_source(model,
     assert len(res.path) == 9 and guided.history and all(h.step % 2 == 0 for h in guided.history)
     torch.testing.assert_close(res.source.float()[None], res.path[-1].float(), atol=1e-4, rtol=0)
     euler_path = invert(request.getfixturevalue(model), scene, SOURCE, 4)
-    with pytest.raises(ConfigError, match="holds 5 latents and this run.s loop makes 8 calls"):
+    with pytest.raises(ConfigError, match="the path is a 4-step euler inversion, and this edit runs 4 midpoint"):
         edit(pipe, scene, SOURCE, TARGET, 4, path=euler_path, output_type="latent", **extra)
+    with pytest.raises(ConfigError, match="holds 5 latents, and a 4-step midpoint edit replays 9"):
+        edit(pipe, scene, SOURCE, TARGET, 4, path=list(euler_path), output_type="latent", **extra)  # a bare list
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -241,10 +243,46 @@ def test_edit_refuses_bad_calls_with_named_errors(toy_sd3, scene):
         edit(toy_sd3, scene, SOURCE, TARGET, 4, latents=torch.zeros(1))
     with pytest.raises(ConfigError, match="takes a UnifyEdit control"):
         edit(toy_sd3, scene, SOURCE, TARGET, 4, control=object())
-    with pytest.raises(LayoutError, match="edit word 'purple' is not in the prompt"):
+    with pytest.raises(LayoutError, match=r"edit_words \['purple'\] are not words of the prompt"):
         edit(toy_sd3, scene, SOURCE, TARGET, 4, control=UnifyEdit(edit_words=["purple"]))
     with pytest.raises(ConfigError, match="multiples of"):
         edit(toy_sd3, scene[:30, :30], SOURCE, TARGET, 4)
+    big = np.zeros((40, 40, 3), np.uint8)
+    with pytest.raises(ConfigError, match="this model's largest side is 32 px"):
+        edit(toy_sd3, big, SOURCE, TARGET, 4)
+    with pytest.raises(ConfigError, match="largest side is 32 px"):
+        invert(toy_sd3, big, SOURCE, 4)
+
+
+def test_word_and_path_problems_are_refused_before_the_inversion(toy_sd3, scene, monkeypatch):
+    """What the edit's words need is checked before the inversion runs (it takes as long as the edit); a path given
+    is checked against the image (its last latent is the image's own) and the edit's steps and solver."""
+    from attnctl.controls.unify_edit import differing_words
+
+    assert differing_words("a red, small square", "a green, small square") == (["red"], ["green"])  # no "green,"
+    path = invert(toy_sd3, scene, SOURCE, 4)
+    with pytest.raises(ConfigError, match="path ends at another image's latent"):
+        edit(toy_sd3, scene[::-1].copy(), SOURCE, TARGET, 4, path=path)
+    with pytest.raises(ConfigError, match="the path is of an image of another size"):
+        edit(toy_sd3, scene[:16, :16].copy(), SOURCE, TARGET, 4, path=path)
+    with pytest.raises(ConfigError, match="the path is a 4-step euler inversion, and this edit runs 8 euler"):
+        edit(toy_sd3, scene, SOURCE, TARGET, 8, path=path)
+
+    def no_inversion(*args, **kwargs):
+        raise AssertionError("the inversion ran before the words were checked")
+
+    monkeypatch.setattr("attnctl.editing.invert", no_inversion)
+    with pytest.raises(ConfigError, match=r"replaces no word of the source.*mask_words=\[...\], or give box"):
+        edit(toy_sd3, scene, SOURCE, SOURCE, 4, control=UnifyEdit(edit_words=["red"]))
+    with pytest.raises(ConfigError, match=r"nothing to edit.*mask_words"):
+        edit(toy_sd3, scene, SOURCE, SOURCE, 4)
+    with pytest.raises(ConfigError, match="adds no word to the source"):
+        edit(toy_sd3, scene, "a red circle and a blue square", "a circle and a blue square", 4)
+    with pytest.raises(LayoutError, match=r"mask_words \['green'\] are not words of the prompt"):
+        edit(toy_sd3, scene, SOURCE, TARGET, 4, control=UnifyEdit(mask_words=["green"]))
+    res = edit(toy_sd3, scene, SOURCE, SOURCE, 4, control=UnifyEdit(edit_words=["red"], box=[0, 0, 0.5, 0.5]),
+               path=path, output_type="latent")  # a box instead of mask words; the path given, no inversion
+    assert res.path is path
 
 
 def test_attached_control_needs_its_source_path_the_same_steps_and_two_images(toy_sd3, scene):

@@ -246,6 +246,19 @@ def test_the_unconditional_call_stays_plain_and_skip_layer_passes_are_steered(fl
                      (("cond",), "steer", (0,))}  # the skip-layer pass: its one row, steered as the cond row
 
 
+def test_a_reposition_call_makes_one_image_per_prompt_said_before_any_model_runs(sd3_pipe, monkeypatch):
+    """A reposition call's prompts are its sets (references, then the scene): epipolar views or several images per
+    prompt cannot be laid out in them, and the attnctl pipeline says so before the transformer runs."""
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(type(pipe.transformer), "forward", lambda *a, **k: pytest.fail("the model ran"))
+    iso = IsolationAttention(subjects=["red circle", "blue square"], references=True)
+    with pytest.raises(ConfigError, match="an epipolar control's views with reference prompts"):
+        pipe(SETS, controls=[attnctl.EpipolarAttention(rig={"kind": "stereo"}), iso], **KW)
+    with pytest.raises(ConfigError, match="num_images_per_prompt 2 with reference prompts.*one image per call"):
+        pipe(SETS, controls=[iso], num_images_per_prompt=2, **KW)
+
+
 def test_bf16_on_cpu():
     from attnctl.testing import tiny_sd3_pipeline
 

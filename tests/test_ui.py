@@ -594,7 +594,33 @@ def test_a_midpoint_edit_reports_steps_not_calls_and_gives_the_model_its_schedul
         engine.edit_image(model, image, source, "a green circle", 3, 1.0, rf={"gamma": 3})
     with pytest.raises(AttnCtlError, match="value_sharing control config — tokens"):
         engine.edit_image(model, image, source, "a green circle", 3, 1.0, share={"tokens": "text"})
+    with pytest.raises(AttnCtlError, match="outside the vocabulary.*'zebra'"):
+        engine.edit_image(model, image, source, "a green zebra", 3, 1.0)
     assert model.pipe.scheduler is own
+
+
+def test_setups_the_run_would_ignore_or_refuse_are_flagged_in_the_editor_and_its_batch_file(model_dir):
+    """The editor flags what generate would silently ignore or refuse, and its exported batch file is checked against
+    the loaded model as `attnctl batch` checks it."""
+    from attnctl.testing import save_pipeline, tiny_flux_pipeline
+    from attnctl.ui import engine
+
+    sd3 = engine.load_model(str(model_dir))
+    assert engine.check_setup(sd3, Setup(model=str(model_dir), steps=2)) == []
+    problems = engine.check_setup(sd3, Setup(model=str(model_dir), steps=2, negative_prompt="a green square",
+                                             guidance=1.0))
+    assert any("acts through CFG, which a guidance of 1.0 turns off" in p for p in problems)
+    problems = engine.check_setup(sd3, Setup(model=str(model_dir), steps=2, controls=[{"kind": "unify_edit"}]))
+    assert any("edits an existing image: use the Edit tab" in p for p in problems)
+    problems = engine.check_setup(sd3, Setup(model=str(model_dir), steps=2, height=256, width=64))
+    assert any("between 4 and 128 (got 256)" in p for p in problems)  # the tiny model's position table: 128 px
+    flux_dir = save_pipeline(tiny_flux_pipeline(), model_dir.parent / "tiny-flux")
+    flux = engine.load_model(str(flux_dir))
+    setup = Setup(model=str(flux_dir), steps=2, negative_prompt="a green triangle")
+    assert any("does nothing on a FLUX model here" in p for p in engine.check_setup(flux, setup))
+    exported = batch_file(setup)
+    assert check_batch_file(exported) == []  # the file alone is valid
+    assert any("acts only through true CFG" in p for p in check_batch_file(exported, flux.pipe))
 
 
 def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(monkeypatch, model_dir):

@@ -28,13 +28,17 @@ class ControlledPipelineMixin:
     @staticmethod
     def _default_views(parent_call, args: tuple, kwargs: dict, controls: list[Control]) -> None:
         # An epipolar control's cameras are the images of the prompt: make that many unless the call says otherwise
-        # (then check it is a whole number of view sets before any model runs).
-        if not any(getattr(c, "kind", None) == "epipolar" for c in controls):
+        # (then check it is a whole number of view sets before any model runs). A reposition call (isolation with
+        # references) makes one image per prompt: its prompts are the sets, checked here too.
+        epipolar = any(getattr(c, "kind", None) == "epipolar" for c in controls)
+        reposition = any(getattr(c, "kind", None) == "isolation" and c.config.references for c in controls)
+        if not (epipolar or reposition):
             return
         given = inspect.signature(parent_call).bind_partial(None, *args, **kwargs).arguments
         name = "num_images_per_prompt"
-        n = images_per_prompt(controls, given.get(name), option=name)
-        if name not in given or name in kwargs:
+        n = images_per_prompt(controls, given.get(name), ["the reference prompts"] if reposition else None,
+                              option=name)
+        if epipolar and (name not in given or name in kwargs):
             kwargs[name] = n
 
     def edit(self, image: Any, source_prompt: str, target_prompt: str, num_inference_steps: int = 28,

@@ -587,7 +587,7 @@ def history_tab() -> None:
                            width="stretch", help="Put this run's settings back into the editor")
 
 
-def export_tab(run: dict[str, Any] | None) -> None:
+def export_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> None:
     st.markdown("<div class='attnctl-label'>Images</div>", unsafe_allow_html=True)
     if run is None:
         st.caption("Generate first: the PNGs of the shown run appear here.")
@@ -608,7 +608,7 @@ def export_tab(run: dict[str, Any] | None) -> None:
                    "or regenerate it with `attnctl generate --from image.png`.")
     st.markdown("<div class='attnctl-label'>Current setup as a batch file</div>", unsafe_allow_html=True)
     data = batch_file(current_setup())
-    problems = check_batch_file(data)
+    problems = check_batch_file(data, model.pipe if model is not None else None)
     text = json.dumps(data, indent=2)
     st.download_button("Batch file (JSON)", text, file_name="attnctl-batch.json", mime="application/json",
                        icon=":material/data_object:", key="download_item", disabled=bool(problems))
@@ -753,7 +753,7 @@ def main() -> None:
         with history:
             history_tab()
         with export:
-            export_tab(run)
+            export_tab(run, model)
         with editing:
             edit_tab(run, model)
 

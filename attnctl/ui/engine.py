@@ -162,6 +162,7 @@ def build_controls(configs: list[dict[str, Any]]) -> list[Any]:
 def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
     """Everything wrong with ``setup`` for ``model``, as messages (empty: ready to generate)."""
     from ..cli import check_vocabulary
+    from ..inversion import largest_side
 
     problems = []
     if not setup.prompt.strip():
@@ -174,10 +175,16 @@ def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
                              model.label)
         except AttnCtlError as e:
             problems.append(str(e))
-    m = model.size_multiple
+    if setup.negative_prompt.strip() and model.family == "flux":
+        problems.append("The negative prompt does nothing on a FLUX model here: it acts only through true CFG, which "
+                        "the editor does not run. Clear it.")
+    elif setup.negative_prompt.strip() and setup.guidance <= 1:
+        problems.append(f"The negative prompt acts through CFG, which a guidance of {setup.guidance} turns off: raise "
+                        "the guidance above 1, or clear the negative prompt.")
+    m, top = model.size_multiple, min(MAX_SIDE, largest_side(model.pipe) or MAX_SIDE)
     for side, v in (("height", setup.height), ("width", setup.width)):
-        if not m <= v <= MAX_SIDE or v % m:
-            problems.append(f"The {side} must be a multiple of {m} between {m} and {MAX_SIDE} (got {v}).")
+        if not m <= v <= top or v % m:
+            problems.append(f"The {side} must be a multiple of {m} between {m} and {top} (got {v}).")
     if not 1 <= setup.steps <= MAX_STEPS:
         problems.append(f"Steps must be 1..{MAX_STEPS}.")
     try:
@@ -185,6 +192,9 @@ def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
     except AttnCtlError as e:
         problems.append(str(e))
         controls = []
+    for c in controls:
+        if c.kind in ("unify_edit", "value_sharing"):
+            problems.append(f"The {c.kind} control edits an existing image: use the Edit tab for it.")
     problems.extend(bind_problems(model, setup.controls, controls))
     try:
         call_prompt(setup, controls)
@@ -355,9 +365,11 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
     runs, so the unguided one is RF-Inversion alone. ``share`` (value-sharing settings,
     :class:`~attnctl.controls.value_sharing.ValueSharing` JSON) adds RF-Solver-Edit's value sharing to both runs the
     same way."""
+    from ..cli import check_vocabulary
     from ..controls.unify_edit import UnifyEdit
     from ..controls.value_sharing import ValueSharing
     from ..editing import edit
+    from ..inversion import largest_side
     from ..midpoint import SOLVERS, use_solver
     from ..rf_inversion import RFInversion
 
@@ -365,9 +377,14 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
     h, w = arr.shape[:2]
     m = model.size_multiple
     problems = []
-    if h % m or w % m or max(h, w) > MAX_SIDE:
+    top = min(MAX_SIDE, largest_side(model.pipe) or MAX_SIDE)
+    if h % m or w % m or max(h, w) > top:
         problems.append(f"the image is {w}×{h} px; this model needs sides that are multiples of {m}, up to "
-                        f"{MAX_SIDE} px (crop or resize it first)")
+                        f"{top} px (crop or resize it first)")
+    try:
+        check_vocabulary(model.pipe, [source, target], model.label)
+    except AttnCtlError as e:
+        problems.append(str(e))
     if not 1 <= int(steps) <= MAX_STEPS:
         problems.append(f"steps must be 1 to {MAX_STEPS}")
     if not source.strip() or not target.strip():

@@ -161,18 +161,19 @@ def batch_file(setup: Setup) -> dict[str, Any]:
     return {"version": 1, "model": setup.model, "items": [batch_item(setup)]}
 
 
-def check_batch_file(data: dict[str, Any]) -> list[str]:
+def check_batch_file(data: dict[str, Any], pipe: Any = None) -> list[str]:
     """The problems ``attnctl batch`` would report for ``data`` (empty: valid). Uses ``attnctl.batch``'s own
-    validation; when that module is not importable, nothing is checked."""
+    validation, and with ``pipe`` (the loaded model) its check against the model too; when that module is not
+    importable, nothing is checked."""
     try:
         batch = importlib.import_module("attnctl.batch")
     except Exception:  # noqa: BLE001 - the batch module is optional here
         return []
     try:
-        batch.plan_batch(data, "the exported batch file")
+        plan = batch.plan_batch(data, "the exported batch file")
     except ValueError as e:  # BatchFileError (a ConfigError) and any other AttnCtlError
         return list(getattr(e, "problems", None) or [str(e)])
-    return []
+    return batch.model_problems(plan, pipe) if pipe is not None else []
 
 
 # --------------------------------------------------------------------------------------------- changes
