@@ -19,6 +19,7 @@ This is the first piece of text-driven editing of real images (UnifyEdit, ``../s
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,14 +36,23 @@ Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 """``v(z, σ)``: the model's flow prediction at the latent ``z`` and noise level ``σ``."""
 
 
-class InversionPath(list):
-    """What :func:`invert` returns: the list of latents (``path[0]`` the noise, ``path[-1]`` the image's latent),
-    which also says how it was made — ``solver`` (``"euler"`` or ``"midpoint"``) and ``steps`` — so an edit given a
-    path can refuse one its run would replay wrongly. It is a plain ``list`` in every other way."""
+_HOW_MADE: dict[int, tuple[weakref.ref, tuple[str, int]]] = {}
+"""How :func:`invert` made each path it returned — ``(solver, steps)`` — by the ``id`` of the path's first latent
+(with a weak reference to it: an entry goes when the tensor does), for :func:`check_path`. The path itself stays a
+plain list (``torch.save`` / ``torch.load(weights_only=True)`` keep it as it is); a path loaded from a file is not
+known here and is checked by its length and last latent."""
 
-    def __init__(self, latents: list[torch.Tensor], solver: str, steps: int) -> None:
-        super().__init__(latents)
-        self.solver, self.steps = solver, int(steps)
+
+def _remember(path: list[torch.Tensor], how: tuple[str, int]) -> None:
+    first = path[0]
+    _HOW_MADE[id(first)] = (weakref.ref(first), how)
+    weakref.finalize(first, _HOW_MADE.pop, id(first), None)
+
+
+def _how_made(path: Any) -> tuple[str, int] | None:
+    first = path[0] if len(path) and isinstance(path[0], torch.Tensor) else None
+    entry = _HOW_MADE.get(id(first)) if first is not None else None
+    return entry[1] if entry is not None and entry[0]() is first else None
 
 
 def euler_invert(velocity: Velocity, z0: torch.Tensor, sigmas: torch.Tensor) -> list[torch.Tensor]:
@@ -238,8 +248,9 @@ def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *,
     if rf.gamma:
         velocity = toward_noise(velocity, noise_sample(z0, rf.seed), rf.gamma)
     midpoint = is_midpoint(pipe.scheduler)
-    latents = (midpoint_invert if midpoint else euler_invert)(velocity, z0, sigmas)
-    return InversionPath(latents, "midpoint" if midpoint else "euler", num_inference_steps)
+    path = (midpoint_invert if midpoint else euler_invert)(velocity, z0, sigmas)
+    _remember(path, ("midpoint" if midpoint else "euler", int(num_inference_steps)))
+    return path
 
 
 def check_path(pipe: Any, path: Any, image: np.ndarray, num_inference_steps: int) -> None:
@@ -247,9 +258,10 @@ def check_path(pipe: Any, path: Any, image: np.ndarray, num_inference_steps: int
     another length or solver, of another image size, or of another image (its last latent is the image's own)."""
     midpoint = is_midpoint(pipe.scheduler)
     solver, n = ("midpoint" if midpoint else "euler"), int(num_inference_steps)
-    if getattr(path, "solver", solver) != solver or getattr(path, "steps", n) != n:
-        raise ConfigError(f"the path is a {path.steps}-step {path.solver} inversion, and this edit runs {n} {solver} "
-                          "steps", fix="invert the image with the steps and scheduler of the edit, or leave path out")
+    made = _how_made(path)
+    if made is not None and made != (solver, n):
+        raise ConfigError(f"the path is a {made[1]}-step {made[0]} inversion, and this edit runs {n} {solver} steps",
+                          fix="invert the image with the steps and scheduler of the edit, or leave path out")
     if len(path) != (2 * n + 1 if midpoint else n + 1):
         raise ConfigError(f"the path holds {len(path)} latents, and a {n}-step {solver} edit replays "
                           f"{2 * n + 1 if midpoint else n + 1} (one per call of the loop and the image's)",

@@ -427,7 +427,7 @@ def _bad_input_cases(sd3: str, tmp: str) -> list[tuple[list[str], str]]:
         (["edit", f"{tmp}/bad-items.json", "--source", "a red circle", "--target", "a blue circle", "--model", sd3],
          "is not an image file PIL can read"),
         (["edit", f"{tmp}/big.png", "--source", "a red circle", "--target", "a blue circle", "--model", sd3,
-          "--steps", "1"], "the pipeline refused the edit"),
+          "--steps", "1"], "this model's largest side is 128 px"),
         (["batch", f"{tmp}/one.json", "--model", sd3, "--out", f"{tmp}/plain.png"], "File exists"),
         (["generate", "--from", f"{tmp}/edited-seed.png"], "records seed = \"x\", which is not int"),
         (["toy", "train", "--model", "toy-unet", "--out", tmp], "unknown toy model 'toy-unet'"),

@@ -228,7 +228,8 @@ def test_a_guided_midpoint_edit_with_later_calls_still_replays_the_source(model,
     with pytest.raises(ConfigError, match="the path is a 4-step euler inversion, and this edit runs 4 midpoint"):
         edit(pipe, scene, SOURCE, TARGET, 4, path=euler_path, output_type="latent", **extra)
     with pytest.raises(ConfigError, match="holds 5 latents, and a 4-step midpoint edit replays 9"):
-        edit(pipe, scene, SOURCE, TARGET, 4, path=list(euler_path), output_type="latent", **extra)  # a bare list
+        edit(pipe, scene, SOURCE, TARGET, 4, path=[z.clone() for z in euler_path], output_type="latent",
+             **extra)  # as a path loaded from a file: unknown here, so checked by its length
 
 
 # ------------------------------------------------------------------------------------------ bad input
