@@ -77,7 +77,7 @@ class Controller:
         self._negative_embeds: torch.Tensor | None = None
         self._forwards = 0  # transformer forwards since the last encode_prompt
         self._row_layout_cache: tuple[tuple, list[TokenLayout]] | None = None
-        self._ids_seen: tuple[Any, int, tuple[tuple[int, int], int]] | None = None  # FLUX ids read, see _grid_of
+        self._ids_seen: tuple[Any, int | None, tuple[tuple[int, int], int]] | None = None  # FLUX ids read, see _grid_of
         self._new_run = True
         self._branches = perturbed_branches(self.controls)  # checked here, before anything is installed
         self._branch: PerturbedBranch | None = None  # the perturbed-branch wrapper while tracking, if one is needed
@@ -366,14 +366,16 @@ class Controller:
         once per ids tensor: the pipelines pass the same one at every step, and on a GPU each read of its values
         waits for the device."""
         seen = self._ids_seen
-        if seen is not None and seen[0]() is img_ids and seen[1] == img_ids._version:
+        # (an inference-mode tensor keeps no version counter: it is known by its identity alone)
+        version = None if img_ids.is_inference() else img_ids._version
+        if seen is not None and seen[0]() is img_ids and seen[1] == version:
             return seen[2]
         ids = img_ids[0] if img_ids.ndim == 3 else img_ids
         generated = ids[:, 0] == 0  # FLUX Kontext appends its input image's tokens with a first position of 1
         reference = int(ids.shape[0] - generated.sum())
         ids = ids[generated] if reference else ids
         found = (int(ids[:, 1].max() - ids[:, 1].min()) + 1, int(ids[:, 2].max() - ids[:, 2].min()) + 1), reference
-        self._ids_seen = (weakref.ref(img_ids), img_ids._version, found)
+        self._ids_seen = (weakref.ref(img_ids), version, found)
         return found
 
     def _infer_row_layouts(self, batch: int) -> list[TokenLayout | None] | None:

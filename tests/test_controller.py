@@ -179,6 +179,28 @@ def test_a_second_controller_on_one_pipeline_is_refused_naming_the_way_out(sd3_p
     assert sd3_pipe.transformer.attn_processors == before
 
 
+@pytest.mark.parametrize("fixture", ["sd3_pipe", "flux_pipe"])
+def test_controls_run_under_inference_mode_as_under_no_grad(request, fixture):
+    """torch.inference_mode() makes tensors without a version counter (FLUX's position ids among them): the controls
+    run under it and give the images they give under no_grad; latent guidance, which needs gradients, says so."""
+    pipe = request.getfixturevalue(fixture)
+
+    def controls():
+        return [attnctl.SoftPAG(heads=["L1H0:2"]), attnctl.AttentionProbe(words=["circle"]),
+                attnctl.AttentionRegulation(targets=["circle"], iterations=2),
+                attnctl.IsolationAttention(subjects=["circle", "square"])]
+
+    images = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), attnctl.attach(pipe, controls()):
+            images.append(pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0),
+                               **KW).images)
+    assert (images[0] == images[1]).all()
+    with pytest.raises(ConfigError, match="under torch.inference_mode"), torch.inference_mode(), \
+            attnctl.attach(pipe, [attnctl.LayoutGuidance(boxes={"circle": [0, 0, 0.5, 0.5]})]):
+        pipe("a red circle and a blue square", **KW)
+
+
 def test_flux_single_block_without_text_length_is_an_error(flux_pipe):
     from conftest import transformer_inputs
 
