@@ -69,6 +69,10 @@ REFERENCE = "(current set)"
 STATE_VERSION = 1
 
 
+RESUMABLE = {"rounds", "batch_images"}
+"""Settings a search may resume with changed (:meth:`HeadHuntSettings.digest` leaves them out)."""
+
+
 class HeadHuntSettings(BaseModel):
     """Everything that decides a search's result; recorded in the state and checked on resume."""
 
@@ -134,8 +138,9 @@ class HeadHuntSettings(BaseModel):
 
     def digest(self) -> str:
         """Hash of the settings that decide each round's scores (``rounds`` is left out: a finished search
-        can be extended by more rounds)."""
-        data = self.model_dump(exclude={"rounds"})
+        can be extended by more rounds; ``batch_images`` too: how many images share a call changes no score, so a
+        search that ran out of memory resumes with fewer)."""
+        data = self.model_dump(exclude=RESUMABLE)
         if not self.finalists:  # searches saved before finalists existed keep their digest
             del data["finalists"], data["finalist_seeds"]
         if self.noise == "shared":  # ... and so do those saved before the noise setting
@@ -192,11 +197,14 @@ class HeadHuntState:
     finished: bool = False
     stop_reason: str | None = None
     pool: list[str] = field(default_factory=list)
+    scored_with: list[str] = field(default_factory=list)
+    """The objectives the search was scored with, in order (a callable's ``module:qualname``; the settings'
+    ``objective`` names the objective in the digest, and a callable given to :class:`HeadHunt` is taken to be it)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "attnctl.headhunt", "version": STATE_VERSION, "settings_hash": self.settings.digest(),
                 "settings": self.settings.model_dump(), "pool_size": len(self.pool), "selected": self.selected,
-                "finished": self.finished, "stop_reason": self.stop_reason,
+                "finished": self.finished, "stop_reason": self.stop_reason, "scored_with": self.scored_with,
                 "rounds": [r.to_json() for r in self.rounds]}
 
     def save(self, path: Path) -> None:
@@ -220,7 +228,7 @@ def load_state(path: Path, settings: HeadHuntSettings) -> HeadHuntState:
         raise AttnCtlError(f"{path} is not a head-search state ({type(e).__name__}: {str(e)[:200]})",
                            "point --out at a new folder, or delete the broken state.json to start over") from None
     if saved.digest() != settings.digest():
-        old, new = saved.model_dump(exclude={"rounds"}), settings.model_dump(exclude={"rounds"})
+        old, new = saved.model_dump(exclude=RESUMABLE), settings.model_dump(exclude=RESUMABLE)
         changed = [k for k in new if old.get(k) != new[k]]
         raise AttnCtlError(f"{path} was written by a search with other settings (changed: {', '.join(changed)})",
                            "re-run with the same settings to resume, or use a new --out folder")
@@ -231,7 +239,7 @@ def load_state(path: Path, settings: HeadHuntSettings) -> HeadHuntState:
                            f"re-run with --rounds {len(complete)} (or more) to use it, or use a new --out folder for a "
                            f"{settings.rounds}-round search")
     state = HeadHuntState(settings, rounds, list(data.get("selected", [])), bool(data.get("finished")),
-                          data.get("stop_reason"))
+                          data.get("stop_reason"), scored_with=[str(x) for x in data.get("scored_with", [])])
     return state
 
 
@@ -384,6 +392,12 @@ class HeadHunt:
         self.out.mkdir(parents=True, exist_ok=True)
         state = load_state(self.state_path, self.settings)
         state.pool = self.pool
+        if state.scored_with and state.scored_with[-1] != self.objective_name:
+            self.note(f"this search was scored with the objective {state.scored_with[-1]} and goes on with "
+                      f"{self.objective_name}; its rounds compare scores of both (give settings.objective a new name, "
+                      "or a new out folder, for a search of another objective)")
+        if not state.scored_with or state.scored_with[-1] != self.objective_name:
+            state.scored_with.append(self.objective_name)
         unknown = [h for h in state.selected if h not in self.pool]
         if unknown:
             raise AttnCtlError(f"the saved state selects heads this model does not have ({unknown[:3]})",
@@ -474,7 +488,8 @@ class HeadHunt:
             preset = head_set_of(state.selected, self.pipe.transformer).to_json()
             st = self.settings
             preset["search"] = {  # provenance; HeadSet.load reads only "heads" and "model"
-                "model": st.model, "objective": st.objective, "u": st.u, "w": st.w, "target": st.target,
+                "model": st.model, "objective": st.objective, "scored_with": state.scored_with, "u": st.u, "w": st.w,
+                "target": st.target,
                 "scope": st.scope, "prompts": len(st.prompts), "seeds": len(st.seeds), "top_k": st.top_k,
                 "finalists": st.finalists, "finalist_seeds": len(st.finalist_seeds),
                 "rounds": [{"reference": r.reference, "chosen": r.chosen,

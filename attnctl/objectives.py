@@ -16,6 +16,7 @@ predictor this way; the search only needs a number per image.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -78,11 +79,22 @@ BUILTIN: dict[str, Objective] = {"toy_fidelity": toy_fidelity, "toy_quality": to
                                  "toy_combined": toy_combined}
 
 
+def callable_name(fn: Objective) -> str:
+    """``module:qualname`` of a callable objective; for a lambda or a function defined inside another, whose names
+    say little, with a short hash of its code, so two such objectives are told apart in a search's record."""
+    name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    code = getattr(fn, "__code__", None)
+    if code is not None and ("<lambda>" in name or "<locals>" in name):
+        data = code.co_code + repr(code.co_consts).encode() + repr(code.co_names).encode()
+        name += "#" + hashlib.sha256(data).hexdigest()[:8]
+    return name
+
+
 def load_objective(spec: str | Objective) -> tuple[Objective, str]:
     """The objective and the name it is recorded under: a callable, a built-in name, ``"module:function"``
     or ``"file.py:function"``."""
     if callable(spec):
-        return spec, f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', repr(spec))}"
+        return spec, callable_name(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"objective {spec!r} is not a name or a callable",
                           fix=f"use one of {', '.join(BUILTIN)} or 'module:function'")

@@ -182,6 +182,24 @@ def test_resume_after_a_crash_scores_nothing_twice_and_ends_the_same(pipes, tmp_
         HeadHunt(pipe, settings(w=5.0), tmp_path / "r", objective=brightness).run()
 
 
+def test_a_search_records_the_objective_it_ran_and_resumes_with_fewer_images_per_call(pipes, tmp_path):
+    """The state and the preset say which objective scored the search (a callable by its name, not the settings'
+    default); resuming under another callable says so; batch_images may change on resume (it changes no score)."""
+    pipe = pipes["sd3"]
+    first = HeadHunt(pipe, settings(rounds=1, batch_images=4), tmp_path, objective=brightness).run()
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["scored_with"] == [f"{__name__}:brightness"]
+    assert json.loads((tmp_path / "heads.json").read_text())["search"]["scored_with"] == [f"{__name__}:brightness"]
+    notes: list[str] = []
+    again = HeadHunt(pipe, settings(rounds=2, batch_images=1), tmp_path, objective=brightness, note=notes.append)
+    longer = again.run()  # fewer images per call: no refusal, round 1 not scored again
+    assert longer.rounds[0].scores == first.rounds[0].scores and not [n for n in notes if "objective" in n]
+    darker = HeadHunt(pipe, settings(rounds=3), tmp_path, note=notes.append,
+                      objective=lambda images, prompts: [-s for s in brightness(images, prompts)]).run()
+    assert any("scored with the objective" in n and "<lambda>" in n for n in notes)
+    assert len(darker.scored_with) == 2 and darker.scored_with[0] == f"{__name__}:brightness"
+
+
 def test_two_processes_choose_what_one_process_chooses(tmp_path):
     """``attnctl headhunt --processes 2`` (torchrun-style ranks over gloo) on toy-sd3 equals one process."""
     args = ["--model", "toy-sd3", "--prompts", "pair", "--limit", "1", "--seeds", "2", "--candidates", "L0:2",

@@ -453,8 +453,10 @@ def test_missing_ignore_guides_the_words_present_and_leaves_a_prompt_without_any
     pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
     plain = pipe(PROMPT, generator=gen(), output_type="np", **KW).images
     none_present = LayoutGuidance(boxes={"triangle": [0, 0, 0.5, 0.5]}, missing="ignore", scale=0.5)
-    same = pipe(PROMPT, generator=gen(), output_type="np", controls=[none_present], **KW).images
+    with pytest.warns(UserWarning, match=r"none of the boxed words \['triangle'\] is in the run's prompt"):
+        same = pipe(PROMPT, generator=gen(), output_type="np", controls=[none_present], **KW).images
     assert np.array_equal(same, plain)
+    assert none_present.history == [] and "none guided" in none_present.summary()  # no gradient pass ran
     some = LayoutGuidance(boxes={"triangle": [0, 0, 0.5, 0.5], "circle": [0.5, 0, 1, 0.5]}, missing="ignore",
                           scale=0.5)
     moved = pipe(PROMPT, generator=gen(), output_type="np", controls=[some], **KW).images

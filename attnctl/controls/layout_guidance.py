@@ -36,6 +36,7 @@ Outside the gradient pass the control adds nothing to the attention: every site 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -290,6 +291,7 @@ class LayoutGuidance(Control):
         self._sites_seen = 0
         self._step = 0
         self._history: list[tuple[int, Any]] = []  # (step, loss as a device tensor until read: see history)
+        self._none_present = False  # missing="ignore" and no boxed word in the run's prompts: nothing to guide
 
     # ------------------------------------------------------------------------------ lifecycle
     def select_sites(self, sites):
@@ -310,13 +312,16 @@ class LayoutGuidance(Control):
         self.reset()
         self._scale.reset()
         layouts = [state.layout] if state.row_layouts is None else [lay for lay in state.row_layouts if lay]
-        for layout in layouts:
-            if layout is not None and any(seg.words for seg in layout.segments):
-                self._resolve(layout)  # fail early on absent words
+        known = [lay for lay in layouts if lay is not None and any(seg.words for seg in lay.segments)]
+        found = [any(self._resolve(layout)) for layout in known]  # fail early on absent words
+        if known and not any(found):  # only with missing="ignore": said, not silently a no-op
+            self._none_present = True
+            warnings.warn(f"LayoutGuidance: none of the boxed words {list(self.config.boxes)} is in the run's prompt, "
+                          "so nothing is guided (missing='ignore')", UserWarning, stacklevel=2)
 
     def step_size(self, step: int, num_steps: int) -> float:
         """``η`` at ``step`` (0: no gradient pass)."""
-        return float(self._scale(step, num_steps))
+        return 0.0 if self._none_present else float(self._scale(step, num_steps))
 
     def _resolve(self, layout) -> list[list[int]]:
         kept = self._columns.get(id(layout))
@@ -402,6 +407,8 @@ class LayoutGuidance(Control):
         return self._history
 
     def summary(self) -> str | None:
+        if self._none_present:
+            return f"layout guidance: none of the boxed words {list(self.config.boxes)} is in the prompt: none guided"
         if not self.history:
             return None
         first, last = self.history[0][1], self.history[-1][1]
