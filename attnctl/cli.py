@@ -765,7 +765,7 @@ def edit(
             err_console.print(escape(line), highlight=False)
 
 
-EDIT_SIZE_FIX = "check the image's size: the model generates at sizes it supports (toy-sd3 up to 32×32), so resize it"
+EDIT_SIZE_FIX = "check the image and the settings: the model must be able to generate at the image's size"
 
 
 def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, steps: int, guidance: float,
