@@ -90,6 +90,10 @@ def test_upload_checks_refuse_bad_files_with_messages():
     Image.new("RGB", (8, 8)).save(plain, format="PNG")
     with pytest.raises(UploadError, match="no attnctl settings"):
         check_png_upload("plain.png", plain.getvalue())
+    real = check_png_upload("plain.png", plain.getvalue(), settings=False)  # a real image to edit: any PNG
+    assert real.metadata == {} and real.image.size == (8, 8)
+    with pytest.raises(UploadError, match="400,000,000 pixels"):
+        check_png_upload("huge.png", huge_png(), settings=False)  # and every other check still holds
 
 
 def test_pils_decompression_bomb_guard_is_tightened_too():
@@ -620,6 +624,9 @@ def test_setups_the_run_would_ignore_or_refuse_are_flagged_in_the_editor_and_its
     assert any("does nothing on a FLUX model here" in p for p in engine.check_setup(flux, setup))
     exported = batch_file(setup)
     assert check_batch_file(exported) == []  # the file alone is valid
+    # an empty span of steps for the maps: the images are made, the maps are not, and a note says why
+    run = engine.generate(sd3, Setup(model=str(model_dir), steps=2), engine.MapOptions(start=0.5, stop=0.5))
+    assert run.baseline is not None and run.maps == {} and "span of the steps is empty" in run.map_note
     assert any("acts only through true CFG" in p for p in check_batch_file(exported, flux.pipe))
 
 

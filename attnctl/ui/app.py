@@ -635,7 +635,7 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
                              help=f"PNG files up to {MAX_UPLOAD_MB} MB")
         if f is not None:
             try:
-                image = check_png_upload(f.name, f.getvalue()).image
+                image = check_png_upload(f.name, f.getvalue(), settings=False).image  # any real image
             except UploadError as e:
                 st.error(f"Could not open {f.name!r}: {e}", icon="🚫")
     elif run is not None:

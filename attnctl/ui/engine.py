@@ -292,6 +292,8 @@ def generate(model: LoadedModel, setup: Setup, maps: MapOptions | None = None,
     with_maps = maps is not None and bool(words)
     if maps is not None and setup.reference_prompts:
         note, with_maps = "attention maps are not made for reposition runs (the references share the call)", False
+    elif with_maps and maps.start >= min(1.0, maps.stop):
+        note, with_maps = "no attention maps: their span of the steps is empty (widen the steps of the maps)", False
     elif maps is not None and views > 1:
         note = f"the attention maps are those of view 1 of {views}"
     notes: list[str] = []

@@ -80,8 +80,9 @@ def check_pixels(width: int, height: int, limit: int = MAX_PIXELS) -> None:
 
 
 def check_png_upload(name: str, data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES,
-                     max_pixels: int = MAX_PIXELS) -> CheckedPNG:
-    """Every check of an uploaded PNG; its pixels and attnctl metadata, or :class:`UploadError`."""
+                     max_pixels: int = MAX_PIXELS, settings: bool = True) -> CheckedPNG:
+    """Every check of an uploaded PNG; its pixels and attnctl metadata, or :class:`UploadError`. With
+    ``settings=False`` (a real image to edit) a PNG without attnctl metadata is fine: its metadata is then empty."""
     if len(data) > max_bytes:
         raise UploadError(f"{name!r} is {len(data) / 2**20:.1f} MB; the UI opens PNGs up to "
                           f"{max_bytes / 2**20:.0f} MB")
@@ -103,6 +104,8 @@ def check_png_upload(name: str, data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTE
         raise UploadError(f"refused as a decompression bomb: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
         raise UploadError(f"this PNG cannot be read: {e}") from None
+    if not settings and METADATA_KEY not in text:
+        return CheckedPNG(name=name, image=pixels, metadata={})
     return CheckedPNG(name=name, image=pixels, metadata=parse_metadata(text))
 
 
