@@ -979,6 +979,7 @@ def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
             else:
                 cli.check_negative(family, s.get("negative_prompt"), s.get("guidance"), s.get("true_cfg"),
                                    FIELD_NAMES)
+                cli.check_guidance_used(pipe.transformer, s.get("guidance"), FIELD_NAMES[1:])
                 references = s.get("reference_prompts")
                 cli.check_vocabulary(pipe, [s["prompt"], s.get("negative_prompt") or "", *(references or [])],
                                      plan.model)
@@ -1388,6 +1389,7 @@ class _Generator:
             "max_sequence_length": int(s["max_sequence_length"] if s.get("max_sequence_length") is not None
                                        else d["max_sequence_length"]),
         }
+        cli.check_size(self.pipe, settings["height"], settings["width"], ("field 'height'", "field 'width'"))
         controls = [control_from_json(c) for c in s.get("controls") or []]  # fresh: controls keep run state
         call_prompt = cli.reposition_prompts(prompt, references, controls)
         kwargs = cli.call_kwargs(settings, call_prompt, job.seed, negative, s.get("true_cfg"))

@@ -486,6 +486,31 @@ def check_negative(family: str, negative_prompt: str | None, guidance: float | N
                            f"give {g} > 1, or leave {neg} out")
 
 
+def check_size(pipe: Any, height: int, width: int, names: tuple[str, str] = ("--height", "--width")) -> None:
+    """Refuse a size past the side the model's position table covers (SD3; :func:`attnctl.inversion.largest_side`),
+    in pixels: diffusers says it in latent patches, from deep inside the call."""
+    from .inversion import largest_side
+
+    top = largest_side(pipe)
+    for name, side in zip(names, (height, width), strict=True):
+        if top is not None and side > top:
+            raise AttnCtlError(f"{name} {side} is past this model's largest side, {top} px (its position table)",
+                               f"give {name} {top} or less")
+
+
+def check_guidance_used(transformer: Any, guidance: float | None, names: tuple[str, str] = ("--guidance", "--true-cfg")
+                        ) -> None:
+    """Refuse a guidance scale given for a FLUX model whose transformer takes none (no guidance embedding, as
+    FLUX.1-schnell and toy-flux): diffusers ignores it there. ``names``: the guidance and true-CFG settings as the user
+    writes them."""
+    from .sites import family_of
+
+    if guidance is not None and family_of(transformer) == "flux" and not transformer.config.get("guidance_embeds"):
+        raise AttnCtlError(f"{names[0]} does nothing on this FLUX model: its transformer takes no guidance value (it "
+                           "has no guidance embedding)", f"leave {names[0]} out; for classifier-free guidance give "
+                                                         f"{names[1]} (a scale above 1)")
+
+
 _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "negative_prompt": (str, type(None)), "model": (str,), "dtype": (str, type(None)),
     "seed": (int,), "steps": (int,), "height": (int,), "width": (int,), "max_sequence_length": (int,),
@@ -600,6 +625,7 @@ def generate(
     if true_cfg is None:
         true_cfg = meta_in.get("true_cfg")
     check_negative(family, negative_prompt, guidance if guidance is not None else meta_in.get("guidance"), true_cfg)
+    check_guidance_used(pipe.transformer, guidance)  # (the guidance a PNG records is the model's default, not a choice)
     check_vocabulary(pipe, [prompt, negative_prompt or "", *(references or [])], model)
     backend = None
     if attention_backend is not None:
@@ -618,6 +644,7 @@ def generate(
         "width": int(width if width is not None else meta_in.get("width", defaults["width"])),
         "max_sequence_length": int(meta_in.get("max_sequence_length", defaults["max_sequence_length"])),
     }
+    check_size(pipe, settings["height"], settings["width"])
     kwargs = call_kwargs(settings, call_prompt, seed, negative_prompt, true_cfg)
     if images > 1:
         kwargs["num_images_per_prompt"] = images

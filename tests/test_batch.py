@@ -242,7 +242,8 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
     assert set(pngs(out)) - set(files) == {"red_s0.attention-circle.png", "red_s1.attention-circle.png"}  # the probe's
     assert not list(tmp_path.rglob("etc")) and all(p.parent == out for p in tmp_path.rglob("*.png"))
     records = read_manifest(out)
-    assert records["bad_s0.png"]["status"] == "failed" and "pos_embed_max_size" in records["bad_s0.png"]["error"]
+    assert records["bad_s0.png"]["status"] == "failed"
+    assert "field 'height' 512 is past this model's largest side, 128 px" in records["bad_s0.png"]["error"]
     assert all(records[f]["status"] == "done" and records[f]["seconds"] > 0 for f in files)
 
     # the PNG carries everything: generate --from regenerates the identical image

@@ -469,6 +469,8 @@ def test_option_values_the_run_would_ignore_or_overflow_are_refused(sd3_dir, flu
     assert np.array_equal(read_image(tmp_path / "cfg.png"), read_image(tmp_path / "b" / "cfg_s0.png"))
     result = run(*base, "-n", "a blue square", "-o", tmp_path / "neg.png")
     assert result.exit_code == 2 and "acts only through true CFG" in result.stderr and "--true-cfg 4" in result.stderr
+    result = run(*base, "-g", "5", "-o", tmp_path / "g.png")  # no guidance embedding: diffusers ignores the value
+    assert result.exit_code == 2 and "--guidance does nothing on this FLUX model" in result.stderr
     result = run("generate", "-m", sd3_dir, "-p", "a red circle", "--seed", str(2**64), "-o", tmp_path / "s.png")
     assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
 

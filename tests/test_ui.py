@@ -538,6 +538,23 @@ def test_uploaded_png_restores_every_setting(monkeypatch, model_dir):
     assert [full(c) for c in ran.controls] == [full(c) for c in s.controls]  # same controls, defaults spelt out
 
 
+def test_an_upload_restored_with_changes_says_each_change(monkeypatch, model_dir):
+    """What the editor cannot run as recorded (true CFG, image 2 of a set, a value past a field's range) is named in
+    a warning, not reported as restored."""
+    s = Setup(model=str(model_dir), prompt="a blue square", seed=3, steps=2,
+              controls=[{"kind": "regulation", "targets": ["square"], "iterations": 300}])
+    meta = {**metadata_for(s, {"model": s.model, "family": "sd3"}), "true_cfg": 5.0, "images": 3, "image_index": 1}
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    at = start(monkeypatch, model_dir)
+    at.file_uploader(key="upload").set_value(("set.png", encode_png(pixels, meta), "image/png")).run()
+    ok(at)
+    text = " ".join(w.value for w in at.warning)
+    assert "Not everything could be restored as recorded" in text and not any(
+        "Restored the settings" in m.value for m in at.success)
+    assert "true CFG 5.0 is recorded" in text and "image 2 of 3 made in one call" in text
+    assert "300 is outside this field's range" in text
+
+
 def full(config: dict) -> dict:
     from attnctl.controls import control_from_json
 
@@ -622,6 +639,8 @@ def test_setups_the_run_would_ignore_or_refuse_are_flagged_in_the_editor_and_its
     flux = engine.load_model(str(flux_dir))
     setup = Setup(model=str(flux_dir), steps=2, negative_prompt="a green triangle")
     assert any("does nothing on a FLUX model here" in p for p in engine.check_setup(flux, setup))
+    other = Setup(model=str(flux_dir), steps=2, guidance=flux.defaults["guidance"] + 3)
+    assert any("The guidance does nothing on this FLUX model" in p for p in engine.check_setup(flux, other))
     exported = batch_file(setup)
     assert check_batch_file(exported) == []  # the file alone is valid
     # an empty span of steps for the maps: the images are made, the maps are not, and a note says why

@@ -157,8 +157,10 @@ def on_upload() -> None:
     thumb = io.BytesIO()
     heatmap.upscale(checked.image, 192).save(thumb, format="PNG")
     n = len(restored.controls)
-    ss.notice = {"kind": "success", "text": f"Restored the settings of {f.name!r}: {restored.model}, seed "
-                 f"{restored.seed}, {restored.steps} steps, {n} control{'s' if n != 1 else ''}.",
+    changed = " Not everything could be restored as recorded: see the notes." if notes else ""
+    ss.notice = {"kind": "warning" if notes else "success",
+                 "text": f"Restored the settings of {f.name!r}: {restored.model}, seed {restored.seed}, "
+                         f"{restored.steps} steps, {n} control{'s' if n != 1 else ''}.{changed}",
                  "notes": notes, "thumb": thumb.getvalue()}
 
 
@@ -223,9 +225,10 @@ def sidebar() -> engine.LoadedModel | None:
             else:
                 if note.get("thumb"):
                     st.image(note["thumb"], width=96)
-                st.success(note["text"], icon="✅")
-                for n in note.get("notes") or []:
-                    st.caption(n)
+                if note["kind"] == "warning":  # restored with changes: each change is named, not a small caption
+                    st.warning(note["text"] + "".join(f"\n- {n}" for n in note.get("notes") or []), icon="⚠️")
+                else:
+                    st.success(note["text"], icon="✅")
         st.caption(f"PNG only, up to {MAX_UPLOAD_MB} MB and 4096×4096 pixels. The UI is served on "
                    "this machine only unless started with --host.")
     with model_box:

@@ -181,6 +181,10 @@ def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
     elif setup.negative_prompt.strip() and setup.guidance <= 1:
         problems.append(f"The negative prompt acts through CFG, which a guidance of {setup.guidance} turns off: raise "
                         "the guidance above 1, or clear the negative prompt.")
+    embeds = model.pipe.transformer.config.get("guidance_embeds")
+    if model.family == "flux" and not embeds and setup.guidance != model.defaults["guidance"]:
+        problems.append(f"The guidance does nothing on this FLUX model (it takes no guidance value): set it back to "
+                        f"{model.defaults['guidance']}.")
     m, top = model.size_multiple, min(MAX_SIDE, largest_side(model.pipe) or MAX_SIDE)
     for side, v in (("height", setup.height), ("width", setup.width)):
         if not m <= v <= top or v % m:

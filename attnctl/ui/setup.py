@@ -91,6 +91,17 @@ def setup_from_metadata(meta: dict[str, Any], base: Setup | None = None) -> tupl
     if not (isinstance(references, list) and all(isinstance(r, str) for r in references)) or len(references) > 16:
         notes.append("the reference prompts recorded are not a list of at most 16 strings; left out")
         references = []
+    true_cfg = meta.get("true_cfg")
+    if true_cfg is not None:
+        notes.append(f"true CFG {true_cfg} is recorded, and the editor does not run true CFG: its image will differ "
+                     "(`attnctl generate --from` makes the recorded one)")
+    epipolar = any(isinstance(c, dict) and c.get("kind") == "epipolar" for c in controls)
+    index = meta.get("image_index")
+    if isinstance(meta.get("images"), int) and meta["images"] > 1 and not epipolar:
+        notes.append(f"this PNG is image {(index or 0) + 1} of {meta['images']} made in one call, and the editor makes "
+                     "one image a call: its image will differ (`attnctl generate --from` makes the recorded one)")
+    elif isinstance(index, int) and index > 0:
+        notes.append(f"this PNG is view {index + 1} of its set; the editor shows view 1 first")
     setup = Setup(
         model=model.strip(),
         prompt=prompt[:2000],

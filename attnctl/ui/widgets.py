@@ -50,7 +50,11 @@ def keyed(widget: Callable[..., Any], key: str, default: Any, label: str, **kwar
                     (opts[0] if opts else None)
             else:
                 lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+                given = default
                 default = tuple(clamp(v, lo, hi) for v in default) if isinstance(default, tuple) else \
                     clamp(default, lo, hi)
+                # a value the library takes but this field does not (a restored PNG's, say): changed, and said so
+                st.warning(f"{label}: {given} is outside this field's range ({lo} to {hi}); it is set to {default}, "
+                           "which changes the run (the JSON editor takes any value the control does)", icon="⚠️")
         state[key] = default
     return widget(label, key=key, **kwargs)
