@@ -157,9 +157,10 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def read_json_arg(text: str, what: str, example: str = '{"kind": "probe", "words": ["circle"]}') -> Any:
-    """Parse a JSON argument given inline or as ``@file``, naming ``what`` in errors (and ``example`` in the way
-    out)."""
+def read_json_arg(text: str, what: str, example: str = '{"kind": "probe", "words": ["circle"]}',
+                  kind: str = "a JSON object") -> Any:
+    """Parse a JSON argument given inline or as ``@file``, naming ``what`` in errors (and ``kind`` and ``example``
+    in the way out)."""
     source = "inline"
     if text.startswith("@"):
         path = Path(text[1:]).expanduser()
@@ -176,7 +177,7 @@ def read_json_arg(text: str, what: str, example: str = '{"kind": "probe", "words
         where = "" if source == "inline" else f" in {source}"
         raise AttnCtlError(
             f"{what} is not valid JSON{where} ({e.msg} at line {e.lineno} column {e.colno}): {shown!r}",
-            f"write a JSON object, e.g. '{example}', or @file.json",
+            f"write {kind}, e.g. '{example}'" + (", or @file.json" if source == "inline" else ""),
         ) from None
 
 
@@ -997,7 +998,8 @@ def load_prompt_items(spec: str, limit: int | None = None) -> tuple[list[dict[st
 
     path = Path(spec).expanduser()
     if path.is_file():
-        data = read_json_arg(f"@{path}", "--prompts")
+        data = read_json_arg(f"@{path}", "--prompts", '[{"prompt": "a red circle"}, "a blue square"]',
+                             "a JSON list of prompt items")
         if isinstance(data, dict) and isinstance(data.get("items"), list):
             data = data["items"]
         if not isinstance(data, list) or not data:

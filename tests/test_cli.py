@@ -417,6 +417,9 @@ def _bad_input_cases(sd3: str, tmp: str) -> list[tuple[list[str], str]]:
         (["eval", "--model", sd3, "--prompts", "pair", "--boxes-from", "colours"], "--boxes-from needs --method"),
         (["inspect", "--config", "sd4-huge"], "unknown transformer config 'sd4-huge'"),
         ([*gen, "--guidance", "nan"], "--guidance nan is not a guidance scale"),
+        ([*gen, "--height", "256"], "--height 256 is past this model's largest side, 128 px"),
+        (["eval", "--model", sd3, "--prompts", f"{tmp}/nope.json", "--seeds", "1"],
+         "write a JSON list of prompt items, e.g."),
         ([*gen, "--guidance", "-5"], "--guidance -5.0 is not a guidance scale"),
         ([*gen, "--true-cfg", "1"], "does not turn true CFG on"),
         ([*gen, "--true-cfg", "4"], "--true-cfg is for FLUX models"),
@@ -443,6 +446,7 @@ def test_bad_inputs_exit_2_with_one_clear_line(sd3_dir, tmp_path):
     save_png(tmp_path / "edited-seed.png", Image.new("RGB", (8, 8)), {"prompt": "a red circle", "seed": "x"})
     (tmp_path / "bad-items.json").write_text(json.dumps([{"prompt": "a red circle"}, {"objects": []}]))
     (tmp_path / "one.json").write_text(json.dumps({"version": 1, "items": [{"prompt": "a red circle"}]}))
+    (tmp_path / "nope.json").write_text("nope")
     for args, expected in _bad_input_cases(str(sd3_dir), str(tmp_path)):
         result = run(*args)
         assert result.exit_code == 2, (args, result.output, result.exception)
