@@ -319,6 +319,11 @@ def test_add_configure_and_remove_controls(monkeypatch, model_dir):
     ok(at)
     assert at.session_state["controls"][1]["config"]["targets"] == ["square"]
     soft = controls[0]["id"]
+    layers = at.session_state["controls"][0]["config"]["heads"]
+    at.segmented_control(key=f"c{soft}.mode").set_value("heads").run()  # whole layers → their single heads
+    ok(at)
+    heads = at.session_state["controls"][0]["config"]["heads"]
+    assert layers and heads and all(any(h.startswith(layer + "H") for layer in layers) for h in heads)
     at.button(key=f"remove{soft}").click().run()
     ok(at)
     assert [c["kind"] for c in at.session_state["controls"]] == ["regulation"]

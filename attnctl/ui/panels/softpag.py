@@ -166,7 +166,8 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
                        placeholder="choose layers", label_visibility="collapsed")
         cfg["heads"] = list(chosen)
     elif mode == "heads":
-        current = heads if isinstance(heads, list) and mode_of(heads) == "heads" else []
+        # whole layers chosen before stay chosen, as their heads (L3 → L3H0 … L3H23)
+        current = heads if isinstance(heads, list) else []
         options = head_options(ctx)
         if len(options) <= MAX_HEAD_OPTIONS:
             picked = [f"L{i}H{h}" for i, h in selected_pairs(ctx, current)]
