@@ -675,7 +675,7 @@ def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(mon
         meta = json.loads(img.text["attnctl"])
     assert (meta["source_prompt"], meta["prompt"]) == (source, target)
     assert meta["controls"][0]["kind"] == "unify_edit" and meta["controls"][0]["scale"]["kind"] == "window"
-    assert meta["solver"] == "euler"
+    assert meta["solver"] == "euler" and meta["model"] == str(model_dir)
     assert len(at.tabs[4].image) == 3
     scheduler = at.session_state["edit_result"]  # the midpoint solver: the same edit, another result, same summary
     at.radio(key="edit_solver").set_value("midpoint")
@@ -734,3 +734,8 @@ def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(mon
                                   "UnifyEdit + RF-Inversion + value sharing")
     with Image.open(io.BytesIO(both["images"][2])) as img:
         assert {"rf_inversion", "value_sharing"} <= set(json.loads(img.text["attnctl"]))
+    # the edit's PNG opened in the sidebar: refused with the way out (the Edit tab), not a setup that cannot run
+    at.file_uploader(key="upload").set_value(("edited.png", shown["images"][2], "image/png")).run()
+    assert any("this PNG is an edit" in e and "Edit tab" in e for e in errors(at))
+    assert at.session_state["controls"] == [c for c in at.session_state["controls"] if c["kind"] != "unify_edit"]
+

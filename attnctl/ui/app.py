@@ -694,7 +694,8 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
             show_failure(bar, e, "edit")
             return
         bar.empty()
-        meta = {"source_prompt": ss.edit_source, "prompt": ss.edit_target, "steps": int(ss.steps),
+        meta = {"model": model.name, "edited_from": "an image edited in attnctl ui",
+                "source_prompt": ss.edit_source, "prompt": ss.edit_target, "steps": int(ss.steps),
                 "guidance": float(ss.guidance), "controls": [result.control], "solver": ss.edit_solver,
                 **({"rf_inversion": result.rf} if result.rf is not None else {}),
                 **({"value_sharing": result.share} if result.share is not None else {})}

@@ -73,6 +73,9 @@ def setup_from_metadata(meta: dict[str, Any], base: Setup | None = None) -> tupl
     fields that were missing or refused. Controls that name files are refused (:class:`UploadError`)."""
     base = base or Setup()
     notes: list[str] = []
+    if "edited_from" in meta or "source_prompt" in meta:  # an edit's PNG (Edit tab, attnctl edit): not a setup
+        raise UploadError(f"this PNG is an edit (of {meta.get('source_prompt')!r} into {meta.get('prompt')!r}), not a "
+                          "generated image: to edit it further, open it in the Edit tab with 'Upload a PNG'")
     model = meta.get("model")
     if not isinstance(model, str) or not model.strip():
         notes.append(f"no model recorded; kept {base.model}")
