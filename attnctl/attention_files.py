@@ -53,9 +53,10 @@ def map_names(controls: Sequence[Any], image_names: Sequence[str]) -> list[str]:
     return names
 
 
-def map_images(controls: Sequence[Any], image_names: Sequence[str], images: Sequence[Any]) -> list[tuple[str, Any]]:
-    """``(file name, PIL image)`` of every heatmap of :func:`map_names`, after the run: probe row ``i`` is image
-    ``i`` (the conditional rows, one per image made)."""
+def map_images(controls: Sequence[Any], image_names: Sequence[str], images: Sequence[Any]
+               ) -> list[tuple[str, Any, int]]:
+    """``(file name, PIL image, index of the image it maps)`` of every heatmap of :func:`map_names`, after the run:
+    probe row ``i`` is image ``i`` (the conditional rows, one per image made)."""
     from .ui.heatmap import normalize, overlay
 
     out = []
@@ -68,5 +69,5 @@ def map_images(controls: Sequence[Any], image_names: Sequence[str], images: Sequ
                                "cannot be told apart by image", 'keep the probe\'s roles at ["cond"] (the default)')
         for i, image in enumerate(images):
             for column in _columns(probe):
-                out.append((next(names), overlay(image, normalize(maps[column][i].float().cpu().numpy()))))
+                out.append((next(names), overlay(image, normalize(maps[column][i].float().cpu().numpy())), i))
     return out

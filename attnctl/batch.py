@@ -588,10 +588,10 @@ def _check_generate_item(raw: dict[str, Any], raw_defaults: dict[str, Any]) -> t
         own.append("field 'prompt' is required (in the item, or in defaults for every item)")
     boxes = raw.get("boxes", raw_defaults.get("boxes"))
     if isinstance(prompt, str) and isinstance(boxes, dict):
-        words = _prompt_words(prompt)
+        from .layout import absent_words, text_words
+
         for subject in boxes:
-            subject_words = _prompt_words(subject)
-            if not subject_words or any(w not in words for w in subject_words):
+            if not text_words(subject) or absent_words([subject], prompt):
                 own.append(f"field 'boxes.{subject}': {subject!r} does not occur in the prompt {prompt!r}; "
                            "boxes are keyed by words of the prompt")
     return item, own
@@ -695,7 +695,7 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
     from .attention_files import check_probes, map_names
     from .cli import image_file, reference_file, reposition_prompts
     from .controls import control_from_json
-    from .layout import _WORD
+    from .layout import absent_words
     from .views import images_per_prompt
 
     merged = _merge(defaults, item)
@@ -711,9 +711,8 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
     except AttnCtlError as e:
         raise _FieldProblem("controls", e) from None
     merged["controls"] = [c.to_json() for c in controls]
-    present = set(_WORD.findall(merged["prompt"].lower()))  # the words as a run's layout reads them
     for i, control in enumerate(controls):  # a named word the prompt lacks would fail every image of the item
-        absent = [w for w in control.prompt_words() if not set(_WORD.findall(w.lower())) <= present]
+        absent = absent_words(control.prompt_words(), merged["prompt"])
         if absent:
             raise _FieldProblem(f"controls[{i}]", ConfigError(
                 f"{control.kind} names {', '.join(map(repr, absent))}, which the prompt {merged['prompt']!r} does "
@@ -771,10 +770,6 @@ def _shares_at(share: dict[str, Any], steps: int) -> bool:
     from .controls.value_sharing import ValueSharing
 
     return ValueSharing.from_json(share).canonical(steps) is not None
-
-
-def _prompt_words(prompt: str) -> list[str]:
-    return re.findall(r"[\w']+", prompt.lower())
 
 
 def _takes_boxes(spec: dict[str, Any]) -> bool:
@@ -964,6 +959,7 @@ def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
     family = family_of(pipe.transformer)
     problems: list[str] = []
     seen: set[int] = set()
+    bound: dict[str, str | None] = {}  # controls JSON → what binding them says: items mostly share their controls
     for job in plan.jobs:
         if job.index in seen:  # an item's images share its settings
             continue
@@ -985,7 +981,15 @@ def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
                                      plan.model)
                 controls = [control_from_json(c) for c in s.get("controls") or []]
                 cli.reposition_prompts(s["prompt"], references, controls)
-            Controller(pipe, controls)  # binds: family, sites, heads, the scheduler latent guidance steps with
+            key = json.dumps([c.to_json() for c in controls], sort_keys=True)
+            if key not in bound:
+                try:
+                    Controller(pipe, controls)  # binds: family, sites, heads, the scheduler latent guidance steps with
+                    bound[key] = None
+                except AttnCtlError as e:
+                    bound[key] = _one_line(e)
+            if bound[key] is not None:
+                problems.append(f"{where}: {bound[key]}")
         except AttnCtlError as e:
             problems.append(f"{where}: {_one_line(e)}")
     return problems
@@ -1427,9 +1431,8 @@ class _Generator:
         else:
             metas = [{**meta, "reference_index": k} for k in range(1, len(names))] + [meta]
         made = list(zip(names, images, metas, strict=True))
-        outputs = [(Path(n), m) for n, _, m in made]
-        maps = [(name, heat, cli.attention_map_meta(name, outputs))
-                for name, heat in map_images(controls, names, images)]
+        maps = [(name, heat, cli.attention_map_meta(names[i], metas[i]))
+                for name, heat, i in map_images(controls, names, images)]
         return [*made[:-1], *maps, made[-1]]  # job.file is written last
 
 

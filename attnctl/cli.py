@@ -472,13 +472,11 @@ def check_negative(family: str, negative_prompt: str | None, guidance: float | N
                    names: tuple[str, str, str] = ("--negative-prompt", "--guidance", "--true-cfg")) -> None:
     """Refuse guidance settings a run would silently ignore: ``true_cfg`` on SD3, a FLUX negative prompt without
     true CFG, an SD3 negative prompt with CFG off (``guidance`` ≤ 1; ``None``: the model's default). ``names``:
-    what the user calls the negative prompt, guidance and true CFG (options or batch fields)."""
+    what the user calls the negative prompt, guidance and true CFG (options or batch fields). The scales' own
+    ranges are :func:`check_scales`' (and a batch file's schema's)."""
     neg, g, t = names
     if true_cfg is not None and family != "flux":
         raise AttnCtlError(f"{t} is for FLUX models", f"use {g} for SD3 / SD3.5 models")
-    if true_cfg is not None and not true_cfg > 1:
-        raise AttnCtlError(f"{t} {true_cfg} does not turn true CFG on (it acts above 1)",
-                           f"give {t} > 1, such as 4, or leave it out")
     if negative_prompt and family == "flux" and true_cfg is None:
         raise AttnCtlError(f"{neg} on a FLUX model acts only through true CFG, which is off",
                            f"add {t} 4 (any scale > 1), or leave {neg} out")
@@ -577,8 +575,6 @@ def generate(
     """Generate one image and write it as a PNG that records how it was made."""
     import torch
 
-    check_scales(guidance, true_cfg)
-
     meta_in: dict[str, Any] = {}
     if from_ is not None:
         from .imageio import read_metadata
@@ -591,6 +587,9 @@ def generate(
     prompt = prompt if prompt is not None else meta_in.get("prompt")
     if prompt is None:
         raise AttnCtlError("no prompt given", "pass --prompt TEXT, or --from IMAGE.png to regenerate an image")
+    if true_cfg is None:
+        true_cfg = meta_in.get("true_cfg")
+    check_scales(guidance if guidance is not None else meta_in.get("guidance"), true_cfg)  # given or recorded
     model = model or meta_in.get("model") or DEFAULT_MODEL
     seed = seed if seed is not None else int(meta_in.get("seed", 0))
     if negative_prompt is None:
@@ -623,8 +622,6 @@ def generate(
     from .sites import family_of
 
     family = family_of(pipe.transformer)
-    if true_cfg is None:
-        true_cfg = meta_in.get("true_cfg")
     check_negative(family, negative_prompt, guidance if guidance is not None else meta_in.get("guidance"), true_cfg)
     check_guidance_used(pipe.transformer, guidance)  # (the guidance a PNG records is the model's default, not a choice)
     check_vocabulary(pipe, [prompt, negative_prompt or "", *(references or [])], model)
@@ -694,8 +691,8 @@ def generate(
         path = save_png(target, image, image_meta)
         out_console.print(f"wrote {escape(str(path))}  ({escape(model)}, seed {seed}, {settings['steps']} steps, "
                           f"{image.size[0]}x{image.size[1]}, {seconds:.1f} s)", highlight=False)
-    for name, heat in map_images(controls, [target.name for target, _ in outputs], made):
-        path = save_png(out.parent / name, heat, attention_map_meta(name, outputs))
+    for name, heat, i in map_images(controls, [target.name for target, _ in outputs], made):
+        path = save_png(out.parent / name, heat, attention_map_meta(outputs[i][0].name, outputs[i][1]))
         out_console.print(f"wrote {escape(str(path))}  (attention map)", highlight=False)
     for line in (c.summary() for c in controls):
         if line:
@@ -880,11 +877,9 @@ def call_kwargs(settings: dict[str, Any], prompt: str | list[str], seed: int, ne
     return kwargs
 
 
-def attention_map_meta(name: str, outputs: Sequence[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+def attention_map_meta(image: str, meta: dict[str, Any]) -> dict[str, Any]:
     """What an attention-map PNG records: the image it maps, and that image's settings (its probe among them)."""
-    image = next(target for target, _ in outputs if name.startswith(target.stem + ".attention-"))
-    meta = next(m for target, m in outputs if target == image)
-    return {"attention_map_of": image.name, **{k: v for k, v in meta.items() if k != "batch"}}
+    return {"attention_map_of": image, **{k: v for k, v in meta.items() if k != "batch"}}
 
 
 def run_pipeline(pipe, kwargs: dict[str, Any], controls: Sequence[Any]) -> list:

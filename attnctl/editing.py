@@ -42,7 +42,7 @@ from .errors import ConfigError, LayoutError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
 from .inversion import check_path, has_guidance_embedding, image_array, invert, text_length
 from .latent_guidance import StopForward, check_scheduler
-from .layout import _WORD
+from .layout import absent_words
 from .midpoint import step_anchor
 from .rf_inversion import RFInversion, toward_image
 
@@ -283,8 +283,7 @@ def check_words(control: UnifyEdit, source_prompt: str, target_prompt: str) -> N
                                                                  "mask_words=[...], or give box=[x0, y0, x1, y1]")
     for field, words, prompt in (("edit_words", (cfg.edit_words or tgt) if cfg.ca_weight > 0 else [], target_prompt),
                                  ("mask_words", (cfg.mask_words or src) if needs_mask else [], source_prompt)):
-        present = set(_WORD.findall(prompt.lower()))
-        absent = [w for w in words if not set(_WORD.findall(w.lower())) <= present]
+        absent = absent_words(words, prompt)
         if absent:
             raise LayoutError(f"UnifyEdit: {field} {absent} are not words of the prompt {prompt!r}",
                               fix=f"name words of the {'target' if field == 'edit_words' else 'source'} prompt in "

@@ -10,6 +10,7 @@ text-relative token indices for every tokenizer segment.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -111,6 +112,18 @@ class TokenLayout:
             if text is not None and key not in seg.words and key in (m.group().lower() for m in _WORD.finditer(text)):
                 return True
         return False
+
+
+def text_words(text: str) -> list[str]:
+    """The words of ``text`` as a run's layout reads them, lower case, punctuation left out."""
+    return [w for w in _WORD.findall(text.lower()) if w[0].isalnum() or w[0] == "_"]
+
+
+def absent_words(words: Sequence[str], text: str) -> list[str]:
+    """The words or phrases of ``words`` that ``text`` does not contain (a phrase: some word of it missing), read
+    from the text alone, before any tokenizer: a batch file and an edit check their words with it up front."""
+    present = set(text_words(text))
+    return [w for w in words if not set(text_words(w)) <= present]
 
 
 def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,

@@ -21,7 +21,7 @@ class PipelineSkeleton:
 
     transformer: Any
     scheduler: Any
-    tokenizer: Any = None  # the shapes-world tokenizer of a toy model, for its vocabulary check; else None
+    tokenizer: Any = None  # the first tokenizer of a local model, for a toy model's vocabulary check; else None
 
 
 def _component_class(index: dict[str, Any], name: str, location: str) -> Any:
@@ -59,10 +59,9 @@ def pipeline_skeleton(name: str) -> PipelineSkeleton:
 
 
 def _toy_tokenizer(location: str, index: dict[str, Any]) -> Any:
-    """The model's first tokenizer when it is the shapes-world one (toy and tiny test models), else ``None``."""
+    """The model's first tokenizer when its folder is at hand (a toy model's vocabulary check needs it; the check
+    itself, :func:`attnctl.cli.check_vocabulary`, tells a toy tokenizer from a real one), else ``None``."""
     from pathlib import Path
-
-    from .toyworld import vocab
 
     folder = Path(location) / "tokenizer"
     if not folder.is_dir() or "tokenizer" not in index:  # a hub model: real tokenizers take any word
@@ -70,7 +69,6 @@ def _toy_tokenizer(location: str, index: dict[str, Any]) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError):
         return None
-    return tokenizer if tokenizer.get_vocab() == vocab.vocabulary() else None

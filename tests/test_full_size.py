@@ -68,7 +68,7 @@ def test_a_full_size_pipeline_skeleton_from_its_configs_alone(tmp_path):
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
     skeleton = pipeline_skeleton(str(tmp_path))
     assert all(p.device.type == "meta" for p in skeleton.transformer.parameters())
-    assert skeleton.tokenizer is None  # not the toy tokenizer: no vocabulary check
+    assert skeleton.tokenizer is None  # no tokenizer folder: no vocabulary check
     ctl = attnctl.Controller(skeleton, [attnctl.SoftPAG(heads=["L56H23"]), attnctl.LayoutGuidance(
         boxes={"cat": [0, 0, 0.5, 0.5]})])
     assert len(ctl.sites) == EXPECTED["flux.1-dev"][0]

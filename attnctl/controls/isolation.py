@@ -109,6 +109,7 @@ class IsolationAttention(Control):
         self._plan: dict[str, Any] | None = None  # what the step's masks give every steered call (:meth:`_planned`)
         self._sets: list[tuple[list[int], int]] | None = None  # (reference rows, target row) or ([], target row)
         self._main: tuple[str, ...] | None = None  # the roles of the run's calls the masks are made in (see _rows_of)
+        self._row_maps: dict[tuple, Any] = {}  # _rows_of's answer per call roles, worked out once per run
         self._own: dict[int, tuple[int, ...]] = {}  # conditional row -> the subjects its prompt shows
         self._parts: dict[tuple, list] = {}  # the probes' columns, rows and subjects (:meth:`_probe_parts`)
         self.calls = 0
@@ -210,6 +211,12 @@ class IsolationAttention(Control):
         conditional row as the ``k``-th of the masks (the dict maps mask rows to its rows); a call without
         conditional rows (FLUX's true-CFG call for the negative prompt) gives ``None``."""
         roles = tuple(state.roles) if state.roles is not None else ("cond",) * batch
+        if roles in self._row_maps:
+            return self._row_maps[roles]
+        self._row_maps[roles] = found = self._relate(state, roles, batch)
+        return found
+
+    def _relate(self, state: RunState, roles: tuple[str, ...], batch: int) -> object | dict[int, int] | None:
         cond = state._row_list(("cond",), batch)
         if self._main is None:
             if not cond:

@@ -47,7 +47,7 @@ from pydantic import Field, field_validator
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, LayoutError, SiteError
-from ..layout import _WORD, image_grid
+from ..layout import image_grid, text_words
 from ..schedules import Schedule, as_schedule, bounded
 from ..subject_masks import otsu_masks
 from .base import Control, ControlConfig, RunState, register, word_columns
@@ -120,10 +120,7 @@ def differing_words(source: str, target: str) -> tuple[list[str], list[str]]:
     """The words the target prompt has in place of the source's: ``(source words, target words)`` of every
     replaced, deleted or inserted run, case-folded (``"a red circle"`` → ``"a green circle"``: ``(["red"],
     ["green"])``)."""
-    def words(text: str) -> list[str]:  # words as the token layout reads them; punctuation is no word to edit
-        return [w for w in _WORD.findall(text.lower()) if w[0].isalnum() or w[0] == "_"]
-
-    a, b = words(source), words(target)
+    a, b = text_words(source), text_words(target)  # punctuation is no word to edit
     src: list[str] = []
     tgt: list[str] = []
     for op, i0, i1, j0, j1 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
