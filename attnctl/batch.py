@@ -945,15 +945,19 @@ FIELD_NAMES = ("field 'negative_prompt'", "field 'guidance'", "field 'true_cfg'"
 def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
     """What only the model shows wrong in the plan's items, one line each, in file order: a control for another
     model family or with sites or heads the model lacks, guidance settings the model would ignore (``true_cfg`` on
-    SD3, a negative prompt without CFG), words a toy model does not know.
+    SD3, a negative prompt without CFG), words a toy model does not know, image sizes (asked for, or of an image to
+    edit) the model cannot make.
 
     ``pipe`` is the loaded pipeline or its :func:`~attnctl.skeleton.pipeline_skeleton` (no weights needed). The
     controls are bound as a run binds them and nothing is installed, so a batch fails here, before its first
     image, rather than at each such item after hours of others."""
+    from PIL import Image
+
     from . import cli
     from .controller import Controller
     from .controls import control_from_json
     from .controls.value_sharing import ValueSharing
+    from .inversion import check_image_size
     from .sites import family_of
 
     family = family_of(pipe.transformer)
@@ -969,6 +973,14 @@ def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
         try:
             if job.kind == "edit":
                 cli.check_vocabulary(pipe, [s["source_prompt"], s["prompt"]], plan.model)
+                assert job.image is not None
+                try:
+                    with Image.open(job.image) as img:  # reads the header only
+                        width, height = img.size
+                except OSError as e:  # read and verified with the file: it changed since
+                    raise AttnCtlError(f"cannot read the image {str(job.image)!r} again ({_one_line(e)})",
+                                       "check the file and run again") from None
+                check_image_size(pipe, width, height)
                 controls = [control_from_json(s["controls"][0])]
                 if s.get("value_sharing") is not None:
                     controls.append(ValueSharing.from_json(s["value_sharing"]))
@@ -976,6 +988,7 @@ def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
                 cli.check_negative(family, s.get("negative_prompt"), s.get("guidance"), s.get("true_cfg"),
                                    FIELD_NAMES)
                 cli.check_guidance_used(pipe.transformer, s.get("guidance"), FIELD_NAMES[1:])
+                cli.check_size(pipe, s.get("height"), s.get("width"), ("field 'height'", "field 'width'"))
                 references = s.get("reference_prompts")
                 cli.check_vocabulary(pipe, [s["prompt"], s.get("negative_prompt") or "", *(references or [])],
                                      plan.model)

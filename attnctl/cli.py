@@ -485,16 +485,26 @@ def check_negative(family: str, negative_prompt: str | None, guidance: float | N
                            f"give {g} > 1, or leave {neg} out")
 
 
-def check_size(pipe: Any, height: int, width: int, names: tuple[str, str] = ("--height", "--width")) -> None:
-    """Refuse a size past the side the model's position table covers (SD3; :func:`attnctl.inversion.largest_side`),
-    in pixels: diffusers says it in latent patches, from deep inside the call."""
-    from .inversion import largest_side
+def check_size(pipe: Any, height: int | None, width: int | None, names: tuple[str, str] = ("--height", "--width")
+               ) -> None:
+    """Refuse a side that is not a multiple of what the model needs (:func:`attnctl.inversion.size_multiple`: SD3
+    refuses it from deep inside the call, FLUX silently rounds it down) or past the side its position table covers
+    (SD3; :func:`attnctl.inversion.largest_side`). Said in pixels, with the nearest sizes that work. ``pipe`` may be
+    a :class:`~attnctl.skeleton.PipelineSkeleton`; a side given as ``None`` (the model's default) is not checked."""
+    from .inversion import largest_side, size_multiple
 
-    top = largest_side(pipe)
+    m, top = size_multiple(pipe), largest_side(pipe)
     for name, side in zip(names, (height, width), strict=True):
+        if side is None:
+            continue
         if top is not None and side > top:
             raise AttnCtlError(f"{name} {side} is past this model's largest side, {top} px (its position table)",
                                f"give {name} {top} or less")
+        if side % m:
+            below, above = side - side % m, side - side % m + m
+            near = f"{below} or {above}" if below >= m and (top is None or above <= top) else str(max(below, m))
+            raise AttnCtlError(f"{name} {side} is not a multiple of {m} px, which this model's image sides must be",
+                               f"give {name} {near}")
 
 
 def check_guidance_used(transformer: Any, guidance: float | None, names: tuple[str, str] = ("--guidance", "--true-cfg")

@@ -115,14 +115,7 @@ def encode_image(pipe: Any, image: Any) -> torch.Tensor:
     transformer's dtype and device. The image's height and width must be multiples of what the model needs."""
     arr = image_array(image)
     h, w = arr.shape[:2]
-    need = pipe.vae_scale_factor * (2 if family_of(pipe.transformer) == "flux" else pipe.transformer.config.patch_size)
-    if h % need or w % need:
-        raise ConfigError(f"the image is {w}×{h} px, and this model needs sides that are multiples of {need}",
-                          fix=f"resize or crop the image to multiples of {need} px first")
-    top = largest_side(pipe)
-    if top is not None and max(h, w) > top:
-        raise ConfigError(f"the image is {w}×{h} px, and this model's largest side is {top} px (its position table)",
-                          fix=f"resize the image to at most {top} px a side")
+    check_image_size(pipe, w, h)
     pixels = torch.from_numpy(arr.copy() if not arr.flags.writeable else np.ascontiguousarray(arr))
     with torch.no_grad():
         z = pixels_to_latents(pipe, pixels[None])
@@ -275,6 +268,26 @@ def check_path(pipe: Any, path: Any, image: np.ndarray, num_inference_steps: int
     if not torch.allclose(z, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max().clamp_min(1e-6))):
         raise ConfigError("the path ends at another image's latent: it is not this image's inversion",
                           fix="invert this image (attnctl.invert), or leave path out")
+
+
+def check_image_size(pipe: Any, width: int, height: int) -> None:
+    """Refuse an image the model cannot encode as it is: sides not multiples of :func:`size_multiple`, or past
+    :func:`largest_side`. ``pipe`` may be a :class:`~attnctl.skeleton.PipelineSkeleton`."""
+    need = size_multiple(pipe)
+    if height % need or width % need:
+        raise ConfigError(f"the image is {width}×{height} px, and this model needs sides that are multiples of {need}",
+                          fix=f"resize or crop the image to multiples of {need} px first")
+    top = largest_side(pipe)
+    if top is not None and max(height, width) > top:
+        raise ConfigError(f"the image is {width}×{height} px, and this model's largest side is {top} px (its "
+                          "position table)", fix=f"resize the image to at most {top} px a side")
+
+
+def size_multiple(pipe: Any) -> int:
+    """What the model's image sides in pixels must be multiples of: the autoencoder's factor times the patch
+    size (FLUX packs 2×2 latent patches). SD3 refuses other sizes; FLUX silently rounds them down."""
+    patch = 2 if family_of(pipe.transformer) == "flux" else int(pipe.transformer.config.patch_size)
+    return int(pipe.vae_scale_factor) * patch
 
 
 def largest_side(pipe: Any) -> int | None:

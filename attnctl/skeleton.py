@@ -22,6 +22,7 @@ class PipelineSkeleton:
     transformer: Any
     scheduler: Any
     tokenizer: Any = None  # the first tokenizer of a local model, for a toy model's vocabulary check; else None
+    vae_scale_factor: int = 8  # pixels per latent cell, as the pipelines derive it from the autoencoder's config
 
 
 def _component_class(index: dict[str, Any], name: str, location: str) -> Any:
@@ -50,12 +51,25 @@ def pipeline_skeleton(name: str) -> PipelineSkeleton:
         index = DiffusionPipeline.load_config(location)
         config = dict(_component_class(index, "transformer", location).load_config(location, subfolder="transformer"))
         scheduler = _component_class(index, "scheduler", location).from_pretrained(location, subfolder="scheduler")
+        vae_factor = _vae_scale_factor(location, index)
     except AttnCtlError:
         raise
     except (OSError, ValueError) as e:
         raise AttnCtlError(f"cannot read the configs of model {name!r}: {_one_line(e)[:300]}",
                            "check the model name or folder (and the network, for a hub id)") from None
-    return PipelineSkeleton(build_empty(config), scheduler, _toy_tokenizer(location, index))
+    return PipelineSkeleton(build_empty(config), scheduler, _toy_tokenizer(location, index), vae_factor)
+
+
+def _vae_scale_factor(location: str, index: dict[str, Any]) -> int:
+    """``2 ** (len(block_out_channels) - 1)`` of the autoencoder's config, as the SD3 and FLUX pipelines compute
+    it (8 without an autoencoder, as they default). Any config class reads the file: the autoencoder's own class
+    may live outside diffusers (the toy models')."""
+    from diffusers import AutoencoderKL
+
+    if not isinstance(index.get("vae"), list | tuple) or index["vae"][0] is None:
+        return 8
+    channels = AutoencoderKL.load_config(location, subfolder="vae").get("block_out_channels")
+    return 2 ** (len(channels) - 1) if channels else 8
 
 
 def _toy_tokenizer(location: str, index: dict[str, Any]) -> Any:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from attnctl.batch import (
@@ -221,7 +222,19 @@ def test_manifest_tolerates_a_torn_last_line(tmp_path):
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp_path):
+def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp_path, monkeypatch):
+    import attnctl.batch
+
+    # one item fails when it runs (as an out-of-memory error would): the rest goes on, and a re-run retries it
+    failing = {"a green circle"}
+    real_generate = attnctl.batch._Generator.generate
+
+    def generate(self, job, source):
+        if job.settings["prompt"] in failing:
+            raise RuntimeError("not enough memory for this item")
+        return real_generate(self, job, source)
+
+    monkeypatch.setattr(attnctl.batch._Generator, "generate", generate)
     batch = write_batch(tmp_path / "b.json", {
         "version": 1,
         "defaults": {"steps": 2},
@@ -229,8 +242,7 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
             {"id": "red", "prompt": "a red circle on the left", "seeds": [0, 1],
              "controls": [{"kind": "probe", "words": ["circle"], "sites": "L1"}]},
             {"id": "../../etc/x", "prompt": "a blue square", "seed": 3},
-            # larger than the model's position table: the pipeline refuses it at run time; the rest goes on
-            {"id": "bad", "prompt": "a green circle", "height": 512},
+            {"id": "bad", "prompt": "a green circle"},
         ],
     })
     out = tmp_path / "deep" / "out"
@@ -243,7 +255,7 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
     assert not list(tmp_path.rglob("etc")) and all(p.parent == out for p in tmp_path.rglob("*.png"))
     records = read_manifest(out)
     assert records["bad_s0.png"]["status"] == "failed"
-    assert "field 'height' 512 is past this model's largest side, 128 px" in records["bad_s0.png"]["error"]
+    assert records["bad_s0.png"]["error"] == "RuntimeError: not enough memory for this item"
     assert all(records[f]["status"] == "done" and records[f]["seconds"] > 0 for f in files)
 
     # the PNG carries everything: generate --from regenerates the identical image
@@ -262,9 +274,9 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
     assert result.exit_code == 1 and "3 already, 0 new" in result.output
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
 
-    # fix the bad item and change one: only those two are made; now everything is done
+    # the bad item can run now, and one item is changed: only those two are made; now everything is done
+    failing.clear()
     data = json.loads(batch.read_text())
-    del data["items"][2]["height"]
     data["items"][1]["steps"] = 3
     write_batch(batch, data)
     result = run("batch", batch, "--out", out, "--model", model_dir)
@@ -450,8 +462,6 @@ EDIT_SOURCE, EDIT_TARGET = "a red circle and a blue square", "a green circle and
 
 @pytest.fixture(scope="module")
 def scene_png(tmp_path_factory) -> Path:
-    from PIL import Image
-
     from attnctl.toyworld.world import parse_caption, render, scene_from_item
 
     item = {"prompt": EDIT_SOURCE, **parse_caption(EDIT_SOURCE),
@@ -571,6 +581,7 @@ def test_items_the_model_cannot_run_are_refused_before_the_first_image(model_dir
     from attnctl.skeleton import pipeline_skeleton
 
     (tmp_path / "scene.png").write_bytes(scene_png.read_bytes())
+    Image.open(scene_png).crop((0, 0, 30, 32)).save(tmp_path / "odd.png")
     batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2}, "items": [
         {"id": "ok", "prompt": "a red circle", "controls": [{"kind": "softpag", "heads": "L1H0"}]},
         {"id": "pag", "prompt": "a red circle", "controls": [{"kind": "softpag", "heads": "L40H0"}]},
@@ -580,6 +591,9 @@ def test_items_the_model_cannot_run_are_refused_before_the_first_image(model_dir
          "controls": [{"kind": "regulation", "targets": ["circle"], "sites": "transformer_blocks.99"}]},
         {"type": "edit", "id": "share", "image": "scene.png", "source_prompt": EDIT_SOURCE, "prompt": EDIT_TARGET,
          "value_sharing": {"sites": "transformer_blocks.77"}},
+        {"id": "big", "prompt": "a red circle", "height": 512},  # past the model's position table
+        {"id": "odd", "prompt": "a red circle", "width": 30},  # not a multiple of 4 px
+        {"type": "edit", "id": "crop", "image": "odd.png", "source_prompt": EDIT_SOURCE, "prompt": EDIT_TARGET},
     ]})
     plan = load_batch(batch, model=str(model_dir))
 
@@ -589,9 +603,13 @@ def test_items_the_model_cannot_run_are_refused_before_the_first_image(model_dir
     found = model_problems(plan, skeleton)
     assert found == model_problems(plan, load_pipeline(str(model_dir)))
     assert [line.split(":")[0] for line in found] == \
-        ["item 1 (id 'pag')", "item 2 (id 'cfg')", "item 3 (id 'words')", "item 4 (id 'reg')", "item 5 (id 'share')"]
+        ["item 1 (id 'pag')", "item 2 (id 'cfg')", "item 3 (id 'words')", "item 4 (id 'reg')", "item 5 (id 'share')",
+         "item 6 (id 'big')", "item 7 (id 'odd')", "item 8 (id 'crop')"]
     assert "'L40'" in found[0] and "true_cfg" in found[1] and "'banana'" in found[2]
     assert "transformer_blocks.99" in found[3] and "transformer_blocks.77" in found[4]
+    assert "field 'height' 512 is past this model's largest side, 128 px" in found[5]
+    assert "field 'width' 30 is not a multiple of 4 px" in found[6] and "give field 'width' 28 or 32" in found[6]
+    assert "the image is 30×32 px, and this model needs sides that are multiples of 4" in found[7]
     with pytest.raises(BatchFileError) as e:
         check_against_model(plan)
     assert e.value.problems == found and str(model_dir) in e.value.source
@@ -602,7 +620,7 @@ def test_items_the_model_cannot_run_are_refused_before_the_first_image(model_dir
         result = run("batch", batch, "--out", out, "--model", model_dir, *extra)
         assert result.exit_code == 2, result.output
         text = " ".join(result.output.split())
-        assert "5 problems" in text and all(line in text for line in found)
+        assert "8 problems" in text and all(line in text for line in found)
     assert not out.exists()
 
     # a model whose configs cannot be read here (a hub id offline) is run unchecked, and a note says so

@@ -418,6 +418,7 @@ def _bad_input_cases(sd3: str, tmp: str) -> list[tuple[list[str], str]]:
         (["inspect", "--config", "sd4-huge"], "unknown transformer config 'sd4-huge'"),
         ([*gen, "--guidance", "nan"], "--guidance nan is not a guidance scale"),
         ([*gen, "--height", "256"], "--height 256 is past this model's largest side, 128 px"),
+        ([*gen, "--width", "30"], "--width 30 is not a multiple of 4 px"),
         (["eval", "--model", sd3, "--prompts", f"{tmp}/nope.json", "--seeds", "1"],
          "write a JSON list of prompt items, e.g."),
         ([*gen, "--guidance", "-5"], "--guidance -5.0 is not a guidance scale"),
@@ -477,6 +478,9 @@ def test_option_values_the_run_would_ignore_or_overflow_are_refused(sd3_dir, flu
     assert result.exit_code == 2 and "--guidance does nothing on this FLUX model" in result.stderr
     result = run("generate", "-m", sd3_dir, "-p", "a red circle", "--seed", str(2**64), "-o", tmp_path / "s.png")
     assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
+    result = run(*base, "--height", "30", "-o", tmp_path / "h.png")  # diffusers would make a 28 px image
+    assert result.exit_code == 2 and "--height 30 is not a multiple of 4 px" in result.stderr
+    assert "give --height 28 or 32" in result.stderr and not (tmp_path / "h.png").exists()
 
 
 def test_debug_flag_shows_the_traceback():

@@ -57,18 +57,28 @@ def test_a_full_size_pipeline_skeleton_from_its_configs_alone(tmp_path):
     """What `attnctl batch` checks items against: FLUX.1-dev's transformer from its config, on the meta device."""
     import json
 
+    from attnctl.cli import check_size
+    from attnctl.errors import AttnCtlError
     from attnctl.skeleton import pipeline_skeleton
     from attnctl.testing import flux_scheduler
 
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text(json.dumps(transformer_config("flux.1-dev")))
     flux_scheduler().save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "vae").mkdir()  # FLUX.1-dev's autoencoder: four blocks, 8 px per latent cell
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL",
+                                                               "block_out_channels": [128, 256, 512, 512]}))
     (tmp_path / "model_index.json").write_text(json.dumps({
         "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"]}))
     skeleton = pipeline_skeleton(str(tmp_path))
     assert all(p.device.type == "meta" for p in skeleton.transformer.parameters())
     assert skeleton.tokenizer is None  # no tokenizer folder: no vocabulary check
+    assert skeleton.vae_scale_factor == 8
+    check_size(skeleton, 1024, 768)  # FLUX's sides: multiples of 16 px, no largest side
+    check_size(skeleton, 4096, 4096)
+    with pytest.raises(AttnCtlError, match="--width 1000 is not a multiple of 16 px.*give --width 992 or 1008"):
+        check_size(skeleton, 1024, 1000)
     ctl = attnctl.Controller(skeleton, [attnctl.SoftPAG(heads=["L56H23"]), attnctl.LayoutGuidance(
         boxes={"cat": [0, 0, 0.5, 0.5]})])
     assert len(ctl.sites) == EXPECTED["flux.1-dev"][0]

@@ -106,6 +106,7 @@ def load_model(name: str) -> LoadedModel:
 
     from .. import __version__
     from ..cli import call_defaults, is_toy_pipeline
+    from ..inversion import size_multiple
     from ..sites import family_of, list_sites
     from ..toyworld.models import load_pipeline
 
@@ -113,8 +114,6 @@ def load_model(name: str) -> LoadedModel:
     pipe = load_pipeline(name, device="cpu", dtype=torch.float32, controlled=True)
     pipe.set_progress_bar_config(disable=True)
     family = family_of(pipe.transformer)
-    vae = int(getattr(pipe, "vae_scale_factor", 8))
-    patch = int(getattr(pipe.transformer.config, "patch_size", 2) or 2) if family == "sd3" else 2
     path = Path(name).expanduser()
     record = name if name in TOY_NAMES or not path.exists() else str(path.resolve())
     defaults = call_defaults(pipe)
@@ -129,7 +128,7 @@ def load_model(name: str) -> LoadedModel:
         "torch_version": torch.__version__,
     }
     return LoadedModel(name=name, pipe=pipe, family=family, sites=list_sites(pipe.transformer),
-                       defaults=defaults, is_toy=is_toy_pipeline(pipe), size_multiple=vae * patch, info=info)
+                       defaults=defaults, is_toy=is_toy_pipeline(pipe), size_multiple=size_multiple(pipe), info=info)
 
 
 # --------------------------------------------------------------------------------------------- checks
