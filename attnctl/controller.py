@@ -73,10 +73,11 @@ class Controller:
         self._fixed_layout = layout is not None
         self._saved: dict[str, Any] | None = None
         self._hooks: list[Any] = []
-        self._prompt: tuple[Any, Any] | None = None
+        self._prompt: tuple[Any, Any, Any] | None = None  # the call's prompt, SD3's prompt_2 (CLIP-G), T5's prompt
         self._negative_embeds: torch.Tensor | None = None
         self._forwards = 0  # transformer forwards since the last encode_prompt
         self._row_layout_cache: tuple[tuple, list[TokenLayout]] | None = None
+        self._layout_key: tuple | None = None  # what the run's layout was made from (its texts, lengths, grid)
         self._ids_seen: tuple[Any, int | None, tuple[tuple[int, int], int]] | None = None  # FLUX ids read, see _grid_of
         self._new_run = True
         self._branches = perturbed_branches(self.controls)  # checked here, before anything is installed
@@ -319,8 +320,9 @@ class Controller:
             prompt = kwargs.get("prompt", args[0] if args else None)
             t5_name, t5_pos = ("prompt_3", 2) if ctl.family == "sd3" else ("prompt_2", 1)
             prompt_t5 = kwargs.get(t5_name, args[t5_pos] if len(args) > t5_pos else None)
+            clip2 = kwargs.get("prompt_2", args[1] if len(args) > 1 else None) if ctl.family == "sd3" else None
             if ctl._forwards > 0 or ctl._prompt is None:  # a new pipeline call
-                ctl._prompt = (prompt, prompt_t5)
+                ctl._prompt = (prompt, clip2, prompt_t5)
                 ctl._negative_embeds = None
                 ctl._forwards = 0
                 ctl._new_run = True
@@ -348,18 +350,32 @@ class Controller:
                 grid = (side, side) if side * side == hidden.shape[1] else (1, hidden.shape[1])
             else:
                 grid, reference = self._grid_of(ids)
-        prompt, prompt_t5 = self._prompt or (None, None)
-        if isinstance(prompt, list):
-            prompt = prompt[0] if len(set(prompt)) == 1 else None
-        if isinstance(prompt_t5, list):
-            prompt_t5 = prompt_t5[0] if len(set(prompt_t5)) == 1 else None
-        old = self.state.layout
-        if old is not None and old.text_len == text_len and old.grid == grid and old.prompt == prompt and \
-                old.reference_tokens == reference:
-            return old
+        texts = self._prompt_texts()
+        one = texts[0] if texts is not None and len(set(texts)) == 1 else (None, None, None)  # several: per row
+        key = (one, text_len, grid, reference)
+        if self.state.layout is not None and self._layout_key == key:
+            return self.state.layout
+        self._layout_key = key
         if self.pipe is None:
             return TokenLayout(self.family, text_len, grid, reference_tokens=reference)
-        return layout_for_pipeline(self.pipe, prompt, text_len, grid, prompt_t5, reference)
+        prompt, clip2, t5 = one
+        return layout_for_pipeline(self.pipe, prompt, text_len, grid, t5, reference, clip2)
+
+    def _prompt_texts(self) -> list[tuple[str, str, str]] | None:
+        """Per prompt of the call, the texts its tokens read: ``(prompt, CLIP-G's, T5's)`` (SD3's ``prompt_2`` and
+        ``prompt_3``, FLUX's ``prompt_2`` for T5, each the prompt where not given); ``None`` without a prompt."""
+        prompt, clip2, t5 = self._prompt or (None, None, None)
+        if prompt is None:
+            return None
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+
+        def each(texts: Any) -> list[Any]:
+            if texts is None or isinstance(texts, str):
+                return [texts] * len(prompts)
+            return list(texts) if len(texts) == len(prompts) else [None] * len(prompts)  # diffusers refuses it
+
+        return [(p, c if c is not None else p, t if t is not None else p)
+                for p, c, t in zip(prompts, each(clip2), each(t5), strict=True)]
 
     def _grid_of(self, img_ids: torch.Tensor) -> tuple[tuple[int, int], int]:
         """The generated image's grid and the number of reference-image tokens, from FLUX's image positions. Read
@@ -384,19 +400,18 @@ class Controller:
         diffusers repeats each prompt ``num_images_per_prompt`` times in order, so the ``k``-th conditional row
         belongs to prompt ``k // (rows / prompts)``; the ``k``-th perturbed row copies the ``k``-th conditional
         row. Other rows (``uncond``: the negative prompts) get None."""
-        prompt, prompt_t5 = self._prompt or (None, None)
+        texts = self._prompt_texts()
         shared = self.state.layout
-        if self.pipe is None or shared is None or not isinstance(prompt, list) or len(set(prompt)) <= 1:
+        if self.pipe is None or shared is None or texts is None or len(set(texts)) <= 1:
             return None
-        t5 = prompt_t5 if isinstance(prompt_t5, list) else [prompt_t5] * len(prompt)
-        key = (tuple(prompt), tuple(t5), shared.text_len, shared.grid, shared.reference_tokens)
+        key = (tuple(texts), shared.text_len, shared.grid, shared.reference_tokens)
         if self._row_layout_cache is None or self._row_layout_cache[0] != key:
             made: dict[tuple, TokenLayout] = {}  # one layout per distinct prompt
-            for p, t in zip(prompt, t5, strict=False):
-                if (p, t) not in made:
-                    made[(p, t)] = layout_for_pipeline(self.pipe, p, shared.text_len, shared.grid, t,
-                                                       shared.reference_tokens)
-            self._row_layout_cache = (key, [made[(p, t)] for p, t in zip(prompt, t5, strict=False)])
+            for p, c, t in texts:
+                if (p, c, t) not in made:
+                    made[(p, c, t)] = layout_for_pipeline(self.pipe, p, shared.text_len, shared.grid, t,
+                                                          shared.reference_tokens, c)
+            self._row_layout_cache = (key, [made[x] for x in texts])
         per_prompt = self._row_layout_cache[1]
         roles = self.state.roles or ["cond"] * batch
         out: list[TokenLayout | None] = [None] * batch
@@ -445,6 +460,7 @@ class Controller:
             self.state.roles = self._infer_roles(kwargs, hidden.shape[0])
         if not self._fixed_layout:
             self.state.row_layouts = self._infer_row_layouts(hidden.shape[0])
+        self.state.own_prompt_rows_only = self.pipe is not None and not self._fixed_layout and not self._fixed_roles
         self._forwards += 1
         self.state.calls_per_step = max(1, int(getattr(sched, "order", 1) or 1)) if sched is not None else 1
         if self._new_run or num_steps != self.state.num_steps or (step == 0 and self.state.step > 0):

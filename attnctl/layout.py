@@ -10,6 +10,7 @@ text-relative token indices for every tokenizer segment.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,7 +18,12 @@ from typing import Any, Literal
 from .errors import LayoutError, WordCutOffError
 from .sites import family_of
 
-_WORD = re.compile(r"\w+|[^\w\s]")
+_WORD = re.compile(r"[^\W_]+|[^\w\s]|_")  # runs of letters and digits; each other mark alone, as tokenizers split
+
+
+def word_key(word: str) -> str:
+    """How words are compared: NFKC-normalised (as tokenizers read full-width letters) and lower case."""
+    return unicodedata.normalize("NFKC", word).strip().lower()
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,20 @@ class TextSegment:
     length: int
     words: dict[str, tuple[int, ...]] = field(default_factory=dict)  # word -> positions inside the segment
     text: str | None = None  # the prompt this tokenizer read (None: the layout's prompt)
+    spans: tuple[tuple[str, tuple[int, ...]], ...] = ()  # each word of the text in order, with its positions
+    also: str | None = None  # a second text these positions carry (SD3's prompt_2, which CLIP-G reads)
+
+    def phrase_positions(self, keys: Sequence[str]) -> list[int] | None:
+        """Positions of the phrase ``keys`` (its words' keys) where it stands in the text as written — its words
+        one after another — or ``None`` when this segment has no spans (a hand-made layout)."""
+        if not self.spans:
+            return None
+        seq = [w for w, _ in self.spans]
+        out: set[int] = set()
+        for i in range(len(seq) - len(keys) + 1):
+            if seq[i:i + len(keys)] == list(keys):
+                out.update(p for _, pos in self.spans[i:i + len(keys)] for p in pos)
+        return sorted(self.start + p for p in out)
 
 
 @dataclass(frozen=True)
@@ -77,53 +97,85 @@ class TokenLayout:
 
     def word_tokens(self, word: str, segments: tuple[str, ...] | None = None) -> list[int]:
         """Text-relative token positions of ``word`` (all occurrences, all chosen tokenizer segments)."""
-        key = word.strip().lower()
+        key = word_key(word)
         out: list[int] = []
-        for seg in self.segments:
-            if segments is not None and seg.name not in segments:
-                continue
+        for seg in self._chosen(segments):
             out.extend(seg.start + p for p in seg.words.get(key, ()))
         if not out:
-            if self.cut_off(word, segments):
-                raise WordCutOffError(
-                    f"the word {word!r} is in the prompt but past the tokens the text encoders read "
-                    f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was cut off",
-                    fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
-            where = f" in the prompt {self.prompt!r}" if self.prompt is not None else ""
-            read = [f"the {s.name} tokens read {s.text!r}" for s in self._chosen(segments)
-                    if s.text is not None and s.text != self.prompt]
-            if read:  # e.g. FLUX's prompt_2, which its T5 tokens (the only text tokens) read instead of prompt
-                where += f" as the text tokens read it ({'; '.join(read)})"
-            known = ", ".join(self.words()[:20]) or "(no prompt tokens are known for this run)"
-            raise LayoutError(
-                f"the word {word!r} is not{where}; a control can only name words of the prompt it runs on. "
-                f"Words of this prompt: {known}."
-            )
+            self._absent(word, segments)
         return sorted(set(out))
+
+    def phrase_tokens(self, phrase: str, segments: tuple[str, ...] | None = None) -> list[int]:
+        """Text-relative token positions of a word or phrase. A phrase (``"red circle"``) counts where its words
+        stand together in the prompt, so in "a red circle and a blue circle" it is the first circle's tokens and
+        "red"'s; on a hand-made layout without word order (no ``spans``), it is all its words' tokens."""
+        keys = text_words(phrase)
+        if len(keys) <= 1:
+            return self.word_tokens(keys[0] if keys else phrase, segments)
+        words = [self.word_tokens(k, segments) for k in keys]  # each word is there (else its own clear error)
+        out: set[int] = set()
+        for seg in self._chosen(segments):
+            found = seg.phrase_positions(keys)
+            if found is None:  # no word order known: the words' tokens in this segment
+                out.update(p for pos in words for p in pos if seg.start <= p < seg.start + seg.length)
+            else:
+                out.update(found)
+        if not out:
+            raise LayoutError(
+                f"the phrase {phrase!r} is not in the prompt as written: its words are there, but not one after "
+                f"another{self._where(segments)}",
+                fix="name the phrase as it stands in the prompt, or its words one by one")
+        return sorted(out)
+
+    def _where(self, segments: tuple[str, ...] | None) -> str:
+        where = f" in the prompt {self.prompt!r}" if self.prompt is not None else ""
+        read = [f"the {s.name} tokens read {s.text!r}" for s in self._chosen(segments)
+                if s.text is not None and s.text != self.prompt]
+        read += [f"the {s.name} tokens also read {s.also!r}" for s in self._chosen(segments) if s.also is not None]
+        if read:  # e.g. FLUX's prompt_2, which its T5 tokens (the only text tokens) read instead of prompt
+            where += f" as the text tokens read it ({'; '.join(read)})"
+        return where
+
+    def _absent(self, word: str, segments: tuple[str, ...] | None) -> None:
+        if self.cut_off(word, segments):
+            raise WordCutOffError(
+                f"the word {word!r} is in the prompt but past the tokens the text encoders read "
+                f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was cut off",
+                fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
+        known = ", ".join(self.words()[:20]) or "(no prompt tokens are known for this run)"
+        raise LayoutError(
+            f"the word {word!r} is not{self._where(segments)}; a control can only name words of the prompt it runs "
+            f"on. Words of this prompt: {known}."
+        )
 
     def _chosen(self, segments: tuple[str, ...] | None) -> list[TextSegment]:
         return [s for s in self.segments if segments is None or s.name in segments]
 
     def cut_off(self, word: str, segments: tuple[str, ...] | None = None) -> bool:
         """``word`` is in the text a (chosen) tokenizer segment read, but not in its tokens (truncated away)."""
-        key = word.strip().lower()
+        key = word_key(word)
         for seg in self._chosen(segments):
-            text = seg.text if seg.text is not None else self.prompt
-            if text is not None and key not in seg.words and key in (m.group().lower() for m in _WORD.finditer(text)):
-                return True
+            for text in (seg.text if seg.text is not None else self.prompt, seg.also):
+                if text is not None and key not in seg.words and key in text_words(text):
+                    return True
         return False
 
 
 def text_words(text: str) -> list[str]:
-    """The words of ``text`` as a run's layout reads them, lower case, punctuation left out."""
-    return [w for w in _WORD.findall(text.lower()) if w[0].isalnum() or w[0] == "_"]
+    """The words of ``text`` as a run's layout reads them (:func:`word_key`), in order, punctuation left out."""
+    return [w for w in (word_key(m) for m in _WORD.findall(text)) if w and w[0].isalnum()]
 
 
 def absent_words(words: Sequence[str], text: str) -> list[str]:
-    """The words or phrases of ``words`` that ``text`` does not contain (a phrase: some word of it missing), read
-    from the text alone, before any tokenizer: a batch file and an edit check their words with it up front."""
-    present = set(text_words(text))
-    return [w for w in words if not set(text_words(w)) <= present]
+    """The words or phrases of ``words`` that ``text`` does not contain (a phrase: not with its words one after
+    another), read from the text alone, before any tokenizer: a batch file and an edit check their words with it
+    up front."""
+    seq = text_words(text)
+
+    def present(keys: list[str]) -> bool:
+        return bool(keys) and any(seq[i:i + len(keys)] == keys for i in range(len(seq) - len(keys) + 1))
+
+    return [w for w in words if not present(text_words(w))]
 
 
 def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,
@@ -153,51 +205,83 @@ def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,
 def word_positions(tokenizer: Any, prompt: str, max_length: int) -> dict[str, tuple[int, ...]]:
     """Map each word of ``prompt`` to the token positions it occupies, as the pipelines tokenize it
     (padding to ``max_length``, special tokens included, truncated)."""
+    out: dict[str, set[int]] = {}
+    for w, pos in word_spans(tokenizer, prompt, max_length):
+        out.setdefault(w, set()).update(pos)
+    return {w: tuple(sorted(p)) for w, p in out.items() if p}
+
+
+def word_spans(tokenizer: Any, prompt: str, max_length: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Each word and mark of ``prompt`` in order (its :func:`word_key`) with the token positions it occupies, as
+    the pipelines tokenize it; a word past the truncation has none."""
+    matches = [(word_key(m.group()), m.start(), m.end()) for m in _WORD.finditer(prompt)]
     enc = None
     try:
         enc = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
                         return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):
         enc = None
-    out: dict[str, list[int]] = {}
-    spans = [(m.group().lower(), m.start(), m.end()) for m in _WORD.finditer(prompt)]
+    found: list[list[int]] = [[] for _ in matches]
     if enc is not None and "offset_mapping" in enc:
-        offsets = enc["offset_mapping"]
-        for pos, (a, b) in enumerate(offsets):
+        for pos, (a, b) in enumerate(enc["offset_mapping"]):
             if b <= a:
                 continue  # special or padding token
-            for w, s, e in spans:
+            for i, (_, s, e) in enumerate(matches):
                 if a < e and b > s:
-                    out.setdefault(w, []).append(pos)
-        return {w: tuple(sorted(set(p))) for w, p in out.items()}
-    # Slow tokenizer: find each word's token ids as a sub-sequence of the prompt's ids.
-    ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
-    for w, _, _ in spans:
-        sub = tokenizer(w, add_special_tokens=False)["input_ids"]
-        for i in range(len(ids) - len(sub) + 1):
-            if sub and ids[i : i + len(sub)] == sub:
-                out.setdefault(w, []).extend(range(i, i + len(sub)))
-    return {w: tuple(sorted(set(p))) for w, p in out.items()}
+                    found[i].append(pos)
+    else:  # a slow tokenizer: each word's token ids as the next sub-sequence of the prompt's ids
+        ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+        start = 0
+        for i, (_, s, e) in enumerate(matches):
+            sub = tokenizer(prompt[s:e], add_special_tokens=False)["input_ids"]
+            for j in range(start, len(ids) - len(sub) + 1):
+                if sub and ids[j:j + len(sub)] == sub:
+                    found[i] = list(range(j, j + len(sub)))
+                    start = j + len(sub)
+                    break
+    return [(w, tuple(sorted(set(p)))) for (w, _, _), p in zip(matches, found, strict=True)]
+
+
+def _segment(name: str, start: int, length: int, tokenizer: Any, text: str,
+             also: tuple[Any, str] | None = None) -> TextSegment:
+    """A tokenizer's segment of the text tokens, ``text`` read by ``tokenizer``; ``also``: a second tokenizer and
+    text whose features share these positions (SD3's CLIP-G reading ``prompt_2``), whose words are found there too
+    (with two word orders at one place, a phrase is then its words' tokens)."""
+    spans = word_spans(tokenizer, text, length)
+    words: dict[str, set[int]] = {}
+    extra = word_spans(also[0], also[1], length) if also is not None else []
+    for w, pos in [*spans, *extra]:
+        if pos:
+            words.setdefault(w, set()).update(pos)
+    return TextSegment(name, start, length, {w: tuple(sorted(p)) for w, p in words.items()}, text,
+                       tuple((w, p) for w, p in spans if w[0].isalnum()) if also is None else (),
+                       also[1] if also is not None else None)
 
 
 def layout_for_pipeline(pipe: Any, prompt: str | None, text_len: int, grid: tuple[int, int],
-                        prompt_t5: str | None = None, reference_tokens: int = 0) -> TokenLayout:
+                        prompt_t5: str | None = None, reference_tokens: int = 0, prompt_clip2: str | None = None
+                        ) -> TokenLayout:
     """Build the layout of one run of a diffusers SD3 or FLUX pipeline from its tokenizers (``reference_tokens``: the
-    image-stream tokens after the generated grid, FLUX Kontext's input image)."""
+    image-stream tokens after the generated grid, FLUX Kontext's input image). ``prompt_t5``: the text T5 reads
+    (SD3's ``prompt_3``, FLUX's ``prompt_2``); ``prompt_clip2``: SD3's ``prompt_2``, which CLIP-G reads at the
+    positions CLIP-L reads ``prompt`` at (their features are concatenated), so a word of either is found there."""
     family = family_of(pipe.transformer)
     segments: list[TextSegment] = []
     t5_prompt = prompt_t5 if prompt_t5 is not None else prompt
     if family == "sd3":
         clip_len = int(getattr(pipe, "tokenizer_max_length", 77))
         t5_len = text_len - clip_len
-        clip_words = word_positions(pipe.tokenizer, prompt, clip_len) if prompt is not None else {}
-        segments.append(TextSegment("clip", 0, clip_len, clip_words, prompt))
-        t5_words: dict[str, tuple[int, ...]] = {}
-        if prompt is not None and getattr(pipe, "text_encoder_3", None) is not None and t5_len > 0:
-            t5_words = word_positions(pipe.tokenizer_3, t5_prompt, t5_len)
-        if t5_len > 0:
-            segments.append(TextSegment("t5", clip_len, t5_len, t5_words, t5_prompt))
+        second = None
+        if prompt is not None and prompt_clip2 is not None and prompt_clip2 != prompt:
+            second = (getattr(pipe, "tokenizer_2", None) or pipe.tokenizer, prompt_clip2)
+        segments.append(_segment("clip", 0, clip_len, pipe.tokenizer, prompt, second) if prompt is not None
+                        else TextSegment("clip", 0, clip_len, {}, prompt))
+        if t5_len > 0 and prompt is not None and getattr(pipe, "text_encoder_3", None) is not None:
+            segments.append(_segment("t5", clip_len, t5_len, pipe.tokenizer_3, t5_prompt))
+        elif t5_len > 0:
+            segments.append(TextSegment("t5", clip_len, t5_len, {}, t5_prompt))
+    elif prompt is not None:
+        segments.append(_segment("t5", 0, text_len, pipe.tokenizer_2, t5_prompt))
     else:
-        t5_words = word_positions(pipe.tokenizer_2, t5_prompt, text_len) if prompt is not None else {}
-        segments.append(TextSegment("t5", 0, text_len, t5_words, t5_prompt))
+        segments.append(TextSegment("t5", 0, text_len, {}, t5_prompt))
     return TokenLayout(family, text_len, grid, tuple(segments), prompt, reference_tokens)

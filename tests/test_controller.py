@@ -486,6 +486,86 @@ def test_word_lookup_errors_say_what_the_text_tokens_read(flux_pipe, sd3_pipe):
     assert "missing=" not in str(e.value)
 
 
+def _t5(ctl, word: str = "circle") -> list[int]:
+    """Positions of ``word`` in the T5 segment of the run's layout, relative to that segment."""
+    seg = next(s for s in ctl.state.layout.segments if s.name == "t5")
+    return [p - seg.start for p in ctl.state.layout.word_tokens(word, ("t5",))]
+
+
+def test_words_are_found_in_the_texts_each_encoder_read(flux_pipe, sd3_pipe):
+    """FLUX's T5 reads prompt_2 and SD3's prompt_3; SD3's CLIP-G reads prompt_2 at CLIP-L's positions. A second call
+    with the same prompt and another T5 text reads the new text; a list of equal prompts with different T5 texts
+    gives each row its own positions (the tiny tokenizers put one word on one token, after a start token)."""
+    for pipe, t5 in ((flux_pipe, "prompt_2"), (sd3_pipe, "prompt_3")):
+        probe = attnctl.AttentionProbe(words=["circle"], segments=["t5"])
+        with attnctl.attach(pipe, [probe]) as ctl:
+            pipe("a red circle", **{t5: "a red circle"}, **KW)
+            assert _t5(ctl) == [3]
+            pipe("a red circle", **{t5: "a blue square and a red circle"}, **KW)
+            assert _t5(ctl) == [7]  # not the first call's 3
+            pipe(["a red circle"] * 2, **{t5: ["a red circle", "a blue square and a red circle"]}, **KW)
+            rows = ctl.state.row_layouts
+            assert rows is not None and [lay.word_tokens("circle", ("t5",))[0] - lay.text_len + lay.segments[-1].length
+                                         for lay in rows if lay is not None] == [3, 7]
+    probe = attnctl.AttentionProbe(words=["square"], segments=["clip"])
+    with attnctl.attach(sd3_pipe, [probe]) as ctl:
+        sd3_pipe("a red circle", prompt_2="a blue square", **KW)
+        assert ctl.state.layout.word_tokens("square", ("clip",)) == [3]  # CLIP-G's features at position 3
+        assert ctl.state.layout.word_tokens("circle", ("clip",)) == [3]  # and CLIP-L's
+
+
+def test_a_phrase_is_where_it_stands_in_the_prompt(sd3_pipe):
+    """'red circle' in "a red circle and a blue circle" is "red" and the first circle, not the second; a phrase
+    whose words are apart is refused; punctuation and full-width letters read as the tokenizers read them."""
+    probe = attnctl.AttentionProbe(words=["red circle", "blue circle"], segments=["t5"])
+    with attnctl.attach(sd3_pipe, [probe]) as ctl:
+        sd3_pipe("a red circle and a blue circle", **KW)
+    lay, start = ctl.state.layout, ctl.state.layout.segments[-1].start
+    assert [p - start for p in lay.phrase_tokens("red circle", ("t5",))] == [2, 3]
+    assert [p - start for p in lay.phrase_tokens("blue circle", ("t5",))] == [6, 7]
+    assert [p - start for p in lay.phrase_tokens("circle,", ("t5",))] == [3, 7]
+    assert lay.phrase_tokens("ＲＥＤ", ("t5",)) == lay.word_tokens("red", ("t5",))
+    with pytest.raises(LayoutError, match="'red blue' is not in the prompt as written"):
+        lay.phrase_tokens("red blue")
+    with pytest.raises(LayoutError, match="'circle red' share tokens|'red circle' and 'circle' share tokens"), \
+            attnctl.attach(sd3_pipe, [attnctl.AttentionRegulation(targets=["red circle", "circle"])]):
+        sd3_pipe("a red circle and a blue circle", **KW)
+
+
+def test_word_controls_refuse_the_negative_prompt_rows(sd3_pipe):
+    """The unconditional rows hold the negative prompt's tokens: words found in the prompt would land on other
+    words there, so a word control asked to act on them is refused (as with several prompts)."""
+    for control in (attnctl.AttentionProbe(words=["circle"], roles=["uncond"]),
+                    attnctl.AttentionRegulation(targets=["circle"], roles=["uncond", "cond"])):
+        with pytest.raises(LayoutError, match=r"batch row 0 \(uncond\) of this call holds the negative prompt's"), \
+                attnctl.attach(sd3_pipe, [control]):
+            sd3_pipe("a red circle", negative_prompt="a blue square and a red circle", guidance_scale=4.0, **KW)
+    probe = attnctl.AttentionProbe(roles=["uncond"], tokens=[1, 2])  # token positions, not words: the user's call
+    with attnctl.attach(sd3_pipe, [probe]):
+        sd3_pipe("a red circle", negative_prompt="a blue square", guidance_scale=4.0, **KW)
+    assert probe.calls > 0
+
+
+def test_word_lists_are_checked_and_missing_ignore_still_reports_a_cut_off_word(sd3_pipe):
+    for make, field in ((lambda w: attnctl.AttentionProbe(words=w), "words"),
+                        (lambda w: attnctl.AttentionRegulation(targets=w), "targets"),
+                        (lambda w: attnctl.IsolationAttention(subjects=w), "subjects")):
+        with pytest.raises(ConfigError, match=f"{field} holds an empty word or only punctuation"):
+            make(["circle", " , "])
+        with pytest.raises(ConfigError, match=f"{field} names 'circle' more than once"):
+            make(["circle", "Circle"])
+    long = "a red circle and " * 8 + "a green triangle"  # "triangle" is past the 24 T5 tokens (and in CLIP's 77)
+    reg = attnctl.AttentionRegulation(targets=["triangle"], segments=["t5"], missing="ignore")
+    with pytest.raises(LayoutError, match="'triangle' is in the prompt but past the tokens"), \
+            attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe(long, **KW)
+    reg = attnctl.AttentionRegulation(targets=["triangle"], missing="ignore")
+    with pytest.warns(UserWarning, match="none of the targets \\['triangle'\\] is in the run's prompt"), \
+            attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe("a red circle", **KW)
+    assert reg.summary() is None
+
+
 def test_controls_round_trip_json():
     probe = attnctl.AttentionProbe(words=["circle"], sites=["transformer_blocks.0"], weight="linear(1, 0)")
     again = attnctl.control_from_json(probe.to_json())

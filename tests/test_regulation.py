@@ -348,9 +348,8 @@ def test_a_phrase_is_one_target_over_its_words_tokens(sd3_pipe):
     run_direct(sd3_pipe, reg)
     tg = reg.resolved_targets()[0]
     assert tg.words == ["circle square"] and tg.positions == [1, 2, 5, 6] and tg.word_of == [0, 0, 0, 0]
-    reg = AttentionRegulation(targets=["circle square", "square"], sites="all", missing="ignore")
-    run_direct(sd3_pipe, reg)  # a token counts once: 'square' has nothing left of its own
-    assert reg.resolved_targets()[0].words == ["circle square"]
+    with pytest.raises(LayoutError, match="'circle square' and 'square' share tokens"):  # one bias per token
+        run_direct(sd3_pipe, AttentionRegulation(targets=["circle square", "square"], sites="all"))
     with pytest.raises(LayoutError, match="'circle triangle' is not in"):
         run_direct(sd3_pipe, AttentionRegulation(targets=["circle triangle"], sites="all"))
 

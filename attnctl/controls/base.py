@@ -66,6 +66,7 @@ class RunState:
     roles: list[str] | None = None
     layout: TokenLayout | None = None
     row_layouts: list[TokenLayout | None] | None = None  # per batch row, when a call has several prompts
+    own_prompt_rows_only: bool = False  # layouts of the prompts: uncond rows hold the negative prompt's tokens
     reports: dict[str, float] = field(default_factory=dict)
     gradient_pass: bool = False  # a latent-guidance forward for its loss (only latent-guidance controls act)
     _indices: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
@@ -126,6 +127,13 @@ class RunState:
         rows = self._row_list(roles, batch)
         return None if len(rows) == batch else self.index(rows, device)
 
+    def _no_prompt_of_its_own(self, row: int, batch: int) -> LayoutError:
+        return LayoutError(
+            f"batch row {row} ({(self.roles or ['?'] * batch)[row]}) of this call holds the negative prompt's tokens, "
+            "and a control's words are found in the prompt's (word controls act on the conditional rows)",
+            fix="keep word controls on roles=['cond'] (and 'perturbed'); to map a negative prompt's words, run it as "
+                "the prompt")
+
     def rows_by_prompt(self, roles: tuple[str, ...] | list[str], batch: int, device=None
                        ) -> list[tuple[TokenLayout | None, torch.Tensor | None, list[int]]]:
         """The rows whose role is in ``roles``, grouped by their prompt: ``[(layout, rows, rows as a list)]``.
@@ -134,25 +142,43 @@ class RunState:
         (``row_layouts``), one group per prompt; a selected row of no prompt (``uncond``) is an error."""
         picked = self._row_list(roles, batch)
         if self.row_layouts is None:
+            if self.own_prompt_rows_only and self.roles is not None:
+                for r in picked:
+                    if self.roles[r].split("[")[0] == "uncond":
+                        raise self._no_prompt_of_its_own(r, batch)
             return [(self.layout, None if len(picked) == batch else self.index(picked, device), picked)]
         groups: dict[int, tuple[TokenLayout, list[int]]] = {}
         for r in picked:
             lay = self.row_layouts[r]
             if lay is None:
-                raise LayoutError(
-                    f"batch row {r} ({(self.roles or ['?'] * batch)[r]}) of this call has no prompt of its own to "
-                    "find words in (a call with several prompts maps words on the conditional rows only)",
-                    fix="keep word controls on roles=['cond'], or run one prompt per call")
+                raise self._no_prompt_of_its_own(r, batch)
             groups.setdefault(id(lay), (lay, []))[1].append(r)
         return [(lay, self.index(rs, device), rs) for lay, rs in groups.values()]
+
+
+def clean_words(words: Sequence[str], field: str, example: str) -> list[str]:
+    """A control's words or phrases, stripped; an empty one, or one named twice (compared as the layout compares
+    words), is refused — it would map nothing, or act twice on the same tokens."""
+    from ..layout import text_words
+
+    out = [w.strip() for w in words]
+    if any(not text_words(w) for w in out):
+        raise ValueError(f"{field} holds an empty word or only punctuation; give words of the prompt such as "
+                         f"{example!r}")
+    keys = [" ".join(text_words(w)) for w in out]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"{field} names {', '.join(map(repr, dup))} more than once; list each once")
+    return out
 
 
 def word_columns(layout: TokenLayout | None, words: Sequence[str], segments: Sequence[str] | None,
                  missing: str | None, who: str, noun: str = "word", field: str = "targets", verb: str = "act on"
                  ) -> list[list[int]]:
-    """Text-relative token positions of each word or phrase (a phrase: all its words' tokens) in ``layout``, in the
-    order given; ``[]`` for a word the prompt lacks when ``missing == "ignore"`` (``None``: the control has no
-    ``missing`` option).
+    """Text-relative token positions of each word or phrase (a phrase: its words' tokens where it stands in the
+    prompt, :meth:`TokenLayout.phrase_tokens`) in ``layout``, in the order given; ``[]`` for a word the prompt lacks
+    when ``missing == "ignore"`` (``None``: the control has no ``missing`` option). A word the prompt has but its
+    tokens lost to truncation is an error whatever ``missing`` says.
 
     ``who`` (the control's name), ``noun``, ``field`` and ``verb`` phrase the errors: no prompt to read the words
     from, a segment the model does not have, a word not in the prompt (naming the prompt's words, and the
@@ -168,13 +194,13 @@ def word_columns(layout: TokenLayout | None, words: Sequence[str], segments: Seq
     out: list[list[int]] = []
     for w in words:
         try:
-            out.append(sorted({p for part in w.split() for p in layout.word_tokens(part, segs)}))
+            out.append(layout.phrase_tokens(w, segs))
         except LayoutError as e:
+            if isinstance(e, WordCutOffError):  # the layout's own message says what to do
+                raise
             if missing == "ignore":
                 out.append([])
                 continue
-            if isinstance(e, WordCutOffError):  # the layout's own message says what to do
-                raise
             known = ", ".join(layout.words()[:20])
             where = f"the prompt {layout.prompt!r}" if layout.prompt is not None else "this run's prompt"
             seg_note = f" (segments {', '.join(segs)})" if segs else ""

@@ -34,7 +34,7 @@ from ..layout import image_grid
 from ..processors.contributions import DenseBias, ExtraKV, Probe, Selection
 from ..schedules import as_schedule, bounded
 from ..subject_masks import otsu_masks, relocation
-from .base import Control, ControlConfig, RunState, SegmentList, register, word_columns
+from .base import Control, ControlConfig, RunState, SegmentList, clean_words, register, word_columns
 from .regulation import JOINT_KINDS
 
 _MAIN = object()
@@ -60,13 +60,10 @@ class IsolationConfig(ControlConfig):
     @field_validator("subjects")
     @classmethod
     def _subjects(cls, v: list[str]) -> list[str]:
-        out = [s.strip() for s in v]
-        if not out or any(not s for s in out):
-            raise ValueError("subjects is empty or holds an empty phrase; name each subject by words of the target "
-                             "prompt, e.g. ['red circle', 'blue square']")
-        if len({s.lower() for s in out}) != len(out):
-            raise ValueError(f"subjects {v} names a subject twice; give each once")
-        return out
+        if not v:
+            raise ValueError("subjects is empty; name each subject by words of the target prompt, e.g. "
+                             "['red circle', 'blue square']")
+        return clean_words(v, "subjects", "red circle")
 
     @model_validator(mode="after")
     def _needs(self) -> IsolationConfig:

@@ -19,7 +19,7 @@ from ..errors import ConfigError, LayoutError
 from ..layout import image_grid
 from ..processors.contributions import Probe, Selection
 from ..schedules import as_schedule
-from .base import Control, ControlConfig, Roles, RunState, SegmentList, check_segments, register
+from .base import Control, ControlConfig, Roles, RunState, SegmentList, check_segments, clean_words, register
 
 
 class ProbeConfig(ControlConfig):
@@ -42,7 +42,7 @@ class ProbeConfig(ControlConfig):
     def _words(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and not v:
             raise ValueError("words is an empty list; give at least one word, or None for every text token")
-        return v
+        return None if v is None else clean_words(v, "words", "circle")
 
     @field_validator("heads", "tokens")
     @classmethod
@@ -96,12 +96,12 @@ class AttentionProbe(Control):
 
     def _word_columns(self, layout) -> tuple[list[int], list[str]]:
         """Text positions of the words in one prompt's layout, and the word of each (a phrase such as ``"red circle"``:
-        all its words' tokens, mapped together as one)."""
+        its words' tokens where it stands in the prompt, mapped together as one)."""
         segs = tuple(self.config.segments) if self.config.segments else None
         check_segments(layout, segs, "AttentionProbe")
         pos, cols = [], []
         for w in self.config.words:
-            p = sorted({t for part in w.split() for t in layout.word_tokens(part, segs)})
+            p = layout.phrase_tokens(w, segs)
             pos.extend(p)
             cols.extend([w] * len(p))
         return pos, cols
@@ -141,7 +141,10 @@ class AttentionProbe(Control):
                 raise ConfigError(f"AttentionProbe: heads {bad} do not exist at {call.site.name} "
                                   f"(heads 0..{call.site.heads - 1})")
             heads = state.index(self.config.heads, call.device)
-        batch = state.rows_with(self.config.roles, call.batch, call.device)
+        if self.config.words is not None and state.row_layouts is None:  # rows whose tokens the words are found in
+            batch = state.rows_by_prompt(self.config.roles, call.batch, call.device)[0][1]
+        else:
+            batch = state.rows_with(self.config.roles, call.batch, call.device)
         if batch is not None and len(batch) == 0:
             return []
         img = call.image_slice()

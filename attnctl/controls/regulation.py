@@ -30,6 +30,7 @@ over the other text keys, computed in bounded chunks. The stock fused kernel com
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,7 +43,7 @@ from ..processors.attend import fused_attention_with_lse
 from ..processors.contributions import KeyBias, Selection
 from ..schedules import bounded
 from ..sites import Site
-from .base import Control, ControlConfig, Roles, RunState, SegmentList, register, word_columns
+from .base import Control, ControlConfig, Roles, RunState, SegmentList, clean_words, register, word_columns
 
 JOINT_KINDS = ("sd3_joint", "flux_double", "flux_single")
 """Site kinds whose attention mixes image and text tokens (SD3.5 ``attn2`` is image-only)."""
@@ -102,14 +103,7 @@ class RegulationConfig(ControlConfig):
         if not v:
             raise ValueError("targets is an empty list; name at least one word of the prompt, "
                              "e.g. targets=['circle', 'square']")
-        cleaned = [w.strip() for w in v]
-        if any(not w for w in cleaned):
-            raise ValueError("targets holds an empty word; give words of the prompt such as 'circle'")
-        lowered = [w.lower() for w in cleaned]
-        dup = sorted({w for w in lowered if lowered.count(w) > 1})
-        if dup:
-            raise ValueError(f"targets names {', '.join(map(repr, dup))} more than once; list each word once")
-        return cleaned
+        return clean_words(v, "targets", "circle")
 
     @field_validator("iterations")
     @classmethod
@@ -471,9 +465,11 @@ class AttentionRegulation(Control):
         self._steps.reset()
         self._calls_per_step = state.calls_per_step
         layouts = [state.layout] if state.row_layouts is None else [lay for lay in state.row_layouts if lay]
-        for layout in layouts:
-            if layout is not None and any(seg.words for seg in layout.segments):
-                self._resolve(layout, layout.text_len)  # fail early on absent words
+        known = [lay for lay in layouts if lay is not None and any(seg.words for seg in lay.segments)]
+        found = [self._resolve(layout, layout.text_len).words for layout in known]  # fail early on absent words
+        if known and not any(found):  # only with missing="ignore": said, not silently a no-op
+            warnings.warn(f"AttentionRegulation: none of the targets {list(self.config.targets)} is in the run's "
+                          "prompt, so nothing is regulated (missing='ignore')", UserWarning, stacklevel=2)
 
     def _resolve(self, layout, n_text: int) -> _Targets:
         kept = self._targets.get(id(layout))
@@ -486,11 +482,17 @@ class AttentionRegulation(Control):
         word_of: list[int] = []
         words: list[str] = []
         for w, cols in zip(cfg.targets, found, strict=True):  # a phrase ("blue square") is one target: its words'
-            pos = [p for p in cols if p not in positions]  # tokens share one bias and one map; a token counts once
-            if not pos:
+            shared = [p for p in cols if p in positions]  # tokens share one bias and one map
+            if shared:
+                other = words[word_of[positions.index(shared[0])]]
+                raise LayoutError(
+                    f"AttentionRegulation: the targets {other!r} and {w!r} share tokens in the prompt "
+                    f"{layout.prompt!r}, and a token can take one target's bias only",
+                    fix=f"drop one of them, or name {w!r} by words {other!r} does not hold")
+            if not cols:  # missing="ignore": not in this prompt
                 continue
-            positions.extend(pos)
-            word_of.extend([len(words)] * len(pos))
+            positions.extend(cols)
+            word_of.extend([len(words)] * len(cols))
             words.append(w)
         bad = [p for p in positions if not 0 <= p < n_text]
         if bad:
