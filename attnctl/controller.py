@@ -60,18 +60,23 @@ class Controller:
         self.transformer = uncompiled(target.transformer if self.pipe is not None else target)
         self.family = family_of(self.transformer)
         self.sites: list[Site] = list_sites(self.transformer)
-        if isinstance(controls, Control):
-            controls = [controls]
+        controls = [controls] if isinstance(controls, Control) else list(controls or ())  # a generator: read once
         for c in controls:
             if not isinstance(c, Control):
                 raise ConfigError(f"{c!r} is not an attnctl control; build controls from attnctl.controls")
-        self.controls: list[Control] = list(controls)
+        twice = sorted({type(c).__name__ for c in controls if sum(d is c for d in controls) > 1})
+        if twice:
+            raise ConfigError(f"the same {', '.join(twice)} object is in the controls twice; it would act twice on "
+                              "every call", fix="list each control once (for a second one with other settings, make "
+                                                "a second object)")
+        self.controls: list[Control] = controls
         for c in self.controls:
             c.bind(self)
         self.state = RunState(roles=list(roles) if roles is not None else None, layout=layout)
         self._fixed_roles = roles is not None
         self._fixed_layout = layout is not None
         self._saved: dict[str, Any] | None = None
+        self._mine: list[tuple[torch.nn.Module, AttnCtlProcessor, str]] = []  # bound sites' modules, processors
         self._hooks: list[Any] = []
         self._prompt: tuple[Any, Any, Any] | None = None  # the call's prompt, SD3's prompt_2 (CLIP-G), T5's prompt
         self._negative_embeds: torch.Tensor | None = None
@@ -145,6 +150,9 @@ class Controller:
         control acts at consult the controller. The processors they replace are remembered: :meth:`restore`
         puts them back."""
         self._check_alone()
+        for c in self.controls:  # bound to another controller since (which has been left): bound here again
+            if c.controller is not self:
+                c.bind(self)
         current = self.transformer.attn_processors
         if self._saved is None:
             self._saved = dict(current)
@@ -166,8 +174,29 @@ class Controller:
                 if getattr(old, attr, None) is not None:
                     setattr(proc, attr, getattr(old, attr))
             procs[site.processor_key] = proc
+        modules = dict(self.transformer.named_modules())
+        self._mine = [(modules[site.name], procs[site.processor_key], site.name) for site in self.sites
+                      if procs[site.processor_key].controller is self]
         self._track()
         return procs
+
+    def _check_installed(self) -> None:
+        """Refuse a forward whose attention modules no longer run this controller's processors: something replaced
+        them while it is attached (``fuse_qkv_projections``, ``load_ip_adapter``, ``set_attn_processor``), and the
+        controls would silently stop acting there."""
+        for module, proc, name in self._mine:
+            now = getattr(module, "processor", None)
+            if now is not proc:
+                raise UnsupportedModelError(
+                    f"the attention processor attnctl put at {name} was replaced by {type(now).__name__} while the "
+                    "controller is attached (by fuse_qkv_projections, load_ip_adapter or set_attn_processor inside "
+                    "attnctl.attach); the controls would silently stop acting there",
+                    fix="do that before attaching (attnctl then carries it over), or after the with-block")
+
+    @property
+    def following(self) -> bool:
+        """The controller follows the pipeline's runs (its processors were made and it is not closed)."""
+        return bool(self._hooks)
 
     def _check_alone(self) -> None:
         """Refuse a second controller on a transformer another one follows: each would take the run's prompt, rows
@@ -233,6 +262,8 @@ class Controller:
             self.state.roles = list(roles)
         self.state = dataclasses.replace(self.state, step=0, num_steps=max(1, int(num_steps)), reports={})
         for c in self.controls:
+            for schedule in c.schedules():  # adaptive parts forget the last run
+                schedule.reset()
             c.begin_run(self.state)
         self._new_run = False
 
@@ -440,6 +471,7 @@ class Controller:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if hidden is None:
             return
+        self._check_installed()
         if self.pipe is not None and getattr(self.pipe, "do_perturbed_attention_guidance", False):
             name = type(self.pipe).__name__
             raise UnsupportedModelError(
@@ -453,7 +485,9 @@ class Controller:
         timesteps = getattr(sched, "timesteps", None)
         num_steps = len(timesteps) if timesteps is not None else self.state.num_steps
         step = getattr(sched, "step_index", None) if sched is not None else None
-        step = int(step) if step is not None else (0 if sched is not None else self.state.step)
+        if step is None and sched is not None:  # before the loop's first scheduler step: where it will begin (an
+            step = getattr(sched, "begin_index", None) or 0  # img2img run starts part way, at its begin_index)
+        step = int(step) if step is not None else self.state.step
         if not self._fixed_layout:
             self.state.layout = self._infer_layout(kwargs, hidden)
         if not self._fixed_roles:

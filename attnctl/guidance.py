@@ -160,7 +160,7 @@ class PerturbedBranch(ForwardWrapper):
         if state.gradient_pass:  # latent guidance's pass for its loss: the maps of the conditional rows only
             return self.call_original(*args, **kwargs)
         roles = list(state.roles or [])
-        ws = self.branches.weights(state.step, state.num_steps)
+        ws = self.branches.weights(*state.schedule_step)
         later = later_call(kwargs, roles)
         if later is not None:  # SD3's skip-layer pass, FLUX's negative-prompt call: the step's δ
             result = self.call_original(*args, **kwargs)

@@ -107,7 +107,7 @@ class LatentGuidance(ForwardWrapper):
         if anchor != state.step:  # a midpoint call: carry its step's move, if there was one
             return self._midpoint_call(args, kwargs, state.step)
         self._start = None
-        size = float(self.control.step_size(state.step, state.num_steps))
+        size = float(self.control.step_size(*state.schedule_step))
         sigmas = self._sigmas(state.step) if size and "cond" in roles else None
         if sigmas is None:  # no guidance at this step
             return self.call_original(*args, **kwargs)

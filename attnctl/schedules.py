@@ -912,6 +912,14 @@ ScheduleField = Annotated[ScheduleSpec, BeforeValidator(_coerce_schedule), Field
 """Pydantic field type for a strength: accepts every :func:`as_schedule` form, stores a Schedule."""
 
 
+def adaptive_parts(schedule: Schedule) -> list[Adaptive]:
+    """The :class:`Adaptive` schedules in ``schedule`` (itself, or inside a window, a scaling, a piecewise...)."""
+    found = [schedule] if isinstance(schedule, Adaptive) else []
+    for child in schedule._children():
+        found.extend(adaptive_parts(child))
+    return found
+
+
 def bounded(lo: float | None = None, hi: float | None = None) -> Any:
     """Pydantic field type for a strength whose values must stay in ``[lo, hi]``.
 

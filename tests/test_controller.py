@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import ip_adapter_processor
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 import attnctl
 from attnctl.controls.base import Control, ControlConfig
@@ -564,6 +565,128 @@ def test_word_lists_are_checked_and_missing_ignore_still_reports_a_cut_off_word(
             attnctl.attach(sd3_pipe, [reg]):
         sd3_pipe("a red circle", **KW)
     assert reg.summary() is None
+
+
+def test_controls_given_as_a_generator_none_twice_or_to_two_pipelines(flux_pipe, sd3_pipe):
+    """A generator of controls is read once (it was used up by the type check, leaving no control); None is no
+    control; one object listed twice would act twice; one object steering two attached pipelines would follow one."""
+    plain = sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+    with attnctl.attach(sd3_pipe, (c for c in [attnctl.SoftPAG(heads=["L1H0"], scale=3.0)])) as ctl:
+        guided = sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+    assert len(ctl.controls) == 1 and not (guided == plain).all()
+    with attnctl.attach(sd3_pipe, None) as ctl:
+        assert ctl.controls == []
+    reg = attnctl.AttentionRegulation(targets=["circle"])
+    with pytest.raises(ConfigError, match="the same AttentionRegulation object is in the controls twice"):
+        attnctl.Controller(sd3_pipe, [reg, reg])
+    with attnctl.attach(sd3_pipe, [reg]), pytest.raises(ConfigError, match="in use by another attnctl controller"):
+        attnctl.attach(flux_pipe, [reg])
+    with attnctl.attach(flux_pipe, [reg]):  # the first one left: the control is free again
+        flux_pipe("a red circle", **KW)
+    with attnctl.attach(sd3_pipe, [reg]):  # and back
+        sd3_pipe("a red circle", **KW)
+    assert "regulation of 'circle'" in reg.summary()
+
+
+def test_processors_replaced_while_attached_are_an_error_not_a_silent_no_op(sd3_pipe):
+    """fuse_qkv_projections inside attach puts diffusers' fused processor where attnctl's was: the controls would stop
+    acting without a word. The next forward says so; fusing before attaching works."""
+    from attnctl.errors import UnsupportedModelError
+
+    reg = attnctl.AttentionRegulation(targets=["circle"])
+    try:
+        with attnctl.attach(sd3_pipe, [reg]):
+            sd3_pipe.transformer.fuse_qkv_projections()
+            with pytest.raises(UnsupportedModelError, match="was replaced by FusedJointAttnProcessor2_0"):
+                sd3_pipe("a red circle", **KW)
+    finally:
+        sd3_pipe.transformer.unfuse_qkv_projections()
+    sd3_pipe.transformer.set_attn_processor(JointAttnProcessor2_0())  # unfuse put back what it had replaced
+    sd3_pipe.transformer.fuse_qkv_projections()
+    try:
+        with attnctl.attach(sd3_pipe, [reg]):
+            sd3_pipe("a red circle", **KW)
+        assert reg.summary() is not None
+    finally:
+        sd3_pipe.transformer.unfuse_qkv_projections()
+        sd3_pipe.transformer.set_attn_processor(JointAttnProcessor2_0())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_img2img_steps_are_the_schedulers_from_the_first_call(flux_pipe, sd3_pipe, family):
+    """An img2img run with strength 0.5 starts half way through the schedule (diffusers sets the scheduler's
+    begin_index): its first call is step 4 of 8 with sigma[4], not step 0 with sigma[0]."""
+    import inspect
+
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+
+    base = flux_pipe if family == "flux" else sd3_pipe
+    cls = FluxImg2ImgPipeline if family == "flux" else StableDiffusion3Img2ImgPipeline
+    takes = inspect.signature(cls.__init__).parameters
+    i2i = cls(**{k: v for k, v in base.components.items() if k in takes})
+    i2i.set_progress_bar_config(disable=True)
+    rec, sigmas = Recorder(), []
+    with attnctl.attach(i2i, [rec]) as ctl:
+        record = ctl.set_step
+        ctl.set_step = lambda step, t=None, sigma=None: sigmas.append(float(sigma)) or record(step, t, sigma)
+        i2i("a red circle", image=torch.rand(1, 3, 32, 48), strength=0.5, num_inference_steps=8, height=32, width=48,
+            max_sequence_length=24, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert sorted({c[1] for c in rec.calls}) == [4, 5, 6, 7]
+    assert sigmas[0] == pytest.approx(float(i2i.scheduler.sigmas[4]))
+
+
+def test_adaptive_schedules_follow_what_their_control_reports(sd3_pipe):
+    """Regulation reports its loss after each step: an Adaptive threshold on it switches regulation off after the
+    first step, where a fixed schedule regulates all three. A control that reports nothing, or a metric it does not
+    report, is refused rather than left to never change."""
+    from attnctl.errors import ScheduleError
+    from attnctl.schedules import Adaptive
+
+    fixed = attnctl.AttentionRegulation(targets=["circle"], steps=1.0)
+    gate = Adaptive(1.0, "threshold", metric="loss", threshold=0.0)
+    adaptive = attnctl.AttentionRegulation(targets=["circle"], steps=gate)
+    for reg in (fixed, adaptive):
+        with attnctl.attach(sd3_pipe, [reg]):
+            sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW)
+    assert sorted({r.step for r in fixed.records}) == [0, 1, 2]
+    assert sorted({r.step for r in adaptive.records}) == [0]
+    history = adaptive.config.steps.history  # (the control's copy of the schedule given)
+    assert len(history["loss"]) == 1 and history["plain_loss"][0] > history["loss"][0]
+    with attnctl.attach(sd3_pipe, [adaptive]):  # a new run starts with a fresh history
+        sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW)
+    assert sorted({r.step for r in adaptive.records}) == [0]
+    with pytest.raises(ScheduleError, match="SoftPAG reports no metric, so the Adaptive schedule"):
+        attnctl.Controller(sd3_pipe, [attnctl.SoftPAG(heads=["L1H0"], u=Adaptive(1.0, "threshold", threshold=1))])
+    with pytest.raises(ScheduleError, match="AttentionRegulation reports no metric 'coverage'.*'loss'"):
+        attnctl.Controller(sd3_pipe, [attnctl.AttentionRegulation(
+            targets=["circle"], steps=Adaptive(1.0, "threshold", metric="coverage", threshold=1))])
+
+
+def test_schedules_count_denoising_steps_under_the_midpoint_scheduler(sd3_pipe):
+    """The midpoint scheduler makes two model calls per step: a schedule's value holds for both (a window over the
+    first half of 3 steps is on for step 0 — calls 0 and 1 — and not for step 1's first call alone)."""
+    from attnctl.midpoint import use_solver
+
+    probe = attnctl.AttentionProbe(words=["circle"], weight="window(1, 0, 0.5)")
+    with use_solver(sd3_pipe, "midpoint"), attnctl.attach(sd3_pipe, [probe]):
+        sd3_pipe("a red circle", **KW)
+    assert probe._steps == {0, 1}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_vanishing_perturbation_leaves_other_controls_images_as_they_are(flux_pipe, sd3_pipe, family):
+    """SoftPAG's perturbed rows copy the conditional ones: regulation and isolation steer the copies as their rows,
+    so the guidance sees its perturbation only. With u → 0 the image is the control's own (regulation and isolation
+    acting on the conditional rows alone gave their effect (1 + scale) times)."""
+    pipe = flux_pipe if family == "flux" else sd3_pipe
+    kw = dict(KW, prompt="a red circle and a blue square", num_images_per_prompt=2)
+    for make in (lambda: attnctl.AttentionRegulation(targets=["circle", "square"], iterations=5),
+                 lambda: attnctl.IsolationAttention(subjects=["red circle", "blue square"])):
+        with attnctl.attach(pipe, [make()]):
+            alone = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        with attnctl.attach(pipe, [make(), attnctl.SoftPAG(heads=["L1H0"], u=1e-6, scale=3.0)]):
+            guided = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        assert abs(guided - alone).max() < 1e-3
 
 
 def test_controls_round_trip_json():

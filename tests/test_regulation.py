@@ -265,7 +265,7 @@ def test_inside_attnctl_pipeline_with_softpag_and_a_probe(sd35_pipe):
     img = pipe(PROMPT, generator=gen(), guidance_scale=4.0, controls=[reg, probe, pag()], **KW).images
     assert {r.step for r in reg.records} == {0}  # first half of 2 steps
     assert {r.site for r in reg.records} == {"transformer_blocks.0.attn", "transformer_blocks.1.attn"}  # no attn2
-    assert all(len(r.best) == 1 for r in reg.records)  # the cond row only: not uncond, not perturbed
+    assert all(len(r.best) == 2 for r in reg.records)  # the cond row and its perturbed copy, not uncond
     assert abs(img - base).max() > 1e-4
     assert probe.word_maps()["circle"].shape == (1, 8, 12)  # non-square 32×48 image
     assert dict(pipe.transformer.attn_processors) == before
@@ -282,12 +282,12 @@ def test_attach_on_stock_flux_reaches_single_blocks(flux_pipe):
     assert {r.site for r in reg.records} == {s.name for s in attnctl.list_sites(flux_pipe.transformer)}
     assert {r.step for r in reg.records} == {0, 1}
     assert abs(img - base).max() > 1e-4
-    # with SoftPAG in the same attach: one run, the regulation on the conditional row only, the attnctl pipeline's
-    # image
+    # with SoftPAG in the same attach: one run, the regulation on the conditional row and its perturbed copy, the
+    # attnctl pipeline's image
     reg, pag = AttentionRegulation(targets=["circle", "square"]), attnctl.SoftPAG(heads=["L0H0"], scale=2.0)
     with attnctl.attach(flux_pipe, [reg, pag]):
         both = flux_pipe(PROMPT, generator=gen(), **KW).images
-    assert reg.records and all(len(r.best) == 1 for r in reg.records)
+    assert reg.records and all(len(r.best) == 2 for r in reg.records)
     ours = AttnCtlFluxPipeline(**flux_pipe.components)
     ours.set_progress_bar_config(disable=True)
     same = ours(PROMPT, generator=gen(), controls=[AttentionRegulation(targets=["circle", "square"]),

@@ -9,6 +9,7 @@ stock fused kernel.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from ..controller import Controller
     from ..processors.base import SiteCall
     from ..processors.contributions import Contribution
+    from ..schedules import Schedule
 
 ROLES = ("uncond", "cond", "perturbed", "source", "target")
 """Batch roles a controller knows; references are ``reference[i]``."""
@@ -111,6 +113,13 @@ class RunState:
     @property
     def progress(self) -> float:
         return self.step / max(self.num_steps - 1, 1)
+
+    @property
+    def schedule_step(self) -> tuple[int, int]:
+        """``(step, steps)`` of the denoising loop, as schedules count: the model calls of one step (two under the
+        midpoint scheduler, ``calls_per_step``) share its value."""
+        per = max(1, self.calls_per_step)
+        return self.step // per, max(1, -(-self.num_steps // per))
 
     def _row_list(self, roles: tuple[str, ...] | list[str], batch: int) -> list[int]:
         if self.roles is None:
@@ -235,6 +244,9 @@ class Control:
     Config: ClassVar[type[ControlConfig]] = ControlConfig
     named_sites: ClassVar[dict[str, Callable[[list[Site]], list[Site]]]] = {}
     """Site choices by name, beside the selectors (``{"mid": mid_depth_sites}``)."""
+    metrics: ClassVar[dict[str, str]] = {}
+    """What the control reports to its schedules after each step, by name (an ``Adaptive`` schedule's ``metric``
+    and ``reference``), with what each measures."""
 
     def __init__(self, **kwargs: Any) -> None:
         try:
@@ -256,7 +268,16 @@ class Control:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def bind(self, controller: Controller) -> None:
-        """Check the model family and resolve the site selection against this model."""
+        """Check the model family and resolve the site selection against this model. A control acts for one
+        controller at a time: binding it to another while the first still follows its pipeline is refused."""
+        prev = self.controller
+        if prev is not None and prev is not controller and prev.following:
+            raise ConfigError(
+                f"this {type(self).__name__} is in use by another attnctl controller, still attached to a "
+                f"{prev.family} pipeline; one control object steers one pipeline at a time (its sites and run state "
+                "are that pipeline's)", fix="give the other pipeline its own control: "
+                                            "attnctl.control_from_json(control.to_json()); or leave the first "
+                                            "attach first")
         if controller.family not in self.families:
             raise UnsupportedModelError(
                 f"{type(self).__name__} supports {', '.join(self.families)} models, not {controller.family}; "
@@ -264,6 +285,54 @@ class Control:
             )
         self.sites = self.select_sites(controller.sites)
         self._site_names = frozenset(s.name for s in self.sites)
+        self._controller = weakref.ref(controller)
+        self.check_adaptive()
+
+    @property
+    def controller(self) -> Controller | None:
+        """The controller this control was last bound to, while it exists."""
+        ref = getattr(self, "_controller", None)
+        return ref() if ref is not None else None
+
+    def schedules(self) -> list[Schedule]:
+        """The schedules this control evaluates (its settings' and its own), once each."""
+        from ..schedules import Schedule
+
+        fields = [getattr(self.config, name) for name in type(self.config).model_fields]
+        found = {id(v): v for v in [*fields, *vars(self).values()] if isinstance(v, Schedule)}
+        return list(found.values())
+
+    def check_adaptive(self) -> None:
+        """Refuse an ``Adaptive`` schedule that would never change: on a control that reports no metric, or reading
+        a metric this control does not report."""
+        from ..errors import ScheduleError
+        from ..schedules import adaptive_parts
+
+        name = type(self).__name__
+        known = ", ".join(f"{k!r} ({v})" for k, v in self.metrics.items())
+        for part in (a for s in self.schedules() for a in adaptive_parts(s)):
+            if not self.metrics:
+                raise ScheduleError(f"{name} reports no metric, so the Adaptive schedule {part!r} would never change",
+                                    fix="give it a fixed schedule; Adaptive rules follow what AttentionRegulation, "
+                                        "LayoutGuidance and IsolationAttention report")
+            needs = [] if callable(part.rule) else [part.metric, *([part.reference] if part.rule == "balance" else [])]
+            missing = [m for m in needs if m not in self.metrics]
+            if missing:
+                raise ScheduleError(f"{name} reports no metric {missing[0]!r}, which the Adaptive schedule reads "
+                                    f"(it reports {known})", fix=f"give metric= one of {list(self.metrics)}")
+        self._adaptive = any(adaptive_parts(s) for s in self.schedules())
+
+    def report(self, values: dict[str, float]) -> None:
+        """Give this step's metrics to the control's schedules (their ``Adaptive`` parts read them next step). A
+        control calls it from :meth:`end_step` when :attr:`adaptive` — reading a value waits for the device."""
+        for schedule in self.schedules():
+            for name, value in values.items():
+                schedule.report(name, float(value))
+
+    @property
+    def adaptive(self) -> bool:
+        """Some schedule of this control is ``Adaptive``: it wants :meth:`report` after each step."""
+        return getattr(self, "_adaptive", False)
 
     def select_sites(self, sites: list[Site]) -> list[Site]:
         """The sites of the model this control acts at: its config's ``sites``, either a name of

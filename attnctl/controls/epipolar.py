@@ -237,7 +237,7 @@ class EpipolarAttention(Control):
         return lse_all + (math.log(self.config.strong / n_keys) - log_scale)
 
     def contribute(self, call, q, k, v, state: RunState):
-        s = float(self.config.scale(state.step, state.num_steps))
+        s = float(self.config.scale(*state.schedule_step))
         if s == 0 or state.gradient_pass:
             return []
         grid = image_grid(state.layout, call.n_image, "EpipolarAttention", call.site.name)

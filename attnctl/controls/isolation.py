@@ -90,6 +90,7 @@ class IsolationAttention(Control):
     kind = "isolation"
     Config = IsolationConfig
     named_sites = {"late": late_sites}
+    metrics = {"coverage": "the mean share of the image in the target subjects' masks at the step"}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -137,6 +138,8 @@ class IsolationAttention(Control):
         targets = [t for _, t in self._sets or []]
         if targets:
             self._coverage.append(self._masks[targets].float().mean())  # read when asked: no sync per step
+            if self.adaptive:
+                self.report({"coverage": float(self._coverage[-1])})
 
     @property
     def coverage(self) -> list[float]:
@@ -198,8 +201,18 @@ class IsolationAttention(Control):
         if here is _MAIN and call.n_text:
             out += self._probes(call, state, img)
         if self._masks is not None:
-            out += self._steer(call, k, v, state, grid, img, None if here is _MAIN else here)
+            out += self._steer(call, k, v, state, grid, img, None if here is _MAIN else here,
+                               self._copies(state, call.batch))
         return out
+
+    @staticmethod
+    def _copies(state: RunState, batch: int) -> dict[int, int]:
+        """Each conditional row's perturbed copy in this call (SoftPAG's branch: the ``k``-th perturbed row copies
+        the ``k``-th conditional row). The copies are steered as their rows are, so a guidance that compares the
+        two sees its perturbation only, not this control's effect once more."""
+        pert = [i for i, r in enumerate(state.roles or ()) if r.split("[")[0] == "perturbed"]
+        cond = state._row_list(("cond",), batch)
+        return dict(zip(cond, pert, strict=True)) if pert and len(pert) == len(cond) else {}
 
     def _rows_of(self, state: RunState, batch: int) -> object | dict[int, int] | None:
         """How this call's rows relate to the masks' rows. The masks are made in the run's first call with
@@ -267,13 +280,14 @@ class IsolationAttention(Control):
         return parts
 
     def _steer(self, call, k, v, state: RunState, grid, img: slice | None = None,
-               rows: dict[int, int] | None = None) -> list:
+               rows: dict[int, int] | None = None, copies: dict[int, int] | None = None) -> list:
         """The step's isolation bias and reposition keys at one call (``img``: the generated image's tokens, by
         default the grid's first tokens of the image stream; ``rows``: the call's row for each row of the masks,
-        when the call's rows are not the masks', see :meth:`_rows_of`)."""
+        when the call's rows are not the masks', see :meth:`_rows_of`; ``copies``: a perturbed copy of some of the
+        call's rows, steered with its row's masks, its references' keys taken from their own copies)."""
         img = img if img is not None else call.grid_slice(grid[0] * grid[1])
-        iso = float(self.config.isolation(state.step, state.num_steps))
-        rep = float(self.config.reposition(state.step, state.num_steps)) if self.config.references else 0.0
+        iso = float(self.config.isolation(*state.schedule_step))
+        rep = float(self.config.reposition(*state.schedule_step)) if self.config.references else 0.0
         if iso == 0 and rep == 0:
             return []
         plan = self._planned(grid)
@@ -281,7 +295,17 @@ class IsolationAttention(Control):
         if rows is not None:  # the same masks on this call's own rows
             targets = [rows[t] for t in targets]
             if "source" in plan:
-                plan = {**plan, "source": state.index([rows[r] for r in plan["source_rows"]], call.device)}
+                plan = {**plan, "source_rows": [rows[r] for r in plan["source_rows"]]}
+                plan["source"] = state.index(plan["source_rows"], call.device)
+        if copies and all(t in copies for t in targets):  # each target twice: as itself, and as its copy
+            targets = targets + [copies[t] for t in targets]
+            tm, other = torch.cat([tm, tm]), torch.cat([other, other])
+            plan = {**plan, "kept": torch.cat([plan["kept"], plan["kept"]])}
+            if "source" in plan:
+                src = plan["source_rows"] + [copies[r] for r in plan["source_rows"]]
+                plan = {**plan, "source_rows": src, "source": state.index(src, call.device),
+                        "index": torch.cat([plan["index"], plan["index"]]),
+                        "valid": torch.cat([plan["valid"], plan["valid"]])}
         n, n_img = len(self.config.subjects), img.stop - img.start
         n_keys = k.shape[1]
         extra_keys = n * n_img if rep > 0 else 0

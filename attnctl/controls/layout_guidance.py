@@ -277,6 +277,7 @@ class LayoutGuidance(Control):
     kind = "layout"
     Config = LayoutConfig
     named_sites = {"mid": mid_depth_sites}
+    metrics = {"loss": "the layout loss of the step's gradient pass, mean over the rows"}
     latent_guidance = True  # the controller wraps the forward with attnctl.latent_guidance.LatentGuidance
 
     def __init__(self, **kwargs: Any) -> None:
@@ -318,6 +319,12 @@ class LayoutGuidance(Control):
             self._none_present = True
             warnings.warn(f"LayoutGuidance: none of the boxed words {list(self.config.boxes)} is in the run's prompt, "
                           "so nothing is guided (missing='ignore')", UserWarning, stacklevel=2)
+
+    def end_step(self, state: RunState) -> None:
+        if self.adaptive:
+            losses = [float(loss) for step, loss in self._history if step == state.step]
+            if losses:
+                self.report({"loss": sum(losses) / len(losses)})
 
     def step_size(self, step: int, num_steps: int) -> float:
         """``η`` at ``step`` (0: no gradient pass)."""

@@ -128,7 +128,7 @@ class AttentionProbe(Control):
     def contribute(self, call, q, k, v, state: RunState):
         if call.n_text == 0:  # image-only attention (SD3.5 attn2) has no text columns
             return []
-        w = self._weight(state.step, state.num_steps)
+        w = self._weight(*state.schedule_step)
         if w == 0:
             return []
         pos = self._resolve(call, state)

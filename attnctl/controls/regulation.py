@@ -91,7 +91,8 @@ class RegulationConfig(ControlConfig):
                              "keys too), or inside the text part only (each image query keeps its total text "
                              "attention, as in a cross-attention softmax; needs normalize='text')")
     per_head: bool = Field(False, description="one bias per head (else one shared by all heads)")
-    roles: Roles = Field(["cond"], description="batch roles the control acts on")
+    roles: Roles = Field(["cond", "perturbed"], description="batch roles the control acts on (SoftPAG's perturbed "
+                                                                 "rows too: they copy the conditional rows)")
     seed: int = Field(0, description="seed of the U[0,1) initialisation of W")
     init: Literal["random", "previous"] = Field(
         "random", description="W's starting point at each step: U[0,1) (the paper), or the iterate this site "
@@ -433,6 +434,8 @@ class AttentionRegulation(Control):
     kind = "regulation"
     Config = RegulationConfig
     named_sites = {"mid": mid_depth_sites}
+    metrics = {"loss": "the loss's map terms under the bias applied, mean over the step's regulated calls",
+               "plain_loss": "the same terms of the plain maps"}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -513,11 +516,19 @@ class AttentionRegulation(Control):
         self._targets[id(layout)] = (layout, targets)
         return targets
 
+    def end_step(self, state: RunState) -> None:
+        if not self.adaptive:
+            return
+        numbers = [n for _, step, _, n in self._pending if step == state.step]
+        if numbers:  # (the records read every value later; here only this step's two)
+            self.report({"loss": sum(float(n[6]) for n in numbers) / len(numbers),
+                         "plain_loss": sum(float(n[5]) for n in numbers) / len(numbers)})
+
     # ------------------------------------------------------------------------------ per call
     def contribute(self, call, q, k, v, state: RunState):
         if not call.n_text:
             return []
-        if self._steps(state.step, state.num_steps) <= 0:
+        if self._steps(*state.schedule_step) <= 0:
             return []
         groups = state.rows_by_prompt(self.config.roles, call.batch, call.device)
         if not any(host_rows for _, _, host_rows in groups):

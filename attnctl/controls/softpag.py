@@ -176,7 +176,7 @@ class SoftPAG(Control):
 
     # -- the attention contribution ----------------------------------------------------------------
     def contribute(self, call, q, k, v, state: RunState):
-        u = self.strength(state.step, state.num_steps)
+        u = self.strength(*state.schedule_step)
         if u == 0:
             return []
         role = "perturbed" if self.config.branch is None else f"perturbed[{self.config.branch}]"
