@@ -184,6 +184,30 @@ def test_probe_returns_final_probabilities():
     assert (got[0] - expect).abs().max() < 1e-6
 
 
+def test_probe_under_a_dense_bias_makes_the_bias_a_few_rows_at_a_time(monkeypatch):
+    """A probe's columns under a dense bias (IsolationAttention's masks and its own probe at one call) come from
+    bias parts of a few rows, each cut to the probed columns: never the rows × keys block expanded over heads."""
+    import importlib
+
+    attend_module = importlib.import_module("attnctl.processors.attend")  # (the package's `attend` is the function)
+    q, k, v = qkv(8)
+    table = torch.randn(S, S, generator=torch.Generator().manual_seed(2))
+    asked = []
+
+    def fn(r0, r1):
+        asked.append(r1 - r0)
+        return table[r0:r1][None, :, None, :].expand(B, -1, -1, -1)
+
+    monkeypatch.setattr(attend_module, "_DENSE_PART", 4 * S)  # four rows of keys per part
+    db, got = DenseBias(fn, Selection()), []
+    cols = torch.tensor([1, 5, 17])
+    attend(q, k, v, [db, Probe(cols, got.append, Selection(torch.tensor([0, 2]), slice(3, 15), None))],
+           max_chunk_elems=B * H * S * 4)  # the attention's own chunks: 4 rows too
+    _, p = reference(q, k, v, [DenseBias(lambda r0, r1: table[r0:r1][None, :, None, :], Selection())])
+    assert (got[0] - p[[0, 2], 3:15][..., cols]).abs().max() < 1e-5
+    assert max(asked) <= 4 and sum(asked) >= 12  # the probe's 12 rows in parts of at most 4
+
+
 def test_output_mix_softpag_identity_form():
     """(1-u)·A + u·I on selected heads equals (1-u)·out + u·v: the mix sees full q/k/v of its heads."""
     q, k, v = qkv(6)

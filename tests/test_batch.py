@@ -64,6 +64,42 @@ def run(*args) -> object:
     return runner.invoke(app, args)
 
 
+_FAILING = """
+import os
+if os.environ.get("ATTNCTL_TEST_FAILING_PROMPT"):  # a test's stand-in for an item that fails when it runs
+    import attnctl.batch as batch
+    real = batch._Generator.generate
+    def generate(self, job, source):
+        if job.settings["prompt"] == os.environ.get("ATTNCTL_TEST_FAILING_PROMPT"):
+            raise RuntimeError("not enough memory for this item")
+        return real(self, job, source)
+    batch._Generator.generate = generate
+"""
+
+
+@pytest.fixture
+def failing_prompt(tmp_path, monkeypatch):
+    """Items with this prompt fail when they run (as an out-of-memory error would), here and in worker processes
+    (a ``sitecustomize`` on their path): every other problem is found before the first image. Clear the returned
+    set to let them run."""
+    import attnctl.batch
+
+    prompt, failing = "a purple circle", {"a purple circle"}
+    real = attnctl.batch._Generator.generate
+
+    def generate(self, job, source):
+        if job.settings["prompt"] in failing:
+            raise RuntimeError("not enough memory for this item")
+        return real(self, job, source)
+
+    monkeypatch.setattr(attnctl.batch._Generator, "generate", generate)
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(_FAILING)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("ATTNCTL_TEST_FAILING_PROMPT", prompt)
+    return failing
+
+
 def pngs(folder: Path) -> dict[str, str]:
     """Visible PNG files → hash of their pixels."""
     return {p.name: hashlib.sha256(read_image(p).tobytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
@@ -222,19 +258,7 @@ def test_manifest_tolerates_a_torn_last_line(tmp_path):
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp_path, monkeypatch):
-    import attnctl.batch
-
-    # one item fails when it runs (as an out-of-memory error would): the rest goes on, and a re-run retries it
-    failing = {"a green circle"}
-    real_generate = attnctl.batch._Generator.generate
-
-    def generate(self, job, source):
-        if job.settings["prompt"] in failing:
-            raise RuntimeError("not enough memory for this item")
-        return real_generate(self, job, source)
-
-    monkeypatch.setattr(attnctl.batch._Generator, "generate", generate)
+def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp_path, failing_prompt):
     batch = write_batch(tmp_path / "b.json", {
         "version": 1,
         "defaults": {"steps": 2},
@@ -242,7 +266,7 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
             {"id": "red", "prompt": "a red circle on the left", "seeds": [0, 1],
              "controls": [{"kind": "probe", "words": ["circle"], "sites": "L1"}]},
             {"id": "../../etc/x", "prompt": "a blue square", "seed": 3},
-            {"id": "bad", "prompt": "a green circle"},
+            {"id": "bad", "prompt": "a purple circle"},  # fails when it runs: the rest goes on, a re-run retries it
         ],
     })
     out = tmp_path / "deep" / "out"
@@ -275,7 +299,7 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
 
     # the bad item can run now, and one item is changed: only those two are made; now everything is done
-    failing.clear()
+    failing_prompt.clear()
     data = json.loads(batch.read_text())
     data["items"][1]["steps"] = 3
     write_batch(batch, data)
@@ -376,10 +400,11 @@ def test_interrupt_and_kill_then_rerun_makes_every_image_exactly_once(model_dir,
     assert sorted(done_records) == sorted(expected), "an image was made twice or not recorded"
 
 
-def test_two_processes_make_the_same_files_as_one_none_twice(model_dir, tmp_path, monkeypatch, capfd):
+def test_two_processes_make_the_same_files_as_one_none_twice(model_dir, tmp_path, monkeypatch, capfd,
+                                                             failing_prompt):
     items = [{"id": f"p{i}", "prompt": p, "seeds": [i, i + 10]}
              for i, p in enumerate(["a red circle", "a blue square on the left", "two green triangles"])]
-    items.append({"id": "bad", "prompt": "a purple circle", "height": 512})  # the pipeline refuses it at run time
+    items.append({"id": "bad", "prompt": "a purple circle"})  # fails when it runs, in whichever worker takes it
     batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2}, "items": items})
     one, two = tmp_path / "one", tmp_path / "two"
     result = run("batch", batch, "--out", one, "--model", model_dir)

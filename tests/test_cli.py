@@ -435,6 +435,8 @@ def _bad_input_cases(sd3: str, tmp: str) -> list[tuple[list[str], str]]:
         (["batch", f"{tmp}/one.json", "--model", sd3, "--out", f"{tmp}/plain.png"], "File exists"),
         (["generate", "--from", f"{tmp}/edited-seed.png"], "records seed = \"x\", which is not int"),
         (["toy", "train", "--model", "toy-unet", "--out", tmp], "unknown toy model 'toy-unet'"),
+        (["toy", "train", "--model", "toy-flux-dev", "--out", f"{tmp}/dev", "--steps", "1"],
+         "'toy-flux-dev' takes a guidance value, which it learns only from a teacher"),
     ]
     if importlib.util.find_spec("xformers") is None:
         cases.append(([*gen, "--attention-backend", "xformers"], "attention backend 'xformers' is not available"))

@@ -132,6 +132,34 @@ def test_backend_routing_through_the_dispatcher(flux_pipe, monkeypatch):
         ctl.close()
 
 
+def test_a_chosen_native_kernel_also_runs_where_a_control_needs_the_lse(flux_pipe, monkeypatch):
+    """A probe needs every row's LSE, which the CPU flash kernel gives with the output. A user who chose another
+    kernel by name (here the math one) gets it there too — through the dispatcher, the LSE computed beside it — and
+    the probe leaves the output exactly as the stock run under that kernel."""
+    from attnctl.layout import TokenLayout
+
+    tr = copy.deepcopy(flux_pipe.transformer)
+    inputs = transformer_inputs(tr)
+    name = AttentionBackendName._NATIVE_MATH
+    calls = []
+    original = _AttentionBackendRegistry._backends[name]
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, name,
+                        lambda **kw: calls.append(1) or original(**kw))
+    try:
+        tr.set_attention_backend("_native_math")
+        plain = _run(tr, inputs)
+        calls.clear()
+        ctl = attnctl.Controller(tr, [attnctl.AttentionProbe()], roles=["cond"] * 2,
+                                 layout=TokenLayout("flux", 7, (4, 4)))
+        tr.set_attn_processor(ctl.processors())
+        ctl.begin_run(1)
+        probed = _run(tr, inputs)
+        assert len(calls) == len(ctl.sites) and torch.equal(plain, probed)
+    finally:
+        tr.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+
+
 def test_new_processors_keep_the_backend_they_replace(sd3_pipe):
     tr = copy.deepcopy(sd3_pipe.transformer)
     try:

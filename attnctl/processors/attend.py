@@ -60,13 +60,12 @@ _LSE_FROM_DISPATCH = {
     AttentionBackendName.FLASH_HUB,
     AttentionBackendName._FLASH_3_HUB,
 }
-_NATIVE = {
-    AttentionBackendName.NATIVE,
-    AttentionBackendName._NATIVE_FLASH,
-    AttentionBackendName._NATIVE_EFFICIENT,
-    AttentionBackendName._NATIVE_MATH,
-    AttentionBackendName._NATIVE_CUDNN,
+_LSE_KERNEL = {
+    "cpu": {AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_FLASH},
+    "cuda": {AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_EFFICIENT},
 }
+"""Backends whose kernel, per device, is the PyTorch op :func:`fused_attention_with_lse` calls for the output and
+the LSE at once."""
 
 
 def backend_name(backend: str | AttentionBackendName | None) -> AttentionBackendName:
@@ -100,12 +99,14 @@ def chunked_lse(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
 def fused_attention_with_lse(q, k, v, *, attn_mask=None, backend=None, parallel_config=None):
     """Fused attention that also returns the LSE of every query row as ``(B, S, H)`` float32.
 
-    CPU and CUDA with PyTorch's own kernels: the flash / efficient kernel computes the LSE anyway, so it
-    costs nothing extra. Backends whose diffusers wrapper returns it (flash-attn 2/3): asked for.
-    Any other backend: the output comes from that backend, the LSE from a chunked exact computation.
+    PyTorch's SDPA left to choose its kernel (the ``native`` backend), or the kernel chosen being the one used here
+    (``_native_flash`` on CPU, ``_native_efficient`` on CUDA): the flash / efficient kernel computes the LSE anyway,
+    so it costs nothing extra. Backends whose diffusers wrapper returns it (flash-attn 2/3): asked for. Any other
+    backend — another native kernel chosen by name too (``_native_math``, ``_native_cudnn``...) — gives the output
+    through diffusers' dispatcher, as chosen, and the LSE from a chunked exact computation.
     """
     name = backend_name(backend)
-    if name in _NATIVE and attn_mask is None and parallel_config is None:
+    if name in _LSE_KERNEL.get(q.device.type, ()) and attn_mask is None and parallel_config is None:
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         if q.device.type == "cpu":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False)[:2]
@@ -277,6 +278,10 @@ def _dense_whole(c: DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tenso
     return out
 
 
+_DENSE_PART = 1 << 22
+"""Bias entries (rows × keys, per batch row) a dense bias makes at a time where only some columns are asked for."""
+
+
 def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tensor,
            cols: torch.Tensor, B: int, S: int, H: int, n_keys: int) -> torch.Tensor | None:
     """The additive bias ``c`` puts on logits ``[b, r0:r1, h, cols]`` (float32), or ``None`` if none."""
@@ -291,16 +296,20 @@ def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.T
     if isinstance(c, KeyBias):
         cp = _positions(c.cols, cols, n_keys)
         src = c.bias.float().expand(nb, cr1 - cr0, nh, len(c.cols))[:, lo - cr0 : hi - cr0]
-    else:
-        cp = cols
-        src = c.fn(lo, hi).float()
-        if src.shape[-1] != n_keys:
-            raise ValueError(
-                f"a DenseBias gives a bias over {src.shape[-1]} keys but this attention call has {n_keys} (the site's "
-                "keys and the extra keys of every ExtraKV contribution): another control's extra keys came after "
-                "this bias was made; two IsolationAttention controls with references cannot act at the same call "
-                "yet — give them disjoint sites (sites=...) or run them in separate calls")
-        src = src.expand(nb, hi - lo, nh, src.shape[-1])
+    else:  # made a few rows at a time, each part cut to the asked columns at once: never a rows × keys block
+        step = max(1, _DENSE_PART // max(n_keys, 1))
+        parts = []
+        for a in range(lo, hi, step):
+            part = c.fn(a, min(hi, a + step)).float()
+            if part.shape[-1] != n_keys:
+                raise ValueError(
+                    f"a DenseBias gives a bias over {part.shape[-1]} keys but this attention call has {n_keys} (the "
+                    "site's keys and the extra keys of every ExtraKV contribution): another control's extra keys came "
+                    "after this bias was made; two IsolationAttention controls with references cannot act at the "
+                    "same call yet — give them disjoint sites (sites=...) or run them in separate calls")
+            parts.append(part.index_select(3, cols))
+        src = torch.cat(parts, 1).expand(nb, hi - lo, nh, len(cols))
+        cp = torch.arange(len(cols), device=cols.device)  # the columns are taken already
     inside = None  # a ``within`` bias also shifts every other key of its block
     if isinstance(c, KeyBias) and c.within is not None:
         w0, w1, _ = c.within.indices(n_keys)

@@ -640,6 +640,10 @@ def train(
         guidance_range = tuple(hp.get("guidance_range") or guidance_range)
     else:
         a = _arch(model, arch)
+    if distill_from is None and getattr(a, "guidance_embeds", False):
+        raise ConfigError(f"{model!r} takes a guidance value, which it learns only from a teacher's classifier-free "
+                          "guidance (plain flow matching gives it none)",
+                          "pass distill_from (--distill-from toy-flux), or train toy-flux")
     teacher = None
     if distill_from is not None:
         g_lo, g_hi = (float(x) for x in guidance_range)
