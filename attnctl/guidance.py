@@ -40,6 +40,7 @@ import torch
 
 from .errors import ConfigError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
+from .schedules import adaptive_parts
 
 # ------------------------------------------------------------------------------------------ the formula
 
@@ -117,13 +118,18 @@ def perturbed_branches(controls: Sequence[Any]) -> Branches | None:
 
 
 def _same_scale(group: Sequence[Any]) -> None:
-    scales = {repr(getattr(c.config, "scale", None)) for c in group}
-    if len(scales) > 1:
-        raise ConfigError(
-            f"{len(group)} controls ask for the same perturbed branch with different guidance scales "
-            f"({', '.join(sorted(scales))})",
-            fix="they share one perturbed branch and one w: give them the same scale= schedule",
-        )
+    scales = [getattr(c.config, "scale", None) for c in group]
+    if len({repr(s) for s in scales}) == 1:
+        return
+    if all(s is not None and not adaptive_parts(s) for s in scales):  # written differently, the same values
+        runs = {tuple(tuple(s.values(n)) for n in range(1, 129)) for s in scales}  # ("2" and "window(2, 0, 1)")
+        if len(runs) == 1:
+            return
+    raise ConfigError(
+        f"{len(group)} controls ask for the same perturbed branch with different guidance scales "
+        f"({', '.join(sorted({repr(s) for s in scales}))})",
+        fix="they share one perturbed branch and one w: give them the same scale= schedule",
+    )
 
 
 def _weight_of(group: Sequence[Any], step: int, num_steps: int) -> float:

@@ -21,6 +21,13 @@ from .sites import family_of
 _WORD = re.compile(r"[^\W_]+|[^\w\s]|_")  # runs of letters and digits; each other mark alone, as tokenizers split
 
 
+NO_RUN = ("no run of this transformer is being followed: the controller was closed with its processors left in "
+          "place, or the processors were made by a controller of another pipeline")
+NO_RUN_FIX = ("install processors from a controller of this pipeline (attnctl.attach(pipe, ...), or "
+              "set_attn_processor(Controller(pipe, ...).processors())), or call controller.begin_run(layout=...) "
+              "before calling the transformer by hand")
+
+
 def word_key(word: str) -> str:
     """How words are compared: NFKC-normalised (as tokenizers read full-width letters) and lower case."""
     return unicodedata.normalize("NFKC", word).strip().lower()
@@ -184,7 +191,9 @@ def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,
     has ``n_image`` tokens). A reference image's tokens after the grid (FLUX Kontext) are accepted with
     ``reference_ok=True``, for a control that acts on the generated grid's queries only (:meth:`SiteCall.grid_slice`);
     otherwise they, and a grid the run's layout does not describe, are a clear error."""
-    grid = layout.grid if layout is not None else None
+    if layout is None:
+        raise LayoutError(f"{who} at {site}: {NO_RUN}", fix=NO_RUN_FIX)
+    grid = layout.grid
     reference = layout is not None and layout.reference_tokens and n_image == layout.n_image + layout.reference_tokens
     if reference and reference_ok:
         return grid

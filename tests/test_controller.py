@@ -689,6 +689,38 @@ def test_a_vanishing_perturbation_leaves_other_controls_images_as_they_are(flux_
         assert abs(guided - alone).max() < 1e-3
 
 
+def test_processors_without_a_followed_run_and_other_small_mistakes_say_so(flux_pipe, sd3_pipe):
+    """Processors left by a closed controller, or made by a controller of another pipeline, name that (not a deep
+    AttributeError, not a wrong "pass height/width"); a control's JSON text loads; a negative probe weight is
+    refused; a probe weighted 0 at every step says so; SoftPAG scales written differently but equal are one."""
+    from attnctl.errors import ScheduleError
+
+    for control in (attnctl.AttentionProbe(words=["circle"]), attnctl.AttentionRegulation(targets=["circle"])):
+        ctl = attnctl.Controller(sd3_pipe, [control]).install()
+        ctl.close()
+        try:
+            with pytest.raises(LayoutError, match="no run of this transformer is being followed"):
+                sd3_pipe("a red circle", **KW)
+        finally:
+            sd3_pipe.transformer.set_attn_processor(JointAttnProcessor2_0())
+    assert attnctl.control_from_json('{"kind": "probe", "words": ["circle"]}').config.words == ["circle"]
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        attnctl.control_from_json('{"kind": "probe"')
+    for weight in (-1, "linear(1, -1)"):
+        with pytest.raises(ScheduleError, match="outside the allowed range"):
+            attnctl.AttentionProbe(weight=weight)
+    probe = attnctl.AttentionProbe(words=["circle"], weight=0)
+    with attnctl.attach(sd3_pipe, [probe]):
+        sd3_pipe("a red circle", **KW)
+    with pytest.raises(LayoutError, match="its weight was 0 at every step"):
+        probe.word_maps()
+    attnctl.Controller(sd3_pipe, [attnctl.SoftPAG(heads=["L0H0"], scale=2),
+                                  attnctl.SoftPAG(heads=["L1H0"], scale="window(2, 0, 1)")])
+    with pytest.raises(ConfigError, match="different guidance scales"):
+        attnctl.Controller(sd3_pipe, [attnctl.SoftPAG(heads=["L0H0"], scale=2),
+                                      attnctl.SoftPAG(heads=["L1H0"], scale="window(2, 0, 0.5)")])
+
+
 def test_controls_round_trip_json():
     probe = attnctl.AttentionProbe(words=["circle"], sites=["transformer_blocks.0"], weight="linear(1, 0)")
     again = attnctl.control_from_json(probe.to_json())

@@ -394,8 +394,20 @@ def config_fields(kind: Any) -> frozenset[str]:
     return frozenset(cls.Config.model_fields) if cls is not None else frozenset()
 
 
-def control_from_json(data: dict) -> Control:
-    kind = data.get("kind") if isinstance(data, dict) else None
+def control_from_json(data: dict | str | bytes) -> Control:
+    """A control from its JSON: a dict with its ``kind``, or that dict's JSON text."""
+    if isinstance(data, str | bytes):
+        import json
+
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"the control's JSON text is not valid JSON ({e.msg} at column {e.colno})",
+                              fix='write it as {"kind": "probe", ...}') from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"a control's JSON is an object with a kind, not {type(data).__name__}",
+                          fix='write it as {"kind": "probe", ...}')
+    kind = data.get("kind")
     if kind not in CONTROL_TYPES:
         known = ", ".join(sorted(CONTROL_TYPES))
         raise ConfigError(f"unknown control kind {kind!r}; known kinds: {known}")

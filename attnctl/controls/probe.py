@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import ConfigError, LayoutError
-from ..layout import image_grid
+from ..layout import NO_RUN, NO_RUN_FIX, image_grid
 from ..processors.contributions import Probe, Selection
 from ..schedules import as_schedule
 from .base import Control, ControlConfig, Roles, RunState, SegmentList, check_segments, clean_words, register
@@ -35,7 +35,9 @@ class ProbeConfig(ControlConfig):
     @field_validator("weight")
     @classmethod
     def _schedule(cls, v: Any) -> Any:
-        return as_schedule(v).to_json()
+        schedule = as_schedule(v)
+        schedule.checked(0.0, None)  # a weight below 0 would make the average no average (the JSON stays as given)
+        return schedule.to_json()
 
     @field_validator("words")
     @classmethod
@@ -68,6 +70,7 @@ class AttentionProbe(Control):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._weight = as_schedule(self.config.weight)
+        self._started = False  # a run began with the probe attached
         self.reset()
 
     def prompt_words(self) -> list[str]:
@@ -85,6 +88,7 @@ class AttentionProbe(Control):
 
     def begin_run(self, state: RunState) -> None:
         self.reset()
+        self._started = True
         cfg = self.config
         layouts = [state.layout] if state.row_layouts is None else [lay for lay in state.row_layouts if lay]
         if cfg.words is not None and any(lay is None or lay.prompt is None for lay in layouts):
@@ -97,6 +101,8 @@ class AttentionProbe(Control):
     def _word_columns(self, layout) -> tuple[list[int], list[str]]:
         """Text positions of the words in one prompt's layout, and the word of each (a phrase such as ``"red circle"``:
         its words' tokens where it stands in the prompt, mapped together as one)."""
+        if layout is None:
+            raise LayoutError(f"AttentionProbe(words=...): {NO_RUN}", fix=NO_RUN_FIX)
         segs = tuple(self.config.segments) if self.config.segments else None
         check_segments(layout, segs, "AttentionProbe")
         pos, cols = [], []
@@ -203,6 +209,9 @@ class AttentionProbe(Control):
     # ------------------------------------------------------------------------------ results
     def maps(self) -> torch.Tensor:
         """Mean attention ``(rows, tokens, h, w)`` over heads, sites and weighted steps of the last run."""
+        if self._sum is None and self._started:
+            raise LayoutError("AttentionProbe mapped nothing in the last run: its weight was 0 at every step, or no "
+                              "call reached its sites and roles", fix="check weight=, sites= and roles=")
         if self._sum is None:
             raise LayoutError("AttentionProbe has no maps yet: run the pipeline with the probe attached first")
         h, w = self.grid if self.grid is not None else (int(self._sum.shape[1] ** 0.5),) * 2
