@@ -300,3 +300,20 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_saved_attnctl_pipeline_is_a_plain_diffusers_folder(tmp_path, family):
+    """attnctl's pipeline classes add no saved state: the folder names the diffusers class, so
+    DiffusionPipeline.from_pretrained loads it (it failed on "AttnCtlSD3Pipeline"), and the attnctl class too."""
+    from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+
+    from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
+
+    ours, stock = ((AttnCtlSD3Pipeline, StableDiffusion3Pipeline) if family == "sd3"
+                   else (AttnCtlFluxPipeline, FluxPipeline))
+    tiny = tiny_sd3_pipeline(family) if family == "sd3" else tiny_flux_pipeline()
+    save_pipeline(ours(**tiny.components), tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == stock.__name__
+    assert type(DiffusionPipeline.from_pretrained(tmp_path)) is stock
+    assert type(ours.from_pretrained(tmp_path)) is ours

@@ -18,6 +18,16 @@ class ControlledPipelineMixin:
 
     _t5_tokenizer_attr = "tokenizer_3"
 
+    def to_json_string(self) -> str:
+        """``model_index.json`` as the diffusers pipeline this one extends writes it: attnctl's class adds no saved
+        state, so a saved attnctl pipeline is a plain diffusers folder (``DiffusionPipeline.from_pretrained`` and
+        other tools load it; ``AttnCtl*Pipeline.from_pretrained`` loads it as before)."""
+        import json
+
+        data = json.loads(super().to_json_string())
+        data["_class_name"] = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers.")).__name__
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
     def _default_max_sequence_length(self, kwargs: dict) -> None:
         # Small models (the toy world) are trained on short T5 sequences; diffusers' defaults are 256/512.
         tok = getattr(self, self._t5_tokenizer_attr, None)
