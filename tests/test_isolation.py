@@ -287,6 +287,9 @@ def test_bad_input_and_json_round_trip(sd3_pipe):
         pipe(["a red circle", "a red circle", SCENE], controls=[refs], **KW)
     with pytest.raises(ConfigError, match="num_images_per_prompt 2 with reference prompts"):
         pipe(SETS, num_images_per_prompt=2, controls=[refs], **KW)  # [ref 1, ref 1, ref 2, ref 2, ...] is no set
+    with pytest.raises(ConfigError, match="takes one image per prompt.*num_images_per_prompt > 1"), \
+            attnctl.attach(sd3_pipe, [refs]):  # the same through attach, where the call's options are not seen
+        sd3_pipe(SETS, num_images_per_prompt=2, **KW)
     with pytest.raises(LayoutError, match="'green triangle'"):
         pipe(SCENE, controls=[IsolationAttention(subjects=["red circle", "green triangle"])], **KW)
     ctl = IsolationAttention(subjects=["red circle", "blue square"], references=True, reposition="linear(1, 0)",

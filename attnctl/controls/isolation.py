@@ -83,6 +83,21 @@ def late_sites(sites):
     return sites[len(sites) // 2:] or sites[-1:]
 
 
+def _repeats(layouts: list | None, rows: list[int]) -> int:
+    """How many consecutive rows each prompt of the call takes (diffusers repeats each prompt
+    ``num_images_per_prompt`` times in order), when every prompt takes the same number; else 1."""
+    if not layouts or not rows:
+        return 1
+    runs, last = [], None
+    for r in rows:
+        if runs and layouts[r] is last:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+            last = layouts[r]
+    return runs[0] if len(set(runs)) == 1 else 1
+
+
 @register
 class IsolationAttention(Control):
     """Subjects that do not read each other (isolation), each drawn from its reference (reposition)."""
@@ -173,6 +188,12 @@ class IsolationAttention(Control):
                 fix=f"pass prompt=[{', '.join(f'<{s} alone>' for s in self.config.subjects)}, <the scene>] with one "
                     "image per prompt (repeat the set in the list for more images)")
         else:
+            if _repeats(state.row_layouts, rows) > 1:
+                raise ConfigError(
+                    "IsolationAttention(references=True) takes one image per prompt, and this call repeats a prompt "
+                    "on consecutive rows (num_images_per_prompt > 1), so its sets of references and scene are not "
+                    "one prompt after another", fix="pass num_images_per_prompt=1; for more images repeat the set in "
+                                                    "the prompt list, or call again with another seed")
             sets = [(rows[s:s + n], rows[s + n]) for s in range(0, len(rows), n + 1)]
         self._own = {}  # row -> the subjects its prompt shows
         for refs, target in sets:
