@@ -471,7 +471,6 @@ class Controller:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if hidden is None:
             return
-        self._check_installed()
         if self.pipe is not None and getattr(self.pipe, "do_perturbed_attention_guidance", False):
             name = type(self.pipe).__name__
             raise UnsupportedModelError(
@@ -481,6 +480,7 @@ class Controller:
                 fix=f"call {name} with pag_scale=0, or use the plain pipeline (StableDiffusion3Pipeline) with "
                     "attnctl.SoftPAG(u=1.0, target='identity', scale=<your pag_scale>, heads=...), which is PAG at "
                     "u = 1 and combines with the other controls (docs/softpag.md)")
+        self._check_installed()  # (after the PAG check: its message says more)
         sched = getattr(self.pipe, "scheduler", None) if self.pipe is not None else None
         timesteps = getattr(sched, "timesteps", None)
         num_steps = len(timesteps) if timesteps is not None else self.state.num_steps
