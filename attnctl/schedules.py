@@ -263,6 +263,18 @@ class Schedule(BaseModel):
 
     # ---- validation
 
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, data: Any) -> Any:
+        """``true`` or ``"1"`` where a number belongs is a mistake (pydantic alone would take it as 1.0)."""
+        if isinstance(data, Mapping):
+            for name, info in cls.model_fields.items():
+                value = data.get(name)
+                if info.annotation in (float, float | None) and isinstance(value, bool | str):
+                    raise ScheduleError(f"{cls.__name__} {name}={value!r} is not a number",
+                                        fix=f"write {name} as a number, e.g. 1.0")
+        return data
+
     @model_validator(mode="after")
     def _validate_schedule(self) -> Schedule:
         for name, value in self:
