@@ -74,6 +74,15 @@ def attnctl_png(setup: Setup, size: tuple[int, int] = (32, 32)) -> bytes:
 # --------------------------------------------------------------------------------------------- plain functions
 
 
+def test_panels_check_phrases_as_a_run_finds_them():
+    """A phrase the run finds (its words together) is not flagged; words apart, or absent, are."""
+    from attnctl.ui.panels import PanelContext
+
+    ctx = PanelContext(words=["a", "red", "circle", "and", "blue", "square"], prompt="a red circle and a blue square")
+    assert ctx.absent(["red circle", "square", "Blue Square"]) == []
+    assert ctx.absent(["red square", "triangle"]) == ["red square", "triangle"]
+
+
 def test_upload_checks_refuse_bad_files_with_messages():
     with pytest.raises(UploadError, match="not a PNG"):
         check_png_upload("notes.png", b"just some text, renamed to .png\n" * 4)

@@ -723,7 +723,7 @@ def main() -> None:
     st.markdown(CSS, unsafe_allow_html=True)
     ss = st.session_state
     model = sidebar()
-    ctx = PanelContext(steps=int(ss.steps), words=engine.prompt_words(ss.prompt))
+    ctx = PanelContext(steps=int(ss.steps), words=engine.prompt_words(ss.prompt), prompt=ss.prompt)
     if model is not None:
         ctx.sites, ctx.family, ctx.is_toy = model.sites, model.family, model.is_toy
         apply_model_defaults(model, ctx)

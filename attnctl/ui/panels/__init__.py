@@ -38,6 +38,13 @@ class PanelContext:
     steps: int = 20
     words: list[str] = field(default_factory=list)
     is_toy: bool = False
+    prompt: str = ""  # the prompt itself, for the phrase checks (words where they stand together)
+
+    def absent(self, words: list[str]) -> list[str]:
+        """The words or phrases a run would not find in the prompt (:func:`attnctl.layout.absent_words`)."""
+        from ...layout import absent_words
+
+        return absent_words(words, self.prompt or " ".join(self.words))
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
     given = list(cfg.pop("_reference_prompts", None) or [])
     if len(cfg["subjects"]) < 2 and not repositioning:
         st.warning("Name at least two subjects to isolate.", icon="⚠️")
-    missing = [s for s in cfg["subjects"] if any(w.lower() not in ctx.words for w in s.split())]
+    missing = ctx.absent(cfg["subjects"])
     if missing:
         st.warning(f"Not in the prompt: {', '.join(missing)}", icon="⚠️")
     strength, err = schedule_editor(f"{key}.isolation", "Isolation over the run",

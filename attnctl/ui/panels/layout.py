@@ -58,7 +58,7 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
                   for c, edge, v in zip(cols[1:], EDGES, box, strict=True)]
         new_boxes[word] = values
     cfg["boxes"] = new_boxes
-    missing = [w for w in chosen if w.lower() not in ctx.words]
+    missing = ctx.absent(chosen)
     if missing:
         st.warning(f"Not in the prompt: {', '.join(missing)}", icon="⚠️")
     bad = [w for w, (x0, y0, x1, y1) in new_boxes.items() if not (x0 < x1 and y0 < y1)]

@@ -53,7 +53,7 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
                    help="Each word gets its share of the image's attention (a learned spatial bias on its "
                         "logits). Words must appear in the prompt.")
     cfg["targets"] = list(chosen)
-    missing = [t for t in chosen if t.lower() not in ctx.words]
+    missing = ctx.absent(chosen)
     if missing:
         st.warning(f"Not in the prompt: {', '.join(missing)}", icon="⚠️")
 
