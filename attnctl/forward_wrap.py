@@ -131,8 +131,8 @@ def image_rows(roles: list[str], batch: int, what: str) -> tuple[list[int], list
 
 def map_rows(bound: dict[str, Any], batch: int, fn: Callable[[torch.Tensor], torch.Tensor], what: str) -> dict:
     """``bound`` with ``fn`` applied to every input that has one entry per batch row (the transformer inputs,
-    ControlNet residuals, IP-adapter inputs), so rows can be selected or appended consistently. ``what`` names the
-    wrapper in the error for an IP-adapter input that is not per batch row."""
+    ControlNet residuals, IP-adapter inputs, a per-row attention mask), so rows can be selected or appended
+    consistently. ``what`` names the wrapper in the error for an IP-adapter input that is not per batch row."""
     out = dict(bound)
 
     def rows(x: Any) -> Any:
@@ -147,11 +147,13 @@ def map_rows(bound: dict[str, Any], batch: int, fn: Callable[[torch.Tensor], tor
         if isinstance(out.get(name), (list, tuple)):
             out[name] = [rows(x) for x in out[name]]
     extras = out.get("joint_attention_kwargs")
-    if extras and any(name in extras for name in IP_ADAPTER_INPUTS):
+    if extras and (any(name in extras for name in IP_ADAPTER_INPUTS) or "attention_mask" in extras):
         extras = dict(extras)  # the transformer pops from it; the pipeline's own dict stays as it was
         for name in IP_ADAPTER_INPUTS:
             if name in extras:
                 extras[name] = _ip_rows(name, extras[name], batch, rows, what)
+        if "attention_mask" in extras:  # (FLUX's padding mask; one shared by every row broadcasts as it is)
+            extras["attention_mask"] = rows(extras["attention_mask"])
         out["joint_attention_kwargs"] = extras
     return out
 

@@ -199,13 +199,15 @@ def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: 
                                                    do_classifier_free_guidance=False)
 
     def velocity(z: torch.Tensor, sigma: float) -> torch.Tensor:
-        t = torch.full((z.shape[0],), sigma, device=device, dtype=dtype)
+        # the scheduler's timestep, 1000·σ in float32, then what each pipeline passes: SD3 as it is, FLUX cast to
+        # the latents' dtype and divided by 1000 there (in half precision the two differ from σ in that dtype)
+        t = torch.full((z.shape[0],), sigma, device=device, dtype=torch.float32) * 1000.0
         with torch.no_grad():
             if family == "flux":
-                return pipe.transformer(hidden_states=z, timestep=t, guidance=g, pooled_projections=pooled,
-                                        encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids,
-                                        return_dict=False)[0]
-            return pipe.transformer(hidden_states=z, timestep=t * 1000.0, encoder_hidden_states=emb,
+                return pipe.transformer(hidden_states=z, timestep=t.to(z.dtype) / 1000, guidance=g,
+                                        pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=txt_ids,
+                                        img_ids=img_ids, return_dict=False)[0]
+            return pipe.transformer(hidden_states=z, timestep=t, encoder_hidden_states=emb,
                                     pooled_projections=pooled, return_dict=False)[0]
 
     return velocity

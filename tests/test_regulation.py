@@ -57,7 +57,7 @@ def run_direct(sd3_pipe, reg, seed=0, step=0, num_steps=4, attn_mask=None):
     ctl.begin_run(num_steps)
     ctl.set_step(step)
     q, k, v = qkv(seed)
-    call = SiteCall(ctl.sites[0], B, S, N_TEXT, True, q.device, q.dtype)
+    call = SiteCall(ctl.sites[0], B, S, N_TEXT, True, q.device, q.dtype, attn_mask=attn_mask)  # as processors do
     contribs = ctl.contributions(call, q, k, v)
     captured = []
     for c in contribs:
@@ -188,6 +188,26 @@ def test_restored_columns_keep_their_unedited_probability(sd3_pipe):
     assert (p[0] - plain[0]).abs().max() <= 1e-7 and (p[:, IMG.stop:] - plain[:, IMG.stop:]).abs().max() <= 1e-7
 
 
+def test_the_text_normalised_loss_leaves_masked_keys_out(sd3_pipe):
+    """normalize="text" divides a word's probability by the row's text attention: a key the attention mask removes
+    (FLUX's padding) is no part of it. The loss the optimiser reports equals the loss of the maps materialised under
+    the bias it applied (it counted the padded keys in the denominator)."""
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", smoothing=0.0, decay=1.0)
+    keep, add = padding_mask()
+    out, q, k, v, (kb,), (bias,) = run_direct(sd3_pipe, reg, seed=4, attn_mask=keep)
+    cols = kb.cols.tolist()
+    s = torch.einsum("bqhd,bkhd->bqhk", q, k) / math.sqrt(D) + add.permute(0, 2, 1, 3)
+    full = torch.zeros_like(s)
+    block = full[COND, IMG]
+    block[..., cols] = bias.expand(len(COND), IMG.stop, H, len(cols))
+    full[COND, IMG] = block
+    p = torch.softmax(s + full, -1)[COND, IMG]
+    text = p[..., IMG.stop:]  # the text keys (SD3: after the image)
+    words = torch.stack([text[..., [1, 5]].sum(-1), text[..., [2, 6]].sum(-1)], -1) / text.sum(-1, keepdim=True)
+    expected = float(map_loss(words.mean(dim=2, keepdim=True), reg.config, 2).mean())
+    assert reg.records[0].map_loss == pytest.approx(expected, rel=1e-4)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("restore", [True, False])
 def test_text_scope_keeps_every_rows_text_attention(sd3_pipe, restore, masked):
@@ -293,6 +313,20 @@ def test_attach_on_stock_flux_reaches_single_blocks(flux_pipe):
     same = ours(PROMPT, generator=gen(), controls=[AttentionRegulation(targets=["circle", "square"]),
                                                    attnctl.SoftPAG(heads=["L0H0"], scale=2.0)], **KW).images
     assert abs(both - same).max() < 1e-5 and abs(both - base).max() > 1e-4
+
+
+def test_decay_and_smoothing_count_denoising_steps_under_the_midpoint_scheduler(sd3_pipe, monkeypatch):
+    """The midpoint scheduler makes two calls per step: both are step t for the decay, the smoothing and W's start
+    (they were steps 2t and 2t + 1, so the decay ran twice as fast)."""
+    from attnctl.midpoint import use_solver
+
+    reg = AttentionRegulation(targets=["circle"], sites=["transformer_blocks.0"], steps=1.0)
+    steps = []
+    smooth = reg._smooth
+    monkeypatch.setattr(reg, "_smooth", lambda memory, step, w: steps.append(step) or smooth(memory, step, w))
+    with use_solver(sd3_pipe, "midpoint"), attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe("a red circle", **KW)
+    assert steps == [0, 0, 1, 1]  # 2 steps, two calls each
 
 
 def test_bad_input(sd3_pipe, sd35_pipe):

@@ -481,6 +481,25 @@ def test_softpag_on_a_stock_pipeline_through_attach_and_set_attn_processor(sd3_p
         assert "forward" not in vars(stock.transformer) and (gen(extra) - plain).abs().max() == 0
 
 
+def test_perturbed_rows_carry_a_per_image_attention_mask(flux_pipe):
+    """A FLUX attention mask with one row per image is copied to the perturbed rows, as the other per-row inputs
+    are (it was not, and the call failed on the mask's shape): the images equal those of one mask row shared."""
+    from attnctl.pipelines import AttnCtlFluxPipeline
+
+    pipe = AttnCtlFluxPipeline(**flux_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    n_keys = 24 + (32 // 8) ** 2 * 4  # the text, then the image tokens of a 32 px image
+
+    def run(mask):
+        return pipe("a red circle", controls=[attnctl.SoftPAG(heads=["L0H0"], scale=2.0)], num_images_per_prompt=2,
+                    generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="np",
+                    joint_attention_kwargs={"attention_mask": mask}, **KW).images
+
+    keep = torch.ones(1, n_keys, dtype=torch.bool)
+    keep[:, 20:24] = False  # four padded text tokens
+    assert abs(run(keep.expand(2, -1).clone()) - run(keep)).max() < 1e-6
+
+
 def test_a_negative_prompt_call_before_the_conditional_one_is_an_error(flux_pipe):
     """The negative-prompt call of FLUX's true CFG takes the δ of its step's conditional call; a loop that made it
     first would leave that image without its guidance term, so the wrapper says so."""

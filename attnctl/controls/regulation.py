@@ -39,7 +39,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import ConfigError, LayoutError, SiteError
 from ..layout import image_grid
-from ..processors.attend import fused_attention_with_lse
+from ..processors.attend import fused_attention_with_lse, mask_logits
 from ..processors.contributions import KeyBias, Selection
 from ..schedules import bounded
 from ..sites import Site
@@ -572,7 +572,8 @@ class AttentionRegulation(Control):
         normalize = "joint" if cfg.bias_scope == "text" else cfg.normalize
         if normalize == "text":
             rest = state.index(tg.rest, k.device) if tg.rest else None
-            log_text_rest = _text_rest_lse(q, k[:, call.text_slice()], batch, img, rest, lse)
+            log_text_rest = _text_rest_lse(q, k[:, call.text_slice()], batch, img, rest, lse,
+                                           attn_mask=call.attn_mask, text_start=call.text_slice().start)
         n_words = len(tg.words)
         restore = bool(tg.special)
         terms = row_terms(rel[..., :n_t], tg.word_of, n_words, rel[..., n_t:], log_text_rest, normalize, restore)
@@ -581,9 +582,10 @@ class AttentionRegulation(Control):
             self._basis[key] = gaussian_basis(grid[0], grid[1], cfg.grid, cfg.sigma, dev)
         basis = self._basis[key]
         hb = heads if cfg.per_head else 1
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + call.site.index * 1009 + state.step)
+        step = state.schedule_step[0]  # the denoising step: the midpoint scheduler's two calls share its W's start,
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + call.site.index * 1009 + step)  # decay, smoothing
         shape = (nb, hb, n_words, basis.shape[0])
-        w = self._applied_w.earlier(memory, state.step) if cfg.init == "previous" else None
+        w = self._applied_w.earlier(memory, step) if cfg.init == "previous" else None
         if w is None or w.shape != shape:  # one draw for every row: a row's image does not depend on its place
             w = torch.rand((1, *shape[1:]), generator=gen).to(dev).expand(shape).contiguous()
         lean = _WordMajor.of(terms)
@@ -595,9 +597,9 @@ class AttentionRegulation(Control):
         rows = torch.arange(nb, device=dev)
         best_w, best_loss, best_ml = ws[best_idx, rows], losses[best_idx, rows], map_parts[best_idx, rows]
         if cfg.init == "previous":
-            self._applied_w.keep(memory, state.step, best_w)
+            self._applied_w.keep(memory, step, best_w)
         # the bias is linear in W, so smoothing and decay act on W (a few numbers per word, not a map)
-        applied_w = self._smooth(memory, state.step, best_w) * cfg.decay**state.step
+        applied_w = self._smooth(memory, step, best_w) * cfg.decay**step
         applied = (applied_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
         word_of = state.index(tg.word_of, dev)
         parts = [applied[..., word_of].expand(nb, n_img, heads, n_t)]
@@ -676,25 +678,34 @@ def special_positions(layout) -> list[int]:
 
 
 def _text_rest_lse(q, k_text, batch, img: slice, rest: torch.Tensor | None, lse: torch.Tensor,
-                   max_elems: int = TEXT_CHUNK_ELEMS) -> torch.Tensor:
+                   max_elems: int = TEXT_CHUNK_ELEMS, attn_mask: torch.Tensor | None = None,
+                   text_start: int = 0) -> torch.Tensor:
     """``log Σ_{rest} exp(s − lse)`` for the selected image rows, ``(batch, rows, heads)``; ``k_text``: the keys of
-    the text tokens, ``rest``: the positions among them that are not targeted (``None``: there are none).
+    the text tokens (from ``text_start`` in the call's sequence), ``rest``: the positions among them that are not
+    targeted (``None``: there are none). A key the attention mask removes (FLUX's padding) is no part of the sum.
 
-    The fused kernel over the remaining text keys gives their log-sum-exp (its output is discarded); query
-    rows go in chunks of at most ``max_elems`` elements, so the extra memory stays bounded.
+    The fused kernel over the remaining text keys gives their log-sum-exp (its output is discarded); with a mask,
+    the masked logits of those keys do. Query rows go in chunks of at most ``max_elems`` elements, so the extra
+    memory stays bounded.
     """
     if rest is None:
         return torch.full_like(lse, float("-inf"))
     kt = k_text.index_select(1, rest)
     if batch is not None:
         kt = kt.index_select(0, batch)
-    nb, _, heads, d = kt.shape
+    nb, n_rest, heads, d = kt.shape
     n_img = img.stop - img.start
-    chunk = max(1, max_elems // max(1, nb * heads * d))
+    chunk = max(1, max_elems // max(1, nb * heads * (d if attn_mask is None else n_rest)))
     out = []
     for r0 in range(0, n_img, chunk):
-        qc = q[:, img.start + r0 : img.start + min(n_img, r0 + chunk)]
+        rows = slice(img.start + r0, img.start + min(n_img, r0 + chunk))
+        qc = q[:, rows]
         if batch is not None:
             qc = qc.index_select(0, batch)
-        out.append(fused_attention_with_lse(qc, kt, kt)[1])
+        if attn_mask is None:
+            out.append(fused_attention_with_lse(qc, kt, kt)[1])
+            continue
+        s = torch.einsum("brhd,bchd->brhc", qc.float(), kt.float()) / math.sqrt(d)
+        m = mask_logits(attn_mask, Selection(batch, rows, None), q.shape[1], q.shape[0], heads, rest + text_start)
+        out.append(torch.logsumexp(s + m, dim=-1))
     return torch.cat(out, dim=1) - lse

@@ -341,7 +341,8 @@ class UnifyEdit(Control):
 
     def _region(self, device) -> torch.Tensor:
         """Row weights ``m`` of the self-attention term for ``sa_region`` ``"edit"`` (the mask) or ``"outside"``.
-        With a mask from the maps this needs the pass's first site's source map, so the mask is that site's."""
+        With a mask from the maps it is this site's own (the Otsu mask of the source map it just recorded): the term
+        is summed site by site during the pass, before the site-averaged mask exists."""
         if self.config.box is not None:
             m = box_coverage([self.config.box], self._grid, device)[:, 0]
         else:

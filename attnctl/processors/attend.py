@@ -91,7 +91,7 @@ def chunked_lse(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
     for r0 in range(0, S, chunk):
         s = (q[:, r0 : r0 + chunk].float().transpose(1, 2) * scale) @ kf.transpose(-1, -2)  # (B, H, rows, keys)
         if attn_mask is not None:  # the mask's rows of this chunk, in the dispatcher's (B, H, rows, keys) layout
-            s = s + _mask_logits(attn_mask, Selection(rows=slice(r0, r0 + chunk)), S, B, H, slice(None)).transpose(1, 2)
+            s = s + mask_logits(attn_mask, Selection(rows=slice(r0, r0 + chunk)), S, B, H, slice(None)).transpose(1, 2)
         out.append(torch.logsumexp(s, dim=-1).transpose(1, 2))
     return torch.cat(out, dim=1)
 
@@ -216,7 +216,7 @@ def _put(t: torch.Tensor, where: Selection, value: torch.Tensor) -> torch.Tensor
     return t.index_put(index, value) if recorded else t.index_put_(index, value)
 
 
-def _mask_logits(attn_mask: torch.Tensor | None, where: Selection, S: int, B: int, H: int,
+def mask_logits(attn_mask: torch.Tensor | None, where: Selection, S: int, B: int, H: int,
                  cols: torch.Tensor | slice) -> torch.Tensor | None:
     """What the attention mask adds to the logits ``[batch, rows, heads, cols]`` of a selection: float32, ``-inf``
     on a masked key, broadcastable to ``(len(batch), rows, len(heads), len(cols))``; ``None`` without a mask.
@@ -362,7 +362,7 @@ def _col_logits(q, k, where: Selection, cols: torch.Tensor, scale: float, attn_m
     qs = _select(q, where, S).float()
     ks = _select(k, Selection(where.batch, None, where.heads), k.shape[1]).index_select(1, cols).float()
     logits = torch.einsum("brhd,bchd->brhc", qs, ks) * scale
-    m = _mask_logits(attn_mask, where, S, q.shape[0], q.shape[2], cols)
+    m = mask_logits(attn_mask, where, S, q.shape[0], q.shape[2], cols)
     return logits if m is None else logits + m
 
 
@@ -382,7 +382,7 @@ def _within_pass(q, k, v, kb: KeyBias, backend, max_chunk_elems: int,
     bounded size."""
     B, S, H, _ = q.shape
     qs = _select(q, kb.where, S)
-    mask = _mask_logits(attn_mask, kb.where, S, B, H, kb.within)  # (b, rows|1, h|1, within)
+    mask = mask_logits(attn_mask, kb.where, S, B, H, kb.within)  # (b, rows|1, h|1, within)
     sel_kv = Selection(kb.where.batch, None, kb.where.heads)
     kw = _select(k, sel_kv, k.shape[1])[:, kb.within]
     vw = _select(v, sel_kv, v.shape[1])[:, kb.within]
@@ -533,7 +533,7 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
         sh = torch.matmul(qh[:, :, r0:r1], kh)
         s = sh.transpose(1, 2)
         if attn_mask is not None:
-            s[..., :N] += _mask_logits(attn_mask, Selection(b, slice(r0, r1), h), S, B, H, slice(None))
+            s[..., :N] += mask_logits(attn_mask, Selection(b, slice(r0, r1), h), S, B, H, slice(None))
         off = N
         for (e0, e1), ek in zip(ext_rows, ext_k, strict=True):
             m = ek.shape[1]
@@ -682,7 +682,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
         args = (_select(out, mix.where, S), _select(q, sel_full, S), _select(k, sel_full, k.shape[1]),
                 _select(v, sel_full, v.shape[1]))
         if mix.context:
-            mask = _mask_logits(attn_mask, mix.where, S, B, H, slice(None))
+            mask = mask_logits(attn_mask, mix.where, S, B, H, slice(None))
             new = mix.fn(*args, MixContext(mask, backend))
         else:
             new = mix.fn(*args)

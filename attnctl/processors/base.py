@@ -27,6 +27,7 @@ class SiteCall:
     device: torch.device
     dtype: torch.dtype
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # FLUX: the (cos, sin) RoPE tables of the call's tokens
+    attn_mask: torch.Tensor | None = None  # the call's attention mask, in the dispatcher's layout (FLUX's padding)
 
     @property
     def n_image(self) -> int:
@@ -76,7 +77,8 @@ class AttnCtlProcessor:
     @torch.compiler.disable(reason=compiling.EAGER)
     def _controlled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, n_text: int | None,
                     image_first: bool, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        call = SiteCall(self.site, q.shape[0], q.shape[1], n_text, image_first, q.device, q.dtype, rotary)
+        call = SiteCall(self.site, q.shape[0], q.shape[1], n_text, image_first, q.device, q.dtype, rotary,
+                        attention_mask)
         contributions = self.controller.contributions(call, q, k, v)
         if not contributions:
             return fused_attention(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
