@@ -48,7 +48,6 @@ import io
 import json
 import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -70,6 +69,7 @@ from pydantic import (
 
 from .distributed import Dist, launch_workers
 from .errors import AttnCtlError, ConfigError
+from .stopping import StopAtBoundary
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -973,6 +973,7 @@ def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
         try:
             if job.kind == "edit":
                 cli.check_vocabulary(pipe, [s["source_prompt"], s["prompt"]], plan.model)
+                cli.check_guidance_used(pipe.transformer, s.get("guidance"), (FIELD_NAMES[1], None))
                 assert job.image is not None
                 try:
                     with Image.open(job.image) as img:  # reads the header only
@@ -1181,29 +1182,25 @@ class BatchResult:
         return 1 if self.failed or self.missing else 0
 
 
-class _Stopper:
-    """First Ctrl-C (SIGINT): finish the current image, then stop. Second: stop now."""
+def _remove_stale_files(out: Path, job: Job) -> None:
+    """Files an earlier run of this item made beside its image that the item no longer makes (a probe's old words,
+    references it no longer has): known by their PNG metadata (an attention map of this image, or an image of this
+    item with other settings), so nothing else is touched."""
+    from .imageio import read_metadata
 
-    def __init__(self, note: Callable[[str], None] | None):
-        self.stop = False
-        self._note = note
-        self._previous: Any = None
-
-    def __enter__(self) -> _Stopper:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop:
-            raise KeyboardInterrupt
-        self.stop = True
-        if self._note is not None:
-            self._note("stopping after the current image (Ctrl-C again to stop at once)")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    stem = Path(job.file).stem
+    mine = {job.file, *job.extra_files}
+    images = {name for name in mine if ".attention-" not in name}
+    for path in [*out.glob(f"{glob_escape(stem)}-*.png"), *out.glob(f"{glob_escape(stem)}.attention-*.png")]:
+        if path.name in mine:
+            continue
+        try:
+            meta = read_metadata(path)
+        except Exception:  # noqa: BLE001 - not an attnctl PNG: not ours to remove
+            continue
+        batch = meta.get("batch") if isinstance(meta.get("batch"), dict) else {}
+        if meta.get("attention_map_of") in images or (batch.get("id") == job.id and batch.get("hash") != job.hash):
+            path.unlink(missing_ok=True)
 
 
 def _clean_temp_files(out: Path, jobs: Sequence[Job]) -> None:
@@ -1502,7 +1499,7 @@ def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attenti
         interrupted = False
         writer = ManifestWriter(shard) if mine else None
         try:
-            with _Stopper(note if dist.rank == 0 else None) as stopper:
+            with StopAtBoundary(note if dist.rank == 0 else None) as stopper:
                 gen = _Generator(plan, device, attention_backend, offload, compile_backend) if mine else None
                 for job in mine:
                     if stopper.stop:
@@ -1515,6 +1512,7 @@ def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attenti
                         assert gen is not None
                         for name, image, meta in gen.make(job, plan.source):  # job.file last
                             save_png(out / name, image, meta)
+                        _remove_stale_files(out, job)
                         record.update(status="done", error=None)
                         made += 1
                     except Exception as e:  # noqa: BLE001 - one failing image is recorded; the batch goes on

@@ -10,6 +10,7 @@ problem and the way out, and exit code 2; ``attnctl --debug ...`` shows the trac
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import importlib
 import importlib.util
@@ -75,6 +76,10 @@ def _note(message: str) -> None:
     err_console.print(f"[yellow]{escape(message)}[/yellow]", highlight=False)
 
 
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+"""A full disk, a quota, a file-size limit."""
+
+
 def _machine_failure(exc: BaseException) -> AttnCtlError | None:
     """A failure of the machine rather than of the input, as a clear error: a file or folder the command cannot
     read or write, a torch.compile backend that cannot compile here (``None`` for anything else, and without
@@ -83,6 +88,10 @@ def _machine_failure(exc: BaseException) -> AttnCtlError | None:
         return AttnCtlError(f"{exc.strerror}: {str(exc.filename)!r}",
                             "check the path: its folder must exist (or be creatable) and be writable, and a path "
                             "meant as a folder must not be a file")
+    if isinstance(exc, OSError) and exc.errno in _FULL:  # a write or flush: no file name to show
+        return AttnCtlError(f"a write failed: {exc.strerror or exc}",
+                            "free space on the output disk (or raise the quota or file-size limit), then run the same "
+                            "command again: what was written whole is kept and the run resumes")
     if "torch._dynamo" not in sys.modules:
         return None
     from .compiling import backend_failure
@@ -507,17 +516,17 @@ def check_size(pipe: Any, height: int | None, width: int | None, names: tuple[st
                                f"give {name} {near}")
 
 
-def check_guidance_used(transformer: Any, guidance: float | None, names: tuple[str, str] = ("--guidance", "--true-cfg")
-                        ) -> None:
+def check_guidance_used(transformer: Any, guidance: float | None,
+                        names: tuple[str, str | None] = ("--guidance", "--true-cfg")) -> None:
     """Refuse a guidance scale given for a FLUX model whose transformer takes none (no guidance embedding, as
     FLUX.1-schnell and toy-flux): diffusers ignores it there. ``names``: the guidance and true-CFG settings as the user
-    writes them."""
+    writes them (``None``: the command has no true CFG, as ``edit``)."""
     from .sites import family_of
 
     if guidance is not None and family_of(transformer) == "flux" and not transformer.config.get("guidance_embeds"):
+        cfg = f"; for classifier-free guidance give {names[1]} (a scale above 1)" if names[1] else ""
         raise AttnCtlError(f"{names[0]} does nothing on this FLUX model: its transformer takes no guidance value (it "
-                           "has no guidance embedding)", f"leave {names[0]} out; for classifier-free guidance give "
-                                                         f"{names[1]} (a scale above 1)")
+                           "has no guidance embedding)", f"leave {names[0]} out{cfg}")
 
 
 _SETTING_TYPES: dict[str, tuple[type, ...]] = {
@@ -779,6 +788,7 @@ def edit(
         compile_backend = check_compile_backend(compile_backend)
     pipe = load_pipeline(model, device=str(dev), dtype=torch_dtype)
     check_vocabulary(pipe, [source, target], model)
+    check_guidance_used(pipe.transformer, guidance, ("--guidance", None))
     if compile_backend is not None:
         compile_transformer(pipe, compile_backend)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False, desc="editing")
@@ -1403,6 +1413,19 @@ def toy_train(
     options = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "minutes": minutes, "threads": threads,
                "init_from": init_from, "omit_named": omit_named, "distill_from": distill_from}
     kwargs = {k: v for k, v in options.items() if v is not None}
+    if checkpoint.is_file():  # a run is there: continue it as it was set up, never overwrite it unasked
+        was = training.checkpoint_settings(checkpoint)
+        if not resume:
+            raise AttnCtlError(f"{out} already holds a training run of {was['model']} (its checkpoint is at step "
+                               f"{was['step']})", "pass --resume to continue it, or give another --out (or remove "
+                                                  "its checkpoint.pt to start over)")
+        given = dict(kwargs, model=model)
+        changed = [f"--{k.replace('_', '-')} {given[k]} (the run's: {was.get(k)})" for k in training.RESUME_FIXED
+                   if k in given and str(given[k]) != str(was.get(k))]
+        if changed:
+            raise AttnCtlError(f"--resume continues the run as it was set up, and {'; '.join(changed)} differ",
+                               "leave those options out (a larger --steps or --minutes extends the run), or train "
+                               "into another --out")
     folder = training.train(model, out, resume=resume, progress=True, **kwargs)
     out_console.print(f"wrote {escape(str(folder))}", highlight=False)
 

@@ -6,6 +6,10 @@ already catches bad-argument errors keeps working.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import Any
+
 
 class AttnCtlError(ValueError):
     """Base class: ``AttnCtlError(problem, fix=None)``.
@@ -43,3 +47,13 @@ class WordCutOffError(LayoutError):
 
 class UnsupportedModelError(AttnCtlError):
     """A control or feature does not support this model family."""
+
+
+def exit_on_error(main: Callable[[], Any]) -> None:
+    """Run a script's ``main`` (the examples'): an :class:`AttnCtlError` ends it with one ``error:`` line on stderr
+    and exit code 2, as the CLI does, not a traceback."""
+    try:
+        main()
+    except AttnCtlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

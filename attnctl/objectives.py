@@ -39,7 +39,8 @@ def _toy_metrics(image: Any, prompt: str) -> dict[str, float]:
     try:
         item = {"prompt": prompt, **parse_caption(prompt)}
     except ValueError as e:
-        raise ConfigError(f"the toy-world objectives cannot read the prompt {prompt!r}: {e}",
+        why = getattr(e, "problem", None) or str(e)  # (its own way out is the world's; this one's is below)
+        raise ConfigError(f"the toy-world objectives cannot read the prompt {prompt!r}: {why}",
                           fix="use shapes-world prompts ('a red circle and a blue square') or your own objective "
                               "(--objective module:function)") from None
     return evaluate_image(np.asarray(image.convert("RGB")), item)

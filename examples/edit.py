@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image
 
 import attnctl
+from attnctl.cli import is_toy_pipeline
+from attnctl.errors import exit_on_error
 from attnctl.imageio import read_image
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 
@@ -65,6 +67,8 @@ def main() -> None:
     steps = args.steps or default_call_kwargs(pipe).get("num_inference_steps", 28)
     guidance = args.guidance if args.guidance is not None else default_call_kwargs(pipe).get("guidance_scale")
     toy = args.image is None
+    if toy and not is_toy_pipeline(pipe):  # the rendered scene and the shapes-world scores are the toys'
+        ap.error("a real model edits a real image: pass --image (a file), with --source describing it")
     if toy:
         from attnctl.toyworld.world import parse_caption, render, scene_from_item
 
@@ -110,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -20,6 +20,7 @@ from PIL import Image
 
 import attnctl
 from attnctl.cli import call_defaults, load_pipeline
+from attnctl.errors import exit_on_error
 from attnctl.headhunt import REFERENCE, HeadHunt, make_settings, read_prompts
 
 
@@ -78,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import attnctl
+from attnctl.errors import exit_on_error
 from attnctl.inversion import has_guidance_embedding
 from attnctl.midpoint import FlowMatchMidpointScheduler
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
@@ -70,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import attnctl
+from attnctl.errors import exit_on_error
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline, resolve_model, toy_metadata
 
 
@@ -90,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import attnctl
+from attnctl.errors import exit_on_error
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 
 BOX_COLOURS = [(230, 60, 60), (60, 90, 230), (40, 170, 70), (200, 150, 20)]
@@ -114,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

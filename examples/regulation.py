@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import attnctl
+from attnctl.errors import exit_on_error
 
 
 def load(model: str, device: str):
@@ -114,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import attnctl
+from attnctl.errors import exit_on_error
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 
 
@@ -62,7 +63,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    big = image.resize((image.width * 8, image.height * 8), Image.NEAREST)
+    zoom = max(1, 256 // max(image.width, image.height))  # a toy's 32 px image to 256 px; a real model's as it is
+    big = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
     big.save(out / "image.png")
     for word in args.words:
         heat = probe.heatmap(word, (big.height, big.width))
@@ -71,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

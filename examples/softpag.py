@@ -22,6 +22,7 @@ from PIL import Image
 
 import attnctl
 from attnctl.controls.softpag import PRESETS_DIR
+from attnctl.errors import exit_on_error
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 
 
@@ -88,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -311,6 +311,45 @@ def test_run_failures_resume_hostile_id_and_regeneration_from_png(model_dir, tmp
     assert read_metadata(out / f"{safe_stem('../../etc/x')}_s3.png")["steps"] == 3
 
 
+def test_a_redone_item_takes_its_old_companion_files_with_it(model_dir, tmp_path):
+    """An item whose probe words or references changed is made again; the maps of words it no longer probes and
+    the references it no longer has went on lying beside the new image, claimed by it in their metadata."""
+    items = [{"id": "c", "prompt": "a blue square", "controls": [{"kind": "probe", "words": ["square"]}]},
+             {"id": "d", "prompt": "a red circle and a blue square", "controls": [
+                 {"kind": "isolation", "subjects": ["red circle", "blue square"], "references": True}],
+              "reference_prompts": ["a small red circle", "a large blue square"]}]
+    batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2}, "items": items})
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "c_s0-notes.png").write_bytes((tmp_path / "b.json").read_bytes())  # not attnctl's: left alone
+    assert run("batch", batch, "--out", out, "--model", model_dir).exit_code == 0
+    assert {"c_s0.attention-square.png", "d_s0-ref1.png", "d_s0-ref2.png"} <= {p.name for p in out.glob("*.png")}
+    items[0]["controls"][0]["words"] = ["blue"]
+    del items[1]["reference_prompts"], items[1]["controls"]
+    write_batch(batch, {"version": 1, "defaults": {"steps": 2}, "items": items})
+    assert run("batch", batch, "--out", out, "--model", model_dir).exit_code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["c_s0-notes.png", "c_s0.attention-blue.png", "c_s0.png",
+                                                        "d_s0.png"]
+
+
+def test_a_full_disk_is_one_clear_line(model_dir, tmp_path, monkeypatch):
+    """A write that fails for space (no file name on the error) said so in a chained traceback, with exit code 1,
+    which means "some images failed"; it is one line naming the way out, exit code 2."""
+    import errno
+
+    import attnctl.batch
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(attnctl.batch.ManifestWriter, "append", full)
+    batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2},
+                                              "items": [{"id": "a", "prompt": "a red circle"}]})
+    result = run("batch", batch, "--out", tmp_path / "out", "--model", model_dir)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "a write failed: No space left on device" in result.stderr and "free space" in result.stderr
+
+
 def test_compile_makes_the_same_images_and_is_not_part_of_the_hash(model_dir, tmp_path):
     import torch._dynamo
     from torch._dynamo.utils import counters

@@ -478,6 +478,11 @@ def test_option_values_the_run_would_ignore_or_overflow_are_refused(sd3_dir, flu
     assert result.exit_code == 2 and "acts only through true CFG" in result.stderr and "--true-cfg 4" in result.stderr
     result = run(*base, "-g", "5", "-o", tmp_path / "g.png")  # no guidance embedding: diffusers ignores the value
     assert result.exit_code == 2 and "--guidance does nothing on this FLUX model" in result.stderr
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "white.png")
+    result = run("edit", tmp_path / "white.png", "--source", "a red circle", "--target", "a blue circle", "--model",
+                 flux_dir, "--steps", "2", "--guidance", "7", "-o", tmp_path / "e.png")  # the same for an edit
+    assert result.exit_code == 2 and "--guidance does nothing on this FLUX model" in result.stderr
+    assert "--true-cfg" not in result.stderr and not (tmp_path / "e.png").exists()
     result = run("generate", "-m", sd3_dir, "-p", "a red circle", "--seed", str(2**64), "-o", tmp_path / "s.png")
     assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
     result = run(*base, "--height", "30", "-o", tmp_path / "h.png")  # diffusers would make a 28 px image
@@ -527,6 +532,27 @@ def test_toy_train_passes_options_through(tmp_path, monkeypatch):
     assert run("toy", "train", "--model", "toy-sd3", "--out", tmp_path, "--omit-named", "1.5").exit_code == 2
     resumed = run("toy", "train", "--model", "toy-flux", "--out", tmp_path / "empty", "--resume")
     assert resumed.exit_code == 2 and "no checkpoint" in resumed.stderr
+
+
+def test_toy_train_never_overwrites_a_run_and_resumes_it_as_it_was_set_up(tmp_path, monkeypatch):
+    """Re-running the command without --resume used to start over in the folder (a 100-minute run lost); a resume
+    with other fixed settings used to ignore them silently. Both are refused; more --steps extends the run."""
+    import torch
+
+    from attnctl.toyworld import train as training
+
+    torch.save({"hparams": {"model": "toy-sd3", "batch": 4, "lr": 3e-4, "seed": 0, "init_from": None,
+                            "omit_named": 0.0, "distill_from": None}, "step": 12}, tmp_path / training.CHECKPOINT_NAME)
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda model, out, **kw: seen.update(kw) or out / "pipeline")
+    again = run("toy", "train", "--model", "toy-sd3", "--out", tmp_path, "--steps", "40")
+    assert again.exit_code == 2 and "already holds a training run of toy-sd3" in again.stderr
+    assert "--resume" in again.stderr and not seen
+    changed = run("toy", "train", "--model", "toy-flux", "--out", tmp_path, "--resume", "--batch", "16")
+    assert changed.exit_code == 2 and "--model toy-flux (the run's: toy-sd3)" in " ".join(changed.stderr.split())
+    assert "--batch 16 (the run's: 4)" in " ".join(changed.stderr.split())
+    ok(run("toy", "train", "--model", "toy-sd3", "--out", tmp_path, "--resume", "--steps", "40", "--batch", "4"))
+    assert seen["resume"] is True and seen["steps"] == 40
 
 
 def test_python_dash_m_attnctl():

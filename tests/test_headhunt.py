@@ -227,8 +227,9 @@ def test_toy_objectives_score_the_world():
     blank = Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8))
     g, b = toy_combined([good, blank], ["a red circle"] * 2)
     assert g == pytest.approx(1.0) and b == 0.0
-    with pytest.raises(ConfigError, match="cannot read the prompt"):
+    with pytest.raises(ConfigError, match="cannot read the prompt") as e:
         toy_combined([good], ["a photo of a cat"])
+    assert str(e.value).count("Fix:") == 1  # one way out, not the world's and the objective's
 
 
 def test_bad_input_is_refused_clearly(pipes, tmp_path):

@@ -110,6 +110,56 @@ def test_resume_continues_the_step_count(sd3_run, tmp_path):
     assert models.toy_metadata(run / "pipeline")["training"]["step"] == 5
 
 
+def test_a_ctrl_c_mid_step_keeps_a_checkpoint_of_whole_steps_and_the_resume_ends_where_a_plain_run_ends(
+        tmp_path, monkeypatch):
+    """A Ctrl-C that lands after the optimizer and EMA updates (before the step count moves) used to save the
+    weights of step k + 1 under step k, and the resume repeated that update. Now the step finishes, the checkpoint
+    matches it, and the resumed run gives the uninterrupted run's weights, final loss and log."""
+    import signal
+
+    import attnctl.toyworld.train as training
+
+    plain = tmp_path / "plain"
+    train("toy-sd3", plain, steps=4, arch=TINY_SD3, **SMOKE)
+    stopped = tmp_path / "stopped"
+    update = training._EMA.update
+    calls = []
+
+    def update_then_ctrl_c(self, module, step):
+        update(self, module, step)
+        calls.append(step)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # where a real Ctrl-C can land
+
+    monkeypatch.setattr(training._EMA, "update", update_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train("toy-sd3", stopped, steps=4, arch=TINY_SD3, **SMOKE)
+    assert _step(stopped) == 2
+    monkeypatch.setattr(training._EMA, "update", update)
+    train("toy-sd3", stopped, steps=4, resume=True, **SMOKE)
+    a, b = (torch.load(r / CHECKPOINT_NAME, map_location="cpu", weights_only=False) for r in (plain, stopped))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["smooth_loss"] == b["smooth_loss"] and _log_steps(stopped) == [1, 2, 3, 4]
+    assert models.toy_metadata(stopped / "pipeline")["training"]["final_loss"] == \
+        models.toy_metadata(plain / "pipeline")["training"]["final_loss"]
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_and_no_temp_file(tmp_path, monkeypatch):
+    import attnctl.toyworld.train as training
+
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"the last checkpoint")
+
+    def short_write(payload, path):
+        Path(path).write_bytes(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")  # torch on a full disk
+
+    monkeypatch.setattr(training.torch, "save", short_write)
+    with pytest.raises(ConfigError, match="could not write the checkpoint.*free space"):
+        training._save_checkpoint(tmp_path / CHECKPOINT_NAME, {})
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == b"the last checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint"):
         train("toy-sd3", tmp_path, steps=2, resume=True, **SMOKE)

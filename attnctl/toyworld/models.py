@@ -166,7 +166,9 @@ def _check_weights(folder: Path, index: dict[str, Any]) -> None:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None):
             continue
         sub = folder / name
-        fix = "re-copy the folder, or retrain it (python -m attnctl.toyworld.train)"
+        toy = (folder / METADATA_NAME).is_file()  # a toy model attnctl trained records how
+        fix = ("re-copy the folder, or retrain it (attnctl toy train)" if toy
+               else "download or copy the model again (all its component folders, with their weights)")
         if not sub.is_dir():
             raise AttnCtlError(f"{folder} lists component {name!r} but has no {name}/ folder", fix)
         weights = sorted(p for p in sub.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))

@@ -54,6 +54,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from attnctl.errors import ConfigError
+from attnctl.stopping import StopAtBoundary
 from attnctl.testing import flux_scheduler, save_pipeline, tiny_clip_config, tiny_t5_config
 from attnctl.toyworld.autoencoder import PixelShuffleAutoencoder
 from attnctl.toyworld.tokenizer import DEFAULT_MAX_LENGTH, make_tokenizer
@@ -462,9 +463,16 @@ class _EMA:
 
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
+    """Write the checkpoint whole or not at all (a temp file, then a rename); a failed write (a full disk) leaves
+    the last checkpoint as it was, removes its temp file and says so."""
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a short write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"could not write the checkpoint {str(path)!r} ({' '.join(str(e).split())[:200]})",
+                          "free space on that disk (or pick another --out); the last checkpoint is kept") from None
 
 
 DEFAULT_GUIDANCE: dict[str, float] = {"sd3": 4.0, "flux-guidance": 5.0}
@@ -701,7 +709,9 @@ def train(
     }
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     budget = None if minutes is None else 60.0 * minutes
-    smooth: float | None = None  # smoothed training loss, written into checkpoints and the exported record
+    # smoothed training loss (into checkpoints and the exported record) and the log's window, carried over a resume
+    smooth: float | None = ckpt.get("smooth_loss") if ckpt is not None else None
+    window: list[float] = list(ckpt.get("log_window") or []) if ckpt is not None else []
     stopped_by_time = False
 
     def checkpoint() -> None:
@@ -718,6 +728,7 @@ def train(
                 "rng": {"torch": torch.get_rng_state()},
                 "transformer_params": n_params,
                 "smooth_loss": smooth,
+                "log_window": window,
                 "stopped_by_time": stopped_by_time,
             },
         )
@@ -725,62 +736,62 @@ def train(
     with open(out / LOG_NAME, "a") as log:
         desc = f"train {hparams['model']}"
         bar = tqdm(total=steps, initial=step, disable=not progress, desc=desc, dynamic_ncols=True)
-        window: list[float] = []
         t_last = time.perf_counter()
+        stopper = StopAtBoundary(bar.write if progress else None, "this training step")
         try:
-            while step < steps:
-                if budget is not None and elapsed >= budget:
-                    stopped_by_time = True
-                    break
-                progress_frac = step / steps
-                if budget is not None:
-                    progress_frac = max(progress_frac, elapsed / budget)
-                cur_lr = _lr_at(step, progress_frac, lr, warmup)
-                for g in opt.param_groups:
-                    g["lr"] = cur_lr
-                captions, images = make_batch(seed * 1_000_003 + step, batch, a.resolution, caption_dropout,
-                                             omit_named)
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-                if teacher is None:
-                    loss = flow_matching_loss(pipe, captions, images, a, gen, time_sampling)
-                else:
-                    loss = guidance_distillation_loss(pipe, teacher, captions, images, a, gen, guidance_range,
-                                                      time_sampling)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else None
-                opt.step()
-                if ema is not None:
-                    ema.update(trainable, step)
-                step += 1
-                now = time.perf_counter()
-                elapsed += now - t_last
-                t_last = now
-                lv = float(loss.detach())
-                window.append(lv)
-                smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
-                bar.update(1)
-                bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{cur_lr:.2e}", refresh=False)
-                if step % log_every == 0 or step == steps:
-                    rec = {
-                        "step": step,
-                        "loss": float(np.mean(window)),
-                        "lr": cur_lr,
-                        "grad_norm": None if gnorm is None else float(gnorm),
-                        "elapsed": round(elapsed, 1),
-                    }
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    window = []
-                if step % checkpoint_every == 0:
-                    checkpoint()
-                    t_last = time.perf_counter()  # checkpoint I/O does not count against the budget
-        except KeyboardInterrupt:
-            checkpoint()  # Ctrl-C keeps the work done so far: resume=True continues from here
-            raise
+            with stopper:  # a first Ctrl-C ends the loop after a whole step, so the checkpoint matches its step
+                while step < steps and not stopper.stop:
+                    if budget is not None and elapsed >= budget:
+                        stopped_by_time = True
+                        break
+                    progress_frac = step / steps
+                    if budget is not None:
+                        progress_frac = max(progress_frac, elapsed / budget)
+                    cur_lr = _lr_at(step, progress_frac, lr, warmup)
+                    for g in opt.param_groups:
+                        g["lr"] = cur_lr
+                    captions, images = make_batch(seed * 1_000_003 + step, batch, a.resolution, caption_dropout,
+                                                 omit_named)
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                    if teacher is None:
+                        loss = flow_matching_loss(pipe, captions, images, a, gen, time_sampling)
+                    else:
+                        loss = guidance_distillation_loss(pipe, teacher, captions, images, a, gen, guidance_range,
+                                                          time_sampling)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else None
+                    opt.step()
+                    if ema is not None:
+                        ema.update(trainable, step)
+                    step += 1
+                    now = time.perf_counter()
+                    elapsed += now - t_last
+                    t_last = now
+                    lv = float(loss.detach())
+                    window.append(lv)
+                    smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{cur_lr:.2e}", refresh=False)
+                    if step % log_every == 0 or step == steps:
+                        rec = {
+                            "step": step,
+                            "loss": float(np.mean(window)),
+                            "lr": cur_lr,
+                            "grad_norm": None if gnorm is None else float(gnorm),
+                            "elapsed": round(elapsed, 1),
+                        }
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                        window.clear()
+                    if step % checkpoint_every == 0:
+                        checkpoint()
+                        t_last = time.perf_counter()  # checkpoint I/O does not count against the budget
         finally:
             bar.close()
-        checkpoint()
+        checkpoint()  # (a second Ctrl-C, mid-step, leaves the last checkpoint as it was: it skips this)
+        if stopper.stop and step < steps:
+            raise KeyboardInterrupt  # the work so far is kept: resume=True continues from here
         record = dict(hparams, step=step, elapsed_s=round(elapsed, 1), stopped_by_time=stopped_by_time,
                       final_loss=None if smooth is None else round(smooth, 5), transformer_params=n_params)
         folder = _export(pipe, trainable, ema, a, out / PIPELINE_DIR, hparams["model"], record)
@@ -789,6 +800,16 @@ def train(
             + "\n"
         )
     return folder
+
+
+RESUME_FIXED = ("model", "batch", "lr", "seed", "init_from", "omit_named", "distill_from")
+"""Settings a resumed run keeps from its checkpoint (``steps`` and ``minutes`` may grow: the run is extended)."""
+
+
+def checkpoint_settings(path: str | Path) -> dict[str, Any]:
+    """The settings a checkpoint was trained with (its ``hparams``) and the ``step`` it reached."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return dict(ckpt["hparams"], step=int(ckpt["step"]))
 
 
 def export_checkpoint(out_dir: str | Path, folder: str | Path | None = None, *, ema: bool = True) -> Path:
