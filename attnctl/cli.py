@@ -1195,6 +1195,11 @@ def eval_(
         compile_backend = check_compile_backend(compile_backend)
 
     pipe = load_pipeline(model, device=str(dev), dtype=torch_dtype)
+    if not is_toy_pipeline(pipe):
+        raise AttnCtlError(f"attnctl eval scores images with the shapes world's detector, and {model!r} is not a toy "
+                           "model (its tokenizer is not the shapes world's): its scores would be zeros that mean "
+                           "nothing", "evaluate a toy model (toy-sd3, toy-flux, toy-flux-dev, or a folder attnctl toy "
+                                      "train wrote); compare a real model's images with the examples (--model)")
     check_vocabulary(pipe, [it["prompt"] for it in items], model)
     if attention_backend is not None:
         set_attention_backend(pipe, attention_backend, dev, torch_dtype)

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .distributed import Dist
 from .errors import AttnCtlError, ConfigError
 from .io import atomic_write_text
-from .objectives import Objective, load_objective, score_images
+from .objectives import Objective, check_prompts, load_objective, score_images
 
 STATE_NAME = "state.json"
 PRESET_NAME = "heads.json"
@@ -582,6 +582,7 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
                            "drop --processes; the launcher decides")
     prompt_list = read_prompts(prompts, limit)
     load_objective(objective)  # a bad objective: one clear error before any model work
+    check_prompts(objective, prompt_list)
     if processes > 1:
         resolve_model(model)
         argv = (["--debug"] if debug else []) + [

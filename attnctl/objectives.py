@@ -32,18 +32,31 @@ Objective = Callable[[Sequence[Any], Sequence[str]], Sequence[float]]
 """``objective(images, prompts)``: PIL images and their prompts, one score (higher is better) per image."""
 
 
-def _toy_metrics(image: Any, prompt: str) -> dict[str, float]:
-    from .toyworld.evaluate import evaluate_image
+def _toy_item(prompt: str) -> dict[str, Any]:
+    """The shapes-world reading of ``prompt`` the toy objectives score against, or a clear error."""
     from .toyworld.world import parse_caption
 
     try:
-        item = {"prompt": prompt, **parse_caption(prompt)}
+        return {"prompt": prompt, **parse_caption(prompt)}
     except ValueError as e:
         why = getattr(e, "problem", None) or str(e)  # (its own way out is the world's; this one's is below)
         raise ConfigError(f"the toy-world objectives cannot read the prompt {prompt!r}: {why}",
                           fix="use shapes-world prompts ('a red circle and a blue square') or your own objective "
                               "(--objective module:function)") from None
-    return evaluate_image(np.asarray(image.convert("RGB")), item)
+
+
+def _toy_metrics(image: Any, prompt: str) -> dict[str, float]:
+    from .toyworld.evaluate import evaluate_image
+
+    return evaluate_image(np.asarray(image.convert("RGB")), _toy_item(prompt))
+
+
+def check_prompts(objective: str, prompts: Sequence[str]) -> None:
+    """A built-in objective scores the shapes world: refuse prompts it cannot read before any model work (a search
+    on a real model found out only after loading it and generating)."""
+    if objective in BUILTIN:
+        for prompt in prompts:
+            _toy_item(prompt)
 
 
 def fidelity(m: dict[str, float]) -> float:

@@ -555,6 +555,15 @@ def test_toy_train_never_overwrites_a_run_and_resumes_it_as_it_was_set_up(tmp_pa
     assert seen["resume"] is True and seen["steps"] == 40
 
 
+def test_eval_refuses_a_model_that_is_not_a_toy(sd3_dir, monkeypatch):
+    """eval scores with the shapes world's detector: on a real model it returned zeros that mean nothing."""
+    import attnctl.cli
+
+    monkeypatch.setattr(attnctl.cli, "is_toy_pipeline", lambda pipe: False)  # as a real model's tokenizer makes it
+    result = run("eval", "--model", sd3_dir, "--prompts", "single", "--seeds", "1", "--limit", "1")
+    assert result.exit_code == 2 and "is not a toy model" in " ".join(result.stderr.split())
+
+
 def test_python_dash_m_attnctl():
     result = subprocess.run([sys.executable, "-m", "attnctl", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -276,9 +276,10 @@ def test_bad_input_is_refused_clearly(pipes, tmp_path):
     assert REFERENCE not in state.rounds[0].scores
 
 
-def test_cli_refuses_bad_input_before_loading_a_model(tmp_path):
+def test_cli_refuses_bad_input_before_loading_a_model(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    import attnctl.cli
     from attnctl.cli import app
 
     def run(*args):
@@ -294,6 +295,17 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path):
         res = run(*args)
         assert res.exit_code == 2, (args, res.output)
         assert message in " ".join(res.output.split()), (args, res.output)
+
+    # a built-in (toy) objective and prompts it cannot read: refused before the model loads (on a real model that
+    # was after loading its weights and generating a first batch)
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(attnctl.cli, "load_pipeline", no_model)  # (headhunt imports it from there when it runs)
+    (tmp_path / "real.txt").write_text("a photo of a cat\n")
+    res = run("--prompts", str(tmp_path / "real.txt"), "--candidates", "L0H0")
+    assert res.exit_code == 2, res.output
+    assert "the toy-world objectives cannot read the prompt 'a photo of a cat'" in " ".join(res.output.split())
 
 
 @pytest.mark.parametrize("model", ["toy-sd3", "toy-flux"])
