@@ -72,9 +72,11 @@ class Controller:
         self.controls: list[Control] = controls
         for c in self.controls:
             c.bind(self)
-        self.state = RunState(roles=list(roles) if roles is not None else None, layout=layout)
         self._fixed_roles = roles is not None
         self._fixed_layout = layout is not None
+        # layouts and roles read from a pipeline's call: its uncond rows hold the negative prompt's tokens
+        self.state = RunState(roles=list(roles) if roles is not None else None, layout=layout,
+                              own_prompt_rows_only=self.pipe is not None and layout is None and roles is None)
         self._saved: dict[str, Any] | None = None
         self._mine: list[tuple[torch.nn.Module, AttnCtlProcessor, str]] = []  # bound sites' modules, processors
         self._hooks: list[Any] = []
@@ -494,7 +496,6 @@ class Controller:
             self.state.roles = self._infer_roles(kwargs, hidden.shape[0])
         if not self._fixed_layout:
             self.state.row_layouts = self._infer_row_layouts(hidden.shape[0])
-        self.state.own_prompt_rows_only = self.pipe is not None and not self._fixed_layout and not self._fixed_roles
         self._forwards += 1
         self.state.calls_per_step = max(1, int(getattr(sched, "order", 1) or 1)) if sched is not None else 1
         if self._new_run or num_steps != self.state.num_steps or (step == 0 and self.state.step > 0):

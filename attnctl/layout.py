@@ -194,7 +194,7 @@ def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,
     if layout is None:
         raise LayoutError(f"{who} at {site}: {NO_RUN}", fix=NO_RUN_FIX)
     grid = layout.grid
-    reference = layout is not None and layout.reference_tokens and n_image == layout.n_image + layout.reference_tokens
+    reference = layout.reference_tokens and n_image == layout.n_image + layout.reference_tokens
     if reference and reference_ok:
         return grid
     if reference:
@@ -209,15 +209,6 @@ def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,
         raise LayoutError(f"{who}: {site} has {n_image} image tokens but the run's image grid is {grid}",
                           fix="pass height/width the model supports, or a layout whose grid matches")
     return grid
-
-
-def word_positions(tokenizer: Any, prompt: str, max_length: int) -> dict[str, tuple[int, ...]]:
-    """Map each word of ``prompt`` to the token positions it occupies, as the pipelines tokenize it
-    (padding to ``max_length``, special tokens included, truncated)."""
-    out: dict[str, set[int]] = {}
-    for w, pos in word_spans(tokenizer, prompt, max_length):
-        out.setdefault(w, set()).update(pos)
-    return {w: tuple(sorted(p)) for w, p in out.items() if p}
 
 
 def word_spans(tokenizer: Any, prompt: str, max_length: int) -> list[tuple[str, tuple[int, ...]]]:

@@ -269,6 +269,22 @@ def test_bf16_on_cpu():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and ctl.calls > 0
 
 
+def test_with_softpag_the_references_copies_are_steered_too(sd3_pipe):
+    """With references, each perturbed copy of a scene row takes its references' keys from their own copies: a
+    vanishing SoftPAG perturbation leaves the reposition image as it is."""
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(*extra):
+        iso = IsolationAttention(subjects=["red circle", "blue square"], references=True)
+        return pipe(SETS, controls=[iso, *extra], generator=torch.Generator().manual_seed(0), output_type="np",
+                    **KW).images, iso
+
+    alone, _ = run()
+    guided, iso = run(attnctl.SoftPAG(heads=["L1H0"], u=1e-6, scale=3.0))
+    assert iso.reposition_calls > 0 and abs(guided - alone).max() < 1e-3
+
+
 def test_bad_input_and_json_round_trip(sd3_pipe):
     with pytest.raises(ConfigError, match="subjects is empty"):
         IsolationAttention(subjects=[])

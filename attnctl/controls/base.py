@@ -310,7 +310,8 @@ class Control:
 
         name = type(self).__name__
         known = ", ".join(f"{k!r} ({v})" for k, v in self.metrics.items())
-        for part in (a for s in self.schedules() for a in adaptive_parts(s)):
+        parts = [a for s in self.schedules() for a in adaptive_parts(s)]
+        for part in parts:
             if not self.metrics:
                 raise ScheduleError(f"{name} reports no metric, so the Adaptive schedule {part!r} would never change",
                                     fix="give it a fixed schedule; Adaptive rules follow what AttentionRegulation, "
@@ -320,7 +321,7 @@ class Control:
             if missing:
                 raise ScheduleError(f"{name} reports no metric {missing[0]!r}, which the Adaptive schedule reads "
                                     f"(it reports {known})", fix=f"give metric= one of {list(self.metrics)}")
-        self._adaptive = any(adaptive_parts(s) for s in self.schedules())
+        self._adaptive = bool(parts)
 
     def report(self, values: dict[str, float]) -> None:
         """Give this step's metrics to the control's schedules (their ``Adaptive`` parts read them next step). A

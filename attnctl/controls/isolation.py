@@ -123,6 +123,7 @@ class IsolationAttention(Control):
         self._sets: list[tuple[list[int], int]] | None = None  # (reference rows, target row) or ([], target row)
         self._main: tuple[str, ...] | None = None  # the roles of the run's calls the masks are made in (see _rows_of)
         self._row_maps: dict[tuple, Any] = {}  # _rows_of's answer per call roles, worked out once per run
+        self._copy_maps: dict[tuple, dict[int, int]] = {}  # _copies' answer per call roles, the same way
         self._own: dict[int, tuple[int, ...]] = {}  # conditional row -> the subjects its prompt shows
         self._parts: dict[tuple, list] = {}  # the probes' columns, rows and subjects (:meth:`_probe_parts`)
         self.calls = 0
@@ -226,14 +227,16 @@ class IsolationAttention(Control):
                                self._copies(state, call.batch))
         return out
 
-    @staticmethod
-    def _copies(state: RunState, batch: int) -> dict[int, int]:
+    def _copies(self, state: RunState, batch: int) -> dict[int, int]:
         """Each conditional row's perturbed copy in this call (SoftPAG's branch: the ``k``-th perturbed row copies
-        the ``k``-th conditional row). The copies are steered as their rows are, so a guidance that compares the
-        two sees its perturbation only, not this control's effect once more."""
-        pert = [i for i, r in enumerate(state.roles or ()) if r.split("[")[0] == "perturbed"]
-        cond = state._row_list(("cond",), batch)
-        return dict(zip(cond, pert, strict=True)) if pert and len(pert) == len(cond) else {}
+        the ``k``-th conditional row), worked out once per run and call roles. The copies are steered as their rows
+        are, so a guidance that compares the two sees its perturbation only, not this control's effect once more."""
+        roles = tuple(state.roles or ())
+        if roles not in self._copy_maps:
+            pert = [i for i, r in enumerate(roles) if r.split("[")[0] == "perturbed"]
+            cond = state._row_list(("cond",), batch)
+            self._copy_maps[roles] = dict(zip(cond, pert, strict=True)) if pert and len(pert) == len(cond) else {}
+        return self._copy_maps[roles]
 
     def _rows_of(self, state: RunState, batch: int) -> object | dict[int, int] | None:
         """How this call's rows relate to the masks' rows. The masks are made in the run's first call with
@@ -311,7 +314,7 @@ class IsolationAttention(Control):
         rep = float(self.config.reposition(*state.schedule_step)) if self.config.references else 0.0
         if iso == 0 and rep == 0:
             return []
-        plan = self._planned(grid)
+        plan = base = self._planned(grid)
         targets, tm, other = plan["targets"], plan["in_mask"], plan["other"]
         if rows is not None:  # the same masks on this call's own rows
             targets = [rows[t] for t in targets]
@@ -319,14 +322,13 @@ class IsolationAttention(Control):
                 plan = {**plan, "source_rows": [rows[r] for r in plan["source_rows"]]}
                 plan["source"] = state.index(plan["source_rows"], call.device)
         if copies and all(t in copies for t in targets):  # each target twice: as itself, and as its copy
+            twice = self._twice(base)
             targets = targets + [copies[t] for t in targets]
-            tm, other = torch.cat([tm, tm]), torch.cat([other, other])
-            plan = {**plan, "kept": torch.cat([plan["kept"], plan["kept"]])}
+            tm, other = twice["in_mask"], twice["other"]
+            plan = {**plan, **{k: v for k, v in twice.items() if k not in ("in_mask", "other")}}
             if "source" in plan:
                 src = plan["source_rows"] + [copies[r] for r in plan["source_rows"]]
-                plan = {**plan, "source_rows": src, "source": state.index(src, call.device),
-                        "index": torch.cat([plan["index"], plan["index"]]),
-                        "valid": torch.cat([plan["valid"], plan["valid"]])}
+                plan.update(source_rows=src, source=state.index(src, call.device))
         n, n_img = len(self.config.subjects), img.stop - img.start
         n_keys = k.shape[1]
         extra_keys = n * n_img if rep > 0 else 0
@@ -358,6 +360,15 @@ class IsolationAttention(Control):
         self.calls += 1
         contributions.append(DenseBias(fn, Selection(state.index(targets, call.device), None, None)))
         return contributions
+
+    @staticmethod
+    def _twice(plan: dict[str, Any]) -> dict[str, Any]:
+        """The step's per-target tensors of ``plan`` stacked twice (targets and their perturbed copies), made once per
+        step and kept in the step's plan."""
+        if "twice" not in plan:
+            names = [k for k in ("in_mask", "other", "kept", "index", "valid") if k in plan]
+            plan["twice"] = {k: torch.cat([plan[k], plan[k]]) for k in names}
+        return plan["twice"]
 
     def _planned(self, grid) -> dict[str, Any]:
         """What this step's masks give every steered call, made once per step (the masks change only between

@@ -39,7 +39,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import ConfigError, LayoutError, SiteError
 from ..layout import image_grid
-from ..processors.attend import fused_attention_with_lse, mask_logits
+from ..processors.attend import chunked_lse, fused_attention_with_lse, mask_logits
 from ..processors.contributions import KeyBias, Selection
 from ..schedules import bounded
 from ..sites import Site
@@ -685,27 +685,25 @@ def _text_rest_lse(q, k_text, batch, img: slice, rest: torch.Tensor | None, lse:
     targeted (``None``: there are none). A key the attention mask removes (FLUX's padding) is no part of the sum.
 
     The fused kernel over the remaining text keys gives their log-sum-exp (its output is discarded); with a mask,
-    the masked logits of those keys do. Query rows go in chunks of at most ``max_elems`` elements, so the extra
-    memory stays bounded.
+    :func:`~attnctl.processors.attend.chunked_lse` over those keys, the mask cut to the rows and keys (``O(N_img·T)``).
+    Query rows go in chunks of at most ``max_elems`` elements, so the extra memory stays bounded.
     """
     if rest is None:
         return torch.full_like(lse, float("-inf"))
     kt = k_text.index_select(1, rest)
     if batch is not None:
         kt = kt.index_select(0, batch)
-    nb, n_rest, heads, d = kt.shape
+    if attn_mask is not None:
+        qi = q[:, img] if batch is None else q[:, img].index_select(0, batch)
+        m = mask_logits(attn_mask, Selection(batch, img, None), q.shape[1], q.shape[0], kt.shape[2], rest + text_start)
+        return chunked_lse(qi, kt, m.transpose(1, 2), max_elems) - lse  # (the dispatcher's (B, H, rows, keys))
+    nb, _, heads, d = kt.shape
     n_img = img.stop - img.start
-    chunk = max(1, max_elems // max(1, nb * heads * (d if attn_mask is None else n_rest)))
+    chunk = max(1, max_elems // max(1, nb * heads * d))
     out = []
     for r0 in range(0, n_img, chunk):
-        rows = slice(img.start + r0, img.start + min(n_img, r0 + chunk))
-        qc = q[:, rows]
+        qc = q[:, img.start + r0 : img.start + min(n_img, r0 + chunk)]
         if batch is not None:
             qc = qc.index_select(0, batch)
-        if attn_mask is None:
-            out.append(fused_attention_with_lse(qc, kt, kt)[1])
-            continue
-        s = torch.einsum("brhd,bchd->brhc", qc.float(), kt.float()) / math.sqrt(d)
-        m = mask_logits(attn_mask, Selection(batch, rows, None), q.shape[1], q.shape[0], heads, rest + text_start)
-        out.append(torch.logsumexp(s + m, dim=-1))
+        out.append(fused_attention_with_lse(qc, kt, kt)[1])
     return torch.cat(out, dim=1) - lse
