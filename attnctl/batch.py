@@ -695,7 +695,7 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
     from .attention_files import check_probes, map_names
     from .cli import image_file, reference_file, reposition_prompts
     from .controls import control_from_json
-    from .layout import absent_words
+    from .layout import absent_words, phrases_apart
     from .views import images_per_prompt
 
     merged = _merge(defaults, item)
@@ -719,6 +719,10 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
                 "not contain", fix="name words of the item's prompt (or give missing: \"ignore\" where the control "
                                     "takes it)"))
     references = merged.get("reference_prompts")
+    named = [w for c in controls for w in c.named_words()]
+    if any(phrases_apart(named, text) for text in [merged["prompt"], *(references or [])]):
+        # such a phrase once took its words' other tokens too: recorded, so those older images hash differently
+        merged["phrases"] = "where they stand"
     try:
         reposition_prompts(merged["prompt"], references, controls)
     except AttnCtlError as e:

@@ -185,6 +185,26 @@ def absent_words(words: Sequence[str], text: str) -> list[str]:
     return [w for w in words if not present(text_words(w))]
 
 
+def phrases_apart(words: Sequence[str], text: str) -> list[str]:
+    """The phrases of ``words`` (two words or more) one of whose words also stands in ``text`` away from the phrase,
+    as "circle" does for "red circle" in "a red circle and a blue circle". Before phrases were read where they stand
+    (December 2026) such a phrase took those tokens too; a batch run hashes these items apart, so that resuming
+    makes their older images again."""
+    seq = text_words(text)
+    out = []
+    for phrase in words:
+        keys = text_words(phrase)
+        if len(keys) < 2:
+            continue
+        inside = [False] * len(seq)
+        for i in range(len(seq) - len(keys) + 1):
+            if seq[i:i + len(keys)] == keys:
+                inside[i:i + len(keys)] = [True] * len(keys)
+        if any(w in keys and not inside[i] for i, w in enumerate(seq)):
+            out.append(phrase)
+    return out
+
+
 def image_grid(layout: TokenLayout | None, n_image: int, who: str, site: str,
                reference_ok: bool = False) -> tuple[int, int]:
     """The run's image grid for a control that maps image tokens to places (``who`` at ``site``, whose image stream

@@ -26,6 +26,7 @@ from attnctl.batch import (
     SCHEMA_PATH,
     BatchFileError,
     ManifestWriter,
+    _settings_hash,
     check_against_model,
     consolidate_manifest,
     iter_records,
@@ -40,6 +41,7 @@ from attnctl.batch import (
 from attnctl.cli import app
 from attnctl.controls.value_sharing import ValueSharing
 from attnctl.imageio import read_image, read_metadata
+from attnctl.layout import phrases_apart
 from attnctl.rf_inversion import RFInversion
 from attnctl.testing import save_pipeline, tiny_sd3_pipeline
 
@@ -873,3 +875,29 @@ def test_epipolar_items_write_their_views_and_match_attnctl_generate(model_dir, 
     (out / "four_s0-1.png").unlink()  # a lost view: the set is made again
     result = run("batch", batch, "--out", out, "--model", model_dir)
     assert result.exit_code == 0 and "1 new" in result.output and (out / "four_s0-1.png").is_file(), result.output
+
+
+def test_items_whose_phrases_have_words_elsewhere_hash_apart():
+    """A phrase once took every occurrence of its words; the items where that differs from the words where they
+    stand are hashed apart (made again on resume), and no other item's hash moves."""
+    assert phrases_apart(["red circle", "circle", "blue circle"], "a red circle and a blue circle") == [
+        "red circle", "blue circle"]
+    assert phrases_apart(["red circle", "blue square"], "a red circle and a blue square") == []
+    assert phrases_apart(["red circle"], "a red circle, a red circle") == []  # every occurrence is the phrase's
+    assert phrases_apart(["red circle"], "a red circle beside red paint") == ["red circle"]
+
+    def hashes(prompt: str, control: dict) -> list:
+        plan = plan_batch({"version": 1, "items": [{"prompt": prompt, "controls": [control]}]})
+        return [plan.jobs[0].settings.get("phrases"), plan.jobs[0].hash, _settings_hash(
+            "toy-sd3", "fp32", {k: v for k, v in plan.jobs[0].settings.items() if k != "phrases"})]
+
+    shared = "a purple circle and an orange circle"
+    for control in ({"kind": "probe", "words": ["purple circle"]},
+                    {"kind": "regulation", "targets": ["purple circle", "orange"], "missing": "ignore"},
+                    {"kind": "isolation", "subjects": ["purple circle", "orange circle"]}):
+        marker, new, old = hashes(shared, control)
+        assert marker == "where they stand" and new != old, control
+    marker, new, old = hashes("a purple circle and an orange square", {"kind": "probe", "words": ["purple circle"]})
+    assert marker is None and new == old
+    marker, new, old = hashes(shared, {"kind": "probe", "words": ["purple", "circle"]})  # single words: unchanged
+    assert marker is None and new == old

@@ -266,6 +266,10 @@ class Control:
         them before its first image); none by default."""
         return []
 
+    def named_words(self) -> list[str]:
+        """Every word or phrase this control names, including those it may find missing (``missing="ignore"``)."""
+        return self.prompt_words()
+
     # -- lifecycle ----------------------------------------------------------------------------------
     def bind(self, controller: Controller) -> None:
         """Check the model family and resolve the site selection against this model. A control acts for one

@@ -301,6 +301,9 @@ class LayoutGuidance(Control):
     def prompt_words(self) -> list[str]:
         return list(self.config.boxes) if self.config.missing == "error" else []
 
+    def named_words(self) -> list[str]:
+        return list(self.config.boxes)
+
     def bind(self, controller) -> None:
         super().bind(controller)
         if not self.sites:

@@ -455,6 +455,9 @@ class AttentionRegulation(Control):
     def prompt_words(self) -> list[str]:
         return list(self.config.targets) if self.config.missing == "error" else []
 
+    def named_words(self) -> list[str]:
+        return list(self.config.targets)
+
     def bind(self, controller) -> None:
         super().bind(controller)
         if not any(s.kind in JOINT_KINDS for s in self.sites):
