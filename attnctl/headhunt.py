@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .distributed import Dist
 from .errors import AttnCtlError, ConfigError
 from .io import atomic_write_text
-from .objectives import Objective, check_prompts, load_objective, score_images
+from .objectives import BUILTIN, Objective, check_prompts, load_objective, score_images
 
 STATE_NAME = "state.json"
 PRESET_NAME = "heads.json"
@@ -327,6 +327,16 @@ class HeadHunt:
         self.out = Path(out) if out is not None else None  # None: only score_sets, no search state
         self.objective, self.objective_name = load_objective(objective if objective is not None
                                                              else settings.objective)
+        if self.objective in BUILTIN.values():
+            from .cli import is_toy_pipeline
+
+            if not is_toy_pipeline(pipe):
+                raise ConfigError(
+                    f"the objective {self.objective_name!r} scores images with the shapes world's detector, and this "
+                    "model is not a toy model (its tokenizer is not the shapes world's): the search would chase "
+                    "scores that mean nothing", fix="pass your own objective ('module:function' or a callable "
+                                                    "f(images, prompts) -> scores, e.g. an aesthetic or "
+                                                    "prompt-alignment scorer)")
         self.dist = dist or Dist("cpu", what="head search")
         self.note = note or (lambda message: None)
         self.progress = progress

@@ -276,6 +276,18 @@ def test_bad_input_is_refused_clearly(pipes, tmp_path):
     assert REFERENCE not in state.rounds[0].scores
 
 
+def test_a_toy_objective_on_a_model_that_is_not_a_toy_is_refused(pipes, tmp_path, monkeypatch):
+    """The built-in objectives read the shapes world: on a real model the search chased meaningless scores."""
+    import attnctl.cli
+
+    monkeypatch.setattr(attnctl.cli, "is_toy_pipeline", lambda pipe: False)  # as a real model's tokenizer makes it
+    for objective in ("toy_combined", toy_combined):
+        with pytest.raises(ConfigError, match="not a toy model") as err:
+            HeadHunt(pipes["sd3"], settings(), tmp_path / "real", objective=objective)
+        assert "your own objective" in err.value.fix
+    HeadHunt(pipes["sd3"], settings(), tmp_path / "real", objective=brightness)  # the user's own: fine
+
+
 def test_cli_refuses_bad_input_before_loading_a_model(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
