@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 
 from . import compiling
 from .controls.base import Control, RunState
@@ -78,6 +80,7 @@ class Controller:
         self.state = RunState(roles=list(roles) if roles is not None else None, layout=layout,
                               own_prompt_rows_only=self.pipe is not None and layout is None and roles is None)
         self._saved: dict[str, Any] | None = None
+        self._installed: dict[str, AttnCtlProcessor] = {}  # the processors made last, by processor key
         self._mine: list[tuple[torch.nn.Module, AttnCtlProcessor, str]] = []  # bound sites' modules, processors
         self._hooks: list[Any] = []
         self._prompt: tuple[Any, Any, Any] | None = None  # the call's prompt, SD3's prompt_2 (CLIP-G), T5's prompt
@@ -176,6 +179,7 @@ class Controller:
                 if getattr(old, attr, None) is not None:
                     setattr(proc, attr, getattr(old, attr))
             procs[site.processor_key] = proc
+        self._installed = dict(procs)
         modules = dict(self.transformer.named_modules())
         self._mine = [(modules[site.name], procs[site.processor_key], site.name) for site in self.sites
                       if procs[site.processor_key].controller is self]
@@ -191,8 +195,8 @@ class Controller:
             if now is not proc:
                 raise UnsupportedModelError(
                     f"the attention processor attnctl put at {name} was replaced by {type(now).__name__} while the "
-                    "controller is attached (by fuse_qkv_projections, load_ip_adapter or set_attn_processor inside "
-                    "attnctl.attach); the controls would silently stop acting there",
+                    "controller is attached (by fuse_qkv_projections, unfuse_qkv_projections, load_ip_adapter or "
+                    "set_attn_processor inside attnctl.attach); the controls would silently stop acting there",
                     fix="do that before attaching (attnctl then carries it over), or after the with-block")
 
     @property
@@ -220,11 +224,45 @@ class Controller:
 
     def restore(self) -> None:
         """Put back the processors that were installed before :meth:`install` (or before :meth:`processors` made
-        this controller's), and stop tracking."""
+        this controller's), and stop tracking.
+
+        What the user changed meanwhile stays: an attention backend set on attnctl's processors passes to the
+        processors put back, a processor that replaced attnctl's (``fuse_qkv_projections``, ``load_ip_adapter``)
+        stays where it is, and diffusers' record for ``unfuse_qkv_projections`` gets the processors put back in
+        place of attnctl's."""
         if self._saved is not None:
-            self.transformer.set_attn_processor(self._saved)
+            installed, saved = self._installed, self._saved
+            back = {}
+            for key, now in self.transformer.attn_processors.items():
+                if installed.get(key) is not now:  # replaced inside the block: the user's choice stays
+                    back[key] = now
+                    continue
+                old = saved[key]
+                for attr in ("_attention_backend", "_parallel_config"):  # set_attention_backend inside the block
+                    if getattr(now, attr, None) is not getattr(old, attr, None):
+                        setattr(old, attr, getattr(now, attr, None))
+                back[key] = old
+            self.transformer.set_attn_processor(back)
+            originals = getattr(self.transformer, "original_attn_processors", None)
+            if isinstance(originals, dict):  # fuse_qkv_projections inside the block saved attnctl's for its unfuse
+                self.transformer.original_attn_processors = {
+                    key: saved.get(key, proc) if installed.get(key) is proc else proc
+                    for key, proc in originals.items()}
             self._saved = None
         self.close()
+
+    def __deepcopy__(self, memo: dict) -> Controller:
+        raise ConfigError(
+            "a pipeline or transformer cannot be copied while an attnctl controller is attached to it: the copy's "
+            "processors and hooks would follow this controller, not the copy's runs",
+            fix="copy it before attnctl.attach, or after the with-block (or ctl.restore())")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise ConfigError(
+            "a pipeline or transformer cannot be pickled (torch.save, multiprocessing) while an attnctl controller is "
+            "attached to it: its processors and hooks hold the controller's run state",
+            fix="save it before attnctl.attach or after the with-block (ctl.restore()); pipe.save_pretrained works "
+                "inside the block")
 
     def close(self) -> None:
         """Remove the tracking hooks and wrappers. The processors stay (they then act at step 0 of an unknown run,
@@ -311,10 +349,9 @@ class Controller:
         if self._hooks:
             return
         self.transformer._attnctl_controller = weakref.ref(self)  # see _check_alone
-        # the run's bookkeeping (steps, roles, token layout) is Python: under torch.compile it runs eagerly
-        # (attnctl.compiling)
-        pre_forward = torch.compiler.disable(self._pre_forward, reason=compiling.EAGER)
-        self._hooks.append(self.transformer.register_forward_pre_hook(pre_forward, with_kwargs=True))
+        # the run's bookkeeping, run eagerly under torch.compile; a bound method, so that copying or pickling the
+        # transformer reaches the controller, which refuses
+        self._hooks.append(self.transformer.register_forward_pre_hook(self._pre_forward_eager, with_kwargs=True))
         if self.pipe is not None and hasattr(self.pipe, "check_inputs"):
             self._wrap_check_inputs()
         if self.pipe is not None and hasattr(self.pipe, "encode_prompt"):
@@ -469,10 +506,34 @@ class Controller:
             return ["uncond"] * batch
         return ["cond"] * batch
 
+    def _check_pipeline(self) -> None:
+        """Refuse a forward called by another pipeline object that shares this transformer (``from_pipe``,
+        ``type(pipe)(**pipe.components)``): the controller reads prompts and CFG rows from the pipeline it is
+        attached to, so it would steer the other pipeline's call with those. The nearest pipeline on the call
+        stack is the caller; a transformer called by hand has none, and is left alone."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            code = frame.f_code
+            if code.co_argcount and code.co_varnames[0] == "self":
+                caller = frame.f_locals.get("self")
+                if isinstance(caller, DiffusionPipeline):
+                    if caller is not self.pipe:
+                        raise ConfigError(
+                            f"this transformer is attached (attnctl) to another {type(self.pipe).__name__} object "
+                            f"than the {type(caller).__name__} now calling it (a pipeline sharing its components, "
+                            "from from_pipe or type(pipe)(**pipe.components)); its controls would act on the "
+                            "attached pipeline's prompt and rows",
+                            fix="attach the pipeline you call — attnctl.attach(that_pipe, [...]) — or call the "
+                                "attached one")
+                    return
+            frame = frame.f_back
+
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if hidden is None:
             return
+        if self.pipe is not None:
+            self._check_pipeline()
         if self.pipe is not None and getattr(self.pipe, "do_perturbed_attention_guidance", False):
             name = type(self.pipe).__name__
             raise UnsupportedModelError(
@@ -496,6 +557,7 @@ class Controller:
             self.state.roles = self._infer_roles(kwargs, hidden.shape[0])
         if not self._fixed_layout:
             self.state.row_layouts = self._infer_row_layouts(hidden.shape[0])
+        self.state.skip_layer_pass = kwargs.get("skip_layers") is not None
         self._forwards += 1
         self.state.calls_per_step = max(1, int(getattr(sched, "order", 1) or 1)) if sched is not None else 1
         if self._new_run or num_steps != self.state.num_steps or (step == 0 and self.state.step > 0):
@@ -504,6 +566,9 @@ class Controller:
         if sched is not None and getattr(sched, "sigmas", None) is not None and step < len(sched.sigmas):
             sigma = sched.sigmas[step]
         self.set_step(step, kwargs.get("timestep"), sigma)
+
+    # the run's bookkeeping is Python: under torch.compile it runs eagerly (attnctl.compiling)
+    _pre_forward_eager = torch.compiler.disable(_pre_forward, reason=compiling.EAGER)
 
 
 def attach(target: Any, controls: Sequence[Control] | Control = (), **kwargs: Any) -> Controller:

@@ -56,11 +56,31 @@ class ForwardWrapper:
         self._active = False  # a copy of the wrapper left inside another's chain now passes calls straight on
         # Only undo our own wrapper: diffusers' offload hooks may have replaced the forward meanwhile
         # (``maybe_free_model_hooks`` re-installs them at the end of a call).
-        if vars(self.transformer).get("forward") is self._wrapper:
+        own = vars(self.transformer)
+        if own.get("forward") is self._wrapper:
             if self._had_own_forward:
                 self.transformer.forward = self._saved_forward
             else:
                 del self.transformer.forward
+            return
+        # Something wrapped the forward on top of ours: take ours out of the chain, so nothing keeps calling it
+        # (and keeps this wrapper, its controller and controls alive) after the run. Model CPU offload (accelerate)
+        # keeps the forward it wrapped in ``_old_forward`` and puts it back when its hooks go; another attnctl
+        # wrapper keeps it in ``_original``.
+        if own.get("_old_forward") is self._wrapper:
+            self.transformer._old_forward = self._original
+        fn, seen = own.get("forward"), 0
+        while fn is not None and seen < 32:
+            owner = getattr(fn, "__self__", None)
+            if isinstance(owner, ForwardWrapper):
+                if owner._original is self._wrapper:
+                    owner._original = self._original
+                fn = owner._original
+            else:
+                if getattr(fn, "__wrapped__", None) is self._wrapper:  # the hook's record of what it wraps
+                    fn.__wrapped__ = self._original
+                fn = getattr(fn, "__wrapped__", None)
+            seen += 1
 
     def installed(self) -> bool:
         """Whether calls of the transformer reach the wrapper: it is the forward, or inside the chain of wrappers

@@ -601,7 +601,6 @@ def test_processors_replaced_while_attached_are_an_error_not_a_silent_no_op(sd3_
                 sd3_pipe("a red circle", **KW)
     finally:
         sd3_pipe.transformer.unfuse_qkv_projections()
-    sd3_pipe.transformer.set_attn_processor(JointAttnProcessor2_0())  # unfuse put back what it had replaced
     sd3_pipe.transformer.fuse_qkv_projections()
     try:
         with attnctl.attach(sd3_pipe, [reg]):
@@ -843,3 +842,101 @@ def test_sd3_skip_layer_pass_is_conditional_rows_only(sd3_pipe):
             hook.remove()
     assert [roles for skip, roles in seen if skip] == [["cond", "cond"]] * 2  # steps 1 and 2
     assert all(roles == ["uncond"] * 2 + ["cond"] * 2 for skip, roles in seen if not skip)
+
+
+@pytest.mark.parametrize("kind", ["regulation", "regulation, warm start", "probe"])
+def test_the_skip_layer_pass_leaves_what_the_next_step_reads_alone(sd3_pipe, kind):
+    """SD3's skip-layer pass came after the step's main call and overwrote regulation's smoothed and warm-start W,
+    so the next step's main call started from the pass's; the probe summed the pass into its maps. At skip-layer
+    scale 0 the images and maps must be those of the run without skip-layer guidance."""
+    def make():
+        if kind == "probe":
+            return attnctl.AttentionProbe(words=["circle"])
+        extra = {"init": "previous"} if "warm" in kind else {}
+        return attnctl.AttentionRegulation(targets=["red circle", "blue square"], steps=1.0, **extra)
+
+    def run(**slg):
+        control = make()
+        with attnctl.attach(sd3_pipe, [control]):
+            image = sd3_pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0),
+                             guidance_scale=3.0, **{**KW, "num_inference_steps": 4}, **slg).images
+        return image, control
+
+    plain, ctl_plain = run()
+    slg, ctl_slg = run(skip_guidance_layers=[1], skip_layer_guidance_scale=0.0, skip_layer_guidance_start=0.0,
+                       skip_layer_guidance_stop=1.0)
+    assert abs(slg - plain).max() <= 1e-6
+    if kind == "probe":
+        assert torch.allclose(ctl_slg.word_maps()["circle"], ctl_plain.word_maps()["circle"], atol=1e-7)
+    else:
+        assert len(ctl_slg.records) == len(ctl_plain.records) and ctl_slg.summary() == ctl_plain.summary()
+
+
+def test_a_pipeline_sharing_the_attached_transformer_is_refused(sd3_pipe):
+    """A second pipeline object over the same components (from_pipe, type(pipe)(**pipe.components)) ran with the
+    attached pipeline's prompt and CFG rows; it is now refused, and the attached pipeline still runs."""
+    other = type(sd3_pipe)(**sd3_pipe.components)
+    other.set_progress_bar_config(disable=True)
+    reg = attnctl.AttentionRegulation(targets=["circle"])
+    with attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe("a red circle", **KW)
+        with pytest.raises(ConfigError, match="attached .* to another StableDiffusion3Pipeline object") as err:
+            other("a blue square", **KW)
+        assert "attnctl.attach(that_pipe" in str(err.value)
+        sd3_pipe("a red circle", **KW)  # the attached one is not disturbed
+    other("a blue square", **KW)  # after the block, nothing is attached
+
+
+def test_copying_or_pickling_while_attached_is_refused_and_works_after(sd3_pipe):
+    """deepcopy inside attach made a copy whose controls did nothing and which failed after the block."""
+    import copy
+    import pickle
+
+    with attnctl.attach(sd3_pipe, [attnctl.AttentionRegulation(targets=["circle"])]):
+        with pytest.raises(ConfigError, match="cannot be copied while an attnctl controller is attached"):
+            copy.deepcopy(sd3_pipe.transformer)
+        with pytest.raises(ConfigError, match="cannot be pickled"):
+            pickle.dumps(sd3_pipe.transformer)
+    twin = copy.deepcopy(sd3_pipe.transformer)  # after the block: a plain copy
+    assert not twin._forward_pre_hooks and type(next(iter(twin.attn_processors.values()))) is JointAttnProcessor2_0
+
+
+def test_what_the_user_changes_inside_attach_stays_after_it(flux_pipe, sd3_pipe):
+    """Leaving attach put back the processors as they were at entry, undoing an attention backend set inside the
+    block, and SD3's fuse/unfuse: diffusers' record for unfuse held attnctl's closed processors."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    def backends(pipe):
+        return {getattr(p, "_attention_backend", None) for p in pipe.transformer.attn_processors.values()}
+
+    flux_pipe.transformer.set_attention_backend("_native_flash")
+    try:
+        with attnctl.attach(flux_pipe, [attnctl.AttentionProbe(words=["circle"])]):
+            flux_pipe.transformer.set_attention_backend("_native_math")
+            flux_pipe("a red circle", **KW)
+        assert backends(flux_pipe) == {AttentionBackendName._NATIVE_MATH}
+        with attnctl.attach(flux_pipe, [attnctl.AttentionProbe(words=["circle"])]):
+            flux_pipe.transformer.reset_attention_backend()
+        assert backends(flux_pipe) == {None}
+    finally:
+        flux_pipe.transformer.reset_attention_backend()
+
+    def kinds():
+        return {type(p).__name__ for p in sd3_pipe.transformer.attn_processors.values()}
+
+    plain = sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+    reg = attnctl.AttentionRegulation(targets=["circle"])
+    try:
+        with attnctl.attach(sd3_pipe, [reg]):  # fused inside, no call: the fused processors stay
+            sd3_pipe.transformer.fuse_qkv_projections()
+        assert kinds() == {"FusedJointAttnProcessor2_0"}
+        sd3_pipe.transformer.unfuse_qkv_projections()  # puts back the stock processors, not attnctl's
+        assert kinds() == {"JointAttnProcessor2_0"}
+        sd3_pipe.transformer.fuse_qkv_projections()
+        with attnctl.attach(sd3_pipe, [reg]):  # fused before, unfused inside: unfused after
+            sd3_pipe.transformer.unfuse_qkv_projections()
+        assert kinds() == {"JointAttnProcessor2_0"}
+        again = sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+        assert abs(again - plain).max() <= 1e-6
+    finally:
+        sd3_pipe.transformer.set_attn_processor(JointAttnProcessor2_0())

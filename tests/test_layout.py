@@ -4,7 +4,9 @@ pipelines and attach, composition with SoftPAG, bad input."""
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -401,6 +403,13 @@ def test_both_wrappers_survive_model_cpu_offload(offload):
         pipe.remove_all_hooks()
     assert (first - reference).abs().max() <= 1e-5 and (second - first).abs().max() <= 1e-6
     assert (first - plain).abs().max() > 1e-3 and (after - plain).abs().max() <= 1e-6
+    # no wrapper is left inside the hooks' chain: the forward is the model's own, and nothing keeps the controller
+    # (an offload hook put on top of a wrapper used to keep it as the forward it wraps)
+    assert pipe.transformer.forward.__func__ is type(pipe.transformer).forward
+    gone = weakref.ref(ctl)
+    del ctl
+    gc.collect()
+    assert gone() is None
 
 
 def test_bf16_on_cpu(sd3_pipe):

@@ -71,6 +71,7 @@ class RunState:
     own_prompt_rows_only: bool = False  # layouts of the prompts: uncond rows hold the negative prompt's tokens
     reports: dict[str, float] = field(default_factory=dict)
     gradient_pass: bool = False  # a latent-guidance forward for its loss (only latent-guidance controls act)
+    skip_layer_pass: bool = False  # SD3's skip-layer guidance call: the step's conditional rows again, layers skipped
     _indices: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     _timestep: Any = field(default=None, repr=False, compare=False)
     _sigma: Any = field(default=None, repr=False, compare=False)

@@ -134,6 +134,8 @@ class AttentionProbe(Control):
     def contribute(self, call, q, k, v, state: RunState):
         if call.n_text == 0:  # image-only attention (SD3.5 attn2) has no text columns
             return []
+        if state.skip_layer_pass:  # the step's conditional rows once more, in a model with layers left out
+            return []
         w = self._weight(*state.schedule_step)
         if w == 0:
             return []

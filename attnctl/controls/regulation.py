@@ -565,7 +565,8 @@ class AttentionRegulation(Control):
         nb, n_img, heads, n_cols = logits.shape
         if cfg.iterations == 0:
             rec = RegulationRecord(call.site.name, state.step, [], [], float("nan"), float("nan"), 0.0, prompt=prompt)
-            self.records.append(rec)
+            if not state.skip_layer_pass:
+                self.records.append(rec)
             return torch.zeros((1, 1, 1, n_cols), dtype=torch.float32, device=logits.device)
         dev = logits.device
         # log p of the selected columns; with bias_scope="text" the core passes the text keys' LSE, so these are
@@ -599,10 +600,13 @@ class AttentionRegulation(Control):
             best_idx = torch.full((nb,), cfg.iterations, dtype=torch.long, device=dev)
         rows = torch.arange(nb, device=dev)
         best_w, best_loss, best_ml = ws[best_idx, rows], losses[best_idx, rows], map_parts[best_idx, rows]
-        if cfg.init == "previous":
+        # SD3's skip-layer pass comes after the step's main call: it is regulated as that call was, from the same
+        # earlier W, but what it finds is not kept (the next step starts from the main call's) nor recorded
+        main = not state.skip_layer_pass
+        if cfg.init == "previous" and main:
             self._applied_w.keep(memory, step, best_w)
         # the bias is linear in W, so smoothing and decay act on W (a few numbers per word, not a map)
-        applied_w = self._smooth(memory, step, best_w) * cfg.decay**step
+        applied_w = self._smooth(memory, step, best_w, keep=main) * cfg.decay**step
         applied = (applied_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
         word_of = state.index(tg.word_of, dev)
         parts = [applied[..., word_of].expand(nb, n_img, heads, n_t)]
@@ -613,16 +617,18 @@ class AttentionRegulation(Control):
         # the record's numbers stay on the device until read (no sync per call on a GPU)
         numbers = (losses.mean(dim=1), best_idx, best_loss.mean(), best_ml.mean(), applied.abs().max(),
                    plain_ml.mean(), applied_ml.mean())
-        self._pending.append((call.site.name, state.step, prompt, tuple(t.detach() for t in numbers)))
+        if main:
+            self._pending.append((call.site.name, state.step, prompt, tuple(t.detach() for t in numbers)))
         return torch.cat(parts, dim=-1)
 
-    def _smooth(self, site: str, step: int, new: torch.Tensor) -> torch.Tensor:
+    def _smooth(self, site: str, step: int, new: torch.Tensor, keep: bool = True) -> torch.Tensor:
         """``smoothing · previous step's W + (1 − smoothing) · new`` (the first time: ``new``), per site."""
         prev = self._smoothed_w.earlier(site, step)
         out = new
         if prev is not None and prev.shape == new.shape and self.config.smoothing > 0:
             out = self.config.smoothing * prev + (1.0 - self.config.smoothing) * new
-        self._smoothed_w.keep(site, step, out)
+        if keep:
+            self._smoothed_w.keep(site, step, out)
         return out
 
     # ------------------------------------------------------------------------------ results
