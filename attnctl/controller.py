@@ -234,7 +234,9 @@ class Controller:
             installed, saved = self._installed, self._saved
             back = {}
             for key, now in self.transformer.attn_processors.items():
-                if installed.get(key) is not now:  # replaced inside the block: the user's choice stays
+                # replaced inside the block (fuse, unfuse, an IP-adapter): the user's choice stays; diffusers' PAG
+                # processors, set for the length of a PAG call, are left only by a call that raised
+                if installed.get(key) is not now and not type(now).__name__.startswith("PAG"):
                     back[key] = now
                     continue
                 old = saved[key]

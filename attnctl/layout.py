@@ -47,15 +47,24 @@ class TextSegment:
 
     def phrase_positions(self, keys: Sequence[str]) -> list[int] | None:
         """Positions of the phrase ``keys`` (its words' keys) where it stands in the text as written — its words
-        one after another — or ``None`` when this segment has no spans (a hand-made layout)."""
+        one after another, every one of them within the tokens (a phrase the truncation cut into has none there) —
+        or ``None`` when this segment has no spans (a hand-made layout)."""
         if not self.spans:
             return None
-        seq = [w for w, _ in self.spans]
         out: set[int] = set()
-        for i in range(len(seq) - len(keys) + 1):
-            if seq[i:i + len(keys)] == list(keys):
-                out.update(p for _, pos in self.spans[i:i + len(keys)] for p in pos)
+        for found in self._occurrences(keys):
+            if all(pos for _, pos in found):
+                out.update(p for _, pos in found for p in pos)
         return sorted(self.start + p for p in out)
+
+    def phrase_cut(self, keys: Sequence[str]) -> bool:
+        """The phrase stands in the text, but the truncation cut off some of its words there."""
+        return any(not all(pos for _, pos in found) for found in self._occurrences(keys))
+
+    def _occurrences(self, keys: Sequence[str]) -> list[tuple[tuple[str, tuple[int, ...]], ...]]:
+        seq = [w for w, _ in self.spans]
+        return [self.spans[i:i + len(keys)] for i in range(len(seq) - len(keys) + 1)
+                if seq[i:i + len(keys)] == list(keys)]
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,11 @@ class TokenLayout:
                 out.update(p for pos in words for p in pos if seg.start <= p < seg.start + seg.length)
             else:
                 out.update(found)
+        if not out and any(seg.phrase_cut(keys) for seg in self._chosen(segments)):
+            raise WordCutOffError(
+                f"the phrase {phrase!r} is in the prompt, but past the tokens the text encoders read "
+                f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}) it lost a word: the prompt was "
+                "cut off", fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
         if not out:
             raise LayoutError(
                 f"the phrase {phrase!r} is not in the prompt as written: its words are there, but not one after "
@@ -149,7 +163,8 @@ class TokenLayout:
                 f"the word {word!r} is in the prompt but past the tokens the text encoders read "
                 f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was cut off",
                 fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
-        known = ", ".join(self.words()[:20]) or "(no prompt tokens are known for this run)"
+        known = ", ".join(self.words()[:20]) or ("(none: the prompt has no words)" if self.prompt is not None
+                                                  else "(no prompt tokens are known for this run)")
         raise LayoutError(
             f"the word {word!r} is not{self._where(segments)}; a control can only name words of the prompt it runs "
             f"on. Words of this prompt: {known}."

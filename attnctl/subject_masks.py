@@ -21,9 +21,11 @@ def otsu_masks(maps: torch.Tensor) -> torch.Tensor:
 
     Over the sorted values ``v₁ ≤ … ≤ v_N`` the split after ``k`` values has between-class variance
     ``w₀·w₁·(μ₀ − μ₁)²`` (``w`` the class shares, ``μ`` their means); the threshold is ``v_k`` at the best ``k``.
-    A constant map has no split and gives an empty mask."""
+    A constant map, or one of a single value (a one-token image), has no split and gives an empty mask."""
     v, _ = maps.float().sort(dim=-1)
     n = v.shape[-1]
+    if n < 2:
+        return torch.zeros(maps.shape, dtype=torch.bool, device=maps.device)
     k = torch.arange(1, n, device=v.device, dtype=v.dtype)  # values in the low class
     low = v.cumsum(-1)[..., :-1]
     total = v.sum(-1, keepdim=True)

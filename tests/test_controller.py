@@ -567,6 +567,34 @@ def test_word_lists_are_checked_and_missing_ignore_still_reports_a_cut_off_word(
     assert reg.summary() is None
 
 
+def test_a_phrase_cut_by_truncation_an_empty_prompt_and_word_errors_say_what_happened(flux_pipe):
+    """A phrase whose last word the truncation cut off became its other words; an empty prompt was called a run
+    given only prompt_embeds (also in a list, with missing='ignore'); the word errors dropped the layout's reason."""
+    kw = {**KW, "max_sequence_length": 8}  # <bos> a red circle and a blue <eos>: the last "circle" is cut off
+    for control in (attnctl.AttentionProbe(words=["blue circle"]),
+                    attnctl.AttentionRegulation(targets=["blue circle", "red circle"], missing="ignore"),
+                    attnctl.IsolationAttention(subjects=["blue circle", "red circle"])):
+        with pytest.raises(LayoutError, match="'blue circle' is in the prompt, but past the tokens .* lost a word"), \
+                attnctl.attach(flux_pipe, [control]):
+            flux_pipe("a red circle and a blue circle", **kw)
+    for make in (lambda: attnctl.AttentionRegulation(targets=["circle"]),
+                 lambda: attnctl.LayoutGuidance(boxes={"circle": [0, 0, 0.5, 0.5]})):
+        with pytest.raises(LayoutError, match="is not in the prompt ''.*this prompt has no words"), \
+                attnctl.attach(flux_pipe, [make()]):
+            flux_pipe("", **KW)
+    reg = attnctl.AttentionRegulation(targets=["circle"], missing="ignore")
+    with attnctl.attach(flux_pipe, [reg]):  # the empty prompt's rows are left alone, the other's regulated
+        flux_pipe(["", "a red circle"], **KW)
+    assert {r.prompt for r in reg.records} == {"a red circle"}
+    reg = attnctl.AttentionRegulation(targets=["circle"])
+    with pytest.raises(LayoutError, match="the t5 tokens read 'a blue square'"), attnctl.attach(flux_pipe, [reg]):
+        flux_pipe("a red circle", prompt_2="a blue square", **KW)
+    reg = attnctl.AttentionRegulation(targets=["circle red"])
+    with pytest.raises(LayoutError, match="AttentionRegulation: the phrase 'circle red' .* not one after another"), \
+            attnctl.attach(flux_pipe, [reg]):
+        flux_pipe("a red circle", **KW)
+
+
 def test_controls_given_as_a_generator_none_twice_or_to_two_pipelines(flux_pipe, sd3_pipe):
     """A generator of controls is read once (it was used up by the type check, leaving no control); None is no
     control; one object listed twice would act twice; one object steering two attached pipelines would follow one."""
@@ -904,7 +932,7 @@ def test_copying_or_pickling_while_attached_is_refused_and_works_after(sd3_pipe)
 def test_what_the_user_changes_inside_attach_stays_after_it(flux_pipe, sd3_pipe):
     """Leaving attach put back the processors as they were at entry, undoing an attention backend set inside the
     block, and SD3's fuse/unfuse: diffusers' record for unfuse held attnctl's closed processors."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     def backends(pipe):
         return {getattr(p, "_attention_backend", None) for p in pipe.transformer.attn_processors.values()}
@@ -920,6 +948,7 @@ def test_what_the_user_changes_inside_attach_stays_after_it(flux_pipe, sd3_pipe)
         assert backends(flux_pipe) == {None}
     finally:
         flux_pipe.transformer.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)  # diffusers sets it globally too
 
     def kinds():
         return {type(p).__name__ for p in sd3_pipe.transformer.attn_processors.values()}

@@ -47,6 +47,7 @@ def test_otsu_threshold_is_the_best_split_by_brute_force():
         assert torch.equal(mask, m > best_t)
         assert int(mask.sum()) == 18  # the bright class of the two
     assert not otsu_masks(torch.full((1, 9), 0.5)).any()  # a constant map splits nowhere
+    assert otsu_masks(torch.rand(2, 3, 1)).shape == (2, 3, 1) and not otsu_masks(torch.rand(2, 1)).any()  # one token
 
 
 def test_relocation_resizes_the_source_box_onto_the_target_box():

@@ -323,7 +323,8 @@ def test_decay_and_smoothing_count_denoising_steps_under_the_midpoint_scheduler(
     reg = AttentionRegulation(targets=["circle"], sites=["transformer_blocks.0"], steps=1.0)
     steps = []
     smooth = reg._smooth
-    monkeypatch.setattr(reg, "_smooth", lambda memory, step, w: steps.append(step) or smooth(memory, step, w))
+    monkeypatch.setattr(reg, "_smooth", lambda memory, step, w, **kw: steps.append(step) or smooth(memory, step, w,
+                                                                                                **kw))
     with use_solver(sd3_pipe, "midpoint"), attnctl.attach(sd3_pipe, [reg]):
         sd3_pipe("a red circle", **KW)
     assert steps == [0, 0, 1, 1]  # 2 steps, two calls each

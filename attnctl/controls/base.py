@@ -193,7 +193,7 @@ def word_columns(layout: TokenLayout | None, words: Sequence[str], segments: Seq
     ``who`` (the control's name), ``noun``, ``field`` and ``verb`` phrase the errors: no prompt to read the words
     from, a segment the model does not have, a word not in the prompt (naming the prompt's words, and the
     ``missing='ignore'`` way out where the control has it)."""
-    if layout is None or not any(seg.words for seg in layout.segments):
+    if layout is None or (layout.prompt is None and not any(seg.words for seg in layout.segments)):
         raise LayoutError(
             f"{who} needs the run's prompt to find its {noun}s, and this run has none (only prompt_embeds were "
             "given, or no prompt, or several prompts given to a bare transformer)",
@@ -211,13 +211,17 @@ def word_columns(layout: TokenLayout | None, words: Sequence[str], segments: Seq
             if missing == "ignore":
                 out.append([])
                 continue
-            known = ", ".join(layout.words()[:20])
-            where = f"the prompt {layout.prompt!r}" if layout.prompt is not None else "this run's prompt"
-            seg_note = f" (segments {', '.join(segs)})" if segs else ""
             ignore = f", or pass missing='ignore' to {verb} the ones that are present" if missing is not None else ""
+            if e.problem.startswith("the phrase "):  # its words are there, apart: the layout's message says so
+                raise LayoutError(f"{who}: {e.problem}", fix=f"{e.fix}{ignore}") from None
+            known = ", ".join(layout.words()[:20])
+            # (the layout names the texts the tokens read when they are not the prompt: FLUX's prompt_2)
+            where = layout._where(segs) or " in this run's prompt"
+            seg_note = f" (segments {', '.join(segs)})" if segs else ""
+            has = f"this prompt has: {known}" if known else "this prompt has no words"
             raise LayoutError(
-                f"{who}: the {noun} {w!r} is not in {where}{seg_note}",
-                fix=f"name only words of the prompt in {field} (this prompt has: {known}){ignore}") from None
+                f"{who}: the {noun} {w!r} is not{where}{seg_note}",
+                fix=f"name only words of the prompt in {field} ({has}){ignore}") from None
     return out
 
 
