@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import AttnCtlError
 from .io import atomic_write_bytes
@@ -124,12 +124,31 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def rgb_image(img: Image.Image, *, upright: bool = False) -> Image.Image:
+    """``img`` as 8-bit RGB. 16-bit greyscale (PIL modes ``I;16*``, and ``I`` holding values past 255) is scaled
+    to 8 bits — PIL's own conversion clips it, which turns nearly every pixel white. With ``upright=True`` the
+    EXIF orientation is applied first, as image viewers (and diffusers' ``load_image``) show a photo."""
+    if upright:
+        img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 65535 → 255
+        return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
 def read_image(path: str | Path | BinaryIO) -> np.ndarray:
-    """The pixels of an image file (a path, or an open binary file) as an H×W×3 uint8 array; a file that is no
-    image PIL can read (or a truncated one) is an :class:`AttnCtlError`."""
+    """The pixels of an image file (a path, or an open binary file) as an H×W×3 uint8 array, upright and in 8 bits
+    (:func:`rgb_image`); a file that is no image PIL can read (or a truncated one, or a decompression bomb) is an
+    :class:`AttnCtlError`."""
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.asarray(rgb_image(img, upright=True))
+    except Image.DecompressionBombError as e:
+        name = str(path) if isinstance(path, (str, Path)) else "the image"
+        raise AttnCtlError(f"{name!r} is refused as a possible decompression bomb ({' '.join(str(e).split())})",
+                           "downscale the image first; no model here works at that size") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL reports a bad file in these ways
         if isinstance(e, OSError) and not isinstance(e, UnidentifiedImageError) and e.filename is not None:
             raise  # the file itself cannot be opened: the caller's (or the CLI's) error for a path

@@ -97,12 +97,12 @@ def image_array(image: Any) -> np.ndarray:
     """A PIL image, an ``H×W×3`` uint8 array or a path as an ``H×W×3`` uint8 array."""
     from PIL import Image
 
-    from .imageio import read_image
+    from .imageio import read_image, rgb_image
 
     if isinstance(image, str) or hasattr(image, "__fspath__"):
         image = read_image(image)
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.asarray(rgb_image(image))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ConfigError(f"the image to invert is an array of shape {arr.shape} and dtype {arr.dtype}",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attnctl.errors import ConfigError
-from attnctl.inversion import encode_image, euler_invert, invert, run_sigmas
+from attnctl.inversion import encode_image, euler_invert, image_array, invert, run_sigmas
 
 
 def test_euler_invert_matches_a_plain_backward_loop_and_is_exact_for_a_constant_flow():
@@ -110,3 +110,31 @@ def test_inversion_refuses_a_scheduler_without_the_euler_step():
     pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(ConfigError, match="FlowMatchEulerDiscreteScheduler"):
         invert(pipe, np.zeros((32, 32, 3), dtype=np.uint8), "a red circle", 4)
+
+
+def test_image_files_are_read_upright_in_eight_bits_and_bombs_are_refused(tmp_path, monkeypatch):
+    """A 16-bit greyscale PNG came out white (PIL's conversion clips it), a phone JPEG sideways (EXIF orientation
+    ignored), and a decompression bomb as a PIL traceback."""
+    from PIL import Image
+
+    from attnctl.errors import AttnCtlError
+    from attnctl.imageio import read_image
+
+    ramp = (np.arange(64, dtype=np.uint16) * 1024).reshape(8, 8)  # 0 … 64512
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")  # a 16-bit greyscale PNG
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    got = read_image(tmp_path / "grey16.png")
+    assert got.shape == (8, 8, 3) and np.array_equal(got[..., 0], np.round(ramp / 257).astype(np.uint8))
+    assert np.array_equal(image_array(Image.open(tmp_path / "grey16.png")), got)
+
+    upright = np.zeros((8, 16, 3), np.uint8)
+    upright[:, :8] = 255  # white on the left
+    stored = Image.fromarray(np.rot90(upright, k=1).copy())  # as a camera held sideways stores it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to show
+    stored.save(tmp_path / "phone.png", exif=exif.tobytes())
+    assert np.array_equal(read_image(tmp_path / "phone.png"), upright)
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # the 64-pixel ramp is now more than twice the limit
+    with pytest.raises(AttnCtlError, match="decompression bomb.*downscale"):
+        read_image(tmp_path / "grey16.png")

@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ..imageio import FORMAT, METADATA_KEY
+from ..imageio import FORMAT, METADATA_KEY, rgb_image
 
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024
 """Largest upload read at all (bytes)."""
@@ -97,7 +97,7 @@ def check_png_upload(name: str, data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTE
                 check_pixels(*img.size, max_pixels)
                 img.load()
                 text = dict(getattr(img, "text", {}) or {})
-                pixels = img.convert("RGB")
+                pixels = rgb_image(img, upright=True)
     except UploadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
