@@ -69,12 +69,25 @@ class FlowMatchMidpointScheduler(FlowMatchEulerDiscreteScheduler):
             raise ConfigError("the midpoint scheduler does not support invert_sigmas (a Mochi-only setting)",
                               fix="use FlowMatchEulerDiscreteScheduler for this model")
         super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
+        self._sigmas_given = sigmas is not None
         grid = self.sigmas  # σ_0 … σ_n, σ_n = 0
         mids = (grid[:-1] + grid[1:]) / 2
         self.sigmas = torch.stack([grid[:-1], mids], dim=1).flatten().contiguous()
         self.sigmas = torch.cat([self.sigmas, grid[-1:]])
         self.timesteps = self.sigmas[:-1] * self.config.num_train_timesteps
         self._anchor = None
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Where an img2img run starts. A pipeline that passed its own sigmas (FLUX img2img, inpaint, Fill; SD3
+        img2img given ``sigmas=``) read its step count back from ``len(timesteps)``, which here counts two calls per
+        step, and so computed its strength's start twice over: refused rather than started at the wrong noise."""
+        if begin_index and getattr(self, "_sigmas_given", False):
+            raise ConfigError(
+                "this img2img pipeline passes its own sigmas and counts the midpoint scheduler's two calls per step "
+                "as steps, so its strength would start the run at the wrong noise level",
+                fix="use FlowMatchEulerDiscreteScheduler for this img2img call (or strength=1.0), or edit the image "
+                    "with attnctl.edit(..., solver='midpoint'), which inverts it")
+        super().set_begin_index(begin_index)
 
     @property
     def state_in_first_order(self) -> bool:

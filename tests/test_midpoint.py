@@ -214,3 +214,36 @@ def test_a_control_under_the_midpoint_scheduler_reports_denoising_steps_not_loop
         assert len({r.step for r in control.records}) == 2 * orders[-1]  # the first half: 2 steps' calls
     assert orders == [1, 2]
     assert " at 2 steps;" in lines[0] and " at 2 steps;" in lines[1], lines
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_img2img_starts_its_strength_on_a_grid_point_or_is_refused(family, sd3_pipe, flux_pipe):
+    """FLUX img2img passes its own sigmas and reads 2n steps back from the scheduler, so its strength started at the
+    wrong noise (and crashed at strength 0.5); it is refused. SD3 img2img starts half way: 2 calls for each of its
+    last 4 steps."""
+    import inspect
+
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+
+    base = flux_pipe if family == "flux" else sd3_pipe
+    cls = FluxImg2ImgPipeline if family == "flux" else StableDiffusion3Img2ImgPipeline
+    takes = inspect.signature(cls.__init__).parameters
+    i2i = cls(**{k: v for k, v in base.components.items() if k in takes and k != "scheduler"},
+              scheduler=FlowMatchMidpointScheduler.from_config(base.scheduler.config))
+    i2i.set_progress_bar_config(disable=True)
+    calls = []
+    hook = i2i.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+
+    def run():
+        return i2i("a red circle", image=torch.rand(1, 3, 32, 48), strength=0.5, num_inference_steps=8, height=32,
+                   width=48, max_sequence_length=24, generator=torch.Generator().manual_seed(0), output_type="latent")
+
+    try:
+        if family == "flux":
+            with pytest.raises(ConfigError, match="passes its own sigmas .* wrong noise level"):
+                run()
+        else:
+            run()
+            assert len(calls) == 8 and i2i.scheduler.begin_index == 8
+    finally:
+        hook.remove()
