@@ -1183,6 +1183,9 @@ def eval_(
                 raise AttnCtlError(f"--boxes-from {boxes_from!r} is not a box key", f"use one of {', '.join(BOX_KEYS)}")
             for item in items:
                 object_boxes(item, boxes_from)  # every item has a layout its words can key
+        if field in settings_json:  # each item's words replace it: it would be recorded but never used
+            raise AttnCtlError(f"--config gives {field!r} and {flag} fills it from each prompt item",
+                               f"leave {field!r} out of --config, or leave out {flag}")
 
         def controls_for(item: dict[str, Any]) -> list:  # one set per prompt item: its own words (and boxes)
             value = object_words(item, words_from) if words_from is not None else object_boxes(item, boxes_from)
@@ -1195,6 +1198,7 @@ def eval_(
         compile_backend = check_compile_backend(compile_backend)
 
     pipe = load_pipeline(model, device=str(dev), dtype=torch_dtype)
+    check_guidance_used(pipe.transformer, guidance, ("--guidance", None))
     if not is_toy_pipeline(pipe):
         raise AttnCtlError(f"attnctl eval scores images with the shapes world's detector, and {model!r} is not a toy "
                            "model (its tokenizer is not the shapes world's): its scores would be zeros that mean "

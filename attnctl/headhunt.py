@@ -102,6 +102,7 @@ class HeadHuntSettings(BaseModel):
     width: int = Field(..., ge=16)
     max_sequence_length: int = Field(..., ge=1)
     batch_images: int = Field(32, ge=1, description="images per pipeline call (candidates per call × seeds)")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="the pipeline's dtype (scores differ by dtype)")
 
     @field_validator("w")
     @classmethod
@@ -145,6 +146,8 @@ class HeadHuntSettings(BaseModel):
             del data["finalists"], data["finalist_seeds"]
         if self.noise == "shared":  # ... and so do those saved before the noise setting
             del data["noise"]
+        if self.dtype == "fp32":  # ... and those saved before the dtype was recorded (which ran in fp32 by default)
+            del data["dtype"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def candidates_per_call(self, seeds: Sequence[int] | None = None) -> int:
@@ -322,6 +325,12 @@ class HeadHunt:
             raise ConfigError(f"{type(pipe).__name__} is not an attnctl pipeline",
                               fix="load it with attnctl.cli.load_pipeline or wrap it: "
                                   "AttnCtlSD3Pipeline(**pipe.components)")
+        from .cli import DTYPE_NAMES
+
+        runs = DTYPE_NAMES.get(str(pipe.transformer.dtype).removeprefix("torch."), str(pipe.transformer.dtype))
+        if runs != settings.dtype:
+            raise ConfigError(f"the search settings say dtype {settings.dtype!r} and the pipeline runs {runs}; scores "
+                              "differ by dtype, so a search records it", fix=f"make the settings with dtype={runs!r}")
         self.pipe = pipe
         self.settings = settings
         self.out = Path(out) if out is not None else None  # None: only score_sets, no search state
@@ -574,6 +583,9 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
         DTYPE_NAMES,
         call_defaults,
         check_device,
+        check_guidance_used,
+        check_size,
+        check_vocabulary,
         err_console,
         load_pipeline,
         out_console,
@@ -617,6 +629,9 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
     torch_dtype = parse_dtype(dtype)
     dev = dist.device or str(check_device("cpu" if device == "auto" else device))
     pipe = load_pipeline(model, device=dev, dtype=torch_dtype)
+    check_size(pipe, height, width)
+    check_guidance_used(pipe.transformer, guidance, ("--guidance", None))
+    check_vocabulary(pipe, prompt_list, model)
     if attention_backend is not None:
         set_attention_backend(pipe, attention_backend, torch.device(dev), torch_dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -629,7 +644,7 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
         guidance=guidance if guidance is not None else defaults["guidance"],
         height=height or defaults["height"], width=width or defaults["width"],
         max_sequence_length=defaults["max_sequence_length"],
-        batch_images=batch_images)
+        batch_images=batch_images, dtype=DTYPE_NAMES[str(torch_dtype)[6:]])
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("candidates this round"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -720,3 +720,14 @@ def test_generate_repositions_after_reference_prompts_made_in_the_same_call(sd3_
     ]:
         bad = run("generate", "--model", sd3_dir, "--prompt", scene, "--steps", "2", *args, "--out", tmp_path / "b.png")
         assert bad.exit_code == 2 and text in " ".join(bad.output.split()), bad.output
+
+
+def test_eval_refuses_settings_it_would_not_use(sd3_dir):
+    """--config's own words were replaced by --words-from's (yet recorded in the JSON), and --guidance on a FLUX
+    model without a guidance embedding changed nothing (yet was recorded)."""
+    result = run("eval", "--model", sd3_dir, "--prompts", "pair", "--limit", "1", "--method", "regulation",
+                 "--config", '{"targets": ["zzz"]}', "--words-from", "shapes")
+    assert result.exit_code == 2 and "--config gives 'targets' and --words-from fills it" in \
+        " ".join(result.stderr.split())
+    result = run("eval", "--model", "toy-flux", "--prompts", "single", "--limit", "1", "--guidance", "7")
+    assert result.exit_code == 2 and "--guidance does nothing on this FLUX model" in " ".join(result.stderr.split())

@@ -318,6 +318,31 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path, monkeypatch):
     res = run("--prompts", str(tmp_path / "real.txt"), "--candidates", "L0H0")
     assert res.exit_code == 2, res.output
     assert "the toy-world objectives cannot read the prompt 'a photo of a cat'" in " ".join(res.output.split())
+    monkeypatch.undo()
+
+    # after the model loads, before any image: a size the model cannot take, a guidance the model ignores, words a
+    # toy's tokenizer does not know (these ran, crashed deep in diffusers, or searched silently)
+    (tmp_path / "obj.py").write_text("def score(images, prompts):\n    return [1.0] * len(images)\n")
+    own = ["--objective", f"{tmp_path / 'obj.py'}:score", "--candidates", "L0H0", "--seeds", "1"]
+    for args, message in (
+        (["--prompts", "pair", "--limit", "1", "--height", "18", *own], "--height 18 is not a multiple of"),
+        (["--model", "toy-flux", "--prompts", "pair", "--limit", "1", "--guidance", "7", *own],
+         "--guidance does nothing on this FLUX model"),
+        (["--prompts", str(tmp_path / "real.txt"), *own], "'photo'"),
+    ):
+        res = run(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in " ".join(res.output.split()), (args, res.output)
+
+
+def test_a_search_records_its_dtype_and_refuses_resuming_in_another(pipes, tmp_path):
+    """A search started in fp32 and extended in bf16 compared bf16 scores with fp32 ones, without a word."""
+    state = HeadHunt(pipes["sd3"], settings(rounds=1), tmp_path / "s", objective=brightness).run()
+    assert state.rounds
+    with pytest.raises(ConfigError, match="settings say dtype 'bf16' and the pipeline runs fp32"):
+        HeadHunt(pipes["sd3"], settings(rounds=2, dtype="bf16"), tmp_path / "s", objective=brightness)
+    assert settings(dtype="fp32").digest() == settings().digest()  # searches saved before the field resume
+    assert settings(dtype="bf16").digest() != settings().digest()
 
 
 @pytest.mark.parametrize("model", ["toy-sd3", "toy-flux"])
