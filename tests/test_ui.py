@@ -661,6 +661,30 @@ def test_setups_the_run_would_ignore_or_refuse_are_flagged_in_the_editor_and_its
     run = engine.generate(sd3, Setup(model=str(model_dir), steps=2), engine.MapOptions(start=0.5, stop=0.5))
     assert run.baseline is not None and run.maps == {} and "span of the steps is empty" in run.map_note
     assert any("acts only through true CFG" in p for p in check_batch_file(exported, flux.pipe))
+    # a FLUX model without a guidance embedding: the export leaves the guidance out (the batch check refuses it, so
+    # the download was always disabled on toy-flux)
+    plain = Setup(model=str(flux_dir), steps=2)
+    assert "guidance" in batch_file(plain)["items"][0] and "guidance" not in batch_file(plain, flux.pipe)["items"][0]
+    assert check_batch_file(batch_file(plain, flux.pipe), flux.pipe) == []
+    assert check_batch_file(batch_file(plain), flux.pipe)  # with it, the check refuses the file
+
+
+def test_a_regulation_site_selector_the_panel_cannot_pick_is_kept_as_written(monkeypatch, model_dir):
+    """Opening a PNG with regulation sites "L0:2" (or a list of another model's sites) reset them to "mid" without a
+    word; the panel now keeps them, as written."""
+    from attnctl.ui.panels.regulation import _site_mode
+
+    assert [_site_mode(v, ["L0", "L1"]) for v in ("mid", "all", ["L1"], ["L7"], "L0:2", "*")] == [
+        "mid", "all", "pick", "other", "other", "other"]
+    at = start(monkeypatch, model_dir)
+    s = Setup(model=str(model_dir), prompt="a blue square above a green triangle", seed=1, steps=2,
+              controls=[{"kind": "regulation", "targets": ["triangle"], "iterations": 1, "sites": "L0:2"}])
+    at.file_uploader(key="upload").set_value(("made-by-attnctl.png", attnctl_png(s), "image/png")).run()
+    ok(at)
+    at.button(key="generate").click().run()
+    ok(at)
+    assert errors(at) == []
+    assert at.session_state["history"][-1]["setup"].controls[0]["sites"] == "L0:2"
 
 
 def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(monkeypatch, model_dir):

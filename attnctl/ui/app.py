@@ -610,7 +610,7 @@ def export_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> 
         st.caption(f"Run #{run['id']}. Each PNG carries every setting in its metadata: open it here (sidebar), "
                    "or regenerate it with `attnctl generate --from image.png`.")
     st.markdown("<div class='attnctl-label'>Current setup as a batch file</div>", unsafe_allow_html=True)
-    data = batch_file(current_setup())
+    data = batch_file(current_setup(), model.pipe if model is not None else None)
     problems = check_batch_file(data, model.pipe if model is not None else None)
     text = json.dumps(data, indent=2)
     st.download_button("Batch file (JSON)", text, file_name="attnctl-batch.json", mime="application/json",

@@ -156,23 +156,32 @@ def metadata_for(setup: Setup, info: dict[str, Any], controls: list[dict[str, An
 # --------------------------------------------------------------------------------------------- batch item
 
 
-def batch_item(setup: Setup) -> dict[str, Any]:
+def batch_item(setup: Setup, guidance: bool = True) -> dict[str, Any]:
     """The setup as one item of an ``attnctl batch`` file (``attnctl.batch.GenerateItem``): prompt,
     negative prompt, seed, steps, guidance, size and controls. The model is a field of the file, not of the
-    item (:func:`batch_file`)."""
+    item (:func:`batch_file`). ``guidance=False`` leaves the guidance out, for a model that takes none (a FLUX
+    transformer without a guidance embedding, where the batch check refuses the field)."""
     item: dict[str, Any] = {"prompt": setup.prompt}
     if setup.negative_prompt:
         item["negative_prompt"] = setup.negative_prompt
     item.update(seed=setup.seed, steps=setup.steps, guidance=float(setup.guidance), height=setup.height,
                 width=setup.width, controls=[json.loads(json.dumps(c)) for c in setup.controls])
+    if not guidance:
+        del item["guidance"]
     if setup.reference_prompts:
         item["reference_prompts"] = list(setup.reference_prompts)
     return item
 
 
-def batch_file(setup: Setup) -> dict[str, Any]:
-    """A batch file (schema version 1) holding the setup as its one item: ``attnctl batch FILE`` runs it."""
-    return {"version": 1, "model": setup.model, "items": [batch_item(setup)]}
+def batch_file(setup: Setup, pipe: Any = None) -> dict[str, Any]:
+    """A batch file (schema version 1) holding the setup as its one item: ``attnctl batch FILE`` runs it. With the
+    loaded ``pipe``, a guidance the model does not take is left out."""
+    from ..sites import family_of
+
+    transformer = getattr(pipe, "transformer", None)
+    ignored = transformer is not None and family_of(transformer) == "flux" and not transformer.config.get(
+        "guidance_embeds")
+    return {"version": 1, "model": setup.model, "items": [batch_item(setup, guidance=not ignored)]}
 
 
 def check_batch_file(data: dict[str, Any], pipe: Any = None) -> list[str]:

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from . import Panel, PanelContext, config_default
 
 STOPWORDS = {"a", "an", "and", "the", "of", "on", "at", "in", "to", "two", "three", "next", "with", "is", "are",
              "left", "right", "top", "bottom", "above", "below", "middle", "small", "large", "by", "for", "from"}
-SITE_MODES = {"mid": "middle third (default)", "all": "all joint sites", "pick": "choose sites"}
+SITE_MODES = {"mid": "middle third (default)", "all": "all joint sites", "pick": "choose sites",
+              "other": "as written"}
 JOINT_KINDS = ("sd3_joint", "flux_double", "flux_single")
 
 
@@ -26,13 +28,17 @@ def default_targets(words: list[str]) -> list[str]:
 
 def default(ctx: PanelContext) -> dict[str, Any]:
     return {"kind": "regulation", "targets": default_targets(ctx.words) or ["circle"], "sites": "mid",
-            "steps": {"kind": "window", "value": 1.0, "start": 0.0, "stop": 0.5}, "iterations": 10, "lr": 100.0}
+            "steps": {"kind": "window", "value": 1.0, "start": 0.0, "stop": 0.5}, "iterations": 20, "lr": 100.0}
 
 
-def _site_mode(sites: Any) -> str:
+def _site_mode(sites: Any, labels: list[str]) -> str:
+    """The panel's mode for a ``sites`` value: a list of this model's joint-site labels is picked in the panel;
+    any other selector (``"L1:3"``, ``"*"``, module names, a PNG's sites of another model) is kept as written."""
     if sites in ("mid", "all"):
         return str(sites)
-    return "pick"
+    if isinstance(sites, list) and all(s in labels for s in sites):
+        return "pick"
+    return "other"
 
 
 def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -57,12 +63,26 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
     if missing:
         st.warning(f"Not in the prompt: {', '.join(missing)}", icon="⚠️")
 
-    mode = keyed(st.segmented_control, f"{key}.sitemode", _site_mode(get("sites", "mid")), "Sites",
+    joint = [s for s in ctx.sites if s.kind in JOINT_KINDS]
+    labels = [s.label for s in joint]
+    mode = keyed(st.segmented_control, f"{key}.sitemode", _site_mode(get("sites", "mid"), labels), "Sites",
                  options=list(SITE_MODES), format_func=lambda m: SITE_MODES[m], required=True)
     mode = mode or "mid"
-    if mode == "pick":
-        joint = [s for s in ctx.sites if s.kind in JOINT_KINDS]
-        labels = [s.label for s in joint]
+    if mode == "other":
+        given = get("sites", "mid")
+        text = keyed(st.text_input, f"{key}.sitetext", given if isinstance(given, str) else json.dumps(given),
+                     "Site selector", help="A selector as the Python API takes it: \"L1:3\", \"*\", a module name, "
+                                           "or a JSON list of them. It is checked against the model when the run "
+                                           "starts.").strip()
+        try:
+            parsed = json.loads(text) if text.startswith("[") else text
+        except json.JSONDecodeError:
+            parsed = None
+        if not parsed or not (isinstance(parsed, str) or all(isinstance(x, str) for x in parsed)):
+            st.warning(f"Not a site selector: {text!r}; the middle third is used", icon="⚠️")
+            parsed = "mid"
+        cfg["sites"] = parsed
+    elif mode == "pick":
         names = {s.label: f"{s.label} · {s.name}" for s in joint}
         current = cfg.get("sites") if isinstance(cfg.get("sites"), list) else []
         picked = keyed(st.multiselect, f"{key}.sites", [c for c in current if c in labels], "Sites",
