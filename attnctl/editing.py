@@ -40,7 +40,7 @@ from .controls.unify_edit import UnifyEdit, differing_words
 from .controls.value_sharing import ValueSharing
 from .errors import ConfigError, LayoutError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
-from .inversion import check_path, has_guidance_embedding, image_array, invert, text_length
+from .inversion import check_path, check_steps_and_guidance, has_guidance_embedding, image_array, invert, text_length
 from .latent_guidance import StopForward, check_scheduler
 from .layout import absent_words
 from .midpoint import step_anchor
@@ -320,6 +320,7 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     for name in ("latents", "height", "width", "prompt", "num_images_per_prompt"):
         if name in pipe_kwargs:
             raise ConfigError(f"edit() sets {name} itself", fix=f"drop {name}=... from the call")
+    check_steps_and_guidance(num_inference_steps, guidance_scale, "guidance_scale")
     control = UnifyEdit() if control is None else control
     if not isinstance(control, UnifyEdit):
         raise ConfigError(f"edit() takes a UnifyEdit control, got {type(control).__name__}")

@@ -19,6 +19,7 @@ This is the first piece of text-driven editing of real images (UnifyEdit, ``../s
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -213,6 +214,16 @@ def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: 
     return velocity
 
 
+def check_steps_and_guidance(steps: Any, guidance: Any, name: str) -> None:
+    """A whole number of steps, at least one, and a guidance (``name``) that is ``None`` or a finite number of 0 or
+    more: a NaN guidance made black images and NaN paths, a fractional step count a bare ``TypeError``."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ConfigError(f"num_inference_steps={steps!r}: give a whole number of steps, at least one")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.number))
+                                 or not math.isfinite(float(guidance)) or float(guidance) < 0):
+        raise ConfigError(f"{name}={guidance!r} is not a guidance scale", fix="give a finite number of 0 or more")
+
+
 def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *, guidance: float | None = None,
            max_sequence_length: int | None = None, gamma: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
     """The inversion path of a real ``image`` under ``prompt`` (module doc): one latent per call of the loop and
@@ -229,8 +240,7 @@ def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *,
     ``gamma`` toward the straight line to a Gaussian sample drawn with ``seed``, so ``path[0]`` lies nearer a typical
     noise and the path is no longer one the pipeline retraces by itself (an edit's source branch replays it as
     given)."""
-    if int(num_inference_steps) < 1:
-        raise ConfigError(f"num_inference_steps={num_inference_steps}: inversion needs at least one step")
+    check_steps_and_guidance(num_inference_steps, guidance, "guidance")
     if not isinstance(prompt, str):
         raise ConfigError(f"inversion takes one prompt (a string), got {type(prompt).__name__}",
                           fix="invert one image at a time with its own prompt")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from attnctl.editing import edit
 from attnctl.errors import ConfigError
 from attnctl.inversion import encode_image, euler_invert, image_array, invert, run_sigmas
 
@@ -97,8 +98,15 @@ def test_inversion_bad_input_is_named(sd3_pipe):
         encode_image(sd3_pipe, np.zeros((30, 32, 3), dtype=np.uint8))
     with pytest.raises(ConfigError, match="one prompt"):
         invert(sd3_pipe, ok, ["a", "b"], 4)
-    with pytest.raises(ConfigError, match="at least one step"):
+    with pytest.raises(ConfigError, match="steps, at least one"):
         invert(sd3_pipe, ok, "a red circle", 0)
+    with pytest.raises(ConfigError, match="whole number of steps"):  # a bare TypeError deep in the scheduler
+        invert(sd3_pipe, ok, "a red circle", 2.5)
+    for bad in (float("nan"), float("inf"), -1.0):  # NaN made NaN paths and black images
+        with pytest.raises(ConfigError, match="is not a guidance scale"):
+            invert(sd3_pipe, ok, "a red circle", 2, guidance=bad)
+        with pytest.raises(ConfigError, match="guidance_scale=.* is not a guidance scale"):
+            edit(sd3_pipe, ok, "a red circle", "a blue circle", 2, guidance_scale=bad)
 
 
 def test_inversion_refuses_a_scheduler_without_the_euler_step():
