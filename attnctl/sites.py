@@ -90,6 +90,9 @@ def list_sites(transformer: torch.nn.Module) -> list[Site]:
         module = transformer.get_submodule(name)
         heads = int(module.heads)
         inner = module.to_q.out_features
+        if heads < 1 or inner % heads:
+            raise SiteError(f"{name} has {heads} attention heads for {inner} channels; a model's config must give "
+                            "at least one head, dividing its channels (num_attention_heads, attention_head_dim)")
         sites.append(Site(name, len(sites), _site_kind(name, module), heads, inner // heads))
     return sites
 

@@ -731,3 +731,14 @@ def test_eval_refuses_settings_it_would_not_use(sd3_dir):
         " ".join(result.stderr.split())
     result = run("eval", "--model", "toy-flux", "--prompts", "single", "--limit", "1", "--guidance", "7")
     assert result.exit_code == 2 and "--guidance does nothing on this FLUX model" in " ".join(result.stderr.split())
+
+
+def test_inspect_refuses_a_config_without_heads(tmp_path):
+    """num_attention_heads 0 ended in a ZeroDivisionError traceback."""
+    config = tmp_path / "zero.json"
+    config.write_text(json.dumps({"_class_name": "SD3Transformer2DModel", "attention_head_dim": 32,
+                                  "caption_projection_dim": 128, "in_channels": 12, "joint_attention_dim": 64,
+                                  "num_attention_heads": 0, "num_layers": 2, "out_channels": 12, "patch_size": 2,
+                                  "pooled_projection_dim": 64, "pos_embed_max_size": 8, "sample_size": 16}))
+    result = run("inspect", "--config", config)
+    assert result.exit_code == 2 and "has 0 attention heads" in " ".join(result.stderr.split())

@@ -438,6 +438,9 @@ def test_bad_input(sd3_pipe, sd35_pipe):
         LayoutGuidance(boxes=BOXES, self_weight=-1.0)
     with pytest.raises(ConfigError, match="more than once"):
         LayoutGuidance(boxes={"circle": [0, 0, 1, 1], "Circle": [0, 0, 1, 1]})
+    for key in (",", "🟦", " "):  # guided the comma (or <unk>) token; the other word controls refuse these
+        with pytest.raises(ConfigError, match="boxes holds an empty word or only punctuation"):
+            LayoutGuidance(boxes={key: [0, 0, 1, 1]})
     with pytest.raises(LayoutError, match="boxed word 'triangle' is not in the prompt"):
         sd3_pipe_ = AttnCtlSD3Pipeline(**sd3_pipe.components)
         sd3_pipe_(PROMPT, generator=gen(), controls=[LayoutGuidance(boxes={"triangle": [0, 0, 1, 1]})], **KW)

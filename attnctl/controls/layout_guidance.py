@@ -47,7 +47,7 @@ from ..errors import LayoutError, SiteError
 from ..layout import image_grid
 from ..processors.contributions import index_tensor
 from ..schedules import bounded
-from .base import Control, ControlConfig, RunState, SegmentList, register, word_columns
+from .base import Control, ControlConfig, RunState, SegmentList, clean_words, register, word_columns
 from .regulation import JOINT_KINDS, mid_depth_sites
 
 CSG_SAMPLE = 0.8
@@ -92,17 +92,8 @@ class LayoutConfig(ControlConfig):
         if not v:
             raise ValueError("boxes is empty; give at least one word and its box, e.g. "
                              "boxes={'circle': [0.05, 0.1, 0.45, 0.5]}")
-        seen: set[str] = set()
-        out = {}
-        for word, box in v.items():
-            w = word.strip()
-            if not w:
-                raise ValueError("boxes holds an empty word; key each box by a word of the prompt such as 'circle'")
-            if w.lower() in seen:
-                raise ValueError(f"boxes names {w!r} more than once; give each word one box")
-            seen.add(w.lower())
-            out[w] = checked_box(box, f"the box of {w!r}")
-        return out
+        words = clean_words(list(v), "boxes", "circle")  # (as the other word controls: no punctuation-only key)
+        return {w: checked_box(box, f"the box of {w!r}") for w, box in zip(words, v.values(), strict=True)}
 
     @field_validator("iterations")
     @classmethod
