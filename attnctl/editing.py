@@ -42,9 +42,10 @@ from .errors import ConfigError, LayoutError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
 from .inversion import check_path, check_steps_and_guidance, has_guidance_embedding, image_array, invert, text_length
 from .latent_guidance import StopForward, check_scheduler
-from .layout import absent_words
+from .layout import absent_words, layout_for_pipeline
 from .midpoint import step_anchor
 from .rf_inversion import RFInversion, toward_image
+from .sites import family_of
 
 
 class EditBranches(ForwardWrapper):
@@ -342,6 +343,10 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
                       f"of the {num_inference_steps} steps; widen its window (e.g. weight='window(1, 0, 0.15)') or "
                       "leave share out", UserWarning, stacklevel=2)
     gamma, seed = (rf.gamma, rf.seed) if rf is not None else (0.0, 0)
+    text_len = length + (int(getattr(pipe, "tokenizer_max_length", 77)) if family_of(pipe.transformer) == "sd3"
+                         else 0)  # SD3's text tokens: CLIP's, then T5's
+    control.check_layouts(*(layout_for_pipeline(pipe, text, text_len, (1, 1))
+                            for text in (source_prompt, target_prompt)))  # a word cut off: before the inversion
     if path is not None:
         check_path(pipe, path, arr, num_inference_steps)
     if path is None:

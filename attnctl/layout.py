@@ -148,6 +148,30 @@ class TokenLayout:
                 fix="name the phrase as it stands in the prompt, or its words one by one")
         return sorted(out)
 
+    def tokens_of_word_at(self, index: int) -> list[int]:
+        """Text-relative token positions of the prompt's ``index``-th word (as :func:`text_words` counts them) in
+        every segment that read the prompt; a segment without word order gives all that word's tokens. A word the
+        truncation cut off in every segment is an error."""
+        words = text_words(self.prompt or "")
+        if not 0 <= index < len(words):
+            raise LayoutError(f"the prompt {self.prompt!r} has no word {index + 1}")
+        word, out = words[index], set()
+        for seg in self.segments:
+            if (seg.text if seg.text is not None else self.prompt) != self.prompt:
+                continue
+            if not seg.spans:
+                out.update(seg.start + p for p in seg.words.get(word, ()))
+                continue
+            found = [(w, pos) for w, pos in seg.spans if w and w[0].isalnum()]
+            if index < len(found) and found[index][0] == word:
+                out.update(seg.start + p for p in found[index][1])
+        if not out:
+            raise WordCutOffError(
+                f"the word {word!r} (word {index + 1} of the prompt {self.prompt!r}) is past the tokens the text "
+                f"encoders read ({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was "
+                "cut off", fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
+        return sorted(out)
+
     def _where(self, segments: tuple[str, ...] | None) -> str:
         where = f" in the prompt {self.prompt!r}" if self.prompt is not None else ""
         read = [f"the {s.name} tokens read {s.text!r}" for s in self._chosen(segments)

@@ -281,9 +281,29 @@ def test_word_and_path_problems_are_refused_before_the_inversion(toy_sd3, scene,
         edit(toy_sd3, scene, "a red circle and a blue square", "a circle and a blue square", 4)
     with pytest.raises(LayoutError, match=r"mask_words \['green'\] are not words of the prompt"):
         edit(toy_sd3, scene, SOURCE, TARGET, 4, control=UnifyEdit(mask_words=["green"]))
+    long = "a red circle and a blue square and a green triangle and a red circle and a blue " * 2
+    with pytest.raises(LayoutError, match="'yellow' .* is past the tokens the text encoders read"):  # cut off
+        edit(toy_sd3, scene, long + "blue square", long + "yellow square", 4)
     res = edit(toy_sd3, scene, SOURCE, SOURCE, 4, control=UnifyEdit(edit_words=["red"], box=[0, 0, 0.5, 0.5]),
                path=path, output_type="latent")  # a box instead of mask words; the path given, no inversion
     assert res.path is path
+
+
+def test_default_words_are_taken_where_the_prompts_differ_not_at_every_occurrence(toy_sd3, scene):
+    """In "a red circle and a red square" → "a red circle and a green square" the mask is the square's "red" only;
+    it held both "red"s, so the mask took in the object the edit keeps."""
+    from attnctl.layout import layout_for_pipeline
+
+    source, target = "a red circle and a red square", "a red circle and a green square"
+    control = UnifyEdit()
+    clip = toy_sd3.tokenizer_max_length  # the toy's CLIP and T5 segments: 24 tokens each
+    src, tgt = (layout_for_pipeline(toy_sd3, text, clip + 24, (1, 1)) for text in (source, target))
+    control.check_layouts(src, tgt)
+    mask, words = control._words("mask", src, tgt), control._words("edit", src, tgt)
+    assert mask == [[6, clip + 6]] and words == [[6, clip + 6]]  # <start> a red circle and a [red|green]
+    assert src.phrase_tokens("red") == [2, 6, clip + 2, clip + 6]  # (the word alone is both)
+    res = edit(toy_sd3, scene, source, target, 2, output_type="latent")
+    assert [cols for (_, which), (_, cols) in res.control._columns.items() if which == "mask"] == [[[6, clip + 6]]]
 
 
 def test_attached_control_needs_its_source_path_the_same_steps_and_two_images(toy_sd3, scene):

@@ -120,13 +120,22 @@ def differing_words(source: str, target: str) -> tuple[list[str], list[str]]:
     """The words the target prompt has in place of the source's: ``(source words, target words)`` of every
     replaced, deleted or inserted run, case-folded (``"a red circle"`` → ``"a green circle"``: ``(["red"],
     ["green"])``)."""
+    a, b = text_words(source), text_words(target)
+    src, tgt = differing_places(source, target)
+    return [a[i] for i in src], [b[j] for j in tgt]
+
+
+def differing_places(source: str, target: str) -> tuple[list[int], list[int]]:
+    """Where :func:`differing_words` stand: their indices among each prompt's words (:func:`text_words`), so that
+    a word the prompts also share elsewhere ("red" in "a red circle and a red square" → "… a green square") is
+    taken only where it is replaced."""
     a, b = text_words(source), text_words(target)  # punctuation is no word to edit
-    src: list[str] = []
-    tgt: list[str] = []
+    src: list[int] = []
+    tgt: list[int] = []
     for op, i0, i1, j0, j1 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
         if op != "equal":
-            src.extend(a[i0:i1])
-            tgt.extend(b[j0:j1])
+            src.extend(range(i0, i1))
+            tgt.extend(range(j0, j1))
     return src, tgt
 
 
@@ -293,19 +302,30 @@ class UnifyEdit(Control):
             if source.prompt is None or target.prompt is None:
                 raise LayoutError("UnifyEdit takes its default words from the two prompts, and this run has no "
                                   "prompt text", fix="pass the prompts as text, or give edit_words and mask_words")
-            src, tgt = differing_words(source.prompt, target.prompt)
-            words = tgt if which == "edit" else src
-            if not words:
+            src, tgt = differing_places(source.prompt, target.prompt)
+            places = tgt if which == "edit" else src
+            if not places:
                 field = "edit_words" if which == "edit" else "mask_words (or box)"
                 raise LayoutError(
                     f"UnifyEdit: the target prompt {target.prompt!r} adds no word to the source "
                     f"{source.prompt!r} to find the {'edit' if which == 'edit' else 'edit mask'} from",
                     fix=f"name the words in {field}")
-        noun = "edit word" if which == "edit" else "mask word"
-        field = "edit_words" if which == "edit" else "mask_words"
-        cols = word_columns(layout, words, None, None, "UnifyEdit", noun=noun, field=field, verb="use")
+            cols = [layout.tokens_of_word_at(i) for i in places]  # each where it stands, not every occurrence
+        else:
+            noun = "edit word" if which == "edit" else "mask word"
+            field = "edit_words" if which == "edit" else "mask_words"
+            cols = word_columns(layout, words, None, None, "UnifyEdit", noun=noun, field=field, verb="use")
         self._columns[key] = (layout, cols)
         return cols
+
+    def check_layouts(self, source: Any, target: Any) -> None:
+        """Find the words the edit needs in the layouts of its two prompts, as its run will: a word the
+        truncation cut off is an error before the inversion, which takes as long as the edit."""
+        cfg = self.config
+        if cfg.ca_weight > 0:
+            self._words("edit", source, target)
+        if (cfg.ca_weight > 0 or cfg.sa_region != "all") and cfg.box is None:
+            self._words("mask", source, target)
 
     # ------------------------------------------------------------------------------ per call
     def contribute(self, call, q, k, v, state: RunState):
