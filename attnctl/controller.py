@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -307,6 +308,7 @@ class Controller:
             for schedule in c.schedules():  # adaptive parts forget the last run
                 schedule.reset()
             c.begin_run(self.state)
+            _warn_if_never_on(c, self.state.schedule_step[1])
         self._new_run = False
 
     def set_step(self, step: int, timestep: float | torch.Tensor | None = None,
@@ -571,6 +573,27 @@ class Controller:
 
     # the run's bookkeeping is Python: under torch.compile it runs eagerly (attnctl.compiling)
     _pre_forward_eager = torch.compiler.disable(_pre_forward, reason=compiling.EAGER)
+
+
+def _warn_if_never_on(control: Control, steps: int) -> None:
+    """Warn when a schedule that gates a control (:attr:`Control.gates`) is 0 at every step of this run, as a window
+    that falls between two steps is (``window(1, 0.45, 0.55)`` over 6 steps): the control would do nothing without a
+    word. A constant 0 is the user's plain choice, and a schedule that needs the noise level cannot be told here."""
+    from .schedules import Constant, Schedule, ScheduleError
+
+    for name in control.gates:
+        schedule = getattr(control.config, name, None)
+        if not isinstance(schedule, Schedule) or isinstance(schedule, Constant):
+            continue
+        try:
+            if any(schedule(i, steps) != 0 for i in range(steps)):
+                continue
+        except (ScheduleError, TypeError, ValueError):
+            continue
+        warnings.warn(f"{type(control).__name__} does nothing in this run: its {name} {schedule} is 0 at every one "
+                      f"of the run's {steps} steps (a window between two steps?); widen it or run more steps",
+                      UserWarning, stacklevel=2)
+        return
 
 
 def attach(target: Any, controls: Sequence[Control] | Control = (), **kwargs: Any) -> Controller:

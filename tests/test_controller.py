@@ -969,3 +969,20 @@ def test_what_the_user_changes_inside_attach_stays_after_it(flux_pipe, sd3_pipe)
         assert abs(again - plain).max() <= 1e-6
     finally:
         sd3_pipe.transformer.set_attn_processor(JointAttnProcessor2_0())
+
+
+def test_a_gating_schedule_off_at_every_step_of_the_run_is_warned(sd3_pipe):
+    """A window between two steps (progress 0, 0.5, 1 over 3 steps) left the control doing nothing without a word;
+    a constant 0 is the user's plain choice and is not warned."""
+    import warnings
+
+    for control, field in ((attnctl.SoftPAG(heads=["L0H0"], scale="window(3, 0.2, 0.4)"), "scale"),
+                           (attnctl.AttentionRegulation(targets=["circle"], steps="window(1, 0.6, 0.9)"), "steps")):
+        with pytest.warns(UserWarning, match=f"{type(control).__name__} does nothing in this run: its {field} "
+                                             "window.* is 0 at every one of the run's 3 steps"), \
+                attnctl.attach(sd3_pipe, [control]):
+            sd3_pipe("a red circle", **KW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with attnctl.attach(sd3_pipe, [attnctl.SoftPAG(heads=["L0H0"], scale=0.0)]):
+            sd3_pipe("a red circle", **KW)

@@ -245,6 +245,8 @@ class Control:
     """Base class of all controls."""
 
     kind: ClassVar[str] = "control"
+    gates: ClassVar[tuple[str, ...]] = ()
+    """Config fields whose schedule at 0 on every step leaves the control doing nothing (warned at the run's start)."""
     families: ClassVar[tuple[str, ...]] = ("sd3", "flux")
     Config: ClassVar[type[ControlConfig]] = ControlConfig
     named_sites: ClassVar[dict[str, Callable[[list[Site]], list[Site]]]] = {}

@@ -101,6 +101,7 @@ class EpipolarAttention(Control):
     """Extended attention across the views of a prompt, restricted to (or weighted toward) the epipolar lines."""
 
     kind = "epipolar"
+    gates = ("scale",)
     Config = EpipolarConfig
 
     def __init__(self, **kwargs: Any) -> None:

@@ -266,6 +266,7 @@ class LayoutGuidance(Control):
     """Words go into their boxes: a latent-gradient step per guided step on a loss of the word maps."""
 
     kind = "layout"
+    gates = ("scale",)
     Config = LayoutConfig
     named_sites = {"mid": mid_depth_sites}
     metrics = {"loss": "the layout loss of the step's gradient pass, mean over the rows"}

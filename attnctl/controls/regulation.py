@@ -432,6 +432,7 @@ class AttentionRegulation(Control):
     """Balance the attention of image tokens over the target words by an optimised spatial logit bias."""
 
     kind = "regulation"
+    gates = ("steps",)
     Config = RegulationConfig
     named_sites = {"mid": mid_depth_sites}
     metrics = {"loss": "the loss's map terms under the bias applied, mean over the step's regulated calls",

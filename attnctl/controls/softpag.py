@@ -125,6 +125,7 @@ class SoftPAG(Control):
     """
 
     kind = "softpag"
+    gates = ("scale", "u")
     Config = SoftPAGConfig
     perturbed_branch = True
     """Asks the pipelines for a ``"perturbed"`` copy of the conditional rows (see :mod:`attnctl.guidance`)."""
