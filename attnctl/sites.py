@@ -279,6 +279,15 @@ class HeadSet:
                 f"head set was made for a {made_for} model and this is a {here} model",
                 fix="use a preset searched on this model (attnctl headhunt), or select heads with "
                     "attnctl.HeadSet.parse on it")
+        fp, ours = self.model or {}, model_fingerprint(sites)
+        other = [k for k in ("sites", "heads") if fp.get(k) is not None and sites and fp[k] != ours[k]]
+        if other:  # the same family, another size: a toy's heads would be applied to a real model's first layers
+            raise SiteError(
+                f"head set was made for a {fp.get('family', '?')} model with {fp.get('sites')} attention sites of "
+                f"{'/'.join(map(str, fp.get('heads') or ['?']))} heads, and this one has {ours['sites']} sites of "
+                f"{'/'.join(map(str, ours['heads']))} heads",
+                fix="use a preset searched on this model (attnctl headhunt), or select heads with "
+                    "attnctl.HeadSet.parse on it")
         missing = [n for n in self.heads if n not in by_name]
         if missing:
             fp = self.model or {}

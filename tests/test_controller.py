@@ -421,8 +421,12 @@ def test_head_sets_parse_resolve_and_refuse_other_models(tmp_path):
     assert attnctl.HeadSet.load(tmp_path / "p.json").heads == hs.heads
     with pytest.raises(SiteError, match="valid indices are 0..3"):
         attnctl.HeadSet.parse(sites, "L3H4")
-    with pytest.raises(SiteError, match="does not have"):
+    with pytest.raises(SiteError, match="made for a sd3 model with 12 attention sites of 4 heads, and this one has 4"):
         hs.resolve(_fake_sites(4))
+    with pytest.raises(SiteError, match="with 12 attention sites .* this one has 24 sites"):  # a toy's set on a big
+        hs.resolve(_fake_sites(24))  # model of the same family: it named sites that exist, and was taken
+    with pytest.raises(SiteError, match="does not have"):  # a set without a record of its model
+        attnctl.HeadSet(hs.heads, None).resolve(_fake_sites(4))
 
 
 def test_bad_input_errors(flux_pipe, sd3_pipe):
