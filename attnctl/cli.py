@@ -1058,13 +1058,25 @@ def _check_item(item: Any, i: int, parse_caption: Callable) -> dict[str, Any]:
                                                   for o in objects):
         raise AttnCtlError(f"{where}: field 'objects' must be a list of objects with 'shape' and 'colour'",
                            'write "objects": [{"shape": "circle", "colour": "red", "count": 1}]')
+    else:  # words the evaluator does not know would score every image as a failure
+        from .toyworld.vocab import COLOURS, SHAPES
+
+        for k, o in enumerate(objects):
+            for name, known in (("colour", COLOURS), ("shape", SHAPES)):
+                if o[name] not in known:
+                    raise AttnCtlError(f"{where}: objects[{k}] has {name} {o[name]!r}, which the evaluator does not "
+                                       "know", f"use one of {', '.join(known)} (lower case)")
+            count = o.get("count", 1)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise AttnCtlError(f"{where}: objects[{k}] has count {count!r}", "give a whole number, 1 or more")
     boxes = item.get("boxes")
     if boxes is not None:
         ok = isinstance(boxes, list) and all(
-            isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(x, int | float) for x in b) for b in boxes)
+            isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(x, int | float) for x in b)
+            and 0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1 for b in boxes)
         if not ok:
-            raise AttnCtlError(f"{where}: field 'boxes' must be a list of [x0, y0, x1, y1] boxes (image fractions)",
-                               "one box per object instance, in order")
+            raise AttnCtlError(f"{where}: field 'boxes' must be a list of [x0, y0, x1, y1] boxes (image fractions, "
+                               "x0 < x1 and y0 < y1, within 0 to 1)", "one box per object instance, in order")
         wanted = sum(int(o.get("count", 1)) for o in objects)
         if len(boxes) != wanted:
             raise AttnCtlError(f"{where}: field 'boxes' has {len(boxes)} boxes for {wanted} objects",

@@ -742,3 +742,16 @@ def test_inspect_refuses_a_config_without_heads(tmp_path):
                                   "pooled_projection_dim": 64, "pos_embed_max_size": 8, "sample_size": 16}))
     result = run("inspect", "--config", config)
     assert result.exit_code == 2 and "has 0 attention heads" in " ".join(result.stderr.split())
+
+
+def test_eval_checks_its_prompt_items_values(sd3_dir, tmp_path):
+    """Objects of unknown colours or shapes scored as failures, a count "two" failed after every image, and an
+    inverted box silently scored an IoU of 0."""
+    for item, message in (({"objects": [{"shape": "circle", "colour": "Red"}]}, "colour 'Red', which the evaluator"),
+                          ({"objects": [{"shape": "circles", "colour": "red"}]}, "shape 'circles'"),
+                          ({"objects": [{"shape": "circle", "colour": "red", "count": "two"}]}, "count 'two'"),
+                          ({"boxes": [[0.9, 0.9, 0.1, 0.1]]}, "x0 < x1 and y0 < y1")):
+        path = tmp_path / "items.json"
+        path.write_text(json.dumps([{"prompt": "a red circle", **item}]))
+        result = run("eval", "--model", sd3_dir, "--prompts", path)
+        assert result.exit_code == 2 and message in " ".join(result.stderr.split()), (item, result.stderr)
