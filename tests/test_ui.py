@@ -172,6 +172,8 @@ def test_schedule_editor_forms_round_trip():
     kind, fields = schedules_ui.form_from_json({"kind": "piecewise", "points": [[0, 1], [0.5, 0.2], [1, 0]]})
     assert (kind, fields["points"]) == ("piecewise", "0:1, 0.5:0.2, 1:0")
     assert schedules_ui.curve(schedules_ui.json_from_form(kind, fields), 5) == pytest.approx([1, 0.6, 0.2, 0.1, 0])
+    exact = {"kind": "piecewise", "points": [[0, 5.123456789], [0.3333333333, 1.87654321], [1, 0]]}
+    assert schedules_ui.json_from_form(*schedules_ui.form_from_json(exact)) == exact  # %g kept six digits
     # bounds of a control's strength come off for editing and are checked on the way back
     kind, fields = schedules_ui.form_from_json({"kind": "constant", "value": 1.0, "lo": 0.0, "hi": 1.0})
     assert (kind, fields) == ("constant", {"value": 1.0})
@@ -567,6 +569,16 @@ def test_an_upload_restored_with_changes_says_each_change(monkeypatch, model_dir
         "Restored the settings" in m.value for m in at.success)
     assert "true CFG 5.0 is recorded" in text and "image 2 of 3 made in one call" in text
     assert "300 is outside this field's range" in text
+    # a value past a field's range alone: the notice said "restored" (and the card's warning went at the next rerun)
+    s2 = Setup(model=str(model_dir), prompt="a blue square", seed=3, steps=2,
+               controls=[{"kind": "regulation", "targets": ["square"], "iterations": 300}])
+    at = start(monkeypatch, model_dir)
+    at.file_uploader(key="upload").set_value(("clamped.png", attnctl_png(s2), "image/png")).run()
+    ok(at)
+    at.run()  # another interaction: the change is still named
+    text = " ".join(w.value for w in at.warning)
+    assert "300 is outside this field's range" in text and not any("Restored the settings" in m.value
+                                                                    for m in at.success)
 
 
 def full(config: dict) -> dict:
@@ -685,6 +697,17 @@ def test_a_regulation_site_selector_the_panel_cannot_pick_is_kept_as_written(mon
     ok(at)
     assert errors(at) == []
     assert at.session_state["history"][-1]["setup"].controls[0]["sites"] == "L0:2"
+
+
+def test_the_edit_tabs_source_prompt_follows_the_current_baseline(monkeypatch, model_dir):
+    """It stayed the session's first prompt, so a later baseline was inverted under a caption of another image; a
+    source prompt the user wrote stays until the baseline changes."""
+    at = generate(start(monkeypatch, model_dir))
+    at.text_input(key="edit_source").set_value("my own words").run()
+    assert at.text_input(key="edit_source").value == "my own words"
+    at.text_area(key="prompt").set_value("a blue square").run()
+    generate(at)
+    assert at.text_input(key="edit_source").value == "a blue square"
 
 
 def test_edit_tab_edits_the_current_baseline_and_refuses_an_unchanged_prompt(monkeypatch, model_dir):

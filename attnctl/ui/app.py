@@ -204,7 +204,7 @@ def on_surprise() -> None:
 # --------------------------------------------------------------------------------------------- sidebar
 
 
-def sidebar() -> engine.LoadedModel | None:
+def sidebar() -> tuple[engine.LoadedModel | None, Any]:
     ss = st.session_state
     with st.sidebar:
         st.markdown("<h1 class='attnctl-title'>attn<span>ctl</span></h1>"
@@ -218,17 +218,7 @@ def sidebar() -> engine.LoadedModel | None:
         st.file_uploader("Open a PNG made by attnctl", type=["png"], key="upload", on_change=on_upload,
                          max_upload_size=MAX_UPLOAD_MB, label_visibility="collapsed",
                          help="Every setting recorded in the PNG (prompt, seed, model, controls) is restored.")
-        note = ss.get("notice")
-        if note:
-            if note["kind"] == "error":
-                st.error(note["text"], icon="🚫")
-            else:
-                if note.get("thumb"):
-                    st.image(note["thumb"], width=96)
-                if note["kind"] == "warning":  # restored with changes: each change is named, not a small caption
-                    st.warning(note["text"] + "".join(f"\n- {n}" for n in note.get("notes") or []), icon="⚠️")
-                else:
-                    st.success(note["text"], icon="✅")
+        notice_box = st.container()  # filled after the control cards, which may add to the notice (show_notice)
         st.caption(f"PNG only, up to {MAX_UPLOAD_MB} MB and 4096×4096 pixels. The UI is served on "
                    "this machine only unless started with --host.")
     with model_box:
@@ -243,19 +233,37 @@ def sidebar() -> engine.LoadedModel | None:
         name = model_name()
         if not name:
             st.info("Type a hub id or a folder.", icon="ℹ️")
-            return None
+            return None, notice_box
         try:
             with st.spinner(f"Loading {name}…"):
                 model = cached_model(name)
         except Exception as e:  # noqa: BLE001 - any load failure is a message, not a traceback
             st.error(str(e) if isinstance(e, AttnCtlError) else f"cannot load {name!r}: {type(e).__name__}: {e}",
                      icon="🚫")
-            return None
+            return None, notice_box
         heads = sum(s.heads for s in model.sites)
         st.markdown(f":orange-badge[{model.family.upper()}] :gray-badge[{len(model.sites)} sites] "
                     f":gray-badge[{heads} heads] :gray-badge[{model.defaults.get('width')}×"
                     f"{model.defaults.get('height')}]")
-    return model
+    return model, notice_box
+
+
+def show_notice(box: Any) -> None:
+    """The upload's notice: drawn after the control cards, since a card that had to change a restored value past
+    its field's range turns a "restored" notice into a warning that names the change (:func:`widgets.keyed`)."""
+    note = st.session_state.get("notice")
+    if not note:
+        return
+    with box:
+        if note["kind"] == "error":
+            st.error(note["text"], icon="🚫")
+            return
+        if note.get("thumb"):
+            st.image(note["thumb"], width=96)
+        if note["kind"] == "warning":  # restored with changes: each change is named, not a small caption
+            st.warning(note["text"] + "".join(f"\n- {n}" for n in note.get("notes") or []), icon="⚠️")
+        else:
+            st.success(note["text"], icon="✅")
 
 
 def apply_model_defaults(model: engine.LoadedModel, ctx: PanelContext) -> None:
@@ -643,6 +651,9 @@ def edit_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> No
                 st.error(f"Could not open {f.name!r}: {e}", icon="🚫")
     elif run is not None:
         image = decode(run["baseline"])
+        if ss.get("edit_source_run") != run["id"]:  # a new baseline: what it shows is its own prompt (the first
+            ss.edit_source_run = run["id"]  # prompt of the session stayed here, under every later image)
+            ss.edit_source = run["setup"].prompt
     else:
         st.caption("Generate first, or upload a PNG.")
     st.text_input("Source prompt: what the image shows", key="edit_source")
@@ -722,7 +733,7 @@ def main() -> None:
     init_state()
     st.markdown(CSS, unsafe_allow_html=True)
     ss = st.session_state
-    model = sidebar()
+    model, notice_box = sidebar()
     ctx = PanelContext(steps=int(ss.steps), words=engine.prompt_words(ss.prompt), prompt=ss.prompt)
     if model is not None:
         ctx.sites, ctx.family, ctx.is_toy = model.sites, model.family, model.is_toy
@@ -739,6 +750,7 @@ def main() -> None:
     with left, st.container(key="controls_column"):
         problems = controls_panel(ctx, model)
         maps = maps_panel(model)
+    show_notice(notice_box)
     if clicked and model is not None:
         if problems:
             progress_box.error(" ".join(problems), icon="⚠️")

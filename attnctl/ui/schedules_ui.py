@@ -71,7 +71,10 @@ def format_points(points: Any) -> str:
 
 
 def _fmt(x: float) -> str:
-    return f"{float(x):g}"
+    """The shortest text that reads back as the same float (``%g`` kept 6 digits: a PNG's points changed on
+    opening)."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
 
 
 def parse_points(text: str) -> list[list[float]]:

@@ -54,7 +54,15 @@ def keyed(widget: Callable[..., Any], key: str, default: Any, label: str, **kwar
                 default = tuple(clamp(v, lo, hi) for v in default) if isinstance(default, tuple) else \
                     clamp(default, lo, hi)
                 # a value the library takes but this field does not (a restored PNG's, say): changed, and said so
-                st.warning(f"{label}: {given} is outside this field's range ({lo} to {hi}); it is set to {default}, "
-                           "which changes the run (the JSON editor takes any value the control does)", icon="⚠️")
+                change = (f"{label}: {given} is outside this field's range ({lo} to {hi}); it is set to {default}, "
+                          "which changes the run (the JSON editor takes any value the control does)")
+                st.warning(change, icon="⚠️")
+                notice = state.get("notice")
+                if isinstance(notice, dict) and notice.get("kind") in ("success", "warning") and \
+                        change not in (notice.get("notes") or []):  # an upload said "restored": it was not, quite
+                    more = "" if notice["kind"] == "warning" else \
+                        " Not everything could be restored as recorded: see the notes."
+                    state["notice"] = {**notice, "kind": "warning", "text": notice["text"] + more,
+                                       "notes": [*(notice.get("notes") or []), change]}
         state[key] = default
     return widget(label, key=key, **kwargs)
