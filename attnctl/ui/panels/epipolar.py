@@ -31,24 +31,25 @@ def _rig_editor(key: str, rig: dict[str, Any]) -> dict[str, Any]:
                  format_func=RIGS.get, required=True) or "stereo"
     base = (StereoRig if kind == "stereo" else OrbitRig)().model_dump()
     value = {**base, **{k: v for k, v in rig.items() if k in base}, "kind": kind}
+    # Only what changes the epipolar lines is offered: they depend on the cameras' directions, not on how far apart
+    # they stand (a stereo baseline, an orbit's radius), and a stereo pair's lines are the same at any field of view.
+    # Those values stay as given (a PNG's or JSON's), for the cameras the run records.
     a, b = st.columns(2)
     if kind == "stereo":
-        value["baseline"] = float(keyed(a.number_input, f"{key}.baseline", float(value["baseline"]), "Baseline",
-                                        min_value=0.01, max_value=10.0, step=0.05, format="%g",
-                                        help="Distance between the two cameras (the scene is about 4 units away)"))
-        value["roll"] = float(keyed(b.slider, f"{key}.roll", float(value["roll"]), "Roll of the second camera, °",
+        value["roll"] = float(keyed(a.slider, f"{key}.roll", float(value["roll"]), "Roll of the second camera, °",
                                     min_value=-180.0, max_value=180.0, step=5.0,
                                     help="0: a rectified pair (the epipolar lines are the image rows)"))
-    else:
-        value["views"] = int(keyed(a.number_input, f"{key}.views", int(value["views"]), "Views", min_value=2,
-                                   max_value=8, step=1, help="One image per camera, made in one call"))
-        most = min(90.0, 359.0 / (value["views"] - 1))
-        value["degrees"] = float(keyed(b.slider, f"{key}.degrees", float(value["degrees"]), "Degrees apart",
-                                       min_value=1.0, max_value=float(int(most)), step=1.0,
-                                       help="Angle between neighbouring cameras around the scene centre"))
-        value["radius"] = float(keyed(a.number_input, f"{key}.radius", float(value["radius"]), "Radius",
-                                      min_value=0.1, max_value=100.0, step=0.5, format="%g",
-                                      help="Distance of the cameras from the scene centre"))
+        st.caption("A stereo pair's lines depend on its roll only: its baseline and field of view change no image "
+                   "(set them in the JSON panel for the cameras the run records).")
+        return value
+    value["views"] = int(keyed(a.number_input, f"{key}.views", int(value["views"]), "Views", min_value=2,
+                               max_value=8, step=1, help="One image per camera, made in one call"))
+    most = min(90.0, 359.0 / (value["views"] - 1))
+    value["degrees"] = float(keyed(b.slider, f"{key}.degrees", float(value["degrees"]), "Degrees apart",
+                                   min_value=1.0, max_value=float(int(most)), step=1.0,
+                                   help="Angle between neighbouring cameras around the scene centre"))
+    st.caption("An orbit's radius changes no image (the lines depend on the cameras' directions); set it in the "
+               "JSON panel for the cameras the run records.")
     value["fov"] = float(keyed(st.slider, f"{key}.fov", float(value["fov"]), "Field of view, °", min_value=10.0,
                                max_value=120.0, step=5.0))
     return value
