@@ -45,8 +45,10 @@ def head_presets(ctx: PanelContext) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     if not PRESETS_DIR.is_dir():
         return out
+    from ...sites import model_fingerprint
+
     names = {s.name for s in ctx.sites}
-    family = ctx.sites[0].family if ctx.sites else None
+    ours = model_fingerprint(ctx.sites)
     for f in sorted(PRESETS_DIR.glob("*.json")):
         try:
             data = json.loads(f.read_text())
@@ -54,10 +56,19 @@ def head_presets(ctx: PanelContext) -> dict[str, dict[str, Any]]:
             continue
         heads = data.get("heads") if isinstance(data, dict) else None
         model = data.get("model") if isinstance(data, dict) else None
-        made_for = model.get("family") if isinstance(model, dict) else None
-        if isinstance(heads, dict) and heads and set(heads) <= names and made_for in (None, family):
+        fits = not isinstance(model, dict) or all(model.get(k) in (None, ours[k]) for k in ("family", "sites", "heads"))
+        if isinstance(heads, dict) and heads and set(heads) <= names and fits:
             out[f.stem] = {"heads": heads, "model": data.get("model")}
     return out
+
+
+def preset_label(name: str) -> str:
+    """A shipped head set's name with the model its search ran on (a toy-flux set also fits toy-flux-dev)."""
+    try:
+        searched = json.loads((PRESETS_DIR / f"{name}.json").read_text()).get("search", {}).get("model")
+    except (OSError, ValueError, AttributeError):
+        searched = None
+    return f"{name} · searched on {searched}" if searched else name
 
 
 def mode_of(heads: Any) -> str:
@@ -183,7 +194,7 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
         current_name = next((n for n, p in presets.items() if isinstance(heads, dict)
                              and p["heads"] == heads.get("heads")), names[0])
         name = keyed(st.selectbox, f"{key}.preset", current_name, "Head set", options=names,
-                     label_visibility="collapsed")
+                     format_func=preset_label, label_visibility="collapsed")
         cfg["heads"] = presets.get(name, heads)
     pairs = selected_pairs(ctx, cfg["heads"])
     if ctx.sites:
