@@ -814,7 +814,7 @@ def _check_raw(raw: dict[str, Any], boxes: Any = None, inherited: bool = False) 
             try:
                 spec = with_item_boxes(spec, boxes)
                 if inherited and "boxes" not in spec and _takes_boxes(spec):
-                    spec = {**spec, "boxes": {"_": [0.0, 0.0, 1.0, 1.0]}}  # checked again with each item's boxes
+                    spec = {**spec, "boxes": {"word": [0.0, 0.0, 1.0, 1.0]}}  # checked again with each item's boxes
                 control_from_json(spec)
             except AttnCtlError as e:
                 problems.append(f"field 'controls[{i}]': {_one_line(e).replace('Value error, ', '')}")
