@@ -576,24 +576,29 @@ class Controller:
 
 
 def _warn_if_never_on(control: Control, steps: int) -> None:
-    """Warn when a schedule that gates a control (:attr:`Control.gates`) is 0 at every step of this run, as a window
-    that falls between two steps is (``window(1, 0.45, 0.55)`` over 6 steps): the control would do nothing without a
-    word. A constant 0 is the user's plain choice, and a schedule that needs the noise level cannot be told here."""
+    """Warn when the schedules that gate a control (:meth:`Control.gate_groups`) are 0 at every step of this run, as
+    a window that falls between two steps is (``window(1, 0.45, 0.55)`` over 6 steps): the control would do nothing
+    without a word. A constant 0 is the user's plain choice, and a schedule that needs the noise level cannot be
+    told here."""
     from .schedules import Constant, Schedule, ScheduleError
 
-    for name in control.gates:
-        schedule = getattr(control.config, name, None)
+    def never_on(schedule: Any) -> bool:
         if not isinstance(schedule, Schedule) or isinstance(schedule, Constant):
-            continue
+            return False
         try:
-            if any(schedule(i, steps) != 0 for i in range(steps)):
-                continue
+            return all(schedule(i, steps) == 0 for i in range(steps))
         except (ScheduleError, TypeError, ValueError):
-            continue
-        warnings.warn(f"{type(control).__name__} does nothing in this run: its {name} {schedule} is 0 at every one "
-                      f"of the run's {steps} steps (a window between two steps?); widen it or run more steps",
-                      UserWarning, stacklevel=2)
-        return
+            return False
+
+    for group in control.gate_groups():
+        schedules = [getattr(control.config, name, None) for name in group]
+        if all(never_on(s) for s in schedules):
+            said = " and ".join(f"its {name} {s}" for name, s in zip(group, schedules, strict=True))
+            verb = "is" if len(group) == 1 else "are"
+            warnings.warn(f"{type(control).__name__} does nothing in this run: {said} {verb} 0 at every one of the "
+                          f"run's {steps} steps (a window between two steps?); widen it or run more steps",
+                          UserWarning, stacklevel=2)
+            return
 
 
 def attach(target: Any, controls: Sequence[Control] | Control = (), **kwargs: Any) -> Controller:

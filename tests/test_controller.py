@@ -981,7 +981,9 @@ def test_a_gating_schedule_off_at_every_step_of_the_run_is_warned(sd3_pipe):
     import warnings
 
     for control, field in ((attnctl.SoftPAG(heads=["L0H0"], scale="window(3, 0.2, 0.4)"), "scale"),
-                           (attnctl.AttentionRegulation(targets=["circle"], steps="window(1, 0.6, 0.9)"), "steps")):
+                           (attnctl.AttentionRegulation(targets=["circle"], steps="window(1, 0.6, 0.9)"), "steps"),
+                           (attnctl.IsolationAttention(subjects=["red", "circle"], isolation="window(1, 0.1, 0.4)"),
+                            "isolation")):
         with pytest.warns(UserWarning, match=f"{type(control).__name__} does nothing in this run: its {field} "
                                              "window.* is 0 at every one of the run's 3 steps"), \
                 attnctl.attach(sd3_pipe, [control]):

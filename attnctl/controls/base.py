@@ -247,6 +247,11 @@ class Control:
     kind: ClassVar[str] = "control"
     gates: ClassVar[tuple[str, ...]] = ()
     """Config fields whose schedule at 0 on every step leaves the control doing nothing (warned at the run's start)."""
+
+    def gate_groups(self) -> list[tuple[str, ...]]:
+        """Groups of config fields whose schedules, all at 0 on every step, leave the control doing nothing; by
+        default each of :attr:`gates` alone."""
+        return [(g,) for g in self.gates]
     families: ClassVar[tuple[str, ...]] = ("sd3", "flux")
     Config: ClassVar[type[ControlConfig]] = ControlConfig
     named_sites: ClassVar[dict[str, Callable[[list[Site]], list[Site]]]] = {}

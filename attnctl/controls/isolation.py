@@ -114,6 +114,9 @@ class IsolationAttention(Control):
     def prompt_words(self) -> list[str]:
         return list(self.config.subjects)
 
+    def gate_groups(self) -> list[tuple[str, ...]]:
+        return [("isolation", "reposition")] if self.config.references else [("isolation",)]
+
     def reset(self) -> None:
         self._columns: dict[int, tuple[Any, list[list[int]]]] = {}
         self._sum: torch.Tensor | None = None  # (batch, subjects, N_img): this step's maps
