@@ -74,8 +74,8 @@ class Camera(BaseModel):
         if not torch.allclose(R @ R.T, torch.eye(3, dtype=torch.float64), atol=1e-4) or float(torch.linalg.det(R)) < 0:
             raise ValueError("R is not a rotation (R·Rᵀ = I, det R = 1); build it with Camera.look_at or from a "
                              "rotation matrix of your camera rig")
-        if self.size[0] <= 0 or self.size[1] <= 0:
-            raise ValueError(f"size={list(self.size)}: need a positive [width, height] in pixels")
+        if not all(math.isfinite(float(x)) and x > 0 for x in self.size):
+            raise ValueError(f"size={list(self.size)}: need a finite, positive [width, height] in pixels")
         return self
 
     @classmethod
@@ -86,6 +86,10 @@ class Camera(BaseModel):
         that world y points down the image as pixel rows do)."""
         if not 0 < fov < 180:
             raise ConfigError(f"fov={fov}: the field of view must be between 0 and 180 degrees")
+        for name, v in (("eye", eye), ("target", target), ("up", up)):
+            if len(v) != 3 or not all(math.isfinite(float(x)) for x in v):
+                raise ConfigError(f"look_at: {name}={list(v)} is not a point of 3 finite numbers",
+                                  fix=f"give {name} as [x, y, z]")
         eye_, target_, up_ = (torch.tensor(v, dtype=torch.float64) for v in (eye, target, up))
         z = target_ - eye_
         if float(z.norm()) < 1e-12:

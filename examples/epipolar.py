@@ -65,13 +65,16 @@ def main() -> None:
     ap.add_argument("--prompt", default="a red circle and a blue square")
     ap.add_argument("--roll", type=float, default=90.0, help="roll of the second camera (default rig), degrees")
     ap.add_argument("--orbit", type=float, default=None, help="cameras on a circle, this many degrees apart")
-    ap.add_argument("--views", type=int, default=2, help="number of cameras of the --orbit rig")
+    ap.add_argument("--views", type=int, default=None, help="number of cameras of the --orbit rig [default: 2]")
     ap.add_argument("--config", default="{}", help="more EpipolarAttention settings as JSON")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels [default: the model's]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out/epipolar")
     args = ap.parse_args()
+    if args.views is not None and args.orbit is None:
+        ap.error("--views sets the cameras of the --orbit rig; a stereo pair has two (add --orbit DEG)")
+    args.views = 2 if args.views is None else args.views
 
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)

@@ -405,6 +405,30 @@ def test_bad_input_and_json_round_trip():
     ctl = EpipolarAttention(cameras=cams, falloff="soft", alpha=2.0, scale="window(1, 0, 0.5)")
     again = attnctl.control_from_json(ctl.to_json())
     assert isinstance(again, EpipolarAttention) and again.to_json() == ctl.to_json()
+    for size in ((float("nan"), 8.0), (float("inf"), 8.0)):  # NaN crashed deep in torch or made black images
+        with pytest.raises(ConfigError, match="need a finite, positive"):
+            Camera(K=[[1, 0, 0], [0, 1, 0], [0, 0, 1]], size=size)
+    with pytest.raises(ConfigError, match="eye=.* is not a point of 3 finite numbers"):
+        Camera.look_at([0, 0], [0, 0, 1])
+
+
+def test_cameras_assigned_after_a_run_are_used_and_lines_that_miss_every_view_are_warned(sd3_pipe):
+    """A rig assigned to the config after a run was ignored (the lines were cached by grid); cameras whose lines all
+    miss the other view coupled nothing, without a word."""
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    ctl = EpipolarAttention(rig={"kind": "stereo", "roll": 0})
+    pipe(PROMPT, generator=gen(), output_type="np", controls=[ctl], **KW)
+    ctl.config.rig = attnctl.StereoRig(roll=90)
+    again = pipe(PROMPT, generator=gen(), output_type="np", controls=[ctl], **KW).images
+    fresh = pipe(PROMPT, generator=gen(), output_type="np",
+                 controls=[EpipolarAttention(rig={"kind": "stereo", "roll": 90})], **KW).images
+    assert np.allclose(again, fresh, atol=1e-6)
+    up = math.radians(60)
+    apart = [Camera.look_at([0, 0, 0], [0, 0, 1], fov=20, size=(48, 32)),
+             Camera.look_at([10, 0, 0], [10, -math.sin(up), math.cos(up)], fov=20, size=(48, 32))]
+    with pytest.warns(UserWarning, match="couples nothing .* no image token's epipolar band"):
+        pipe(PROMPT, generator=gen(), output_type="np", controls=[EpipolarAttention(cameras=apart)], **KW)
 
 
 # ------------------------------------------------------------------------------------------------ toy world

@@ -32,6 +32,7 @@ the derivation; in short:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -135,7 +136,7 @@ class EpipolarAttention(Control):
 
     def geometry(self, grid: tuple[int, int], device) -> dict[tuple[int, int], TokenGeometry]:
         """The lines of every ordered view pair on ``grid`` (made once per grid and device)."""
-        key = (tuple(grid), str(device))
+        key = (tuple(grid), str(device), self._cameras_key())
         if key not in self._geometry:
             cams = self.cameras(grid)
             self._geometry[key] = {(i, j): TokenGeometry(cams[i], cams[j], grid, device)
@@ -171,14 +172,23 @@ class EpipolarAttention(Control):
             raise ValueError("the adaptive falloff's bias depends on the logits; see pair_attention")
         return out + log_scale if log_scale else out
 
+    def _cameras_key(self) -> str:
+        """The cameras' settings, in the caches' keys: a rig or cameras assigned to the config since are used."""
+        return repr((self.config.rig, self.config.cameras))
+
     def band_plan(self, grid: tuple[int, int], device) -> dict[tuple[int, int], list[BandChunk]]:
         """The hard band of every ordered view pair as blocks of queries and the keys they may read
         (:meth:`~attnctl.epipolar.TokenGeometry.band_chunks`), found on the host once per grid, device and band."""
-        key = (tuple(grid), str(device), self.config.band)
+        key = (tuple(grid), str(device), self.config.band, self._cameras_key())
         if key not in self._plans:
             geo = self.geometry(grid, "cpu")
             self._plans[key] = {pair: [c.to(device) for c in g.band_chunks(self.config.band, CHUNK_QUERIES)]
                                 for pair, g in geo.items()}
+            if not any(self._plans[key].values()):  # every line misses the other view: nothing would be coupled
+                warnings.warn(
+                    f"EpipolarAttention couples nothing on the {grid[0]}×{grid[1]} grid: no image token's epipolar "
+                    f"band (band={self.config.band}) reaches another view, so the views are made independently; "
+                    "check the cameras (do they see the same scene?) or widen the band", UserWarning, stacklevel=2)
         return self._plans[key]
 
     def pair_attention(self, q, k, v, pair: tuple[int, int], grid: tuple[int, int], backend,
