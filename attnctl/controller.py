@@ -586,7 +586,7 @@ def _warn_if_never_on(control: Control, steps: int) -> None:
         if not isinstance(schedule, Schedule) or isinstance(schedule, Constant):
             return False
         try:
-            return all(schedule(i, steps) == 0 for i in range(steps))
+            return all(schedule(i, steps) == 0 for i in range(control.gates_from_step, steps))
         except (ScheduleError, TypeError, ValueError):
             return False
 
@@ -595,9 +595,10 @@ def _warn_if_never_on(control: Control, steps: int) -> None:
         if all(never_on(s) for s in schedules):
             said = " and ".join(f"its {name} {s}" for name, s in zip(group, schedules, strict=True))
             verb = "is" if len(group) == 1 else "are"
-            warnings.warn(f"{type(control).__name__} does nothing in this run: {said} {verb} 0 at every one of the "
-                          f"run's {steps} steps (a window between two steps?); widen it or run more steps",
-                          UserWarning, stacklevel=2)
+            at = f"every one of the run's {steps} steps" if not control.gates_from_step else \
+                f"every step it can act at (from step {control.gates_from_step + 1} of {steps})"
+            warnings.warn(f"{type(control).__name__} does nothing in this run: {said} {verb} 0 at {at} (a window "
+                          "between two steps?); widen it or run more steps", UserWarning, stacklevel=2)
             return
 
 

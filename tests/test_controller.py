@@ -982,10 +982,10 @@ def test_a_gating_schedule_off_at_every_step_of_the_run_is_warned(sd3_pipe):
 
     for control, field in ((attnctl.SoftPAG(heads=["L0H0"], scale="window(3, 0.2, 0.4)"), "scale"),
                            (attnctl.AttentionRegulation(targets=["circle"], steps="window(1, 0.6, 0.9)"), "steps"),
-                           (attnctl.IsolationAttention(subjects=["red", "circle"], isolation="window(1, 0.1, 0.4)"),
-                            "isolation")):
+                           (attnctl.IsolationAttention(subjects=["red", "circle"], isolation="window(1, 0, 0.4)"),
+                            "isolation")):  # on at step 0 only, where the masks are made: it never steers
         with pytest.warns(UserWarning, match=f"{type(control).__name__} does nothing in this run: its {field} "
-                                             "window.* is 0 at every one of the run's 3 steps"), \
+                                             "window.* is 0 at every"), \
                 attnctl.attach(sd3_pipe, [control]):
             sd3_pipe("a red circle", **KW)
     with warnings.catch_warnings():

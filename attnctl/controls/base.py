@@ -248,6 +248,9 @@ class Control:
     gates: ClassVar[tuple[str, ...]] = ()
     """Config fields whose schedule at 0 on every step leaves the control doing nothing (warned at the run's start)."""
 
+    gates_from_step: ClassVar[int] = 0
+    """The first step the gates can act at (isolation's masks come from step 0, so it steers from step 1)."""
+
     def gate_groups(self) -> list[tuple[str, ...]]:
         """Groups of config fields whose schedules, all at 0 on every step, leave the control doing nothing; by
         default each of :attr:`gates` alone."""

@@ -72,7 +72,8 @@ class IsolationConfig(ControlConfig):
                              "or more, or give references=True to reposition it after its reference")
         # (the default, as to_json writes it, is not "set": a saved control loads back)
         default = str(as_schedule(type(self).model_fields["reposition"].default, lo=0.0))
-        if "reposition" in self.model_fields_set and not self.references and str(self.reposition) not in ("0", default):
+        off = str(as_schedule(0.0, lo=0.0))  # reposition=0 says "none", which is what references=False does
+        if "reposition" in self.model_fields_set and not self.references and str(self.reposition) not in (off, default):
             raise ValueError("reposition is set but references=False, so there is nothing to reposition from; give "
                              "references=True with the prompts [reference_1 … reference_n, target]")
         return self
@@ -114,6 +115,8 @@ class IsolationAttention(Control):
     def prompt_words(self) -> list[str]:
         return list(self.config.subjects)
 
+    gates_from_step = 1  # the masks come from step 0's maps: it steers from step 1 on
+
     def gate_groups(self) -> list[tuple[str, ...]]:
         return [("isolation", "reposition")] if self.config.references else [("isolation",)]
 
@@ -152,8 +155,10 @@ class IsolationAttention(Control):
         self._masks = otsu_masks(self._sum)
         self._sum = None
         self._plan = None
-        g = torch.Generator().manual_seed(self.config.seed * 1000003 + state.step)
-        self._keep = (torch.rand(self._masks.shape, generator=g) >= self.config.dropout).to(self._masks.device)
+        # one draw for every row, so that a set's image does not depend on the rows before it in the call
+        g = torch.Generator().manual_seed((self.config.seed * 1000003 + state.step) % 2**63)
+        keep = torch.rand((1, *self._masks.shape[1:]), generator=g) >= self.config.dropout
+        self._keep = keep.to(self._masks.device).expand(self._masks.shape)
         targets = [t for _, t in self._sets or []]
         if targets:
             self._coverage.append(self._masks[targets].float().mean())  # read when asked: no sync per step
