@@ -68,6 +68,10 @@ def main() -> None:
     ap.add_argument("--out", default="out/layout")
     args = ap.parse_args()
     boxes = dict(args.box) if args.box else {"red": [0.05, 0.05, 0.5, 0.5], "blue": [0.5, 0.5, 0.95, 0.95]}
+    settings = json.loads(args.config)
+    if not isinstance(settings, dict) or "boxes" in settings:
+        ap.error("--config takes more LayoutGuidance settings as a JSON object; give the boxes with --box")
+    ctl = attnctl.LayoutGuidance(boxes=boxes, **settings)  # checked before the model loads
 
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -82,7 +86,6 @@ def main() -> None:
 
     pipe(args.prompt, **{**call, "num_inference_steps": 1})  # warm-up, so the timings compare like with like
     base, t_base = run(None)
-    ctl = attnctl.LayoutGuidance(boxes=boxes, **json.loads(args.config))
     guided, t_guided = run([ctl])
 
     out = Path(args.out)

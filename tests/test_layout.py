@@ -49,6 +49,11 @@ def test_box_coverage_is_the_cell_fraction_inside_each_box():
     assert torch.allclose(cover[:, 0], expect0) and torch.allclose(cover[:, 1], expect1, atol=1e-6)
     # CSG's in-box tokens: cells at least half inside; a box that holds none takes the cell it covers most
     assert box_tokens(cover) == [([0, 1], [2, 3, 4, 5, 6, 7]), ([5], [0, 1, 2, 3, 4, 6, 7])]
+    # boxes that tile the image leave no background, on any grid (float32 edges left 5e-7 of one in every cell of a
+    # 12×12 grid, and the self-attention term got a third, empty box)
+    for grid in ((12, 12), (6, 10), (16, 16)):
+        tiled = box_coverage([[0, 0, 0.5, 1], [0.5, 0, 1, 1]], grid)
+        assert self_boxes(tiled).shape[1] == 2 and set(tiled.sum(1).tolist()) == {1.0}, grid
 
 
 def test_word_maps_equal_the_renormalised_image_text_slice_of_the_joint_softmax():

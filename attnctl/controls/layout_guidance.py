@@ -128,14 +128,16 @@ def guided_iterations(v: int) -> int:
 def box_coverage(boxes: list[list[float]], grid: tuple[int, int], device=None) -> torch.Tensor:
     """``(h·w, S)``: the fraction of each image token's cell (row-major) that lies inside each box."""
     h, w = grid
-    ys = torch.arange(h + 1, dtype=torch.float32, device=device) / h
-    xs = torch.arange(w + 1, dtype=torch.float32, device=device) / w
+    # in float64, rounded to 1e-9: a cell a box covers whole is exactly 1 on any grid (float32 gave 0.9999995 on
+    # grids that are not a power of two, which left a phantom background of every cell)
+    ys = torch.arange(h + 1, dtype=torch.float64, device=device) / h
+    xs = torch.arange(w + 1, dtype=torch.float64, device=device) / w
     cols = []
     for x0, y0, x1, y1 in boxes:
         fy = ((ys[1:].clamp(max=y1) - ys[:-1].clamp(min=y0)).clamp(min=0) * h)  # (h,) fraction of each row band
         fx = ((xs[1:].clamp(max=x1) - xs[:-1].clamp(min=x0)).clamp(min=0) * w)
         cols.append((fy[:, None] * fx[None, :]).reshape(-1))
-    return torch.stack(cols, dim=1)
+    return (torch.stack(cols, dim=1) * 1e9).round().div(1e9).float()
 
 
 def word_maps(q_img: torch.Tensor, k_text: torch.Tensor, columns: list[list[int]],
@@ -366,7 +368,8 @@ class LayoutGuidance(Control):
         boxes = self._coverage(grid, q.device)
         losses = q.new_zeros(call.batch, dtype=torch.float32)
         csg = self.config.loss == "csg"
-        gen = torch.Generator().manual_seed(self.config.seed + 7919 * state.step) if csg else None
+        step = state.schedule_step[0]  # the denoising step (the midpoint scheduler's two calls share it)
+        gen = torch.Generator().manual_seed((self.config.seed + 7919 * step) % 2**63) if csg else None
         for layout, rows, host_rows in state.rows_by_prompt(("cond",), call.batch, q.device):
             if not host_rows:
                 continue
@@ -389,7 +392,7 @@ class LayoutGuidance(Control):
             losses = losses + loss if rows is None else losses.index_add(0, rows, loss)
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
         self._sites_seen += 1
-        self._step = state.step
+        self._step = step
         return []
 
     def latent_loss(self) -> torch.Tensor | None:
