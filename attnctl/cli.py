@@ -856,9 +856,21 @@ def reposition_prompts(prompt: str, references: Sequence[str] | None, controls: 
         return prompt
     if any(not isinstance(r, str) or not r.strip() for r in references):
         raise AttnCtlError("a reference prompt is empty", "describe each subject alone, e.g. 'a small red circle'")
+    isolating = [c for c in controls if getattr(c, "kind", None) == "isolation" and not c.config.references]
+    if isolating:  # it would look for every subject in every prompt of the set, references included
+        raise AttnCtlError(f"reference prompts ({option}) are given with an isolation control that does not "
+                           "reposition (references is false)", "set \"references\": true in the isolation control to reposition each subject "
+                                     f"after its reference, or leave out {option}")
     if repositioning and len(references) != len(subjects := repositioning[0].config.subjects):
         raise AttnCtlError(f"{len(references)} reference prompts for {len(subjects)} subjects "
                            f"({', '.join(map(repr, subjects))})", "give one per subject, in the subjects' order")
+    if repositioning:
+        from .layout import absent_words
+
+        for i, (subject, ref) in enumerate(zip(repositioning[0].config.subjects, references, strict=True)):
+            if absent_words([subject], ref):
+                raise AttnCtlError(f"reference prompt {i + 1} ({ref!r}) does not name subject {i + 1} ({subject!r})",
+                                   "give the reference prompts in the subjects' order, each showing its subject")
     return [*references, prompt]
 
 

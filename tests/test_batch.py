@@ -901,3 +901,20 @@ def test_items_whose_phrases_have_words_elsewhere_hash_apart():
     assert marker is None and new == old
     marker, new, old = hashes(shared, {"kind": "probe", "words": ["purple", "circle"]})  # single words: unchanged
     assert marker is None and new == old
+
+
+def test_reference_prompts_are_checked_against_their_subjects_at_read():
+    """Reference prompts beside an isolation control without references=true, or in another order than the
+    subjects, passed --check and failed every image (with an error about the subject's words)."""
+    iso = {"kind": "isolation", "subjects": ["red circle", "blue square"]}
+    scene, refs = "a red circle and a blue square", ["a small red circle", "a large blue square"]
+    with pytest.raises(BatchFileError) as err:
+        plan_batch({"version": 1, "items": [
+            {"id": "norefs", "prompt": scene, "reference_prompts": refs, "controls": [iso]},
+            {"id": "swapped", "prompt": scene, "reference_prompts": refs[::-1],
+             "controls": [{**iso, "references": True}]}]})
+    text = "\n".join(err.value.problems)
+    assert "isolation control that does not reposition" in text and "\"references\": true" in text
+    assert "reference prompt 1 ('a large blue square') does not name subject 1 ('red circle')" in text
+    plan_batch({"version": 1, "items": [{"prompt": scene, "reference_prompts": refs,
+                                         "controls": [{**iso, "references": True}]}]})
