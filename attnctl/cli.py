@@ -859,8 +859,9 @@ def reposition_prompts(prompt: str, references: Sequence[str] | None, controls: 
     isolating = [c for c in controls if getattr(c, "kind", None) == "isolation" and not c.config.references]
     if isolating:  # it would look for every subject in every prompt of the set, references included
         raise AttnCtlError(f"reference prompts ({option}) are given with an isolation control that does not "
-                           "reposition (references is false)", "set \"references\": true in the isolation control to reposition each subject "
-                                     f"after its reference, or leave out {option}")
+                           "reposition (references is false)",
+                           "set \"references\": true in the isolation control to reposition each subject after its "
+                           f"reference, or leave out {option}")
     if repositioning and len(references) != len(subjects := repositioning[0].config.subjects):
         raise AttnCtlError(f"{len(references)} reference prompts for {len(subjects)} subjects "
                            f"({', '.join(map(repr, subjects))})", "give one per subject, in the subjects' order")
