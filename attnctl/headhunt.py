@@ -327,7 +327,7 @@ class HeadHunt:
                                   "AttnCtlSD3Pipeline(**pipe.components)")
         from .cli import DTYPE_NAMES
 
-        runs = DTYPE_NAMES.get(str(pipe.transformer.dtype).removeprefix("torch."), str(pipe.transformer.dtype))
+        runs = DTYPE_NAMES.get(str(pipe.transformer.dtype)[6:], str(pipe.transformer.dtype))
         if runs != settings.dtype:
             raise ConfigError(f"the search settings say dtype {settings.dtype!r} and the pipeline runs {runs}; scores "
                               "differ by dtype, so a search records it", fix=f"make the settings with dtype={runs!r}")

@@ -62,9 +62,7 @@ class TextSegment:
         return any(not all(pos for _, pos in found) for found in self._occurrences(keys))
 
     def _occurrences(self, keys: Sequence[str]) -> list[tuple[tuple[str, tuple[int, ...]], ...]]:
-        seq = [w for w, _ in self.spans]
-        return [self.spans[i:i + len(keys)] for i in range(len(seq) - len(keys) + 1)
-                if seq[i:i + len(keys)] == list(keys)]
+        return [self.spans[i:i + len(keys)] for i in runs([w for w, _ in self.spans], keys)]
 
 
 @dataclass(frozen=True)
@@ -137,10 +135,7 @@ class TokenLayout:
             else:
                 out.update(found)
         if not out and any(seg.phrase_cut(keys) for seg in self._chosen(segments)):
-            raise WordCutOffError(
-                f"the phrase {phrase!r} is in the prompt, but past the tokens the text encoders read "
-                f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}) it lost a word: the prompt was "
-                "cut off", fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
+            raise self._cut_off(f"the phrase {phrase!r} is in the prompt, but a word of it is")
         if not out:
             raise LayoutError(
                 f"the phrase {phrase!r} is not in the prompt as written: its words are there, but not one after "
@@ -161,16 +156,18 @@ class TokenLayout:
                 continue
             if not seg.spans:
                 out.update(seg.start + p for p in seg.words.get(word, ()))
-                continue
-            found = [(w, pos) for w, pos in seg.spans if w and w[0].isalnum()]
-            if index < len(found) and found[index][0] == word:
-                out.update(seg.start + p for p in found[index][1])
+            elif index < len(seg.spans) and seg.spans[index][0] == word:  # (spans hold the words, in order)
+                out.update(seg.start + p for p in seg.spans[index][1])
         if not out:
-            raise WordCutOffError(
-                f"the word {word!r} (word {index + 1} of the prompt {self.prompt!r}) is past the tokens the text "
-                f"encoders read ({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was "
-                "cut off", fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
+            raise self._cut_off(f"the word {word!r} (word {index + 1} of the prompt {self.prompt!r}) is")
         return sorted(out)
+
+    def _cut_off(self, what: str) -> WordCutOffError:
+        """The error for words of the prompt the truncation left out (``what`` says which, ending in "is")."""
+        return WordCutOffError(
+            f"{what} past the tokens the text encoders read "
+            f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was cut off",
+            fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
 
     def _where(self, segments: tuple[str, ...] | None) -> str:
         where = f" in the prompt {self.prompt!r}" if self.prompt is not None else ""
@@ -183,10 +180,7 @@ class TokenLayout:
 
     def _absent(self, word: str, segments: tuple[str, ...] | None) -> None:
         if self.cut_off(word, segments):
-            raise WordCutOffError(
-                f"the word {word!r} is in the prompt but past the tokens the text encoders read "
-                f"({', '.join(f'{seg.name} {seg.length}' for seg in self.segments)}): the prompt was cut off",
-                fix="shorten the prompt, or raise max_sequence_length (T5) if the model allows")
+            raise self._cut_off(f"the word {word!r} is in the prompt but")
         known = ", ".join(self.words()[:20]) or ("(none: the prompt has no words)" if self.prompt is not None
                                                   else "(no prompt tokens are known for this run)")
         raise LayoutError(
@@ -212,6 +206,12 @@ def text_words(text: str) -> list[str]:
     return [w for w in (word_key(m) for m in _WORD.findall(text)) if w and w[0].isalnum()]
 
 
+def runs(seq: Sequence[str], keys: Sequence[str]) -> list[int]:
+    """Where the words ``keys`` stand one after another in ``seq``: the index of each run's first word."""
+    n = len(keys)
+    return [i for i in range(len(seq) - n + 1) if list(seq[i:i + n]) == list(keys)] if n else []
+
+
 def absent_words(words: Sequence[str], text: str) -> list[str]:
     """The words or phrases of ``words`` that ``text`` does not contain (a phrase: not with its words one after
     another), read from the text alone, before any tokenizer: a batch file and an edit check their words with it
@@ -219,7 +219,7 @@ def absent_words(words: Sequence[str], text: str) -> list[str]:
     seq = text_words(text)
 
     def present(keys: list[str]) -> bool:
-        return bool(keys) and any(seq[i:i + len(keys)] == keys for i in range(len(seq) - len(keys) + 1))
+        return bool(keys) and bool(runs(seq, keys))
 
     return [w for w in words if not present(text_words(w))]
 
@@ -236,9 +236,8 @@ def phrases_apart(words: Sequence[str], text: str) -> list[str]:
         if len(keys) < 2:
             continue
         inside = [False] * len(seq)
-        for i in range(len(seq) - len(keys) + 1):
-            if seq[i:i + len(keys)] == keys:
-                inside[i:i + len(keys)] = [True] * len(keys)
+        for i in runs(seq, keys):
+            inside[i:i + len(keys)] = [True] * len(keys)
         if any(w in keys and not inside[i] for i, w in enumerate(seq)):
             out.append(phrase)
     return out

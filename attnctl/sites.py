@@ -272,25 +272,19 @@ class HeadSet:
     def resolve(self, sites: Sequence[Site]) -> dict[Site, tuple[int, ...]]:
         """Map to the given model's sites, raising a clear error for anything that does not exist."""
         by_name = {s.name: s for s in sites}
-        made_for = (self.model or {}).get("family")
-        here = sites[0].family if sites else None
-        if made_for and here and made_for != here:
-            raise SiteError(
-                f"head set was made for a {made_for} model and this is a {here} model",
-                fix="use a preset searched on this model (attnctl headhunt), or select heads with "
-                    "attnctl.HeadSet.parse on it")
         fp, ours = self.model or {}, model_fingerprint(sites)
-        other = [k for k in ("sites", "heads") if fp.get(k) is not None and sites and fp[k] != ours[k]]
-        if other:  # the same family, another size: a toy's heads would be applied to a real model's first layers
+        fix = "use a preset searched on this model (attnctl headhunt), or select heads with attnctl.HeadSet.parse on it"
+        if fp.get("family") and sites and fp["family"] != ours["family"]:
+            raise SiteError(f"head set was made for a {fp['family']} model and this is a {ours['family']} model",
+                            fix=fix)
+        if sites and any(fp.get(k) is not None and fp[k] != ours[k] for k in ("sites", "heads")):
+            # the same family, another size: a toy's heads would be applied to a real model's first layers
             raise SiteError(
                 f"head set was made for a {fp.get('family', '?')} model with {fp.get('sites')} attention sites of "
                 f"{'/'.join(map(str, fp.get('heads') or ['?']))} heads, and this one has {ours['sites']} sites of "
-                f"{'/'.join(map(str, ours['heads']))} heads",
-                fix="use a preset searched on this model (attnctl headhunt), or select heads with "
-                    "attnctl.HeadSet.parse on it")
+                f"{'/'.join(map(str, ours['heads']))} heads", fix=fix)
         missing = [n for n in self.heads if n not in by_name]
         if missing:
-            fp = self.model or {}
             raise SiteError(
                 f"head set names {len(missing)} site(s) this model does not have (e.g. {missing[0]!r}); it was "
                 f"made for a model with {fp.get('sites', '?')} sites ({fp.get('family', '?')}), this one has "

@@ -250,11 +250,6 @@ class Control:
 
     gates_from_step: ClassVar[int] = 0
     """The first step the gates can act at (isolation's masks come from step 0, so it steers from step 1)."""
-
-    def gate_groups(self) -> list[tuple[str, ...]]:
-        """Groups of config fields whose schedules, all at 0 on every step, leave the control doing nothing; by
-        default each of :attr:`gates` alone."""
-        return [(g,) for g in self.gates]
     families: ClassVar[tuple[str, ...]] = ("sd3", "flux")
     Config: ClassVar[type[ControlConfig]] = ControlConfig
     named_sites: ClassVar[dict[str, Callable[[list[Site]], list[Site]]]] = {}
@@ -284,6 +279,11 @@ class Control:
     def named_words(self) -> list[str]:
         """Every word or phrase this control names, including those it may find missing (``missing="ignore"``)."""
         return self.prompt_words()
+
+    def gate_groups(self) -> list[tuple[str, ...]]:
+        """Groups of config fields whose schedules, all at 0 on every step, leave the control doing nothing; by
+        default each of :attr:`gates` alone."""
+        return [(g,) for g in self.gates]
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def bind(self, controller: Controller) -> None:

@@ -109,6 +109,7 @@ class EpipolarAttention(Control):
         super().__init__(**kwargs)
         self._geometry: dict[tuple, dict[tuple[int, int], TokenGeometry]] = {}
         self._plans: dict[tuple, dict[tuple[int, int], list[BandChunk]]] = {}
+        self._made_for: str | None = None  # the cameras' settings the caches above were made for
         self.calls = 0
 
     @property
@@ -133,10 +134,15 @@ class EpipolarAttention(Control):
     def begin_run(self, state: RunState) -> None:
         self.config.scale.reset()
         self.calls = 0
+        cameras = repr((self.config.rig, self.config.cameras))  # a rig or cameras assigned since the last run: used
+        if cameras != self._made_for:
+            self._geometry.clear()
+            self._plans.clear()
+            self._made_for = cameras
 
     def geometry(self, grid: tuple[int, int], device) -> dict[tuple[int, int], TokenGeometry]:
         """The lines of every ordered view pair on ``grid`` (made once per grid and device)."""
-        key = (tuple(grid), str(device), self._cameras_key())
+        key = (tuple(grid), str(device))
         if key not in self._geometry:
             cams = self.cameras(grid)
             self._geometry[key] = {(i, j): TokenGeometry(cams[i], cams[j], grid, device)
@@ -172,14 +178,10 @@ class EpipolarAttention(Control):
             raise ValueError("the adaptive falloff's bias depends on the logits; see pair_attention")
         return out + log_scale if log_scale else out
 
-    def _cameras_key(self) -> str:
-        """The cameras' settings, in the caches' keys: a rig or cameras assigned to the config since are used."""
-        return repr((self.config.rig, self.config.cameras))
-
     def band_plan(self, grid: tuple[int, int], device) -> dict[tuple[int, int], list[BandChunk]]:
         """The hard band of every ordered view pair as blocks of queries and the keys they may read
         (:meth:`~attnctl.epipolar.TokenGeometry.band_chunks`), found on the host once per grid, device and band."""
-        key = (tuple(grid), str(device), self.config.band, self._cameras_key())
+        key = (tuple(grid), str(device), self.config.band)
         if key not in self._plans:
             geo = self.geometry(grid, "cpu")
             self._plans[key] = {pair: [c.to(device) for c in g.band_chunks(self.config.band, CHUNK_QUERIES)]
