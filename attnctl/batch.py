@@ -69,6 +69,7 @@ from pydantic import (
 
 from .distributed import Dist, launch_workers
 from .errors import AttnCtlError, ConfigError
+from .sizes import SMALLEST_SIDE
 from .stopping import StopAtBoundary
 
 __all__ = [
@@ -240,10 +241,10 @@ class Settings(_Strict):
     seed: Annotated[int, Field(ge=0, le=MAX_SEED, description="One image with this seed.")] | None = None
     seeds: Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]],
                      Field(min_length=1, description="One image per seed (unique).")] | None = None
-    height: Annotated[int, Field(ge=8, le=8192, description="Image height in pixels (default: the model's).")] \
-        | None = None
-    width: Annotated[int, Field(ge=8, le=8192, description="Image width in pixels (default: the model's).")] \
-        | None = None
+    height: Annotated[int, Field(ge=SMALLEST_SIDE, le=8192,
+                               description="Image height in pixels (default: the model's).")] | None = None
+    width: Annotated[int, Field(ge=SMALLEST_SIDE, le=8192,
+                              description="Image width in pixels (default: the model's).")] | None = None
     steps: Steps | None = None
     guidance: Guidance | None = None
     true_cfg: Annotated[float, Field(gt=1, allow_inf_nan=False,
@@ -961,8 +962,8 @@ def model_problems(plan: BatchPlan, pipe: Any) -> list[str]:
     from .controller import Controller
     from .controls import control_from_json
     from .controls.value_sharing import ValueSharing
-    from .inversion import check_image_size
     from .sites import family_of
+    from .sizes import check_image_size
 
     family = family_of(pipe.transformer)
     problems: list[str] = []

@@ -33,6 +33,7 @@ from rich.table import Table
 
 from .attention_files import check_probes, map_images
 from .errors import AttnCtlError
+from .sizes import SMALLEST_SIDE
 from .toyworld import TOY_MODEL_NAMES
 from .views import images_per_prompt
 
@@ -500,7 +501,7 @@ def check_size(pipe: Any, height: int | None, width: int | None, names: tuple[st
     refuses it from deep inside the call, FLUX silently rounds it down) or past the side its position table covers
     (SD3; :func:`attnctl.inversion.largest_side`). Said in pixels, with the nearest sizes that work. ``pipe`` may be
     a :class:`~attnctl.skeleton.PipelineSkeleton`; a side given as ``None`` (the model's default) is not checked."""
-    from .inversion import largest_side, size_multiple
+    from .sizes import largest_side, size_multiple
 
     m, top = size_multiple(pipe), largest_side(pipe)
     for name, side in zip(names, (height, width), strict=True):
@@ -566,8 +567,8 @@ def generate(
     true_cfg: float | None = typer.Option(None, "--true-cfg",
                                           help="FLUX only: true classifier-free guidance scale (> 1), against "
                                                "--negative-prompt (default: the empty prompt)."),
-    height: int | None = typer.Option(None, "--height", min=8, help="Image height in pixels."),
-    width: int | None = typer.Option(None, "--width", min=8, help="Image width in pixels."),
+    height: int | None = typer.Option(None, "--height", min=SMALLEST_SIDE, help="Image height in pixels."),
+    width: int | None = typer.Option(None, "--width", min=SMALLEST_SIDE, help="Image width in pixels."),
     negative_prompt: str | None = typer.Option(None, "--negative-prompt", "-n", help="Negative prompt."),
     control: list[str] | None = typer.Option(
         None, "--control", "-c",

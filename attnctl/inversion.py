@@ -32,6 +32,7 @@ from .latent_guidance import check_scheduler
 from .midpoint import is_midpoint
 from .rf_inversion import RFInversion, noise_sample, toward_noise
 from .sites import family_of
+from .sizes import check_image_size
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 """``v(z, σ)``: the model's flow prediction at the latent ``z`` and noise level ``σ``."""
@@ -280,31 +281,3 @@ def check_path(pipe: Any, path: Any, image: np.ndarray, num_inference_steps: int
     if not torch.allclose(z, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max().clamp_min(1e-6))):
         raise ConfigError("the path ends at another image's latent: it is not this image's inversion",
                           fix="invert this image (attnctl.invert), or leave path out")
-
-
-def check_image_size(pipe: Any, width: int, height: int) -> None:
-    """Refuse an image the model cannot encode as it is: sides not multiples of :func:`size_multiple`, or past
-    :func:`largest_side`. ``pipe`` may be a :class:`~attnctl.skeleton.PipelineSkeleton`."""
-    need = size_multiple(pipe)
-    if height % need or width % need:
-        raise ConfigError(f"the image is {width}×{height} px, and this model needs sides that are multiples of {need}",
-                          fix=f"resize or crop the image to multiples of {need} px first")
-    top = largest_side(pipe)
-    if top is not None and max(height, width) > top:
-        raise ConfigError(f"the image is {width}×{height} px, and this model's largest side is {top} px (its "
-                          "position table)", fix=f"resize the image to at most {top} px a side")
-
-
-def size_multiple(pipe: Any) -> int:
-    """What the model's image sides in pixels must be multiples of: the autoencoder's factor times the patch
-    size (FLUX packs 2×2 latent patches). SD3 refuses other sizes; FLUX silently rounds them down."""
-    patch = 2 if family_of(pipe.transformer) == "flux" else int(pipe.transformer.config.patch_size)
-    return int(pipe.vae_scale_factor) * patch
-
-
-def largest_side(pipe: Any) -> int | None:
-    """The largest image side in pixels the model takes (SD3's learned position table is ``pos_embed_max_size``
-    patches wide); ``None`` where none is set (FLUX's rotary positions)."""
-    cfg = pipe.transformer.config
-    patches = getattr(cfg, "pos_embed_max_size", None)
-    return None if patches is None else int(patches) * int(cfg.patch_size) * int(pipe.vae_scale_factor)

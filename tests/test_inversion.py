@@ -96,6 +96,8 @@ def test_inversion_bad_input_is_named(sd3_pipe):
         encode_image(sd3_pipe, ok.astype(np.float32))
     with pytest.raises(ConfigError, match="multiples of"):
         encode_image(sd3_pipe, np.zeros((30, 32, 3), dtype=np.uint8))
+    with pytest.raises(ConfigError, match="smaller than the smallest side attnctl takes, 8 px"):
+        encode_image(sd3_pipe, np.zeros((4, 32, 3), dtype=np.uint8))  # a multiple of 4, as the model needs
     with pytest.raises(ConfigError, match="one prompt"):
         invert(sd3_pipe, ok, ["a", "b"], 4)
     with pytest.raises(ConfigError, match="steps, at least one"):

@@ -660,7 +660,10 @@ def test_setups_the_run_would_ignore_or_refuse_are_flagged_in_the_editor_and_its
     problems = engine.check_setup(sd3, Setup(model=str(model_dir), steps=2, controls=[{"kind": "unify_edit"}]))
     assert any("edits an existing image: use the Edit tab" in p for p in problems)
     problems = engine.check_setup(sd3, Setup(model=str(model_dir), steps=2, height=256, width=64))
-    assert any("between 4 and 128 (got 256)" in p for p in problems)  # the tiny model's position table: 128 px
+    assert any("between 8 and 128 (got 256)" in p for p in problems)  # the tiny model's position table: 128 px
+    # the smallest side is the CLI's and batch files' (8 px), though the tiny model's sides are multiples of 4
+    problems = engine.check_setup(sd3, Setup(model=str(model_dir), steps=2, height=4, width=8))
+    assert problems == ["The height must be a multiple of 4 between 8 and 128 (got 4)."]
     flux_dir = save_pipeline(tiny_flux_pipeline(), model_dir.parent / "tiny-flux")
     flux = engine.load_model(str(flux_dir))
     setup = Setup(model=str(flux_dir), steps=2, negative_prompt="a green triangle")

@@ -295,16 +295,16 @@ def settings_row(model: engine.LoadedModel | None) -> None:
         c1, c2 = st.columns([5, 1], vertical_alignment="center")
         c1.caption("The toy models know these words: " + " ".join(w for w in vocab.words() if w != ","))
         c2.button("Surprise me", on_click=on_surprise, icon=":material/casino:", width="stretch")
-    m = model.size_multiple if model is not None else 8
+    m, low = (model.size_multiple, model.smallest_side) if model is not None else (8, 8)
     cols = st.columns([1.3, 0.35, 1, 1, 1, 1], vertical_alignment="bottom")
     cols[0].number_input("Seed", key="seed", min_value=0, max_value=MAX_SEED, step=1)
     cols[1].button("", icon=":material/casino:", on_click=on_new_seed, help="New random seed", key="new_seed")
     cols[2].number_input("Steps", key="steps", min_value=1, max_value=MAX_STEPS, step=1)
     cols[3].number_input("Guidance", key="guidance", min_value=0.0, max_value=100.0, step=0.5, format="%g")
     for col, k in ((cols[4], "width"), (cols[5], "height")):
-        if ss[k] % m or not m <= ss[k] <= MAX_SIDE:
-            ss[k] = max(m, min(MAX_SIDE, round(ss[k] / m) * m))
-        col.number_input(k.capitalize(), key=k, min_value=m, max_value=MAX_SIDE, step=m)
+        if ss[k] % m or not low <= ss[k] <= MAX_SIDE:
+            ss[k] = max(low, min(MAX_SIDE, round(ss[k] / m) * m))
+        col.number_input(k.capitalize(), key=k, min_value=low, max_value=MAX_SIDE, step=m)
     with st.expander("Negative prompt"):
         st.text_area("Negative prompt", key="negative_prompt", height=68, max_chars=2000,
                      label_visibility="collapsed", placeholder="what the image should not show (CFG models)")

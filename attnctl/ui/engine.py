@@ -44,6 +44,13 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
+    def smallest_side(self) -> int:
+        """The smallest side the UI offers: a multiple of the model's size multiple, and no less than the CLI's."""
+        from ..sizes import SMALLEST_SIDE
+
+        return -(-SMALLEST_SIDE // self.size_multiple) * self.size_multiple
+
+    @property
     def label(self) -> str:
         return self.name if self.name in TOY_NAMES else Path(self.name).name or self.name
 
@@ -106,8 +113,8 @@ def load_model(name: str) -> LoadedModel:
 
     from .. import __version__
     from ..cli import call_defaults, is_toy_pipeline
-    from ..inversion import size_multiple
     from ..sites import family_of, list_sites
+    from ..sizes import size_multiple
     from ..toyworld.models import load_pipeline
 
     name = check_model_name(name)
@@ -161,7 +168,7 @@ def build_controls(configs: list[dict[str, Any]]) -> list[Any]:
 def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
     """Everything wrong with ``setup`` for ``model``, as messages (empty: ready to generate)."""
     from ..cli import check_vocabulary
-    from ..inversion import largest_side
+    from ..sizes import largest_side
 
     problems = []
     if not setup.prompt.strip():
@@ -184,10 +191,10 @@ def check_setup(model: LoadedModel, setup: Setup) -> list[str]:
     if model.family == "flux" and not embeds and setup.guidance != model.defaults["guidance"]:
         problems.append(f"The guidance does nothing on this FLUX model (it takes no guidance value): set it back to "
                         f"{model.defaults['guidance']}.")
-    m, top = model.size_multiple, min(MAX_SIDE, largest_side(model.pipe) or MAX_SIDE)
+    m, low, top = model.size_multiple, model.smallest_side, min(MAX_SIDE, largest_side(model.pipe) or MAX_SIDE)
     for side, v in (("height", setup.height), ("width", setup.width)):
-        if not m <= v <= top or v % m:
-            problems.append(f"The {side} must be a multiple of {m} between {m} and {top} (got {v}).")
+        if not low <= v <= top or v % m:
+            problems.append(f"The {side} must be a multiple of {m} between {low} and {top} (got {v}).")
     if not 1 <= setup.steps <= MAX_STEPS:
         problems.append(f"Steps must be 1..{MAX_STEPS}.")
     try:
@@ -374,18 +381,18 @@ def edit_image(model: LoadedModel, image: Any, source: str, target: str, steps: 
     from ..controls.unify_edit import UnifyEdit
     from ..controls.value_sharing import ValueSharing
     from ..editing import edit
-    from ..inversion import largest_side
     from ..midpoint import SOLVERS, use_solver
     from ..rf_inversion import RFInversion
+    from ..sizes import largest_side
 
     arr = np.asarray(image.convert("RGB"))
     h, w = arr.shape[:2]
     m = model.size_multiple
     problems = []
     top = min(MAX_SIDE, largest_side(model.pipe) or MAX_SIDE)
-    if h % m or w % m or max(h, w) > top:
-        problems.append(f"the image is {w}×{h} px; this model needs sides that are multiples of {m}, up to "
-                        f"{top} px (crop or resize it first)")
+    if h % m or w % m or max(h, w) > top or min(h, w) < model.smallest_side:
+        problems.append(f"the image is {w}×{h} px; this model needs sides that are multiples of {m}, from "
+                        f"{model.smallest_side} up to {top} px (crop or resize it first)")
     try:
         check_vocabulary(model.pipe, [source, target], model.label)
     except AttnCtlError as e:
