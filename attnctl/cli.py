@@ -497,9 +497,9 @@ def check_negative(family: str, negative_prompt: str | None, guidance: float | N
 
 def check_size(pipe: Any, height: int | None, width: int | None, names: tuple[str, str] = ("--height", "--width")
                ) -> None:
-    """Refuse a side that is not a multiple of what the model needs (:func:`attnctl.inversion.size_multiple`: SD3
+    """Refuse a side that is not a multiple of what the model needs (:func:`attnctl.sizes.size_multiple`: SD3
     refuses it from deep inside the call, FLUX silently rounds it down) or past the side its position table covers
-    (SD3; :func:`attnctl.inversion.largest_side`). Said in pixels, with the nearest sizes that work. ``pipe`` may be
+    (SD3; :func:`attnctl.sizes.largest_side`). Said in pixels, with the nearest sizes that work. ``pipe`` may be
     a :class:`~attnctl.skeleton.PipelineSkeleton`; a side given as ``None`` (the model's default) is not checked."""
     from .sizes import largest_side, size_multiple
 
