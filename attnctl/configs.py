@@ -145,6 +145,7 @@ def build_empty(config: dict[str, Any]):
     with init_empty_weights():
         try:
             return cls.from_config(config)
-        except (TypeError, ValueError) as e:
-            raise AttnCtlError(f"cannot build {cls_name} from this config: {e}",
-                               "check the config's values against the diffusers class") from None
+        except (TypeError, ValueError, ArithmeticError) as e:  # ArithmeticError: a size of 0 divides by zero
+            raise AttnCtlError(f"cannot build {cls_name} from this config: {type(e).__name__}: {e}",
+                               "check the config's values against the diffusers class (sizes are positive "
+                               "whole numbers)") from None

@@ -297,22 +297,25 @@ class Controller:
 
     # ------------------------------------------------------------------------------ run state
     def begin_run(self, num_steps: int, *, layout: TokenLayout | None = None,
-                  roles: Sequence[str] | None = None) -> None:
-        """Start a run: reset the controls' per-run state. attnctl pipelines call this explicitly."""
+                  roles: Sequence[str] | None = None, first_step: int = 0) -> None:
+        """Start a run: reset the controls' per-run state. The transformer's pre-forward hook calls it at a run's
+        first forward; ``first_step`` is where the run starts (an img2img run part way through the schedule)."""
         if layout is not None:
             self.state.layout = layout
         if roles is not None:
             self.state.roles = list(roles)
-        self.state = dataclasses.replace(self.state, step=0, num_steps=max(1, int(num_steps)), reports={})
+        self.state = dataclasses.replace(self.state, step=int(first_step), num_steps=max(1, int(num_steps)),
+                                         reports={})
         for c in self.controls:
             for schedule in c.schedules():  # adaptive parts forget the last run
                 schedule.reset()
             c.begin_run(self.state)
-            _warn_if_never_on(c, self.state.schedule_step[1])
+            _warn_if_never_on(c, *self.state.schedule_step[::-1])
         self._new_run = False
 
     def set_step(self, step: int, timestep: float | torch.Tensor | None = None,
                  sigma: float | torch.Tensor | None = None) -> None:
+        """The model call of ``step`` (the scheduler's step index) starts: the controls close the call before it."""
         if step != self.state.step:
             for c in self.controls:
                 c.end_step(self.state)
@@ -565,7 +568,7 @@ class Controller:
         self._forwards += 1
         self.state.calls_per_step = max(1, int(getattr(sched, "order", 1) or 1)) if sched is not None else 1
         if self._new_run or num_steps != self.state.num_steps or (step == 0 and self.state.step > 0):
-            self.begin_run(num_steps)
+            self.begin_run(num_steps, first_step=step)
         sigma = None  # timestep and sigma stay tensors until a control reads them (RunState.timestep)
         if sched is not None and getattr(sched, "sigmas", None) is not None and step < len(sched.sigmas):
             sigma = sched.sigmas[step]
@@ -575,18 +578,21 @@ class Controller:
     _pre_forward_eager = torch.compiler.disable(_pre_forward, reason=compiling.EAGER)
 
 
-def _warn_if_never_on(control: Control, steps: int) -> None:
+def _warn_if_never_on(control: Control, steps: int, first: int = 0) -> None:
     """Warn when the schedules that gate a control (:meth:`Control.gate_groups`) are 0 at every step of this run, as
-    a window that falls between two steps is (``window(1, 0.45, 0.55)`` over 6 steps): the control would do nothing
-    without a word. A constant 0 is the user's plain choice, and a schedule that needs the noise level cannot be
-    told here."""
+    a window that falls between two steps is (``window(1, 0.45, 0.55)`` over 6 steps), or one that closes before an
+    img2img run's ``first`` step: the control would do nothing without a word. A constant 0 is the user's plain
+    choice, and a schedule that needs the noise level cannot be told here. The schedules are read on fresh copies
+    (:meth:`~attnctl.schedules.Schedule.values`): an ``Adaptive`` one keeps its run state untouched."""
     from .schedules import Constant, Schedule, ScheduleError
+
+    start = max(control.gates_from_step, first)
 
     def never_on(schedule: Any) -> bool:
         if not isinstance(schedule, Schedule) or isinstance(schedule, Constant):
             return False
         try:
-            return all(schedule(i, steps) == 0 for i in range(control.gates_from_step, steps))
+            return all(v == 0 for v in schedule.values(steps)[start:])
         except (ScheduleError, TypeError, ValueError):
             return False
 
@@ -595,10 +601,12 @@ def _warn_if_never_on(control: Control, steps: int) -> None:
         if all(never_on(s) for s in schedules):
             said = " and ".join(f"its {name} {s}" for name, s in zip(group, schedules, strict=True))
             verb = "is" if len(group) == 1 else "are"
-            at = f"every one of the run's {steps} steps" if not control.gates_from_step else \
-                f"every step it can act at (from step {control.gates_from_step + 1} of {steps})"
-            warnings.warn(f"{type(control).__name__} does nothing in this run: {said} {verb} 0 at {at} (a window "
-                          "between two steps?); widen it or run more steps", UserWarning, stacklevel=2)
+            at = f"every one of the run's {steps} steps" if not start else \
+                f"every step it can act at (from step {start + 1} of {steps})"
+            why = "a window that ends before an img2img run starts?" if first and first >= control.gates_from_step \
+                else "a window between two steps?"
+            warnings.warn(f"{type(control).__name__} does nothing in this run: {said} {verb} 0 at {at} ({why}); "
+                          "widen it or run more steps", UserWarning, stacklevel=2)
             return
 
 

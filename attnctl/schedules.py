@@ -55,6 +55,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from .errors import AttnCtlError, ScheduleError
+from .json_types import wrong_scalar_in_fields
 
 __all__ = [
     "Schedule",
@@ -266,13 +267,12 @@ class Schedule(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _numbers_are_numbers(cls, data: Any) -> Any:
-        """``true`` or ``"1"`` where a number belongs is a mistake (pydantic alone would take it as 1.0)."""
-        if isinstance(data, Mapping):
-            for name, info in cls.model_fields.items():
-                value = data.get(name)
-                if info.annotation in (float, float | None) and isinstance(value, bool | str):
-                    raise ScheduleError(f"{cls.__name__} {name}={value!r} is not a number",
-                                        fix=f"write {name} as a number, e.g. 1.0")
+        """``true`` or ``"1"`` where a number belongs is a mistake (pydantic alone would take it as 1.0), as is
+        ``"no"`` for a flag (:mod:`attnctl.json_types`)."""
+        wrong = wrong_scalar_in_fields(cls, data)
+        if wrong:
+            raise ScheduleError(f"{cls.__name__} {wrong}", fix="write numbers without quotes, flags as true / "
+                                                               "false and names as strings")
         return data
 
     @model_validator(mode="after")
@@ -557,8 +557,9 @@ class Window(Schedule):
     """``value`` while ``start <= progress < stop``, ``off`` (0.0) elsewhere.
 
     ``value`` is a number or an inner schedule. ``start`` and ``stop`` are fractions of the run in
-    [0, 1], as diffusers guiders use them -- not step indices (to act on the first k of n steps, use
-    ``stop=k/n``). ``stop=1.0`` includes the last step. The inner schedule sees the progress of the
+    [0, 1] -- not step indices -- compared with the progress ``step / (steps - 1)`` (diffusers' guiders
+    compare ``step / steps``, which can differ by a step at an edge; to act on the first k of n steps,
+    use ``stop=k/n``). ``stop=1.0`` includes the last step. The inner schedule sees the progress of the
     whole run; with ``rescale=True`` it sees progress within the window instead (0 at ``start``,
     1 at ``stop``), so ``Window(Linear(1, 0), 0, 0.5, rescale=True)`` falls from 1 to 0 over the
     first half.
@@ -691,7 +692,7 @@ class _RunState:
     num_steps: int | None = None
     step: int | None = None
     value: float | None = None
-    pending: dict[str, float] = field(default_factory=dict)  # reported since the last new step
+    pending: dict[str, list[float]] = field(default_factory=dict)  # reported since the last new step
     smoothed: dict[str, float] = field(default_factory=dict)  # per metric, over steps (momentum)
     history: dict[str, list[float]] = field(default_factory=dict)  # every report of the run, in order
     trace: list[tuple[int, float]] = field(default_factory=list)  # (step, value) this run
@@ -699,8 +700,8 @@ class _RunState:
 
 
 _RULE_FIELDS = {
-    "ratio": {"metric", "target", "min_factor", "max_factor", "momentum"},
-    "threshold": {"metric", "threshold", "momentum", "latch", "off"},
+    "ratio": {"metric", "target", "goal", "min_factor", "max_factor", "momentum"},
+    "threshold": {"metric", "threshold", "goal", "momentum", "latch", "off"},
     "balance": {"metric", "reference", "min_factor", "max_factor", "momentum"},
     "callable": set(),
 }
@@ -714,15 +715,19 @@ class Adaptive(Schedule):
     ``report={name: value}`` when it evaluates the schedule. The value is computed at the first
     evaluation of each step, from everything reported before it, and then held for that step, so every
     attention site sees the same value; reports made later in the step shape the next step.
-    Call :meth:`reset` before a new run. ``m`` below is the latest reported value of ``metric``
-    (smoothed over steps when ``momentum > 0``: m = momentum * m_prev + (1 - momentum) * m_new).
+    Call :meth:`reset` before a new run. ``m`` below is the value of ``metric`` reported in the last
+    step (the mean of its reports, when a step makes several), smoothed over steps when
+    ``momentum > 0``: m = momentum * m_prev + (1 - momentum) * m_new.
 
     Rules:
 
     - ``"ratio"``: base * clamp(target / m, min_factor, max_factor) -- push harder while the metric is
       below ``target``, ease off above it (a metric <= 0 gives max_factor). Factor 1 before any report.
-    - ``"threshold"``: base while m < ``threshold``, ``off`` (0.0) once m >= threshold; with
-      ``latch=True`` it stays off for the rest of the run. Base before any report.
+      With ``goal="lower"`` (a loss the control lowers) the factor is m / target instead: push harder
+      while the loss is above its target.
+    - ``"threshold"``: base while m < ``threshold``, ``off`` (0.0) once m >= threshold: the control has
+      raised the metric far enough. With ``goal="lower"``: off once m <= threshold, the loss is low
+      enough. With ``latch=True`` it stays off for the rest of the run. Base before any report.
     - ``"balance"``: base * clamp(m_reference / m, min_factor, max_factor), with ``reference`` another
       reported metric -- keeps one loss term in step with another. Factor 1 until both are reported.
     - a callable ``f(progress, base_value, history) -> float``, ``history`` mapping each reported name
@@ -740,6 +745,7 @@ class Adaptive(Schedule):
     target: float | None = None
     threshold: float | None = None
     reference: str | None = None
+    goal: Literal["raise", "lower"] = "raise"
     min_factor: float = 0.5
     max_factor: float = 2.0
     momentum: float = 0.0
@@ -832,7 +838,7 @@ class Adaptive(Schedule):
         if not math.isfinite(v):
             raise ScheduleError(f"reported {name}={v!r} to {self}", fix="report finite metric values")
         self._state.history.setdefault(name, []).append(v)
-        self._state.pending[name] = v
+        self._state.pending.setdefault(name, []).append(v)
         super().report(name, value)
 
     def reset(self) -> None:
@@ -860,7 +866,8 @@ class Adaptive(Schedule):
                 )
             if pt.step == st.step:
                 return st.value
-        for name, v in st.pending.items():
+        for name, reported in st.pending.items():
+            v = sum(reported) / len(reported)  # a step's several model calls (the midpoint step) report each
             prev = st.smoothed.get(name)
             st.smoothed[name] = v if prev is None else self.momentum * prev + (1.0 - self.momentum) * v
         st.pending.clear()
@@ -879,13 +886,16 @@ class Adaptive(Schedule):
         st = self._state
         m = st.smoothed.get(self.metric)
         rule = self._rule_name
+        lower = self.goal == "lower"
         if rule == "ratio":
-            return base if m is None else base * self._factor(self.target, m)
+            if m is None:
+                return base
+            return base * (self._factor(m, self.target) if lower else self._factor(self.target, m))
         if rule == "balance":
             ref = st.smoothed.get(self.reference)
             return base if m is None or ref is None else base * self._factor(ref, m)
         if rule == "threshold":
-            if m is not None and m >= self.threshold:
+            if m is not None and (m <= self.threshold if lower else m >= self.threshold):
                 st.latched = st.latched or self.latch
                 return self.off
             return self.off if st.latched else base

@@ -742,6 +742,10 @@ def test_inspect_refuses_a_config_without_heads(tmp_path):
                                   "pooled_projection_dim": 64, "pos_embed_max_size": 8, "sample_size": 16}))
     result = run("inspect", "--config", config)
     assert result.exit_code == 2 and "has 0 attention heads" in " ".join(result.stderr.split())
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_attention_heads": 2, "patch_size": 0}))
+    result = run("inspect", "--config", config)  # diffusers divides by the patch size: a ZeroDivisionError
+    assert result.exit_code == 2 and "cannot build SD3Transformer2DModel from this config: ZeroDivisionError" in \
+        " ".join(result.stderr.split()) and "Traceback" not in result.output
 
 
 def test_eval_checks_its_prompt_items_values(sd3_dir, tmp_path):

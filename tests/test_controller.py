@@ -693,6 +693,53 @@ def test_adaptive_schedules_follow_what_their_control_reports(sd3_pipe):
             targets=["circle"], steps=Adaptive(1.0, "threshold", metric="coverage", threshold=1))])
 
 
+def test_adaptive_schedules_survive_the_start_of_run_check_and_count_denoising_steps(sd3_pipe):
+    """The start-of-run check that a gate is ever on evaluated the live schedules, which used an Adaptive one up: a
+    window base crashed the run, and an isolation threshold held its base for a step. Under the midpoint scheduler
+    layout guidance's losses were matched to model calls, so only the first step's was reported; an attnctl
+    pipeline closes the run's last step, and isolation's coverage has one value per step either way."""
+    from attnctl.midpoint import use_solver
+    from attnctl.pipelines import AttnCtlSD3Pipeline
+    from attnctl.schedules import Adaptive, Window
+
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    reg = attnctl.AttentionRegulation(targets=["circle"], iterations=2,
+                                      steps=Adaptive(Window(1.0, 0.5, 1.0), "threshold", metric="loss", threshold=9))
+    pipe("a red circle", controls=[reg], **KW)  # raised "was at step 1 of 3 and is now asked for step 0"
+    assert reg.config.steps.trace == [(0, 0.0), (1, 1.0), (2, 1.0)]
+    iso = attnctl.IsolationAttention(subjects=["red", "circle"],
+                                     isolation=Adaptive(1.0, "threshold", metric="coverage", threshold=0.0))
+    pipe("a red circle", controls=[iso], **KW)
+    assert iso.config.isolation.trace == [(1, 0.0), (2, 0.0)]  # off from step 1: step 0's coverage was reported
+    assert len(iso.coverage) == 3 and len(iso.config.isolation.history["coverage"]) == 3
+    with attnctl.attach(sd3_pipe, [iso]):  # a stock pipeline: the last step's coverage from its maps, when asked
+        sd3_pipe("a red circle", **KW)
+    assert len(iso.coverage) == 3
+    lay = attnctl.LayoutGuidance(boxes={"circle": [0, 0, 0.5, 0.5]},
+                                 scale=Adaptive(0.1, "ratio", metric="loss", target=0.5))
+    with use_solver(pipe, "midpoint"):
+        pipe("a red circle", controls=[lay], **KW)
+    assert [s for s, _ in lay.history] == [0, 1, 2]
+    assert lay.config.scale.history["loss"] == pytest.approx([loss for _, loss in lay.history])
+
+
+def test_a_gate_closed_before_an_img2img_run_starts_is_warned(sd3_pipe):
+    """Strength 0.5 starts the run half way through the schedule: regulation's default window (the first half)
+    never opens, which went unsaid."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    i2i = StableDiffusion3Img2ImgPipeline(**sd3_pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    reg = attnctl.AttentionRegulation(targets=["circle"])
+    with pytest.warns(UserWarning, match=r"AttentionRegulation does nothing in this run: its steps window.* is 0 at "
+                                         r"every step it can act at \(from step 5 of 8\) \(a window that ends before "
+                                         "an img2img run starts"), attnctl.attach(i2i, [reg]):
+        i2i("a red circle", image=torch.rand(1, 3, 32, 48), strength=0.5, num_inference_steps=8, height=32, width=48,
+            max_sequence_length=24, output_type="np")
+    assert not reg.records
+
+
 def test_schedules_count_denoising_steps_under_the_midpoint_scheduler(sd3_pipe):
     """The midpoint scheduler makes two model calls per step: a schedule's value holds for both (a window over the
     first half of 3 steps is on for step 0 — calls 0 and 1 — and not for step 1's first call alone)."""

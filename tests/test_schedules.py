@@ -284,6 +284,48 @@ def test_threshold_latch_balance_momentum():
     assert ema(1, 3, report={"value": 0.2}) == pytest.approx(1 / 0.6)
 
 
+def test_a_loss_the_control_lowers_and_several_reports_in_one_step():
+    """``goal="lower"``: the threshold switches off once the loss is low enough, and the ratio pushes harder while
+    the loss is above its target (the plain rules read a metric the control raises). Several reports in one step
+    (the midpoint scheduler's two calls) count as their mean."""
+    gate = Adaptive(1.0, "threshold", metric="loss", threshold=0.2, goal="lower")
+    assert [gate(i, 4, report={"loss": m}) for i, m in enumerate([0.9, 0.5, 0.1, 0.4])] == [1.0, 1.0, 0.0, 1.0]
+    push = Adaptive(1.0, "ratio", metric="loss", target=0.5, goal="lower", max_factor=4)
+    assert push(0, 3, report={"loss": 1.0}) == 2.0  # the loss is twice its target: twice the strength
+    assert push(1, 3, report={"loss": 0.25}) == 0.5
+    mean = Adaptive(1.0, "ratio", metric="loss", target=1.0, goal="lower", max_factor=10)
+    mean(0, 2)
+    mean.report("loss", 1.0)
+    mean.report("loss", 3.0)
+    assert mean(1, 2) == 2.0 and mean.history == {"loss": [1.0, 3.0]}
+    assert str(from_json(gate.to_json())) == str(gate) and str(gate).endswith("goal='lower')")
+    with pytest.raises(ScheduleError, match="does not use goal"):
+        Adaptive(1.0, "balance", reference="sa", goal="lower")
+
+
+def test_scalars_of_the_wrong_kind_are_refused_in_schedules_and_controls():
+    """A quoted number, a flag for a number or a number for a flag: pydantic alone took them (``"7"`` → 7,
+    ``"no"`` → False), in a schedule's points and flags and in every control's settings."""
+    import attnctl
+
+    for data, msg in [({"kind": "piecewise", "points": [["0", 1], [0.5, 0.2]]}, r"points\[0\]\[0\]='0' is a string"),
+                      ({"kind": "window", "value": 1, "stop": 0.5, "rescale": "yes"}, "rescale='yes' is a string"),
+                      ({"kind": "window", "value": 1, "stop": 0.5, "rescale": 1}, "rescale=1 is int, not true"),
+                      ({"kind": "adaptive", "base": 1, "rule": "threshold", "threshold": 1, "latch": "no"}, "latch")]:
+        with pytest.raises(ScheduleError, match=msg):
+            from_json(data)
+    for data, msg in [({"kind": "regulation", "targets": ["circle"], "iterations": "3"}, "iterations='3' is a string"),
+                      ({"kind": "regulation", "targets": ["circle"], "keep_best": "no"}, "keep_best='no'"),
+                      ({"kind": "layout", "boxes": {"circle": ["0", 0, 1, 1]}}, r"boxes\['circle'\]\[0\]='0'"),
+                      ({"kind": "isolation", "subjects": ["a", "b"], "seed": True}, "seed=True is a true/false flag"),
+                      ({"kind": "probe", "words": ["circle"], "heads": [True]}, r"heads\[0\]=True"),
+                      ({"kind": "epipolar", "rig": {"kind": "stereo", "roll": "90"}}, "roll='90' is a string")]:
+        with pytest.raises(ConfigError, match=msg):
+            attnctl.control_from_json(data)
+    assert attnctl.control_from_json({"kind": "regulation", "targets": ["circle"], "iterations": 3, "lr": 50,
+                                      "steps": "window(1, 0, 0.5)"}).config.lr == 50.0  # ints for floats: fine
+
+
 def test_adaptive_callable_history_and_json_refusal():
     seen = []
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, ConfigDict, ValidationError
 
 from ..errors import ConfigError, LayoutError, UnsupportedModelError, WordCutOffError
+from ..json_types import ScalarsOfTheirKind
 from ..layout import TokenLayout
 from ..processors.contributions import index_tensor
 from ..sites import Site, select_sites
@@ -78,8 +79,9 @@ class RunState:
 
     @property
     def timestep(self) -> float | None:
-        """The model's timestep at this call. The controller keeps the call's tensor and reads its value only here,
-        when a control asks: on a GPU, reading a value waits for the device, and nothing in attnctl needs it."""
+        """The model's timestep at this call, as the pipeline gives it (SD3: 0–1000; FLUX: 0–1, the sigma). The
+        controller keeps the call's tensor and reads its value only here, when a control asks: on a GPU, reading a
+        value waits for the device, and nothing in attnctl needs it."""
         self._timestep = _value(self._timestep)
         return self._timestep
 
@@ -113,7 +115,9 @@ class RunState:
 
     @property
     def progress(self) -> float:
-        return self.step / max(self.num_steps - 1, 1)
+        """Run progress as schedules see it: 0 at the first denoising step, 1 at the last (:attr:`schedule_step`)."""
+        step, steps = self.schedule_step
+        return step / max(steps - 1, 1)
 
     @property
     def schedule_step(self) -> tuple[int, int]:
@@ -235,8 +239,9 @@ def check_segments(layout: TokenLayout, segments: Sequence[str] | None, who: str
                           fix=f"give segments from {names}, or leave segments out to read words from all of them")
 
 
-class ControlConfig(BaseModel):
-    """Base of control configs: strict field names, JSON round trip."""
+class ControlConfig(ScalarsOfTheirKind):
+    """Base of control configs: strict field names and scalar kinds (no ``"7"`` for 7, no ``true`` for 1.0), JSON
+    round trip."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
 
@@ -393,8 +398,9 @@ class Control:
 def _explain(kind: str, err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
-        parts.append(f"{loc}: {e['msg']}")
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return f"invalid {kind} control config — " + "; ".join(parts)
 
 

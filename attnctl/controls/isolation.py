@@ -167,9 +167,14 @@ class IsolationAttention(Control):
 
     @property
     def coverage(self) -> list[float]:
-        """Per step of the last run: the mean share of the image in the target subjects' masks."""
+        """Per step of the last run: the mean share of the image in the target subjects' masks. The masks of a step
+        are made when the next one starts; the last step's, from its maps when asked (a run on a stock pipeline
+        under :func:`attnctl.attach` has no end the controls see)."""
         self._coverage = [float(c) for c in self._coverage]
-        return self._coverage
+        targets = [t for _, t in self._sets or []]
+        if self._sum is None or not targets:
+            return list(self._coverage)
+        return [*self._coverage, float(otsu_masks(self._sum)[targets].float().mean())]
 
     # ------------------------------------------------------------------------------ rows and words
     def _words(self, layout, subjects: list[str]) -> list[list[int]]:

@@ -286,6 +286,7 @@ class LayoutGuidance(Control):
         self._sites_seen = 0
         self._step = 0
         self._history: list[tuple[int, Any]] = []  # (step, loss as a device tensor until read: see history)
+        self._reported = 0  # entries of the history given to the Adaptive schedules
         self._none_present = False  # missing="ignore" and no boxed word in the run's prompts: nothing to guide
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -318,8 +319,9 @@ class LayoutGuidance(Control):
                           "so nothing is guided (missing='ignore')", UserWarning, stacklevel=2)
 
     def end_step(self, state: RunState) -> None:
-        if self.adaptive:
-            losses = [float(loss) for step, loss in self._history if step == state.step]
+        if self.adaptive:  # the descent steps since the last report (the history counts denoising steps)
+            losses = [float(loss) for _, loss in self._history[self._reported:]]
+            self._reported = len(self._history)
             if losses:
                 self.report({"loss": sum(losses) / len(losses)})
 

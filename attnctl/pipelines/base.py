@@ -67,4 +67,6 @@ class ControlledPipelineMixin:
         self._default_views(parent_call, args, kwargs, controls)
         with Controller(self, controls) as ctl:  # installs the perturbed branch too when a control asks for one
             self.attnctl = ctl
-            return parent_call(self, *args, **kwargs)
+            out = parent_call(self, *args, **kwargs)
+            ctl.finish()  # the controls close the run's last step (its metrics, isolation's last masks)
+            return out

@@ -1,0 +1,89 @@
+"""Scalars of the wrong kind in settings, refused before pydantic quietly converts them.
+
+Pydantic's lax mode turns ``"7"`` into 7, ``true`` into 1.0 and ``"no"`` into False. In a settings file those are
+mistakes (a quoted number, a flag where a number belongs), and a setting silently made of one runs something the user
+did not write. :func:`wrong_scalar` walks a value against its field's type and names the first such scalar; the
+config bases (controls, schedules) call it in a before-validator. Strict mode would also refuse a JSON list where a
+tuple is declared, which every settings file writes, so only the scalar kinds are checked here.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, model_validator
+
+_NUMBERS = (int, float)
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a true/false flag", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def wrong_scalar(value: Any, annotation: Any, where: str) -> str | None:
+    """``None`` if ``value`` has no scalar of the wrong kind for ``annotation``, else what is wrong and where (``where``
+    names the value, e.g. ``"iterations"``; items are named ``boxes['circle'][0]``). Types it does not know (models,
+    schedules, ``Any``) are left to their own validation."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return wrong_scalar(value, get_args(annotation)[0], where)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        found = [wrong_scalar(value, a, where) for a in options]
+        return None if any(f is None for f in found) else found[0]
+    if origin is Literal or annotation is Any:
+        return None
+    if annotation is bool:
+        return None if isinstance(value, bool) else f"{where}={value!r} is {_kind(value)}, not true or false"
+    if annotation in _NUMBERS:
+        if isinstance(value, bool | str):
+            return f"{where}={value!r} is {_kind(value)}, not a number"
+        return None
+    if annotation is str:
+        return None if isinstance(value, str) else f"{where}={value!r} is {_kind(value)}, not a string"
+    if origin in (list, tuple, set, frozenset) and isinstance(value, list | tuple):
+        args = [a for a in get_args(annotation) if a is not Ellipsis]
+        if not args:
+            return None
+        for i, item in enumerate(value):
+            arg = args[0] if len(args) == 1 or Ellipsis in get_args(annotation) else args[min(i, len(args) - 1)]
+            found = wrong_scalar(item, arg, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    if origin is dict and isinstance(value, Mapping):
+        args = get_args(annotation)
+        if len(args) == 2:
+            for k, item in value.items():
+                found = wrong_scalar(item, args[1], f"{where}[{k!r}]")
+                if found:
+                    return found
+    return None
+
+
+def wrong_scalar_in_fields(model: Any, data: Any) -> str | None:
+    """:func:`wrong_scalar` over the fields of a pydantic ``model`` class given in the mapping ``data``."""
+    if not isinstance(data, Mapping):
+        return None
+    for name, info in model.model_fields.items():
+        if name in data:
+            found = wrong_scalar(data[name], info.annotation, name)
+            if found:
+                return found
+    return None
+
+
+class ScalarsOfTheirKind(BaseModel):
+    """A pydantic model that refuses a scalar of the wrong kind in any field (:func:`wrong_scalar`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalars_of_their_kind(cls, data: Any) -> Any:
+        wrong = wrong_scalar_in_fields(cls, data)
+        if wrong:
+            raise ValueError(f"{wrong}; write numbers without quotes, flags as true / false and names as strings")
+        return data
