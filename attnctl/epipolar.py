@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .json_types import ScalarsOfTheirKind
 
 Matrix = list[list[float]]
 
 
-class Camera(BaseModel):
+class Camera(ScalarsOfTheirKind):
     """A pinhole camera: intrinsics ``K`` in pixels of an image of ``size`` = [width, height], and the world →
     camera rotation ``R`` and translation ``t`` (OpenCV convention: x right, y down, z forward)."""
 
@@ -120,7 +121,7 @@ class Camera(BaseModel):
         return pix[:, :2] / pix[:, 2:3]
 
 
-class StereoRig(BaseModel):
+class StereoRig(ScalarsOfTheirKind):
     """Two cameras side by side: the second ``baseline`` units to the right of the first, both looking ahead, the
     second rolled by ``roll`` degrees about its view axis. At roll 0 the pair is rectified (the epipolar lines are
     the image rows); a roll tilts the second view's lines by the same angle."""
@@ -153,7 +154,7 @@ class StereoRig(BaseModel):
                 Camera.look_at([b, 0, 0], [b, 0, 1], fov=self.fov, size=size, up=[math.sin(a), -math.cos(a), 0])]
 
 
-class OrbitRig(BaseModel):
+class OrbitRig(ScalarsOfTheirKind):
     """``views`` cameras on a horizontal circle of ``radius`` around the scene centre, ``degrees`` apart, each looking
     at the centre; the middle of the arc faces the scene from the front."""
 
@@ -220,6 +221,49 @@ def epipolar_lines(F: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return lines / lines[:, :2].norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def visible_spans(view_i: Camera, view_j: Camera, u: torch.Tensor, lines: torch.Tensor) -> torch.Tensor:
+    """``(n, 2)``: where along its epipolar line (``lines``, from :func:`epipolar_lines`) view ``j`` can see what
+    pixel ``u`` of view ``i`` sees, as an interval ``[lo, hi]`` of the coordinate ``τ = (−l_y, l_x)·(x, y)`` along
+    the line (pixels; ``±inf`` for an open end, ``lo > hi`` where nothing is seen).
+
+    The pixel's ray is ``X(s) = C_i + s·d`` with ``s > 0`` (in front of camera ``i``); in view ``j`` it is the
+    homogeneous point ``e + s·v`` with ``e = K_j·(R_j·C_i + t_j)`` (the epipole) and ``v = K_j·R_j·d`` (the ray's
+    vanishing point), at depth ``z(s) = e_z + s·v_z``, which must be > 0 (in front of camera ``j``). On that interval
+    of ``s`` the projection runs monotonically along the line, so its ends are the images of the interval's ends:
+    the epipole at ``s = 0`` (if ``e_z > 0``), the vanishing point at ``s → ∞`` (if ``v_z > 0``), or infinity along
+    the line where ``z → 0⁺``. The rest of the line is the image of points behind one of the cameras: no
+    correspondence lies there (for a rectified pair, the half of the row at negative disparity)."""
+    Ki, Ri, ti = view_i.tensors()
+    Kj, Rj, tj = view_j.tensors()
+    hom = torch.cat([u.to(torch.float64), torch.ones(u.shape[0], 1, dtype=torch.float64)], 1)
+    d = hom @ torch.linalg.inv(Ki).T @ Ri  # ray directions in the world: Rᵢᵀ·Kᵢ⁻¹·u (depth 1 in camera i)
+    e = Kj @ (Rj @ (-Ri.T @ ti) + tj)  # (3,)
+    v = d @ Rj.T @ Kj.T  # (n, 3)
+    tangent = torch.stack([-lines[:, 1], lines[:, 0]], 1).to(torch.float64)
+
+    def along(p: torch.Tensor) -> torch.Tensor:
+        """τ of homogeneous points ``p`` (n, 3) approached from positive depth: ±inf at depth 0."""
+        num = (tangent * p[:, :2]).sum(1)
+        finite = p[:, 2] > 1e-12 * p.norm(dim=1)
+        return torch.where(finite, num / torch.where(finite, p[:, 2], 1.0), num.sign() * math.inf)
+
+    n = u.shape[0]
+    ez, vz = float(e[2]), v[:, 2]
+    flat = vz.abs() <= 1e-12 * v.norm(dim=1)  # the ray runs parallel to view j's image plane
+    at_zero = e + (-ez / torch.where(flat, 1.0, vz))[:, None] * v  # where z(s) = 0 (depth 0: infinity)
+    e_rows = e.expand(n, 3)
+    # the ends of the visible interval of s, as image points: (start, end)
+    start = torch.where(((vz > 0) & (ez < 0) & ~flat)[:, None], at_zero, e_rows)
+    end = torch.where(flat[:, None], v * torch.tensor([1.0, 1.0, 0.0], dtype=v.dtype),  # infinity along v
+                      torch.where((vz > 0)[:, None], v, at_zero))
+    a, b = along(start), along(end)
+    seen = torch.where(flat, torch.full_like(vz, ez), torch.where(vz > 0, torch.ones_like(vz), torch.full_like(vz, ez))
+                       ) > 0  # some s > 0 with z(s) > 0
+    lo = torch.where(seen, torch.minimum(a, b), torch.full_like(a, math.inf))
+    hi = torch.where(seen, torch.maximum(a, b), torch.full_like(b, -math.inf))
+    return torch.stack([lo, hi], 1)
+
+
 def line_distance(F: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``(n, m)``: pixel distance of each point ``v`` (``(m, 2)``, view ``j``) from the epipolar line of each
     point ``u`` (``(n, 2)``, view ``i``)."""
@@ -231,9 +275,14 @@ class TokenGeometry:
     """The epipolar lines of one view pair on one token grid, in token units, to read distances block by block:
     ``distances(r0, r1)`` is ``(r1 − r0, N)`` — how far each of view ``j``'s token centres lies from the line of
     view ``i``'s tokens ``r0:r1`` — so no ``N × N`` table is ever held. Both cameras must share ``size`` (jointly
-    generated views have one resolution)."""
+    generated views have one resolution).
 
-    def __init__(self, view_i: Camera, view_j: Camera, grid: tuple[int, int], device=None) -> None:
+    With ``in_front`` (the default) a line is only the part of it that can hold a correspondence, the image of the
+    points in front of both cameras (:func:`visible_spans`): the distance of a token beyond an end of that part is
+    its distance from the end. Without it, the whole line (the epipolar constraint alone)."""
+
+    def __init__(self, view_i: Camera, view_j: Camera, grid: tuple[int, int], device=None,
+                 in_front: bool = True) -> None:
         if tuple(view_i.size) != tuple(view_j.size):
             raise ConfigError(f"the cameras' sizes differ ({list(view_i.size)} vs {list(view_j.size)}); jointly "
                               "generated views share one resolution, so write every K for the same image size")
@@ -242,12 +291,30 @@ class TokenGeometry:
         h, w = grid
         token = math.sqrt((W / w) * (H / h))  # a token's side in pixels (the geometric mean if not square)
         centres = token_centres(grid, view_i.size)
-        self.lines = (epipolar_lines(fundamental(view_i, view_j), centres) / token).to(torch.float32).to(device)
+        lines = epipolar_lines(fundamental(view_i, view_j), centres)
+        self.lines = (lines / token).to(torch.float32).to(device)
         self.points = torch.cat([centres, torch.ones(len(centres), 1, dtype=centres.dtype)], 1).to(
             torch.float32).to(device)  # (N, 3) homogeneous pixel centres of view j (same grid)
+        self.spans = None
+        if in_front:  # τ along each line, in tokens, and the part of the line that can hold a correspondence
+            self.tangents = (torch.stack([-lines[:, 1], lines[:, 0], torch.zeros_like(lines[:, 0])], 1) / token
+                             ).to(torch.float32).to(device)
+            self.spans = (visible_spans(view_i, view_j, centres, lines) / token).to(torch.float32).to(device)
 
     def distances(self, r0: int, r1: int) -> torch.Tensor:
-        return (self.lines[r0:r1] @ self.points.T).abs()
+        """``(r1 − r0, N)`` token distances of view ``j``'s tokens from the lines (or visible parts of the lines) of
+        view ``i``'s tokens ``r0:r1``."""
+        return self.distances_of(slice(r0, r1))
+
+    def distances_of(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """:meth:`distances` for view ``i``'s tokens ``rows`` (a slice or an index tensor)."""
+        d = (self.lines[rows] @ self.points.T).abs()
+        if self.spans is None:
+            return d
+        tau = self.tangents[rows] @ self.points.T
+        lo, hi = self.spans[rows, :1], self.spans[rows, 1:]
+        past = (lo - tau).clamp_min(0) + (tau - hi).clamp_min(0)  # how far beyond an end of the visible part
+        return torch.hypot(d, past)
 
     def pencil_order(self) -> torch.Tensor:
         """View ``i``'s tokens ordered along the pencil of their epipolar lines, so that consecutive tokens have
@@ -268,11 +335,10 @@ class TokenGeometry:
         strip (about 6% of a 64 × 64 grid for a band of one token): attention over the band then reads those keys
         only. Runs whose lines all miss view ``j`` are left out; runs that reach most of it keep every key."""
         order = self.pencil_order()
-        lines, points = self.lines.cpu(), self.points.cpu()
         chunks = []
         for c0 in range(0, len(order), size):
             queries = order[c0:c0 + size]
-            inside = (lines[queries] @ points.T).abs() <= band
+            inside = self.distances_of(queries.to(self.lines.device)).cpu() <= band
             reached = inside.any(0)
             if not bool(reached.any()):
                 continue

@@ -87,6 +87,63 @@ def test_the_token_of_each_projected_point_falls_inside_the_band():
         assert bool((ctl.bias(d, 0.0) == 0).all())  # every true correspondence keeps its key
 
 
+def _seen_distances(view_i: Camera, view_j: Camera, grid: tuple[int, int]) -> torch.Tensor:
+    """By brute force: token distances of view j's token centres from the projections, into view j, of dense points
+    of each view-i token's ray that lie in front of both cameras (none seen: far away)."""
+    h, w = grid
+    W, H = view_i.size
+    token = math.sqrt((W / w) * (H / h))
+    Ki, Ri, ti = view_i.tensors()
+    Kj, Rj, tj = view_j.tensors()
+    ys, xs = torch.meshgrid((torch.arange(h, dtype=torch.float64) + 0.5) * H / h,
+                            (torch.arange(w, dtype=torch.float64) + 0.5) * W / w, indexing="ij")
+    pix = torch.stack([xs.flatten(), ys.flatten()], 1)
+    rays = torch.cat([pix, torch.ones(h * w, 1, dtype=torch.float64)], 1) @ torch.linalg.inv(Ki).T @ Ri
+    s = torch.logspace(-4, 4, 8001, dtype=torch.float64)  # depths along each ray, in front of camera i
+    cam_j = (-Ri.T @ ti + s[None, :, None] * rays[:, None, :]) @ Rj.T + tj  # (tokens, samples, 3)
+    seen = cam_j @ Kj.T
+    seen = torch.where(cam_j[..., 2:] > 0, seen[..., :2] / seen[..., 2:], 1e9)  # behind camera j: far away
+    return torch.cdist(pix.expand(h * w, -1, -1), seen).min(2).values / token
+
+
+@pytest.mark.parametrize("pose", ["orbit", "facing", "behind", "rectified"])
+def test_the_visible_part_of_each_line_matches_projected_rays_in_front_of_both_cameras(pose):
+    """The distance from a line's visible part equals the distance from densely projected points of the ray that
+    lie in front of both cameras: for an orbit pair, cameras facing each other (epipole inside the image), the
+    second camera behind the first, and a rectified pair (epipole at infinity)."""
+    size = (48.0, 32.0)
+    poses = {"orbit": ([0, 0, -4], [0, 0, 0], [2.5, -0.5, -3], [0, 0, 0]),
+             "facing": ([0, 0, -3], [0, 0, 0], [0.6, 0.3, 3], [0, 0, 0]),
+             "behind": ([0, 0, 0], [0, 0, 1], [0.5, 0.2, -2], [0.5, 0.2, -1]),
+             "rectified": ([0, 0, 0], [0, 0, 1], [0.3, 0, 0], [0.3, 0, 1])}[pose]
+    cams = [Camera.look_at(poses[0], poses[1], fov=70, size=size),
+            Camera.look_at(poses[2], poses[3], fov=70, size=size)]
+    for i, j in [(0, 1), (1, 0)]:
+        got = TokenGeometry(cams[i], cams[j], (4, 6)).distances(0, 24).double()
+        want = _seen_distances(cams[i], cams[j], (4, 6))
+        near = want < 3
+        assert bool(near.any()) and bool(((got < 3) == near).float().mean() > 0.98)
+        assert torch.allclose(got[near], want[near], atol=1e-2), (got[near] - want[near]).abs().max()
+        assert bool((got[~near] > 2.99).all())
+        full = TokenGeometry(cams[i], cams[j], (4, 6), in_front=False).distances(0, 24)
+        assert bool((got >= full - 1e-4).all())  # the visible part of a line is a part of it
+        if pose in ("facing", "behind"):
+            assert bool((got > full + 0.5).any())  # and there the rest of the line is in view
+
+
+def test_cameras_that_see_nothing_in_common_couple_nothing_unless_the_whole_lines_are_asked_for():
+    """Back to back, every line of one view is the image of points behind the other camera: no key is in a band
+    (a warning says so), while the whole lines (``in_front=False``) cross the views."""
+    cams = [Camera.look_at([0, 0, 0], [0, 0, 1], size=(48, 32)), Camera.look_at([0.5, 0, 0], [0.5, 0, -1],
+                                                                                  size=(48, 32))]
+    ctl = EpipolarAttention(cameras=cams)
+    with pytest.warns(UserWarning, match="couples nothing"):
+        assert not any(ctl.band_plan((4, 6), "cpu").values())
+    whole = EpipolarAttention(cameras=cams, in_front=False)
+    assert any(whole.band_plan((4, 6), "cpu").values())
+    assert EpipolarAttention.from_json(whole.to_json()).config.in_front is False
+
+
 # ------------------------------------------------------------------------------------------------ the attention
 
 
@@ -274,10 +331,17 @@ def test_with_isolation_at_the_same_call_each_view_is_isolated_within_itself_and
 
 def test_a_stereo_rig_at_roll_zero_is_rectified_and_its_roll_tilts_the_lines():
     rectified = EpipolarAttention(rig={"kind": "stereo"})
-    geo = TokenGeometry(*rectified.cameras((4, 6)), (4, 6))
+    geo = TokenGeometry(*rectified.cameras((4, 6)), (4, 6), in_front=False)
     d = geo.distances(0, 24).reshape(4, 6, 4, 6)  # query (row, col) of view 1 × key (row, col) of view 2
     same_row = torch.eye(4, dtype=torch.bool)[:, None, :, None].expand(4, 6, 4, 6)
     assert d[same_row].abs().max() < 1e-5 and d[~same_row].min() > 0.99  # each line is its query's token row
+    # in front of both cameras: the second camera is to the right, so a point moves left in its view (disparity
+    # ≥ 0, none at infinity); a key k tokens right of the query's column is k tokens from the visible half-row
+    front = TokenGeometry(*rectified.cameras((4, 6)), (4, 6)).distances(0, 24).reshape(4, 6, 4, 6)
+    right = (torch.arange(6)[None, :] - torch.arange(6)[:, None]).clamp_min(0).float()  # (query col, key col)
+    want = torch.where(same_row, right[None, :, None, :].expand(4, 6, 4, 6), d)
+    assert torch.allclose(front[same_row], want[same_row], atol=1e-4)
+    assert bool((front[~same_row] >= d[~same_row] - 1e-5).all())
     rolled = EpipolarAttention(rig={"kind": "stereo", "roll": 30}).cameras((6, 6))
     F = fundamental(*rolled)
     line = F @ torch.tensor([3.0, 3.0, 1.0], dtype=torch.float64)  # the line of the centre pixel, in view 2

@@ -74,6 +74,8 @@ class EpipolarConfig(ControlConfig):
                                       "row (1 / its number of keys)")
     scale: bounded(0, None) = Field(1.0, description="schedule of the weight of the other views' keys "
                                                      "(0: views independent at that step)")
+    in_front: bool = Field(True, description="a line is only its part that images points in front of both cameras "
+                                             "(the rest cannot hold a correspondence); false: the whole line")
     sites: str | list[str] = Field("all", description="site selector")
 
     @field_validator("cameras")
@@ -134,7 +136,7 @@ class EpipolarAttention(Control):
     def begin_run(self, state: RunState) -> None:
         self.config.scale.reset()
         self.calls = 0
-        cameras = repr((self.config.rig, self.config.cameras))  # a rig or cameras assigned since the last run: used
+        cameras = repr((self.config.rig, self.config.cameras, self.config.in_front))  # assigned since the last run
         if cameras != self._made_for:
             self._geometry.clear()
             self._plans.clear()
@@ -145,7 +147,7 @@ class EpipolarAttention(Control):
         key = (tuple(grid), str(device))
         if key not in self._geometry:
             cams = self.cameras(grid)
-            self._geometry[key] = {(i, j): TokenGeometry(cams[i], cams[j], grid, device)
+            self._geometry[key] = {(i, j): TokenGeometry(cams[i], cams[j], grid, device, self.config.in_front)
                                    for i in range(self.views) for j in range(self.views) if i != j}
         return self._geometry[key]
 
