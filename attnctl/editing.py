@@ -321,6 +321,12 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     for name in ("latents", "height", "width", "prompt", "num_images_per_prompt"):
         if name in pipe_kwargs:
             raise ConfigError(f"edit() sets {name} itself", fix=f"drop {name}=... from the call")
+    for name in ("sigmas", "timesteps", "mu"):  # the edit would leave the noise levels the image was inverted at
+        if name in pipe_kwargs:
+            raise ConfigError(f"edit() inverts the image on the pipeline's own noise grid for num_inference_steps, so "
+                              f"{name}=... would run the edit at other noise levels than its inverted path",
+                              fix=f"drop {name}=... and choose the grid with num_inference_steps (and the scheduler's "
+                                  "shift)")
     check_steps_and_guidance(num_inference_steps, guidance_scale, "guidance_scale")
     control = UnifyEdit() if control is None else control
     if not isinstance(control, UnifyEdit):

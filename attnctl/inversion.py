@@ -171,13 +171,30 @@ def has_guidance_embedding(pipe: Any) -> bool:
 
 
 def text_length(pipe: Any, max_sequence_length: int | None = None) -> int:
-    """The T5 sequence length to encode prompts with: ``max_sequence_length`` when given, else the T5 tokenizer's
-    own limit when it is below 256 (the toy models), else 256."""
+    """The T5 sequence length to encode prompts with: ``max_sequence_length`` when given, else what the pipeline's
+    own call uses by default (diffusers: 256 on SD3, 512 on FLUX.1), cut to the T5 tokenizer's limit where that is
+    shorter (the toy models), so that ``pipe(prompt, latents=path[0])`` sees the prompt the inversion saw."""
     if max_sequence_length:
         return int(max_sequence_length)
     tok = getattr(pipe, "tokenizer_3" if family_of(pipe.transformer) == "sd3" else "tokenizer_2", None)
     limit = getattr(tok, "model_max_length", None)
-    return limit if isinstance(limit, int) and limit < 256 else 256
+    default = _call_default(pipe, "max_sequence_length", 256)
+    return limit if isinstance(limit, int) and 0 < limit < default else default
+
+
+def _call_default(pipe: Any, name: str, fallback: int) -> int:
+    """The default of ``name`` in the pipeline's ``__call__`` (the first class of its MRO whose ``__call__`` names
+    it: attnctl's pipelines pass their arguments through to diffusers')."""
+    import inspect
+
+    for cls in type(pipe).__mro__:
+        call = cls.__dict__.get("__call__")
+        if call is None:
+            continue
+        param = inspect.signature(call).parameters.get(name)
+        if param is not None and isinstance(param.default, int):
+            return param.default
+    return fallback
 
 
 def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: float | None = None,

@@ -141,14 +141,17 @@ SOLVERS = ("euler", "midpoint")
 
 @contextlib.contextmanager
 def use_solver(pipe: Any, solver: str) -> Iterator[Any]:
-    """Run the block with ``pipe`` stepping by ``solver``: "euler" leaves the pipeline's own scheduler, "midpoint"
-    puts a :class:`FlowMatchMidpointScheduler` made from its config in its place. The pipeline's scheduler is put back
-    on exit, also when the block raises."""
+    """Run the block with ``pipe`` stepping by ``solver``: "euler" leaves the pipeline's own scheduler (a midpoint one,
+    as a pipeline saved with it has, is swapped for diffusers' Euler scheduler of its config), "midpoint" puts a
+    :class:`FlowMatchMidpointScheduler` made from its config in its place. The pipeline's scheduler is put back on
+    exit, also when the block raises."""
     if solver not in SOLVERS:
         raise ConfigError(f"the solver is {solver!r}", fix=f"choose one of {', '.join(SOLVERS)}")
     own = pipe.scheduler
     if solver == "midpoint":
         pipe.scheduler = FlowMatchMidpointScheduler.from_config(own.config)
+    elif isinstance(own, FlowMatchMidpointScheduler):
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(own.config)
     try:
         yield pipe
     finally:

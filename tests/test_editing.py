@@ -175,6 +175,27 @@ def test_flux_edit_runs_the_gradient_pass_and_moves_the_target(toy_flux, scene):
     assert float((res.edited.float() - plain.edited.float()).abs().mean()) > 1e-3
 
 
+def test_weights_of_zero_are_said_and_cost_nothing_and_history_counts_denoising_steps(toy_sd3, scene, monkeypatch):
+    """Both weights 0 ran a gradient pass at every guided step for nothing and said nothing; under the midpoint
+    scheduler the history counted the loop's calls (0, 2, 4) where everything else counts denoising steps."""
+    from attnctl.editing import EditBranches
+    from attnctl.midpoint import FlowMatchMidpointScheduler
+
+    passes = []
+    forward = EditBranches._forward
+    monkeypatch.setattr(EditBranches, "_forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
+    path = invert(toy_sd3, scene, SOURCE, 4)
+    with pytest.warns(UserWarning, match="UnifyEdit does nothing in this run: sa_weight and ca_weight are both 0"):
+        none = edit(toy_sd3, scene, SOURCE, TARGET, 4, control=UnifyEdit(sa_weight=0, ca_weight=0), path=path,
+                    output_type="latent")
+    plain = edit(toy_sd3, scene, SOURCE, TARGET, 4, control=UnifyEdit(scale=0.0), path=path, output_type="latent")
+    assert torch.equal(none.edited, plain.edited) and not none.control.history
+    mid = _with_scheduler(toy_sd3, FlowMatchMidpointScheduler)
+    c = UnifyEdit(scale="window(1, 0, 0.6)")
+    edit(mid, scene, SOURCE, TARGET, 4, control=c, output_type="latent")
+    assert [h.step for h in c.history] == [0, 1]
+
+
 def _with_scheduler(pipe, scheduler_cls):
     return type(pipe)(**{**pipe.components, "scheduler": scheduler_cls.from_config(pipe.scheduler.config)})
 
@@ -242,6 +263,10 @@ def test_edit_refuses_bad_calls_with_named_errors(toy_sd3, scene):
         edit(toy_sd3, scene, SOURCE, "  ", 4)
     with pytest.raises(ConfigError, match="sets latents itself"):
         edit(toy_sd3, scene, SOURCE, TARGET, 4, latents=torch.zeros(1))
+    for grid in ({"sigmas": [1.0, 0.9, 0.8, 0.7]}, {"timesteps": [999, 900, 800, 700]}, {"mu": 0.5}):
+        name = next(iter(grid))  # the edit ran at these noise levels, the inversion at the pipeline's own
+        with pytest.raises(ConfigError, match=f"{name}=... would run the edit at other noise levels"):
+            edit(toy_sd3, scene, SOURCE, TARGET, 4, **grid)
     with pytest.raises(ConfigError, match="takes a UnifyEdit control"):
         edit(toy_sd3, scene, SOURCE, TARGET, 4, control=object())
     with pytest.raises(LayoutError, match=r"edit_words \['purple'\] are not words of the prompt"):

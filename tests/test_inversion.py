@@ -111,6 +111,22 @@ def test_inversion_bad_input_is_named(sd3_pipe):
             edit(sd3_pipe, ok, "a red circle", "a blue circle", 2, guidance_scale=bad)
 
 
+def test_the_inversion_encodes_the_prompt_at_the_length_the_pipeline_call_uses():
+    """FLUX's call encodes 512 T5 tokens by default and SD3's 256; the inversion used 256 for both, so the documented
+    round trip ``pipe(prompt, latents=path[0])`` on FLUX.1 saw another prompt than the inversion. A tokenizer with a
+    shorter limit (the toy models) keeps its limit."""
+    from attnctl.inversion import text_length
+    from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
+    from attnctl.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    flux, sd3 = tiny_flux_pipeline(), tiny_sd3_pipeline()
+    assert text_length(flux) == flux.tokenizer_2.model_max_length < 256  # the tiny models' own limit
+    flux.tokenizer_2.model_max_length = sd3.tokenizer_3.model_max_length = 512  # as FLUX.1's and SD3's T5
+    assert text_length(flux) == text_length(AttnCtlFluxPipeline(**flux.components)) == 512
+    assert text_length(sd3) == text_length(AttnCtlSD3Pipeline(**sd3.components)) == 256
+    assert text_length(flux, 128) == 128
+
+
 def test_inversion_refuses_a_scheduler_without_the_euler_step():
     from diffusers import FlowMatchHeunDiscreteScheduler
 

@@ -194,6 +194,14 @@ def test_use_solver_swaps_the_scheduler_for_the_block_and_puts_it_back(sd3_pipe)
     assert sd3_pipe.scheduler is own  # also when the block raised
     with pytest.raises(ConfigError, match="the solver is 'heun'"), use_solver(sd3_pipe, "heun"):
         pass
+    sd3_pipe.scheduler = FlowMatchMidpointScheduler.from_config(own.config)  # a pipeline saved with it
+    try:
+        with use_solver(sd3_pipe, "euler"):  # "euler" ran the midpoint step here
+            assert type(sd3_pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+            assert sd3_pipe.scheduler.config.shift == own.config.shift
+        assert isinstance(sd3_pipe.scheduler, FlowMatchMidpointScheduler)
+    finally:
+        sd3_pipe.scheduler = own
 
 
 def test_a_control_under_the_midpoint_scheduler_reports_denoising_steps_not_loop_calls(toy_sd3):

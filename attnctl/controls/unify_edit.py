@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -284,9 +285,15 @@ class UnifyEdit(Control):
         self._scale.reset()
         if self.source_eta is not None:
             self.source_eta.reset()
+        if self.config.sa_weight == 0 and self.config.ca_weight == 0:
+            warnings.warn("UnifyEdit does nothing in this run: sa_weight and ca_weight are both 0, so no latent is "
+                          "moved (the edit is the plain regeneration of the target prompt); give either a weight, "
+                          "or scale=0 to ask for that plainly", UserWarning, stacklevel=2)
 
     def step_size(self, step: int, num_steps: int) -> float:
-        """``η`` at denoising step ``step`` of ``num_steps`` (0: no gradient pass)."""
+        """``η`` at denoising step ``step`` of ``num_steps`` (0: no gradient pass, also when both terms weigh 0)."""
+        if self.config.sa_weight == 0 and self.config.ca_weight == 0:
+            return 0.0
         return float(self._scale(step, num_steps))
 
     def _words(self, which: str, source: Any, target: Any) -> list[list[int]]:
@@ -347,7 +354,7 @@ class UnifyEdit(Control):
         if self.config.sa_weight > 0:
             weight = None if self.config.sa_region == "all" else self._region(qi.device)
             self._gap.append(self_attention_gap(qi, ki, weight))
-        self._step = state.step
+        self._step = state.schedule_step[0]  # the denoising step (the midpoint scheduler's two calls share it)
         return []
 
     def _edit_mask(self, device) -> torch.Tensor | None:
