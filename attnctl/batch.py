@@ -71,6 +71,7 @@ from .distributed import Dist, launch_workers
 from .errors import AttnCtlError, ConfigError
 from .sizes import SMALLEST_SIDE
 from .stopping import StopAtBoundary
+from .toyworld import TOY_MODEL_NAMES
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -515,6 +516,11 @@ def image_name(stem: str, seed: int) -> str:
 
 
 def _model_record(model: str) -> str:
+    """The model as recorded (hash, metadata): a toy name as given, as :func:`resolve_model` reads toy names first
+    (an output folder named ``toy-sd3`` in the working directory is not the model), else a folder as an absolute
+    path."""
+    if model in TOY_MODEL_NAMES:
+        return model
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model
 
@@ -531,11 +537,26 @@ def _read_json_file(path: Path) -> Any:
     except OSError as e:
         raise AttnCtlError(f"cannot read the batch file {str(path)!r} ({e.strerror or e})",
                            "pass an existing JSON file") from None
+    repeated: list[str] = []
+
+    def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                where = next((f" (the object with id {v!r})" for k, v in pairs if k == "id"), "")
+                repeated.append(f"the key {key!r} is written twice in one object{where}: JSON would keep only the "
+                                "last one; write it once")
+            seen.add(key)
+        return dict(pairs)
+
     try:
-        return json.loads(text)
+        data = json.loads(text, object_pairs_hook=no_repeats)
     except json.JSONDecodeError as e:
         raise BatchFileError(str(path), [f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"]) \
             from None
+    if repeated:
+        raise BatchFileError(str(path), repeated)
+    return data
 
 
 def load_batch(source: str | Path | dict[str, Any], model: str | None = None, dtype: str = "fp32") -> BatchPlan:
@@ -1515,6 +1536,8 @@ def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attenti
                               "hash": job.hash, "rank": dist.rank}
                     try:
                         assert gen is not None
+                        if job.extra_files:  # a redo: its last file goes first, so that a kill while the others are
+                            (out / job.file).unlink(missing_ok=True)  # rewritten leaves the job missing, not done
                         for name, image, meta in gen.make(job, plan.source):  # job.file last
                             save_png(out / name, image, meta)
                         _remove_stale_files(out, job)

@@ -5,6 +5,7 @@ Every run uses a tiny SD3 pipeline folder (random weights, 32×32, 2 steps) so t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -837,7 +838,7 @@ def test_reposition_items_write_their_references_and_redo_a_set_that_lost_one(mo
     assert pngs(out) == files
 
 
-def test_epipolar_items_write_their_views_and_match_attnctl_generate(model_dir, tmp_path):
+def test_epipolar_items_write_their_views_and_match_attnctl_generate(model_dir, tmp_path, monkeypatch):
     epi = {"kind": "epipolar", "rig": {"kind": "stereo", "roll": 60}, "band": 0.5}
     with pytest.raises(BatchFileError) as err:
         plan_batch({"version": 1, "items": [
@@ -875,6 +876,48 @@ def test_epipolar_items_write_their_views_and_match_attnctl_generate(model_dir, 
     (out / "four_s0-1.png").unlink()  # a lost view: the set is made again
     result = run("batch", batch, "--out", out, "--model", model_dir)
     assert result.exit_code == 0 and "1 new" in result.output and (out / "four_s0-1.png").is_file(), result.output
+
+    # A redo killed after its first view, then the change taken back: the set was taken as done (its record and last
+    # view were the old settings'), with a first view of the other settings
+    import attnctl.imageio
+
+    before = [read_image(out / f"four_s0-{i}.png") for i in range(4)]
+    data = json.loads(batch.read_text())
+    data["items"][1]["steps"] = 3
+    changed = write_batch(tmp_path / "changed.json", data)
+    real, saved = attnctl.imageio.save_png, []
+
+    class Killed(BaseException):
+        pass
+
+    def dying(path, *args, **kwargs):
+        if saved:
+            raise Killed
+        saved.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(attnctl.imageio, "save_png", dying)
+        with contextlib.suppress(Killed):
+            run("batch", changed, "--out", out, "--model", model_dir)
+    assert saved == ["four_s0-0.png"] and not np.array_equal(read_image(out / "four_s0-0.png"), before[0])
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0 and "1 new" in result.output, result.output
+    assert all(np.array_equal(read_image(out / f"four_s0-{i}.png"), before[i]) for i in range(4))
+
+
+def test_a_repeated_key_and_a_folder_named_like_a_toy_model(tmp_path, monkeypatch):
+    """A key written twice in one item kept the last silently; an output folder named ``toy-sd3`` in the working
+    directory was recorded as the model, so the hash of every image changed with it."""
+    (tmp_path / "dup.json").write_text('{"version": 1, "items": [{"id": "f", "prompt": "a red circle", "seed": 1, '
+                                       '"seed": 2}]}')
+    with pytest.raises(BatchFileError, match="the key 'seed' is written twice in one object \\(the object with id "
+                                             "'f'\\)"):
+        load_batch(tmp_path / "dup.json")
+    monkeypatch.chdir(tmp_path)
+    away = _settings_hash("toy-sd3", "fp32", {"prompt": "a"})
+    (tmp_path / "toy-sd3").mkdir()
+    assert _settings_hash("toy-sd3", "fp32", {"prompt": "a"}) == away
 
 
 def test_items_whose_phrases_have_words_elsewhere_hash_apart():
