@@ -66,12 +66,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Exit code of a worker that ended by an unexpected exception (a bug, out of memory while loading the model, ...),
+#: told apart from 1, which a worker returns when some of its images failed.
+WORKER_CRASHED = 3
+_NORMAL = (0, 1, 130)  # all done · some items failed · interrupted
+_WORKER = "import sys; from attnctl.distributed import worker_main; sys.exit(worker_main())"
+
+
+def worker_main() -> int:
+    """Entry point of a ``--processes`` worker: the ``attnctl`` command, except that an unexpected exception
+    (after its traceback is printed) ends the worker with ``WORKER_CRASHED`` instead of Python's 1, so that the
+    launcher takes it for a crash rather than for "some images failed"."""
+    from .cli import main
+
+    try:
+        main()
+    except Exception:
+        sys.excepthook(*sys.exc_info())  # the traceback as usual (torch prefixes each line with the rank)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        return WORKER_CRASHED
+    return 0
+
+
 def launch_workers(argv: Sequence[str], processes: int, threads: int | None = None,
                    note: Callable[[str], None] | None = None) -> int:
-    """Run ``python -m attnctl <argv>`` in ``processes`` workers with a torchrun-style environment (RANK,
-    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); wait for them. A worker that dies takes the others down (they
-    get SIGINT, so they stop after their current image). Returns rank 0's exit code, or 1 if a worker
-    crashed; Ctrl-C reaches the workers, which stop cleanly."""
+    """Run ``attnctl <argv>`` (through ``worker_main``) in ``processes`` workers with a torchrun-style
+    environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); wait for them. A worker that dies (killed, or
+    ended by an unexpected exception: ``WORKER_CRASHED``) takes the others down (they get SIGINT, so they stop
+    after their current image) and is named through ``note``. Returns rank 0's exit code, or 1 if a worker died
+    (2 only if every failing worker ended with 2); Ctrl-C reaches the workers, which stop cleanly."""
     port = _free_port()
     cpus = os.cpu_count() or 1
     per = threads or max(1, cpus // processes)
@@ -82,12 +107,18 @@ def launch_workers(argv: Sequence[str], processes: int, threads: int | None = No
                    ROLE_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    TORCHELASTIC_RUN_ID="attnctl-batch")
         env.setdefault("OMP_NUM_THREADS", str(per))
-        procs.append(subprocess.Popen([sys.executable, "-m", "attnctl", *argv], env=env, stdin=subprocess.DEVNULL))
-    def forward(signum: int, frame: Any) -> None:  # SIGTERM to the launcher: the workers stop cleanly
-        for p in procs:
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, *argv], env=env, stdin=subprocess.DEVNULL))
+    stopped: set[int] = set()  # ranks the launcher asked to stop (SIGINT) or killed: not the cause of a failure
+
+    def stop(how: signal.Signals) -> None:
+        for rank, p in enumerate(procs):
             if p.poll() is None:
+                stopped.add(rank)
                 with contextlib.suppress(OSError):
-                    p.send_signal(signal.SIGINT)
+                    p.send_signal(how)
+
+    def forward(signum: int, frame: Any) -> None:  # SIGTERM to the launcher: the workers stop cleanly
+        stop(signal.SIGINT)
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = {}
@@ -100,18 +131,13 @@ def launch_workers(argv: Sequence[str], processes: int, threads: int | None = No
         while any(p.poll() is None for p in procs):
             for rank, p in enumerate(procs):
                 code = p.poll()
-                if code is not None and code not in (0, 1, 130) and (rank, code) not in crashed:
+                if code is not None and code not in _NORMAL and (rank, code) not in crashed:
                     crashed.append((rank, code))
             if crashed and deadline is None:
-                for p in procs:
-                    if p.poll() is None:
-                        with contextlib.suppress(OSError):
-                            p.send_signal(signal.SIGINT)
+                stop(signal.SIGINT)
                 deadline = time.monotonic() + 60.0
             if deadline is not None and time.monotonic() > deadline:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
+                stop(signal.SIGKILL)
             time.sleep(0.1)
     finally:
         for signum, handler in previous.items():
@@ -121,12 +147,19 @@ def launch_workers(argv: Sequence[str], processes: int, threads: int | None = No
                 p.kill()
             p.wait()
     for rank, p in enumerate(procs):
-        if p.returncode not in (0, 1, 130) and (rank, p.returncode) not in crashed:
+        if p.returncode not in _NORMAL and (rank, p.returncode) not in crashed:
             crashed.append((rank, p.returncode))
     if crashed:
+        # A worker that died (crashed, or killed by someone else) is the cause: only it is named, and the command
+        # exits 1; the others then end with 2 ("another process ended early") or by the launcher's SIGINT / SIGKILL.
+        ours = (-signal.SIGINT, -signal.SIGKILL)  # what the launcher itself sends
+        died = [(rank, code) for rank, code in crashed
+                if code == WORKER_CRASHED or (code < 0 and not (rank in stopped and code in ours))]
         if note is not None:
-            for rank, code in crashed:
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            for rank, code in died or crashed:
+                how = (f"was killed by signal {-code}" if code < 0 else
+                       "crashed (an unexpected error; its traceback is above)" if code == WORKER_CRASHED else
+                       f"exited with code {code}")
                 note(f"worker rank {rank} {how}; finished images are kept — re-run the same command to continue")
         codes = {code for _, code in crashed}
         return 2 if codes == {2} else 1
