@@ -27,7 +27,8 @@ from attnctl.headhunt import REFERENCE, HeadHunt, make_settings, read_prompts
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-sd3")
-    ap.add_argument("--prompts", default="examples/headhunt_prompts.json", help="a .txt/.json file or a toy set")
+    ap.add_argument("--prompts", default=str(Path(__file__).with_name("headhunt_prompts.json")),
+                    help="a .txt/.json file or a toy set (default: headhunt_prompts.json beside this script)")
     ap.add_argument("--limit", type=int, default=4, help="only the first N prompts (a quick look)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--objective", default="toy_combined", help="built-in name or 'module:function'")

@@ -100,7 +100,7 @@ def main() -> None:
     print(f"  time: baseline {t_base:.2f} s, regulated {t_reg:.2f} s ({100 * (t_reg / t_base - 1):+.0f}%)")
     from attnctl.cli import is_toy_pipeline
 
-    if is_toy_pipeline(pipe):  # shapes-world prompts: score both rows
+    if is_toy_pipeline(pipe) and args.model not in ("tiny-sd3", "tiny-flux"):  # trained toys: score both rows
         from attnctl.toyworld.evaluate import evaluate_set
         from attnctl.toyworld.world import parse_caption
 
