@@ -130,8 +130,8 @@ def test_json_schema_and_subclass_from_json():
         ({"kind": "adaptive", "base": 1.0, "rule": "magic"}, "rule 'magic' is unknown"),
         ("[1, 2", "does not parse"),
         ([1, 2], "dict with a 'kind'"),
-        ({"kind": "constant", "value": True}, "value=True is not a number"),  # not taken as 1.0
-        ({"kind": "linear", "start": 1, "end": "0"}, "end='0' is not a number"),
+        ({"kind": "constant", "value": True}, "value=True is a true/false flag, not a number"),  # not taken as 1.0
+        ({"kind": "linear", "start": 1, "end": "0"}, "end='0' is a string, not a number"),
     ],
 )
 def test_bad_json(data, msg):
