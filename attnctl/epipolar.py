@@ -277,12 +277,12 @@ class TokenGeometry:
     view ``i``'s tokens ``r0:r1`` — so no ``N × N`` table is ever held. Both cameras must share ``size`` (jointly
     generated views have one resolution).
 
-    With ``in_front`` (the default) a line is only the part of it that can hold a correspondence, the image of the
-    points in front of both cameras (:func:`visible_spans`): the distance of a token beyond an end of that part is
-    its distance from the end. Without it, the whole line (the epipolar constraint alone)."""
+    With ``in_front`` a line is only the part of it that can hold a correspondence, the image of the points in front
+    of both cameras (:func:`visible_spans`): the distance of a token beyond an end of that part is its distance from
+    the end. Without it (the default, as the papers' epipolar attention), the whole line."""
 
     def __init__(self, view_i: Camera, view_j: Camera, grid: tuple[int, int], device=None,
-                 in_front: bool = True) -> None:
+                 in_front: bool = False) -> None:
         if tuple(view_i.size) != tuple(view_j.size):
             raise ConfigError(f"the cameras' sizes differ ({list(view_i.size)} vs {list(view_j.size)}); jointly "
                               "generated views share one resolution, so write every K for the same image size")

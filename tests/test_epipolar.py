@@ -119,7 +119,7 @@ def test_the_visible_part_of_each_line_matches_projected_rays_in_front_of_both_c
     cams = [Camera.look_at(poses[0], poses[1], fov=70, size=size),
             Camera.look_at(poses[2], poses[3], fov=70, size=size)]
     for i, j in [(0, 1), (1, 0)]:
-        got = TokenGeometry(cams[i], cams[j], (4, 6)).distances(0, 24).double()
+        got = TokenGeometry(cams[i], cams[j], (4, 6), in_front=True).distances(0, 24).double()
         want = _seen_distances(cams[i], cams[j], (4, 6))
         near = want < 3
         assert bool(near.any()) and bool(((got < 3) == near).float().mean() > 0.98)
@@ -131,17 +131,24 @@ def test_the_visible_part_of_each_line_matches_projected_rays_in_front_of_both_c
             assert bool((got > full + 0.5).any())  # and there the rest of the line is in view
 
 
-def test_cameras_that_see_nothing_in_common_couple_nothing_unless_the_whole_lines_are_asked_for():
-    """Back to back, every line of one view is the image of points behind the other camera: no key is in a band
-    (a warning says so), while the whole lines (``in_front=False``) cross the views."""
+def test_cameras_that_see_nothing_in_common_are_warned_and_couple_nothing_in_front():
+    """Back to back, every line of one view is the image of points behind the other camera. The whole lines (the
+    default) still cross the views, and a warning says they mean nothing; with ``in_front=True`` no key is in a band
+    (the "couples nothing" warning)."""
     cams = [Camera.look_at([0, 0, 0], [0, 0, 1], size=(48, 32)), Camera.look_at([0.5, 0, 0], [0.5, 0, -1],
                                                                                   size=(48, 32))]
-    ctl = EpipolarAttention(cameras=cams)
+    whole = EpipolarAttention(cameras=cams)
+    with pytest.warns(UserWarning, match="no two of the cameras see a point in common"):
+        assert any(whole.band_plan((4, 6), "cpu").values())
+    front = EpipolarAttention(cameras=cams, in_front=True)
     with pytest.warns(UserWarning, match="couples nothing"):
-        assert not any(ctl.band_plan((4, 6), "cpu").values())
-    whole = EpipolarAttention(cameras=cams, in_front=False)
-    assert any(whole.band_plan((4, 6), "cpu").values())
-    assert EpipolarAttention.from_json(whole.to_json()).config.in_front is False
+        assert not any(front.band_plan((4, 6), "cpu").values())
+    assert EpipolarAttention.from_json(front.to_json()).config.in_front is True
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cameras that face one scene: no warning
+        EpipolarAttention(rig={"kind": "orbit", "views": 3}).band_plan((4, 6), "cpu")
 
 
 # ------------------------------------------------------------------------------------------------ the attention
@@ -337,7 +344,7 @@ def test_a_stereo_rig_at_roll_zero_is_rectified_and_its_roll_tilts_the_lines():
     assert d[same_row].abs().max() < 1e-5 and d[~same_row].min() > 0.99  # each line is its query's token row
     # in front of both cameras: the second camera is to the right, so a point moves left in its view (disparity
     # ≥ 0, none at infinity); a key k tokens right of the query's column is k tokens from the visible half-row
-    front = TokenGeometry(*rectified.cameras((4, 6)), (4, 6)).distances(0, 24).reshape(4, 6, 4, 6)
+    front = TokenGeometry(*rectified.cameras((4, 6)), (4, 6), in_front=True).distances(0, 24).reshape(4, 6, 4, 6)
     right = (torch.arange(6)[None, :] - torch.arange(6)[:, None]).clamp_min(0).float()  # (query col, key col)
     want = torch.where(same_row, right[None, :, None, :].expand(4, 6, 4, 6), d)
     assert torch.allclose(front[same_row], want[same_row], atol=1e-4)

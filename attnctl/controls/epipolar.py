@@ -38,7 +38,16 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..epipolar import BandChunk, Camera, Rig, TokenGeometry
+from ..epipolar import (
+    BandChunk,
+    Camera,
+    Rig,
+    TokenGeometry,
+    epipolar_lines,
+    fundamental,
+    token_centres,
+    visible_spans,
+)
 from ..errors import ConfigError, LayoutError
 from ..layout import image_grid
 from ..processors.attend import (
@@ -74,8 +83,9 @@ class EpipolarConfig(ControlConfig):
                                       "row (1 / its number of keys)")
     scale: bounded(0, None) = Field(1.0, description="schedule of the weight of the other views' keys "
                                                      "(0: views independent at that step)")
-    in_front: bool = Field(True, description="a line is only its part that images points in front of both cameras "
-                                             "(the rest cannot hold a correspondence); false: the whole line")
+    in_front: bool = Field(False, description="a line is only its part that images points in front of both cameras "
+                                              "(the rest cannot hold a correspondence); false: the whole line, as the "
+                                              "papers' epipolar attention")
     sites: str | list[str] = Field("all", description="site selector")
 
     @field_validator("cameras")
@@ -149,7 +159,23 @@ class EpipolarAttention(Control):
             cams = self.cameras(grid)
             self._geometry[key] = {(i, j): TokenGeometry(cams[i], cams[j], grid, device, self.config.in_front)
                                    for i in range(self.views) for j in range(self.views) if i != j}
+            if not self.config.in_front:
+                self._warn_if_nothing_seen_in_common(cams, grid)
         return self._geometry[key]
+
+    def _warn_if_nothing_seen_in_common(self, cams: list[Camera], grid: tuple[int, int]) -> None:
+        """Cameras back to back (or one behind the other, facing away) see no point in common: their whole lines
+        still couple the views, along the images of points behind a camera, which is no geometry."""
+        centres = token_centres(grid, cams[0].size)
+        for i, j in ((i, j) for i in range(self.views) for j in range(self.views) if i != j):
+            lines = epipolar_lines(fundamental(cams[i], cams[j]), centres)
+            spans = visible_spans(cams[i], cams[j], centres, lines)
+            if bool((spans[:, 0] <= spans[:, 1]).any()):
+                return
+        warnings.warn("EpipolarAttention: no two of the cameras see a point in common (no image token's ray passes in "
+                      "front of another camera), so the epipolar lines couple the views along the images of points "
+                      "behind a camera; check the cameras, or give in_front=True to couple only what both can see",
+                      UserWarning, stacklevel=3)
 
     def view_groups(self, roles: list[str]) -> list[list[int]]:
         """Batch rows that are the views of one image: per batch role, consecutive runs of ``views`` rows (diffusers
