@@ -5,17 +5,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.attnctl-installed
 E2E_STAMP := $(VENV)/.attnctl-e2e-installed
-TORCH_CPU := torch==2.13.0
+# The CPU build of torch, named by its local version so pip cannot pick the CUDA wheel PyPI serves as plain 2.13.0:
+# first from the configured sources (a find-links folder or mirror that holds it), else from PyTorch's CPU index.
+TORCH_CPU := torch==2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# A venv is usable when it has pip and Python >= 3.10 (what pyproject requires); anything else is made anew.
+VENV_OK := import sys, pip; sys.exit(sys.version_info < (3, 10))
 PROMPT ?= a red circle to the left of a blue square
 
 .PHONY: setup e2e-setup demo test lint compat bench bench-quick clean
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@if ! $(BIN)/python -c "$(VENV_OK)" 2>/dev/null; then \
+	  if [ -e $(VENV) ]; then echo "$(VENV) has no pip or a Python older than 3.10: making it anew"; fi; \
+	  rm -rf $(VENV) && $(PY) -m venv $(VENV); fi
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q torch; \
-	  else $(BIN)/python -m pip install -q $(TORCH_CPU); fi; fi
+	  else $(BIN)/python -m pip install -q "$(TORCH_CPU)" 2>/dev/null || \
+	    { echo "$(TORCH_CPU) is not in pip's configured sources: installing it from $(TORCH_CPU_INDEX)"; \
+	      $(BIN)/python -m pip install -q --index-url $(TORCH_CPU_INDEX) "$(TORCH_CPU)"; }; fi; fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -51,11 +60,15 @@ test: lint e2e-setup
 DIFFUSERS ?= 0.40.0
 COMPAT := .venv-diffusers-$(DIFFUSERS)
 compat:
-	test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
+	@if ! $(COMPAT)/bin/python -c "$(VENV_OK)" 2>/dev/null; then \
+	  if [ -e $(COMPAT) ]; then echo "$(COMPAT) has no pip or a Python older than 3.10: making it anew"; fi; \
+	  rm -rf $(COMPAT) && $(PY) -m venv $(COMPAT); fi
 	$(COMPAT)/bin/python -m pip install -q --upgrade pip
 	@if ! $(COMPAT)/bin/python -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(COMPAT)/bin/python -m pip install -q torch; \
-	  else $(COMPAT)/bin/python -m pip install -q $(TORCH_CPU); fi; fi
+	  else $(COMPAT)/bin/python -m pip install -q "$(TORCH_CPU)" 2>/dev/null || \
+	    { echo "$(TORCH_CPU) is not in pip's configured sources: installing it from $(TORCH_CPU_INDEX)"; \
+	      $(COMPAT)/bin/python -m pip install -q --index-url $(TORCH_CPU_INDEX) "$(TORCH_CPU)"; }; fi; fi
 	$(COMPAT)/bin/python -m pip install -q -e ".[dev]" "diffusers==$(DIFFUSERS)"
 	mkdir -p out
 	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider --basetemp=out/pytest-diffusers-$(DIFFUSERS)

@@ -18,6 +18,7 @@ import inspect as pyinspect
 import json
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -137,20 +138,36 @@ def _main(
     level = logging.INFO if debug else logging.ERROR
     for name in ("diffusers", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(level)
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        (dlog.set_verbosity_info if debug else dlog.set_verbosity_error)()
-        (tlog.set_verbosity_info if debug else tlog.set_verbosity_error)()
-        if not debug:  # loading bars of the libraries; attnctl shows its own where work is long
-            dlog.disable_progress_bar()
-            tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
+    # Cheap on purpose: `attnctl CMD --help` runs this callback too, and importing diffusers and transformers to set
+    # their verbosity took ~15 s. Their environment variables quiet them when (and if) they are imported;
+    # _quiet_libraries applies the same where a model loads, and here to those an in-process caller already has.
+    verbosity = "info" if debug else "error"
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", verbosity)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", verbosity)
+    if not debug:  # loading and download bars of the libraries; attnctl shows its own where work is long
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quiet_libraries(load=False)
     if not debug:
         warnings.filterwarnings("ignore", module=r"(diffusers|transformers|torch|accelerate|huggingface_hub)(\.|$)")
         warnings.showwarning = _show_warning  # attnctl's own warnings as one line, not a source location
+
+
+def _quiet_libraries(load: bool = True) -> None:
+    """Set the logging verbosity of diffusers and transformers (info with ``--debug``, else errors only) and, without
+    ``--debug``, turn their loading bars off; as the environment variables set by the app callback do at import, but
+    also for a library imported before (the callback's variables come too late for it) and for diffusers' loading
+    bar, which no variable controls. ``load=False`` touches only the libraries already imported (cheap)."""
+    debug = _STATE["debug"]
+    for lib in ("diffusers", "transformers"):
+        if not load and lib not in sys.modules:
+            continue
+        try:
+            log = importlib.import_module(f"{lib}.utils.logging")
+        except ImportError:  # pragma: no cover - both are dependencies
+            continue
+        (log.set_verbosity_info if debug else log.set_verbosity_error)()
+        if not debug:
+            log.disable_progress_bar()
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
@@ -308,6 +325,7 @@ def load_pipeline(name: str, device: str = "cpu", dtype=None):
     """An attnctl pipeline for ``name`` on ``device`` in ``dtype`` (toy names, folders and hub ids)."""
     import torch
 
+    _quiet_libraries()
     dtype = dtype or torch.float32
     models = _models_module()
     if models is not None and hasattr(models, "load_pipeline"):
@@ -401,8 +419,18 @@ def call_defaults(pipe) -> dict[str, Any]:
     return out
 
 
-def set_attention_backend(pipe, backend: str, device, dtype) -> str:
-    """Set a diffusers attention backend and prove it runs here; an unavailable one is a clear error."""
+def gradient_controls(controls: Sequence[Any]) -> list[str]:
+    """The kinds of the controls that take gradients through the transformer (layout guidance, UnifyEdit: the
+    ``latent_guidance`` ones), whose run needs the attention backend's backward too."""
+    return [str(c.kind) for c in controls if getattr(c, "latent_guidance", False)]
+
+
+def set_attention_backend(pipe, backend: str, device, dtype, gradients: Sequence[str] = ()) -> str:
+    """Set a diffusers attention backend and prove it runs here; an unavailable one is a clear error.
+
+    ``gradients``: the kinds of the run's controls that take gradients (:func:`gradient_controls`); with any, a
+    backward through the backend is proved too, as some run forward only on a device (FlexAttention on CPU) and
+    would otherwise fail deep inside the first gradient pass."""
     import torch
     from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
@@ -417,16 +445,30 @@ def set_attention_backend(pipe, backend: str, device, dtype) -> str:
         raise AttnCtlError(f"attention backend {name!r} is not available here: {_one_line(e)[:300]}",
                            "install the package it names (xformers: pip install 'attnctl[xformers]'), "
                            "or use --attention-backend native") from e
+    where = f"on {device} in {DTYPE_NAMES.get(str(dtype)[6:], dtype)}"
     q = torch.randn(1, 8, 2, 16, device=device, dtype=dtype)
     try:
         dispatch_attention_fn(q, q, q, backend=AttentionBackendName(name))
     except Exception as e:  # noqa: BLE001 - any failure of the probe means the backend cannot run here
         pipe.transformer.set_attention_backend("native")
         raise AttnCtlError(
-            f"attention backend {name!r} does not run on {device} in {DTYPE_NAMES.get(str(dtype)[6:], dtype)}: "
-            f"{_one_line(e)[:300]}",
+            f"attention backend {name!r} does not run {where}: {_one_line(e)[:300]}",
             "use --attention-backend native, or a device and dtype the backend supports",
         ) from e
+    if gradients:
+        q = q.detach().requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                dispatch_attention_fn(q, q, q, backend=AttentionBackendName(name)).float().sum().backward()
+        except Exception as e:  # noqa: BLE001 - the gradient pass would fail the same way, mid-run
+            pipe.transformer.set_attention_backend("native")
+            kinds = ", ".join(dict.fromkeys(gradients))
+            raise AttnCtlError(
+                f"attention backend {name!r} runs {where} but cannot take the gradients that {kinds} needs: "
+                f"{_one_line(e)[:300]}",
+                "use --attention-backend native (or leave the option out), or a device the backend supports "
+                "backward on",
+            ) from e
     return name
 
 
@@ -462,7 +504,13 @@ def compile_transformer(pipe, backend: str) -> str:
 
 
 def _model_record(name: str) -> str:
-    """What to store as the model in metadata: toy names and hub ids as given, folders as absolute paths."""
+    """What to store as the model in metadata: toy names and hub ids as given, folders as absolute paths.
+
+    A toy name is recorded as given even when a folder of that name lies in the working directory (e.g. the run's
+    own ``--out toy-flux``): the model loaded was the toy, as resolve_model checks toy names first, and ``--from``
+    must load it again, not the folder."""
+    if name in TOY_MODELS:
+        return name
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
 
@@ -647,7 +695,7 @@ def generate(
     check_vocabulary(pipe, [prompt, negative_prompt or "", *(references or [])], model)
     backend = None
     if attention_backend is not None:
-        backend = set_attention_backend(pipe, attention_backend, dev, torch_dtype)
+        backend = set_attention_backend(pipe, attention_backend, dev, torch_dtype, gradient_controls(controls))
     if compile_backend is not None:
         compile_transformer(pipe, compile_backend)
     if offload:
@@ -1232,7 +1280,7 @@ def eval_(
                                       "train wrote); compare a real model's images with the examples (--model)")
     check_vocabulary(pipe, [it["prompt"] for it in items], model)
     if attention_backend is not None:
-        set_attention_backend(pipe, attention_backend, dev, torch_dtype)
+        set_attention_backend(pipe, attention_backend, dev, torch_dtype, gradient_controls(controls))
     if compile_backend is not None:
         compile_transformer(pipe, compile_backend)
     pipe.set_progress_bar_config(disable=True)
@@ -1309,6 +1357,7 @@ def eval_(
 def _transformer_config_of(model: str) -> dict[str, Any]:
     from diffusers import SD3Transformer2DModel
 
+    _quiet_libraries()
     location = resolve_model(model)
     local = Path(location) / "transformer" / "config.json"
     if Path(location).is_dir():
@@ -1384,7 +1433,6 @@ def ui(
     model: str | None = typer.Option(None, "--model", "-m", help=f"Model to open with (default: {DEFAULT_MODEL})."),
 ) -> None:
     """Open the editing UI (Streamlit): generate, compare, look at attention, export."""
-    import os
     import signal
     import subprocess
 
@@ -1439,6 +1487,7 @@ def toy_train(
                            "install an attnctl version that ships it")
     from .toyworld import train as training
 
+    _quiet_libraries()
     if model not in training.PRESETS:
         raise AttnCtlError(f"unknown toy model {model!r}", f"use one of {', '.join(training.PRESETS)}")
 

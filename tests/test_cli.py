@@ -97,6 +97,18 @@ def _normalised(meta: dict) -> dict:
     return {**meta, "controls": [control_from_json(c).to_json() for c in meta["controls"]]}
 
 
+def test_a_toy_model_is_recorded_by_name_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    # `--out toy-sd3/a.png` makes a folder named like the toy: the second run recorded that folder as the model,
+    # and `--from` then failed on it (no model_index.json).
+    monkeypatch.chdir(tmp_path)
+    args = ("generate", "--model", "toy-sd3", "--prompt", "a red circle", "--steps", "2")
+    ok(run(*args, "--out", "toy-sd3/a.png"))
+    ok(run(*args, "--out", "toy-sd3/b.png"))
+    assert read_metadata(tmp_path / "toy-sd3" / "b.png")["model"] == "toy-sd3"
+    ok(run("generate", "--from", "toy-sd3/b.png", "--out", "again.png"))
+    assert np.array_equal(read_image(tmp_path / "again.png"), read_image(tmp_path / "toy-sd3" / "b.png"))
+
+
 def test_generate_from_on_flux(flux_dir, tmp_path):
     first, again = tmp_path / "f1.png", tmp_path / "f2.png"
     ok(run("generate", "-m", flux_dir, "-p", "two blue squares", "--steps", "2", "-o", first))
@@ -490,10 +502,93 @@ def test_option_values_the_run_would_ignore_or_overflow_are_refused(sd3_dir, flu
     assert "give --height 28 or 32" in result.stderr and not (tmp_path / "h.png").exists()
 
 
+def test_a_backend_without_backward_here_is_one_clear_line_for_a_control_that_takes_gradients(sd3_dir, tmp_path):
+    # FlexAttention runs forward on CPU but not backward: layout guidance's gradient pass failed mid-run with a
+    # 43-frame traceback. The backend check now proves a backward when a control needs one.
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    gen = ["generate", "--model", sd3_dir, "--prompt", "a red circle", "--steps", "1", "--attention-backend", "flex"]
+    layout = '{"kind": "layout", "boxes": {"circle": [0, 0, 0.5, 0.5]}}'
+    try:
+        result = run(*gen, "--control", layout, "--out", tmp_path / "layout.png")
+        assert result.exit_code == 2, (result.output, result.exception)
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1 and "Traceback" not in result.output, result.stderr
+        assert "attention backend 'flex' runs on cpu in fp32 but cannot take the gradients that layout needs" in \
+            error_lines[0], error_lines[0]
+        assert "Fix: use --attention-backend native" in error_lines[0], error_lines[0]
+        assert not (tmp_path / "layout.png").exists()
+        ok(run(*gen, "--out", tmp_path / "plain.png"))  # forward only: flex runs on CPU
+        assert read_metadata(tmp_path / "plain.png")["attention_backend"] == "flex"
+    finally:
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)  # diffusers sets it globally too
+
+
 def test_debug_flag_shows_the_traceback():
     result = run("--debug", "generate", "--model", "toy-sd9", "--prompt", "a red circle")
     assert result.exit_code == 2
     assert "Traceback" in result.stderr and "unknown model 'toy-sd9'" in result.stderr
+
+
+def _hub_failure(cause: BaseException):
+    """A stand-in for DiffusionPipeline.load_config that fails as diffusers does for a hub id it cannot fetch:
+    OSError "does not appear to have a file named model_index.json", raised while handling huggingface_hub's
+    LocalEntryNotFoundError, itself raised from ``cause``."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def load_config(*args, **kwargs):
+        try:
+            try:
+                raise cause
+            except Exception as e:
+                raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we "
+                                              "cannot find the requested files in the local cache.") from e
+        except LocalEntryNotFoundError:
+            raise OSError("owner/model does not appear to have a file named model_index.json.") from None
+
+    return load_config
+
+
+@pytest.mark.parametrize("cause", ["gaierror", "requests", "errno", "connection-error"])
+def test_a_hub_id_without_network_says_the_hub_could_not_be_reached(cause, tmp_path, monkeypatch):
+    import errno
+    import socket
+
+    import diffusers
+    import requests
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    causes = {"gaierror": socket.gaierror(-2, "Name or service not known"),
+              "requests": requests.exceptions.ConnectionError("Max retries exceeded with url: /owner/model"),
+              "errno": OSError(errno.ENETUNREACH, "Network is unreachable"),
+              "connection-error": ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")}
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config", _hub_failure(causes[cause]))
+    result = run("generate", "--model", "owner/model", "--prompt", "a red circle", "--out", tmp_path / "x.png")
+    assert result.exit_code == 2, (result.output, result.exception)
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "Traceback" not in result.output, result.stderr
+    assert "could not reach the Hugging Face hub (no network?)" in error_lines[0], error_lines[0]
+    assert "the hub answered" not in error_lines[0] and "HF_HUB_OFFLINE=1" in error_lines[0], error_lines[0]
+
+
+def test_a_hub_id_the_hub_refuses_or_offline_mode_lacks_keeps_its_own_message(tmp_path, monkeypatch):
+    import diffusers
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def answered(*args, **kwargs):  # the hub answered: no such file in the repository
+        raise OSError("owner/model does not appear to have a file named model_index.json.")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config", answered)
+    args = ("generate", "--model", "owner/model", "--prompt", "a red circle", "--out", tmp_path / "x.png")
+    result = run(*args)
+    assert result.exit_code == 2 and "the hub answered: OSError" in result.stderr, result.output
+    assert "could not reach" not in result.stderr
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config",
+                        _hub_failure(OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is "
+                                                          "enabled. To disable it, please unset HF_HUB_OFFLINE.")))
+    result = run(*args)
+    assert result.exit_code == 2 and "offline mode is on (HF_HUB_OFFLINE)" in result.stderr, result.output
+    assert "not in the local cache" in result.stderr and "could not reach" not in result.stderr
 
 
 # ------------------------------------------------------------------------------------------- pieces

@@ -26,6 +26,17 @@ def test_import_does_not_load_torch_or_diffusers():
     assert run_python(code)[0].split() == ["True", "attnctl.toyworld.autoencoder"]
 
 
+def test_subcommand_help_does_not_load_torch_or_diffusers():
+    # The app callback runs before a subcommand's --help too: it must stay cheap (it imported diffusers and
+    # transformers to set their verbosity, ~15 s for `attnctl inspect --help`).
+    code = ("import sys\nfrom attnctl.cli import app\ntry:\n    app(['inspect', '--help'], prog_name='attnctl')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(*(m in sys.modules for m in ('torch', 'diffusers', 'transformers')))")
+    out = run_python(code)[0].splitlines()
+    assert "Usage: attnctl inspect" in "\n".join(out)
+    assert out[-1] == "False False False"
+
+
 def test_every_public_name_resolves():
     for name in attnctl.__all__:
         assert getattr(attnctl, name) is not None

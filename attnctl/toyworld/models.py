@@ -20,8 +20,11 @@ Each also holds ``attnctl.json`` (ignored by diffusers): the call defaults the m
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,63 @@ def _toy_fix() -> str:
         f"use one of the toy models ({', '.join(TOY_MODELS)}), an existing pipeline folder "
         "(with model_index.json), or a Hugging Face hub id such as 'owner/name'"
     )
+
+
+_NETWORK_ERRNOS = {errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ECONNREFUSED,
+                   errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT}
+"""OS error numbers of a network that cannot be used (besides name resolution, socket.gaierror)."""
+
+_CONNECTION_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "NetworkError", "ProxyError",
+                      "NewConnectionError", "NameResolutionError"}
+"""Class names of a connection that failed: builtins' and requests' ConnectionError, httpx's / httpcore's ConnectError
+and NetworkError, urllib3's NewConnectionError, ... (by name: none of those libraries is imported for the check)."""
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception it was raised from or while handling, depth first."""
+    seen: list[BaseException] = []
+    stack = [exc]
+    while stack and len(seen) < 50:
+        e = stack.pop()
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        stack += [c for c in (e.__context__, e.__cause__) if c is not None]
+    return seen
+
+
+def _hub_unreachable(target: str, exc: BaseException) -> AttnCtlError | None:
+    """A clear error when loading a hub id failed because the hub could not be reached (no network, no name
+    resolution, a refused connection, hub offline mode on without the model in the cache), else ``None``.
+
+    diffusers reports both as "does not appear to have a file named model_index.json", as if the hub had answered;
+    the cause chain tells them apart."""
+    causes = _causes(exc)
+    names = [{c.__name__ for c in type(e).__mro__} for e in causes]
+    if any("OfflineModeIsEnabled" in n for n in names) or (
+        os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        and any("LocalEntryNotFoundError" in n for n in names)
+    ):
+        return AttnCtlError(
+            f"cannot load model {target!r}: Hugging Face hub offline mode is on (HF_HUB_OFFLINE) and the model is not "
+            "in the local cache",
+            "unset HF_HUB_OFFLINE on a machine with network access to download it once, or pass a local pipeline "
+            f"folder or one of the toy models ({', '.join(TOY_MODELS)})",
+        )
+    for e, n in zip(causes, names, strict=True):
+        # (not every TimeoutError: filelock's, on a locked cache, is one)
+        network = isinstance(e, (socket.gaierror, socket.herror)) or bool(n & _CONNECTION_ERRORS)
+        network = network or (isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS)
+        if network:
+            detail = " ".join(str(e).split())[:200] or type(e).__name__
+            return AttnCtlError(
+                f"cannot load model {target!r}: could not reach the Hugging Face hub (no network?): "
+                f"{type(e).__name__}: {detail}",
+                "pass a local pipeline folder (save_pretrained) or one of the toy models "
+                f"({', '.join(TOY_MODELS)}); or, if the model is in the Hugging Face cache, set HF_HUB_OFFLINE=1 to "
+                "load it from there without the network",
+            )
+    return None
 
 
 def resolve_model(name_or_path: str | Path) -> str | Path:
@@ -227,6 +287,9 @@ def load_pipeline(
         try:
             index = DiffusionPipeline.load_config(target)
         except Exception as e:
+            unreachable = _hub_unreachable(str(target), e)
+            if unreachable is not None:
+                raise unreachable from e
             raise AttnCtlError(
                 f"cannot load model {target!r}: not a toy model, not a local folder, and the hub "
                 f"answered: {type(e).__name__}: {e}",
@@ -252,6 +315,10 @@ def load_pipeline(
     except AttnCtlError:
         raise
     except Exception as e:
+        # a hub id whose index came (e.g. from the cache) can still fail to fetch its weights
+        unreachable = None if local else _hub_unreachable(str(target), e)
+        if unreachable is not None:
+            raise unreachable from e
         raise AttnCtlError(
             f"cannot load {family.upper()} pipeline from {str(target)!r}: {type(e).__name__}: {e}",
             "check the folder is complete (re-copy or re-save it) or " + _toy_fix(),
@@ -261,6 +328,7 @@ def load_pipeline(
     if meta is not None or (local and Path(target).resolve() in {p.resolve() for p in TOY_MODELS.values()}):
         call = _toy_call(meta, family)
         pipe._attnctl_call_defaults = call
+        pipe._attnctl_toy_metadata = meta  # written again by AttnCtl*Pipeline.save_pretrained
         if family == "flux":
             # FluxPipeline does not save its default image size (it defaults to 256 px): use the toy's.
             pipe.default_sample_size = call["height"] // pipe.vae_scale_factor
