@@ -515,6 +515,15 @@ def image_name(stem: str, seed: int) -> str:
     return f"{stem}_s{seed}.png"
 
 
+def _gradient_kinds(plan: BatchPlan) -> list[str]:
+    """The kinds of control in the plan that take gradients through the transformer (an edit's UnifyEdit too)."""
+    from .controls.base import CONTROL_TYPES
+
+    kinds = {c.get("kind") for job in plan.jobs for c in job.settings.get("controls") or [] if isinstance(c, dict)}
+    found = sorted(k for k in kinds if getattr(CONTROL_TYPES.get(k), "latent_guidance", False))
+    return found + ["unify_edit"] if any(job.kind == "edit" for job in plan.jobs) else found
+
+
 def _model_record(model: str) -> str:
     """The model as recorded (hash, metadata): a toy name as given, as :func:`resolve_model` reads toy names first
     (an output folder named ``toy-sd3`` in the working directory is not the model), else a folder as an absolute
@@ -1354,8 +1363,9 @@ class _Generator:
         self.pipe = cli.load_pipeline(plan.model, device="cpu" if offload else str(self.dev), dtype=self.torch_dtype)
         self.family = family_of(self.pipe.transformer)
         self.backend = None
-        if attention_backend is not None:
-            self.backend = cli.set_attention_backend(self.pipe, attention_backend, self.dev, self.torch_dtype)
+        if attention_backend is not None:  # with gradient controls anywhere in the file, the backward is proved too
+            self.backend = cli.set_attention_backend(self.pipe, attention_backend, self.dev, self.torch_dtype,
+                                                     _gradient_kinds(plan))
         self.compile = None  # the torch.compile backend: recorded, not hashed (compiling changes no image)
         if compile_backend is not None:
             self.compile = cli.compile_transformer(self.pipe, compile_backend)

@@ -274,6 +274,18 @@ def test_shipped_toy_models_load(name):
     assert img.shape == (32, 32, 3)
 
 
+def test_a_toy_pipeline_saved_again_keeps_its_call_defaults(tmp_path):
+    """``save_pretrained`` wrote diffusers' files only: the saved toy lost its ``attnctl.json`` and ran on diffusers'
+    defaults (guidance 7, 1024 px) without a word."""
+    if not (models.TOY_MODELS["toy-sd3"] / "model_index.json").is_file():
+        pytest.skip("toy-sd3 is not shipped in this checkout")
+    pipe = models.load_pipeline("toy-sd3")
+    pipe.save_pretrained(tmp_path / "saved")
+    again = models.load_pipeline(tmp_path / "saved")
+    assert models.default_call_kwargs(again) == models.default_call_kwargs(pipe)
+    assert models.toy_metadata(tmp_path / "saved") == models.toy_metadata(models.TOY_MODELS["toy-sd3"])
+
+
 def test_toy_flux_dev_draws_single_objects_through_its_embedded_guidance():
     """The distilled model at its default (guidance 5 as a transformer input, one forward per step) draws the
     single-object set; with guidance 1 it falls back toward toy-flux without CFG (toy-flux's default was 0.632 on

@@ -5,7 +5,9 @@ perturbed branch of guidance controls such as SoftPAG, run in the same batched f
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..controller import Controller
@@ -22,11 +24,20 @@ class ControlledPipelineMixin:
         """``model_index.json`` as the diffusers pipeline this one extends writes it: attnctl's class adds no saved
         state, so a saved attnctl pipeline is a plain diffusers folder (``DiffusionPipeline.from_pretrained`` and
         other tools load it; ``AttnCtl*Pipeline.from_pretrained`` loads it as before)."""
-        import json
-
         data = json.loads(super().to_json_string())
         data["_class_name"] = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers.")).__name__
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, and a toy model's ``attnctl.json`` beside it (its tuned call defaults:
+        without it the saved toy would run on diffusers' defaults, guidance 7 and 1024 px, without a word)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        meta = getattr(self, "_attnctl_toy_metadata", None)
+        if meta is not None:
+            from ..io import atomic_write_text
+            from ..toyworld.models import METADATA_NAME
+
+            atomic_write_text(Path(save_directory) / METADATA_NAME, json.dumps(meta, indent=2) + "\n")
 
     def _default_max_sequence_length(self, kwargs: dict) -> None:
         # Small models (the toy world) are trained on short T5 sequences; diffusers' defaults are 256/512.
