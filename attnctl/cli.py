@@ -1470,6 +1470,8 @@ def toy_train(
     minutes: float | None = typer.Option(None, "--minutes", min=0.0, help="Wall-clock budget, across resumes."),
     batch: int | None = typer.Option(None, "--batch", min=1, help="Images per step."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
+    warmup: int | None = typer.Option(None, "--warmup", min=1, help="Steps of linear learning-rate warm-up "
+                                                                   "(default 200)."),
     seed: int | None = typer.Option(None, "--seed", help="Weights and data seed."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads for this process."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
@@ -1494,7 +1496,8 @@ def toy_train(
     checkpoint = out / getattr(training, "CHECKPOINT_NAME", "checkpoint.pt")
     if resume and not checkpoint.is_file():
         raise AttnCtlError(f"--resume: no checkpoint in {out}", "drop --resume to start a new training run")
-    options = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "minutes": minutes, "threads": threads,
+    options = {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "seed": seed, "minutes": minutes,
+               "threads": threads,
                "init_from": init_from, "omit_named": omit_named, "distill_from": distill_from}
     kwargs = {k: v for k, v in options.items() if v is not None}
     if checkpoint.is_file():  # a run is there: continue it as it was set up, never overwrite it unasked

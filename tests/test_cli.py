@@ -619,8 +619,9 @@ def test_toy_train_passes_options_through(tmp_path, monkeypatch):
                     "progress": True}
     assert str(tmp_path / "pipeline") in result.stdout
     seen.clear()
-    ok(run("toy", "train", "--model", "toy-sd3", "--out", tmp_path, "--init-from", "toy-sd3", "--omit-named", "0.3"))
-    assert seen["init_from"] == "toy-sd3" and seen["omit_named"] == 0.3
+    ok(run("toy", "train", "--model", "toy-sd3", "--out", tmp_path, "--init-from", "toy-sd3", "--omit-named", "0.3",
+           "--warmup", "100"))  # the shipped recipes' warm-up (docs/toyworld.md)
+    assert seen["init_from"] == "toy-sd3" and seen["omit_named"] == 0.3 and seen["warmup"] == 100
     seen.clear()
     ok(run("toy", "train", "--model", "toy-flux-dev", "--out", tmp_path, "--distill-from", "toy-flux"))
     assert seen["model"] == "toy-flux-dev" and seen["distill_from"] == "toy-flux"
