@@ -1029,7 +1029,7 @@ def headhunt(
                                                                       "or 'module:function' / 'file.py:function'."),
     rounds: int = typer.Option(1, "--rounds", "-R", min=1, help="Greedy rounds."),
     top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="Heads added per round."),
-    u: float = typer.Option(1.0, "--u", help="SoftPAG strength during the search, in [0, 1]."),
+    u: float = typer.Option(1.0, "--u", help="SoftPAG strength during the search, in (0, 1]."),
     w: float = typer.Option(3.0, "--w", help="Guidance weight during the search."),
     target: str = typer.Option("identity", "--target", help="identity, uniform or mean_query."),
     scope: str = typer.Option("joint", "--scope", help="joint or image."),
@@ -1055,6 +1055,10 @@ def headhunt(
 ) -> None:
     """HeadHunter: greedily search the heads whose SoftPAG guidance raises an objective; writes a preset."""
     check_scales(guidance)
+    if bool(finalists) != bool(finalist_seeds):  # one without the other: said in the flags' words
+        raise AttnCtlError("--finalists re-scores each round's best candidates on --finalist-seeds more seeds, and "
+                           f"only one of them is given (--finalists {finalists}, --finalist-seeds {finalist_seeds})",
+                           "give both, e.g. --finalists 4 --finalist-seeds 2, or neither")
     from . import headhunt as hh
 
     raise typer.Exit(hh.main(model=model, out=out, prompts=prompts, limit=limit, seeds=seeds, candidates=candidates,

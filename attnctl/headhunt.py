@@ -19,11 +19,14 @@ How it runs:
   extra seeds buys a choice made on many more pairs.
 - **Batched.** ``B`` candidates share one pipeline call: one prompt, ``num_images_per_prompt = B·seeds``,
   image ``r`` guided by candidate ``r mod B`` with seed ``seeds[r // B]`` (SoftPAG ``branch=`` rows, see
-  :mod:`attnctl.guidance`). Each call also scores the round's reference, the current set ``S`` alone (no
-  guidance while ``S`` is empty), once per round.
-- **Resumable.** Every finished candidate is appended to ``scores-r<rank>.jsonl`` in the output folder; the
-  state (``state.json``: settings, rounds, per-candidate scores, the selected heads) is rewritten atomically
-  after every round. Re-running the same command continues where it stopped; changed settings are refused.
+  :mod:`attnctl.guidance`). The round's reference, the current set ``S`` alone (no guidance while ``S`` is
+  empty), is scored once per round, as a chunk of its own before the candidates' chunks.
+- **Resumable.** The scores of every finished call — one record per candidate and prompt, the prompt's per-seed
+  scores — are appended to ``scores-r<rank>.jsonl`` in the output folder and synced, so a killed search loses at
+  most the call in flight; the state (``state.json``: settings, rounds, per-candidate scores, the selected heads)
+  is rewritten atomically after every round. Re-running the same command continues where it stopped, scoring only
+  the (candidate, prompt) calls the logs lack; changed settings are refused. One search writes to a folder at a
+  time (:func:`search_lock`).
 - **Split across processes.** ``--processes N``, ``accelerate launch`` or ``torchrun``: the candidate chunks
   (fixed by the settings, not by the number of processes) go round-robin to the ranks, which meet at the end
   of each round and read each other's scores, so N processes choose exactly what one process would.
@@ -31,12 +34,13 @@ How it runs:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +71,16 @@ def pair_seed(prompt_index: int, seed: int, noise: str = "per_prompt") -> int:
 REFERENCE = "(current set)"
 """The pseudo-candidate that scores the current set alone (no guidance in the first round)."""
 STATE_VERSION = 1
+
+
+INERT = {
+    "u": ("u = 0 perturbs no attention map, so every candidate scores exactly the reference and the search would "
+          "'select' heads that do nothing", "use u > 0 (--u 1 is full PAG)"),
+    "w": ("w = 0 gives the perturbation no weight, so every candidate scores exactly the reference and the search "
+          "would 'select' heads that do nothing", "use w != 0 (e.g. --w 3)"),
+}
+"""Why a search with u = 0 or w = 0 is refused, and the way out (the settings' validation; the CLI checks before
+any model loads)."""
 
 
 RESUMABLE = {"rounds", "batch_images"}
@@ -109,6 +123,15 @@ class HeadHuntSettings(BaseModel):
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
             raise ValueError(f"w must be a finite number, not {v}")
+        if v == 0:
+            raise ValueError("; ".join(INERT["w"]))
+        return v
+
+    @field_validator("u")
+    @classmethod
+    def _acts(cls, v: float) -> float:
+        if v == 0:
+            raise ValueError("; ".join(INERT["u"]))
         return v
 
     @field_validator("seeds")
@@ -159,7 +182,8 @@ def make_settings(**kwargs: Any) -> HeadHuntSettings:
     try:
         return HeadHuntSettings(**kwargs)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                             .removeprefix(": ") for err in e.errors())
         raise ConfigError(f"bad head-search settings: {problems}", fix="see `attnctl headhunt --help`") from None
 
 
@@ -247,8 +271,10 @@ def load_state(path: Path, settings: HeadHuntSettings) -> HeadHuntState:
 
 
 class ScoreLog:
-    """Append-only JSON lines of finished candidates, one file per rank (a killed run loses at most the
-    candidates of the call in flight; a half-written last line is ignored)."""
+    """Append-only JSON lines of finished pipeline calls, one file per rank: a record per (candidate, prompt)
+    holds that prompt's per-seed scores, appended and synced as soon as its call finishes, so a killed run loses
+    at most the call in flight (a half-written last line is ignored). Records written before per-prompt logging
+    (no ``"prompt"``: a whole candidate's scores) still count."""
 
     def __init__(self, folder: Path, rank: int):
         self.folder = folder
@@ -266,8 +292,10 @@ class ScoreLog:
             f.flush()
             os.fsync(f.fileno())
 
-    def read(self, key: str) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {}
+    def parts(self, key: str) -> dict[str, dict[int, list[float]]]:
+        """Every logged score of the stage ``key``: candidate → prompt index → that prompt's per-seed scores
+        (a whole candidate's scores from a log of the older format under :data:`WHOLE`)."""
+        out: dict[str, dict[int, list[float]]] = {}
         for path in sorted(self.folder.glob("scores-r*.jsonl")):
             for line in path.read_text().splitlines():
                 try:
@@ -275,13 +303,51 @@ class ScoreLog:
                 except ValueError:
                     continue  # the half-written last line of a killed run
                 if isinstance(rec, dict) and rec.get("key") == key:
-                    out[str(rec["candidate"])] = [float(x) for x in rec["scores"]]
+                    prompt = int(rec["prompt"]) if "prompt" in rec else WHOLE
+                    out.setdefault(str(rec["candidate"]), {})[prompt] = [float(x) for x in rec["scores"]]
         return out
+
+    def read(self, key: str, prompts: int) -> dict[str, list[float]]:
+        """The per-pair scores (prompt-major, then seed) of every candidate of the stage ``key`` whose
+        ``prompts`` prompts are all logged; candidates with only some of them are left out."""
+        return complete(self.parts(key), prompts)
+
+
+WHOLE = -1
+"""The prompt index under which :meth:`ScoreLog.parts` files a record of a whole candidate (the format before
+per-prompt records)."""
+
+
+def complete(parts: dict[str, dict[int, list[float]]], prompts: int) -> dict[str, list[float]]:
+    """The candidates of ``parts`` whose every prompt is scored, with their scores in prompt order."""
+    out: dict[str, list[float]] = {}
+    for candidate, by_prompt in parts.items():
+        if WHOLE in by_prompt:
+            out[candidate] = by_prompt[WHOLE]
+        elif all(i in by_prompt for i in range(prompts)):
+            out[candidate] = [x for i in range(prompts) for x in by_prompt[i]]
+    return out
 
 
 def round_key(settings: HeadHuntSettings, index: int, selected: Sequence[str]) -> str:
     text = json.dumps([settings.digest(), index, sorted(selected)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def search_lock(out: Path) -> Iterator[None]:
+    """One writer per output folder at a time: the advisory lock ``attnctl batch`` takes (so a search also refuses
+    a folder a batch is writing, and the other way round); released when the process dies. Without it two searches
+    started on one folder both ran to the end and the folder kept whichever finished last."""
+    from .batch import _folder_lock
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_folder_lock(out))
+        except AttnCtlError:
+            raise AttnCtlError(f"another attnctl head search (or batch) is writing to {out}",
+                               "wait for it to finish, or use another --out folder") from None
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ candidates
@@ -385,23 +451,32 @@ class HeadHunt:
                    ) -> list[list[float]]:
         """Per-pair scores (prompt-major, then seed) of each head set, all in shared calls; ``None`` or an
         empty set means no perturbation guidance. ``seeds`` defaults to the settings' search seeds."""
-        s = self.settings
-        seeds = list(seeds or s.seeds)
+        seeds = list(seeds or self.settings.seeds)
+        scores: list[list[float]] = [[] for _ in sets]
+        for index in range(len(self.settings.prompts)):
+            for i, values in enumerate(self.score_prompt(index, sets, seeds)):
+                scores[i].extend(values)
+        return scores
+
+    def score_prompt(self, index: int, sets: Sequence[Sequence[str] | None], seeds: Sequence[int]
+                     ) -> list[list[float]]:
+        """Per-seed scores of each head set on prompt ``index`` alone (one call for the guided sets, one for the
+        unguided ones): the unit a search logs, so a killed run loses at most the call in flight."""
+        prompt = self.settings.prompts[index]
         guided = [i for i, h in enumerate(sets) if h]
         scores: list[list[float]] = [[] for _ in sets]
-        for index, prompt in enumerate(s.prompts):
-            if len(guided) < len(sets):  # the unguided images, once
-                images = self._call(index, 1, None, seeds)
-                values = score_images(self.objective, self.objective_name, images, [prompt] * len(images))
-                for i, h in enumerate(sets):
-                    if not h:
-                        scores[i].extend(values)
-            if guided:
-                controls = [self._softpag(sets[i], branch=j) for j, i in enumerate(guided)]
-                images = self._call(index, len(guided), controls, seeds)
-                values = score_images(self.objective, self.objective_name, images, [prompt] * len(images))
-                for j, i in enumerate(guided):  # image r: branch r mod B, seed r // B
-                    scores[i].extend(values[j::len(guided)])
+        if len(guided) < len(sets):  # the unguided images, once
+            images = self._call(index, 1, None, seeds)
+            values = score_images(self.objective, self.objective_name, images, [prompt] * len(images))
+            for i, h in enumerate(sets):
+                if not h:
+                    scores[i] = list(values)
+        if guided:
+            controls = [self._softpag(sets[i], branch=j) for j, i in enumerate(guided)]
+            images = self._call(index, len(guided), controls, seeds)
+            values = score_images(self.objective, self.objective_name, images, [prompt] * len(images))
+            for j, i in enumerate(guided):  # image r: branch r mod B, seed r // B
+                scores[i] = list(values[j::len(guided)])
         return scores
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -409,6 +484,10 @@ class HeadHunt:
         if self.out is None or self.log is None:
             raise ConfigError("HeadHunt.run needs an output folder for its state", fix="pass out='out/headhunt'")
         self.out.mkdir(parents=True, exist_ok=True)
+        with search_lock(self.out) if self.dist.rank == 0 else contextlib.nullcontext():
+            return self._run()
+
+    def _run(self) -> HeadHuntState:
         state = load_state(self.state_path, self.settings)
         state.pool = self.pool
         if state.scored_with and state.scored_with[-1] != self.objective_name:
@@ -459,6 +538,12 @@ class HeadHunt:
             self.note(f"round {index + 1}/{s.rounds}: reference {reference:.4f}; added "
                       f"{', '.join(chosen) or 'nothing'}" + (f" (best {means[chosen[0]]:.4f}, {gain:+.4f})"
                                                                if chosen else ""))
+            ties = [c for c in chosen if means[c] == reference]
+            if ties:  # (only without require_gain, which never adds a tie)
+                self.note(f"round {index + 1}: {', '.join(ties)} scored exactly the reference ({reference:.4f}): "
+                          "the heads changed no score, so adding them guides nothing the objective sees (use "
+                          "--require-gain to add only heads that beat the reference, or check --u, --w and the "
+                          "objective)")
             self.dist.barrier()
         self._save(state)
         return state
@@ -466,16 +551,21 @@ class HeadHunt:
     def _stage(self, key: str, index: int, selected: list[str], candidates: list[str], seeds: Sequence[int],
                label: str) -> dict[str, list[float]]:
         """Score ``selected + [c]`` for every candidate c (the current set for REFERENCE) on ``seeds``: this
-        rank's share of the chunks not yet in the logs, then wait for the others and read every score."""
-        done = self.log.read(key)
+        rank's share of the chunks not yet in the logs (within a chunk, only the prompts not yet logged for its
+        candidates), then wait for the others and read every score."""
+        n_prompts = len(self.settings.prompts)
+        parts = self.log.parts(key)
+        done = complete(parts, n_prompts)
         # Every rank reads the logs before any rank writes this stage's scores: all ranks then see the same
         # ``done``, so they split the same ``todo`` the same way. (Without it, a rank that starts late, e.g. still
         # loading the model, would see another rank's first chunks, split a shorter list, and leave candidates
         # to nobody.)
         self.dist.barrier()
         todo = [c for c in candidates if c not in done]
-        if done:
-            self.note(f"{label}: {len(candidates) - len(todo)} candidates already scored, {len(todo)} to go")
+        if parts:
+            partly = sum(1 for c in todo if c in parts)
+            self.note(f"{label}: {len(candidates) - len(todo)} candidates already scored"
+                      + (f", {partly} on some prompts" if partly else "") + f", {len(todo)} to go")
         chunks = self._chunks(todo, self.settings.candidates_per_call(seeds))
         mine = [c for i, c in enumerate(chunks) if i % self.dist.world == self.dist.rank]
         total = sum(len(c) for c in mine)
@@ -483,15 +573,19 @@ class HeadHunt:
         if self.progress is not None:
             self.progress(0, total)
         for chunk in mine:
-            sets = [selected if c == REFERENCE else [*selected, c] for c in chunk]
-            per_pair = self.score_sets(sets, seeds)
-            self.log.append([{"key": key, "round": index, "candidate": c, "scores": v}
-                             for c, v in zip(chunk, per_pair, strict=True)])
+            for prompt in range(n_prompts):  # each call's scores are logged as soon as it finishes
+                need = [c for c in chunk if prompt not in parts.get(c, {})]
+                if not need:  # logged by a run that was killed within this chunk
+                    continue
+                sets = [selected if c == REFERENCE else [*selected, c] for c in need]
+                per_seed = self.score_prompt(prompt, sets, seeds)
+                self.log.append([{"key": key, "round": index, "candidate": c, "prompt": prompt, "scores": v}
+                                 for c, v in zip(need, per_seed, strict=True)])
             finished += len(chunk)
             if self.progress is not None:
                 self.progress(finished, total)
         self.dist.barrier()
-        done = self.log.read(key)
+        done = self.log.read(key, n_prompts)
         missing = [c for c in candidates if c not in done]
         if missing:
             raise AttnCtlError(f"{label}: {len(missing)} candidates have no score after every process finished",
@@ -605,6 +699,12 @@ def main(*, model: str, out: Path, prompts: str, limit: int | None, seeds: int, 
     prompt_list = read_prompts(prompts, limit)
     load_objective(objective)  # a bad objective: one clear error before any model work
     check_prompts(objective, prompt_list)
+    for name, value in (("u", u), ("w", w)):  # (make_settings refuses them too, but only after the model loads)
+        if value == 0:
+            raise ConfigError(f"bad head-search settings: {name}: {INERT[name][0]}", fix=INERT[name][1])
+    if world == 1 and out.is_dir():  # another search writing there: refused before the model loads (rank 0 of
+        with search_lock(out):       # the run, or of the workers started below, then holds the lock throughout)
+            pass
     if processes > 1:
         resolve_model(model)
         argv = (["--debug"] if debug else []) + [

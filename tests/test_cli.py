@@ -428,6 +428,8 @@ def _bad_input_cases(sd3: str, tmp: str) -> list[tuple[list[str], str]]:
          "takes no boxes"),
         (["eval", "--model", sd3, "--prompts", "pair", "--boxes-from", "colours"], "--boxes-from needs --method"),
         (["inspect", "--config", "sd4-huge"], "unknown transformer config 'sd4-huge'"),
+        (["headhunt", "--model", sd3, "--prompts", "pair", "--finalists", "2", "--out", f"{tmp}/hh"],
+         "only one of them is given (--finalists 2, --finalist-seeds 0)"),
         ([*gen, "--guidance", "nan"], "--guidance nan is not a guidance scale"),
         ([*gen, "--height", "256"], "--height 256 is past this model's largest side, 128 px"),
         ([*gen, "--width", "30"], "--width 30 is not a multiple of 4 px"),

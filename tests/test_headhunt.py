@@ -96,9 +96,11 @@ def test_require_gain_stops_when_nothing_helps(pipes, tmp_path):
     assert len(state.rounds) == 1 and state.rounds[0].chosen == [] and state.selected == []
     assert state.finished and "no candidate beats" in state.stop_reason
     assert not (tmp_path / "heads.json").exists()
-    # without require_gain the paper's rule adds the top k regardless
-    state = HeadHunt(pipes["sd3"], settings(rounds=1), tmp_path / "paper", objective=flat).run()
+    # without require_gain the paper's rule adds the top k regardless, and warns that the head ties the reference
+    notes: list[str] = []
+    state = HeadHunt(pipes["sd3"], settings(rounds=1), tmp_path / "paper", objective=flat, note=notes.append).run()
     assert state.selected == [state.pool[0]]
+    assert any(f"{state.pool[0]} scored exactly the reference" in n and "--require-gain" in n for n in notes), notes
 
 
 def test_each_pair_gets_its_own_noise_and_old_searches_keep_shared_noise(pipes, tmp_path):
@@ -147,6 +149,8 @@ def test_finalists_are_rescored_on_more_seeds_and_chosen_on_all_their_pairs(pipe
 
 
 def test_resume_after_a_crash_scores_nothing_twice_and_ends_the_same(pipes, tmp_path):
+    """Every pipeline call's scores are logged as it finishes (a record per candidate and prompt): a crash within a
+    chunk keeps the chunk's finished prompts, and the resumed search equals an uninterrupted one."""
     pipe = pipes["flux"]
     full = HeadHunt(pipe, settings(), tmp_path / "full", objective=brightness).run()
 
@@ -154,14 +158,17 @@ def test_resume_after_a_crash_scores_nothing_twice_and_ends_the_same(pipes, tmp_
 
     def flaky(images, prompts):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 4:  # calls: the reference on prompts 0, 1; then candidates 0-1 on prompt 0, then on 1
             raise RuntimeError("GPU fell off the bus")
         return brightness(images, prompts)
 
     with pytest.raises(AttnCtlError, match="objective .* failed: RuntimeError: GPU fell off"):
         HeadHunt(pipe, settings(), tmp_path / "r", objective=flaky).run()
     logged = (tmp_path / "r" / "scores-r0.jsonl").read_text().splitlines()
-    assert len(logged) >= 1 and not (tmp_path / "r" / "state.json").exists()
+    assert not (tmp_path / "r" / "state.json").exists()
+    pool = HeadHunt(pipe, settings(), None, objective=brightness).pool
+    records = {(json.loads(x)["candidate"], json.loads(x)["prompt"]) for x in logged}
+    assert records == {(REFERENCE, 0), (REFERENCE, 1), (pool[0], 0), (pool[1], 0)}  # the chunk's first call kept
     (tmp_path / "r" / "scores-r0.jsonl").write_text("\n".join(logged) + '\n{"key": "trunc')  # a killed write
     counted = {"n": 0}
 
@@ -173,8 +180,20 @@ def test_resume_after_a_crash_scores_nothing_twice_and_ends_the_same(pipes, tmp_
     assert resumed.selected == full.selected
     assert [r.scores for r in resumed.rounds] == [r.scores for r in full.rounds]
     # round 1 re-scored only what the log lacked: 1 reference + 4 candidates + round 2's 3, minus the logged
+    # (candidate, prompt) calls of 2 seeds each
     pairs = 4
-    assert counted["n"] == (1 + 4 + 1 + 3 - len(logged)) * pairs
+    assert counted["n"] == (1 + 4 + 1 + 3) * pairs - len(logged) * 2
+    # a log of the format before per-prompt records (one record per candidate) still resumes: nothing is re-scored
+    parts: dict = {}
+    for line in (tmp_path / "full" / "scores-r0.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        parts.setdefault((rec["key"], rec["round"], rec["candidate"]), {})[rec["prompt"]] = rec["scores"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "scores-r0.jsonl").write_text("".join(
+        json.dumps({"key": k, "round": r, "candidate": c, "scores": by[0] + by[1]}) + "\n"
+        for (k, r, c), by in parts.items()))
+    old = HeadHunt(pipe, settings(), tmp_path / "old", objective=lambda im, p: pytest.fail("re-scored")).run()
+    assert old.selected == full.selected and [r.scores for r in old.rounds] == [r.scores for r in full.rounds]
     # more rounds extend a finished search; other settings are refused
     longer = HeadHunt(pipe, settings(rounds=3), tmp_path / "r", objective=brightness).run()
     assert longer.selected[:2] == full.selected and len(longer.rounds) == 3
@@ -216,6 +235,42 @@ def test_two_processes_choose_what_one_process_chooses(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").glob("scores-r*.jsonl")) == ["scores-r0.jsonl", "scores-r1.jsonl"]
 
 
+def test_a_second_search_on_a_folder_in_use_is_refused(pipes, tmp_path, monkeypatch):
+    """Two searches started on one --out both ran to the end and the folder kept one run's result: a search holds
+    the folder's advisory lock (the one ``attnctl batch`` takes), and a second is refused — the CLI with exit code
+    2, before its model loads."""
+    import fcntl
+
+    from typer.testing import CliRunner
+
+    import attnctl.cli
+    from attnctl.batch import LOCK_NAME
+    from attnctl.cli import app
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / LOCK_NAME, "a+b") as held:  # a search (or batch) of another process writing there
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(AttnCtlError, match="another attnctl head search .*is writing to") as err:
+            HeadHunt(pipes["sd3"], settings(rounds=1), out, objective=brightness).run()
+        assert "another --out folder" in err.value.fix
+        assert not list(out.glob("scores-r*.jsonl")) and not (out / "state.json").exists()  # nothing written
+
+        def no_model(*a, **k):
+            raise AssertionError("a model was loaded")
+
+        monkeypatch.setattr(attnctl.cli, "load_pipeline", no_model)
+        res = CliRunner().invoke(app, ["headhunt", "--out", str(out), "--prompts", "pair", "--limit", "1",
+                                       "--candidates", "L0H0"])
+        assert res.exit_code == 2, res.output
+        assert "another attnctl head search (or batch) is writing to" in " ".join(res.output.split())
+    # the lock is released with the search: the next one runs, and leaves the folder free again
+    HeadHunt(pipes["sd3"], settings(rounds=1), out, objective=brightness).run()
+    assert (out / "state.json").exists()
+    with open(out / LOCK_NAME, "a+b") as again:
+        fcntl.flock(again.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_toy_objectives_score_the_world():
     from PIL import Image
 
@@ -249,7 +304,9 @@ def test_bad_input_is_refused_clearly(pipes, tmp_path):
                        (dict(top_k=0), "top_k"), (dict(seeds=[1, 1]), "distinct"), (dict(prompts=[]), "prompts"),
                        (dict(finalists=2), "need finalist_seeds"), (dict(finalist_seeds=[5]), "only used with"),
                        (dict(finalists=1, top_k=2, finalist_seeds=[5]), "at least top_k"),
-                       (dict(finalists=2, finalist_seeds=[1, 5]), "not among seeds")):
+                       (dict(finalists=2, finalist_seeds=[1, 5]), "not among seeds"),
+                       (dict(u=0.0), "u = 0 perturbs no attention map.*use u > 0"),
+                       (dict(w=0.0), "w = 0 gives the perturbation no weight.*use w != 0")):
         with pytest.raises(ConfigError, match=match):
             settings(**bad)
     with pytest.raises(SiteError, match="out of range"):
@@ -318,6 +375,11 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path, monkeypatch):
     res = run("--prompts", str(tmp_path / "real.txt"), "--candidates", "L0H0")
     assert res.exit_code == 2, res.output
     assert "the toy-world objectives cannot read the prompt 'a photo of a cat'" in " ".join(res.output.split())
+    # u = 0 or w = 0: no candidate changes any image; the search "selected" a head that does nothing
+    for args, message in ((["--u", "0"], "u = 0 perturbs no attention map"), (["--w", "0"], "w = 0 gives the")):
+        res = run("--prompts", "pair", "--limit", "1", "--candidates", "L0H0", *args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in " ".join(res.output.split()), (args, res.output)
     monkeypatch.undo()
 
     # after the model loads, before any image: a size the model cannot take, a guidance the model ignores, words a
@@ -412,5 +474,6 @@ def test_a_rank_that_starts_late_still_gets_its_share(tmp_path):
     assert not errors, errors
     assert results[0].selected == results[1].selected == alone.selected
     assert [r.scores for r in results[0].rounds] == [r.scores for r in alone.rounds]
-    keys = [json.loads(x)["candidate"] for f in sorted(out.glob("scores-r*.jsonl")) for x in f.read_text().splitlines()]
-    assert sorted(keys) == sorted(set(keys)) and len(keys) == len(alone.rounds[0].scores) + 1  # + the reference
+    keys = [(json.loads(x)["candidate"], json.loads(x)["prompt"]) for f in sorted(out.glob("scores-r*.jsonl"))
+            for x in f.read_text().splitlines()]  # a record per candidate and prompt
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == (len(alone.rounds[0].scores) + 1) * len(s.prompts)

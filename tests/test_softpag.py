@@ -765,6 +765,25 @@ def test_json_round_trip_and_head_sets(tmp_path, sd3_pipe, flux_pipe):
         attnctl.Controller(flux_pipe, [from_file])
 
 
+def test_preset_paths_fall_back_to_shipped_presets_by_bare_name_only(tmp_path, monkeypatch):
+    """A mistyped folder silently loaded the shipped preset of the same file name; ``*.JSON`` was read as a site
+    selector and a leading space made an existing file "not exist"."""
+    from attnctl.controls.softpag import PRESETS_DIR
+
+    monkeypatch.chdir(tmp_path)  # no preset of that name in the working directory
+    shipped = attnctl.SoftPAG(heads="toy-sd3-headhunter.json").head_set  # a bare name: the shipped preset
+    assert shipped.heads == attnctl.sites.HeadSet.load(PRESETS_DIR / "toy-sd3-headhunter.json").heads
+    with pytest.raises(SiteError, match="'/nonexistent/dir/toy-sd3-headhunter.json' does not exist.*bare name"):
+        attnctl.SoftPAG(heads="/nonexistent/dir/toy-sd3-headhunter.json")
+    with pytest.raises(SiteError, match="does not exist"):
+        attnctl.SoftPAG(heads=tmp_path / "sub" / "toy-sd3-headhunter.json")
+    mine = attnctl.sites.HeadSet({"transformer_blocks.0.attn": (1,)})
+    mine.save(tmp_path / "my-heads.JSON")
+    mine.save(tmp_path / "my-heads.json")
+    for spec in (str(tmp_path / "my-heads.JSON"), f" {tmp_path / 'my-heads.json'} ", "my-heads.JSON"):
+        assert attnctl.SoftPAG(heads=spec).head_set.heads == mine.heads, spec
+
+
 def test_bad_input_errors(sd3_pipe):
     with pytest.raises(SiteError, match="valid indices are 0..3"):
         attnctl.Controller(sd3_pipe, [attnctl.SoftPAG(heads=["L0H7"])])

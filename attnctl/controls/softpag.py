@@ -31,6 +31,7 @@ copies of the conditional rows as ``"perturbed"`` rows and apply the guidance
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -54,18 +55,25 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 def load_heads(spec: Any) -> HeadSet | list[str]:
     """Normalise a ``heads=`` value: a :class:`HeadSet` (kept), its JSON dict, a plain mapping
-    ``{site name: [head, ...]}``, a path to a preset JSON file (``*.json``; looked up in the working
-    directory, then in ``attnctl/presets/``), or one / several site-and-head selectors (``"L3H1"``,
+    ``{site name: [head, ...]}``, a path to a preset JSON file (``*.json``, any case; surrounding spaces
+    ignored; a bare file name is looked up in the working directory, then among the shipped presets in
+    ``attnctl/presets/``, a path with a folder only where it points — a mistyped folder must not quietly load
+    a shipped preset of the same name), or one / several site-and-head selectors (``"L3H1"``,
     ``"transformer_blocks.3.attn/H0,2"``, ``"transformer_blocks.5"`` for all heads of a block)."""
     if isinstance(spec, HeadSet):
         return spec
-    if isinstance(spec, Path) or (isinstance(spec, str) and spec.strip().endswith(".json")):
-        path = Path(spec)
-        if not path.exists() and (PRESETS_DIR / path.name).exists():
-            path = PRESETS_DIR / path.name
+    if isinstance(spec, Path) or (isinstance(spec, str) and spec.strip().lower().endswith(".json")):
+        text = str(spec).strip()
+        path = Path(text)
+        bare = not any(sep in text for sep in {"/", os.sep, os.altsep} - {None})
+        shipped = PRESETS_DIR / path.name
+        if not path.exists() and bare and shipped.exists():
+            path = shipped
         if not path.exists():
-            raise SiteError(f"head-set preset {str(spec)!r} does not exist",
-                            fix="give the path of a preset JSON file (as written by HeadSet.save)")
+            fix = "give the path of a preset JSON file (as written by HeadSet.save)"
+            if shipped.exists():
+                fix += f", or the bare name {path.name!r} for the shipped preset of that name"
+            raise SiteError(f"head-set preset {text!r} does not exist", fix=fix)
         try:
             return HeadSet.load(path)
         except ValueError as e:
