@@ -52,7 +52,7 @@ app.add_typer(toy_app, name="toy")
 out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
-_STATE = {"debug": False}
+_STATE = {"debug": False, "app": False}  # app: the command line is running (not a library call of its helpers)
 TOY_MODELS = TOY_MODEL_NAMES
 _TOYS = ", ".join(TOY_MODELS)
 DEFAULT_MODEL = "toy-sd3"
@@ -135,6 +135,7 @@ def _main(
 ) -> None:
     """Attention controls for SD3, SD3.5 and FLUX.1 diffusers pipelines."""
     _STATE["debug"] = debug
+    _STATE["app"] = True
     level = logging.INFO if debug else logging.ERROR
     for name in ("diffusers", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(level)
@@ -156,7 +157,10 @@ def _quiet_libraries(load: bool = True) -> None:
     """Set the logging verbosity of diffusers and transformers (info with ``--debug``, else errors only) and, without
     ``--debug``, turn their loading bars off; as the environment variables set by the app callback do at import, but
     also for a library imported before (the callback's variables come too late for it) and for diffusers' loading
-    bar, which no variable controls. ``load=False`` touches only the libraries already imported (cheap)."""
+    bar, which no variable controls. ``load=False`` touches only the libraries already imported (cheap). Only for
+    the command line: a script calling :func:`load_pipeline` or ``run_batch`` keeps its own logging settings."""
+    if not _STATE["app"]:
+        return
     debug = _STATE["debug"]
     for lib in ("diffusers", "transformers"):
         if not load and lib not in sys.modules:

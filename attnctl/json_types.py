@@ -18,8 +18,29 @@ from pydantic import BaseModel, model_validator
 _NUMBERS = (int, float)
 
 
+def _is_flag(value: Any) -> bool:
+    """``True`` / ``False``, also as numpy's ``bool_`` or a 0-d bool tensor (what ``x > 0`` gives on arrays)."""
+    return isinstance(value, bool) or (str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+                                       and tuple(getattr(value, "shape", (1,))) == ())
+
+
 def _kind(value: Any) -> str:
-    return {bool: "a true/false flag", str: "a string"}.get(type(value), type(value).__name__)
+    if _is_flag(value):
+        return "a true/false flag"
+    return "a string" if isinstance(value, str) else type(value).__name__
+
+
+def _same_shape(value: Any, annotation: Any) -> bool:
+    """Whether ``annotation`` (an option of a union) is the container kind ``value`` is: a list for a list, a dict
+    for a dict, a scalar for a scalar."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    origin = get_origin(annotation)
+    if isinstance(value, list | tuple):
+        return origin in (list, tuple, set, frozenset)
+    if isinstance(value, Mapping):
+        return origin is dict
+    return origin is None
 
 
 def wrong_scalar(value: Any, annotation: Any, where: str) -> str | None:
@@ -34,13 +55,16 @@ def wrong_scalar(value: Any, annotation: Any, where: str) -> str | None:
         if value is None:
             return None
         found = [wrong_scalar(value, a, where) for a in options]
-        return None if any(f is None for f in found) else found[0]
+        if any(f is None for f in found):
+            return None
+        # the option of the value's own shape says most ("sites[1]=3 is int", not "sites=[...] is list")
+        return next((f for f, a in zip(found, options, strict=True) if _same_shape(value, a)), found[0])
     if origin is Literal or annotation is Any:
         return None
     if annotation is bool:
-        return None if isinstance(value, bool) else f"{where}={value!r} is {_kind(value)}, not true or false"
+        return None if _is_flag(value) else f"{where}={value!r} is {_kind(value)}, not true or false"
     if annotation in _NUMBERS:
-        if isinstance(value, bool | str):
+        if _is_flag(value) or isinstance(value, str):
             return f"{where}={value!r} is {_kind(value)}, not a number"
         return None
     if annotation is str:
@@ -66,15 +90,13 @@ def wrong_scalar(value: Any, annotation: Any, where: str) -> str | None:
 
 
 def wrong_scalar_in_fields(model: Any, data: Any) -> str | None:
-    """:func:`wrong_scalar` over the fields of a pydantic ``model`` class given in the mapping ``data``."""
+    """:func:`wrong_scalar` over the fields of a pydantic ``model`` class given in the mapping ``data``: every field
+    that has one, joined (``None`` if none has)."""
     if not isinstance(data, Mapping):
         return None
-    for name, info in model.model_fields.items():
-        if name in data:
-            found = wrong_scalar(data[name], info.annotation, name)
-            if found:
-                return found
-    return None
+    found = [wrong_scalar(data[name], info.annotation, name) for name, info in model.model_fields.items()
+             if name in data]
+    return "; ".join(f for f in found if f) or None
 
 
 class ScalarsOfTheirKind(BaseModel):

@@ -271,8 +271,8 @@ class Schedule(BaseModel):
         ``"no"`` for a flag (:mod:`attnctl.json_types`)."""
         wrong = wrong_scalar_in_fields(cls, data)
         if wrong:
-            raise ScheduleError(f"{cls.__name__} {wrong}", fix="write numbers without quotes, flags as true / "
-                                                               "false and names as strings")
+            raise ScheduleError(f"{cls.__name__} {wrong}", fix="write numbers without quotes and flags as true / "
+                                                               "false (True / False in a schedule's shorthand)")
         return data
 
     @model_validator(mode="after")

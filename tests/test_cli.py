@@ -857,3 +857,20 @@ def test_eval_checks_its_prompt_items_values(sd3_dir, tmp_path):
         path.write_text(json.dumps([{"prompt": "a red circle", **item}]))
         result = run("eval", "--model", sd3_dir, "--prompts", path)
         assert result.exit_code == 2 and message in " ".join(result.stderr.split()), (item, result.stderr)
+
+
+def test_library_calls_keep_the_callers_logging(monkeypatch):
+    """cli.load_pipeline (used by run_batch and headhunt.main from Python) set diffusers' and transformers' logging
+    to errors and turned their progress bars off for the whole process; only the command line does that now."""
+    from diffusers.utils import logging as dlog
+
+    from attnctl import cli
+
+    monkeypatch.setitem(cli._STATE, "app", False)  # as in a script: the command line never ran
+    dlog.set_verbosity_info()
+    dlog.enable_progress_bar()
+    try:
+        cli.load_pipeline("toy-sd3")
+        assert dlog.get_verbosity() == dlog.INFO and dlog.is_progress_bar_enabled()
+    finally:
+        dlog.set_verbosity_warning()

@@ -718,8 +718,11 @@ def test_adaptive_schedules_survive_the_start_of_run_check_and_count_denoising_s
     assert len(iso.coverage) == 3
     lay = attnctl.LayoutGuidance(boxes={"circle": [0, 0, 0.5, 0.5]},
                                  scale=Adaptive(0.1, "ratio", metric="loss", target=0.5))
+    mid_iso = attnctl.IsolationAttention(subjects=["red", "circle"])
     with use_solver(pipe, "midpoint"):
         pipe("a red circle", controls=[lay], **KW)
+        pipe("a red circle", controls=[mid_iso], **KW)
+    assert len(mid_iso.coverage) == 3  # a value per denoising step, not per model call (6)
     assert [s for s, _ in lay.history] == [0, 1, 2]
     assert lay.config.scale.history["loss"] == pytest.approx([loss for _, loss in lay.history])
 

@@ -143,6 +143,9 @@ def test_cameras_that_see_nothing_in_common_are_warned_and_couple_nothing_in_fro
     front = EpipolarAttention(cameras=cams, in_front=True)
     with pytest.warns(UserWarning, match="couples nothing"):
         assert not any(front.band_plan((4, 6), "cpu").values())
+    soft = EpipolarAttention(cameras=cams, in_front=True, falloff="soft")  # no band plan: said all the same
+    with pytest.warns(UserWarning, match="with in_front=True no key of another view is near a line"):
+        assert bool(torch.isinf(soft.geometry((4, 6), "cpu")[(0, 1)].distances(0, 24)).all())
     assert EpipolarAttention.from_json(front.to_json()).config.in_front is True
     import warnings
 

@@ -324,6 +324,19 @@ def test_scalars_of_the_wrong_kind_are_refused_in_schedules_and_controls():
             attnctl.control_from_json(data)
     assert attnctl.control_from_json({"kind": "regulation", "targets": ["circle"], "iterations": 3, "lr": 50,
                                       "steps": "window(1, 0, 0.5)"}).config.lr == 50.0  # ints for floats: fine
+    import numpy as np
+    import torch
+
+    reg = attnctl.AttentionRegulation(targets=["a"], keep_best=np.bool_(False), per_head=torch.tensor(True))
+    assert reg.config.keep_best is False  # numpy's and torch's flags are flags
+    with pytest.raises(ConfigError, match="lr=np.True_ is a true/false flag, not a number"):
+        attnctl.AttentionRegulation(targets=["a"], lr=np.True_)
+    with pytest.raises(ConfigError, match=r"sites\[1\]=3 is int, not a string"):  # not "sites=[...] is list"
+        attnctl.AttentionProbe(words=["a"], sites=["L1", 3])
+    with pytest.raises(ConfigError, match="iterations='2' is a string, not a number; lr='10' is a string"):  # every one
+        attnctl.AttentionRegulation(targets=["a"], lr="10", iterations="2")
+    with pytest.raises(ConfigError, match="invalid RegulationConfig — lr='5' is a string"):  # assigned: as built
+        reg.config.lr = "5"
 
 
 def test_adaptive_callable_history_and_json_refusal():

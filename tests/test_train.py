@@ -110,6 +110,26 @@ def test_resume_continues_the_step_count(sd3_run, tmp_path):
     assert models.toy_metadata(run / "pipeline")["training"]["step"] == 5
 
 
+def test_a_resume_keeps_the_learning_rate_schedule_of_its_run(tmp_path, monkeypatch):
+    """A resume without --lr, --warmup and --steps went on at the defaults (lr 1e-3, warm-up 200, a 6000-step
+    cosine) instead of the run's own, and a resume with another --warmup was taken."""
+    from attnctl.toyworld import train as training
+
+    seen = []
+    lr_at = training._lr_at
+    monkeypatch.setattr(training, "_lr_at", lambda step, p, lr, warmup, *a, **k: seen.append((step, lr, warmup))
+                        or lr_at(step, p, lr, warmup, *a, **k))
+    run = tmp_path / "run"
+    train("toy-sd3", run, steps=4, batch=2, lr=3e-4, warmup=3, progress=False)
+    assert seen == [(i, 3e-4, 3) for i in range(4)]
+    seen.clear()
+    train("toy-sd3", run, resume=True, progress=False)  # the run's 4 steps: nothing left (6000 before)
+    assert seen == [] and _step(run) == 4
+    train("toy-sd3", run, resume=True, steps=6, progress=False)  # extended, at the run's lr and warm-up
+    assert seen == [(4, 3e-4, 3), (5, 3e-4, 3)]
+    assert "warmup" in training.RESUME_FIXED  # the CLI refuses a resume with another --warmup
+
+
 def test_a_ctrl_c_mid_step_keeps_a_checkpoint_of_whole_steps_and_the_resume_ends_where_a_plain_run_ends(
         tmp_path, monkeypatch):
     """A Ctrl-C that lands after the optimizer and EMA updates (before the step count moves) used to save the

@@ -245,6 +245,13 @@ class ControlConfig(ScalarsOfTheirKind):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``control.config.field = value`` is validated as construction is, and a refusal reads as one."""
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as e:
+            raise ConfigError(_explain(type(self).__name__, e).replace(" control config", "", 1)) from None
+
 
 class Control:
     """Base class of all controls."""

@@ -159,23 +159,25 @@ class EpipolarAttention(Control):
             cams = self.cameras(grid)
             self._geometry[key] = {(i, j): TokenGeometry(cams[i], cams[j], grid, device, self.config.in_front)
                                    for i in range(self.views) for j in range(self.views) if i != j}
-            if not self.config.in_front:
-                self._warn_if_nothing_seen_in_common(cams, grid)
+            self._warn_if_nothing_seen_in_common(cams, grid)
         return self._geometry[key]
 
     def _warn_if_nothing_seen_in_common(self, cams: list[Camera], grid: tuple[int, int]) -> None:
         """Cameras back to back (or one behind the other, facing away) see no point in common: their whole lines
-        still couple the views, along the images of points behind a camera, which is no geometry."""
+        still couple the views, along the images of points behind a camera, which is no geometry; with ``in_front``
+        every falloff couples nothing (the hard band's plan says so too, the soft and adaptive ones would not)."""
         centres = token_centres(grid, cams[0].size)
         for i, j in ((i, j) for i in range(self.views) for j in range(self.views) if i != j):
             lines = epipolar_lines(fundamental(cams[i], cams[j]), centres)
             spans = visible_spans(cams[i], cams[j], centres, lines)
             if bool((spans[:, 0] <= spans[:, 1]).any()):
                 return
+        what = ("so with in_front=True no key of another view is near a line and the views are made independently; "
+                "check the cameras" if self.config.in_front else
+                "so the epipolar lines couple the views along the images of points behind a camera; check the "
+                "cameras, or give in_front=True to couple only what both can see")
         warnings.warn("EpipolarAttention: no two of the cameras see a point in common (no image token's ray passes in "
-                      "front of another camera), so the epipolar lines couple the views along the images of points "
-                      "behind a camera; check the cameras, or give in_front=True to couple only what both can see",
-                      UserWarning, stacklevel=3)
+                      f"front of another camera), {what}", UserWarning, stacklevel=3)
 
     def view_groups(self, roles: list[str]) -> list[list[int]]:
         """Batch rows that are the views of one image: per batch role, consecutive runs of ``views`` rows (diffusers

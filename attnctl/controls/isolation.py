@@ -160,7 +160,8 @@ class IsolationAttention(Control):
         keep = torch.rand((1, *self._masks.shape[1:]), generator=g) >= self.config.dropout
         self._keep = keep.to(self._masks.device).expand(self._masks.shape)
         targets = [t for _, t in self._sets or []]
-        if targets:
+        last_call = (state.step + 1) % max(1, state.calls_per_step) == 0  # of its denoising step (midpoint: 2)
+        if targets and last_call:
             self._coverage.append(self._masks[targets].float().mean())  # read when asked: no sync per step
             if self.adaptive:
                 self.report({"coverage": float(self._coverage[-1])})

@@ -568,7 +568,7 @@ def _teacher(source: str | Path, arch: ToyArch):
 def train(
     model: str = "toy-sd3",
     out_dir: str | Path = "toy-model",
-    steps: int = 6000,
+    steps: int | None = None,
     batch: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
@@ -596,7 +596,8 @@ def train(
     Args:
         model: ``"toy-sd3"`` or ``"toy-flux"`` (the architecture presets in :data:`PRESETS`).
         out_dir: where the checkpoint, the log and the pipeline folder go.
-        steps: total optimizer steps (the cosine learning-rate schedule spans them).
+        steps: total optimizer steps (the cosine learning-rate schedule spans them); default 6000, or on a resume
+            the run's own (a larger number extends it).
         batch: images per step.
         lr: peak AdamW learning rate (linear warm-up, then cosine to 5%).
         seed: weights and data seed (batches are ``make_batch(seed * 1_000_003 + step, ...)``).
@@ -641,13 +642,17 @@ def train(
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         a = ToyArch(**ckpt["arch"])
         hp = ckpt["hparams"]
-        seed, batch, model = hp["seed"], hp["batch"], hp["model"]
+        seed, batch, model, lr = hp["seed"], hp["batch"], hp["model"], hp["lr"]
+        warmup = hp.get("warmup", warmup)  # the learning-rate schedule goes on as it was set up
+        steps = hp["steps"] if steps is None else steps
+        minutes = hp.get("minutes") if minutes is None else minutes
         init_from = hp.get("init_from")  # recorded, so the export keeps the source's call defaults
         omit_named = hp.get("omit_named", 0.0)  # the world it was trained on
         distill_from = hp.get("distill_from")
         guidance_range = tuple(hp.get("guidance_range") or guidance_range)
     else:
         a = _arch(model, arch)
+    steps = 6000 if steps is None else steps
     if distill_from is None and getattr(a, "guidance_embeds", False):
         raise ConfigError(f"{model!r} takes a guidance value, which it learns only from a teacher's classifier-free "
                           "guidance (plain flow matching gives it none)",
@@ -802,7 +807,7 @@ def train(
     return folder
 
 
-RESUME_FIXED = ("model", "batch", "lr", "seed", "init_from", "omit_named", "distill_from")
+RESUME_FIXED = ("model", "batch", "lr", "warmup", "seed", "init_from", "omit_named", "distill_from")
 """Settings a resumed run keeps from its checkpoint (``steps`` and ``minutes`` may grow: the run is extended)."""
 
 
@@ -849,7 +854,7 @@ def _main(argv: list[str] | None = None) -> None:
                                             "world.")
     p.add_argument("model", choices=sorted(PRESETS))
     p.add_argument("out_dir")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=None, help="default 6000; on a resume, the run's own")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
