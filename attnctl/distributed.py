@@ -155,13 +155,15 @@ def launch_workers(argv: Sequence[str], processes: int, threads: int | None = No
         ours = (-signal.SIGINT, -signal.SIGKILL)  # what the launcher itself sends
         died = [(rank, code) for rank, code in crashed
                 if code == WORKER_CRASHED or (code < 0 and not (rank in stopped and code in ours))]
+        # the ranks that ended on their own (one the launcher stopped while it was still starting is no cause)
+        own = [(rank, code) for rank, code in crashed if not (rank in stopped and code in ours)]
         if note is not None:
-            for rank, code in died or crashed:
+            for rank, code in died or own or crashed:
                 how = (f"was killed by signal {-code}" if code < 0 else
                        "crashed (an unexpected error; its traceback is above)" if code == WORKER_CRASHED else
                        f"exited with code {code}")
                 note(f"worker rank {rank} {how}; finished images are kept — re-run the same command to continue")
-        codes = {code for _, code in crashed}
+        codes = {code for _, code in own}
         return 2 if codes == {2} else 1
     codes = [p.returncode for p in procs]
     return 130 if 130 in codes else codes[0]

@@ -69,5 +69,9 @@ def test_crashed_worker_stops_the_others_and_is_named(tmp_path, monkeypatch, cap
 def test_normal_endings_are_not_crashes(tmp_path, monkeypatch, ranks, expected):
     code, notes = launch(tmp_path, monkeypatch, *ranks)
     assert code == expected
-    assert notes == ([] if expected != 2 else [f"worker rank {r} exited with code 2; finished images are kept — "
-                                                "re-run the same command to continue" for r in (0, 1)])
+    if expected != 2:
+        assert notes == []
+    else:  # the first to end may stop the other while it starts (then only the first is named)
+        said = [f"worker rank {r} exited with code 2; finished images are kept — re-run the same command to continue"
+                for r in (0, 1)]
+        assert notes and all(n in said for n in notes), notes
