@@ -71,7 +71,7 @@ from .distributed import Dist, launch_workers
 from .errors import AttnCtlError, ConfigError
 from .sizes import SMALLEST_SIDE
 from .stopping import StopAtBoundary
-from .toyworld import TOY_MODEL_NAMES
+from .toyworld import model_record
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -524,18 +524,8 @@ def _gradient_kinds(plan: BatchPlan) -> list[str]:
     return found + ["unify_edit"] if any(job.kind == "edit" for job in plan.jobs) else found
 
 
-def _model_record(model: str) -> str:
-    """The model as recorded (hash, metadata): a toy name as given, as :func:`resolve_model` reads toy names first
-    (an output folder named ``toy-sd3`` in the working directory is not the model), else a folder as an absolute
-    path."""
-    if model in TOY_MODEL_NAMES:
-        return model
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
-
-
 def _settings_hash(model: str, dtype: str, settings: dict[str, Any]) -> str:
-    body = {"format": HASH_FORMAT, "model": _model_record(model), "dtype": dtype, **settings}
+    body = {"format": HASH_FORMAT, "model": model_record(model), "dtype": dtype, **settings}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -1452,7 +1442,7 @@ class _Generator:
             "negative_prompt": negative or None,
             "seed": job.seed,
             "generator": "cpu",
-            "model": _model_record(self.model),
+            "model": model_record(self.model),
             "family": self.family,
             "pipeline": type(self.pipe).__name__,
             **settings,

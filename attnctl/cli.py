@@ -35,7 +35,7 @@ from rich.table import Table
 from .attention_files import check_probes, map_images
 from .errors import AttnCtlError
 from .sizes import SMALLEST_SIDE
-from .toyworld import TOY_MODEL_NAMES
+from .toyworld import TOY_MODEL_NAMES, model_record
 from .views import images_per_prompt
 
 app = typer.Typer(
@@ -507,17 +507,6 @@ def compile_transformer(pipe, backend: str) -> str:
     return name
 
 
-def _model_record(name: str) -> str:
-    """What to store as the model in metadata: toy names and hub ids as given, folders as absolute paths.
-
-    A toy name is recorded as given even when a folder of that name lies in the working directory (e.g. the run's
-    own ``--out toy-flux``): the model loaded was the toy, as resolve_model checks toy names first, and ``--from``
-    must load it again, not the folder."""
-    if name in TOY_MODELS:
-        return name
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
-
 
 def check_scales(guidance: float | None, true_cfg: float | None = None) -> None:
     """``--guidance`` a finite scale of 0 or more, ``--true-cfg`` a finite one above 1 (where true CFG acts): the
@@ -733,7 +722,7 @@ def generate(
         "negative_prompt": negative_prompt or None,
         "seed": seed,
         "generator": "cpu",
-        "model": _model_record(model),
+        "model": model_record(model),
         "family": family,
         "pipeline": type(pipe).__name__,
         **settings,
@@ -879,7 +868,7 @@ def edit_meta(pipe: Any, image: Path, source: str, target: str, model: str, step
     from .midpoint import is_midpoint
     from .sites import family_of
 
-    return {"edited_from": str(image), "source_prompt": source, "prompt": target, "model": _model_record(model),
+    return {"edited_from": str(image), "source_prompt": source, "prompt": target, "model": model_record(model),
             "family": family_of(pipe.transformer), "pipeline": type(pipe).__name__, "steps": steps,
             "guidance": guidance, "max_sequence_length": max_sequence_length, "controls": [control.to_json()],
             "dtype": dtype, "scheduler": type(pipe.scheduler).__name__,
@@ -1323,7 +1312,7 @@ def eval_(
         raise AttnCtlError(f"cannot score the images: {_one_line(e)}", "check the prompt items' objects and boxes") \
             from e
     result = {
-        "model": _model_record(model),
+        "model": model_record(model),
         "prompts": label,
         "items": len(items),
         "seeds": seeds,

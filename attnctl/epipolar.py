@@ -295,11 +295,13 @@ class TokenGeometry:
         self.lines = (lines / token).to(torch.float32).to(device)
         self.points = torch.cat([centres, torch.ones(len(centres), 1, dtype=centres.dtype)], 1).to(
             torch.float32).to(device)  # (N, 3) homogeneous pixel centres of view j (same grid)
+        spans = visible_spans(view_i, view_j, centres, lines)
+        self.sees_common = bool((spans[:, 0] <= spans[:, 1]).any())  # some token's ray is in front of both cameras
         self.spans = None
         if in_front:  # τ along each line, in tokens, and the part of the line that can hold a correspondence
             self.tangents = (torch.stack([-lines[:, 1], lines[:, 0], torch.zeros_like(lines[:, 0])], 1) / token
                              ).to(torch.float32).to(device)
-            self.spans = (visible_spans(view_i, view_j, centres, lines) / token).to(torch.float32).to(device)
+            self.spans = (spans / token).to(torch.float32).to(device)
 
     def distances(self, r0: int, r1: int) -> torch.Tensor:
         """``(r1 − r0, N)`` token distances of view ``j``'s tokens from the lines (or visible parts of the lines) of

@@ -74,8 +74,7 @@ def wrong_scalar(value: Any, annotation: Any, where: str) -> str | None:
         if not args:
             return None
         for i, item in enumerate(value):
-            arg = args[0] if len(args) == 1 or Ellipsis in get_args(annotation) else args[min(i, len(args) - 1)]
-            found = wrong_scalar(item, arg, f"{where}[{i}]")
+            found = wrong_scalar(item, args[min(i, len(args) - 1)], f"{where}[{i}]")  # list[X], tuple[X, ...]: X
             if found:
                 return found
         return None

@@ -250,7 +250,7 @@ class ControlConfig(ScalarsOfTheirKind):
         try:
             super().__setattr__(name, value)
         except ValidationError as e:
-            raise ConfigError(_explain(type(self).__name__, e).replace(" control config", "", 1)) from None
+            raise ConfigError(_explain(type(self).__name__, e)) from None
 
 
 class Control:
@@ -276,7 +276,7 @@ class Control:
         except ValidationError as e:
             causes = [err.get("ctx", {}).get("error") for err in e.errors()]
             kind = next((type(c) for c in causes if isinstance(c, ConfigError)), ConfigError)
-            raise kind(_explain(self.kind, e)) from None
+            raise kind(_explain(f"{self.kind} control config", e)) from None
         self.sites: list[Site] = []
         self._site_names: frozenset[str] = frozenset()
 
@@ -402,13 +402,13 @@ class Control:
         return cls(**data)
 
 
-def _explain(kind: str, err: ValidationError) -> str:
+def _explain(what: str, err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"invalid {kind} control config — " + "; ".join(parts)
+    return f"invalid {what} — " + "; ".join(parts)
 
 
 CONTROL_TYPES: dict[str, type[Control]] = {}

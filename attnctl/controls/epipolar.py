@@ -38,16 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..epipolar import (
-    BandChunk,
-    Camera,
-    Rig,
-    TokenGeometry,
-    epipolar_lines,
-    fundamental,
-    token_centres,
-    visible_spans,
-)
+from ..epipolar import BandChunk, Camera, Rig, TokenGeometry
 from ..errors import ConfigError, LayoutError
 from ..layout import image_grid
 from ..processors.attend import (
@@ -159,19 +150,14 @@ class EpipolarAttention(Control):
             cams = self.cameras(grid)
             self._geometry[key] = {(i, j): TokenGeometry(cams[i], cams[j], grid, device, self.config.in_front)
                                    for i in range(self.views) for j in range(self.views) if i != j}
-            self._warn_if_nothing_seen_in_common(cams, grid)
+            if not any(g.sees_common for g in self._geometry[key].values()):
+                self._warn_nothing_seen_in_common()
         return self._geometry[key]
 
-    def _warn_if_nothing_seen_in_common(self, cams: list[Camera], grid: tuple[int, int]) -> None:
+    def _warn_nothing_seen_in_common(self) -> None:
         """Cameras back to back (or one behind the other, facing away) see no point in common: their whole lines
         still couple the views, along the images of points behind a camera, which is no geometry; with ``in_front``
         every falloff couples nothing (the hard band's plan says so too, the soft and adaptive ones would not)."""
-        centres = token_centres(grid, cams[0].size)
-        for i, j in ((i, j) for i in range(self.views) for j in range(self.views) if i != j):
-            lines = epipolar_lines(fundamental(cams[i], cams[j]), centres)
-            spans = visible_spans(cams[i], cams[j], centres, lines)
-            if bool((spans[:, 0] <= spans[:, 1]).any()):
-                return
         what = ("so with in_front=True no key of another view is near a line and the views are made independently; "
                 "check the cameras" if self.config.in_front else
                 "so the epipolar lines couple the views along the images of points behind a camera; check the "

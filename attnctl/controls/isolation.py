@@ -159,7 +159,7 @@ class IsolationAttention(Control):
         g = torch.Generator().manual_seed((self.config.seed * 1000003 + state.step) % 2**63)
         keep = torch.rand((1, *self._masks.shape[1:]), generator=g) >= self.config.dropout
         self._keep = keep.to(self._masks.device).expand(self._masks.shape)
-        targets = [t for _, t in self._sets or []]
+        targets = self._target_rows
         last_call = (state.step + 1) % max(1, state.calls_per_step) == 0  # of its denoising step (midpoint: 2)
         if targets and last_call:
             self._coverage.append(self._masks[targets].float().mean())  # read when asked: no sync per step
@@ -167,12 +167,17 @@ class IsolationAttention(Control):
                 self.report({"coverage": float(self._coverage[-1])})
 
     @property
+    def _target_rows(self) -> list[int]:
+        """The batch rows whose subjects are isolated (each set's target row)."""
+        return [t for _, t in self._sets or []]
+
+    @property
     def coverage(self) -> list[float]:
         """Per step of the last run: the mean share of the image in the target subjects' masks. The masks of a step
         are made when the next one starts; the last step's, from its maps when asked (a run on a stock pipeline
         under :func:`attnctl.attach` has no end the controls see)."""
         self._coverage = [float(c) for c in self._coverage]
-        targets = [t for _, t in self._sets or []]
+        targets = self._target_rows
         if self._sum is None or not targets:
             return list(self._coverage)
         return [*self._coverage, float(otsu_masks(self._sum)[targets].float().mean())]

@@ -285,14 +285,19 @@ class UnifyEdit(Control):
         self._scale.reset()
         if self.source_eta is not None:
             self.source_eta.reset()
-        if self.config.sa_weight == 0 and self.config.ca_weight == 0:
+        if self._weighs_nothing:
             warnings.warn("UnifyEdit does nothing in this run: sa_weight and ca_weight are both 0, so no latent is "
                           "moved (the edit is the plain regeneration of the target prompt); give either a weight, "
                           "or scale=0 to ask for that plainly", UserWarning, stacklevel=2)
 
+    @property
+    def _weighs_nothing(self) -> bool:
+        """Both terms weigh 0: no latent would move."""
+        return self.config.sa_weight == 0 and self.config.ca_weight == 0
+
     def step_size(self, step: int, num_steps: int) -> float:
         """``η`` at denoising step ``step`` of ``num_steps`` (0: no gradient pass, also when both terms weigh 0)."""
-        if self.config.sa_weight == 0 and self.config.ca_weight == 0:
+        if self._weighs_nothing:
             return 0.0
         return float(self._scale(step, num_steps))
 
