@@ -85,6 +85,9 @@ class Camera(ScalarsOfTheirKind):
         """A camera at ``eye`` looking at ``target`` with a horizontal field of view ``fov`` (degrees), principal
         point at the image centre. ``up`` is the world direction that appears up in the image (−y by default, so
         that world y points down the image as pixel rows do)."""
+        if len(size) != 2 or not all(math.isfinite(float(x)) and float(x) > 0 for x in size):
+            raise ConfigError(f"look_at: size={list(size)} is not a finite, positive [width, height] in pixels",
+                              fix="give size as [width, height], e.g. (1024, 1024)")
         if not 0 < fov < 180:
             raise ConfigError(f"fov={fov}: the field of view must be between 0 and 180 degrees")
         for name, v in (("eye", eye), ("target", target), ("up", up)):
@@ -192,17 +195,58 @@ def skew(t: torch.Tensor) -> torch.Tensor:
                         torch.stack([-t[1], t[0], z])])
 
 
+def centre(camera: Camera) -> torch.Tensor:
+    """The camera's centre in the world, ``C = −Rᵀ·t`` (float64)."""
+    _, R, t = camera.tensors()
+    return -R.T @ t
+
+
+def _share_centre(a: Camera, b: Camera) -> bool:
+    ca, cb = centre(a), centre(b)
+    return float((ca - cb).norm()) < 1e-9 * max(1.0, float(ca.norm()))
+
+
+SHARED_CENTRE = ("share a camera centre, so they have no epipolar lines (their pixels are related by a homography "
+                 "instead)")
+
+
+def check_baselines(cameras: list[Camera]) -> None:
+    """Refuse (:class:`ConfigError`) the first two views, by index, whose cameras stand at one point."""
+    for i in range(len(cameras)):
+        for j in range(i + 1, len(cameras)):
+            if _share_centre(cameras[i], cameras[j]):
+                raise ConfigError(f"views {i} and {j} {SHARED_CENTRE}",
+                                  f"move camera {j} (or {i}): every two views for epipolar attention need a baseline")
+
+
 def fundamental(view_i: Camera, view_j: Camera) -> torch.Tensor:
     """``F_ij`` (float64, 3×3) with ``x_jᵀ·F_ij·x_i = 0`` for the pixels of every world point both views see."""
+    if _share_centre(view_i, view_j):
+        raise ConfigError(f"two views {SHARED_CENTRE}", "move one camera: views for epipolar attention need a baseline")
     Ki, Ri, ti = view_i.tensors()
     Kj, Rj, tj = view_j.tensors()
     R = Rj @ Ri.T
     t = tj - R @ ti
-    centre_i, centre_j = -Ri.T @ ti, -Rj.T @ tj
-    if float((centre_i - centre_j).norm()) < 1e-9 * max(1.0, float(centre_i.norm())):
-        raise ConfigError("two views share a camera centre, so they have no epipolar lines (their pixels are related "
-                          "by a homography instead)", "move one camera: views for epipolar attention need a baseline")
     return torch.linalg.inv(Kj).T @ skew(t) @ R @ torch.linalg.inv(Ki)
+
+
+def epipole(view_i: Camera, view_j: Camera) -> torch.Tensor:
+    """``(3,)``: view ``i``'s camera centre as a homogeneous pixel of view ``j`` (its epipole), ``K_j·(R_j·C_i + t_j)``;
+    the third entry is the centre's depth in camera ``j`` (near 0: the epipole is at infinity)."""
+    Kj, Rj, tj = view_j.tensors()
+    return Kj @ (Rj @ centre(view_i) + tj)
+
+
+def on_epipole(view_i: Camera, view_j: Camera, u: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
+    """``(n,)`` bool: which pixels ``u`` (``(n, 2)``) of view ``i`` lie on its epipole, their ray running along the
+    baseline (towards camera ``j``'s centre or away from it, within ``tol`` radians). Such a pixel has no epipolar
+    line (``F·u = 0``): view ``j`` sees its whole ray as one point, view ``j``'s epipole (:func:`epipole`)."""
+    Ki, Ri, _ = view_i.tensors()
+    hom = torch.cat([u.to(torch.float64), torch.ones(u.shape[0], 1, dtype=torch.float64)], 1)
+    rays = hom @ torch.linalg.inv(Ki).T @ Ri  # world directions
+    base = (centre(view_j) - centre(view_i)).expand_as(rays)
+    sin = torch.linalg.cross(rays, base).norm(dim=1) / (rays.norm(dim=1) * base.norm(dim=1))
+    return sin <= tol
 
 
 def token_centres(grid: tuple[int, int], size: tuple[float, float]) -> torch.Tensor:
@@ -216,7 +260,9 @@ def token_centres(grid: tuple[int, int], size: tuple[float, float]) -> torch.Ten
 
 def epipolar_lines(F: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``(n, 3)``: the epipolar lines ``l = F·u`` in view ``j`` of the pixels ``u`` (``(n, 2)``) of view ``i``,
-    scaled so that ``|l·(x, y, 1)|`` is the pixel distance of ``(x, y)`` from the line."""
+    scaled so that ``|l·(x, y, 1)|`` is the pixel distance of ``(x, y)`` from the line. A pixel on the epipole
+    (:func:`on_epipole`) has no line (``F·u = 0``): its row is about 0, and :class:`TokenGeometry` measures from the
+    one point its ray is in view ``j`` instead."""
     lines = torch.cat([u.to(F.dtype), torch.ones(u.shape[0], 1, dtype=F.dtype)], 1) @ F.T
     return lines / lines[:, :2].norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -232,20 +278,25 @@ def visible_spans(view_i: Camera, view_j: Camera, u: torch.Tensor, lines: torch.
     of ``s`` the projection runs monotonically along the line, so its ends are the images of the interval's ends:
     the epipole at ``s = 0`` (if ``e_z > 0``), the vanishing point at ``s → ∞`` (if ``v_z > 0``), or infinity along
     the line where ``z → 0⁺``. The rest of the line is the image of points behind one of the cameras: no
-    correspondence lies there (for a rectified pair, the half of the row at negative disparity)."""
-    Ki, Ri, ti = view_i.tensors()
-    Kj, Rj, tj = view_j.tensors()
+    correspondence lies there (for a rectified pair, the half of the row at negative disparity).
+
+    A pixel on the epipole (:func:`on_epipole`) has a ray that view ``j`` sees as one point, its epipole ``e``: the
+    span is that point, ``[τ(e), τ(e)]`` (its line must pass through ``e``, as :class:`TokenGeometry` makes it) if
+    some of the ray is in front of both cameras and ``e`` is not at infinity, else empty."""
+    Ki, Ri, _ = view_i.tensors()
+    Kj, Rj, _ = view_j.tensors()
     hom = torch.cat([u.to(torch.float64), torch.ones(u.shape[0], 1, dtype=torch.float64)], 1)
     d = hom @ torch.linalg.inv(Ki).T @ Ri  # ray directions in the world: Rᵢᵀ·Kᵢ⁻¹·u (depth 1 in camera i)
-    e = Kj @ (Rj @ (-Ri.T @ ti) + tj)  # (3,)
+    e = epipole(view_i, view_j)  # (3,)
     v = d @ Rj.T @ Kj.T  # (n, 3)
     tangent = torch.stack([-lines[:, 1], lines[:, 0]], 1).to(torch.float64)
 
     def along(p: torch.Tensor) -> torch.Tensor:
-        """τ of homogeneous points ``p`` (n, 3) approached from positive depth: ±inf at depth 0."""
+        """τ of homogeneous points ``p`` (n, 3) approached from positive depth: ±inf at depth 0 (+inf, not NaN,
+        where the line is zero)."""
         num = (tangent * p[:, :2]).sum(1)
         finite = p[:, 2] > 1e-12 * p.norm(dim=1)
-        return torch.where(finite, num / torch.where(finite, p[:, 2], 1.0), num.sign() * math.inf)
+        return torch.where(finite, num / torch.where(finite, p[:, 2], 1.0), torch.where(num < 0, -math.inf, math.inf))
 
     n = u.shape[0]
     ez, vz = float(e[2]), v[:, 2]
@@ -259,8 +310,12 @@ def visible_spans(view_i: Camera, view_j: Camera, u: torch.Tensor, lines: torch.
     a, b = along(start), along(end)
     seen = torch.where(flat, torch.full_like(vz, ez), torch.where(vz > 0, torch.ones_like(vz), torch.full_like(vz, ez))
                        ) > 0  # some s > 0 with z(s) > 0
-    lo = torch.where(seen, torch.minimum(a, b), torch.full_like(a, math.inf))
-    hi = torch.where(seen, torch.maximum(a, b), torch.full_like(b, -math.inf))
+    # on the epipole the whole ray is the point e (seen from behind camera j or not, its pixel is e's)
+    on = on_epipole(view_i, view_j, u)
+    tau_e = along(e_rows * torch.sign(e_rows[:, 2:]))  # inf where e is at infinity
+    seen = seen & (~on | tau_e.isfinite())
+    lo = torch.where(seen, torch.where(on, tau_e, torch.minimum(a, b)), math.inf)
+    hi = torch.where(seen, torch.where(on, tau_e, torch.maximum(a, b)), -math.inf)
     return torch.stack([lo, hi], 1)
 
 
@@ -279,7 +334,10 @@ class TokenGeometry:
 
     With ``in_front`` a line is only the part of it that can hold a correspondence, the image of the points in front
     of both cameras (:func:`visible_spans`): the distance of a token beyond an end of that part is its distance from
-    the end. Without it (the default, as the papers' epipolar attention), the whole line."""
+    the end. Without it (the default, as the papers' epipolar attention), the whole line. A token on the epipole
+    has no line (:func:`on_epipole`): view ``j`` sees its ray as one point, the epipole of view ``j``, and the
+    distance is to that point (with ``in_front``, only if some of the ray is in front of both cameras; else
+    infinite, as it is when that point is at infinity)."""
 
     def __init__(self, view_i: Camera, view_j: Camera, grid: tuple[int, int], device=None,
                  in_front: bool = False) -> None:
@@ -292,13 +350,22 @@ class TokenGeometry:
         token = math.sqrt((W / w) * (H / h))  # a token's side in pixels (the geometric mean if not square)
         centres = token_centres(grid, view_i.size)
         lines = epipolar_lines(fundamental(view_i, view_j), centres)
+        on = on_epipole(view_i, view_j, centres)  # no line: the ray is one point, e, of view j
+        e = epipole(view_i, view_j)
+        e_far = float(e[2].abs()) <= 1e-12 * float(e.norm())  # e at infinity: no key is near it
+        if on.any():  # the line y = e_y through e, along which τ = −x; the span below is τ(e) alone
+            lines[on] = torch.tensor([0.0, 0.0, 0.0] if e_far else [0.0, 1.0, -float(e[1] / e[2])], dtype=lines.dtype)
         self.lines = (lines / token).to(torch.float32).to(device)
         self.points = torch.cat([centres, torch.ones(len(centres), 1, dtype=centres.dtype)], 1).to(
             torch.float32).to(device)  # (N, 3) homogeneous pixel centres of view j (same grid)
         spans = visible_spans(view_i, view_j, centres, lines)
         self.sees_common = bool((spans[:, 0] <= spans[:, 1]).any())  # some token's ray is in front of both cameras
         self.spans = None
-        if in_front:  # τ along each line, in tokens, and the part of the line that can hold a correspondence
+        if in_front or on.any():  # τ along each line, in tokens, and the part of the line measured from
+            if not in_front:  # the whole line, but a token on the epipole is measured from its point
+                point = [math.inf, -math.inf] if e_far else [-float(e[0] / e[2])] * 2
+                spans = torch.where(on[:, None], torch.tensor(point, dtype=spans.dtype),
+                                    torch.tensor([-math.inf, math.inf], dtype=spans.dtype))
             self.tangents = (torch.stack([-lines[:, 1], lines[:, 0], torch.zeros_like(lines[:, 0])], 1) / token
                              ).to(torch.float32).to(device)
             self.spans = (spans / token).to(torch.float32).to(device)

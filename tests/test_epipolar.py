@@ -12,7 +12,7 @@ import torch
 import attnctl
 from attnctl import Camera, EpipolarAttention
 from attnctl.controls.base import RunState
-from attnctl.epipolar import TokenGeometry, fundamental, line_distance
+from attnctl.epipolar import TokenGeometry, fundamental, line_distance, token_centres
 from attnctl.errors import ConfigError, LayoutError
 from attnctl.layout import TokenLayout
 from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
@@ -129,6 +129,53 @@ def test_the_visible_part_of_each_line_matches_projected_rays_in_front_of_both_c
         assert bool((got >= full - 1e-4).all())  # the visible part of a line is a part of it
         if pose in ("facing", "behind"):
             assert bool((got > full + 0.5).any())  # and there the rest of the line is in view
+
+
+def dolly(size: tuple[float, float]) -> list[Camera]:
+    """The second camera straight behind the first, on its optical axis: each view's epipole is its image centre."""
+    return [Camera.look_at([0, 0, -4], [0, 0, 0], size=size), Camera.look_at([0, 0, -3], [0, 0, 0], size=size)]
+
+
+@pytest.mark.parametrize("in_front", [False, True])
+def test_a_token_on_the_epipole_is_measured_from_the_one_point_its_ray_is_in_the_other_view(in_front):
+    """On a 5 × 7 grid the middle token sits on the epipole, where F·u = 0. Its ray is one point of the other view,
+    that view's epipole (here its centre): the distances are from that point, as densely projected rays give them,
+    not 0 from every key (the whole other view in its band) nor NaN (``in_front``)."""
+    size, grid, mid = (56.0, 40.0), (5, 7), 2 * 7 + 3  # tokens of 8 pixels; token (2, 3) is centred at (28, 20)
+    cams = dolly(size)
+    from_centre = (token_centres(grid, size) - torch.tensor([28.0, 20.0], dtype=torch.float64)).norm(dim=1) / 8
+    for i, j in [(0, 1), (1, 0)]:
+        got = TokenGeometry(cams[i], cams[j], grid, in_front=in_front).distances(0, 35).double()
+        assert not bool(got.isnan().any())
+        assert torch.allclose(got[mid], from_centre, atol=1e-5)
+        assert int((got[mid] <= 1.0).sum()) == 5  # the centre and its four neighbours, not all 35
+        if in_front:
+            want = _seen_distances(cams[i], cams[j], grid)
+            near = (want < 3) | (got < 3)  # far ones are sampled coarsely
+            assert torch.allclose(got[near], want[near], atol=1e-2)
+
+
+@pytest.mark.parametrize("case", ["dolly", "alpha 0"])
+def test_the_soft_falloff_in_front_makes_no_nan(case, sd3_pipe):
+    """Two ways the soft falloff with ``in_front`` turned every view to NaN: a token on the epipole (its distances
+    were NaN), and ``alpha=0`` with keys at an infinite distance (−0·∞). Such keys get −∞ whatever alpha."""
+    if case == "dolly":  # 44 × 44 pixels: an 11 × 11 grid, whose middle token is on the epipole
+        cams, alpha, size = dolly((44.0, 44.0)), 3.0, dict(height=44, width=44)
+    else:  # the second camera behind the first, looking off to the side: some of its rays the first cannot see
+        cams = [Camera.look_at([0, 0, 0], [0, 0, 1], fov=60, size=(48, 32)),
+                Camera.look_at([0, 0, -2], [3, 0, -1.2], fov=90, size=(48, 32))]
+        alpha, size = 0.0, dict(height=32, width=48)
+        ctl = EpipolarAttention(cameras=cams, falloff="soft", alpha=0.0, in_front=True)
+        d = ctl.geometry((2, 3), "cpu")[(1, 0)].distances(0, 6)
+        assert bool(d.isinf().any())
+        b = ctl.bias(d, 0.0)
+        assert bool((b[d.isinf()] == float("-inf")).all()) and bool((b[d.isfinite()] == 0).all())
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    ctl = EpipolarAttention(cameras=cams, falloff="soft", alpha=alpha, in_front=True)
+    out = pipe(PROMPT, generator=gen(), output_type="latent", controls=[ctl],
+               **{**KW, **size}).images
+    assert ctl.calls > 0 and bool(torch.isfinite(out).all())
 
 
 def test_cameras_that_see_nothing_in_common_are_warned_and_couple_nothing_in_front():
@@ -486,6 +533,23 @@ def test_bad_input_and_json_round_trip():
             Camera(K=[[1, 0, 0], [0, 1, 0], [0, 0, 1]], size=size)
     with pytest.raises(ConfigError, match="eye=.* is not a point of 3 finite numbers"):
         Camera.look_at([0, 0], [0, 0, 1])
+
+
+def test_cameras_that_share_a_centre_are_refused_when_the_control_is_made_and_the_views_named():
+    a, b = rig()[:2]
+    turned = Camera.look_at([0.0, 0.0, -4.0], [0.5, 0.0, 0.0], fov=60, size=(64.0, 48.0))  # at a's centre
+    with pytest.raises(ConfigError, match="views 0 and 1 share a camera centre"):
+        EpipolarAttention(cameras=[a, a])
+    with pytest.raises(ConfigError, match="views 0 and 2 share a camera centre.*move camera 2"):
+        EpipolarAttention(cameras=[a, b, turned])
+    ctl = EpipolarAttention(cameras=[a, b])
+    with pytest.raises(ConfigError, match="views 1 and 2 share a camera centre"):
+        ctl.config.cameras = [a, b, b]
+    ctl.config.cameras.append(turned)  # changed in place, past the config's check: refused at the run, named too
+    with pytest.raises(ConfigError, match="views 0 and 2 share a camera centre"):
+        ctl.geometry((3, 4), "cpu")
+    with pytest.raises(ConfigError, match=r"look_at: size=\[nan, 8\] is not a finite, positive"):
+        Camera.look_at([0, 0, 0], [0, 0, 1], size=(float("nan"), 8))
 
 
 def test_cameras_assigned_after_a_run_are_used_and_lines_that_miss_every_view_are_warned(sd3_pipe):

@@ -21,6 +21,8 @@ the derivation; in short:
   the probability the row gives it in the unconstrained extended attention (own keys and every other view's keys,
   the scale included) and ``n`` the row's number of keys, so ``strong / n`` is ``strong`` times an even share; a
   strong correspondence off the line (moving content, an inexact camera) survives.
+  A key at an infinite distance (``in_front``: a token whose ray view ``j`` cannot see) gets −∞ from the hard and
+  the soft falloff (whatever ``alpha``); for the adaptive rule it is off the band like any other.
 - The cameras are given (``cameras``: one :class:`~attnctl.epipolar.Camera` per view) or made from a ``rig``
   (:class:`~attnctl.epipolar.StereoRig`, :class:`~attnctl.epipolar.OrbitRig`) at each run's latent aspect.
 - The own keys, the text keys and the text queries are untouched: they stay on the fused kernel. The other views'
@@ -38,7 +40,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..epipolar import BandChunk, Camera, Rig, TokenGeometry
+from ..epipolar import BandChunk, Camera, Rig, TokenGeometry, check_baselines
 from ..errors import ConfigError, LayoutError
 from ..layout import image_grid
 from ..processors.attend import (
@@ -90,6 +92,7 @@ class EpipolarConfig(ControlConfig):
         if len(sizes) > 1:
             raise ValueError(f"the cameras' sizes differ ({sorted(sizes)}); jointly generated views share one "
                              "resolution, so write every K for the same image size")
+        check_baselines(v)  # its ConfigError is a ValueError: reported as the field's
         return v
 
     @model_validator(mode="after")
@@ -148,6 +151,7 @@ class EpipolarAttention(Control):
         key = (tuple(grid), str(device))
         if key not in self._geometry:
             cams = self.cameras(grid)
+            check_baselines(cams)  # again: the list may have changed in place since the config was checked
             self._geometry[key] = {(i, j): TokenGeometry(cams[i], cams[j], grid, device, self.config.in_front)
                                    for i in range(self.views) for j in range(self.views) if i != j}
             if not any(g.sees_common for g in self._geometry[key].values()):
@@ -186,8 +190,8 @@ class EpipolarAttention(Control):
         band, falloff = self.config.band, self.config.falloff
         if falloff == "hard":
             out = torch.where(d <= band, 0.0, float("-inf"))
-        elif falloff == "soft":
-            out = -self.config.alpha * (d - band).clamp_min(0) / band
+        elif falloff == "soft":  # a key at infinite distance is out whatever alpha (not −0·∞ = NaN)
+            out = torch.where(d.isinf(), float("-inf"), -self.config.alpha * (d - band).clamp_min(0) / band)
         elif falloff == "none":
             out = torch.zeros_like(d)
         else:
