@@ -41,8 +41,10 @@ from .guidance import PerturbedBranch, perturbed_branches
 from .latent_guidance import LatentGuidance, StopForward, check_scheduler
 from .layout import TokenLayout, layout_for_pipeline
 from .processors import AttnCtlProcessor, processor_for
-from .processors.base import SiteCall
+from .processors.base import AttnCtlIPProcessor, SiteCall
+from .processors.flux import AttnCtlIPFluxProcessor
 from .processors.ip_adapter import SUPPORTED as IP_ADAPTERS
+from .processors.sd3 import AttnCtlIPJointProcessor
 from .sites import Site, family_of, list_sites, uncompiled
 
 
@@ -154,20 +156,21 @@ class Controller:
         Each new processor keeps the attention backend of the processor it replaces, and the controller
         starts following runs of the pipeline (see the module docstring). Only the processors of sites some
         control acts at consult the controller. The processors they replace are remembered: :meth:`restore`
-        puts them back."""
+        puts them back. Called again before :meth:`restore` (to look at them, or to install them again), it returns
+        the same processors."""
         self._check_alone()
         for c in self.controls:  # bound to another controller since (which has been left): bound here again
             if c.controller is not self:
                 c.bind(self)
+        if self._saved is not None:  # made before and not restored since: restore and the checks know these
+            self._track()
+            return dict(self._installed)
         current = self.transformer.attn_processors
-        if self._saved is None:
-            self._saved = dict(current)
         procs = {}
         for site in self.sites:
             # a site no control acts at gets a processor without the controller: the stock computation, with no
             # per-call lookup (and whole in the graph under torch.compile)
-            bound = any(c.applies_to(site) for c in self.controls)
-            proc = processor_for(site, self if bound else None)
+            ctl = self if any(c.applies_to(site) for c in self.controls) else None
             old = current.get(site.processor_key)
             if "IPAdapter" in type(old).__name__:
                 if type(old).__name__ not in IP_ADAPTERS:
@@ -175,11 +178,16 @@ class Controller:
                         f"site {site.name} runs {type(old).__name__}, an IP-adapter processor attnctl cannot carry "
                         f"over (it carries {', '.join(IP_ADAPTERS)})",
                         fix="unload it first (pipe.unload_ip_adapter()) or generate without attnctl controls")
-                proc.ip_adapter = old  # its term is added by the new processor, with the adapter's weights
+                # its term is added by the new processor, which holds the adapter's weights under their own names
+                carrier = AttnCtlIPFluxProcessor if site.family == "flux" else AttnCtlIPJointProcessor
+                proc = carrier(site, ctl, old)
+            else:
+                proc = processor_for(site, ctl)
             for attr in ("_attention_backend", "_parallel_config"):
                 if getattr(old, attr, None) is not None:
                     setattr(proc, attr, getattr(old, attr))
             procs[site.processor_key] = proc
+        self._saved = dict(current)
         self._installed = dict(procs)
         modules = dict(self.transformer.named_modules())
         self._mine = [(modules[site.name], procs[site.processor_key], site.name) for site in self.sites
@@ -282,7 +290,7 @@ class Controller:
         if self._branch is not None:
             self._branch.__exit__(None, None, None)
             self._branch = None
-        for name in ("check_inputs", "encode_prompt"):
+        for name in ("check_inputs", "encode_prompt", "set_ip_adapter_scale"):
             if self.pipe is not None and name in vars(self.pipe):
                 delattr(self.pipe, name)
 
@@ -363,6 +371,8 @@ class Controller:
             self._wrap_check_inputs()
         if self.pipe is not None and hasattr(self.pipe, "encode_prompt"):
             self._wrap_encode_prompt()
+        if self.pipe is not None and hasattr(self.pipe, "set_ip_adapter_scale"):
+            self._wrap_set_ip_adapter_scale()
         if self._branches is not None and not self._fixed_roles:
             # A guidance control (SoftPAG) needs its perturbed rows in every call; with roles given by the caller,
             # the caller lays out the rows (and may wrap the forward with PerturbedBranch itself).
@@ -384,6 +394,24 @@ class Controller:
             return original(*args, **kwargs)
 
         self.pipe.check_inputs = check_inputs
+
+    def _wrap_set_ip_adapter_scale(self) -> None:
+        """diffusers' ``set_ip_adapter_scale`` sets the scale on the IP-adapter processors among the transformer's;
+        while attached, those are held by attnctl's processors, so it runs with the adapters put back for its
+        length. The scale stays on the adapters: it acts inside the block and after it, as without attnctl."""
+        original = type(self.pipe).set_ip_adapter_scale.__get__(self.pipe)
+        transformer = self.transformer
+
+        def set_ip_adapter_scale(*args: Any, **kwargs: Any):
+            ours = transformer.attn_processors
+            transformer.set_attn_processor({key: proc.ip_adapter if isinstance(proc, AttnCtlIPProcessor) else proc
+                                            for key, proc in ours.items()})
+            try:
+                return original(*args, **kwargs)
+            finally:
+                transformer.set_attn_processor(ours)
+
+        self.pipe.set_ip_adapter_scale = set_ip_adapter_scale
 
     def _wrap_encode_prompt(self) -> None:
         original = type(self.pipe).encode_prompt.__get__(self.pipe)
@@ -581,12 +609,19 @@ class Controller:
 def _warn_if_never_on(control: Control, steps: int, first: int = 0) -> None:
     """Warn when the schedules that gate a control (:meth:`Control.gate_groups`) are 0 at every step of this run, as
     a window that falls between two steps is (``window(1, 0.45, 0.55)`` over 6 steps), or one that closes before an
-    img2img run's ``first`` step: the control would do nothing without a word. A constant 0 is the user's plain
+    img2img run's ``first`` step, and when the run is shorter than the steps a control needs before it acts
+    (:attr:`Control.gates_from_step`): the control would do nothing without a word. A constant 0 is the user's plain
     choice, and a schedule that needs the noise level cannot be told here. The schedules are read on fresh copies
     (:meth:`~attnctl.schedules.Schedule.values`): an ``Adaptive`` one keeps its run state untouched."""
     from .schedules import Constant, Schedule, ScheduleError
 
-    start = max(control.gates_from_step, first)
+    start = first + control.gates_from_step  # a control that needs a step's maps first acts from the run's second
+    if start >= steps:
+        warnings.warn(f"{type(control).__name__} does nothing in this run: it acts from the run's step "
+                      f"{control.gates_from_step + 1} on (the steps before make what it needs), and the run has "
+                      f"{steps - first} step{'s' if steps - first != 1 else ''}; run more steps", UserWarning,
+                      stacklevel=2)
+        return
 
     def never_on(schedule: Any) -> bool:
         if not isinstance(schedule, Schedule) or isinstance(schedule, Constant):

@@ -894,6 +894,113 @@ def test_an_ip_adapter_processor_attnctl_cannot_carry_is_refused_not_dropped(sd3
         tr.set_attn_processor(saved)
 
 
+def _ip_attention_inputs(family: str, tr, dtype=torch.float32) -> dict:
+    """Inputs of ``transformer_blocks.0.attn`` with IP-adapter features (the adapter of ``ip_adapter_processor``)."""
+    g = torch.Generator().manual_seed(1)
+    kw = {"hidden_states": torch.randn(2, 16, tr.inner_dim, generator=g),
+          "encoder_hidden_states": torch.randn(2, 5, tr.inner_dim, generator=g)}
+    if family == "sd3":
+        kw |= {"ip_hidden_states": torch.randn(2, 4, 16, generator=g), "temb": torch.randn(2, 8, generator=g)}
+    else:
+        ids = torch.cat([torch.zeros(5, 3), torch.stack([torch.zeros(16), torch.arange(16.0) // 4,
+                                                         torch.arange(16.0) % 4], dim=-1)])
+        kw |= {"image_rotary_emb": tr.pos_embed(ids),
+               "ip_hidden_states": [torch.randn(2, 4, 16, generator=g) for _ in range(2)]}
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) else [x.to(dtype) for x in v] if isinstance(v, list) else v
+            for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_carried_ip_adapter_keeps_its_place_among_the_weights(sd3_pipe, flux_pipe, family):
+    """While attached, the transformer's weights are the stock ones, by name and object, the IP-adapter's included
+    (save_pretrained saves them); a cast inside the block casts the adapter too, and after the block the stock
+    adapter is back with the cast weights."""
+    import copy
+
+    tr = copy.deepcopy((sd3_pipe if family == "sd3" else flux_pipe).transformer)
+    key = "transformer_blocks.0.attn.processor"
+    ip = ip_adapter_processor(family, tr)
+    tr.set_attn_processor({**tr.attn_processors, key: ip})
+    stock = tr.state_dict(keep_vars=True)
+    ctl = attnctl.Controller(tr, [attnctl.AttentionProbe(tokens=[0])]).install()
+    try:
+        assert tr.attn_processors[key] is not ip
+        inside = tr.state_dict(keep_vars=True)
+        assert list(inside) == list(stock) and all(inside[k] is stock[k] for k in stock)
+        tr.to(torch.float64)
+        ctl.begin_run(1, layout=attnctl.TokenLayout(ctl.family, 5, (4, 4)))
+        with torch.no_grad():
+            ours = tr.transformer_blocks[0].attn(**_ip_attention_inputs(family, tr, torch.float64))
+    finally:
+        ctl.restore()
+    assert tr.attn_processors[key] is ip and {p.dtype for p in ip.parameters()} == {torch.float64}
+    with torch.no_grad():
+        theirs = tr.transformer_blocks[0].attn(**_ip_attention_inputs(family, tr, torch.float64))
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a - b).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_set_ip_adapter_scale_inside_the_block_acts_and_stays(sd3_pipe, flux_pipe, family):
+    """pipe.set_ip_adapter_scale inside attach sets the carried adapter's scale, as without attnctl: the layer's
+    output inside the block is the stock adapter's at the new scale, which it keeps after the block."""
+    import copy
+
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    base = sd3_pipe if family == "sd3" else flux_pipe
+    pipe = type(base)(**{**base.components, "transformer": copy.deepcopy(base.transformer)})
+    tr = pipe.transformer
+    key = "transformer_blocks.0.attn.processor"
+    ip = ip_adapter_processor(family, tr)
+    tr.set_attn_processor({**tr.attn_processors, key: ip})
+    if family == "flux":  # what load_ip_adapter adds: FLUX's set_ip_adapter_scale counts the adapters there
+        tr.encoder_hid_proj = MultiIPAdapterImageProjection(
+            [ImageProjection(image_embed_dim=12, cross_attention_dim=16, num_image_text_embeds=4) for _ in range(2)])
+    attn = tr.transformer_blocks[0].attn
+    kw = _ip_attention_inputs(family, tr)
+    with torch.no_grad():
+        full = attn(**kw)
+        with attnctl.attach(pipe, [attnctl.AttentionProbe(tokens=[0])]) as ctl:
+            mine = tr.attn_processors[key]
+            pipe.set_ip_adapter_scale(0.25)
+            assert tr.attn_processors[key] is mine  # attnctl's processor is back in place
+            ctl.begin_run(1, layout=attnctl.TokenLayout(ctl.family, 5, (4, 4)))
+            ours = attn(**kw)
+        assert tr.attn_processors[key] is ip and ip.scale == (0.25 if family == "sd3" else [0.25, 0.25])
+        theirs = attn(**kw)
+    assert "set_ip_adapter_scale" not in vars(pipe)
+    changed = ours[0] if family == "sd3" else ours[2]
+    assert (changed - (full[0] if family == "sd3" else full[2])).abs().max() > 1e-3
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("how", ["attach", "set_attn_processor"])
+def test_processors_asked_again_are_the_installed_ones(sd3_pipe, how):
+    """ctl.processors() asked again (to look at them) gives the processors already made: the controls keep acting,
+    and the block's end (or restore) puts the stock processors back."""
+    pipe, tr = sd3_pipe, sd3_pipe.transformer
+    before = dict(tr.attn_processors)
+    reference = pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+    probe = attnctl.AttentionProbe(words=["circle"])
+    ctl = attnctl.Controller(pipe, [probe])
+    if how == "attach":
+        ctl.__enter__()
+    else:
+        tr.set_attn_processor(ctl.processors())
+    try:
+        again = ctl.processors()
+        assert all(again[k] is p for k, p in tr.attn_processors.items())
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW)
+        assert probe.word_maps()["circle"].sum() > 0  # the probe acted
+    finally:
+        ctl.restore()
+    assert tr.attn_processors == before and not tr._forward_pre_hooks
+    out = pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+    assert abs(out - reference).max() == 0
+
+
 def test_run_state_index_tensors_are_made_once():
     """Controls ask for the same index tensors at every attention call; the run state builds each once (on a GPU
     every build from a list would be a host-to-device copy that waits for the device)."""
@@ -1042,3 +1149,12 @@ def test_a_gating_schedule_off_at_every_step_of_the_run_is_warned(sd3_pipe):
         warnings.simplefilter("error")
         with attnctl.attach(sd3_pipe, [attnctl.SoftPAG(heads=["L0H0"], scale=0.0)]):
             sd3_pipe("a red circle", **KW)
+
+
+def test_a_run_too_short_for_a_control_that_needs_a_step_first_is_warned(sd3_pipe):
+    """Isolation makes its masks at the run's first step and steers from the second: a one-step run (FLUX-schnell
+    style, or img2img that runs its last step) left it doing nothing without a word, whatever its schedule."""
+    iso = attnctl.IsolationAttention(subjects=["red", "circle"])
+    with pytest.warns(UserWarning, match="IsolationAttention does nothing in this run: it acts from the run's step 2 "
+                                         "on .* the run has 1 step; run more steps"), attnctl.attach(sd3_pipe, [iso]):
+        sd3_pipe("a red circle", **{**KW, "num_inference_steps": 1})

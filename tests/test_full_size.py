@@ -22,6 +22,7 @@ EXPECTED = {
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_sites_and_processors_on_full_size_configs(name):
     tr = build_empty(transformer_config(name))
+    assert {t.device.type for t in [*tr.parameters(), *tr.buffers()]} == {"meta"}  # SD3's pos_embed table too
     n, heads, head_dim, kinds = EXPECTED[name]
     sites = attnctl.list_sites(tr)
     assert len(sites) == n
@@ -39,6 +40,19 @@ def test_sites_and_processors_on_full_size_configs(name):
         assert all(p.site.name + ".processor" == key for key, p in installed.items())
         assert len(ctl.sites) == n
     assert tr.attn_processors == before
+
+
+def test_a_full_size_sd3_skeleton_runs_on_the_meta_device():
+    """A shape-only forward of the skeleton, attnctl's processors installed: every tensor stays on the meta device
+    (SD3's positional embedding included)."""
+    import torch
+
+    tr = build_empty(transformer_config("sd3.5-medium"))
+    kw = {"hidden_states": torch.empty(1, 16, 32, 32), "encoder_hidden_states": torch.empty(1, 8, 4096),
+          "pooled_projections": torch.empty(1, 2048), "timestep": torch.empty(1)}
+    with attnctl.attach(tr, [attnctl.AttentionProbe(tokens=[0])]), torch.no_grad():
+        out = tr(**{k: v.to("meta") for k, v in kw.items()}, return_dict=False)[0]
+    assert out.device.type == "meta" and out.shape == (1, 16, 32, 32)
 
 
 def test_head_notation_on_flux_dev():

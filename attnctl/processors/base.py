@@ -85,3 +85,21 @@ class AttnCtlProcessor:
                                    parallel_config=self._parallel_config)
         return attend(q, k, v, contributions, attn_mask=attention_mask, backend=self._attention_backend,
                       parallel_config=self._parallel_config)
+
+
+class AttnCtlIPProcessor(AttnCtlProcessor, torch.nn.Module):
+    """Base of the attnctl processors put where an IP-adapter processor was: they add its term
+    (:mod:`attnctl.processors.ip_adapter`) with its weights.
+
+    Like the IP-adapter processor, it is a submodule of its attention module, and it holds the adapter's submodules
+    under the adapter's own names (the same objects): while it is installed the transformer's parameters and
+    ``state_dict`` keys are the stock ones, and ``.to(...)``, model offloading and ``save_pretrained`` reach the
+    adapter's weights. The adapter itself is not a submodule (that would put ``ip_adapter.`` in its weights' names);
+    restoring puts it back with the same, moved, weights."""
+
+    def __init__(self, site: Site | None, controller: Controller | None, ip_adapter: torch.nn.Module) -> None:
+        torch.nn.Module.__init__(self)
+        AttnCtlProcessor.__init__(self, site, controller)
+        object.__setattr__(self, "ip_adapter", ip_adapter)  # past nn.Module.__setattr__: not registered
+        for name, child in ip_adapter.named_children():  # (the supported adapters hold all their weights there)
+            self.add_module(name, child)

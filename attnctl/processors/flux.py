@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import AttnCtlProcessor
+from .base import AttnCtlIPProcessor, AttnCtlProcessor
 from .ip_adapter import flux_ip_term
 
 
@@ -73,3 +73,7 @@ class AttnCtlFluxProcessor(AttnCtlProcessor):
                                                                           ip_hidden_states)
             return hidden_states, encoder_hidden_states
         return out
+
+
+class AttnCtlIPFluxProcessor(AttnCtlFluxProcessor, AttnCtlIPProcessor):
+    """:class:`AttnCtlFluxProcessor` in place of a ``FluxIPAdapterAttnProcessor``, holding its weights."""

@@ -18,21 +18,11 @@ SUPPORTED = ("SD3IPAdapterJointAttnProcessor2_0", "FluxIPAdapterAttnProcessor")
 """The IP-adapter processors whose term attnctl's processors can compute."""
 
 
-def _follow(ip: Any, x: torch.Tensor) -> None:
-    """Put the adapter's weights where the layer runs. Installed under attnctl, the IP-adapter processor is no longer
-    a submodule of its attention module, so ``pipe.to(...)`` and model offloading no longer move it with the
-    transformer; it follows the activations here instead (a no-op once it is there)."""
-    weight = next(ip.parameters(), None) if isinstance(ip, torch.nn.Module) else None
-    if weight is not None and weight.device != x.device:
-        ip.to(x.device)
-
-
 def sd3_ip_term(ip: Any, attn: Any, img_q: torch.Tensor, img_k: torch.Tensor, img_v: torch.Tensor,
                 ip_hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
     """SD3 / SD3.5: image queries attend over ``[image keys, adapter keys]`` (the adapter's own QK norms), times
     ``ip.scale``. ``img_*``: the image projections before the layer's QK norm, ``(batch, tokens, heads, dim)``.
     Returns ``(batch, image tokens, heads·dim)``, to add before the output projection."""
-    _follow(ip, img_q)
     b, _, heads, dim = img_q.shape
     features = ip.norm_ip(ip_hidden_states, temb=temb)
     ip_k = ip.to_k_ip(features).view(b, -1, heads, dim).transpose(1, 2)
@@ -48,7 +38,6 @@ def flux_ip_term(ip: Any, attn: Any, ip_query: torch.Tensor, ip_hidden_states: l
     """FLUX double blocks: for each loaded adapter, image queries (QK-normed, before RoPE) attend over its tokens;
     the results, each times its scale, are summed. Returns ``(batch, image tokens, heads·dim)``, which the block
     adds to the image stream after its gate (diffusers' third attention output)."""
-    _follow(ip, ip_query)
     b = ip_query.shape[0]
     total = torch.zeros(b, ip_query.shape[1], attn.heads * attn.head_dim, dtype=ip_query.dtype,
                         device=ip_query.device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttnCtlProcessor
+from .base import AttnCtlIPProcessor, AttnCtlProcessor
 from .ip_adapter import sd3_ip_term
 
 
@@ -70,3 +70,7 @@ class AttnCtlJointProcessor(AttnCtlProcessor):
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+class AttnCtlIPJointProcessor(AttnCtlJointProcessor, AttnCtlIPProcessor):
+    """:class:`AttnCtlJointProcessor` in place of an ``SD3IPAdapterJointAttnProcessor2_0``, holding its weights."""
