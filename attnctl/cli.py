@@ -1428,6 +1428,8 @@ def ui(
     port: int = typer.Option(8501, "--port", min=1, max=65535, help="Port to serve the UI on."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
     model: str | None = typer.Option(None, "--model", "-m", help=f"Model to open with (default: {DEFAULT_MODEL})."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps: where the UI's models run."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (bf16 for a large model on a GPU)."),
 ) -> None:
     """Open the editing UI (Streamlit): generate, compare, look at attention, export."""
     import signal
@@ -1435,14 +1437,17 @@ def ui(
 
     if importlib.util.find_spec("streamlit") is None:
         raise AttnCtlError("the UI needs Streamlit, which is not installed", "pip install 'attnctl[ui]'")
-    from .ui import LOCAL_HOSTS, MODEL_ENV, streamlit_command
+    from .ui import DEVICE_ENV, DTYPE_ENV, LOCAL_HOSTS, MODEL_ENV, streamlit_command
 
+    parse_dtype(dtype)  # refused here, with its way out, rather than on the app's page
+    check_device(device)
     if host not in LOCAL_HOSTS:
         _note(f"warning: serving on {host}: anyone who can reach this address can use the UI and this machine's "
               "compute; the UI has no login. Use the default 127.0.0.1 unless you mean it.")
     env = dict(os.environ)
     if model:
         env[MODEL_ENV] = model
+    env[DEVICE_ENV], env[DTYPE_ENV] = device, dtype
     out_console.print(f"attnctl ui on http://{'[' + host + ']' if ':' in host else host}:{port}  (Ctrl-C stops)",
                       highlight=False)
     proc = subprocess.Popen(streamlit_command(sys.executable, host, port), env=env)

@@ -27,6 +27,12 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MODEL_ENV = "ATTNCTL_UI_MODEL"
 """Environment variable naming the model the app opens with (set by ``attnctl ui --model``)."""
 
+DEVICE_ENV = "ATTNCTL_UI_DEVICE"
+"""Environment variable naming the device models load on (``attnctl ui --device``; default cpu)."""
+
+DTYPE_ENV = "ATTNCTL_UI_DTYPE"
+"""Environment variable naming the dtype models load in (``attnctl ui --dtype``: fp32, fp16 or bf16; default fp32)."""
+
 MAX_UPLOAD_MB = 16
 """Streamlit's own upload limit for the app, in MB (the app checks again, see :mod:`attnctl.ui.safety`)."""
 
@@ -59,4 +65,5 @@ def streamlit_command(python: str, host: str = "127.0.0.1", port: int = 8501) ->
     return args
 
 
-__all__ = ["APP_PATH", "LOCAL_HOSTS", "MAX_UPLOAD_MB", "MODEL_ENV", "THEME", "streamlit_command"]
+__all__ = ["APP_PATH", "DEVICE_ENV", "DTYPE_ENV", "LOCAL_HOSTS", "MAX_UPLOAD_MB", "MODEL_ENV", "THEME",
+           "streamlit_command"]

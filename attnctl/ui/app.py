@@ -20,7 +20,7 @@ from PIL import Image
 
 from attnctl.errors import AttnCtlError
 from attnctl.imageio import encode_png
-from attnctl.ui import MAX_UPLOAD_MB, MODEL_ENV, engine, heatmap
+from attnctl.ui import DEVICE_ENV, DTYPE_ENV, MAX_UPLOAD_MB, MODEL_ENV, engine, heatmap
 from attnctl.ui.panels import GENERIC, PanelContext, available_panels, panel_for
 from attnctl.ui.safety import UploadError, check_control_json, check_png_upload
 from attnctl.ui.setup import (
@@ -31,10 +31,12 @@ from attnctl.ui.setup import (
     Setup,
     batch_file,
     check_batch_file,
+    control_problem,
     describe_changes,
     metadata_for,
     setup_from_metadata,
 )
+from attnctl.ui.widgets import keyed
 
 OTHER = "other"
 HISTORY_LIMIT = 16
@@ -63,8 +65,8 @@ h1.attnctl-title span {color: #ff7a45;}
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
-def cached_model(name: str) -> engine.LoadedModel:
-    return engine.load_model(name)
+def cached_model(name: str, device: str, dtype: str) -> engine.LoadedModel:
+    return engine.load_model(name, device=device, dtype=dtype)
 
 
 def init_state() -> None:
@@ -78,6 +80,8 @@ def init_state() -> None:
     for k in SETTING_KEYS:
         ss[k] = getattr(first, k)
     ss.controls = []
+    ss.loose_references = []  # reference prompts a PNG recorded with no control to take them (a baseline's)
+    ss.max_sequence_length = None  # a PNG's recorded T5 length; None: the model's
     ss.next_id = 1
     ss.history = []
     ss.current = None
@@ -108,11 +112,13 @@ def model_name() -> str:
 def current_setup(enabled_only: bool = True) -> Setup:
     ss = st.session_state
     entries = [c for c in ss.controls if c.get("enabled", True) or not enabled_only]
-    references = next((list(c["reference_prompts"]) for c in entries
-                       if c.get("reference_prompts") and c["config"].get("references")), [])
+    repositioning = [c for c in entries if c["config"].get("kind") == "isolation" and c["config"].get("references")]
+    references = list((repositioning[0].get("reference_prompts") if repositioning else ss.get("loose_references"))
+                      or [])
     return Setup(model=model_name(), prompt=ss.prompt, negative_prompt=ss.negative_prompt, seed=int(ss.seed),
                  steps=int(ss.steps), guidance=float(ss.guidance), height=int(ss.height), width=int(ss.width),
-                 controls=[dict(c["config"]) for c in entries], reference_prompts=references)
+                 controls=[dict(c["config"]) for c in entries], reference_prompts=references,
+                 max_sequence_length=ss.get("max_sequence_length"))
 
 
 def new_control(kind: str, config: dict[str, Any], enabled: bool = True) -> dict[str, Any]:
@@ -130,11 +136,21 @@ def apply_setup(s: Setup) -> None:
     ss.model_path = "" if s.model in TOY_NAMES else s.model
     for k in SETTING_KEYS:
         ss[k] = getattr(s, k)
-    ss.controls = [new_control(c["kind"] if c.get("kind") in panels else GENERIC, dict(c)) for c in s.controls]
+    ss.controls = []
+    for c in s.controls:  # a config the library refuses opens as JSON, where it can be fixed (a panel may not draw it)
+        problem = control_problem(c)
+        entry = new_control(c["kind"] if c.get("kind") in panels and problem is None else GENERIC, dict(c))
+        if problem and c.get("kind") in panels:
+            entry["note"] = f"This {panels[c['kind']].title} control is not valid as given, so it opens as JSON: " \
+                            f"{problem}"
+        ss.controls.append(entry)
+    ss.loose_references = list(s.reference_prompts)
     for entry in ss.controls:  # the reference prompts belong to the control that repositions after them
         if entry["kind"] == "isolation" and entry["config"].get("references"):
             entry["reference_prompts"] = list(s.reference_prompts)
+            ss.loose_references = []
             break
+    ss.max_sequence_length = s.max_sequence_length
     ss.defaults_for = s.model  # keep these settings when the model loads
     ss.seeded_controls = True
 
@@ -190,6 +206,14 @@ def on_show(run_id: int) -> None:
     st.session_state.current = run_id
 
 
+def on_default_text_length() -> None:
+    st.session_state.max_sequence_length = None
+
+
+def on_drop_references() -> None:
+    st.session_state.loose_references = []
+
+
 def on_new_seed() -> None:
     st.session_state.seed = random.randint(0, 2**31 - 1)
 
@@ -236,7 +260,8 @@ def sidebar() -> tuple[engine.LoadedModel | None, Any]:
             return None, notice_box
         try:
             with st.spinner(f"Loading {name}…"):
-                model = cached_model(name)
+                model = cached_model(name, os.environ.get(DEVICE_ENV, "").strip() or "cpu",
+                                     os.environ.get(DTYPE_ENV, "").strip() or "fp32")
         except Exception as e:  # noqa: BLE001 - any load failure is a message, not a traceback
             st.error(str(e) if isinstance(e, AttnCtlError) else f"cannot load {name!r}: {type(e).__name__}: {e}",
                      icon="🚫")
@@ -274,6 +299,7 @@ def apply_model_defaults(model: engine.LoadedModel, ctx: PanelContext) -> None:
         ss.guidance = float(d.get("guidance", ss.guidance))
         ss.height = int(d.get("height", ss.height))
         ss.width = int(d.get("width", ss.width))
+        ss.max_sequence_length = None
         ss.defaults_for = model.name
     if not ss.seeded_controls:  # a first SoftPAG control, so the first Generate already compares
         panels = available_panels()
@@ -301,13 +327,29 @@ def settings_row(model: engine.LoadedModel | None) -> None:
     cols[1].button("", icon=":material/casino:", on_click=on_new_seed, help="New random seed", key="new_seed")
     cols[2].number_input("Steps", key="steps", min_value=1, max_value=MAX_STEPS, step=1)
     cols[3].number_input("Guidance", key="guidance", min_value=0.0, max_value=100.0, step=0.5, format="%g")
+    snapped = []
     for col, k in ((cols[4], "width"), (cols[5], "height")):
         if ss[k] % m or not low <= ss[k] <= MAX_SIDE:
-            ss[k] = max(low, min(MAX_SIDE, round(ss[k] / m) * m))
+            typed = ss[k]
+            ss[k] = snap_side(typed, m, low)
+            snapped.append(f"{k} {typed} → {ss[k]}")
         col.number_input(k.capitalize(), key=k, min_value=low, max_value=MAX_SIDE, step=m)
+    if snapped:
+        st.caption(f"Sides are multiples of {m} px from {low} to {MAX_SIDE} for this model: "
+                   f"{', '.join(snapped)}.")
+    if ss.get("max_sequence_length"):
+        c1, c2 = st.columns([5, 1], vertical_alignment="center")
+        default = f" (the model's default: {model.info['max_sequence_length']})" if model is not None else ""
+        c1.caption(f"Text length {ss.max_sequence_length} tokens, as the opened PNG records it{default}.")
+        c2.button("Model's default", key="reset_text_length", on_click=on_default_text_length, width="stretch")
     with st.expander("Negative prompt"):
         st.text_area("Negative prompt", key="negative_prompt", height=68, max_chars=2000,
                      label_visibility="collapsed", placeholder="what the image should not show (CFG models)")
+
+
+def snap_side(value: int, m: int, low: int) -> int:
+    """``value`` to the nearest multiple of ``m`` (halves up), within ``low``..MAX_SIDE."""
+    return max(low, min(MAX_SIDE, (int(value) + m // 2) // m * m))
 
 
 def controls_panel(ctx: PanelContext, model: engine.LoadedModel | None) -> list[str]:
@@ -320,6 +362,14 @@ def controls_panel(ctx: PanelContext, model: engine.LoadedModel | None) -> list[
     add_col.selectbox("Add a control", list(panels), key="add_kind", label_visibility="collapsed",
                       format_func=lambda k: panels[k].title)
     btn_col.button("Add", key="add_control", on_click=on_add, args=(ctx,), icon=":material/add:", width="stretch")
+    if ss.get("loose_references"):
+        with st.container(border=True, key="loose_references"):
+            refs = ", ".join(repr(r) for r in ss.loose_references)
+            st.markdown(f"**Reference prompts** · {refs}")
+            st.caption("The opened image was made as the last of this set in one call (a reposition run's baseline): "
+                       "Generate makes the set again from the same noise and shows the scene.")
+            st.button("Drop them (make the image alone)", key="drop_references", on_click=on_drop_references,
+                      icon=":material/delete:")
     if not ss.controls:
         st.markdown("<div class='attnctl-empty'>No controls: Generate makes the plain image.<br>"
                     "Add one to compare it with the controlled image.</div>", unsafe_allow_html=True)
@@ -339,7 +389,19 @@ def controls_panel(ctx: PanelContext, model: engine.LoadedModel | None) -> list[
                 given = dict(entry["config"])
                 if entry.get("reference_prompts") and panel.kind == "isolation":
                     given["_reference_prompts"] = list(entry["reference_prompts"])
-                cfg = panel.render(ctx, f"c{cid}", given)
+                if entry.get("note"):
+                    st.warning(entry["note"], icon="⚠️")
+                try:
+                    cfg = panel.render(ctx, f"c{cid}", given)
+                except Exception as e:  # noqa: BLE001 - a panel that cannot draw a config hands it to the JSON panel
+                    if panel.kind == GENERIC:
+                        raise
+                    entry["note"] = (f"The {panel.title} panel cannot show this config ({type(e).__name__}: {e}), "
+                                     "so it opens as JSON: fix it here.")
+                    entry["kind"], panel = GENERIC, panels[GENERIC]
+                    st.warning(entry["note"], icon="⚠️")
+                    given.pop("_reference_prompts", None)
+                    cfg = panel.render(ctx, f"c{cid}", given)
             error = cfg.pop("_error", None)
             entry["reference_prompts"] = cfg.pop("_reference_prompts", None) or []
             entry["config"] = cfg
@@ -347,7 +409,10 @@ def controls_panel(ctx: PanelContext, model: engine.LoadedModel | None) -> list[
                 error = control_error(cfg, model)
                 if error:
                     st.error(error, icon="⚠️")
-            summary.caption(panel.summary(cfg))
+            try:
+                summary.caption(panel.summary(cfg))
+            except Exception:  # noqa: BLE001 - a summary of a config being fixed: its JSON instead
+                summary.caption(panels[GENERIC].summary(cfg))
             if error and entry["enabled"]:
                 problems.append(f"Control {n + 1} ({panel.title}): {error}")
     return problems
@@ -357,10 +422,10 @@ def control_error(cfg: dict[str, Any], model: engine.LoadedModel | None) -> str 
     """Why this control cannot run on the model (its config, or its sites and heads), or None."""
     from attnctl.controls import control_from_json
 
-    try:
-        control = control_from_json(check_control_json(cfg))
-    except ValueError as e:
-        return str(e)
+    problem = control_problem(cfg)
+    if problem:
+        return problem
+    control = control_from_json(check_control_json(cfg))
     if model is not None:
         problems = engine.bind_problems(model, [cfg], [control])
         if problems:
@@ -372,14 +437,21 @@ def maps_panel(model: engine.LoadedModel | None) -> engine.MapOptions:
     with st.expander("Attention maps", icon=":material/gradient:"):
         st.caption("Every Generate also records where the image attends to each word of the prompt "
                    "(mean over the heads, sites and steps chosen here).")
-        sites = model.sites if model is not None else []
-        labels = [s.label for s in sites]
-        names = {s.label: f"{s.label} · {s.name}" for s in sites}
-        chosen = st.multiselect("Sites", labels, key="map_sites", format_func=lambda x: names.get(x, x),
-                                placeholder="all sites")
-        picked = [s for s in sites if s.label in chosen] or sites
-        n_heads = min((s.heads for s in picked), default=1)
-        heads = st.multiselect("Heads", list(range(n_heads)), key="map_heads", placeholder="all heads")
+        ss = st.session_state
+        if model is None:  # the sites and heads stay as chosen until a model loads
+            chosen, heads = ss.get("map_sites_kept") or [], ss.get("map_heads_kept") or []
+            st.caption("Sites and heads are chosen once a model loads.")
+        else:
+            sites = model.sites
+            labels = [s.label for s in sites]
+            names = {s.label: f"{s.label} · {s.name}" for s in sites}
+            chosen = keyed(st.multiselect, "map_sites", list(ss.get("map_sites_kept") or []), "Sites",
+                           options=labels, format_func=lambda x: names.get(x, x), placeholder="all sites")
+            picked = [s for s in sites if s.label in chosen] or sites
+            n_heads = min((s.heads for s in picked), default=1)
+            heads = keyed(st.multiselect, "map_heads", list(ss.get("map_heads_kept") or []), "Heads",
+                          options=list(range(n_heads)), placeholder="all heads")
+            ss.map_sites_kept, ss.map_heads_kept = list(chosen), list(heads)
         span = st.slider("Steps (fraction of the run)", 0.0, 1.0, (0.0, 1.0), step=0.05, key="map_steps")
     return engine.MapOptions(sites=list(chosen) or "all", heads=sorted(heads) or None, start=span[0], stop=span[1])
 
@@ -598,7 +670,7 @@ def history_tab() -> None:
                            width="stretch", help="Put this run's settings back into the editor")
 
 
-def export_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> None:
+def export_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None, card_problems: list[str]) -> None:
     st.markdown("<div class='attnctl-label'>Images</div>", unsafe_allow_html=True)
     if run is None:
         st.caption("Generate first: the PNGs of the shown run appear here.")
@@ -618,8 +690,12 @@ def export_tab(run: dict[str, Any] | None, model: engine.LoadedModel | None) -> 
         st.caption(f"Run #{run['id']}. Each PNG carries every setting in its metadata: open it here (sidebar), "
                    "or regenerate it with `attnctl generate --from image.png`.")
     st.markdown("<div class='attnctl-label'>Current setup as a batch file</div>", unsafe_allow_html=True)
-    data = batch_file(current_setup(), model.pipe if model is not None else None)
+    data = batch_file(current_setup(), model.pipe if model is not None else None,
+                      model.info.get("model") if model is not None else None)
     problems = check_batch_file(data, model.pipe if model is not None else None)
+    if card_problems:  # the file would hold those cards' last valid settings, not what they show
+        problems = ["Fix the control cards first: the file would hold their last valid settings.",
+                    *card_problems, *problems]
     text = json.dumps(data, indent=2)
     st.download_button("Batch file (JSON)", text, file_name="attnctl-batch.json", mime="application/json",
                        icon=":material/data_object:", key="download_item", disabled=bool(problems))
@@ -734,7 +810,7 @@ def main() -> None:
     st.markdown(CSS, unsafe_allow_html=True)
     ss = st.session_state
     model, notice_box = sidebar()
-    ctx = PanelContext(steps=int(ss.steps), words=engine.prompt_words(ss.prompt), prompt=ss.prompt)
+    ctx = PanelContext(steps=int(ss.steps), words=engine.prompt_words(ss.prompt, limit=None), prompt=ss.prompt)
     if model is not None:
         ctx.sites, ctx.family, ctx.is_toy = model.sites, model.family, model.is_toy
         apply_model_defaults(model, ctx)
@@ -769,7 +845,7 @@ def main() -> None:
         with history:
             history_tab()
         with export:
-            export_tab(run, model)
+            export_tab(run, model, problems)
         with editing:
             edit_tab(run, model)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import AttnCtlError
 from .safety import check_control_json
-from .setup import MAX_SIDE, MAX_STEPS, TOY_NAMES, Setup
+from .setup import MAX_SIDE, MAX_STEPS, TOY_NAMES, Setup, for_ui
 
 _WORD = re.compile(r"\w+")
 MAX_MAP_WORDS = 24
@@ -106,19 +106,21 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def load_model(name: str) -> LoadedModel:
-    """Load ``name`` (toy name, local pipeline folder or hub id) on the CPU in float32."""
+def load_model(name: str, device: str = "cpu", dtype: str = "fp32") -> LoadedModel:
+    """Load ``name`` (toy name, local pipeline folder or hub id) on ``device`` in ``dtype`` (fp32, fp16 or bf16;
+    the names ``attnctl generate`` takes)."""
     import diffusers
     import torch
 
     from .. import __version__
-    from ..cli import call_defaults, is_toy_pipeline
+    from ..cli import DTYPE_NAMES, call_defaults, check_device, is_toy_pipeline, parse_dtype
     from ..sites import family_of, list_sites
     from ..sizes import size_multiple
     from ..toyworld.models import load_pipeline
 
     name = check_model_name(name)
-    pipe = load_pipeline(name, device="cpu", dtype=torch.float32, controlled=True)
+    dev, torch_dtype = check_device(device), parse_dtype(dtype)
+    pipe = load_pipeline(name, device=str(dev), dtype=torch_dtype, controlled=True)
     pipe.set_progress_bar_config(disable=True)
     family = family_of(pipe.transformer)
     path = Path(name).expanduser()
@@ -133,6 +135,8 @@ def load_model(name: str) -> LoadedModel:
         "attnctl_version": __version__,
         "diffusers_version": diffusers.__version__,
         "torch_version": torch.__version__,
+        "device": str(dev),
+        "dtype": DTYPE_NAMES[str(torch_dtype).removeprefix("torch.")],
     }
     return LoadedModel(name=name, pipe=pipe, family=family, sites=list_sites(pipe.transformer),
                        defaults=defaults, is_toy=is_toy_pipeline(pipe), size_multiple=size_multiple(pipe), info=info)
@@ -141,8 +145,8 @@ def load_model(name: str) -> LoadedModel:
 # --------------------------------------------------------------------------------------------- checks
 
 
-def prompt_words(prompt: str, limit: int = MAX_MAP_WORDS) -> list[str]:
-    """Distinct words of the prompt, lowercased, in order (what maps and word pickers offer)."""
+def prompt_words(prompt: str, limit: int | None = MAX_MAP_WORDS) -> list[str]:
+    """Distinct words of the prompt, lowercased, in order (what maps and word pickers offer); ``limit=None``: all."""
     out: list[str] = []
     for w in _WORD.findall(prompt.lower()):
         if w not in out:
@@ -161,7 +165,7 @@ def build_controls(configs: list[dict[str, Any]]) -> list[Any]:
             check_control_json(cfg, where)
             controls.append(control_from_json(cfg))
         except ValueError as e:  # AttnCtlError, UploadError and pydantic's errors are ValueErrors
-            raise AttnCtlError(f"{where}: {e}") from None
+            raise AttnCtlError(f"{where}: {for_ui(str(e))}") from None
     return controls
 
 
@@ -261,7 +265,7 @@ def _call(model: LoadedModel, setup: Setup, controls: list[Any], progress: Progr
         "guidance_scale": setup.guidance,
         "height": setup.height,
         "width": setup.width,
-        "max_sequence_length": model.info["max_sequence_length"],
+        "max_sequence_length": setup.max_sequence_length or model.info["max_sequence_length"],
         "generator": torch.Generator("cpu").manual_seed(setup.seed),
         "output_type": "pil",
         "callback_on_step_end": on_step,

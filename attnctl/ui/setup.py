@@ -22,6 +22,33 @@ TOY_NAMES = TOY_MODEL_NAMES
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 200
 MAX_SIDE = 2048
+MAX_TEXT_LENGTH = 4096
+
+
+FILE_HINTS = {"pass a HeadSet, a preset path (*.json), or selectors such as":
+              "choose layers or heads on the card, a head set shipped for this model, or write selectors such as",
+              "a preset path (*.json)": "a head set shipped for this model"}
+"""The library's ways out that name a file, as the UI offers them (it opens no file named in settings)."""
+
+
+def for_ui(message: str) -> str:
+    """A library message with its ways out that name a file put as the UI offers them."""
+    for said, meant in FILE_HINTS.items():
+        message = message.replace(said, meant)
+    return message
+
+
+def control_problem(config: Any) -> str | None:
+    """Why the library refuses this control config (its own message), or None when it builds."""
+    from ..controls import control_from_json
+
+    try:
+        control_from_json(check_control_json(config))
+    except ValueError as e:  # AttnCtlError, UploadError and pydantic's errors are ValueErrors
+        return for_ui(str(e))
+    except Exception as e:  # noqa: BLE001 - a config the control's code trips over is refused all the same
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 @dataclass
@@ -37,6 +64,8 @@ class Setup:
     controls: list[dict[str, Any]] = field(default_factory=list)
     reference_prompts: list[str] = field(default_factory=list)
     """Reposition: the prompts of the subjects' reference images, made in the same call before the scene."""
+    max_sequence_length: int | None = None
+    """T5 tokens of the prompt; None: the model's default."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,15 +74,16 @@ class Setup:
 # --------------------------------------------------------------------------------------------- metadata
 
 
-def _int(meta: dict[str, Any], key: str, lo: int, hi: int, default: int, notes: list[str]) -> int:
+def _int(meta: dict[str, Any], key: str, lo: int, hi: int, default: int | None, notes: list[str]) -> int | None:
     if key not in meta or meta[key] is None:
         return default
     v = meta[key]
+    kept = "the model's default" if default is None else default
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(float(v)) or int(v) != v:
-        notes.append(f"{key}={v!r} is not an integer; kept {default}")
+        notes.append(f"{key}={v!r} is not an integer; kept {kept}")
         return default
     if not lo <= int(v) <= hi:
-        notes.append(f"{key}={v!r} is outside {lo}..{hi}; kept {default}")
+        notes.append(f"{key}={v!r} is outside {lo}..{hi}; kept {kept}")
         return default
     return int(v)
 
@@ -90,6 +120,11 @@ def setup_from_metadata(meta: dict[str, Any], base: Setup | None = None) -> tupl
     if not isinstance(controls, list):
         raise UploadError("the attnctl settings in this PNG list no controls (\"controls\" is not a list)")
     checked = [check_control_json(c, f"control #{i + 1} of the PNG") for i, c in enumerate(controls)]
+    for i, c in enumerate(checked):
+        problem = control_problem(c)
+        if problem:
+            notes.append(f"control #{i + 1} ({c.get('kind', '?')}) is not valid as recorded ({problem}); it opens in "
+                         "the JSON panel to fix")
     references = meta.get("reference_prompts") or []
     if not (isinstance(references, list) and all(isinstance(r, str) for r in references)) or len(references) > 16:
         notes.append("the reference prompts recorded are not a list of at most 16 strings; left out")
@@ -116,6 +151,7 @@ def setup_from_metadata(meta: dict[str, Any], base: Setup | None = None) -> tupl
         width=_int(meta, "width", 8, MAX_SIDE, base.width, notes),
         controls=[json.loads(json.dumps(c)) for c in checked],
         reference_prompts=[r[:2000] for r in references],
+        max_sequence_length=_int(meta, "max_sequence_length", 1, MAX_TEXT_LENGTH, None, notes),
     )
     return setup, notes
 
@@ -136,12 +172,12 @@ def metadata_for(setup: Setup, info: dict[str, Any], controls: list[dict[str, An
         "guidance": setup.guidance,
         "height": setup.height,
         "width": setup.width,
-        "max_sequence_length": info.get("max_sequence_length"),
+        "max_sequence_length": setup.max_sequence_length or info.get("max_sequence_length"),
         "true_cfg": None,
-        "dtype": "fp32",
+        "dtype": info.get("dtype", "fp32"),
         "controls": list(setup.controls if controls is None else controls),
         "scheduler": info.get("scheduler"),
-        "device": "cpu",
+        "device": info.get("device", "cpu"),
         "attention_backend": None,
         "made_with": "attnctl ui",
     }
@@ -170,18 +206,21 @@ def batch_item(setup: Setup, guidance: bool = True) -> dict[str, Any]:
         del item["guidance"]
     if setup.reference_prompts:
         item["reference_prompts"] = list(setup.reference_prompts)
+    if setup.max_sequence_length:
+        item["max_sequence_length"] = int(setup.max_sequence_length)
     return item
 
 
-def batch_file(setup: Setup, pipe: Any = None) -> dict[str, Any]:
+def batch_file(setup: Setup, pipe: Any = None, model: str | None = None) -> dict[str, Any]:
     """A batch file (schema version 1) holding the setup as its one item: ``attnctl batch FILE`` runs it. With the
-    loaded ``pipe``, a guidance the model does not take is left out."""
+    loaded ``pipe``, a guidance the model does not take is left out. ``model`` is the loaded model's record (a local
+    folder made absolute, as the PNGs record it); without it, the setup's model as typed."""
     from ..sites import family_of
 
     transformer = getattr(pipe, "transformer", None)
     ignored = transformer is not None and family_of(transformer) == "flux" and not transformer.config.get(
         "guidance_embeds")
-    return {"version": 1, "model": setup.model, "items": [batch_item(setup, guidance=not ignored)]}
+    return {"version": 1, "model": model or setup.model, "items": [batch_item(setup, guidance=not ignored)]}
 
 
 def check_batch_file(data: dict[str, Any], pipe: Any = None) -> list[str]:

@@ -39,7 +39,8 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
     from ..widgets import keyed
 
     cfg = dict(config)
-    current = list(cfg.get("subjects") or [])
+    subjects = cfg.get("subjects") or []
+    current = [subjects] if isinstance(subjects, str) else [str(x) for x in subjects]
     options = list(dict.fromkeys(subject_phrases(ctx.words) + [w for w in ctx.words if w not in {",", "."}]
                                  + current))
     cfg["subjects"] = list(keyed(st.multiselect, f"{key}.subjects", current, "Subjects to keep apart",
@@ -50,7 +51,9 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
                           "Reposition after references",
                           help="Also draw each subject after a reference image of it, made in the same call "
                                "(IR-Diffusion's reposition)")
-    given = list(cfg.pop("_reference_prompts", None) or [])
+    # the config's reference prompts follow its subjects' order: kept by subject, so a reordered or dropped subject
+    # keeps its own prompt
+    given = dict(zip(current, cfg.pop("_reference_prompts", None) or [], strict=False))
     if len(cfg["subjects"]) < 2 and not repositioning:
         st.warning("Name at least two subjects to isolate.", icon="⚠️")
     missing = ctx.absent(cfg["subjects"])
@@ -65,10 +68,10 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
     if repositioning:
         cfg["references"] = True
         prompts = []
-        for i, subject in enumerate(cfg["subjects"]):
-            first = given[i] if i < len(given) else f"a {subject}"
-            prompts.append(keyed(st.text_input, f"{key}.ref{i}", first, f"Reference prompt of {subject!r}",
-                                 max_chars=2000, help="A prompt showing this subject alone").strip())
+        for subject in cfg["subjects"]:
+            prompts.append(keyed(st.text_input, f"{key}.ref.{subject}", given.get(subject, f"a {subject}"),
+                                 f"Reference prompt of {subject!r}", max_chars=2000,
+                                 help="A prompt showing this subject alone").strip())
         if any(not p for p in prompts):
             st.warning("Write a reference prompt for every subject.", icon="⚠️")
         cfg["_reference_prompts"] = prompts

@@ -52,7 +52,8 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
     def get(name: str, fallback: Any = None) -> Any:
         return cfg[name] if name in cfg else config_default("regulation", name, fallback)
 
-    targets = [str(t) for t in cfg.get("targets") or []]
+    given_targets = cfg.get("targets") or []
+    targets = [given_targets] if isinstance(given_targets, str) else [str(t) for t in given_targets]
     options = list(dict.fromkeys([w for w in ctx.words if w not in {",", "."}] + targets))
     chosen = keyed(st.multiselect, f"{key}.targets", targets or default_targets(ctx.words), "Words to balance",
                    options=options, placeholder="words of the prompt",
@@ -65,32 +66,13 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
 
     joint = [s for s in ctx.sites if s.kind in JOINT_KINDS]
     labels = [s.label for s in joint]
-    mode = keyed(st.segmented_control, f"{key}.sitemode", _site_mode(get("sites", "mid"), labels), "Sites",
-                 options=list(SITE_MODES), format_func=lambda m: SITE_MODES[m], required=True)
-    mode = mode or "mid"
-    if mode == "other":
-        given = get("sites", "mid")
-        text = keyed(st.text_input, f"{key}.sitetext", given if isinstance(given, str) else json.dumps(given),
-                     "Site selector", help="A selector as the Python API takes it: \"L1:3\", \"*\", a module name, "
-                                           "or a JSON list of them. It is checked against the model when the run "
-                                           "starts.").strip()
-        try:
-            parsed = json.loads(text) if text.startswith("[") else text
-        except json.JSONDecodeError:
-            parsed = None
-        if not parsed or not (isinstance(parsed, str) or all(isinstance(x, str) for x in parsed)):
-            st.warning(f"Not a site selector: {text!r}; the middle third is used", icon="⚠️")
-            parsed = "mid"
-        cfg["sites"] = parsed
-    elif mode == "pick":
-        names = {s.label: f"{s.label} · {s.name}" for s in joint}
-        current = cfg.get("sites") if isinstance(cfg.get("sites"), list) else []
-        picked = keyed(st.multiselect, f"{key}.sites", [c for c in current if c in labels], "Sites",
-                       options=labels, format_func=lambda x: names.get(x, x), label_visibility="collapsed",
-                       placeholder="choose joint attention sites")
-        cfg["sites"] = list(picked) or "mid"
+    if not ctx.sites:  # no model loaded: the sites stay as they are until one is
+        sites = get("sites", "mid")
+        st.caption(f"Sites: {sites if isinstance(sites, str) else ', '.join(map(str, sites))} "
+                   "(chosen once a model loads)")
+        cfg["sites"] = sites
     else:
-        cfg["sites"] = mode
+        _sites_editor(key, cfg, get("sites", "mid"), joint, labels)
 
     steps, err = schedule_editor(f"{key}.steps", "When · active where > 0", get("steps", 1.0), ctx.steps,
                                  lo=0.0, help="The control acts at the steps where this schedule is above 0 "
@@ -120,6 +102,39 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
     if err:
         cfg["_error"] = err
     return cfg
+
+
+def _sites_editor(key: str, cfg: dict[str, Any], given: Any, joint: list[Any], labels: list[str]) -> None:
+    """The sites of the loaded model's joint layers: the middle third, all, picked, or a selector as written."""
+    import streamlit as st
+
+    from ..widgets import keyed
+
+    mode = keyed(st.segmented_control, f"{key}.sitemode", _site_mode(given, labels), "Sites",
+                 options=list(SITE_MODES), format_func=lambda m: SITE_MODES[m], required=True)
+    mode = mode or "mid"
+    if mode == "other":
+        text = keyed(st.text_input, f"{key}.sitetext", given if isinstance(given, str) else json.dumps(given),
+                     "Site selector", help="A selector as the Python API takes it: \"L1:3\", \"*\", a module name, "
+                                           "or a JSON list of them. It is checked against the model when the run "
+                                           "starts.").strip()
+        try:
+            parsed = json.loads(text) if text.startswith("[") else text
+        except json.JSONDecodeError:
+            parsed = None
+        if not parsed or not (isinstance(parsed, str) or all(isinstance(x, str) for x in parsed)):
+            st.warning(f"Not a site selector: {text!r}; the middle third is used", icon="⚠️")
+            parsed = "mid"
+        cfg["sites"] = parsed
+    elif mode == "pick":
+        names = {s.label: f"{s.label} · {s.name}" for s in joint}
+        current = given if isinstance(given, list) else []
+        picked = keyed(st.multiselect, f"{key}.sites", [str(c) for c in current], "Sites",
+                       options=labels, format_func=lambda x: names.get(x, x), label_visibility="collapsed",
+                       placeholder="choose joint attention sites")
+        cfg["sites"] = list(picked) or "mid"
+    else:
+        cfg["sites"] = mode
 
 
 def summary(config: dict[str, Any]) -> str:

@@ -139,17 +139,19 @@ def _method_of(target: str, scope: str) -> str:
 def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any]:
     import streamlit as st
 
-    from ..schedules_ui import schedule_editor
     from ..widgets import keyed
 
     cfg = dict(config)
     heads = cfg.get("heads") or default(ctx)["heads"]
+    if isinstance(heads, str):  # one selector, as the library reads a string
+        heads = [heads.strip()]
 
     # -- method (follows target and scope when those are edited by hand)
     methods = list(METHODS) + ["custom"]
     target = st.session_state.get(f"{key}.target", cfg.get("target", "identity"))
     scope = st.session_state.get(f"{key}.scope", cfg.get("scope", "joint"))
-    st.session_state[f"{key}.method"] = _method_of(target, scope)
+    if st.session_state.get(f"{key}.method") != "custom":  # "custom" stays until a preset is picked
+        st.session_state[f"{key}.method"] = _method_of(target, scope)
     keyed(st.selectbox, f"{key}.method", _method_of(target, scope),
           "Method", options=methods, format_func=lambda m: METHODS[m][0] if m in METHODS else "custom target / scope",
           on_change=_apply_method, args=(key,),
@@ -162,6 +164,10 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
                          help="joint: the whole joint map; image: the image→image block only")
 
     # -- heads
+    if not ctx.sites:  # no model loaded: the heads stay as they are until one is
+        st.caption(f"Heads: {summary({'heads': heads}).split(' · ')[0]} (chosen once a model loads)")
+        cfg["heads"] = heads
+        return _strengths(ctx, key, cfg)
     presets = head_presets(ctx)
     modes = [m for m in MODES if m != "preset" or presets or mode_of(heads) == "preset"]
     mode = keyed(st.segmented_control, f"{key}.mode", mode_of(heads), "Heads", options=modes,
@@ -197,11 +203,14 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
                      format_func=preset_label, label_visibility="collapsed")
         cfg["heads"] = presets.get(name, heads)
     pairs = selected_pairs(ctx, cfg["heads"])
-    if ctx.sites:
-        st.caption(f"{len(pairs)} of {sum(s.heads for s in ctx.sites)} heads perturbed")
-        st.altair_chart(heads_chart(ctx, pairs), width="content")
+    st.caption(f"{len(pairs)} of {sum(s.heads for s in ctx.sites)} heads perturbed")
+    st.altair_chart(heads_chart(ctx, pairs), width="content")
+    return _strengths(ctx, key, cfg)
 
-    # -- strengths
+
+def _strengths(ctx: PanelContext, key: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    from ..schedules_ui import schedule_editor
+
     u0 = cfg.get("u", config_default("softpag", "u", 1.0))
     w0 = cfg.get("scale", config_default("softpag", "scale", 3.0))
     u, err_u = schedule_editor(f"{key}.u", "u · toward the target", u0, ctx.steps, lo=0.0, hi=1.0,
