@@ -41,7 +41,7 @@ from .controls.value_sharing import ValueSharing
 from .errors import ConfigError, LayoutError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
 from .inversion import check_path, check_steps_and_guidance, has_guidance_embedding, image_array, invert, text_length
-from .latent_guidance import StopForward, check_scheduler
+from .latent_guidance import StopForward, check_scheduler, frozen_weights
 from .layout import absent_words, layout_for_pipeline
 from .midpoint import step_anchor
 from .rf_inversion import RFInversion, toward_image
@@ -207,7 +207,8 @@ class EditBranches(ForwardWrapper):
         sub = map_rows(bound, batch, lambda x: x.index_select(0, idx.to(x.device)), "UnifyEdit")
         for _ in range(int(self.control.config.iterations)):
             # each loss is differentiated on its own (the gradient pass keeps compiled graphs differentiable twice)
-            with torch.enable_grad(), self.controller.gradient_pass(rows), self._gradient_pairing(share):
+            with torch.enable_grad(), self.controller.gradient_pass(rows), self._gradient_pairing(share), \
+                    frozen_weights(self.transformer):  # the latent's gradient only: no activations kept for weights
                 zz = z.detach().requires_grad_(True)
                 sub["hidden_states"] = torch.cat([z_src.detach(), zz])
                 with contextlib.suppress(StopForward):  # raised after the deepest site the losses read

@@ -103,9 +103,10 @@ class TokenLayout:
         off = self.text_slice().start
         return [off + p for p in positions]
 
-    def words(self) -> list[str]:
+    def words(self, segments: tuple[str, ...] | None = None) -> list[str]:
+        """The words the text tokens hold, each once, in the chosen tokenizer segments (``None``: all)."""
         seen: list[str] = []
-        for seg in self.segments:
+        for seg in self._chosen(segments):
             seen.extend(w for w in seg.words if w not in seen)
         return seen
 
@@ -181,8 +182,9 @@ class TokenLayout:
     def _absent(self, word: str, segments: tuple[str, ...] | None) -> None:
         if self.cut_off(word, segments):
             raise self._cut_off(f"the word {word!r} is in the prompt but")
-        known = ", ".join(self.words()[:20]) or ("(none: the prompt has no words)" if self.prompt is not None
-                                                  else "(no prompt tokens are known for this run)")
+        known = ", ".join(self.words(segments)[:20]) or (
+            "(none: the prompt has no words)" if self.prompt is not None
+            else "(no prompt tokens are known for this run)")
         raise LayoutError(
             f"the word {word!r} is not{self._where(segments)}; a control can only name words of the prompt it runs "
             f"on. Words of this prompt: {known}."

@@ -354,3 +354,62 @@ def test_unify_edit_does_not_combine_with_a_perturbed_branch(toy_sd3):
 
     with pytest.raises(ConfigError, match="its own source and target rows"):
         attach(toy_sd3, [UnifyEdit(), SoftPAG(heads=["L0"], u=1.0)])
+
+
+def test_unify_edit_refuses_a_controlnet_pipeline(sd3_pipe):
+    """Its branches run the transformer only: the ControlNet's residuals would come from the unmoved latent."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    cn = SD3ControlNetModel.from_transformer(sd3_pipe.transformer, num_layers=1, num_extra_conditioning_channels=0)
+    pipe = StableDiffusion3ControlNetPipeline(**sd3_pipe.components, controlnet=cn)
+    with pytest.raises(ConfigError, match="runs its ControlNet before that call on the unmoved latent"):
+        attach(pipe, [UnifyEdit()])
+
+
+def test_scale_assigned_after_construction_is_the_one_used(toy_sd3, scene):
+    path = invert(toy_sd3, scene, SOURCE, 4)
+    c = UnifyEdit(scale=0.0)
+    c.config.scale = "window(0.5, 0, 0.6)"
+    edit(toy_sd3, scene, SOURCE, TARGET, 4, control=c, path=path, output_type="latent")
+    assert [h.step for h in c.history] == [0, 1]
+
+
+def test_with_gradient_checkpointing_each_pass_has_its_own_losses(toy_sd3, scene):
+    """The backward recomputes checkpointed blocks; the terms made there must not join the next pass's losses (nor
+    give sa_region='edit' a stale mask)."""
+    path = invert(toy_sd3, scene, SOURCE, 4)
+    runs = []
+    try:
+        for checkpointing in (False, True):
+            if checkpointing:
+                toy_sd3.transformer.enable_gradient_checkpointing()
+            c = UnifyEdit(scale="window(0.5, 0, 0.6)", iterations=2, sa_region="edit")
+            res = edit(toy_sd3, scene, SOURCE, TARGET, 4, control=c, path=path, output_type="latent")
+            runs.append(([(h.sa_loss, h.ca_loss) for h in c.history], res.edited))
+            assert not (c._gap or c._target_maps or c._source_maps)  # nothing left over for a next pass
+    finally:
+        toy_sd3.transformer.disable_gradient_checkpointing()
+    (plain, plain_out), (ckpt, ckpt_out) = runs
+    assert len(ckpt) == 4 and np.allclose(ckpt, plain, rtol=1e-5)
+    assert float((ckpt_out.float() - plain_out.float()).abs().max()) < 1e-4
+
+
+def test_the_edit_gradient_pass_runs_with_the_weights_frozen_and_gives_their_flags_back(toy_sd3, scene, monkeypatch):
+    """The pass wants the target latent's gradient only; weights that require grad (as from_pretrained leaves them)
+    made autograd keep activations for weight gradients nobody reads."""
+    params = list(toy_sd3.transformer.parameters())
+    before = [p.requires_grad for p in params]
+    seen = []
+    losses = UnifyEdit.edit_losses
+    monkeypatch.setattr(UnifyEdit, "edit_losses", lambda self: seen.append(any(p.requires_grad for p in params))
+                        or losses(self))
+    try:
+        toy_sd3.transformer.requires_grad_(True)
+        params[0].requires_grad_(False)  # a mixed set: each parameter's own flag comes back
+        edit(toy_sd3, scene, SOURCE, TARGET, 4, control=UnifyEdit(scale="window(1, 0, 0.5)"), output_type="latent")
+        assert seen and not any(seen)
+        assert [p.requires_grad for p in params] == [False] + [True] * (len(params) - 1)
+        assert all(p.grad is None for p in params)
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)

@@ -377,6 +377,165 @@ def test_several_prompts_in_one_call_each_use_their_own_tokens(sd3_pipe):
     assert abs(both - plain).max() > 1e-3
 
 
+def test_csg_images_do_not_depend_on_the_other_prompts_of_the_call(sd3_pipe):
+    """CSG's random half draws from a generator of each prompt's own: the second prompt's image is the one it gets
+    alone (a generator shared by the prompts of a call gave it the draws after the first prompt's)."""
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    prompts = [PROMPT, "a blue square and a big red circle"]
+    lat = torch.randn(2, 12, 16, 24, generator=gen(1))
+    kw = {**KW, "output_type": "latent"}
+    lay = lambda: LayoutGuidance(boxes=BOXES, scale=0.5, loss="csg")  # noqa: E731
+    both = pipe(prompts, latents=lat, controls=[lay()], **kw).images
+    for i, prompt in enumerate(prompts):
+        alone = pipe(prompt, latents=lat[i:i + 1], controls=[lay()], **kw).images
+        assert (both[i] - alone[0]).abs().max() < 1e-4, i
+
+
+def _controlnet_pipe(family: str, sd3_pipe, flux_pipe):
+    """A diffusers ControlNet pipeline on the tiny model, with a one-block ControlNet whose residuals matter."""
+    from diffusers import (
+        FluxControlNetModel,
+        FluxControlNetPipeline,
+        SD3ControlNetModel,
+        StableDiffusion3ControlNetPipeline,
+    )
+
+    base = sd3_pipe if family == "sd3" else flux_pipe
+    torch.manual_seed(0)
+    if family == "sd3":
+        cn = SD3ControlNetModel.from_transformer(base.transformer, num_layers=1, num_extra_conditioning_channels=0)
+    else:
+        tc = base.transformer.config
+        cn = FluxControlNetModel.from_transformer(base.transformer, num_layers=1, num_single_layers=1,
+                                                  attention_head_dim=tc.attention_head_dim,
+                                                  num_attention_heads=tc.num_attention_heads)
+    for p in cn.parameters():
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=0.2)
+    cls = StableDiffusion3ControlNetPipeline if family == "sd3" else FluxControlNetPipeline
+    pipe = cls(**base.components, controlnet=cn)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_under_a_controlnet_pipeline_the_step_is_the_controlnet_and_transformer_at_the_moved_latent(
+        family, sd3_pipe, flux_pipe, monkeypatch):
+    """diffusers runs the ControlNet on the unmoved latent before the transformer; the step's call (and FLUX's
+    negative call) must take its residuals at the moved latent, and the gradient pass runs the ControlNet too."""
+    from PIL import Image
+
+    from attnctl.latent_guidance import LatentGuidance
+
+    pipe = _controlnet_pipe(family, sd3_pipe, flux_pipe)
+    image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
+    extra = {"guidance_scale": 4.0} if family == "sd3" else {"true_cfg_scale": 2.0, "negative_prompt": "a triangle"}
+    kw = {**KW, "height": 32, "width": 32, "output_type": "latent", "control_image": image, **extra}
+    noise = pipe.prepare_latents(1, pipe.transformer.config.in_channels // (4 if family == "flux" else 1), 32, 32,
+                                 torch.float32, "cpu", gen())
+    noise = noise[0] if isinstance(noise, tuple) else noise
+    lay = LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.3)")
+    grads = []
+    forward = type(pipe.controlnet).forward
+
+    def spy(self, *args, **kwargs):
+        grads.append((kwargs["hidden_states"].requires_grad, torch.is_grad_enabled()))
+        return forward(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(type(pipe.controlnet), "forward", spy)
+        with attnctl.attach(pipe, [lay]):
+            pipe(PROMPT, latents=noise.clone(), **kw)
+    assert len(lay.history) == 1 and grads[:3] == [(False, False), (True, True), (False, False)]
+    delta = 0.3 * torch.randn(noise.shape, generator=gen(1))
+    moves = []
+
+    def descend(self, bound, cond, idx, z, size):
+        moves.append(self.controller.state.step)
+        return z + delta if len(moves) == 1 else z
+
+    monkeypatch.setattr(LatentGuidance, "_descend", descend)
+    with attnctl.attach(pipe, [LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.3)")]):
+        guided = pipe(PROMPT, latents=noise.clone(), **kw).images
+    assert moves == [0]
+    want = pipe(PROMPT, latents=noise + delta, **kw).images
+    torch.testing.assert_close(guided, want, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_assigned_after_construction_is_the_one_used(sd3_pipe):
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    on = LayoutGuidance(boxes=BOXES, scale=0.0)
+    on.config.scale = 0.5
+    pipe(PROMPT, generator=gen(), output_type="latent", controls=[on], **KW)
+    assert [s for s, _ in on.history] == [0, 1, 2]
+    off = LayoutGuidance(boxes=BOXES, scale=0.5)
+    off.config.scale = 0.0
+    pipe(PROMPT, generator=gen(), output_type="latent", controls=[off], **KW)
+    assert off.history == []
+
+
+def test_with_gradient_checkpointing_the_losses_are_those_of_each_pass():
+    """The backward recomputes checkpointed blocks; the maps made there must not add to the next pass's loss."""
+    from attnctl.testing import tiny_sd3_pipeline
+
+    pipe = AttnCtlSD3Pipeline(**tiny_sd3_pipeline("sd3").components)  # its own modules: checkpointing stays here
+    pipe.set_progress_bar_config(disable=True)
+    runs = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
+        lay = LayoutGuidance(boxes=BOXES, scale=0.5, iterations=2)
+        out = pipe(PROMPT, generator=gen(), output_type="latent", controls=[lay], **KW).images
+        runs.append(([v for _, v in lay.history], out))
+        assert lay._loss_sum is None and lay._sites_seen == 0  # nothing left over for a next pass
+    (plain, plain_out), (ckpt, ckpt_out) = runs
+    assert ckpt == pytest.approx(plain, rel=1e-5) and (ckpt_out - plain_out).abs().max() < 1e-4
+
+
+def test_missing_ignore_leaves_an_absent_words_box_out_of_the_self_attention_background(sd3_pipe):
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    with_absent = LayoutGuidance(boxes={"circle": [0, 0, 0.5, 0.5], "triangle": [0.5, 0.5, 1, 1]}, missing="ignore",
+                                 scale=0.5, self_weight=1.0)
+    without = LayoutGuidance(boxes={"circle": [0, 0, 0.5, 0.5]}, scale=0.5, self_weight=1.0)
+    for ctl in (with_absent, without):
+        pipe(PROMPT, generator=gen(), output_type="latent", controls=[ctl], **KW)
+    assert with_absent.history[0][1] == pytest.approx(without.history[0][1], rel=1e-5)
+
+
+def test_the_gradient_pass_runs_with_the_weights_frozen_and_gives_their_flags_back(sd3_pipe, monkeypatch):
+    """No weight gradient is wanted: none requires grad during the pass (autograd would keep activations for
+    them), and each parameter's own flag comes back after it, also when the pass raises."""
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    params = list(pipe.transformer.parameters())
+    before = [p.requires_grad for p in params]
+    seen = []
+    original = LayoutGuidance.latent_loss
+
+    def spy(self):
+        seen.append(any(p.requires_grad for p in params))
+        return original(self)
+
+    try:
+        pipe.transformer.requires_grad_(True)
+        params[0].requires_grad_(False)  # a mixed set: each parameter's own flag comes back
+        monkeypatch.setattr(LayoutGuidance, "latent_loss", spy)
+        pipe(PROMPT, generator=gen(), output_type="latent", controls=[LayoutGuidance(boxes=BOXES, scale=0.5)], **KW)
+        assert seen == [False] * 3
+        assert [p.requires_grad for p in params] == [False] + [True] * (len(params) - 1)
+        assert all(p.grad is None for p in params)
+
+        def fail(self):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(LayoutGuidance, "latent_loss", fail)
+        with pytest.raises(RuntimeError, match="boom"):
+            pipe(PROMPT, generator=gen(), output_type="latent", controls=[LayoutGuidance(boxes=BOXES)], **KW)
+        assert [p.requires_grad for p in params] == [False] + [True] * (len(params) - 1)
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)
+
+
 @pytest.mark.parametrize("offload", ["before attach", "inside attach"])
 def test_both_wrappers_survive_model_cpu_offload(offload):
     """Model CPU offload drops forward wrappers at the end of every call; both come back at the next call (latent
@@ -449,6 +608,9 @@ def test_bad_input(sd3_pipe, sd35_pipe):
     with pytest.raises(LayoutError, match="boxed word 'triangle' is not in the prompt"):
         sd3_pipe_ = AttnCtlSD3Pipeline(**sd3_pipe.components)
         sd3_pipe_(PROMPT, generator=gen(), controls=[LayoutGuidance(boxes={"triangle": [0, 0, 1, 1]})], **KW)
+    with pytest.raises(LayoutError, match=r"\(segments clip\).*\(this prompt has: a, red, circle\)"):  # not T5's
+        sd3_pipe_("a red circle", prompt_3="a blue square", generator=gen(),
+                  controls=[LayoutGuidance(boxes={"square": [0, 0, 1, 1]}, segments=["clip"])], **KW)
     with pytest.raises(ConfigError, match="needs the pipeline"):
         Controller(sd3_pipe.transformer, [LayoutGuidance(boxes=BOXES)])
     with pytest.raises(ConfigError, match="2 latent-guidance controls"):

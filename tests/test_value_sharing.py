@@ -294,3 +294,10 @@ def test_in_bf16_the_target_reads_the_source_values_in_bf16(name, scene):
     toward = (shared.edited.float() - path[-1][0].float()).abs().mean() - (plain.edited.float() - path[-1][0].float()
                                                                           ).abs().mean()
     assert float(moved) > 2.0 ** -7 and float(toward) < 0  # sharing all the way holds the target nearer the image
+
+
+def test_weight_assigned_after_construction_is_the_one_used():
+    c = ValueSharing(weight=0.0)
+    c.config.weight = "window(1, 0, 0.5)"
+    assert [c.weight_at(s, 4) for s in range(4)] == [1.0, 1.0, 0.0, 0.0]
+    assert [id(s) for s in c.schedules()] == [id(c.config.weight)]  # no stale copy is given the metrics

@@ -218,7 +218,7 @@ def word_columns(layout: TokenLayout | None, words: Sequence[str], segments: Seq
             ignore = f", or pass missing='ignore' to {verb} the ones that are present" if missing is not None else ""
             if e.problem.startswith("the phrase "):  # its words are there, apart: the layout's message says so
                 raise LayoutError(f"{who}: {e.problem}", fix=f"{e.fix}{ignore}") from None
-            known = ", ".join(layout.words()[:20])
+            known = ", ".join(layout.words(segs)[:20])  # the words of the segments searched
             # (the layout names the texts the tokens read when they are not the prompt: FLUX's prompt_2)
             where = layout._where(segs) or " in this run's prompt"
             seg_note = f" (segments {', '.join(segs)})" if segs else ""

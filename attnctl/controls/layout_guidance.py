@@ -114,6 +114,13 @@ def checked_box(box: Any, what: str) -> list[float]:
     return [x0, y0, x1, y1]
 
 
+def in_backward() -> bool:
+    """Autograd is running a backward on this thread: a checkpointed block (``enable_gradient_checkpointing``) is
+    computing its forward again. A control's loss made there is the one already counted, and must be made again
+    only for the gradient. (torch's record of the running backward: -1 outside one.)"""
+    return torch._C._current_graph_task_id() != -1
+
+
 def guided_iterations(v: int) -> int:
     """The gradient steps per guided step of a latent-guidance control: at least one."""
     if v < 1:
@@ -254,7 +261,8 @@ def csg_loss(maps: torch.Tensor, tokens: list[tuple[list[int], list[int]]], pres
 
 class _Boxes(NamedTuple):
     """The boxes at one grid and device: the words' cell coverage and CSG tokens; for the self-attention term the
-    same with the background appended, and the coverage normalised per box as query weights (None: term off)."""
+    same for the boxes of the words present in the prompt, with the background (outside those boxes) appended, and
+    the coverage normalised per box as query weights (None: term off)."""
 
     cover: torch.Tensor
     tokens: list
@@ -276,7 +284,6 @@ class LayoutGuidance(Control):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._scale = self.config.scale
         self.reset()
 
     def reset(self) -> None:
@@ -309,7 +316,7 @@ class LayoutGuidance(Control):
 
     def begin_run(self, state: RunState) -> None:
         self.reset()
-        self._scale.reset()
+        self.config.scale.reset()  # read from the config at use: a scale assigned after construction counts
         layouts = [state.layout] if state.row_layouts is None else [lay for lay in state.row_layouts if lay]
         known = [lay for lay in layouts if lay is not None and any(seg.words for seg in lay.segments)]
         found = [any(self._resolve(layout)) for layout in known]  # fail early on absent words
@@ -327,7 +334,7 @@ class LayoutGuidance(Control):
 
     def step_size(self, step: int, num_steps: int) -> float:
         """``η`` at ``step`` (0: no gradient pass)."""
-        return 0.0 if self._none_present else float(self._scale(step, num_steps))
+        return 0.0 if self._none_present else float(self.config.scale(step, num_steps))
 
     def _resolve(self, layout) -> list[list[int]]:
         kept = self._columns.get(id(layout))
@@ -338,9 +345,10 @@ class LayoutGuidance(Control):
         self._columns[id(layout)] = (layout, columns)
         return columns
 
-    def _coverage(self, grid: tuple[int, int], device) -> _Boxes:
-        """The boxes on ``device`` for this grid, made once per grid (module doc)."""
-        key = (grid, str(device))
+    def _coverage(self, grid: tuple[int, int], device, present: list[bool]) -> _Boxes:
+        """The boxes on ``device`` for this grid and these words present (``missing="ignore"``: an absent word's box
+        leaves the background alone), made once each (module doc)."""
+        key = (grid, str(device), tuple(present))
         if key not in self._cover:
             cover = box_coverage(list(self.config.boxes.values()), grid)  # on the host: the values decide errors
             empty = [w for w, c in zip(self.config.boxes, cover.sum(0).tolist(), strict=True) if c <= 0]
@@ -352,7 +360,7 @@ class LayoutGuidance(Control):
             def tokens(c: torch.Tensor) -> list:  # on the device once per grid, not at every site
                 return [(index_tensor(i, device), index_tensor(o, device)) for i, o in box_tokens(c)] if csg else []
 
-            own = self_boxes(cover) if self.config.self_weight > 0 else None
+            own = self_boxes(cover[:, present]) if self.config.self_weight > 0 else None
             self._cover[key] = _Boxes(
                 cover.to(device), tokens(cover),
                 None if own is None else own.to(device),
@@ -367,18 +375,20 @@ class LayoutGuidance(Control):
         # the generated image's queries and keys (FLUX Kontext's reference tokens follow them, and are not placed)
         grid = image_grid(state.layout, call.n_image, "LayoutGuidance", call.site.name, reference_ok=True)
         img = call.grid_slice(grid[0] * grid[1])
-        boxes = self._coverage(grid, q.device)
         losses = q.new_zeros(call.batch, dtype=torch.float32)
         csg = self.config.loss == "csg"
         step = state.schedule_step[0]  # the denoising step (the midpoint scheduler's two calls share it)
-        gen = torch.Generator().manual_seed((self.config.seed + 7919 * step) % 2**63) if csg else None
         for layout, rows, host_rows in state.rows_by_prompt(("cond",), call.batch, q.device):
             if not host_rows:
                 continue
+            # CSG's random half: a generator of its own per prompt, seeded the same for each, so an image's draws
+            # do not depend on the other prompts of the call
+            gen = torch.Generator().manual_seed((self.config.seed + 7919 * step) % 2**63) if csg else None
             columns = self._resolve(layout)
             present = [bool(c) for c in columns]
             if not any(present):
                 continue
+            boxes = self._coverage(grid, q.device, present)
             qi, kt = q[:, img], k[:, call.text_slice()]
             if rows is not None:
                 qi, kt = qi.index_select(0, rows), kt.index_select(0, rows)
@@ -386,16 +396,22 @@ class LayoutGuidance(Control):
             loss = csg_loss(maps, boxes.tokens, present, gen) if csg else ratio_loss(maps, boxes.cover, present)
             if boxes.own is not None:  # the self-attention constraint: each box's pixels look at their own box
                 ki = k[:, img] if rows is None else k[:, img].index_select(0, rows)
-                own_present = present + [True] * (boxes.own.shape[1] - len(present))  # the background counts
+                own_present = [True] * boxes.own.shape[1]  # the present words' boxes and the background
                 smaps = self_maps(qi, ki, boxes.own_weights)
                 own = csg_loss(smaps, boxes.own_tokens, own_present, gen, inter_weight=0.0) if csg \
                     else ratio_loss(smaps, boxes.own, own_present)
                 loss = loss + self.config.self_weight * own
             losses = losses + loss if rows is None else losses.index_add(0, rows, loss)
+        if in_backward():  # a checkpointed block recomputed in the backward: its loss was counted in the forward
+            return []
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
         self._sites_seen += 1
         self._step = step
         return []
+
+    def begin_pass(self) -> None:
+        """A gradient pass starts: nothing of an earlier pass (one that raised, say) is summed into its loss."""
+        self._loss_sum, self._sites_seen = None, 0
 
     def latent_loss(self) -> torch.Tensor | None:
         """The loss of the gradient pass that just ran, per batch row, averaged over the sites; then cleared."""

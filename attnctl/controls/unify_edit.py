@@ -52,7 +52,7 @@ from ..layout import image_grid, text_words
 from ..schedules import Schedule, as_schedule, bounded
 from ..subject_masks import otsu_masks
 from .base import Control, ControlConfig, RunState, register, word_columns
-from .layout_guidance import MAP_CHUNK_ELEMS, box_coverage, checked_box, guided_iterations, word_maps
+from .layout_guidance import MAP_CHUNK_ELEMS, box_coverage, checked_box, guided_iterations, in_backward, word_maps
 from .regulation import JOINT_KINDS, mid_depth_sites
 
 _TINY = 1e-12
@@ -235,7 +235,6 @@ class UnifyEdit(Control):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._scale = self.config.scale
         self.source_path: list[torch.Tensor] | None = None
         self.source_eta: Schedule | None = None  # RF-Inversion's pull toward the source image (set_source)
         self.reset()
@@ -276,13 +275,19 @@ class UnifyEdit(Control):
             raise ConfigError("UnifyEdit lays out its own source and target rows, and a guidance control (SoftPAG) "
                               "in the same run would add perturbed rows to them",
                               fix="run UnifyEdit without guidance controls")
+        if isinstance(getattr(controller.pipe, "controlnet", None), torch.nn.Module):
+            raise ConfigError(
+                "UnifyEdit moves the target latent inside the transformer's call, and this pipeline runs its "
+                "ControlNet before that call on the unmoved latent, so the edit's steps would mix the two",
+                fix="edit with the base pipeline of the same components, e.g. StableDiffusion3Pipeline(**{k: v for "
+                    "k, v in pipe.components.items() if k != 'controlnet'}) (FluxPipeline for FLUX)")
         if not self.sites:
             raise SiteError(f"UnifyEdit: the sites {self.config.sites!r} have no image-text attention",
                             fix="select joint sites, e.g. sites='all' or 'mid'")
 
     def begin_run(self, state: RunState) -> None:
         self.reset()
-        self._scale.reset()
+        self.config.scale.reset()  # read from the config at use: a scale assigned after construction counts
         if self.source_eta is not None:
             self.source_eta.reset()
         if self._weighs_nothing:
@@ -299,7 +304,7 @@ class UnifyEdit(Control):
         """``η`` at denoising step ``step`` of ``num_steps`` (0: no gradient pass, also when both terms weigh 0)."""
         if self._weighs_nothing:
             return 0.0
-        return float(self._scale(step, num_steps))
+        return float(self.config.scale(step, num_steps))
 
     def _words(self, which: str, source: Any, target: Any) -> list[list[int]]:
         """Text positions of the edit words (``which="edit"``, in the target layout) or the mask words (``"mask"``,
@@ -350,15 +355,21 @@ class UnifyEdit(Control):
         grid = image_grid(target, call.n_image, "UnifyEdit", call.site.name)
         self._grid = grid
         qi, ki, kt = q[:, call.image_slice()], k[:, call.image_slice()], k[:, call.text_slice()]
+        target_map = source_map = gap = None
         if self.config.ca_weight > 0:
-            self._target_maps.append(word_maps(qi[1:], kt[1:], self._words("edit", source, target))[0])
+            target_map = word_maps(qi[1:], kt[1:], self._words("edit", source, target))[0]
         if (self.config.ca_weight > 0 or self.config.sa_region != "all") and self.config.box is None:
             with torch.no_grad():
                 cols = self._words("mask", source, target)
-                self._source_maps.append(word_maps(qi[:1], kt[:1], cols)[0].sum(-1))
+                source_map = word_maps(qi[:1], kt[:1], cols)[0].sum(-1)
         if self.config.sa_weight > 0:
-            weight = None if self.config.sa_region == "all" else self._region(qi.device)
-            self._gap.append(self_attention_gap(qi, ki, weight))
+            weight = None if self.config.sa_region == "all" else self._region(qi.device, source_map)
+            gap = self_attention_gap(qi, ki, weight)
+        if in_backward():  # a checkpointed block recomputed in the backward: its terms were kept in the forward
+            return []
+        for kept, value in ((self._target_maps, target_map), (self._source_maps, source_map), (self._gap, gap)):
+            if value is not None:
+                kept.append(value)
         self._step = state.schedule_step[0]  # the denoising step (the midpoint scheduler's two calls share it)
         return []
 
@@ -371,14 +382,14 @@ class UnifyEdit(Control):
         mean = torch.stack(self._source_maps).mean(0)
         return otsu_masks(mean).float()
 
-    def _region(self, device) -> torch.Tensor:
+    def _region(self, device, source_map: torch.Tensor | None) -> torch.Tensor:
         """Row weights ``m`` of the self-attention term for ``sa_region`` ``"edit"`` (the mask) or ``"outside"``.
-        With a mask from the maps it is this site's own (the Otsu mask of the source map it just recorded): the term
+        With a mask from the maps it is this site's own (the Otsu mask of its source map ``source_map``): the term
         is summed site by site during the pass, before the site-averaged mask exists."""
         if self.config.box is not None:
             m = box_coverage([self.config.box], self._grid, device)[:, 0]
         else:
-            m = otsu_masks(self._source_maps[-1]).float()
+            m = otsu_masks(source_map).float()
         return m if self.config.sa_region == "edit" else 1 - m
 
     def edit_losses(self) -> dict[str, torch.Tensor | None]:

@@ -75,7 +75,6 @@ class ValueSharing(Control):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._weight = self.config.weight
         self._pairs: tuple[list[int], list[int], float] | None = None
         self.shared_steps: list[int] = []  # denoising steps the last run shared values at (for tests and logs)
 
@@ -96,13 +95,13 @@ class ValueSharing(Control):
                             fix="select joint sites, e.g. sites='late' or 'all'")
 
     def begin_run(self, state: RunState) -> None:
-        self._weight.reset()
+        self.config.weight.reset()  # read from the config at use: a weight assigned after construction counts
         self._pairs = None
         self.shared_steps = []
 
     def weight_at(self, step: int, num_steps: int) -> float:
         """``w`` at denoising step ``step`` of ``num_steps`` (0: the step runs without sharing)."""
-        return float(self._weight(step, num_steps))
+        return float(self.config.weight(step, num_steps))
 
     @contextlib.contextmanager
     def pairing(self, targets: Sequence[int], sources: Sequence[int], weight: float, step: int) -> Iterator[None]:
