@@ -187,7 +187,7 @@ class PerturbedBranch(ForwardWrapper):
         idx = state.index(cond, bound["hidden_states"].device)  # made once per run (no host copy per call)
         bound = map_rows(bound, batch, lambda x: torch.cat([x, x.index_select(0, idx.to(x.device))]), "SoftPAG")
         extra = [self.branches.role(j) for j in range(len(cond))]
-        result = self._with_roles(roles + extra, (), bound)
+        result = self._with_roles(roles + extra, cond, (), bound)
         self.calls += 1
         sample = sample_of(result)
         eps, eps_ptb = sample[:batch], sample[batch:]
@@ -214,11 +214,15 @@ class PerturbedBranch(ForwardWrapper):
                     "FLUX loops do")
         return with_sample(result, sample + self._shift[1].to(sample.dtype))
 
-    def _with_roles(self, roles: list[str], args: tuple, kwargs: dict) -> Any:
+    def _with_roles(self, roles: list[str], copies: Sequence[int], args: tuple, kwargs: dict) -> Any:
+        """The original forward with the batch ``roles``, its rows after the call's own copying the rows ``copies``
+        (each reads the prompt of the row it copies, when the call has several prompts)."""
         state = self.controller.state
-        saved = state.roles
+        saved = state.roles, state.row_layouts
         state.roles = roles
+        if state.row_layouts is not None:
+            state.row_layouts = [*state.row_layouts, *(state.row_layouts[i] for i in copies)]
         try:
             return self.call_original(*args, **kwargs)
         finally:
-            state.roles = saved
+            state.roles, state.row_layouts = saved

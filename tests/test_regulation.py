@@ -504,3 +504,132 @@ def test_device_and_dtype_agnostic(request, fixture):
             assert all(r.applied_map_loss < r.plain_map_loss for r in reg.records)
         else:
             assert all(math.isnan(r.best_loss) for r in reg.records)  # no values on the meta device
+
+
+def test_several_prompts_with_softpag_regulate_each_perturbed_copy_with_its_prompt(sd3_pipe):
+    """Two prompts and SoftPAG in one call: every perturbed copy is regulated on its conditional row's prompt, and
+    each image is the one made alone with the same controls."""
+    prompts = [PROMPT, "a blue square beside a red circle"]
+    kw = dict(KW, guidance_scale=4.0)
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+
+    def controls() -> list:
+        return [AttentionRegulation(targets=["circle", "square"], sites="all", iterations=3),
+                attnctl.SoftPAG(heads=["L0H0"])]
+
+    both = controls()
+    with attnctl.attach(sd3_pipe, both):
+        images = sd3_pipe(prompts, generator=[gen(0), gen(1)], **kw).images
+    reg = both[0]
+    assert {r.prompt for r in reg.records} == set(prompts) and all(len(r.best) == 2 for r in reg.records)
+    calls = len(reg.sites)  # every site at step 0; one record per call and prompt, and the summary counts the calls
+    assert len(reg.records) == 2 * calls
+    assert f": {calls} attention calls at 1 step ({2 * calls} regulated (call, prompt) pairs);" in reg.summary()
+    for i, prompt in enumerate(prompts):
+        with attnctl.attach(sd3_pipe, controls()):
+            alone = sd3_pipe(prompt, generator=gen(i), **kw).images
+        assert abs(alone[0] - images[i]).max() < 1e-4
+
+
+def test_one_prompt_with_two_t5_texts_keeps_a_memory_for_each(sd3_pipe):
+    """The same ``prompt`` with two ``prompt_3`` texts (what SD3's T5 reads) is two prompts: each keeps its own
+    smoothing and warm start, and each image is the one made alone."""
+    texts = [PROMPT, "a blue square beside a red circle"]
+    kw = dict(KW, guidance_scale=4.0)
+    cfg = dict(targets=["circle", "square"], sites="all", steps=1.0, iterations=3, init="previous")
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    with attnctl.attach(sd3_pipe, [AttentionRegulation(**cfg)]):
+        both = sd3_pipe([PROMPT, PROMPT], prompt_3=texts, generator=[gen(0), gen(1)], **kw).images
+    for i, text in enumerate(texts):
+        with attnctl.attach(sd3_pipe, [AttentionRegulation(**cfg)]):
+            alone = sd3_pipe(PROMPT, prompt_3=text, generator=gen(i), **kw).images
+        assert abs(alone[0] - both[i]).max() < 1e-4
+
+
+def _call_biases(ctl, step: int, roles: list[str], rows: list[int], q, k, v, skip_layer: bool = False):
+    """The bias the control gives the regulated rows of one direct call on the batch rows ``rows`` of q, k, v."""
+    ctl.set_step(step)
+    ctl.state.roles, ctl.state.skip_layer_pass = roles, skip_layer
+    q, k, v = (t[rows] for t in (q, k, v))
+    contribs = ctl.contributions(SiteCall(ctl.sites[0], len(rows), S, N_TEXT, True, q.device, q.dtype), q, k, v)
+    captured = []
+    for c in contribs:
+        c.bias = lambda logits, lse, f=c.bias: captured.append(f(logits, lse)) or captured[-1]
+    attend(q, k, v, contribs)
+    ctl.state.skip_layer_pass = False
+    return captured[0]
+
+
+@pytest.mark.parametrize("init", ["random", "previous"])
+def test_rows_keep_their_earlier_w_when_the_regulated_rows_change(sd3_pipe, init):
+    """The regulated rows change within a run when SoftPAG's scale starts after step 0 (perturbed copies join) and at
+    SD3's skip-layer pass (the conditional rows alone): every row is still smoothed and warm-started from its own
+    earlier W — a perturbed copy new to the run from its conditional row's — so each gets the bias it gets when the
+    rows do not change."""
+    q, k, v = qkv(5)
+    cond, ptb = ROLES, [*ROLES, "perturbed", "perturbed"]
+
+    def control():
+        reg = AttentionRegulation(targets=["circle", "square"], sites=["transformer_blocks.0"], steps=1.0,
+                                  iterations=3, init=init)
+        ctl = attnctl.Controller(sd3_pipe.transformer, [reg], roles=ROLES, layout=LAYOUT)
+        ctl.begin_run(4)
+        return ctl
+
+    steady = control()
+    _call_biases(steady, 0, cond, [0, 1, 2], q, k, v)
+    want = _call_biases(steady, 1, cond, [0, 1, 2], q, k, v)
+    joined = control()
+    _call_biases(joined, 0, cond, [0, 1, 2], q, k, v)
+    got = _call_biases(joined, 1, ptb, [0, 1, 2, 1, 2], q, k, v)  # the copies repeat the conditional rows
+    assert (got[:2] - want).abs().max() < 1e-5 and (got[2:] - want).abs().max() < 1e-5
+    skipped = _call_biases(joined, 1, ["cond", "cond"], [1, 2], q, k, v, skip_layer=True)
+    assert (skipped - want).abs().max() < 1e-5  # regulated as the step's call was, from the same earlier W
+    assert len(joined.controls[0].records) == 2  # (and not recorded)
+
+
+def test_a_schedule_assigned_to_the_config_takes_effect(sd3_pipe):
+    kw = dict(KW, num_inference_steps=3, guidance_scale=4.0)
+    reg = AttentionRegulation(targets=["circle", "square"], sites=["transformer_blocks.0"], iterations=2)
+    reg.config.steps = 0.0
+    with attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe(PROMPT, **kw)
+    assert reg.records == []
+    reg.config.steps = 1.0
+    with attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe(PROMPT, **kw)
+    assert {r.step for r in reg.records} == {0, 1, 2}
+
+
+def test_reading_the_records_mid_run_leaves_the_adaptive_report_alone(sd3_pipe):
+    """An Adaptive ``steps`` on regulation's own loss reads the step's numbers at the step's end; a callback that reads
+    ``records`` or ``summary()`` first (to show progress) must not take them away."""
+    from attnctl.schedules import Adaptive
+
+    kw = dict(KW, num_inference_steps=4, guidance_scale=4.0)
+    regulated = []
+    for read in (False, True):
+        steps = Adaptive(base=1.0, rule="threshold", metric="loss", threshold=1e9, goal="lower")  # off once reported
+        reg = AttentionRegulation(targets=["circle", "square"], sites="all", iterations=2, steps=steps)
+
+        def callback(pipe, i, t, kwargs, reg=reg, read=read):
+            if read:
+                reg.summary()
+            return {}
+
+        with attnctl.attach(sd3_pipe, [reg]):
+            sd3_pipe(PROMPT, generator=torch.Generator().manual_seed(0), callback_on_step_end=callback, **kw)
+        regulated.append(sorted({r.step for r in reg.records}))
+    assert regulated == [[0], [0]]
+
+
+def test_any_integer_seed_draws_w(sd3_pipe):
+    """The seed enters the generator modulo 2**64, as the generator reads a negative seed: a huge seed works, and the
+    seeds that worked before draw the same W (-1 and 2**64 - 1 are one seed)."""
+    losses = {}
+    for seed in (-1, 2**64 - 1, 2**62, 10**13 + 2**64, 10**13):
+        reg = AttentionRegulation(targets=["circle", "square"], sites="all", seed=seed)
+        run_direct(sd3_pipe, reg)
+        losses[seed] = reg.records[0].losses
+    assert losses[-1] == losses[2**64 - 1] and losses[10**13] == losses[10**13 + 2**64]
+    assert losses[-1] != losses[2**62]

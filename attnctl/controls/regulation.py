@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,7 +41,7 @@ from pydantic import Field, field_validator, model_validator
 from ..errors import ConfigError, LayoutError, SiteError
 from ..layout import image_grid
 from ..processors.attend import chunked_lse, fused_attention_with_lse, mask_logits
-from ..processors.contributions import KeyBias, Selection
+from ..processors.contributions import KeyBias, Selection, index_tensor
 from ..schedules import bounded
 from ..sites import Site
 from .base import Control, ControlConfig, Roles, RunState, SegmentList, clean_words, register, word_columns
@@ -59,7 +60,8 @@ _TINY = 1e-30
 
 class RegulationConfig(ControlConfig):
     targets: list[str] = Field(..., description="words whose attention is regulated, e.g. ['circle', 'square']; a "
-                                                "phrase ('blue square') is one target over all its words' tokens")
+                                                "phrase ('blue square') is one target over its words' tokens where "
+                                                "it stands in the prompt")
     segments: SegmentList = Field(None, description="tokenizer segments to take the words from (clip, t5); "
                                                          "None: every segment of the model")
     missing: Literal["error", "ignore"] = Field("error", description="a target absent from the prompt: raise, "
@@ -370,23 +372,60 @@ def descend(terms: RowTerms | _WordMajor, w: torch.Tensor, basis: torch.Tensor, 
 # --------------------------------------------------------------------------------------------- records
 
 
+RowId = tuple[str, int]
+"""Who a regulated batch row is: its role (without a branch index) and its place among the rows of that role and
+prompt in the call, e.g. ``("cond", 1)`` for a prompt's second image, ``("perturbed", 1)`` for SoftPAG's copy of it."""
+
+
+def row_ids(roles: list[str] | None, rows: list[int]) -> tuple[RowId, ...]:
+    """The :data:`RowId` of each of ``rows`` (one prompt's rows of a call, in batch order). The ``k``-th perturbed row
+    copies the ``k``-th conditional row (the perturbed branch appends the copies in that order)."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in rows:
+        role = "cond" if roles is None else roles[r].split("[")[0]
+        out.append((role, seen.get(role, 0)))
+        seen[role] = out[-1][1] + 1
+    return tuple(out)
+
+
 class StepMemory:
-    """Per site, the value kept at its latest step and at the step before: ``earlier(site, step)`` is the value
-    of the latest step before ``step``, so several calls at one step all see the same earlier value (the last
-    call at a step is the one kept)."""
+    """Per key (a site and prompt), the value kept at its latest step and at the step before, one row per regulated
+    batch row, with the :data:`RowId` of each row. ``earlier(key, step, ids)`` reads the latest step before ``step``,
+    so several calls at one step all see the same earlier value (the last call at a step is the one kept); a row
+    gets the kept row of its own id, or, for a perturbed copy kept nowhere yet, its conditional row's."""
 
     def __init__(self) -> None:
-        self._kept: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self._kept: dict[Hashable, list[tuple[int, torch.Tensor, tuple[RowId, ...]]]] = {}
 
-    def earlier(self, site: str, step: int) -> torch.Tensor | None:
-        for s, value in reversed(self._kept.get(site, [])):
-            if s < step:
-                return value
-        return None
+    def earlier(self, key: Hashable, step: int, ids: tuple[RowId, ...]
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(value, have)``: ``value[i]`` is the earlier value of row ``ids[i]``; ``have`` is ``None`` when every row
+        has one, else a boolean per row (rows without one hold another row's value, to be replaced). ``(None, None)``
+        when no row has one."""
+        kept = next(((value, kept_ids) for s, value, kept_ids in reversed(self._kept.get(key, [])) if s < step), None)
+        if kept is None:
+            return None, None
+        value, kept_ids = kept
+        if kept_ids == ids:
+            return value, None
+        place = {rid: i for i, rid in enumerate(kept_ids)}
+        found = [place.get(rid, place.get(("cond", rid[1])) if rid[0] == "perturbed" else None) for rid in ids]
+        if all(i is None for i in found):
+            return None, None
+        picked = value.index_select(0, index_tensor([0 if i is None else i for i in found], value.device))
+        if all(i is not None for i in found):
+            return picked, None
+        return picked, torch.tensor([i is not None for i in found], device=value.device)
 
-    def keep(self, site: str, step: int, value: torch.Tensor) -> None:
-        before = [(s, v) for s, v in self._kept.get(site, []) if s < step][-1:]
-        self._kept[site] = [*before, (step, value)]
+    def keep(self, key: Hashable, step: int, value: torch.Tensor, ids: tuple[RowId, ...]) -> None:
+        before = [entry for entry in self._kept.get(key, []) if entry[0] < step][-1:]
+        self._kept[key] = [*before, (step, value, ids)]
+
+
+def _rows_where(have: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` in the rows ``have`` marks (every row when ``have`` is ``None``), ``b`` in the others."""
+    return a if have is None else torch.where(have.view(-1, *[1] * (a.ndim - 1)), a, b)
 
 
 @dataclass
@@ -441,13 +480,13 @@ class AttentionRegulation(Control):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._calls_per_step = 1  # the run's model calls per denoising step (the summary counts steps)
-        self._steps = self.config.steps
         self._basis: dict[tuple, torch.Tensor] = {}
         self.reset()
 
     def reset(self) -> None:
         self._records: list[RegulationRecord] = []
         self._pending: list[tuple] = []  # (site, step, prompt, device tensors) of calls not yet read
+        self._step_numbers: list[tuple] = []  # the same numbers of the current model call, for end_step's report
         self._smoothed_w = StepMemory()  # the smoothed W, before decay
         self._applied_w = StepMemory()  # the W applied (init="previous")
         self._targets: dict[int, tuple[Any, _Targets]] = {}  # id(layout) -> (layout, its targets)
@@ -469,7 +508,7 @@ class AttentionRegulation(Control):
 
     def begin_run(self, state: RunState) -> None:
         self.reset()
-        self._steps.reset()
+        self.config.steps.reset()  # (read from the config at each use: a new schedule assigned there takes effect)
         self._calls_per_step = state.calls_per_step
         layouts = [state.layout] if state.row_layouts is None else [lay for lay in state.row_layouts if lay]
         known = [lay for lay in layouts if lay is not None and any(seg.words for seg in lay.segments)]
@@ -521,10 +560,9 @@ class AttentionRegulation(Control):
         return targets
 
     def end_step(self, state: RunState) -> None:
-        if not self.adaptive:
-            return
-        numbers = [n for _, step, _, n in self._pending if step == state.step]
-        if numbers:  # (the records read every value later; here only this step's two)
+        numbers = [n for step, n in self._step_numbers if step == state.step]
+        self._step_numbers.clear()  # (apart from _pending, which reading the records empties)
+        if numbers and self.adaptive:  # (the records read every value later; here only this step's two)
             self.report({"loss": sum(float(n[6]) for n in numbers) / len(numbers),
                          "plain_loss": sum(float(n[5]) for n in numbers) / len(numbers)})
 
@@ -532,7 +570,7 @@ class AttentionRegulation(Control):
     def contribute(self, call, q, k, v, state: RunState):
         if not call.n_text:
             return []
-        if self._steps(*state.schedule_step) <= 0:
+        if self.config.steps(*state.schedule_step) <= 0:
             return []
         groups = state.rows_by_prompt(self.config.roles, call.batch, call.device)
         if not any(host_rows for _, _, host_rows in groups):
@@ -542,25 +580,27 @@ class AttentionRegulation(Control):
         start = call.text_slice().start
         img = call.grid_slice(grid[0] * grid[1])
         out = []
-        for layout, rows, _ in groups:  # one group per prompt of the call: its own columns, bias and memory
+        for layout, rows, host_rows in groups:  # one group per prompt of the call: its own columns, bias and memory
             tg = self._resolve(layout, call.n_text)
             if not tg.positions:  # missing='ignore' and no target in this prompt
                 continue
             cols = state.index([start + p for p in tg.positions + tg.special], call.device)
             prompt = layout.prompt if layout is not None else None
-            memory = call.site.name if len(groups) == 1 else f"{call.site.name} | {prompt}"
+            memory = (call.site.name, *_texts(layout))
+            ids = row_ids(state.roles, host_rows)
 
-            def bias_fn(logits: torch.Tensor, lse: torch.Tensor, rows=rows, tg=tg, memory=memory,
-                        prompt=prompt) -> torch.Tensor:
-                return self._bias(call, state, q, k, rows, img, tg, grid, logits, lse, memory, prompt)
+            def bias_fn(logits: torch.Tensor, lse: torch.Tensor, rows=rows, tg=tg, memory=memory, prompt=prompt,
+                        ids=ids) -> torch.Tensor:
+                return self._bias(call, state, q, k, rows, img, tg, grid, logits, lse, memory, prompt, ids)
 
             within = call.text_slice() if self.config.bias_scope == "text" else None
             out.append(KeyBias(cols, bias_fn, Selection(rows, img, None), within=within))
         return out
 
-    def _bias(self, call, state, q, k, batch, img, tg: _Targets, grid, logits, lse, memory: str,
-              prompt: str | None) -> torch.Tensor:
-        """The bias of one call on one prompt's rows; ``memory`` keys the per-site state (smoothing, warm start)."""
+    def _bias(self, call, state, q, k, batch, img, tg: _Targets, grid, logits, lse, memory: Hashable,
+              prompt: str | None, ids: tuple[RowId, ...]) -> torch.Tensor:
+        """The bias of one call on one prompt's rows; ``memory`` keys the per-site state (smoothing, warm start) of
+        the prompt, ``ids`` names its rows there."""
         n_t = len(tg.positions)
         cfg = self.config
         nb, n_img, heads, n_cols = logits.shape
@@ -588,11 +628,13 @@ class AttentionRegulation(Control):
         basis = self._basis[key]
         hb = heads if cfg.per_head else 1
         step = state.schedule_step[0]  # the denoising step: the midpoint scheduler's two calls share its W's start,
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + call.site.index * 1009 + step)  # decay, smoothing
+        # decay, smoothing; modulo 2**64: any seed fits the generator, which reads a negative seed as this too
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + call.site.index * 1009 + step) % 2**64)
         shape = (nb, hb, n_words, basis.shape[0])
-        w = self._applied_w.earlier(memory, step) if cfg.init == "previous" else None
-        if w is None or w.shape != shape:  # one draw for every row: a row's image does not depend on its place
-            w = torch.rand((1, *shape[1:]), generator=gen).to(dev).expand(shape).contiguous()
+        w, have = self._applied_w.earlier(memory, step, ids) if cfg.init == "previous" else (None, None)
+        if w is None or have is not None:  # one draw for every row: a row's image does not depend on its place
+            fresh = torch.rand((1, *shape[1:]), generator=gen).to(dev).expand(shape)
+            w = fresh.contiguous() if w is None else _rows_where(have, w, fresh)
         lean = _WordMajor.of(terms)
         ws, losses, map_parts = descend(lean, w, basis, cfg)
         if cfg.keep_best:  # the first iterate of least loss per batch row (a NaN loss is never best)
@@ -605,9 +647,9 @@ class AttentionRegulation(Control):
         # earlier W, but what it finds is not kept (the next step starts from the main call's) nor recorded
         main = not state.skip_layer_pass
         if cfg.init == "previous" and main:
-            self._applied_w.keep(memory, step, best_w)
+            self._applied_w.keep(memory, step, best_w, ids)
         # the bias is linear in W, so smoothing and decay act on W (a few numbers per word, not a map)
-        applied_w = self._smooth(memory, step, best_w, keep=main) * cfg.decay**step
+        applied_w = self._smooth(memory, step, best_w, ids=ids, keep=main) * cfg.decay**step
         applied = (applied_w @ basis).permute(0, 3, 1, 2)  # (batch, N, hb, words)
         word_of = state.index(tg.word_of, dev)
         parts = [applied[..., word_of].expand(nb, n_img, heads, n_t)]
@@ -619,17 +661,21 @@ class AttentionRegulation(Control):
         numbers = (losses.mean(dim=1), best_idx, best_loss.mean(), best_ml.mean(), applied.abs().max(),
                    plain_ml.mean(), applied_ml.mean())
         if main:
-            self._pending.append((call.site.name, state.step, prompt, tuple(t.detach() for t in numbers)))
+            numbers = tuple(t.detach() for t in numbers)
+            self._pending.append((call.site.name, state.step, prompt, numbers))
+            self._step_numbers.append((state.step, numbers))
         return torch.cat(parts, dim=-1)
 
-    def _smooth(self, site: str, step: int, new: torch.Tensor, keep: bool = True) -> torch.Tensor:
-        """``smoothing · previous step's W + (1 − smoothing) · new`` (the first time: ``new``), per site."""
-        prev = self._smoothed_w.earlier(site, step)
+    def _smooth(self, memory: Hashable, step: int, new: torch.Tensor, ids: tuple[RowId, ...],
+                keep: bool = True) -> torch.Tensor:
+        """``smoothing · previous step's W + (1 − smoothing) · new`` per row (a row's first time: ``new``), per site
+        and prompt."""
+        prev, have = self._smoothed_w.earlier(memory, step, ids)
         out = new
-        if prev is not None and prev.shape == new.shape and self.config.smoothing > 0:
-            out = self.config.smoothing * prev + (1.0 - self.config.smoothing) * new
+        if prev is not None and self.config.smoothing > 0:
+            out = _rows_where(have, self.config.smoothing * prev + (1.0 - self.config.smoothing) * new, new)
         if keep:
-            self._smoothed_w.keep(site, step, out)
+            self._smoothed_w.keep(memory, step, out, ids)
         return out
 
     # ------------------------------------------------------------------------------ results
@@ -649,16 +695,19 @@ class AttentionRegulation(Control):
         return [t for _, t in self._targets.values()]
 
     def summary(self) -> str | None:
-        """How many calls were regulated and how far the bias moved the loss's map terms, on average."""
+        """How many calls were regulated and how far the bias moved the loss's map terms, on average (over the
+        records: one per call and prompt)."""
         recs = [r for r in self.records if r.losses]
         if not recs:
             return None
         plain = sum(r.plain_map_loss for r in recs) / len(recs)
         applied = sum(r.applied_map_loss for r in recs) / len(recs)
+        calls = len({(r.site, r.step) for r in recs})  # a call with several prompts has a record for each
+        pairs = f" ({len(recs)} regulated (call, prompt) pairs)" if len(recs) != calls else ""
         steps = len({r.step // self._calls_per_step for r in recs})  # denoising steps, not the loop's calls
-        return (f"regulation of {', '.join(map(repr, self.config.targets))}: {len(recs)} attention calls at "
-                f"{steps} step{'s' if steps != 1 else ''}; the loss's map terms {plain:.3g} (plain) → {applied:.3g} "
-                "(regulated)")
+        return (f"regulation of {', '.join(map(repr, self.config.targets))}: {calls} attention "
+                f"call{'s' if calls != 1 else ''} at {steps} step{'s' if steps != 1 else ''}{pairs}; the loss's map "
+                f"terms {plain:.3g} (plain) → {applied:.3g} (regulated)")
 
     def losses(self) -> list[list[float]]:
         """The inner loss curve of every regulated call of the last run."""
@@ -670,6 +719,15 @@ def _host(t: torch.Tensor) -> Any:
     if t.device.type == "meta":
         return float("nan") if t.dim() == 0 else [float("nan")] * t.shape[0]
     return t.tolist() if t.dim() else float(t)
+
+
+def _texts(layout) -> tuple:
+    """The texts a prompt's tokens read: the prompt and, per tokenizer segment, its own text (SD3's ``prompt_2``,
+    ``prompt_3``, FLUX's ``prompt_2``). Two images of one ``prompt`` and different T5 texts are different prompts."""
+    if layout is None:
+        return (None,)
+    read = ((s.name, s.text if s.text is not None else layout.prompt, s.also) for s in layout.segments)
+    return (layout.prompt, *read)
 
 
 def special_positions(layout) -> list[int]:
