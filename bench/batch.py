@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import emit
+from report import emit, positive_int
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle"]
@@ -84,13 +84,25 @@ def run_once(batch: Path, out: Path, model: str, processes: int, threads: int | 
             "seconds_per_image_in_worker": round(sum(r["seconds"] for r in records) / n, 4)}
 
 
+def process_runs(text: str) -> list[tuple[int, int | None]]:
+    """argparse type of ``--processes``: comma-separated ``N`` or ``N:T`` → ``[(N, T or None), ...]``."""
+    runs = []
+    for spec in text.split(","):
+        n, colon, t = spec.partition(":")
+        try:
+            runs.append((positive_int(n), positive_int(t) if colon else None))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{spec!r}: {e} (a run is N processes or N:T, T threads each)") from None
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=64)
-    parser.add_argument("--processes", default="1,2",
+    parser.add_argument("--items", type=positive_int, default=64)
+    parser.add_argument("--processes", type=process_runs, default="1,2",
                         help="comma-separated runs: N processes, or N:T for N processes of T torch threads each "
                              "(default threads: cores / N)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--model", default=None, help="default: toy-sd3 if installed, else a tiny pipeline")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -101,9 +113,8 @@ def main() -> None:
         batch = work / "bench.json"
         batch.write_text(json.dumps(make_batch(args.items, args.steps)))
         runs = []
-        for i, spec in enumerate(args.processes.split(",")):
-            n, _, t = spec.partition(":")
-            runs.append(run_once(batch, work / f"out-{i}", model, int(n), int(t) if t else None))
+        for i, (n, t) in enumerate(args.processes):
+            runs.append(run_once(batch, work / f"out-{i}", model, n, t))
     result = {
         "benchmark": "attnctl batch",
         "model": label,

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch._dynamo
-from report import emit
+from report import emit, positive_int
 
 import attnctl
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
@@ -125,12 +125,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["toy-sd3", "toy-flux"])
     ap.add_argument("--backend", default="inductor", help="a torch.compile backend (inductor, aot_eager, eager)")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--size", type=int, default=None,
+    ap.add_argument("--steps", type=positive_int, default=8)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--size", type=positive_int, default=None,
                     help="image side in pixels (default: the toy's own, 32; toy-sd3 allows no more)")
     ap.add_argument("--controls", nargs="+", choices=list(CONTROLS), default=None, help="default: all of them")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

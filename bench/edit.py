@@ -14,11 +14,16 @@ prompt is "a red circle and a blue square", the target "a green circle and a blu
 ``bench/regulation.py`` lays them out). Variants, timed interleaved in the same run:
 
 - ``stock``: the stock processor's forward of the two rows, no gradients (what the step's own forward costs here);
-- ``stock_grad``: the stock layer's forward and the backward of a scalar of its output to the layer's input, the
-  cost any latent-gradient method pays for a layer its gradient passes through;
-- ``unify``: the gradient pass at a site the losses read: the attnctl processor's forward with UnifyEdit's defaults
-  (both terms, the edit mask by Otsu on the source's map of "red"), then one backward per term to the layer's
-  input, as ``attnctl.edit`` runs them. The image×image maps go in checkpointed chunks of query rows;
+- ``stock_grad``: the stock layer's forward and the backward of a scalar of its outputs (image and, where the layer
+  has one, text stream) to the layer's input, the cost any latent-gradient method pays for a layer its gradient
+  passes through;
+- ``unify_site``: the gradient pass at a site the losses read: the attnctl processor's forward with UnifyEdit's
+  defaults (both terms, the edit mask by Otsu on the source's map of "red"), then one backward per term to the
+  layer's input, as ``attnctl.edit`` runs them, each of the term plus the same scalar of the outputs. Every such
+  site but the deepest pays this: each term's backward carries the gradient the later sites' maps send back through
+  the layer's output (V, ``to_out``, ``to_add_out``) besides the maps' own. The image×image maps go in
+  checkpointed chunks of query rows;
+- ``unify``: the terms alone, what the deepest site the losses read pays (no later site reads its output);
 - ``share``: RF-Solver-Edit's value sharing at a site it acts at: the attnctl processor's forward of the two rows
   with the target row reading the source row's values (``ValueSharing``; no gradients) — against ``stock`` it is
   the cost of the swap itself, since the extra forward of the source rows is the ``stock`` row's second row;
@@ -46,10 +51,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layers  # noqa: E402  (the layer builders and the peak-memory method)
+from layout import output_scalar  # noqa: E402
 from regulation import WORDS, prompt_layout  # noqa: E402
-from report import emit  # noqa: E402
+from report import emit, positive_int, resolution  # noqa: E402
 
-VARIANTS = ("stock", "stock_grad", "unify", "share", "unify_materialised")
+VARIANTS = ("stock", "stock_grad", "unify_site", "unify", "share", "unify_materialised")
 TARGET_WORDS = [("green" if w == "red" else w) for w in WORDS]
 
 
@@ -130,13 +136,14 @@ def one_call(layer, control, variant: str) -> tuple[dict, torch.Tensor] | None:
     with torch.enable_grad(), materialised(variant == "unify_materialised"):
         out = layer.attn(**{**layer.kwargs, "hidden_states": x})
         if control is None:
-            out = out[0] if isinstance(out, tuple) else out
-            (grad,) = torch.autograd.grad(out.float().pow(2).mean(), x)
+            (grad,) = torch.autograd.grad(output_scalar(out), x)
             return None
         losses = control.edit_losses()
         terms = [n for n, loss in losses.items() if loss is not None]
         assert terms == ["sa", "ca"], f"both terms should be on, got {terms}"
-        grads = [torch.autograd.grad(losses[n], x, retain_graph=i + 1 < len(terms))[0] for i, n in enumerate(terms)]
+        through_output = output_scalar(out) if variant == "unify_site" else 0.0  # not at the deepest site
+        grads = [torch.autograd.grad(losses[n] + through_output, x, retain_graph=i + 1 < len(terms))[0]
+                 for i, n in enumerate(terms)]
     grad = torch.stack(grads)
     assert torch.isfinite(grad).all()
     return {n: float(losses[n].detach()) for n in terms}, grad
@@ -167,6 +174,7 @@ def time_variants(shape: str, res: int, repeats: int, materialise_up_to: int) ->
     row = dict(shape=shape, res=res, tokens=stock.n_img + stock.n_text, image_tokens=stock.n_img,
                text_tokens=stock.n_text, heads=heads, seconds={v: round(m, 4) for v, m in med.items()},
                ratio_to_stock={v: round(m / med["stock"], 3) for v, m in med.items()},
+               site_over_stock_grad=round(med["unify_site"] / med["stock_grad"], 3),
                unify_over_stock_grad=round(med["unify"] / med["stock_grad"], 3),
                share_over_stock=round(med["share"] / med["stock"], 3),
                losses=results["unify"][0], map_bytes=heads * stock.n_img * stock.n_img * 4)
@@ -188,13 +196,13 @@ def _peak_child(shape: str, res: int, variant: str) -> int:
 
 def main() -> None:
     ap = layers.bench_parser(__doc__)
-    ap.add_argument("--res", type=int, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (the peak children use 2)")
+    ap.add_argument("--res", type=resolution, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch threads (the peak children use 2)")
     layers.add_materialise_up_to(ap)  # at 1024² the materialised variant needs about 10 GB
-    ap.add_argument("--chunk-elems", type=int, help="logits per checkpointed chunk of the unify variant in the timed "
-                                                    "run (default: attnctl's; a small value splits a small layer "
-                                                    "into several chunks, checked against the materialised maps); "
-                                                    "the peak-memory children keep attnctl's")
+    ap.add_argument("--chunk-elems", type=positive_int,
+                    help="logits per checkpointed chunk of the unify variants in the timed run (default: attnctl's; "
+                         "a small value splits a small layer into several chunks, checked against the materialised "
+                         "maps); the peak-memory children keep attnctl's")
     args = ap.parse_args()
     global CHUNK_ELEMS
     CHUNK_ELEMS = args.chunk_elems
@@ -214,9 +222,9 @@ def main() -> None:
         from rich.table import Table
 
         t = Table(title="UnifyEdit's gradient pass at one layer, two rows (ratios: same run; 1.00 = stock forward)")
-        for col in ("layer", "res", "tokens", "stock fwd+bwd ×", "unify pass ×", "unify / stock fwd+bwd", "share ×",
-                    "chunked / materialised time", "max rel diff",
-                    "peak MB stock / fwd+bwd / unify / share / materialised",
+        for col in ("layer", "res", "tokens", "stock fwd+bwd ×", "loss site ×", "loss site / stock fwd+bwd",
+                    "deepest site (terms only) / stock fwd+bwd", "share ×", "chunked / materialised time",
+                    "max rel diff", "peak MB stock / fwd+bwd / site / deepest / share / materialised",
                     "peak unify / materialised",
                     "one row's N_img² map MB"):
             t.add_column(col, justify="right")
@@ -224,7 +232,8 @@ def main() -> None:
             peak = r["extra_peak_bytes"]
             mb = " / ".join(f"{peak[v] / 2**20:.0f}" if v in peak else "–" for v in VARIANTS)
             t.add_row(r["shape"], str(r["res"]), str(r["tokens"]), f"{r['ratio_to_stock']['stock_grad']:.2f}",
-                      f"{r['ratio_to_stock']['unify']:.2f}", f"{r['unify_over_stock_grad']:.2f}",
+                      f"{r['ratio_to_stock']['unify_site']:.2f}", f"{r['site_over_stock_grad']:.2f}",
+                      f"{r['unify_over_stock_grad']:.2f}",
                       f"{r['share_over_stock']:.2f}",
                       f"{r['chunked_over_materialised']:.2f}" if "chunked_over_materialised" in r else "–",
                       f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else "–", mb,

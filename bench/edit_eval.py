@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 import torch
-from report import emit
+from report import emit, positive_int
 from rich.console import Console
 from rich.table import Table
 
@@ -142,7 +142,7 @@ def evaluate(model: str, n: int, methods: list[str], overrides: dict, guidance: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["toy-sd3", "toy-flux"])
-    ap.add_argument("--items", type=int, default=48, help="colour edits per model")
+    ap.add_argument("--items", type=positive_int, default=48, help="colour edits per model")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="UnifyEdit config overrides for every method, e.g. scale=0.3 sites=mid")
@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--share", default=None, metavar="JSON",
                     help="value-sharing settings for the share methods (default: ValueSharing()'s)")
     ap.add_argument("--json", default=None, help="also write the result here")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = {}

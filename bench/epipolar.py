@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layers  # noqa: E402  (the layer shapes and the peak-memory method)
-from report import emit  # noqa: E402
+from report import emit, positive_int, resolution  # noqa: E402
 
 VARIANTS = ("independent", "epipolar", "materialised")
 
@@ -124,12 +124,14 @@ def _peak_child(shape: str, res: int, variant: str, views: int, falloff: str) ->
 
 def main() -> None:
     ap = layers.bench_parser(__doc__)
-    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--views", type=positive_int, default=2)
     ap.add_argument("--falloff", choices=["hard", "soft", "adaptive", "none"], default="hard")
-    ap.add_argument("--res", type=int, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (the peak children use 2)")
+    ap.add_argument("--res", type=resolution, nargs="+", help="resolutions (default: 512 1024; --quick: 512)")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch threads (the peak children use 2)")
     layers.add_materialise_up_to(ap)  # at 1024² the adaptive rule's reference holds several N² maps at once
     args = ap.parse_args()
+    if args.views < 2:
+        ap.error(f"--views {args.views}: epipolar attention couples at least 2 views")
     if layers.answer_peak_child(args, _peak_child, args.views, args.falloff):
         return
     torch.set_num_threads(args.threads)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from regulation_eval import call_kwargs
-from report import emit
+from report import emit, positive_int
 
 RIGS = ("rolled", "rectified")
 
@@ -141,12 +141,12 @@ def main() -> None:
     ap.add_argument("--rig", choices=RIGS, default="rolled")
     ap.add_argument("--roll", type=float, default=90.0, help="roll of the second camera, degrees (rolled rig)")
     ap.add_argument("--sets", nargs="+", default=["pair"])
-    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--seeds", type=positive_int, default=4)
     ap.add_argument("--configs", nargs="+", default=["{}", '{"band": 0.5}'],
                     help="EpipolarAttention settings (JSON) besides the cameras, one per row")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N items of each set")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps [default: the model's]")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each set")
+    ap.add_argument("--steps", type=positive_int, default=None, help="denoising steps [default: the model's]")
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

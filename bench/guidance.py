@@ -2,6 +2,7 @@
 
     python bench/guidance.py              # SD3.5-large and FLUX.1-dev layers at 512² and 1024² token counts
     python bench/guidance.py --quick      # 512² only
+    python bench/guidance.py --quick --shapes flux.1-dev-single --repeats 1 --no-real-blocks   # the smallest run
     python bench/guidance.py --json out.json
 
 (a) Per layer shape (builders of ``bench/layers.py``), timed interleaved in one process, batch = one
@@ -43,7 +44,7 @@ from layers import (  # noqa: E402
     run_core,
     time_interleaved,
 )
-from report import emit  # noqa: E402
+from report import emit, positive_int  # noqa: E402
 
 VARIANTS = ("stock", "joint", "image", "joint-meanq", "image-uniform", "materialised")
 SOFTPAG = {
@@ -258,27 +259,29 @@ def time_three_way(name: str, spec: dict, repeats: int) -> dict:
 
 
 def main() -> None:
-    ap = bench_parser(__doc__, shapes=False)
+    ap = bench_parser(__doc__)
     ap.add_argument("--no-real-blocks", action="store_true", help="(b) at toy shapes only")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     args = ap.parse_args()
     if answer_peak_child(args, _peak_child):
         return
     torch.set_num_threads(args.threads)
     layer_rows = []
     for res in (512,) if args.quick else (512, 1024):
-        for shape in SHAPES:
+        for shape in args.shapes:
             r = time_layer(shape, res, args.repeats)
             r["memory"] = peak_memory(shape, res, __file__, MEMORY_VARIANTS)
             layer_rows.append(r)
             print(json.dumps(r), file=sys.stderr)
     masked_rows = []
-    for shape in (s for s in SHAPES if SHAPES[s]["family"] == "flux"):
+    for shape in (s for s in args.shapes if SHAPES[s]["family"] == "flux"):
         r = time_masked(shape, 512, args.repeats)
         masked_rows.append(r)
         print(json.dumps(r), file=sys.stderr)
     fwd_rows = []
-    specs = dict(TOY) if args.no_real_blocks else {**TOY, **REAL}
+    families = {SHAPES[s]["family"] for s in args.shapes}  # (b)'s real blocks of the families asked for
+    real = {} if args.no_real_blocks else {k: v for k, v in REAL.items() if v["family"] in families}
+    specs = {**TOY, **real}
     for name, spec in specs.items():
         r = time_three_way(name, spec, args.repeats if name in TOY else max(1, args.repeats - 1))
         fwd_rows.append(r)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import emit
+from report import emit, positive_int
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH_PROMPTS = ROOT / "examples" / "headhunt_prompts.json"
@@ -112,8 +112,8 @@ def main() -> None:
     ap.add_argument("--search-root", type=Path, default=ROOT / "out" / "headhunt",
                     help="searches live in <root>/<model> (default out/headhunt)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101], help="held-out seeds")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N held-out prompts")
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     for key, value in SEARCH.items():
         if key != "require_gain":

@@ -27,7 +27,7 @@ import argparse
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from report import emit
+from report import emit, positive_int
 from rich.console import Console
 from rich.table import Table
 
@@ -111,13 +111,13 @@ def evaluate(model: str, items: int, solvers: list[str], gammas: list[float] = (
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["toy-sd3", "toy-flux", "toy-flux-dev"])
-    ap.add_argument("--items", type=int, default=12, help="pair scenes to invert")
+    ap.add_argument("--items", type=positive_int, default=12, help="pair scenes to invert")
     ap.add_argument("--solvers", nargs="+", default=["euler", "midpoint", "midpoint/2"],
                     help="euler, midpoint (RF-Solver's step) at the model's steps, midpoint/2 at half of them")
     ap.add_argument("--gammas", nargs="+", type=float, default=[0.0],
                     help="RF-Inversion's gamma for each run (0: plain inversion)")
     ap.add_argument("--json", default=None, help="also write the result here")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = [row for m in args.models for row in evaluate(m, args.items, args.solvers, args.gammas)]
@@ -131,7 +131,7 @@ def main() -> None:
                       f"{r['inverted_mae']:.2f} ({r['inverted_median']:.2f}, {r['inverted_worst']:.2f})",
                       f"{r['fresh_noise_mae']:.2f}", f"{r['inverted_over_fresh']:.3f}", f"{r['noise_std']:.2f}",
                       f"{r['noise_neighbour_corr']:.2f}")
-    Console(stderr=True).print(table)
+    Console(stderr=True, width=160).print(table)
     emit({"inversion": rows}, args.json)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from regulation_eval import METRICS, call_kwargs, run_interleaved, score_rows, to_uint8
-from report import emit
+from report import emit, positive_int
 
 from attnctl.headhunt import NOISE_KINDS, pair_seed
 from attnctl.toyworld.world import GRID, SIZE_UNITS, object_words, parse_caption, prompt_set
@@ -187,12 +187,12 @@ def main() -> None:
     ap.add_argument("--model", default="toy-sd3", help="toy-sd3, toy-flux, toy-flux-dev or a pipeline folder")
     ap.add_argument("--mode", choices=("isolation", "reposition"), default="isolation")
     ap.add_argument("--sets", nargs="+", default=["pair", "triple"], help="prompt sets (isolation mode)")
-    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--seeds", type=positive_int, default=8)
     ap.add_argument("--noise", choices=NOISE_KINDS, default="per_prompt")
     ap.add_argument("--configs", nargs="+", default=["{}"], help="IsolationAttention settings (JSON), one per row")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N items of each set")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps [default: the model's]")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each set")
+    ap.add_argument("--steps", type=positive_int, default=None, help="denoising steps [default: the model's]")
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

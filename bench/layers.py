@@ -7,7 +7,10 @@
 For every layer shape it times, in the same process and interleaved: the stock processor, the attnctl
 processor with no active control, and the attnctl processor with an ``AttentionProbe`` on 4 text tokens
 (each timed on the whole processor call — projections included — and on the attention core alone), and
-measures the extra peak memory of one call of each in a fresh subprocess. Absolute times on a shared CPU
+measures the extra peak memory of one call of each in a fresh subprocess. The stock core is the stock processor's
+own call: for SD3 ``F.scaled_dot_product_attention`` on contiguous ``(B, H, N, D)`` (``JointAttnProcessor2_0``), for
+FLUX diffusers' ``dispatch_attention_fn`` on ``(B, N, H, D)``; attnctl's core is its processor's call on
+``(B, N, H, D)``. ``--shapes`` picks the layers. Absolute times on a shared CPU
 are noise; the ratios are the figures. Weights are random: time and memory do not depend on them.
 """
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from report import emit
+from report import emit, positive_int, resolution
 
 # Real layer shapes: (heads, head_dim, text tokens). Image tokens = (res / 16)² for both families.
 SHAPES = {
@@ -129,7 +132,7 @@ def build(shape: str, res: int, variant: str) -> Layer:
 
 
 def core_inputs(layer: Layer):
-    """q, k, v of the layer in dispatcher layout (the attention core without projections)."""
+    """q, k, v of the layer in dispatcher layout, ``(B, N, H, D)`` (the attention core without projections)."""
     h = layer.attn.heads
     n = layer.n_img + layer.n_text
     d = layer.kwargs["hidden_states"].shape[-1] // h
@@ -137,10 +140,30 @@ def core_inputs(layer: Layer):
     return [torch.randn(1, n, h, d, generator=g) for _ in range(3)]
 
 
+def stock_sd3(layer: Layer) -> bool:
+    """Whether the layer runs diffusers' stock SD3 processor, ``JointAttnProcessor2_0``: it concatenates q, k, v as
+    contiguous ``(B, H, N, D)`` and calls ``F.scaled_dot_product_attention`` itself, where FLUX's stock processors
+    and attnctl's hand ``(B, N, H, D)`` to diffusers' ``dispatch_attention_fn``."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    return layer.controller is None and isinstance(layer.attn.processor, JointAttnProcessor2_0)
+
+
+def core_layout(layer: Layer, q, k, v) -> list:
+    """``q, k, v`` from :func:`core_inputs` laid out as the layer's processor hands them to its attention call
+    (a copy, made before the timing: the layout is what each processor's own concatenation gives)."""
+    if stock_sd3(layer):
+        return [x.transpose(1, 2).contiguous() for x in (q, k, v)]
+    return [q, k, v]
+
+
 def run_core(layer: Layer, q, k, v):
+    """The layer's attention core on ``q, k, v`` laid out by :func:`core_layout`; ``(B, N, H, D)`` out."""
     from attnctl.processors.attend import attend, fused_attention
 
     mask = layer.kwargs.get("attention_mask")  # the layer's own mask, if it is given one (FLUX's text padding)
+    if stock_sd3(layer):  # the stock SD3 processor's own call (it takes no mask)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False).transpose(1, 2)
     if layer.controller is None:
         return fused_attention(q, k, v, attn_mask=mask)
     proc = layer.attn.processor
@@ -156,6 +179,7 @@ def time_interleaved(layers: dict[str, Layer], repeats: int, after_warmup=None) 
     q, k, v), timed interleaved so load on the machine hits every variant alike, and the ratios to
     ``layers["stock"]``. ``after_warmup()`` runs between the warm-up and the timed calls."""
     core = core_inputs(layers["stock"])
+    cores = {v: core_layout(layer, *core) for v, layer in layers.items()}
     times: dict[str, list[float]] = {v: [] for v in layers}
     core_times: dict[str, list[float]] = {v: [] for v in layers}
     with torch.no_grad():
@@ -169,7 +193,7 @@ def time_interleaved(layers: dict[str, Layer], repeats: int, after_warmup=None) 
                 layer.attn(**layer.kwargs)
                 times[v].append(time.perf_counter() - t)
                 t = time.perf_counter()
-                run_core(layer, *core)
+                run_core(layer, *cores[v])
                 core_times[v].append(time.perf_counter() - t)
     med = {v: statistics.median(t) for v, t in times.items()}
     cmed = {v: statistics.median(t) for v, t in core_times.items()}
@@ -253,7 +277,7 @@ def variants_at(variants: tuple[str, ...], res: int, materialise_up_to: int) -> 
 
 def add_materialise_up_to(ap: argparse.ArgumentParser) -> None:
     """``--materialise-up-to RES`` for a benchmark whose last variant is a materialised reference."""
-    ap.add_argument("--materialise-up-to", type=int, default=1024,
+    ap.add_argument("--materialise-up-to", type=resolution, default=1024,
                     help="largest resolution of the materialised variant (its maps grow as N²)")
 
 
@@ -262,14 +286,14 @@ def bench_parser(doc: str, shapes: bool = True) -> argparse.ArgumentParser:
     and the hidden ``--peak-child SHAPE RES VARIANT`` that :func:`peak_memory` runs the script with."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="512² token counts only")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     if shapes:
         ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--live-memory", action="store_true",
                     help="measure peak memory with glibc returning freed blocks at once (the live tensors' peak, "
                          "not glibc's heap retention; see layers.LIVE_MEMORY_ENV)")
-    ap.add_argument("--peak-jobs", type=int, default=1,
+    ap.add_argument("--peak-jobs", type=positive_int, default=1,
                     help="peak-memory children run at once (the figures do not change; small runs finish sooner)")
     ap.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
     return ap
@@ -288,13 +312,13 @@ def answer_peak_child(args: argparse.Namespace, child, *extra) -> bool:
 
 
 def main() -> None:
-    args = bench_parser(__doc__, shapes=False).parse_args()
+    args = bench_parser(__doc__).parse_args()
     if answer_peak_child(args, _peak_child):
         return
     torch.set_num_threads(2)
     rows = []
     for res in (512,) if args.quick else (512, 1024):
-        for shape in SHAPES:
+        for shape in args.shapes:
             r = time_variants(shape, res, args.repeats)
             r["extra_peak_bytes"] = peak_memory(shape, res)
             rows.append(r)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from regulation_eval import call_kwargs, run_interleaved, score_rows
-from report import emit
+from report import emit, positive_int
 
 from attnctl.errors import AttnCtlError
 from attnctl.headhunt import NOISE_KINDS
@@ -93,15 +93,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-sd3", help="toy-sd3, toy-flux or a pipeline folder")
     ap.add_argument("--sets", nargs="+", default=["pair", "triple"])
-    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--seeds", type=positive_int, default=8)
     ap.add_argument("--noise", choices=NOISE_KINDS, default="per_prompt",
                     help="per_prompt: item i's seed s is generator seed s + 1000003·i (no two images share noise)")
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed+seeds−1")
     ap.add_argument("--configs", nargs="+", default=["{}"], help="LayoutGuidance settings (JSON), one per run")
     ap.add_argument("--words", choices=BOX_KEYS, default="colours", help="what keys each object's box")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N items of each set")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps [default: the model's]")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each set")
+    ap.add_argument("--steps", type=positive_int, default=None, help="denoising steps [default: the model's]")
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

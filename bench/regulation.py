@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layers  # noqa: E402  (bench/layers.py: the layer builders and the peak-memory method)
+from report import json_object  # noqa: E402
 
 VARIANTS = ("stock", "attnctl", "regulation")
 WORDS = ["a", "red", "circle", "and", "a", "blue", "square"]
@@ -119,9 +120,10 @@ def _peak_child(shape: str, res: int, variant: str, config: dict) -> int:
 
 def main() -> None:
     ap = layers.bench_parser(__doc__)
-    ap.add_argument("--config", default="{}", help="AttentionRegulation settings (JSON) besides the defaults")
+    ap.add_argument("--config", type=json_object, default={},
+                    help="AttentionRegulation settings (JSON) besides the defaults")
     args = ap.parse_args()
-    config = json.loads(args.config)
+    config = args.config
     if layers.answer_peak_child(args, _peak_child, config):
         return
     torch.set_num_threads(2)

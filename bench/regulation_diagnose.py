@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from regulation_eval import call_kwargs, generate, to_uint8
-from report import emit
+from report import emit, positive_int
 
 from attnctl.headhunt import pair_seed
 from attnctl.toyworld.world import object_words
@@ -109,7 +109,7 @@ def _side_steer(beta: float, plus_only: bool = False, **kwargs):
     from attnctl.controls.regulation import AttentionRegulation
 
     class SideSteer(AttentionRegulation):
-        def _bias(self, call, state, q, k, batch, img, tg, grid, logits, lse, memory, prompt):
+        def _bias(self, call, state, q, k, batch, img, tg, grid, logits, lse, memory, prompt, ids):
             nb, n_img, heads, n_cols = logits.shape
             n_t = len(tg.positions)
             h, w = grid
@@ -375,16 +375,16 @@ def print_tables(result: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-sd3")
-    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--seeds", type=positive_int, default=4)
     ap.add_argument("--first-seed", type=int, default=0,
                     help="seeds first-seed … first-seed+seeds−1 (confirm a finding on other seeds)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N pair prompts")
+    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N pair prompts")
     ap.add_argument("--betas", type=float, nargs="+", default=[1.0, 3.0])
     ap.add_argument("--sites", default="mid")
     ap.add_argument("--steps", default="window(1, 0, 0.5)")
     ap.add_argument("--true-cfg", type=float, default=None,
                     help="FLUX: true CFG at this scale against the empty prompt (steering only)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--plus-only", action="store_true",
                     help="steering: +β on each word's own side only (no −β on the other side)")
     ap.add_argument("--bias-scope", choices=["joint", "text"], default="joint",

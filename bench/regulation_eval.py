@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from report import emit
+from report import emit, positive_int
 
 from attnctl.headhunt import NOISE_KINDS, pair_seed
 from attnctl.toyworld.world import WORD_KINDS, object_words
@@ -177,7 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-sd3", help="toy-sd3, toy-flux or a pipeline folder")
     ap.add_argument("--sets", nargs="+", default=["pair", "triple"])
-    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--seeds", type=positive_int, default=8)
     ap.add_argument("--noise", choices=NOISE_KINDS, default="per_prompt",
                     help="per_prompt: item i's seed s is generator seed s + 1000003·i, so no two images share their "
                          "initial noise; shared: every item uses the same seeds (how the first tables were made)")
@@ -185,12 +185,12 @@ def main() -> None:
                     help="seeds first-seed … first-seed+seeds−1 (screen settings on other seeds than you report)")
     ap.add_argument("--configs", nargs="+", default=["{}"], help="AttentionRegulation settings (JSON), one per run")
     ap.add_argument("--targets", choices=WORD_KINDS, default="shapes")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N items of each set")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps [default: the model's]")
+    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each set")
+    ap.add_argument("--steps", type=positive_int, default=None, help="denoising steps [default: the model's]")
     ap.add_argument("--true-cfg", type=float, default=None,
                     help="FLUX: true CFG at this scale against the empty prompt (the control acts on the "
                          "conditional call only)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

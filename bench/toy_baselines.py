@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 import torch
-from report import emit
+from report import emit, positive_int
 
 ROWS = [("single", "toy-sd3", None), ("single", "toy-flux", None), ("single", "toy-flux", 5.0),
         ("single", "toy-flux-dev", None),
@@ -49,8 +49,8 @@ def evaluate(model: str, prompts: str, seeds: int, true_cfg: float | None, pipes
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", type=positive_int, default=8)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from report import positive_int
 
 SETS = ("single", "pair", "triple", "relation", "count", "position")
 
@@ -29,9 +30,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-sd3")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--items", type=int, default=12)
-    ap.add_argument("--scale", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--items", type=positive_int, default=12)
+    ap.add_argument("--scale", type=positive_int, default=4)
+    ap.add_argument("--threads", type=positive_int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)

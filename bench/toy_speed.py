@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from report import emit
+from report import emit, positive_int
 
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
 from attnctl.toyworld.world import make_batch
@@ -37,8 +37,8 @@ def seconds_per_image(name: str, repeats: int, extra: dict) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -211,9 +211,9 @@ def test_edit_layer_bench_runs_and_its_two_forms_agree(tmp_path, run_bench):
                        out=tmp_path / "edit_layer.json")
     assert result["live_memory"] is True
     (row,) = result["rows"]
-    assert set(row["seconds"]) == set(row["extra_peak_bytes"]) == {"stock", "stock_grad", "unify", "share",
-                                                                   "unify_materialised"}
-    assert row["share_over_stock"] > 0
+    assert set(row["seconds"]) == set(row["extra_peak_bytes"]) == {"stock", "stock_grad", "unify_site", "unify",
+                                                                   "share", "unify_materialised"}
+    assert row["share_over_stock"] > 0 and row["site_over_stock_grad"] > 0
     assert row["image_tokens"] == 256 and row["unify_chunks"] == 4 and row["max_rel_diff"] <= 1e-5
     assert row["losses"]["sa"] > 0 and 0 < row["losses"]["ca"] <= 1
 
@@ -259,3 +259,24 @@ def test_compile_bench_runs_and_compiles_nothing_after_its_warm_up(tmp_path, run
     assert rows["probe"]["graphs_run_per_step"] > 1.0  # split at the probed sites
     for r in rows.values():  # dynamo's eager backend runs the same operations: the same images
         assert r["max_image_difference"] == 0.0 and r["compiled_over_eager"] > 0
+
+
+BAD_ARGS = [  # (script, arguments, what the one-line error says)
+    ("layout.py", ["--repeats", "0"], "--repeats: 0 is not at least 1"),
+    ("toy_speed.py", ["--threads", "0"], "--threads: 0 is not at least 1"),
+    ("toy_baselines.py", ["--seeds", "0"], "--seeds: 0 is not at least 1"),
+    ("batch.py", ["--processes", "1,x"], "--processes: 'x': 'x' is not a whole number"),
+    ("epipolar.py", ["--res", "100"], "--res: 100 is not a multiple of 16"),
+    ("edit.py", ["--res", "0"], "--res: 0 is not at least 1"),
+    ("regulation.py", ["--config", "notjson"], "--config: 'notjson' is not JSON"),
+    ("guidance.py", ["--shapes", "sd3"], "--shapes: invalid choice: 'sd3'"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "message"), BAD_ARGS, ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_ARGS])
+def test_bad_bench_arguments_are_refused_by_argparse_before_any_work(tmp_path, run_script, script, args, message):
+    """A bad value exits 2 with argparse's one-line error naming the option, before a model or layer is built."""
+    done = run_script(BENCH / script, args, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr and last.startswith(f"{script}: error: ") and message in last, last
