@@ -633,3 +633,17 @@ def test_any_integer_seed_draws_w(sd3_pipe):
         losses[seed] = reg.records[0].losses
     assert losses[-1] == losses[2**64 - 1] and losses[10**13] == losses[10**13 + 2**64]
     assert losses[-1] != losses[2**62]
+
+
+def test_a_diverging_w_stops_the_run_with_the_way_out(sd3_pipe):
+    """With a huge step size and keep_best=False the inner descent overflows W: the image came out NaN without a
+    word. The step's end now says so and names the setting."""
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", steps=1.0, iterations=3, lr=1e37,
+                              keep_best=False)
+    with pytest.raises(ConfigError, match=r"bias is not finite at step 0: W diverged .*lr=1e\+37.*lower lr"), \
+            attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe(PROMPT, generator=torch.Generator().manual_seed(0), guidance_scale=4.0, **KW)
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", steps=1.0, iterations=3, lr=1e37)
+    with attnctl.attach(sd3_pipe, [reg]):  # keep_best keeps the finite start
+        out = sd3_pipe(PROMPT, generator=torch.Generator().manual_seed(0), guidance_scale=4.0, **KW).images
+    assert torch.isfinite(torch.as_tensor(out)).all()

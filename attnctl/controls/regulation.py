@@ -562,6 +562,11 @@ class AttentionRegulation(Control):
     def end_step(self, state: RunState) -> None:
         numbers = [n for step, n in self._step_numbers if step == state.step]
         self._step_numbers.clear()  # (apart from _pending, which reading the records empties)
+        if numbers and not bool(torch.stack([n[4] for n in numbers]).isfinite().all()):  # one sync per step
+            raise ConfigError(f"AttentionRegulation's bias is not finite at step {state.schedule_step[0]}: W diverged "
+                              f"in the inner gradient steps (lr={self.config.lr}), and the image would be NaN",
+                              fix="lower lr (default 100), or keep keep_best=True (the default): it keeps the best "
+                                  "finite iterate")
         if numbers and self.adaptive:  # (the records read every value later; here only this step's two)
             self.report({"loss": sum(float(n[6]) for n in numbers) / len(numbers),
                          "plain_loss": sum(float(n[5]) for n in numbers) / len(numbers)})
