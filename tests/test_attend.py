@@ -208,6 +208,57 @@ def test_probe_under_a_dense_bias_makes_the_bias_a_few_rows_at_a_time(monkeypatc
     assert max(asked) <= 4 and sum(asked) >= 12  # the probe's 12 rows in parts of at most 4
 
 
+def test_a_dense_bias_part_stays_in_its_bound_over_several_batch_rows(monkeypatch):
+    """The parts a probe asks of a dense bias count every batch row the bias is on (IsolationAttention with several
+    reposition sets): rows × keys × batch rows stays within ``_DENSE_PART``."""
+    import importlib
+
+    attend_module = importlib.import_module("attnctl.processors.attend")
+    q, k, v = qkv(9)
+    table = torch.randn(S, S, generator=torch.Generator().manual_seed(3))
+    sizes = []
+
+    def fn(r0, r1):
+        part = table[r0:r1][None, :, None, :].repeat(B, 1, 1, 1)  # one bias per batch row, as isolation makes
+        sizes.append(part.numel())
+        return part
+
+    monkeypatch.setattr(attend_module, "_DENSE_PART", 6 * S)
+    got = []
+    cols = torch.tensor([2, 11])
+    attend(q, k, v, [DenseBias(fn, Selection(torch.arange(B))), Probe(cols, got.append, Selection(rows=slice(0, 12)))],
+           max_chunk_elems=B * H * S * 2)  # the explicit path's chunks: 2 rows of every batch row, within the bound
+    _, p = reference(q, k, v, [DenseBias(lambda r0, r1: table[r0:r1][None, :, None, :], Selection())])
+    assert (got[0] - p[:, 0:12][..., cols]).abs().max() < 1e-5
+    assert max(sizes) <= 6 * S
+
+
+def test_a_probe_over_a_block_of_keys_reads_the_plain_attention_over_them():
+    """``Probe(over=...)``: the softmax of the plain logits over those keys alone (as a separate cross-attention
+    would give it), the attention mask kept, every bias and extra key at the call left out."""
+    q, k, v = qkv(10)
+    text = slice(14, S)  # a "text" block of 6 keys
+    pad = torch.ones(B, S, dtype=torch.bool)
+    pad[1, 18:] = False  # row 1's last two text keys are padding
+    pad[2, 14:] = False  # row 2 has no text key at all: its map is 0
+    ek, ev = torch.randn(2, 5, H, D), torch.randn(2, 5, H, D)
+    db = DenseBias(lambda r0, r1: torch.randn(2, r1 - r0, 1, S + 5), Selection(torch.tensor([0, 1])))
+    kb = KeyBias(torch.tensor([15]), torch.full((1, 1, 1, 1), 4.0), Selection(torch.tensor([0, 1])))
+    got, whole = [], []
+    cols = torch.tensor([14, 16, 19])
+    where = Selection(None, slice(0, 14), None)
+    extra = ExtraKV(ek, ev, Selection(torch.tensor([0, 1])))
+    attend(q, k, v, [db, kb, extra, Probe(cols, got.append, where, over=text), Probe(cols, whole.append, where)],
+           attn_mask=pad, max_chunk_elems=B * H * S * 3)
+    s = torch.einsum("brhd,bchd->brhc", q[:, :14], k[:, text]) / math.sqrt(D)
+    s = s.masked_fill(~pad[:, None, None, text], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)[..., cols - 14]
+    assert (got[0] - p).abs().max() < 1e-6
+    assert (whole[0] - p).abs().max() > 1e-2  # the whole softmax, biased and extended, is another thing
+    with pytest.raises(ValueError, match="holds every probed column"):
+        attend(q, k, v, [Probe(torch.tensor([3]), got.append, where, over=text)])
+
+
 def test_output_mix_softpag_identity_form():
     """(1-u)·A + u·I on selected heads equals (1-u)·out + u·v: the mix sees full q/k/v of its heads."""
     q, k, v = qkv(6)
@@ -380,6 +431,34 @@ def test_within_key_bias_bad_input():
     q, k, v = qkv(13)
     with pytest.raises(ValueError, match="outside it"):
         attend(q, k, v, [KeyBias(torch.tensor([2, 15]), torch.zeros(1), Selection(), within=slice(10, 20))])
+
+
+@pytest.mark.parametrize("big", [100.0, 500.0, float("-inf")])
+def test_key_biases_past_the_float32_exp_range_match_the_reference(big):
+    """``expm1`` of a bias above ~88 overflows float32: the correction of the fused output works shifted by the
+    row's largest exponent instead, for a plain and a ``within`` bias, with two large columns in some rows and none
+    in others; the output and the final probabilities (which read the corrected LSE) match a float64 materialised
+    softmax."""
+    q, k, v = qkv(14)
+    where = Selection(torch.tensor([0, 2]), slice(0, 12), None)
+    bias = torch.tensor([big, 1.0, -2.0]).repeat(2, 12, H, 1)
+    bias[1, :, 0, 1] = big
+    bias[0, 4:7, :, 0] = 0.5
+    wide = [t.double() for t in (q, k, v)]
+    for kb, (ref, p_ref) in (
+            (KeyBias(torch.tensor([13, 15, 18]), bias, where), reference(*wide, [KeyBias(torch.tensor([13, 15, 18]),
+                                                                                         bias, where)])),
+            (KeyBias(torch.tensor([13, 15, 18]), bias, where, within=slice(12, 20)),
+             within_reference(*wide, KeyBias(torch.tensor([13, 15, 18]), bias, where, within=slice(12, 20))))):
+        probs = []
+        out = attend(q, k, v, [kb, Probe(torch.arange(S), probs.append, where)])
+        assert torch.isfinite(out).all() and (out - ref).abs().max() < 1e-5
+        # (a probe takes exp(s + b − lse) in float32: a logit of 500 holds it to about 3e-5)
+        assert (probs[0] - p_ref[[0, 2]][:, 0:12]).abs().max() < 1e-4
+        assert_plain_outside(q, k, v, out, where)
+    qg = q.clone().requires_grad_()
+    attend(qg, k, v, [KeyBias(torch.tensor([13, 15, 18]), bias, where)]).sum().backward()
+    assert torch.isfinite(qg.grad).all()
 
 
 def masks(kind: str):

@@ -279,7 +279,7 @@ def _dense_whole(c: DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tenso
 
 
 _DENSE_PART = 1 << 22
-"""Bias entries (rows × keys, per batch row) a dense bias makes at a time where only some columns are asked for."""
+"""Bias entries (batch rows × rows × keys) a dense bias makes at a time where only some columns are asked for."""
 
 
 def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tensor,
@@ -297,7 +297,7 @@ def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.T
         cp = _positions(c.cols, cols, n_keys)
         src = c.bias.float().expand(nb, cr1 - cr0, nh, len(c.cols))[:, lo - cr0 : hi - cr0]
     else:  # made a few rows at a time, each part cut to the asked columns at once: never a rows × keys block
-        step = max(1, _DENSE_PART // max(n_keys, 1))
+        step = max(1, _DENSE_PART // max(n_keys * nb, 1))  # each part holds every batch row the bias is on
         parts = []
         for a in range(lo, hi, step):
             part = c.fn(a, min(hi, a + step)).float()
@@ -332,6 +332,34 @@ def _block(c: KeyBias | DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.T
 
 # --------------------------------------------------------------------------------------- the paths
 
+_BIG_EXP = 30.0
+"""A bias above this takes the key-bias correction out of its plain form (:func:`_bias_weights`)."""
+
+
+def _bias_weights(rel: torch.Tensor, bias: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For columns of plain log-probability ``rel = s − lse`` and a bias ``b`` on them, the terms of the corrected
+    row ``1 + Σ_c w_c``, ``w_c = p_c (e^{b_c} − 1)``, all scaled by ``e^{−m}``: ``w`` , ``keep = e^{−m}``
+    ``(…, 1)``, ``norm = e^{−m} (1 + Σ_c w_c)`` ``(…)``, and ``log(1 + Σ_c w_c)`` ``(…)``.
+
+    Plain form (``m = 0``): ``w = e^{rel} · expm1(b)``, exact while ``expm1`` is finite (``b`` up to ~88 in float32).
+    With a bias above 30 in the call, ``m`` is the row's largest ``rel + b`` where that passes 30, so nothing
+    overflows; a column with ``b > 30`` takes ``e^{rel + (b − m)} − e^{rel − m}`` (``b − m`` first: ``rel`` keeps
+    its digits beside a large ``b``). On the CPU, where reading a value waits for nothing, a call without such a bias
+    keeps the plain form (fewer operations); on other devices the shifted form always runs (no wait per call)."""
+    if rel.device.type == "cpu" and not bool((bias > _BIG_EXP).any()):
+        w = torch.exp(rel) * torch.expm1(bias)
+        delta = w.sum(-1)
+        return w, torch.ones_like(rel[..., :1]), 1 + delta, torch.log1p(delta)
+    top = (rel + bias).amax(dim=-1, keepdim=True).detach()
+    m = torch.where(top > _BIG_EXP, top, torch.zeros((), device=top.device))
+    p = torch.exp(rel - m)
+    big = bias > _BIG_EXP  # (the branch not taken stays finite: no NaN gradient through torch.where)
+    w = torch.where(big, torch.exp(rel + (bias - m)) - p, p * torch.expm1(bias.clamp_max(_BIG_EXP)))
+    delta = w.sum(-1)
+    keep = torch.exp(-m)
+    return w, keep, keep[..., 0] + delta, m[..., 0] + torch.log1p(torch.expm1(-m[..., 0]) + delta)
+
 
 def _apply_key_bias(q, k, v, out, lse, kb: KeyBias, scale: float, prior: Sequence[KeyBias] = (), attn_mask=None):
     B, S, H, _ = q.shape
@@ -345,15 +373,15 @@ def _apply_key_bias(q, k, v, out, lse, kb: KeyBias, scale: float, prior: Sequenc
         blk = _block(c, b, r0, r1, h, cols, B, S, H, k.shape[1])
         if blk is not None:
             s = s + blk
-    w = torch.exp(s - lse_s[..., None]) * torch.expm1(kb.bias.float().to(q.device))
-    delta = w.sum(-1)
-    # O' = (O + Σ_c w_c v_c) / (1 + Σ_c w_c), built in one buffer the size of the selected output
+    w, keep, norm, log_norm = _bias_weights(s - lse_s[..., None], kb.bias.float().to(q.device))
+    # O' = (O + Σ_c w_c v_c) / (1 + Σ_c w_c), every term scaled by e^{−m}, built in one buffer the size of the
+    # selected output
     new_out = torch.einsum("brhc,bchd->brhd", w, vs)
     if torch.is_grad_enabled() and new_out.requires_grad:
-        new_out = (new_out + _select(out, kb.where, S).float()) / (1 + delta)[..., None]
+        new_out = (new_out + _select(out, kb.where, S).float() * keep) / norm[..., None]
     else:
-        new_out.add_(_select(out, kb.where, S)).div_((1 + delta)[..., None])
-    return _put(out, kb.where, new_out), _put(lse, kb.where, lse_s + torch.log1p(delta))
+        new_out.addcmul_(_select(out, kb.where, S), keep).div_(norm[..., None])
+    return _put(out, kb.where, new_out), _put(lse, kb.where, lse_s + log_norm)
 
 
 def _col_logits(q, k, where: Selection, cols: torch.Tensor, scale: float, attn_mask=None) -> torch.Tensor:
@@ -420,16 +448,16 @@ def _resolve_within(q, k, v, kb: KeyBias, scale: float, backend, max_chunk_elems
     logits = _col_logits(q, k, kb.where, kb.cols.to(q.device), scale, attn_mask)
     bias = kb.bias(logits, lse_w) if callable(kb.bias) else kb.bias.to(q.device)
     bias = bias.float().expand(logits.shape)
-    w = torch.exp(logits - lse_w[..., None]) * torch.expm1(bias)  # q_c (e^{b_c} − 1)
-    shift = torch.log1p(w.sum(-1))
+    w, keep, _, shift = _bias_weights(logits - lse_w[..., None], bias)  # q_c (e^{b_c} − 1), scaled by keep
     if not torch.is_grad_enabled():
         bias, shift = bias.detach(), shift.detach()
-    return KeyBias(kb.cols, bias, kb.where, kb.within, shift), (out_w, lse_w, w)
+    return KeyBias(kb.cols, bias, kb.where, kb.within, shift), (out_w, lse_w, w, keep)
 
 
-def _apply_within(v, out, lse, kb: KeyBias, out_w, lse_w, w):
+def _apply_within(v, out, lse, kb: KeyBias, out_w, lse_w, w, keep):
     """``O' = O + P_W (O_W' − O_W)``: the within keys' share ``P_W`` of each row stays, their output moves to
-    ``O_W' = (O_W + Σ_c w_c v_c) / (1 + Σ_c w_c)``; the row's LSE is unchanged."""
+    ``O_W' = (O_W + Σ_c w_c v_c) / (1 + Σ_c w_c)``; the row's LSE is unchanged. ``w`` and the 1 come scaled by
+    ``keep`` (:func:`_bias_weights`)."""
     S = out.shape[1]
     vs = _select(v, Selection(kb.where.batch, None, kb.where.heads), v.shape[1]).index_select(
         1, kb.cols.to(v.device)).float()
@@ -437,9 +465,9 @@ def _apply_within(v, out, lse, kb: KeyBias, out_w, lse_w, w):
     p_w = torch.exp(lse_w - _select(lse, kb.where, S))[..., None]
     moved = torch.einsum("brhc,bchd->brhd", w, vs)
     if torch.is_grad_enabled() and (moved.requires_grad or out_w.requires_grad):
-        moved = (moved - out_w * delta) / (1 + delta) * p_w + _select(out, kb.where, S).float()
+        moved = (moved - out_w * delta) / (keep + delta) * p_w + _select(out, kb.where, S).float()
     else:  # in one buffer the size of the selected output
-        moved.addcmul_(out_w, delta, value=-1).div_(1 + delta).mul_(p_w).add_(_select(out, kb.where, S))
+        moved.addcmul_(out_w, delta, value=-1).div_(keep + delta).mul_(p_w).add_(_select(out, kb.where, S))
     return _put(out, kb.where, moved)
 
 
@@ -566,6 +594,23 @@ def _probe(q, k, lse, pr: Probe, biases, scale, B, S, H, n_keys, attn_mask=None)
     cols = pr.cols.to(q.device)
     s = _col_logits(q, k, pr.where, cols, scale, attn_mask)
     r0, r1 = _norm_rows(pr.where.rows, S)
+    if pr.over is not None:  # the plain attention over the ``over`` keys alone: no bias, no extra key
+        w0, w1, step = pr.over.indices(k.shape[1])
+        known = host_values(cols)
+        if step != 1 or w0 >= w1 or (known is not None and not all(w0 <= c < w1 for c in known)):
+            raise ValueError(f"a Probe's over={pr.over} must be a contiguous slice of the site's {k.shape[1]} keys "
+                             "that holds every probed column; give the block the columns are in (e.g. the text "
+                             "keys), or over=None for the call's whole softmax")
+        block = torch.arange(w0, w1, device=q.device)
+        nb = B if pr.where.batch is None else len(pr.where.batch)
+        nh = H if pr.where.heads is None else len(pr.where.heads)
+        rows = max(1, MAX_CHUNK_ELEMS // max(1, nb * nh * (w1 - w0)))
+        lse = torch.cat([torch.logsumexp(_col_logits(
+            q, k, Selection(pr.where.batch, slice(a, min(r1, a + rows)), pr.where.heads), block, scale, attn_mask), -1)
+            for a in range(r0, r1, rows)], 1)
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros((), device=lse.device))  # a row with no such key
+        pr.sink(torch.exp(s - lse[..., None]))
+        return
     b = _idx(pr.where.batch, B, q.device)
     h = _idx(pr.where.heads, H, q.device)
     for c in biases:
@@ -664,8 +709,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, contributions: Seq
     if dense or extras or overlapping:
         out, lse = _explicit(q, k, v, out, lse, biases, extras, attn_mask, scale, max_chunk_elems)
     else:  # within biases first: each is corrected from the plain output of its rows, which no other one touched
-        for kb, (out_w, lse_w, w) in resolved:
-            out = _apply_within(v, out, lse, kb, out_w, lse_w, w)
+        for kb, (out_w, lse_w, w, keep) in resolved:
+            out = _apply_within(v, out, lse, kb, out_w, lse_w, w, keep)
         for i, kb in enumerate(key_biases):
             out, lse = _apply_key_bias(q, k, v, out, lse, kb, scale, prior=[*within, *key_biases[:i]],
                                        attn_mask=attn_mask)
