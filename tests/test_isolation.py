@@ -166,6 +166,38 @@ def test_attention_equals_a_materialised_reference(family, iso, rep):
     assert torch.allclose(got[2, call.text_slice()], plain[2, call.text_slice()], atol=1e-6)  # and text queries
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_maps_are_the_plain_attention_over_the_text(family):
+    """The subjects' maps are cross-attention maps, as ConsiStory and IR-Diffusion read them: each image query's
+    plain softmax over the text keys alone. The control's bias and the reference keys at the same call, and how
+    much of a query's attention goes to the image, leave them as they are."""
+    torch.manual_seed(1)
+    grid, n_txt, H, d = (4, 5), 3, 2, 8
+    n_img = grid[0] * grid[1]
+    B, S = 3, n_img + n_txt
+    image_first = family == "sd3"
+    q, k, v = (torch.randn(B, S, H, d) for _ in range(3))
+    ctl = IsolationAttention(subjects=["red circle", "blue square"], references=True)
+    ctl._sets, ctl._masks, ctl._keep = [([0, 1], 2)], _masks(B, 2, grid), torch.rand(B, 2, n_img) > 0.3
+    kind = "sd3_joint" if image_first else "flux_double"
+    call = SiteCall(Site("transformer_blocks.0.attn", 0, kind, H, d), B, S, n_txt, image_first, q.device, q.dtype,
+                    _rotary(S, d) if family == "flux" else None)
+    state = RunState(step=1, num_steps=3, roles=["cond"] * B, layout=TokenLayout(family, n_txt, grid))
+    text, img = call.text_slice(), call.image_slice()
+    # subject 0 is text token 0, subject 1 tokens 1 and 2; the target probes both, each reference its own
+    ctl._own = {0: (0,), 1: (1,), 2: (0, 1)}
+    ctl._parts[(text.start, "cpu")] = [
+        (state.index([text.start]), state.index([0]), torch.tensor([[1.0, 0.0]])),
+        (state.index([text.start + 1, text.start + 2]), state.index([1]), torch.tensor([[0.0, 1.0], [0.0, 1.0]])),
+        (state.index([text.start + c for c in range(3)]), state.index([2]),
+         torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))]
+    attend(q, k, v, ctl._steer(call, k, v, state, grid) + ctl._probes(call, state, img), max_chunk_elems=60)
+    p = torch.softmax(torch.einsum("brhd,bchd->brhc", q[:, img], k[:, text]) / math.sqrt(d), -1).sum(2)  # (B, N, T)
+    expect = torch.stack([p[0, :, 0], torch.zeros(n_img)]), torch.stack([torch.zeros(n_img), p[1, :, 1:].sum(-1)]), \
+        torch.stack([p[2, :, 0], p[2, :, 1:].sum(-1)])
+    assert torch.allclose(ctl._sum, torch.stack(expect), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ pipelines
 
 
@@ -333,3 +365,46 @@ def test_bad_input_and_json_round_trip(sd3_pipe):
                              dropout=0.25, sites="all")
     again = attnctl.control_from_json(ctl.to_json())
     assert isinstance(again, IsolationAttention) and again.to_json() == ctl.to_json()
+
+
+def test_reference_prompts_out_of_order_are_named_so(sd3_pipe):
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    refs = IsolationAttention(subjects=["red circle", "blue square"], references=True)
+    with pytest.raises(LayoutError, match=r"prompt 2 of the call \('a red circle'\) is read as reference 2 of its "
+                                          r"set, the prompt of the subject 'blue square' alone.*in the order "
+                                          r"\[reference_1 … reference_2, scene\]"):
+        pipe([SCENE, "a red circle", "a blue square"], controls=[refs], **KW)  # the scene first
+    with pytest.raises(LayoutError, match=r"prompt 3 of the call \('a red circle alone'\) is read as the scene"):
+        pipe(["a red circle", "a blue square", "a red circle alone"], controls=[refs], **KW)
+
+
+def test_subjects_that_share_tokens_are_refused(sd3_pipe):
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle and a blue circle"
+    with pytest.raises(ConfigError, match="'red circle' and 'circle' share the word\\(s\\) 'circle' of the prompt"):
+        pipe(prompt, controls=[IsolationAttention(subjects=["red circle", "circle"])], **KW)
+    ok = IsolationAttention(subjects=["red circle", "blue circle"])  # the same word, at two places: apart
+    pipe(prompt, controls=[ok], output_type="latent", **KW)
+    assert ok.calls > 0
+
+
+def test_under_the_midpoint_scheduler_the_masks_are_made_once_per_denoising_step(sd3_pipe, monkeypatch):
+    """Two model calls per denoising step: the first step (both calls) runs plain, the maps of a step's calls are
+    summed and split once at its end, and the dropout is drawn once per step."""
+    from attnctl.controls import isolation as module
+
+    pipe = AttnCtlSD3Pipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = attnctl.FlowMatchMidpointScheduler.from_config(pipe.scheduler.config)
+    ctl = IsolationAttention(subjects=["red circle", "blue square"], references=True)
+    steered, splits, keeps = [], [], []
+    real_steer, real_split, real_end = ctl._steer, module.otsu_masks, ctl.end_step
+    ctl._steer = lambda call, k, v, state, *a: steered.append(state.step) or real_steer(call, k, v, state, *a)
+    monkeypatch.setattr(module, "otsu_masks", lambda maps: splits.append(1) or real_split(maps))
+    ctl.end_step = lambda state: (real_end(state), keeps.append(ctl._keep))
+    pipe(SETS, controls=[ctl], output_type="latent", **KW)  # 3 denoising steps, 6 model calls
+    assert min(steered) == 2 and ctl.calls > 0  # from the second denoising step's first call
+    assert len(splits) == 3  # at the end of each denoising step, not of each call
+    assert keeps[1] is keeps[2] and keeps[2] is not keeps[3]  # drawn at the end of a step, for both its calls

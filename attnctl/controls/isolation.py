@@ -4,8 +4,9 @@ After IR-Diffusion's isolation and reposition attention (with ConsiStory's masks
 joint attention (SD3, SD3.5, FLUX.1); ``docs/isolation.md`` has the derivation. In short, for the image queries of
 a *target* row (the prompt that names every subject), at every selected site from the second step on:
 
-- **masks** — subject ``i``'s mask is where the attention of image tokens on its words (summed over heads, tokens
-  and the probed sites of the previous step) is above Otsu's threshold (:mod:`attnctl.subject_masks`);
+- **masks** — subject ``i``'s mask is where the image tokens' attention on its words, read as a cross-attention map
+  (the plain softmax over the text keys alone; summed over heads, tokens, the probed sites and the model calls of
+  the previous denoising step), is above Otsu's threshold (:mod:`attnctl.subject_masks`);
 - **isolation** — a query in subject ``i``'s mask gets ``log(1 − isolation_t)`` (``−∞`` at 1) on the image keys
   of the other subjects' masks (keys in its own mask too are left alone): no subject reads another;
 - **reposition** (``references=True``) — the call's prompts come as ``[reference_1 … reference_n, target]``,
@@ -29,8 +30,8 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import ConfigError, SiteError
-from ..layout import image_grid
+from ..errors import ConfigError, LayoutError, SiteError, WordCutOffError
+from ..layout import image_grid, text_words
 from ..processors.contributions import DenseBias, ExtraKV, Probe, Selection
 from ..schedules import as_schedule, bounded
 from ..subject_masks import otsu_masks, relocation
@@ -150,18 +151,20 @@ class IsolationAttention(Control):
         self.config.reposition.reset()
 
     def end_step(self, state: RunState) -> None:
-        if self._sum is None:
+        # the maps sum over every model call of a denoising step (the midpoint scheduler makes two) and are split
+        # once, at its end: the next step's calls all use the same masks and the same dropout
+        last_call = (state.step + 1) % max(1, state.calls_per_step) == 0
+        if self._sum is None or not last_call:
             return
         self._masks = otsu_masks(self._sum)
         self._sum = None
         self._plan = None
         # one draw for every row, so that a set's image does not depend on the rows before it in the call
-        g = torch.Generator().manual_seed((self.config.seed * 1000003 + state.step) % 2**63)
+        g = torch.Generator().manual_seed((self.config.seed * 1000003 + state.schedule_step[0]) % 2**63)
         keep = torch.rand((1, *self._masks.shape[1:]), generator=g) >= self.config.dropout
         self._keep = keep.to(self._masks.device).expand(self._masks.shape)
         targets = self._target_rows
-        last_call = (state.step + 1) % max(1, state.calls_per_step) == 0  # of its denoising step (midpoint: 2)
-        if targets and last_call:
+        if targets:
             self._coverage.append(self._masks[targets].float().mean())  # read when asked: no sync per step
             if self.adaptive:
                 self.report({"coverage": float(self._coverage[-1])})
@@ -221,8 +224,52 @@ class IsolationAttention(Control):
                 self._own[r] = (i,)
             self._own[target] = tuple(range(n))
         for r, own in self._own.items():
-            self._words(self._layout(state, r), [self.config.subjects[i] for i in own])
+            try:
+                self._words(self._layout(state, r), [self.config.subjects[i] for i in own])
+            except WordCutOffError:
+                raise
+            except LayoutError as e:
+                if not self.config.references:
+                    raise
+                raise self._out_of_order(state, rows, r, own, e) from None
+        for _, target in sets:
+            self._check_apart(self._layout(state, target))
         return sets
+
+    def _check_apart(self, layout) -> None:
+        """Refuse subjects that share tokens of the prompt ("red circle" and "circle" on "a red circle and a blue
+        circle"): each would hold the other's tokens, their masks would coincide there, and keys in both masks are
+        never barred, so the two could not be kept apart."""
+        subjects = self.config.subjects
+        cols = self._words(layout, subjects)
+        for i in range(len(subjects)):
+            for j in range(i + 1, len(subjects)):
+                if set(cols[i]) & set(cols[j]):
+                    common = [w for w in text_words(subjects[i]) if w in text_words(subjects[j])]
+                    said = f"the word(s) {', '.join(map(repr, common))}" if common else "some tokens"
+                    prompt = f" of the prompt {layout.prompt!r}" if layout is not None and layout.prompt else ""
+                    raise ConfigError(
+                        f"IsolationAttention: the subjects {subjects[i]!r} and {subjects[j]!r} share {said}{prompt}, "
+                        "so their masks would coincide there and neither could be isolated from the other",
+                        fix="name each subject by the words where it alone stands in the prompt, e.g. 'red circle' "
+                            "and 'blue circle' rather than 'red circle' and 'circle'")
+
+    def _out_of_order(self, state: RunState, rows: list[int], row: int, own: tuple[int, ...],
+                      e: LayoutError) -> LayoutError:
+        """The error for a prompt of a set that lacks the subjects its place in the set asks for: most often the
+        prompts are in another order than ``[reference_1 … reference_n, scene]``."""
+        subjects, n = self.config.subjects, len(self.config.subjects)
+        at = rows.index(row)
+        prompt = self._layout(state, row).prompt if self._layout(state, row) is not None else None
+        said = f" ({prompt!r})" if prompt is not None else ""
+        role = (f"reference {at % (n + 1) + 1} of its set, the prompt of the subject {subjects[own[0]]!r} alone"
+                if len(own) == 1 else f"the scene of set {at // (n + 1) + 1}, which names every subject")
+        order = ", ".join([*(f"<{s} alone>" for s in subjects), "<the scene>"])
+        return LayoutError(
+            f"IsolationAttention(references=True): prompt {at + 1} of the call{said} is read as {role}, and "
+            f"{e.problem.split(': ', 1)[-1]}",
+            fix=f"give each set's prompts in the order [reference_1 … reference_{n}, scene], here [{order}]; or "
+                f"{e.fix}")
 
     @staticmethod
     def _layout(state: RunState, row: int):
@@ -289,14 +336,19 @@ class IsolationAttention(Control):
 
     def _probes(self, call, state: RunState, img: slice) -> list[Probe]:
         """Each conditional row's image queries (``img``) on its own subjects' tokens (rows of one prompt and part
-        probed together), summed into this step's maps."""
+        probed together), summed into this step's maps. The maps are cross-attention maps, as ConsiStory and
+        IR-Diffusion read them: the plain attention over the text keys alone, so neither this control's bias and
+        reference keys nor how much a query reads the image change them."""
         if self._sum is None:
             self._sum = torch.zeros(call.batch, len(self.config.subjects), img.stop - img.start, device=call.device)
-        return [Probe(cols, lambda p, idx=idx, which=which: self._add(p, idx, which), Selection(idx, img, None))
+        text = call.text_slice()
+        return [Probe(cols, lambda p, idx=idx, which=which: self._add(p, idx, which), Selection(idx, img, None),
+                      over=text)
                 for cols, idx, which in self._probe_parts(call, state)]
 
     def _add(self, p: torch.Tensor, idx: torch.Tensor, which: torch.Tensor) -> None:
-        """``p``: ``(rows, N_img, heads, tokens)`` probabilities, summed over heads and each subject's tokens."""
+        """``p``: ``(rows, N_img, heads, tokens)`` probabilities over the text, summed over heads and each subject's
+        tokens."""
         self._sum.index_add_(0, idx, (p.float().sum(2) @ which).transpose(1, 2))
 
     def _probe_parts(self, call, state: RunState) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

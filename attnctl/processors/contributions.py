@@ -9,7 +9,8 @@ in the site's sequence (``None``: all). A control returns any number of these; t
 1. the attention distribution is the softmax of ``q·kᵀ/√d`` plus every :class:`KeyBias` and
    :class:`DenseBias`, over the site's keys plus any :class:`ExtraKV` keys, plus the keys of any
    :class:`PartialAttention` (computed apart and merged in by their log-sum-exp);
-2. :class:`Probe` sinks receive the final probabilities of the entries they asked for;
+2. :class:`Probe` sinks receive the final probabilities of the entries they asked for (or the plain attention over
+   a block of keys alone, ``over``);
 3. :class:`OutputMix` functions then transform the attention output of their heads (given the call's mask and
    backend when they ask, :class:`MixContext`).
 """
@@ -139,11 +140,17 @@ class Probe:
 
     ``sink`` receives a float32 tensor ``(batch, rows, heads, len(cols))``; it should reduce it at once
     (sum over heads, add to a running map) rather than keep it.
+
+    ``over`` (a slice of the site's key positions that holds every column, e.g. the text block of a joint sequence)
+    asks instead for the plain attention over those keys alone, as a separate cross-attention softmax would give it:
+    ``exp(s_c − LSE_over(s))`` from the plain logits ``s`` (the attention mask included), untouched by any control's
+    bias or extra keys at the call. It costs ``O(rows · len(over))`` per head, in bounded chunks.
     """
 
     cols: torch.Tensor
     sink: Callable[[torch.Tensor], None]
     where: Selection
+    over: slice | None = None
 
 
 @dataclass
