@@ -408,3 +408,16 @@ def test_under_the_midpoint_scheduler_the_masks_are_made_once_per_denoising_step
     assert min(steered) == 2 and ctl.calls > 0  # from the second denoising step's first call
     assert len(splits) == 3  # at the end of each denoising step, not of each call
     assert keeps[1] is keeps[2] and keeps[2] is not keeps[3]  # drawn at the end of a step, for both its calls
+
+
+def test_late_sites_are_the_second_half_of_the_blocks_by_depth():
+    """SD3.5's first blocks hold two sites each (attn, attn2): half the site list reached back to block 9 of 24."""
+    from attnctl.configs import build_empty, transformer_config
+    from attnctl.controls.isolation import late_sites
+    from attnctl.sites import list_sites
+
+    sd35 = list_sites(build_empty(transformer_config("sd3.5-medium")))
+    assert sorted({s.block[1] for s in late_sites(sd35)}) == list(range(12, 24))
+    assert {s.name for s in late_sites(sd35)} == {s.name for s in sd35 if s.block[1] >= 12}
+    flux = list_sites(build_empty(transformer_config("flux.1-dev")))  # one site a block: the second half of the list
+    assert late_sites(flux) == flux[len(flux) // 2:]

@@ -54,8 +54,8 @@ class IsolationConfig(ControlConfig):
     dropout: float = Field(0.5, ge=0.0, lt=1.0, allow_inf_nan=False,
                            description="share of a target mask's queries kept off their reference at each step")
     segments: SegmentList = Field(None, description="tokenizer segments to take the words from (clip, t5)")
-    sites: str | list[str] = Field("late", description="site selector; 'late': the second half of the sites by "
-                                                       "depth (IR-Diffusion: the decoder side)")
+    sites: str | list[str] = Field("late", description="site selector; 'late': the sites of the second half of "
+                                                       "the blocks by depth (IR-Diffusion: the decoder side)")
     seed: int = Field(0, description="seed of the dropout")
 
     @field_validator("subjects")
@@ -81,8 +81,12 @@ class IsolationConfig(ControlConfig):
 
 
 def late_sites(sites):
-    """The second half (by depth) of the sites; at least one."""
-    return sites[len(sites) // 2:] or sites[-1:]
+    """The sites of the second half of the blocks, by depth; at least one. By block, not by place in the list:
+    SD3.5's first blocks hold two sites each (``attn`` and ``attn2``), so half the list reaches back into the first
+    half of the model (SD3.5-medium: block 9 of 24)."""
+    blocks = list(dict.fromkeys(s.block for s in sites))  # in order of depth
+    late = set(blocks[len(blocks) // 2:])
+    return [s for s in sites if s.block in late] or sites[-1:]
 
 
 def _repeats(layouts: list | None, rows: list[int]) -> int:

@@ -88,7 +88,7 @@ def render(ctx: PanelContext, key: str, config: dict[str, Any]) -> dict[str, Any
     sites = cfg.get("sites", config_default("isolation", "sites", "late"))
     if isinstance(sites, str) and sites in SITE_CHOICES:
         cfg["sites"] = keyed(st.selectbox, f"{key}.sites", sites, "Sites", options=list(SITE_CHOICES),
-                             help="late: the second half of the sites by depth (IR-Diffusion's decoder side)")
+                             help="late: the second half of the blocks by depth (IR-Diffusion's decoder side)")
     if err:
         cfg["_error"] = err
     return cfg
