@@ -182,6 +182,22 @@ def test_each_step_is_the_euler_step_from_the_guided_latent(sd3_pipe):
     assert "forward" not in vars(pipe.transformer)  # the wrapper is gone
 
 
+def _move_once(monkeypatch, noise):
+    """Replace the gradient descent by a fixed move ``delta`` of the latent at the first guided call (none after):
+    returns ``delta`` and the list of steps the descent was asked at."""
+    from attnctl.latent_guidance import LatentGuidance
+
+    delta = 0.3 * torch.randn(noise.shape, generator=gen(1))
+    moves = []
+
+    def descend(self, bound, cond, idx, z, size):
+        moves.append(self.controller.state.step)
+        return z + delta if len(moves) == 1 else z
+
+    monkeypatch.setattr(LatentGuidance, "_descend", descend)
+    return delta, moves
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 @pytest.mark.parametrize("scheduler", ["euler", "midpoint"])
 def test_a_move_at_the_first_guided_call_is_the_stock_run_from_the_moved_latent(family, scheduler, sd3_pipe,
@@ -191,7 +207,6 @@ def test_a_move_at_the_first_guided_call_is_the_stock_run_from_the_moved_latent(
     carries the move over its whole step)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from attnctl.latent_guidance import LatentGuidance
     from attnctl.midpoint import FlowMatchMidpointScheduler
 
     stock = sd3_pipe if family == "sd3" else flux_pipe
@@ -202,14 +217,7 @@ def test_a_move_at_the_first_guided_call_is_the_stock_run_from_the_moved_latent(
     noise = pipe.prepare_latents(1, pipe.transformer.config.in_channels // (4 if family == "flux" else 1), 32, 48,
                                  torch.float32, "cpu", gen())
     noise = noise[0] if isinstance(noise, tuple) else noise
-    delta = 0.3 * torch.randn(noise.shape, generator=gen(1))
-    moves = []
-
-    def descend(self, bound, cond, idx, z, size):
-        moves.append(self.controller.state.step)
-        return z + delta if len(moves) == 1 else z
-
-    monkeypatch.setattr(LatentGuidance, "_descend", descend)
+    delta, moves = _move_once(monkeypatch, noise)
     with attnctl.attach(pipe, [LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.6)")]):
         guided = pipe(PROMPT, latents=noise.clone(), output_type="latent", **extra, **KW).images
     assert moves == ([0, 2] if scheduler == "midpoint" else [0, 1])  # the window's steps, a step's first call
@@ -425,7 +433,6 @@ def test_under_a_controlnet_pipeline_the_step_is_the_controlnet_and_transformer_
     negative call) must take its residuals at the moved latent, and the gradient pass runs the ControlNet too."""
     from PIL import Image
 
-    from attnctl.latent_guidance import LatentGuidance
 
     pipe = _controlnet_pipe(family, sd3_pipe, flux_pipe)
     image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
@@ -447,14 +454,7 @@ def test_under_a_controlnet_pipeline_the_step_is_the_controlnet_and_transformer_
         with attnctl.attach(pipe, [lay]):
             pipe(PROMPT, latents=noise.clone(), **kw)
     assert len(lay.history) == 1 and grads[:3] == [(False, False), (True, True), (False, False)]
-    delta = 0.3 * torch.randn(noise.shape, generator=gen(1))
-    moves = []
-
-    def descend(self, bound, cond, idx, z, size):
-        moves.append(self.controller.state.step)
-        return z + delta if len(moves) == 1 else z
-
-    monkeypatch.setattr(LatentGuidance, "_descend", descend)
+    delta, moves = _move_once(monkeypatch, noise)
     with attnctl.attach(pipe, [LayoutGuidance(boxes=BOXES, scale="window(0.5, 0, 0.3)")]):
         guided = pipe(PROMPT, latents=noise.clone(), **kw).images
     assert moves == [0]
