@@ -635,9 +635,12 @@ def test_any_integer_seed_draws_w(sd3_pipe):
     assert losses[-1] != losses[2**62]
 
 
-def test_a_diverging_w_stops_the_run_with_the_way_out(sd3_pipe):
+def test_a_diverging_w_stops_the_run_with_the_way_out(sd3_pipe, monkeypatch):
     """With a huge step size and keep_best=False the inner descent overflows W: the image came out NaN without a
-    word. The step's end now says so and names the setting."""
+    word. On the host the step's end now says so and names the setting; where reading the value would wait for the
+    device (a GPU), the records say it when read."""
+    import importlib
+
     reg = AttentionRegulation(targets=["circle", "square"], sites="all", steps=1.0, iterations=3, lr=1e37,
                               keep_best=False)
     with pytest.raises(ConfigError, match=r"bias is not finite at step 0: W diverged .*lr=1e\+37.*lower lr"), \
@@ -647,3 +650,10 @@ def test_a_diverging_w_stops_the_run_with_the_way_out(sd3_pipe):
     with attnctl.attach(sd3_pipe, [reg]):  # keep_best keeps the finite start
         out = sd3_pipe(PROMPT, generator=torch.Generator().manual_seed(0), guidance_scale=4.0, **KW).images
     assert torch.isfinite(torch.as_tensor(out)).all()
+    monkeypatch.setattr(importlib.import_module("attnctl.processors.attend"), "_on_host", lambda t: False)
+    reg = AttentionRegulation(targets=["circle", "square"], sites="all", steps=1.0, iterations=3, lr=1e37,
+                              keep_best=False)
+    with attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe(PROMPT, generator=torch.Generator().manual_seed(0), guidance_scale=4.0, **KW)
+    with pytest.warns(UserWarning, match=r"bias was not finite at .*step 0: W diverged .*lower lr"):
+        reg.summary()

@@ -29,6 +29,7 @@ over the other text keys, computed in bounded chunks. The stock fused kernel com
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from collections.abc import Hashable
@@ -45,6 +46,9 @@ from ..processors.contributions import KeyBias, Selection, index_tensor
 from ..schedules import bounded
 from ..sites import Site
 from .base import Control, ControlConfig, Roles, RunState, SegmentList, clean_words, register, word_columns
+
+attend_module = importlib.import_module("..processors.attend", __package__)  # the module (the package exports
+# its function of the same name), read at use: where its host check is turned off, so is this one
 
 JOINT_KINDS = ("sd3_joint", "flux_double", "flux_single")
 """Site kinds whose attention mixes image and text tokens (SD3.5 ``attn2`` is image-only)."""
@@ -562,7 +566,9 @@ class AttentionRegulation(Control):
     def end_step(self, state: RunState) -> None:
         numbers = [n for step, n in self._step_numbers if step == state.step]
         self._step_numbers.clear()  # (apart from _pending, which reading the records empties)
-        if numbers and not bool(torch.stack([n[4] for n in numbers]).isfinite().all()):  # one sync per step
+        # on the host the check is free; on a GPU it would wait for the device at every step, so there the records
+        # say it when read (below)
+        if numbers and attend_module._on_host(numbers[0][4]) and not all(bool(n[4].isfinite()) for n in numbers):
             raise ConfigError(f"AttentionRegulation's bias is not finite at step {state.schedule_step[0]}: W diverged "
                               f"in the inner gradient steps (lr={self.config.lr}), and the image would be NaN",
                               fix="lower lr (default 100), or keep keep_best=True (the default): it keeps the best "
@@ -689,6 +695,10 @@ class AttentionRegulation(Control):
         """One :class:`RegulationRecord` per regulated call (and prompt) of the last run, in call order."""
         for site, step, prompt, numbers in self._pending:
             losses, best, best_loss, best_ml, max_bias, plain_ml, applied_ml = (_host(t) for t in numbers)
+            if not math.isfinite(max_bias) and all(math.isfinite(r.max_bias) for r in self._records):
+                warnings.warn(f"AttentionRegulation's bias was not finite at {site}, step {step}: W diverged in the "
+                              f"inner gradient steps (lr={self.config.lr}) and the image is NaN; lower lr, or keep "
+                              "keep_best=True (the default)", UserWarning, stacklevel=2)
             self._records.append(RegulationRecord(site, step, losses, best, best_loss, best_ml, max_bias, plain_ml,
                                                   applied_ml, prompt))
         self._pending.clear()

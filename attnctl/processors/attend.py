@@ -347,7 +347,7 @@ def _bias_weights(rel: torch.Tensor, bias: torch.Tensor
     overflows; a column with ``b > 30`` takes ``e^{rel + (b − m)} − e^{rel − m}`` (``b − m`` first: ``rel`` keeps
     its digits beside a large ``b``). On the CPU, where reading a value waits for nothing, a call without such a bias
     keeps the plain form (fewer operations); on other devices the shifted form always runs (no wait per call)."""
-    if rel.device.type == "cpu" and not bool((bias > _BIG_EXP).any()):
+    if _on_host(rel) and not bool((bias > _BIG_EXP).any()):
         w = torch.exp(rel) * torch.expm1(bias)
         delta = w.sum(-1)
         return w, torch.ones_like(rel[..., :1]), 1 + delta, torch.log1p(delta)
