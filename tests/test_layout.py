@@ -426,6 +426,7 @@ def _controlnet_pipe(family: str, sd3_pipe, flux_pipe):
     return pipe
 
 
+@pytest.mark.filterwarnings("ignore:`FluxPosEmbed` is deprecated:FutureWarning")  # diffusers' own FLUX ControlNet
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_under_a_controlnet_pipeline_the_step_is_the_controlnet_and_transformer_at_the_moved_latent(
         family, sd3_pipe, flux_pipe, monkeypatch):
