@@ -695,7 +695,8 @@ class AttentionRegulation(Control):
         """One :class:`RegulationRecord` per regulated call (and prompt) of the last run, in call order."""
         for site, step, prompt, numbers in self._pending:
             losses, best, best_loss, best_ml, max_bias, plain_ml, applied_ml = (_host(t) for t in numbers)
-            if not math.isfinite(max_bias) and all(math.isfinite(r.max_bias) for r in self._records):
+            diverged = not math.isfinite(max_bias) and numbers[4].device.type != "meta"  # (meta: no values)
+            if diverged and all(math.isfinite(r.max_bias) for r in self._records):
                 warnings.warn(f"AttentionRegulation's bias was not finite at {site}, step {step}: W diverged in the "
                               f"inner gradient steps (lr={self.config.lr}) and the image is NaN; lower lr, or keep "
                               "keep_best=True (the default)", UserWarning, stacklevel=2)
