@@ -205,23 +205,23 @@ class EditBranches(ForwardWrapper):
                               "torch.inference_mode()", fix="call it under torch.no_grad() (diffusers' default)")
         idx = self.controller.state.index(rows, z.device)
         sub = map_rows(bound, batch, lambda x: x.index_select(0, idx.to(x.device)), "UnifyEdit")
-        for _ in range(int(self.control.config.iterations)):
-            # each loss is differentiated on its own (the gradient pass keeps compiled graphs differentiable twice)
-            with torch.enable_grad(), self.controller.gradient_pass(rows), self._gradient_pairing(share), \
-                    frozen_weights(self.transformer):  # the latent's gradient only: no activations kept for weights
-                zz = z.detach().requires_grad_(True)
-                sub["hidden_states"] = torch.cat([z_src.detach(), zz])
-                with contextlib.suppress(StopForward):  # raised after the deepest site the losses read
-                    self.call_original(**sub)
-                losses = self.control.edit_losses()
-                terms = [n for n, loss in losses.items() if loss is not None and loss.requires_grad]
-                grads = {n: torch.autograd.grad(losses[n], zz, retain_graph=i + 1 < len(terms))[0]
-                         for i, n in enumerate(terms)}
-            self.passes += 1
-            direction = self.control.direction(losses, grads, self._latent_mask(z)) if grads else None
-            if direction is None:
-                return z
-            z = (z.float() - size * direction).to(z.dtype).detach()
+        with frozen_weights(self.transformer):  # the latent's gradient only: no activations kept for the weights
+            for _ in range(int(self.control.config.iterations)):
+                # each loss is differentiated on its own (the gradient pass keeps compiled graphs differentiable twice)
+                with torch.enable_grad(), self.controller.gradient_pass(rows), self._gradient_pairing(share):
+                    zz = z.detach().requires_grad_(True)
+                    sub["hidden_states"] = torch.cat([z_src.detach(), zz])
+                    with contextlib.suppress(StopForward):  # raised after the deepest site the losses read
+                        self.call_original(**sub)
+                    losses = self.control.edit_losses()
+                    terms = [n for n, loss in losses.items() if loss is not None and loss.requires_grad]
+                    grads = {n: torch.autograd.grad(losses[n], zz, retain_graph=i + 1 < len(terms))[0]
+                             for i, n in enumerate(terms)}
+                self.passes += 1
+                direction = self.control.direction(losses, grads, self._latent_mask(z)) if grads else None
+                if direction is None:
+                    return z
+                z = (z.float() - size * direction).to(z.dtype).detach()
         return z
 
     def _gradient_pairing(self, share: tuple[torch.Tensor, float, int] | None) -> Any:

@@ -302,25 +302,26 @@ class LatentGuidance(ForwardWrapper):
         controlnet = self._step_controlnet
         begin_pass = getattr(self.control, "begin_pass", None)
         weights = (self.transformer, None if self._controlnet is None else self._controlnet.transformer)
-        for _ in range(int(self.control.config.iterations)):
-            with torch.enable_grad(), self.controller.gradient_pass(cond), frozen_weights(*weights):
-                if begin_pass is not None:
-                    begin_pass()
-                zz = z.detach().requires_grad_(True)
-                sub["hidden_states"] = zz
-                if controlnet is not None:
-                    sub.update(self._controlnet.residuals(controlnet, zz, sub, rows=select))
-                with contextlib.suppress(StopForward):  # raised after the deepest site the loss reads
-                    self.call_original(**sub)
-                loss = self.control.latent_loss()
-                if loss is None or not loss.requires_grad:  # nothing to guide (no word of the prompt is boxed)
-                    return z
-                (grad,) = torch.autograd.grad(loss.sum(), zz)
-            self.passes += 1
-            if n is None:
-                z = rms_step(z, grad, size).detach()
-            else:  # FLUX Kontext: its input image's tokens (after the generated ones) are a condition, not moved
-                z = torch.cat([rms_step(z[:, :n], grad[:, :n], size), z[:, n:]], dim=1).detach()
+        with frozen_weights(*weights):  # the latent's gradient only: no activations kept for the weights
+            for _ in range(int(self.control.config.iterations)):
+                with torch.enable_grad(), self.controller.gradient_pass(cond):
+                    if begin_pass is not None:
+                        begin_pass()
+                    zz = z.detach().requires_grad_(True)
+                    sub["hidden_states"] = zz
+                    if controlnet is not None:
+                        sub.update(self._controlnet.residuals(controlnet, zz, sub, rows=select))
+                    with contextlib.suppress(StopForward):  # raised after the deepest site the loss reads
+                        self.call_original(**sub)
+                    loss = self.control.latent_loss()
+                    if loss is None or not loss.requires_grad:  # nothing to guide (no word of the prompt is boxed)
+                        return z
+                    (grad,) = torch.autograd.grad(loss.sum(), zz)
+                self.passes += 1
+                if n is None:
+                    z = rms_step(z, grad, size).detach()
+                else:  # FLUX Kontext: its input image's tokens (after the generated ones) are a condition, not moved
+                    z = torch.cat([rms_step(z[:, :n], grad[:, :n], size), z[:, n:]], dim=1).detach()
         return z
 
     def _generated_tokens(self, z: torch.Tensor) -> int | None:

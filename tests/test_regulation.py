@@ -655,5 +655,5 @@ def test_a_diverging_w_stops_the_run_with_the_way_out(sd3_pipe, monkeypatch):
                               keep_best=False)
     with attnctl.attach(sd3_pipe, [reg]):
         sd3_pipe(PROMPT, generator=torch.Generator().manual_seed(0), guidance_scale=4.0, **KW)
-    with pytest.warns(UserWarning, match=r"bias was not finite at .*step 0: W diverged .*lower lr"):
+    with pytest.warns(UserWarning, match=r"bias is not finite at .*step 0: W diverged .*lower lr"):
         reg.summary()

@@ -264,8 +264,8 @@ class IsolationAttention(Control):
         prompts are in another order than ``[reference_1 … reference_n, scene]``."""
         subjects, n = self.config.subjects, len(self.config.subjects)
         at = rows.index(row)
-        prompt = self._layout(state, row).prompt if self._layout(state, row) is not None else None
-        said = f" ({prompt!r})" if prompt is not None else ""
+        layout = self._layout(state, row)
+        said = f" ({layout.prompt!r})" if layout is not None and layout.prompt is not None else ""
         role = (f"reference {at % (n + 1) + 1} of its set, the prompt of the subject {subjects[own[0]]!r} alone"
                 if len(own) == 1 else f"the scene of set {at // (n + 1) + 1}, which names every subject")
         order = ", ".join([*(f"<{s} alone>" for s in subjects), "<the scene>"])

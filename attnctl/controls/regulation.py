@@ -569,13 +569,16 @@ class AttentionRegulation(Control):
         # on the host the check is free; on a GPU it would wait for the device at every step, so there the records
         # say it when read (below)
         if numbers and attend_module._on_host(numbers[0][4]) and not all(bool(n[4].isfinite()) for n in numbers):
-            raise ConfigError(f"AttentionRegulation's bias is not finite at step {state.schedule_step[0]}: W diverged "
-                              f"in the inner gradient steps (lr={self.config.lr}), and the image would be NaN",
-                              fix="lower lr (default 100), or keep keep_best=True (the default): it keeps the best "
-                                  "finite iterate")
+            raise ConfigError(*self._diverged(f"step {state.schedule_step[0]}", "would be"))
         if numbers and self.adaptive:  # (the records read every value later; here only this step's two)
             self.report({"loss": sum(float(n[6]) for n in numbers) / len(numbers),
                          "plain_loss": sum(float(n[5]) for n in numbers) / len(numbers)})
+
+    def _diverged(self, where: str, image: str) -> tuple[str, str]:
+        """The problem and the way out when the applied bias is not finite at ``where``."""
+        return (f"AttentionRegulation's bias is not finite at {where}: W diverged in the inner gradient steps "
+                f"(lr={self.config.lr}), and the image {image} NaN",
+                "lower lr (default 100), or keep keep_best=True (the default): it keeps the best finite iterate")
 
     # ------------------------------------------------------------------------------ per call
     def contribute(self, call, q, k, v, state: RunState):
@@ -697,9 +700,7 @@ class AttentionRegulation(Control):
             losses, best, best_loss, best_ml, max_bias, plain_ml, applied_ml = (_host(t) for t in numbers)
             diverged = not math.isfinite(max_bias) and numbers[4].device.type != "meta"  # (meta: no values)
             if diverged and all(math.isfinite(r.max_bias) for r in self._records):
-                warnings.warn(f"AttentionRegulation's bias was not finite at {site}, step {step}: W diverged in the "
-                              f"inner gradient steps (lr={self.config.lr}) and the image is NaN; lower lr, or keep "
-                              "keep_best=True (the default)", UserWarning, stacklevel=2)
+                warnings.warn("; ".join(self._diverged(f"{site}, step {step}", "is")), UserWarning, stacklevel=2)
             self._records.append(RegulationRecord(site, step, losses, best, best_loss, best_ml, max_bias, plain_ml,
                                                   applied_ml, prompt))
         self._pending.clear()
