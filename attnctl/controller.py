@@ -277,7 +277,8 @@ class Controller:
 
     def close(self) -> None:
         """Remove the tracking hooks and wrappers. The processors stay (they then act at step 0 of an unknown run,
-        for a caller that drives runs by hand with :meth:`begin_run`); :meth:`restore` removes them too."""
+        for a caller that drives runs by hand with :meth:`begin_run`); :meth:`restore` removes them too. While they
+        hold the pipeline's IP-adapters, ``set_ip_adapter_scale``'s wrapper stays, so that the scale still acts."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -290,7 +291,9 @@ class Controller:
         if self._branch is not None:
             self._branch.__exit__(None, None, None)
             self._branch = None
-        for name in ("check_inputs", "encode_prompt", "set_ip_adapter_scale"):
+        # set_ip_adapter_scale keeps its wrapper while attnctl's processors hold the adapters (closed, not restored)
+        holding = any(isinstance(p, AttnCtlIPProcessor) for p in self.transformer.attn_processors.values())
+        for name in ("check_inputs", "encode_prompt") + (() if holding else ("set_ip_adapter_scale",)):
             if self.pipe is not None and name in vars(self.pipe):
                 delattr(self.pipe, name)
 
@@ -404,6 +407,8 @@ class Controller:
 
         def set_ip_adapter_scale(*args: Any, **kwargs: Any):
             ours = transformer.attn_processors
+            if not any(isinstance(proc, AttnCtlIPProcessor) for proc in ours.values()):
+                return original(*args, **kwargs)  # put back by hand meanwhile: nothing of attnctl's holds them
             transformer.set_attn_processor({key: proc.ip_adapter if isinstance(proc, AttnCtlIPProcessor) else proc
                                             for key, proc in ours.items()})
             try:

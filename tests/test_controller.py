@@ -976,6 +976,30 @@ def test_set_ip_adapter_scale_inside_the_block_acts_and_stays(sd3_pipe, flux_pip
         assert (a - b).abs().max() <= 1e-5
 
 
+def test_set_ip_adapter_scale_after_close_still_acts(sd3_pipe):
+    """ctl.close() removes the hooks and leaves attnctl's processors in place, holding the carried IP-adapter: the
+    scale set afterwards reaches the adapter (it is not lost on a processor diffusers does not look for); once the
+    stock processors are back, the stock method runs alone."""
+    import copy
+
+    pipe = type(sd3_pipe)(**{**sd3_pipe.components, "transformer": copy.deepcopy(sd3_pipe.transformer)})
+    tr = pipe.transformer
+    key = "transformer_blocks.0.attn.processor"
+    ip = ip_adapter_processor("sd3", tr)
+    tr.set_attn_processor({**tr.attn_processors, key: ip})
+    from attnctl.processors.base import AttnCtlIPProcessor
+
+    ctl = attnctl.attach(pipe, [attnctl.AttentionProbe(tokens=[0])]).install()
+    ctl.close()
+    assert isinstance(tr.attn_processors[key], AttnCtlIPProcessor)
+    pipe.set_ip_adapter_scale(0.25)
+    assert ip.scale == 0.25 and tr.attn_processors[key].ip_adapter is ip
+    ctl.restore()
+    assert tr.attn_processors[key] is ip and "set_ip_adapter_scale" not in vars(pipe)
+    pipe.set_ip_adapter_scale(0.5)
+    assert ip.scale == 0.5
+
+
 @pytest.mark.parametrize("how", ["attach", "set_attn_processor"])
 def test_processors_asked_again_are_the_installed_ones(sd3_pipe, how):
     """ctl.processors() asked again (to look at them) gives the processors already made: the controls keep acting,
