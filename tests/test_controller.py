@@ -151,6 +151,24 @@ def test_restore_undoes_set_attn_processor(sd3_pipe):
     assert controlled.shape == stock.shape
 
 
+def test_a_probe_weight_assigned_after_construction_counts(sd3_pipe):
+    """probe.config.weight = ... after construction is the weight the run uses (and the one to_json records), as
+    for every control's settings: the maps equal those of a probe built with that weight."""
+    def maps(probe):
+        with attnctl.attach(sd3_pipe, [probe]):
+            sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW)
+        return probe.word_maps()["circle"]
+
+    built = maps(attnctl.AttentionProbe(words=["circle"], weight="window(1, 0.9, 1)"))
+    assigned = attnctl.AttentionProbe(words=["circle"])
+    plain = maps(assigned)
+    assigned.config.weight = "window(1, 0.9, 1)"
+    again = maps(assigned)
+    assert (built - plain).abs().max() > 1e-4  # the weight matters here
+    assert (again - built).abs().max() <= 1e-7
+    assert (maps(attnctl.control_from_json(assigned.to_json())) - again).abs().max() <= 1e-7
+
+
 def test_a_second_controller_on_one_pipeline_is_refused_naming_the_way_out(sd3_pipe):
     """Two controllers would each take the run's prompt, rows and forward: nested attach, an attnctl pipeline's
     controls= inside attach, and a controller left installed are refused; the first keeps working."""

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from ..errors import ConfigError, LayoutError
 from ..layout import NO_RUN, NO_RUN_FIX, image_grid
 from ..processors.contributions import Probe, Selection
-from ..schedules import as_schedule
+from ..schedules import Schedule, as_schedule
 from .base import Control, ControlConfig, Roles, RunState, SegmentList, check_segments, clean_words, register
 
 
@@ -69,7 +69,7 @@ class AttentionProbe(Control):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._weight = as_schedule(self.config.weight)
+        self._weight, self._weight_spec = as_schedule(self.config.weight), self.config.weight
         self._started = False  # a run began with the probe attached
         self.reset()
 
@@ -86,7 +86,15 @@ class AttentionProbe(Control):
         self.calls = 0
         self._steps: set[int] = set()
 
+    def _weight_schedule(self) -> Schedule:
+        """The weight schedule, made anew when ``config.weight`` was assigned since: assignment counts, as for
+        every control's settings."""
+        if self._weight_spec != self.config.weight:
+            self._weight, self._weight_spec = as_schedule(self.config.weight), self.config.weight
+        return self._weight
+
     def begin_run(self, state: RunState) -> None:
+        self._weight_schedule()
         self.reset()
         self._started = True
         cfg = self.config
@@ -136,7 +144,7 @@ class AttentionProbe(Control):
             return []
         if state.skip_layer_pass:  # the step's conditional rows once more, in a model with layers left out
             return []
-        w = self._weight(*state.schedule_step)
+        w = self._weight_schedule()(*state.schedule_step)
         if w == 0:
             return []
         pos = self._resolve(call, state)
