@@ -33,16 +33,17 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
+from .json_types import ScalarsOfTheirKind
 from .schedules import bounded
 
 if TYPE_CHECKING:  # attnctl.inversion imports this module
     from .inversion import Velocity
 
 
-class RFInversion(BaseModel):
+class RFInversion(ScalarsOfTheirKind):
     """RF-Inversion's settings for :func:`attnctl.edit` (module doc); JSON round trip with :meth:`to_json`."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
@@ -59,8 +60,8 @@ class RFInversion(BaseModel):
         try:
             super().__init__(**kwargs)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(settings)'}: {err['msg']}"
-                                 for err in e.errors())
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) + ': ' if err['loc'] else ''}"
+                                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
             fix = None if "Fix:" in problems else ("give gamma in [0, 1], eta as a schedule in [0, 1] (e.g. "
                                                    "'window(0.9, 0, 0.25)') and seed from 0 to 2**63 - 1")
             raise ConfigError(f"RF-Inversion settings: {problems}", fix=fix) from None

@@ -116,7 +116,9 @@ def test_settings_round_trip_through_json_and_bad_values_are_named(toy_sd3, scen
                           ({"eta": -0.1}, "eta: .*outside the allowed range"),
                           ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
                           ({"seed": 2**64}, "seed: Input should be less than or equal to 9223372036854775807"),
-                          ({"eta_stop": 0.3}, "eta_stop: Extra inputs are not permitted")]:
+                          ({"eta_stop": 0.3}, "eta_stop: Extra inputs are not permitted"),
+                          ({"gamma": True}, "settings: gamma=True is a true/false flag, not a number"),
+                          ({"seed": "7"}, "settings: seed='7' is a string, not a number")]:
         with pytest.raises(ConfigError, match=match):
             RFInversion(**kwargs)
     assert RFInversion(gamma=0.0, eta=0.0, seed=4).canonical() is None  # neither controller acts
