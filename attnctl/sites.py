@@ -21,11 +21,12 @@ e.g. ``"transformer_blocks.3.attn/H1,5"``.
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -306,7 +307,7 @@ class HeadSet:
     def from_json(cls, data: dict) -> HeadSet:
         if not isinstance(data, dict) or not isinstance(data.get("heads"), dict):
             raise SiteError("a head-set preset is a JSON object {\"heads\": {site name: [head, ...]}, ...}")
-        return cls({k: tuple(int(h) for h in v) for k, v in data["heads"].items()}, data.get("model"))
+        return cls({k: head_numbers(k, v) for k, v in data["heads"].items()}, data.get("model"))
 
     def save(self, path: str | Path) -> None:
         from .io import atomic_write_text
@@ -316,6 +317,16 @@ class HeadSet:
     @classmethod
     def load(cls, path: str | Path) -> HeadSet:
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def head_numbers(site: str, heads: Any) -> tuple[int, ...]:
+    """The heads listed for ``site`` in a head set's JSON, sorted: a list of whole numbers from 0. Anything else (a
+    bare number, a fraction, a flag, a quoted number, null) is refused rather than read as some other head."""
+    if not isinstance(heads, (list, tuple)) or not all(
+            isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 0 for h in heads):
+        raise SiteError(f"the heads of {site!r} are {heads!r}, not a list of head numbers",
+                        fix=f'write them as a list of whole numbers from 0, e.g. {{"{site}": [0, 2]}}')
+    return tuple(sorted({int(h) for h in heads}))
 
 
 def model_fingerprint(sites: Sequence[Site]) -> dict:

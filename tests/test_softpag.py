@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import batch_row, ip_adapter_processor, transformer_inputs
@@ -784,7 +786,13 @@ def test_preset_paths_fall_back_to_shipped_presets_by_bare_name_only(tmp_path, m
         assert attnctl.SoftPAG(heads=spec).head_set.heads == mine.heads, spec
 
 
-def test_bad_input_errors(sd3_pipe):
+def _preset(folder, data):
+    path = folder / "preset.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_bad_input_errors(sd3_pipe, tmp_path):
     with pytest.raises(SiteError, match="valid indices are 0..3"):
         attnctl.Controller(sd3_pipe, [attnctl.SoftPAG(heads=["L0H7"])])
     with pytest.raises(SiteError, match="index 5 is out of range; valid indices are 0..1"):
@@ -795,6 +803,13 @@ def test_bad_input_errors(sd3_pipe):
         attnctl.Controller(sd3_pipe, [attnctl.SoftPAG(heads={"transformer_blocks.0.attn": [4]})])
     with pytest.raises(SiteError, match="does not exist"):
         attnctl.SoftPAG(heads="no/such/preset.json")
+    for wrong in ([1.7], [True], ["1"], 3, [None]):  # never read as some other head
+        with pytest.raises(SiteError, match=r"heads of 'transformer_blocks.0.attn' are .*not a list of head numbers"):
+            attnctl.SoftPAG(heads={"transformer_blocks.0.attn": wrong})
+        with pytest.raises(SiteError, match=r"not a valid preset: the heads of .* not a list of head numbers"):
+            attnctl.SoftPAG(heads=str(_preset(tmp_path, {"heads": {"transformer_blocks.0.attn": wrong}})))
+    assert attnctl.SoftPAG(heads={"transformer_blocks.0.attn": [np.int64(2), 0, 2]}).head_set.heads == {
+        "transformer_blocks.0.attn": (0, 2)}
     with pytest.raises(SiteError, match="not a head selection"):
         attnctl.SoftPAG(heads=3)
     with pytest.raises(ScheduleError, match=r"outside the allowed range \[0.0, 1.0\]"):

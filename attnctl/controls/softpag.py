@@ -43,7 +43,7 @@ from ..errors import ConfigError, SiteError
 from ..processors.attend import MAX_CHUNK_ELEMS, fused_attention_with_lse
 from ..processors.contributions import MixContext, OutputMix, Selection
 from ..schedules import ScheduleField, bounded
-from ..sites import HeadSet, Site
+from ..sites import HeadSet, Site, head_numbers
 from .base import Control, ControlConfig, RunState, register
 
 Target = Literal["identity", "uniform", "mean_query"]
@@ -81,10 +81,7 @@ def load_heads(spec: Any) -> HeadSet | list[str]:
     if isinstance(spec, Mapping):
         if "heads" in spec and isinstance(spec["heads"], Mapping):
             return HeadSet.from_json(dict(spec))
-        try:
-            return HeadSet({str(k): tuple(sorted({int(h) for h in v})) for k, v in spec.items()})
-        except (TypeError, ValueError):
-            raise SiteError("heads as a mapping must be {site name: [head, ...]}") from None
+        return HeadSet({str(k): head_numbers(str(k), v) for k, v in spec.items()})
     if isinstance(spec, str):
         spec = [spec]
     if isinstance(spec, Sequence) and spec and all(isinstance(s, str) for s in spec):
