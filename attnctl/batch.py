@@ -596,7 +596,7 @@ def _check_generate_item(raw: dict[str, Any], raw_defaults: dict[str, Any]) -> t
     item, own = _validated(GenerateItem, "generate", raw)
     own.extend(_check_raw(raw, raw.get("boxes", raw_defaults.get("boxes"))))
     controls = raw.get("controls", raw_defaults.get("controls"))
-    kinds = {c.get("kind") for c in controls if isinstance(c, dict)} if isinstance(controls, list) else set()
+    kinds = [c.get("kind") for c in controls if isinstance(c, dict)] if isinstance(controls, list) else []
     origin = "" if "controls" in raw else " (from defaults)"
     if "unify_edit" in kinds:
         own.append(f"field 'controls'{origin}: the unify_edit control edits an existing image; it runs in items "

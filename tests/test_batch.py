@@ -160,6 +160,7 @@ def test_schema_errors_one_clear_message_per_problem(tmp_path):
             {"prompt": "a red circle", "seeed": 4},                                             # 6 typo
             {"type": "reference", "prompt": "a red circle"},                                    # 7 reserved type
             {"prompt": "a red circle", "guidance": float("nan")},                               # 8 NaN guidance
+            {"prompt": "a red circle", "controls": [{"kind": ["probe"]}]},                      # 9 kind not a name
         ],
     }
     with pytest.raises(BatchFileError) as err:
@@ -178,6 +179,7 @@ def test_schema_errors_one_clear_message_per_problem(tmp_path):
         ("item 6: unknown field 'seeed'", "did you mean 'seed'?"),
         ("item 7: field 'type': item type 'reference' is not supported yet", ""),
         ("item 8: field 'guidance': Input should be a finite number", "NaN"),
+        ("item 9: field 'controls[0]': unknown control kind ['probe']", "known kinds"),
     ]
     for start_text, also in expected:
         hits = [p for p in problems if p.startswith(start_text) and also in p]
@@ -189,7 +191,7 @@ def test_schema_errors_one_clear_message_per_problem(tmp_path):
     result = run("batch", tmp_path / "bad.json", "--out", tmp_path / "out")
     assert result.exit_code == 2
     text = " ".join(result.output.split())
-    assert "12 problems" in text and "item 6: unknown field 'seeed' (did you mean 'seed'?)" in text
+    assert "13 problems" in text and "item 6: unknown field 'seeed' (did you mean 'seed'?)" in text
     assert not (tmp_path / "out").exists()
 
 

@@ -9,6 +9,7 @@ stock fused kernel.
 
 from __future__ import annotations
 
+import difflib
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -250,7 +251,7 @@ class ControlConfig(ScalarsOfTheirKind):
         try:
             super().__setattr__(name, value)
         except ValidationError as e:
-            raise ConfigError(_explain(type(self).__name__, e)) from None
+            raise ConfigError(_explain(type(self).__name__, e, list(type(self).model_fields))) from None
 
 
 class Control:
@@ -276,7 +277,7 @@ class Control:
         except ValidationError as e:
             causes = [err.get("ctx", {}).get("error") for err in e.errors()]
             kind = next((type(c) for c in causes if isinstance(c, ConfigError)), ConfigError)
-            raise kind(_explain(f"{self.kind} control config", e)) from None
+            raise kind(_explain(f"{self.kind} control config", e, list(self.Config.model_fields))) from None
         self.sites: list[Site] = []
         self._site_names: frozenset[str] = frozenset()
 
@@ -402,11 +403,16 @@ class Control:
         return cls(**data)
 
 
-def _explain(what: str, err: ValidationError) -> str:
+def _explain(what: str, err: ValidationError, fields: Sequence[str] = ()) -> str:
+    """One line for pydantic's errors; a misspelt setting (one of ``fields`` misspelt) gets the setting meant."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1 and fields:
+            close = difflib.get_close_matches(loc, fields, n=1)
+            msg = (f"no such setting (did you mean {close[0]!r}?)" if close
+                   else f"no such setting; the settings are {', '.join(fields)}")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return f"invalid {what} — " + "; ".join(parts)
 
@@ -423,8 +429,15 @@ def register(cls: type[Control]) -> type[Control]:
 def config_fields(kind: Any) -> frozenset[str]:
     """The config field names of the control ``kind`` (empty for an unknown kind): what a caller may fill in for it,
     such as the words or boxes of each prompt item."""
-    cls = CONTROL_TYPES.get(kind)
+    cls = CONTROL_TYPES.get(kind) if isinstance(kind, str) else None
     return frozenset(cls.Config.model_fields) if cls is not None else frozenset()
+
+
+def unknown_kind_fix(kind: Any) -> str:
+    """The way out of an unknown control kind: the kind meant, when ``kind`` is a near miss, and the known ones."""
+    close = difflib.get_close_matches(kind, list(CONTROL_TYPES), n=1) if isinstance(kind, str) else []
+    known = ", ".join(sorted(CONTROL_TYPES))
+    return f"did you mean {close[0]!r}? The known kinds: {known}" if close else f"give one of the known kinds: {known}"
 
 
 def control_from_json(data: dict | str | bytes) -> Control:
@@ -441,7 +454,6 @@ def control_from_json(data: dict | str | bytes) -> Control:
         raise ConfigError(f"a control's JSON is an object with a kind, not {type(data).__name__}",
                           fix='write it as {"kind": "probe", ...}')
     kind = data.get("kind")
-    if kind not in CONTROL_TYPES:
-        known = ", ".join(sorted(CONTROL_TYPES))
-        raise ConfigError(f"unknown control kind {kind!r}; known kinds: {known}")
+    if not isinstance(kind, str) or kind not in CONTROL_TYPES:
+        raise ConfigError(f"unknown control kind {kind!r}", fix=unknown_kind_fix(kind))
     return CONTROL_TYPES[kind].from_json(data)
