@@ -187,7 +187,7 @@ _BOX_SCHEMA = {"type": "array", "items": {"type": "number", "minimum": 0, "maxim
                "maxItems": 4, "description": "[x0, y0, x1, y1], fractions of the image, x0 < x1 and y0 < y1"}
 
 Boxes = Annotated[
-    dict[str, list[Box]],
+    dict[str, Annotated[list[Box], Field(min_length=1)]],
     BeforeValidator(_wrap_single_boxes),
     WithJsonSchema({
         "type": "object",
@@ -220,8 +220,9 @@ ItemId = Annotated[
     str,
     BeforeValidator(_id_to_str),
     Field(min_length=1, max_length=200),
-    WithJsonSchema({"type": ["string", "integer"], "description": "Names the output files (sanitised); "
-                    "default: the item's index. Unique within the file."}),
+    WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1, "maxLength": 200}, {"type": "integer"}],
+                    "description": "Names the output files (sanitised); default: the item's index. Unique within "
+                                   "the file."}),
 ]
 
 
@@ -335,7 +336,7 @@ EDIT_FROM_DEFAULTS = ("steps", "guidance", "max_sequence_length")
 class BatchFile(_Strict):
     """An attnctl batch file, version 1."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True,
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=False,  # "$schema" only, as written
                               title="attnctl batch file",
                               json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema",
                                                  "$id": SCHEMA_ID})

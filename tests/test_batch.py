@@ -146,6 +146,28 @@ def test_shipped_json_schema_is_current():
     assert "GenerateItem" in schema["$defs"]
 
 
+@pytest.mark.parametrize("change", [
+    {}, {"id": "a"}, {"id": 7}, {"id": ""}, {"id": "x" * 201}, {"boxes": {"circle": []}},
+    {"boxes": {"circle": [0, 0, 0.5, 0.5]}}, {"boxes": {"circle": [[0, 0, 0.5, 0.5]]}}, {"top": {"schema_": "x"}},
+    {"top": {"$schema": "x"}}])
+def test_the_shipped_schema_and_the_loader_agree(change):
+    """A batch file the shipped JSON Schema accepts, the loader accepts, and one it refuses, the loader refuses, for
+    the checks the schema can say (id lengths, box lists, the header's "$schema" as written)."""
+    import jsonschema
+
+    from attnctl.errors import AttnCtlError
+
+    change = dict(change)
+    data = {"version": 1, **change.pop("top", {}), "items": [{"prompt": "a red circle", **change}]}
+    schema_ok = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).is_valid(data)
+    try:
+        load_batch(data)
+        loader_ok = True
+    except AttnCtlError:
+        loader_ok = False
+    assert schema_ok == loader_ok, (schema_ok, loader_ok)
+
+
 def test_schema_errors_one_clear_message_per_problem(tmp_path):
     data = {
         "version": 1,
