@@ -130,13 +130,24 @@ def _parse_slice(text: str, what: str) -> slice:
     return slice(a, b)
 
 
+def _in_range(s: slice, n: int, text: str, what: str) -> slice:
+    """``s`` when its bounds lie within ``0..n``: a range past the end (a preset made for a deeper model, a typo) is
+    refused as an index past the end is, not cut short."""
+    if all(bound is None or bound <= n for bound in (s.start, s.stop)):
+        return s
+    start = s.start or 0
+    fix = (f"write '{start}:' for every index from {start} to the end" if start < n
+           else f"give indices from 0 to {n - 1}")
+    raise SiteError(f"{what}: range {text!r} reaches past the last index, {n - 1}", fix=fix)
+
+
 def _indices(spec: str, n: int, what: str) -> list[int]:
     """Parse ``"7"``, ``"0:4"``, ``"1,5,8:10"`` into indices < n, with errors naming the bad part."""
     out: list[int] = []
     for part in spec.split(","):
         part = part.strip()
         if ":" in part:
-            idx = list(range(n))[_parse_slice(part, what)]
+            idx = list(range(n))[_in_range(_parse_slice(part, what), n, part, what)]
             if not idx:
                 raise SiteError(f"{what}: range {part!r} is empty (valid indices are 0..{n - 1})")
             out.extend(idx)
@@ -180,7 +191,8 @@ def _match_one(sites: Sequence[Site], sel: str) -> list[Site]:
         if rest.isdigit():
             wanted = {int(rest)}
         elif _SLICE.match(rest):
-            wanted = set(range(max(blocks) + 1)[_parse_slice(rest, f"selector {sel!r}")])
+            what = f"selector {sel!r}"
+            wanted = set(range(max(blocks) + 1)[_in_range(_parse_slice(rest, what), max(blocks) + 1, rest, what)])
         else:
             wanted = set()
         if wanted:
