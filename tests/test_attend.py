@@ -160,6 +160,66 @@ def test_explicit_path_gradients_match_the_reference_and_leave_inputs_alone():
                 - reference(q, k, v, [db], extra=extra)[0]).abs().max() < 1e-5
 
 
+def _per_entry_reference(q, k, v, biases, extra: ExtraKV):
+    """Materialised attention one (batch row, head) at a time: softmax over [own keys + the ExtraKV's keys] with
+    every bias, where an entry outside the ExtraKV's batch rows or heads sees none of its keys, and a query row
+    outside its rows gets -inf on them."""
+    M = extra.key.shape[1]
+    bias = full_bias(biases, S + M)
+    rows_e = extra.where.batch.tolist()
+    heads_e = list(range(H)) if extra.where.heads is None else extra.where.heads.tolist()
+    e0, e1, _ = (extra.where.rows or slice(None)).indices(S)
+    out = torch.zeros(B, S, H, D)
+    for b in range(B):
+        for h in range(H):
+            s = q[b, :, h] @ k[b, :, h].T / math.sqrt(D) + bias[b, :, h, :S]
+            values = v[b, :, h]
+            if b in rows_e and h in heads_e:
+                ek = extra.key[rows_e.index(b), :, heads_e.index(h)]
+                s_extra = q[b, :, h] @ ek.T / math.sqrt(D) + bias[b, :, h, S:]
+                s_extra[:e0] = float("-inf")
+                s_extra[e1:] = float("-inf")
+                s = torch.cat([s, s_extra], 1)
+                values = torch.cat([values, extra.value[rows_e.index(b), :, heads_e.index(h)]])
+            out[b, :, h] = torch.softmax(s, -1) @ values
+    return out
+
+
+@pytest.mark.parametrize("extra_heads", [None, [1, 3]])
+def test_extra_kv_combined_with_biases_on_rows_and_heads_it_is_not_on(extra_heads):
+    """Isolation with references (extra keys and a band on the scene row) beside regulation (a key bias on every
+    conditional row) brings rows without the extra keys into the explicit path: they see none of those keys, and
+    every row and head gets the reference's attention, also under autograd and over several chunks."""
+    q, k, v = qkv(15)
+    g = torch.Generator().manual_seed(5)
+    M = 6
+    nh = H if extra_heads is None else len(extra_heads)
+    heads = None if extra_heads is None else torch.tensor(extra_heads)
+    ek, ev = torch.randn(1, M, nh, D, generator=g), torch.randn(1, M, nh, D, generator=g)
+    extra = ExtraKV(ek, ev, Selection(torch.tensor([2]), slice(4, 16), heads))
+    w = torch.tensor(0.8, requires_grad=True)
+    table = torch.randn(S, S + M, generator=g)
+    band = DenseBias(lambda r0, r1: w * table[r0:r1][None, :, None, :], Selection(torch.tensor([2]), None, None))
+    two_rows = DenseBias(lambda r0, r1: 0.5 * table[r0:r1][None, :, None, :], Selection(torch.tensor([0, 2])))
+    per_row = [KeyBias(torch.tensor([3, 7]), torch.randn(1, S, H, 2, generator=g), Selection(torch.tensor([r])))
+               for r in range(B)]
+    biases = [*per_row, band, two_rows]
+    chunk = B * H * (S + M) * 3
+    with torch.no_grad():
+        got = attend(q, k, v, [extra, *biases], max_chunk_elems=chunk)
+        assert (got - _per_entry_reference(q, k, v, biases, extra)).abs().max() < 1e-5
+    grads = []
+    for run in ("ours", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = (attend(*leaves, [extra, *biases], max_chunk_elems=chunk) if run == "ours"
+               else _per_entry_reference(*leaves, biases, extra))
+        (out * torch.linspace(-1, 1, D)).sum().backward()
+        grads.append([t.grad for t in leaves] + [w.grad.clone()])
+        w.grad = None
+    for ours, ref in zip(*grads, strict=True):
+        assert (ours - ref).abs().max() < 1e-5
+
+
 def test_a_dense_bias_over_the_wrong_number_of_keys_is_a_clear_error():
     """Two controls that each add extra keys at one call: the second's keys shift the first's dense bias."""
     q, k, v = qkv(6)

@@ -338,6 +338,45 @@ def test_with_softpag_the_references_copies_are_steered_too(sd3_pipe):
     assert iso.reposition_calls > 0 and abs(guided - alone).max() < 1e-3
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_references_with_regulation_on_every_conditional_row(family, request, monkeypatch):
+    """docs/isolation.md: with references, AttentionRegulation (missing='ignore') acts where its words are. Its key
+    biases on every conditional row and the scene's reference keys meet in one explicit softmax, which refused the
+    keys for not covering the reference rows; now each row reads its own keys only: the references come out as
+    under regulation alone."""
+    import importlib
+
+    attend_mod = importlib.import_module("attnctl.processors.attend")
+    cls = AttnCtlSD3Pipeline if family == "sd3" else AttnCtlFluxPipeline
+    pipe = cls(**request.getfixturevalue(f"{family}_pipe").components)
+    pipe.set_progress_bar_config(disable=True)
+    sets = ["a large red circle", "a small blue square", SCENE]
+    met = []  # explicit calls where a bias sits on a row the extra keys are not on
+    real_explicit = attend_mod._explicit
+
+    def explicit(q, k, v, out, lse, biases, extras, *args):
+        on = {r for e in extras for r in e.where.batch.tolist()}
+        met.extend(1 for c in biases if extras and not set(c.where.batch.tolist()) <= on)
+        return real_explicit(q, k, v, out, lse, biases, extras, *args)
+
+    monkeypatch.setattr(attend_mod, "_explicit", explicit)
+
+    def run(*controls):
+        return pipe(sets, generator=gen(), output_type="np", controls=list(controls), **KW).images
+
+    def regulation():  # at every step and site, so that it meets isolation's steered calls
+        return attnctl.AttentionRegulation(targets=["circle", "square"], missing="ignore", sites="all", steps=1.0,
+                                           iterations=3)
+
+    iso = IsolationAttention(subjects=["circle", "square"], references=True, sites="all")
+    reg = regulation()
+    both = run(iso, reg)
+    assert met and iso.reposition_calls > 0 and {r.prompt for r in reg.records} == set(sets)
+    alone = run(regulation())
+    assert np.isfinite(both).all() and np.allclose(both[:2], alone[:2], atol=1e-4)
+    assert abs(both[2] - alone[2]).max() > 1e-4  # the scene is steered by both
+
+
 def test_bad_input_and_json_round_trip(sd3_pipe):
     with pytest.raises(ConfigError, match="subjects is empty"):
         IsolationAttention(subjects=[])

@@ -251,31 +251,49 @@ def _has_values(t: torch.Tensor) -> bool:
     return t.device.type != "meta"
 
 
-def _same_rows(sel: torch.Tensor | None, b: torch.Tensor, B: int) -> bool:
-    """Whether the selection ``sel`` is exactly the batch rows ``b``, in order — decided on the host (no sync)."""
+def _rows_among(sel: torch.Tensor | None, b: torch.Tensor, B: int) -> torch.Tensor | None:
+    """Where each batch row of the selection ``sel`` (``None``: all ``B``) sits among the rows ``b``, as an index
+    tensor, decided on the host (no sync); ``None`` when that cannot be told there or a row is not among ``b``."""
     have = tuple(range(B)) if sel is None else host_values(sel)
-    return have is not None and have == host_values(b)
+    among = host_values(b)
+    if have is None or among is None:
+        return None
+    at = {row: i for i, row in enumerate(among)}
+    if any(row not in at for row in have):
+        return None
+    return index_tensor([at[row] for row in have], b.device)
 
 
 def _dense_whole(c: DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tensor, B: int, S: int, H: int,
-                 n_keys: int) -> torch.Tensor | None:
-    """For the explicit path (every key in order): a ``DenseBias`` on every head of exactly the rows ``b`` (an
-    isolation band) is its own tensor, left to broadcast over the heads — no per-head gather of a chunk-sized
-    tensor. ``None`` when :func:`_block`'s general path is needed."""
-    if c.where.heads is not None or len(h) != H or not _same_rows(c.where.batch, b, B):
+                 n_keys: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For the explicit path (every key in order): a ``DenseBias`` on every head of some of the rows ``b`` (an
+    isolation band on the scene rows) is its own tensor, left to broadcast over the heads — no per-head gather of a
+    chunk-sized tensor — with the positions of its rows among ``b``. ``None`` when :func:`_block`'s general path is
+    needed."""
+    pos = _rows_among(c.where.batch, b, B)
+    if c.where.heads is not None or len(h) != H or pos is None:
         return None
     cr0, cr1 = _norm_rows(c.where.rows, S)
     lo, hi = max(r0, cr0), min(r1, cr1)
     if lo >= hi:
         return None
     src = c.fn(lo, hi).float()
-    if src.ndim != 4 or src.shape[-1] != n_keys or src.shape[2] not in (1, H):
+    if src.ndim != 4 or src.shape[-1] != n_keys or src.shape[2] not in (1, H) or src.shape[0] not in (1, len(pos)):
         return None
     if (lo, hi) == (r0, r1):
-        return src
+        return src, pos
     out = src.new_zeros((src.shape[0], r1 - r0, src.shape[2], n_keys))
     out[:, lo - r0 : hi - r0] = src
-    return out
+    return out, pos
+
+
+def _add_rows(s: torch.Tensor, blk: torch.Tensor, pos: torch.Tensor) -> None:
+    """``s[pos] += blk`` in place, ``s`` being the logits ``(batch rows, rows, heads, keys)`` of the explicit path
+    and ``pos`` the positions of ``blk``'s batch rows among them: a plain add when they are all of them, in order."""
+    if host_values(pos) == tuple(range(s.shape[0])):
+        s += blk
+    else:
+        s.index_add_(0, pos, blk.expand(len(pos), *s.shape[1:]))
 
 
 _DENSE_PART = 1 << 22
@@ -529,16 +547,16 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
     sels = [c.where for c in biases] + [e.where for e in extras]
     b = _union(sels, B, "batch", q.device)
     h = _union(sels, H, "heads", q.device)
-    # Extra keys: appended after the site's keys; a row outside an ExtraKV's selection gets -inf on them.
-    ext_k, ext_v, ext_rows = [], [], []
+    # Extra keys: appended after the site's keys; a query row outside an ExtraKV's rows, and a batch row or head
+    # outside its selection (another contribution's, brought into the explicit path with it), gets -inf on them.
+    ext_k, ext_v, ext_rows, ext_off = [], [], [], []
     for e in extras:
-        if not (_covers(e.where.batch, b, B) and _covers(e.where.heads, h, H)):
-            raise ValueError("ExtraKV must cover every batch row and head it is combined with; give each "
-                             "contribution with extra keys its own selection of rows and heads")
         bp, hp = _positions(e.where.batch, b, B), _positions(e.where.heads, h, H)
-        ext_k.append(_picked(e.key, bp, hp))
-        ext_v.append(_picked(e.value, bp, hp))
+        ext_k.append(_picked(e.key, bp.clamp(min=0), hp.clamp(min=0)))  # a row it is not on borrows row 0, unread
+        ext_v.append(_picked(e.value, bp.clamp(min=0), hp.clamp(min=0)))
         ext_rows.append(_norm_rows(e.where.rows, S))
+        covers = _covers(e.where.batch, b, B) and _covers(e.where.heads, h, H)
+        ext_off.append(None if covers else ~((bp >= 0)[:, None, None, None] & (hp >= 0)[None, None, :, None]))
     # q, keys and values in the (batch, heads, ...) layout of the matmuls, each written once, in float32: the logits
     # of a chunk are then one matmul, and every bias and mask goes on through their (batch, rows, heads, keys) view.
     nb, nh, D = len(b), len(h), q.shape[-1]
@@ -563,16 +581,20 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
         if attn_mask is not None:
             s[..., :N] += mask_logits(attn_mask, Selection(b, slice(r0, r1), h), S, B, H, slice(None))
         off = N
-        for (e0, e1), ek in zip(ext_rows, ext_k, strict=True):
+        for (e0, e1), ek, off_bh in zip(ext_rows, ext_k, ext_off, strict=True):
             m = ek.shape[1]
             outside = torch.ones(r1 - r0, dtype=torch.bool, device=q.device)
             outside[max(e0, r0) - r0 : max(min(e1, r1) - r0, 0)] = False
             s[:, outside, :, off : off + m] = float("-inf")
+            if off_bh is not None:
+                s[..., off : off + m].masked_fill_(off_bh, float("-inf"))
             off += m
         for c in biases:
-            blk = _dense_whole(c, b, r0, r1, h, B, S, H, n_keys) if isinstance(c, DenseBias) else None
-            if blk is None:
-                blk = _block(c, b, r0, r1, h, all_cols, B, S, H, n_keys)
+            whole = _dense_whole(c, b, r0, r1, h, B, S, H, n_keys) if isinstance(c, DenseBias) else None
+            if whole is not None:
+                _add_rows(s, *whole)
+                continue
+            blk = _block(c, b, r0, r1, h, all_cols, B, S, H, n_keys)
             if blk is not None:
                 s += blk
         top = sh.amax(dim=-1, keepdim=True).detach()  # any constant gives the same softmax; max keeps exp ≤ 1

@@ -102,7 +102,8 @@ class DenseBias:
 @dataclass
 class ExtraKV:
     """Extra keys and values (e.g. from reference rows of the same batch) that the selected rows also
-    attend to. ``key``/``value`` have shape ``(len(batch), M, len(heads) or H, head_dim)``."""
+    attend to. ``key``/``value`` have shape ``(len(batch), M, len(heads) or H, head_dim)``. No other batch row,
+    query row or head reads them, also where another contribution's bias puts those in the same explicit softmax."""
 
     key: torch.Tensor
     value: torch.Tensor
