@@ -24,6 +24,7 @@ puts back the processors the controller's replaced.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import sys
 import warnings
@@ -86,6 +87,8 @@ class Controller:
         self._installed: dict[str, AttnCtlProcessor] = {}  # the processors made last, by processor key
         self._mine: list[tuple[torch.nn.Module, AttnCtlProcessor, str]] = []  # bound sites' modules, processors
         self._hooks: list[Any] = []
+        self._wrappers: dict[str, Any] = {}  # attnctl's wrappers put on the pipeline object, by method name
+        self._replaced: dict[str, Any] = {}  # the user's own methods on the pipeline object they wrap, by name
         self._prompt: tuple[Any, Any, Any] | None = None  # the call's prompt, SD3's prompt_2 (CLIP-G), T5's prompt
         self._negative_embeds: torch.Tensor | None = None
         self._forwards = 0  # transformer forwards since the last encode_prompt
@@ -94,10 +97,24 @@ class Controller:
         self._ids_seen: tuple[Any, int | None, tuple[tuple[int, int], int]] | None = None  # FLUX ids read, see _grid_of
         self._new_run = True
         self._branches = perturbed_branches(self.controls)  # checked here, before anything is installed
+        self._check_branch_roles(roles)
         self._branch: PerturbedBranch | None = None  # the perturbed-branch wrapper while tracking, if one is needed
         self._latent_control = self._latent_guidance_control()
         self._latent: Any = None  # the latent-guidance wrapper while tracking, if one is needed
         self._stop_site = self._deepest_site(self._latent_control)
+
+    def _check_branch_roles(self, roles: Sequence[str] | None) -> None:
+        """Refuse ``roles=`` with a perturbed-branch control (SoftPAG) on a pipeline: with roles given the controller
+        leaves the rows to the caller, and a pipeline's call has no perturbed rows, so the guidance would silently do
+        nothing. (On a bare transformer the caller lays out the rows, or wraps the forward with PerturbedBranch.)"""
+        if self._branches is None or roles is None or self.pipe is None:
+            return
+        names = ", ".join(sorted({type(c).__name__ for c in self.controls if getattr(c, "perturbed_branch", False)}))
+        raise ConfigError(
+            f"{names} needs perturbed batch rows, and with roles={list(roles)!r} attnctl leaves the rows of "
+            f"{type(self.pipe).__name__}'s calls as they are: they have none, so the guidance would do nothing",
+            fix="leave roles= out on a pipeline (attnctl reads the rows from the call and adds the perturbed ones); "
+                "roles= is for a transformer you call yourself")
 
     def _latent_guidance_control(self) -> Control | None:
         found = [c for c in self.controls if getattr(c, "latent_guidance", False)]
@@ -262,18 +279,41 @@ class Controller:
             self._saved = None
         self.close()
 
+    @property
+    def attached(self) -> bool:
+        """Its processors are installed (made and not restored) or it follows the pipeline's runs."""
+        return self._saved is not None or self.following
+
     def __deepcopy__(self, memo: dict) -> Controller:
-        raise ConfigError(
-            "a pipeline or transformer cannot be copied while an attnctl controller is attached to it: the copy's "
-            "processors and hooks would follow this controller, not the copy's runs",
-            fix="copy it before attnctl.attach, or after the with-block (or ctl.restore())")
+        if self.attached:
+            raise ConfigError(
+                "a pipeline or transformer cannot be copied while an attnctl controller is attached to it: the copy's "
+                "processors and hooks would follow this controller, not the copy's runs",
+                fix="copy it before attnctl.attach, or after the with-block (or ctl.restore())")
+        # a finished controller (an attnctl pipeline's pipe.attnctl) is copied with the pipeline, its controls too
+        twin = object.__new__(type(self))
+        memo[id(self)] = twin
+        for name, value in self.__getstate__().items():
+            setattr(twin, name, copy.deepcopy(value, memo))
+        for control in twin.controls:  # (a weak reference is copied as it is: it would name this controller)
+            if control.controller is self:
+                control._controller = weakref.ref(twin)
+        return twin
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise ConfigError(
-            "a pipeline or transformer cannot be pickled (torch.save, multiprocessing) while an attnctl controller is "
-            "attached to it: its processors and hooks hold the controller's run state",
-            fix="save it before attnctl.attach or after the with-block (ctl.restore()); pipe.save_pretrained works "
-                "inside the block")
+        if self.attached:
+            raise ConfigError(
+                "a pipeline or transformer cannot be pickled (torch.save, multiprocessing) while an attnctl controller "
+                "is attached to it: its processors and hooks hold the controller's run state",
+                fix="save it before attnctl.attach or after the with-block (ctl.restore()); pipe.save_pretrained "
+                    "works inside the block")
+        return super().__reduce_ex__(protocol)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy or a pickle of a finished controller keeps: not the cache of the last image positions read
+        (a weak reference, which pickle refuses; the next run reads them again), nor the processors it made, which
+        were taken off (the next :meth:`processors` makes new ones)."""
+        return {**vars(self), "_ids_seen": None, "_installed": {}, "_mine": []}
 
     def close(self) -> None:
         """Remove the tracking hooks and wrappers. The processors stay (they then act at step 0 of an unknown run,
@@ -294,8 +334,7 @@ class Controller:
         # set_ip_adapter_scale keeps its wrapper while attnctl's processors hold the adapters (closed, not restored)
         holding = any(isinstance(p, AttnCtlIPProcessor) for p in self.transformer.attn_processors.values())
         for name in ("check_inputs", "encode_prompt") + (() if holding else ("set_ip_adapter_scale",)):
-            if self.pipe is not None and name in vars(self.pipe):
-                delattr(self.pipe, name)
+            self._unwrap(name)
 
     def __enter__(self) -> Controller:
         return self.install()
@@ -386,23 +425,51 @@ class Controller:
                             else LatentGuidance(self.transformer, self, self._latent_control, self.pipe))
             self._latent.__enter__()
 
+    def _method_to_wrap(self, name: str) -> Any:
+        """The pipeline's ``name`` as a call would find it: the user's own, set on the pipeline object (prompt
+        weighting in ``encode_prompt``, say), when there is one (remembered for :meth:`_unwrap`), else the class's."""
+        own = vars(self.pipe).get(name)
+        if own is not None and own is self._wrappers.get(name):  # ours, kept by close(): wrap what it wraps
+            own = self._replaced.get(name)
+        if own is None:
+            self._replaced.pop(name, None)
+            return getattr(type(self.pipe), name).__get__(self.pipe)
+        self._replaced[name] = own
+        return own
+
+    def _put_wrapper(self, name: str, wrapper: Any) -> None:
+        self._wrappers[name] = wrapper
+        setattr(self.pipe, name, wrapper)
+
+    def _unwrap(self, name: str) -> None:
+        """Take attnctl's wrapper of ``name`` off the pipeline object and put back the user's own method it wrapped;
+        a method the user set over the wrapper meanwhile stays."""
+        wrapper = self._wrappers.pop(name, None)
+        own = self._replaced.pop(name, None)
+        if self.pipe is None or wrapper is None or vars(self.pipe).get(name) is not wrapper:
+            return
+        if own is None:
+            delattr(self.pipe, name)
+        else:
+            setattr(self.pipe, name, own)
+
     def _wrap_check_inputs(self) -> None:
         """Every diffusers pipeline call checks its inputs first: a new call starts there, whatever the previous one
         did (a call that raised before its first forward, or an ``encode_prompt`` the caller made outside a call)."""
-        original = type(self.pipe).check_inputs.__get__(self.pipe)
+        original = self._method_to_wrap("check_inputs")
         ctl = self
 
         def check_inputs(*args: Any, **kwargs: Any):
             ctl._prompt, ctl._negative_embeds, ctl._forwards, ctl._new_run = None, None, 0, True
             return original(*args, **kwargs)
 
-        self.pipe.check_inputs = check_inputs
+        self._put_wrapper("check_inputs", check_inputs)
 
     def _wrap_set_ip_adapter_scale(self) -> None:
         """diffusers' ``set_ip_adapter_scale`` sets the scale on the IP-adapter processors among the transformer's;
         while attached, those are held by attnctl's processors, so it runs with the adapters put back for its
         length. The scale stays on the adapters: it acts inside the block and after it, as without attnctl."""
-        original = type(self.pipe).set_ip_adapter_scale.__get__(self.pipe)
+        original = self._method_to_wrap("set_ip_adapter_scale")
         transformer = self.transformer
 
         def set_ip_adapter_scale(*args: Any, **kwargs: Any):
@@ -416,10 +483,14 @@ class Controller:
             finally:
                 transformer.set_attn_processor(ours)
 
-        self.pipe.set_ip_adapter_scale = set_ip_adapter_scale
+        self._put_wrapper("set_ip_adapter_scale", set_ip_adapter_scale)
 
     def _wrap_encode_prompt(self) -> None:
-        original = type(self.pipe).encode_prompt.__get__(self.pipe)
+        """Record the call's prompt (the first ``encode_prompt`` of a call) and FLUX's negative embeddings (a second
+        one before any forward, true CFG). An ``encode_prompt`` after the call's forwards (a step-end callback that
+        switches the prompt) keeps the run, its prompt and its negative rows: word controls keep the token
+        positions of the call's prompt. Without ``check_inputs`` to mark a call's start, it starts a new call."""
+        original = self._method_to_wrap("encode_prompt")
         ctl = self
 
         def encode_prompt(*args: Any, **kwargs: Any):
@@ -431,16 +502,17 @@ class Controller:
             t5_name, t5_pos = ("prompt_3", 2) if ctl.family == "sd3" else ("prompt_2", 1)
             prompt_t5 = kwargs.get(t5_name, args[t5_pos] if len(args) > t5_pos else None)
             clip2 = kwargs.get("prompt_2", args[1] if len(args) > 1 else None) if ctl.family == "sd3" else None
-            if ctl._forwards > 0 or ctl._prompt is None:  # a new pipeline call
+            marks_calls = "check_inputs" in ctl._wrappers  # check_inputs started the call and cleared _prompt
+            if ctl._prompt is None or (ctl._forwards > 0 and not marks_calls):  # a new pipeline call
                 ctl._prompt = (prompt, clip2, prompt_t5)
                 ctl._negative_embeds = None
                 ctl._forwards = 0
                 ctl._new_run = True
-            else:  # a second call before any forward: FLUX encodes the negative prompt (true CFG)
+            elif ctl._forwards == 0:  # a second call before any forward: FLUX encodes the negative prompt (true CFG)
                 ctl._negative_embeds = result[0]
             return result
 
-        self.pipe.encode_prompt = encode_prompt
+        self._put_wrapper("encode_prompt", encode_prompt)
 
     def _infer_layout(self, kwargs: dict, hidden: torch.Tensor) -> TokenLayout | None:
         ehs = kwargs.get("encoder_hidden_states")
@@ -473,19 +545,21 @@ class Controller:
 
     def _prompt_texts(self) -> list[tuple[str, str, str]] | None:
         """Per prompt of the call, the texts its tokens read: ``(prompt, CLIP-G's, T5's)`` (SD3's ``prompt_2`` and
-        ``prompt_3``, FLUX's ``prompt_2`` for T5, each the prompt where not given); ``None`` without a prompt."""
+        ``prompt_3``, FLUX's ``prompt_2`` for T5); ``None`` without a prompt. diffusers' rule decides where the
+        prompt stands in: ``prompt_2 or prompt``, so an empty text or list is the prompt, while an empty text
+        inside a list is read as it is (an empty text)."""
         prompt, clip2, t5 = self._prompt or (None, None, None)
         if prompt is None:
             return None
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
 
         def each(texts: Any) -> list[Any]:
-            if texts is None or isinstance(texts, str):
+            texts = texts or prompt  # diffusers' own rule, on the argument as a whole
+            if isinstance(texts, str):
                 return [texts] * len(prompts)
-            return list(texts) if len(texts) == len(prompts) else [None] * len(prompts)  # diffusers refuses it
+            return list(texts) if len(texts) == len(prompts) else list(prompts)  # diffusers refuses it
 
-        return [(p, c if c is not None else p, t if t is not None else p)
-                for p, c, t in zip(prompts, each(clip2), each(t5), strict=True)]
+        return list(zip(prompts, each(clip2), each(t5), strict=True))
 
     def _grid_of(self, img_ids: torch.Tensor) -> tuple[tuple[int, int], int]:
         """The generated image's grid and the number of reference-image tokens, from FLUX's image positions. Read

@@ -323,8 +323,11 @@ def layout_for_pipeline(pipe: Any, prompt: str | None, text_len: int, grid: tupl
                         ) -> TokenLayout:
     """Build the layout of one run of a diffusers SD3 or FLUX pipeline from its tokenizers (``reference_tokens``: the
     image-stream tokens after the generated grid, FLUX Kontext's input image). ``prompt_t5``: the text T5 reads
-    (SD3's ``prompt_3``, FLUX's ``prompt_2``); ``prompt_clip2``: SD3's ``prompt_2``, which CLIP-G reads at the
-    positions CLIP-L reads ``prompt`` at (their features are concatenated), so a word of either is found there."""
+    (SD3's ``prompt_3``, FLUX's ``prompt_2``), ``None`` for the prompt; ``prompt_clip2``: SD3's ``prompt_2``, which
+    CLIP-G reads at the positions CLIP-L reads ``prompt`` at (their features are concatenated), so a word of either
+    is found there. Both are the texts the encoders read, one prompt's: an empty text is read as empty. (A
+    pipeline's own argument goes through diffusers' ``prompt_2 or prompt`` first, where an empty text means the
+    prompt; the controller does that, for each prompt of a list.)"""
     family = family_of(pipe.transformer)
     segments: list[TextSegment] = []
     t5_prompt = prompt_t5 if prompt_t5 is not None else prompt
@@ -332,7 +335,7 @@ def layout_for_pipeline(pipe: Any, prompt: str | None, text_len: int, grid: tupl
         clip_len = int(getattr(pipe, "tokenizer_max_length", 77))
         t5_len = text_len - clip_len
         second = None
-        if prompt is not None and prompt_clip2 is not None and prompt_clip2 != prompt:
+        if prompt is not None and prompt_clip2 and prompt_clip2 != prompt:  # (an empty text adds no words)
             second = (getattr(pipe, "tokenizer_2", None) or pipe.tokenizer, prompt_clip2)
         segments.append(_segment("clip", 0, clip_len, pipe.tokenizer, prompt, second) if prompt is not None
                         else TextSegment("clip", 0, clip_len, {}, prompt))

@@ -429,6 +429,13 @@ def test_selectors_are_anchored():
         select_sites(sites, "transformer_blocks.12")
     with pytest.raises(SiteError, match="out of range"):
         select_sites(sites, "L12")
+    assert len(select_sites(sites, "L3:12")) == 9  # to the end exactly
+    for sel, fix in [("L3:40", "write '3:' for every index from 3"), ("L20:40", "give indices from 0 to 11"),
+                     ("transformer_blocks.2:40", "write '2:'")]:  # a range past the end is not cut short
+        with pytest.raises(SiteError, match=f"reaches past the last index, 11. Fix: {fix}"):
+            select_sites(sites, sel)
+    with pytest.raises(SiteError, match="range '0:9' reaches past the last index, 3"):
+        attnctl.HeadSet.parse(sites, "L3H0:9")
 
 
 def test_head_sets_parse_resolve_and_refuse_other_models(tmp_path):
@@ -828,6 +835,13 @@ def test_controls_round_trip_json():
         attnctl.control_from_json({"kind": "nope"})
     with pytest.raises(ConfigError, match="probe"):
         attnctl.control_from_json({"kind": "probe", "bogus": 1})
+    with pytest.raises(ConfigError, match=r"wieght: no such setting \(did you mean 'weight'\?\)"):
+        attnctl.control_from_json({"kind": "probe", "wieght": 1})
+    with pytest.raises(ConfigError, match=r"unknown control kind 'prob'. Fix: did you mean 'probe'\?"):
+        attnctl.control_from_json({"kind": "prob"})
+    for kind in (["probe"], {"a": 1}, None):  # not a name: refused as one, never a TypeError
+        with pytest.raises(ConfigError, match=r"unknown control kind .*give one of the known kinds: epipolar"):
+            attnctl.control_from_json({"kind": kind})
 
 
 # the fewest settings each control kind takes, as a user writes them
@@ -1200,3 +1214,196 @@ def test_a_run_too_short_for_a_control_that_needs_a_step_first_is_warned(sd3_pip
     with pytest.warns(UserWarning, match="IsolationAttention does nothing in this run: it acts from the run's step 2 "
                                          "on .* the run has 1 step; run more steps"), attnctl.attach(sd3_pipe, [iso]):
         sd3_pipe("a red circle", **{**KW, "num_inference_steps": 1})
+
+
+# ------------------------------------------------------------------------------------------ session 6 fixes
+
+
+def _attnctl_pipe(stock):
+    """An attnctl pipeline over a stock test pipeline's components (the same modules)."""
+    from attnctl.pipelines import AttnCtlFluxPipeline, AttnCtlSD3Pipeline
+
+    cls = AttnCtlSD3Pipeline if type(stock).__name__.startswith("StableDiffusion3") else AttnCtlFluxPipeline
+    pipe = cls(**stock.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("fixture,name", [("flux_pipe", "prompt_2"), ("sd3_pipe", "prompt_3"),
+                                          ("sd3_pipe", "prompt_2")])
+def test_an_empty_second_prompt_is_the_prompt_as_in_diffusers(request, fixture, name):
+    """diffusers reads ``prompt_2 or prompt``: an empty prompt_2 (FLUX's T5) / prompt_3 (SD3's T5) is the prompt. The
+    layout read it as an empty T5 text: FLUX's word controls raised LayoutError and SD3's probe lost the T5 tokens."""
+    pipe = request.getfixturevalue(fixture)
+    prompt = "a red circle and a blue square"
+    maps = []
+    for extra in ({}, {name: ""}, {name: []}):
+        probe = attnctl.AttentionProbe(words=["circle"])
+        with attnctl.attach(pipe, [probe]):
+            pipe(prompt, generator=torch.Generator().manual_seed(0), **extra, **KW)
+        maps.append(probe.word_maps()["circle"])
+    assert torch.equal(maps[0], maps[1]) and torch.equal(maps[0], maps[2])
+
+
+def test_an_empty_second_prompt_inside_a_list_is_read_empty(flux_pipe):
+    """In a list of prompt_2, an empty text is not replaced (diffusers' ``or`` acts on the list as a whole): that
+    prompt's T5 tokens hold no words, so its rows' layout finds none, and a word control says so."""
+    ctl = attnctl.Controller(flux_pipe, [])
+    ctl._prompt = (["a red circle", "a red circle"], None, ["", "a blue square"])
+    assert ctl._prompt_texts() == [("a red circle", "a red circle", ""), ("a red circle", "a red circle",
+                                                                         "a blue square")]
+    ctl._prompt = (["a red circle", "a blue square"], None, "")
+    assert [t for _, _, t in ctl._prompt_texts()] == ["a red circle", "a blue square"]
+    with attnctl.attach(flux_pipe, [attnctl.AttentionProbe(words=["circle"])]), \
+            pytest.raises(LayoutError, match="'circle' is not in the prompt"):
+        flux_pipe(["a red circle", "a red circle"], prompt_2=["", ""], **KW)
+
+
+@pytest.mark.parametrize("fixture", ["sd3_pipe", "flux_pipe"])
+def test_encode_prompt_in_a_step_end_callback_keeps_the_run(request, fixture):
+    """A step-end callback that encodes the prompt (prompt switching; here the same prompt, so the model's inputs do
+    not change) restarted the run: the controls began again, the probe lost the steps before, and FLUX's negative
+    call then counted as conditional (SoftPAG ran a perturbed row in it)."""
+    pipe = request.getfixturevalue(fixture)
+    prompt = "a red circle and a blue square"
+    if fixture == "sd3_pipe":
+        cfg = {"guidance_scale": 3.0}
+
+        def callback(p, i, t, kw):
+            if i != 1:
+                return {}
+            pe, npe, _, _ = p.encode_prompt(prompt, None, None, max_sequence_length=24)
+            return {"prompt_embeds": torch.cat([npe, pe])}
+    else:
+        cfg = {"true_cfg_scale": 2.0, "negative_prompt": "a green triangle"}
+
+        def callback(p, i, t, kw):
+            return {"prompt_embeds": p.encode_prompt(prompt, None, max_sequence_length=24)[0]} if i == 1 else {}
+
+    steps = {**KW, "num_inference_steps": 4}
+    results = []
+    for extra in ({}, {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}):
+        probe, pag = attnctl.AttentionProbe(tokens=[1, 2]), attnctl.SoftPAG(heads=["L0H0"], scale=2.0)
+        rows: list[int] = []
+        hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+            lambda m, a, k, rows=rows: rows.append(k["hidden_states"].shape[0]), with_kwargs=True)
+        try:
+            with attnctl.attach(pipe, [probe, pag]):
+                images = pipe(prompt, generator=torch.Generator().manual_seed(0), **cfg, **steps, **extra).images
+        finally:
+            hook.remove()
+        results.append((images, sorted(probe._steps), rows, probe.word_maps()["1"]))
+    (plain, plain_steps, plain_rows, plain_map), (switched, steps_seen, rows_seen, switched_map) = results
+    assert steps_seen == plain_steps == [0, 1, 2, 3]
+    assert rows_seen == plain_rows  # FLUX: [cond + perturbed, uncond] at every step
+    assert (switched == plain).all() and torch.equal(switched_map, plain_map)
+
+
+def test_a_pipeline_without_check_inputs_starts_a_call_at_each_encode_prompt(sd3_pipe):
+    """Without check_inputs to mark a call's start, an encode_prompt after forwards still starts a new call: the
+    second call's run begins at its own step 0 with its own prompt."""
+    from diffusers import StableDiffusion3Pipeline
+
+    class NoCheck(StableDiffusion3Pipeline):
+        hidden = True  # check_inputs out of the controller's sight while it attaches; the call still runs it
+
+        def __getattribute__(self, name):
+            if name == "check_inputs" and type(self).hidden:
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    pipe = NoCheck(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    assert not hasattr(pipe, "check_inputs")
+    rec = Recorder()
+    with attnctl.attach(pipe, [rec]) as ctl:
+        assert "check_inputs" not in ctl._wrappers and "encode_prompt" in ctl._wrappers
+        NoCheck.hidden = False
+        pipe("a red circle", **KW)
+        rec.calls.clear()
+        pipe("a blue square", **KW)
+        assert ctl.state.layout.prompt == "a blue square" and ctl.state.layout.word_tokens("square")
+    assert sorted({c[1] for c in rec.calls}) == [0, 1, 2]
+
+
+def test_a_pipeline_copies_after_a_controlled_call(sd3_pipe, flux_pipe):
+    """An attnctl pipeline keeps its finished controller as pipe.attnctl; copying the pipeline was refused as if the
+    controller were attached. Now it copies (the copy's pipe.attnctl and controls are its own), and a finished
+    controller pickles; attached, both are still refused."""
+    import copy
+    import pickle
+
+    pipe = _attnctl_pipe(sd3_pipe)
+    pipe("a red circle", controls=[attnctl.AttentionProbe(words=["circle"])], **KW)
+    twin = copy.deepcopy(pipe)
+    assert twin.attnctl is not pipe.attnctl and twin.attnctl.pipe is twin and twin.attnctl.transformer is \
+        twin.transformer
+    probe, twin_probe = pipe.attnctl.controls[0], twin.attnctl.controls[0]
+    assert twin_probe.controller is twin.attnctl and torch.equal(twin_probe.word_maps()["circle"],
+                                                                 probe.word_maps()["circle"])
+    with attnctl.attach(flux_pipe, []) as ctl:  # a FLUX run keeps a weak reference to its image positions
+        flux_pipe("a red circle", **KW)
+        with pytest.raises(ConfigError, match="cannot be pickled"):
+            pickle.dumps(ctl)
+    assert pickle.loads(pickle.dumps(ctl)).family == "flux"
+
+
+@pytest.mark.parametrize("how", ["attach", "controls="])
+def test_a_users_own_pipeline_methods_are_used_and_kept(sd3_pipe, how):
+    """A method set on the pipeline object (prompt weighting in encode_prompt, a check of one's own) was bypassed
+    under attnctl, which wrapped the class's, and deleted when it closed."""
+    import types
+
+    pipe = _attnctl_pipe(sd3_pipe) if how == "controls=" else sd3_pipe
+    calls = []
+
+    def encode_prompt(self, *args, **kwargs):
+        calls.append("encode_prompt")
+        out = type(self).encode_prompt(self, *args, **kwargs)
+        return (out[0] * 0.5, *out[1:])
+
+    def check_inputs(self, *args, **kwargs):
+        calls.append("check_inputs")
+        return type(self).check_inputs(self, *args, **kwargs)
+
+    mine = {"encode_prompt": types.MethodType(encode_prompt, pipe),
+            "check_inputs": types.MethodType(check_inputs, pipe)}
+    vars(pipe).update(mine)
+    try:
+        plain = pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+        calls.clear()
+        probe = attnctl.AttentionProbe(tokens=[0])
+        if how == "attach":
+            with attnctl.attach(pipe, [probe]):
+                images = pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+        else:
+            images = pipe("a red circle", generator=torch.Generator().manual_seed(0), controls=[probe], **KW).images
+        assert calls == ["check_inputs", "encode_prompt"] and (images == plain).all()
+        assert all(vars(pipe)[name] is method for name, method in mine.items())  # put back, not deleted
+    finally:
+        for name in mine:
+            vars(pipe).pop(name, None)
+
+
+def test_a_method_set_over_the_wrapper_inside_the_block_stays(sd3_pipe):
+    """close() removes only attnctl's own wrappers: a method the user sets inside the block is kept."""
+    import types
+
+    with attnctl.attach(sd3_pipe, [attnctl.AttentionProbe(tokens=[0])]):
+        mine = types.MethodType(lambda self, *a, **k: None, sd3_pipe)
+        sd3_pipe.check_inputs = mine
+    try:
+        assert vars(sd3_pipe).get("check_inputs") is mine and "encode_prompt" not in vars(sd3_pipe)
+    finally:
+        vars(sd3_pipe).pop("check_inputs", None)
+
+
+def test_a_perturbed_branch_control_with_roles_on_a_pipeline_is_refused(sd3_pipe):
+    """With roles= the controller leaves the rows to the caller, and a pipeline's call has no perturbed rows: SoftPAG
+    with roles= on a pipeline silently did nothing. (A bare transformer keeps roles=: its caller lays out the rows.)"""
+    with pytest.raises(ConfigError, match=r"SoftPAG needs perturbed batch rows.*Fix: leave roles= out on a pipeline"):
+        attnctl.attach(sd3_pipe, [attnctl.SoftPAG(heads=["L0H0"], scale=3.0)], roles=["uncond", "cond"])
+    assert not sd3_pipe.transformer._forward_pre_hooks and "encode_prompt" not in vars(sd3_pipe)
+    ctl = attnctl.Controller(sd3_pipe.transformer, [attnctl.SoftPAG(heads=["L0H0"], scale=3.0)],
+                             roles=["cond", "perturbed"])
+    assert ctl.state.roles == ["cond", "perturbed"]

@@ -40,7 +40,9 @@ class ControlledPipelineMixin:
             atomic_write_text(Path(save_directory) / METADATA_NAME, json.dumps(meta, indent=2) + "\n")
 
     def _default_max_sequence_length(self, kwargs: dict) -> None:
-        # Small models (the toy world) are trained on short T5 sequences; diffusers' defaults are 256/512.
+        """Default ``max_sequence_length`` to the T5 tokenizer's length when it is under 256: small models (the toy
+        world) are trained on short T5 sequences, and diffusers' defaults (256 for SD3, 512 for FLUX) would pad far
+        past them. A real model's tokenizer (512) leaves diffusers' default; a given value is kept."""
         tok = getattr(self, self._t5_tokenizer_attr, None)
         limit = getattr(tok, "model_max_length", None)
         if "max_sequence_length" not in kwargs and isinstance(limit, int) and limit < 256:
