@@ -40,10 +40,19 @@ from .controls.unify_edit import UnifyEdit, differing_words
 from .controls.value_sharing import ValueSharing
 from .errors import ConfigError, LayoutError
 from .forward_wrap import ForwardWrapper, image_rows, later_call, map_rows, sample_of, with_sample
-from .inversion import check_path, check_steps_and_guidance, has_guidance_embedding, image_array, invert, text_length
+from .inversion import (
+    _how_made,
+    acting_controller,
+    check_path,
+    check_steps_and_guidance,
+    has_guidance_embedding,
+    image_array,
+    invert,
+    text_length,
+)
 from .latent_guidance import StopForward, check_scheduler, frozen_weights
 from .layout import absent_words, layout_for_pipeline
-from .midpoint import step_anchor
+from .midpoint import is_midpoint, step_anchor
 from .rf_inversion import RFInversion, toward_image
 from .sites import family_of
 
@@ -137,14 +146,30 @@ class EditBranches(ForwardWrapper):
         path = self.control.source_path
         if path is None:
             raise ConfigError("UnifyEdit has no source path to replay",
-                              fix="use attnctl.edit(...), or control.set_source(attnctl.invert(pipe, image, "
-                                  "source_prompt, steps)) before the call")
+                              fix="use attnctl.edit(...), or invert the image before attaching the control: "
+                                  "control.set_source(attnctl.invert(pipe, image, source_prompt, steps)), then "
+                                  "attnctl.attach(pipe, [control])")
         if len(path) != num_steps + 1:
-            raise ConfigError(f"the source path holds {len(path)} latents and this run's loop makes {num_steps} calls "
-                              f"(a path holds one latent per call and the image's)",
-                              fix="call the pipeline with the num_inference_steps and the scheduler the image was "
-                                  "inverted with (the midpoint scheduler makes two calls a step)")
+            raise ConfigError(f"the source path holds {len(path)} latents and this run's loop makes {num_steps} "
+                              f"calls, which replay {num_steps + 1} (one latent per call and the image's)",
+                              fix=self._length_fix(path, num_steps))
         return path
+
+    def _length_fix(self, path: list[torch.Tensor], calls: int) -> str:
+        """The way out of a path whose length does not fit a run of ``calls`` calls: the num_inference_steps that
+        replay it on this scheduler (``calls_per_step`` calls a step), or the steps to invert the image with."""
+        per_step = self.controller.state.calls_per_step
+        steps, odd = divmod(len(path) - 1, per_step)
+        solver = "midpoint" if is_midpoint(self.pipe.scheduler) else "euler"
+        invert_with = f"invert the image with num_inference_steps={calls // per_step} and this pipeline's scheduler"
+        made = _how_made(path)  # known for a path attnctl.invert returned in this process
+        if made is not None and made[0] != solver:
+            return f"{invert_with} (the path is a {made[1]}-step {made[0]} inversion, and this run takes {solver} " \
+                   "steps)"
+        if steps < 1 or odd:
+            return f"{invert_with} (a path of {len(path)} latents is no whole number of its steps of {per_step} calls)"
+        return f"call the pipeline with num_inference_steps={steps}, the steps the path was inverted with, or " \
+               + invert_with
 
     def _run_target(self, bound: dict, batch: int, rows: list[int], z_new: torch.Tensor,
                     source: tuple[list[int], torch.Tensor, float, int] | None = None) -> tuple[Any, torch.Tensor]:
@@ -292,6 +317,19 @@ def check_words(control: UnifyEdit, source_prompt: str, target_prompt: str) -> N
                                   f"{field}")
 
 
+def check_not_attached(pipe: Any) -> None:
+    """Refuse an edit of a pipeline another attnctl controller is on: the edit attaches its own control, and the
+    other's controls would act on the inversion too. Checked before the inversion, which takes as long as the edit."""
+    ctl = acting_controller(pipe)
+    if ctl is None or not (ctl.controls or ctl.following):
+        return
+    names = ", ".join(type(c).__name__ for c in ctl.controls) or "no controls"
+    raise ConfigError(f"edit() attaches its own UnifyEdit control, and another attnctl controller ({names}) is "
+                      "already attached to this pipeline; its controls would act on the inversion and the edit too",
+                      fix="call attnctl.edit outside the attnctl.attach with-block (or after ctl.restore()); an "
+                          "edit takes RF-Inversion and value sharing as rf=... and share=...")
+
+
 def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_inference_steps: int = 28, *,
          control: UnifyEdit | None = None, guidance_scale: float | None = None, path: list[torch.Tensor] | None = None,
          rf: RFInversion | None = None, share: ValueSharing | None = None, **pipe_kwargs: Any) -> EditResult:
@@ -332,6 +370,7 @@ def edit(pipe: Any, image: Any, source_prompt: str, target_prompt: str, num_infe
     control = UnifyEdit() if control is None else control
     if not isinstance(control, UnifyEdit):
         raise ConfigError(f"edit() takes a UnifyEdit control, got {type(control).__name__}")
+    check_not_attached(pipe)  # before the inversion, as the words below
     check_words(control, source_prompt, target_prompt)  # before the inversion, which takes as long as the edit
     arr = image_array(image)
     height, width = arr.shape[:2]

@@ -30,8 +30,9 @@ import torch
 from .errors import ConfigError
 from .latent_guidance import check_scheduler
 from .midpoint import is_midpoint
+from .processors.base import AttnCtlProcessor
 from .rf_inversion import RFInversion, noise_sample, toward_noise
-from .sites import family_of
+from .sites import family_of, uncompiled
 from .sizes import check_image_size
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
@@ -197,11 +198,40 @@ def _call_default(pipe: Any, name: str, fallback: int) -> int:
     return fallback
 
 
+def acting_controller(pipe: Any) -> Any:
+    """The attnctl controller on the pipeline's transformer, or ``None``: the one that follows its runs
+    (``attnctl.attach``, ``set_attn_processor(ctl.processors())``), else one whose processors are still installed
+    after ``ctl.close()`` (they still act, at step 0 of an unknown run)."""
+    transformer = uncompiled(pipe.transformer)
+    ref = vars(transformer).get("_attnctl_controller")
+    following = ref() if ref is not None else None
+    if following is not None:
+        return following
+    return next((proc.controller for proc in transformer.attn_processors.values()
+                 if isinstance(proc, AttnCtlProcessor) and proc.controller is not None), None)
+
+
+def check_no_controls(pipe: Any) -> None:
+    """Refuse to invert through attached controls: the inversion calls the transformer itself, so a control's hooks
+    and processors would act on those calls at whatever step the scheduler was left at (a different inverted noise,
+    or an error from inside the model)."""
+    ctl = acting_controller(pipe)
+    if ctl is None or not ctl.controls:
+        return
+    names = ", ".join(type(c).__name__ for c in ctl.controls)
+    raise ConfigError(f"the inversion runs the model without controls, and an attnctl controller with {names} is "
+                      "attached to this pipeline: its controls would act on the inversion's model calls",
+                      fix="invert before attaching (path = attnctl.invert(pipe, ...), then with attnctl.attach(pipe, "
+                          "[...]): ...) or after the with-block (or ctl.restore())")
+
+
 def flow_velocity(pipe: Any, prompt: str, height: int, width: int, *, guidance: float | None = None,
                   max_sequence_length: int | None = None) -> Velocity:
     """``v(z, σ)`` of the pipeline's transformer for one ``prompt``, called as the pipeline calls it (SD3: timestep
     ``1000·σ``; FLUX: ``σ``, the image positions, and ``guidance`` for a model with a guidance embedding). No
-    classifier-free guidance: inversion follows the conditional flow."""
+    classifier-free guidance: inversion follows the conditional flow. Refused while attnctl controls are attached
+    (:func:`check_no_controls`)."""
+    check_no_controls(pipe)
     family = family_of(pipe.transformer)
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
     length = text_length(pipe, max_sequence_length)
@@ -257,8 +287,12 @@ def invert(pipe: Any, image: Any, prompt: str, num_inference_steps: int = 28, *,
     ``gamma`` > 0 is RF-Inversion's controlled inversion (:mod:`attnctl.rf_inversion`): every velocity is pulled by
     ``gamma`` toward the straight line to a Gaussian sample drawn with ``seed``, so ``path[0]`` lies nearer a typical
     noise and the path is no longer one the pipeline retraces by itself (an edit's source branch replays it as
-    given)."""
+    given).
+
+    The inversion is the model's own flow: it is refused while attnctl controls are attached to the pipeline
+    (invert before ``attnctl.attach``, or after its with-block)."""
     check_steps_and_guidance(num_inference_steps, guidance, "guidance")
+    check_no_controls(pipe)  # before the image is encoded
     if not isinstance(prompt, str):
         raise ConfigError(f"inversion takes one prompt (a string), got {type(prompt).__name__}",
                           fix="invert one image at a time with its own prompt")

@@ -63,7 +63,8 @@ class StopForward(Exception):  # noqa: N818 - control flow, not an error
 
 def check_scheduler(pipe: Any, who: str) -> None:
     """Refuse a pipeline whose scheduler step is neither the flow-matching Euler step nor attnctl's midpoint step
-    (:class:`~attnctl.midpoint.FlowMatchMidpointScheduler`; see the module doc)."""
+    (:class:`~attnctl.midpoint.FlowMatchMidpointScheduler`; see the module doc), or that samples stochastically or
+    runs its grid from the image up to the noise (``invert_sigmas``)."""
     sched = getattr(pipe, "scheduler", None)
     name = type(sched).__name__
     if name not in FLOW_STEP_SCHEDULERS:
@@ -76,6 +77,11 @@ def check_scheduler(pipe: Any, who: str) -> None:
     if getattr(sched.config, "stochastic_sampling", False):
         raise ConfigError(f"{who}: the scheduler samples stochastically, so its step is not the Euler step",
                           fix="set stochastic_sampling=False in the scheduler's config")
+    if getattr(sched.config, "invert_sigmas", False):
+        raise ConfigError(f"{who} follows the pipeline's noise grid from the noise (σ = 1) down to the image (σ = 0), "
+                          "and this scheduler has invert_sigmas=True, which runs the grid the other way",
+                          fix="set invert_sigmas=False: pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config("
+                              "pipe.scheduler.config, invert_sigmas=False)")
 
 
 @contextlib.contextmanager

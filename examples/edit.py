@@ -62,11 +62,21 @@ def main() -> None:
         except json.JSONDecodeError as e:
             ap.error(f"--share-settings is not valid JSON ({e.msg}): give an object, e.g. '{{\"tokens\": \"image\"}}'")
         share = attnctl.ValueSharing.from_json(share_json)
+    rf = None
+    if args.rf or args.rf_settings is not None:  # the same for RF-Inversion's settings
+        try:
+            rf_json = {} if args.rf_settings is None else json.loads(args.rf_settings)
+        except json.JSONDecodeError as e:
+            ap.error(f"--rf-settings is not valid JSON ({e.msg}): give an object, e.g. '{{\"gamma\": 0.5}}'")
+        rf = attnctl.RFInversion.from_json(rf_json)
+    if args.image is not None and not Path(args.image).is_file():
+        ap.error(f"--image {args.image!r} is not a file: pass the path of the image to edit")
+    given = None if args.image is None else read_image(args.image)  # a file that is no image fails at once too
 
     pipe = load_pipeline(args.model, device=args.device)
     steps = args.steps or default_call_kwargs(pipe).get("num_inference_steps", 28)
     guidance = args.guidance if args.guidance is not None else default_call_kwargs(pipe).get("guidance_scale")
-    toy = args.image is None
+    toy = given is None
     if toy and not is_toy_pipeline(pipe):  # the rendered scene and the shapes-world scores are the toys'
         ap.error("a real model edits a real image: pass --image (a file), with --source describing it")
     if toy:
@@ -76,7 +86,7 @@ def main() -> None:
         item["boxes"] = [[0.05, 0.3, 0.45, 0.7], [0.55, 0.3, 0.95, 0.7]][:len(item["objects"])]
         image = render(scene_from_item(item), default_call_kwargs(pipe).get("height", 32))
     else:
-        image = read_image(args.image)
+        image = given
 
     settings = {} if args.scale is None else {"scale": args.scale}
     plain = attnctl.edit(pipe, image, args.source, args.target, steps, control=attnctl.UnifyEdit(scale=0.0),
@@ -86,8 +96,7 @@ def main() -> None:
                           path=plain.path)  # the same inversion
     print(control.summary())
     shown = [("inverted noise, target prompt", np.asarray(plain.edited)), ("UnifyEdit", np.asarray(result.edited))]
-    if args.rf or args.rf_settings:  # its own inversion: RF-Inversion pulls it toward a noise sample
-        rf = attnctl.RFInversion(**json.loads(args.rf_settings or "{}"))
+    if rf is not None:  # its own inversion: RF-Inversion pulls it toward a noise sample
         rf_result = attnctl.edit(pipe, image, args.source, args.target, steps, control=attnctl.UnifyEdit(scale=0.0),
                                  guidance_scale=guidance, rf=rf)
         shown.append(("RF-Inversion", np.asarray(rf_result.edited)))

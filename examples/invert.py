@@ -22,6 +22,7 @@ from PIL import Image
 
 import attnctl
 from attnctl.errors import exit_on_error
+from attnctl.imageio import read_image
 from attnctl.inversion import has_guidance_embedding
 from attnctl.midpoint import FlowMatchMidpointScheduler
 from attnctl.toyworld.models import default_call_kwargs, load_pipeline
@@ -38,6 +39,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out", help="output folder")
     args = ap.parse_args()
+    if args.image is not None and not Path(args.image).is_file():  # before the model loads
+        ap.error(f"--image {args.image!r} is not a file: pass the path of the image to invert")
+    # attnctl's reader, as `attnctl edit` and examples/edit.py use: EXIF orientation applied, 16-bit scaled to 8 bits,
+    # a file that is no image named as such
+    given = None if args.image is None else read_image(args.image)
 
     pipe = load_pipeline(args.model, device=args.device)
     if args.solver == "midpoint":  # the inversion follows the pipeline's scheduler
@@ -48,14 +54,14 @@ def main() -> None:
     if args.steps is not None:
         call["num_inference_steps"] = args.steps
     steps = call.setdefault("num_inference_steps", 28)
-    if args.image is None:
+    if given is None:
         from attnctl.toyworld.world import parse_caption, render, scene_from_item
 
         item = {"prompt": args.prompt, **parse_caption(args.prompt)}
         item["boxes"] = [[0.05, 0.3, 0.45, 0.7], [0.55, 0.3, 0.95, 0.7]][:len(item["objects"])]
         image = render(scene_from_item(item), call.get("height", 32))
     else:
-        image = np.asarray(Image.open(args.image).convert("RGB"))
+        image = given
     call["height"], call["width"] = image.shape[:2]
 
     guidance = call.get("guidance_scale") if has_guidance_embedding(pipe) else None  # the flow it samples: invert it

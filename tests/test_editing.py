@@ -413,3 +413,43 @@ def test_the_edit_gradient_pass_runs_with_the_weights_frozen_and_gives_their_fla
     finally:
         for p, flag in zip(params, before, strict=True):
             p.requires_grad_(flag)
+
+
+def test_edit_refuses_another_attached_controller_before_inverting(toy_sd3, scene, monkeypatch):
+    """Under another attached controller the edit's own attach refused only after the whole inversion had run
+    through that controller's controls."""
+    from attnctl import AttentionProbe
+
+    def no_inversion(*args, **kwargs):
+        raise AssertionError("the inversion ran before the other controller was refused")
+
+    monkeypatch.setattr("attnctl.editing.invert", no_inversion)
+    for controls, named in (([AttentionProbe()], "AttentionProbe"), ([], "no controls")):
+        with attach(toy_sd3, controls), pytest.raises(
+                ConfigError, match=rf"another attnctl controller \({named}\) is already attached.*Fix: call "
+                                   "attnctl.edit outside the attnctl.attach with-block"):
+            edit(toy_sd3, scene, SOURCE, TARGET, 4)
+
+
+def test_a_source_path_of_other_steps_names_the_steps_to_call_with(toy_sd3, scene):
+    """The length message read "holds 5 latents and this run's loop makes 5 calls": two equal numbers, and no word
+    of which steps to call with."""
+    from attnctl.midpoint import FlowMatchMidpointScheduler
+
+    call = {"height": 32, "width": 32, "guidance_scale": 1.0, "max_sequence_length": 24}
+    path = invert(toy_sd3, scene, SOURCE, 4)
+    c = UnifyEdit().set_source(path)
+    with attach(toy_sd3, [c]), pytest.raises(
+            ConfigError, match=r"holds 5 latents and this run.s loop makes 5 calls, which replay 6 .*Fix: call "
+                               r"the pipeline with num_inference_steps=4, .* or invert the image with "
+                               r"num_inference_steps=5"):
+        toy_sd3([SOURCE, TARGET], latents=torch.cat([path[0]] * 2), num_inference_steps=5, **call)
+    mid = _with_scheduler(toy_sd3, FlowMatchMidpointScheduler)  # two calls a step: 8 calls replay 9 latents
+    with attach(mid, [c]), pytest.raises(
+            ConfigError, match=r"makes 8 calls, which replay 9 .*Fix: invert the image with num_inference_steps=4 and "
+                               r"this pipeline's scheduler \(the path is a 4-step euler inversion"):
+        mid([SOURCE, TARGET], latents=torch.cat([path[0]] * 2), num_inference_steps=4, **call)
+    loaded = [z.clone() for z in path[:4]]  # a path not made here (loaded from a file): 3 calls, no whole step
+    with attach(mid, [c.set_source(loaded)]), pytest.raises(
+            ConfigError, match=r"holds 4 latents.*Fix: invert the image with num_inference_steps=2 .*no whole number"):
+        mid([SOURCE, TARGET], latents=torch.cat([path[0]] * 2), num_inference_steps=2, **call)

@@ -164,3 +164,64 @@ def test_image_files_are_read_upright_in_eight_bits_and_bombs_are_refused(tmp_pa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # the 64-pixel ramp is now more than twice the limit
     with pytest.raises(AttnCtlError, match="decompression bomb.*downscale"):
         read_image(tmp_path / "grey16.png")
+
+
+def test_inversion_refuses_attached_controls_before_any_model_call(toy_sd3, scene):
+    """The inversion calls the transformer itself, so it ran through any attached control: SoftPAG or regulation
+    changed the inverted noise without a word, and after a pipeline call the control failed inside the model (step n
+    of an n-step run). It is refused before the first model call, also for processors left installed by
+    ``ctl.close()``; a controller with no controls, and the pipeline after the with-block, give the plain inversion."""
+    from attnctl import AttentionRegulation, Controller, SoftPAG, attach
+    from attnctl.inversion import flow_velocity
+    from attnctl.toyworld.models import default_call_kwargs
+
+    prompt = "a red circle and a blue square"
+    plain = invert(toy_sd3, scene, prompt, 4)
+    call = {**default_call_kwargs(toy_sd3), "num_inference_steps": 2, "output_type": "latent"}
+    calls = []
+    hook = toy_sd3.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        for control in (SoftPAG(heads="L1H0"), AttentionRegulation(targets=["circle"])):
+            name = type(control).__name__
+            with attach(toy_sd3, [control]):
+                for _ in range(2):  # on a fresh run, then with the scheduler left at the end of a pipeline call
+                    calls.clear()
+                    with pytest.raises(ConfigError, match=rf"controller with {name} is attached.*Fix: invert before "
+                                                          "attaching"):
+                        invert(toy_sd3, scene, prompt, 4)
+                    with pytest.raises(ConfigError, match="invert before attaching"):
+                        flow_velocity(toy_sd3, prompt, 32, 32)
+                    assert not calls
+                    toy_sd3(prompt, **call)
+        ctl = Controller(toy_sd3, [AttentionRegulation(targets=["circle"])])
+        toy_sd3.transformer.set_attn_processor(ctl.processors())
+        ctl.close()  # the hooks go; the processors stay, and still act
+        try:
+            with pytest.raises(ConfigError, match="AttentionRegulation is attached"):
+                invert(toy_sd3, scene, prompt, 4)
+        finally:
+            ctl.restore()
+    finally:
+        hook.remove()
+    with attach(toy_sd3, []):
+        torch.testing.assert_close(invert(toy_sd3, scene, prompt, 4)[0], plain[0])
+    assert torch.equal(invert(toy_sd3, scene, prompt, 4)[0], plain[0])
+
+
+def test_inversion_refuses_invert_sigmas_naming_the_setting(toy_sd3, scene):
+    """A scheduler with invert_sigmas=True runs its grid from the image up: the error said "pass the scheduler's
+    sigmas after set_timesteps", which no caller of invert() can do."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    source, target = "a red circle and a blue square", "a green circle and a blue square"
+    path = invert(toy_sd3, scene, source, 4)
+    own = toy_sd3.scheduler
+    toy_sd3.scheduler = FlowMatchEulerDiscreteScheduler.from_config(own.config, invert_sigmas=True)
+    try:
+        with pytest.raises(ConfigError, match=r"invert_sigmas=True.*Fix: set invert_sigmas=False"):
+            invert(toy_sd3, scene, source, 4)
+        for given in (None, path):  # the edit's own inversion, or its control's check of the scheduler
+            with pytest.raises(ConfigError, match=r"invert_sigmas=True.*Fix: set invert_sigmas=False"):
+                edit(toy_sd3, scene, source, target, 4, path=given)
+    finally:
+        toy_sd3.scheduler = own
