@@ -28,8 +28,8 @@ Outputs in the output folder: ``<id>_s<seed>.png`` per image (an edit: ``<id>.pn
 short hash of the original so two ids never share a file), written
 atomically with the full settings in the PNG text chunks (``attnctl generate --from FILE.png`` regenerates
 it), and ``manifest.jsonl``: one JSON line per finished image (``done`` or ``failed`` with its error),
-appended with flush + fsync. A re-run skips images whose file exists and whose latest record is ``done``
-with the same settings hash; everything else is (re)made.
+appended with flush + fsync. A re-run skips images whose latest (last written) record is ``done`` with the same
+settings hash and whose files all carry that hash in their metadata; everything else is (re)made.
 
 Scale-out: ``attnctl batch FILE --processes N`` starts N workers (torchrun-style environment, accelerate's
 ``PartialState`` over gloo on CPU / nccl on GPU); ``accelerate launch -m attnctl batch FILE`` and
@@ -732,6 +732,7 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
         check_probes(controls)
     except AttnCtlError as e:
         raise _FieldProblem("controls", e) from None
+    _check_probe_tokens(controls)
     merged["controls"] = [c.to_json() for c in controls]
     for i, control in enumerate(controls):  # a named word the prompt lacks would fail every image of the item
         absent = absent_words(control.prompt_words(), merged["prompt"])
@@ -749,6 +750,7 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
         reposition_prompts(merged["prompt"], references, controls)
     except AttnCtlError as e:
         raise _FieldProblem("reference_prompts" if references else "controls", e) from None
+    _check_reference_words(controls, references or [])
     try:
         images = images_per_prompt(controls, merged.get("images"), references, option="images")
     except AttnCtlError as e:
@@ -771,6 +773,37 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
         jobs.append(Job(index=index, id=item_id, seed=seed, file=name, settings={**merged, "seed": seed}, hash="",
                         extra_files=(*extra, *maps), map_files=maps))
     return jobs
+
+
+def _check_probe_tokens(controls: Sequence[Any]) -> None:
+    """Refuse a probe that names a token position twice, as one naming a word twice is: both maps would go to one
+    file (``<stem>.attention-<token>.png``)."""
+    for i, control in enumerate(controls):
+        tokens = getattr(control.config, "tokens", None) if control.kind == "probe" else None
+        dup = sorted({t for t in tokens or [] if tokens.count(t) > 1})
+        if dup:
+            raise _FieldProblem(f"controls[{i}]", ConfigError(
+                f"the probe's tokens name {', '.join(map(str, dup))} more than once, and each token's map is one file",
+                fix="list each token once"))
+
+
+def _check_reference_words(controls: Sequence[Any], references: Sequence[str]) -> None:
+    """Refuse a word control whose words a reference prompt lacks. The references are prompts of the same call, and
+    a probe, regulation or layout control looks for its words in each of them (docs/isolation.md); the isolation
+    control looks for subject ``i`` in reference ``i`` only, which :func:`attnctl.cli.reposition_prompts` checks."""
+    from .layout import absent_words
+
+    for i, control in enumerate(controls):
+        if control.kind == "isolation":
+            continue
+        for k, reference in enumerate(references, start=1):
+            absent = absent_words(control.prompt_words(), reference)
+            if absent:
+                raise _FieldProblem(f"controls[{i}]", ConfigError(
+                    f"{control.kind} names {', '.join(map(repr, absent))}, which reference prompt {k} ({reference!r}) "
+                    "lacks: the references run in the same call, and the control looks for its words in each prompt",
+                    fix="name words every prompt of the set contains, give missing: \"ignore\" where the control takes "
+                        "it (it then acts where its words are), or use the control in an item of its own"))
 
 
 def _edit_job(index: int, item_id: str, item: EditItem, defaults: Defaults, found: _EditInput) -> list[Job]:
@@ -947,10 +980,10 @@ def plan_batch(data: Any, source: str = "batch", model: str | None = None, dtype
             clashes = [name for name in job.files if name.casefold() in seen_files]
             for name in clashes:
                 other_index, other_name = seen_files[name.casefold()]
-                why = ("give it another id" if other_name == name else
-                       "on case-insensitive file systems; give ids that differ by more than letter case")
+                why = ("; give it another id" if other_name == name else
+                       " on case-insensitive file systems; give ids that differ by more than letter case")
                 problems.append(f"{where}: field 'id': its image {name!r} would overwrite {other_name!r} of item "
-                                f"{other_index} {why}")
+                                f"{other_index}{why}")
             if clashes:
                 continue
             seen_files.update({name.casefold(): (index, name) for name in job.files})
@@ -1083,19 +1116,25 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
 
 def read_manifest(out: str | Path) -> dict[str, dict[str, Any]]:
     """The merged view of a batch output folder: the latest record per image file, over ``manifest.jsonl``
-    and every ``manifest.rank<r>.jsonl`` shard (ordered by the record's ``time``)."""
-    out = Path(out)
-    records: list[tuple[float, int, dict[str, Any]]] = []
-    n = 0
-    for path in _manifest_files(out):
-        for record in iter_records(path):
-            t = record.get("time")
-            records.append((float(t) if isinstance(t, (int, float)) else 0.0, n, record))
-            n += 1
+    and every ``manifest.rank<r>.jsonl`` shard.
+
+    Latest means last written: ``manifest.jsonl`` in its order, then the shards, which hold one run's records only
+    (a run merges the shards it finds before it starts) and each file in one shard of them. The records' ``time``
+    is not used: machines sharing a folder disagree about it, and a clock can step back."""
     latest: dict[str, dict[str, Any]] = {}
-    for _, _, record in sorted(records, key=lambda r: (r[0], r[1])):
-        latest[record["file"]] = record
+    seen: set[tuple[Any, ...]] = set()
+    for path in _manifest_files(Path(out)):
+        for record in iter_records(path):
+            key = _record_key(record)
+            if key not in seen:  # (a shard record already merged, by a merge that crashed before removing it)
+                seen.add(key)
+                latest[record["file"]] = record
     return latest
+
+
+def _record_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What tells one manifest record from another: the same record in a shard and in the merged file is one."""
+    return record["file"], record.get("time"), record.get("rank"), record.get("status")
 
 
 class ManifestWriter:
@@ -1125,25 +1164,29 @@ class ManifestWriter:
 
 
 def consolidate_manifest(out: Path) -> None:
-    """Merge the rank shards into ``manifest.jsonl`` (every record kept, in time order), then remove them.
+    """Merge the rank shards into ``manifest.jsonl`` (every record kept: its own in their order, then the shards'),
+    then remove them.
 
-    The merged file is written atomically before any shard is removed; a crash in between leaves records in
-    both places, which the next merge recognises (same file, time and rank) and keeps once."""
+    The shards are one run's (every run merges before it starts), so they follow the merged file's records; among
+    themselves they are put in time order, which only sorts one run's images for reading (each file is in one
+    shard). The merged file is written atomically before any shard is removed; a crash in between leaves records
+    in both places, which the next merge recognises (same file, time and rank) and keeps once."""
     from .io import atomic_write_bytes
 
     shards = [p for p in _manifest_files(out) if p.name != MANIFEST_NAME]
     if not shards:
         return
     seen: set[tuple[Any, ...]] = set()
-    records: list[dict[str, Any]] = []
+    merged: list[dict[str, Any]] = []
+    added: list[dict[str, Any]] = []
     for path in [out / MANIFEST_NAME, *shards]:
         for record in iter_records(path):
-            key = (record["file"], record.get("time"), record.get("rank"), record.get("status"))
+            key = _record_key(record)
             if key not in seen:
                 seen.add(key)
-                records.append(record)
-    t = [float(r["time"]) if isinstance(r.get("time"), (int, float)) else 0.0 for r in records]
-    ordered = [records[i] for i in sorted(range(len(records)), key=lambda i: (t[i], i))]
+                (merged if path.name == MANIFEST_NAME else added).append(record)
+    t = [float(r["time"]) if isinstance(r.get("time"), (int, float)) else 0.0 for r in added]
+    ordered = merged + [added[i] for i in sorted(range(len(added)), key=lambda i: (t[i], i))]
     body = b"".join(json.dumps(r, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
                     for r in ordered)
     atomic_write_bytes(out / MANIFEST_NAME, body)
@@ -1152,16 +1195,56 @@ def consolidate_manifest(out: Path) -> None:
 
 
 def job_state(job: Job, records: dict[str, dict[str, Any]], out: Path) -> str:
-    """``done`` (file present, latest record done, same hash), ``failed`` (latest record failed, same hash),
-    ``changed`` (a record for other settings) or ``missing``."""
+    """``done`` (every file present and of these settings, latest record done, same hash), ``failed`` (latest record
+    failed, same hash), ``changed`` (a record for other settings, or a file of the set that holds another version's
+    or another item's image) or ``missing``."""
     record = records.get(job.file)
     if record is None:
         return "missing"
     if record.get("hash") != job.hash:
         return "changed"
     if record.get("status") == "done":
-        return "done" if all((out / name).is_file() for name in job.files) else "missing"
+        if not all((out / name).is_file() for name in job.files):
+            return "missing"
+        return "done" if _files_hold(job, out) else "changed"
     return "failed" if record.get("status") == "failed" else "missing"
+
+
+def png_meta(path: Path) -> dict[str, Any] | None:
+    """The attnctl metadata of a PNG, read from the chunks before its pixels (nothing is decoded); ``None`` for a
+    file without it."""
+    from PIL import Image
+
+    from .imageio import METADATA_KEY
+
+    try:
+        with Image.open(path) as img:
+            raw = img.info.get(METADATA_KEY)
+        meta = json.loads(raw) if isinstance(raw, str) else None
+    except Exception:  # noqa: BLE001 - not a PNG, a torn one, garbled JSON: no metadata of ours
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _files_hold(job: Job, out: Path) -> bool:
+    """Whether every file of the job holds this version of it: each image carries the job's id and hash, each map the
+    settings of the job's image it maps. The manifest record is the last file's alone; a view, reference or map can
+    still hold an image another version of the item made (a set of 3 views taken back to 2) or another item's."""
+    metas = {name: png_meta(out / name) for name in job.files}
+    for name, meta in metas.items():
+        if meta is None:
+            return False
+        if name not in job.map_files:
+            batch = meta.get("batch")
+            if not (isinstance(batch, dict) and batch.get("id") == job.id and batch.get("hash") == job.hash):
+                return False
+            continue
+        of = meta.get("attention_map_of")  # a map carries its image's metadata, all but the image's batch record
+        image = metas.get(of) if isinstance(of, str) and of not in job.map_files else None
+        if image is None or not name.startswith(f"{Path(of).stem}.attention-") or \
+                any(meta.get(k) != v for k, v in image.items() if k != "batch"):
+            return False
+    return True
 
 
 @contextlib.contextmanager
@@ -1211,30 +1294,41 @@ class BatchResult:
 def _remove_stale_files(out: Path, job: Job) -> None:
     """Files an earlier run of this item made beside its image that the item no longer makes (a probe's old words,
     references it no longer has): known by their PNG metadata (an attention map of this image, or an image of this
-    item with other settings), so nothing else is touched."""
-    from .imageio import read_metadata
-
-    stem = Path(job.file).stem
+    item with other settings), so nothing else is touched. They are looked for under the stem of the item's seed
+    (``orbit_s3``), which the names of every version share (``orbit_s3.png``, ``orbit_s3-2.png``, ``orbit_s3-ref1.png``
+    and their maps); the stem of ``job.file`` is a view's (``orbit_s3-1``) when the item makes several images."""
+    stem = safe_stem(job.id) if job.seed is None else Path(image_name(safe_stem(job.id), job.seed)).stem
     mine = {job.file, *job.extra_files}
-    images = {name for name in mine if ".attention-" not in name}
-    for path in [*out.glob(f"{glob_escape(stem)}-*.png"), *out.glob(f"{glob_escape(stem)}.attention-*.png")]:
-        if path.name in mine:
-            continue
-        try:
-            meta = read_metadata(path)
-        except Exception:  # noqa: BLE001 - not an attnctl PNG: not ours to remove
+    images = {name for name in mine if name not in job.map_files}
+    found = {*out.glob(f"{glob_escape(stem)}-*.png"), *out.glob(f"{glob_escape(stem)}.attention-*.png"),
+             out / f"{stem}.png"}
+    maps: list[tuple[Path, Any]] = []
+    for path in sorted(found):
+        meta = None if path.name in mine else png_meta(path)
+        if meta is None:  # ours, or not an attnctl PNG: not ours to remove
             continue
         batch = meta.get("batch") if isinstance(meta.get("batch"), dict) else {}
-        if meta.get("attention_map_of") in images or (batch.get("id") == job.id and batch.get("hash") != job.hash):
+        if batch.get("id") == job.id and batch.get("hash") != job.hash:  # an image an earlier version made
+            path.unlink(missing_ok=True)
+            images.add(path.name)  # its maps go with it
+        elif "attention_map_of" in meta:
+            maps.append((path, meta["attention_map_of"]))
+    for path, of in maps:  # a map of this job's images, or of one just removed
+        if of in images:
             path.unlink(missing_ok=True)
 
 
-def _clean_temp_files(out: Path, jobs: Sequence[Job]) -> None:
-    """Remove temp files left by a killed writer (``.<name>.<random>.tmp``) for this process's images."""
-    for job in jobs:
-        for name in job.files:
-            for tmp in out.glob(f".{glob_escape(name)}.*.tmp"):
-                tmp.unlink(missing_ok=True)
+TEMP_GLOBS = (".*.png.*.tmp", ".manifest*.jsonl.*.tmp")
+"""The temp files a batch writes through (:func:`attnctl.io.atomic_write_bytes`: ``.<name>.<random>.tmp``)."""
+
+
+def _clean_temp_files(out: Path) -> None:
+    """Remove the temp files a killed writer left in the folder: of every image (one of an item done since, or
+    removed from the file, too) and of a manifest merge. Called while no writer of the batch is live (the folder
+    lock held, before this run's ranks write)."""
+    for pattern in TEMP_GLOBS:
+        for tmp in out.glob(pattern):
+            tmp.unlink(missing_ok=True)
 
 
 def _inversion_key(job: Job) -> tuple[Any, ...] | None:
@@ -1513,6 +1607,10 @@ def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attenti
     from .imageio import save_png
 
     with lock:
+        if dist.rank == 0:  # nobody writes here now: the lock keeps other runs out, and this run's ranks wait below
+            consolidate_manifest(out)  # a killed run's shards: from here on the shards hold this run's records only
+            _clean_temp_files(out)
+        dist.barrier()
         records = read_manifest(out)
         states = {job.file: job_state(job, records, out) for job in plan.jobs}
         pending = [job for job in plan.jobs if states[job.file] != "done"]
@@ -1521,7 +1619,6 @@ def _run(plan: BatchPlan, out: Path, dist: Dist, lock: Any, device: str, attenti
         mine = share_out(pending, dist.rank, dist.world)
         bar = _Progress(out, dist, len(pending), len(mine), progress)
         dist.barrier()  # every rank has read the manifest before any rank writes
-        _clean_temp_files(out, mine)
         made, failed_here = 0, 0
         interrupted = False
         writer = ManifestWriter(shard) if mine else None

@@ -90,6 +90,17 @@ def worker_main() -> int:
     return 0
 
 
+KEPT = {"batch": "finished images are kept", "headhunt": "the rounds done and candidates scored are kept"}
+"""What a command's workers keep when one of them dies, by command (``attnctl batch`` makes images, ``attnctl
+headhunt`` scores candidates)."""
+
+
+def _kept(argv: Sequence[str]) -> str:
+    """What the workers running ``attnctl <argv>`` keep when one dies."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    return KEPT.get(command, "finished work is kept")
+
+
 def launch_workers(argv: Sequence[str], processes: int, threads: int | None = None,
                    note: Callable[[str], None] | None = None) -> int:
     """Run ``attnctl <argv>`` (through ``worker_main``) in ``processes`` workers with a torchrun-style
@@ -162,7 +173,7 @@ def launch_workers(argv: Sequence[str], processes: int, threads: int | None = No
                 how = (f"was killed by signal {-code}" if code < 0 else
                        "crashed (an unexpected error; its traceback is above)" if code == WORKER_CRASHED else
                        f"exited with code {code}")
-                note(f"worker rank {rank} {how}; finished images are kept — re-run the same command to continue")
+                note(f"worker rank {rank} {how}; {_kept(argv)} — re-run the same command to continue")
         codes = {code for _, code in own}
         return 2 if codes == {2} else 1
     codes = [p.returncode for p in procs]

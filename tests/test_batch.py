@@ -985,3 +985,125 @@ def test_reference_prompts_are_checked_against_their_subjects_at_read():
     assert "reference prompt 1 ('a large blue square') does not name subject 1 ('red circle')" in text
     plan_batch({"version": 1, "items": [{"prompt": scene, "reference_prompts": refs,
                                          "controls": [{**iso, "references": True}]}]})
+
+
+def test_a_set_whose_other_files_hold_another_version_is_made_again(model_dir, tmp_path):
+    """A set of views counted as done when its last view's record was done with its hash: taken from 2 views to 3 and
+    back, it was skipped with the 3-view run's first views (and view 2 and its map stayed); a map another item's
+    image had replaced was not noticed either."""
+    def write(images: int) -> Path:
+        return write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2}, "items": [
+            {"id": "a", "prompt": "a red circle", "images": images,
+             "controls": [{"kind": "probe", "words": ["circle"]}]},
+            {"id": "b", "prompt": "a blue square"}]})
+
+    out = tmp_path / "out"
+    for images in (2, 3):
+        assert run("batch", write(images), "--out", out, "--model", model_dir).exit_code == 0
+    batch = write(2)
+    listing = " ".join(run("batch", batch, "--out", out, "--model", model_dir, "--check").output.split())
+    assert "a_s0-1.png item 0 seed 0 changed" in listing and "(1 done, 1 changed)" in listing, listing
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0 and "2 done (1 already, 1 new)" in result.output, result.output
+    files = {"a_s0-0.png", "a_s0-1.png", "a_s0-0.attention-circle.png", "a_s0-1.attention-circle.png", "b_s0.png"}
+    assert set(pngs(out)) == files  # view 2 and its map, of the 3-view version, are gone
+    plan = load_batch(batch, model=str(model_dir))
+    for name in ("a_s0-0.png", "a_s0-1.png"):
+        meta = read_metadata(out / name)
+        assert (meta["images"], meta["batch"]["hash"]) == (2, plan.jobs[0].hash)
+
+    # another item's image under the name of a map of the set (an edit item whose id was that name, say)
+    (out / "a_s0-0.attention-circle.png").write_bytes((out / "b_s0.png").read_bytes())
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0 and "1 new" in result.output, result.output
+    assert read_metadata(out / "a_s0-0.attention-circle.png")["attention_map_of"] == "a_s0-0.png"
+    assert "2 done" in run("batch", batch, "--out", out, "--model", model_dir, "--check").output
+
+
+def test_the_latest_record_is_the_last_written_whatever_the_clocks_say(model_dir, tmp_path):
+    """The latest record of a file was picked by its time: a machine whose clock is behind (or a clock stepped back)
+    wrote records that lost to older ones, and a changed item taken back was skipped with the other version's
+    image."""
+    w = ManifestWriter(tmp_path / MANIFEST_NAME)
+    w.append({"file": "x_s0.png", "status": "done", "hash": "old", "time": 2000.0, "rank": 0})
+    w.append({"file": "x_s0.png", "status": "done", "hash": "new", "time": 1000.0, "rank": 0})  # a clock behind
+    w.append({"file": "y_s0.png", "status": "done", "hash": "new", "time": 1500.0, "rank": 1})  # merged from a shard
+    w.append({"file": "y_s0.png", "status": "failed", "hash": "new", "time": 1600.0, "rank": 0})  # the next run's
+    w.close()
+    w = ManifestWriter(tmp_path / "manifest.rank1.jsonl")  # the shard the merge copied, left by a crash
+    w.append({"file": "y_s0.png", "status": "done", "hash": "new", "time": 1500.0, "rank": 1})
+    w.close()
+    assert {f: (r["hash"], r["status"]) for f, r in read_manifest(tmp_path).items()} == \
+        {"x_s0.png": ("new", "done"), "y_s0.png": ("new", "failed")}
+
+    # a run merges a killed run's shards before its own records, whose clock may be behind theirs
+    out = tmp_path / "out"
+    batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2},
+                                              "items": [{"id": "a", "prompt": "a red circle"}]})
+    plan = load_batch(batch, model=str(model_dir))
+    out.mkdir()
+    w = ManifestWriter(out / "manifest.rank1.jsonl")
+    w.append({"file": "a_s0.png", "status": "failed", "hash": plan.jobs[0].hash, "time": time.time() + 3600,
+              "rank": 1, "error": "killed"})
+    w.close()
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0 and "1 done" in result.output, result.output
+    assert [r["status"] for r in iter_records(out / MANIFEST_NAME)] == ["failed", "done"]
+    assert read_manifest(out)["a_s0.png"]["status"] == "done"
+
+
+def test_word_controls_are_checked_against_each_reference_prompt():
+    """A probe or regulation naming a word of the scene only passed --check in a reposition item, then failed every
+    image: the references are prompts of the same call, and those controls look for their words in each of them."""
+    iso = {"kind": "isolation", "subjects": ["red circle", "blue square"], "references": True}
+    scene, refs = "a red circle and a blue square", ["a small red circle", "a large blue square"]
+    with pytest.raises(BatchFileError) as err:
+        plan_batch({"version": 1, "items": [
+            {"id": "probe", "prompt": scene, "reference_prompts": refs,
+             "controls": [iso, {"kind": "probe", "words": ["circle"]}]},
+            {"id": "reg", "prompt": scene, "reference_prompts": refs,
+             "controls": [iso, {"kind": "regulation", "targets": ["circle"]}]},
+            {"id": "plain", "prompt": scene, "reference_prompts": refs,  # a plain set: the same call
+             "controls": [{"kind": "probe", "words": ["square"]}]}]})
+    problems = err.value.problems
+    assert [p.split(":")[0] for p in problems] == ["item 0 (id 'probe')", "item 1 (id 'reg')", "item 2 (id 'plain')"]
+    assert "field 'controls[1]': probe names 'circle', which reference prompt 2 ('a large blue square') lacks" \
+        in problems[0]
+    assert "regulation names 'circle'" in problems[1] and "missing: \"ignore\"" in problems[1]
+    assert "reference prompt 1 ('a small red circle') lacks" in problems[2]
+    plan_batch({"version": 1, "items": [  # what acts where its words are, and isolation's own subjects, pass
+        {"prompt": scene, "reference_prompts": refs,
+         "controls": [iso, {"kind": "regulation", "targets": ["circle"], "missing": "ignore"}]}]})
+
+
+def test_a_probe_naming_a_token_twice_and_an_id_clash_read_clearly(scene_png):
+    """A probe with tokens [1, 1] planned one map file twice; the id-clash message ran its two parts together."""
+    with pytest.raises(BatchFileError) as err:
+        plan_batch({"version": 1, "items": [
+            {"id": "t", "prompt": "a red circle", "controls": [{"kind": "probe", "tokens": [1, 2, 1]}]},
+            {"id": "a", "prompt": "a red circle", "images": 2},
+            {"id": "a_s0-1", "type": "edit", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
+             "prompt": EDIT_TARGET}]})
+    assert err.value.problems == [
+        "item 0 (id 't'): field 'controls[0]': the probe's tokens name 1 more than once, and each token's map is one "
+        "file. Fix: list each token once",
+        "item 2 (id 'a_s0-1'): field 'id': its image 'a_s0-1.png' would overwrite 'a_s0-1.png' of item 1; give it "
+        "another id"]
+    assert plan_batch({"version": 1, "items": [{"id": "t", "prompt": "a red circle", "controls": [
+        {"kind": "probe", "tokens": [1, 2]}]}]}).jobs[0].map_files == ("t_s0.attention-1.png", "t_s0.attention-2.png")
+
+
+def test_a_run_removes_the_temp_files_of_every_image_a_killed_writer_left(model_dir, tmp_path):
+    """Only the temp files of the images still to make were removed: those of a done item, of an item no longer in
+    the file and of a manifest merge stayed for good."""
+    batch = write_batch(tmp_path / "b.json", {"version": 1, "defaults": {"steps": 2},
+                                              "items": [{"id": "a", "prompt": "a red circle"}]})
+    out = tmp_path / "out"
+    assert run("batch", batch, "--out", out, "--model", model_dir).exit_code == 0
+    stale = [".a_s0.png.k1ll3d.tmp", ".gone_s0.png.zz9.tmp", ".gone_s0.attention-circle.png.x1.tmp",
+             ".manifest.jsonl.q1w2.tmp"]
+    for name in [*stale, ".notes.txt.tmp"]:
+        (out / name).write_bytes(b"half")
+    result = run("batch", batch, "--out", out, "--model", model_dir)
+    assert result.exit_code == 0 and "1 already, 0 new" in result.output, result.output
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == [".notes.txt.tmp"]  # not a batch's

@@ -75,3 +75,15 @@ def test_normal_endings_are_not_crashes(tmp_path, monkeypatch, ranks, expected):
         said = [f"worker rank {r} exited with code 2; finished images are kept — re-run the same command to continue"
                 for r in (0, 1)]
         assert notes and all(n in said for n in notes), notes
+
+
+def test_a_dead_head_search_worker_says_what_the_search_keeps(tmp_path, monkeypatch):
+    """The launcher said "finished images are kept" when a head-search worker died: a search scores candidates."""
+    launch(tmp_path, monkeypatch, "exit0")  # sets the stand-in workers up
+    monkeypatch.setenv("FAKE_WORKER_0", "work")
+    monkeypatch.setenv("FAKE_WORKER_1", "crash")
+    notes: list[str] = []
+    code = launch_workers(["--debug", "headhunt", "--out", "unused"], 2, threads=1, note=notes.append)
+    assert code == 1
+    assert notes == ["worker rank 1 crashed (an unexpected error; its traceback is above); the rounds done and "
+                     "candidates scored are kept — re-run the same command to continue"]
