@@ -732,7 +732,6 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
         check_probes(controls)
     except AttnCtlError as e:
         raise _FieldProblem("controls", e) from None
-    _check_probe_tokens(controls)
     merged["controls"] = [c.to_json() for c in controls]
     for i, control in enumerate(controls):  # a named word the prompt lacks would fail every image of the item
         absent = absent_words(control.prompt_words(), merged["prompt"])
@@ -773,18 +772,6 @@ def _generate_jobs(index: int, item_id: str, item: GenerateItem, defaults: Defau
         jobs.append(Job(index=index, id=item_id, seed=seed, file=name, settings={**merged, "seed": seed}, hash="",
                         extra_files=(*extra, *maps), map_files=maps))
     return jobs
-
-
-def _check_probe_tokens(controls: Sequence[Any]) -> None:
-    """Refuse a probe that names a token position twice, as one naming a word twice is: both maps would go to one
-    file (``<stem>.attention-<token>.png``)."""
-    for i, control in enumerate(controls):
-        tokens = getattr(control.config, "tokens", None) if control.kind == "probe" else None
-        dup = sorted({t for t in tokens or [] if tokens.count(t) > 1})
-        if dup:
-            raise _FieldProblem(f"controls[{i}]", ConfigError(
-                f"the probe's tokens name {', '.join(map(str, dup))} more than once, and each token's map is one file",
-                fix="list each token once"))
 
 
 def _check_reference_words(controls: Sequence[Any], references: Sequence[str]) -> None:

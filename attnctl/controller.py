@@ -84,6 +84,7 @@ class Controller:
         self.state = RunState(roles=list(roles) if roles is not None else None, layout=layout,
                               own_prompt_rows_only=self.pipe is not None and layout is None and roles is None)
         self._saved: dict[str, Any] | None = None
+        self._entered = False  # inside this controller's with-block (see __enter__)
         self._installed: dict[str, AttnCtlProcessor] = {}  # the processors made last, by processor key
         self._mine: list[tuple[torch.nn.Module, AttnCtlProcessor, str]] = []  # bound sites' modules, processors
         self._hooks: list[Any] = []
@@ -179,6 +180,7 @@ class Controller:
         for c in self.controls:  # bound to another controller since (which has been left): bound here again
             if c.controller is not self:
                 c.bind(self)
+        self._branches = perturbed_branches(self.controls)  # (a copied or unpickled controller keeps none)
         if self._saved is not None:  # made before and not restored since: restore and the checks know these
             self._track()
             return dict(self._installed)
@@ -256,6 +258,7 @@ class Controller:
         processors put back, a processor that replaced attnctl's (``fuse_qkv_projections``, ``load_ip_adapter``)
         stays where it is, and diffusers' record for ``unfuse_qkv_projections`` gets the processors put back in
         place of attnctl's."""
+        self._entered = False  # restored inside its with-block: that block is over for the controller
         if self._saved is not None:
             installed, saved = self._installed, self._saved
             back = {}
@@ -295,9 +298,9 @@ class Controller:
         memo[id(self)] = twin
         for name, value in self.__getstate__().items():
             setattr(twin, name, copy.deepcopy(value, memo))
-        for control in twin.controls:  # (a weak reference is copied as it is: it would name this controller)
+        for control, copied in zip(self.controls, twin.controls, strict=True):  # a copied control is unbound
             if control.controller is self:
-                control._controller = weakref.ref(twin)
+                copied._controller = weakref.ref(twin)
         return twin
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -312,8 +315,9 @@ class Controller:
     def __getstate__(self) -> dict[str, Any]:
         """What a copy or a pickle of a finished controller keeps: not the cache of the last image positions read
         (a weak reference, which pickle refuses; the next run reads them again), nor the processors it made, which
-        were taken off (the next :meth:`processors` makes new ones)."""
-        return {**vars(self), "_ids_seen": None, "_installed": {}, "_mine": []}
+        were taken off (the next :meth:`processors` makes new ones), nor the perturbed branches, whose weights read
+        these controls (the next :meth:`processors` makes them from the copy's)."""
+        return {**vars(self), "_ids_seen": None, "_installed": {}, "_mine": [], "_branches": None}
 
     def close(self) -> None:
         """Remove the tracking hooks and wrappers. The processors stay (they then act at step 0 of an unknown run,
@@ -337,9 +341,17 @@ class Controller:
             self._unwrap(name)
 
     def __enter__(self) -> Controller:
-        return self.install()
+        if self._entered:
+            raise ConfigError(
+                "this attnctl controller's with-block is already open: entered again, the inner block's end would "
+                "put the stock processors back and the rest of the outer block would run without its controls",
+                fix="leave out the inner `with`: the controls act until the first with-block of the controller ends")
+        installed = self.install()
+        self._entered = True
+        return installed
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._entered = False
         self.restore()
         clearer = compiling.fullgraph_error(exc) if exc is not None else None
         if clearer is not None:
@@ -349,7 +361,9 @@ class Controller:
     def begin_run(self, num_steps: int, *, layout: TokenLayout | None = None,
                   roles: Sequence[str] | None = None, first_step: int = 0) -> None:
         """Start a run: reset the controls' per-run state. The transformer's pre-forward hook calls it at a run's
-        first forward; ``first_step`` is where the run starts (an img2img run part way through the schedule)."""
+        first forward; ``first_step`` is where the run starts (an img2img run part way through the schedule).
+        The controls are bound again first (:meth:`rebind`): settings assigned since count from this run."""
+        self.rebind()
         if layout is not None:
             self.state.layout = layout
         if roles is not None:
@@ -362,6 +376,37 @@ class Controller:
             c.begin_run(self.state)
             _warn_if_never_on(c, *self.state.schedule_step[::-1])
         self._new_run = False
+
+    def rebind(self) -> None:
+        """Bind the controls again, so that settings assigned since the last run (``sites``, SoftPAG's ``heads``, an
+        ``Adaptive`` schedule) count, as on a new controller; then remake what follows from the binding: the
+        gradient pass's last site, the perturbed branches, and the controller's link at newly selected sites."""
+        for c in self.controls:
+            c.bind(self)
+        self._stop_site = self._deepest_site(self._latent_control)
+        self._branches = perturbed_branches(self.controls)
+        if self._branch is not None and self._branches is not None:
+            self._branch.branches = self._branches
+        self._follow_selected_sites()
+
+    def _follow_selected_sites(self) -> None:
+        """Give the controller to the installed processor of each site a control now acts at: :meth:`processors`
+        gave it only to the sites selected then. The processor objects stay the same, so :meth:`restore` still
+        puts back exactly the processors they replaced."""
+        if self._saved is None:  # no processors made (or restored): the next processors() reads the selection
+            return
+        added = False
+        modules: dict[str, torch.nn.Module] | None = None
+        for site in self.sites:
+            proc = self._installed.get(site.processor_key)
+            if proc is None or proc.controller is self or not any(c.applies_to(site) for c in self.controls):
+                continue
+            proc.controller = self
+            modules = modules if modules is not None else dict(self.transformer.named_modules())
+            self._mine.append((modules[site.name], proc, site.name))
+            added = True
+        if added and self.following:  # a processor replaced meanwhile at a new site: refused, as at the others
+            self._check_installed()
 
     def set_step(self, step: int, timestep: float | torch.Tensor | None = None,
                  sigma: float | torch.Tensor | None = None) -> None:

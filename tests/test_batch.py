@@ -1080,14 +1080,16 @@ def test_a_probe_naming_a_token_twice_and_an_id_clash_read_clearly(scene_png):
     """A probe with tokens [1, 1] planned one map file twice; the id-clash message ran its two parts together."""
     with pytest.raises(BatchFileError) as err:
         plan_batch({"version": 1, "items": [
-            {"id": "t", "prompt": "a red circle", "controls": [{"kind": "probe", "tokens": [1, 2, 1]}]},
+            {"id": "t", "prompt": "a red circle", "controls": [{"kind": "probe", "tokens": [1, 2, 1]}]}]})
+    assert err.value.problems == [
+        "item 0 (id 't'): field 'controls[0]': invalid probe control config — tokens: repeats 1; list each once"]
+    with pytest.raises(BatchFileError) as err:
+        plan_batch({"version": 1, "items": [
             {"id": "a", "prompt": "a red circle", "images": 2},
             {"id": "a_s0-1", "type": "edit", "image": str(scene_png), "source_prompt": EDIT_SOURCE,
              "prompt": EDIT_TARGET}]})
     assert err.value.problems == [
-        "item 0 (id 't'): field 'controls[0]': the probe's tokens name 1 more than once, and each token's map is one "
-        "file. Fix: list each token once",
-        "item 2 (id 'a_s0-1'): field 'id': its image 'a_s0-1.png' would overwrite 'a_s0-1.png' of item 1; give it "
+        "item 1 (id 'a_s0-1'): field 'id': its image 'a_s0-1.png' would overwrite 'a_s0-1.png' of item 0; give it "
         "another id"]
     assert plan_batch({"version": 1, "items": [{"id": "t", "prompt": "a red circle", "controls": [
         {"kind": "probe", "tokens": [1, 2]}]}]}).jobs[0].map_files == ("t_s0.attention-1.png", "t_s0.attention-2.png")

@@ -481,6 +481,8 @@ def test_settings_that_would_do_nothing_are_refused(flux_pipe, sd3_pipe):
                                                                                            "reference[1]"]
     with pytest.raises(ConfigError, match="heads is an empty list"):
         attnctl.AttentionProbe(heads=[])
+    with pytest.raises(ConfigError, match="heads: repeats 0, 2; list each once"):
+        attnctl.AttentionProbe(heads=[2, 0, 2, 0])
     with pytest.raises(ConfigError, match="words or tokens, not both"):
         attnctl.AttentionProbe(words=["circle"], tokens=[7])
     with pytest.raises(ConfigError, match="'clip' or 't5'"):
@@ -1407,3 +1409,117 @@ def test_a_perturbed_branch_control_with_roles_on_a_pipeline_is_refused(sd3_pipe
     ctl = attnctl.Controller(sd3_pipe.transformer, [attnctl.SoftPAG(heads=["L0H0"], scale=3.0)],
                              roles=["cond", "perturbed"])
     assert ctl.state.roles == ["cond", "perturbed"]
+
+
+@pytest.mark.parametrize("change", ["a subset of the sites", "a site left stock at attach"])
+def test_sites_assigned_inside_attach_count_from_the_next_call(sd3_pipe, change):
+    """Settings assigned after construction count from the next run, but inside one attach block a new ``sites`` was
+    ignored: the controls were bound once, when the controller was made. Now each run binds them again; a site the
+    new selection adds, whose processor was made without the controller, gets it, and the block's end still puts
+    back exactly the processors it found."""
+    tr = sd3_pipe.transformer
+    before = dict(tr.attn_processors)
+    first, then = (("all", "transformer_blocks.0") if change == "a subset of the sites"
+                   else ("transformer_blocks.0", "transformer_blocks.1"))
+    reg = attnctl.AttentionRegulation(targets=["circle"], steps=1.0, sites=first)
+    fresh = attnctl.AttentionRegulation(targets=["circle"], steps=1.0, sites=then)
+    with attnctl.attach(sd3_pipe, [fresh]):
+        expected = sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+    with attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW)
+        assert {r.site for r in reg.records} == {s.name for s in select_sites(attnctl.list_sites(tr), first)}
+        reg.config.sites = then
+        out = sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+    assert {r.site for r in reg.records} == {f"{then}.attn"}
+    assert abs(out - expected).max() == 0
+    assert tr.attn_processors == before
+
+
+def test_softpag_heads_assigned_inside_attach_count_from_the_next_call(flux_pipe):
+    """SoftPAG's heads were resolved once, at bind: inside an attach block a new head set was silently ignored (the
+    images stayed those of the old heads). Now the next call perturbs the new heads, as a fresh control does."""
+    def pag(heads):
+        return attnctl.SoftPAG(heads=heads, scale=3.0)
+
+    def call():
+        return flux_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+
+    with attnctl.attach(flux_pipe, [pag(["L1H0"])]):
+        expected = call()
+    with attnctl.attach(flux_pipe, [pag(["L1H0:"])]):
+        old = call()
+    control = pag(["L1H0:"])
+    with attnctl.attach(flux_pipe, [control]):
+        assert abs(call() - old).max() == 0
+        control.config.heads = ["L1H0"]
+        out = call()
+    assert abs(out - expected).max() == 0 and abs(out - old).max() > 1e-4
+
+
+def test_an_adaptive_schedule_assigned_inside_attach_adapts_from_the_next_call(sd3_pipe):
+    """An Adaptive schedule assigned inside an attach block never adapted: whether a control reports its metrics
+    was decided at bind. Now the next call binds again: the schedule is checked, reported to, and switches
+    regulation off after the first step as it does when given before attaching."""
+    from attnctl.schedules import Adaptive
+
+    reg = attnctl.AttentionRegulation(targets=["circle"], steps=1.0)
+    with attnctl.attach(sd3_pipe, [reg]):
+        sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW)
+        assert not reg.adaptive and sorted({r.step for r in reg.records}) == [0, 1, 2]
+        reg.config.steps = Adaptive(1.0, "threshold", metric="loss", threshold=0.0)
+        sd3_pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW)
+    assert reg.adaptive and sorted({r.step for r in reg.records}) == [0]
+    assert len(reg.config.steps.history["loss"]) == 1
+
+
+def test_settings_assigned_inside_attach_are_checked_at_the_next_call(sd3_pipe):
+    """What construction refuses is refused at the next call too: two SoftPAGs sharing the perturbed rows with
+    different scales (one w per row), and an Adaptive schedule on a metric the control does not report."""
+    from attnctl.schedules import Adaptive
+
+    a, b = attnctl.SoftPAG(heads=["L0H0"], scale=3.0), attnctl.SoftPAG(heads=["L1H0"], scale=3.0)
+    with attnctl.attach(sd3_pipe, [a, b]):
+        sd3_pipe("a red circle", **KW)
+        b.config.scale = 5.0
+        with pytest.raises(ConfigError, match="scale"):
+            sd3_pipe("a red circle", **KW)
+    reg = attnctl.AttentionRegulation(targets=["circle"])
+    with attnctl.attach(sd3_pipe, [reg]):
+        reg.config.steps = Adaptive(1.0, "threshold", metric="coverage", threshold=1)
+        with pytest.raises(ScheduleError, match="reports no metric 'coverage'"):
+            sd3_pipe("a red circle", **KW)
+
+
+def test_entering_the_same_attach_twice_is_refused_and_the_outer_block_keeps_acting(sd3_pipe):
+    """A nested ``with ctl:`` of the same controller restored the stock processors at its end: the rest of the outer
+    block silently ran without the controls. Now entering it again is refused, and the outer block goes on."""
+    tr = sd3_pipe.transformer
+    before = dict(tr.attn_processors)
+    probe = attnctl.AttentionProbe(words=["circle"])
+    ctl = attnctl.attach(sd3_pipe, [probe])
+    with ctl:
+        with pytest.raises(ConfigError, match="with-block is already open"), ctl:
+            pass
+        assert ctl.following and tr.attn_processors != before
+        sd3_pipe("a red circle", **KW)
+        assert probe.word_maps()["circle"].sum() > 0
+    assert tr.attn_processors == before and not ctl.attached
+    with ctl:  # entered again after the block: a new block
+        assert ctl.following
+    assert tr.attn_processors == before
+
+
+def test_an_attnctl_pipeline_pickles_after_a_call_with_controls(flux_pipe):
+    """After a call with controls= the pipeline keeps its finished controller (pipe.attnctl), which pickles, but its
+    controls held a weak reference to it and pickling failed ("cannot pickle 'weakref'"). A pickled control is
+    unbound: the next controller binds it again."""
+    import pickle
+
+    pipe = _attnctl_pipe(flux_pipe)
+    pag = attnctl.SoftPAG(heads=["L1H0"], scale=3.0)
+    out = pipe("a red circle", controls=[pag], generator=torch.Generator().manual_seed(0), **KW).images
+    twin = pickle.loads(pickle.dumps(pipe))
+    copied = twin.attnctl.controls[0]
+    assert copied.controller is None and pag.controller is pipe.attnctl
+    again = twin("a red circle", controls=[copied], generator=torch.Generator().manual_seed(0), **KW).images
+    assert copied.controller is twin.attnctl and abs(again - out).max() < 1e-6

@@ -300,8 +300,9 @@ class Control:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def bind(self, controller: Controller) -> None:
-        """Check the model family and resolve the site selection against this model. A control acts for one
-        controller at a time: binding it to another while the first still follows its pipeline is refused."""
+        """Check the model family and resolve the site selection against this model. The controller binds again at
+        each run's start, so settings assigned since count. A control acts for one controller at a time: binding it
+        to another while the first still follows its pipeline is refused."""
         prev = self.controller
         if prev is not None and prev is not controller and prev.following:
             raise ConfigError(
@@ -319,6 +320,11 @@ class Control:
         self._site_names = frozenset(s.name for s in self.sites)
         self._controller = weakref.ref(controller)
         self.check_adaptive()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or a pickle of a control is unbound: its weak reference to the controller is left out (pickle
+        refuses one), and the next controller binds it again."""
+        return {k: v for k, v in vars(self).items() if k != "_controller"}
 
     @property
     def controller(self) -> Controller | None:

@@ -51,6 +51,9 @@ class ProbeConfig(ControlConfig):
     def _not_empty(cls, v: list[int] | None, info) -> list[int] | None:
         if v is not None and not v:
             raise ValueError(f"{info.field_name} is an empty list; give at least one, or None for all")
+        repeated = sorted({x for x in v or [] if v.count(x) > 1})
+        if repeated:  # a token's map is one column (and one file); a head twice would count it twice in the mean
+            raise ValueError(f"repeats {', '.join(map(str, repeated))}; list each once")
         return v
 
     @model_validator(mode="after")

@@ -148,6 +148,7 @@ class SoftPAG(Control):
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def bind(self, controller) -> None:
+        """Resolve the heads against this model (again at each run's start: a head set assigned since counts)."""
         super().bind(controller)  # family check
         heads = self.config.heads
         head_set = heads if isinstance(heads, HeadSet) else HeadSet.parse(controller.sites, heads)
