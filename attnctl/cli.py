@@ -196,10 +196,13 @@ def read_json_arg(text: str, what: str, example: str = '{"kind": "probe", "words
     if text.startswith("@"):
         path = Path(text[1:]).expanduser()
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise AttnCtlError(f"{what}: cannot read {str(path)!r} ({e.strerror or e})",
                                "pass an existing JSON file as @path or the JSON itself") from None
+        except UnicodeDecodeError as e:  # an image or other binary file under a .json name
+            raise AttnCtlError(f"{what}: {str(path)!r} is not a UTF-8 JSON text file (byte {e.start} is not UTF-8)",
+                               f"give {kind} saved as UTF-8 text, e.g. '{example}'") from None
         source = str(path)
     try:
         return json.loads(text)
@@ -558,14 +561,20 @@ def check_size(pipe: Any, height: int | None, width: int | None, names: tuple[st
                                f"give {name} {near}")
 
 
+def guidance_acts(transformer: Any) -> bool:
+    """Whether a pipeline's ``guidance_scale`` does anything: not on a FLUX model whose transformer has no guidance
+    embedding (FLUX.1-schnell, toy-flux), where diffusers ignores it."""
+    from .sites import family_of
+
+    return family_of(transformer) != "flux" or bool(transformer.config.get("guidance_embeds"))
+
+
 def check_guidance_used(transformer: Any, guidance: float | None,
                         names: tuple[str, str | None] = ("--guidance", "--true-cfg")) -> None:
     """Refuse a guidance scale given for a FLUX model whose transformer takes none (no guidance embedding, as
     FLUX.1-schnell and toy-flux): diffusers ignores it there. ``names``: the guidance and true-CFG settings as the user
     writes them (``None``: the command has no true CFG, as ``edit``)."""
-    from .sites import family_of
-
-    if guidance is not None and family_of(transformer) == "flux" and not transformer.config.get("guidance_embeds"):
+    if guidance is not None and not guidance_acts(transformer):
         cfg = f"; for classifier-free guidance give {names[1]} (a scale above 1)" if names[1] else ""
         raise AttnCtlError(f"{names[0]} does nothing on this FLUX model: its transformer takes no guidance value (it "
                            "has no guidance embedding)", f"leave {names[0]} out{cfg}")
@@ -1128,6 +1137,8 @@ def _check_item(item: Any, i: int, parse_caption: Callable) -> dict[str, Any]:
             count = o.get("count", 1)
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise AttnCtlError(f"{where}: objects[{k}] has count {count!r}", "give a whole number, 1 or more")
+    _check_positions(objects, where)
+    _check_relation(item.get("relation"), len(objects), where)
     boxes = item.get("boxes")
     if boxes is not None:
         ok = isinstance(boxes, list) and all(
@@ -1141,6 +1152,38 @@ def _check_item(item: Any, i: int, parse_caption: Callable) -> dict[str, Any]:
             raise AttnCtlError(f"{where}: field 'boxes' has {len(boxes)} boxes for {wanted} objects",
                                "give one box per object instance, in order")
     return dict(item)
+
+
+def _check_positions(objects: list[dict[str, Any]], where: str) -> None:
+    """Refuse an object "position" the scorer does not know (it failed with a KeyError after every image)."""
+    from .toyworld.world import POSITIONS
+
+    for k, o in enumerate(objects):
+        position = o.get("position")
+        if position is not None and (not isinstance(position, str) or position not in POSITIONS):
+            raise AttnCtlError(f"{where}: objects[{k}] has position {position!r}, which the evaluator does not know",
+                               f"use one of {', '.join(POSITIONS)}, or leave \"position\" out")
+
+
+def _check_relation(relation: Any, n_objects: int, where: str) -> None:
+    """Refuse a "relation" the scorer cannot read: an unknown relation name, or a subject or object that is not one
+    of the item's objects (a KeyError or IndexError after every image)."""
+    from .toyworld.world import RELATIONS
+
+    if relation is None:
+        return
+    example = '"relation": {"subject": 0, "relation": "left", "object": 1}'
+    if not isinstance(relation, dict) or not isinstance(relation.get("relation"), str) or \
+            relation["relation"] not in RELATIONS:
+        name = relation.get("relation") if isinstance(relation, dict) else relation
+        raise AttnCtlError(f"{where}: field 'relation' names the relation {name!r}, which the evaluator does not know",
+                           f"give one of {', '.join(RELATIONS)}, e.g. {example}")
+    ends = [relation.get(end) for end in ("subject", "object")]
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_objects for i in ends) or \
+            ends[0] == ends[1]:
+        raise AttnCtlError(f"{where}: field 'relation' joins objects {ends[0]!r} and {ends[1]!r}, and the item has "
+                           f"{n_objects} object(s), numbered from 0",
+                           f"give two different object numbers from 0 to {n_objects - 1}, e.g. {example}")
 
 
 def _word_field(kind: str) -> str:
@@ -1162,6 +1205,41 @@ def _box_field(kind: str) -> str:
         return "boxes"
     raise AttnCtlError(f"--boxes-from: control {kind!r} takes no boxes",
                        "use it with a box control (layout), or drop --boxes-from")
+
+
+EVAL_REFUSED: dict[str, tuple[str, str]] = {
+    "unify_edit": ("edits an existing image, and attnctl eval generates new ones",
+                   "use attnctl edit IMAGE --source '...' --target '...' (UnifyEdit's settings as its --control)"),
+    "value_sharing": ("edits an existing image, and attnctl eval generates new ones",
+                      "use attnctl edit IMAGE --source '...' --target '...' --share"),
+    "epipolar": ("makes a set of views of each prompt, and attnctl eval scores one image per prompt",
+                 "use attnctl generate --control '{\"kind\": \"epipolar\", ...}' (or python bench/epipolar_eval.py)"),
+}
+"""Control kinds attnctl eval cannot run (what each needs, and the way out)."""
+
+
+def check_eval_method(method: str, settings: dict[str, Any]) -> None:
+    """Refuse, before the model loads, an ``--method`` eval cannot run: an unknown kind, a kind of :data:`EVAL_REFUSED`,
+    or a --config whose own "kind" says another control (--method would silently replace it)."""
+    from .controls import CONTROL_TYPES
+
+    if method not in CONTROL_TYPES:
+        raise AttnCtlError(f"--method {method!r} is not a control kind",
+                           f"use one of {', '.join(sorted(CONTROL_TYPES))}")
+    if "kind" in settings and settings["kind"] != method:
+        raise AttnCtlError(f"--config says kind {settings['kind']!r} and --method says {method!r}",
+                           "leave \"kind\" out of --config: --method names the control")
+    if method in EVAL_REFUSED:
+        problem, fix = EVAL_REFUSED[method]
+        raise AttnCtlError(f"--method {method} {problem}", fix)
+
+
+def check_eval_controls(controls: Sequence[Any]) -> None:
+    """Refuse an isolation control with references=true: it needs reference prompts that eval does not make."""
+    if any(getattr(c, "kind", None) == "isolation" and c.config.references for c in controls):
+        raise AttnCtlError("--method isolation with references=true repositions each subject after its reference "
+                           "prompt, and attnctl eval makes none",
+                           "set \"references\": false in --config, or use attnctl generate --reference-prompt ...")
 
 
 def _batches(jobs: list[tuple[int, int]], size: int, by_item: bool) -> list[list[tuple[int, int]]]:
@@ -1226,6 +1304,7 @@ def eval_(
         settings_json = read_json_arg(config, "--config") if config is not None else {}
         if not isinstance(settings_json, dict):
             raise AttnCtlError("--config must be a JSON object", 'e.g. --config \'{"words": ["circle"]}\'')
+        check_eval_method(method, settings_json)
         if words_from is None and boxes_from is None:
             from .controls.base import config_fields
 
@@ -1263,6 +1342,7 @@ def eval_(
             return build_controls([{**settings_json, "kind": method, field: value}], what=f"--method {method}")
 
         controls = controls_for(items[0])  # checks the settings before the model loads
+    check_eval_controls(controls)
     torch_dtype = parse_dtype(dtype)
     dev = check_device(device)
     if compile_backend is not None:
@@ -1284,12 +1364,13 @@ def eval_(
     defaults = call_defaults(pipe)
     call = {
         "num_inference_steps": int(steps if steps is not None else defaults["steps"]),
-        "guidance_scale": float(guidance if guidance is not None else defaults["guidance"]),
         "height": int(defaults["height"]),
         "width": int(defaults["width"]),
         "max_sequence_length": int(defaults["max_sequence_length"]),
         "output_type": "pil",
     }
+    if guidance_acts(pipe.transformer):  # (toy-flux: no guidance at all, recorded as null, not diffusers' 3.5)
+        call["guidance_scale"] = float(guidance if guidance is not None else defaults["guidance"])
     jobs = [(i, s) for i in range(len(items)) for s in range(seeds)]
     # With controls, one item per call: word controls may be built per item, and records stay per item.
     batches = _batches(jobs, batch_size, by_item=bool(controls))
@@ -1323,7 +1404,7 @@ def eval_(
         "words_from": words_from,
         "boxes_from": boxes_from,
         "steps": call["num_inference_steps"],
-        "guidance": call["guidance_scale"],
+        "guidance": call.get("guidance_scale"),
         "height": call["height"],
         "width": call["width"],
         "dtype": DTYPE_NAMES[str(torch_dtype)[6:]],
@@ -1344,15 +1425,20 @@ def eval_(
         n = metrics.get(f"n_{key}", value if key == "n_images" else None)
         table.add_row(key, f"{value:.3f}", "" if n is None else str(int(n)))
     out_console.print(table)
-    out_console.print(f"{call['num_inference_steps']} steps, guidance {call['guidance_scale']}, "
-                      f"{result['seconds_per_image']:.2f} s per image", highlight=False)
+    shown = "no guidance" if result["guidance"] is None else f"guidance {result['guidance']}"
+    out_console.print(f"{call['num_inference_steps']} steps, {shown}, {result['seconds_per_image']:.2f} s per image",
+                      highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- inspect
 
 
 def _transformer_config_of(model: str) -> dict[str, Any]:
+    """The transformer config of a model (toy name, folder or hub id); a folder's that is not a readable JSON object
+    is one clear error (configs.transformer_config), not a traceback."""
     from diffusers import SD3Transformer2DModel
+
+    from .configs import transformer_config
 
     _quiet_libraries()
     location = resolve_model(model)
@@ -1361,7 +1447,7 @@ def _transformer_config_of(model: str) -> dict[str, Any]:
         if not local.is_file():
             raise AttnCtlError(f"{location} has no transformer/config.json",
                                "pass a complete diffusers pipeline folder")
-        return json.loads(local.read_text())
+        return transformer_config(local)
     try:
         return dict(SD3Transformer2DModel.load_config(location, subfolder="transformer"))
     except (OSError, ValueError) as e:

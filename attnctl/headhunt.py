@@ -627,16 +627,17 @@ class HeadHunt:
 
 
 def read_prompts(spec: str, limit: int | None = None) -> list[str]:
-    """Search prompts from a built-in toy prompt set name, a ``.txt`` file (one per line) or a JSON list of
-    strings or ``{"prompt": ...}`` items."""
+    """Search prompts from a built-in toy prompt set name, a ``.txt`` file (one per line) or a ``.json`` file (the
+    suffix in any case, as eval reads it) of a JSON list of strings or ``{"prompt": ...}`` items."""
     from .toyworld.world import PROMPT_SETS, prompt_set
 
     path = Path(spec).expanduser()
     if spec in PROMPT_SETS and not path.exists():
         prompts = [item["prompt"] for item in prompt_set(spec)]
     elif path.is_file():
-        text = path.read_text()
-        if path.suffix == ".json":
+        is_json = path.suffix.lower() == ".json"  # P.JSON too, as attnctl eval reads it
+        text = _read_text(path, "JSON text" if is_json else "text")
+        if is_json:
             try:
                 data = json.loads(text)
             except ValueError as e:
@@ -658,6 +659,16 @@ def read_prompts(spec: str, limit: int | None = None) -> list[str]:
     if not prompts:
         raise ConfigError(f"--prompts {spec!r} holds no prompts", fix="give at least one prompt")
     return prompts
+
+
+def _read_text(path: Path, kind: str) -> str:
+    """A prompts file's text; one that is not UTF-8 (an image under a .json name) is a clear error, not a traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a UTF-8 {kind} file (byte {e.start} is not UTF-8)",
+                          fix="give a .txt file of prompts, one per line, or a .json list of prompts, saved as UTF-8 "
+                              "text") from None
 
 
 # ------------------------------------------------------------------------------------------------ command

@@ -874,3 +874,101 @@ def test_library_calls_keep_the_callers_logging(monkeypatch):
         assert dlog.get_verbosity() == dlog.INFO and dlog.is_progress_bar_enabled()
     finally:
         dlog.set_verbosity_warning()
+
+
+def test_eval_refuses_prompt_item_fields_the_scorer_cannot_read(sd3_dir, tmp_path, monkeypatch):
+    """An unknown position or relation, or a relation between objects the item does not have, passed the item check
+    and failed the scorer with a KeyError or IndexError after every image had been made."""
+    import attnctl.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    pair = "a red circle and a blue square"
+    for item, message in (
+        ({"prompt": "a red circle", "objects": [{"shape": "circle", "colour": "red", "position": "middle"}]},
+         "objects[0] has position 'middle', which the evaluator does not know"),
+        ({"prompt": pair, "relation": {"subject": 0, "relation": "leftwards", "object": 1}},
+         "names the relation 'leftwards'"),
+        ({"prompt": pair, "relation": {"subject": 0, "relation": "left", "object": 2}},
+         "joins objects 0 and 2, and the item has 2 object(s)"),
+        ({"prompt": pair, "relation": {"subject": 1, "relation": "left", "object": 1}}, "joins objects 1 and 1"),
+        ({"prompt": pair, "relation": "left"}, "names the relation 'left'"),
+    ):
+        path = tmp_path / "items.json"
+        path.write_text(json.dumps([item]))
+        result = run("eval", "--model", sd3_dir, "--prompts", path)
+        assert result.exit_code == 2 and message in " ".join(result.stderr.split()), (item, result.output)
+
+
+def test_eval_records_no_guidance_on_a_model_it_does_nothing_on(flux_dir, sd3_dir):
+    """toy-flux (no guidance embedding, no CFG in eval) was recorded and printed as run at diffusers' guidance 3.5."""
+    common = ("eval", "--prompts", "single", "--limit", "1", "--steps", "1")
+    result = run(*common, "--model", flux_dir, "--json")
+    ok(result)
+    assert json.loads(result.stdout)["guidance"] is None
+    result = run(*common, "--model", flux_dir)
+    ok(result)
+    assert "1 steps, no guidance," in result.stdout
+    result = run(*common, "--model", sd3_dir, "--json")  # where it acts, it is recorded
+    ok(result)
+    assert isinstance(json.loads(result.stdout)["guidance"], float)
+
+
+def test_eval_refuses_methods_it_cannot_run_before_the_model_loads(sd3_dir, monkeypatch):
+    """Edits, views and repositioning failed after the model loaded with fixes that did not apply; a --config "kind"
+    was silently replaced by --method; a misspelt --method with --words-from was said to name no prompt words."""
+    import attnctl.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    common = ("eval", "--model", sd3_dir, "--prompts", "single", "--limit", "1", "--steps", "1")
+    for args, message in (
+        (["--method", "unify_edit"], "--method unify_edit edits an existing image"),
+        (["--method", "value_sharing"], "--method value_sharing edits an existing image"),
+        (["--method", "epipolar", "--config", '{"rig": {"kind": "stereo"}}'], "makes a set of views of each prompt"),
+        (["--method", "isolation", "--config", '{"subjects": ["circle"], "references": true}'],
+         "with references=true repositions each subject"),
+        (["--method", "probe", "--config", '{"kind": "softpag", "words": ["circle"]}'],
+         "--config says kind 'softpag' and --method says 'probe'"),
+        (["--method", "regulaton", "--words-from", "shapes"], "--method 'regulaton' is not a control kind"),
+    ):
+        result = run(*common, *args)
+        assert result.exit_code == 2 and message in " ".join(result.stderr.split()), (args, result.output)
+    monkeypatch.undo()
+    ok(run(*common, "--method", "probe", "--config", '{"kind": "probe"}', "--words-from", "shapes"))  # the same kind
+
+
+def test_json_argument_files_that_are_not_utf8_are_one_clear_line(sd3_dir, tmp_path):
+    """An image saved under a .json name ended in a UnicodeDecodeError traceback."""
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    for args in (["generate", "--model", sd3_dir, "-p", "a red circle", "-c", f"@{binary}"],
+                 ["eval", "--model", sd3_dir, "--prompts", binary],
+                 ["headhunt", "--model", sd3_dir, "--prompts", binary, "--out", tmp_path / "hh"]):
+        result = run(*args)
+        assert result.exit_code == 2 and "is not a UTF-8 JSON text file" in " ".join(result.stderr.split()), \
+            (args, result.output, result.exception)
+
+
+def test_inspect_a_folder_whose_transformer_config_is_not_a_json_object(tmp_path):
+    """A corrupt transformer/config.json ended in a JSONDecodeError traceback, a list in an AttributeError."""
+    folder = tmp_path / "pipe"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    for text, message in (("{broken", "cannot read the transformer config"), ("[1, 2]", "is not a JSON object")):
+        (folder / "transformer" / "config.json").write_text(text)
+        result = run("inspect", "--model", folder)
+        assert result.exit_code == 2 and message in " ".join(result.stderr.split()), result.output
+
+
+def test_toy_train_refuses_zero_minutes(tmp_path):
+    result = run("toy", "train", "--model", "toy-sd3", "--out", tmp_path / "m0", "--minutes", "0")
+    assert result.exit_code == 2 and "leaves no time to train" in " ".join(result.stderr.split())
+    assert not (tmp_path / "m0").exists()
+
+
+def test_eval_names_punctuation_as_the_unknown_word(sd3_dir, tmp_path):
+    """"a red circle." was refused for the word 'circle.' (generate named '.')."""
+    path = tmp_path / "dot.json"
+    path.write_text(json.dumps(["a red circle."]))
+    result = run("eval", "--model", sd3_dir, "--prompts", path)
+    text = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "'.'" in text and "'circle.'" not in text, result.output

@@ -138,3 +138,19 @@ def test_evaluate_set_skips_inapplicable_metrics():
 def test_float_images_are_accepted():
     image = render(_scene(("square", "red", LEFT))).astype(np.float32) / 255
     assert evaluate_image(image, {"prompt": "a red square"})["presence"] == 1.0
+
+
+def test_an_item_that_gives_its_objects_keeps_its_prompts_relation_and_positions():
+    """Giving "objects" used to turn relation and position scoring off: the circle right of the square passed."""
+    boxes = [[0.6, 0.3, 0.9, 0.6], [0.05, 0.3, 0.35, 0.6]]  # the red circle on the RIGHT of the blue square
+    plain = {"prompt": "a red circle to the left of a blue square", "boxes": boxes}
+    given = dict(plain, objects=[{"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}])
+    image = render(scene_from_item(plain))
+    assert evaluate_image(image, plain)["relation_accuracy"] == 0.0
+    assert evaluate_image(image, given)["relation_accuracy"] == 0.0
+    assert "relation_accuracy" not in evaluate_image(image, dict(given, relation=None))  # the item's own word wins
+    positioned = {"prompt": "a red circle on the left", "objects": [{"shape": "circle", "colour": "red"}],
+                  "boxes": [[0.6, 0.3, 0.9, 0.6]]}
+    assert evaluate_image(render(scene_from_item(positioned)), positioned)["position_accuracy"] == 0.0
+    other = dict(positioned, objects=[{"shape": "square", "colour": "red"}])  # objects the prompt does not name
+    assert "position_accuracy" not in evaluate_image(render(scene_from_item(other)), other)

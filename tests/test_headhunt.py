@@ -477,3 +477,16 @@ def test_a_rank_that_starts_late_still_gets_its_share(tmp_path):
     keys = [(json.loads(x)["candidate"], json.loads(x)["prompt"]) for f in sorted(out.glob("scores-r*.jsonl"))
             for x in f.read_text().splitlines()]  # a record per candidate and prompt
     assert sorted(keys) == sorted(set(keys)) and len(keys) == (len(alone.rounds[0].scores) + 1) * len(s.prompts)
+
+
+def test_prompt_files_are_read_by_their_suffix_in_any_case_and_must_be_utf8(tmp_path):
+    """P.JSON was read as lines of text (eval reads it as JSON); a file that is not UTF-8 was a traceback."""
+    from attnctl.headhunt import read_prompts
+
+    upper = tmp_path / "P.JSON"
+    upper.write_text(json.dumps(["a red circle", {"prompt": "a blue square"}]))
+    assert read_prompts(str(upper)) == ["a red circle", "a blue square"]
+    for name in ("bin.json", "bin.txt"):
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+        with pytest.raises(ConfigError, match="is not a UTF-8 (JSON )?text file"):
+            read_prompts(str(tmp_path / name))

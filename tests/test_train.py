@@ -460,3 +460,42 @@ def test_distillation_errors(flux_teacher, sd3_run, tmp_path):
               guidance_range=(6.0, 1.0), **SMOKE)
     with pytest.raises(ConfigError, match="guidance_embeds is a FLUX option"):
         train("toy-sd3", tmp_path / "d", steps=1, arch={**TINY_SD3, "guidance_embeds": True}, **SMOKE)
+
+
+def test_a_resume_keeps_the_runs_time_sampling_and_optimiser_settings(tmp_path):
+    """A resume restored the learning-rate schedule but went on at the default time sampling, caption dropout, EMA
+    decay, weight decay and gradient clipping (and recorded those): now it ends where the uninterrupted run ends."""
+    from attnctl.toyworld.train import RESUME_FIXED, checkpoint_settings
+
+    own = {"time_sampling": "uniform", "caption_dropout": 0.5, "ema_decay": 0.9, "weight_decay": 0.2, "grad_clip": 0.05}
+    plain, resumed = tmp_path / "plain", tmp_path / "resumed"
+    train("toy-sd3", plain, steps=4, arch=TINY_SD3, **SMOKE, **own)
+    train("toy-sd3", resumed, steps=2, arch=TINY_SD3, **SMOKE, **own)
+    train("toy-sd3", resumed, steps=4, resume=True, **SMOKE)  # the defaults: logit-normal, 0.1, 0.999, ...
+    recorded = checkpoint_settings(resumed / CHECKPOINT_NAME)
+    assert {k: recorded[k] for k in own} == own and set(own) <= set(RESUME_FIXED)
+    a, b = (torch.load(r / CHECKPOINT_NAME, map_location="cpu", weights_only=False) for r in (plain, resumed))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_a_fine_tune_samples_with_its_sources_scheduler(sd3_run, tmp_path):
+    """A fine-tune of toy-sd3 (scheduler shift 2.0) was written with the architecture's shift 3.0."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(sd3_run / "pipeline", source)
+    config = source / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "shift": 2.0}))
+    assert PRESETS["toy-sd3"].shift == 3.0
+    folder = train("toy-sd3", tmp_path / "tune", steps=1, arch=TINY_SD3, init_from=source, **SMOKE)
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["shift"] == 2.0
+    assert models.load_pipeline(folder).scheduler.config.shift == 2.0
+
+
+def test_a_time_budget_of_zero_minutes_is_refused(tmp_path):
+    """--minutes 0 trained no step and wrote a pipeline of random weights without a word."""
+    for minutes in (0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="leaves no time to train"):
+            train("toy-sd3", tmp_path / "run", steps=2, minutes=minutes, arch=TINY_SD3, **SMOKE)
+    assert not (tmp_path / "run").exists()

@@ -204,3 +204,29 @@ def test_unknown_prompt_set_and_kind():
         prompt_set("nope")
     with pytest.raises(ValueError, match="known kinds"):
         sample_scene(np.random.default_rng(0), "nope")
+
+
+def test_object_words_name_a_counted_shape_in_the_plural_the_prompt_uses():
+    """On the count set --words-from named "circle" for "two yellow circles", a word the prompt does not hold."""
+    from attnctl.toyworld.tokenizer import split_words
+    from attnctl.toyworld.world import WORD_KINDS, object_words
+
+    for item in prompt_set("count"):
+        words = set(split_words(item["prompt"]))
+        for kind in WORD_KINDS:
+            for word in object_words(item, kind):
+                assert set(word.split()) <= words, (item["prompt"], kind, word)
+    item = {"prompt": "two yellow circles and a red square"}
+    assert object_words(item, "shapes") == ["circles", "square"]
+    assert object_words(item, "phrases") == ["yellow circles", "red square"]
+    assert object_words(item, "both") == ["circles", "yellow", "square", "red"]
+
+
+def test_caption_checks_split_punctuation_as_the_tokenizer_does():
+    """"a red circle." was blamed on 'circle.' by eval and headhunt, and on '.' by generate (the tokenizer's split)."""
+    with pytest.raises(ValueError) as err:
+        check_words("a red circle.")
+    assert "'.'" in str(err.value) and "circle." not in str(err.value)
+    with pytest.raises(ValueError, match="'!'"):
+        parse_caption("a red circle!")
+    assert parse_caption("A red circle, a blue square, and a green triangle")["objects"][2]["shape"] == "triangle"

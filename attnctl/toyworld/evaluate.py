@@ -24,7 +24,8 @@ COLOUR_THRESHOLD = 40.0
 """RGB distance beyond which a pixel matches no palette colour and counts as unknown (blur)."""
 
 MIN_AREA = 0.008
-"""Components smaller than this fraction of the image are specks, not objects (8 px at 32x32)."""
+"""Components smaller than this fraction of the image are specks, not objects (8.2 px at 32x32: 9 px is the
+smallest object kept, 8 px is dropped)."""
 
 MIN_SHAPE_IOU = 0.5
 """An object whose best shape template overlaps it less than this is of "unknown" shape."""
@@ -169,11 +170,33 @@ def detect_objects(
 
 
 def _item_objects(item: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """The item's object specs and relation, parsed from its prompt when the item does not give them."""
-    if "objects" in item:
-        return list(item["objects"]), item.get("relation")
-    parsed = parse_caption(item["prompt"])
-    return parsed["objects"], item.get("relation", parsed.get("relation"))
+    """The item's object specs and relation; what the item leaves out is read from its prompt.
+
+    An item that gives its "objects" still has its prompt's positions and relation scored (unless it gives
+    them itself), as long as the prompt parses into those same objects: giving objects used to turn them off.
+    """
+    if "objects" not in item:
+        parsed = parse_caption(item["prompt"])
+        return parsed["objects"], item.get("relation", parsed.get("relation"))
+    specs = [dict(o) for o in item["objects"]]
+    parsed = _prompt_objects(item["prompt"], specs)
+    if parsed is None:
+        return specs, item.get("relation")
+    for spec, said in zip(specs, parsed["objects"], strict=True):
+        if "position" not in spec and "position" in said:
+            spec["position"] = said["position"]
+    return specs, item.get("relation", parsed.get("relation"))
+
+
+def _prompt_objects(prompt: str, specs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The prompt parsed, when it names the objects ``specs`` gives (same shapes, colours and counts, in order)."""
+    try:
+        parsed = parse_caption(prompt)
+    except ValueError:  # a prompt outside the world's grammar: the item's objects are all there is
+        return None
+    said = [(o["shape"], o["colour"], _count(o)) for o in parsed["objects"]]
+    given = [(o["shape"], o["colour"], _count(o)) for o in specs]
+    return parsed if said == given else None
 
 
 def _matches(spec: dict[str, Any], objects: list[DetectedObject]) -> list[DetectedObject]:

@@ -17,12 +17,15 @@ loads offline from the folder's ``tokenizer.json``.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import PreTrainedTokenizerFast
 
 from attnctl.toyworld import vocab
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = ["make_tokenizer", "split_words", "unknown_words", "DEFAULT_MAX_LENGTH"]
 
@@ -55,6 +58,9 @@ def make_tokenizer(max_length: int = DEFAULT_MAX_LENGTH) -> PreTrainedTokenizerF
     """
     if max_length < 3:
         raise ValueError(f"max_length must be at least 3 (<bos>, one word, <eos>), got {max_length}")
+    # imported here: split_words (the world's caption checks) needs only `tokenizers`, not transformers' import time
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=_backend(),
         model_max_length=max_length,

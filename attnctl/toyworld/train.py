@@ -265,7 +265,8 @@ def _source(source: str | Path) -> tuple[str | Path, dict[str, Any]]:
 
 
 def _load_weights(pipe: DiffusionPipeline, arch: ToyArch, source: str | Path) -> None:
-    """Copy the transformer and text-encoder weights of a toy pipeline folder (or shipped name) into ``pipe``."""
+    """Copy the transformer and text-encoder weights and the scheduler settings of a toy pipeline folder (or shipped
+    name) into ``pipe``: a fine-tune samples as its source does."""
     from attnctl.toyworld.models import load_pipeline
 
     folder, meta = _source(source)
@@ -278,6 +279,8 @@ def _load_weights(pipe: DiffusionPipeline, arch: ToyArch, source: str | Path) ->
             raise ConfigError(f"init_from={str(source)!r} has another architecture ({', '.join(diff)} differ)",
                               "start from a pipeline of the same toy model, or train from scratch")
     src = load_pipeline(folder, controlled=False)
+    # the source's scheduler settings (toy-sd3 samples at shift 2.0, not the architecture's 3.0)
+    pipe.scheduler = type(src.scheduler).from_config(src.scheduler.config)
     for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
         mine_c, theirs_c = getattr(pipe, name, None), getattr(src, name, None)
         if (mine_c is None) != (theirs_c is None):
@@ -627,6 +630,7 @@ def train(
     if not 0.0 <= omit_named <= 1.0:
         raise ConfigError(f"omit_named={omit_named!r} is not a fraction in [0, 1]",
                           "give the share of multi-object scenes to draw without one named object, e.g. 0.3")
+    check_minutes(minutes)
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out_dir)
@@ -649,6 +653,12 @@ def train(
         init_from = hp.get("init_from")  # recorded, so the export keeps the source's call defaults
         omit_named = hp.get("omit_named", 0.0)  # the world it was trained on
         distill_from = hp.get("distill_from")
+        # the run's own objective and optimiser settings (a resume with the defaults silently changed them)
+        caption_dropout = hp.get("caption_dropout", caption_dropout)
+        time_sampling = hp.get("time_sampling", time_sampling)
+        ema_decay = hp.get("ema_decay", ema_decay)
+        weight_decay = hp.get("weight_decay", weight_decay)
+        grad_clip = hp.get("grad_clip", grad_clip)
         guidance_range = tuple(hp.get("guidance_range") or guidance_range)
     else:
         a = _arch(model, arch)
@@ -807,8 +817,16 @@ def train(
     return folder
 
 
-RESUME_FIXED = ("model", "batch", "lr", "warmup", "seed", "init_from", "omit_named", "distill_from")
+RESUME_FIXED = ("model", "batch", "lr", "warmup", "seed", "init_from", "omit_named", "distill_from",
+                "caption_dropout", "time_sampling", "ema_decay", "weight_decay", "grad_clip")
 """Settings a resumed run keeps from its checkpoint (``steps`` and ``minutes`` may grow: the run is extended)."""
+
+
+def check_minutes(minutes: float | None) -> None:
+    """Refuse a time budget that leaves no time to train: it wrote an untrained pipeline without a word."""
+    if minutes is not None and not minutes > 0:
+        raise ConfigError(f"a time budget of {minutes} minutes leaves no time to train (the pipeline written would "
+                          "be untrained)", "give a budget above 0 minutes, e.g. --minutes 30, or leave it out")
 
 
 def checkpoint_settings(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,6 @@ edge falls on a pixel boundary and :mod:`attnctl.toyworld.evaluate` can recover 
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -149,8 +148,11 @@ def _caption(specs: list[_Spec], relation: str | None = None) -> str:
 
 
 def caption_words(caption: str) -> list[str]:
-    """The words of a caption: lower-cased, split on whitespace, with "," as a word of its own."""
-    return re.findall(r"[^\s,]+|,", caption.lower())
+    """The words of a caption as the toy tokenizer splits them (lower-cased, every punctuation mark a word of its
+    own), so the checks here name the same unknown words as the pipeline's vocabulary check ("." in "a circle.")."""
+    from attnctl.toyworld.tokenizer import split_words
+
+    return split_words(caption)
 
 
 def check_words(caption: str) -> None:
@@ -502,19 +504,25 @@ WORD_KINDS: tuple[str, ...] = ("shapes", "colours", "both", "phrases")
 def object_words(item: dict[str, Any], which: str = "shapes") -> list[str]:
     """The words a word control (``AttentionRegulation(targets=...)``, ``AttentionProbe(words=...)``) should name
     for a prompt item: its objects' shape words, colour words, both, or one ``"<colour> <shape>"`` phrase per
-    object; each once, in prompt order. An item without ``objects`` has them read from its caption."""
+    object; each once, in prompt order. A shape counted more than once is named as the caption says it, in the
+    plural ("two yellow circles": "circles"). An item without ``objects`` has them read from its caption."""
     if which not in WORD_KINDS:
         raise AttnCtlError(f"unknown word kind {which!r}", f"use one of {', '.join(WORD_KINDS)}")
     objects = item["objects"] if "objects" in item else parse_caption(item["prompt"])["objects"]
     if which == "phrases":
-        return list(dict.fromkeys(f"{o['colour']} {o['shape']}" for o in objects))
+        return list(dict.fromkeys(f"{o['colour']} {_shape_word(o)}" for o in objects))
     words: list[str] = []
     for obj in objects:
         if which in ("shapes", "both"):
-            words.append(obj["shape"])
+            words.append(_shape_word(obj))
         if which in ("colours", "both"):
             words.append(obj["colour"])
     return list(dict.fromkeys(words))
+
+
+def _shape_word(obj: dict[str, Any]) -> str:
+    """The shape word a caption uses for an object: the plural for a count above one ("two red circles")."""
+    return vocab.PLURALS[obj["shape"]] if int(obj.get("count", 1)) > 1 else obj["shape"]
 
 
 BOX_KEYS: tuple[str, ...] = ("colours", "shapes", "phrases")
