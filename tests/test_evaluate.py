@@ -154,3 +154,6 @@ def test_an_item_that_gives_its_objects_keeps_its_prompts_relation_and_positions
     assert evaluate_image(render(scene_from_item(positioned)), positioned)["position_accuracy"] == 0.0
     other = dict(positioned, objects=[{"shape": "square", "colour": "red"}])  # objects the prompt does not name
     assert "position_accuracy" not in evaluate_image(render(scene_from_item(other)), other)
+    unnamed = {k: v for k, v in given.items() if k != "prompt"}  # objects alone (an edit's target): no prompt to read
+    scores = evaluate_image(image, unnamed)
+    assert scores["presence"] == 1.0 and "relation_accuracy" not in scores

@@ -179,7 +179,7 @@ def _item_objects(item: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str,
         parsed = parse_caption(item["prompt"])
         return parsed["objects"], item.get("relation", parsed.get("relation"))
     specs = [dict(o) for o in item["objects"]]
-    parsed = _prompt_objects(item["prompt"], specs)
+    parsed = _prompt_objects(item["prompt"], specs) if isinstance(item.get("prompt"), str) else None
     if parsed is None:
         return specs, item.get("relation")
     for spec, said in zip(specs, parsed["objects"], strict=True):
