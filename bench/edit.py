@@ -88,6 +88,7 @@ def build(shape: str, res: int, variant: str):
         source = prompt_layout(spec, layer.n_text, side)
         target = prompt_layout(spec, layer.n_text, side, TARGET_WORDS)
         ctl.begin_run(1, layout=target, roles=["cond", "cond"])
+        ctl._stop_site = None  # a lone layer: the gradient pass ends with it anyway, so nothing is stopped after it
         ctl.state.row_layouts = [source, target]
         ctl.state.gradient_pass = True
     if variant == "share":

@@ -59,6 +59,7 @@ def build(shape: str, res: int, variant: str):
         control.bind(ctl)
         ctl._latent_control = control  # a bare layer has no pipeline to check: declare the gradient pass's control
         ctl.begin_run(1, layout=prompt_layout(layers.SHAPES[shape], layer.n_text, res // 16), roles=["cond"])
+        ctl._stop_site = None  # a lone layer: the gradient pass ends with it anyway, so nothing is stopped after it
         ctl.state.gradient_pass = True
     return layer, control
 
