@@ -24,16 +24,21 @@ FAKE_WORKER = textwrap.dedent('''
         def _fake_main():
             rank = os.environ["RANK"]
             what = os.environ["FAKE_WORKER_" + rank]
+            folder = __import__("pathlib").Path(os.environ["FAKE_WORKER_DIR"])
             if what == "crash":  # outside the per-image try, e.g. out of memory while the model loads
+                for _ in range(600):  # once a working peer is at work (a loaded machine starts it late)
+                    if any(folder.glob("started*")) or "work" not in os.environ.values():
+                        break
+                    time.sleep(0.1)
                 raise RuntimeError("simulated failure while loading the model")
             if what.startswith("exit"):
                 sys.exit(int(what[4:]))
             try:  # "work": a long share of images, then the final barrier fails as the peer is gone
+                (folder / f"started{rank}").touch()
                 for _ in range(150):
                     time.sleep(0.1)
             except KeyboardInterrupt:  # the launcher's SIGINT: stop after the current image
-                Path = __import__("pathlib").Path
-                (Path(os.environ["FAKE_WORKER_DIR"]) / f"stopped{rank}").touch()
+                (folder / f"stopped{rank}").touch()
             sys.exit(2)  # "rank 0: another process of this batch ended early"
 
         attnctl.cli.main = _fake_main
