@@ -153,6 +153,11 @@ class EditBranches(ForwardWrapper):
             raise ConfigError(f"the source path holds {len(path)} latents and this run's loop makes {num_steps} "
                               f"calls, which replay {num_steps + 1} (one latent per call and the image's)",
                               fix=self._length_fix(path, num_steps))
+        made, solver = _how_made(path), "midpoint" if is_midpoint(self.pipe.scheduler) else "euler"
+        if made is not None and made[0] != solver:  # the same length, other noise levels (4 Euler steps, 2 midpoint)
+            raise ConfigError(f"the source path is a {made[1]}-step {made[0]} inversion, and this run takes {solver} "
+                              "steps: the source branch would replay its latents at other noise levels",
+                              fix=self._length_fix(path, num_steps))
         return path
 
     def _length_fix(self, path: list[torch.Tensor], calls: int) -> str:

@@ -449,6 +449,10 @@ def test_a_source_path_of_other_steps_names_the_steps_to_call_with(toy_sd3, scen
             ConfigError, match=r"makes 8 calls, which replay 9 .*Fix: invert the image with num_inference_steps=4 and "
                                r"this pipeline's scheduler \(the path is a 4-step euler inversion"):
         mid([SOURCE, TARGET], latents=torch.cat([path[0]] * 2), num_inference_steps=4, **call)
+    with attach(mid, [c]), pytest.raises(  # the same number of latents, at other noise levels
+            ConfigError, match=r"the source path is a 4-step euler inversion, and this run takes midpoint steps.*Fix: "
+                               r"invert the image with num_inference_steps=2 and this pipeline's scheduler"):
+        mid([SOURCE, TARGET], latents=torch.cat([path[0]] * 2), num_inference_steps=2, **call)
     loaded = [z.clone() for z in path[:4]]  # a path not made here (loaded from a file): 3 calls, no whole step
     with attach(mid, [c.set_source(loaded)]), pytest.raises(
             ConfigError, match=r"holds 4 latents.*Fix: invert the image with num_inference_steps=2 .*no whole number"):
