@@ -264,13 +264,12 @@ def _rows_among(sel: torch.Tensor | None, b: torch.Tensor, B: int) -> torch.Tens
     return index_tensor([at[row] for row in have], b.device)
 
 
-def _dense_whole(c: DenseBias, b: torch.Tensor, r0: int, r1: int, h: torch.Tensor, B: int, S: int, H: int,
+def _dense_whole(c: DenseBias, pos: torch.Tensor | None, r0: int, r1: int, h: torch.Tensor, S: int, H: int,
                  n_keys: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """For the explicit path (every key in order): a ``DenseBias`` on every head of some of the rows ``b`` (an
+    """For the explicit path (every key in order): a ``DenseBias`` on every head of some of the explicit rows (an
     isolation band on the scene rows) is its own tensor, left to broadcast over the heads — no per-head gather of a
-    chunk-sized tensor — with the positions of its rows among ``b``. ``None`` when :func:`_block`'s general path is
-    needed."""
-    pos = _rows_among(c.where.batch, b, B)
+    chunk-sized tensor — with ``pos``, the positions of its rows among them (:func:`_rows_among`, found once per
+    call). ``None`` when :func:`_block`'s general path is needed."""
     if c.where.heads is not None or len(h) != H or pos is None:
         return None
     cr0, cr1 = _norm_rows(c.where.rows, S)
@@ -572,6 +571,7 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
         o += n
     n_keys = kh.shape[-1]
     all_cols = torch.arange(n_keys, device=q.device)
+    placed = {id(c): _rows_among(c.where.batch, b, B) for c in biases if isinstance(c, DenseBias)}  # (per call)
     chunk = max(1, max_chunk_elems // max(1, len(b) * len(h) * n_keys))
     outs, lses = [], []
     for r0 in range(0, S, chunk):
@@ -590,7 +590,7 @@ def _explicit(q, k, v, out, lse, biases, extras: Sequence[ExtraKV], attn_mask, s
                 s[..., off : off + m].masked_fill_(off_bh, float("-inf"))
             off += m
         for c in biases:
-            whole = _dense_whole(c, b, r0, r1, h, B, S, H, n_keys) if isinstance(c, DenseBias) else None
+            whole = _dense_whole(c, placed[id(c)], r0, r1, h, S, H, n_keys) if isinstance(c, DenseBias) else None
             if whole is not None:
                 _add_rows(s, *whole)
                 continue
